@@ -1,0 +1,69 @@
+/*
+ * io/sim.h: a deterministic simulated disk for tests.
+ *
+ * A `struct qsm_sim` is a disk: durable bytes D plus a list of writes that
+ * completed but are not yet durable.  Any number of qsm_io handles may be
+ * opened on it, one at a time (open, close, crash, reopen).
+ *
+ * Rules (from ../shared/reference/reliability.md, "simdisk"):
+ *  1. Submitted operations stay pending until the seeded scheduler completes
+ *     them; it picks which pending operation completes next, so completions
+ *     are reordered.  The scheduler runs from a libevent callback, never from
+ *     submit.
+ *  2. A read sees D plus the completed writes, in completion order.  A read
+ *     that overlaps a write still in flight is an engine race: it is counted
+ *     in qsm_sim_races() (tests assert it stays zero).
+ *  3. A write becomes durable when a flush submitted after the write
+ *     completed has itself completed.
+ *  4. qsm_sim_crash() throws away everything not durable except a chosen
+ *     subset of the completed-but-not-durable writes, and cancels what is in
+ *     flight (their callbacks never run; the handle must be closed with
+ *     qsm_io_close, which is then allowed with requests in flight).
+ *  5. Faults: a rule fails operations tagged with a named event with an errno,
+ *     once or every time.
+ * Every choice comes from one PRNG seeded at qsm_sim_new(); the same seed and
+ * the same sequence of calls replay the same run.
+ */
+#ifndef QSM_IO_SIM_H
+#define QSM_IO_SIM_H
+
+#include "io/io.h"
+
+struct qsm_sim;
+
+struct qsm_sim *qsm_sim_new(uint64_t seed);
+void qsm_sim_free(struct qsm_sim *sim);
+uint64_t qsm_sim_seed(const struct qsm_sim *sim);
+
+/* Load the disk's durable contents from a file / save the current view
+ * (durable + completed writes) to a file.  0 or -errno. */
+int qsm_sim_load_file(struct qsm_sim *sim, const char *path);
+int qsm_sim_save_file(struct qsm_sim *sim, const char *path);
+
+/* Open a handle on the disk (flags as qsm_io_open_path; CREATE empties it). */
+int qsm_io_open_sim(struct event_base *base, struct qsm_sim *sim, int flags,
+		    struct qsm_io **out);
+
+/* Scheduler knobs.  max_batch: at most this many pending operations complete
+ * per scheduler pass (1 = strictly one at a time; default 4). */
+void qsm_sim_set_max_batch(struct qsm_sim *sim, unsigned max_batch);
+
+/* Number of writes completed but not yet durable. */
+size_t qsm_sim_unflushed(const struct qsm_sim *sim);
+/* Reads that overlapped an in-flight write (engine races) so far. */
+uint64_t qsm_sim_races(const struct qsm_sim *sim);
+
+/* Crash: keep durable data plus the unflushed completed writes whose index
+ * (0 = oldest) has its bit set in keep_mask (for more than 64 unflushed
+ * writes, bits past 63 are taken as set when keep_all_beyond is true).
+ * In-flight operations are dropped. */
+void qsm_sim_crash(struct qsm_sim *sim, uint64_t keep_mask, bool keep_all_beyond);
+/* Crash keeping a random subset chosen by the disk's PRNG. */
+void qsm_sim_crash_random(struct qsm_sim *sim);
+
+/* Faults. */
+void qsm_sim_fault_add(struct qsm_sim *sim, enum qsm_io_event ev, int err, bool once);
+void qsm_sim_fault_clear(struct qsm_sim *sim);
+uint64_t qsm_sim_faults_fired(const struct qsm_sim *sim);
+
+#endif

@@ -1,0 +1,50 @@
+/*
+ * io/util.h: small helpers shared by every layer (io/ is the bottom layer, so
+ * anything may include this).  No qcow2 knowledge here.
+ */
+#ifndef QSM_UTIL_H
+#define QSM_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define container_of(ptr, type, member)                                        \
+	((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+
+#define QSM_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#define QSM_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define QSM_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define QSM_DIV_ROUND_UP(n, d) (((n) + (d) - 1) / (d))
+/* Power-of-two alignment. */
+#define QSM_ALIGN_DOWN(n, a) ((n) & ~((uint64_t)(a) - 1))
+#define QSM_ALIGN_UP(n, a) QSM_ALIGN_DOWN((n) + (a) - 1, (a))
+#define QSM_IS_ALIGNED(n, a) (((n) & ((uint64_t)(a) - 1)) == 0)
+
+#define QSM_LIKELY(x) __builtin_expect(!!(x), 1)
+#define QSM_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* Total length of an iovec array. */
+size_t qsm_iov_size(const struct iovec *iov, int iovcnt);
+/* Copy between a flat buffer and an iovec array, starting `skip` bytes into
+ * the iovec; returns bytes copied. */
+size_t qsm_iov_to_buf(const struct iovec *iov, int iovcnt, size_t skip, void *buf, size_t len);
+size_t qsm_iov_from_buf(const struct iovec *iov, int iovcnt, size_t skip, const void *buf, size_t len);
+size_t qsm_iov_memset(const struct iovec *iov, int iovcnt, size_t skip, int c, size_t len);
+/* Fill dst (capacity dst_cap entries) with the part [skip, skip+len) of src.
+ * Returns the entry count, or -1 when dst_cap is too small. */
+int qsm_iov_slice(struct iovec *dst, int dst_cap, const struct iovec *src, int srccnt,
+		  size_t skip, size_t len);
+
+/* Monotonic clock in nanoseconds. */
+uint64_t qsm_now_ns(void);
+
+/* xoshiro256** PRNG: small, fast, seedable; every seeded test uses it. */
+struct qsm_rng {
+	uint64_t s[4];
+};
+void qsm_rng_seed(struct qsm_rng *r, uint64_t seed);
+uint64_t qsm_rng_next(struct qsm_rng *r);
+/* Uniform in [0, n); n > 0. */
+uint64_t qsm_rng_below(struct qsm_rng *r, uint64_t n);
+
+#endif

@@ -1,0 +1,172 @@
+/*
+ * sm/qsm.h: the public API of libqsm, a qcow2 engine whose requests are
+ * explicit state machines on the caller's libevent loop.
+ *
+ * Threading and blocking:
+ *  - Everything runs on the `struct event_base` given to qsm_open(); call the
+ *    API from that loop's thread only.
+ *  - qsm_readv/writev/flush/discard/write_zeroes/block_status never block and
+ *    never call their callback before returning (completion is always
+ *    delivered from the loop).
+ *  - qsm_open, qsm_close and qsm_create block (like bdrv_open): they read or
+ *    write the header and tables synchronously.  qsm_close requires that no
+ *    request is in flight.
+ *
+ * Errors: every function returns 0 or a negative errno.  A submit function
+ * that returns an error does not run the callback (the request was not
+ * accepted: bad arguments, image read-only, out of memory).  Once accepted,
+ * the callback runs exactly once with 0 or a negative errno.  A write never
+ * reports success unless its data and the metadata that maps it are in the
+ * image (durable too in writethrough/directsync modes).  After a failed
+ * metadata write the image is in a sticky error state: later writes fail with
+ * -EIO (reads still work).
+ */
+#ifndef QSM_H
+#define QSM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+struct event_base;
+struct qsm_io;
+struct qsm_image;
+
+typedef void (*qsm_cb)(void *opaque, int ret);
+
+enum qsm_cache_mode {
+	QSM_CACHE_WRITEBACK,   /* default */
+	QSM_CACHE_NONE,        /* O_DIRECT */
+	QSM_CACHE_WRITETHROUGH,
+	QSM_CACHE_DIRECTSYNC,
+	QSM_CACHE_UNSAFE,
+};
+/* "writeback", "none", "writethrough", "directsync", "unsafe" -> mode; -EINVAL. */
+int qsm_cache_mode_parse(const char *s, enum qsm_cache_mode *out);
+const char *qsm_cache_mode_name(enum qsm_cache_mode m);
+
+struct qsm_open_opts {
+	bool read_only;
+	enum qsm_cache_mode cache;
+	const char *aio;           /* "threads", "io_uring" or NULL (default) */
+	uint64_t l2_cache_size;    /* bytes of L2 cache; 0: enough for 256 GiB at 64 KiB clusters */
+	bool no_repair;            /* open dirty images without repairing (read-only use) */
+};
+
+/* Open the image at `path`.  On error, a message naming what is wrong is put
+ * in err (when non-NULL) and nothing was written to the file. */
+int qsm_open(struct event_base *base, const char *path, const struct qsm_open_opts *opts,
+	     struct qsm_image **out, char *err, size_t errlen);
+/* Same, on an already open I/O handle; the image takes ownership of io
+ * (closed by qsm_close, or on failure). */
+int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_open_opts *opts,
+		struct qsm_image **out, char *err, size_t errlen);
+/* Write back all dirty metadata, flush, and release.  No request may be in
+ * flight.  Returns the first error met; the image is released either way. */
+int qsm_close(struct qsm_image *img);
+/* Release without writing anything: what a process crash leaves on disk. */
+void qsm_abandon(struct qsm_image *img);
+
+/* --- Requests ------------------------------------------------------------ */
+/* Offsets and lengths are in bytes, any alignment; a request must lie inside
+ * the virtual disk.  iov arrays and buffers must stay valid until the callback. */
+int qsm_readv(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
+	      qsm_cb cb, void *opaque);
+int qsm_writev(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
+	       qsm_cb cb, void *opaque);
+int qsm_flush(struct qsm_image *img, qsm_cb cb, void *opaque);
+/* Whole clusters in the range are released and read as zeros afterwards
+ * (v3: zero flag; v2: unallocated); partial clusters are left as they are. */
+int qsm_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes, qsm_cb cb, void *opaque);
+#define QSM_ZERO_MAY_UNMAP 0x1 /* whole clusters may be deallocated (qemu-io write -z -u) */
+int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags,
+		     qsm_cb cb, void *opaque);
+
+/* Allocation status of the run starting at offset (at most `bytes` long). */
+#define QSM_STATUS_DATA      0x1 /* reads come from this image's host clusters */
+#define QSM_STATUS_ZERO      0x2 /* reads as zeros */
+#define QSM_STATUS_ALLOCATED 0x4 /* decided by this image (not by a backing file) */
+#define QSM_STATUS_COMPRESSED 0x8
+struct qsm_extent {
+	uint64_t offset, length; /* guest range of the run */
+	unsigned flags;          /* QSM_STATUS_* */
+	uint64_t host_offset;    /* when DATA and not compressed */
+};
+int qsm_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,
+		     struct qsm_extent *out, qsm_cb cb, void *opaque);
+
+/* --- Information --------------------------------------------------------- */
+struct qsm_info {
+	uint64_t virtual_size;
+	uint64_t cluster_size;
+	unsigned version;           /* 2 or 3 */
+	unsigned refcount_bits;
+	bool lazy_refcounts;
+	bool corrupt;
+	bool dirty;
+	bool read_only;
+	uint64_t file_size;         /* allocator's view of the image end */
+	char backing_file[1024];
+	char backing_format[64];
+	unsigned nb_snapshots;
+	enum qsm_cache_mode cache;
+	const char *aio;            /* backend name */
+};
+void qsm_get_info(struct qsm_image *img, struct qsm_info *info);
+
+struct qsm_stats {
+	uint64_t reads, writes, flushes, discards, zero_writes; /* requests completed */
+	uint64_t bytes_read, bytes_written;
+	uint64_t io_flushes;        /* fdatasync calls issued */
+	uint64_t meta_writes;       /* metadata write operations issued */
+	uint64_t wb_batches;        /* write-back batches */
+	uint64_t frozen;            /* requests that waited on an L2 allocation */
+	uint64_t alloc_waits;       /* requests that waited on another's cluster allocation */
+	uint64_t l2_hits, l2_misses;
+	uint64_t clusters_allocated;
+};
+void qsm_get_stats(struct qsm_image *img, struct qsm_stats *st);
+
+/* --- Tracing ------------------------------------------------------------- */
+/* One state transition of one request.  Strings are static. */
+struct qsm_trace_event {
+	uint64_t req_id;
+	const char *kind;      /* "read", "write", ... */
+	uint64_t offset, bytes;   /* the request */
+	const char *from, *to, *event;
+	int ret;
+	uint64_t time_ns;      /* CLOCK_MONOTONIC */
+	uint64_t meta_offset;  /* host offset involved (L2 table, cluster), or 0 */
+};
+typedef void (*qsm_trace_fn)(void *opaque, const struct qsm_trace_event *ev);
+/* Install (or with fn NULL remove) the trace hook.  No cost when unset. */
+void qsm_set_trace(struct qsm_image *img, qsm_trace_fn fn, void *opaque);
+
+/* --- Creating images ----------------------------------------------------- */
+struct qsm_create_opts {
+	uint64_t size;
+	uint64_t cluster_size;      /* 0: 64 KiB */
+	unsigned compat;            /* 2 (0.10) or 3 (1.1, default when 0) */
+	unsigned refcount_bits;     /* 0: 16 */
+	bool lazy_refcounts;
+	const char *backing_file;
+	const char *backing_format;
+};
+int qsm_create(const char *path, const struct qsm_create_opts *o, char *err, size_t errlen);
+
+/* --- Synchronous convenience layer for tools ------------------------------ */
+/* Each runs the image's event loop until the request completes.  Use only
+ * from code that owns the loop (not from inside a callback). */
+int qsm_sync_pread(struct qsm_image *img, void *buf, size_t len, uint64_t offset);
+int qsm_sync_pwrite(struct qsm_image *img, const void *buf, size_t len, uint64_t offset);
+int qsm_sync_flush(struct qsm_image *img);
+int qsm_sync_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes);
+int qsm_sync_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags);
+int qsm_sync_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,
+			  struct qsm_extent *out);
+struct event_base *qsm_image_base(struct qsm_image *img);
+
+const char *qsm_strerror(int err); /* strerror(-err), thread-safe */
+
+#endif
