@@ -1,0 +1,159 @@
+# tests/interop/lib.sh: shared helpers for the interop tests (source it).
+#
+# Every test compares `qsm` against the reference qemu-img/qemu-io 7.2.
+# Environment:
+#   QSM              path to the built qsm binary (set by ctest)
+#   QSM_SRC          source tree (set by ctest; defaults to ../.. of this file)
+#   QSM_TEST_SCALE   multiplies operation counts (default 1; 0.2 for a quick run)
+#   QSM_TEST_SEED    base seed for the generated workloads (default fixed)
+#   QSM_TEST_TIMEOUT seconds allowed per qemu-io/qsm process (default 600)
+#   QSM_KEEP=1       keep the work directory (always printed) after the run
+#   TMPDIR           where the work directory goes (default /var/tmp)
+# A failing check prints what failed and how to reproduce it, the test goes
+# on with its other cases, and interop_finish exits 1.
+
+set -u
+
+INTEROP_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+QSM_SRC=${QSM_SRC:-$(cd "$INTEROP_DIR/../.." && pwd)}
+GEN="$INTEROP_DIR/gen_workload.py"
+SCALE=${QSM_TEST_SCALE:-1}
+BASE_SEED=${QSM_TEST_SEED:-20241124}
+TIMEOUT=${QSM_TEST_TIMEOUT:-600}
+FAILS=0
+CHECKS=0
+TEST_NAME=$(basename "$0" .sh)
+
+log()  { printf '[%s] %s\n' "$TEST_NAME" "$*"; }
+fail() { FAILS=$((FAILS + 1)); printf '[%s] FAIL: %s\n' "$TEST_NAME" "$*"; }
+die()  { printf '[%s] FATAL: %s\n' "$TEST_NAME" "$*"; exit 1; }
+
+# scaled N: N * QSM_TEST_SCALE, at least 1
+scaled() { python3 -c "import sys; print(max(1, int(float(sys.argv[1]) * float(sys.argv[2]))))" "$1" "$SCALE"; }
+
+interop_init() {
+    local t
+    for t in qemu-img qemu-io python3 timeout cmp; do
+        command -v "$t" >/dev/null || die "$t not found (tests/run installs qemu-utils and python3)"
+    done
+    [ -n "${QSM:-}" ] || die "QSM is not set (path to the built qsm binary)"
+    [ -x "$QSM" ] || die "QSM=$QSM is not executable"
+    WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/qsm-$TEST_NAME.XXXXXX") || die "mktemp failed"
+    trap interop_cleanup EXIT
+    log "work dir $WORK, QSM=$QSM, scale $SCALE, seed $BASE_SEED"
+    if [ "$BASE_SEED" = random ]; then
+        BASE_SEED=$(( (RANDOM << 15) | RANDOM ))
+        log "random base seed: QSM_TEST_SEED=$BASE_SEED"
+    fi
+}
+
+interop_cleanup() {
+    if [ "${QSM_KEEP:-0}" = 1 ]; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+
+interop_finish() {
+    if [ "$FAILS" -gt 0 ]; then
+        log "$FAILS of $CHECKS checks FAILED (rerun with QSM_KEEP=1 to keep $WORK)"
+        exit 1
+    fi
+    log "all $CHECKS checks passed"
+    exit 0
+}
+
+# show_tail FILE: last lines of a log, indented
+show_tail() { [ -s "$1" ] && tail -n "${2:-15}" "$1" | sed 's/^/    | /'; return 0; }
+
+# qemu_create IMG OPTS [SIZE]
+qemu_create() { qemu-img create -q -f qcow2 -o "$2" "$1" "${3:-1G}"; }
+# qsm_create IMG OPTS [SIZE]
+qsm_create() { "$QSM" create -f qcow2 -o "$2" "$1" "${3:-1G}" >/dev/null; }
+
+# run_io TAG OUTBASE IMG SCRIPT CMD...: run CMD (qemu-io or qsm io, with its
+# options, image last) with SCRIPT on stdin; OUTBASE.out/.err get the output.
+# Checks: exit status 0, nothing on stdout mentioning a failure.
+run_io() {
+    local tag=$1 out=$2 img=$3 script=$4 rc
+    shift 4
+    CHECKS=$((CHECKS + 1))
+    timeout "$TIMEOUT" "$@" "$img" <"$script" >"$out.out" 2>"$out.err"
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        fail "$tag: '$* $img < $script' exited $rc"
+        grep -m5 -n -i 'fail\|error' "$out.out" | sed 's/^/    | /'
+        show_tail "$out.err"
+        return 1
+    fi
+    if grep -q -i 'verification failed\|failed:\|error' "$out.out" "$out.err"; then
+        fail "$tag: '$* $img < $script' reported a failure"
+        grep -h -m5 -i 'verification failed\|failed:\|error' "$out.out" "$out.err" | sed 's/^/    | /'
+        return 1
+    fi
+    return 0
+}
+
+qemu_io() { local tag=$1 out=$2 img=$3 script=$4; shift 4; run_io "$tag" "$out" "$img" "$script" qemu-io -f qcow2 "$@"; }
+qsm_io()  { local tag=$1 out=$2 img=$3 script=$4; shift 4; run_io "$tag" "$out" "$img" "$script" "$QSM" io -f qcow2 "$@"; }
+
+# compare_images TAG A B: qemu-img compare must call them identical
+compare_images() {
+    local tag=$1 a=$2 b=$3 out rc
+    CHECKS=$((CHECKS + 1))
+    out=$(qemu-img compare -f qcow2 -F qcow2 "$a" "$b" 2>&1)
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        fail "$tag: qemu-img compare $a $b exited $rc: $out"
+        return 1
+    fi
+    return 0
+}
+
+# check_clean TAG IMG: qemu-img check must exit 0 with no errors and no leaks
+check_clean() {
+    local tag=$1 img=$2 out rc
+    CHECKS=$((CHECKS + 1))
+    out=$(qemu-img check -f qcow2 "$img" 2>&1)
+    rc=$?
+    if [ $rc -ne 0 ] || ! printf '%s\n' "$out" | grep -q '^No errors were found on the image\.$' ||
+       printf '%s\n' "$out" | grep -q -i 'leak\|corrupt' || printf '%s\n' "$out" | grep -q 'ERROR'; then
+        fail "$tag: qemu-img check $img exited $rc:"
+        printf '%s\n' "$out" | head -n 20 | sed 's/^/    | /'
+        return 1
+    fi
+    return 0
+}
+
+# filter_timing: blank the only nondeterministic part of qemu-io output, the
+# time and rates at the end of the statistics line after each read/write:
+#   "4 KiB, 1 ops; 00.00 sec (3.970 MiB/sec and 1016.2922 ops/sec)"
+# Nothing else is touched, so the byte and op counts are still compared.
+filter_timing() {
+    sed -E 's/(, [0-9]+ ops; )[0-9:.]+ sec \([0-9.]+ (bytes|[KMGTPE]iB)\/sec and [0-9.]+ ops\/sec\)$/\1T sec (R\/sec and R ops\/sec)/'
+}
+
+# odirect_ok DIR: does DIR accept O_DIRECT writes (tmpfs does not)?
+odirect_ok() {
+    dd if=/dev/zero of="$1/.odirect-probe" bs=4096 count=1 oflag=direct status=none 2>/dev/null
+    local rc=$?
+    rm -f "$1/.odirect-probe"
+    return $rc
+}
+
+# io_uring_ok: can this process create an io_uring (kernel/seccomp permitting)?
+io_uring_ok() {
+    python3 - <<'EOF'
+import ctypes, ctypes.util, os, platform, sys
+nr = {"x86_64": 425, "aarch64": 425, "riscv64": 425, "ppc64le": 425, "s390x": 425}.get(platform.machine())
+if nr is None:
+    sys.exit(1)
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+params = ctypes.create_string_buffer(120)
+fd = libc.syscall(nr, 4, params)
+if fd < 0:
+    sys.exit(1)
+os.close(fd)
+EOF
+}
