@@ -1,0 +1,103 @@
+/*
+ * io/io_internal.h: what io/ backends share and nothing above io/ may use.
+ *
+ * Every backend in io/ builds its private structure on `struct qsm_io_common`
+ * (embedded first, itself starting with the public `struct qsm_io`), so that
+ * io.c can defer a completion for any handle:
+ *
+ *   struct qsm_io_threads { struct qsm_io_common c; ... };
+ *
+ * Completion path (one exit, STYLE.md practice 4): every request a backend
+ * accepted ends in exactly one call to qsm_io_complete_(), from a libevent
+ * callback on io->base, never from inside ops->submit.  A backend that knows
+ * the result at submit time (a synchronous error, an ftruncate) hands it to
+ * qsm_io_defer_complete_(), which queues it on a per-handle list drained by
+ * an event_active()'d event.
+ *
+ * Lifetime rule for every completion loop: callbacks may close the handle
+ * (once nothing is in flight) or crash a sim disk.  Loops bracket each
+ * callback with qsm_io_enter_()/qsm_io_leave_(); a close requested inside is
+ * carried out by the outermost qsm_io_leave_(), which then returns true and
+ * the loop must return without touching the handle again (libevent's
+ * "finalize after callbacks drain", STYLE.md anti-pattern 5).
+ */
+#ifndef QSM_IO_INTERNAL_H
+#define QSM_IO_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "io/io.h"
+
+struct event;
+
+struct qsm_io_common {
+	struct qsm_io io;                 /* public part; must be first */
+	struct event *cm_defer_ev;        /* drains cm_defer_head */
+	struct qsm_io_req *cm_defer_head; /* FIFO linked through io_next */
+	struct qsm_io_req **cm_defer_tail;
+	size_t cm_defer_count;
+	unsigned cm_depth;                /* completion loops on the stack */
+	bool cm_closing;                  /* qsm_io_close() called inside one */
+};
+
+/* Initialise the common part (zeroes the public part first).  0 or -errno. */
+int qsm_io_common_init_(struct qsm_io_common *c, const struct qsm_io_ops *ops,
+			struct event_base *base, int flags);
+/* Release the common part.  The deferred list must be empty. */
+void qsm_io_common_fini_(struct qsm_io_common *c);
+
+/* Account, trace and call req->cb(req, ret).  Loop thread only; never from
+ * ops->submit.  ret is 0 or -errno. */
+void qsm_io_complete_(struct qsm_io *io, struct qsm_io_req *req, int ret);
+/* Complete req with ret on a later turn of the loop (safe from submit). */
+void qsm_io_defer_complete_(struct qsm_io *io, struct qsm_io_req *req, int ret);
+/* Bracket a callback in a completion loop; see the lifetime rule above.
+ * qsm_io_leave_() returns true when the handle is closing or closed. */
+void qsm_io_enter_(struct qsm_io *io);
+bool qsm_io_leave_(struct qsm_io *io);
+/* Forget deferred completions without running them (sim crash).  Returns how
+ * many were dropped; the caller fixes io->stats.in_flight. */
+uint64_t qsm_io_defer_drop_(struct qsm_io *io);
+
+/* --- File descriptor helpers shared by the threads and io_uring backends --- */
+
+/*
+ * QSM_IO_DIRECT opens the file twice: fd without O_DIRECT and dfd with it.
+ * A transfer goes to dfd when its offset, length and every iovec base and
+ * length are multiples of the direct-I/O alignment, otherwise to fd; Linux
+ * keeps the page cache coherent with direct I/O, so mixing is safe.  Without
+ * QSM_IO_DIRECT, dfd == -1 and everything uses fd.
+ */
+struct qsm_io_fds {
+	int fd;
+	int dfd;
+	unsigned dio_off_align;  /* offset and length alignment for dfd */
+	unsigned dio_mem_align;  /* buffer alignment for dfd */
+};
+
+/* A page-aligned buffer of zeros that nobody ever writes (it is not const
+ * only so that it lives in .bss and can sit in a struct iovec). */
+#define QSM_IO_ZERO_BUF_SIZE (1024 * 1024)
+extern char qsm_io_zero_buf_[QSM_IO_ZERO_BUF_SIZE];
+
+/* Open per the QSM_IO_* flags.  O_DIRECT refused (tmpfs) gives -EINVAL. */
+int qsm_io_fds_open_(struct qsm_io_fds *f, const char *path, int flags);
+void qsm_io_fds_close_(struct qsm_io_fds *f);
+/* The descriptor a transfer of [off, off+len) from/to iov should use. */
+int qsm_io_fds_pick_(const struct qsm_io_fds *f, uint64_t off, uint64_t len,
+		     const struct iovec *iov, int iovcnt);
+/* Blocking, whole transfers (contract 2): a read past EOF zero-fills, a write
+ * is never short.  iovcnt may exceed IOV_MAX. */
+int qsm_io_fds_rw_(const struct qsm_io_fds *f, bool write, const struct iovec *iov,
+		   int iovcnt, uint64_t off, uint64_t len);
+int qsm_io_fds_flush_(const struct qsm_io_fds *f);
+/* ZERO_RANGE, falling back to writing zeros when the file system lacks it. */
+int qsm_io_fds_zero_(const struct qsm_io_fds *f, uint64_t off, uint64_t len);
+/* Punch a hole keeping the size; unsupported counts as success. */
+int qsm_io_fds_discard_(const struct qsm_io_fds *f, uint64_t off, uint64_t len);
+int qsm_io_fds_truncate_(const struct qsm_io_fds *f, uint64_t size);
+int qsm_io_fds_get_size_(const struct qsm_io_fds *f, uint64_t *size);
+
+#endif
