@@ -114,6 +114,9 @@ struct qsm_info {
 	const char *aio;            /* backend name */
 };
 void qsm_get_info(struct qsm_image *img, struct qsm_info *info);
+/* A sentence explaining the image's last error (corruption found, feature
+ * not supported, write-back failure), or "" when there was none. */
+const char *qsm_image_error(struct qsm_image *img);
 
 struct qsm_stats {
 	uint64_t reads, writes, flushes, discards, zero_writes; /* requests completed */

@@ -1,0 +1,365 @@
+/*
+ * metadata/l2cache.c: the L2 table cache (see l2cache.h for the contract).
+ *
+ * Life of an entry:
+ *
+ *   (miss) --alloc slot--> LOADING --read done--> READY <--get/put--> ...
+ *                             |                    |
+ *                             +--read failed--> freed (waiters get -errno)
+ *   READY, ref 0, clean, not wb_busy  ==  on the LRU list  ==  evictable
+ *
+ * Slots: a miss takes a free slot or evicts the least recently used
+ * evictable entry.  When neither is possible the caller's waiter joins
+ * slot_waiters; they are all woken (table == NULL) whenever an entry becomes
+ * evictable, and retry.  need_writeback is called when dirty tables are what
+ * stands in the way.
+ */
+#include <assert.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "io/util.h"
+#include "metadata/l2cache.h"
+
+static size_t hash_index(const struct qsm_l2_cache *c, uint64_t offset)
+{
+	uint64_t h = (offset / c->cluster_size) * 0x9e3779b97f4a7c15ull;
+	return (size_t)(h >> 32) & (c->hash_size - 1);
+}
+
+static struct qsm_l2_table *lookup(const struct qsm_l2_cache *c, uint64_t offset)
+{
+	for (struct qsm_l2_table *t = c->hash[hash_index(c, offset)]; t; t = t->hnext)
+		if (t->offset == offset)
+			return t;
+	return NULL;
+}
+
+static bool on_lru(const struct qsm_l2_table *t)
+{
+	return t->lru_next != NULL;
+}
+
+static void lru_remove(struct qsm_l2_table *t)
+{
+	if (!on_lru(t))
+		return;
+	t->lru_prev->lru_next = t->lru_next;
+	t->lru_next->lru_prev = t->lru_prev;
+	t->lru_prev = t->lru_next = NULL;
+}
+
+static bool evictable(const struct qsm_l2_table *t)
+{
+	return t->ref == 0 && t->state == QSM_L2_READY && !t->dirty && t->wb_busy == 0;
+}
+
+static void wake_slot_waiters(struct qsm_l2_cache *c)
+{
+	struct qsm_l2_waiter *w = c->slot_waiters;
+	c->slot_waiters = NULL;
+	c->slot_waiters_tail = &c->slot_waiters;
+	while (w) {
+		struct qsm_l2_waiter *next = w->next;
+		w->next = NULL;
+		w->table = NULL;
+		w->fn(w, 0);
+		w = next;
+	}
+}
+
+/* Put t on the LRU list (newest end) if invariant 3 says it belongs there,
+ * and let slot waiters retry. */
+static void maybe_release(struct qsm_l2_cache *c, struct qsm_l2_table *t)
+{
+	if (!evictable(t) || on_lru(t))
+		return;
+	t->lru_prev = c->lru.lru_prev;
+	t->lru_next = &c->lru;
+	c->lru.lru_prev->lru_next = t;
+	c->lru.lru_prev = t;
+	if (c->slot_waiters)
+		wake_slot_waiters(c);
+}
+
+static void unhash(struct qsm_l2_cache *c, struct qsm_l2_table *t)
+{
+	struct qsm_l2_table **pp = &c->hash[hash_index(c, t->offset)];
+	while (*pp != t)
+		pp = &(*pp)->hnext;
+	*pp = t->hnext;
+}
+
+static void entry_free(struct qsm_l2_cache *c, struct qsm_l2_table *t)
+{
+	lru_remove(t);
+	unhash(c, t);
+	c->nb_entries--;
+	free(t->data);
+	free(t);
+}
+
+int qsm_l2_cache_init(struct qsm_l2_cache *c, struct qsm_io *io, size_t cluster_size,
+		      size_t capacity)
+{
+	memset(c, 0, sizeof(*c));
+	c->io = io;
+	c->cluster_size = cluster_size;
+	c->capacity = capacity ? capacity : 1;
+	c->hash_size = 16;
+	while (c->hash_size < c->capacity * 2 && c->hash_size < (1u << 20))
+		c->hash_size *= 2;
+	c->hash = calloc(c->hash_size, sizeof(*c->hash));
+	if (!c->hash)
+		return -ENOMEM;
+	c->lru.lru_next = c->lru.lru_prev = &c->lru;
+	c->slot_waiters_tail = &c->slot_waiters;
+	return 0;
+}
+
+void qsm_l2_cache_destroy(struct qsm_l2_cache *c)
+{
+	if (!c->hash)
+		return;
+	for (size_t i = 0; i < c->hash_size; i++) {
+		while (c->hash[i]) {
+			struct qsm_l2_table *t = c->hash[i];
+			assert(t->state == QSM_L2_READY && t->ref == 0);
+			entry_free(c, t);
+		}
+	}
+	free(c->hash);
+	c->hash = NULL;
+}
+
+/* Find a slot: a free one, or the oldest evictable entry's.  False when the
+ * caller must wait (its waiter is then queued). */
+static bool take_slot(struct qsm_l2_cache *c, struct qsm_l2_waiter *w)
+{
+	if (c->nb_entries < c->capacity)
+		return true;
+	if (c->lru.lru_next != &c->lru) {
+		struct qsm_l2_table *victim = c->lru.lru_next;
+		assert(evictable(victim));
+		entry_free(c, victim);
+		c->evictions++;
+		return true;
+	}
+	w->next = NULL;
+	w->table = NULL;
+	*c->slot_waiters_tail = w;
+	c->slot_waiters_tail = &w->next;
+	if (c->nb_dirty && c->need_writeback)
+		c->need_writeback(c->opaque);
+	return false;
+}
+
+static struct qsm_l2_table *entry_new(struct qsm_l2_cache *c, uint64_t offset)
+{
+	struct qsm_l2_table *t = calloc(1, sizeof(*t));
+	if (!t)
+		return NULL;
+	if (posix_memalign((void **)&t->data, 4096, c->cluster_size)) {
+		free(t);
+		return NULL;
+	}
+	t->offset = offset;
+	t->cache = c;
+	size_t h = hash_index(c, offset);
+	t->hnext = c->hash[h];
+	c->hash[h] = t;
+	c->nb_entries++;
+	return t;
+}
+
+static void load_cb(struct qsm_io_req *req, int ret)
+{
+	struct qsm_l2_table *t = container_of(req, struct qsm_l2_table, io);
+	struct qsm_l2_cache *c = t->cache;
+	struct qsm_l2_waiter *w = t->waiters;
+	t->waiters = NULL;
+
+	if (ret < 0) {
+		/* Forget the table; every waiter hears the error. */
+		assert(t->ref == 1);
+		t->ref = 0;
+		t->state = QSM_L2_READY;
+		entry_free(c, t);
+		while (w) {
+			struct qsm_l2_waiter *next = w->next;
+			w->table = NULL;
+			w->fn(w, ret);
+			w = next;
+		}
+		if (c->slot_waiters)
+			wake_slot_waiters(c);
+		return;
+	}
+	t->state = QSM_L2_READY;
+	t->ref--; /* the loader's reference */
+	while (w) {
+		struct qsm_l2_waiter *next = w->next;
+		t->ref++;
+		w->table = t;
+		w->fn(w, 0);
+		w = next;
+	}
+	maybe_release(c, t);
+}
+
+int qsm_l2_get(struct qsm_l2_cache *c, uint64_t offset, struct qsm_l2_table **out,
+	       struct qsm_l2_waiter *w)
+{
+	struct qsm_l2_table *t = lookup(c, offset);
+	if (t && t->state == QSM_L2_READY) {
+		c->hits++;
+		lru_remove(t);
+		t->ref++;
+		*out = t;
+		return 0;
+	}
+	if (t) { /* LOADING: join its waiters */
+		c->hits++;
+		w->table = NULL;
+		w->next = t->waiters;
+		t->waiters = w;
+		return -EAGAIN;
+	}
+	c->misses++;
+	if (!take_slot(c, w))
+		return -EAGAIN;
+	t = entry_new(c, offset);
+	if (!t)
+		return -ENOMEM;
+	t->state = QSM_L2_LOADING;
+	t->ref = 1; /* the loader's, invariant 2 */
+	w->table = NULL;
+	w->next = NULL;
+	t->waiters = w;
+	t->iov.iov_base = t->data;
+	t->iov.iov_len = c->cluster_size;
+	t->io = (struct qsm_io_req){
+		.op = QSM_IO_READ,
+		.event = QSM_IO_EV_L2_LOAD,
+		.offset = offset,
+		.len = c->cluster_size,
+		.iov = &t->iov,
+		.iovcnt = 1,
+		.cb = load_cb,
+	};
+	qsm_io_submit(c->io, &t->io);
+	return -EAGAIN;
+}
+
+int qsm_l2_create(struct qsm_l2_cache *c, uint64_t offset, const uint8_t *init,
+		  struct qsm_l2_table **out, struct qsm_l2_waiter *w)
+{
+	assert(!lookup(c, offset));
+	if (!take_slot(c, w))
+		return -EAGAIN;
+	struct qsm_l2_table *t = entry_new(c, offset);
+	if (!t)
+		return -ENOMEM;
+	if (init)
+		memcpy(t->data, init, c->cluster_size);
+	else
+		memset(t->data, 0, c->cluster_size);
+	t->state = QSM_L2_READY;
+	t->ref = 1;
+	t->dirty = true;
+	c->nb_dirty++;
+	*out = t;
+	return 0;
+}
+
+void qsm_l2_put(struct qsm_l2_cache *c, struct qsm_l2_table *t)
+{
+	assert(t->ref > 0 && t->state == QSM_L2_READY);
+	t->ref--;
+	maybe_release(c, t);
+}
+
+void qsm_l2_mark_dirty(struct qsm_l2_cache *c, struct qsm_l2_table *t)
+{
+	assert(t->ref > 0 && t->state == QSM_L2_READY);
+	if (!t->dirty) {
+		t->dirty = true;
+		c->nb_dirty++;
+	}
+}
+
+void qsm_l2_cancel_wait(struct qsm_l2_cache *c, struct qsm_l2_waiter *w)
+{
+	for (struct qsm_l2_waiter **pp = &c->slot_waiters; *pp; pp = &(*pp)->next) {
+		if (*pp == w) {
+			*pp = w->next;
+			if (!*pp)
+				c->slot_waiters_tail = pp;
+			return;
+		}
+	}
+}
+
+int qsm_l2_collect(struct qsm_l2_cache *c, struct qsm_meta_batch *b)
+{
+	int n = 0;
+	for (size_t i = 0; i < c->hash_size && c->nb_dirty; i++) {
+		for (struct qsm_l2_table *t = c->hash[i]; t; t = t->hnext) {
+			if (!t->dirty)
+				continue;
+			int ret = qsm_meta_batch_add(b, t->offset, t->data, c->cluster_size,
+						     QSM_IO_EV_L2_UPDATE);
+			if (ret < 0)
+				return ret;
+			t->dirty = false;
+			t->wb_busy++;
+			c->nb_dirty--;
+			n++;
+		}
+	}
+	return n;
+}
+
+void qsm_l2_written(struct qsm_l2_cache *c, uint64_t offset)
+{
+	struct qsm_l2_table *t = lookup(c, offset);
+	assert(t && t->wb_busy > 0);
+	t->wb_busy--;
+	maybe_release(c, t);
+}
+
+void qsm_l2_cache_forget_dirty(struct qsm_l2_cache *c)
+{
+	for (size_t i = 0; i < c->hash_size && c->nb_dirty; i++) {
+		for (struct qsm_l2_table *t = c->hash[i]; t; t = t->hnext) {
+			if (t->dirty) {
+				t->dirty = false;
+				c->nb_dirty--;
+				maybe_release(c, t);
+			}
+		}
+	}
+}
+
+void qsm_l2_cache_drop_clean(struct qsm_l2_cache *c)
+{
+	while (c->lru.lru_next != &c->lru)
+		entry_free(c, c->lru.lru_next);
+}
+
+bool qsm_l2_cache_check(const struct qsm_l2_cache *c)
+{
+	size_t n = 0, dirty = 0;
+	for (size_t i = 0; i < c->hash_size; i++) {
+		for (const struct qsm_l2_table *t = c->hash[i]; t; t = t->hnext) {
+			n++;
+			dirty += t->dirty;
+			if (t->state == QSM_L2_LOADING && (t->ref == 0 || t->dirty))
+				return false;
+			if (evictable(t) != on_lru(t))
+				return false;
+		}
+	}
+	return n == c->nb_entries && n <= c->capacity && dirty == c->nb_dirty;
+}

@@ -1,0 +1,539 @@
+/*
+ * sm/image.c: opening, closing and describing an image; the public submit
+ * functions.
+ *
+ * Open validates everything before the first byte is written (a refused
+ * image is never written): header (metadata/header.c), then the L1 table and
+ * the refcount structure are read whole and kept resident.  Only then may a
+ * read-write open rewrite the header (to clear autoclear bits).
+ *
+ * Contracts of the submit functions (sm/qsm.h): arguments are checked here
+ * and a rejected request returns an error without a callback; an accepted
+ * one always completes through the loop (qsm_sm_start posts its first event).
+ */
+#include <assert.h>
+#include <errno.h>
+#include <event2/event.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sm/sm.h"
+
+/* --- the set of L2 table clusters (for overlap checks) --------------------- */
+
+struct qsm_l2set {
+	uint64_t *slots; /* cluster index + 1; 0 = empty */
+	size_t cap, n;
+};
+
+static size_t l2set_hash(uint64_t v, size_t cap)
+{
+	return (size_t)((v * 0x9e3779b97f4a7c15ull) >> 32) & (cap - 1);
+}
+
+static int l2set_add(struct qsm_l2set *s, uint64_t cluster)
+{
+	if ((s->n + 1) * 2 > s->cap) {
+		size_t cap = s->cap ? s->cap * 2 : 64;
+		uint64_t *slots = calloc(cap, sizeof(*slots));
+		if (!slots)
+			return -ENOMEM;
+		for (size_t i = 0; i < s->cap; i++) {
+			if (!s->slots[i])
+				continue;
+			size_t h = l2set_hash(s->slots[i], cap);
+			while (slots[h])
+				h = (h + 1) & (cap - 1);
+			slots[h] = s->slots[i];
+		}
+		free(s->slots);
+		s->slots = slots;
+		s->cap = cap;
+	}
+	size_t h = l2set_hash(cluster + 1, s->cap);
+	while (s->slots[h]) {
+		if (s->slots[h] == cluster + 1)
+			return 0;
+		h = (h + 1) & (s->cap - 1);
+	}
+	s->slots[h] = cluster + 1;
+	s->n++;
+	return 0;
+}
+
+static bool l2set_has(const struct qsm_l2set *s, uint64_t cluster)
+{
+	if (!s->cap)
+		return false;
+	size_t h = l2set_hash(cluster + 1, s->cap);
+	while (s->slots[h]) {
+		if (s->slots[h] == cluster + 1)
+			return true;
+		h = (h + 1) & (s->cap - 1);
+	}
+	return false;
+}
+
+static struct qsm_l2set *l2set_of(struct qsm_image *img);
+
+/* --- image-level helpers used by the state machines ----------------------- */
+
+int qsm_image_corrupt(struct qsm_image *img, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(img->errmsg, sizeof(img->errmsg), fmt, ap);
+	va_end(ap);
+	/* As QEMU: mark the image corrupt (written with the next batch) so it
+	 * is not opened read-write again before a repair, and stop writing. */
+	if (!img->read_only && !(img->hdr.incompatible_features & QCOW2_INCOMPAT_CORRUPT)) {
+		img->hdr.incompatible_features |= QCOW2_INCOMPAT_CORRUPT;
+		img->header_dirty = true;
+		qsm_wb_kick(img);
+	}
+	return -EIO;
+}
+
+void qsm_l1_set(struct qsm_image *img, uint64_t idx, uint64_t entry)
+{
+	qcow2_put_be64(img->l1 + idx * 8, entry);
+	if (img->l1_dirty_hi == img->l1_dirty_lo) {
+		img->l1_dirty_lo = idx;
+		img->l1_dirty_hi = idx + 1;
+	} else {
+		img->l1_dirty_lo = QSM_MIN(img->l1_dirty_lo, idx);
+		img->l1_dirty_hi = QSM_MAX(img->l1_dirty_hi, idx + 1);
+	}
+}
+
+void qsm_note_l2_table(struct qsm_image *img, uint64_t host_offset)
+{
+	/* On ENOMEM the overlap check merely loses precision. */
+	(void)l2set_add(l2set_of(img), host_offset >> img->cluster_bits);
+}
+
+bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset)
+{
+	uint64_t c = host_offset >> img->cluster_bits;
+	uint64_t l1_first = img->hdr.l1_table_offset >> img->cluster_bits;
+	uint64_t l1_clusters = QSM_DIV_ROUND_UP(img->l1_size * 8, img->cluster_size);
+	if (c == 0)
+		return true;
+	if (c >= l1_first && c < l1_first + l1_clusters)
+		return true;
+	if (qsm_refcount_is_meta(img->rc, c))
+		return true;
+	return l2set_has(l2set_of(img), c);
+}
+
+/* --- open / close -------------------------------------------------------- */
+
+struct qsm_image_priv {
+	struct qsm_image img;
+	struct qsm_l2set l2set;
+};
+
+static struct qsm_l2set *l2set_of(struct qsm_image *img)
+{
+	return &container_of(img, struct qsm_image_priv, img)->l2set;
+}
+
+static void run_cb(evutil_socket_t fd, short what, void *arg)
+{
+	qsm_sm_drain(arg);
+}
+
+static void cache_need_writeback(void *opaque)
+{
+	qsm_wb_kick(opaque);
+}
+
+static void image_free(struct qsm_image *img)
+{
+	struct qsm_image_priv *p = container_of(img, struct qsm_image_priv, img);
+	qsm_l2_cache_destroy(&img->l2c);
+	if (img->rc)
+		qsm_refcount_free(img->rc);
+	if (img->run_ev)
+		event_free(img->run_ev);
+	if (img->io)
+		qsm_io_close(img->io);
+	qcow2_header_release(&img->hdr);
+	free(img->l1);
+	free(img->zero_buf);
+	free(img->pending_frees);
+	free(p->l2set.slots);
+	free(p);
+}
+
+#define OPEN_FAIL(code, ...)                                                   \
+	do {                                                                   \
+		if (err)                                                       \
+			snprintf(err, errlen, __VA_ARGS__);                    \
+		ret = (code);                                                  \
+		goto fail;                                                     \
+	} while (0)
+
+/* Rewrite the header in place, synchronously (open-time only). */
+static int write_header_sync(struct qsm_image *img)
+{
+	uint8_t *buf = calloc(1, img->cluster_size);
+	if (!buf)
+		return -ENOMEM;
+	int ret = qcow2_header_serialize(&img->hdr, buf, img->cluster_size);
+	if (ret == 0)
+		ret = qsm_io_pwrite_sync(img->io, buf, img->cluster_size, 0);
+	if (ret == 0)
+		ret = qsm_io_flush_sync(img->io);
+	free(buf);
+	return ret;
+}
+
+int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_open_opts *opts,
+		struct qsm_image **out, char *err, size_t errlen)
+{
+	static const struct qsm_open_opts defaults;
+	struct qsm_image_priv *p = calloc(1, sizeof(*p));
+	struct qsm_image *img = &p->img;
+	uint8_t *buf = NULL;
+	uint64_t fsize;
+	int ret;
+
+	if (!opts)
+		opts = &defaults;
+	if (err && errlen)
+		err[0] = 0;
+	if (!p) {
+		qsm_io_close(io);
+		return -ENOMEM;
+	}
+	img->base = base;
+	img->io = io;
+	img->read_only = opts->read_only || (io->flags & QSM_IO_RDONLY);
+	img->cache = opts->cache;
+	img->q_tail = &img->q_head;
+
+	if ((ret = qsm_io_get_size(io, &fsize)) < 0)
+		OPEN_FAIL(ret, "cannot get the image size: %s", strerror(-ret));
+
+	/* Header: the first 512 bytes tell the cluster size, then cluster 0. */
+	size_t first = (size_t)QSM_MIN(fsize, 512);
+	buf = calloc(1, 1u << QCOW2_MAX_CLUSTER_BITS);
+	if (!buf)
+		OPEN_FAIL(-ENOMEM, "out of memory");
+	if ((ret = qsm_io_pread_sync(io, buf, first, 0)) < 0)
+		OPEN_FAIL(ret, "cannot read the header: %s", strerror(-ret));
+	size_t hlen = qcow2_header_probe_len(buf, first, fsize);
+	if (hlen > first && (ret = qsm_io_pread_sync(io, buf, hlen, 0)) < 0)
+		OPEN_FAIL(ret, "cannot read the header: %s", strerror(-ret));
+	if (!hlen)
+		hlen = first;
+	if ((ret = qcow2_header_parse(buf, hlen, fsize, &img->hdr, err, errlen)) < 0)
+		goto fail;
+	free(buf);
+	buf = NULL;
+
+	struct qcow2_header *h = &img->hdr;
+	if (h->backing_file[0])
+		OPEN_FAIL(-ENOTSUP, "backing file '%s': backing files are not supported yet",
+			  h->backing_file);
+	if ((h->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !img->read_only)
+		OPEN_FAIL(-EACCES, "image is corrupt (incompatible feature bit 1 set); cannot be opened read/write");
+	if ((h->incompatible_features & QCOW2_INCOMPAT_DIRTY) && !img->read_only)
+		OPEN_FAIL(-ENOTSUP, "image is dirty (lazy refcounts were in use when it was last closed); "
+			  "repairing it is not supported yet: open it read-only");
+
+	img->cluster_bits = h->cluster_bits;
+	img->cluster_size = 1ull << h->cluster_bits;
+	img->l2_entries = img->cluster_size / 8;
+	img->l1_size = h->l1_size;
+
+	/* L1: resident, cluster-rounded so write-back can write whole sectors. */
+	size_t l1_bytes = (size_t)QSM_ALIGN_UP(QSM_MAX(img->l1_size * 8, 8), img->cluster_size);
+	if (posix_memalign((void **)&img->l1, 4096, l1_bytes))
+		OPEN_FAIL(-ENOMEM, "out of memory for the L1 table (%zu bytes)", l1_bytes);
+	memset(img->l1, 0, l1_bytes);
+	if (img->l1_size &&
+	    (ret = qsm_io_pread_sync(io, img->l1, img->l1_size * 8, h->l1_table_offset)) < 0)
+		OPEN_FAIL(ret, "cannot read the L1 table: %s", strerror(-ret));
+
+	struct qsm_rc_params rp = {
+		.cluster_bits = h->cluster_bits,
+		.refcount_order = h->refcount_order,
+		.table_offset = h->refcount_table_offset,
+		.table_clusters = h->refcount_table_clusters,
+	};
+	if ((ret = qsm_refcount_load(io, &rp, fsize, &img->rc, err, errlen)) < 0)
+		goto fail;
+
+	for (uint64_t i = 0; i < img->l1_size; i++) {
+		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
+		if (off && (ret = l2set_add(&p->l2set, off >> img->cluster_bits)) < 0)
+			OPEN_FAIL(ret, "out of memory");
+	}
+
+	uint64_t cache_bytes = opts->l2_cache_size;
+	if (!cache_bytes)
+		cache_bytes = QSM_MIN(32ull << 20, QSM_MAX(img->l1_size, 1) * img->cluster_size);
+	if ((ret = qsm_l2_cache_init(&img->l2c, io, img->cluster_size,
+				     (size_t)QSM_MAX(cache_bytes / img->cluster_size, 1))) < 0)
+		OPEN_FAIL(ret, "out of memory");
+	img->l2c.need_writeback = cache_need_writeback;
+	img->l2c.opaque = img;
+
+	img->zero_buf = calloc(1, img->cluster_size);
+	img->run_ev = event_new(base, -1, 0, run_cb, img);
+	if (!img->zero_buf || !img->run_ev)
+		OPEN_FAIL(-ENOMEM, "out of memory");
+	img->file_end = fsize;
+
+	/* Everything validated: only now may the file be written.  qsm keeps no
+	 * persistent bitmaps, so writing invalidates them: clear autoclear bits. */
+	if (!img->read_only && (h->autoclear_features & ~QCOW2_AUTOCLEAR_SUPPORTED)) {
+		h->autoclear_features &= QCOW2_AUTOCLEAR_SUPPORTED;
+		if ((ret = write_header_sync(img)) < 0)
+			OPEN_FAIL(ret, "cannot update the header: %s", strerror(-ret));
+	}
+	*out = img;
+	return 0;
+
+fail:
+	free(buf);
+	image_free(img);
+	return ret;
+}
+
+int qsm_open(struct event_base *base, const char *path, const struct qsm_open_opts *opts,
+	     struct qsm_image **out, char *err, size_t errlen)
+{
+	static const struct qsm_open_opts defaults;
+	struct qsm_io *io;
+	if (!opts)
+		opts = &defaults;
+	int flags = opts->read_only ? QSM_IO_RDONLY : 0;
+	if (opts->cache == QSM_CACHE_NONE || opts->cache == QSM_CACHE_DIRECTSYNC)
+		flags |= QSM_IO_DIRECT;
+	int ret = qsm_io_open_path(base, path, flags, opts->aio, &io);
+	if (ret < 0) {
+		if (err)
+			snprintf(err, errlen, "Could not open '%s': %s", path, strerror(-ret));
+		return ret;
+	}
+	return qsm_open_io(base, io, opts, out, err, errlen);
+}
+
+int qsm_close(struct qsm_image *img)
+{
+	int ret = 0;
+	assert(img->in_flight == 0 && !img->wb_job);
+	if (!img->read_only && !img->error)
+		ret = qsm_wb_sync_all(img);
+	image_free(img);
+	return ret;
+}
+
+void qsm_abandon(struct qsm_image *img)
+{
+	/* In-flight requests are forgotten with the process (tools call this
+	 * just before _exit); only their memory is at stake. */
+	image_free(img);
+}
+
+/* --- information --------------------------------------------------------- */
+
+void qsm_get_info(struct qsm_image *img, struct qsm_info *info)
+{
+	const struct qcow2_header *h = &img->hdr;
+	memset(info, 0, sizeof(*info));
+	info->virtual_size = h->size;
+	info->cluster_size = img->cluster_size;
+	info->version = h->version;
+	info->refcount_bits = 1u << h->refcount_order;
+	info->lazy_refcounts = h->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS;
+	info->corrupt = h->incompatible_features & QCOW2_INCOMPAT_CORRUPT;
+	info->dirty = h->incompatible_features & QCOW2_INCOMPAT_DIRTY;
+	info->read_only = img->read_only;
+	info->file_size = QSM_MAX(qsm_refcount_image_end(img->rc), img->file_end);
+	snprintf(info->backing_file, sizeof(info->backing_file), "%s", h->backing_file);
+	snprintf(info->backing_format, sizeof(info->backing_format), "%s", h->backing_format);
+	info->nb_snapshots = h->nb_snapshots;
+	info->cache = img->cache;
+	info->aio = img->io->ops->name;
+}
+
+void qsm_get_stats(struct qsm_image *img, struct qsm_stats *st)
+{
+	*st = img->stats;
+}
+
+void qsm_set_trace(struct qsm_image *img, qsm_trace_fn fn, void *opaque)
+{
+	img->trace = fn;
+	img->trace_opaque = opaque;
+}
+
+struct event_base *qsm_image_base(struct qsm_image *img)
+{
+	return img->base;
+}
+
+const char *qsm_image_error(struct qsm_image *img)
+{
+	return img->errmsg;
+}
+
+/* --- submitting requests --------------------------------------------------- */
+
+static int check_range(struct qsm_image *img, uint64_t offset, uint64_t bytes)
+{
+	if (offset > img->hdr.size || bytes > img->hdr.size - offset)
+		return -EINVAL;
+	return 0;
+}
+
+static int check_writable(struct qsm_image *img)
+{
+	if (img->read_only)
+		return -EBADF;
+	if (img->error)
+		return -EIO;
+	return 0;
+}
+
+static struct qsm_req *new_req(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
+			       uint64_t bytes, const struct iovec *iov, int iovcnt,
+			       qsm_cb cb, void *opaque)
+{
+	/* Scratch iovecs: the caller's pieces plus COW head and tail. */
+	struct qsm_req *req = qsm_req_new(img, m, (iovcnt > 0 ? iovcnt : 1) + 2);
+	if (!req)
+		return NULL;
+	req->offset = offset;
+	req->bytes = bytes;
+	req->iov = iov;
+	req->iovcnt = iovcnt;
+	req->cb = cb;
+	req->opaque = opaque;
+	return req;
+}
+
+static int submit_rw(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
+		     const struct iovec *iov, int iovcnt, qsm_cb cb, void *opaque)
+{
+	if (iovcnt < 0 || (iovcnt > 0 && !iov))
+		return -EINVAL;
+	uint64_t bytes = qsm_iov_size(iov, iovcnt);
+	int ret = check_range(img, offset, bytes);
+	if (ret < 0)
+		return ret;
+	if (m == QSM_M_WRITE && (ret = check_writable(img)) < 0)
+		return ret;
+	struct qsm_req *req = new_req(img, m, offset, bytes, iov, iovcnt, cb, opaque);
+	if (!req)
+		return -ENOMEM;
+	qsm_sm_start(req);
+	return 0;
+}
+
+int qsm_readv(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
+	      qsm_cb cb, void *opaque)
+{
+	return submit_rw(img, QSM_M_READ, offset, iov, iovcnt, cb, opaque);
+}
+
+int qsm_writev(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
+	       qsm_cb cb, void *opaque)
+{
+	return submit_rw(img, QSM_M_WRITE, offset, iov, iovcnt, cb, opaque);
+}
+
+int qsm_flush(struct qsm_image *img, qsm_cb cb, void *opaque)
+{
+	struct qsm_req *req = new_req(img, QSM_M_FLUSH, 0, 0, NULL, 0, cb, opaque);
+	if (!req)
+		return -ENOMEM;
+	qsm_sm_start(req);
+	return 0;
+}
+
+static int submit_range(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
+			uint64_t bytes, unsigned flags, qsm_cb cb, void *opaque)
+{
+	int ret = check_range(img, offset, bytes);
+	if (ret == 0)
+		ret = check_writable(img);
+	if (ret < 0)
+		return ret;
+	struct qsm_req *req = new_req(img, m, offset, bytes, NULL, 0, cb, opaque);
+	if (!req)
+		return -ENOMEM;
+	req->flags = flags;
+	qsm_sm_start(req);
+	return 0;
+}
+
+int qsm_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes, qsm_cb cb, void *opaque)
+{
+	return submit_range(img, QSM_M_DISCARD, offset, bytes, 0, cb, opaque);
+}
+
+int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags,
+		     qsm_cb cb, void *opaque)
+{
+	if (flags & ~QSM_ZERO_MAY_UNMAP)
+		return -EINVAL;
+	return submit_range(img, QSM_M_ZEROES, offset, bytes, flags, cb, opaque);
+}
+
+int qsm_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,
+		     struct qsm_extent *out, qsm_cb cb, void *opaque)
+{
+	int ret = check_range(img, offset, bytes);
+	if (ret < 0)
+		return ret;
+	if (!out)
+		return -EINVAL;
+	struct qsm_req *req = new_req(img, QSM_M_STATUS, offset, bytes, NULL, 0, cb, opaque);
+	if (!req)
+		return -ENOMEM;
+	req->status_out = out;
+	*out = (struct qsm_extent){ offset, 0, 0, 0 };
+	qsm_sm_start(req);
+	return 0;
+}
+
+/* --- small public helpers -------------------------------------------------- */
+
+static const char *const cache_names[] = {
+	[QSM_CACHE_WRITEBACK] = "writeback", [QSM_CACHE_NONE] = "none",
+	[QSM_CACHE_WRITETHROUGH] = "writethrough", [QSM_CACHE_DIRECTSYNC] = "directsync",
+	[QSM_CACHE_UNSAFE] = "unsafe",
+};
+
+int qsm_cache_mode_parse(const char *s, enum qsm_cache_mode *out)
+{
+	for (size_t i = 0; i < QSM_ARRAY_SIZE(cache_names); i++) {
+		if (strcmp(s, cache_names[i]) == 0) {
+			*out = (enum qsm_cache_mode)i;
+			return 0;
+		}
+	}
+	if (strcmp(s, "off") == 0) { /* qemu-io accepts off for none */
+		*out = QSM_CACHE_NONE;
+		return 0;
+	}
+	return -EINVAL;
+}
+
+const char *qsm_cache_mode_name(enum qsm_cache_mode m)
+{
+	return (unsigned)m < QSM_ARRAY_SIZE(cache_names) ? cache_names[m] : "?";
+}
+
+const char *qsm_strerror(int err)
+{
+	static __thread char buf[64];
+	return strerror_r(err < 0 ? -err : err, buf, sizeof(buf));
+}

@@ -1,0 +1,1142 @@
+/*
+ * sm/request.c: the request state machines and their one dispatcher.
+ *
+ * Design
+ * ------
+ * Every request (read, write, write-zeroes, discard, flush, block status, and
+ * the internal write-back batch) is one `struct qsm_req` with a `state`.  The
+ * machines are drawn in sm/states.def; `qsm graph` renders the same table.
+ *
+ *   read:   START > L1_LOOKUP > L2_LOOKUP (> L2_LOAD > L2_LOOKUP)
+ *                 > DATA_READ | ZERO_FILL > NEXT_RUN > (L1_LOOKUP ... | DONE)
+ *   write:  START > L1_LOOKUP (> FROZEN | L2_ALLOC) > L2_LOOKUP (> L2_LOAD)
+ *                 > DATA_WRITE                                  (in place)
+ *                 | CLUSTER_ALLOC (> COW_READ) > ALLOC_WRITE > L2_UPDATE
+ *                 | ALLOC_WAIT > L1_LOOKUP                      (overlap)
+ *                 > NEXT_RUN > (L1_LOOKUP ... | DURABLE_WAIT | DONE)
+ *
+ * How a state change happens (the only way):
+ *   qsm_sm_run(req, ev): next = table[machine][state][ev] (abort if absent),
+ *   trace "req#id FROM --ev--> TO", check the request's invariants, then run
+ *   the entry step of the new state.  A step returns the event that leaves
+ *   the state at once, or QSM_E_WAIT when it started I/O or joined a waiter
+ *   list; whoever finishes the wait posts the event with qsm_sm_post().
+ *
+ * Transition -> function
+ *   START -> L1_LOOKUP ........... step_l1_lookup
+ *   * -> L2_ALLOC ................ step_l2_alloc
+ *   * -> L2_LOOKUP ............... step_l2_lookup (classify_read/_write/...)
+ *   * -> DATA_READ/DATA_WRITE .... step_data_io
+ *   * -> CLUSTER_ALLOC ........... step_cluster_alloc
+ *   * -> COW_READ ................ step_cow_read
+ *   * -> ALLOC_WRITE ............. step_alloc_write
+ *   * -> L2_UPDATE ............... step_l2_update
+ *   * -> ZERO_UPDATE ............. step_zero_update
+ *   * -> NEXT_RUN ................ step_next_run
+ *   * -> DURABLE_WAIT ............ qsm_wb_join (sm/writeback.c)
+ *   WB_* ......................... qsm_wb_step (sm/writeback.c)
+ *   * -> DONE .................... req_complete
+ *
+ * Invariants
+ *  1. Steps never run re-entrantly: events are queued and the queue is
+ *     drained by one loop (qsm_sm_drain), from a libevent callback.  A user
+ *     callback therefore never runs from inside a submit call.
+ *  2. Two requests never allocate the same guest cluster: a run that needs
+ *     allocation first checks img->allocs; an overlapping run waits
+ *     (ALLOC_WAIT) and looks up again.  The record lives from CLUSTER_ALLOC
+ *     to L2_UPDATE, and L2_UPDATE runs only after the data write completed,
+ *     so a lookup never sees an entry pointing at half-written data.  Reads
+ *     need not wait: until L2_UPDATE they see the old entry, after it the
+ *     complete new cluster.
+ *  3. Only a write that must create an L2 table (empty L1 entry) freezes
+ *     others, and only those touching the same L1 slot (FROZEN); since the
+ *     table is created in the cache, the freeze lasts only while a cache
+ *     slot is unavailable.
+ *  4. A request holds at most one L2 table reference, and never while
+ *     waiting for another table or a slot, so the cache cannot deadlock.
+ *  5. Metadata changes are made in memory (cached L2 tables, resident L1 and
+ *     refcounts) and reach the disk only through write-back batches, which
+ *     order them refcounts < L2 < L1 with a sync between levels
+ *     (sm/writeback.c); freed clusters are released only after the tables
+ *     that stopped pointing at them are durable.
+ */
+#include <assert.h>
+#include <errno.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sm/sm.h"
+
+/* --- the table ------------------------------------------------------------ */
+
+static const unsigned char transitions[QSM_M__COUNT][QSM_S__COUNT][QSM_E__COUNT] = {
+#define MACHINE(name, desc)
+#define STATE(name, desc)
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to) [QSM_M_##m][QSM_S_##from][QSM_E_##ev] = QSM_S_##to + 1,
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+};
+
+static const char *const state_names[] = {
+#define MACHINE(name, desc)
+#define STATE(name, desc) #name,
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+};
+static const char *const state_descs[] = {
+#define MACHINE(name, desc)
+#define STATE(name, desc) desc,
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+};
+static const char *const event_names[] = {
+#define MACHINE(name, desc)
+#define STATE(name, desc)
+#define EVENT(name, label) #name,
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+};
+static const char *const event_labels[] = {
+#define MACHINE(name, desc)
+#define STATE(name, desc)
+#define EVENT(name, label) label,
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+};
+static const char *const machine_names[] = {
+#define MACHINE(name, desc) #name,
+#define STATE(name, desc)
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+};
+static const char *const machine_descs[] = {
+#define MACHINE(name, desc) desc,
+#define STATE(name, desc)
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+};
+
+const char *qsm_state_name(enum qsm_state s) { return state_names[s]; }
+const char *qsm_state_desc(enum qsm_state s) { return state_descs[s]; }
+const char *qsm_event_name(enum qsm_event e) { return e < QSM_E__COUNT ? event_names[e] : "WAIT"; }
+const char *qsm_event_label(enum qsm_event e) { return e < QSM_E__COUNT ? event_labels[e] : "wait"; }
+const char *qsm_machine_name(enum qsm_machine m) { return machine_names[m]; }
+const char *qsm_machine_desc(enum qsm_machine m) { return machine_descs[m]; }
+
+int qsm_transition(enum qsm_machine m, enum qsm_state from, enum qsm_event ev)
+{
+	if (m >= QSM_M__COUNT || from >= QSM_S__COUNT || ev >= QSM_E__COUNT)
+		return -1;
+	return (int)transitions[m][from][ev] - 1;
+}
+
+static const char *const kind_names[QSM_M__COUNT] = {
+	[QSM_M_READ] = "read", [QSM_M_WRITE] = "write", [QSM_M_ZEROES] = "write_zeroes",
+	[QSM_M_DISCARD] = "discard", [QSM_M_FLUSH] = "flush", [QSM_M_STATUS] = "status",
+	[QSM_M_WRITEBACK] = "writeback",
+};
+
+/* --- helpers -------------------------------------------------------------- */
+
+static bool is_write_machine(enum qsm_machine m)
+{
+	return m == QSM_M_WRITE || m == QSM_M_ZEROES || m == QSM_M_DISCARD;
+}
+
+static uint64_t cluster_of(const struct qsm_image *img, uint64_t off)
+{
+	return off >> img->cluster_bits;
+}
+
+static uint64_t in_cluster(const struct qsm_image *img, uint64_t off)
+{
+	return off & (img->cluster_size - 1);
+}
+
+/* Record the first error of a request and leave through DONE. */
+static enum qsm_event fail(struct qsm_req *req, int ret)
+{
+	assert(ret < 0);
+	if (!req->ret)
+		req->ret = ret;
+	return QSM_E_ERROR;
+}
+
+static void release_l2(struct qsm_req *req)
+{
+	if (req->run.l2) {
+		qsm_l2_put(&req->img->l2c, req->run.l2);
+		req->run.l2 = NULL;
+	}
+}
+
+static void alloc_unlink(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_alloc *a = &req->run.alloc;
+	if (!req->run.alloc_linked)
+		return;
+	if (a->prev)
+		a->prev->next = a->next;
+	else
+		img->allocs = a->next;
+	if (a->next)
+		a->next->prev = a->prev;
+	req->run.alloc_linked = false;
+	qsm_wake_all(&a->waiters, QSM_E_WAKE, 0);
+}
+
+/* An in-flight allocation by another request overlapping guest clusters
+ * [first, first+count), or NULL. */
+static struct qsm_alloc *alloc_overlap(struct qsm_image *img, struct qsm_req *req,
+				       uint64_t first, uint64_t count)
+{
+	for (struct qsm_alloc *a = img->allocs; a; a = a->next) {
+		if (a == &req->run.alloc)
+			continue;
+		if (first < a->first + a->count && a->first < first + count)
+			return a;
+	}
+	return NULL;
+}
+
+static void wait_on(struct qsm_wait **list, struct qsm_req *req)
+{
+	assert(!req->waiting);
+	req->wait.req = req;
+	req->wait.next = *list;
+	*list = &req->wait;
+	req->waiting = true;
+}
+
+void qsm_wake_all(struct qsm_wait **list, enum qsm_event ev, int ret)
+{
+	struct qsm_wait *w = *list;
+	*list = NULL;
+	while (w) {
+		struct qsm_wait *next = w->next;
+		w->req->waiting = false;
+		qsm_sm_post(w->req, ev, ret);
+		w = next;
+	}
+}
+
+/* --- I/O ------------------------------------------------------------------ */
+
+static void req_io_cb(struct qsm_io_req *io, int ret)
+{
+	struct qsm_req *req = container_of(io, struct qsm_req, io);
+	struct qsm_image *img = req->img;
+	if (ret < 0)
+		qsm_sm_post(req, QSM_E_ERROR, ret);
+	else
+		qsm_sm_post(req, QSM_E_IO_DONE, 0);
+	qsm_sm_drain(img);
+}
+
+/* Submit the request's one data I/O; completion posts IO_DONE or ERROR. */
+static enum qsm_event submit_io(struct qsm_req *req, enum qsm_io_op op, enum qsm_io_event tag,
+				uint64_t host, const struct iovec *iov, int iovcnt)
+{
+	struct qsm_image *img = req->img;
+	uint64_t len = qsm_iov_size(iov, iovcnt);
+	req->io = (struct qsm_io_req){
+		.op = op, .event = tag, .offset = host, .len = len,
+		.iov = iov, .iovcnt = iovcnt, .cb = req_io_cb,
+	};
+	if (op == QSM_IO_WRITE && host + len > img->file_end)
+		img->file_end = host + len;
+	qsm_io_submit(img->io, &req->io);
+	return QSM_E_WAIT;
+}
+
+/* The run's slice of the caller's buffers (or of the zero buffer for
+ * write-zeroes runs written as data), placed at run.iov[first..]. */
+static int run_payload(struct qsm_req *req, struct iovec *dst, int cap)
+{
+	struct qsm_run *run = &req->run;
+	if (req->machine == QSM_M_ZEROES) {
+		/* Zero data for a partial cluster or a v2 image: at most one
+		 * cluster per run, see classify_zeroes. */
+		assert(run->bytes <= req->img->cluster_size);
+		dst[0].iov_base = req->img->zero_buf;
+		dst[0].iov_len = run->bytes;
+		return 1;
+	}
+	return qsm_iov_slice(dst, cap, req->iov, req->iovcnt, req->done, run->bytes);
+}
+
+/* --- steps ---------------------------------------------------------------- */
+
+/* Set up the next run at offset+done, inside one L2 table. */
+static void run_init(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	uint64_t pos = req->offset + req->done;
+	uint64_t table_span = img->l2_entries << img->cluster_bits;
+	uint64_t table_end = QSM_ALIGN_DOWN(pos, table_span) + table_span;
+
+	assert(!run->l2 && !run->alloc_linked);
+	free(run->bounce);
+	memset(run, 0, sizeof(*run));
+	run->offset = pos;
+	run->bytes = QSM_MIN(req->bytes - req->done, table_end - pos);
+	run->l1_index = pos / table_span;
+	run->l2_index = cluster_of(img, pos) & (img->l2_entries - 1);
+}
+
+static struct qsm_l2alloc *l2alloc_find(struct qsm_image *img, uint64_t l1_index)
+{
+	for (struct qsm_l2alloc *a = img->l2allocs; a; a = a->next)
+		if (a->l1_index == l1_index)
+			return a;
+	return NULL;
+}
+
+static enum qsm_event step_l1_lookup(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+
+	run_init(req);
+	if (run->l1_index >= img->l1_size)
+		return fail(req, qsm_image_corrupt(img, "guest offset %#llx is beyond the L1 table",
+						    (unsigned long long)run->offset));
+	uint64_t l1e = qsm_l1_get(img, run->l1_index);
+	uint64_t l2_off = l1e & QCOW2_L1E_OFFSET_MASK;
+
+	if (l1e & QCOW2_L1E_RESERVED)
+		return fail(req, qsm_image_corrupt(img, "L1 entry %llu (%#llx) has reserved bits set",
+						    (unsigned long long)run->l1_index,
+						    (unsigned long long)l1e));
+	if (l2_off == 0) {
+		switch (req->machine) {
+		case QSM_M_READ:
+			return QSM_E_L1_EMPTY;
+		case QSM_M_STATUS:
+			*req->status_out = (struct qsm_extent){ run->offset, run->bytes,
+								QSM_STATUS_ZERO, 0 };
+			return QSM_E_L1_EMPTY;
+		case QSM_M_DISCARD:
+		case QSM_M_ZEROES:
+			/* Unallocated reads as zeros (no backing file). */
+			return QSM_E_NOTHING_TO_DO;
+		default: {
+			struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);
+			if (a) {
+				img->stats.frozen++;
+				wait_on(&a->waiters, req);
+				return QSM_E_L1_BUSY;
+			}
+			return QSM_E_L1_EMPTY;
+		}
+		}
+	}
+	if (!QSM_IS_ALIGNED(l2_off, img->cluster_size) || l2_off == 0 ||
+	    (l2_off >> img->cluster_bits) == 0)
+		return fail(req, qsm_image_corrupt(img, "L1 entry %llu: L2 table offset %#llx is not cluster aligned",
+						    (unsigned long long)run->l1_index,
+						    (unsigned long long)l2_off));
+	if (is_write_machine(req->machine) && !(l1e & QCOW2_OFLAG_COPIED)) {
+		snprintf(img->errmsg, sizeof(img->errmsg),
+			 "L2 table %#llx is shared with an internal snapshot; writing to it is not supported yet",
+			 (unsigned long long)l2_off);
+		return fail(req, -ENOTSUP);
+	}
+	return QSM_E_L1_FOUND;
+}
+
+static void l2_waiter_cb(struct qsm_l2_waiter *w, int ret)
+{
+	struct qsm_req *req = container_of(w, struct qsm_req, l2w);
+	if (ret < 0) {
+		qsm_sm_post(req, QSM_E_ERROR, ret);
+	} else if (w->table) {
+		req->run.l2 = w->table; /* reference handed to us */
+		qsm_sm_post(req, QSM_E_LOADED, 0);
+	} else {
+		qsm_sm_post(req, QSM_E_WAKE, 0);
+	}
+}
+
+static enum qsm_event step_l2_alloc(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);
+	int ret;
+
+	if (!a) {
+		a = calloc(1, sizeof(*a));
+		if (!a)
+			return fail(req, -ENOMEM);
+		a->l1_index = run->l1_index;
+		a->owner = req;
+		a->next = img->l2allocs;
+		img->l2allocs = a;
+	}
+	assert(a->owner == req);
+	if (!run->host) {
+		ret = qsm_refcount_alloc(img->rc, 1, &run->host);
+		if (ret < 0)
+			goto out_unfreeze;
+	}
+	req->l2w.fn = l2_waiter_cb;
+	ret = qsm_l2_create(&img->l2c, run->host, NULL, &run->l2, &req->l2w);
+	if (ret == -EAGAIN)
+		return QSM_E_WAIT; /* slot waiter posts WAKE: run this step again */
+	if (ret < 0) {
+		qsm_refcount_update(img->rc, cluster_of(img, run->host), 1, -1);
+		goto out_unfreeze;
+	}
+	qsm_note_l2_table(img, run->host);
+	qsm_l1_set(img, run->l1_index, run->host | QCOW2_OFLAG_COPIED);
+	img->stats.clusters_allocated++;
+	run->host = 0;
+	ret = 0;
+out_unfreeze:
+	for (struct qsm_l2alloc **pp = &img->l2allocs; *pp; pp = &(*pp)->next) {
+		if (*pp == a) {
+			*pp = a->next;
+			break;
+		}
+	}
+	qsm_wake_all(&a->waiters, QSM_E_WAKE, 0);
+	free(a);
+	return ret < 0 ? fail(req, ret) : QSM_E_L2_READY;
+}
+
+/* Validate an L2 entry before use.  0 or a corruption error. */
+static int check_l2_entry(struct qsm_req *req, uint64_t idx, uint64_t e)
+{
+	struct qsm_image *img = req->img;
+	uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
+	if (e & QCOW2_OFLAG_COMPRESSED)
+		return 0;
+	if (e & QCOW2_L2E_RESERVED)
+		return qsm_image_corrupt(img, "L2 table %#llx entry %llu (%#llx) has reserved bits set",
+					 (unsigned long long)req->run.l2->offset,
+					 (unsigned long long)idx, (unsigned long long)e);
+	if (off && !QSM_IS_ALIGNED(off, img->cluster_size))
+		return qsm_image_corrupt(img, "L2 table %#llx entry %llu: cluster offset %#llx is not aligned",
+					 (unsigned long long)req->run.l2->offset,
+					 (unsigned long long)idx, (unsigned long long)off);
+	if ((e & QCOW2_L2E_ZERO) && img->hdr.version < 3)
+		return qsm_image_corrupt(img, "L2 table %#llx entry %llu: zero flag in a version 2 image",
+					 (unsigned long long)req->run.l2->offset,
+					 (unsigned long long)idx);
+	return 0;
+}
+
+/* Host clusters a write may modify in place: refcounted, not metadata. */
+static int check_write_target(struct qsm_req *req, uint64_t host)
+{
+	struct qsm_image *img = req->img;
+	if (qsm_is_metadata(img, host))
+		return qsm_image_corrupt(img, "data cluster %#llx overlaps metadata",
+					 (unsigned long long)host);
+	if (qsm_refcount_get(img->rc, cluster_of(img, host)) == 0)
+		return qsm_image_corrupt(img, "data cluster %#llx is in use but its refcount is 0",
+					 (unsigned long long)host);
+	return 0;
+}
+
+enum entry_kind { EK_UNALLOC, EK_ZERO, EK_ZERO_ALLOC, EK_DATA, EK_SHARED, EK_COMPRESSED };
+
+static enum entry_kind entry_kind(uint64_t e)
+{
+	if (e & QCOW2_OFLAG_COMPRESSED)
+		return EK_COMPRESSED;
+	uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
+	if (e & QCOW2_L2E_ZERO)
+		return off ? EK_ZERO_ALLOC : EK_ZERO;
+	if (!off)
+		return EK_UNALLOC;
+	return (e & QCOW2_OFLAG_COPIED) ? EK_DATA : EK_SHARED;
+}
+
+static bool reads_zero(enum entry_kind k)
+{
+	return k == EK_UNALLOC || k == EK_ZERO || k == EK_ZERO_ALLOC;
+}
+
+/* Clusters of the run [run->offset, +bytes) and the last index it touches. */
+static uint64_t run_clusters(const struct qsm_image *img, uint64_t off, uint64_t bytes)
+{
+	return cluster_of(img, off + bytes - 1) - cluster_of(img, off) + 1;
+}
+
+/* Shorten the run to its first n clusters (n >= 1). */
+static void run_clip(struct qsm_req *req, uint64_t n)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	uint64_t end = (cluster_of(img, run->offset) + n) << img->cluster_bits;
+	if (run->offset + run->bytes > end)
+		run->bytes = end - run->offset;
+	run->nb_clusters = run_clusters(img, run->offset, run->bytes);
+}
+
+static enum qsm_event classify_read(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	uint64_t n = run_clusters(img, run->offset, run->bytes);
+	uint64_t e0 = qsm_l2_entry(run->l2, run->l2_index);
+	enum entry_kind k0 = entry_kind(e0);
+	int ret = check_l2_entry(req, run->l2_index, e0);
+	if (ret < 0)
+		return fail(req, ret);
+	if (k0 == EK_COMPRESSED) {
+		snprintf(img->errmsg, sizeof(img->errmsg),
+			 "compressed cluster at guest offset %#llx: compressed clusters are not supported yet",
+			 (unsigned long long)run->offset);
+		return fail(req, -ENOTSUP);
+	}
+	uint64_t host0 = e0 & QCOW2_L2E_OFFSET_MASK;
+	uint64_t i;
+	for (i = 1; i < n; i++) {
+		uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
+		enum entry_kind k = entry_kind(e);
+		if ((ret = check_l2_entry(req, run->l2_index + i, e)) < 0)
+			return fail(req, ret);
+		if (reads_zero(k0) ? !reads_zero(k) :
+		    (k == EK_COMPRESSED || reads_zero(k) ||
+		     (e & QCOW2_L2E_OFFSET_MASK) != host0 + (i << img->cluster_bits)))
+			break;
+	}
+	run_clip(req, i);
+	release_l2(req);
+	if (reads_zero(k0)) {
+		if (req->machine == QSM_M_STATUS)
+			*req->status_out = (struct qsm_extent){
+				run->offset, run->bytes,
+				QSM_STATUS_ZERO | (k0 == EK_UNALLOC ? 0 : QSM_STATUS_ALLOCATED), 0 };
+		return req->machine == QSM_M_STATUS ? QSM_E_REPORTED : QSM_E_ZERO;
+	}
+	run->host = host0 + in_cluster(img, run->offset);
+	if (req->machine == QSM_M_STATUS) {
+		*req->status_out = (struct qsm_extent){ run->offset, run->bytes,
+							QSM_STATUS_DATA | QSM_STATUS_ALLOCATED,
+							run->host };
+		return QSM_E_REPORTED;
+	}
+	return QSM_E_DATA;
+}
+
+/*
+ * Write (and zero data) runs: the first cluster decides the kind of run.
+ *  - EK_DATA: in place, extended over host-contiguous EK_DATA clusters;
+ *  - EK_UNALLOC/EK_ZERO/EK_ZERO_ALLOC: allocate, extended over clusters of
+ *    those kinds (no old data to keep: COW regions are zeros);
+ *  - EK_SHARED: allocate one cluster, COW from the shared one.
+ */
+static enum qsm_event classify_write(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	uint64_t n = run_clusters(img, run->offset, run->bytes);
+	uint64_t e0 = qsm_l2_entry(run->l2, run->l2_index);
+	enum entry_kind k0 = entry_kind(e0);
+	uint64_t host0 = e0 & QCOW2_L2E_OFFSET_MASK;
+	int ret = check_l2_entry(req, run->l2_index, e0);
+	uint64_t i;
+
+	if (ret < 0)
+		return fail(req, ret);
+	if (k0 == EK_COMPRESSED) {
+		snprintf(img->errmsg, sizeof(img->errmsg),
+			 "compressed cluster at guest offset %#llx: compressed clusters are not supported yet",
+			 (unsigned long long)run->offset);
+		return fail(req, -ENOTSUP);
+	}
+	if (k0 == EK_DATA) {
+		for (i = 1; i < n; i++) {
+			uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
+			if ((ret = check_l2_entry(req, run->l2_index + i, e)) < 0)
+				return fail(req, ret);
+			if (entry_kind(e) != EK_DATA ||
+			    (e & QCOW2_L2E_OFFSET_MASK) != host0 + (i << img->cluster_bits))
+				break;
+		}
+		run_clip(req, i);
+		for (i = 0; i < run->nb_clusters; i++)
+			if ((ret = check_write_target(req, host0 + (i << img->cluster_bits))) < 0)
+				return fail(req, ret);
+		release_l2(req);
+		if (req->machine == QSM_M_ZEROES)
+			/* Zero data: one cluster per run, see run_payload. */
+			run_clip(req, 1);
+		run->host = host0 + in_cluster(img, run->offset);
+		return QSM_E_IN_PLACE;
+	}
+	if (k0 == EK_SHARED) {
+		i = 1;
+	} else {
+		for (i = 1; i < n; i++) {
+			uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
+			if ((ret = check_l2_entry(req, run->l2_index + i, e)) < 0)
+				return fail(req, ret);
+			if (!reads_zero(entry_kind(e)))
+				break;
+		}
+	}
+	run_clip(req, i);
+	if (alloc_overlap(img, req, cluster_of(img, run->offset), run->nb_clusters)) {
+		struct qsm_alloc *a = alloc_overlap(img, req, cluster_of(img, run->offset),
+						    run->nb_clusters);
+		release_l2(req);
+		img->stats.alloc_waits++;
+		wait_on(&a->waiters, req);
+		return QSM_E_ALLOC_BUSY;
+	}
+	run->old_entry = e0;
+	run->allocating = true;
+	return QSM_E_NEED_ALLOC;
+}
+
+/* Write zeroes: whole clusters (v3) become zero clusters; partial clusters
+ * that do not already read as zeros are written with zero data. */
+static enum qsm_event classify_zeroes(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	uint64_t head = in_cluster(img, run->offset);
+	bool whole = head == 0 && run->bytes >= img->cluster_size;
+
+	if (whole && img->hdr.version >= 3) {
+		run->bytes = QSM_ALIGN_DOWN(run->bytes, img->cluster_size);
+		run->nb_clusters = run->bytes >> img->cluster_bits;
+		goto whole_clusters;
+	}
+	/* Partial cluster (or v2): zero data over at most one cluster. */
+	run->bytes = QSM_MIN(run->bytes, img->cluster_size - head);
+	run->nb_clusters = 1;
+	uint64_t e = qsm_l2_entry(run->l2, run->l2_index);
+	int ret = check_l2_entry(req, run->l2_index, e);
+	if (ret < 0)
+		return fail(req, ret);
+	if (reads_zero(entry_kind(e)) && !alloc_overlap(img, req, cluster_of(img, run->offset), 1)) {
+		release_l2(req);
+		return QSM_E_NOTHING_TO_DO;
+	}
+	return classify_write(req);
+
+whole_clusters:
+	if (alloc_overlap(img, req, cluster_of(img, run->offset), run->nb_clusters)) {
+		struct qsm_alloc *a = alloc_overlap(img, req, cluster_of(img, run->offset),
+						    run->nb_clusters);
+		release_l2(req);
+		img->stats.alloc_waits++;
+		wait_on(&a->waiters, req);
+		return QSM_E_ALLOC_BUSY;
+	}
+	return QSM_E_WHOLE_CLUSTERS;
+}
+
+static enum qsm_event classify_discard(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	uint64_t head = in_cluster(img, run->offset);
+	uint64_t first_whole = head ? img->cluster_size - head : 0;
+
+	if (first_whole) {
+		/* Skip the partial head cluster: qcow2 discards whole clusters. */
+		run->bytes = QSM_MIN(run->bytes, first_whole);
+		release_l2(req);
+		return QSM_E_NOTHING_TO_DO;
+	}
+	if (run->bytes < img->cluster_size) {
+		release_l2(req);
+		return QSM_E_NOTHING_TO_DO;
+	}
+	run->bytes = QSM_ALIGN_DOWN(run->bytes, img->cluster_size);
+	run->nb_clusters = run->bytes >> img->cluster_bits;
+	struct qsm_alloc *a = alloc_overlap(img, req, cluster_of(img, run->offset),
+					    run->nb_clusters);
+	if (a) {
+		release_l2(req);
+		img->stats.alloc_waits++;
+		wait_on(&a->waiters, req);
+		return QSM_E_ALLOC_BUSY;
+	}
+	return QSM_E_WHOLE_CLUSTERS;
+}
+
+static enum qsm_event step_l2_lookup(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+
+	if (!run->l2) {
+		uint64_t l2_off = qsm_l1_get(img, run->l1_index) & QCOW2_L1E_OFFSET_MASK;
+		req->l2w.fn = l2_waiter_cb;
+		int ret = qsm_l2_get(&img->l2c, l2_off, &run->l2, &req->l2w);
+		if (ret == -EAGAIN) {
+			img->stats.l2_misses++;
+			return QSM_E_CACHE_MISS;
+		}
+		if (ret < 0)
+			return fail(req, ret);
+		img->stats.l2_hits++;
+	}
+	switch (req->machine) {
+	case QSM_M_READ:
+	case QSM_M_STATUS:
+		return classify_read(req);
+	case QSM_M_WRITE:
+		return classify_write(req);
+	case QSM_M_ZEROES:
+		return classify_zeroes(req);
+	case QSM_M_DISCARD:
+		return classify_discard(req);
+	default:
+		abort();
+	}
+}
+
+static enum qsm_event step_data_io(struct qsm_req *req)
+{
+	struct qsm_run *run = &req->run;
+	int cnt = run_payload(req, req->iov_buf, req->iov_cap);
+	assert(cnt > 0);
+	if (req->state == QSM_S_DATA_READ)
+		return submit_io(req, QSM_IO_READ, QSM_IO_EV_DATA_READ, run->host, req->iov_buf, cnt);
+	return submit_io(req, QSM_IO_WRITE, QSM_IO_EV_DATA_WRITE, run->host, req->iov_buf, cnt);
+}
+
+static enum qsm_event step_zero_fill(struct qsm_req *req)
+{
+	qsm_iov_memset(req->iov, req->iovcnt, req->done, 0, req->run.bytes);
+	return QSM_E_FINISHED;
+}
+
+static enum qsm_event step_cluster_alloc(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	uint64_t n = run->nb_clusters;
+	int ret = qsm_refcount_alloc(img->rc, n, &run->host);
+	if (ret < 0) {
+		release_l2(req);
+		if (ret == -EFBIG || ret == -ENOSPC)
+			snprintf(img->errmsg, sizeof(img->errmsg),
+				 "cannot allocate %llu clusters: %s", (unsigned long long)n,
+				 strerror(-ret));
+		return fail(req, ret);
+	}
+	img->stats.clusters_allocated += n;
+	run->alloc = (struct qsm_alloc){ .first = cluster_of(img, run->offset), .count = n };
+	run->alloc.next = img->allocs;
+	if (img->allocs)
+		img->allocs->prev = &run->alloc;
+	img->allocs = &run->alloc;
+	run->alloc_linked = true;
+
+	if (entry_kind(run->old_entry) == EK_SHARED)
+		return QSM_E_COW;
+	/* Clusters never written since open read as zeros already (holes past
+	 * the old end of file): the COW regions need no write at all. */
+	run->zero_cow = run->host < img->file_end;
+	return QSM_E_NO_COW;
+}
+
+static enum qsm_event step_cow_read(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	assert(run->nb_clusters == 1);
+	if (posix_memalign((void **)&run->bounce, 4096, img->cluster_size))
+		return fail(req, -ENOMEM);
+	req->iov_buf[0] = (struct iovec){ run->bounce, img->cluster_size };
+	return submit_io(req, QSM_IO_READ, QSM_IO_EV_COW_READ,
+			 run->old_entry & QCOW2_L2E_OFFSET_MASK, req->iov_buf, 1);
+}
+
+static enum qsm_event step_alloc_write(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	uint64_t head = in_cluster(img, run->offset);
+	uint64_t span = run->nb_clusters << img->cluster_bits;
+	uint64_t tail = span - head - run->bytes;
+	bool fill = run->zero_cow || run->bounce;
+	int cnt = 0;
+
+	if (fill && head)
+		req->iov_buf[cnt++] = (struct iovec){ run->bounce ? run->bounce : img->zero_buf, head };
+	int n = run_payload(req, req->iov_buf + cnt, req->iov_cap - cnt - 1);
+	assert(n > 0);
+	cnt += n;
+	if (fill && tail) {
+		/* The zero buffer is one cluster; a multi-cluster tail is less than one. */
+		req->iov_buf[cnt++] = (struct iovec){
+			run->bounce ? run->bounce + head + run->bytes : img->zero_buf, tail };
+	}
+	uint64_t host = fill ? run->host : run->host + head;
+	return submit_io(req, QSM_IO_WRITE, run->bounce ? QSM_IO_EV_COW_WRITE : QSM_IO_EV_DATA_WRITE,
+			 host, req->iov_buf, cnt);
+}
+
+static enum qsm_event step_l2_update(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	for (uint64_t i = 0; i < run->nb_clusters; i++) {
+		uint64_t old = qsm_l2_entry(run->l2, run->l2_index + i);
+		uint64_t old_host = old & QCOW2_L2E_OFFSET_MASK;
+		qsm_l2_set_entry(run->l2, run->l2_index + i,
+				 (run->host + (i << img->cluster_bits)) | QCOW2_OFLAG_COPIED);
+		if (old_host) {
+			int ret = qsm_free_cluster_deferred(img, old_host);
+			if (ret < 0)
+				return fail(req, ret);
+		}
+	}
+	qsm_l2_mark_dirty(&img->l2c, run->l2);
+	release_l2(req);
+	alloc_unlink(req);
+	return QSM_E_UPDATED;
+}
+
+static enum qsm_event step_zero_update(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	bool v3 = img->hdr.version >= 3;
+	bool changed = false;
+
+	for (uint64_t i = 0; i < run->nb_clusters; i++) {
+		uint64_t idx = run->l2_index + i;
+		uint64_t old = qsm_l2_entry(run->l2, idx);
+		int ret = check_l2_entry(req, idx, old);
+		if (ret < 0)
+			return fail(req, ret);
+		enum entry_kind k = entry_kind(old);
+		uint64_t old_host = (k == EK_COMPRESSED) ? 0 : (old & QCOW2_L2E_OFFSET_MASK);
+		uint64_t new;
+		bool unmap;
+
+		if (k == EK_COMPRESSED) {
+			snprintf(img->errmsg, sizeof(img->errmsg),
+				 "compressed cluster at guest offset %#llx: compressed clusters are not supported yet",
+				 (unsigned long long)(run->offset + (i << img->cluster_bits)));
+			return fail(req, -ENOTSUP);
+		}
+		if (req->machine == QSM_M_DISCARD) {
+			/* As QEMU: v3 keeps a zero cluster so nothing shows through,
+			 * v2 can only deallocate. */
+			if (k == EK_UNALLOC || k == EK_ZERO)
+				continue;
+			new = v3 ? QCOW2_L2E_ZERO : 0;
+			unmap = true;
+		} else {
+			unmap = (req->flags & QSM_ZERO_MAY_UNMAP) && old_host;
+			new = (unmap ? 0 : old) | QCOW2_L2E_ZERO;
+		}
+		if (new == old)
+			continue;
+		qsm_l2_set_entry(run->l2, idx, new);
+		changed = true;
+		if (unmap && old_host) {
+			ret = qsm_free_cluster_deferred(img, old_host);
+			if (ret < 0)
+				return fail(req, ret);
+		}
+	}
+	if (changed)
+		qsm_l2_mark_dirty(&img->l2c, run->l2);
+	release_l2(req);
+	return QSM_E_UPDATED;
+}
+
+static bool wants_durable(const struct qsm_req *req)
+{
+	enum qsm_cache_mode c = req->img->cache;
+	return c == QSM_CACHE_WRITETHROUGH || c == QSM_CACHE_DIRECTSYNC;
+}
+
+static enum qsm_event step_next_run(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	assert(!run->l2 && !run->alloc_linked);
+	req->done += run->bytes;
+	if (req->machine == QSM_M_READ)
+		img->stats.bytes_read += run->bytes;
+	else if (req->machine == QSM_M_WRITE)
+		img->stats.bytes_written += run->bytes;
+	if (req->done < req->bytes)
+		return QSM_E_MORE;
+	if (is_write_machine(req->machine) && wants_durable(req))
+		return QSM_E_NEED_DURABLE;
+	return QSM_E_FINISHED;
+}
+
+static enum qsm_event step_durable_wait(struct qsm_req *req)
+{
+	qsm_wb_join(req->img, req);
+	return QSM_E_WAIT;
+}
+
+/* Entry action of each state. */
+static enum qsm_event step(struct qsm_req *req)
+{
+	switch (req->state) {
+	case QSM_S_L1_LOOKUP:     return step_l1_lookup(req);
+	case QSM_S_L2_ALLOC:      return step_l2_alloc(req);
+	case QSM_S_L2_LOOKUP:     return step_l2_lookup(req);
+	case QSM_S_DATA_READ:
+	case QSM_S_DATA_WRITE:    return step_data_io(req);
+	case QSM_S_ZERO_FILL:     return step_zero_fill(req);
+	case QSM_S_CLUSTER_ALLOC: return step_cluster_alloc(req);
+	case QSM_S_COW_READ:      return step_cow_read(req);
+	case QSM_S_ALLOC_WRITE:   return step_alloc_write(req);
+	case QSM_S_L2_UPDATE:     return step_l2_update(req);
+	case QSM_S_ZERO_UPDATE:   return step_zero_update(req);
+	case QSM_S_NEXT_RUN:      return step_next_run(req);
+	case QSM_S_DURABLE_WAIT:  return step_durable_wait(req);
+	/* Waiting states: the event comes from whoever we wait on. */
+	case QSM_S_FROZEN:
+	case QSM_S_L2_LOAD:
+	case QSM_S_ALLOC_WAIT:
+		return QSM_E_WAIT;
+	case QSM_S_WB_COLLECT:
+	case QSM_S_WB_REFBLOCKS:
+	case QSM_S_WB_REFTABLE:
+	case QSM_S_WB_HEADER:
+	case QSM_S_WB_L2:
+	case QSM_S_WB_L1:
+	case QSM_S_WB_SYNC:
+	case QSM_S_WB_RELEASE:
+		return qsm_wb_step(req, QSM_E_BEGIN, 0);
+	case QSM_S_START:
+	case QSM_S_DONE:
+	case QSM_S__COUNT:
+		break;
+	}
+	abort();
+}
+
+/* Per-state invariants (assert_pager_state style). */
+static bool req_invariants(const struct qsm_req *req)
+{
+	const struct qsm_run *run = &req->run;
+	switch (req->state) {
+	case QSM_S_FROZEN:
+	case QSM_S_ALLOC_WAIT:
+		return req->waiting && !run->l2 && !run->alloc_linked;
+	case QSM_S_ALLOC_WRITE:
+	case QSM_S_COW_READ:
+		return run->l2 && run->alloc_linked && run->allocating;
+	case QSM_S_L2_UPDATE:
+		return run->l2 && run->alloc_linked;
+	case QSM_S_NEXT_RUN:
+	case QSM_S_DONE:
+		return !run->l2 && !run->alloc_linked && !req->waiting;
+	default:
+		return req->done <= req->bytes;
+	}
+}
+
+/* --- completion and the dispatcher ---------------------------------------- */
+
+static void trace_transition(struct qsm_req *req, enum qsm_state from, enum qsm_state to,
+			     enum qsm_event ev, int ret)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_trace_event te = {
+		.req_id = req->id,
+		.kind = kind_names[req->machine],
+		.offset = req->offset,
+		.bytes = req->bytes,
+		.from = state_names[from],
+		.to = state_names[to],
+		.event = event_labels[ev],
+		.ret = ret,
+		.time_ns = qsm_now_ns(),
+		.meta_offset = req->run.l2 ? req->run.l2->offset : req->run.host,
+	};
+	img->trace(img->trace_opaque, &te);
+}
+
+static void req_unlink(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	if (req->all_prev)
+		req->all_prev->all_next = req->all_next;
+	else
+		img->all = req->all_next;
+	if (req->all_next)
+		req->all_next->all_prev = req->all_prev;
+	img->in_flight--;
+}
+
+static void req_complete(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+
+	/* Error exits may leave resources held; release them here. */
+	release_l2(req);
+	alloc_unlink(req);
+	if (req->machine == QSM_M_WRITEBACK) {
+		qsm_wb_step(req, QSM_E_FINISHED, req->ret);
+	} else if (req->ret == 0) {
+		switch (req->machine) {
+		case QSM_M_READ: img->stats.reads++; break;
+		case QSM_M_WRITE: img->stats.writes++; break;
+		case QSM_M_ZEROES: img->stats.zero_writes++; break;
+		case QSM_M_DISCARD: img->stats.discards++; break;
+		case QSM_M_FLUSH: img->stats.flushes++; break;
+		default: break;
+		}
+	}
+	req_unlink(req);
+	free(run->bounce);
+	free(req->iov_buf);
+	if (req->cb)
+		req->cb(req->opaque, req->ret);
+	free(req);
+}
+
+/*
+ * The dispatcher: the only place a request changes state (invariant 1 of the
+ * design block).  An edge missing from the table is a bug in qsm: abort with
+ * the request's state printed rather than continue on a path nobody drew.
+ */
+static void qsm_sm_run(struct qsm_req *req, enum qsm_event ev, int ret)
+{
+	struct qsm_image *img = req->img;
+	for (;;) {
+		enum qsm_state from = req->state;
+		int to;
+		if (ev == QSM_E_ERROR) {
+			if (!req->ret)
+				req->ret = ret < 0 ? ret : -EIO;
+			to = QSM_S_DONE;
+		} else {
+			to = qsm_transition(req->machine, from, ev);
+			if (to < 0) {
+				fprintf(stderr, "qsm: BUG: req#%llu %s has no edge %s --%s-->\n",
+					(unsigned long long)req->id, machine_names[req->machine],
+					state_names[from], event_names[ev]);
+				abort();
+			}
+		}
+		if (QSM_UNLIKELY(img->trace != NULL))
+			trace_transition(req, from, (enum qsm_state)to, ev, req->ret);
+		req->state = (enum qsm_state)to;
+		assert(req_invariants(req));
+		if (to == QSM_S_DONE) {
+			req_complete(req);
+			return;
+		}
+		ev = step(req);
+		if (ev == QSM_E_WAIT)
+			return;
+		ret = req->ret;
+	}
+}
+
+void qsm_sm_post(struct qsm_req *req, enum qsm_event ev, int ret)
+{
+	struct qsm_image *img = req->img;
+	assert(!req->queued);
+	req->queued = true;
+	req->q_event = ev;
+	req->q_ret = ret;
+	req->q_next = NULL;
+	*img->q_tail = req;
+	img->q_tail = &req->q_next;
+	if (!img->draining)
+		event_active(img->run_ev, 0, 0);
+}
+
+void qsm_sm_drain(struct qsm_image *img)
+{
+	if (img->draining)
+		return;
+	img->draining = true;
+	while (img->q_head) {
+		struct qsm_req *req = img->q_head;
+		img->q_head = req->q_next;
+		if (!img->q_head)
+			img->q_tail = &img->q_head;
+		req->queued = false;
+		qsm_sm_run(req, req->q_event, req->q_ret);
+	}
+	img->draining = false;
+}
+
+struct qsm_req *qsm_req_new(struct qsm_image *img, enum qsm_machine m, int iov_cap)
+{
+	struct qsm_req *req = calloc(1, sizeof(*req));
+	if (!req)
+		return NULL;
+	if (iov_cap > 0) {
+		req->iov_cap = iov_cap;
+		req->iov_buf = malloc(sizeof(struct iovec) * (size_t)iov_cap);
+		if (!req->iov_buf) {
+			free(req);
+			return NULL;
+		}
+	}
+	req->img = img;
+	req->machine = m;
+	req->state = QSM_S_START;
+	req->id = ++img->next_id;
+	req->start_ns = qsm_now_ns();
+	req->all_next = img->all;
+	if (img->all)
+		img->all->all_prev = req;
+	img->all = req;
+	img->in_flight++;
+	return req;
+}
+
+void qsm_sm_start(struct qsm_req *req)
+{
+	enum qsm_event ev = QSM_E_BEGIN;
+	if (req->bytes == 0 && req->machine != QSM_M_WRITEBACK)
+		ev = QSM_E_NOTHING_TO_DO;
+	if (req->machine == QSM_M_FLUSH)
+		ev = req->img->cache == QSM_CACHE_UNSAFE ? QSM_E_IGNORED : QSM_E_NEED_DURABLE;
+	qsm_sm_post(req, ev, 0);
+}

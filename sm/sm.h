@@ -1,0 +1,258 @@
+/*
+ * sm/sm.h: internals of the engine shared by the files in sm/ (not installed).
+ *
+ * One `struct qsm_image` per open image; one `struct qsm_req` per request,
+ * carrying all of its state (no allocation per step).  States, events and
+ * machines come from sm/states.def.
+ */
+#ifndef QSM_SM_H
+#define QSM_SM_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "io/io.h"
+#include "io/util.h"
+#include "metadata/batch.h"
+#include "metadata/l2cache.h"
+#include "metadata/qcow2.h"
+#include "metadata/refcount.h"
+#include "sm/qsm.h"
+
+enum qsm_machine {
+#define MACHINE(name, desc) QSM_M_##name,
+#define STATE(name, desc)
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+	QSM_M__COUNT
+};
+
+enum qsm_state {
+#define MACHINE(name, desc)
+#define STATE(name, desc) QSM_S_##name,
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+	QSM_S__COUNT
+};
+
+enum qsm_event {
+#define MACHINE(name, desc)
+#define STATE(name, desc)
+#define EVENT(name, label) QSM_E_##name,
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+	QSM_E__COUNT,
+	QSM_E_WAIT = QSM_E__COUNT, /* step result: suspend until an event is posted */
+};
+
+const char *qsm_state_name(enum qsm_state s);
+const char *qsm_state_desc(enum qsm_state s);
+const char *qsm_event_name(enum qsm_event e);
+const char *qsm_event_label(enum qsm_event e);
+const char *qsm_machine_name(enum qsm_machine m);
+const char *qsm_machine_desc(enum qsm_machine m);
+/* Next state for (machine, from, event), or -1 when the table has no such edge. */
+int qsm_transition(enum qsm_machine m, enum qsm_state from, enum qsm_event ev);
+
+/* A waiter list node: anything that sleeps on a condition (frozen L1 slot,
+ * in-flight allocation, write-back batch) links one of these. */
+struct qsm_wait {
+	struct qsm_wait *next;
+	struct qsm_req *req;
+};
+
+/*
+ * An allocation in flight: guest clusters [first, first+count) of one
+ * request, from CLUSTER_ALLOC until L2_UPDATE.  Lives inside the request.
+ */
+struct qsm_alloc {
+	struct qsm_alloc *next, *prev;   /* image's in-flight list */
+	uint64_t first, count;           /* guest cluster indices */
+	struct qsm_wait *waiters;
+};
+
+/* The current cluster run of a request (inside one L2 table). */
+struct qsm_run {
+	uint64_t offset;          /* guest byte offset */
+	uint64_t bytes;
+	uint64_t l1_index, l2_index;
+	uint64_t nb_clusters;     /* clusters the run touches */
+	struct qsm_l2_table *l2;  /* referenced while held */
+	uint64_t host;            /* host offset of the run's first cluster */
+	bool allocating;
+	bool reuse;               /* allocated zero cluster rewritten in place */
+	uint64_t old_entry;       /* L2 entry before the write (COW source) */
+	bool zero_cow;            /* COW regions must be written as zeros */
+	struct qsm_alloc alloc;
+	bool alloc_linked;
+	struct iovec *iov;        /* the run's iovec (points into req->iov_buf) */
+	int iovcnt;
+	uint8_t *bounce;          /* COW buffer (cluster run sized) when needed */
+};
+
+struct qsm_image;
+
+struct qsm_req {
+	struct qsm_image *img;
+	uint64_t id;
+	enum qsm_machine machine;
+	enum qsm_state state;
+	int ret;                  /* first error */
+	uint64_t offset, bytes;   /* the whole request */
+	uint64_t done;            /* bytes finished so far */
+	const struct iovec *iov;  /* caller's (READ/WRITE) */
+	int iovcnt;
+	unsigned flags;           /* QSM_ZERO_* */
+	qsm_cb cb;
+	void *opaque;
+	struct qsm_extent *status_out;
+	uint64_t start_ns;
+
+	struct qsm_run run;
+	struct iovec *iov_buf;    /* scratch iovecs: caller's count + 2 */
+	int iov_cap;
+
+	/* Waiting. */
+	struct qsm_l2_waiter l2w;
+	struct qsm_wait wait;     /* our node while in a waiter list */
+	bool waiting;
+
+	/* Posted events (image run queue). */
+	struct qsm_req *q_next;
+	enum qsm_event q_event;
+	int q_ret;
+	bool queued;
+
+	/* Parallel I/O of one step (write-back levels issue several). */
+	struct qsm_io_req io;
+	unsigned io_pending;
+	int io_ret;
+
+	/* WRITEBACK machine only. */
+	struct qsm_wb *wb;
+
+	struct qsm_req *all_next, *all_prev; /* image's list of live requests */
+};
+
+/* A write-back batch: what WB_COLLECT snapshotted. */
+struct qsm_wb {
+	struct qsm_meta_batch blocks, reftable, header, l2, l1;
+	struct qsm_rc_collect rc;
+	uint64_t *frees;          /* host clusters whose refcount drops at WB_RELEASE */
+	size_t nb_frees;
+	struct qsm_wait *waiters; /* requests completed by this batch */
+	int level;                /* next level to write (enum wb_level) */
+	struct qsm_io_req *ios;   /* one per write of the current level */
+	size_t nb_ios;
+};
+
+struct qsm_image {
+	struct event_base *base;
+	struct qsm_io *io;
+	struct qcow2_header hdr;
+	uint64_t cluster_size;
+	unsigned cluster_bits;
+	uint64_t l2_entries;      /* per table */
+	bool read_only;
+	enum qsm_cache_mode cache;
+	int error;                /* sticky: after a failed metadata write */
+	char errmsg[256];         /* last error explained */
+
+	/* L1 table, resident, on-disk byte order. */
+	uint8_t *l1;
+	uint64_t l1_size;         /* entries */
+	uint64_t l1_dirty_lo, l1_dirty_hi; /* dirty entry range [lo, hi) */
+
+	struct qsm_refcounts *rc;
+	struct qsm_l2_cache l2c;
+	uint64_t file_end;        /* bytes ever covered by writes; beyond reads zero */
+	bool header_dirty;
+
+	/* Scheduling. */
+	struct qsm_alloc *allocs;         /* in-flight cluster allocations */
+	struct qsm_l2alloc *l2allocs;     /* L1 slots whose L2 table is being allocated */
+	struct qsm_req *wb_job;           /* the running write-back batch, or NULL */
+	struct qsm_wait *wb_next_waiters; /* want the next batch */
+	bool wb_wanted;                   /* a batch is needed for cache slots */
+	uint64_t *pending_frees;          /* see qsm_free_cluster */
+	size_t nb_pending_frees, cap_pending_frees;
+
+	/* The run queue (posted events), drained by run_ev or inline from I/O
+	 * completions. */
+	struct qsm_req *q_head, **q_tail;
+	struct event *run_ev;
+	bool draining;
+
+	struct qsm_req *all;      /* live requests */
+	uint64_t next_id;
+	uint64_t in_flight;
+
+	uint8_t *zero_buf;        /* cluster_size zeros, shared */
+
+	qsm_trace_fn trace;
+	void *trace_opaque;
+	struct qsm_stats stats;
+};
+
+/* L1 slot whose L2 table is being allocated by `owner` (FROZEN waits here). */
+struct qsm_l2alloc {
+	struct qsm_l2alloc *next;
+	uint64_t l1_index;
+	struct qsm_req *owner;
+	struct qsm_wait *waiters;
+};
+
+/* --- sm/request.c ---------------------------------------------------------- */
+/* Deliver ev to req through the run queue (never runs steps inline unless
+ * the caller is the loop itself, see qsm_sm_drain). */
+void qsm_sm_post(struct qsm_req *req, enum qsm_event ev, int ret);
+/* Run queued events now.  Only from a libevent callback's top level. */
+void qsm_sm_drain(struct qsm_image *img);
+/* New request (zeroed, linked, with iov_cap scratch iovecs); NULL on ENOMEM. */
+struct qsm_req *qsm_req_new(struct qsm_image *img, enum qsm_machine m, int iov_cap);
+void qsm_sm_start(struct qsm_req *req);
+/* Wake every waiter of a list with WAKE (or `ev`). */
+void qsm_wake_all(struct qsm_wait **list, enum qsm_event ev, int ret);
+
+/* --- sm/writeback.c ------------------------------------------------------ */
+/* req wants the next write-back batch to complete it (event WB_DONE).  Starts
+ * a batch when none runs. */
+void qsm_wb_join(struct qsm_image *img, struct qsm_req *req);
+/* A batch is wanted (cache pressure); start one when none runs. */
+void qsm_wb_kick(struct qsm_image *img);
+/* Step functions of the WRITEBACK machine. */
+enum qsm_event qsm_wb_step(struct qsm_req *req, enum qsm_event ev, int ret);
+/* Write everything dirty synchronously (close). */
+int qsm_wb_sync_all(struct qsm_image *img);
+/* Drop a cluster's refcount once the tables no longer pointing at it are durable. */
+int qsm_free_cluster_deferred(struct qsm_image *img, uint64_t host_offset);
+
+/* --- sm/image.c ---------------------------------------------------------- */
+/* Record a corruption: message, corrupt bit (written back), sticky -EIO. */
+int qsm_image_corrupt(struct qsm_image *img, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+void qsm_l1_set(struct qsm_image *img, uint64_t idx, uint64_t entry);
+static inline uint64_t qsm_l1_get(const struct qsm_image *img, uint64_t idx)
+{
+	return qcow2_be64(img->l1 + idx * 8);
+}
+/* Is this host cluster metadata (header, L1, L2 tables, refcount structures)? */
+bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset);
+void qsm_note_l2_table(struct qsm_image *img, uint64_t host_offset);
+
+#endif

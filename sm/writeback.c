@@ -1,0 +1,396 @@
+/*
+ * sm/writeback.c: the write-back batch, qsm's only path for metadata to disk.
+ *
+ * Requests change metadata in memory only (cached L2 tables, the resident L1
+ * table and refcount blocks).  A write-back batch is an internal request of
+ * machine WRITEBACK:
+ *
+ *   WB_COLLECT  snapshot every dirty refcount block, the refcount table, the
+ *               header, every dirty L2 table and the dirty L1 range (copies,
+ *               so later changes cannot slip into this batch)
+ *   then, skipping empty levels, each level written in parallel and followed
+ *   by one fdatasync:
+ *      WB_REFBLOCKS > WB_SYNC > WB_REFTABLE > WB_SYNC > WB_HEADER > WB_SYNC
+ *      > WB_L2 > WB_SYNC > WB_L1 > WB_SYNC
+ *   WB_RELEASE  drop the refcounts of clusters that the now durable tables no
+ *               longer reference (those refcount blocks go in the next batch)
+ *
+ * Crash-safety rules this order keeps (DESIGN.md "Metadata and crash
+ * safety"), so on disk refcount >= references at every instant:
+ *  1. A refcount block reaches the disk before any L2 entry using a cluster
+ *     it counts, and before the refcount table entry pointing at it.
+ *  2. Guest data and COW reach the disk before the L2 entry pointing at
+ *     them: a request updates its cached L2 entry only after its data write
+ *     completed, the snapshot is taken afterwards, and there is always a sync
+ *     before the L2 level.
+ *  3. An L2 table reaches the disk before the L1 entry pointing at it.
+ *  4. A freed cluster's refcount drops only after the tables that stopped
+ *     pointing at it are durable, and it can be reused only after that.
+ *  5. A new refcount table is durable before the header names it; the old
+ *     table is released after the header is durable.
+ *
+ * Batching: requests that need durability (flush, writethrough writes) join
+ * img->wb_next_waiters; WB_COLLECT takes all of them, so one fdatasync
+ * sequence completes every request that joined before the snapshot (group
+ * commit).  Only one batch runs at a time; when it ends, the next starts if
+ * anyone is waiting.  A failed metadata write or sync puts the image in the
+ * sticky error state (img->error = -EIO): waiters fail, later writes fail fast.
+ */
+#include <assert.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sm/sm.h"
+
+enum wb_level { WBL_BLOCKS, WBL_REFTABLE, WBL_HEADER, WBL_L2, WBL_L1, WBL__COUNT };
+
+static const enum qsm_state level_state[WBL__COUNT] = {
+	QSM_S_WB_REFBLOCKS, QSM_S_WB_REFTABLE, QSM_S_WB_HEADER, QSM_S_WB_L2, QSM_S_WB_L1,
+};
+static const enum qsm_event level_event[WBL__COUNT] = {
+	QSM_E_WB_BLOCKS, QSM_E_WB_TABLE, QSM_E_WB_HEAD, QSM_E_WB_TABLES, QSM_E_WB_ENTRIES,
+};
+
+struct wb_io {
+	struct qsm_io_req io;
+	struct qsm_req *job;
+	bool l2;
+};
+
+static struct qsm_meta_batch *level_batch(struct qsm_wb *wb, int level)
+{
+	switch (level) {
+	case WBL_BLOCKS: return &wb->blocks;
+	case WBL_REFTABLE: return &wb->reftable;
+	case WBL_HEADER: return &wb->header;
+	case WBL_L2: return &wb->l2;
+	default: return &wb->l1;
+	}
+}
+
+static void wb_free(struct qsm_wb *wb)
+{
+	for (int l = 0; l < WBL__COUNT; l++) {
+		qsm_meta_batch_clear(level_batch(wb, l));
+		free(level_batch(wb, l)->w);
+	}
+	free(wb->frees);
+	free(wb->ios);
+	free(wb);
+}
+
+int qsm_free_cluster_deferred(struct qsm_image *img, uint64_t host_offset)
+{
+	if (img->nb_pending_frees == img->cap_pending_frees) {
+		size_t cap = img->cap_pending_frees ? img->cap_pending_frees * 2 : 64;
+		uint64_t *f = realloc(img->pending_frees, cap * sizeof(*f));
+		if (!f)
+			return -ENOMEM;
+		img->pending_frees = f;
+		img->cap_pending_frees = cap;
+	}
+	img->pending_frees[img->nb_pending_frees++] = host_offset >> img->cluster_bits;
+	return 0;
+}
+
+/* Serialize the in-memory header (with the current refcount table location)
+ * into a batch.  Cluster 0 belongs to the header alone. */
+static int collect_header(struct qsm_image *img, struct qsm_meta_batch *b)
+{
+	uint64_t off;
+	uint32_t clusters;
+	qsm_refcount_table_location(img->rc, &off, &clusters);
+	img->hdr.refcount_table_offset = off;
+	img->hdr.refcount_table_clusters = clusters;
+	uint8_t *buf = calloc(1, img->cluster_size);
+	if (!buf)
+		return -ENOMEM;
+	int ret = qcow2_header_serialize(&img->hdr, buf, img->cluster_size);
+	if (ret == 0)
+		ret = qsm_meta_batch_add(b, 0, buf, img->cluster_size, QSM_IO_EV_HEADER_UPDATE);
+	free(buf);
+	return ret;
+}
+
+/* Snapshot everything dirty into wb (WB_COLLECT; also used by close). */
+static int wb_collect(struct qsm_image *img, struct qsm_wb *wb)
+{
+	int ret = qsm_refcount_collect(img->rc, &wb->blocks, &wb->reftable, &wb->rc);
+	if (ret < 0)
+		return ret;
+	if (wb->rc.table_moved)
+		img->header_dirty = true;
+	if (img->header_dirty) {
+		if ((ret = collect_header(img, &wb->header)) < 0)
+			return ret;
+		img->header_dirty = false;
+	}
+	if ((ret = qsm_l2_collect(&img->l2c, &wb->l2)) < 0)
+		return ret;
+	if (img->l1_dirty_hi > img->l1_dirty_lo) {
+		/* Whole 512-byte sectors; the L1's clusters are all its own. */
+		uint64_t lo = QSM_ALIGN_DOWN(img->l1_dirty_lo * 8, 512);
+		uint64_t hi = QSM_ALIGN_UP(img->l1_dirty_hi * 8, 512);
+		ret = qsm_meta_batch_add(&wb->l1, img->hdr.l1_table_offset + lo, img->l1 + lo,
+					 hi - lo, QSM_IO_EV_L1_UPDATE);
+		if (ret < 0)
+			return ret;
+		img->l1_dirty_lo = img->l1_dirty_hi = 0;
+	}
+	wb->frees = img->pending_frees;
+	wb->nb_frees = img->nb_pending_frees;
+	img->pending_frees = NULL;
+	img->nb_pending_frees = img->cap_pending_frees = 0;
+	return 0;
+}
+
+/* WB_RELEASE: rule 4 and 5. */
+static int wb_release(struct qsm_image *img, struct qsm_wb *wb)
+{
+	int ret = 0;
+	for (size_t i = 0; i < wb->nb_frees; i++) {
+		int r = qsm_refcount_update(img->rc, wb->frees[i], 1, -1);
+		if (r < 0 && !ret)
+			ret = qsm_image_corrupt(img, "freeing cluster %#llx: refcount underflow",
+						(unsigned long long)(wb->frees[i] << img->cluster_bits));
+	}
+	if (wb->rc.table_moved) {
+		int r = qsm_refcount_table_committed(img->rc, wb->rc.generation);
+		if (r < 0 && !ret)
+			ret = r;
+	}
+	return ret;
+}
+
+static void start_job(struct qsm_image *img)
+{
+	assert(!img->wb_job);
+	if (img->error) {
+		qsm_wake_all(&img->wb_next_waiters, QSM_E_ERROR, img->error);
+		img->wb_wanted = false;
+		return;
+	}
+	struct qsm_wb *wb = calloc(1, sizeof(*wb));
+	struct qsm_req *job = wb ? qsm_req_new(img, QSM_M_WRITEBACK, 0) : NULL;
+	if (!job) {
+		/* Cannot even start: fail those who wait rather than hang. */
+		free(wb);
+		qsm_wake_all(&img->wb_next_waiters, QSM_E_ERROR, -ENOMEM);
+		return;
+	}
+	wb->level = -1;
+	job->wb = wb;
+	img->wb_job = job;
+	img->wb_wanted = false;
+	img->stats.wb_batches++;
+	qsm_sm_start(job);
+}
+
+void qsm_wb_join(struct qsm_image *img, struct qsm_req *req)
+{
+	req->wait.req = req;
+	req->wait.next = img->wb_next_waiters;
+	img->wb_next_waiters = &req->wait;
+	req->waiting = true;
+	if (!img->wb_job)
+		start_job(img);
+}
+
+void qsm_wb_kick(struct qsm_image *img)
+{
+	img->wb_wanted = true;
+	if (!img->wb_job)
+		start_job(img);
+}
+
+static void level_io_cb(struct qsm_io_req *io, int ret)
+{
+	struct wb_io *w = container_of(io, struct wb_io, io);
+	struct qsm_req *job = w->job;
+	struct qsm_image *img = job->img;
+	if (w->l2)
+		qsm_l2_written(&img->l2c, io->offset);
+	if (ret < 0 && !job->io_ret)
+		job->io_ret = ret;
+	if (--job->io_pending == 0) {
+		if (job->io_ret)
+			qsm_sm_post(job, QSM_E_ERROR, job->io_ret);
+		else
+			qsm_sm_post(job, QSM_E_IO_DONE, 0);
+		qsm_sm_drain(img);
+	}
+}
+
+static enum qsm_event write_level(struct qsm_req *job, int level)
+{
+	struct qsm_image *img = job->img;
+	struct qsm_wb *wb = job->wb;
+	struct qsm_meta_batch *b = level_batch(wb, level);
+	assert(b->n > 0 && job->state == level_state[level]);
+	wb->level = level;
+	free(wb->ios);
+	wb->ios = calloc(b->n, sizeof(struct wb_io));
+	if (!wb->ios)
+		return QSM_E_ERROR;
+	struct wb_io *ios = (struct wb_io *)wb->ios;
+	job->io_pending = (unsigned)b->n;
+	job->io_ret = 0;
+	img->stats.meta_writes += b->n;
+	for (size_t i = 0; i < b->n; i++) {
+		struct qsm_meta_write *m = &b->w[i];
+		ios[i].job = job;
+		ios[i].l2 = level == WBL_L2;
+		ios[i].io = (struct qsm_io_req){
+			.op = QSM_IO_WRITE, .event = m->event, .offset = m->offset, .len = m->len,
+			.iov = NULL, .iovcnt = 1, .cb = level_io_cb,
+		};
+	}
+	/* One iovec per write, parallel to the batch. */
+	struct iovec *iov = calloc(b->n, sizeof(*iov));
+	if (!iov) {
+		job->io_pending = 0;
+		return QSM_E_ERROR;
+	}
+	free(job->iov_buf);
+	job->iov_buf = iov;
+	for (size_t i = 0; i < b->n; i++) {
+		iov[i] = (struct iovec){ b->w[i].buf, b->w[i].len };
+		ios[i].io.iov = &iov[i];
+		if (b->w[i].offset + b->w[i].len > img->file_end)
+			img->file_end = b->w[i].offset + b->w[i].len;
+		qsm_io_submit(img->io, &ios[i].io);
+	}
+	return QSM_E_WAIT;
+}
+
+/* After a sync: the event naming the next non-empty level, or WB_DONE. */
+static enum qsm_event next_level_event(struct qsm_wb *wb)
+{
+	for (int l = wb->level + 1; l < WBL__COUNT; l++)
+		if (level_batch(wb, l)->n)
+			return level_event[l];
+	return QSM_E_WB_DONE;
+}
+
+static void sync_cb(struct qsm_io_req *io, int ret)
+{
+	struct qsm_req *job = container_of(io, struct qsm_req, io);
+	struct qsm_image *img = job->img;
+	if (ret < 0)
+		qsm_sm_post(job, QSM_E_ERROR, ret);
+	else
+		qsm_sm_post(job, next_level_event(job->wb), 0);
+	qsm_sm_drain(img);
+}
+
+static void job_done(struct qsm_req *job, int ret)
+{
+	struct qsm_image *img = job->img;
+	struct qsm_wb *wb = job->wb;
+	if (ret < 0) {
+		if (!img->error) {
+			img->error = -EIO;
+			snprintf(img->errmsg, sizeof(img->errmsg),
+				 "metadata write-back failed (%s); the image accepts no more writes",
+				 strerror(-ret));
+		}
+		/* Nothing dirty will ever be written now: let the cache evict. */
+		qsm_l2_cache_forget_dirty(&img->l2c);
+		qsm_wake_all(&wb->waiters, QSM_E_ERROR, -EIO);
+	} else {
+		qsm_wake_all(&wb->waiters, QSM_E_WB_DONE, 0);
+	}
+	wb_free(wb);
+	job->wb = NULL;
+	img->wb_job = NULL;
+	if (img->wb_next_waiters || (img->wb_wanted && qsm_l2_dirty_count(&img->l2c)))
+		start_job(img);
+	else
+		img->wb_wanted = false;
+}
+
+enum qsm_event qsm_wb_step(struct qsm_req *job, enum qsm_event ev, int ret)
+{
+	struct qsm_image *img = job->img;
+	struct qsm_wb *wb = job->wb;
+
+	if (ev == QSM_E_FINISHED) { /* from req_complete: the batch is over */
+		job_done(job, ret);
+		return QSM_E_WAIT;
+	}
+	switch (job->state) {
+	case QSM_S_WB_COLLECT:
+		wb->waiters = img->wb_next_waiters;
+		img->wb_next_waiters = NULL;
+		if ((ret = wb_collect(img, wb)) < 0) {
+			job->ret = ret;
+			return QSM_E_ERROR;
+		}
+		return wb->blocks.n ? QSM_E_WB_BLOCKS : QSM_E_WB_SYNCNOW;
+	case QSM_S_WB_REFBLOCKS: return write_level(job, WBL_BLOCKS);
+	case QSM_S_WB_REFTABLE:  return write_level(job, WBL_REFTABLE);
+	case QSM_S_WB_HEADER:    return write_level(job, WBL_HEADER);
+	case QSM_S_WB_L2:        return write_level(job, WBL_L2);
+	case QSM_S_WB_L1:        return write_level(job, WBL_L1);
+	case QSM_S_WB_SYNC:
+		img->stats.io_flushes++;
+		job->io = (struct qsm_io_req){
+			.op = QSM_IO_FLUSH, .event = QSM_IO_EV_FLUSH, .cb = sync_cb,
+		};
+		qsm_io_submit(img->io, &job->io);
+		return QSM_E_WAIT;
+	case QSM_S_WB_RELEASE:
+		if ((ret = wb_release(img, wb)) < 0) {
+			job->ret = ret;
+			return QSM_E_ERROR;
+		}
+		return QSM_E_FINISHED;
+	default:
+		abort();
+	}
+}
+
+static bool anything_dirty(struct qsm_image *img)
+{
+	return qsm_refcount_dirty(img->rc) || img->header_dirty || qsm_l2_dirty_count(&img->l2c) ||
+	       img->l1_dirty_hi > img->l1_dirty_lo || img->nb_pending_frees;
+}
+
+int qsm_wb_sync_all(struct qsm_image *img)
+{
+	int ret = 0;
+	/* Releasing frees dirties refcount blocks again; a few rounds settle it. */
+	for (int round = 0; round < 8 && !ret && anything_dirty(img); round++) {
+		struct qsm_wb *wb = calloc(1, sizeof(*wb));
+		if (!wb)
+			return -ENOMEM;
+		ret = wb_collect(img, wb);
+		bool synced = false;
+		for (int l = 0; l < WBL__COUNT && !ret; l++) {
+			struct qsm_meta_batch *b = level_batch(wb, l);
+			if (!b->n)
+				continue;
+			if (l == WBL_L2 && !synced)
+				ret = qsm_io_flush_sync(img->io); /* data before L2 */
+			for (size_t i = 0; i < b->n && !ret; i++) {
+				ret = qsm_io_pwrite_sync(img->io, b->w[i].buf, b->w[i].len, b->w[i].offset);
+				img->stats.meta_writes++;
+			}
+			if (l == WBL_L2)
+				for (size_t i = 0; i < b->n; i++)
+					qsm_l2_written(&img->l2c, b->w[i].offset);
+			if (!ret)
+				ret = qsm_io_flush_sync(img->io);
+			img->stats.io_flushes++;
+			synced = true;
+		}
+		if (!ret)
+			ret = wb_release(img, wb);
+		wb_free(wb);
+	}
+	if (!ret)
+		ret = qsm_io_flush_sync(img->io);
+	return ret;
+}
