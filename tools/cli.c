@@ -1,0 +1,300 @@
+/*
+ * tools/cli.c: helpers shared by the `qsm` subcommands.
+ *
+ * Design: each helper reproduces one piece of qemu 7.2's user-visible
+ * behaviour, so that a script written for qemu-img or qemu-io gets the same
+ * answer from qsm:
+ *  - cli_parse_size() is util/cutils.c do_strtosz() with default suffix 'B'
+ *    and unit 1024: "1.5k" = 1536, "1.5" and "1.5b" are rejected (a fraction
+ *    needs a scaling suffix), "0x10" is hex, "010" is decimal ten, "-1" is
+ *    junk, and a value that does not fit in 64 bits is -ERANGE.
+ *  - cli_size_to_str() is qemu-img's size_to_str() ("%0.3g", switching to the
+ *    next unit at 1000 of the current one); cli_cvtstr() is qemu-io's
+ *    cvtstr() ("%.3f" with ".000" trimmed).  The two differ on purpose: each
+ *    tool prints its own.
+ *  - cli_opts_parse() is a small QemuOpts: "a=b,c=d", ",," for a comma,
+ *    bare "key" meaning key=on.
+ * Errors are 0 / negative errno; nothing here exits.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sm/qsm.h"
+#include "tools/cli.h"
+
+void cli_error(const char *prefix, const char *fmt, ...)
+{
+	va_list ap;
+
+	fflush(stdout);
+	if (prefix)
+		fprintf(stderr, "qsm %s: ", prefix);
+	else
+		fprintf(stderr, "qsm: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+/* 1024^n for the suffix letter c, 0 when c is not a suffix. */
+static uint64_t suffix_mul(char c)
+{
+	switch (c) {
+	case 'b': case 'B': return 1;
+	case 'k': case 'K': return 1ULL << 10;
+	case 'm': case 'M': return 1ULL << 20;
+	case 'g': case 'G': return 1ULL << 30;
+	case 't': case 'T': return 1ULL << 40;
+	case 'p': case 'P': return 1ULL << 50;
+	case 'e': case 'E': return 1ULL << 60;
+	}
+	return 0;
+}
+
+int cli_parse_size(const char *s, uint64_t *out)
+{
+	const char *end;
+	char *e;
+	uint64_t val, mul;
+	double fraction = 0;
+	bool hex = false;
+
+	if (!s)
+		return -EINVAL;
+	errno = 0;
+	val = strtoull(s, &e, 10);
+	end = e;
+	if (end == s)
+		return -EINVAL;
+	if (errno == ERANGE)
+		return -ERANGE;
+	if (memchr(s, '-', (size_t)(end - s)))
+		return -EINVAL;
+	if (val == 0 && (*end == 'x' || *end == 'X')) {
+		errno = 0;
+		val = strtoull(s, &e, 16);
+		end = e;
+		if (errno == ERANGE)
+			return -ERANGE;
+		if (*end == '.')
+			return -EINVAL;
+		hex = true;
+	} else if (*end == '.') {
+		/* "1.k" is allowed (no digits); exponents are not. */
+		const char *f = end;
+		errno = 0;
+		fraction = strtod(f, &e);
+		if (e == f) {
+			fraction = 0;
+			end = f + 1;
+		} else {
+			if (memchr(f, 'e', (size_t)(e - f)) || memchr(f, 'E', (size_t)(e - f)) ||
+			    !isfinite(fraction))
+				return -EINVAL;
+			end = e;
+		}
+	}
+	mul = suffix_mul(*end);
+	if (mul) {
+		if (hex && mul > 1)
+			fprintf(stderr, "qsm: warning: Using a multiplier suffix on hex numbers "
+				"is deprecated: %s\n", s);
+		end++;
+	} else {
+		mul = 1;
+	}
+	if (*end)
+		return -EINVAL;
+	if (mul == 1) {
+		if (fraction != 0)
+			return -EINVAL;
+		*out = val;
+		return 0;
+	}
+	if (val > UINT64_MAX / mul)
+		return -ERANGE;
+	uint64_t frac = (uint64_t)(fraction * (double)mul);
+	if (val * mul > UINT64_MAX - frac)
+		return -ERANGE;
+	*out = val * mul + frac;
+	return 0;
+}
+
+int cli_cvtnum(const char *s, int64_t *out)
+{
+	uint64_t v;
+	int r = cli_parse_size(s, &v);
+
+	if (r < 0)
+		return r;
+	if (v > INT64_MAX)
+		return -ERANGE;
+	*out = (int64_t)v;
+	return 0;
+}
+
+int cli_parse_bool(const char *s, bool *out)
+{
+	static const char *const yes[] = { "on", "yes", "true", "y" };
+	static const char *const no[] = { "off", "no", "false", "n" };
+
+	for (size_t i = 0; i < 4; i++) {
+		if (!strcmp(s, yes[i])) {
+			*out = true;
+			return 0;
+		}
+		if (!strcmp(s, no[i])) {
+			*out = false;
+			return 0;
+		}
+	}
+	return -EINVAL;
+}
+
+void cli_size_to_str(uint64_t v, char *buf, size_t len)
+{
+	static const char *const sfx[] = { "", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei" };
+	int i;
+
+	/* frexp gives floor(log2(v * 1024 / 1000)) + 1: switch units at 1000. */
+	frexp((double)v / (1000.0 / 1024.0), &i);
+	i = (i - 1) / 10;
+	if (i < 0)
+		i = 0;
+	snprintf(buf, len, "%0.3g %sB", (double)v / (double)(1ULL << (i * 10)), sfx[i]);
+}
+
+void cli_cvtstr(double v, char *buf, size_t len)
+{
+	static const struct {
+		int shift;
+		const char *sfx;
+	} units[] = {
+		{ 60, " EiB" }, { 50, " PiB" }, { 40, " TiB" },
+		{ 30, " GiB" }, { 20, " MiB" }, { 10, " KiB" },
+	};
+	const char *sfx = " bytes";
+	char *trim;
+
+	snprintf(buf, len > 6 ? len - 6 : len, "%f", v);
+	for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+		double u = (double)(1ULL << units[i].shift);
+		if (v >= u) {
+			sfx = units[i].sfx;
+			snprintf(buf, len - 4, "%.3f", v / u);
+			break;
+		}
+	}
+	trim = strstr(buf, ".000");
+	if (trim)
+		*trim = '\0';
+	if (strlen(buf) + strlen(sfx) < len)
+		strcat(buf, sfx);
+}
+
+int cli_opts_parse(struct cli_opts *o, const char *s)
+{
+	const char *p = s;
+
+	while (*p) {
+		size_t klen = strcspn(p, "=,");
+		char *key, *val;
+		size_t vlen = 0;
+
+		if (klen == 0 && *p == ',') {
+			p++;
+			continue;
+		}
+		key = strndup(p, klen);
+		p += klen;
+		val = malloc(strlen(p) + 3);
+		if (!key || !val) {
+			free(key);
+			free(val);
+			return -ENOMEM;
+		}
+		if (*p == '=') {
+			p++;
+			while (*p) {
+				if (*p == ',') {
+					if (p[1] != ',')
+						break;
+					p++;
+				}
+				val[vlen++] = *p++;
+			}
+			val[vlen] = '\0';
+		} else {
+			strcpy(val, "on");
+		}
+		if (*p == ',')
+			p++;
+		struct cli_opt *nv = realloc(o->v, (size_t)(o->n + 1) * sizeof(*nv));
+		if (!nv) {
+			free(key);
+			free(val);
+			return -ENOMEM;
+		}
+		o->v = nv;
+		o->v[o->n].key = key;
+		o->v[o->n].val = val;
+		o->n++;
+	}
+	return 0;
+}
+
+const char *cli_opts_get(const struct cli_opts *o, const char *key)
+{
+	for (int i = o->n - 1; i >= 0; i--)
+		if (!strcmp(o->v[i].key, key))
+			return o->v[i].val;
+	return NULL;
+}
+
+void cli_opts_free(struct cli_opts *o)
+{
+	for (int i = 0; i < o->n; i++) {
+		free(o->v[i].key);
+		free(o->v[i].val);
+	}
+	free(o->v);
+	o->v = NULL;
+	o->n = 0;
+}
+
+char *cli_path_combine(const char *base, const char *name)
+{
+	const char *slash = strrchr(base, '/');
+	char *r;
+
+	if (name[0] == '/' || !slash)
+		return strdup(name);
+	size_t dlen = (size_t)(slash - base) + 1;
+	r = malloc(dlen + strlen(name) + 1);
+	if (!r)
+		return NULL;
+	memcpy(r, base, dlen);
+	strcpy(r + dlen, name);
+	return r;
+}
+
+void cli_print_qcow2_specific(const struct qsm_info *info)
+{
+	if (info->version >= 3) {
+		printf("    compat: 1.1\n");
+		printf("    compression type: zlib\n");
+		printf("    lazy refcounts: %s\n", info->lazy_refcounts ? "true" : "false");
+		printf("    refcount bits: %u\n", info->refcount_bits);
+		printf("    corrupt: %s\n", info->corrupt ? "true" : "false");
+		printf("    extended l2: false\n");
+	} else {
+		printf("    compat: 0.10\n");
+		printf("    compression type: zlib\n");
+		printf("    refcount bits: %u\n", info->refcount_bits);
+	}
+}

@@ -1,0 +1,70 @@
+/*
+ * tools/cli.h: what the `qsm` subcommands share: the dispatch table's entry
+ * type, qemu-compatible number parsing and printing, "a=b,c=d" option
+ * strings, and the qcow2 "Format specific information" block.
+ *
+ * Everything here copies qemu's observable behaviour (qemu 7.2): scripts
+ * written for qemu-img/qemu-io must see the same numbers accepted and the
+ * same strings printed.  Functions return 0 or a negative errno.
+ */
+#ifndef QSM_TOOLS_CLI_H
+#define QSM_TOOLS_CLI_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct qsm_info;
+
+/* One subcommand: `qsm NAME ARGS...` runs fn(argc, argv) with argv[0] ==
+ * NAME; the return value is the exit status.  Every fn answers --help. */
+struct cli_cmd {
+	const char *name;
+	int (*fn)(int argc, char **argv);
+	const char *summary;
+};
+
+int cmd_create(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_io(int argc, char **argv);
+
+/* Print "qsm PREFIX: message\n" on stderr (prefix may be NULL). */
+void cli_error(const char *prefix, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+/* qemu_strtosz(): decimal with optional fraction and a b/k/M/G/T/P/E suffix
+ * (case-insensitive, 1k = 1024), or 0x hex.  Whole string must match.
+ * -EINVAL for junk, -ERANGE when it does not fit in 64 bits. */
+int cli_parse_size(const char *s, uint64_t *out);
+/* qemu-io's cvtnum(): cli_parse_size, and also -ERANGE above INT64_MAX. */
+int cli_cvtnum(const char *s, int64_t *out);
+/* qemu's qapi bool: on/yes/true/y, off/no/false/n. */
+int cli_parse_bool(const char *s, bool *out);
+
+/* qemu's size_to_str(): "196 KiB", "1.5 MiB", "0 B". */
+void cli_size_to_str(uint64_t v, char *buf, size_t len);
+/* qemu-io's cvtstr(): "64 KiB", "1.500 KiB", "512 bytes". */
+void cli_cvtstr(double v, char *buf, size_t len);
+
+/* An option string "a=b,c=d" (",," is a literal comma; a bare key means
+ * key=on).  Repeated -o options append; the last value of a key wins. */
+struct cli_opt {
+	char *key, *val;
+};
+struct cli_opts {
+	struct cli_opt *v;
+	int n;
+};
+int cli_opts_parse(struct cli_opts *o, const char *s);
+const char *cli_opts_get(const struct cli_opts *o, const char *key);
+void cli_opts_free(struct cli_opts *o);
+
+/* qemu's path_combine(): a relative backing file name is relative to the
+ * directory of the image that names it.  Returns malloc'd string. */
+char *cli_path_combine(const char *base, const char *name);
+
+/* The indented qcow2 lines under "Format specific information:", as
+ * qemu-img info and qemu-io info print them. */
+void cli_print_qcow2_specific(const struct qsm_info *info);
+
+#endif

@@ -1,0 +1,82 @@
+/*
+ * tools/qsm.c: the `qsm` command: one binary, one subcommand per word, in
+ * the manner of qemu-img (qsm create/info/...) with qemu-io folded in as
+ * `qsm io`.
+ *
+ * Design: cmds[] below is the whole dispatch table.  Adding a subcommand is
+ * one line here plus its tools/cmd_<name>.c defining
+ * `int cmd_<name>(int argc, char **argv)` (declared in cli.h), which gets
+ * argv[0] == "<name>", parses its own options (and --help) and returns the
+ * process exit status.  `qsm help CMD` runs `qsm CMD --help`.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "tools/cli.h"
+
+#ifndef QSM_VERSION_STRING
+#define QSM_VERSION_STRING "0.1.0" /* keep in step with project(VERSION) */
+#endif
+
+static const struct cli_cmd cmds[] = {
+	{ "create", cmd_create, "create a new qcow2 image" },
+	{ "info",   cmd_info,   "show information about an image" },
+	{ "io",     cmd_io,     "exercise an image with qemu-io commands" },
+};
+
+static void usage(FILE *f)
+{
+	fprintf(f, "Usage: qsm COMMAND [OPTIONS]... [ARGS]...\n"
+		   "qcow2 storage engine tool\n"
+		   "\n"
+		   "Commands:\n");
+	for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
+		fprintf(f, "  %-10s %s\n", cmds[i].name, cmds[i].summary);
+	fprintf(f, "\n"
+		   "Run 'qsm COMMAND --help' (or 'qsm help COMMAND') for a command's options.\n");
+}
+
+static const struct cli_cmd *find_cmd(const char *name)
+{
+	for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
+		if (!strcmp(cmds[i].name, name))
+			return &cmds[i];
+	return NULL;
+}
+
+int main(int argc, char **argv)
+{
+	const struct cli_cmd *c;
+
+	if (argc < 2) {
+		usage(stderr);
+		return 1;
+	}
+	if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+		usage(stdout);
+		return 0;
+	}
+	if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "-V")) {
+		printf("qsm version %s\n", QSM_VERSION_STRING);
+		return 0;
+	}
+	if (!strcmp(argv[1], "help")) {
+		if (argc < 3) {
+			usage(stdout);
+			return 0;
+		}
+		c = find_cmd(argv[2]);
+		if (!c) {
+			fprintf(stderr, "qsm: unknown command '%s'; try 'qsm --help'\n", argv[2]);
+			return 1;
+		}
+		char *hargv[] = { (char *)c->name, (char *)"--help", NULL };
+		return c->fn(2, hargv);
+	}
+	c = find_cmd(argv[1]);
+	if (!c) {
+		fprintf(stderr, "qsm: unknown command '%s'; try 'qsm --help'\n", argv[1]);
+		return 1;
+	}
+	return c->fn(argc - 1, argv + 1);
+}
