@@ -1,0 +1,440 @@
+/*
+ * tools/cmd_create.c: `qsm create`, qemu-img create for qcow2.
+ *
+ *   qsm create [-q] [-f qcow2] [-b BACKING -F FMT] [-u] [-o OPTIONS] FILE [SIZE]
+ *
+ * Design: the same three phases as qemu-img create, so that messages come
+ * out in the same order:
+ *  1. parse: option names and value types are checked first (unknown
+ *     parameter, unparsable number or bool); nothing is printed on success;
+ *  2. print "Formatting 'FILE', fmt=qcow2 ..." exactly as qemu-img does
+ *     (values as given for compat/lazy_refcounts, in bytes for sizes);
+ *  3. validate the combination (cluster size, compat, refcount width, lazy
+ *     refcounts on v2, size limit) with qemu's wording, then qsm_create().
+ * A missing SIZE is taken from the backing image, opened read-only through
+ * qsm_open (or stat() for a raw backing file).  Exit status 0 or 1.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "io/util.h"
+#include "sm/qsm.h"
+#include "tools/cli.h"
+
+#define QCOW_MAX_L1_SIZE (32u << 20) /* bytes of L1 table qemu accepts */
+
+static const char *const create_keys[] = {
+	"size", "compat", "backing_file", "backing_fmt", "cluster_size",
+	"extended_l2", "preallocation", "lazy_refcounts", "refcount_bits",
+	"compression_type", NULL,
+};
+
+static void create_usage(FILE *f)
+{
+	fprintf(f,
+		"Usage: qsm create [-q] [-f qcow2] [-b backing_file [-F backing_fmt]] [-u]\n"
+		"                  [-o options] filename [size]\n"
+		"Create a qcow2 image, as 'qemu-img create -f qcow2' does.\n"
+		"\n"
+		"  -f FMT        image format; only qcow2\n"
+		"  -b FILE       backing file (relative to the new image's directory)\n"
+		"  -F FMT        backing file format (required with -b)\n"
+		"  -u            do not open the backing file (SIZE is then required)\n"
+		"  -o OPTIONS    comma-separated name=value list; '-o help' lists them\n"
+		"  -q            quiet: do not print the 'Formatting' line\n"
+		"  SIZE          bytes, or with a k, M, G, T, P or E suffix (1k = 1024)\n");
+}
+
+static void create_opts_help(void)
+{
+	printf("Supported qcow2 options:\n"
+	       "  backing_file=<str>     - File name of a base image\n"
+	       "  backing_fmt=<str>      - Image format of the base image\n"
+	       "  cluster_size=<size>    - qcow2 cluster size\n"
+	       "  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])\n"
+	       "  compression_type=<str> - Compression method used for image cluster compression\n"
+	       "  extended_l2=<bool (on/off)> - Extended L2 tables\n"
+	       "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n"
+	       "  preallocation=<str>    - Preallocation mode (allowed values: off)\n"
+	       "  refcount_bits=<num>    - Width of a reference count entry in bits\n"
+	       "  size=<size>            - Virtual disk size\n");
+}
+
+static void bad_size_msg(void)
+{
+	cli_error("create", "Invalid image size specified. You may use k, M, G, T, P or E suffixes for");
+	cli_error("create", "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+}
+
+/* qemu's QEMU_OPT_SIZE parameter. */
+static int opt_size(const char *file, const char *key, const char *val, uint64_t *out)
+{
+	if (cli_parse_size(val, out) < 0) {
+		cli_error("create", "%s: Parameter '%s' expects a non-negative number below 2^64", file, key);
+		fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+				"and exabytes, respectively.\n");
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* qemu's QEMU_OPT_NUMBER parameter: strtoull base 0, whole string. */
+static int opt_number(const char *file, const char *key, const char *val, uint64_t *out)
+{
+	char *end;
+
+	errno = 0;
+	*out = strtoull(val, &end, 0);
+	if (!*val || *end || errno || strchr(val, '-')) {
+		cli_error("create", "%s: Parameter '%s' expects a number", file, key);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+static int opt_bool(const char *file, const char *key, const char *val, bool *out)
+{
+	if (cli_parse_bool(val, out) < 0) {
+		cli_error("create", "%s: Parameter '%s' expects 'on' or 'off'", file, key);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* Print a value as qemu_opts_print does: commas doubled. */
+static void print_escaped(const char *s)
+{
+	for (; *s; s++) {
+		if (*s == ',')
+			putchar(',');
+		putchar(*s);
+	}
+}
+
+/* Virtual size of the backing image (for a missing SIZE, and to check that
+ * the backing file can be opened at all, as qemu-img does). */
+static int backing_size(const char *file, const char *path, const char *fmt, uint64_t *size)
+{
+	char err[512] = "";
+	struct qsm_image *img = NULL;
+	struct qsm_info info;
+	struct event_base *base;
+	int r;
+
+	if (!strcmp(fmt, "raw")) {
+		struct stat st;
+		if (stat(path, &st) < 0) {
+			r = -errno;
+			cli_error("create", "%s: Could not open '%s': %s", file, path, strerror(-r));
+			fprintf(stderr, "Could not open backing image.\n");
+			return r;
+		}
+		*size = (uint64_t)st.st_size;
+		return 0;
+	}
+	base = event_base_new();
+	if (!base)
+		return -ENOMEM;
+	struct qsm_open_opts o = { .read_only = true, .no_repair = true };
+	r = qsm_open(base, path, &o, &img, err, sizeof(err));
+	if (r < 0) {
+		/* The engine's message may already say "Could not open ...". */
+		if (!strncmp(err, "Could not open", 14))
+			cli_error("create", "%s: %s", file, err);
+		else
+			cli_error("create", "%s: Could not open '%s': %s", file, path,
+				  err[0] ? err : qsm_strerror(r));
+		fprintf(stderr, "Could not open backing image.\n");
+		event_base_free(base);
+		return r;
+	}
+	qsm_get_info(img, &info);
+	*size = info.virtual_size;
+	qsm_close(img);
+	event_base_free(base);
+	return 0;
+}
+
+/* qemu-img's "Detected format of X." hint when -F is missing. */
+static const char *probe_format(const char *path)
+{
+	unsigned char magic[4];
+	int fd = open(path, O_RDONLY);
+	ssize_t n = fd >= 0 ? read(fd, magic, 4) : -1;
+
+	if (fd >= 0)
+		close(fd);
+	if (n == 4 && !memcmp(magic, "QFI\xfb", 4))
+		return "qcow2";
+	return n >= 0 ? "raw" : NULL;
+}
+
+static bool is_pow2(uint64_t v)
+{
+	return v && !(v & (v - 1));
+}
+
+int cmd_create(int argc, char **argv)
+{
+	static const struct option lopt[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct cli_opts opts = { 0 };
+	const char *fmt = "qcow2", *file, *v;
+	bool quiet = false, unsafe = false, size_given = false;
+	uint64_t size = 0, cluster_size = 65536, refcount_bits = 16;
+	bool lazy = false, ext_l2 = false;
+	unsigned compat = 3;
+	char err[512] = "";
+	char *backing_path = NULL;
+	int c, ret = 1;
+
+	optind = 0;
+	while ((c = getopt_long(argc, argv, "hf:o:b:F:uq", lopt, NULL)) != -1) {
+		switch (c) {
+		case 'h':
+			create_usage(stdout);
+			return 0;
+		case 'f':
+			fmt = optarg;
+			break;
+		case 'o':
+			if (!strcmp(optarg, "help") || !strcmp(optarg, "?")) {
+				create_opts_help();
+				cli_opts_free(&opts);
+				return 0;
+			}
+			if (cli_opts_parse(&opts, optarg) < 0)
+				goto out;
+			break;
+		case 'b':
+			if (cli_opts_parse(&opts, "backing_file=") < 0)
+				goto out;
+			free(opts.v[opts.n - 1].val);
+			opts.v[opts.n - 1].val = strdup(optarg);
+			break;
+		case 'F':
+			if (cli_opts_parse(&opts, "backing_fmt=") < 0)
+				goto out;
+			free(opts.v[opts.n - 1].val);
+			opts.v[opts.n - 1].val = strdup(optarg);
+			break;
+		case 'u':
+			unsafe = true;
+			break;
+		case 'q':
+			quiet = true;
+			break;
+		default:
+			fprintf(stderr, "Try 'qsm create --help' for more information\n");
+			goto out;
+		}
+	}
+	if (strcmp(fmt, "qcow2")) {
+		cli_error("create", "Unknown file format '%s' (qsm creates qcow2 only)", fmt);
+		goto out;
+	}
+	if (optind >= argc) {
+		cli_error("create", "Expecting image file name");
+		fprintf(stderr, "Try 'qsm create --help' for more information\n");
+		goto out;
+	}
+	file = argv[optind++];
+	if (optind < argc) {
+		int64_t s;
+		int r = cli_cvtnum(argv[optind], &s);
+		if (r == -ERANGE) {
+			cli_error("create", "Invalid image size specified. Must be between 0 and %lld.",
+				  (long long)INT64_MAX);
+			goto out;
+		}
+		if (r < 0) {
+			bad_size_msg();
+			goto out;
+		}
+		size = (uint64_t)s;
+		size_given = true;
+		optind++;
+	}
+	if (optind < argc) {
+		cli_error("create", "Unexpected argument: %s", argv[optind]);
+		fprintf(stderr, "Try 'qsm create --help' for more information\n");
+		goto out;
+	}
+
+	/* Phase 1: names and types. */
+	for (int i = 0; i < opts.n; i++) {
+		bool known = false;
+		for (int k = 0; create_keys[k]; k++)
+			known |= !strcmp(opts.v[i].key, create_keys[k]);
+		if (!known) {
+			cli_error("create", "%s: Invalid parameter '%s'", file, opts.v[i].key);
+			goto out;
+		}
+	}
+	if ((v = cli_opts_get(&opts, "size"))) {
+		if (size_given) {
+			cli_error("create", "%s: The image size must be specified only once", file);
+			goto out;
+		}
+		if (opt_size(file, "size", v, &size) < 0)
+			goto out;
+		size_given = true;
+	}
+	if ((v = cli_opts_get(&opts, "cluster_size")) &&
+	    opt_size(file, "cluster_size", v, &cluster_size) < 0)
+		goto out;
+	if ((v = cli_opts_get(&opts, "refcount_bits")) &&
+	    opt_number(file, "refcount_bits", v, &refcount_bits) < 0)
+		goto out;
+	if ((v = cli_opts_get(&opts, "lazy_refcounts")) && opt_bool(file, "lazy_refcounts", v, &lazy) < 0)
+		goto out;
+	if ((v = cli_opts_get(&opts, "extended_l2")) && opt_bool(file, "extended_l2", v, &ext_l2) < 0)
+		goto out;
+
+	const char *backing = cli_opts_get(&opts, "backing_file");
+	const char *backing_fmt = cli_opts_get(&opts, "backing_fmt");
+	if (backing && !*backing)
+		backing = NULL;
+	if (backing) {
+		backing_path = cli_path_combine(file, backing);
+		if (!backing_path)
+			goto out;
+		if (!backing_fmt) {
+			const char *probed = probe_format(backing_path);
+			cli_error("create", "%s: Backing file specified without backing format", file);
+			if (probed)
+				fprintf(stderr, "Detected format of %s.\n", probed);
+			goto out;
+		}
+		if (!unsafe || !size_given) {
+			uint64_t bsize;
+			if (backing_size(file, backing_path, backing_fmt, &bsize) < 0)
+				goto out;
+			if (!size_given) {
+				size = bsize;
+				size_given = true;
+			}
+		}
+	}
+	if (!size_given) {
+		cli_error("create", "%s: Image creation needs a size parameter", file);
+		goto out;
+	}
+
+	/* Phase 2: the line qemu-img prints before creating. */
+	if (!quiet) {
+		printf("Formatting '%s', fmt=qcow2 cluster_size=%llu extended_l2=", file,
+		       (unsigned long long)cluster_size);
+		print_escaped(cli_opts_get(&opts, "extended_l2") ?: "off");
+		printf(" compression_type=");
+		print_escaped(cli_opts_get(&opts, "compression_type") ?: "zlib");
+		printf(" size=%llu", (unsigned long long)size);
+		if ((v = cli_opts_get(&opts, "compat"))) {
+			printf(" compat=");
+			print_escaped(v);
+		}
+		if (backing) {
+			printf(" backing_file=");
+			print_escaped(backing);
+		}
+		if (backing_fmt) {
+			printf(" backing_fmt=");
+			print_escaped(backing_fmt);
+		}
+		if ((v = cli_opts_get(&opts, "preallocation"))) {
+			printf(" preallocation=");
+			print_escaped(v);
+		}
+		printf(" lazy_refcounts=");
+		print_escaped(cli_opts_get(&opts, "lazy_refcounts") ?: "off");
+		printf(" refcount_bits=%llu\n", (unsigned long long)refcount_bits);
+		fflush(stdout);
+	}
+
+	/* Phase 3: the combination, in qcow2_co_create()'s order. */
+	if ((v = cli_opts_get(&opts, "compat"))) {
+		if (!strcmp(v, "0.10") || !strcmp(v, "v2")) {
+			compat = 2;
+		} else if (!strcmp(v, "1.1") || !strcmp(v, "v3")) {
+			compat = 3;
+		} else {
+			cli_error("create", "%s: Parameter 'version' does not accept value '%s'", file, v);
+			goto out;
+		}
+	}
+	if ((v = cli_opts_get(&opts, "compression_type")) && strcmp(v, "zlib")) {
+		cli_error("create", "%s: Compression type '%s' is not supported by qsm (only zlib)",
+			  file, v);
+		goto out;
+	}
+	if ((v = cli_opts_get(&opts, "preallocation")) && strcmp(v, "off")) {
+		cli_error("create", "%s: Preallocation mode '%s' is not supported by qsm (only off)",
+			  file, v);
+		goto out;
+	}
+	if (!is_pow2(cluster_size) || cluster_size < 512 || cluster_size > (2u << 20)) {
+		cli_error("create", "%s: Cluster size must be a power of two between 512 and 2048k", file);
+		goto out;
+	}
+	if (ext_l2) {
+		cli_error("create", "%s: Extended L2 entries are not supported by qsm", file);
+		goto out;
+	}
+	if (lazy && compat < 3) {
+		cli_error("create", "%s: Lazy refcounts only supported with compatibility level 1.1 "
+			  "and above (use version=v3 or greater)", file);
+		goto out;
+	}
+	if (!is_pow2(refcount_bits) || refcount_bits > 64) {
+		cli_error("create", "%s: Refcount width must be a power of two and may not exceed 64 bits",
+			  file);
+		goto out;
+	}
+	if (compat < 3 && refcount_bits != 16) {
+		cli_error("create", "%s: Different refcount widths than 16 bits require compatibility "
+			  "level 1.1 or above (use version=v3 or greater)", file);
+		goto out;
+	}
+	if (backing_fmt && !backing) {
+		cli_error("create", "%s: Backing format cannot be used without backing file", file);
+		goto out;
+	}
+	/* qemu rounds the size up to whole sectors. */
+	size = QSM_ALIGN_UP(size, 512);
+	uint64_t l2_cover = cluster_size * (cluster_size / 8);
+	if (size / l2_cover + !!(size % l2_cover) > QCOW_MAX_L1_SIZE / 8) {
+		cli_error("create", "%s: The image size is too large for file format 'qcow2' "
+			  "(try using a larger cluster size)", file);
+		goto out;
+	}
+
+	struct qsm_create_opts co = {
+		.size = size,
+		.cluster_size = cluster_size,
+		.compat = compat,
+		.refcount_bits = (unsigned)refcount_bits,
+		.lazy_refcounts = lazy,
+		.backing_file = backing,
+		.backing_format = backing ? backing_fmt : NULL,
+	};
+	int r = qsm_create(file, &co, err, sizeof(err));
+	if (r < 0) {
+		cli_error("create", "%s: %s", file, err[0] ? err : qsm_strerror(r));
+		goto out;
+	}
+	ret = 0;
+out:
+	free(backing_path);
+	cli_opts_free(&opts);
+	return ret;
+}
