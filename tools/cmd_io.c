@@ -1,0 +1,1939 @@
+/*
+ * tools/cmd_io.c: `qsm io`, the qemu-io command language over libqsm.
+ *
+ *   qsm io [-f qcow2] [-r] [-n] [-t CACHE] [-i threads|io_uring] [-m] [-U]
+ *          [--trace FILE] [-c CMD]... [FILE]
+ *
+ * Design: a script written for qemu-io 7.2 must run unchanged and print the
+ * same stdout (timing numbers aside).  So this file copies qemu-io's
+ * observable behaviour rather than its structure:
+ *  - lines are split on single spaces (qemu's breakline: no quoting, tabs
+ *    are not separators); each command parses its options with getopt()
+ *    with argv[0] = the command name, so option errors read the same;
+ *  - numbers go through cli_cvtnum() (qemu's cvtnum), and parse errors,
+ *    usage lines, "read failed: ..." and pattern messages go to stdout,
+ *    while "command not found", argument-count and open/permission errors
+ *    go to stderr, as qemu-io does;
+ *  - a request outside the image fails with EIO before reaching the engine
+ *    (qemu's blk_check_byte_request), so the message does not depend on how
+ *    the engine words its own EINVAL;
+ *  - the default cache mode is writethrough, as in qemu-io (-n and -t
+ *    change it);
+ *  - the exit status is 1 if the image could not be opened or any command
+ *    failed (aio requests count as successful once submitted), else 0;
+ *  - `help` texts are qemu-io's, word for word (even where they name qemu
+ *    internals), except for open/reopen whose options differ.
+ *
+ * Requests: synchronous commands use qsm_sync_* or submit and run the loop
+ * until their own callback fired (io_wait); other requests' completions (aio_read,
+ * aio_write) are printed whenever the loop runs, as in qemu-io.  Buffers
+ * are 4096-aligned (posix_memalign) so cache=none works; -m misaligns
+ * them by 16 bytes on purpose.
+ *
+ * Not supported by the engine API, and refused with ENOTSUP: write -b/-c/-s,
+ * read -b, truncate to a different size, break/resume/wait_break.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <ctype.h>
+
+#include <event2/event.h>
+
+#include "io/util.h"
+#include "sm/qsm.h"
+#include "tools/cli.h"
+
+#define IO_PROMPT "qemu-io> "
+#define IO_MAX_BYTES 2147483136LL /* BDRV_REQUEST_MAX_BYTES: INT_MAX, 512-aligned */
+#define IO_ALIGN 4096
+#define IO_MISALIGN 16
+#define NOT_DONE INT_MAX
+
+struct io_ctx {
+	struct event_base *base;
+	struct qsm_image *img;
+	char *path;                  /* of the open image */
+	struct qsm_open_opts oo;     /* how it was opened */
+	int inflight;                /* aio requests not completed yet */
+	bool misalign;               /* -m */
+	bool quit;                   /* `quit` ran */
+	FILE *trace;                 /* --trace FILE, or NULL */
+};
+
+#define CMD_NOFILE_OK 0x1 /* runs without an open image */
+#define CMD_GLOBAL    0x2 /* no checks at all (help, quit) */
+#define CMD_WRITE     0x4 /* needs a writable image */
+
+struct io_cmd {
+	const char *name, *altname;
+	int (*fn)(struct io_ctx *io, int argc, char **argv);
+	int argmin, argmax;          /* -1: no limit */
+	unsigned flags;
+	const char *args;            /* NULL: none shown */
+	const char *oneline;
+	const char *help;            /* extended help, or NULL */
+};
+
+static const struct io_cmd *find_cmd(const char *name);
+static void help_all(void);
+
+/* --- Small helpers, each a piece of qemu-io ------------------------------ */
+
+static void print_cvtnum_err(int rc, const char *arg)
+{
+	if (rc == -EINVAL)
+		printf("Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- %s\n",
+		       arg);
+	else if (rc == -ERANGE)
+		printf("Parsing error: argument too large -- %s\n", arg);
+	else
+		printf("Parsing error: %s\n", arg);
+}
+
+static int parse_pattern(const char *arg)
+{
+	char *end = NULL;
+	long p = strtol(arg, &end, 0);
+
+	if (p < 0 || p > UCHAR_MAX || *end != '\0') {
+		printf("%s is not a valid pattern byte\n", arg);
+		return -1;
+	}
+	return (int)p;
+}
+
+static void usage_line(const struct io_cmd *c)
+{
+	printf("%s %s -- %s\n", c->name, c->args ? c->args : "", c->oneline);
+}
+
+static void *io_alloc(struct io_ctx *io, size_t len, int pattern)
+{
+	size_t extra = io->misalign ? IO_MISALIGN : 0;
+	void *p;
+
+	if (posix_memalign(&p, IO_ALIGN, QSM_MAX(len + extra, 1)))
+		return NULL;
+	memset(p, pattern, len + extra);
+	return (char *)p + extra;
+}
+
+static void io_free(struct io_ctx *io, void *p)
+{
+	if (p)
+		free((char *)p - (io->misalign ? IO_MISALIGN : 0));
+}
+
+static void dump_buffer(const void *buffer, int64_t offset, int64_t len)
+{
+	const uint8_t *p = buffer;
+
+	for (int64_t i = 0; i < len; i += 16) {
+		const uint8_t *s = p;
+		int j;
+		printf("%08" PRIx64 ":  ", (uint64_t)(offset + i));
+		for (j = 0; j < 16 && i + j < len; j++, p++)
+			printf("%02x ", *p);
+		printf(" ");
+		for (j = 0; j < 16 && i + j < len; j++, s++)
+			putchar(isalnum(*s) ? *s : '.');
+		printf("\n");
+	}
+}
+
+static double tdiv(double v, struct timespec t)
+{
+	return v / ((double)t.tv_sec + (double)t.tv_nsec / 1e9);
+}
+
+static struct timespec tnow(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t;
+}
+
+static struct timespec tsub(struct timespec a, struct timespec b)
+{
+	a.tv_nsec -= b.tv_nsec;
+	if (a.tv_nsec < 0) {
+		a.tv_nsec += 1000000000;
+		a.tv_sec--;
+	}
+	a.tv_sec -= b.tv_sec;
+	return a;
+}
+
+static void timestr(struct timespec t, char *ts, size_t size, bool verbose)
+{
+	double frac = (double)t.tv_nsec / 1e9;
+	unsigned h = (unsigned)(t.tv_sec / 3600), m = (unsigned)(t.tv_sec % 3600 / 60);
+	double s = (double)(t.tv_sec % 60) + frac;
+
+	if (verbose || t.tv_sec)
+		snprintf(ts, size, "%u:%02u:%05.2f", h, m, s);
+	else
+		snprintf(ts, size, "%05.2f sec", frac);
+}
+
+/* The two lines after every successful request (or one with -C). */
+static void print_report(const char *op, struct timespec t, int64_t offset, int64_t count,
+			 int64_t total, int cnt, bool Cflag)
+{
+	char s1[64], s2[64], ts[64];
+
+	timestr(t, ts, sizeof(ts), Cflag);
+	if (!Cflag) {
+		cli_cvtstr((double)total, s1, sizeof(s1));
+		cli_cvtstr(tdiv((double)total, t), s2, sizeof(s2));
+		printf("%s %" PRId64 "/%" PRId64 " bytes at offset %" PRId64 "\n", op, total, count,
+		       offset);
+		printf("%s, %d ops; %s (%s/sec and %.4f ops/sec)\n", s1, cnt, ts, s2,
+		       tdiv((double)cnt, t));
+	} else {
+		printf("%" PRId64 ",%d,%s,%.3f,%.3f\n", total, cnt, ts, tdiv((double)total, t),
+		       tdiv((double)cnt, t));
+	}
+}
+
+static uint64_t image_size(struct io_ctx *io)
+{
+	struct qsm_info info;
+
+	qsm_get_info(io->img, &info);
+	return info.virtual_size;
+}
+
+/* qemu's blk_check_byte_request(): EIO outside the image. */
+static int check_range(struct io_ctx *io, int64_t offset, int64_t bytes)
+{
+	uint64_t size = image_size(io);
+
+	if (offset < 0 || bytes < 0 || (uint64_t)offset > size || size - (uint64_t)offset < (uint64_t)bytes)
+		return -EIO;
+	return 0;
+}
+
+static void done_cb(void *opaque, int ret)
+{
+	*(int *)opaque = ret;
+}
+
+/* Run the loop until *ret is set by done_cb.  Other requests' callbacks
+ * (aio_*) run meanwhile, as they would in qemu-io. */
+static int io_wait(struct io_ctx *io, int *ret)
+{
+	while (*ret == NOT_DONE) {
+		int r = event_base_loop(io->base, EVLOOP_ONCE);
+		if (r < 0 || (r == 1 && *ret == NOT_DONE)) {
+			fprintf(stderr, "qsm io: event loop has nothing left to wait for, "
+					"but a request did not complete\n");
+			return -EIO;
+		}
+	}
+	return *ret;
+}
+
+static void io_drain(struct io_ctx *io)
+{
+	while (io->inflight > 0) {
+		int r = event_base_loop(io->base, EVLOOP_ONCE);
+		if (r < 0 || (r == 1 && io->inflight > 0)) {
+			fprintf(stderr, "qsm io: %d aio request(s) never completed\n", io->inflight);
+			return;
+		}
+	}
+}
+
+static int do_readv(struct io_ctx *io, int64_t offset, struct iovec *iov, int iovcnt)
+{
+	int ret = NOT_DONE;
+	int r = check_range(io, offset, (int64_t)qsm_iov_size(iov, iovcnt));
+
+	if (r < 0 || qsm_iov_size(iov, iovcnt) == 0)
+		return r;
+	r = qsm_readv(io->img, (uint64_t)offset, iov, iovcnt, done_cb, &ret);
+	return r < 0 ? r : io_wait(io, &ret);
+}
+
+static int do_writev(struct io_ctx *io, int64_t offset, struct iovec *iov, int iovcnt, bool fua)
+{
+	int ret = NOT_DONE;
+	int r = check_range(io, offset, (int64_t)qsm_iov_size(iov, iovcnt));
+
+	if (r < 0 || qsm_iov_size(iov, iovcnt) == 0)
+		return r;
+	r = qsm_writev(io->img, (uint64_t)offset, iov, iovcnt, done_cb, &ret);
+	r = r < 0 ? r : io_wait(io, &ret);
+	/* FUA: durable when complete; the API has no per-request flag. */
+	if (r == 0 && fua)
+		r = qsm_sync_flush(io->img);
+	return r;
+}
+
+/* Allocation status of [offset, offset+bytes): 1 allocated, 0 not, *pnum the
+ * run length (0 at or past the end of the image), or a negative errno. */
+static int is_allocated(struct io_ctx *io, int64_t offset, int64_t bytes, int64_t *pnum)
+{
+	uint64_t size = image_size(io);
+	struct qsm_extent e;
+	int r;
+
+	*pnum = 0;
+	if (bytes <= 0 || (uint64_t)offset >= size)
+		return 0;
+	bytes = (int64_t)QSM_MIN((uint64_t)bytes, size - (uint64_t)offset);
+	r = qsm_sync_block_status(io->img, (uint64_t)offset, (uint64_t)bytes, &e);
+	if (r < 0)
+		return r;
+	*pnum = (int64_t)QSM_MIN(e.length, (uint64_t)bytes);
+	return !!(e.flags & QSM_STATUS_ALLOCATED);
+}
+
+/* Lengths for readv/writev/aio_*: one buffer, split into an iovec. */
+static void *create_iovec(struct io_ctx *io, struct iovec **piov, char **argv, int nr, int pattern,
+			  size_t *total)
+{
+	struct iovec *iov = calloc((size_t)nr, sizeof(*iov));
+	size_t count = 0;
+	char *buf = NULL, *p;
+
+	if (!iov)
+		return NULL;
+	for (int i = 0; i < nr; i++) {
+		int64_t len;
+		int r = cli_cvtnum(argv[i], &len);
+		if (r < 0) {
+			print_cvtnum_err(r, argv[i]);
+			goto fail;
+		}
+		if (len > IO_MAX_BYTES) {
+			printf("Argument '%s' exceeds maximum size %" PRIu64 "\n", argv[i],
+			       (uint64_t)IO_MAX_BYTES);
+			goto fail;
+		}
+		if (count > (size_t)(IO_MAX_BYTES - len)) {
+			printf("The total number of bytes exceed the maximum size %" PRIu64 "\n",
+			       (uint64_t)IO_MAX_BYTES);
+			goto fail;
+		}
+		iov[i].iov_len = (size_t)len;
+		count += (size_t)len;
+	}
+	buf = p = io_alloc(io, count, pattern);
+	if (!buf)
+		goto fail;
+	for (int i = 0; i < nr; i++) {
+		iov[i].iov_base = p;
+		p += iov[i].iov_len;
+	}
+	*piov = iov;
+	*total = count;
+	return buf;
+fail:
+	free(iov);
+	return NULL;
+}
+
+/* --- read / readv / write / writev --------------------------------------- */
+
+static int read_f(struct io_ctx *io, int argc, char **argv)
+{
+	const struct io_cmd *self = find_cmd("read");
+	bool Cflag = false, qflag = false, vflag = false, Pflag = false, sflag = false,
+	     lflag = false, bflag = false;
+	int64_t offset, count, poff = 0, pcount = 0;
+	int c, r, pattern = 0;
+	char *buf;
+
+	while ((c = getopt(argc, argv, "bCl:pP:qs:v")) != -1) {
+		switch (c) {
+		case 'b':
+			bflag = true;
+			break;
+		case 'C':
+			Cflag = true;
+			break;
+		case 'l':
+			lflag = true;
+			if ((r = cli_cvtnum(optarg, &pcount)) < 0) {
+				print_cvtnum_err(r, optarg);
+				return r;
+			}
+			break;
+		case 'p':
+			break;
+		case 'P':
+			Pflag = true;
+			if ((pattern = parse_pattern(optarg)) < 0)
+				return -EINVAL;
+			break;
+		case 'q':
+			qflag = true;
+			break;
+		case 's':
+			sflag = true;
+			if ((r = cli_cvtnum(optarg, &poff)) < 0) {
+				print_cvtnum_err(r, optarg);
+				return r;
+			}
+			break;
+		case 'v':
+			vflag = true;
+			break;
+		default:
+			usage_line(self);
+			return -EINVAL;
+		}
+	}
+	if (optind != argc - 2) {
+		usage_line(self);
+		return -EINVAL;
+	}
+	if ((r = cli_cvtnum(argv[optind], &offset)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		return r;
+	}
+	optind++;
+	if ((r = cli_cvtnum(argv[optind], &count)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		return r;
+	} else if (count > IO_MAX_BYTES) {
+		printf("length cannot exceed %" PRIu64 ", given %s\n", (uint64_t)IO_MAX_BYTES,
+		       argv[optind]);
+		return -EINVAL;
+	}
+	if (!Pflag && (lflag || sflag)) {
+		usage_line(self);
+		return -EINVAL;
+	}
+	if (!lflag)
+		pcount = count - poff;
+	if (pcount < 0 || pcount + poff > count) {
+		printf("pattern verification range exceeds end of read data\n");
+		return -EINVAL;
+	}
+	if (bflag) {
+		printf("read failed: %s\n", strerror(ENOTSUP));
+		return -ENOTSUP;
+	}
+
+	buf = io_alloc(io, (size_t)count, 0xab);
+	if (!buf) {
+		printf("read failed: %s\n", strerror(ENOMEM));
+		return -ENOMEM;
+	}
+	struct iovec iov = { buf, (size_t)count };
+	struct timespec t1 = tnow();
+	r = do_readv(io, offset, &iov, 1);
+	struct timespec t2 = tnow();
+	if (r < 0) {
+		printf("read failed: %s\n", strerror(-r));
+		goto out;
+	}
+	if (Pflag) {
+		for (int64_t i = 0; i < pcount; i++) {
+			if ((uint8_t)buf[poff + i] != pattern) {
+				printf("Pattern verification failed at offset %" PRId64 ", %" PRId64
+				       " bytes\n", offset + poff, pcount);
+				r = -EINVAL;
+				break;
+			}
+		}
+	}
+	if (qflag)
+		goto out;
+	if (vflag)
+		dump_buffer(buf, offset, count);
+	print_report("read", tsub(t2, t1), offset, count, count, 1, Cflag);
+out:
+	io_free(io, buf);
+	return r;
+}
+
+static int readv_f(struct io_ctx *io, int argc, char **argv)
+{
+	const struct io_cmd *self = find_cmd("readv");
+	bool Cflag = false, qflag = false, vflag = false, Pflag = false;
+	int c, r, pattern = 0;
+	int64_t offset;
+	struct iovec *iov = NULL;
+	size_t total;
+	char *buf;
+
+	while ((c = getopt(argc, argv, "CP:qv")) != -1) {
+		switch (c) {
+		case 'C':
+			Cflag = true;
+			break;
+		case 'P':
+			Pflag = true;
+			if ((pattern = parse_pattern(optarg)) < 0)
+				return -EINVAL;
+			break;
+		case 'q':
+			qflag = true;
+			break;
+		case 'v':
+			vflag = true;
+			break;
+		default:
+			usage_line(self);
+			return -EINVAL;
+		}
+	}
+	if (optind > argc - 2) {
+		usage_line(self);
+		return -EINVAL;
+	}
+	if ((r = cli_cvtnum(argv[optind], &offset)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		return r;
+	}
+	optind++;
+	buf = create_iovec(io, &iov, &argv[optind], argc - optind, 0xab, &total);
+	if (!buf)
+		return -EINVAL;
+	struct timespec t1 = tnow();
+	r = do_readv(io, offset, iov, argc - optind);
+	struct timespec t2 = tnow();
+	if (r < 0) {
+		printf("readv failed: %s\n", strerror(-r));
+		goto out;
+	}
+	if (Pflag) {
+		for (size_t i = 0; i < total; i++) {
+			if ((uint8_t)buf[i] != pattern) {
+				printf("Pattern verification failed at offset %" PRId64 ", %zu bytes\n",
+				       offset, total);
+				r = -EINVAL;
+				break;
+			}
+		}
+	}
+	if (qflag)
+		goto out;
+	if (vflag)
+		dump_buffer(buf, offset, (int64_t)total);
+	print_report("read", tsub(t2, t1), offset, (int64_t)total, (int64_t)total, 1, Cflag);
+out:
+	free(iov);
+	io_free(io, buf);
+	return r;
+}
+
+static int write_f(struct io_ctx *io, int argc, char **argv)
+{
+	const struct io_cmd *self = find_cmd("write");
+	bool Cflag = false, qflag = false, bflag = false, Pflag = false, zflag = false,
+	     cflag = false, sflag = false, fua = false, unmap = false, nofallback = false;
+	int c, r, pattern = 0xcd;
+	int64_t offset, count;
+	char *buf = NULL;
+
+	while ((c = getopt(argc, argv, "bcCfnpP:qs:uz")) != -1) {
+		switch (c) {
+		case 'b':
+			bflag = true;
+			break;
+		case 'c':
+			cflag = true;
+			break;
+		case 'C':
+			Cflag = true;
+			break;
+		case 'f':
+			fua = true;
+			break;
+		case 'n':
+			nofallback = true;
+			break;
+		case 'p':
+			break;
+		case 'P':
+			Pflag = true;
+			if ((pattern = parse_pattern(optarg)) < 0)
+				return -EINVAL;
+			break;
+		case 'q':
+			qflag = true;
+			break;
+		case 's':
+			sflag = true;
+			break;
+		case 'u':
+			unmap = true;
+			break;
+		case 'z':
+			zflag = true;
+			break;
+		default:
+			usage_line(self);
+			return -EINVAL;
+		}
+	}
+	if (optind != argc - 2) {
+		usage_line(self);
+		return -EINVAL;
+	}
+	if (bflag && zflag) {
+		printf("-b and -z cannot be specified at the same time\n");
+		return -EINVAL;
+	}
+	if (fua && (bflag || cflag)) {
+		printf("-f and -b or -c cannot be specified at the same time\n");
+		return -EINVAL;
+	}
+	if (nofallback && !zflag) {
+		printf("-n requires -z to be specified\n");
+		return -EINVAL;
+	}
+	if (unmap && !zflag) {
+		printf("-u requires -z to be specified\n");
+		return -EINVAL;
+	}
+	if (zflag + Pflag + sflag > 1) {
+		printf("Only one of -z, -P, and -s can be specified at the same time\n");
+		return -EINVAL;
+	}
+	if ((r = cli_cvtnum(argv[optind], &offset)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		return r;
+	}
+	optind++;
+	if ((r = cli_cvtnum(argv[optind], &count)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		return r;
+	} else if (count > IO_MAX_BYTES && !nofallback) {
+		printf("length cannot exceed %" PRIu64 " without -n, given %s\n",
+		       (uint64_t)IO_MAX_BYTES, argv[optind]);
+		return -EINVAL;
+	}
+	if (bflag || cflag) {
+		if (!QSM_IS_ALIGNED((uint64_t)offset, 512)) {
+			printf("%" PRId64 " is not a sector-aligned value for 'offset'\n", offset);
+			return -EINVAL;
+		}
+		if (!QSM_IS_ALIGNED((uint64_t)count, 512)) {
+			printf("%" PRId64 " is not a sector-aligned value for 'count'\n", count);
+			return -EINVAL;
+		}
+	}
+	if (bflag || cflag || sflag) {
+		/* VM state, compressed writes and pattern files: not in the API. */
+		printf("write failed: %s\n", strerror(ENOTSUP));
+		return -ENOTSUP;
+	}
+	if (!zflag && !(buf = io_alloc(io, (size_t)count, pattern))) {
+		printf("write failed: %s\n", strerror(ENOMEM));
+		return -ENOMEM;
+	}
+
+	struct timespec t1 = tnow();
+	if (zflag) {
+		r = check_range(io, offset, count);
+		if (r == 0 && count > 0)
+			r = qsm_sync_write_zeroes(io->img, (uint64_t)offset, (uint64_t)count,
+						  unmap ? QSM_ZERO_MAY_UNMAP : 0);
+		if (r == 0 && fua)
+			r = qsm_sync_flush(io->img);
+	} else {
+		struct iovec iov = { buf, (size_t)count };
+		r = do_writev(io, offset, &iov, 1, fua);
+	}
+	struct timespec t2 = tnow();
+	if (r < 0) {
+		printf("write failed: %s\n", strerror(-r));
+		goto out;
+	}
+	if (!qflag)
+		print_report("wrote", tsub(t2, t1), offset, count, count, 1, Cflag);
+out:
+	io_free(io, buf);
+	return r;
+}
+
+static int writev_f(struct io_ctx *io, int argc, char **argv)
+{
+	const struct io_cmd *self = find_cmd("writev");
+	bool Cflag = false, qflag = false, fua = false;
+	int c, r, pattern = 0xcd;
+	int64_t offset;
+	struct iovec *iov = NULL;
+	size_t total;
+	char *buf;
+
+	while ((c = getopt(argc, argv, "CfqP:")) != -1) {
+		switch (c) {
+		case 'C':
+			Cflag = true;
+			break;
+		case 'f':
+			fua = true;
+			break;
+		case 'q':
+			qflag = true;
+			break;
+		case 'P':
+			if ((pattern = parse_pattern(optarg)) < 0)
+				return -EINVAL;
+			break;
+		default:
+			usage_line(self);
+			return -EINVAL;
+		}
+	}
+	if (optind > argc - 2) {
+		usage_line(self);
+		return -EINVAL;
+	}
+	if ((r = cli_cvtnum(argv[optind], &offset)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		return r;
+	}
+	optind++;
+	buf = create_iovec(io, &iov, &argv[optind], argc - optind, pattern, &total);
+	if (!buf)
+		return -EINVAL;
+	struct timespec t1 = tnow();
+	r = do_writev(io, offset, iov, argc - optind, fua);
+	struct timespec t2 = tnow();
+	if (r < 0) {
+		printf("writev failed: %s\n", strerror(-r));
+		goto out;
+	}
+	if (!qflag)
+		print_report("wrote", tsub(t2, t1), offset, (int64_t)total, (int64_t)total, 1, Cflag);
+out:
+	free(iov);
+	io_free(io, buf);
+	return r;
+}
+
+/* --- aio_read / aio_write / aio_flush ------------------------------------ */
+
+/* One asynchronous request; freed by its completion. */
+struct aio_req {
+	struct io_ctx *io;
+	struct iovec *iov;
+	int iovcnt;
+	char *buf;
+	size_t size;
+	int64_t offset;
+	bool qflag, vflag, Cflag, Pflag, zflag, fua;
+	int pattern;
+	struct timespec t1;
+};
+
+static void aio_req_free(struct aio_req *a)
+{
+	a->io->inflight--;
+	free(a->iov);
+	io_free(a->io, a->buf);
+	free(a);
+}
+
+static void aio_write_done(void *opaque, int ret)
+{
+	struct aio_req *a = opaque;
+	struct timespec t2 = tnow();
+
+	if (ret == 0 && a->fua && a->size) {
+		/* -f: make it durable before reporting, as FUA would. */
+		ret = qsm_flush(a->io->img, aio_write_done, a);
+		if (ret == 0) {
+			a->fua = false;
+			return;
+		}
+	}
+	if (ret < 0)
+		printf("aio_write failed: %s\n", strerror(-ret));
+	else if (!a->qflag)
+		print_report("wrote", tsub(t2, a->t1), a->offset, (int64_t)a->size,
+			     (int64_t)a->size, 1, a->Cflag);
+	aio_req_free(a);
+}
+
+static void aio_read_done(void *opaque, int ret)
+{
+	struct aio_req *a = opaque;
+	struct timespec t2 = tnow();
+
+	if (ret < 0) {
+		printf("readv failed: %s\n", strerror(-ret));
+		goto out;
+	}
+	if (a->Pflag) {
+		for (size_t i = 0; i < a->size; i++) {
+			if ((uint8_t)a->buf[i] != a->pattern) {
+				printf("Pattern verification failed at offset %" PRId64 ", %zu bytes\n",
+				       a->offset, a->size);
+				break;
+			}
+		}
+	}
+	if (a->qflag)
+		goto out;
+	if (a->vflag)
+		dump_buffer(a->buf, a->offset, (int64_t)a->size);
+	print_report("read", tsub(t2, a->t1), a->offset, (int64_t)a->size, (int64_t)a->size, 1,
+		     a->Cflag);
+out:
+	aio_req_free(a);
+}
+
+/* Zero-length or out-of-range requests never reach the engine (and a
+ * refused submit never runs its callback); complete them from the loop
+ * like any other so that their messages come out the same way. */
+struct aio_later {
+	struct aio_req *a;
+	qsm_cb cb;
+	int ret;
+};
+
+static void aio_later_cb(evutil_socket_t fd, short what, void *opaque)
+{
+	struct aio_later *l = opaque;
+
+	l->cb(l->a, l->ret);
+	free(l);
+}
+
+static void aio_complete_later(struct aio_req *a, qsm_cb cb, int ret)
+{
+	struct aio_later *l = malloc(sizeof(*l));
+	struct timeval tv = { 0, 0 };
+
+	if (!l) {
+		cb(a, ret);
+		return;
+	}
+	l->a = a;
+	l->cb = cb;
+	l->ret = ret;
+	if (event_base_once(a->io->base, -1, EV_TIMEOUT, aio_later_cb, l, &tv) < 0) {
+		free(l);
+		cb(a, ret);
+	}
+}
+
+static int aio_submit(struct aio_req *a, bool write, unsigned zflags)
+{
+	struct io_ctx *io = a->io;
+	int r = check_range(io, a->offset, (int64_t)a->size);
+	qsm_cb cb = write ? aio_write_done : aio_read_done;
+
+	io->inflight++;
+	a->t1 = tnow();
+	if (r == 0 && a->size == 0)
+		a->fua = false;
+	if (r < 0 || a->size == 0) {
+		aio_complete_later(a, cb, r);
+		return 0;
+	}
+	if (a->zflag)
+		r = qsm_write_zeroes(io->img, (uint64_t)a->offset, a->size, zflags, cb, a);
+	else if (write)
+		r = qsm_writev(io->img, (uint64_t)a->offset, a->iov, a->iovcnt, cb, a);
+	else
+		r = qsm_readv(io->img, (uint64_t)a->offset, a->iov, a->iovcnt, cb, a);
+	if (r < 0)
+		aio_complete_later(a, cb, r);
+	return 0;
+}
+
+static int aio_read_f(struct io_ctx *io, int argc, char **argv)
+{
+	const struct io_cmd *self = find_cmd("aio_read");
+	struct aio_req *a = calloc(1, sizeof(*a));
+	int c, r;
+
+	if (!a)
+		return -ENOMEM;
+	a->io = io;
+	while ((c = getopt(argc, argv, "CP:iqv")) != -1) {
+		switch (c) {
+		case 'C':
+			a->Cflag = true;
+			break;
+		case 'P':
+			a->Pflag = true;
+			if ((a->pattern = parse_pattern(optarg)) < 0) {
+				free(a);
+				return -EINVAL;
+			}
+			break;
+		case 'i':
+			printf("injecting invalid read request\n");
+			free(a);
+			return 0;
+		case 'q':
+			a->qflag = true;
+			break;
+		case 'v':
+			a->vflag = true;
+			break;
+		default:
+			free(a);
+			usage_line(self);
+			return -EINVAL;
+		}
+	}
+	if (optind > argc - 2) {
+		free(a);
+		usage_line(self);
+		return -EINVAL;
+	}
+	if ((r = cli_cvtnum(argv[optind], &a->offset)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		free(a);
+		return r;
+	}
+	optind++;
+	a->iovcnt = argc - optind;
+	a->buf = create_iovec(io, &a->iov, &argv[optind], a->iovcnt, 0xab, &a->size);
+	if (!a->buf) {
+		free(a);
+		return -EINVAL;
+	}
+	return aio_submit(a, false, 0);
+}
+
+static int aio_write_f(struct io_ctx *io, int argc, char **argv)
+{
+	const struct io_cmd *self = find_cmd("aio_write");
+	struct aio_req *a = calloc(1, sizeof(*a));
+	int c, r, pattern = 0xcd;
+	bool unmap = false;
+
+	if (!a)
+		return -ENOMEM;
+	a->io = io;
+	while ((c = getopt(argc, argv, "CfiqP:uz")) != -1) {
+		switch (c) {
+		case 'C':
+			a->Cflag = true;
+			break;
+		case 'f':
+			a->fua = true;
+			break;
+		case 'q':
+			a->qflag = true;
+			break;
+		case 'u':
+			unmap = true;
+			break;
+		case 'P':
+			if ((pattern = parse_pattern(optarg)) < 0) {
+				free(a);
+				return -EINVAL;
+			}
+			break;
+		case 'i':
+			printf("injecting invalid write request\n");
+			free(a);
+			return 0;
+		case 'z':
+			a->zflag = true;
+			break;
+		default:
+			free(a);
+			usage_line(self);
+			return -EINVAL;
+		}
+	}
+	if (optind > argc - 2) {
+		free(a);
+		usage_line(self);
+		return -EINVAL;
+	}
+	if (a->zflag && optind != argc - 2) {
+		printf("-z supports only a single length parameter\n");
+		free(a);
+		return -EINVAL;
+	}
+	if (unmap && !a->zflag) {
+		printf("-u requires -z to be specified\n");
+		free(a);
+		return -EINVAL;
+	}
+	if ((r = cli_cvtnum(argv[optind], &a->offset)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		free(a);
+		return r;
+	}
+	optind++;
+	if (a->zflag) {
+		int64_t count;
+		if ((r = cli_cvtnum(argv[optind], &count)) < 0) {
+			print_cvtnum_err(r, argv[optind]);
+			free(a);
+			return r;
+		}
+		a->size = (size_t)count;
+	} else {
+		a->iovcnt = argc - optind;
+		a->buf = create_iovec(io, &a->iov, &argv[optind], a->iovcnt, pattern, &a->size);
+		if (!a->buf) {
+			free(a);
+			return -EINVAL;
+		}
+	}
+	return aio_submit(a, true, unmap ? QSM_ZERO_MAY_UNMAP : 0);
+}
+
+static int aio_flush_f(struct io_ctx *io, int argc, char **argv)
+{
+	io_drain(io);
+	return 0;
+}
+
+/* --- flush, discard, truncate, length, info, alloc, map ------------------ */
+
+static int flush_f(struct io_ctx *io, int argc, char **argv)
+{
+	int r = qsm_sync_flush(io->img);
+
+	/* qemu-io prints nothing on stdout here; say why on stderr. */
+	if (r < 0)
+		fprintf(stderr, "qsm io: flush failed: %s\n", strerror(-r));
+	return r;
+}
+
+static int discard_f(struct io_ctx *io, int argc, char **argv)
+{
+	const struct io_cmd *self = find_cmd("discard");
+	bool Cflag = false, qflag = false;
+	int64_t offset, bytes;
+	int c, r;
+
+	while ((c = getopt(argc, argv, "Cq")) != -1) {
+		switch (c) {
+		case 'C':
+			Cflag = true;
+			break;
+		case 'q':
+			qflag = true;
+			break;
+		default:
+			usage_line(self);
+			return -EINVAL;
+		}
+	}
+	if (optind != argc - 2) {
+		usage_line(self);
+		return -EINVAL;
+	}
+	if ((r = cli_cvtnum(argv[optind], &offset)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		return r;
+	}
+	optind++;
+	if ((r = cli_cvtnum(argv[optind], &bytes)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		return r;
+	} else if (bytes > IO_MAX_BYTES) {
+		printf("length cannot exceed %" PRIu64 ", given %s\n", (uint64_t)IO_MAX_BYTES,
+		       argv[optind]);
+		return -EINVAL;
+	}
+	struct timespec t1 = tnow();
+	r = check_range(io, offset, bytes);
+	if (r == 0 && bytes > 0)
+		r = qsm_sync_discard(io->img, (uint64_t)offset, (uint64_t)bytes);
+	struct timespec t2 = tnow();
+	if (r < 0) {
+		printf("discard failed: %s\n", strerror(-r));
+		return r;
+	}
+	if (!qflag)
+		print_report("discard", tsub(t2, t1), offset, bytes, bytes, 1, Cflag);
+	return 0;
+}
+
+static int truncate_f(struct io_ctx *io, int argc, char **argv)
+{
+	const struct io_cmd *self = find_cmd("truncate");
+	int64_t offset;
+	int c, r;
+
+	while ((c = getopt(argc, argv, "m:")) != -1) {
+		switch (c) {
+		case 'm':
+			if (strcmp(optarg, "off")) {
+				fprintf(stderr, "qsm io: Invalid preallocation mode '%s'\n", optarg);
+				return -EINVAL;
+			}
+			break;
+		default:
+			usage_line(self);
+			return -EINVAL;
+		}
+	}
+	if (optind != argc - 1) {
+		usage_line(self);
+		return -EINVAL;
+	}
+	if ((r = cli_cvtnum(argv[optind], &offset)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		return r;
+	}
+	if ((uint64_t)offset == image_size(io))
+		return 0;
+	/* sm/qsm.h has no resize yet. */
+	fprintf(stderr, "qsm io: Image resizing is not supported by qsm yet\n");
+	return -ENOTSUP;
+}
+
+static int length_f(struct io_ctx *io, int argc, char **argv)
+{
+	char s[64];
+
+	cli_cvtstr((double)image_size(io), s, sizeof(s));
+	printf("%s\n", s);
+	return 0;
+}
+
+static int info_f(struct io_ctx *io, int argc, char **argv)
+{
+	struct qsm_info info;
+	char s1[64], s2[64];
+
+	qsm_get_info(io->img, &info);
+	/* vm_state_offset: the virtual size rounded up to whole L2 tables. */
+	uint64_t l2_cover = info.cluster_size * (info.cluster_size / 8);
+	uint64_t vmstate = QSM_DIV_ROUND_UP(info.virtual_size, l2_cover) * l2_cover;
+	printf("format name: qcow2\n");
+	cli_cvtstr((double)info.cluster_size, s1, sizeof(s1));
+	cli_cvtstr((double)vmstate, s2, sizeof(s2));
+	printf("cluster size: %s\n", s1);
+	printf("vm state offset: %s\n", s2);
+	printf("Format specific information:\n");
+	cli_print_qcow2_specific(&info);
+	return 0;
+}
+
+static int alloc_f(struct io_ctx *io, int argc, char **argv)
+{
+	int64_t offset, start, count, remaining, num, sum = 0;
+	char s1[64];
+	int r;
+
+	if ((r = cli_cvtnum(argv[1], &offset)) < 0) {
+		print_cvtnum_err(r, argv[1]);
+		return r;
+	}
+	start = offset;
+	if (argc == 3) {
+		if ((r = cli_cvtnum(argv[2], &count)) < 0) {
+			print_cvtnum_err(r, argv[2]);
+			return r;
+		}
+	} else {
+		count = 512;
+	}
+	remaining = count;
+	while (remaining) {
+		r = is_allocated(io, offset, remaining, &num);
+		if (r < 0) {
+			printf("is_allocated failed: %s\n", strerror(-r));
+			return r;
+		}
+		offset += num;
+		remaining -= num;
+		if (r)
+			sum += num;
+		if (num == 0) {
+			count -= remaining;
+			remaining = 0;
+		}
+	}
+	cli_cvtstr((double)start, s1, sizeof(s1));
+	printf("%" PRId64 "/%" PRId64 " bytes allocated at offset %s\n", sum, count, s1);
+	return 0;
+}
+
+/* Runs of equal allocation status, merged as qemu-io's map_is_allocated(). */
+static int map_is_allocated(struct io_ctx *io, int64_t offset, int64_t bytes, int64_t *pnum)
+{
+	int64_t num;
+	int ret, first;
+
+	ret = is_allocated(io, offset, QSM_MIN(bytes, IO_MAX_BYTES), &num);
+	if (ret < 0)
+		return ret;
+	first = ret;
+	*pnum = num;
+	while (bytes > 0 && ret == first) {
+		offset += num;
+		bytes -= num;
+		ret = is_allocated(io, offset, QSM_MIN(bytes, IO_MAX_BYTES), &num);
+		if (ret == first && num)
+			*pnum += num;
+		else
+			break;
+	}
+	return first;
+}
+
+static int map_f(struct io_ctx *io, int argc, char **argv)
+{
+	int64_t offset = 0, bytes = (int64_t)image_size(io), num;
+	char s1[64], s2[64];
+
+	while (bytes) {
+		int r = map_is_allocated(io, offset, bytes, &num);
+		if (r < 0) {
+			fprintf(stderr, "qsm io: Failed to get allocation status: %s\n", strerror(-r));
+			return r;
+		} else if (!num) {
+			fprintf(stderr, "qsm io: Unexpected end of image\n");
+			return -EIO;
+		}
+		cli_cvtstr((double)num, s1, sizeof(s1));
+		cli_cvtstr((double)offset, s2, sizeof(s2));
+		printf("%s (0x%" PRIx64 ") bytes %s at offset %s (0x%" PRIx64 ")\n", s1,
+		       (uint64_t)num, r ? "    allocated" : "not allocated", s2, (uint64_t)offset);
+		offset += num;
+		bytes -= num;
+	}
+	return 0;
+}
+
+/* --- open, close, reopen --------------------------------------------------- */
+
+static void trace_cb(void *opaque, const struct qsm_trace_event *ev)
+{
+	FILE *f = opaque;
+
+	fprintf(f, "%" PRIu64 ".%09" PRIu64 " req#%" PRIu64 " %s %" PRIu64 "+%" PRIu64
+		" %s --%s--> %s ret=%d meta=0x%" PRIx64 "\n",
+		ev->time_ns / 1000000000, ev->time_ns % 1000000000, ev->req_id, ev->kind,
+		ev->offset, ev->bytes, ev->from, ev->event, ev->to, ev->ret, ev->meta_offset);
+}
+
+static int io_open(struct io_ctx *io, const char *path, const struct qsm_open_opts *oo)
+{
+	char err[512] = "";
+	int r;
+
+	if (io->img) {
+		fprintf(stderr, "qsm io: file open already, try 'help close'\n");
+		return -EBUSY;
+	}
+	r = qsm_open(io->base, path, oo, &io->img, err, sizeof(err));
+	if (r < 0) {
+		io->img = NULL;
+		fprintf(stderr, "qsm io: can't open device %s: %s\n", path,
+			err[0] ? err : qsm_strerror(r));
+		return r;
+	}
+	free(io->path);
+	io->path = strdup(path);
+	io->oo = *oo;
+	if (io->trace)
+		qsm_set_trace(io->img, trace_cb, io->trace);
+	return 0;
+}
+
+static int io_close(struct io_ctx *io)
+{
+	int r = 0;
+
+	if (!io->img)
+		return 0;
+	io_drain(io);
+	r = qsm_close(io->img);
+	io->img = NULL;
+	if (r < 0)
+		fprintf(stderr, "qsm io: closing %s: %s\n", io->path, qsm_strerror(r));
+	return r;
+}
+
+/* Apply qemu-style block options ("read-only=on,cache.direct=on,..."). */
+static int apply_open_opts(struct qsm_open_opts *oo, const char *s, bool *ro_given)
+{
+	struct cli_opts o = { 0 };
+	int r = cli_opts_parse(&o, s);
+
+	for (int i = 0; r == 0 && i < o.n; i++) {
+		const char *k = o.v[i].key, *v = o.v[i].val;
+		bool b = false;
+		if (!strcmp(k, "driver")) {
+			if (strcmp(v, "qcow2")) {
+				fprintf(stderr, "qsm io: Unknown driver '%s' (qsm opens qcow2 only)\n", v);
+				r = -EINVAL;
+			}
+		} else if (!strcmp(k, "read-only")) {
+			if ((r = cli_parse_bool(v, &b)) == 0) {
+				oo->read_only = b;
+				if (ro_given)
+					*ro_given = true;
+			}
+		} else if (!strcmp(k, "cache.direct")) {
+			if ((r = cli_parse_bool(v, &b)) == 0) {
+				bool sync = oo->cache == QSM_CACHE_WRITETHROUGH ||
+					    oo->cache == QSM_CACHE_DIRECTSYNC;
+				oo->cache = b ? (sync ? QSM_CACHE_DIRECTSYNC : QSM_CACHE_NONE)
+					      : (sync ? QSM_CACHE_WRITETHROUGH : QSM_CACHE_WRITEBACK);
+			}
+		} else if (!strcmp(k, "cache.no-flush")) {
+			if ((r = cli_parse_bool(v, &b)) == 0 && b)
+				oo->cache = QSM_CACHE_UNSAFE;
+		} else if (!strcmp(k, "l2-cache-size")) {
+			r = cli_parse_size(v, &oo->l2_cache_size);
+		} else if (!strcmp(k, "aio")) {
+			if (strcmp(v, "threads") && strcmp(v, "io_uring"))
+				r = -EINVAL;
+			else
+				oo->aio = !strcmp(v, "threads") ? "threads" : "io_uring";
+		} else {
+			fprintf(stderr, "qsm io: Block format 'qcow2' does not support the option '%s'\n", k);
+			r = -EINVAL;
+			continue;
+		}
+		if (r == -EINVAL && strcmp(k, "driver"))
+			fprintf(stderr, "qsm io: Invalid value '%s' for option '%s'\n", v, k);
+	}
+	cli_opts_free(&o);
+	return r;
+}
+
+static int open_f(struct io_ctx *io, int argc, char **argv)
+{
+	const struct io_cmd *self = find_cmd("open");
+	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITETHROUGH };
+	int c;
+
+	while ((c = getopt(argc, argv, "rnUo:t:i:")) != -1) {
+		switch (c) {
+		case 'r':
+			oo.read_only = true;
+			break;
+		case 'n':
+			oo.cache = QSM_CACHE_NONE;
+			break;
+		case 'U':
+			break;
+		case 't':
+			if (qsm_cache_mode_parse(optarg, &oo.cache) < 0) {
+				fprintf(stderr, "qsm io: Invalid cache option: %s\n", optarg);
+				return -EINVAL;
+			}
+			break;
+		case 'i':
+			if (strcmp(optarg, "threads") && strcmp(optarg, "io_uring")) {
+				fprintf(stderr, "qsm io: Invalid aio option: %s\n", optarg);
+				return -EINVAL;
+			}
+			oo.aio = !strcmp(optarg, "threads") ? "threads" : "io_uring";
+			break;
+		case 'o':
+			if (apply_open_opts(&oo, optarg, NULL) < 0)
+				return -EINVAL;
+			break;
+		default:
+			usage_line(self);
+			return -EINVAL;
+		}
+	}
+	if (optind != argc - 1) {
+		usage_line(self);
+		return -EINVAL;
+	}
+	return io_open(io, argv[optind], &oo) < 0 ? -EINVAL : 0;
+}
+
+static int close_f(struct io_ctx *io, int argc, char **argv)
+{
+	return io_close(io);
+}
+
+/* qsm has no reopen: drain, close, open again with the new options, and
+ * fall back to the old ones if that fails. */
+static int reopen_f(struct io_ctx *io, int argc, char **argv)
+{
+	const struct io_cmd *self = find_cmd("reopen");
+	struct qsm_open_opts oo = io->oo, old = io->oo;
+	bool has_rw = false, has_cache = false, ro_opt = false;
+	int c, r;
+
+	while ((c = getopt(argc, argv, "c:o:rw")) != -1) {
+		switch (c) {
+		case 'c':
+			if (qsm_cache_mode_parse(optarg, &oo.cache) < 0) {
+				fprintf(stderr, "qsm io: Invalid cache option: %s\n", optarg);
+				return -EINVAL;
+			}
+			has_cache = true;
+			break;
+		case 'o':
+			if (apply_open_opts(&oo, optarg, &ro_opt) < 0)
+				return -EINVAL;
+			break;
+		case 'r':
+		case 'w':
+			if (has_rw) {
+				fprintf(stderr, "qsm io: Only one -r/-w option may be given\n");
+				return -EINVAL;
+			}
+			oo.read_only = c == 'r';
+			has_rw = true;
+			break;
+		default:
+			usage_line(self);
+			return -EINVAL;
+		}
+	}
+	if (optind != argc) {
+		usage_line(self);
+		return -EINVAL;
+	}
+	if (ro_opt && has_rw) {
+		fprintf(stderr, "qsm io: Cannot set both -r/-w and 'read-only'\n");
+		return -EINVAL;
+	}
+	(void)has_cache;
+	char *path = strdup(io->path);
+	if (!path)
+		return -ENOMEM;
+	io_close(io);
+	r = io_open(io, path, &oo);
+	if (r < 0 && io_open(io, path, &old) < 0)
+		fprintf(stderr, "qsm io: could not reopen %s with its old options either\n", path);
+	free(path);
+	return r < 0 ? -EINVAL : 0;
+}
+
+/* --- quit, help, abort, sigraise, sleep ------------------------------------ */
+
+static int quit_f(struct io_ctx *io, int argc, char **argv)
+{
+	io->quit = true;
+	return 0;
+}
+
+static void help_oneline(const char *name, const struct io_cmd *c)
+{
+	printf("%s ", name);
+	if (c->args)
+		printf("%s ", c->args);
+	printf("-- %s\n", c->oneline);
+}
+
+static int help_f(struct io_ctx *io, int argc, char **argv)
+{
+	const struct io_cmd *c;
+
+	if (argc == 1) {
+		help_all();
+		return 0;
+	}
+	c = find_cmd(argv[1]);
+	if (!c) {
+		printf("command %s not found\n", argv[1]);
+		return -EINVAL;
+	}
+	help_oneline(argv[1], c);
+	if (c->help)
+		fputs(c->help, stdout);
+	return 0;
+}
+
+static int abort_f(struct io_ctx *io, int argc, char **argv)
+{
+	/* A crash: nothing written back, nothing flushed (not even stdio, as
+	 * with qemu-io's abort(3)); the exit status is abort's. */
+	if (io->img)
+		qsm_abandon(io->img);
+	_exit(128 + SIGABRT);
+}
+
+static int sigraise_f(struct io_ctx *io, int argc, char **argv)
+{
+	int64_t sig;
+	int r = cli_cvtnum(argv[1], &sig);
+
+	if (r < 0) {
+		print_cvtnum_err(r, argv[1]);
+		return r;
+	} else if (sig > NSIG) {
+		printf("signal argument '%s' is too large to be a valid signal\n", argv[1]);
+		return -EINVAL;
+	}
+	fflush(stdout);
+	fflush(stderr);
+	raise((int)sig);
+	return 0;
+}
+
+static void sleep_cb(evutil_socket_t fd, short what, void *opaque)
+{
+	*(bool *)opaque = true;
+}
+
+static int sleep_f(struct io_ctx *io, int argc, char **argv)
+{
+	char *end;
+	long ms = strtol(argv[1], &end, 0);
+	bool expired = false;
+
+	if (ms < 0 || *end != '\0') {
+		printf("%s is not a valid number\n", argv[1]);
+		return -EINVAL;
+	}
+	struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+	if (event_base_once(io->base, -1, EV_TIMEOUT, sleep_cb, &expired, &tv) < 0)
+		return -ENOMEM;
+	while (!expired)
+		event_base_loop(io->base, EVLOOP_ONCE);
+	return 0;
+}
+
+/* --- The table (alphabetical: `help` lists it in this order) -------------- */
+
+static const struct io_cmd io_cmds[] = {
+	{ "abort", NULL, abort_f, 0, 0, CMD_NOFILE_OK, NULL,
+	  "simulate a program crash using abort(3)", NULL },
+	{ "aio_flush", NULL, aio_flush_f, 0, 0, 0, NULL,
+	  "completes all outstanding aio requests", NULL },
+	{ "aio_read", NULL, aio_read_f, 2, -1, 0, "[-Ciqv] [-P pattern] off len [len..]",
+	  "asynchronously reads a number of bytes",
+	  "\n"
+	  " asynchronously reads a range of bytes from the given offset\n"
+	  "\n"
+	  " Example:\n"
+	  " 'aio_read -v 512 1k 1k ' - dumps 2 kilobytes read from 512 bytes into the file\n"
+	  "\n"
+	  " Reads a segment of the currently open file, optionally dumping it to the\n"
+	  " standard output stream (with -v option) for subsequent inspection.\n"
+	  " The read is performed asynchronously and the aio_flush command must be\n"
+	  " used to ensure all outstanding aio requests have been completed.\n"
+	  " Note that due to its asynchronous nature, this command will be\n"
+	  " considered successful once the request is submitted, independently\n"
+	  " of potential I/O errors or pattern mismatches.\n"
+	  " -C, -- report statistics in a machine parsable format\n"
+	  " -P, -- use a pattern to verify read data\n"
+	  " -i, -- treat request as invalid, for exercising stats\n"
+	  " -v, -- dump buffer to standard output\n"
+	  " -q, -- quiet mode, do not show I/O statistics\n"
+	  "\n" },
+	{ "aio_write", NULL, aio_write_f, 2, -1, CMD_WRITE, "[-Cfiquz] [-P pattern] off len [len..]",
+	  "asynchronously writes a number of bytes",
+	  "\n"
+	  " asynchronously writes a range of bytes from the given offset source\n"
+	  " from multiple buffers\n"
+	  "\n"
+	  " Example:\n"
+	  " 'aio_write 512 1k 1k' - writes 2 kilobytes at 512 bytes into the open file\n"
+	  "\n"
+	  " Writes into a segment of the currently open file, using a buffer\n"
+	  " filled with a set pattern (0xcdcdcdcd).\n"
+	  " The write is performed asynchronously and the aio_flush command must be\n"
+	  " used to ensure all outstanding aio requests have been completed.\n"
+	  " Note that due to its asynchronous nature, this command will be\n"
+	  " considered successful once the request is submitted, independently\n"
+	  " of potential I/O errors or pattern mismatches.\n"
+	  " -P, -- use different pattern to fill file\n"
+	  " -C, -- report statistics in a machine parsable format\n"
+	  " -f, -- use Force Unit Access semantics\n"
+	  " -i, -- treat request as invalid, for exercising stats\n"
+	  " -q, -- quiet mode, do not show I/O statistics\n"
+	  " -u, -- with -z, allow unmapping\n"
+	  " -z, -- write zeroes using blk_aio_pwrite_zeroes\n"
+	  "\n" },
+	{ "alloc", "a", alloc_f, 1, 2, 0, "offset [count]",
+	  "checks if offset is allocated in the file", NULL },
+	{ "close", "c", close_f, 0, 0, 0, NULL, "close the current open file", NULL },
+	{ "discard", "d", discard_f, 2, -1, CMD_WRITE, "[-Cq] off len",
+	  "discards a number of bytes at a specified offset",
+	  "\n"
+	  " discards a range of bytes from the given offset\n"
+	  "\n"
+	  " Example:\n"
+	  " 'discard 512 1k' - discards 1 kilobyte from 512 bytes into the file\n"
+	  "\n"
+	  " Discards a segment of the currently open file.\n"
+	  " -C, -- report statistics in a machine parsable format\n"
+	  " -q, -- quiet mode, do not show I/O statistics\n"
+	  "\n" },
+	{ "flush", "f", flush_f, 0, 0, 0, NULL, "flush all in-core file state to disk", NULL },
+	{ "help", "?", help_f, 0, 1, CMD_GLOBAL, "[command]", "help for one or all commands",
+	  NULL },
+	{ "info", "i", info_f, 0, 0, 0, NULL, "prints information about the current file", NULL },
+	{ "length", "l", length_f, 0, 0, 0, NULL, "gets the length of the current file", NULL },
+	{ "map", NULL, map_f, 0, 0, 0, "", "prints the allocated areas of a file", NULL },
+	{ "open", "o", open_f, 1, -1, CMD_NOFILE_OK, "[-rnU] [-t cache] [-i aio] [-o options] [path]",
+	  "open the file specified by path",
+	  "\n"
+	  " opens a new file in the requested mode\n"
+	  "\n"
+	  " Example:\n"
+	  " 'open -n -o l2-cache-size=4M /tmp/data' - opens an image read-write, uncached\n"
+	  "\n"
+	  " Opens a file for subsequent use by all of the other qemu-io commands.\n"
+	  " -r, -- open file read-only\n"
+	  " -n, -- disable host cache, short for -t none\n"
+	  " -U, -- force shared permissions (accepted, no effect)\n"
+	  " -i, -- use AIO mode (threads or io_uring)\n"
+	  " -t, -- use the given cache mode for the image\n"
+	  " -o, -- options (driver=qcow2, read-only, cache.direct, cache.no-flush,\n"
+	  "        l2-cache-size, aio)\n" },
+	{ "quit", "q", quit_f, -1, -1, CMD_GLOBAL, NULL, "exit the program", NULL },
+	{ "read", "r", read_f, 2, -1, 0, "[-abCqv] [-P pattern [-s off] [-l len]] off len",
+	  "reads a number of bytes at a specified offset",
+	  "\n"
+	  " reads a range of bytes from the given offset\n"
+	  "\n"
+	  " Example:\n"
+	  " 'read -v 512 1k' - dumps 1 kilobyte read from 512 bytes into the file\n"
+	  "\n"
+	  " Reads a segment of the currently open file, optionally dumping it to the\n"
+	  " standard output stream (with -v option) for subsequent inspection.\n"
+	  " -b, -- read from the VM state rather than the virtual disk\n"
+	  " -C, -- report statistics in a machine parsable format\n"
+	  " -l, -- length for pattern verification (only with -P)\n"
+	  " -p, -- ignored for backwards compatibility\n"
+	  " -P, -- use a pattern to verify read data\n"
+	  " -q, -- quiet mode, do not show I/O statistics\n"
+	  " -s, -- start offset for pattern verification (only with -P)\n"
+	  " -v, -- dump buffer to standard output\n"
+	  "\n" },
+	{ "readv", NULL, readv_f, 2, -1, 0, "[-Cqv] [-P pattern] off len [len..]",
+	  "reads a number of bytes at a specified offset",
+	  "\n"
+	  " reads a range of bytes from the given offset into multiple buffers\n"
+	  "\n"
+	  " Example:\n"
+	  " 'readv -v 512 1k 1k ' - dumps 2 kilobytes read from 512 bytes into the file\n"
+	  "\n"
+	  " Reads a segment of the currently open file, optionally dumping it to the\n"
+	  " standard output stream (with -v option) for subsequent inspection.\n"
+	  " Uses multiple iovec buffers if more than one byte range is specified.\n"
+	  " -C, -- report statistics in a machine parsable format\n"
+	  " -P, -- use a pattern to verify read data\n"
+	  " -v, -- dump buffer to standard output\n"
+	  " -q, -- quiet mode, do not show I/O statistics\n"
+	  "\n" },
+	{ "reopen", NULL, reopen_f, 0, -1, 0, "[(-r|-w)] [-c cache] [-o options]",
+	  "reopens an image with new options",
+	  "\n"
+	  " Changes the open options of an already opened image\n"
+	  " (qsm closes the image and opens it again)\n"
+	  "\n"
+	  " Example:\n"
+	  " 'reopen -r' - reopens the image read-only\n"
+	  "\n"
+	  " -r, -- Reopen the image read-only\n"
+	  " -w, -- Reopen the image read-write\n"
+	  " -c, -- Change the cache mode to the given value\n"
+	  " -o, -- Changes block driver options (cf. 'open' command)\n"
+	  "\n" },
+	{ "sigraise", NULL, sigraise_f, 1, 1, CMD_NOFILE_OK, "signal", "raises a signal",
+	  "\n"
+	  " raises the given signal\n"
+	  "\n"
+	  " Example:\n"
+	  " 'sigraise 15' - raises SIGTERM\n"
+	  "\n"
+	  " Invokes raise(signal), where \"signal\" is the mandatory integer argument\n"
+	  " given to sigraise.\n"
+	  "\n" },
+	{ "sleep", NULL, sleep_f, 1, 1, CMD_NOFILE_OK, NULL,
+	  "waits for the given value in milliseconds", NULL },
+	{ "truncate", "t", truncate_f, 1, 3, CMD_WRITE, "[-m prealloc_mode] off",
+	  "truncates the current file at the given offset", NULL },
+	{ "write", "w", write_f, 2, -1, CMD_WRITE,
+	  "[-bcCfnquz] [-P pattern | -s source_file] off len",
+	  "writes a number of bytes at a specified offset",
+	  "\n"
+	  " writes a range of bytes from the given offset\n"
+	  "\n"
+	  " Example:\n"
+	  " 'write 512 1k' - writes 1 kilobyte at 512 bytes into the open file\n"
+	  "\n"
+	  " Writes into a segment of the currently open file, using a buffer\n"
+	  " filled with a set pattern (0xcdcdcdcd).\n"
+	  " -b, -- write to the VM state rather than the virtual disk\n"
+	  " -c, -- write compressed data with blk_write_compressed\n"
+	  " -f, -- use Force Unit Access semantics\n"
+	  " -n, -- with -z, don't allow slow fallback\n"
+	  " -p, -- ignored for backwards compatibility\n"
+	  " -P, -- use different pattern to fill file\n"
+	  " -s, -- use a pattern file to fill the write buffer\n"
+	  " -C, -- report statistics in a machine parsable format\n"
+	  " -q, -- quiet mode, do not show I/O statistics\n"
+	  " -u, -- with -z, allow unmapping\n"
+	  " -z, -- write zeroes using blk_co_pwrite_zeroes\n"
+	  "\n" },
+	{ "writev", NULL, writev_f, 2, -1, CMD_WRITE, "[-Cfq] [-P pattern] off len [len..]",
+	  "writes a number of bytes at a specified offset",
+	  "\n"
+	  " writes a range of bytes from the given offset source from multiple buffers\n"
+	  "\n"
+	  " Example:\n"
+	  " 'writev 512 1k 1k' - writes 2 kilobytes at 512 bytes into the open file\n"
+	  "\n"
+	  " Writes into a segment of the currently open file, using a buffer\n"
+	  " filled with a set pattern (0xcdcdcdcd).\n"
+	  " -P, -- use different pattern to fill file\n"
+	  " -C, -- report statistics in a machine parsable format\n"
+	  " -f, -- use Force Unit Access semantics\n"
+	  " -q, -- quiet mode, do not show I/O statistics\n"
+	  "\n" },
+};
+static const size_t io_ncmds = sizeof(io_cmds) / sizeof(io_cmds[0]);
+
+static const struct io_cmd *find_cmd(const char *name)
+{
+	for (size_t i = 0; i < io_ncmds; i++)
+		if (!strcmp(io_cmds[i].name, name) ||
+		    (io_cmds[i].altname && !strcmp(io_cmds[i].altname, name)))
+			return &io_cmds[i];
+	return NULL;
+}
+
+static void help_all(void)
+{
+	for (size_t i = 0; i < io_ncmds; i++)
+		help_oneline(io_cmds[i].name, &io_cmds[i]);
+	printf("\nUse 'help commandname' for extended help.\n");
+}
+
+/* --- The command loop ------------------------------------------------------ */
+
+/* Run one command line; returns 0 or a negative errno (the command failed). */
+static int io_command(struct io_ctx *io, const char *line)
+{
+	char *input = strdup(line), *p = input, *tok;
+	char **argv = NULL;
+	int argc = 0, ret = 0;
+
+	if (!input)
+		return -ENOMEM;
+	/* breakline(): single spaces separate; empty fields are skipped. */
+	while ((tok = strsep(&p, " ")) != NULL) {
+		if (!*tok)
+			continue;
+		char **nv = realloc(argv, (size_t)(argc + 2) * sizeof(*argv));
+		if (!nv) {
+			ret = -ENOMEM;
+			goto out;
+		}
+		argv = nv;
+		argv[argc++] = tok;
+		argv[argc] = NULL;
+	}
+	if (!argc)
+		goto out;
+	const struct io_cmd *c = find_cmd(argv[0]);
+	if (!c) {
+		fflush(stdout);
+		fprintf(stderr, "command \"%s\" not found\n", argv[0]);
+		ret = -EINVAL;
+		goto out;
+	}
+	if (!(c->flags & CMD_GLOBAL)) {
+		if (!(c->flags & CMD_NOFILE_OK) && !io->img) {
+			fflush(stdout);
+			fprintf(stderr, "no file open, try 'help open'\n");
+			ret = -EINVAL;
+			goto out;
+		}
+		if (argc - 1 < c->argmin || (c->argmax != -1 && argc - 1 > c->argmax)) {
+			fflush(stdout);
+			if (c->argmax == -1)
+				fprintf(stderr, "bad argument count %d to %s, expected at least %d arguments\n",
+					argc - 1, argv[0], c->argmin);
+			else if (c->argmin == c->argmax)
+				fprintf(stderr, "bad argument count %d to %s, expected %d arguments\n",
+					argc - 1, argv[0], c->argmin);
+			else
+				fprintf(stderr, "bad argument count %d to %s, expected between %d and %d arguments\n",
+					argc - 1, argv[0], c->argmin, c->argmax);
+			ret = -EINVAL;
+			goto out;
+		}
+		if ((c->flags & CMD_WRITE) && io->oo.read_only) {
+			fflush(stdout);
+			fprintf(stderr, "qsm io: Block node is read-only\n");
+			ret = -EPERM;
+			goto out;
+		}
+	}
+	optind = 0;
+	ret = c->fn(io, argc, argv);
+out:
+	free(argv);
+	free(input);
+	fflush(stdout);
+	return ret;
+}
+
+static void io_usage(FILE *f)
+{
+	fprintf(f,
+		"Usage: qsm io [OPTIONS]... [-c STRING]... [file]\n"
+		"qsm disk exerciser: the qemu-io command language over libqsm\n"
+		"\n"
+		"  -c, --cmd STRING     execute command with its arguments\n"
+		"                       from the given string\n"
+		"  -f, --format FMT     specifies the block driver to use (qcow2 only)\n"
+		"  -r, --read-only      export read-only\n"
+		"  -n, --nocache        disable host cache, short for -t none\n"
+		"  -m, --misalign       misalign allocations for O_DIRECT\n"
+		"  -i, --aio=MODE       use AIO mode (threads or io_uring)\n"
+		"  -t, --cache=MODE     use the given cache mode for the image\n"
+		"                       (writeback, none, writethrough (default),\n"
+		"                       directsync, unsafe)\n"
+		"  -T, --trace FILE     write one line per request state transition to FILE\n"
+		"  -U, --force-share    force shared permissions (accepted, no effect)\n"
+		"  -h, --help           display this help and exit\n"
+		"\n"
+		"See 'qsm io -c help' for information on available commands.\n");
+}
+
+int cmd_io(int argc, char **argv)
+{
+	static const struct option lopt[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ "cmd", required_argument, NULL, 'c' },
+		{ "format", required_argument, NULL, 'f' },
+		{ "read-only", no_argument, NULL, 'r' },
+		{ "nocache", no_argument, NULL, 'n' },
+		{ "misalign", no_argument, NULL, 'm' },
+		{ "aio", required_argument, NULL, 'i' },
+		{ "cache", required_argument, NULL, 't' },
+		{ "trace", required_argument, NULL, 'T' },
+		{ "force-share", no_argument, NULL, 'U' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct io_ctx io = { 0 };
+	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITETHROUGH };
+	const char *fmt = "qcow2", *trace_path = NULL;
+	char **cmds = NULL;
+	int ncmds = 0, c, failed = 0;
+
+	optind = 0;
+	while ((c = getopt_long(argc, argv, "hc:f:rnmi:t:T:U", lopt, NULL)) != -1) {
+		switch (c) {
+		case 'h':
+			io_usage(stdout);
+			free(cmds);
+			return 0;
+		case 'c': {
+			char **nc = realloc(cmds, (size_t)(ncmds + 1) * sizeof(*cmds));
+			if (!nc) {
+				free(cmds);
+				return 1;
+			}
+			cmds = nc;
+			cmds[ncmds++] = optarg;
+			break;
+		}
+		case 'f':
+			fmt = optarg;
+			break;
+		case 'r':
+			oo.read_only = true;
+			break;
+		case 'n':
+			oo.cache = QSM_CACHE_NONE;
+			break;
+		case 'm':
+			io.misalign = true;
+			break;
+		case 'i':
+			if (strcmp(optarg, "threads") && strcmp(optarg, "io_uring")) {
+				cli_error("io", "Invalid aio option: %s", optarg);
+				free(cmds);
+				return 1;
+			}
+			oo.aio = !strcmp(optarg, "threads") ? "threads" : "io_uring";
+			break;
+		case 't':
+			if (qsm_cache_mode_parse(optarg, &oo.cache) < 0) {
+				cli_error("io", "Invalid cache option: %s", optarg);
+				free(cmds);
+				return 1;
+			}
+			break;
+		case 'T':
+			trace_path = optarg;
+			break;
+		case 'U':
+			break;
+		default:
+			io_usage(stderr);
+			free(cmds);
+			return 1;
+		}
+	}
+	if (argc - optind > 1) {
+		io_usage(stderr);
+		free(cmds);
+		return 1;
+	}
+	if (strcmp(fmt, "qcow2")) {
+		cli_error("io", "Unknown driver '%s' (qsm opens qcow2 only)", fmt);
+		free(cmds);
+		return 1;
+	}
+	io.oo = oo;
+	io.base = event_base_new();
+	if (!io.base) {
+		cli_error("io", "cannot create an event loop");
+		free(cmds);
+		return 1;
+	}
+	if (trace_path && !(io.trace = fopen(trace_path, "w"))) {
+		cli_error("io", "cannot open trace file %s: %s", trace_path, strerror(errno));
+		failed = 1;
+		goto out;
+	}
+	if (argc - optind == 1 && io_open(&io, argv[optind], &oo) < 0) {
+		failed = 1;
+		goto out;
+	}
+
+	if (ncmds) {
+		for (int i = 0; i < ncmds && !io.quit; i++)
+			if (io_command(&io, cmds[i]) < 0)
+				failed = 1;
+	} else {
+		char *line = NULL;
+		size_t cap = 0;
+		ssize_t n;
+		/* qemu-io prompts whether or not stdin is a terminal. */
+		while (!io.quit) {
+			printf("%s", IO_PROMPT);
+			fflush(stdout);
+			if ((n = getline(&line, &cap, stdin)) < 0)
+				break;
+			if (n > 0 && line[n - 1] == '\n')
+				line[n - 1] = '\0';
+			if (io_command(&io, line) < 0)
+				failed = 1;
+		}
+		free(line);
+	}
+	/* Like qemu-io: wait for outstanding aio requests, then close. */
+	if (io_close(&io) < 0)
+		failed = 1;
+out:
+	if (io.trace)
+		fclose(io.trace);
+	free(io.path);
+	free(cmds);
+	event_base_free(io.base);
+	fflush(stdout);
+	return failed;
+}
