@@ -107,6 +107,7 @@ class Gen:
         self.l2span = cluster * cluster // 8
         self.m = ByteMap(size)
         self.out = []
+        self.recent = []            # (off, len) of the last mutating commands
         r = self.r
         c = cluster
         # Hot regions: most commands land here so they overwrite, discard
@@ -184,6 +185,7 @@ class Gen:
         pat = 0 if r.random() < 0.02 else r.randint(1, 255)
         self.out.append("write -P %d %d %d" % (pat, off, n))
         self.m.assign(off, off + n, pat)
+        self.changed(off, n)
 
     def write_zeroes(self, sparse_p):
         if self.r.random() < 0.5:
@@ -192,27 +194,61 @@ class Gen:
             off, n = self.clip(self.pick_offset(sparse_p), self.pick_len(256 << 10))
         self.out.append("write -z %d %d" % (off, n))
         self.m.assign(off, off + n, 0)
+        self.changed(off, n)
 
     def write_zeroes_unmap(self, sparse_p):
         off, n = self.whole_clusters(sparse_p)
         self.out.append("write -z -u %d %d" % (off, n))
         self.m.assign(off, off + n, 0)
+        self.changed(off, n)
 
     def discard(self, sparse_p):
         off, n = self.whole_clusters(sparse_p)
         self.out.append("discard %d %d" % (off, n))
         self.m.assign(off, off + n, 0)
+        self.changed(off, n)
 
-    def read(self, sparse_p, cmd="read"):
+    def read(self, sparse_p):
+        """read -P of single-pattern runs: mostly around what a recent
+        command changed (so a lost or misplaced write is caught before it is
+        overwritten), sometimes anywhere, sometimes every run of a window."""
         r = self.r
-        x = self.pick_offset(sparse_p)
-        s, e, p = self.m.run_at(x)
+        x = r.random()
+        if self.recent and x < 0.60:
+            a0, n0 = self.recent[-1] if r.random() < 0.5 else r.choice(self.recent)
+            pt = a0 + r.randrange(n0)
+            if r.random() < 0.3:                     # just outside its edges
+                pt = r.choice([a0 - 1, a0 + n0]) if a0 > 0 and a0 + n0 < self.size else a0
+        elif self.recent and x < 0.75:
+            a0, n0 = r.choice(self.recent)
+            lo = max(0, a0 - r.randint(0, self.c))
+            hi = min(self.size, a0 + n0 + r.randint(0, self.c), lo + (256 << 10))
+            for a, b, p in list(self.m.runs(lo, hi))[:16]:
+                self.out.append("read -P %d %d %d" % (p, a, b - a))
+            return
+        else:
+            pt = self.pick_offset(sparse_p)
+        s, e, p = self.m.run_at(pt)
         a = r.randrange(s, e)
+        if r.random() < 0.4:
+            a = s                                    # from the start of the run
         if r.random() < 0.3:
-            a = s                                    # whole run from its start
+            a = max(s, pt - r.randint(0, 512))       # around the chosen point
         n = min(e - a, r.choice([512, 4096, 65536, 256 << 10]))
         n = r.randint(1, n) if r.random() < 0.5 else n
-        self.out.append("%s -P %d %d %d" % (cmd, p, a, n))
+        self.out.append("read -P %d %d %d" % (p, a, n))
+
+    def changed(self, off, n):
+        """Note a mutation; a quarter of them are read back at once (with a
+        few bytes of their neighbours when those hold the same pattern)."""
+        if self.r.random() < 0.25:
+            s, e, p = self.m.run_at(off)
+            a = max(s, off - self.r.randint(0, 64))
+            b = min(e, off + n + self.r.randint(0, 64), a + (1 << 20))
+            self.out.append("read -P %d %d %d" % (p, a, b - a))
+        self.recent.append((off, n))
+        if len(self.recent) > 8:
+            del self.recent[0]
 
     def sequential(self, n):
         # Bound the clusters allocated by sparse writes: about 64 MiB worth.

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# `qsm create -f qcow2 -o OPTS FILE SIZE` writes exactly the bytes
+# `qemu-img create` writes (cmp, including the file length), for the cluster
+# sizes, compat levels and refcount widths of the workload tests, plus a few
+# sizes that are not a multiple of an L2 table or a cluster.
+. "$(dirname "$0")/lib.sh"
+interop_init
+
+CASES=${QSM_CREATE_CASES:-"
+cluster_size=512,compat=1.1,refcount_bits=1:1G
+cluster_size=512,compat=0.10,refcount_bits=16:1G
+cluster_size=4k,compat=1.1,refcount_bits=16:1G
+cluster_size=4k,compat=0.10,refcount_bits=16:1G
+cluster_size=64k,compat=1.1,refcount_bits=64:1G
+cluster_size=64k,compat=0.10,refcount_bits=16:1G
+cluster_size=2M,compat=1.1,refcount_bits=64:1G
+cluster_size=2M,compat=0.10,refcount_bits=16:1G
+cluster_size=64k,compat=1.1,refcount_bits=16:1G
+cluster_size=64k,compat=1.1,refcount_bits=8:100M
+cluster_size=4k,compat=1.1,refcount_bits=32:12345k
+cluster_size=512,compat=1.1,refcount_bits=2:513
+cluster_size=64k,compat=1.1,refcount_bits=4:16T
+cluster_size=2M,compat=1.1,refcount_bits=16:3G
+"}
+
+i=0
+for c in $CASES; do
+    opts=${c%:*}
+    size=${c##*:}
+    i=$((i + 1))
+    q="$WORK/q$i.qcow2"
+    s="$WORK/s$i.qcow2"
+    qemu_create "$q" "$opts" "$size" || die "qemu-img create -o $opts $size failed"
+    CHECKS=$((CHECKS + 1))
+    if ! out=$("$QSM" create -f qcow2 -o "$opts" "$s" "$size" 2>&1); then
+        fail "qsm create -o $opts $size failed: $out"
+        continue
+    fi
+    CHECKS=$((CHECKS + 1))
+    if ! cmp "$q" "$s"; then
+        fail "qsm create -o $opts $size differs from qemu-img create (cmp -l | head):"
+        cmp -l "$q" "$s" 2>&1 | head -n 10 | sed 's/^/    | /'
+        ls -l "$q" "$s" | sed 's/^/    | /'
+        continue
+    fi
+    check_clean "create -o $opts $size" "$s"
+done
+
+interop_finish
