@@ -1450,8 +1450,9 @@ static int help_f(struct io_ctx *io, int argc, char **argv)
 
 static int abort_f(struct io_ctx *io, int argc, char **argv)
 {
-	/* A crash: nothing written back, nothing flushed (not even stdio, as
-	 * with qemu-io's abort(3)); the exit status is abort's. */
+	/* A crash: nothing written back or flushed to the image; the exit
+	 * status is abort(3)'s.  Unlike qemu-io, earlier commands' output is
+	 * not lost when stdout is a pipe: io_command() flushes after each. */
 	if (io->img)
 		qsm_abandon(io->img);
 	_exit(128 + SIGABRT);
