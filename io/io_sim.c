@@ -821,10 +821,18 @@ int qsm_sim_load_file(struct qsm_sim *sim, const char *path)
 	}
 	qsm_sim_reset(sim);
 	for (uint64_t off = 0; off < (uint64_t)st.st_size;) {
-		struct iovec v = { .iov_base = buf, .iov_len = QSM_SIM_CHUNK };
+		/* Skip holes where the file system reports them. */
+		if (off % QSM_SIM_CHUNK == 0) {
+			off_t data = lseek(fd, (off_t)off, SEEK_DATA);
+			if (data < 0 && errno == ENXIO)
+				break; /* only a hole is left */
+			if (data > (off_t)off)
+				off = QSM_ALIGN_DOWN((uint64_t)data, QSM_SIM_CHUNK);
+		}
 		struct qsm_io_fds f = { .fd = fd, .dfd = -1 };
-		uint64_t n = QSM_MIN((uint64_t)QSM_SIM_CHUNK, (uint64_t)st.st_size - off);
-		v.iov_len = n;
+		uint64_t n = QSM_MIN((uint64_t)QSM_SIM_CHUNK - off % QSM_SIM_CHUNK,
+				     (uint64_t)st.st_size - off);
+		struct iovec v = { .iov_base = buf, .iov_len = n };
 		ret = qsm_io_fds_rw_(&f, false, &v, 1, off, n);
 		if (ret < 0)
 			break;

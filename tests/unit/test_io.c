@@ -1,0 +1,1421 @@
+/*
+ * tests/unit/test_io.c: the io/ layer against its contracts (io/io.h, io/sim.h).
+ *
+ * Most tests are loop tests over the three backends (threads, io_uring, sim);
+ * io_uring cases skip with a message where the kernel refuses io_uring.  Every
+ * completion checks it is not running inside qsm_io_submit (contract 1) and
+ * every teardown checks that counter.  Seeds are printed on failure paths so
+ * runs replay.  Files live in $QSM_TEST_DIR or /var/tmp (not /tmp, which may
+ * be tmpfs where O_DIRECT fails); /dev/shm, when it is tmpfs, serves the
+ * cases that need a file system without O_DIRECT or ZERO_RANGE.
+ */
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+
+#include "io/io.h"
+#include "io/sim.h"
+#include "io/util.h"
+
+enum { B_THREADS, B_URING, B_SIM, B__COUNT };
+static const char *const backend_names[] = { "threads", "io_uring", "sim" };
+
+#define KiB 1024ull
+#define MiB (1024ull * 1024)
+#define TMPFS_MAGIC_ 0x01021994
+
+/* --- Harness --------------------------------------------------------------------- */
+
+static bool g_in_submit;          /* set around every qsm_io_submit */
+static unsigned g_inline;         /* completions seen while g_in_submit */
+static unsigned g_path_counter;
+
+struct env {
+	int backend;
+	struct event_base *base;
+	struct qsm_sim *sim;
+	struct qsm_io *io;
+	char path[PATH_MAX];
+};
+
+static const char *test_dir(void)
+{
+	const char *d = getenv("QSM_TEST_DIR");
+	return d && *d ? d : "/var/tmp";
+}
+
+static void env_path(struct env *e, const char *dir)
+{
+	snprintf(e->path, sizeof(e->path), "%s/qsm-test-io-%d-%u.img", dir, (int)getpid(),
+		 g_path_counter++);
+}
+
+/* Open e->io on backend b (sim: a fresh disk with this seed) on a new base.
+ * Returns false, after printing why, when the backend cannot run here. */
+static bool env_open_in(struct env *e, int b, int flags, uint64_t seed, const char *dir)
+{
+	memset(e, 0, sizeof(*e));
+	e->backend = b;
+	g_inline = 0;
+	if (b == B_URING && !qsm_io_uring_available()) {
+		fprintf(stderr, "SKIP: io_uring unavailable on this kernel\n");
+		return false;
+	}
+	e->base = event_base_new();
+	ck_assert_ptr_nonnull(e->base);
+	int ret;
+	if (b == B_SIM) {
+		e->sim = qsm_sim_new(seed);
+		ck_assert_ptr_nonnull(e->sim);
+		ret = qsm_io_open_sim(e->base, e->sim, flags, &e->io);
+	} else {
+		env_path(e, dir);
+		ret = qsm_io_open_path(e->base, e->path, flags | QSM_IO_CREATE,
+				       backend_names[b], &e->io);
+	}
+	ck_assert_msg(ret == 0, "open %s: %s", backend_names[b], strerror(-ret));
+	ck_assert_str_eq(e->io->ops->name, backend_names[b]);
+	return true;
+}
+
+static bool env_open(struct env *e, int b, int flags, uint64_t seed)
+{
+	return env_open_in(e, b, flags, seed, test_dir());
+}
+
+static void env_close(struct env *e)
+{
+	ck_assert_uint_eq(g_inline, 0);
+	if (e->io) {
+		ck_assert_uint_eq(e->io->stats.in_flight, 0);
+		qsm_io_close(e->io);
+	}
+	if (e->sim)
+		qsm_sim_free(e->sim);
+	if (e->path[0])
+		unlink(e->path);
+	event_base_free(e->base);
+}
+
+/* Run the loop until nothing is in flight on e->io (with a 60 s guard). */
+static void env_drain(struct env *e)
+{
+	uint64_t start = qsm_now_ns();
+	while (e->io->stats.in_flight > 0) {
+		event_base_loop(e->base, EVLOOP_ONCE);
+		ck_assert_msg(qsm_now_ns() - start < 60ull * 1000000000ull, "drain timed out");
+	}
+}
+
+struct treq {
+	struct qsm_io_req req;
+	int done, ret;
+	struct iovec iov[8];
+	void (*on_done)(struct treq *t);
+	void *opaque;
+	int idx;
+};
+
+static void treq_cb(struct qsm_io_req *r, int ret)
+{
+	struct treq *t = container_of(r, struct treq, req);
+	if (g_in_submit)
+		g_inline++;
+	t->done++;
+	t->ret = ret;
+	if (t->on_done)
+		t->on_done(t);
+}
+
+static void treq_set(struct treq *t, enum qsm_io_op op, uint64_t off, uint64_t len,
+		     void *buf, enum qsm_io_event ev)
+{
+	memset(&t->req, 0, sizeof(t->req));
+	t->req.op = op;
+	t->req.event = ev;
+	t->req.offset = off;
+	t->req.len = len;
+	t->req.cb = treq_cb;
+	t->done = 0;
+	t->ret = 1;
+	if (op == QSM_IO_READ || op == QSM_IO_WRITE) {
+		t->iov[0].iov_base = buf;
+		t->iov[0].iov_len = len;
+		t->req.iov = t->iov;
+		t->req.iovcnt = 1;
+	}
+}
+
+static void submit(struct qsm_io *io, struct treq *t)
+{
+	g_in_submit = true;
+	qsm_io_submit(io, &t->req);
+	g_in_submit = false;
+}
+
+/* One request, waited for; returns its result. */
+static int do_op(struct env *e, enum qsm_io_op op, uint64_t off, uint64_t len, void *buf,
+		 enum qsm_io_event ev)
+{
+	struct treq t = { 0 };
+	treq_set(&t, op, off, len, buf, ev);
+	submit(e->io, &t);
+	ck_assert_int_eq(t.done, 0); /* never inline */
+	env_drain(e);
+	ck_assert_int_eq(t.done, 1);
+	return t.ret;
+}
+
+/* Check asserts are costly (each one is reported to the runner), so byte
+ * loops find the first bad byte and assert once. */
+static bool all_zero(const uint8_t *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (p[i])
+			return false;
+	return true;
+}
+
+static void fill_pattern(uint8_t *p, size_t len, uint64_t seed)
+{
+	struct qsm_rng r;
+	qsm_rng_seed(&r, seed);
+	for (size_t i = 0; i < len; i++)
+		p[i] = (uint8_t)(qsm_rng_next(&r) | 1); /* never zero */
+}
+
+/* --- Random concurrent workload against a reference buffer ------------------------ */
+
+#define WL_SIZE (1 * MiB)
+#define WL_MAXLEN (64 * KiB)
+#define WL_SLOTS 192
+
+struct wl;
+
+struct wl_slot {
+	struct treq t;
+	uint8_t *buf;   /* WL_MAXLEN + 64 bytes, io->mem_align aligned */
+	bool busy;
+	struct wl *wl;
+};
+
+struct wl {
+	struct env *e;
+	uint8_t *ref;
+	struct qsm_rng rng;
+	struct wl_slot slots[WL_SLOTS];
+	unsigned inflight, max_inflight;
+	uint64_t completed, bytes_read, bytes_written;
+	int mode;       /* 0: byte-granular; 1: half 4 KiB-aligned (O_DIRECT path) */
+	uint64_t seed;
+};
+
+static void wl_done(struct treq *t)
+{
+	struct wl_slot *s = t->opaque;
+	struct wl *w = s->wl;
+	struct qsm_io_req *r = &t->req;
+
+	ck_assert_msg(t->ret == 0, "seed %llu: %s at %llu+%llu failed: %s",
+		      (unsigned long long)w->seed, qsm_io_op_name(r->op),
+		      (unsigned long long)r->offset, (unsigned long long)r->len, strerror(-t->ret));
+	if (r->op == QSM_IO_READ) {
+		uint8_t tmp[WL_MAXLEN];
+		qsm_iov_to_buf(r->iov, r->iovcnt, 0, tmp, r->len);
+		ck_assert_msg(memcmp(tmp, w->ref + r->offset, r->len) == 0,
+			      "seed %llu: read %llu+%llu differs from the reference",
+			      (unsigned long long)w->seed, (unsigned long long)r->offset,
+			      (unsigned long long)r->len);
+		w->bytes_read += r->len;
+	} else {
+		w->bytes_written += r->len;
+	}
+	s->busy = false;
+	w->inflight--;
+	w->completed++;
+}
+
+static bool wl_overlaps(struct wl *w, bool write, uint64_t off, uint64_t len)
+{
+	for (int i = 0; i < WL_SLOTS; i++) {
+		struct wl_slot *s = &w->slots[i];
+		if (!s->busy)
+			continue;
+		if (!write && s->t.req.op == QSM_IO_READ)
+			continue; /* reads may overlap reads */
+		if (off < s->t.req.offset + s->t.req.len && s->t.req.offset < off + len)
+			return true;
+	}
+	return false;
+}
+
+/* Start one random op in a free slot; false if the chosen range collided. */
+static bool wl_start(struct wl *w, struct wl_slot *s)
+{
+	struct qsm_rng *r = &w->rng;
+	bool write = qsm_rng_below(r, 2);
+	bool aligned = w->mode == 1 && qsm_rng_below(r, 2);
+	uint64_t off, len;
+
+	if (aligned) {
+		len = 4096 * (1 + qsm_rng_below(r, WL_MAXLEN / 4096));
+		off = 4096 * qsm_rng_below(r, (WL_SIZE - len) / 4096 + 1);
+	} else {
+		len = 1 + qsm_rng_below(r, WL_MAXLEN);
+		off = qsm_rng_below(r, WL_SIZE - len + 1);
+	}
+	if (wl_overlaps(w, write, off, len))
+		return false;
+
+	treq_set(&s->t, write ? QSM_IO_WRITE : QSM_IO_READ, off, len, NULL,
+		 write ? QSM_IO_EV_DATA_WRITE : QSM_IO_EV_DATA_READ);
+	/* Split into 1..4 pieces (4 KiB multiples when aligned). */
+	int n = 1 + (int)qsm_rng_below(r, 4);
+	uint8_t *p = s->buf + (aligned ? 0 : qsm_rng_below(r, 64));
+	uint64_t left = len;
+	int cnt = 0;
+	for (int i = 0; i < n && left > 0; i++) {
+		uint64_t piece = i == n - 1 ? left : qsm_rng_below(r, left + 1);
+		if (aligned)
+			piece = QSM_ALIGN_DOWN(piece, 4096);
+		if (i == n - 1)
+			piece = left;
+		s->t.iov[cnt].iov_base = p;
+		s->t.iov[cnt].iov_len = piece; /* empty pieces are allowed */
+		cnt++;
+		p += piece;
+		left -= piece;
+	}
+	s->t.req.iov = s->t.iov;
+	s->t.req.iovcnt = cnt;
+	s->t.on_done = wl_done;
+	s->t.opaque = s;
+	uint8_t *base = (uint8_t *)s->t.iov[0].iov_base;
+	if (write) {
+		fill_pattern(base, len, qsm_rng_next(r));
+		memcpy(w->ref + off, base, len);
+	} else {
+		memset(base, 0xa5, len);
+	}
+	s->busy = true;
+	w->inflight++;
+	w->max_inflight = QSM_MAX(w->max_inflight, w->inflight);
+	submit(w->e->io, &s->t);
+	ck_assert_int_eq(s->t.done, 0);
+	return true;
+}
+
+/* nops random reads and writes with up to `depth` in flight, then the whole
+ * file is compared with the reference. */
+static void run_workload(struct env *e, uint64_t seed, unsigned nops, unsigned depth, int mode)
+{
+	struct wl *w = calloc(1, sizeof(*w));
+	ck_assert_ptr_nonnull(w);
+	w->e = e;
+	w->seed = seed;
+	w->mode = mode;
+	qsm_rng_seed(&w->rng, seed);
+	w->ref = calloc(1, WL_SIZE);
+	struct qsm_io_stats before = e->io->stats;
+	ck_assert_int_eq(qsm_io_truncate_sync(e->io, 0), 0);
+	ck_assert_int_eq(qsm_io_truncate_sync(e->io, WL_SIZE), 0);
+	for (unsigned i = 0; i < depth; i++) {
+		w->slots[i].buf = qsm_io_alloc(e->io, WL_MAXLEN + 64);
+		ck_assert_ptr_nonnull(w->slots[i].buf);
+		w->slots[i].wl = w;
+	}
+	uint64_t started = 0, start_ns = qsm_now_ns();
+	while (started < nops || w->inflight > 0) {
+		for (unsigned i = 0; i < depth && started < nops; i++) {
+			if (!w->slots[i].busy && wl_start(w, &w->slots[i]))
+				started++;
+		}
+		if (w->inflight)
+			event_base_loop(e->base, EVLOOP_ONCE);
+		ck_assert_msg(qsm_now_ns() - start_ns < 120ull * 1000000000ull, "workload hung");
+	}
+	ck_assert_uint_eq(w->completed, nops);
+	ck_assert_uint_eq(e->io->stats.in_flight, 0);
+	const struct qsm_io_stats *st = &e->io->stats;
+	ck_assert_uint_eq(st->ops[QSM_IO_READ] + st->ops[QSM_IO_WRITE],
+			  before.ops[QSM_IO_READ] + before.ops[QSM_IO_WRITE] + nops);
+	ck_assert_uint_eq(st->bytes_read - before.bytes_read, w->bytes_read);
+	ck_assert_uint_eq(st->bytes_written - before.bytes_written, w->bytes_written);
+
+	uint8_t *all = malloc(WL_SIZE);
+	ck_assert_int_eq(qsm_io_pread_sync(e->io, all, WL_SIZE, 0), 0);
+	ck_assert_msg(memcmp(all, w->ref, WL_SIZE) == 0, "seed %llu: final contents differ",
+		      (unsigned long long)seed);
+	free(all);
+	for (unsigned i = 0; i < depth; i++)
+		free(w->slots[i].buf);
+	free(w->ref);
+	if (depth >= 64 && e->backend != B_SIM)
+		ck_assert_uint_ge(w->max_inflight, 32);
+	free(w);
+}
+
+START_TEST(test_random_rw)
+{
+	struct env e;
+	if (!env_open(&e, _i, 0, 1))
+		return;
+	run_workload(&e, 0x1234 + (uint64_t)_i, 600, WL_SLOTS, 0);
+	env_close(&e);
+}
+END_TEST
+
+START_TEST(test_sim_random_rw_seeds)
+{
+	for (uint64_t seed = 1; seed <= 40; seed++) {
+		struct env e;
+		env_open(&e, B_SIM, 0, seed);
+		qsm_sim_set_max_batch(e.sim, 1 + (unsigned)(seed % 8));
+		run_workload(&e, seed * 7919, 300, 1 + (unsigned)(seed * 13 % WL_SLOTS), 0);
+		ck_assert_uint_eq(qsm_sim_races(e.sim), 0);
+		env_close(&e);
+	}
+}
+END_TEST
+
+/* --- Contract 2: EOF zero-fill --------------------------------------------------- */
+
+START_TEST(test_eof_zero_fill)
+{
+	struct env e;
+	if (!env_open(&e, _i, 0, 2))
+		return;
+	uint8_t data[1000];
+	fill_pattern(data, sizeof(data), 5);
+	ck_assert_int_eq(qsm_io_pwrite_sync(e.io, data, sizeof(data), 0), 0);
+
+	uint8_t buf[8192];
+	memset(buf, 0xaa, sizeof(buf));
+	struct treq t = { 0 };
+	treq_set(&t, QSM_IO_READ, 0, sizeof(buf), NULL, QSM_IO_EV_NONE);
+	t.iov[0] = (struct iovec){ buf, 500 };
+	t.iov[1] = (struct iovec){ buf + 500, 3000 };
+	t.iov[2] = (struct iovec){ buf + 3500, 8192 - 3500 };
+	t.req.iov = t.iov;
+	t.req.iovcnt = 3;
+	submit(e.io, &t);
+	env_drain(&e);
+	ck_assert_int_eq(t.ret, 0);
+	ck_assert_mem_eq(buf, data, sizeof(data));
+	ck_assert_msg(all_zero(buf + sizeof(data), sizeof(buf) - sizeof(data)), "garbage past EOF");
+
+	/* Wholly past the end. */
+	memset(buf, 0xaa, sizeof(buf));
+	ck_assert_int_eq(do_op(&e, QSM_IO_READ, 1 * MiB, 4096, buf, QSM_IO_EV_NONE), 0);
+	ck_assert(all_zero(buf, 4096));
+	uint64_t size;
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, sizeof(data)); /* reads never extend */
+
+	/* Sync helper too. */
+	memset(buf, 0xaa, sizeof(buf));
+	ck_assert_int_eq(qsm_io_pread_sync(e.io, buf, 2000, 0), 0);
+	ck_assert_mem_eq(buf, data, sizeof(data));
+	ck_assert_int_eq(buf[1999], 0);
+	env_close(&e);
+}
+END_TEST
+
+/* --- ZERO, DISCARD, TRUNCATE, FLUSH ------------------------------------------------- */
+
+static void check_zero_discard(struct env *e, bool exact_discard)
+{
+	const size_t n = 256 * KiB;
+	uint8_t *pat = malloc(n), *buf = malloc(n + 64 * KiB);
+	fill_pattern(pat, n, 9);
+	ck_assert_int_eq(qsm_io_truncate_sync(e->io, 0), 0);
+	ck_assert_int_eq(qsm_io_pwrite_sync(e->io, pat, n, 0), 0);
+
+	ck_assert_int_eq(do_op(e, QSM_IO_ZERO, 5000, 70000, NULL, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(qsm_io_pread_sync(e->io, buf, n, 0), 0);
+	size_t bad = n;
+	for (size_t i = 0; i < n && bad == n; i++) {
+		uint8_t want = (i >= 5000 && i < 75000) ? 0 : pat[i];
+		if (buf[i] != want)
+			bad = i;
+	}
+	ck_assert_msg(bad == n, "after ZERO byte %zu is wrong", bad);
+
+	/* ZERO past the end extends the file (like fallocate without KEEP_SIZE). */
+	ck_assert_int_eq(do_op(e, QSM_IO_ZERO, n + 4096, 10000, NULL, QSM_IO_EV_NONE), 0);
+	uint64_t size;
+	ck_assert_int_eq(qsm_io_get_size(e->io, &size), 0);
+	ck_assert_uint_eq(size, n + 4096 + 10000);
+
+	/* DISCARD: contents unspecified (old or zero), size kept. */
+	ck_assert_int_eq(do_op(e, QSM_IO_DISCARD, 100000, 150000, NULL, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(qsm_io_get_size(e->io, &size), 0);
+	ck_assert_uint_eq(size, n + 4096 + 10000);
+	ck_assert_int_eq(qsm_io_pread_sync(e->io, buf, n, 0), 0);
+	for (size_t i = 0; i < n && bad == n; i++) {
+		uint8_t old = (i >= 5000 && i < 75000) ? 0 : pat[i];
+		if (i >= 100000 && i < 250000) {
+			if (buf[i] != 0 && (exact_discard || buf[i] != old))
+				bad = i;
+		} else if (buf[i] != old) {
+			bad = i;
+		}
+	}
+	ck_assert_msg(bad == n, "after DISCARD byte %zu is wrong", bad);
+	/* Zero-length ZERO and DISCARD succeed and change nothing. */
+	ck_assert_int_eq(do_op(e, QSM_IO_ZERO, 0, 0, NULL, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(do_op(e, QSM_IO_DISCARD, 0, 0, NULL, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(qsm_io_pread_sync(e->io, buf, 16, 0), 0);
+	ck_assert_mem_eq(buf, pat, 16);
+	free(pat);
+	free(buf);
+}
+
+START_TEST(test_zero_discard)
+{
+	struct env e;
+	if (!env_open(&e, _i, 0, 3))
+		return;
+	check_zero_discard(&e, _i == B_SIM);
+	env_close(&e);
+}
+END_TEST
+
+/* tmpfs has no FALLOC_FL_ZERO_RANGE: ZERO must fall back to writing zeros. */
+START_TEST(test_zero_fallback_tmpfs)
+{
+	struct statfs sfs;
+	if (statfs("/dev/shm", &sfs) < 0 || sfs.f_type != TMPFS_MAGIC_) {
+		fprintf(stderr, "SKIP: /dev/shm is not tmpfs\n");
+		return;
+	}
+	struct env e;
+	if (!env_open_in(&e, _i, 0, 4, "/dev/shm"))
+		return;
+	check_zero_discard(&e, false);
+	env_close(&e);
+}
+END_TEST
+
+START_TEST(test_truncate)
+{
+	struct env e;
+	if (!env_open(&e, _i, 0, 5))
+		return;
+	uint8_t pat[20000], buf[4096];
+	fill_pattern(pat, sizeof(pat), 11);
+	ck_assert_int_eq(qsm_io_pwrite_sync(e.io, pat, sizeof(pat), 0), 0);
+
+	ck_assert_int_eq(do_op(&e, QSM_IO_TRUNCATE, 10000, 0, NULL, QSM_IO_EV_NONE), 0);
+	uint64_t size;
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, 10000);
+	memset(buf, 0xaa, sizeof(buf));
+	ck_assert_int_eq(do_op(&e, QSM_IO_READ, 9000, sizeof(buf), buf, QSM_IO_EV_NONE), 0);
+	ck_assert_mem_eq(buf, pat + 9000, 1000);
+	ck_assert(all_zero(buf + 1000, sizeof(buf) - 1000));
+
+	/* Growing exposes zeros, not the old bytes. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_TRUNCATE, 1 * MiB, 0, NULL, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, 1 * MiB);
+	memset(buf, 0xaa, sizeof(buf));
+	ck_assert_int_eq(do_op(&e, QSM_IO_READ, 10000, sizeof(buf), buf, QSM_IO_EV_NONE), 0);
+	ck_assert(all_zero(buf, sizeof(buf)));
+
+	ck_assert_int_eq(qsm_io_truncate_sync(e.io, 123), 0);
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, 123);
+	ck_assert_uint_eq(e.io->stats.ops[QSM_IO_TRUNCATE], 2);
+	env_close(&e);
+}
+END_TEST
+
+START_TEST(test_flush)
+{
+	struct env e;
+	if (!env_open(&e, _i, 0, 6))
+		return;
+	uint8_t buf[4096];
+	fill_pattern(buf, sizeof(buf), 12);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, sizeof(buf), buf, QSM_IO_EV_DATA_WRITE), 0);
+	if (e.sim)
+		ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 1);
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH), 0);
+	if (e.sim)
+		ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 0);
+	ck_assert_int_eq(qsm_io_flush_sync(e.io), 0);
+	ck_assert_uint_eq(e.io->stats.ops[QSM_IO_FLUSH], 1);
+	ck_assert_uint_eq(e.io->stats.ops[QSM_IO_WRITE], 1);
+	ck_assert_uint_eq(e.io->stats.bytes_written, sizeof(buf));
+	env_close(&e);
+}
+END_TEST
+
+/* --- O_DIRECT with byte-granular requests --------------------------------------------- */
+
+START_TEST(test_direct_misaligned)
+{
+	int b = _i == 0 ? B_THREADS : B_URING;
+	struct env e;
+
+	if (b == B_URING && !qsm_io_uring_available()) {
+		fprintf(stderr, "SKIP: io_uring unavailable\n");
+		return;
+	}
+	memset(&e, 0, sizeof(e));
+	e.backend = b;
+	g_inline = 0;
+	e.base = event_base_new();
+	env_path(&e, test_dir());
+	int ret = qsm_io_open_path(e.base, e.path, QSM_IO_CREATE | QSM_IO_DIRECT,
+				   backend_names[b], &e.io);
+	if (ret == -EINVAL) {
+		fprintf(stderr, "SKIP: O_DIRECT refused under %s\n", test_dir());
+		e.io = NULL;
+		env_close(&e);
+		return;
+	}
+	ck_assert_int_eq(ret, 0);
+	ck_assert_uint_ge(e.io->mem_align, 512);
+
+	/* EOF in the middle of an aligned direct read. */
+	uint8_t *buf = qsm_io_alloc(e.io, 8192);
+	uint8_t pat[1000];
+	fill_pattern(pat, sizeof(pat), 13);
+	ck_assert_int_eq(qsm_io_pwrite_sync(e.io, pat, sizeof(pat), 0), 0);
+	memset(buf, 0xaa, 8192);
+	ck_assert_int_eq(do_op(&e, QSM_IO_READ, 0, 8192, buf, QSM_IO_EV_NONE), 0);
+	ck_assert_mem_eq(buf, pat, sizeof(pat));
+	ck_assert(all_zero(buf + sizeof(pat), 8192 - sizeof(pat)));
+	free(buf);
+
+	run_workload(&e, 77 + (uint64_t)b, 600, WL_SLOTS, 1);
+	check_zero_discard(&e, false);
+	env_close(&e);
+}
+END_TEST
+
+START_TEST(test_direct_tmpfs_refused)
+{
+	struct statfs sfs;
+	if (statfs("/dev/shm", &sfs) < 0 || sfs.f_type != TMPFS_MAGIC_) {
+		fprintf(stderr, "SKIP: /dev/shm is not tmpfs\n");
+		return;
+	}
+	struct event_base *base = event_base_new();
+	struct qsm_io *io = (struct qsm_io *)1;
+	char path[PATH_MAX];
+	snprintf(path, sizeof(path), "/dev/shm/qsm-test-io-%d-direct", (int)getpid());
+	int ret = qsm_io_open_path(base, path, QSM_IO_CREATE | QSM_IO_DIRECT, "threads", &io);
+	unlink(path);
+	if (ret == 0) {
+		fprintf(stderr, "SKIP: this kernel's tmpfs supports O_DIRECT\n");
+		qsm_io_close(io);
+	} else {
+		ck_assert_int_eq(ret, -EINVAL);
+		ck_assert_ptr_null(io);
+	}
+	event_base_free(base);
+}
+END_TEST
+
+/* --- Contract 1 and the checked wrapper ---------------------------------------------- */
+
+START_TEST(test_invalid_requests)
+{
+	struct env e;
+	if (!env_open(&e, _i, 0, 7))
+		return;
+	uint8_t buf[512];
+	struct treq t[7] = { 0 };
+
+	treq_set(&t[0], QSM_IO_READ, 0, sizeof(buf), buf, QSM_IO_EV_NONE);
+	t[0].req.op = (enum qsm_io_op)42;
+	treq_set(&t[1], QSM_IO_WRITE, 0, sizeof(buf), buf, QSM_IO_EV_NONE);
+	t[1].req.len = sizeof(buf) + 1;                 /* iov total != len */
+	treq_set(&t[2], QSM_IO_READ, UINT64_MAX - 10, sizeof(buf), buf, QSM_IO_EV_NONE);
+	treq_set(&t[3], QSM_IO_WRITE, 0, sizeof(buf), buf, QSM_IO_EV_NONE);
+	t[3].req.event = (enum qsm_io_event)999;
+	treq_set(&t[4], QSM_IO_READ, 0, sizeof(buf), buf, QSM_IO_EV_NONE);
+	t[4].req.iovcnt = -1;
+	treq_set(&t[5], QSM_IO_ZERO, INT64_MAX, 2, NULL, QSM_IO_EV_NONE);
+	treq_set(&t[6], QSM_IO_TRUNCATE, UINT64_MAX, 0, NULL, QSM_IO_EV_NONE);
+	for (int i = 0; i < 7; i++) {
+		submit(e.io, &t[i]);
+		ck_assert_int_eq(t[i].done, 0);
+	}
+	ck_assert_uint_eq(e.io->stats.in_flight, 7);
+	env_drain(&e);
+	for (int i = 0; i < 7; i++) {
+		ck_assert_int_eq(t[i].done, 1);
+		ck_assert_msg(t[i].ret == -EINVAL, "request %d: %d", i, t[i].ret);
+	}
+	for (int op = 0; op <= QSM_IO_TRUNCATE; op++)
+		ck_assert_uint_eq(e.io->stats.ops[op], 0); /* never reached the backend */
+	env_close(&e);
+}
+END_TEST
+
+/* Zero-length transfers, truncates, flushes: all complete after submit returns. */
+START_TEST(test_never_inline)
+{
+	struct env e;
+	if (!env_open(&e, _i, 0, 8))
+		return;
+	uint8_t buf[16];
+	struct treq t[5] = { 0 };
+	treq_set(&t[0], QSM_IO_READ, 0, 0, buf, QSM_IO_EV_NONE);
+	treq_set(&t[1], QSM_IO_WRITE, 0, 0, buf, QSM_IO_EV_NONE);
+	treq_set(&t[2], QSM_IO_TRUNCATE, 4096, 0, NULL, QSM_IO_EV_NONE);
+	treq_set(&t[3], QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_NONE);
+	treq_set(&t[4], QSM_IO_READ, 0, sizeof(buf), buf, QSM_IO_EV_NONE);
+	t[4].req.iovcnt = 0; /* no iov but len 16: invalid */
+	for (int i = 0; i < 5; i++) {
+		submit(e.io, &t[i]);
+		ck_assert_int_eq(t[i].done, 0);
+	}
+	env_drain(&e);
+	for (int i = 0; i < 4; i++)
+		ck_assert_int_eq(t[i].ret, 0);
+	ck_assert_int_eq(t[4].ret, -EINVAL);
+	ck_assert_uint_eq(g_inline, 0);
+	env_close(&e);
+}
+END_TEST
+
+START_TEST(test_rdonly)
+{
+	int b = _i;
+	struct env e;
+	if (!env_open(&e, b, 0, 9))
+		return;
+	uint8_t pat[4096], buf[4096];
+	fill_pattern(pat, sizeof(pat), 14);
+	ck_assert_int_eq(qsm_io_pwrite_sync(e.io, pat, sizeof(pat), 0), 0);
+	ck_assert_int_eq(qsm_io_flush_sync(e.io), 0);
+	qsm_io_close(e.io);
+	e.io = NULL;
+	int ret = b == B_SIM ? qsm_io_open_sim(e.base, e.sim, QSM_IO_RDONLY, &e.io)
+			     : qsm_io_open_path(e.base, e.path, QSM_IO_RDONLY, backend_names[b], &e.io);
+	ck_assert_int_eq(ret, 0);
+
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, sizeof(buf), buf, QSM_IO_EV_NONE), -EBADF);
+	ck_assert_int_eq(do_op(&e, QSM_IO_ZERO, 0, 4096, NULL, QSM_IO_EV_NONE), -EBADF);
+	ck_assert_int_eq(do_op(&e, QSM_IO_DISCARD, 0, 4096, NULL, QSM_IO_EV_NONE), -EBADF);
+	ck_assert_int_eq(do_op(&e, QSM_IO_TRUNCATE, 0, 0, NULL, QSM_IO_EV_NONE), -EBADF);
+	ck_assert_int_eq(qsm_io_pwrite_sync(e.io, buf, sizeof(buf), 0), -EBADF);
+	ck_assert_int_eq(qsm_io_truncate_sync(e.io, 0), -EBADF);
+	ck_assert_int_eq(do_op(&e, QSM_IO_READ, 0, sizeof(buf), buf, QSM_IO_EV_NONE), 0);
+	ck_assert_mem_eq(buf, pat, sizeof(buf));
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_NONE), 0);
+	uint64_t size;
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, sizeof(pat));
+	env_close(&e);
+}
+END_TEST
+
+START_TEST(test_open_path)
+{
+	struct event_base *base = event_base_new();
+	struct qsm_io *io;
+	char path[PATH_MAX];
+	snprintf(path, sizeof(path), "%s/qsm-test-io-%d-open.img", test_dir(), (int)getpid());
+	unlink(path);
+
+	ck_assert_int_eq(qsm_io_open_path(base, path, 0, NULL, &io), -ENOENT);
+	ck_assert_int_eq(qsm_io_open_path(base, path, QSM_IO_CREATE, "bogus", &io), -EINVAL);
+	ck_assert_ptr_null(io);
+	ck_assert_int_eq(qsm_io_open_path(base, path, QSM_IO_CREATE | QSM_IO_RDONLY, "threads", &io),
+			 -EINVAL);
+	ck_assert_int_eq(qsm_io_open_path(base, path, 0x100 | QSM_IO_CREATE, "threads", &io), -EINVAL);
+
+	ck_assert_int_eq(qsm_io_open_path(base, path, QSM_IO_CREATE, NULL, &io), 0);
+	ck_assert_str_eq(io->ops->name, qsm_io_uring_available() ? "io_uring" : "threads");
+	ck_assert_uint_eq(io->mem_align, 4096);
+	void *p = qsm_io_zalloc(io, 10000);
+	ck_assert_ptr_nonnull(p);
+	ck_assert_uint_eq((uintptr_t)p % 4096, 0);
+	ck_assert_int_eq(((uint8_t *)p)[9999], 0);
+	free(p);
+	qsm_io_close(io);
+
+	ck_assert_int_eq(qsm_io_open_path(base, path, 0, "threads", &io), 0);
+	ck_assert_str_eq(io->ops->name, "threads");
+	qsm_io_close(io);
+	if (qsm_io_uring_available()) {
+		ck_assert_int_eq(qsm_io_open_path(base, path, 0, "io_uring", &io), 0);
+		ck_assert_str_eq(io->ops->name, "io_uring");
+		qsm_io_close(io);
+	}
+	unlink(path);
+
+	ck_assert_str_eq(qsm_io_event_name(QSM_IO_EV_L2_UPDATE), "l2_update");
+	ck_assert_str_eq(qsm_io_event_name(QSM_IO_EV_HEADER_UPDATE), "header_update");
+	ck_assert_str_eq(qsm_io_event_name((enum qsm_io_event)1000), "invalid");
+	ck_assert_str_eq(qsm_io_op_name(QSM_IO_DISCARD), "discard");
+	ck_assert_str_eq(qsm_io_op_name((enum qsm_io_op)77), "invalid");
+	event_base_free(base);
+}
+END_TEST
+
+struct trace_count {
+	unsigned submits, dones, errors;
+	uint64_t last_seq;
+};
+
+static void trace_hook(void *opaque, const struct qsm_io_req *req, bool done, int ret)
+{
+	struct trace_count *tc = opaque;
+	if (done) {
+		tc->dones++;
+		tc->errors += ret != 0;
+	} else {
+		tc->submits++;
+		ck_assert_uint_gt(req->io_seq, tc->last_seq); /* numbered in order */
+		tc->last_seq = req->io_seq;
+	}
+}
+
+START_TEST(test_trace_and_stats)
+{
+	struct env e;
+	if (!env_open(&e, _i, 0, 10))
+		return;
+	struct trace_count tc = { 0 };
+	e.io->trace = trace_hook;
+	e.io->trace_opaque = &tc;
+	uint8_t buf[1000];
+	fill_pattern(buf, sizeof(buf), 3);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, sizeof(buf), buf, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_READ, 0, 500, buf, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_NONE), 0);
+	struct treq bad = { 0 };
+	treq_set(&bad, QSM_IO_READ, 0, 5, NULL, QSM_IO_EV_NONE);
+	bad.req.iovcnt = 0; /* len 5 without buffers */
+	submit(e.io, &bad);
+	env_drain(&e);
+	ck_assert_int_eq(bad.ret, -EINVAL);
+	ck_assert_uint_eq(tc.submits, 4);
+	ck_assert_uint_eq(tc.dones, 4);
+	ck_assert_uint_eq(tc.errors, 1);
+	ck_assert_uint_eq(e.io->stats.bytes_written, 1000);
+	ck_assert_uint_eq(e.io->stats.bytes_read, 500);
+	ck_assert_uint_eq(e.io->stats.ops[QSM_IO_READ], 1);
+	env_close(&e);
+}
+END_TEST
+
+/* Closing the handle from inside the last completion callback is allowed. */
+static void close_in_cb(struct treq *t)
+{
+	struct env *e = t->opaque;
+	qsm_io_close(e->io);
+	e->io = NULL;
+}
+
+START_TEST(test_close_in_callback)
+{
+	struct env e;
+	if (!env_open(&e, _i, 0, 11))
+		return;
+	uint8_t buf[4096];
+	struct treq t = { 0 };
+	treq_set(&t, QSM_IO_READ, 0, sizeof(buf), buf, QSM_IO_EV_NONE);
+	t.on_done = close_in_cb;
+	t.opaque = &e;
+	submit(e.io, &t);
+	while (e.io)
+		event_base_loop(e.base, EVLOOP_ONCE);
+	ck_assert_int_eq(t.done, 1);
+	/* And from an invalid request's deferred completion. */
+	ck_assert_int_eq(e.sim ? qsm_io_open_sim(e.base, e.sim, 0, &e.io)
+			       : qsm_io_open_path(e.base, e.path, 0, backend_names[_i], &e.io), 0);
+	treq_set(&t, QSM_IO_READ, 0, sizeof(buf), buf, QSM_IO_EV_NONE);
+	t.req.len++; /* invalid */
+	t.on_done = close_in_cb;
+	t.opaque = &e;
+	submit(e.io, &t);
+	while (e.io)
+		event_base_loop(e.base, EVLOOP_ONCE);
+	ck_assert_int_eq(t.ret, -EINVAL);
+	/* The loop has nothing left registered: dispatch returns. */
+	ck_assert_int_eq(event_base_dispatch(e.base), 1);
+	env_close(&e);
+}
+END_TEST
+
+/* Many more requests than io_uring slots, with large iovec arrays. */
+START_TEST(test_overflow_and_big_iov)
+{
+	struct env e;
+	if (!env_open(&e, _i, 0, 12))
+		return;
+	enum { N = 600, PIECES = 1500 };
+	static struct treq t[N];
+	static uint8_t data[N][64];
+	static struct iovec big[PIECES];
+	static uint8_t bigbuf[PIECES * 3];
+	for (int i = 0; i < N; i++) {
+		fill_pattern(data[i], 64, (uint64_t)i);
+		treq_set(&t[i], QSM_IO_WRITE, (uint64_t)i * 64, 64, data[i], QSM_IO_EV_NONE);
+		submit(e.io, &t[i]);
+	}
+	ck_assert_uint_eq(e.io->stats.in_flight, N);
+	env_drain(&e);
+	for (int i = 0; i < N; i++)
+		ck_assert_int_eq(t[i].ret, 0);
+	/* Read back through an iovec array longer than IOV_MAX. */
+	for (int i = 0; i < PIECES; i++)
+		big[i] = (struct iovec){ bigbuf + 3 * i, 3 };
+	struct treq r = { 0 };
+	treq_set(&r, QSM_IO_READ, 0, sizeof(bigbuf), NULL, QSM_IO_EV_NONE);
+	r.req.iov = big;
+	r.req.iovcnt = PIECES;
+	submit(e.io, &r);
+	env_drain(&e);
+	ck_assert_int_eq(r.ret, 0);
+	size_t bad = sizeof(bigbuf);
+	for (size_t off = 0; off < sizeof(bigbuf) && bad == sizeof(bigbuf); off++) {
+		size_t i = off / 64;
+		if (bigbuf[off] != (i < N ? data[i][off % 64] : 0))
+			bad = off;
+	}
+	ck_assert_msg(bad == sizeof(bigbuf), "byte %zu", bad);
+	env_close(&e);
+}
+END_TEST
+
+/* --- Sim: scheduler ---------------------------------------------------------------------- */
+
+static void record_order(struct treq *t)
+{
+	int *order = t->opaque;
+	int n = order[0]++;
+	order[1 + n] = t->idx;
+}
+
+/* Submit nreq mixed requests at once; order[1..] gets the completion order. */
+static void sim_run_batch(uint64_t seed, unsigned max_batch, int nreq, int *order)
+{
+	struct env e;
+	env_open(&e, B_SIM, 0, seed);
+	qsm_sim_set_max_batch(e.sim, max_batch);
+	struct treq *t = calloc((size_t)nreq, sizeof(*t));
+	uint8_t(*bufs)[512] = calloc((size_t)nreq, 512);
+	order[0] = 0;
+	for (int i = 0; i < nreq; i++) {
+		enum qsm_io_op op = i % 5 == 4 ? QSM_IO_FLUSH : i % 2 ? QSM_IO_WRITE : QSM_IO_READ;
+		treq_set(&t[i], op, (uint64_t)i * 512, op == QSM_IO_FLUSH ? 0 : 512, bufs[i],
+			 QSM_IO_EV_NONE);
+		t[i].on_done = record_order;
+		t[i].opaque = order;
+		t[i].idx = i;
+		submit(e.io, &t[i]);
+	}
+	env_drain(&e);
+	ck_assert_int_eq(order[0], nreq);
+	ck_assert_uint_eq(qsm_sim_races(e.sim), 0);
+	free(t);
+	free(bufs);
+	env_close(&e);
+}
+
+START_TEST(test_sim_reorders)
+{
+	enum { N = 32 };
+	int order[N + 1];
+	for (unsigned mb = 1; mb <= 8; mb *= 2) {
+		bool reordered = false;
+		for (uint64_t seed = 1; seed <= 10 && !reordered; seed++) {
+			sim_run_batch(seed, mb, N, order);
+			bool seen[N] = { 0 };
+			for (int i = 0; i < N; i++) {
+				ck_assert(!seen[order[1 + i]]); /* each exactly once */
+				seen[order[1 + i]] = true;
+				if (order[1 + i] != i)
+					reordered = true;
+			}
+		}
+		ck_assert_msg(reordered, "max_batch %u: completions always in submission order", mb);
+	}
+}
+END_TEST
+
+START_TEST(test_sim_replay)
+{
+	enum { N = 64 };
+	int a[N + 1], b[N + 1];
+	sim_run_batch(42, 4, N, a);
+	sim_run_batch(42, 4, N, b);
+	ck_assert_mem_eq(a, b, sizeof(a));
+	bool differs = false;
+	for (uint64_t seed = 43; seed < 53 && !differs; seed++) {
+		sim_run_batch(seed, 4, N, b);
+		differs = memcmp(a, b, sizeof(a)) != 0;
+	}
+	ck_assert_msg(differs, "the seed does not influence the order");
+}
+END_TEST
+
+/* --- Sim: durability and crashes ------------------------------------------------------------ */
+
+/* Reopen after a crash and read len bytes at off. */
+static void sim_reopen(struct env *e)
+{
+	if (e->io)
+		qsm_io_close(e->io);
+	ck_assert_int_eq(qsm_io_open_sim(e->base, e->sim, 0, &e->io), 0);
+}
+
+static bool sim_holds(struct env *e, uint64_t off, const uint8_t *want, size_t len)
+{
+	uint8_t buf[4096];
+	ck_assert_uint_le(len, sizeof(buf));
+	ck_assert_int_eq(do_op(e, QSM_IO_READ, off, len, buf, QSM_IO_EV_NONE), 0);
+	return memcmp(buf, want, len) == 0;
+}
+
+static bool sim_zero(struct env *e, uint64_t off, size_t len)
+{
+	static const uint8_t zeros[4096];
+	return sim_holds(e, off, zeros, len);
+}
+
+START_TEST(test_sim_durability)
+{
+	struct env e;
+	uint8_t a[512], b[512];
+	fill_pattern(a, sizeof(a), 21);
+	fill_pattern(b, sizeof(b), 22);
+
+	/* Write, crash without flush: gone. */
+	env_open(&e, B_SIM, 0, 31);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_DATA_WRITE), 0);
+	ck_assert(sim_holds(&e, 0, a, 512)); /* visible before the crash */
+	ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 1);
+	qsm_sim_crash(e.sim, 0, false);
+	sim_reopen(&e);
+	ck_assert(sim_zero(&e, 0, 512));
+	uint64_t size;
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, 0); /* the extension was not durable either */
+
+	/* Write, flush, crash: kept. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_DATA_WRITE), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH), 0);
+	ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 0);
+	qsm_sim_crash(e.sim, 0, false);
+	sim_reopen(&e);
+	ck_assert(sim_holds(&e, 0, a, 512));
+
+	/* A write submitted after the flush was submitted is not covered,
+	 * whatever the completion order. */
+	for (uint64_t seed = 0; seed < 16; seed++) {
+		env_close(&e);
+		env_open(&e, B_SIM, 0, seed);
+		ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_DATA_WRITE), 0);
+		struct treq f = { 0 }, w = { 0 };
+		treq_set(&f, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH);
+		treq_set(&w, QSM_IO_WRITE, 512, 512, b, QSM_IO_EV_DATA_WRITE);
+		submit(e.io, &f);
+		submit(e.io, &w);
+		env_drain(&e);
+		ck_assert_int_eq(f.ret, 0);
+		ck_assert_int_eq(w.ret, 0);
+		ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 1);
+		qsm_sim_crash(e.sim, 0, false);
+		sim_reopen(&e);
+		ck_assert(sim_holds(&e, 0, a, 512));
+		ck_assert(sim_zero(&e, 512, 512));
+	}
+
+	/* A write in flight when the flush is submitted is not covered even
+	 * when it completes first. */
+	for (uint64_t seed = 0; seed < 16; seed++) {
+		env_close(&e);
+		env_open(&e, B_SIM, 0, seed);
+		struct treq f = { 0 }, w = { 0 };
+		treq_set(&w, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_DATA_WRITE);
+		treq_set(&f, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH);
+		submit(e.io, &w);
+		submit(e.io, &f);
+		env_drain(&e);
+		ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 1);
+		qsm_sim_crash(e.sim, 0, false);
+		sim_reopen(&e);
+		ck_assert(sim_zero(&e, 0, 512));
+	}
+	env_close(&e);
+}
+END_TEST
+
+START_TEST(test_sim_keep_mask)
+{
+	uint8_t d[3][512];
+	for (int i = 0; i < 3; i++)
+		fill_pattern(d[i], 512, 100 + (uint64_t)i);
+
+	for (uint64_t mask = 0; mask < 8; mask++) {
+		struct env e;
+		env_open(&e, B_SIM, 0, mask);
+		for (int i = 0; i < 3; i++)
+			ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, (uint64_t)i * 4096, 512, d[i],
+					       QSM_IO_EV_NONE), 0);
+		ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 3);
+		qsm_sim_crash(e.sim, mask, false);
+		sim_reopen(&e);
+		for (int i = 0; i < 3; i++) {
+			bool kept = sim_holds(&e, (uint64_t)i * 4096, d[i], 512);
+			ck_assert_msg(kept == ((mask >> i) & 1), "mask %llu write %d kept=%d",
+				      (unsigned long long)mask, i, kept);
+			if (!kept)
+				ck_assert(sim_zero(&e, (uint64_t)i * 4096, 512));
+		}
+		env_close(&e);
+	}
+
+	/* Overlapping writes apply in completion order. */
+	for (uint64_t mask = 1; mask < 4; mask++) {
+		struct env e;
+		env_open(&e, B_SIM, 0, mask);
+		ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 512, d[0], QSM_IO_EV_NONE), 0);
+		ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 512, d[1], QSM_IO_EV_NONE), 0);
+		qsm_sim_crash(e.sim, mask, false);
+		sim_reopen(&e);
+		ck_assert(sim_holds(&e, 0, d[mask & 2 ? 1 : 0], 512));
+		env_close(&e);
+	}
+
+	/* More than 64 unflushed writes: keep_all_beyond decides past bit 63. */
+	for (int beyond = 0; beyond < 2; beyond++) {
+		struct env e;
+		env_open(&e, B_SIM, 0, 5);
+		uint8_t blk[70][16];
+		for (int i = 0; i < 70; i++) {
+			fill_pattern(blk[i], 16, 500 + (uint64_t)i);
+			ck_assert_int_eq(qsm_io_pwrite_sync(e.io, blk[i], 16, (uint64_t)i * 16), 0);
+		}
+		ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 70);
+		uint64_t mask = beyond ? 0 : UINT64_MAX;
+		qsm_sim_crash(e.sim, mask, beyond);
+		sim_reopen(&e);
+		for (int i = 0; i < 70; i++) {
+			bool want = i < 64 ? !beyond : beyond;
+			ck_assert_msg(sim_holds(&e, (uint64_t)i * 16, blk[i], 16) == want,
+				      "beyond=%d write %d", beyond, i);
+		}
+		env_close(&e);
+	}
+}
+END_TEST
+
+static bool g_crashed;
+
+static void crash_in_cb(struct treq *t)
+{
+	struct env *e = t->opaque;
+	qsm_sim_crash(e->sim, 0, false);
+	g_crashed = true;
+}
+
+static void fail_if_crashed(struct treq *t)
+{
+	ck_assert_msg(!g_crashed, "a request completed after the crash");
+}
+
+START_TEST(test_sim_crash_in_flight)
+{
+	struct env e;
+	env_open(&e, B_SIM, 0, 77);
+	uint8_t a[512];
+	fill_pattern(a, sizeof(a), 1);
+	struct treq t[8] = { 0 };
+	for (int i = 0; i < 8; i++) {
+		treq_set(&t[i], QSM_IO_WRITE, (uint64_t)i * 512, 512, a, QSM_IO_EV_NONE);
+		submit(e.io, &t[i]);
+	}
+	struct treq bad = { 0 };
+	treq_set(&bad, QSM_IO_READ, 0, 1, NULL, QSM_IO_EV_NONE); /* deferred -EINVAL */
+	submit(e.io, &bad);
+	qsm_sim_crash(e.sim, UINT64_MAX, true);
+	ck_assert_uint_eq(e.io->stats.in_flight, 0);
+	/* After a crash the handle takes requests but never completes them. */
+	struct treq late = { 0 };
+	treq_set(&late, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_NONE);
+	submit(e.io, &late);
+	event_base_loop(e.base, EVLOOP_NONBLOCK);
+	for (int i = 0; i < 8; i++)
+		ck_assert_int_eq(t[i].done, 0);
+	ck_assert_int_eq(bad.done + late.done, 0);
+	sim_reopen(&e);
+	ck_assert(sim_zero(&e, 0, 4096));
+
+	/* Crash from a completion callback: the other requests never complete. */
+	for (int i = 0; i < 8; i++) {
+		treq_set(&t[i], QSM_IO_WRITE, (uint64_t)i * 512, 512, a, QSM_IO_EV_NONE);
+		t[i].on_done = i == 3 ? crash_in_cb : fail_if_crashed;
+		t[i].opaque = &e;
+		submit(e.io, &t[i]);
+	}
+	qsm_sim_set_max_batch(e.sim, 8);
+	for (int k = 0; k < 100; k++)
+		event_base_loop(e.base, EVLOOP_NONBLOCK);
+	ck_assert(g_crashed);
+	ck_assert_int_eq(t[3].done, 1);
+	ck_assert_uint_eq(e.io->stats.in_flight, 0);
+	/* Only the writes that completed before the crash may be there, and
+	 * with keep_mask 0 none of them is. */
+	sim_reopen(&e);
+	ck_assert(sim_zero(&e, 0, 4096));
+	env_close(&e);
+}
+END_TEST
+
+START_TEST(test_sim_crash_random)
+{
+	/* Same seed, same survivors; and across seeds both outcomes occur. */
+	bool seen_kept = false, seen_lost = false;
+	for (uint64_t seed = 0; seed < 20; seed++) {
+		bool kept[2];
+		for (int run = 0; run < 2; run++) {
+			struct env e;
+			uint8_t a[64];
+			fill_pattern(a, sizeof(a), 7);
+			env_open(&e, B_SIM, 0, seed);
+			ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 64, a, QSM_IO_EV_NONE), 0);
+			qsm_sim_crash_random(e.sim);
+			sim_reopen(&e);
+			kept[run] = sim_holds(&e, 0, a, 64);
+			env_close(&e);
+		}
+		ck_assert_int_eq(kept[0], kept[1]);
+		seen_kept |= kept[0];
+		seen_lost |= !kept[0];
+	}
+	ck_assert(seen_kept && seen_lost);
+}
+END_TEST
+
+START_TEST(test_sim_sync_helpers)
+{
+	struct env e;
+	uint8_t a[300];
+	uint64_t size;
+	fill_pattern(a, sizeof(a), 8);
+	env_open(&e, B_SIM, 0, 1);
+
+	ck_assert_int_eq(qsm_io_pwrite_sync(e.io, a, sizeof(a), 1000), 0);
+	ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 1);
+	qsm_sim_crash(e.sim, 0, false);
+	sim_reopen(&e);
+	ck_assert(sim_zero(&e, 1000, sizeof(a)));
+
+	ck_assert_int_eq(qsm_io_pwrite_sync(e.io, a, sizeof(a), 1000), 0);
+	ck_assert_int_eq(qsm_io_flush_sync(e.io), 0);
+	qsm_sim_crash(e.sim, 0, false);
+	sim_reopen(&e);
+	ck_assert(sim_holds(&e, 1000, a, sizeof(a)));
+
+	/* A truncate is a write: not durable until flushed. */
+	ck_assert_int_eq(qsm_io_truncate_sync(e.io, 10 * MiB), 0);
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, 10 * MiB);
+	qsm_sim_crash(e.sim, 0, false);
+	sim_reopen(&e);
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, 1300);
+	ck_assert_int_eq(qsm_io_truncate_sync(e.io, 1100), 0);
+	ck_assert_int_eq(qsm_io_flush_sync(e.io), 0);
+	ck_assert_int_eq(qsm_io_truncate_sync(e.io, 2000), 0);
+	qsm_sim_crash(e.sim, 0, false);
+	sim_reopen(&e);
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, 1100);
+	ck_assert(sim_holds(&e, 1000, a, 100));
+	ck_assert(sim_zero(&e, 1100, 200));
+
+	/* CREATE empties the disk. */
+	qsm_io_close(e.io);
+	ck_assert_int_eq(qsm_io_open_sim(e.base, e.sim, QSM_IO_CREATE, &e.io), 0);
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, 0);
+	/* One handle at a time. */
+	struct qsm_io *second;
+	ck_assert_int_eq(qsm_io_open_sim(e.base, e.sim, 0, &second), -EBUSY);
+	env_close(&e);
+}
+END_TEST
+
+/* --- Sim: faults and races ------------------------------------------------------------------ */
+
+START_TEST(test_sim_faults)
+{
+	struct env e;
+	uint8_t a[512];
+	fill_pattern(a, sizeof(a), 2);
+	env_open(&e, B_SIM, 0, 3);
+
+	qsm_sim_fault_add(e.sim, QSM_IO_EV_L2_UPDATE, EIO, true);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_DATA_WRITE), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 4096, 512, a, QSM_IO_EV_L2_UPDATE), -EIO);
+	ck_assert(sim_zero(&e, 4096, 512)); /* a failed write changes nothing */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 4096, 512, a, QSM_IO_EV_L2_UPDATE), 0);
+	ck_assert(sim_holds(&e, 4096, a, 512));
+	ck_assert_uint_eq(qsm_sim_faults_fired(e.sim), 1);
+
+	qsm_sim_fault_add(e.sim, QSM_IO_EV_FLUSH, ENOSPC, false);
+	qsm_sim_fault_add(e.sim, QSM_IO_EV_L2_LOAD, EIO, false);
+	for (int i = 0; i < 3; i++) {
+		ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH), -ENOSPC);
+		uint8_t buf[512];
+		ck_assert_int_eq(do_op(&e, QSM_IO_READ, 0, 512, buf, QSM_IO_EV_L2_LOAD), -EIO);
+	}
+	ck_assert_uint_eq(qsm_sim_faults_fired(e.sim), 7);
+	ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 2); /* failed flushes flushed nothing */
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_NONE), 0);
+	ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 0);
+
+	qsm_sim_fault_clear(e.sim);
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH), 0);
+	ck_assert_uint_eq(qsm_sim_faults_fired(e.sim), 7);
+	env_close(&e);
+}
+END_TEST
+
+START_TEST(test_sim_races)
+{
+	struct env e;
+	uint8_t a[4096], b[4096];
+	env_open(&e, B_SIM, 0, 4);
+	struct treq w = { 0 }, r = { 0 }, r2 = { 0 };
+
+	/* Disjoint: no race. */
+	treq_set(&w, QSM_IO_WRITE, 0, 4096, a, QSM_IO_EV_NONE);
+	treq_set(&r, QSM_IO_READ, 4096, 4096, b, QSM_IO_EV_NONE);
+	submit(e.io, &w);
+	submit(e.io, &r);
+	env_drain(&e);
+	ck_assert_uint_eq(qsm_sim_races(e.sim), 0);
+
+	/* Read submitted while an overlapping write is in flight. */
+	treq_set(&w, QSM_IO_WRITE, 0, 4096, a, QSM_IO_EV_NONE);
+	treq_set(&r, QSM_IO_READ, 4095, 10, b, QSM_IO_EV_NONE);
+	submit(e.io, &w);
+	submit(e.io, &r);
+	env_drain(&e);
+	ck_assert_uint_eq(qsm_sim_races(e.sim), 1);
+
+	/* Write submitted over two in-flight reads: one race per read. */
+	treq_set(&r, QSM_IO_READ, 0, 100, b, QSM_IO_EV_NONE);
+	treq_set(&r2, QSM_IO_READ, 200, 100, b + 200, QSM_IO_EV_NONE);
+	treq_set(&w, QSM_IO_ZERO, 50, 200, NULL, QSM_IO_EV_NONE);
+	submit(e.io, &r);
+	submit(e.io, &r2);
+	submit(e.io, &w);
+	env_drain(&e);
+	ck_assert_uint_eq(qsm_sim_races(e.sim), 3);
+	env_close(&e);
+}
+END_TEST
+
+START_TEST(test_sim_save_load)
+{
+	struct env e;
+	char path[PATH_MAX];
+	uint8_t a[5000];
+	const uint64_t far = 8ull << 30; /* 8 GiB: must stay sparse and cheap */
+	fill_pattern(a, sizeof(a), 6);
+	snprintf(path, sizeof(path), "%s/qsm-test-io-%d-sim.img", test_dir(), (int)getpid());
+
+	env_open(&e, B_SIM, 0, 1);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 70000, sizeof(a), a, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, far, sizeof(a), a, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(qsm_sim_save_file(e.sim, path), 0); /* the view, unflushed too */
+	env_close(&e);
+
+	struct stat st;
+	ck_assert_int_eq(stat(path, &st), 0);
+	ck_assert_uint_eq((uint64_t)st.st_size, far + sizeof(a));
+	ck_assert_uint_lt((uint64_t)st.st_blocks * 512, 4 * MiB);
+
+	env_open(&e, B_SIM, 0, 2);
+	ck_assert_int_eq(qsm_sim_load_file(e.sim, path), 0);
+	qsm_sim_crash(e.sim, 0, false); /* loaded data is durable */
+	sim_reopen(&e);
+	uint64_t size;
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, far + sizeof(a));
+	ck_assert(sim_holds(&e, 70000, a, 4096));
+	ck_assert(sim_holds(&e, far + 904, a + 904, 4096));
+	ck_assert(sim_zero(&e, 0, 4096));
+	ck_assert(sim_zero(&e, far - 4096, 4096));
+	/* Truncating the huge sparse disk down is cheap too. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_TRUNCATE, 72000, 0, NULL, QSM_IO_EV_NONE), 0);
+	ck_assert(sim_holds(&e, 70000, a, 2000));
+	ck_assert(sim_zero(&e, 72000, 3000));
+	ck_assert_int_eq(qsm_sim_load_file(e.sim, "/nonexistent/qsm"), -ENOENT);
+	env_close(&e);
+	unlink(path);
+}
+END_TEST
+
+/* --- Suite ------------------------------------------------------------------------------------- */
+
+static Suite *io_suite(void)
+{
+	Suite *s = suite_create("io");
+	TCase *tc = tcase_create("backends");
+	tcase_set_timeout(tc, 300);
+	tcase_add_loop_test(tc, test_random_rw, 0, B__COUNT);
+	tcase_add_loop_test(tc, test_eof_zero_fill, 0, B__COUNT);
+	tcase_add_loop_test(tc, test_zero_discard, 0, B__COUNT);
+	tcase_add_loop_test(tc, test_zero_fallback_tmpfs, 0, B_SIM);
+	tcase_add_loop_test(tc, test_truncate, 0, B__COUNT);
+	tcase_add_loop_test(tc, test_flush, 0, B__COUNT);
+	tcase_add_loop_test(tc, test_direct_misaligned, 0, 2);
+	tcase_add_test(tc, test_direct_tmpfs_refused);
+	tcase_add_loop_test(tc, test_invalid_requests, 0, B__COUNT);
+	tcase_add_loop_test(tc, test_never_inline, 0, B__COUNT);
+	tcase_add_loop_test(tc, test_rdonly, 0, B__COUNT);
+	tcase_add_test(tc, test_open_path);
+	tcase_add_loop_test(tc, test_trace_and_stats, 0, B__COUNT);
+	tcase_add_loop_test(tc, test_close_in_callback, 0, B__COUNT);
+	tcase_add_loop_test(tc, test_overflow_and_big_iov, 0, B__COUNT);
+	suite_add_tcase(s, tc);
+
+	TCase *sim = tcase_create("sim");
+	tcase_set_timeout(sim, 300);
+	tcase_add_test(sim, test_sim_random_rw_seeds);
+	tcase_add_test(sim, test_sim_reorders);
+	tcase_add_test(sim, test_sim_replay);
+	tcase_add_test(sim, test_sim_durability);
+	tcase_add_test(sim, test_sim_keep_mask);
+	tcase_add_test(sim, test_sim_crash_in_flight);
+	tcase_add_test(sim, test_sim_crash_random);
+	tcase_add_test(sim, test_sim_sync_helpers);
+	tcase_add_test(sim, test_sim_faults);
+	tcase_add_test(sim, test_sim_races);
+	tcase_add_test(sim, test_sim_save_load);
+	suite_add_tcase(s, sim);
+	return s;
+}
+
+int main(void)
+{
+	SRunner *sr = srunner_create(io_suite());
+	srunner_run_all(sr, CK_ENV); /* CK_VERBOSITY=verbose lists each test */
+	int failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
