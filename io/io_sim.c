@@ -385,7 +385,9 @@ static void qsm_sim_make_durable(struct qsm_sim *sim, uint64_t upto)
 		free(sim->sm_recs[n].rc_data);
 		n++;
 	}
-	memmove(sim->sm_recs, sim->sm_recs + n, (sim->sm_nrecs - n) * sizeof(*sim->sm_recs));
+	if (n > 0)
+		memmove(sim->sm_recs, sim->sm_recs + n,
+			(sim->sm_nrecs - n) * sizeof(*sim->sm_recs));
 	sim->sm_nrecs -= n;
 }
 
@@ -703,7 +705,8 @@ static int qsm_io_sim_pwrite_sync(struct qsm_io *io, const void *buf, size_t len
 	data = malloc(len ? len : 1);
 	if (!data)
 		return -ENOMEM;
-	memcpy(data, buf, len);
+	if (len)
+		memcpy(data, buf, len);
 	qsm_sim_commit(s->si_sim, (struct qsm_sim_rec){ .rc_op = QSM_IO_WRITE, .rc_off = off,
 							.rc_len = len, .rc_data = data });
 	return 0;
