@@ -67,7 +67,9 @@ for combo in $COMBOS; do
             if [ $sim_checked = 0 ]; then
                 sim_checked=1
                 qsm_create "$d/probe.qcow2" "$opts" 1M
-                if probe_sim "$d/probe.qcow2"; then
+                if ! grep -q -a QSM_IO_BACKEND "$QSM"; then
+                    log "SKIP sim backend: $QSM does not read QSM_IO_BACKEND"
+                elif probe_sim "$d/probe.qcow2"; then
                     have_sim=1
                 else
                     log "SKIP sim backend: 'QSM_IO_BACKEND=sim qsm io' does not run here"

@@ -9,12 +9,12 @@
 # A and B are the two halves of one generated list, so B's read -P commands
 # verify what A left behind.
 #
-# Env: QSM_TEST_SCALE (each half = 1000 * scale commands), QSM_TEST_SEED,
+# Env: QSM_TEST_SCALE (each half = 800 * scale commands, half that for 2M), QSM_TEST_SEED,
 #      QSM_CONTINUE_COMBOS="cluster:compat:refbits ...".
 . "$(dirname "$0")/lib.sh"
 interop_init
 
-N=$(scaled 1000)
+NN=$(scaled 800)
 SIZE=1G
 COMBOS=${QSM_CONTINUE_COMBOS:-"64k:1.1:16 512:0.10:16 4k:1.1:1 2M:1.1:64"}
 
@@ -27,6 +27,8 @@ for combo in $COMBOS; do
     tag="$cl/compat=$compat/refcount_bits=$rb"
     d="$WORK/$i"
     mkdir -p "$d"
+    N=$(ops_for "$cl" "$NN")
+    t0=$SECONDS
     python3 "$GEN" "$seed" $((2 * N)) "$SIZE" "$cl" >"$d/all" || die "gen_workload failed"
     head -n "$N" "$d/all" >"$d/A"
     tail -n +"$((N + 1))" "$d/all" >"$d/B"
@@ -71,6 +73,7 @@ for combo in $COMBOS; do
         fi
     fi
     rm -f "$d"/*.qcow2
+    log "$tag: done in $((SECONDS - t0))s"
 done
 
 interop_finish

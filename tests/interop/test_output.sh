@@ -94,10 +94,12 @@ done
 # The filter must blank only the rate line numbers: check it on a sample.
 CHECKS=$((CHECKS + 1))
 got=$(printf '%s\n' '4 KiB, 1 ops; 00.00 sec (3.970 MiB/sec and 1016.2922 ops/sec)' \
-      'qemu-io> 512 bytes, 12 ops; 0:01:02.50 sec (12.500 bytes/sec and 0.1000 ops/sec)' \
+      'qemu-io> 512 bytes, 12 ops; 0:01:02.50 (12.500 bytes/sec and 0.1000 ops/sec)' \
+      '1 KiB, 1 ops; 0:32:45.08 (0.521099 bytes/sec and 0.0005 ops/sec)' \
       'read 4096/4096 bytes at offset 0' | filter_timing)
 want='4 KiB, 1 ops; T sec (R/sec and R ops/sec)
 qemu-io> 512 bytes, 12 ops; T sec (R/sec and R ops/sec)
+1 KiB, 1 ops; T sec (R/sec and R ops/sec)
 read 4096/4096 bytes at offset 0'
 [ "$got" = "$want" ] || fail "filter_timing self-test: got <$got>"
 

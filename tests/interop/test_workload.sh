@@ -8,7 +8,7 @@
 # `qsm create`, the qemu one by `qemu-img create`.  A variant runs qsm with
 # `-t none` (O_DIRECT) when the work directory supports it.
 #
-# Env: QSM_TEST_SCALE (ops per combo = 2000 * scale), QSM_TEST_SEED,
+# Env: QSM_TEST_SCALE (ops per combo = 2000 * scale, half that for 2M), QSM_TEST_SEED,
 #      QSM_WORKLOAD_COMBOS="cluster:compat:refbits ..." to choose combos.
 . "$(dirname "$0")/lib.sh"
 interop_init
@@ -35,8 +35,9 @@ for combo in $COMBOS; do
     d="$WORK/$i"
     mkdir -p "$d"
     cmds="$d/cmds"
-    python3 "$GEN" "$seed" "$N" "$SIZE" "$cl" >"$cmds" || die "gen_workload failed"
-    log "$tag: $N commands (python3 gen_workload.py $seed $N $SIZE $cl)"
+    n=$(ops_for "$cl" "$N")
+    python3 "$GEN" "$seed" "$n" "$SIZE" "$cl" >"$cmds" || die "gen_workload failed"
+    log "$tag: $n commands (python3 gen_workload.py $seed $n $SIZE $cl)"
     t0=$SECONDS
 
     qemu_create "$d/q.qcow2" "$opts" $SIZE || die "qemu-img create $opts failed"
