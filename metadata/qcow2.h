@@ -172,12 +172,14 @@ int qcow2_header_copy(struct qcow2_header *dst, const struct qcow2_header *src);
 
 struct qcow2_create_opts {
 	uint64_t size;
-	unsigned cluster_bits;        /* default 16 */
-	unsigned version;             /* 2 (compat=0.10) or 3 (compat=1.1, default) */
-	unsigned refcount_order;      /* default 4 (16 bits); v2 must be 4 */
+	unsigned cluster_bits;        /* 9..21; 0 means the default 16 */
+	unsigned version;             /* 2 (compat=0.10) or 3 (compat=1.1); 0 means 3 */
+	unsigned refcount_order;      /* 0..6, taken literally (0 = 1-bit refcounts,
+	                               * not a default): set 4 for qemu's default
+	                               * 16 bits; v2 must be 4 */
 	bool lazy_refcounts;          /* v3 only */
 	const char *backing_file;     /* NULL or name as stored */
-	const char *backing_format;   /* NULL or "qcow2"/"raw" */
+	const char *backing_format;   /* "qcow2"/"raw"...; required with backing_file */
 };
 
 /*
