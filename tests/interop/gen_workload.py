@@ -25,7 +25,9 @@ file: the reads of the second part rely on the model built by the first.
 `aio_flush`.  Within a batch, writes that may overlap one another write the
 same pattern (their order is undefined), writes from neighbouring zones share
 clusters but not bytes (so concurrent allocations of one cluster happen), and
-`aio_read -P` checks zones that no write of the batch touches.  After the last
+`aio_read -P` checks zones that no write of the batch touches, and
+synchronous discard / write -z -u / write of other untouched zones run while
+the aio writes are in flight.  After the last
 batch, synchronous `read -P` commands verify every byte of the touched areas.
 """
 
@@ -308,6 +310,30 @@ class Gen:
                         e = min(e, ze)
                         ln = r.randint(1, min(e - a, 128 << 10))
                         batch.append("aio_read -P %d %d %d" % (p, a, ln))
+                    continue
+                if x < 0.40:
+                    # A synchronous command while the batch's aio writes are
+                    # in flight: discard / write -z -u of whole clusters
+                    # inside this zone, or a write of part of it (which may
+                    # share a cluster with a neighbour's in-flight write).
+                    cs = (zs + c - 1) // c * c
+                    ce = ze // c * c
+                    y = r.random()
+                    if cs < ce and y < 0.5:
+                        cmd = "discard" if y < 0.3 else "write -z -u"
+                        a = cs + r.randrange((ce - cs) // c) * c
+                        b = a + r.randint(1, (ce - a) // c) * c
+                        batch.append("%s %d %d" % (cmd, a, b - a))
+                        updates.append((a, b, 0))
+                    else:
+                        a = r.randrange(zs, ze)
+                        b = r.randint(a + 1, ze)
+                        pat = 0 if y > 0.85 else r.randint(1, 255)
+                        if pat:
+                            batch.append("write -P %d %d %d" % (pat, a, b - a))
+                        else:
+                            batch.append("write -z %d %d" % (a, b - a))
+                        updates.append((a, b, pat))
                     continue
                 zero = x < 0.38
                 pat = r.randint(1, 255)

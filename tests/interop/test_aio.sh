@@ -21,6 +21,18 @@ SIZE=1G
 COMBOS=${QSM_AIO_COMBOS:-"64k:1.1:16 512:1.1:1 4k:0.10:16 2M:1.1:64"}
 BACKENDS=${QSM_AIO_BACKENDS:-"threads io_uring sim"}
 
+# qsm's cache mode rotates over combos and backends, so O_DIRECT and
+# writethrough group commit also run concurrently (content does not depend
+# on it; qemu-io keeps its default).
+MODES=(writethrough none directsync writeback unsafe)
+direct=1
+odirect_ok "$WORK" || { direct=0; log "O_DIRECT unsupported in $WORK: no -t none/directsync"; }
+cache_for() {   # cache_for INDEX
+    local m=${MODES[$(($1 % ${#MODES[@]}))]}
+    if [ $direct = 0 ] && { [ "$m" = none ] || [ "$m" = directsync ]; }; then m=writethrough; fi
+    echo "$m"
+}
+
 have_uring=1
 if ! io_uring_ok; then
     log "SKIP -i io_uring: io_uring_setup fails in this environment"
@@ -51,8 +63,11 @@ for combo in $COMBOS; do
     qemu_create "$d/q.qcow2" "$opts" $SIZE || die "qemu-img create failed"
     qemu_io "$tag qemu-io" "$d/q" "$d/q.qcow2" "$d/cmds" && check_clean "$tag qemu image (sanity)" "$d/q.qcow2"
 
+    j=0
     for be in $BACKENDS; do
+        j=$((j + 1))
         img="$d/s-$be.qcow2"
+        mode=$(cache_for $((i + j + 3)))
         CHECKS=$((CHECKS + 1))
         if ! qsm_create "$img" "$opts" $SIZE; then
             fail "$tag: qsm create -o $opts failed"
@@ -61,7 +76,7 @@ for combo in $COMBOS; do
         case $be in
         io_uring)
             [ $have_uring = 1 ] || continue
-            qsm_io "$tag qsm io -i io_uring" "$d/s-$be" "$img" "$d/cmds" -i io_uring || continue
+            qsm_io "$tag qsm io -i io_uring -t $mode" "$d/s-$be" "$img" "$d/cmds" -i io_uring -t "$mode" || continue
             ;;
         sim)
             if [ $sim_checked = 0 ]; then
@@ -76,14 +91,14 @@ for combo in $COMBOS; do
                 fi
             fi
             [ $have_sim = 1 ] || continue
-            QSM_IO_BACKEND=sim qsm_io "$tag QSM_IO_BACKEND=sim qsm io" "$d/s-$be" "$img" "$d/cmds" || continue
+            QSM_IO_BACKEND=sim qsm_io "$tag QSM_IO_BACKEND=sim qsm io -t $mode" "$d/s-$be" "$img" "$d/cmds" -t "$mode" || continue
             ;;
         *)
-            qsm_io "$tag qsm io -i $be" "$d/s-$be" "$img" "$d/cmds" -i "$be" || continue
+            qsm_io "$tag qsm io -i $be -t $mode" "$d/s-$be" "$img" "$d/cmds" -i "$be" -t "$mode" || continue
             ;;
         esac
-        compare_images "$tag $be: qsm vs qemu" "$d/q.qcow2" "$img"
-        check_clean "$tag $be: qsm image" "$img"
+        compare_images "$tag $be -t $mode: qsm vs qemu" "$d/q.qcow2" "$img"
+        check_clean "$tag $be -t $mode: qsm image" "$img"
         rm -f "$img"
     done
     rm -f "$d"/*.qcow2
