@@ -909,6 +909,49 @@ START_TEST(v2_parse)
 }
 END_TEST
 
+/* Random byte mutations of cluster 0 (seeded, printed): the parser must
+ * never crash or leak, and whatever it accepts must serialize. */
+START_TEST(mutations_never_crash)
+{
+	const uint64_t seed = 0x5eed0001;
+	struct qsm_rng rng;
+	size_t len;
+	uint8_t *base = base_image(&len, true);
+	uint8_t *img = malloc(len), *out = malloc(CS);
+	int accepted = 0;
+
+	qsm_rng_seed(&rng, seed);
+	for (int iter = 0; iter < 20000; iter++) {
+		struct qcow2_header h;
+		char err[256];
+		int n = 1 + (int)qsm_rng_below(&rng, 4);
+
+		memcpy(img, base, len);
+		for (int k = 0; k < n; k++) {
+			/* Mostly the fixed header and the first extensions. */
+			size_t at = qsm_rng_below(&rng, 4) ? qsm_rng_below(&rng, 160)
+							   : qsm_rng_below(&rng, 1024);
+			img[at] = (uint8_t)qsm_rng_next(&rng);
+		}
+		if (qcow2_header_parse(img, CS, len, &h, err, sizeof(err)) == 0) {
+			int ret;
+
+			accepted++;
+			ret = qcow2_header_serialize(&h, out, CS);
+			ck_assert_msg(ret == 0 || ret == -ENOSPC || ret == -EINVAL,
+				      "seed %#" PRIx64 " iter %d: serialize %d", seed, iter, ret);
+			qcow2_header_release(&h);
+		} else {
+			ck_assert_msg(err[0], "seed %#" PRIx64 " iter %d: no message", seed, iter);
+		}
+	}
+	ck_assert_int_gt(accepted, 0);
+	free(img);
+	free(out);
+	free(base);
+}
+END_TEST
+
 static Suite *header_suite(void)
 {
 	Suite *s = suite_create("header");
@@ -943,6 +986,7 @@ static Suite *header_suite(void)
 	tcase_add_test(tc, bad_backing_file);
 	tcase_add_test(tc, bad_extensions);
 	tcase_add_test(tc, short_file);
+	tcase_add_test(tc, mutations_never_crash);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("format");
