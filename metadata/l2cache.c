@@ -278,6 +278,9 @@ void qsm_l2_put(struct qsm_l2_cache *c, struct qsm_l2_table *t)
 	assert(t->ref > 0 && t->state == QSM_L2_READY);
 	t->ref--;
 	maybe_release(c, t);
+	/* A dirty table just became the only thing between a waiter and a slot. */
+	if (t->ref == 0 && t->dirty && c->slot_waiters && c->need_writeback)
+		c->need_writeback(c->opaque);
 }
 
 void qsm_l2_mark_dirty(struct qsm_l2_cache *c, struct qsm_l2_table *t)

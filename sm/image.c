@@ -327,7 +327,11 @@ int qsm_open(struct event_base *base, const char *path, const struct qsm_open_op
 int qsm_close(struct qsm_image *img)
 {
 	int ret = 0;
-	assert(img->in_flight == 0 && !img->wb_job);
+	/* Only an internal write-back batch may still run; let it finish (this
+	 * runs the loop, which close, being blocking, may do). */
+	assert(img->in_flight == (img->wb_job ? 1u : 0u));
+	while (img->wb_job)
+		event_base_loop(img->base, EVLOOP_ONCE);
 	if (!img->read_only && !img->error)
 		ret = qsm_wb_sync_all(img);
 	image_free(img);

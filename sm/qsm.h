@@ -10,7 +10,8 @@
  *    delivered from the loop).
  *  - qsm_open, qsm_close and qsm_create block (like bdrv_open): they read or
  *    write the header and tables synchronously.  qsm_close requires that no
- *    request is in flight.
+ *    request is in flight; it may run the loop to finish an internal
+ *    metadata write-back batch.
  *
  * Errors: every function returns 0 or a negative errno.  A submit function
  * that returns an error does not run the callback (the request was not

@@ -353,9 +353,14 @@ static enum qsm_event step_l1_lookup(struct qsm_req *req)
 								QSM_STATUS_ZERO, 0 };
 			return QSM_E_L1_EMPTY;
 		case QSM_M_DISCARD:
-		case QSM_M_ZEROES:
 			/* Unallocated reads as zeros (no backing file). */
 			return QSM_E_NOTHING_TO_DO;
+		case QSM_M_ZEROES:
+			/* v3 records zero clusters (as QEMU, which creates the L2
+			 * table for them); v2 has nothing to record. */
+			if (img->hdr.version < 3)
+				return QSM_E_NOTHING_TO_DO;
+			/* fall through */
 		default: {
 			struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);
 			if (a) {
@@ -630,43 +635,49 @@ static enum qsm_event classify_write(struct qsm_req *req)
 	return QSM_E_NEED_ALLOC;
 }
 
-/* Write zeroes: whole clusters (v3) become zero clusters; partial clusters
- * that do not already read as zeros are written with zero data. */
+/*
+ * Write zeroes, with QEMU's results (so `map` agrees):
+ *  - whole clusters: v3 sets the zero flag (keeping the allocation unless
+ *    QSM_ZERO_MAY_UNMAP); v2, which has no zero flag, deallocates them;
+ *  - a partial cluster that already reads as zeros: v3 turns it into a zero
+ *    cluster, v2 leaves it;
+ *  - a partial cluster with data: zero data is written over the part.
+ */
 static enum qsm_event classify_zeroes(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
 	struct qsm_run *run = &req->run;
 	uint64_t head = in_cluster(img, run->offset);
-	bool whole = head == 0 && run->bytes >= img->cluster_size;
+	bool v3 = img->hdr.version >= 3;
 
-	if (whole && img->hdr.version >= 3) {
+	if (head == 0 && run->bytes >= img->cluster_size) {
 		run->bytes = QSM_ALIGN_DOWN(run->bytes, img->cluster_size);
-		run->nb_clusters = run->bytes >> img->cluster_bits;
-		goto whole_clusters;
+	} else {
+		run->bytes = QSM_MIN(run->bytes, img->cluster_size - head);
 	}
-	/* Partial cluster (or v2): zero data over at most one cluster. */
-	run->bytes = QSM_MIN(run->bytes, img->cluster_size - head);
-	run->nb_clusters = 1;
-	uint64_t e = qsm_l2_entry(run->l2, run->l2_index);
-	int ret = check_l2_entry(req, run->l2_index, e);
-	if (ret < 0)
-		return fail(req, ret);
-	if (reads_zero(entry_kind(e)) && !alloc_overlap(img, req, cluster_of(img, run->offset), 1)) {
-		release_l2(req);
-		return QSM_E_NOTHING_TO_DO;
-	}
-	return classify_write(req);
-
-whole_clusters:
-	if (alloc_overlap(img, req, cluster_of(img, run->offset), run->nb_clusters)) {
-		struct qsm_alloc *a = alloc_overlap(img, req, cluster_of(img, run->offset),
-						    run->nb_clusters);
+	run->nb_clusters = run_clusters(img, run->offset, run->bytes);
+	struct qsm_alloc *a = alloc_overlap(img, req, cluster_of(img, run->offset),
+					    run->nb_clusters);
+	if (a) {
 		release_l2(req);
 		img->stats.alloc_waits++;
 		wait_on(&a->waiters, req);
 		return QSM_E_ALLOC_BUSY;
 	}
-	return QSM_E_WHOLE_CLUSTERS;
+	if (run->bytes >= img->cluster_size && head == 0)
+		return QSM_E_WHOLE_CLUSTERS;
+
+	uint64_t e = qsm_l2_entry(run->l2, run->l2_index);
+	int ret = check_l2_entry(req, run->l2_index, e);
+	if (ret < 0)
+		return fail(req, ret);
+	if (reads_zero(entry_kind(e))) {
+		if (v3)
+			return QSM_E_WHOLE_CLUSTERS;
+		release_l2(req);
+		return QSM_E_NOTHING_TO_DO;
+	}
+	return classify_write(req);
 }
 
 static enum qsm_event classify_discard(struct qsm_req *req)
@@ -865,6 +876,12 @@ static enum qsm_event step_zero_update(struct qsm_req *req)
 			if (k == EK_UNALLOC || k == EK_ZERO)
 				continue;
 			new = v3 ? QCOW2_L2E_ZERO : 0;
+			unmap = true;
+		} else if (!v3) {
+			/* v2 has no zero flag: a whole cluster is deallocated. */
+			if (k == EK_UNALLOC)
+				continue;
+			new = 0;
 			unmap = true;
 		} else {
 			unmap = (req->flags & QSM_ZERO_MAY_UNMAP) && old_host;
@@ -1139,4 +1156,18 @@ void qsm_sm_start(struct qsm_req *req)
 	if (req->machine == QSM_M_FLUSH)
 		ev = req->img->cache == QSM_CACHE_UNSAFE ? QSM_E_IGNORED : QSM_E_NEED_DURABLE;
 	qsm_sm_post(req, ev, 0);
+}
+
+/* For gdb and failing tests: every live request with its state. */
+void qsm_image_dump(struct qsm_image *img, FILE *f)
+{
+	fprintf(f, "image: %llu in flight, wb_job %s, error %d, l2 cache %zu/%zu (%zu dirty)\n",
+		(unsigned long long)img->in_flight, img->wb_job ? "running" : "idle", img->error,
+		img->l2c.nb_entries, img->l2c.capacity, img->l2c.nb_dirty);
+	for (struct qsm_req *r = img->all; r; r = r->all_next)
+		fprintf(f, "  req#%llu %s %s off %#llx+%llu done %llu%s%s%s\n",
+			(unsigned long long)r->id, kind_names[r->machine], state_names[r->state],
+			(unsigned long long)r->offset, (unsigned long long)r->bytes,
+			(unsigned long long)r->done, r->waiting ? " waiting" : "",
+			r->queued ? " queued" : "", r->run.l2 ? " holds-l2" : "");
 }

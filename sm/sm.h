@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/uio.h>
 
 #include "io/io.h"
@@ -228,6 +229,8 @@ struct qsm_req *qsm_req_new(struct qsm_image *img, enum qsm_machine m, int iov_c
 void qsm_sm_start(struct qsm_req *req);
 /* Wake every waiter of a list with WAKE (or `ev`). */
 void qsm_wake_all(struct qsm_wait **list, enum qsm_event ev, int ret);
+/* Print every live request and its state (for gdb and failing tests). */
+void qsm_image_dump(struct qsm_image *img, FILE *f);
 
 /* --- sm/writeback.c ------------------------------------------------------ */
 /* req wants the next write-back batch to complete it (event WB_DONE).  Starts
