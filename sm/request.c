@@ -972,7 +972,7 @@ static enum qsm_event step(struct qsm_req *req)
 }
 
 /* Per-state invariants (assert_pager_state style). */
-static bool req_invariants(const struct qsm_req *req)
+__attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 {
 	const struct qsm_run *run = &req->run;
 	switch (req->state) {

@@ -46,7 +46,7 @@
 
 enum wb_level { WBL_BLOCKS, WBL_REFTABLE, WBL_HEADER, WBL_L2, WBL_L1, WBL__COUNT };
 
-static const enum qsm_state level_state[WBL__COUNT] = {
+__attribute__((unused)) static const enum qsm_state level_state[WBL__COUNT] = {
 	QSM_S_WB_REFBLOCKS, QSM_S_WB_REFTABLE, QSM_S_WB_HEADER, QSM_S_WB_L2, QSM_S_WB_L1,
 };
 static const enum qsm_event level_event[WBL__COUNT] = {
