@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# qsm io continuing on images qemu made with features beyond a fresh image:
+#   snapshot    qemu-io writes A, `qemu-img snapshot -c` (clusters now have
+#               refcount 2, no COPIED flag), B by qemu-io vs qsm io; compare,
+#               check, then `snapshot -a` on both: the snapshot must be intact
+#   compressed  A written then `qemu-img convert -c`; B by both; compare, check
+#   lazy        lazy_refcounts=on image; B by both; compare, check
+#   prealloc    preallocation=metadata and =falloc images; B by both
+# and images qsm does not support (extended_l2, zstd, external data file):
+#   qsm io must exit non-zero, name the feature, and leave the file unchanged.
+# Cases can be skipped by name: QSM_FOREIGN_SKIP="snapshot compressed".
+#
+# Env: QSM_TEST_SCALE (A and B = 600 * scale commands each), QSM_TEST_SEED.
+. "$(dirname "$0")/lib.sh"
+interop_init
+
+N=$(scaled 600)
+SKIP=${QSM_FOREIGN_SKIP:-}
+CL=64k
+
+python3 "$GEN" $((BASE_SEED + 300)) $((2 * N)) 1G $CL >"$WORK/all" || die "gen_workload failed"
+head -n "$N" "$WORK/all" >"$WORK/A"
+tail -n +"$((N + 1))" "$WORK/all" >"$WORK/B"
+log "A+B = python3 gen_workload.py $((BASE_SEED + 300)) $((2 * N)) 1G $CL, split after line $N"
+
+skipped() {
+    if [[ " $SKIP " == *" $1 "* ]]; then
+        log "SKIP case '$1' (QSM_FOREIGN_SKIP)"
+        return 0
+    fi
+    return 1
+}
+
+# continue_both NAME BASE: B by qemu-io and qsm io on copies of BASE
+continue_both() {
+    local name=$1 base=$2 d=$WORK/$1 ok_q=0 ok_s=0
+    mkdir -p "$d"
+    cp --sparse=always "$base" "$d/q.qcow2"
+    cp --sparse=always "$base" "$d/s.qcow2"
+    qemu_io "$name: qemu-io B" "$d/q" "$d/q.qcow2" "$WORK/B" && ok_q=1
+    qsm_io "$name: qsm io B" "$d/s" "$d/s.qcow2" "$WORK/B" && ok_s=1
+    # even after a failed run, qsm's image must still be clean
+    check_clean "$name: qsm's image" "$d/s.qcow2"
+    [ $ok_s = 1 ] && compare_images "$name: qsm vs qemu after B" "$d/q.qcow2" "$d/s.qcow2"
+    return 0
+}
+
+# base_with_A OUT OPTS: qemu-img create + qemu-io A
+base_with_A() {
+    qemu_create "$1" "$2" || die "qemu-img create -o $2 failed"
+    qemu-io -f qcow2 "$1" <"$WORK/A" >"$1.out" 2>&1 || die "qemu-io A on -o $2 failed"
+}
+
+if ! skipped snapshot; then
+    base_with_A "$WORK/snap.qcow2" cluster_size=$CL
+    cp --sparse=always "$WORK/snap.qcow2" "$WORK/snap-A.qcow2"
+    qemu-img snapshot -c s1 "$WORK/snap.qcow2" || die "qemu-img snapshot -c failed"
+    continue_both snapshot "$WORK/snap.qcow2"
+    # whatever qsm did, the snapshot must still hold A
+    CHECKS=$((CHECKS + 1))
+    if qemu-img snapshot -a s1 "$WORK/snapshot/s.qcow2"; then
+        compare_images "snapshot: qsm's copy after snapshot -a s1 is A" "$WORK/snap-A.qcow2" "$WORK/snapshot/s.qcow2"
+        check_clean "snapshot: qsm's copy after snapshot -a" "$WORK/snapshot/s.qcow2"
+    else
+        fail "snapshot: qemu-img snapshot -a s1 failed on qsm's copy"
+    fi
+    rm -rf "$WORK"/snap*.qcow2 "$WORK/snapshot"
+fi
+
+if ! skipped compressed; then
+    base_with_A "$WORK/plain.qcow2" cluster_size=$CL
+    qemu-img convert -c -O qcow2 -o cluster_size=$CL "$WORK/plain.qcow2" "$WORK/comp.qcow2" ||
+        die "qemu-img convert -c failed"
+    rm -f "$WORK/plain.qcow2"
+    continue_both compressed "$WORK/comp.qcow2"
+    rm -rf "$WORK/comp.qcow2" "$WORK/compressed"
+fi
+
+if ! skipped lazy; then
+    base_with_A "$WORK/lazy.qcow2" cluster_size=$CL,lazy_refcounts=on
+    continue_both lazy "$WORK/lazy.qcow2"
+    rm -rf "$WORK/lazy.qcow2" "$WORK/lazy"
+fi
+
+if ! skipped prealloc; then
+    for p in metadata falloc; do
+        base_with_A "$WORK/pre-$p.qcow2" cluster_size=$CL,preallocation=$p
+        continue_both prealloc-$p "$WORK/pre-$p.qcow2"
+        rm -rf "$WORK/pre-$p.qcow2" "$WORK/prealloc-$p"
+    done
+fi
+
+# Unsupported incompatible features: refused by name, file untouched.
+for c in "extended_l2=on:extended L2" "compression_type=zstd:compression type" \
+         "data_file=$WORK/data.raw:external data file"; do
+    opt=${c%%:*}
+    word=${c#*:}
+    skipped "refuse-${opt%%=*}" && continue
+    img="$WORK/unsup.qcow2"
+    rm -f "$img" "$WORK/data.raw"
+    qemu_create "$img" "cluster_size=$CL,$opt" || die "qemu-img create -o $opt failed"
+    qemu-io -f qcow2 -c 'write -P 1 0 64k' "$img" >/dev/null || die "qemu-io write on -o $opt failed"
+    cp "$img" "$img.orig"
+    out=$(timeout "$TIMEOUT" "$QSM" io -f qcow2 -c 'write -P 2 0 512' "$img" 2>&1)
+    rc=$?
+    CHECKS=$((CHECKS + 1))
+    [ $rc -ne 0 ] || fail "-o $opt: qsm io exited 0 on an image it should refuse: $out"
+    CHECKS=$((CHECKS + 1))
+    printf '%s\n' "$out" | grep -q -i "$word" || fail "-o $opt: refusal does not name '$word': $out"
+    CHECKS=$((CHECKS + 1))
+    cmp -s "$img" "$img.orig" || fail "-o $opt: qsm io modified an image it refused"
+    rm -f "$img" "$img.orig" "$WORK/data.raw"
+done
+
+interop_finish
