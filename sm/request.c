@@ -48,10 +48,11 @@
  *     so a lookup never sees an entry pointing at half-written data.  Reads
  *     need not wait: until L2_UPDATE they see the old entry, after it the
  *     complete new cluster.
- *  3. Only a write that must create an L2 table (empty L1 entry) freezes
- *     others, and only those touching the same L1 slot (FROZEN); since the
- *     table is created in the cache, the freeze lasts only while a cache
- *     slot is unavailable.
+ *  3. Only a write that must create an L2 table (empty L1 entry, or a table
+ *     shared with an internal snapshot, which is copied) freezes others, and
+ *     only those writing under the same L1 slot (FROZEN); since the table is
+ *     created in the cache, the freeze lasts only while a cache slot is
+ *     unavailable.
  *  4. A request holds at most one L2 table reference, and never while
  *     waiting for another table or a slot, so the cache cannot deadlock.
  *  5. Metadata changes are made in memory (cached L2 tables, resident L1 and
@@ -344,6 +345,15 @@ static enum qsm_event step_l1_lookup(struct qsm_req *req)
 		return fail(req, qsm_image_corrupt(img, "L1 entry %llu (%#llx) has reserved bits set",
 						    (unsigned long long)run->l1_index,
 						    (unsigned long long)l1e));
+	if (is_write_machine(req->machine) && img->l2allocs) {
+		/* Invariant 3: the slot's L2 table is being created or copied. */
+		struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);
+		if (a) {
+			img->stats.frozen++;
+			wait_on(&a->waiters, req);
+			return QSM_E_L1_BUSY;
+		}
+	}
 	if (l2_off == 0) {
 		switch (req->machine) {
 		case QSM_M_READ:
@@ -361,15 +371,8 @@ static enum qsm_event step_l1_lookup(struct qsm_req *req)
 			if (img->hdr.version < 3)
 				return QSM_E_NOTHING_TO_DO;
 			/* fall through */
-		default: {
-			struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);
-			if (a) {
-				img->stats.frozen++;
-				wait_on(&a->waiters, req);
-				return QSM_E_L1_BUSY;
-			}
+		default:
 			return QSM_E_L1_EMPTY;
-		}
 		}
 	}
 	if (!QSM_IS_ALIGNED(l2_off, img->cluster_size) || l2_off == 0 ||
@@ -377,12 +380,6 @@ static enum qsm_event step_l1_lookup(struct qsm_req *req)
 		return fail(req, qsm_image_corrupt(img, "L1 entry %llu: L2 table offset %#llx is not cluster aligned",
 						    (unsigned long long)run->l1_index,
 						    (unsigned long long)l2_off));
-	if (is_write_machine(req->machine) && !(l1e & QCOW2_OFLAG_COPIED)) {
-		snprintf(img->errmsg, sizeof(img->errmsg),
-			 "L2 table %#llx is shared with an internal snapshot; writing to it is not supported yet",
-			 (unsigned long long)l2_off);
-		return fail(req, -ENOTSUP);
-	}
 	return QSM_E_L1_FOUND;
 }
 
@@ -422,7 +419,8 @@ static enum qsm_event step_l2_alloc(struct qsm_req *req)
 			goto out_unfreeze;
 	}
 	req->l2w.fn = l2_waiter_cb;
-	ret = qsm_l2_create(&img->l2c, run->host, NULL, &run->l2, &req->l2w);
+	/* run->bounce holds the shared table's entries when this is a COW. */
+	ret = qsm_l2_create(&img->l2c, run->host, run->bounce, &run->l2, &req->l2w);
 	if (ret == -EAGAIN)
 		return QSM_E_WAIT; /* slot waiter posts WAKE: run this step again */
 	if (ret < 0) {
@@ -432,8 +430,14 @@ static enum qsm_event step_l2_alloc(struct qsm_req *req)
 	qsm_note_l2_table(img, run->host);
 	qsm_l1_set(img, run->l1_index, run->host | QCOW2_OFLAG_COPIED);
 	img->stats.clusters_allocated++;
+	if (run->bounce) {
+		/* The snapshot keeps the old table; our reference to it goes
+		 * once the new L1 entry is durable. */
+		ret = qsm_free_cluster_deferred(img, run->old_entry & QCOW2_L1E_OFFSET_MASK);
+		free(run->bounce);
+		run->bounce = NULL;
+	}
 	run->host = 0;
-	ret = 0;
 out_unfreeze:
 	for (struct qsm_l2alloc **pp = &img->l2allocs; *pp; pp = &(*pp)->next) {
 		if (*pp == a) {
@@ -540,7 +544,9 @@ static enum qsm_event classify_read(struct qsm_req *req)
 		enum entry_kind k = entry_kind(e);
 		if ((ret = check_l2_entry(req, run->l2_index + i, e)) < 0)
 			return fail(req, ret);
-		if (reads_zero(k0) ? !reads_zero(k) :
+		/* A read merges every kind that reads as zeros; a status query
+		 * reports unallocated and zero clusters apart, as QEMU's map. */
+		if (reads_zero(k0) ? (req->machine == QSM_M_STATUS ? k != k0 : !reads_zero(k)) :
 		    (k == EK_COMPRESSED || reads_zero(k) ||
 		     (e & QCOW2_L2E_OFFSET_MASK) != host0 + (i << img->cluster_bits)))
 			break;
@@ -726,6 +732,17 @@ static enum qsm_event step_l2_lookup(struct qsm_req *req)
 		if (ret < 0)
 			return fail(req, ret);
 		img->stats.l2_hits++;
+	}
+	uint64_t l1e = qsm_l1_get(img, run->l1_index);
+	if (is_write_machine(req->machine) && !(l1e & QCOW2_OFLAG_COPIED)) {
+		/* Shared with an internal snapshot: copy the table first.  Keep
+		 * a private copy rather than the reference (invariant 4). */
+		if (posix_memalign((void **)&run->bounce, 4096, img->cluster_size))
+			return fail(req, -ENOMEM);
+		memcpy(run->bounce, run->l2->data, img->cluster_size);
+		run->old_entry = l1e;
+		release_l2(req);
+		return QSM_E_L2_SHARED;
 	}
 	switch (req->machine) {
 	case QSM_M_READ:
@@ -985,8 +1002,9 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	case QSM_S_L2_UPDATE:
 		return run->l2 && run->alloc_linked;
 	case QSM_S_NEXT_RUN:
-	case QSM_S_DONE:
 		return !run->l2 && !run->alloc_linked && !req->waiting;
+	case QSM_S_DONE: /* an error may leave resources held: see req_complete */
+		return !req->waiting && !req->queued;
 	default:
 		return req->done <= req->bytes;
 	}
@@ -1033,6 +1051,7 @@ static void req_complete(struct qsm_req *req)
 	/* Error exits may leave resources held; release them here. */
 	release_l2(req);
 	alloc_unlink(req);
+	assert(!run->l2 && !run->alloc_linked);
 	if (req->machine == QSM_M_WRITEBACK) {
 		qsm_wb_step(req, QSM_E_FINISHED, req->ret);
 	} else if (req->ret == 0) {
