@@ -2,7 +2,7 @@
 """Shrink a qemu-io script on which qsm io and qemu-io disagree (ddmin).
 
     minimize.py [--mode image|output|check|exit] [-o CREATE_OPTS] [--size 1G]
-                [--qsm PATH] [--qsm-args "-t none"] SCRIPT > smaller
+                [--qsm PATH] [--qsm-args "-t none"] [--tries K] SCRIPT > smaller
 
 Modes (what counts as "still failing"):
   image   qemu-img compare of the two images reports a difference (default)
@@ -42,6 +42,13 @@ class Trial:
         return p.returncode, p.stdout, p.stderr
 
     def fails(self, lines):
+        """True if any of --tries runs shows the difference (for races)."""
+        for _ in range(self.a.tries):
+            if self.fails_once(lines):
+                return True
+        return False
+
+    def fails_once(self, lines):
         self.runs += 1
         script = "".join(l + "\n" for l in lines)
         q = os.path.join(self.work, "q.qcow2")
@@ -96,6 +103,8 @@ def main():
     ap.add_argument("--size", default="1G")
     ap.add_argument("--qsm", default=os.environ.get("QSM", ""))
     ap.add_argument("--qsm-args", default="")
+    ap.add_argument("--tries", type=int, default=1,
+                    help="runs per candidate; it fails if any run fails (flaky races)")
     ap.add_argument("script")
     a = ap.parse_args()
     if not a.qsm:

@@ -9,12 +9,12 @@
 # A and B are the two halves of one generated list, so B's read -P commands
 # verify what A left behind.
 #
-# Env: QSM_TEST_SCALE (each half = 800 * scale commands, half that for 2M), QSM_TEST_SEED,
+# Env: QSM_TEST_SCALE (each half = 600 * scale commands, half that for 2M), QSM_TEST_SEED,
 #      QSM_CONTINUE_COMBOS="cluster:compat:refbits ...".
 . "$(dirname "$0")/lib.sh"
 interop_init
 
-NN=$(scaled 800)
+NN=$(scaled 600)
 SIZE=1G
 COMBOS=${QSM_CONTINUE_COMBOS:-"64k:1.1:16 512:0.10:16 4k:1.1:1 2M:1.1:64"}
 

@@ -17,7 +17,7 @@ N=$(scaled 2000)
 SIZE=1G
 COMBOS=${QSM_WORKLOAD_COMBOS:-"512:1.1:1 512:0.10:16 4k:1.1:16 4k:0.10:16 64k:1.1:64 64k:0.10:16 2M:1.1:64 2M:0.10:16"}
 # combos that also run qsm with -t none
-DIRECT_COMBOS=${QSM_WORKLOAD_DIRECT_COMBOS:-"512:1.1:1 64k:0.10:16 2M:1.1:64"}
+DIRECT_COMBOS=${QSM_WORKLOAD_DIRECT_COMBOS:-"512:1.1:1 64k:0.10:16 4k:1.1:16"}
 
 direct=1
 if ! odirect_ok "$WORK"; then
