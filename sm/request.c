@@ -67,6 +67,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <zlib.h>
 
 #include "sm/sm.h"
 
@@ -314,6 +315,7 @@ static void run_init(struct qsm_req *req)
 
 	assert(!run->l2 && !run->alloc_linked);
 	free(run->bounce);
+	free(run->cbuf);
 	memset(run, 0, sizeof(*run));
 	run->offset = pos;
 	run->bytes = QSM_MIN(req->bytes - req->done, table_end - pos);
@@ -499,6 +501,37 @@ static enum entry_kind entry_kind(uint64_t e)
 	return (e & QCOW2_OFLAG_COPIED) ? EK_DATA : EK_SHARED;
 }
 
+/* A compressed descriptor (format.md): byte offset in the low bits, then
+ * the number of additional 512-byte sectors. */
+static void compressed_extent(const struct qsm_image *img, uint64_t e, uint64_t *off, size_t *len)
+{
+	unsigned shift = 62 - (img->cluster_bits - 8);
+	uint64_t nb_sectors = ((e >> shift) & ((1ull << (img->cluster_bits - 8)) - 1)) + 1;
+	*off = e & ((1ull << shift) - 1);
+	*len = (size_t)(nb_sectors * 512 - (*off & 511));
+}
+
+/* Release the host clusters an old L2 entry held (deferred, see writeback.c).
+ * A compressed cluster holds every cluster its sectors touch. */
+static int free_old_entry(struct qsm_image *img, uint64_t e)
+{
+	if (e & QCOW2_OFLAG_COMPRESSED) {
+		uint64_t off;
+		size_t len;
+		compressed_extent(img, e, &off, &len);
+		off &= ~511ull;
+		len = QSM_ALIGN_UP(len + (off & 511), 512);
+		for (uint64_t c = off >> img->cluster_bits; c <= (off + len - 1) >> img->cluster_bits; c++) {
+			int ret = qsm_free_cluster_deferred(img, c << img->cluster_bits);
+			if (ret < 0)
+				return ret;
+		}
+		return 0;
+	}
+	uint64_t host = e & QCOW2_L2E_OFFSET_MASK;
+	return host ? qsm_free_cluster_deferred(img, host) : 0;
+}
+
 static bool reads_zero(enum entry_kind k)
 {
 	return k == EK_UNALLOC || k == EK_ZERO || k == EK_ZERO_ALLOC;
@@ -532,10 +565,16 @@ static enum qsm_event classify_read(struct qsm_req *req)
 	if (ret < 0)
 		return fail(req, ret);
 	if (k0 == EK_COMPRESSED) {
-		snprintf(img->errmsg, sizeof(img->errmsg),
-			 "compressed cluster at guest offset %#llx: compressed clusters are not supported yet",
-			 (unsigned long long)run->offset);
-		return fail(req, -ENOTSUP);
+		run_clip(req, 1);
+		release_l2(req);
+		run->old_entry = e0;
+		if (req->machine == QSM_M_STATUS) {
+			*req->status_out = (struct qsm_extent){
+				run->offset, run->bytes,
+				QSM_STATUS_DATA | QSM_STATUS_ALLOCATED | QSM_STATUS_COMPRESSED, 0 };
+			return QSM_E_REPORTED;
+		}
+		return QSM_E_COMPRESSED;
 	}
 	uint64_t host0 = e0 & QCOW2_L2E_OFFSET_MASK;
 	uint64_t i;
@@ -590,12 +629,6 @@ static enum qsm_event classify_write(struct qsm_req *req)
 
 	if (ret < 0)
 		return fail(req, ret);
-	if (k0 == EK_COMPRESSED) {
-		snprintf(img->errmsg, sizeof(img->errmsg),
-			 "compressed cluster at guest offset %#llx: compressed clusters are not supported yet",
-			 (unsigned long long)run->offset);
-		return fail(req, -ENOTSUP);
-	}
 	if (k0 == EK_DATA) {
 		for (i = 1; i < n; i++) {
 			uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
@@ -616,8 +649,8 @@ static enum qsm_event classify_write(struct qsm_req *req)
 		run->host = host0 + in_cluster(img, run->offset);
 		return QSM_E_IN_PLACE;
 	}
-	if (k0 == EK_SHARED) {
-		i = 1;
+	if (k0 == EK_SHARED || k0 == EK_COMPRESSED) {
+		i = 1; /* one cluster, copied from its old contents */
 	} else {
 		for (i = 1; i < n; i++) {
 			uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
@@ -775,6 +808,59 @@ static enum qsm_event step_zero_fill(struct qsm_req *req)
 	return QSM_E_FINISHED;
 }
 
+static enum qsm_event step_compressed_read(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	uint64_t off;
+	compressed_extent(img, run->old_entry, &off, &run->csize);
+	if (posix_memalign((void **)&run->cbuf, 4096, QSM_ALIGN_UP(run->csize, 4096)))
+		return fail(req, -ENOMEM);
+	req->iov_buf[0] = (struct iovec){ run->cbuf, run->csize };
+	return submit_io(req, QSM_IO_READ, req->machine == QSM_M_READ ? QSM_IO_EV_DATA_READ
+								       : QSM_IO_EV_COW_READ,
+			 off, req->iov_buf, 1);
+}
+
+/*
+ * Inflate (raw deflate, as QEMU writes it) into a cluster buffer, which must
+ * come out exactly one cluster long.  Reads copy their part out; writes keep
+ * it as the COW source for ALLOC_WRITE.  Runs on the loop thread for now.
+ */
+static enum qsm_event step_decompress(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	z_stream z = { 0 };
+	int zr;
+
+	if (posix_memalign((void **)&run->bounce, 4096, img->cluster_size))
+		return fail(req, -ENOMEM);
+	if (inflateInit2(&z, -12) != Z_OK)
+		return fail(req, -ENOMEM);
+	z.next_in = run->cbuf;
+	z.avail_in = (uInt)run->csize;
+	z.next_out = run->bounce;
+	z.avail_out = (uInt)img->cluster_size;
+	zr = inflate(&z, Z_FINISH);
+	inflateEnd(&z);
+	free(run->cbuf);
+	run->cbuf = NULL;
+	if ((zr != Z_STREAM_END && zr != Z_BUF_ERROR) || z.avail_out != 0) {
+		snprintf(img->errmsg, sizeof(img->errmsg),
+			 "compressed cluster at guest offset %#llx does not inflate to one cluster",
+			 (unsigned long long)QSM_ALIGN_DOWN(run->offset, img->cluster_size));
+		return fail(req, -EIO);
+	}
+	if (req->machine == QSM_M_READ) {
+		qsm_iov_from_buf(req->iov, req->iovcnt, req->done,
+				 run->bounce + in_cluster(img, run->offset), run->bytes);
+		free(run->bounce);
+		run->bounce = NULL;
+	}
+	return QSM_E_FINISHED;
+}
+
 static enum qsm_event step_cluster_alloc(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
@@ -799,6 +885,8 @@ static enum qsm_event step_cluster_alloc(struct qsm_req *req)
 
 	if (entry_kind(run->old_entry) == EK_SHARED)
 		return QSM_E_COW;
+	if (entry_kind(run->old_entry) == EK_COMPRESSED)
+		return QSM_E_COMPRESSED;
 	/* Clusters never written since open read as zeros already (holes past
 	 * the old end of file): the COW regions need no write at all. */
 	run->zero_cow = run->host < img->file_end;
@@ -848,14 +936,11 @@ static enum qsm_event step_l2_update(struct qsm_req *req)
 	struct qsm_run *run = &req->run;
 	for (uint64_t i = 0; i < run->nb_clusters; i++) {
 		uint64_t old = qsm_l2_entry(run->l2, run->l2_index + i);
-		uint64_t old_host = old & QCOW2_L2E_OFFSET_MASK;
 		qsm_l2_set_entry(run->l2, run->l2_index + i,
 				 (run->host + (i << img->cluster_bits)) | QCOW2_OFLAG_COPIED);
-		if (old_host) {
-			int ret = qsm_free_cluster_deferred(img, old_host);
-			if (ret < 0)
-				return fail(req, ret);
-		}
+		int ret = free_old_entry(img, old);
+		if (ret < 0)
+			return fail(req, ret);
 	}
 	qsm_l2_mark_dirty(&img->l2c, run->l2);
 	release_l2(req);
@@ -882,12 +967,10 @@ static enum qsm_event step_zero_update(struct qsm_req *req)
 		bool unmap;
 
 		if (k == EK_COMPRESSED) {
-			snprintf(img->errmsg, sizeof(img->errmsg),
-				 "compressed cluster at guest offset %#llx: compressed clusters are not supported yet",
-				 (unsigned long long)(run->offset + (i << img->cluster_bits)));
-			return fail(req, -ENOTSUP);
-		}
-		if (req->machine == QSM_M_DISCARD) {
+			/* As QEMU: a compressed cluster is always released. */
+			new = (req->machine == QSM_M_DISCARD && !v3) ? 0 : QCOW2_L2E_ZERO;
+			unmap = true;
+		} else if (req->machine == QSM_M_DISCARD) {
 			/* As QEMU: v3 keeps a zero cluster so nothing shows through,
 			 * v2 can only deallocate. */
 			if (k == EK_UNALLOC || k == EK_ZERO)
@@ -908,11 +991,8 @@ static enum qsm_event step_zero_update(struct qsm_req *req)
 			continue;
 		qsm_l2_set_entry(run->l2, idx, new);
 		changed = true;
-		if (unmap && old_host) {
-			ret = qsm_free_cluster_deferred(img, old_host);
-			if (ret < 0)
-				return fail(req, ret);
-		}
+		if (unmap && (ret = free_old_entry(img, old)) < 0)
+			return fail(req, ret);
 	}
 	if (changed)
 		qsm_l2_mark_dirty(&img->l2c, run->l2);
@@ -961,6 +1041,8 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_ZERO_FILL:     return step_zero_fill(req);
 	case QSM_S_CLUSTER_ALLOC: return step_cluster_alloc(req);
 	case QSM_S_COW_READ:      return step_cow_read(req);
+	case QSM_S_COMPRESSED_READ: return step_compressed_read(req);
+	case QSM_S_DECOMPRESS:    return step_decompress(req);
 	case QSM_S_ALLOC_WRITE:   return step_alloc_write(req);
 	case QSM_S_L2_UPDATE:     return step_l2_update(req);
 	case QSM_S_ZERO_UPDATE:   return step_zero_update(req);
@@ -999,6 +1081,8 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	case QSM_S_ALLOC_WRITE:
 	case QSM_S_COW_READ:
 		return run->l2 && run->alloc_linked && run->allocating;
+	case QSM_S_DECOMPRESS:
+		return run->cbuf && !run->bounce;
 	case QSM_S_L2_UPDATE:
 		return run->l2 && run->alloc_linked;
 	case QSM_S_NEXT_RUN:
@@ -1066,6 +1150,7 @@ static void req_complete(struct qsm_req *req)
 	}
 	req_unlink(req);
 	free(run->bounce);
+	free(run->cbuf);
 	free(req->iov_buf);
 	if (req->cb)
 		req->cb(req->opaque, req->ret);

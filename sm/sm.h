@@ -104,6 +104,8 @@ struct qsm_run {
 	struct iovec *iov;        /* the run's iovec (points into req->iov_buf) */
 	int iovcnt;
 	uint8_t *bounce;          /* COW buffer (cluster run sized) when needed */
+	uint8_t *cbuf;            /* compressed bytes of old_entry's cluster */
+	size_t csize;
 };
 
 struct qsm_image;
