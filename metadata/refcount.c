@@ -321,6 +321,15 @@ static int rc_reserve(struct qsm_refcounts *rc, size_t k)
 	return 0;
 }
 
+/* After a public operation: keep a few spares, give the rest back (a large
+ * allocation may have reserved many). */
+#define RC_POOL_KEEP 8
+static void rc_pool_trim(struct qsm_refcounts *rc)
+{
+	while (rc->rc_pool_n > RC_POOL_KEEP)
+		free(rc->rc_pool[--rc->rc_pool_n]);
+}
+
 /* A zeroed block buffer, from the pool when it has one. */
 static uint8_t *rc_take_buf(struct qsm_refcounts *rc)
 {
@@ -599,9 +608,10 @@ int qsm_refcount_alloc(struct qsm_refcounts *rc, uint64_t n, uint64_t *offset)
 		return -EINVAL;
 	if (n >= rc->rc_max_clusters)
 		return -EFBIG;
-	if ((r = rc_reserve(rc, QSM_DIV_ROUND_UP(n, rc_epb(rc)) + 3)))
-		return r;
-	if ((r = rc_alloc_run(rc, n, &c)))
+	if ((r = rc_reserve(rc, QSM_DIV_ROUND_UP(n, rc_epb(rc)) + 3)) == 0)
+		r = rc_alloc_run(rc, n, &c);
+	rc_pool_trim(rc);
+	if (r)
 		return r;
 	*offset = c << rc->rc_cluster_bits;
 	return 0;
@@ -653,13 +663,14 @@ int qsm_refcount_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, 
 		return r;
 	if (delta > 0) {
 		bool made;
-		if ((r = rc_reserve(rc, QSM_DIV_ROUND_UP(n, rc_epb(rc)) + 3)))
-			return r;
-		/* New blocks and tables must not land in the range. */
-		rc->rc_excl_lo = cluster;
-		rc->rc_excl_hi = cluster + n;
-		r = rc_ensure_blocks(rc, cluster, n, &made);
-		rc->rc_excl_lo = rc->rc_excl_hi = 0;
+		if ((r = rc_reserve(rc, QSM_DIV_ROUND_UP(n, rc_epb(rc)) + 3)) == 0) {
+			/* New blocks and tables must not land in the range. */
+			rc->rc_excl_lo = cluster;
+			rc->rc_excl_hi = cluster + n;
+			r = rc_ensure_blocks(rc, cluster, n, &made);
+			rc->rc_excl_lo = rc->rc_excl_hi = 0;
+		}
+		rc_pool_trim(rc);
 		if (r)
 			return r;
 	}
