@@ -114,7 +114,7 @@ void qsm_note_l2_table(struct qsm_image *img, uint64_t host_offset)
 	(void)l2set_add(l2set_of(img), host_offset >> img->cluster_bits);
 }
 
-bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset)
+bool qsm_is_metadata_not_l2(struct qsm_image *img, uint64_t host_offset)
 {
 	uint64_t c = host_offset >> img->cluster_bits;
 	uint64_t l1_first = img->hdr.l1_table_offset >> img->cluster_bits;
@@ -123,9 +123,51 @@ bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset)
 		return true;
 	if (c >= l1_first && c < l1_first + l1_clusters)
 		return true;
-	if (qsm_refcount_is_meta(img->rc, c))
-		return true;
-	return l2set_has(l2set_of(img), c);
+	return qsm_refcount_is_meta(img->rc, c);
+}
+
+bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset)
+{
+	return qsm_is_metadata_not_l2(img, host_offset) ||
+	       l2set_has(l2set_of(img), host_offset >> img->cluster_bits);
+}
+
+/*
+ * Before a read-write open: every cluster the header and L1 name as metadata
+ * must be refcounted, or the allocator would hand it out and guest data
+ * would overwrite it.  Such an image needs a repair, not a write.
+ */
+static int check_metadata_refcounts(struct qsm_image *img, char *err, size_t errlen)
+{
+	const struct qcow2_header *h = &img->hdr;
+	uint64_t cs = img->cluster_size;
+	struct { const char *what; uint64_t off, len; } spans[] = {
+		{ "header", 0, cs },
+		{ "L1 table", h->l1_table_offset, img->l1_size * 8 },
+		{ "refcount table", h->refcount_table_offset, (uint64_t)h->refcount_table_clusters * cs },
+	};
+	for (size_t i = 0; i < QSM_ARRAY_SIZE(spans); i++) {
+		if (!spans[i].len)
+			continue;
+		for (uint64_t off = QSM_ALIGN_DOWN(spans[i].off, cs); off < spans[i].off + spans[i].len; off += cs)
+			if (qsm_refcount_get(img->rc, off / cs) == 0)
+				goto bad;
+		continue;
+bad:
+		snprintf(err, errlen, "refcount of the %s cluster is 0: the refcount structure is damaged "
+			 "(repair it with qemu-img check -r all, or open read-only)", spans[i].what);
+		return -EINVAL;
+	}
+	for (uint64_t i = 0; i < img->l1_size; i++) {
+		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
+		if (off && QSM_IS_ALIGNED(off, cs) && qsm_refcount_get(img->rc, off / cs) == 0) {
+			snprintf(err, errlen, "refcount of L2 table %#llx (L1 entry %llu) is 0: the refcount "
+				 "structure is damaged (repair it with qemu-img check -r all, or open read-only)",
+				 (unsigned long long)off, (unsigned long long)i);
+			return -EINVAL;
+		}
+	}
+	return 0;
 }
 
 /* --- open / close -------------------------------------------------------- */
@@ -273,6 +315,9 @@ int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_ope
 		if (off && (ret = l2set_add(&p->l2set, off >> img->cluster_bits)) < 0)
 			OPEN_FAIL(ret, "out of memory");
 	}
+
+	if (!img->read_only && (ret = check_metadata_refcounts(img, err, errlen)) < 0)
+		goto fail;
 
 	uint64_t cache_bytes = opts->l2_cache_size;
 	if (!cache_bytes)

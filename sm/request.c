@@ -189,6 +189,13 @@ static uint64_t in_cluster(const struct qsm_image *img, uint64_t off)
 	return off & (img->cluster_size - 1);
 }
 
+/* Every valid host offset lies below this: the end of the file as opened or
+ * written since, or of what the allocator handed out. */
+static uint64_t host_limit(struct qsm_image *img)
+{
+	return QSM_MAX(img->file_end, qsm_refcount_image_end(img->rc));
+}
+
 /* Record the first error of a request and leave through DONE. */
 static enum qsm_event fail(struct qsm_req *req, int ret)
 {
@@ -377,9 +384,16 @@ static enum qsm_event step_l1_lookup(struct qsm_req *req)
 			return QSM_E_L1_EMPTY;
 		}
 	}
-	if (!QSM_IS_ALIGNED(l2_off, img->cluster_size) || l2_off == 0 ||
-	    (l2_off >> img->cluster_bits) == 0)
+	if (!QSM_IS_ALIGNED(l2_off, img->cluster_size))
 		return fail(req, qsm_image_corrupt(img, "L1 entry %llu: L2 table offset %#llx is not cluster aligned",
+						    (unsigned long long)run->l1_index,
+						    (unsigned long long)l2_off));
+	if (l2_off + img->cluster_size > host_limit(img))
+		return fail(req, qsm_image_corrupt(img, "L1 entry %llu: L2 table offset %#llx is past the end of the image file",
+						    (unsigned long long)run->l1_index,
+						    (unsigned long long)l2_off));
+	if (qsm_is_metadata_not_l2(img, l2_off))
+		return fail(req, qsm_image_corrupt(img, "L1 entry %llu: L2 table offset %#llx overlaps other metadata",
 						    (unsigned long long)run->l1_index,
 						    (unsigned long long)l2_off));
 	return QSM_E_L1_FOUND;
@@ -419,6 +433,12 @@ static enum qsm_event step_l2_alloc(struct qsm_req *req)
 		ret = qsm_refcount_alloc(img->rc, 1, &run->host);
 		if (ret < 0)
 			goto out_unfreeze;
+		if (qsm_is_metadata(img, run->host)) {
+			ret = qsm_image_corrupt(img, "the allocator returned cluster %#llx, which holds metadata: refcounts are damaged",
+						(unsigned long long)run->host);
+			run->host = 0;
+			goto out_unfreeze;
+		}
 	}
 	req->l2w.fn = l2_waiter_cb;
 	/* run->bounce holds the shared table's entries when this is a COW. */
@@ -452,19 +472,46 @@ out_unfreeze:
 	return ret < 0 ? fail(req, ret) : QSM_E_L2_READY;
 }
 
+static void compressed_extent(const struct qsm_image *img, uint64_t e, uint64_t *off, size_t *len);
+
+/* A host range that guest data (or a compressed cluster) may occupy:
+ * inside the image and clear of metadata. */
+static int check_data_range(struct qsm_req *req, uint64_t off, uint64_t len, const char *what)
+{
+	struct qsm_image *img = req->img;
+	if (off + len > host_limit(img) || off + len < off)
+		return qsm_image_corrupt(img, "%s %#llx+%llu is past the end of the image file",
+					 what, (unsigned long long)off, (unsigned long long)len);
+	for (uint64_t c = off >> img->cluster_bits; c <= (off + len - 1) >> img->cluster_bits; c++)
+		if (qsm_is_metadata(img, c << img->cluster_bits))
+			return qsm_image_corrupt(img, "%s %#llx overlaps metadata at %#llx", what,
+						 (unsigned long long)off,
+						 (unsigned long long)(c << img->cluster_bits));
+	return 0;
+}
+
 /* Validate an L2 entry before use.  0 or a corruption error. */
 static int check_l2_entry(struct qsm_req *req, uint64_t idx, uint64_t e)
 {
 	struct qsm_image *img = req->img;
 	uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
-	if (e & QCOW2_OFLAG_COMPRESSED)
-		return 0;
+	if (e & QCOW2_OFLAG_COMPRESSED) {
+		uint64_t coff;
+		size_t clen;
+		compressed_extent(img, e, &coff, &clen);
+		return check_data_range(req, coff, clen, "L2 entry: compressed cluster");
+	}
 	if (e & QCOW2_L2E_RESERVED)
 		return qsm_image_corrupt(img, "L2 table %#llx entry %llu (%#llx) has reserved bits set",
 					 (unsigned long long)req->run.l2->offset,
 					 (unsigned long long)idx, (unsigned long long)e);
 	if (off && !QSM_IS_ALIGNED(off, img->cluster_size))
 		return qsm_image_corrupt(img, "L2 table %#llx entry %llu: cluster offset %#llx is not aligned",
+					 (unsigned long long)req->run.l2->offset,
+					 (unsigned long long)idx, (unsigned long long)off);
+	if (off && !(e & QCOW2_L2E_ZERO) &&
+	    off + img->cluster_size > host_limit(img))
+		return qsm_image_corrupt(img, "L2 table %#llx entry %llu: data cluster %#llx is past the end of the image file",
 					 (unsigned long long)req->run.l2->offset,
 					 (unsigned long long)idx, (unsigned long long)off);
 	if ((e & QCOW2_L2E_ZERO) && img->hdr.version < 3)
@@ -874,6 +921,13 @@ static enum qsm_event step_cluster_alloc(struct qsm_req *req)
 				 "cannot allocate %llu clusters: %s", (unsigned long long)n,
 				 strerror(-ret));
 		return fail(req, ret);
+	}
+	for (uint64_t i = 0; i < n; i++) {
+		if (qsm_is_metadata(img, run->host + (i << img->cluster_bits))) {
+			release_l2(req);
+			return fail(req, qsm_image_corrupt(img, "the allocator returned cluster %#llx, which holds metadata: refcounts are damaged",
+							    (unsigned long long)(run->host + (i << img->cluster_bits))));
+		}
 	}
 	img->stats.clusters_allocated += n;
 	run->alloc = (struct qsm_alloc){ .first = cluster_of(img, run->offset), .count = n };

@@ -258,6 +258,8 @@ static inline uint64_t qsm_l1_get(const struct qsm_image *img, uint64_t idx)
 }
 /* Is this host cluster metadata (header, L1, L2 tables, refcount structures)? */
 bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset);
+/* Same, ignoring L2 tables: is this cluster fit to be an L2 table? */
+bool qsm_is_metadata_not_l2(struct qsm_image *img, uint64_t host_offset);
 void qsm_note_l2_table(struct qsm_image *img, uint64_t host_offset);
 
 #endif

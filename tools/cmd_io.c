@@ -66,6 +66,7 @@ struct io_ctx {
 	bool misalign;               /* -m */
 	bool quit;                   /* `quit` ran */
 	FILE *trace;                 /* --trace FILE, or NULL */
+	char last_err[256];          /* qsm_image_error() last shown */
 };
 
 #define CMD_NOFILE_OK 0x1 /* runs without an open image */
@@ -1772,6 +1773,14 @@ static int io_command(struct io_ctx *io, const char *line)
 	}
 	optind = 0;
 	ret = c->fn(io, argc, argv);
+	/* qemu-io's stdout stays identical; the reason the engine found (a
+	 * corruption, an unsupported feature) goes to stderr, once. */
+	if (io->img && qsm_image_error(io->img)[0] &&
+	    strcmp(qsm_image_error(io->img), io->last_err) != 0) {
+		snprintf(io->last_err, sizeof(io->last_err), "%s", qsm_image_error(io->img));
+		fflush(stdout);
+		fprintf(stderr, "qsm io: %s\n", io->last_err);
+	}
 out:
 	free(argv);
 	free(input);
