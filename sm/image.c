@@ -390,6 +390,134 @@ void qsm_abandon(struct qsm_image *img)
 	image_free(img);
 }
 
+/* --- resizing ------------------------------------------------------------ */
+
+#define TRUNC_FAIL(code, ...)                                                  \
+	do {                                                                   \
+		if (err)                                                       \
+			snprintf(err, errlen, __VA_ARGS__);                    \
+		return (code);                                                 \
+	} while (0)
+
+/* Is any guest cluster at or past `from` (bytes) mapped, in any way?  Reads
+ * L2 tables from disk: everything must have been written back. */
+static int allocated_past(struct qsm_image *img, uint64_t from, bool *found)
+{
+	uint64_t first = QSM_DIV_ROUND_UP(from, img->cluster_size);
+	uint8_t *t = NULL;
+	*found = false;
+	for (uint64_t i = first / img->l2_entries; i < img->l1_size && !*found; i++) {
+		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
+		if (!off)
+			continue;
+		if (!t && posix_memalign((void **)&t, 4096, img->cluster_size))
+			return -ENOMEM;
+		int ret = qsm_io_pread_sync(img->io, t, img->cluster_size, off);
+		if (ret < 0) {
+			free(t);
+			return ret;
+		}
+		uint64_t j0 = i == first / img->l2_entries ? first % img->l2_entries : 0;
+		for (uint64_t j = j0; j < img->l2_entries; j++)
+			if (qcow2_be64(t + j * 8))
+				*found = true;
+	}
+	free(t);
+	return 0;
+}
+
+int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
+{
+	struct qcow2_header *h = &img->hdr;
+	uint64_t cs = img->cluster_size;
+	int ret;
+
+	if (err && errlen)
+		err[0] = 0;
+	if (img->read_only)
+		TRUNC_FAIL(-EBADF, "Image is read-only");
+	if (img->error)
+		TRUNC_FAIL(-EIO, "%s", img->errmsg);
+	if (size % 512)
+		TRUNC_FAIL(-EINVAL, "The new size must be a multiple of 512");
+	if (size > QCOW2_MAX_VIRTUAL_SIZE)
+		TRUNC_FAIL(-EFBIG, "The new size %llu is too large", (unsigned long long)size);
+	while (img->wb_job)
+		event_base_loop(img->base, EVLOOP_ONCE);
+	if (img->in_flight)
+		TRUNC_FAIL(-EBUSY, "Requests are in flight");
+	if (size == h->size)
+		return 0;
+	/* Start from a clean image: every table on disk, nothing dirty. */
+	if ((ret = qsm_wb_sync_all(img)) < 0)
+		TRUNC_FAIL(ret, "Could not write metadata back: %s", strerror(-ret));
+
+	uint64_t new_l1 = qcow2_l1_entries_for(size, img->cluster_bits);
+	if (size < h->size) {
+		bool found;
+		if ((ret = allocated_past(img, size, &found)) < 0)
+			TRUNC_FAIL(ret, "Could not read L2 tables: %s", strerror(-ret));
+		if (found)
+			TRUNC_FAIL(-ENOTSUP, "Cannot shrink to %llu bytes: clusters past the new end are allocated",
+				   (unsigned long long)size);
+		new_l1 = img->l1_size; /* keep the table; it may be larger than needed */
+	}
+	if (new_l1 > img->l1_size) {
+		/* Grow the L1 table: copy it to new clusters (qcow2_grow_l1_table). */
+		if (new_l1 * 8 > QCOW2_MAX_L1_BYTES)
+			TRUNC_FAIL(-EFBIG, "The L1 table for %llu bytes would exceed %u bytes",
+				   (unsigned long long)size, QCOW2_MAX_L1_BYTES);
+		uint64_t bytes = QSM_ALIGN_UP(new_l1 * 8, cs);
+		uint64_t new_off, old_off = h->l1_table_offset;
+		uint64_t old_clusters = QSM_DIV_ROUND_UP(img->l1_size * 8, cs);
+		uint8_t *l1;
+		if (posix_memalign((void **)&l1, 4096, bytes))
+			return -ENOMEM;
+		memset(l1, 0, bytes);
+		memcpy(l1, img->l1, img->l1_size * 8);
+		if ((ret = qsm_refcount_alloc(img->rc, bytes / cs, &new_off)) < 0) {
+			free(l1);
+			TRUNC_FAIL(ret, "Could not allocate the new L1 table: %s", strerror(-ret));
+		}
+		/* 1. the new table and the refcounts counting it, durable */
+		ret = qsm_io_pwrite_sync(img->io, l1, bytes, new_off);
+		if (ret == 0)
+			ret = qsm_wb_sync_all(img);
+		/* 2. the header naming it */
+		if (ret == 0) {
+			h->l1_table_offset = new_off;
+			h->l1_size = (uint32_t)new_l1;
+			h->size = size;
+			ret = write_header_sync(img);
+		}
+		if (ret < 0) {
+			free(l1);
+			img->error = -EIO;
+			snprintf(img->errmsg, sizeof(img->errmsg),
+				 "growing the L1 table failed (%s); the image accepts no more writes",
+				 strerror(-ret));
+			TRUNC_FAIL(ret, "%s", img->errmsg);
+		}
+		free(img->l1);
+		img->l1 = l1;
+		img->l1_size = new_l1;
+		img->l1_dirty_lo = img->l1_dirty_hi = 0;
+		if (new_off + bytes > img->file_end)
+			img->file_end = new_off + bytes;
+		/* 3. the old table released */
+		ret = qsm_refcount_update(img->rc, old_off / cs, old_clusters, -1);
+		if (ret == 0)
+			ret = qsm_wb_sync_all(img);
+		if (ret < 0)
+			TRUNC_FAIL(ret, "Could not release the old L1 table: %s", strerror(-ret));
+		return 0;
+	}
+	h->size = size;
+	if ((ret = write_header_sync(img)) < 0)
+		TRUNC_FAIL(ret, "Could not update the header: %s", strerror(-ret));
+	return 0;
+}
+
 /* --- information --------------------------------------------------------- */
 
 void qsm_get_info(struct qsm_image *img, struct qsm_info *info)

@@ -69,6 +69,16 @@ int qsm_close(struct qsm_image *img);
 /* Release without writing anything: what a process crash leaves on disk. */
 void qsm_abandon(struct qsm_image *img);
 
+/*
+ * Change the virtual size (blocking, like open and close; no request may be
+ * in flight).  Growing past what the L1 table maps moves the L1 table, in
+ * QEMU's crash-safe order: new table and its refcounts durable, then the
+ * header, then the old table released.  Shrinking is allowed only when
+ * nothing is allocated past the new end (-ENOTSUP otherwise).  The size must
+ * be a multiple of 512.  err (when non-NULL) explains a failure.
+ */
+int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen);
+
 /* --- Requests ------------------------------------------------------------ */
 /* Offsets and lengths are in bytes, any alignment; a request must lie inside
  * the virtual disk.  iov arrays and buffers must stay valid until the callback. */

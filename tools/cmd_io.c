@@ -31,7 +31,8 @@
  * them by 16 bytes on purpose.
  *
  * Not supported by the engine API, and refused with ENOTSUP: write -b/-c/-s,
- * read -b, truncate to a different size, break/resume/wait_break.
+ * read -b, truncate -m other than off, shrinking over allocated clusters,
+ * break/resume/wait_break.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -1089,9 +1090,13 @@ static int truncate_f(struct io_ctx *io, int argc, char **argv)
 	}
 	if ((uint64_t)offset == image_size(io))
 		return 0;
-	/* sm/qsm.h has no resize yet. */
-	fprintf(stderr, "qsm io: Image resizing is not supported by qsm yet\n");
-	return -ENOTSUP;
+	char err[256];
+	if ((r = qsm_truncate(io->img, (uint64_t)offset, err, sizeof(err))) < 0) {
+		fflush(stdout);
+		fprintf(stderr, "qsm io: %s\n", err[0] ? err : strerror(-r));
+		return r;
+	}
+	return 0;
 }
 
 static int length_f(struct io_ctx *io, int argc, char **argv)

@@ -375,6 +375,58 @@ START_TEST(engine_uring)
 }
 END_TEST
 
+/* Growing moves the L1 table (many times with 512-byte clusters); shrinking
+ * is refused over allocated clusters; data survives close and reopen. */
+START_TEST(truncate_grow_shrink)
+{
+	char path[400], err[256];
+	struct qsm_image *img;
+	struct event_base *base = event_base_new();
+	uint8_t buf[4096], got[4096];
+	snprintf(path, sizeof(path), "%s/trunc.qcow2", tmpdir);
+	struct qsm_create_opts co = { .size = 1 << 20, .cluster_size = 512 };
+	ck_assert_int_eq(qsm_create(path, &co, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_open(base, path, NULL, &img, err, sizeof(err)), 0);
+	memset(buf, 0x11, sizeof(buf));
+	ck_assert_int_eq(qsm_sync_pwrite(img, buf, sizeof(buf), 1000), 0);
+	uint64_t sizes[] = { 3 << 20, 64 << 20, 1ull << 30 };
+	for (size_t i = 0; i < QSM_ARRAY_SIZE(sizes); i++) {
+		ck_assert_int_eq(qsm_truncate(img, sizes[i], err, sizeof(err)), 0);
+		memset(buf, 0x20 + (int)i, sizeof(buf));
+		ck_assert_int_eq(qsm_sync_pwrite(img, buf, sizeof(buf), sizes[i] - 5000), 0);
+	}
+	/* Not a multiple of 512; shrinking over data. */
+	ck_assert_int_eq(qsm_truncate(img, 1000, err, sizeof(err)), -EINVAL);
+	ck_assert_int_eq(qsm_truncate(img, 2 << 20, err, sizeof(err)), -ENOTSUP);
+	ck_assert_ptr_nonnull(strstr(err, "allocated"));
+	/* Shrinking over nothing works: grow, then shrink back. */
+	ck_assert_int_eq(qsm_truncate(img, (1ull << 30) + (1 << 20), err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_truncate(img, 1ull << 30, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_close(img), 0);
+
+	struct qsm_open_opts ro = { .read_only = true };
+	ck_assert_int_eq(qsm_open(base, path, &ro, &img, err, sizeof(err)), 0);
+	struct qsm_info info;
+	qsm_get_info(img, &info);
+	ck_assert_uint_eq(info.virtual_size, 1ull << 30);
+	for (size_t i = 0; i < QSM_ARRAY_SIZE(sizes); i++) {
+		ck_assert_int_eq(qsm_sync_pread(img, got, sizeof(got), sizes[i] - 5000), 0);
+		memset(buf, 0x20 + (int)i, sizeof(buf));
+		ck_assert(memcmp(got, buf, sizeof(buf)) == 0);
+	}
+	ck_assert_int_eq(qsm_sync_pread(img, got, sizeof(got), 1000), 0);
+	ck_assert_int_eq(got[0], 0x11);
+	qsm_close(img);
+	if (have_qemu_img()) {
+		char cmd[600];
+		snprintf(cmd, sizeof(cmd), "qemu-img check -q '%s'", path);
+		ck_assert_int_eq(system(cmd), 0);
+	}
+	unlink(path);
+	event_base_free(base);
+}
+END_TEST
+
 static Suite *sm_suite(void)
 {
 	Suite *s = suite_create("sm");
@@ -387,6 +439,7 @@ static Suite *sm_suite(void)
 	tcase_add_loop_test(t, engine_sim, 0, 4);
 	tcase_add_loop_test(t, engine_threads, 0, 5);
 	tcase_add_loop_test(t, engine_uring, 0, 5);
+	tcase_add_test(t, truncate_grow_shrink);
 	suite_add_tcase(s, t);
 	return s;
 }
