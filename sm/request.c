@@ -252,6 +252,25 @@ static void wait_on(struct qsm_wait **list, struct qsm_req *req)
 	req->waiting = true;
 }
 
+/*
+ * Invariant 2: if another request is allocating any guest cluster of the
+ * run, drop our table and wait on that allocation (the caller returns
+ * ALLOC_BUSY; the wakeup sends us back to L1_LOOKUP).
+ */
+static bool wait_for_overlapping_alloc(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	struct qsm_alloc *a = alloc_overlap(img, req, cluster_of(img, run->offset),
+					    run->nb_clusters);
+	if (!a)
+		return false;
+	release_l2(req);
+	img->stats.alloc_waits++;
+	wait_on(&a->waiters, req);
+	return true;
+}
+
 void qsm_wake_all(struct qsm_wait **list, enum qsm_event ev, int ret)
 {
 	struct qsm_wait *w = *list;
@@ -708,14 +727,8 @@ static enum qsm_event classify_write(struct qsm_req *req)
 		}
 	}
 	run_clip(req, i);
-	if (alloc_overlap(img, req, cluster_of(img, run->offset), run->nb_clusters)) {
-		struct qsm_alloc *a = alloc_overlap(img, req, cluster_of(img, run->offset),
-						    run->nb_clusters);
-		release_l2(req);
-		img->stats.alloc_waits++;
-		wait_on(&a->waiters, req);
+	if (wait_for_overlapping_alloc(req))
 		return QSM_E_ALLOC_BUSY;
-	}
 	run->old_entry = e0;
 	run->allocating = true;
 	return QSM_E_NEED_ALLOC;
@@ -742,14 +755,8 @@ static enum qsm_event classify_zeroes(struct qsm_req *req)
 		run->bytes = QSM_MIN(run->bytes, img->cluster_size - head);
 	}
 	run->nb_clusters = run_clusters(img, run->offset, run->bytes);
-	struct qsm_alloc *a = alloc_overlap(img, req, cluster_of(img, run->offset),
-					    run->nb_clusters);
-	if (a) {
-		release_l2(req);
-		img->stats.alloc_waits++;
-		wait_on(&a->waiters, req);
+	if (wait_for_overlapping_alloc(req))
 		return QSM_E_ALLOC_BUSY;
-	}
 	if (run->bytes >= img->cluster_size && head == 0)
 		return QSM_E_WHOLE_CLUSTERS;
 
@@ -785,14 +792,8 @@ static enum qsm_event classify_discard(struct qsm_req *req)
 	}
 	run->bytes = QSM_ALIGN_DOWN(run->bytes, img->cluster_size);
 	run->nb_clusters = run->bytes >> img->cluster_bits;
-	struct qsm_alloc *a = alloc_overlap(img, req, cluster_of(img, run->offset),
-					    run->nb_clusters);
-	if (a) {
-		release_l2(req);
-		img->stats.alloc_waits++;
-		wait_on(&a->waiters, req);
+	if (wait_for_overlapping_alloc(req))
 		return QSM_E_ALLOC_BUSY;
-	}
 	return QSM_E_WHOLE_CLUSTERS;
 }
 
