@@ -27,6 +27,7 @@ struct cli_cmd {
 int cmd_create(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_io(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
 
 /* Print "qsm PREFIX: message\n" on stderr (prefix may be NULL). */
 void cli_error(const char *prefix, const char *fmt, ...)

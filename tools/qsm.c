@@ -22,6 +22,7 @@ static const struct cli_cmd cmds[] = {
 	{ "create", cmd_create, "create a new qcow2 image" },
 	{ "info",   cmd_info,   "show information about an image" },
 	{ "io",     cmd_io,     "exercise an image with qemu-io commands" },
+	{ "bench",  cmd_bench,  "run a simple sequential I/O benchmark (as qemu-img bench)" },
 };
 
 static void usage(FILE *f)
