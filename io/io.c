@@ -110,6 +110,7 @@ int qsm_io_common_init_(struct qsm_io_common *c, const struct qsm_io_ops *ops,
 	c->io.flags = flags;
 	c->io.mem_align = QSM_IO_DEFAULT_ALIGN;
 	c->cm_defer_tail = &c->cm_defer_head;
+	c->cm_wait_tail = &c->cm_wait_head;
 	c->cm_defer_ev = event_new(base, -1, 0, qsm_io_defer_cb, c);
 	if (!c->cm_defer_ev)
 		return -ENOMEM;
@@ -166,12 +167,22 @@ bool qsm_io_leave_(struct qsm_io *io)
 	return c->cm_closing;
 }
 
+#define QSM_IO_PRIV_DIO_WRITE 0x1 /* counted in cm_dio_writes */
+#define QSM_IO_PRIV_SUB       0x2 /* a bounce's sub-request: bytes count once, on the original */
+
+static void qsm_io_dio_write_done(struct qsm_io_common *c);
+static void qsm_io_dio_pump(struct qsm_io_common *c);
+
 void qsm_io_complete_(struct qsm_io *io, struct qsm_io_req *req, int ret)
 {
 	assert(ret <= 0 && ret > -4096);
 	assert(io->stats.in_flight > 0);
 	io->stats.in_flight--;
-	if (ret == 0) {
+	if (req->io_priv & QSM_IO_PRIV_DIO_WRITE) {
+		req->io_priv &= ~QSM_IO_PRIV_DIO_WRITE;
+		qsm_io_dio_write_done(container_of(io, struct qsm_io_common, io));
+	}
+	if (ret == 0 && !(req->io_priv & QSM_IO_PRIV_SUB)) {
 		if (req->op == QSM_IO_READ)
 			io->stats.bytes_read += req->len;
 		else if (req->op == QSM_IO_WRITE)
@@ -180,6 +191,202 @@ void qsm_io_complete_(struct qsm_io *io, struct qsm_io_req *req, int ret)
 	if (io->trace)
 		io->trace(io->trace_opaque, req, true, ret);
 	req->cb(req, ret);
+}
+
+/* --- Misaligned transfers on direct handles ---------------------------------
+ *
+ * Linux keeps buffered and direct I/O of one file coherent only loosely: a
+ * direct write over pages that buffered I/O has dirtied (or is reading)
+ * fails to invalidate them, logs "Page cache invalidation failure on direct
+ * I/O" and makes the next fdatasync return EIO.  So on a handle opened with
+ * QSM_IO_DIRECT, nothing goes through the page cache: a transfer whose
+ * offset, length or buffers are not aligned is bounced here.
+ *  - READ: read the covering aligned range into a bounce buffer, copy out.
+ *  - WRITE: read-modify-write of the covering aligned range.  Two writes
+ *    sharing an aligned block could lose each other's bytes, so an RMW runs
+ *    alone: it waits until no write is at the backend, and writes submitted
+ *    meanwhile wait behind it (FIFO, cm_wait_head).  Aligned writes overlap
+ *    each other freely, as on any disk.
+ * The caller's request completes once, through qsm_io_complete_, after its
+ * sub-requests.
+ */
+
+struct qsm_io_bounce {
+	struct qsm_io_req sub;
+	struct qsm_io_common *c;
+	struct qsm_io_req *orig;
+	struct iovec iov;
+	uint8_t *buf;
+	uint64_t head;  /* orig->offset - sub.offset */
+	bool rmw_read;  /* the read half of an RMW is running */
+};
+
+void qsm_io_set_dio_align_(struct qsm_io_common *c, unsigned off_align, unsigned mem_align)
+{
+	c->cm_dio_align = off_align;
+	c->cm_dio_mem_align = mem_align;
+}
+
+static bool qsm_io_dio_aligned(const struct qsm_io_common *c, const struct qsm_io_req *req)
+{
+	if (!QSM_IS_ALIGNED(req->offset, c->cm_dio_align) || !QSM_IS_ALIGNED(req->len, c->cm_dio_align))
+		return false;
+	for (int i = 0; i < req->iovcnt; i++)
+		if (!QSM_IS_ALIGNED((uintptr_t)req->iov[i].iov_base, c->cm_dio_mem_align) ||
+		    !QSM_IS_ALIGNED(req->iov[i].iov_len, c->cm_dio_align))
+			return false;
+	return true;
+}
+
+/* Hand a request (or sub-request) to the backend; writes are counted. */
+static void qsm_io_backend_submit(struct qsm_io_common *c, struct qsm_io_req *req, bool sub)
+{
+	if (sub) {
+		req->io_priv |= QSM_IO_PRIV_SUB;
+		req->io_seq = ++c->io.next_seq;
+		req->io_flushed_upto = 0;
+		c->io.stats.in_flight++;
+	}
+	if (req->op == QSM_IO_WRITE && c->cm_dio_align) {
+		req->io_priv |= QSM_IO_PRIV_DIO_WRITE;
+		c->cm_dio_writes++;
+	}
+	c->io.ops->submit(&c->io, req);
+}
+
+static struct qsm_io_common *qsm_io_common_of(struct qsm_io *io)
+{
+	return container_of(io, struct qsm_io_common, io);
+}
+
+static void qsm_io_bounce_finish(struct qsm_io_bounce *b, int ret)
+{
+	struct qsm_io_common *c = b->c;
+	struct qsm_io_req *orig = b->orig;
+	bool was_rmw = orig->op == QSM_IO_WRITE;
+	free(b->buf);
+	free(b);
+	if (was_rmw) {
+		c->cm_rmw_active = false;
+		qsm_io_dio_pump(c);
+	}
+	qsm_io_complete_(&c->io, orig, ret);
+}
+
+static void qsm_io_bounce_cb(struct qsm_io_req *sub, int ret)
+{
+	struct qsm_io_bounce *b = container_of(sub, struct qsm_io_bounce, sub);
+	struct qsm_io_req *orig = b->orig;
+
+	if (ret < 0) {
+		qsm_io_bounce_finish(b, ret);
+		return;
+	}
+	if (orig->op == QSM_IO_READ) {
+		qsm_iov_from_buf(orig->iov, orig->iovcnt, 0, b->buf + b->head, orig->len);
+		qsm_io_bounce_finish(b, 0);
+		return;
+	}
+	if (b->rmw_read) {
+		/* Patch the old bytes with the caller's and write the block back. */
+		b->rmw_read = false;
+		qsm_iov_to_buf(orig->iov, orig->iovcnt, 0, b->buf + b->head, orig->len);
+		b->sub.op = QSM_IO_WRITE;
+		qsm_io_backend_submit(b->c, &b->sub, true);
+		return;
+	}
+	qsm_io_bounce_finish(b, 0);
+}
+
+/* Start a bounced READ, or an RMW WRITE (which must be allowed to run). */
+static void qsm_io_bounce_start(struct qsm_io_common *c, struct qsm_io_req *orig)
+{
+	uint64_t aoff = QSM_ALIGN_DOWN(orig->offset, c->cm_dio_align);
+	uint64_t aend = QSM_ALIGN_UP(orig->offset + orig->len, c->cm_dio_align);
+	struct qsm_io_bounce *b = calloc(1, sizeof(*b));
+	void *buf = NULL;
+	if (!b || posix_memalign(&buf, QSM_MAX(c->cm_dio_mem_align, 512u),
+				 QSM_MAX(aend - aoff, (uint64_t)c->cm_dio_align))) {
+		free(b);
+		if (orig->op == QSM_IO_WRITE) {
+			c->cm_rmw_active = false;
+			qsm_io_dio_pump(c);
+		}
+		qsm_io_defer_complete_(&c->io, orig, -ENOMEM);
+		return;
+	}
+	b->c = c;
+	b->orig = orig;
+	b->buf = buf;
+	b->head = orig->offset - aoff;
+	b->iov = (struct iovec){ buf, aend - aoff };
+	b->sub = (struct qsm_io_req){
+		.op = QSM_IO_READ, .event = orig->event, .offset = aoff, .len = aend - aoff,
+		.iov = &b->iov, .iovcnt = 1, .cb = qsm_io_bounce_cb,
+	};
+	if (orig->op == QSM_IO_WRITE && QSM_IS_ALIGNED(orig->offset, c->cm_dio_align) &&
+	    QSM_IS_ALIGNED(orig->len, c->cm_dio_align)) {
+		/* Only the buffers are misaligned: nothing to read first. */
+		qsm_iov_to_buf(orig->iov, orig->iovcnt, 0, buf, orig->len);
+		b->sub.op = QSM_IO_WRITE;
+	} else {
+		b->rmw_read = orig->op == QSM_IO_WRITE;
+	}
+	qsm_io_backend_submit(c, &b->sub, true);
+}
+
+/* Start the waiting writes that may go now (FIFO: an RMW at the head waits
+ * for the backend to hold no write; aligned writes wait only for an RMW). */
+static void qsm_io_dio_pump(struct qsm_io_common *c)
+{
+	while (c->cm_wait_head && !c->cm_rmw_active) {
+		struct qsm_io_req *req = c->cm_wait_head;
+		bool aligned = qsm_io_dio_aligned(c, req);
+		if (!aligned && c->cm_dio_writes)
+			break;
+		c->cm_wait_head = req->io_next;
+		if (!c->cm_wait_head)
+			c->cm_wait_tail = &c->cm_wait_head;
+		req->io_next = NULL;
+		if (aligned) {
+			qsm_io_backend_submit(c, req, false);
+		} else {
+			c->cm_rmw_active = true;
+			qsm_io_bounce_start(c, req);
+		}
+	}
+}
+
+/* A counted write left the backend. */
+static void qsm_io_dio_write_done(struct qsm_io_common *c)
+{
+	assert(c->cm_dio_writes > 0);
+	c->cm_dio_writes--;
+	qsm_io_dio_pump(c);
+}
+
+/* Route a READ/WRITE on a direct handle.  True when handled here. */
+static bool qsm_io_dio_route(struct qsm_io_common *c, struct qsm_io_req *req)
+{
+	bool aligned = qsm_io_dio_aligned(c, req);
+	if (req->op == QSM_IO_READ) {
+		if (aligned)
+			return false;
+		qsm_io_bounce_start(c, req);
+		return true;
+	}
+	if (c->cm_rmw_active || c->cm_wait_head || (!aligned && c->cm_dio_writes)) {
+		*c->cm_wait_tail = req;
+		c->cm_wait_tail = &req->io_next;
+		return true;
+	}
+	if (aligned) {
+		qsm_io_backend_submit(c, req, false);
+	} else {
+		c->cm_rmw_active = true;
+		qsm_io_bounce_start(c, req);
+	}
+	return true;
 }
 
 /* --- The checked submit wrapper -------------------------------------------- */
@@ -232,6 +439,7 @@ void qsm_io_submit(struct qsm_io *io, struct qsm_io_req *req)
 	req->io_ret = 0;
 	req->io_seq = ++io->next_seq;
 	req->io_flushed_upto = 0;
+	req->io_priv = 0;
 	io->stats.in_flight++;
 	if (io->trace)
 		io->trace(io->trace_opaque, req, false, 0);
@@ -242,6 +450,10 @@ void qsm_io_submit(struct qsm_io *io, struct qsm_io_req *req)
 		return;
 	}
 	io->stats.ops[req->op]++;
+	struct qsm_io_common *c = qsm_io_common_of(io);
+	if (c->cm_dio_align && (req->op == QSM_IO_READ || req->op == QSM_IO_WRITE) &&
+	    qsm_io_dio_route(c, req))
+		return;
 	io->ops->submit(io, req);
 }
 

@@ -94,6 +94,7 @@ struct qsm_io_req {
 	int io_ret;
 	uint64_t io_seq;          /* submission number, for tracing */
 	uint64_t io_flushed_upto; /* sim: completion epoch, see io_sim.c */
+	unsigned io_priv;         /* io.c: QSM_IO_PRIV_* */
 };
 
 /* Open flags. */

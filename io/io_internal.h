@@ -40,7 +40,18 @@ struct qsm_io_common {
 	size_t cm_defer_count;
 	unsigned cm_depth;                /* completion loops on the stack */
 	bool cm_closing;                  /* qsm_io_close() called inside one */
+
+	/* Direct I/O alignment (0: the backend takes any transfer).  See
+	 * "Misaligned transfers on direct handles" in io.c. */
+	unsigned cm_dio_align, cm_dio_mem_align;
+	unsigned cm_dio_writes;           /* writes at the backend */
+	bool cm_rmw_active;               /* a read-modify-write is running */
+	struct qsm_io_req *cm_wait_head;  /* writes waiting, FIFO via io_next */
+	struct qsm_io_req **cm_wait_tail;
 };
+
+/* Backends with O_DIRECT call this at open with their alignment. */
+void qsm_io_set_dio_align_(struct qsm_io_common *c, unsigned off_align, unsigned mem_align);
 
 /* Initialise the common part (zeroes the public part first).  0 or -errno. */
 int qsm_io_common_init_(struct qsm_io_common *c, const struct qsm_io_ops *ops,

@@ -251,8 +251,10 @@ int qsm_io_open_threads(struct event_base *base, const char *path, int flags,
 	ret = qsm_io_fds_open_(&t->th_fds, path, flags);
 	if (ret < 0)
 		goto fail;
-	if (t->th_fds.dfd >= 0)
+	if (t->th_fds.dfd >= 0) {
 		t->c.io.mem_align = QSM_MAX(t->c.io.mem_align, t->th_fds.dio_mem_align);
+		qsm_io_set_dio_align_(&t->c, t->th_fds.dio_off_align, t->th_fds.dio_mem_align);
+	}
 
 	t->th_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (t->th_efd < 0) {

@@ -412,8 +412,10 @@ int qsm_io_open_uring(struct event_base *base, const char *path, int flags,
 	ret = qsm_io_fds_open_(&u->ur_fds, path, flags);
 	if (ret < 0)
 		goto fail;
-	if (u->ur_fds.dfd >= 0)
+	if (u->ur_fds.dfd >= 0) {
 		u->c.io.mem_align = QSM_MAX(u->c.io.mem_align, u->ur_fds.dio_mem_align);
+		qsm_io_set_dio_align_(&u->c, u->ur_fds.dio_off_align, u->ur_fds.dio_mem_align);
+	}
 
 	ret = io_uring_queue_init(QSM_URING_DEPTH, &u->ur_ring, 0);
 	if (ret < 0)
