@@ -268,6 +268,8 @@ int qsm_l2_create(struct qsm_l2_cache *c, uint64_t offset, const uint8_t *init,
 	t->state = QSM_L2_READY;
 	t->ref = 1;
 	t->dirty = true;
+	t->dirty_lo = 0; /* a new table is written whole */
+	t->dirty_hi = (uint32_t)c->cluster_size;
 	c->nb_dirty++;
 	*out = t;
 	return 0;
@@ -311,11 +313,17 @@ int qsm_l2_collect(struct qsm_l2_cache *c, struct qsm_meta_batch *b)
 		for (struct qsm_l2_table *t = c->hash[i]; t; t = t->hnext) {
 			if (!t->dirty)
 				continue;
-			int ret = qsm_meta_batch_add(b, t->offset, t->data, c->cluster_size,
+			uint64_t lo = 0, hi = c->cluster_size;
+			if (t->dirty_hi > t->dirty_lo) {
+				lo = QSM_ALIGN_DOWN((uint64_t)t->dirty_lo, 4096);
+				hi = QSM_MIN(QSM_ALIGN_UP((uint64_t)t->dirty_hi, 4096), c->cluster_size);
+			}
+			int ret = qsm_meta_batch_add(b, t->offset + lo, t->data + lo, hi - lo,
 						     QSM_IO_EV_L2_UPDATE);
 			if (ret < 0)
 				return ret;
 			t->dirty = false;
+			t->dirty_lo = t->dirty_hi = 0;
 			t->wb_busy++;
 			c->nb_dirty--;
 			n++;
@@ -326,7 +334,8 @@ int qsm_l2_collect(struct qsm_l2_cache *c, struct qsm_meta_batch *b)
 
 void qsm_l2_written(struct qsm_l2_cache *c, uint64_t offset)
 {
-	struct qsm_l2_table *t = lookup(c, offset);
+	/* offset is where the collected span was written: inside the table. */
+	struct qsm_l2_table *t = lookup(c, QSM_ALIGN_DOWN(offset, c->cluster_size));
 	assert(t && t->wb_busy > 0);
 	t->wb_busy--;
 	maybe_release(c, t);
@@ -338,6 +347,7 @@ void qsm_l2_cache_forget_dirty(struct qsm_l2_cache *c)
 		for (struct qsm_l2_table *t = c->hash[i]; t; t = t->hnext) {
 			if (t->dirty) {
 				t->dirty = false;
+				t->dirty_lo = t->dirty_hi = 0;
 				c->nb_dirty--;
 				maybe_release(c, t);
 			}

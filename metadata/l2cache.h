@@ -55,6 +55,7 @@ struct qsm_l2_table {
 	unsigned ref;
 	enum qsm_l2_state state;
 	bool dirty;                 /* changed since last collected */
+	uint32_t dirty_lo, dirty_hi; /* changed bytes [lo, hi) while dirty */
 	unsigned wb_busy;           /* collected copies whose write is in flight */
 	struct qsm_l2_waiter *waiters;  /* waiting for LOADING to finish */
 	struct qsm_l2_cache *cache;
@@ -98,8 +99,11 @@ void qsm_l2_mark_dirty(struct qsm_l2_cache *c, struct qsm_l2_table *t);
 /* Remove a waiter that no longer wants its wakeup (request failed). */
 void qsm_l2_cancel_wait(struct qsm_l2_cache *c, struct qsm_l2_waiter *w);
 
-/* Copy every dirty table into b (event L2_UPDATE), mark them clean and
- * wb_busy.  Returns the number collected or -ENOMEM. */
+/* Copy the changed span of every dirty table into b (event L2_UPDATE; a
+ * table made by qsm_l2_create is written whole), mark them clean and
+ * wb_busy.  Returns the number collected or -ENOMEM.  Collected copies of
+ * one table must reach the disk in collect order: the owner runs one
+ * write-back at a time. */
 int qsm_l2_collect(struct qsm_l2_cache *c, struct qsm_meta_batch *b);
 /* The write of a collected copy of the table at offset finished (any result). */
 void qsm_l2_written(struct qsm_l2_cache *c, uint64_t offset);
@@ -119,9 +123,19 @@ static inline uint64_t qsm_l2_entry(const struct qsm_l2_table *t, uint64_t idx)
 {
 	return qcow2_be64(t->data + idx * 8);
 }
+/* Change an entry; the caller marks the table dirty (qsm_l2_mark_dirty).
+ * Write-back writes only the span of changed entries (in 4 KiB units). */
 static inline void qsm_l2_set_entry(struct qsm_l2_table *t, uint64_t idx, uint64_t v)
 {
 	qcow2_put_be64(t->data + idx * 8, v);
+	uint32_t lo = (uint32_t)(idx * 8), hi = lo + 8;
+	if (t->dirty_lo == t->dirty_hi) {
+		t->dirty_lo = lo;
+		t->dirty_hi = hi;
+	} else {
+		t->dirty_lo = lo < t->dirty_lo ? lo : t->dirty_lo;
+		t->dirty_hi = hi > t->dirty_hi ? hi : t->dirty_hi;
+	}
 }
 
 bool qsm_l2_cache_check(const struct qsm_l2_cache *c);

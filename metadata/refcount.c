@@ -91,6 +91,7 @@ struct qsm_refcounts {
 	uint64_t *rc_table;         /* block offsets, host order, 0 = none */
 	uint8_t **rc_blocks;        /* on-disk form, NULL = none */
 	uint8_t *rc_flags;          /* RB_* */
+	uint32_t *rc_dlo, *rc_dhi;  /* dirty byte range of each dirty block */
 	uint32_t *rc_dirty;         /* dirty block indices (capacity rc_cap) */
 	size_t rc_ndirty;
 	uint64_t rc_tdirty_lo, rc_tdirty_hi; /* dirty entries, lo == hi: none */
@@ -202,12 +203,24 @@ uint64_t qsm_refcount_max(const struct qsm_refcounts *rc)
 	return rc->rc_max;
 }
 
+/* Mark bytes [lo, hi) of block idx dirty: write-back writes only the dirty
+ * span of a block (rounded to 4 KiB), not the whole cluster. */
+static void rc_mark_dirty_bytes(struct qsm_refcounts *rc, uint64_t idx, uint32_t lo, uint32_t hi)
+{
+	if (!(rc->rc_flags[idx] & RB_DIRTY)) {
+		rc->rc_flags[idx] |= RB_DIRTY;
+		rc->rc_dirty[rc->rc_ndirty++] = (uint32_t)idx;
+		rc->rc_dlo[idx] = lo;
+		rc->rc_dhi[idx] = hi;
+		return;
+	}
+	rc->rc_dlo[idx] = QSM_MIN(rc->rc_dlo[idx], lo);
+	rc->rc_dhi[idx] = QSM_MAX(rc->rc_dhi[idx], hi);
+}
+
 static void rc_mark_dirty(struct qsm_refcounts *rc, uint64_t idx)
 {
-	if (rc->rc_flags[idx] & RB_DIRTY)
-		return;
-	rc->rc_flags[idx] |= RB_DIRTY;
-	rc->rc_dirty[rc->rc_ndirty++] = (uint32_t)idx;
+	rc_mark_dirty_bytes(rc, idx, 0, (uint32_t)rc->rc_cluster_size);
 }
 
 static void rc_table_dirty(struct qsm_refcounts *rc, uint64_t idx)
@@ -225,8 +238,11 @@ static void rc_table_dirty(struct qsm_refcounts *rc, uint64_t idx)
 static void rc_set(struct qsm_refcounts *rc, uint64_t c, uint64_t v)
 {
 	uint64_t idx = c >> rc->rc_epb_bits;
-	rc_block_set(rc->rc_order, rc->rc_blocks[idx], c & (rc_epb(rc) - 1), v);
-	rc_mark_dirty(rc, idx);
+	uint64_t slot = c & (rc_epb(rc) - 1);
+	rc_block_set(rc->rc_order, rc->rc_blocks[idx], slot, v);
+	uint64_t bit = slot << rc->rc_order;
+	rc_mark_dirty_bytes(rc, idx, (uint32_t)(bit / 8),
+			    (uint32_t)((bit + (1u << rc->rc_order) + 7) / 8));
 }
 
 /* --- The set of refcount block clusters ----------------------------------- */
@@ -361,6 +377,12 @@ static int rc_arrays_grow(struct qsm_refcounts *rc, uint64_t n)
 	if (!d)
 		return -ENOMEM;
 	rc->rc_dirty = d;
+	if (!(d = realloc(rc->rc_dlo, n * sizeof(*d))))
+		return -ENOMEM;
+	rc->rc_dlo = d;
+	if (!(d = realloc(rc->rc_dhi, n * sizeof(*d))))
+		return -ENOMEM;
+	rc->rc_dhi = d;
 	uint64_t o = rc->rc_cap;
 	memset(rc->rc_table + o, 0, (n - o) * sizeof(*t));
 	memset(rc->rc_blocks + o, 0, (n - o) * sizeof(*b));
@@ -749,8 +771,14 @@ int qsm_refcount_collect(struct qsm_refcounts *rc, struct qsm_meta_batch *blocks
 		return -EIO;
 	for (size_t i = 0; i < rc->rc_ndirty && !r; i++) {
 		uint32_t idx = rc->rc_dirty[i];
-		r = qsm_meta_batch_add(blocks, rc->rc_table[idx], rc->rc_blocks[idx],
-				       rc->rc_cluster_size,
+		/* A new block is written whole (its cluster may hold garbage);
+		 * an old one only over its dirty span, in 4 KiB units. */
+		uint64_t lo = 0, hi = rc->rc_cluster_size;
+		if (!(rc->rc_flags[idx] & RB_NEW)) {
+			lo = QSM_ALIGN_DOWN((uint64_t)rc->rc_dlo[idx], 4096);
+			hi = QSM_MIN(QSM_ALIGN_UP((uint64_t)rc->rc_dhi[idx], 4096), rc->rc_cluster_size);
+		}
+		r = qsm_meta_batch_add(blocks, rc->rc_table[idx] + lo, rc->rc_blocks[idx] + lo, hi - lo,
 				       (rc->rc_flags[idx] & RB_NEW) ? QSM_IO_EV_REFBLOCK_ALLOC
 								    : QSM_IO_EV_REFBLOCK_UPDATE);
 	}
@@ -818,6 +846,8 @@ void qsm_refcount_free(struct qsm_refcounts *rc)
 	free(rc->rc_table);
 	free(rc->rc_blocks);
 	free(rc->rc_flags);
+	free(rc->rc_dlo);
+	free(rc->rc_dhi);
 	free(rc->rc_dirty);
 	free(rc->rc_old);
 	free(rc->rc_mset);
