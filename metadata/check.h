@@ -1,0 +1,69 @@
+/*
+ * metadata/check.h: consistency check and repair of a qcow2 image
+ * (`qsm check`, and the repair a dirty image gets when opened read-write).
+ *
+ * The check runs on an image that no engine has open, through the blocking
+ * io/ helpers (like `qemu-img check`, which opens with BDRV_O_CHECK).  It
+ * walks the header, the active L1/L2 tables, every snapshot's L1/L2 tables,
+ * the refcount table and blocks, counts the references to every host
+ * cluster and compares them with the stored refcounts, with qemu-img
+ * check's rules, wording and counts (../shared/reference/format.md §6):
+ *   - refcount < references: corruption ("ERROR cluster N refcount=a reference=b");
+ *   - refcount > references: leak ("Leaked cluster N refcount=a reference=b");
+ *   - COPIED flag != (refcount == 1): corruption ("ERROR OFLAG_COPIED ...");
+ *   - entries pointing past the end of the file or at unaligned offsets,
+ *     metadata overlapping metadata, reserved bits: corruption.
+ * Memory stays bounded on large images: the reference counts are kept per
+ * host cluster of the *file* (2 bytes each, as QEMU), tables are streamed.
+ *
+ * Repair (QSM_CHECK_FIX_LEAKS, QSM_CHECK_FIX_ERRORS as -r leaks / -r all):
+ * leaks freed; refcounts too low raised; COPIED fixed; entries pointing
+ * outside the file or at unaligned offsets cleared (those guest clusters then
+ * read as zeros; each is reported); refcount structures rebuilt when they are
+ * themselves damaged.  A repair is crash-safe: every step keeps refcount >=
+ * references on disk, so an interrupted repair leaves an image the next
+ * repair still fixes.  With fix flags set, the dirty bit is cleared at the end
+ * when no corruption remains.
+ */
+#ifndef QSM_CHECK_H
+#define QSM_CHECK_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "io/io.h"
+
+#define QSM_CHECK_FIX_LEAKS  0x1
+#define QSM_CHECK_FIX_ERRORS 0x2
+
+struct qsm_check_result {
+	/* Found (before repair) and repaired, as qemu-img check counts them. */
+	uint64_t corruptions, leaks, check_errors;
+	uint64_t corruptions_fixed, leaks_fixed;
+	/* After repair: what remains. */
+	uint64_t corruptions_left, leaks_left;
+	bool rebuilt;                 /* refcount structures were rebuilt */
+	bool incomplete;              /* check could not finish (exit 1) */
+	/* Statistics printed by qemu-img check. */
+	uint64_t image_end_offset;
+	uint64_t total_clusters;      /* guest clusters */
+	uint64_t allocated_clusters, fragmented_clusters, compressed_clusters;
+	uint64_t zeroed_entries;      /* L1/L2 entries cleared by -r all */
+};
+
+/*
+ * Check (and with fix flags, repair) the image on io.  Messages, one per
+ * finding, in qemu-img check's wording, go to `log` (may be NULL).  Returns 0
+ * when the check ran (look at res for the verdict), or -errno when it could
+ * not (unreadable, not qcow2: err says why).  Never writes unless fix != 0;
+ * a read-only io handle with fix != 0 is -EBADF.
+ */
+int qsm_check_image(struct qsm_io *io, unsigned fix, struct qsm_check_result *res, FILE *log,
+		    char *err, size_t errlen);
+
+/* qemu-img check's exit code for a result: 0 clean (or all repaired),
+ * 1 check incomplete, 2 corruptions left, 3 only leaks left. */
+int qsm_check_exit_code(const struct qsm_check_result *res);
+
+#endif
