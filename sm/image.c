@@ -287,6 +287,11 @@ int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_ope
 		OPEN_FAIL(-ENOTSUP, "image is dirty (lazy refcounts were in use when it was last closed); "
 			  "repairing it is not supported yet: open it read-only");
 
+	img->lazy = !img->read_only && h->version >= 3 &&
+		    (h->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS);
+	img->disk_dirty = h->incompatible_features & QCOW2_INCOMPAT_DIRTY;
+	img->disk_reftable_offset = h->refcount_table_offset;
+	img->disk_reftable_clusters = h->refcount_table_clusters;
 	img->cluster_bits = h->cluster_bits;
 	img->cluster_size = 1ull << h->cluster_bits;
 	img->l2_entries = img->cluster_size / 8;

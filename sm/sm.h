@@ -156,6 +156,7 @@ struct qsm_req {
 struct qsm_wb {
 	struct qsm_meta_batch blocks, reftable, header, l2, l1;
 	struct qsm_rc_collect rc;
+	bool marks_dirty;         /* the header level sets the dirty bit */
 	uint64_t *frees;          /* host clusters whose refcount drops at WB_RELEASE */
 	size_t nb_frees;
 	struct qsm_wait *waiters; /* requests completed by this batch */
@@ -185,6 +186,16 @@ struct qsm_image {
 	struct qsm_l2_cache l2c;
 	uint64_t file_end;        /* bytes ever covered by writes; beyond reads zero */
 	bool header_dirty;
+	/* Lazy refcounts (compatible bit 0, v3, read-write): refcount blocks
+	 * are written only by a clean close; before any L2/L1 write that may
+	 * point at clusters whose refcounts are not on disk, the dirty bit
+	 * (incompatible bit 0) is made durable.  disk_dirty: it is on disk. */
+	bool lazy;
+	bool disk_dirty;
+	/* Refcount table location the on-disk header names (a lazy image
+	 * defers a moved table, so the header keeps naming the old one). */
+	uint64_t disk_reftable_offset;
+	uint32_t disk_reftable_clusters;
 
 	/* Scheduling. */
 	struct qsm_alloc *allocs;         /* in-flight cluster allocations */

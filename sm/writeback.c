@@ -29,6 +29,14 @@
  *  5. A new refcount table is durable before the header names it; the old
  *     table is released after the header is durable.
  *
+ * Lazy refcounts (img->lazy): refcount blocks and table are left dirty in
+ * memory by every batch (WB_COLLECT --lazy--> WB_SYNC) and written by the
+ * clean close (qsm_wb_sync_all), which then clears the dirty bit.  The first
+ * batch that writes an L2 or L1 entry writes the header with the dirty bit
+ * and syncs before the tables (WB_COLLECT --mark dirty--> WB_HEADER): on disk,
+ * a table may run ahead of the refcounts only while the dirty bit says so,
+ * and opening such an image read-write repairs it first (sm/image.c).
+ *
  * Batching: requests that need durability (flush, writethrough writes) join
  * img->wb_next_waiters; WB_COLLECT takes all of them, so one fdatasync
  * sequence completes every request that joined before the snapshot (group
@@ -95,15 +103,16 @@ int qsm_free_cluster_deferred(struct qsm_image *img, uint64_t host_offset)
 	return 0;
 }
 
-/* Serialize the in-memory header (with the current refcount table location)
- * into a batch.  Cluster 0 belongs to the header alone. */
-static int collect_header(struct qsm_image *img, struct qsm_meta_batch *b)
+/* Serialize the in-memory header into a batch.  It names the refcount table
+ * this batch writes, or (when refcounts are deferred) the one on disk.
+ * Cluster 0 belongs to the header alone. */
+static int collect_header(struct qsm_image *img, struct qsm_meta_batch *b, bool with_refcounts)
 {
-	uint64_t off;
-	uint32_t clusters;
-	qsm_refcount_table_location(img->rc, &off, &clusters);
-	img->hdr.refcount_table_offset = off;
-	img->hdr.refcount_table_clusters = clusters;
+	if (with_refcounts)
+		qsm_refcount_table_location(img->rc, &img->disk_reftable_offset,
+					    &img->disk_reftable_clusters);
+	img->hdr.refcount_table_offset = img->disk_reftable_offset;
+	img->hdr.refcount_table_clusters = img->disk_reftable_clusters;
 	uint8_t *buf = calloc(1, img->cluster_size);
 	if (!buf)
 		return -ENOMEM;
@@ -114,21 +123,35 @@ static int collect_header(struct qsm_image *img, struct qsm_meta_batch *b)
 	return ret;
 }
 
-/* Snapshot everything dirty into wb (WB_COLLECT; also used by close). */
-static int wb_collect(struct qsm_image *img, struct qsm_wb *wb)
+/*
+ * Snapshot everything dirty into wb (WB_COLLECT; also used by close).  With
+ * lazy refcounts and !full, refcount blocks stay dirty in memory, and when
+ * the batch writes tables while the dirty bit is not on disk yet, the header
+ * level sets it first.
+ */
+static int wb_collect(struct qsm_image *img, struct qsm_wb *wb, bool full)
 {
-	int ret = qsm_refcount_collect(img->rc, &wb->blocks, &wb->reftable, &wb->rc);
-	if (ret < 0)
-		return ret;
-	if (wb->rc.table_moved)
-		img->header_dirty = true;
-	if (img->header_dirty) {
-		if ((ret = collect_header(img, &wb->header)) < 0)
+	bool with_refcounts = full || !img->lazy;
+	int ret;
+	if (with_refcounts) {
+		if ((ret = qsm_refcount_collect(img->rc, &wb->blocks, &wb->reftable, &wb->rc)) < 0)
 			return ret;
-		img->header_dirty = false;
+		if (wb->rc.table_moved)
+			img->header_dirty = true;
 	}
 	if ((ret = qsm_l2_collect(&img->l2c, &wb->l2)) < 0)
 		return ret;
+	if (!with_refcounts && !img->disk_dirty &&
+	    (wb->l2.n || img->l1_dirty_hi > img->l1_dirty_lo)) {
+		img->hdr.incompatible_features |= QCOW2_INCOMPAT_DIRTY;
+		img->header_dirty = true;
+		wb->marks_dirty = true;
+	}
+	if (img->header_dirty) {
+		if ((ret = collect_header(img, &wb->header, with_refcounts)) < 0)
+			return ret;
+		img->header_dirty = false;
+	}
 	if (img->l1_dirty_hi > img->l1_dirty_lo) {
 		/* Whole 512-byte sectors; the L1's clusters are all its own. */
 		uint64_t lo = QSM_ALIGN_DOWN(img->l1_dirty_lo * 8, 512);
@@ -278,10 +301,13 @@ static void sync_cb(struct qsm_io_req *io, int ret)
 {
 	struct qsm_req *job = container_of(io, struct qsm_req, io);
 	struct qsm_image *img = job->img;
-	if (ret < 0)
+	if (ret < 0) {
 		qsm_sm_post(job, QSM_E_ERROR, ret);
-	else
+	} else {
+		if (job->wb->level == WBL_HEADER && job->wb->marks_dirty)
+			img->disk_dirty = true; /* tables may now run ahead of refcounts */
 		qsm_sm_post(job, next_level_event(job->wb), 0);
+	}
 	qsm_sm_drain(img);
 }
 
@@ -324,11 +350,15 @@ enum qsm_event qsm_wb_step(struct qsm_req *job, enum qsm_event ev, int ret)
 	case QSM_S_WB_COLLECT:
 		wb->waiters = img->wb_next_waiters;
 		img->wb_next_waiters = NULL;
-		if ((ret = wb_collect(img, wb)) < 0) {
+		if ((ret = wb_collect(img, wb, false)) < 0) {
 			job->ret = ret;
 			return QSM_E_ERROR;
 		}
-		return wb->blocks.n ? QSM_E_WB_BLOCKS : QSM_E_WB_SYNCNOW;
+		if (wb->blocks.n)
+			return QSM_E_WB_BLOCKS;
+		if (wb->marks_dirty)
+			return QSM_E_WB_MARK_DIRTY;
+		return img->lazy ? QSM_E_WB_LAZY : QSM_E_WB_SYNCNOW;
 	case QSM_S_WB_REFBLOCKS: return write_level(job, WBL_BLOCKS);
 	case QSM_S_WB_REFTABLE:  return write_level(job, WBL_REFTABLE);
 	case QSM_S_WB_HEADER:    return write_level(job, WBL_HEADER);
@@ -366,7 +396,7 @@ int qsm_wb_sync_all(struct qsm_image *img)
 		struct qsm_wb *wb = calloc(1, sizeof(*wb));
 		if (!wb)
 			return -ENOMEM;
-		ret = wb_collect(img, wb);
+		ret = wb_collect(img, wb, true);
 		bool synced = false;
 		for (int l = 0; l < WBL__COUNT && !ret; l++) {
 			struct qsm_meta_batch *b = level_batch(wb, l);
@@ -392,5 +422,20 @@ int qsm_wb_sync_all(struct qsm_image *img)
 	}
 	if (!ret)
 		ret = qsm_io_flush_sync(img->io);
+	if (!ret && img->disk_dirty && !anything_dirty(img)) {
+		/* Everything, refcounts included, is durable: clear the bit. */
+		uint8_t *buf = calloc(1, img->cluster_size);
+		if (!buf)
+			return -ENOMEM;
+		img->hdr.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
+		ret = qcow2_header_serialize(&img->hdr, buf, img->cluster_size);
+		if (!ret)
+			ret = qsm_io_pwrite_sync(img->io, buf, img->cluster_size, 0);
+		if (!ret)
+			ret = qsm_io_flush_sync(img->io);
+		if (!ret)
+			img->disk_dirty = false;
+		free(buf);
+	}
 	return ret;
 }
