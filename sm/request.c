@@ -43,7 +43,10 @@
  *     callback therefore never runs from inside a submit call.
  *  2. Two requests never allocate the same guest cluster: a run that needs
  *     allocation first checks img->allocs; an overlapping run waits
- *     (ALLOC_WAIT) and looks up again.  The record lives from CLUSTER_ALLOC
+ *     (ALLOC_WAIT) and looks up again, or, when the owner writes fresh
+ *     clusters with no COW at all, writes its data into them at once
+ *     (JOIN_WRITE) and completes only after the owner's L2 update
+ *     (JOIN_WAIT); if the owner fails, so do its joiners.  The record lives from CLUSTER_ALLOC
  *     to L2_UPDATE, and L2_UPDATE runs only after the data write completed,
  *     so a lookup never sees an entry pointing at half-written data.  Reads
  *     need not wait: until L2_UPDATE they see the old entry, after it the
@@ -213,7 +216,10 @@ static void release_l2(struct qsm_req *req)
 	}
 }
 
-static void alloc_unlink(struct qsm_req *req)
+/* The allocation of req's run is over: its L2 entries are updated (ret 0)
+ * or it failed.  Wake who waited; tell who joined (their data is mapped now,
+ * or lost with the allocation). */
+static void alloc_unlink(struct qsm_req *req, int ret)
 {
 	struct qsm_image *img = req->img;
 	struct qsm_alloc *a = &req->run.alloc;
@@ -227,6 +233,30 @@ static void alloc_unlink(struct qsm_req *req)
 		a->next->prev = a->prev;
 	req->run.alloc_linked = false;
 	qsm_wake_all(&a->waiters, QSM_E_WAKE, 0);
+	while (a->joiners) {
+		struct qsm_req *j = a->joiners;
+		a->joiners = j->run.join_next;
+		j->run.joined = NULL;
+		j->run.join_done = true;
+		j->run.join_ret = ret < 0 ? -EIO : 0;
+		if (j->state == QSM_S_JOIN_WAIT)
+			qsm_sm_post(j, ret < 0 ? QSM_E_ERROR : QSM_E_WAKE, -EIO);
+	}
+}
+
+/* A joiner leaves early (its own write failed). */
+static void join_unlink(struct qsm_req *req)
+{
+	struct qsm_alloc *a = req->run.joined;
+	if (!a)
+		return;
+	for (struct qsm_req **pp = &a->joiners; *pp; pp = &(*pp)->run.join_next) {
+		if (*pp == req) {
+			*pp = req->run.join_next;
+			break;
+		}
+	}
+	req->run.joined = NULL;
 }
 
 /* An in-flight allocation by another request overlapping guest clusters
@@ -339,7 +369,7 @@ static void run_init(struct qsm_req *req)
 	uint64_t table_span = img->l2_entries << img->cluster_bits;
 	uint64_t table_end = QSM_ALIGN_DOWN(pos, table_span) + table_span;
 
-	assert(!run->l2 && !run->alloc_linked);
+	assert(!run->l2 && !run->alloc_linked && !run->joined);
 	free(run->bounce);
 	free(run->cbuf);
 	memset(run, 0, sizeof(*run));
@@ -727,8 +757,35 @@ static enum qsm_event classify_write(struct qsm_req *req)
 		}
 	}
 	run_clip(req, i);
-	if (wait_for_overlapping_alloc(req))
+
+	/* Invariant 2 against allocations in flight over these clusters. */
+	uint64_t c0 = cluster_of(img, run->offset);
+	struct qsm_alloc *first = NULL;
+	for (struct qsm_alloc *a = img->allocs; a; a = a->next)
+		if (a != &run->alloc && c0 < a->first + a->count && a->first < c0 + run->nb_clusters &&
+		    (!first || a->first < first->first))
+			first = a;
+	if (first && first->first > c0) {
+		/* Allocate the clusters before it ourselves. */
+		run_clip(req, first->first - c0);
+	} else if (first && first->joinable && req->machine == QSM_M_WRITE) {
+		/* Fresh clusters written without COW: put our data there now and
+		 * complete after the owner's L2 update. */
+		run_clip(req, QSM_MIN(run->nb_clusters, first->first + first->count - c0));
+		release_l2(req);
+		run->host = first->host + ((c0 - first->first) << img->cluster_bits) +
+			    in_cluster(img, run->offset);
+		run->joined = first;
+		run->join_next = first->joiners;
+		first->joiners = req;
+		img->stats.alloc_joins++;
+		return QSM_E_JOIN;
+	} else if (first) {
+		release_l2(req);
+		img->stats.alloc_waits++;
+		wait_on(&first->waiters, req);
 		return QSM_E_ALLOC_BUSY;
+	}
 	run->old_entry = e0;
 	run->allocating = true;
 	return QSM_E_NEED_ALLOC;
@@ -943,8 +1000,11 @@ static enum qsm_event step_cluster_alloc(struct qsm_req *req)
 	if (entry_kind(run->old_entry) == EK_COMPRESSED)
 		return QSM_E_COMPRESSED;
 	/* Clusters never written since open read as zeros already (holes past
-	 * the old end of file): the COW regions need no write at all. */
+	 * the old end of file): the COW regions need no write at all, and other
+	 * writes into these clusters may go ahead at once (JOIN_WRITE). */
 	run->zero_cow = run->host < img->file_end;
+	run->alloc.host = run->host;
+	run->alloc.joinable = !run->zero_cow;
 	return QSM_E_NO_COW;
 }
 
@@ -999,7 +1059,7 @@ static enum qsm_event step_l2_update(struct qsm_req *req)
 	}
 	qsm_l2_mark_dirty(&img->l2c, run->l2);
 	release_l2(req);
-	alloc_unlink(req);
+	alloc_unlink(req, 0);
 	return QSM_E_UPDATED;
 }
 
@@ -1078,6 +1138,14 @@ static enum qsm_event step_next_run(struct qsm_req *req)
 	return QSM_E_FINISHED;
 }
 
+static enum qsm_event step_join_wait(struct qsm_req *req)
+{
+	struct qsm_run *run = &req->run;
+	if (!run->join_done)
+		return QSM_E_WAIT; /* alloc_unlink posts WAKE or ERROR */
+	return run->join_ret < 0 ? fail(req, run->join_ret) : QSM_E_UPDATED;
+}
+
 static enum qsm_event step_durable_wait(struct qsm_req *req)
 {
 	qsm_wb_join(req->img, req);
@@ -1092,7 +1160,9 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_L2_ALLOC:      return step_l2_alloc(req);
 	case QSM_S_L2_LOOKUP:     return step_l2_lookup(req);
 	case QSM_S_DATA_READ:
-	case QSM_S_DATA_WRITE:    return step_data_io(req);
+	case QSM_S_DATA_WRITE:
+	case QSM_S_JOIN_WRITE:    return step_data_io(req);
+	case QSM_S_JOIN_WAIT:     return step_join_wait(req);
 	case QSM_S_ZERO_FILL:     return step_zero_fill(req);
 	case QSM_S_CLUSTER_ALLOC: return step_cluster_alloc(req);
 	case QSM_S_COW_READ:      return step_cow_read(req);
@@ -1140,6 +1210,8 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 		return run->cbuf && !run->bounce;
 	case QSM_S_L2_UPDATE:
 		return run->l2 && run->alloc_linked;
+	case QSM_S_JOIN_WRITE:
+		return !run->l2 && !run->alloc_linked && (run->joined || run->join_done);
 	case QSM_S_NEXT_RUN:
 		return !run->l2 && !run->alloc_linked && !req->waiting;
 	case QSM_S_DONE: /* an error may leave resources held: see req_complete */
@@ -1189,7 +1261,8 @@ static void req_complete(struct qsm_req *req)
 
 	/* Error exits may leave resources held; release them here. */
 	release_l2(req);
-	alloc_unlink(req);
+	alloc_unlink(req, req->ret ? req->ret : -EIO);
+	join_unlink(req);
 	assert(!run->l2 && !run->alloc_linked);
 	if (req->machine == QSM_M_WRITEBACK) {
 		qsm_wb_step(req, QSM_E_FINISHED, req->ret);

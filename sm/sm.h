@@ -85,6 +85,11 @@ struct qsm_alloc {
 	struct qsm_alloc *next, *prev;   /* image's in-flight list */
 	uint64_t first, count;           /* guest cluster indices */
 	struct qsm_wait *waiters;
+	uint64_t host;                   /* host offset of cluster `first` */
+	/* Fresh clusters written without any COW: another write may put its
+	 * data into them at once (JOIN_WRITE) and complete after our L2 update. */
+	bool joinable;
+	struct qsm_req *joiners;         /* linked through run.join_next */
 };
 
 /* The current cluster run of a request (inside one L2 table). */
@@ -101,6 +106,10 @@ struct qsm_run {
 	bool zero_cow;            /* COW regions must be written as zeros */
 	struct qsm_alloc alloc;
 	bool alloc_linked;
+	struct qsm_alloc *joined;     /* another's allocation we write into */
+	struct qsm_req *join_next;
+	bool join_done;               /* its L2 update happened (or it failed) */
+	int join_ret;
 	struct iovec *iov;        /* the run's iovec (points into req->iov_buf) */
 	int iovcnt;
 	uint8_t *bounce;          /* COW buffer (cluster run sized) when needed */
