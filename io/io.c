@@ -70,6 +70,7 @@ const char *qsm_io_op_name(enum qsm_io_op op)
 	case QSM_IO_ZERO: return "zero";
 	case QSM_IO_DISCARD: return "discard";
 	case QSM_IO_TRUNCATE: return "truncate";
+	case QSM_IO_PREALLOC: return "prealloc";
 	}
 	return "invalid";
 }
@@ -394,13 +395,13 @@ static bool qsm_io_dio_route(struct qsm_io_common *c, struct qsm_io_req *req)
 static bool qsm_io_op_writes(enum qsm_io_op op)
 {
 	return op == QSM_IO_WRITE || op == QSM_IO_ZERO || op == QSM_IO_DISCARD ||
-	       op == QSM_IO_TRUNCATE;
+	       op == QSM_IO_TRUNCATE || op == QSM_IO_PREALLOC;
 }
 
 /* 0 if req may go to the backend, else the errno it completes with. */
 static int qsm_io_check_req(const struct qsm_io *io, const struct qsm_io_req *req)
 {
-	if ((unsigned)req->op > QSM_IO_TRUNCATE)
+	if ((unsigned)req->op > QSM_IO_PREALLOC)
 		return -EINVAL;
 	if ((unsigned)req->event >= QSM_IO_EV__COUNT)
 		return -EINVAL;
@@ -416,6 +417,7 @@ static int qsm_io_check_req(const struct qsm_io *io, const struct qsm_io_req *re
 		/* fall through */
 	case QSM_IO_ZERO:
 	case QSM_IO_DISCARD:
+	case QSM_IO_PREALLOC:
 		if (req->len > INT64_MAX - req->offset)
 			return -EINVAL;
 		break;
@@ -753,6 +755,20 @@ int qsm_io_fds_discard_(const struct qsm_io_fds *f, uint64_t off, uint64_t len)
 			continue;
 		if (errno == EOPNOTSUPP || errno == ENOSYS)
 			return 0; /* discard is advisory */
+		return -errno;
+	}
+	return 0;
+}
+
+int qsm_io_fds_prealloc_(const struct qsm_io_fds *f, uint64_t off, uint64_t len)
+{
+	if (len == 0)
+		return 0;
+	while (fallocate(f->fd, 0, (off_t)off, (off_t)len) < 0) {
+		if (errno == EINTR)
+			continue;
+		if (errno == EOPNOTSUPP || errno == ENOSYS)
+			return 0; /* advisory: writes will extend the file */
 		return -errno;
 	}
 	return 0;

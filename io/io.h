@@ -40,6 +40,9 @@ enum qsm_io_op {
 	QSM_IO_ZERO,     /* offset, len: make the range read as zeros (may allocate) */
 	QSM_IO_DISCARD,  /* offset, len: advisory; contents afterwards unspecified */
 	QSM_IO_TRUNCATE, /* offset: new file size */
+	QSM_IO_PREALLOC, /* offset, len: reserve space, extending the file; never
+			  * changes contents (safe beside concurrent writes);
+			  * advisory: succeeds where the file system cannot */
 };
 
 /*
@@ -104,7 +107,7 @@ struct qsm_io_req {
 
 /* Counters kept by qsm_io_submit for every backend. */
 struct qsm_io_stats {
-	uint64_t ops[QSM_IO_TRUNCATE + 1];
+	uint64_t ops[QSM_IO_PREALLOC + 1];
 	uint64_t bytes_read, bytes_written;
 	uint64_t in_flight;
 };

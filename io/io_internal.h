@@ -108,6 +108,8 @@ int qsm_io_fds_flush_(const struct qsm_io_fds *f);
 int qsm_io_fds_zero_(const struct qsm_io_fds *f, uint64_t off, uint64_t len);
 /* Punch a hole keeping the size; unsupported counts as success. */
 int qsm_io_fds_discard_(const struct qsm_io_fds *f, uint64_t off, uint64_t len);
+/* fallocate mode 0: allocate, extend, never change contents. */
+int qsm_io_fds_prealloc_(const struct qsm_io_fds *f, uint64_t off, uint64_t len);
 int qsm_io_fds_truncate_(const struct qsm_io_fds *f, uint64_t size);
 int qsm_io_fds_get_size_(const struct qsm_io_fds *f, uint64_t *size);
 

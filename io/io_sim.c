@@ -352,6 +352,10 @@ static void qsm_sim_rec_apply(struct qsm_sim_store *st, const struct qsm_sim_rec
 	case QSM_IO_TRUNCATE:
 		qsm_sim_store_truncate(st, rc->rc_off);
 		break;
+	case QSM_IO_PREALLOC:
+		/* fallocate mode 0: contents unchanged, the file may grow. */
+		st->st_size = QSM_MAX(st->st_size, rc->rc_off + rc->rc_len);
+		break;
 	default:
 		assert(!"not a write-like record");
 	}
@@ -544,7 +548,7 @@ static int qsm_sim_fault_check(struct qsm_sim *sim, const struct qsm_io_req *req
 static bool qsm_sim_op_writes(enum qsm_io_op op)
 {
 	return op == QSM_IO_WRITE || op == QSM_IO_ZERO || op == QSM_IO_DISCARD ||
-	       op == QSM_IO_TRUNCATE;
+	       op == QSM_IO_TRUNCATE || op == QSM_IO_PREALLOC;
 }
 
 /* The byte range a request touches, for race detection; false if none. */
@@ -624,6 +628,7 @@ static int qsm_sim_perform(struct qsm_sim *sim, struct qsm_io_req *req)
 	case QSM_IO_ZERO:
 	case QSM_IO_DISCARD:
 	case QSM_IO_TRUNCATE:
+	case QSM_IO_PREALLOC:
 		qsm_sim_commit(sim, (struct qsm_sim_rec){ .rc_op = req->op, .rc_off = req->offset,
 							  .rc_len = req->len });
 		return 0;

@@ -74,6 +74,8 @@ static int qsm_io_threads_exec(struct qsm_io_threads *t, struct qsm_io_req *req)
 		return qsm_io_fds_discard_(f, req->offset, req->len);
 	case QSM_IO_TRUNCATE:
 		return qsm_io_fds_truncate_(f, req->offset);
+	case QSM_IO_PREALLOC:
+		return qsm_io_fds_prealloc_(f, req->offset, req->len);
 	}
 	return -EINVAL;
 }

@@ -152,7 +152,8 @@ static void qsm_uring_prep(struct qsm_io_uring *u, struct qsm_uring_slot *sl)
 	case QSM_URING_FALLOC:
 		io_uring_prep_fallocate(sqe, u->ur_fds.fd,
 					req->op == QSM_IO_ZERO ? FALLOC_FL_ZERO_RANGE
-							       : FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+					: req->op == QSM_IO_PREALLOC ? 0
+					: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 					req->offset, req->len);
 		break;
 	case QSM_URING_ZEROES: {
@@ -183,6 +184,7 @@ static void qsm_uring_start(struct qsm_io_uring *u, struct qsm_uring_slot *sl,
 		break;
 	case QSM_IO_ZERO:
 	case QSM_IO_DISCARD:
+	case QSM_IO_PREALLOC:
 		sl->sl_phase = QSM_URING_FALLOC;
 		break;
 	default:
@@ -264,7 +266,7 @@ static bool qsm_uring_handle(struct qsm_io_uring *u, struct qsm_uring_slot *sl, 
 		return qsm_uring_finish(u, sl, 0);
 	case QSM_URING_FALLOC:
 		if (res == -EOPNOTSUPP) {
-			if (req->op == QSM_IO_DISCARD)
+			if (req->op == QSM_IO_DISCARD || req->op == QSM_IO_PREALLOC)
 				return qsm_uring_finish(u, sl, 0); /* advisory */
 			sl->sl_phase = QSM_URING_ZEROES;
 			sl->sl_done = 0;

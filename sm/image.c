@@ -170,6 +170,42 @@ bad:
 	return 0;
 }
 
+/* --- space reserved ahead of the allocator -------------------------------- */
+
+static void prealloc_cb(struct qsm_io_req *io, int ret)
+{
+	struct qsm_image *img = container_of(io, struct qsm_image, prealloc_io);
+	/* Advisory: on failure the data writes simply extend the file. */
+	img->prealloc_busy = false;
+}
+
+/*
+ * Extending a file with one O_DIRECT write per new cluster serializes them
+ * in the file system (ext4 takes the inode lock exclusively to extend), so
+ * qsm keeps a reserved, already-sized region ahead of the allocator, in
+ * chunks of 1/8 of the file (1 to 64 MiB).  QSM_IO_PREALLOC never changes
+ * contents, so it may run beside writes into the same range.  A clean close
+ * gives back what was not used.
+ */
+void qsm_prealloc_ahead(struct qsm_image *img, uint64_t end)
+{
+	if (img->read_only || img->prealloc_busy)
+		return;
+	uint64_t chunk = QSM_MIN(64ull << 20, QSM_MAX(1ull << 20, img->prealloc_end / 8));
+	chunk = QSM_ALIGN_UP(chunk, img->cluster_size);
+	if (end + chunk / 2 <= img->prealloc_end)
+		return;
+	uint64_t from = QSM_MAX(img->prealloc_end, img->file_end);
+	uint64_t to = QSM_ALIGN_UP(QSM_MAX(end, from) + chunk, chunk);
+	img->prealloc_busy = true;
+	img->prealloc_end = to;
+	img->prealloc_io = (struct qsm_io_req){
+		.op = QSM_IO_PREALLOC, .event = QSM_IO_EV_CLUSTER_ALLOC,
+		.offset = from, .len = to - from, .cb = prealloc_cb,
+	};
+	qsm_io_submit(img->io, &img->prealloc_io);
+}
+
 /* --- open / close -------------------------------------------------------- */
 
 struct qsm_image_priv {
@@ -338,6 +374,8 @@ int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_ope
 	if (!img->zero_buf || !img->run_ev)
 		OPEN_FAIL(-ENOMEM, "out of memory");
 	img->file_end = fsize;
+	img->open_size = fsize;
+	img->prealloc_end = fsize;
 
 	/* Everything validated: only now may the file be written.  qsm keeps no
 	 * persistent bitmaps, so writing invalidates them: clear autoclear bits. */
@@ -380,10 +418,17 @@ int qsm_close(struct qsm_image *img)
 	/* Only an internal write-back batch may still run; let it finish (this
 	 * runs the loop, which close, being blocking, may do). */
 	assert(img->in_flight == (img->wb_job ? 1u : 0u));
-	while (img->wb_job)
+	while (img->wb_job || img->prealloc_busy)
 		event_base_loop(img->base, EVLOOP_ONCE);
 	if (!img->read_only && !img->error)
 		ret = qsm_wb_sync_all(img);
+	if (!ret && !img->read_only && !img->error && img->prealloc_end > img->open_size) {
+		/* Give back the reserved space nothing used. */
+		uint64_t end = QSM_MAX(QSM_MAX(img->open_size, img->file_end),
+				       qsm_refcount_image_end(img->rc));
+		if (end < img->prealloc_end)
+			ret = qsm_io_truncate_sync(img->io, end);
+	}
 	image_free(img);
 	return ret;
 }

@@ -988,6 +988,7 @@ static enum qsm_event step_cluster_alloc(struct qsm_req *req)
 		}
 	}
 	img->stats.clusters_allocated += n;
+	qsm_prealloc_ahead(img, run->host + (n << img->cluster_bits));
 	run->alloc = (struct qsm_alloc){ .first = cluster_of(img, run->offset), .count = n };
 	run->alloc.next = img->allocs;
 	if (img->allocs)

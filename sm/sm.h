@@ -194,6 +194,12 @@ struct qsm_image {
 	struct qsm_refcounts *rc;
 	struct qsm_l2_cache l2c;
 	uint64_t file_end;        /* bytes ever covered by writes; beyond reads zero */
+	uint64_t open_size;       /* file size at open */
+	/* Space reserved ahead of the allocator (QSM_IO_PREALLOC), so data
+	 * writes into new clusters do not extend the file one by one. */
+	uint64_t prealloc_end;
+	bool prealloc_busy;
+	struct qsm_io_req prealloc_io;
 	bool header_dirty;
 	/* Lazy refcounts (compatible bit 0, v3, read-write): refcount blocks
 	 * are written only by a clean close; before any L2/L1 write that may
@@ -276,6 +282,8 @@ static inline uint64_t qsm_l1_get(const struct qsm_image *img, uint64_t idx)
 {
 	return qcow2_be64(img->l1 + idx * 8);
 }
+/* Reserve file space ahead of newly allocated clusters ending at `end`. */
+void qsm_prealloc_ahead(struct qsm_image *img, uint64_t end);
 /* Is this host cluster metadata (header, L1, L2 tables, refcount structures)? */
 bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset);
 /* Same, ignoring L2 tables: is this cluster fit to be an L2 table? */
