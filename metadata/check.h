@@ -45,6 +45,8 @@ struct qsm_check_result {
 	uint64_t corruptions_left, leaks_left;
 	bool rebuilt;                 /* refcount structures were rebuilt */
 	bool incomplete;              /* check could not finish (exit 1) */
+	int error;                    /* with incomplete: the -errno that stopped it
+	                               * (qemu-img: "Check failed: <strerror>") */
 	/* Statistics printed by qemu-img check. */
 	uint64_t image_end_offset;
 	uint64_t total_clusters;      /* guest clusters */

@@ -26,6 +26,7 @@ struct cli_cmd {
 
 int cmd_create(int argc, char **argv);
 int cmd_info(int argc, char **argv);
+int cmd_check(int argc, char **argv);
 int cmd_io(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 

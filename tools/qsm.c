@@ -21,6 +21,7 @@
 static const struct cli_cmd cmds[] = {
 	{ "create", cmd_create, "create a new qcow2 image" },
 	{ "info",   cmd_info,   "show information about an image" },
+	{ "check",  cmd_check,  "check (and repair) an image's consistency" },
 	{ "io",     cmd_io,     "exercise an image with qemu-io commands" },
 	{ "bench",  cmd_bench,  "run a simple sequential I/O benchmark (as qemu-img bench)" },
 };
