@@ -1002,11 +1002,27 @@ static enum qsm_event step_cluster_alloc(struct qsm_req *req)
 		return QSM_E_COMPRESSED;
 	/* Clusters never written since open read as zeros already (holes past
 	 * the old end of file): the COW regions need no write at all, and other
-	 * writes into these clusters may go ahead at once (JOIN_WRITE). */
-	run->zero_cow = run->host < img->file_end;
+	 * writes into these clusters may go ahead at once (JOIN_WRITE).  Reused
+	 * clusters are zeroed first when the run leaves parts unwritten. */
 	run->alloc.host = run->host;
-	run->alloc.joinable = !run->zero_cow;
+	if (run->host < img->file_end &&
+	    (in_cluster(img, run->offset) || in_cluster(img, run->offset + run->bytes)))
+		return QSM_E_ZERO_FIRST;
 	return QSM_E_NO_COW;
+}
+
+/* One zero-range operation over the new clusters (fallocate; io/ falls back
+ * to writing zeros), instead of writing zero buffers with the data. */
+static enum qsm_event step_zero_clusters(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	req->io = (struct qsm_io_req){
+		.op = QSM_IO_ZERO, .event = QSM_IO_EV_COW_WRITE, .offset = run->host,
+		.len = run->nb_clusters << img->cluster_bits, .cb = req_io_cb,
+	};
+	qsm_io_submit(img->io, &req->io);
+	return QSM_E_WAIT;
 }
 
 static enum qsm_event step_cow_read(struct qsm_req *req)
@@ -1028,18 +1044,19 @@ static enum qsm_event step_alloc_write(struct qsm_req *req)
 	uint64_t head = in_cluster(img, run->offset);
 	uint64_t span = run->nb_clusters << img->cluster_bits;
 	uint64_t tail = span - head - run->bytes;
-	bool fill = run->zero_cow || run->bounce;
+	/* The clusters read as zeros now (fresh or just zeroed): others may
+	 * write into them while we do (JOIN_WRITE). */
+	run->alloc.joinable = !run->bounce;
+	bool fill = run->bounce != NULL; /* COW from old data; zeros need no write */
 	int cnt = 0;
 
 	if (fill && head)
-		req->iov_buf[cnt++] = (struct iovec){ run->bounce ? run->bounce : img->zero_buf, head };
+		req->iov_buf[cnt++] = (struct iovec){ run->bounce, head };
 	int n = run_payload(req, req->iov_buf + cnt, req->iov_cap - cnt - 1);
 	assert(n > 0);
 	cnt += n;
 	if (fill && tail) {
-		/* The zero buffer is one cluster; a multi-cluster tail is less than one. */
-		req->iov_buf[cnt++] = (struct iovec){
-			run->bounce ? run->bounce + head + run->bytes : img->zero_buf, tail };
+		req->iov_buf[cnt++] = (struct iovec){ run->bounce + head + run->bytes, tail };
 	}
 	uint64_t host = fill ? run->host : run->host + head;
 	return submit_io(req, QSM_IO_WRITE, run->bounce ? QSM_IO_EV_COW_WRITE : QSM_IO_EV_DATA_WRITE,
@@ -1167,6 +1184,7 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_ZERO_FILL:     return step_zero_fill(req);
 	case QSM_S_CLUSTER_ALLOC: return step_cluster_alloc(req);
 	case QSM_S_COW_READ:      return step_cow_read(req);
+	case QSM_S_ZERO_CLUSTERS: return step_zero_clusters(req);
 	case QSM_S_COMPRESSED_READ: return step_compressed_read(req);
 	case QSM_S_DECOMPRESS:    return step_decompress(req);
 	case QSM_S_ALLOC_WRITE:   return step_alloc_write(req);

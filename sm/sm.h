@@ -103,7 +103,6 @@ struct qsm_run {
 	bool allocating;
 	bool reuse;               /* allocated zero cluster rewritten in place */
 	uint64_t old_entry;       /* L2 entry before the write (COW source) */
-	bool zero_cow;            /* COW regions must be written as zeros */
 	struct qsm_alloc alloc;
 	bool alloc_linked;
 	struct qsm_alloc *joined;     /* another's allocation we write into */
