@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "metadata/check.h"
 #include "sm/sm.h"
 
 /* --- the set of L2 table clusters (for overlap checks) --------------------- */
@@ -296,11 +297,13 @@ int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_ope
 	if ((ret = qsm_io_get_size(io, &fsize)) < 0)
 		OPEN_FAIL(ret, "cannot get the image size: %s", strerror(-ret));
 
-	/* Header: the first 512 bytes tell the cluster size, then cluster 0. */
-	size_t first = (size_t)QSM_MIN(fsize, 512);
 	buf = calloc(1, 1u << QCOW2_MAX_CLUSTER_BITS);
 	if (!buf)
 		OPEN_FAIL(-ENOMEM, "out of memory");
+	bool repaired = false;
+read_header:;
+	/* Header: the first 512 bytes tell the cluster size, then cluster 0. */
+	size_t first = (size_t)QSM_MIN(fsize, 512);
 	if ((ret = qsm_io_pread_sync(io, buf, first, 0)) < 0)
 		OPEN_FAIL(ret, "cannot read the header: %s", strerror(-ret));
 	size_t hlen = qcow2_header_probe_len(buf, first, fsize);
@@ -310,18 +313,38 @@ int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_ope
 		hlen = first;
 	if ((ret = qcow2_header_parse(buf, hlen, fsize, &img->hdr, err, errlen)) < 0)
 		goto fail;
-	free(buf);
-	buf = NULL;
 
 	struct qcow2_header *h = &img->hdr;
+	if ((h->incompatible_features & QCOW2_INCOMPAT_DIRTY) && !img->read_only &&
+	    !opts->no_repair && !repaired) {
+		/* Refcounts may lag behind the tables (lazy refcounts, crash):
+		 * repair before anything else is read or written, then start
+		 * over with the repaired header (QEMU's open-time check). */
+		struct qsm_check_result res;
+		qcow2_header_release(&img->hdr);
+		memset(&img->hdr, 0, sizeof(img->hdr));
+		ret = qsm_check_image(io, QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS, &res, NULL,
+				      err, errlen);
+		if (ret < 0)
+			goto fail;
+		if (res.corruptions_left || res.incomplete)
+			OPEN_FAIL(-EIO, "repairing the dirty image left %llu corruptions: run qsm check -r all",
+				  (unsigned long long)res.corruptions_left);
+		if ((ret = qsm_io_get_size(io, &fsize)) < 0)
+			OPEN_FAIL(ret, "cannot get the image size: %s", strerror(-ret));
+		repaired = true;
+		goto read_header;
+	}
+	free(buf);
+	buf = NULL;
 	if (h->backing_file[0])
 		OPEN_FAIL(-ENOTSUP, "backing file '%s': backing files are not supported yet",
 			  h->backing_file);
 	if ((h->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !img->read_only)
 		OPEN_FAIL(-EACCES, "image is corrupt (incompatible feature bit 1 set); cannot be opened read/write");
 	if ((h->incompatible_features & QCOW2_INCOMPAT_DIRTY) && !img->read_only)
-		OPEN_FAIL(-ENOTSUP, "image is dirty (lazy refcounts were in use when it was last closed); "
-			  "repairing it is not supported yet: open it read-only");
+		OPEN_FAIL(-EBUSY, "image is dirty (lazy refcounts were in use when it was last closed) "
+			  "and opening it without repair was asked: open it read-only or repair it");
 
 	img->lazy = !img->read_only && h->version >= 3 &&
 		    (h->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS);
