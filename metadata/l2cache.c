@@ -50,6 +50,8 @@ static void lru_remove(struct qsm_l2_table *t)
 	t->lru_prev = t->lru_next = NULL;
 }
 
+static void entry_free(struct qsm_l2_cache *c, struct qsm_l2_table *t);
+
 static bool evictable(const struct qsm_l2_table *t)
 {
 	return t->ref == 0 && t->state == QSM_L2_READY && !t->dirty && t->wb_busy == 0;
@@ -129,6 +131,17 @@ void qsm_l2_cache_destroy(struct qsm_l2_cache *c)
 			entry_free(c, t);
 		}
 	}
+	free(c->hash);
+	c->hash = NULL;
+}
+
+void qsm_l2_cache_abandon(struct qsm_l2_cache *c)
+{
+	if (!c->hash)
+		return;
+	for (size_t i = 0; i < c->hash_size; i++)
+		while (c->hash[i])
+			entry_free(c, c->hash[i]);
 	free(c->hash);
 	c->hash = NULL;
 }

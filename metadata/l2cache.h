@@ -86,6 +86,9 @@ int qsm_l2_cache_init(struct qsm_l2_cache *c, struct qsm_io *io, size_t cluster_
 		      size_t capacity);
 /* No table may be referenced or loading. */
 void qsm_l2_cache_destroy(struct qsm_l2_cache *c);
+/* Free everything, referenced or not (the image is being abandoned: no
+ * callback that could touch a table will run again). */
+void qsm_l2_cache_abandon(struct qsm_l2_cache *c);
 
 int qsm_l2_get(struct qsm_l2_cache *c, uint64_t offset, struct qsm_l2_table **out,
 	       struct qsm_l2_waiter *w);

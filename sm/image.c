@@ -229,10 +229,13 @@ static void cache_need_writeback(void *opaque)
 	qsm_wb_kick(opaque);
 }
 
-static void image_free(struct qsm_image *img)
+static void image_free(struct qsm_image *img, bool abandon)
 {
 	struct qsm_image_priv *p = container_of(img, struct qsm_image_priv, img);
-	qsm_l2_cache_destroy(&img->l2c);
+	if (abandon)
+		qsm_l2_cache_abandon(&img->l2c);
+	else
+		qsm_l2_cache_destroy(&img->l2c);
 	if (img->rc)
 		qsm_refcount_free(img->rc);
 	if (img->run_ev)
@@ -412,7 +415,7 @@ read_header:;
 
 fail:
 	free(buf);
-	image_free(img);
+	image_free(img, false);
 	return ret;
 }
 
@@ -452,7 +455,7 @@ int qsm_close(struct qsm_image *img)
 		if (end < img->prealloc_end)
 			ret = qsm_io_truncate_sync(img->io, end);
 	}
-	image_free(img);
+	image_free(img, false);
 	return ret;
 }
 
@@ -460,7 +463,7 @@ void qsm_abandon(struct qsm_image *img)
 {
 	/* In-flight requests are forgotten with the process (tools call this
 	 * just before _exit); only their memory is at stake. */
-	image_free(img);
+	image_free(img, true);
 }
 
 /* --- resizing ------------------------------------------------------------ */

@@ -437,7 +437,7 @@ static enum qsm_event step_l1_lookup(struct qsm_req *req)
 		return fail(req, qsm_image_corrupt(img, "L1 entry %llu: L2 table offset %#llx is not cluster aligned",
 						    (unsigned long long)run->l1_index,
 						    (unsigned long long)l2_off));
-	if (l2_off + img->cluster_size > host_limit(img))
+	if (l2_off >= host_limit(img))
 		return fail(req, qsm_image_corrupt(img, "L1 entry %llu: L2 table offset %#llx is past the end of the image file",
 						    (unsigned long long)run->l1_index,
 						    (unsigned long long)l2_off));
@@ -528,7 +528,10 @@ static void compressed_extent(const struct qsm_image *img, uint64_t e, uint64_t 
 static int check_data_range(struct qsm_req *req, uint64_t off, uint64_t len, const char *what)
 {
 	struct qsm_image *img = req->img;
-	if (off + len > host_limit(img) || off + len < off)
+	/* It must start inside the file; its end may not be written yet (a
+	 * crash can leave the last cluster short, and reads past the end of
+	 * the file return zeros). */
+	if (off >= host_limit(img) || off + len < off)
 		return qsm_image_corrupt(img, "%s %#llx+%llu is past the end of the image file",
 					 what, (unsigned long long)off, (unsigned long long)len);
 	for (uint64_t c = off >> img->cluster_bits; c <= (off + len - 1) >> img->cluster_bits; c++)
@@ -558,8 +561,7 @@ static int check_l2_entry(struct qsm_req *req, uint64_t idx, uint64_t e)
 		return qsm_image_corrupt(img, "L2 table %#llx entry %llu: cluster offset %#llx is not aligned",
 					 (unsigned long long)req->run.l2->offset,
 					 (unsigned long long)idx, (unsigned long long)off);
-	if (off && !(e & QCOW2_L2E_ZERO) &&
-	    off + img->cluster_size > host_limit(img))
+	if (off && !(e & QCOW2_L2E_ZERO) && off >= host_limit(img))
 		return qsm_image_corrupt(img, "L2 table %#llx entry %llu: data cluster %#llx is past the end of the image file",
 					 (unsigned long long)req->run.l2->offset,
 					 (unsigned long long)idx, (unsigned long long)off);
