@@ -167,7 +167,15 @@ struct qsm_create_opts {
 	bool lazy_refcounts;
 	const char *backing_file;
 	const char *backing_format;
+	enum qsm_prealloc {
+		QSM_PREALLOC_OFF,       /* nothing (default) */
+		QSM_PREALLOC_METADATA,  /* every L2 table and data cluster allocated, file sparse */
+		QSM_PREALLOC_FALLOC,    /* ... and the file's space reserved (fallocate) */
+		QSM_PREALLOC_FULL,      /* ... and the data clusters written with zeros */
+	} prealloc;
 };
+/* "off", "metadata", "falloc", "full" -> mode; -EINVAL. */
+int qsm_prealloc_parse(const char *s, enum qsm_prealloc *out);
 int qsm_create(const char *path, const struct qsm_create_opts *o, char *err, size_t errlen);
 
 /* --- Synchronous convenience layer for tools ------------------------------ */

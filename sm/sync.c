@@ -72,6 +72,101 @@ int qsm_sync_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes
 	return sync_run(img, qsm_block_status(img, offset, bytes, out, sync_cb, &w), &w);
 }
 
+int qsm_prealloc_parse(const char *s, enum qsm_prealloc *out)
+{
+	static const char *const names[] = { "off", "metadata", "falloc", "full" };
+	for (unsigned i = 0; i < QSM_ARRAY_SIZE(names); i++) {
+		if (strcmp(s, names[i]) == 0) {
+			*out = (enum qsm_prealloc)i;
+			return 0;
+		}
+	}
+	return -EINVAL;
+}
+
+static void prealloc_io_cb(struct qsm_io_req *io, int ret)
+{
+	io->io_ret = ret;
+	io->offset = 0; /* done marker: see preallocate() */
+	io->len = 1;
+}
+
+/* Write len bytes of zeros at off (preallocation=full), 1 MiB at a time. */
+static int write_zeros_sync(struct qsm_image *img, uint64_t off, uint64_t len)
+{
+	size_t chunk = 1u << 20;
+	uint8_t *zeros = NULL;
+	int ret = 0;
+	if (posix_memalign((void **)&zeros, 4096, chunk))
+		return -ENOMEM;
+	memset(zeros, 0, chunk);
+	for (uint64_t done = 0; done < len && !ret; done += chunk)
+		ret = qsm_io_pwrite_sync(img->io, zeros, (size_t)QSM_MIN(chunk, len - done), off + done);
+	free(zeros);
+	return ret;
+}
+
+/*
+ * Preallocation, as qemu-img's qcow2 preallocate: in guest order, each L2
+ * table is allocated when its range starts, then that range's data clusters,
+ * contiguous; L2 entries point at them (COPIED), the file is sized to the
+ * last data cluster.  Runs on a freshly created image, blocking; nothing is
+ * in flight, so tables are written directly and the rest goes through the
+ * ordinary write-back (refcount blocks, L1, header).
+ */
+static int preallocate(struct qsm_image *img, enum qsm_prealloc mode)
+{
+	uint64_t cs = img->cluster_size, size = img->hdr.size;
+	uint64_t clusters = QSM_DIV_ROUND_UP(size, cs);
+	uint8_t *table = NULL;
+	uint64_t data_lo = UINT64_MAX, data_hi = 0;
+	int ret = 0;
+
+	if (posix_memalign((void **)&table, 4096, cs))
+		return -ENOMEM;
+	for (uint64_t l1 = 0; l1 * img->l2_entries < clusters && !ret; l1++) {
+		uint64_t n = QSM_MIN(img->l2_entries, clusters - l1 * img->l2_entries);
+		uint64_t l2_off, data;
+		if ((ret = qsm_refcount_alloc(img->rc, 1, &l2_off)) < 0 ||
+		    (ret = qsm_refcount_alloc(img->rc, n, &data)) < 0)
+			break;
+		if (mode == QSM_PREALLOC_FULL &&
+		    (ret = write_zeros_sync(img, data, n * cs)) < 0)
+			break;
+		memset(table, 0, cs);
+		for (uint64_t i = 0; i < n; i++)
+			qcow2_put_be64(table + i * 8, (data + i * cs) | QCOW2_OFLAG_COPIED);
+		if ((ret = qsm_io_pwrite_sync(img->io, table, cs, l2_off)) < 0)
+			break;
+		qsm_l1_set(img, l1, l2_off | QCOW2_OFLAG_COPIED);
+		data_lo = QSM_MIN(data_lo, data);
+		data_hi = QSM_MAX(data_hi, data + n * cs);
+	}
+	free(table);
+	if (!ret && data_hi > img->file_end)
+		img->file_end = data_hi;
+	if (!ret)
+		ret = qsm_wb_sync_all(img);
+	if (ret || data_hi == 0)
+		return ret;
+	uint64_t end = QSM_MAX(data_hi, qsm_refcount_image_end(img->rc));
+	if ((ret = qsm_io_truncate_sync(img->io, end)) < 0)
+		return ret;
+	if (mode == QSM_PREALLOC_FALLOC) {
+		struct qsm_io_req r = {
+			.op = QSM_IO_PREALLOC, .event = QSM_IO_EV_CLUSTER_ALLOC,
+			.offset = data_lo, .len = data_hi - data_lo, .cb = prealloc_io_cb,
+		};
+		qsm_io_submit(img->io, &r);
+		while (r.len != 1)
+			event_base_loop(img->base, EVLOOP_ONCE);
+		ret = r.io_ret;
+	}
+	if (!ret)
+		ret = qsm_io_flush_sync(img->io);
+	return ret;
+}
+
 int qsm_create(const char *path, const struct qsm_create_opts *o, char *err, size_t errlen)
 {
 	struct qcow2_create_opts co = {
@@ -129,6 +224,18 @@ int qsm_create(const char *path, const struct qsm_create_opts *o, char *err, siz
 		if (ret < 0)
 			snprintf(err, errlen, "Could not write '%s': %s", path, strerror(-ret));
 		qsm_io_close(io);
+	}
+	if (ret == 0 && o->prealloc != QSM_PREALLOC_OFF) {
+		struct qsm_image *img;
+		ret = qsm_open(base, path, NULL, &img, err, errlen);
+		if (ret == 0) {
+			ret = preallocate(img, o->prealloc);
+			int r2 = qsm_close(img);
+			if (!ret)
+				ret = r2;
+			if (ret < 0)
+				snprintf(err, errlen, "Could not preallocate '%s': %s", path, strerror(-ret));
+		}
 	}
 	event_base_free(base);
 	free(bytes);

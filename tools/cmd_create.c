@@ -63,7 +63,7 @@ static void create_opts_help(void)
 	       "  compression_type=<str> - Compression method used for image cluster compression\n"
 	       "  extended_l2=<bool (on/off)> - Extended L2 tables\n"
 	       "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n"
-	       "  preallocation=<str>    - Preallocation mode (allowed values: off)\n"
+	       "  preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)\n"
 	       "  refcount_bits=<num>    - Width of a reference count entry in bits\n"
 	       "  size=<size>            - Virtual disk size\n");
 }
@@ -336,6 +336,10 @@ int cmd_create(int argc, char **argv)
 		printf("Formatting '%s', fmt=qcow2 cluster_size=%llu extended_l2=", file,
 		       (unsigned long long)cluster_size);
 		print_escaped(cli_opts_get(&opts, "extended_l2") ?: "off");
+		if ((v = cli_opts_get(&opts, "preallocation"))) {
+			printf(" preallocation=");
+			print_escaped(v);
+		}
 		printf(" compression_type=");
 		print_escaped(cli_opts_get(&opts, "compression_type") ?: "zlib");
 		printf(" size=%llu", (unsigned long long)size);
@@ -350,10 +354,6 @@ int cmd_create(int argc, char **argv)
 		if (backing_fmt) {
 			printf(" backing_fmt=");
 			print_escaped(backing_fmt);
-		}
-		if ((v = cli_opts_get(&opts, "preallocation"))) {
-			printf(" preallocation=");
-			print_escaped(v);
 		}
 		printf(" lazy_refcounts=");
 		print_escaped(cli_opts_get(&opts, "lazy_refcounts") ?: "off");
@@ -377,9 +377,14 @@ int cmd_create(int argc, char **argv)
 			  file, v);
 		goto out;
 	}
-	if ((v = cli_opts_get(&opts, "preallocation")) && strcmp(v, "off")) {
-		cli_error("create", "%s: Preallocation mode '%s' is not supported by qsm (only off)",
-			  file, v);
+	enum qsm_prealloc prealloc = QSM_PREALLOC_OFF;
+	if ((v = cli_opts_get(&opts, "preallocation")) && qsm_prealloc_parse(v, &prealloc) < 0) {
+		cli_error("create", "%s: Parameter 'preallocation' does not accept value '%s'", file, v);
+		goto out;
+	}
+	if (prealloc != QSM_PREALLOC_OFF && backing) {
+		cli_error("create", "%s: Backing file and preallocation can only be used at the same "
+			  "time if extended_l2 is on", file);
 		goto out;
 	}
 	if (!is_pow2(cluster_size) || cluster_size < 512 || cluster_size > (2u << 20)) {
@@ -426,6 +431,7 @@ int cmd_create(int argc, char **argv)
 		.lazy_refcounts = lazy,
 		.backing_file = backing,
 		.backing_format = backing ? backing_fmt : NULL,
+		.prealloc = prealloc,
 	};
 	int r = qsm_create(file, &co, err, sizeof(err));
 	if (r < 0) {
