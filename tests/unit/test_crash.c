@@ -4,10 +4,12 @@
  *
  * A run: create a small image (clusters 512 B..64 KiB, 1..16 MiB, so L2 and
  * refcount boundaries are frequent; 1-2 table L2 caches; compat 1.1, some
- * 0.10; lazy refcounts off and on; cache writeback and writethrough), load it
- * on a sim disk and drive a random concurrent workload (writes at any
- * alignment, overlapping, reads, write-zeroes, discards, flushes; up to a few
- * dozen requests in flight; a final flush).  Everything is a function of the
+ * 0.10; lazy refcounts off and on; every cache mode: writeback, none,
+ * writethrough, directsync, unsafe), load it on a sim disk (scheduler batches
+ * of 1-4 completions) and drive a random concurrent workload (writes at any
+ * alignment, overlapping, reads, write-zeroes, discards, flushes; 1 to 64
+ * requests in flight, drawn per seed, so write-back batches gather one to
+ * many requests; a final flush).  Everything is a function of the
  * seed, so a run replays exactly: a dry run counts the I/O completions N,
  * then each crash point K in 1..N replays the run and crashes the disk from
  * io->trace at the K-th completion, keeping none / all / a prefix / all but
@@ -28,8 +30,11 @@
  *     the byte reads as the value of some write-like request W covering it
  *     (initial zeros count as a write before everything) such that W did not
  *     complete before the submission of a request D covering it that is
- *     durable.  D is durable when it completed before the submission of a
- *     flush that completed (writeback), or simply completed (writethrough).
+ *     durable.  D is durable when it completed successfully before the
+ *     submission of a flush that completed successfully (writeback, none),
+ *     or simply completed successfully (writethrough, directsync), or
+ *     never (unsafe: flushes are ignored); after a clean close, every
+ *     successful request is.
  *     Write-zeroes write zeros over their range; discards over the whole
  *     clusters they cover.  Each write's bytes are a hash of (write id, guest
  *     offset), so a stale or misplaced sector is recognised.
@@ -37,12 +42,27 @@
  *     check finds corruption), the dirty bit (incompatible_features bit 0:
  *     header byte 79, bit 0) is set.
  *
+ *  5. Every successful read returns, byte for byte (sampled), zeros or the
+ *     pattern of a write submitted before it ended (reads start as 0xee).
+ *
+ * cache=unsafe promises nothing after a power loss: its crash points are
+ * process kills only (every completed write kept, in-flight ones lost).
+ * The engine keeps metadata in memory until a write-back, and unsafe never
+ * writes back for a flush, so a completed write may be lost to a kill too:
+ * the image must open (repairing), be free of corruption and hold only
+ * written data.
+ *
+ * Fault injection (crash_faults, QEMU iotest 026 style): see there.  Known
+ * engine bugs print XFAIL (known_failures[]; QSM_CRASH_STRICT=1 fails them).
+ *
  * Crash points are the completions of every I/O but reads (a read leaves
  * the disk as it was).  Each crash image gets qemu-img check; one in three
  * also gets the reopen, write, close and second check.
  *
- * Budget: QSM_CRASH_RUNS crash points over the whole suite (default 500 *
- * QSM_TEST_SCALE; about 45 s in a RelWithDebInfo build, mostly qemu-img).
+ * Budget: QSM_CRASH_RUNS crash points over the whole suite (default 650 *
+ * QSM_TEST_SCALE), plus 13 events x 4 fault rules x QSM_FAULT_SEEDS (2, 1
+ * when QSM_TEST_SCALE < 1) fault runs; about 80 s in a RelWithDebInfo build,
+ * mostly qemu-img.
  * Every failure prints its seed, point and mode with the line to rerun it:
  * QSM_CRASH_ONLY=every:V|random:V (test and variant) QSM_TEST_SEED=N
  * [QSM_CRASH_POINT=K [QSM_CRASH_MODE=M]], and keeps the crash image.
@@ -93,9 +113,14 @@
 
 /* --- configuration ----------------------------------------------------------- */
 
-enum variant { V_WB, V_WT, V_WB_LAZY, V_WT_LAZY, V__COUNT };
+/* none and directsync keep the promises of writeback and writethrough (the
+ * sim has no page cache to bypass, the engine's behaviour per mode is what is
+ * tested); their lazy refcounts, like unsafe's, are drawn from the seed.
+ * unsafe ignores flushes: only process kills (every completed write kept). */
+enum variant { V_WB, V_WT, V_WB_LAZY, V_WT_LAZY, V_NONE, V_DS, V_UNSAFE, V__COUNT };
 static const char *const variant_name[V__COUNT] = { "writeback", "writethrough",
-						    "writeback+lazy", "writethrough+lazy" };
+						    "writeback+lazy", "writethrough+lazy",
+						    "none", "directsync", "unsafe" };
 
 struct cfg {
 	uint64_t seed;
@@ -109,6 +134,13 @@ struct cfg {
 	int nops;           /* requests, the last one a flush */
 	int depth;          /* at most this many in flight */
 	unsigned max_batch; /* sim scheduler */
+	unsigned max_clusters; /* longest request in clusters; 0: 5 */
+	/* Fault injection (crash_faults): a rule on the sim from open on. */
+	bool fault;
+	enum qsm_io_event fev;
+	int ferr;           /* positive errno */
+	bool fonce;
+	bool fcrash;        /* power loss instead of the close */
 };
 
 static const struct { unsigned cluster; uint64_t size; size_t cache; } shapes[] = {
@@ -132,20 +164,42 @@ static void make_cfg(struct cfg *c, uint64_t seed, enum variant var, bool small)
 	c->cluster = shapes[sh].cluster;
 	c->size = shapes[sh].size;
 	c->cache_tables = shapes[sh].cache;
-	c->lazy = var == V_WB_LAZY || var == V_WT_LAZY;
-	c->cache = (var == V_WT || var == V_WT_LAZY) ? QSM_CACHE_WRITETHROUGH : QSM_CACHE_WRITEBACK;
+	/* L2 caches of one and two tables whatever the shape. */
+	if (qsm_rng_below(&r, 3) == 0)
+		c->cache_tables = 3 - c->cache_tables;
+	static const enum qsm_cache_mode mode[V__COUNT] = {
+		QSM_CACHE_WRITEBACK, QSM_CACHE_WRITETHROUGH, QSM_CACHE_WRITEBACK,
+		QSM_CACHE_WRITETHROUGH, QSM_CACHE_NONE, QSM_CACHE_DIRECTSYNC, QSM_CACHE_UNSAFE,
+	};
+	c->cache = mode[var];
+	c->lazy = var == V_WB_LAZY || var == V_WT_LAZY ||
+		  (var >= V_NONE && qsm_rng_below(&r, 2) == 0);
 	c->compat = (!c->lazy && qsm_rng_below(&r, 4) == 0) ? 2 : 3;
 	c->nops = small ? 6 + (int)qsm_rng_below(&r, 10) : 30 + (int)qsm_rng_below(&r, 70);
-	c->depth = small ? 1 + (int)qsm_rng_below(&r, 6) : 1 + (int)qsm_rng_below(&r, 40);
+	/* In-flight depth 1..64, spread so that write-back batches gather
+	 * from one request to many. */
+	if (small)
+		c->depth = 1 + (int)qsm_rng_below(&r, 6);
+	else switch (qsm_rng_below(&r, 4)) {
+	case 0: c->depth = 1; break;
+	case 1: c->depth = 2 + (int)qsm_rng_below(&r, 7); break;
+	case 2: c->depth = 9 + (int)qsm_rng_below(&r, 24); break;
+	default: c->depth = 33 + (int)qsm_rng_below(&r, 32); break;
+	}
 	c->max_batch = 1 + (unsigned)qsm_rng_below(&r, 4);
 }
 
 static void cfg_str(const struct cfg *c, char *buf, size_t len)
 {
-	snprintf(buf, len, "%s compat %s cluster %u size %lluK l2cache %zu ops %d depth %d batch %u",
-		 variant_name[c->var], c->compat == 2 ? "0.10" : "1.1", c->cluster,
-		 (unsigned long long)(c->size >> 10), c->cache_tables, c->nops, c->depth,
-		 c->max_batch);
+	int n = snprintf(buf, len, "cache=%s%s compat %s cluster %u size %lluK l2cache %zu ops %d "
+			 "depth %d batch %u", qsm_cache_mode_name(c->cache), c->lazy ? "+lazy" : "",
+			 c->compat == 2 ? "0.10" : "1.1", c->cluster,
+			 (unsigned long long)(c->size >> 10), c->cache_tables, c->nops, c->depth,
+			 c->max_batch);
+	if (c->fault && n > 0 && (size_t)n < len)
+		snprintf(buf + n, len - (size_t)n, " fault %s %s %s%s", qsm_io_event_name(c->fev),
+			 c->ferr == EIO ? "EIO" : c->ferr == ENOSPC ? "ENOSPC" : "?",
+			 c->fonce ? "once" : "persistent", c->fcrash ? " then power loss" : "");
 }
 
 /* --- workload ------------------------------------------------------------------ */
@@ -193,6 +247,14 @@ struct run {
 	char first_error[200];
 	/* Counting hooks, for the test's own checks. */
 	uint64_t flushes_acked;
+	/* Fault runs. */
+	uint64_t meta_fail;        /* clock at the first failed metadata write or sync */
+	enum qsm_io_event meta_fail_ev;
+	int violations;            /* broken promises (fault runs expect op errors) */
+	char first_violation[300];
+	int close_ret;
+	bool clean_close;          /* closed with 0, no crash: every success is there */
+	uint64_t fired;            /* faults fired */
 };
 
 /* Byte of write `id` at guest offset x: every write looks different. */
@@ -211,7 +273,7 @@ static void gen_ops(struct run *r)
 	struct qsm_rng g;
 	qsm_rng_seed(&g, c->seed);
 	r->ops = calloc((size_t)c->nops, sizeof(*r->ops));
-	uint64_t maxlen = QSM_MIN(c->size / 4, (uint64_t)c->cluster * 5);
+	uint64_t maxlen = QSM_MIN(c->size / 4, (uint64_t)c->cluster * (c->max_clusters ? c->max_clusters : 5));
 	for (int i = 0; i < c->nops; i++) {
 		struct op *o = &r->ops[i];
 		o->r = r;
@@ -280,6 +342,59 @@ static void fail_note(struct run *r, const char *fmt, ...)
 	}
 }
 
+static void violation(struct run *r, const char *fmt, ...)
+{
+	if (r->violations++ == 0) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(r->first_violation, sizeof(r->first_violation), fmt, ap);
+		va_end(ap);
+	}
+}
+
+static bool is_meta_event(enum qsm_io_event ev)
+{
+	switch (ev) {
+	case QSM_IO_EV_L1_UPDATE: case QSM_IO_EV_L2_UPDATE: case QSM_IO_EV_L2_ALLOC:
+	case QSM_IO_EV_REFBLOCK_UPDATE: case QSM_IO_EV_REFBLOCK_ALLOC:
+	case QSM_IO_EV_REFTABLE_UPDATE: case QSM_IO_EV_HEADER_UPDATE: case QSM_IO_EV_FLUSH:
+		return true;
+	default:
+		return false;
+	}
+}
+
+static bool is_read_event(enum qsm_io_event ev)
+{
+	return ev == QSM_IO_EV_DATA_READ || ev == QSM_IO_EV_L2_LOAD || ev == QSM_IO_EV_COW_READ ||
+	       ev == QSM_IO_EV_REFBLOCK_LOAD;
+}
+
+/* What a successful read returned, sampled: every byte is zero or the
+ * pattern of a write covering it that was submitted before the read ended
+ * (reads start filled with 0xee, so a read that "succeeds" without its data
+ * is caught).  Weaker than the register, but independent of the disk. */
+static void check_read(struct run *r, const struct op *o)
+{
+	uint64_t step = o->len > 4096 ? 61 : 1;
+	for (uint64_t d = 0; d < o->len; d = (d + step < o->len || d == o->len - 1) ? d + step : o->len - 1) {
+		uint64_t x = o->off + d;
+		uint8_t v = o->buf[d];
+		bool found = v == 0;
+		for (int i = 0; i < r->c->nops && !found; i++) {
+			const struct op *w = &r->ops[i];
+			found = w->kind == K_WRITE && w->submitted && w->t_sub < o->t_done &&
+				w->off <= x && x < w->off + w->len && pat(i, x) == v;
+		}
+		if (!found) {
+			violation(r, "op %d read %#llx+%llu returned success, byte %#llx reads %#x: "
+				  "no write or zeros", o->id, (unsigned long long)o->off,
+				  (unsigned long long)o->len, (unsigned long long)x, v);
+			return;
+		}
+	}
+}
+
 static void op_cb(void *opaque, int ret)
 {
 	struct op *o = opaque;
@@ -294,6 +409,26 @@ static void op_cb(void *opaque, int ret)
 			  (unsigned long long)o->off, (unsigned long long)o->len, qsm_strerror(ret));
 	if (o->kind == K_FLUSH && !ret)
 		r->flushes_acked++;
+	if (o->kind == K_READ && !ret)
+		check_read(r, o);
+	/* The sticky error: after a failed metadata write, later writes fail
+	 * with -EIO and reads still work. */
+	if (r->meta_fail && o->t_sub > r->meta_fail) {
+		const struct cfg *c = r->c;
+		if ((o->kind == K_WRITE || o->kind == K_ZERO || o->kind == K_DISCARD) && ret != -EIO)
+			violation(r, "op %d %s %#llx+%llu submitted after the failed %s write returns %s, "
+				  "not -EIO (sticky error)", o->id, kind_name[o->kind],
+				  (unsigned long long)o->off, (unsigned long long)o->len,
+				  qsm_io_event_name(r->meta_fail_ev), ret ? qsm_strerror(ret) : "success");
+		else if (o->kind == K_READ && ret && !(c->fault && is_read_event(c->fev)))
+			violation(r, "op %d read %#llx+%llu fails (%s) after the failed %s write: reads "
+				  "must still work", o->id, (unsigned long long)o->off,
+				  (unsigned long long)o->len, qsm_strerror(ret),
+				  qsm_io_event_name(r->meta_fail_ev));
+		else if (o->kind == K_FLUSH && !ret && c->cache != QSM_CACHE_UNSAFE)
+			violation(r, "op %d flush succeeds after the failed %s write", o->id,
+				  qsm_io_event_name(r->meta_fail_ev));
+	}
 }
 
 static void do_crash(struct run *r)
@@ -320,6 +455,11 @@ static void do_crash(struct run *r)
 static void trace_cb(void *opaque, const struct qsm_io_req *req, bool done, int ret)
 {
 	struct run *r = opaque;
+	if (done && ret < 0 && !r->crashed && !r->meta_fail && is_meta_event(req->event) &&
+	    req->op != QSM_IO_READ) {
+		r->meta_fail = ++r->clock;
+		r->meta_fail_ev = req->event;
+	}
 	/* Crash points are completions that change the disk or what is
 	 * durable: a read's completion leaves the disk as the one before. */
 	if (!done || r->crashed || req->op == QSM_IO_READ)
@@ -334,6 +474,8 @@ static int submit_op(struct run *r, struct op *o)
 	o->t_sub = ++r->clock;
 	r->pending++;
 	r->nsub++;
+	if (o->kind == K_READ)
+		memset(o->buf, 0xee, o->len);
 	switch (o->kind) {
 	case K_WRITE: return qsm_writev(r->img, o->off, o->iov, o->iovcnt, op_cb, o);
 	case K_READ: return qsm_readv(r->img, o->off, o->iov, o->iovcnt, op_cb, o);
@@ -436,6 +578,16 @@ static bool header_dirty(struct qsm_sim *sim)
 	return h[79] & 1;
 }
 
+/* QSM_CRASH_VERBOSE=2: the engine's state transitions. */
+static void engine_trace(void *opaque, const struct qsm_trace_event *ev)
+{
+	(void)opaque;
+	fprintf(stderr, "  req %llu %s %#llx+%llu: %s -%s-> %s ret %d meta %#llx\n",
+		(unsigned long long)ev->req_id, ev->kind, (unsigned long long)ev->offset,
+		(unsigned long long)ev->bytes, ev->from, ev->event, ev->to, ev->ret,
+		(unsigned long long)ev->meta_offset);
+}
+
 /* One run, to completion (crash_at 0) or to the crash.  Returns with the
  * image abandoned (crash) or closed cleanly, and the sim still there. */
 static void run_workload(struct run *r)
@@ -453,16 +605,53 @@ static void run_workload(struct run *r)
 	ck_assert_msg(ret == 0, "seed %llu: open: %s", (unsigned long long)c->seed, err);
 	io->trace = trace_cb;
 	io->trace_opaque = r;
+	const char *v = getenv("QSM_CRASH_VERBOSE");
+	if (v && atoi(v) >= 2)
+		qsm_set_trace(r->img, engine_trace, r);
+
+	if (c->fault)
+		qsm_sim_fault_add(r->sim, c->fev, c->ferr, c->fonce);
 
 	int next = 0;
 	while (!r->crashed && (next < c->nops || r->pending)) {
 		while (!r->crashed && next < c->nops && r->pending < c->depth) {
-			ret = submit_op(r, &r->ops[next++]);
+			struct op *o = &r->ops[next++];
+			ret = submit_op(r, o);
+			if (ret && c->fault) {
+				/* Refused at submit (the sticky error may fail
+				 * fast): the same as a callback with ret. */
+				op_cb(o, ret);
+				continue;
+			}
 			ck_assert_msg(ret == 0, "seed %llu: submit op %d: %s",
 				      (unsigned long long)c->seed, next - 1, qsm_strerror(ret));
 		}
-		if (r->pending)
-			event_base_loop(r->base, EVLOOP_ONCE);
+		if (r->pending && event_base_loop(r->base, EVLOOP_ONCE) == 1) {
+			/* Nothing left that could ever complete them. */
+			char which[120] = "";
+			size_t wl = 0;
+			for (int i = 0; i < next && wl < sizeof(which) - 20; i++)
+				if (r->ops[i].t_done == T_NEVER)
+					wl += (size_t)snprintf(which + wl, sizeof(which) - wl, " %d:%s", i,
+							       kind_name[r->ops[i].kind]);
+			if (r->meta_fail)
+				violation(r, "hang after a failed metadata write (%s): %d requests never "
+					  "complete, the loop has no events left:%s",
+					  qsm_io_event_name(r->meta_fail_ev), r->pending, which);
+			else
+				violation(r, "hang: %d requests never complete, the loop has no events "
+					  "left:%s", r->pending, which);
+			LSAN_OFF();
+			qsm_sim_crash(r->sim, ~0ull, true); /* a process kill */
+			r->crashed = true;
+			break;
+		}
+	}
+	if (c->fault && c->fcrash && !r->crashed) {
+		/* Power loss after the faulty run, instead of the close. */
+		LSAN_OFF();
+		qsm_sim_crash_random(r->sim);
+		r->crashed = true;
 	}
 	if (r->crashed) {
 		qsm_abandon(r->img);
@@ -470,9 +659,17 @@ static void run_workload(struct run *r)
 	} else {
 		if (r->crash_at)
 			LSAN_ON();
-		io->trace = NULL;
-		ck_assert_msg(qsm_close(r->img) == 0, "seed %llu: close failed",
-			      (unsigned long long)c->seed);
+		/* A fault run watches the close's write-back too. */
+		if (!c->fault)
+			io->trace = NULL;
+		r->close_ret = qsm_close(r->img);
+		ck_assert_msg(r->close_ret == 0 || c->fault, "seed %llu: close failed: %s",
+			      (unsigned long long)c->seed, qsm_strerror(r->close_ret));
+		r->clean_close = r->close_ret == 0;
+	}
+	if (c->fault) {
+		r->fired = qsm_sim_faults_fired(r->sim);
+		qsm_sim_fault_clear(r->sim);
 	}
 	r->img = NULL;
 	event_base_free(r->base);
@@ -508,6 +705,9 @@ static bool durability_ok(struct run *r, const uint8_t *disk, char *msg, size_t 
 	const struct cfg *c = r->c;
 	size_t n = (size_t)c->nops;
 	bool wt = c->cache == QSM_CACHE_WRITETHROUGH || c->cache == QSM_CACHE_DIRECTSYNC;
+	/* cache=unsafe ignores flushes: nothing is promised but what a clean
+	 * close writes. */
+	bool unsafe = c->cache == QSM_CACHE_UNSAFE;
 
 	/* Latest submission of an acknowledged flush: everything completed
 	 * before it is durable. */
@@ -526,7 +726,9 @@ static bool durability_ok(struct run *r, const uint8_t *disk, char *msg, size_t 
 		const struct op *o = &r->ops[i];
 		if (!writes_data(o))
 			continue;
-		durable[i] = o->t_done != T_NEVER && (wt || o->t_done < flush_sub);
+		/* Failed requests are "info": maybe there, never promised. */
+		durable[i] = o->t_done != T_NEVER && o->ret == 0 &&
+			     (r->clean_close || wt || (!unsafe && o->t_done < flush_sub));
 		bounds[nb++] = o->eff_off;
 		bounds[nb++] = o->eff_off + o->eff_len;
 	}
@@ -611,7 +813,42 @@ static bool durability_ok(struct run *r, const uint8_t *disk, char *msg, size_t 
 struct totals {
 	uint64_t points, failures, repair_pending, dirty, leaky, qemu_checks, own_checks;
 	uint64_t nondet;
+	uint64_t fault_runs, fired, op_failures, sticky, close_errors, xfail;
 };
+
+/*
+ * Known engine bugs, found by this suite and not fixed yet: a failure whose
+ * reason starts with `why` prints XFAIL and does not fail the test (unless
+ * QSM_CRASH_STRICT=1).  Remove an entry when the engine is fixed; the seeds
+ * named here fail without it.
+ */
+static const struct known_failure {
+	const char *why;  /* prefix of the failure reason */
+	const char *bug;
+} known_failures[] = {
+	/* QSM_CRASH_ONLY=fault:11 QSM_TEST_SEED=21105 (flush ENOSPC once,
+	 * cache=none, one-table L2 cache, depth 1): request 2 waits in
+	 * L2_ALLOC for a cache slot held by a dirty table; the write-back
+	 * batch that should clean it fails and qsm_l2_cache_forget_dirty
+	 * makes the table evictable without waking the slot waiters. */
+	{ "hang after a failed metadata write", "after a failed metadata write-back, requests waiting for an L2 cache slot "
+		    "are never woken" },
+	/* QSM_CRASH_ONLY=fault:2 QSM_TEST_SEED=20200 (l2_update EIO once):
+	 * qsm_close skips the write-back in the sticky error state and
+	 * returns 0, though the metadata it could not write is lost. */
+	{ "close returns success", "qsm_close returns 0 in the sticky error state" },
+};
+
+static const struct known_failure *known_failure(const char *why)
+{
+	const char *strict = getenv("QSM_CRASH_STRICT");
+	if (strict && *strict && *strict != '0')
+		return NULL;
+	for (size_t i = 0; i < QSM_ARRAY_SIZE(known_failures); i++)
+		if (!strncmp(why, known_failures[i].why, strlen(known_failures[i].why)))
+			return &known_failures[i];
+	return NULL;
+}
 
 static const char *test_tamper; /* self-test: QSM_CRASH_TAMPER=ack|image */
 static char cur_test[32];        /* "every:2", "random:0": for QSM_CRASH_ONLY */
@@ -653,6 +890,7 @@ static bool crash_point(const struct cfg *c, const char *img_path, uint64_t k, e
 	struct run r = { .c = c, .crash_at = k, .mode = mode };
 	char why[1024] = "", path[600], err[256];
 	bool ok = true;
+	int nfail = 0; /* a known failure hides nothing else */
 	uint64_t qc = 0, ql = 0;
 	int qrc = -1;
 
@@ -661,6 +899,7 @@ static bool crash_point(const struct cfg *c, const char *img_path, uint64_t k, e
 		if (ok)                                                        \
 			snprintf(why, sizeof(why), __VA_ARGS__);               \
 		ok = false;                                                    \
+		nfail++;                                                       \
 	} while (0)
 
 	r.sim = qsm_sim_new(c->seed);
@@ -675,8 +914,28 @@ static bool crash_point(const struct cfg *c, const char *img_path, uint64_t k, e
 		     "(nondeterministic run?)", (unsigned long long)r.completions,
 		     (unsigned long long)k);
 	}
-	if (r.op_errors)
+	if (r.op_errors && !c->fault)
 		FAIL("%d requests failed before the crash; first: %s", r.op_errors, r.first_error);
+	if (r.violations)
+		FAIL("%s", r.first_violation);
+	if (c->fault) {
+		tot->fault_runs++;
+		tot->fired += r.fired;
+		tot->op_failures += r.op_errors != 0;
+		tot->sticky += r.meta_fail != 0;
+		tot->close_errors += r.close_ret != 0;
+		/* A fault must surface: a request fails, or the close does (a
+		 * write-back at close has no request to tell).  Preallocation
+		 * (cluster_alloc) is advisory (io/io.h), and a power loss
+		 * takes the close away. */
+		if (r.fired && !r.op_errors && !r.close_ret && !r.crashed &&
+		    c->fev != QSM_IO_EV_CLUSTER_ALLOC)
+			FAIL("%llu faults fired and no request nor the close reported an error",
+			     (unsigned long long)r.fired);
+		if (r.meta_fail && !r.crashed && !r.close_ret)
+			FAIL("close returns success after the failed %s write",
+			     qsm_io_event_name(r.meta_fail_ev));
+	}
 
 	/* Self-test: a test-only bug the oracle must catch. */
 	if (test_tamper && !strcmp(test_tamper, "ack"))
@@ -720,7 +979,7 @@ static bool crash_point(const struct cfg *c, const char *img_path, uint64_t k, e
 		qrc = qemu_check(path, &qc, &ql, &lag, other, sizeof(other));
 		tot->qemu_checks += qrc >= 0;
 		if (qrc >= 0) {
-			if (!k && qrc != 0)
+			if (!k && !c->fault && qrc != 0)
 				FAIL("after a clean close, qemu-img check exits %d (%llu corruptions, %llu leaks)",
 				     qrc, (unsigned long long)qc, (unsigned long long)ql);
 			else if (qrc == 2 && c->lazy && !dirty)
@@ -752,7 +1011,7 @@ static bool crash_point(const struct cfg *c, const char *img_path, uint64_t k, e
 		else if (orc == 2 && !(c->lazy && dirty))
 			FAIL("qsm_check_image finds %llu corruptions%s", (unsigned long long)res.corruptions,
 			     c->lazy ? " and the dirty bit is clear" : "");
-		else if (qrc < 0 && !k && orc != 0)
+		else if (qrc < 0 && !k && !c->fault && orc != 0)
 			FAIL("after a clean close, qsm_check_image exits %d", orc);
 	}
 #endif
@@ -827,7 +1086,7 @@ static bool crash_point(const struct cfg *c, const char *img_path, uint64_t k, e
 
 	/* Still usable: an allocating write, a flush and a clean close leave
 	 * a consistent image (clean, bit cleared, after a repair). */
-	if (img && rw && k) {
+	if (img && rw && (k || c->fault)) {
 		struct qsm_rng g;
 		qsm_rng_seed(&g, c->seed + k);
 		uint64_t len = c->cluster + 100, off = qsm_rng_below(&g, c->size - len);
@@ -847,7 +1106,7 @@ static bool crash_point(const struct cfg *c, const char *img_path, uint64_t k, e
 			FAIL("closing the reopened image fails: %s", qsm_strerror(ret));
 	}
 	event_base_free(b);
-	if (ok && rw && k && full_checks) {
+	if (ok && rw && (k || c->fault) && full_checks) {
 		ck_assert_int_eq(qsm_sim_save_file(r.sim, path), 0);
 		bool still_dirty = header_dirty(r.sim), lag;
 		qrc = qemu_check(path, &qc, &ql, &lag, NULL, 0);
@@ -864,7 +1123,13 @@ static bool crash_point(const struct cfg *c, const char *img_path, uint64_t k, e
 
 	char cs[256];
 	cfg_str(c, cs, sizeof(cs));
-	if (!ok) {
+	const struct known_failure *kf = ok || nfail > 1 ? NULL : known_failure(why);
+	if (kf) {
+		tot->xfail++;
+		fprintf(stderr, "crash XFAIL (known engine bug: %s): seed %llu point %llu [%s]: %s\n",
+			kf->bug, (unsigned long long)c->seed, (unsigned long long)k, cs, why);
+		unlink(path);
+	} else if (!ok) {
 		tot->failures++;
 		/* Keep the crash image as it was for the post-mortem. */
 		char keep[700];
@@ -872,6 +1137,13 @@ static bool crash_point(const struct cfg *c, const char *img_path, uint64_t k, e
 		qsm_sim_free(r.sim);
 		r.sim = qsm_sim_new(c->seed);
 		ck_assert_int_eq(qsm_sim_load_file(r.sim, img_path), 0);
+		if (c->fault)
+			fprintf(stderr,
+				"crash FAIL: seed %llu [%s]: %s\n"
+				"  rerun: QSM_CRASH_ONLY=%s QSM_TEST_SEED=%llu; image kept: %s\n",
+				(unsigned long long)c->seed, cs, why, cur_test,
+				(unsigned long long)c->seed, path);
+		else
 		fprintf(stderr,
 			"crash FAIL: seed %llu point %llu mode %s [%s]: %s\n"
 			"  rerun: QSM_CRASH_ONLY=%s QSM_TEST_SEED=%llu QSM_CRASH_POINT=%llu QSM_CRASH_MODE=%d;"
@@ -922,7 +1194,7 @@ static uint64_t env_u64(const char *name, uint64_t def)
 
 /* Crash points for the whole suite; each test takes its share:
  * QSM_CRASH_RUNS, else 500 * QSM_TEST_SCALE (tests/run halves it under ASan). */
-#define DEFAULT_RUNS 500
+#define DEFAULT_RUNS 650
 
 static uint64_t crash_runs(void)
 {
@@ -948,15 +1220,18 @@ static void run_seed(uint64_t seed, enum variant var, bool small, uint64_t budge
 	uint64_t n = dry_run(&c, path, tot);
 	uint64_t only = env_u64("QSM_CRASH_POINT", 0);
 	uint64_t before = tot->points;
+	/* cache=unsafe: a process kill only, every completed write kept. */
+	bool kill_only = c.cache == QSM_CACHE_UNSAFE;
 	if (only) {
 		int m1 = (int)env_u64("QSM_CRASH_MODE", CM__COUNT);
 		for (int m = 0; m < CM__COUNT; m++)
-			if (m1 == CM__COUNT || m == m1)
+			if ((m1 == CM__COUNT || m == m1) && (!kill_only || m == CM_ALL))
 				crash_point(&c, path, only, m, true, tot);
 	} else if (exhaustive || n <= budget) {
 		/* Every I/O boundary. */
 		for (uint64_t k = 1; k <= n; k++)
-			crash_point(&c, path, k, (enum crash_mode)((k + seed) % CM__COUNT),
+			crash_point(&c, path, k,
+				    kill_only ? CM_ALL : (enum crash_mode)((k + seed) % CM__COUNT),
 				    (k + seed) % 3 == 0, tot);
 	} else {
 		/* A spread over the run: evenly spaced, shifted by the seed. */
@@ -970,8 +1245,8 @@ static void run_seed(uint64_t seed, enum variant var, bool small, uint64_t budge
 			static const enum crash_mode pick[] = { CM_NONE, CM_ALL, CM_PREFIX, CM_PREFIX,
 								CM_ALL_BUT_ONE, CM_ALL_BUT_ONE, CM_RANDOM,
 								CM_RANDOM, CM_RANDOM, CM_RANDOM };
-			crash_point(&c, path, k, pick[qsm_rng_below(&g, QSM_ARRAY_SIZE(pick))],
-				    i % 3 == 0, tot);
+			enum crash_mode m = pick[qsm_rng_below(&g, QSM_ARRAY_SIZE(pick))];
+			crash_point(&c, path, k, kill_only ? CM_ALL : m, i % 3 == 0, tot);
 		}
 	}
 	if (verbose() || getenv("QSM_TEST_SEED"))
@@ -1037,6 +1312,93 @@ START_TEST(crash_every_boundary)
 }
 END_TEST
 
+/* --- fault injection (QEMU iotest 026 style) ------------------------------------ */
+
+/* The blkdebug events the engine tags (grep QSM_IO_EV_ sm/ metadata/);
+ * l2_alloc and refblock_load are never tagged yet, so no rule could fire. */
+static const enum qsm_io_event fault_events[] = {
+	QSM_IO_EV_L1_UPDATE,       QSM_IO_EV_L2_LOAD,        QSM_IO_EV_L2_UPDATE,
+	QSM_IO_EV_REFBLOCK_UPDATE, QSM_IO_EV_REFBLOCK_ALLOC, QSM_IO_EV_REFTABLE_UPDATE,
+	QSM_IO_EV_CLUSTER_ALLOC,   QSM_IO_EV_COW_READ,       QSM_IO_EV_COW_WRITE,
+	QSM_IO_EV_DATA_READ,       QSM_IO_EV_DATA_WRITE,     QSM_IO_EV_FLUSH,
+	QSM_IO_EV_HEADER_UPDATE,
+};
+#define NB_FAULT_EVENTS ((int)QSM_ARRAY_SIZE(fault_events))
+
+/*
+ * _i: event.  For EIO and ENOSPC, once and persistent, a random workload
+ * with the rule on from open on (small clusters, so tables, refcount blocks
+ * and the refcount table all get written; every cache mode in turn; lazy
+ * refcounts for header_update, which only the dirty bit writes).  Then the
+ * close (or, one run in two, a power loss instead) and the crash oracle:
+ * the request that hit the fault failed (some request or the close reports
+ * it), writes after a failed metadata write fail with -EIO while reads work,
+ * no corruption (leaks allowed), every successful write covered by a
+ * successful flush intact, and the image still usable.
+ */
+START_TEST(crash_faults)
+{
+	enum qsm_io_event ev = fault_events[_i];
+	struct totals tot = { 0 };
+	if (!test_selected("fault", _i))
+		return;
+	const char *one = getenv("QSM_TEST_SEED");
+	const char *scale = getenv("QSM_TEST_SCALE");
+	double f = scale && *scale ? strtod(scale, NULL) : 1.0;
+	int seeds = (int)env_u64("QSM_FAULT_SEEDS", f >= 1.0 ? 2 : 1);
+	for (int s = 0; s < seeds; s++) {
+		for (int j = 0; j < 4; j++) {
+			uint64_t seed = one ? strtoull(one, NULL, 0)
+					    : 20000 + (uint64_t)_i * 100 + (uint64_t)s * 4 + (uint64_t)j;
+			struct cfg c;
+			char path[400], err[256];
+			make_cfg(&c, seed, (enum variant)((seed + (uint64_t)_i) % V__COUNT), false);
+			/* Small clusters: many tables and refcount blocks. */
+			static const unsigned small_cluster[] = { 512, 512, 1024, 2048 };
+			c.cluster = small_cluster[seed % 4];
+			c.size = (uint64_t)(1 + seed % 3) << 20;
+			if (ev == QSM_IO_EV_HEADER_UPDATE && !c.lazy)
+				c.lazy = true, c.compat = 3;
+			c.nops = 40 + (int)(seed % 40);
+			/* Long writes too, so that new refcount blocks are
+			 * hooked into the refcount table. */
+			c.max_clusters = seed % 2 ? 5 : 96;
+			c.fault = true;
+			c.fev = ev;
+			c.ferr = j & 1 ? ENOSPC : EIO;
+			c.fonce = !(j & 2);
+			c.fcrash = (s + j / 2) % 2 == 1;
+			snprintf(path, sizeof(path), "%s/fault-%llu.qcow2", tmpdir,
+				 (unsigned long long)seed);
+			struct qsm_create_opts co = { .size = c.size, .cluster_size = c.cluster,
+						      .compat = c.compat, .lazy_refcounts = c.lazy };
+			ck_assert_msg(qsm_create(path, &co, err, sizeof(err)) == 0, "create: %s", err);
+			uint64_t before = tot.fired;
+			crash_point(&c, path, 0, CM_NONE, true, &tot);
+			if (verbose() || one) {
+				char cs[256];
+				cfg_str(&c, cs, sizeof(cs));
+				fprintf(stderr, "crash fault: seed %llu [%s]: %llu fired\n",
+					(unsigned long long)seed, cs,
+					(unsigned long long)(tot.fired - before));
+			}
+			unlink(path);
+		}
+		if (one)
+			break;
+	}
+	fprintf(stderr,
+		"crash fault %s: %llu runs, %llu faults fired, %llu runs with failed requests, "
+		"%llu sticky, %llu close errors, %llu failures, %llu known engine bugs (XFAIL)\n",
+		qsm_io_event_name(ev), (unsigned long long)tot.fault_runs,
+		(unsigned long long)tot.fired, (unsigned long long)tot.op_failures,
+		(unsigned long long)tot.sticky, (unsigned long long)tot.close_errors,
+		(unsigned long long)tot.failures, (unsigned long long)tot.xfail);
+	ck_assert_msg(tot.failures == 0, "%llu of %llu fault runs failed (seeds above)",
+		      (unsigned long long)tot.failures, (unsigned long long)tot.fault_runs);
+}
+END_TEST
+
 static Suite *crash_suite(void)
 {
 	Suite *s = suite_create("crash");
@@ -1045,6 +1407,7 @@ static Suite *crash_suite(void)
 	tcase_add_checked_fixture(t, make_tmpdir, rm_tmpdir);
 	tcase_add_loop_test(t, crash_every_boundary, 0, V__COUNT);
 	tcase_add_loop_test(t, crash_random, 0, V__COUNT);
+	tcase_add_loop_test(t, crash_faults, 0, NB_FAULT_EVENTS);
 	suite_add_tcase(s, t);
 	return s;
 }
