@@ -240,6 +240,8 @@ static void image_free(struct qsm_image *img, bool abandon)
 		qsm_refcount_free(img->rc);
 	if (img->run_ev)
 		event_free(img->run_ev);
+	if (img->wb_ev)
+		event_free(img->wb_ev);
 	if (img->io)
 		qsm_io_close(img->io);
 	qcow2_header_release(&img->hdr);
@@ -397,7 +399,8 @@ read_header:;
 
 	img->zero_buf = calloc(1, img->cluster_size);
 	img->run_ev = event_new(base, -1, 0, run_cb, img);
-	if (!img->zero_buf || !img->run_ev)
+	img->wb_ev = evtimer_new(base, qsm_wb_timer_cb, img);
+	if (!img->zero_buf || !img->run_ev || !img->wb_ev)
 		OPEN_FAIL(-ENOMEM, "out of memory");
 	img->file_end = fsize;
 	img->open_size = fsize;

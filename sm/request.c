@@ -1297,6 +1297,11 @@ static void req_complete(struct qsm_req *req)
 		default: break;
 		}
 	}
+	if (req->wt_counted) { /* failed before DURABLE_WAIT */
+		req->wt_counted = false;
+		img->wt_pending--;
+		qsm_wb_maybe_start(img, false);
+	}
 	req_unlink(req);
 	free(run->bounce);
 	free(run->cbuf);
@@ -1408,6 +1413,10 @@ void qsm_sm_start(struct qsm_req *req)
 		ev = QSM_E_NOTHING_TO_DO;
 	if (req->machine == QSM_M_FLUSH)
 		ev = req->img->cache == QSM_CACHE_UNSAFE ? QSM_E_IGNORED : QSM_E_NEED_DURABLE;
+	if (is_write_machine(req->machine) && wants_durable(req) && ev == QSM_E_BEGIN) {
+		req->wt_counted = true;
+		req->img->wt_pending++;
+	}
 	qsm_sm_post(req, ev, 0);
 }
 

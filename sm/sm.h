@@ -13,6 +13,8 @@
 #include <stdio.h>
 #include <sys/uio.h>
 
+#include <event2/event.h>
+
 #include "io/io.h"
 #include "io/util.h"
 #include "metadata/batch.h"
@@ -154,6 +156,8 @@ struct qsm_req {
 	unsigned io_pending;
 	int io_ret;
 
+	bool wt_counted;          /* counted in img->wt_pending */
+
 	/* WRITEBACK machine only. */
 	struct qsm_wb *wb;
 
@@ -217,6 +221,12 @@ struct qsm_image {
 	struct qsm_req *wb_job;           /* the running write-back batch, or NULL */
 	struct qsm_wait *wb_next_waiters; /* want the next batch */
 	bool wb_wanted;                   /* a batch is needed for cache slots */
+	/* Group commit: writethrough writes accepted but not yet waiting for
+	 * durability.  A batch waits (at most wb_ev's timeout) until they have
+	 * all joined, so one fdatasync sequence covers every write in flight. */
+	uint64_t wt_pending;
+	struct event *wb_ev;
+	bool wb_recheck;          /* wb_ev fired for a re-check, not a timeout */
 	uint64_t *pending_frees;          /* see qsm_free_cluster */
 	size_t nb_pending_frees, cap_pending_frees;
 
@@ -265,6 +275,11 @@ void qsm_image_dump(struct qsm_image *img, FILE *f);
 void qsm_wb_join(struct qsm_image *img, struct qsm_req *req);
 /* A batch is wanted (cache pressure); start one when none runs. */
 void qsm_wb_kick(struct qsm_image *img);
+/* Start the next batch if one is wanted and group commit says it is time;
+ * otherwise arm the group-commit timer. */
+void qsm_wb_maybe_start(struct qsm_image *img, bool now);
+/* wb_ev's callback. */
+void qsm_wb_timer_cb(evutil_socket_t fd, short what, void *arg);
 /* Step functions of the WRITEBACK machine. */
 enum qsm_event qsm_wb_step(struct qsm_req *req, enum qsm_event ev, int ret);
 /* Write everything dirty synchronously (close). */

@@ -40,8 +40,11 @@
  * Batching: requests that need durability (flush, writethrough writes) join
  * img->wb_next_waiters; WB_COLLECT takes all of them, so one fdatasync
  * sequence completes every request that joined before the snapshot (group
- * commit).  Only one batch runs at a time; when it ends, the next starts if
- * anyone is waiting.  A failed metadata write or sync puts the image in the
+ * commit).  Only one batch runs at a time.  A batch starts when every
+ * writethrough write in flight has reached DURABLE_WAIT (img->wt_pending is
+ * 0), or after QSM_GROUP_COMMIT_USEC, or at once for flushes in writeback
+ * mode and cache pressure; after a batch the decision is made on the next
+ * loop turn, so requests resubmitted by completion callbacks can join.  A failed metadata write or sync puts the image in the
  * sticky error state (img->error = -EIO): waiters fail, later writes fail fast.
  */
 #include <assert.h>
@@ -211,21 +214,51 @@ static void start_job(struct qsm_image *img)
 	qsm_sm_start(job);
 }
 
+/* How long a batch may wait for writethrough writes still in flight. */
+#define QSM_GROUP_COMMIT_USEC 1000
+
+void qsm_wb_maybe_start(struct qsm_image *img, bool now)
+{
+	if (img->wb_job || (!img->wb_next_waiters && !img->wb_wanted))
+		return;
+	if (now || img->wb_wanted || img->wt_pending == 0) {
+		event_del(img->wb_ev);
+		start_job(img);
+		return;
+	}
+	if (!event_pending(img->wb_ev, EV_TIMEOUT, NULL)) {
+		struct timeval tv = { 0, QSM_GROUP_COMMIT_USEC };
+		img->wb_recheck = false;
+		event_add(img->wb_ev, &tv);
+	}
+}
+
+void qsm_wb_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct qsm_image *img = arg;
+	bool timeout = !img->wb_recheck;
+	img->wb_recheck = false;
+	qsm_wb_maybe_start(img, timeout);
+	qsm_sm_drain(img);
+}
+
 void qsm_wb_join(struct qsm_image *img, struct qsm_req *req)
 {
 	req->wait.req = req;
 	req->wait.next = img->wb_next_waiters;
 	img->wb_next_waiters = &req->wait;
 	req->waiting = true;
-	if (!img->wb_job)
-		start_job(img);
+	if (req->wt_counted) {
+		req->wt_counted = false;
+		img->wt_pending--;
+	}
+	qsm_wb_maybe_start(img, false);
 }
 
 void qsm_wb_kick(struct qsm_image *img)
 {
 	img->wb_wanted = true;
-	if (!img->wb_job)
-		start_job(img);
+	qsm_wb_maybe_start(img, true);
 }
 
 static void level_io_cb(struct qsm_io_req *io, int ret)
@@ -331,10 +364,15 @@ static void job_done(struct qsm_req *job, int ret)
 	wb_free(wb);
 	job->wb = NULL;
 	img->wb_job = NULL;
-	if (img->wb_next_waiters || (img->wb_wanted && qsm_l2_dirty_count(&img->l2c)))
-		start_job(img);
-	else
+	if (img->wb_wanted && !qsm_l2_dirty_count(&img->l2c))
 		img->wb_wanted = false;
+	/* Not at once: the requests just completed are often resubmitted by
+	 * their callbacks, and should join this next batch (group commit). */
+	if (img->wb_next_waiters || img->wb_wanted) {
+		struct timeval tv = { 0, 0 };
+		img->wb_recheck = true;
+		event_add(img->wb_ev, &tv);
+	}
 }
 
 enum qsm_event qsm_wb_step(struct qsm_req *job, enum qsm_event ev, int ret)
