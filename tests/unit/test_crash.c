@@ -595,7 +595,9 @@ static void run_workload(struct run *r)
 	const struct cfg *c = r->c;
 	char err[256];
 	struct qsm_io *io;
-	if (r->crash_at)
+	/* Fault runs may leave requests hanging (forgotten by qsm_abandon). */
+	bool lsan_off = r->crash_at || c->fault;
+	if (lsan_off)
 		LSAN_OFF();
 	r->base = event_base_new();
 	ck_assert_int_eq(qsm_io_open_sim(r->base, r->sim, 0, &io), 0);
@@ -641,7 +643,8 @@ static void run_workload(struct run *r)
 			else
 				violation(r, "hang: %d requests never complete, the loop has no events "
 					  "left:%s", r->pending, which);
-			LSAN_OFF();
+			if (!lsan_off)
+				LSAN_OFF(), lsan_off = true;
 			qsm_sim_crash(r->sim, ~0ull, true); /* a process kill */
 			r->crashed = true;
 			break;
@@ -649,7 +652,6 @@ static void run_workload(struct run *r)
 	}
 	if (c->fault && c->fcrash && !r->crashed) {
 		/* Power loss after the faulty run, instead of the close. */
-		LSAN_OFF();
 		qsm_sim_crash_random(r->sim);
 		r->crashed = true;
 	}
@@ -657,7 +659,7 @@ static void run_workload(struct run *r)
 		qsm_abandon(r->img);
 		LSAN_ON();
 	} else {
-		if (r->crash_at)
+		if (lsan_off)
 			LSAN_ON();
 		/* A fault run watches the close's write-back too. */
 		if (!c->fault)
