@@ -356,6 +356,10 @@ void qsm_l2_written(struct qsm_l2_cache *c, uint64_t offset)
 
 void qsm_l2_cache_forget_dirty(struct qsm_l2_cache *c)
 {
+	/* Whoever waits for a slot must hear of it even if nothing became
+	 * evictable: its owner decides what to do in the error state. */
+	if (c->slot_waiters)
+		wake_slot_waiters(c);
 	for (size_t i = 0; i < c->hash_size && c->nb_dirty; i++) {
 		for (struct qsm_l2_table *t = c->hash[i]; t; t = t->hnext) {
 			if (t->dirty) {

@@ -449,7 +449,9 @@ int qsm_close(struct qsm_image *img)
 	assert(img->in_flight == (img->wb_job ? 1u : 0u));
 	while (img->wb_job || img->prealloc_busy)
 		event_base_loop(img->base, EVLOOP_ONCE);
-	if (!img->read_only && !img->error)
+	if (img->error)
+		ret = img->error; /* metadata that could not be written is lost */
+	else if (!img->read_only)
 		ret = qsm_wb_sync_all(img);
 	if (!ret && !img->read_only && !img->error && img->prealloc_end > img->open_size) {
 		/* Give back the reserved space nothing used. */

@@ -393,6 +393,8 @@ static enum qsm_event step_l1_lookup(struct qsm_req *req)
 	struct qsm_run *run = &req->run;
 
 	run_init(req);
+	if (img->error && is_write_machine(req->machine))
+		return fail(req, -EIO); /* sticky error: nothing more is written */
 	if (run->l1_index >= img->l1_size)
 		return fail(req, qsm_image_corrupt(img, "guest offset %#llx is beyond the L1 table",
 						    (unsigned long long)run->offset));
@@ -478,6 +480,10 @@ static enum qsm_event step_l2_alloc(struct qsm_req *req)
 		img->l2allocs = a;
 	}
 	assert(a->owner == req);
+	if (img->error) {
+		ret = -EIO;
+		goto out_unfreeze;
+	}
 	if (!run->host) {
 		ret = qsm_refcount_alloc(img->rc, 1, &run->host);
 		if (ret < 0)
@@ -973,6 +979,10 @@ static enum qsm_event step_cluster_alloc(struct qsm_req *req)
 	struct qsm_image *img = req->img;
 	struct qsm_run *run = &req->run;
 	uint64_t n = run->nb_clusters;
+	if (img->error) {
+		release_l2(req);
+		return fail(req, -EIO);
+	}
 	int ret = qsm_refcount_alloc(img->rc, n, &run->host);
 	if (ret < 0) {
 		release_l2(req);
@@ -1069,6 +1079,8 @@ static enum qsm_event step_l2_update(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
 	struct qsm_run *run = &req->run;
+	if (img->error) /* the table could never be written: do not dirty it */
+		return fail(req, -EIO);
 	for (uint64_t i = 0; i < run->nb_clusters; i++) {
 		uint64_t old = qsm_l2_entry(run->l2, run->l2_index + i);
 		qsm_l2_set_entry(run->l2, run->l2_index + i,
@@ -1089,6 +1101,9 @@ static enum qsm_event step_zero_update(struct qsm_req *req)
 	struct qsm_run *run = &req->run;
 	bool v3 = img->hdr.version >= 3;
 	bool changed = false;
+
+	if (img->error)
+		return fail(req, -EIO);
 
 	for (uint64_t i = 0; i < run->nb_clusters; i++) {
 		uint64_t idx = run->l2_index + i;

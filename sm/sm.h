@@ -169,6 +169,7 @@ struct qsm_wb {
 	struct qsm_meta_batch blocks, reftable, header, l2, l1;
 	struct qsm_rc_collect rc;
 	bool marks_dirty;         /* the header level sets the dirty bit */
+	size_t l2_submitted;      /* L2 writes handed to io/ (they report back) */
 	uint64_t *frees;          /* host clusters whose refcount drops at WB_RELEASE */
 	size_t nb_frees;
 	struct qsm_wait *waiters; /* requests completed by this batch */

@@ -311,6 +311,8 @@ static enum qsm_event write_level(struct qsm_req *job, int level)
 	}
 	free(job->iov_buf);
 	job->iov_buf = iov;
+	if (level == WBL_L2)
+		wb->l2_submitted = b->n; /* level_io_cb reports each written */
 	for (size_t i = 0; i < b->n; i++) {
 		iov[i] = (struct iovec){ b->w[i].buf, b->w[i].len };
 		ios[i].io.iov = &iov[i];
@@ -349,6 +351,12 @@ static void job_done(struct qsm_req *job, int ret)
 	struct qsm_image *img = job->img;
 	struct qsm_wb *wb = job->wb;
 	if (ret < 0) {
+		/* Tables collected but never submitted stay wb_busy, hence
+		 * unevictable, until told: requests waiting for a cache slot
+		 * would sleep forever. */
+		if (wb->l2_submitted == 0)
+			for (size_t i = 0; i < wb->l2.n; i++)
+				qsm_l2_written(&img->l2c, wb->l2.w[i].offset);
 		if (!img->error) {
 			img->error = -EIO;
 			snprintf(img->errmsg, sizeof(img->errmsg),

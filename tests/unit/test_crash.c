@@ -828,17 +828,11 @@ static const struct known_failure {
 	const char *why;  /* prefix of the failure reason */
 	const char *bug;
 } known_failures[] = {
-	/* QSM_CRASH_ONLY=fault:11 QSM_TEST_SEED=21105 (flush ENOSPC once,
-	 * cache=none, one-table L2 cache, depth 1): request 2 waits in
-	 * L2_ALLOC for a cache slot held by a dirty table; the write-back
-	 * batch that should clean it fails and qsm_l2_cache_forget_dirty
-	 * makes the table evictable without waking the slot waiters. */
-	{ "hang after a failed metadata write", "after a failed metadata write-back, requests waiting for an L2 cache slot "
-		    "are never woken" },
-	/* QSM_CRASH_ONLY=fault:2 QSM_TEST_SEED=20200 (l2_update EIO once):
-	 * qsm_close skips the write-back in the sticky error state and
-	 * returns 0, though the metadata it could not write is lost. */
-	{ "close returns success", "qsm_close returns 0 in the sticky error state" },
+	/* None open.  Fixed: the hang after a failed write-back (slot
+	 * waiters never woken; QSM_CRASH_ONLY=fault:11 QSM_TEST_SEED=21105,
+	 * fault:0 20000) and qsm_close returning 0 in the sticky error state
+	 * (fault:2 20200): these seeds now pass in the default sweep. */
+	{ NULL, NULL },
 };
 
 static const struct known_failure *known_failure(const char *why)
@@ -847,7 +841,8 @@ static const struct known_failure *known_failure(const char *why)
 	if (strict && *strict && *strict != '0')
 		return NULL;
 	for (size_t i = 0; i < QSM_ARRAY_SIZE(known_failures); i++)
-		if (!strncmp(why, known_failures[i].why, strlen(known_failures[i].why)))
+		if (known_failures[i].why &&
+		    !strncmp(why, known_failures[i].why, strlen(known_failures[i].why)))
 			return &known_failures[i];
 	return NULL;
 }
