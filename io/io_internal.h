@@ -77,9 +77,13 @@ uint64_t qsm_io_defer_drop_(struct qsm_io *io);
 /*
  * QSM_IO_DIRECT opens the file twice: fd without O_DIRECT and dfd with it.
  * A transfer goes to dfd when its offset, length and every iovec base and
- * length are multiples of the direct-I/O alignment, otherwise to fd; Linux
- * keeps the page cache coherent with direct I/O, so mixing is safe.  Without
- * QSM_IO_DIRECT, dfd == -1 and everything uses fd.
+ * length are multiples of the direct-I/O alignment, otherwise to fd.  Mixing
+ * the two concurrently is NOT safe (a direct write over pages a buffered
+ * write dirtied fails to invalidate them and the next fdatasync returns
+ * EIO), so qsm_io_submit bounces every misaligned asynchronous transfer on a
+ * direct handle (io.c); fd serves only the synchronous helpers, which run
+ * with nothing in flight.  Without QSM_IO_DIRECT, dfd == -1 and everything
+ * uses fd.
  */
 struct qsm_io_fds {
 	int fd;
