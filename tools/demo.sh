@@ -7,8 +7,8 @@
 #  4. runs one mixed concurrent workload (aio writes across L2 tables, zero
 #     writes, discards, flushes, verified reads) through `qsm io` on the first
 #     and through QEMU's qemu-io on the twin;
-#  5. verifies: qemu-img check on qsm's image, qemu-img compare of the two,
-#     and (when `qsm bench` exists) a short benchmark with engine counters.
+#  5. verifies: qemu-img check and qsm check on qsm's image, qemu-img compare
+#     of the two, then a short benchmark with engine counters.
 set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
@@ -98,6 +98,8 @@ grep -m 8 -E 'CLUSTER_ALLOC|L2_ALLOC|WB_' "$WORK/trace.txt" | sed 's/^/  /' || t
 
 say "verifying"
 qemu-img check "$IMG"
+echo "and qsm's own checker (same algorithm and messages as qemu-img check):"
+"$QSM" check "$IMG"
 if qemu-img compare -f qcow2 -F qcow2 "$TWIN" "$IMG"; then
 	echo "qsm's image and qemu-io's image have identical contents"
 else
