@@ -1,4 +1,6 @@
 /* io/util.c: iovec helpers, clock and PRNG (see util.h). */
+#include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -65,6 +67,17 @@ int qsm_iov_slice(struct iovec *dst, int dst_cap, const struct iovec *src, int s
 		skip = 0;
 	}
 	return cnt;
+}
+
+void qsm_set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!err || !errlen)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
 }
 
 uint64_t qsm_now_ns(void)

@@ -36,6 +36,11 @@ size_t qsm_iov_memset(const struct iovec *iov, int iovcnt, size_t skip, int c, s
 int qsm_iov_slice(struct iovec *dst, int dst_cap, const struct iovec *src, int srccnt,
 		  size_t skip, size_t len);
 
+/* Format an error message into err[errlen] (nothing when err is NULL or
+ * errlen 0): the one way every layer fills a caller's error buffer. */
+void qsm_set_err(char *err, size_t errlen, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
 /* Monotonic clock in nanoseconds. */
 uint64_t qsm_now_ns(void);
 

@@ -42,6 +42,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "io/util.h"
 #include "metadata/check.h"
 #include "metadata/qcow2.h"
 
@@ -107,19 +108,6 @@ static void say(struct ck *c, const char *fmt, ...)
 		return;
 	va_start(ap, fmt);
 	vfprintf(c->log, fmt, ap);
-	va_end(ap);
-}
-
-static void set_err(char *err, size_t len, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t len, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (!err || !len)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(err, len, fmt, ap);
 	va_end(ap);
 }
 
@@ -1100,7 +1088,7 @@ static int read_snapshots(struct ck *c, char *err, size_t errlen)
 
 		off = (off + 7) & ~7ull;
 		if (off - c->h.snapshots_offset > QCOW2_MAX_SNAPSHOTS_BYTES) {
-			set_err(err, errlen, "snapshot table is too large");
+			qsm_set_err(err, errlen, "snapshot table is too large");
 			return -EFBIG;
 		}
 		r = rd(c, hd, SNAP_HDR, off);
@@ -1113,7 +1101,7 @@ static int read_snapshots(struct ck *c, char *err, size_t errlen)
 		nml = qcow2_be16(hd + 14);
 		extra = qcow2_be32(hd + 36);
 		if (extra > 1024) {
-			set_err(err, errlen, "snapshot %" PRIu32 ": extra data too large (%" PRIu32
+			qsm_set_err(err, errlen, "snapshot %" PRIu32 ": extra data too large (%" PRIu32
 				" bytes)", i, extra);
 			return -EFBIG;
 		}
@@ -1160,19 +1148,19 @@ static int ck_open(struct ck *c, char *err, size_t errlen)
 
 	r = qsm_io_get_size(c->io, &c->file_size);
 	if (r < 0) {
-		set_err(err, errlen, "cannot get the file size: %s", strerror(-r));
+		qsm_set_err(err, errlen, "cannot get the file size: %s", strerror(-r));
 		return r;
 	}
 	r = rd(c, probe, sizeof(probe), 0);
 	if (r < 0) {
-		set_err(err, errlen, "cannot read the header: %s", strerror(-r));
+		qsm_set_err(err, errlen, "cannot read the header: %s", strerror(-r));
 		return r;
 	}
 	/* table offsets are bounded by INT64_MAX only, as qemu: tables past the end
 	 * of the file are damage the check reports (and a rebuild repairs) */
 	hlen = qcow2_header_probe_len(probe, sizeof(probe), INT64_MAX);
 	if (!hlen) {
-		set_err(err, errlen, "Image is not in qcow2 format");
+		qsm_set_err(err, errlen, "Image is not in qcow2 format");
 		return -EINVAL;
 	}
 	hbuf = calloc(1, hlen);
@@ -1196,7 +1184,7 @@ static int ck_open(struct ck *c, char *err, size_t errlen)
 	c->coff_mask = (1ull << c->csize_shift) - 1;
 	c->nb_clusters = size_to_clusters(c, c->file_size);
 	if (c->nb_clusters * 2 > IMRT_MAX_BYTES) {
-		set_err(err, errlen, "the file (%" PRIu64 " bytes) has too many clusters to check "
+		qsm_set_err(err, errlen, "the file (%" PRIu64 " bytes) has too many clusters to check "
 			"(%" PRIu64 "; the limit is %llu)", c->file_size, c->nb_clusters,
 			IMRT_MAX_BYTES / 2);
 		return -EFBIG;
@@ -1208,7 +1196,7 @@ static int ck_open(struct ck *c, char *err, size_t errlen)
 		return -ENOMEM;
 	r = rd(c, c->reft, c->reft_size * 8, c->h.refcount_table_offset);
 	if (r < 0) {
-		set_err(err, errlen, "cannot read the refcount table: %s", strerror(-r));
+		qsm_set_err(err, errlen, "cannot read the refcount table: %s", strerror(-r));
 		return r;
 	}
 	for (uint64_t i = 0; i < c->reft_size; i++)
@@ -1216,13 +1204,13 @@ static int ck_open(struct ck *c, char *err, size_t errlen)
 
 	r = read_l1(c, c->h.l1_table_offset, c->h.l1_size, &c->l1);
 	if (r < 0) {
-		set_err(err, errlen, "cannot read the L1 table: %s", strerror(-r));
+		qsm_set_err(err, errlen, "cannot read the L1 table: %s", strerror(-r));
 		return r;
 	}
 	r = read_snapshots(c, err, errlen);
 	if (r < 0) {
 		if (err && !err[0])
-			set_err(err, errlen, "cannot read the snapshot table: %s", strerror(-r));
+			qsm_set_err(err, errlen, "cannot read the snapshot table: %s", strerror(-r));
 		return r;
 	}
 	c->l2buf = malloc(c->cs);
@@ -1264,7 +1252,7 @@ int qsm_check_image(struct qsm_io *io, unsigned fix, struct qsm_check_result *ou
 	if (err && errlen)
 		err[0] = '\0';
 	if (fix && (io->flags & QSM_IO_RDONLY)) {
-		set_err(err, errlen, "cannot repair an image opened read-only");
+		qsm_set_err(err, errlen, "cannot repair an image opened read-only");
 		return -EBADF;
 	}
 	c.res = &res;
@@ -1283,7 +1271,7 @@ int qsm_check_image(struct qsm_io *io, unsigned fix, struct qsm_check_result *ou
 		out->incomplete = true;
 		out->error = r;
 		if (err && errlen && !err[0])
-			set_err(err, errlen, "Check failed: %s", strerror(-r));
+			qsm_set_err(err, errlen, "Check failed: %s", strerror(-r));
 	}
 	out->corruptions_left = res.corruptions;
 	out->leaks_left = res.leaks;

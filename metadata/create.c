@@ -75,20 +75,6 @@ struct sim {
 	uint64_t file_max;        /* refuse to grow beyond (sanity bound) */
 };
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (!err || !errlen)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
-
 /* Apply a write of len bytes at off (data NULL = zeroes), extending the file. */
 static int sim_write(struct sim *s, uint64_t off, const void *data, uint64_t len)
 {
@@ -477,56 +463,56 @@ int qcow2_create_image(const struct qcow2_create_opts *o, uint8_t **out, size_t 
 
 	/* Option checks, in qcow2_co_create()'s order and with its messages. */
 	if (o->size > QCOW2_MAX_VIRTUAL_SIZE) {
-		set_err(err, errlen, "%s", too_large);
+		qsm_set_err(err, errlen, "%s", too_large);
 		return -EINVAL;
 	}
 	size = QSM_ALIGN_UP(o->size, 512); /* qemu-img create rounds up too */
 	if (version != 2 && version != 3) {
-		set_err(err, errlen, "Invalid compatibility level: version %u (must be 2 for "
+		qsm_set_err(err, errlen, "Invalid compatibility level: version %u (must be 2 for "
 			"0.10 or 3 for 1.1)", version);
 		return -EINVAL;
 	}
 	if (cluster_bits < QCOW2_MIN_CLUSTER_BITS || cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
-		set_err(err, errlen, "Cluster size must be a power of two between %d and %dk",
+		qsm_set_err(err, errlen, "Cluster size must be a power of two between %d and %dk",
 			1 << QCOW2_MIN_CLUSTER_BITS, 1 << (QCOW2_MAX_CLUSTER_BITS - 10));
 		return -EINVAL;
 	}
 	if (o->backing_format && !o->backing_file) {
-		set_err(err, errlen, "Backing format cannot be used without backing file");
+		qsm_set_err(err, errlen, "Backing format cannot be used without backing file");
 		return -EINVAL;
 	}
 	if (version < 3 && o->lazy_refcounts) {
-		set_err(err, errlen, "Lazy refcounts only supported with compatibility level 1.1 "
+		qsm_set_err(err, errlen, "Lazy refcounts only supported with compatibility level 1.1 "
 			"and above (use version=v3 or greater)");
 		return -EINVAL;
 	}
 	if (o->refcount_order > 6) {
-		set_err(err, errlen, "Refcount width must be a power of two and may not exceed "
+		qsm_set_err(err, errlen, "Refcount width must be a power of two and may not exceed "
 			"64 bits");
 		return -EINVAL;
 	}
 	if (version < 3 && o->refcount_order != 4) {
-		set_err(err, errlen, "Different refcount widths than 16 bits require "
+		qsm_set_err(err, errlen, "Different refcount widths than 16 bits require "
 			"compatibility level 1.1 or above (use version=v3 or greater)");
 		return -EINVAL;
 	}
 	if (o->backing_file && !o->backing_format) {
-		set_err(err, errlen, "Backing file specified without backing format");
+		qsm_set_err(err, errlen, "Backing file specified without backing format");
 		return -EINVAL;
 	}
 	if (o->backing_file && (!o->backing_file[0] ||
 				strlen(o->backing_file) > QCOW2_MAX_BACKING_NAME)) {
-		set_err(err, errlen, "Invalid backing file name (length %zu; must be 1..%u bytes)",
+		qsm_set_err(err, errlen, "Invalid backing file name (length %zu; must be 1..%u bytes)",
 			strlen(o->backing_file), QCOW2_MAX_BACKING_NAME);
 		return -EINVAL;
 	}
 	if (o->backing_format && !valid_format_name(o->backing_format)) {
-		set_err(err, errlen, "Invalid backing format '%s'", o->backing_format);
+		qsm_set_err(err, errlen, "Invalid backing format '%s'", o->backing_format);
 		return -EINVAL;
 	}
 	l1_entries = qcow2_l1_entries_for(size, cluster_bits);
 	if (l1_entries > QCOW2_MAX_L1_BYTES / 8) {
-		set_err(err, errlen, "%s", too_large);
+		qsm_set_err(err, errlen, "%s", too_large);
 		return -EINVAL;
 	}
 
@@ -604,7 +590,7 @@ int qcow2_create_image(const struct qcow2_create_opts *o, uint8_t **out, size_t 
 	}
 	ret = qcow2_header_serialize(&h, s.file, s.cs);
 	if (ret == -ENOSPC) {
-		set_err(err, errlen, "Could not assign backing file '%s' with format '%s': the "
+		qsm_set_err(err, errlen, "Could not assign backing file '%s' with format '%s': the "
 			"name does not fit in the header cluster (%" PRIu64 " bytes)",
 			o->backing_file ? o->backing_file : "",
 			o->backing_format ? o->backing_format : "", s.cs);
@@ -623,9 +609,9 @@ int qcow2_create_image(const struct qcow2_create_opts *o, uint8_t **out, size_t 
 fail:
 	if (err && errlen && !err[0]) {
 		if (ret == -EFBIG)
-			set_err(err, errlen, "%s", too_large);
+			qsm_set_err(err, errlen, "%s", too_large);
 		else
-			set_err(err, errlen, "Could not create the qcow2 metadata: %s",
+			qsm_set_err(err, errlen, "Could not create the qcow2 metadata: %s",
 				strerror(-ret));
 	}
 	sim_free(&s);

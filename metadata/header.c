@@ -74,20 +74,6 @@ static const struct {
 			QCOW2_INCOMPAT_DATA_FILE | QCOW2_INCOMPAT_COMPRESSION | \
 			QCOW2_INCOMPAT_EXTL2)
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (!err || !errlen)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
-
 uint64_t qcow2_l1_entries_for(uint64_t size, unsigned cluster_bits)
 {
 	/* One L1 entry maps an L2 table: cluster_size/8 clusters. */
@@ -241,7 +227,7 @@ static int parse_feature_table(struct qcow2_header *h, const uint8_t *p, uint32_
 	unsigned n;
 
 	if (len % FEATURE_ENTRY_LEN) {
-		set_err(err, errlen, "feature name table header extension length %" PRIu32
+		qsm_set_err(err, errlen, "feature name table header extension length %" PRIu32
 			" is not a multiple of %u", len, FEATURE_ENTRY_LEN);
 		return -EINVAL;
 	}
@@ -288,7 +274,7 @@ static int parse_extensions(struct qcow2_header *h, const uint8_t *buf, uint64_t
 		int idx;
 
 		if (end - off < 8) {
-			set_err(err, errlen, "header extension at offset %" PRIu64
+			qsm_set_err(err, errlen, "header extension at offset %" PRIu64
 				" is truncated (%" PRIu64 " bytes left before %" PRIu64 ")",
 				off, end - off, end);
 			return -EINVAL;
@@ -299,7 +285,7 @@ static int parse_extensions(struct qcow2_header *h, const uint8_t *buf, uint64_t
 		if (type == QCOW2_EXT_END)
 			return 0;
 		if (len > end - off) {
-			set_err(err, errlen, "header extension 0x%08" PRIx32 " (%s) at offset %"
+			qsm_set_err(err, errlen, "header extension 0x%08" PRIx32 " (%s) at offset %"
 				PRIu64 ": length %" PRIu32 " exceeds the %" PRIu64
 				" bytes left in the header area", type, ext_type_name(type),
 				off - 8, len, end - off);
@@ -308,7 +294,7 @@ static int parse_extensions(struct qcow2_header *h, const uint8_t *buf, uint64_t
 		idx = ext_known_index(type);
 		if (idx >= 0) {
 			if (seen & (1u << idx)) {
-				set_err(err, errlen, "duplicate header extension 0x%08" PRIx32
+				qsm_set_err(err, errlen, "duplicate header extension 0x%08" PRIx32
 					" (%s) at offset %" PRIu64, type, ext_type_name(type),
 					off - 8);
 				return -EINVAL;
@@ -319,7 +305,7 @@ static int parse_extensions(struct qcow2_header *h, const uint8_t *buf, uint64_t
 		switch (type) {
 		case QCOW2_EXT_BACKING_FORMAT:
 			if (len >= sizeof(h->backing_format) || !printable(buf + off, len)) {
-				set_err(err, errlen, "invalid backing format header extension "
+				qsm_set_err(err, errlen, "invalid backing format header extension "
 					"(length %" PRIu32 "; must be a printable name shorter "
 					"than %zu bytes)", len, sizeof(h->backing_format));
 				return -EINVAL;
@@ -334,19 +320,19 @@ static int parse_extensions(struct qcow2_header *h, const uint8_t *buf, uint64_t
 			break;
 		case QCOW2_EXT_BITMAPS:
 			if (len != 24) {
-				set_err(err, errlen, "bitmaps header extension length %" PRIu32
+				qsm_set_err(err, errlen, "bitmaps header extension length %" PRIu32
 					" (must be 24)", len);
 				return -EINVAL;
 			}
 			goto keep;
 		case QCOW2_EXT_CRYPTO:
 			if (len != 16) {
-				set_err(err, errlen, "crypto header extension length %" PRIu32
+				qsm_set_err(err, errlen, "crypto header extension length %" PRIu32
 					" (must be 16)", len);
 				return -EINVAL;
 			}
 			if (h->crypt_method != 2) {
-				set_err(err, errlen, "crypto header extension present but "
+				qsm_set_err(err, errlen, "crypto header extension present but "
 					"crypt_method is %" PRIu32 " (must be 2, LUKS)",
 					h->crypt_method);
 				return -EINVAL;
@@ -372,23 +358,23 @@ static int check_table(const char *field, uint64_t offset, uint64_t bytes, bool 
 		       uint64_t cluster_size, uint64_t file_size, char *err, size_t errlen)
 {
 	if (!QSM_IS_ALIGNED(offset, cluster_size)) {
-		set_err(err, errlen, "%s 0x%" PRIx64 " is not aligned to the cluster size (%"
+		qsm_set_err(err, errlen, "%s 0x%" PRIx64 " is not aligned to the cluster size (%"
 			PRIu64 ")", field, offset, cluster_size);
 		return -EINVAL;
 	}
 	if (empty)
 		return 0;
 	if (offset == 0) {
-		set_err(err, errlen, "%s is 0 (the table would overlap the header)", field);
+		qsm_set_err(err, errlen, "%s is 0 (the table would overlap the header)", field);
 		return -EINVAL;
 	}
 	if (offset > (uint64_t)INT64_MAX - bytes) {
-		set_err(err, errlen, "%s 0x%" PRIx64 " + %" PRIu64 " bytes overflows", field,
+		qsm_set_err(err, errlen, "%s 0x%" PRIx64 " + %" PRIu64 " bytes overflows", field,
 			offset, bytes);
 		return -EINVAL;
 	}
 	if (offset + bytes > file_size) {
-		set_err(err, errlen, "%s 0x%" PRIx64 " + %" PRIu64 " bytes is past the end of "
+		qsm_set_err(err, errlen, "%s 0x%" PRIx64 " + %" PRIu64 " bytes is past the end of "
 			"the file (%" PRIu64 " bytes)", field, offset, bytes, file_size);
 		return -EINVAL;
 	}
@@ -430,7 +416,7 @@ static int check_incompatible(const struct qcow2_header *h, char *err, size_t er
 			n += (size_t)snprintf(msg + n, sizeof(msg) - n,
 					      "incompatible feature bit %u%s", bit, sep);
 	}
-	set_err(err, errlen, "%s", msg);
+	qsm_set_err(err, errlen, "%s", msg);
 	return -ENOTSUP;
 }
 
@@ -443,23 +429,23 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 
 	/* 1. magic and version */
 	if (len < 8) {
-		set_err(err, errlen, "image too short for a qcow2 header (%zu bytes)", len);
+		qsm_set_err(err, errlen, "image too short for a qcow2 header (%zu bytes)", len);
 		return -EINVAL;
 	}
 	magic = qcow2_be32(buf);
 	if (magic != QCOW2_MAGIC) {
-		set_err(err, errlen, "invalid magic 0x%08" PRIx32 " (not a qcow2 image; "
+		qsm_set_err(err, errlen, "invalid magic 0x%08" PRIx32 " (not a qcow2 image; "
 			"expected 0x%08x)", magic, QCOW2_MAGIC);
 		return -EINVAL;
 	}
 	h->version = qcow2_be32(buf + 4);
 	if (h->version != 2 && h->version != 3) {
-		set_err(err, errlen, "unsupported qcow2 version %" PRIu32 " (must be 2 or 3)",
+		qsm_set_err(err, errlen, "unsupported qcow2 version %" PRIu32 " (must be 2 or 3)",
 			h->version);
 		return h->version < 2 ? -EINVAL : -ENOTSUP;
 	}
 	if (len < QCOW2_V2_HEADER_LEN || (h->version == 3 && len < QCOW2_V3_HEADER_LEN)) {
-		set_err(err, errlen, "qcow2 header truncated (%zu bytes, version %" PRIu32 ")",
+		qsm_set_err(err, errlen, "qcow2 header truncated (%zu bytes, version %" PRIu32 ")",
 			len, h->version);
 		return -EINVAL;
 	}
@@ -492,7 +478,7 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 
 	/* 2. cluster_bits */
 	if (h->cluster_bits < QCOW2_MIN_CLUSTER_BITS || h->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
-		set_err(err, errlen, "invalid cluster_bits %" PRIu32 " (must be %d..%d)",
+		qsm_set_err(err, errlen, "invalid cluster_bits %" PRIu32 " (must be %d..%d)",
 			h->cluster_bits, QCOW2_MIN_CLUSTER_BITS, QCOW2_MAX_CLUSTER_BITS);
 		return -EINVAL;
 	}
@@ -502,13 +488,13 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 	if (h->version == 3) {
 		if (h->header_length < QCOW2_V3_HEADER_LEN || h->header_length % 8 ||
 		    h->header_length > cs) {
-			set_err(err, errlen, "invalid header_length %" PRIu32 " (must be a "
+			qsm_set_err(err, errlen, "invalid header_length %" PRIu32 " (must be a "
 				"multiple of 8 between %u and the cluster size %" PRIu64 ")",
 				h->header_length, QCOW2_V3_HEADER_LEN, cs);
 			return -EINVAL;
 		}
 		if (h->header_length > len) {
-			set_err(err, errlen, "header_length %" PRIu32 " is past the end of the "
+			qsm_set_err(err, errlen, "header_length %" PRIu32 " is past the end of the "
 				"image (%zu bytes)", h->header_length, len);
 			return -EINVAL;
 		}
@@ -519,14 +505,14 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 	if (h->backing_file_offset) {
 		if (h->backing_file_offset > cs ||
 		    h->backing_file_offset < h->header_length) {
-			set_err(err, errlen, "invalid backing_file_offset %" PRIu64 " (must be "
+			qsm_set_err(err, errlen, "invalid backing_file_offset %" PRIu64 " (must be "
 				"between header_length %" PRIu32 " and the cluster size %" PRIu64
 				")", h->backing_file_offset, h->header_length, cs);
 			return -EINVAL;
 		}
 		if (h->backing_file_size > QSM_MIN(QCOW2_MAX_BACKING_NAME,
 						   cs - h->backing_file_offset)) {
-			set_err(err, errlen, "invalid backing_file_size %" PRIu32 " (must be at "
+			qsm_set_err(err, errlen, "invalid backing_file_size %" PRIu32 " (must be at "
 				"most %" PRIu64 " at backing_file_offset %" PRIu64 ")",
 				h->backing_file_size,
 				QSM_MIN((uint64_t)QCOW2_MAX_BACKING_NAME,
@@ -535,13 +521,13 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 			return -EINVAL;
 		}
 		if (h->backing_file_offset + h->backing_file_size > len) {
-			set_err(err, errlen, "backing file name (backing_file_offset %" PRIu64
+			qsm_set_err(err, errlen, "backing file name (backing_file_offset %" PRIu64
 				", backing_file_size %" PRIu32 ") is past the end of the image "
 				"(%zu bytes)", h->backing_file_offset, h->backing_file_size, len);
 			return -EINVAL;
 		}
 		if (memchr(buf + h->backing_file_offset, 0, h->backing_file_size)) {
-			set_err(err, errlen, "backing file name (backing_file_offset %" PRIu64
+			qsm_set_err(err, errlen, "backing file name (backing_file_offset %" PRIu64
 				", backing_file_size %" PRIu32 ") contains a NUL byte",
 				h->backing_file_offset, h->backing_file_size);
 			return -EINVAL;
@@ -561,22 +547,22 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 
 	/* 4. features, compression, encryption */
 	if (h->incompatible_features & QCOW2_INCOMPAT_EXTL2 && h->cluster_bits < 14) {
-		set_err(err, errlen, "invalid cluster_bits %" PRIu32 " with extended L2 entries "
+		qsm_set_err(err, errlen, "invalid cluster_bits %" PRIu32 " with extended L2 entries "
 			"(incompatible feature bit 4; must be at least 14)", h->cluster_bits);
 		return -EINVAL;
 	}
 	if (h->compression_type > 1) {
-		set_err(err, errlen, "unknown compression_type %u", h->compression_type);
+		qsm_set_err(err, errlen, "unknown compression_type %u", h->compression_type);
 		return -ENOTSUP;
 	}
 	if (!!(h->incompatible_features & QCOW2_INCOMPAT_COMPRESSION) != !!h->compression_type) {
-		set_err(err, errlen, "compression_type %u does not match incompatible feature "
+		qsm_set_err(err, errlen, "compression_type %u does not match incompatible feature "
 			"bit 3 (compression type), which is %s", h->compression_type,
 			h->incompatible_features & QCOW2_INCOMPAT_COMPRESSION ? "set" : "clear");
 		return -EINVAL;
 	}
 	if (h->crypt_method > 2) {
-		set_err(err, errlen, "invalid crypt_method %" PRIu32 " (must be 0, 1 or 2)",
+		qsm_set_err(err, errlen, "invalid crypt_method %" PRIu32 " (must be 0, 1 or 2)",
 			h->crypt_method);
 		return -EINVAL;
 	}
@@ -584,24 +570,24 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 	if (ret)
 		return ret;
 	if (h->crypt_method) {
-		set_err(err, errlen, "Unsupported qcow2 feature(s): encryption (crypt_method %"
+		qsm_set_err(err, errlen, "Unsupported qcow2 feature(s): encryption (crypt_method %"
 			PRIu32 ", %s)", h->crypt_method, h->crypt_method == 1 ? "AES" : "LUKS");
 		return -ENOTSUP;
 	}
 
 	/* 5. refcounts */
 	if (h->refcount_order > 6) {
-		set_err(err, errlen, "invalid refcount_order %" PRIu32 " (must be 0..6)",
+		qsm_set_err(err, errlen, "invalid refcount_order %" PRIu32 " (must be 0..6)",
 			h->refcount_order);
 		return -EINVAL;
 	}
 	if (h->refcount_table_clusters == 0) {
-		set_err(err, errlen, "refcount_table_clusters is 0 (the image has no refcount "
+		qsm_set_err(err, errlen, "refcount_table_clusters is 0 (the image has no refcount "
 			"table)");
 		return -EINVAL;
 	}
 	if (h->refcount_table_clusters > QCOW2_MAX_REFTABLE_BYTES >> h->cluster_bits) {
-		set_err(err, errlen, "refcount_table_clusters %" PRIu32 " too large (the table "
+		qsm_set_err(err, errlen, "refcount_table_clusters %" PRIu32 " too large (the table "
 			"may not exceed %u bytes)", h->refcount_table_clusters,
 			QCOW2_MAX_REFTABLE_BYTES);
 		return -EINVAL;
@@ -614,18 +600,18 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 
 	/* 6, 7. virtual size and L1 */
 	if (h->size > QCOW2_MAX_VIRTUAL_SIZE) {
-		set_err(err, errlen, "virtual size %" PRIu64 " exceeds qsm's limit of %llu bytes",
+		qsm_set_err(err, errlen, "virtual size %" PRIu64 " exceeds qsm's limit of %llu bytes",
 			h->size, QCOW2_MAX_VIRTUAL_SIZE);
 		return h->size > (uint64_t)INT64_MAX ? -EINVAL : -ENOTSUP;
 	}
 	if (h->l1_size > QCOW2_MAX_L1_BYTES / 8) {
-		set_err(err, errlen, "l1_size %" PRIu32 " too large (the L1 table may not exceed "
+		qsm_set_err(err, errlen, "l1_size %" PRIu32 " too large (the L1 table may not exceed "
 			"%u bytes)", h->l1_size, QCOW2_MAX_L1_BYTES);
 		return -EINVAL;
 	}
 	need = qcow2_l1_entries_for(h->size, h->cluster_bits);
 	if (h->l1_size < need) {
-		set_err(err, errlen, "l1_size %" PRIu32 " too small for virtual size %" PRIu64
+		qsm_set_err(err, errlen, "l1_size %" PRIu32 " too small for virtual size %" PRIu64
 			" (needs %" PRIu64 " entries)", h->l1_size, h->size, need);
 		return -EINVAL;
 	}
@@ -636,7 +622,7 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 
 	/* 6. snapshot table (count and placement; entries are parsed elsewhere) */
 	if (h->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
-		set_err(err, errlen, "nb_snapshots %" PRIu32 " too large (at most %u)",
+		qsm_set_err(err, errlen, "nb_snapshots %" PRIu32 " too large (at most %u)",
 			h->nb_snapshots, QCOW2_MAX_SNAPSHOTS);
 		return -EINVAL;
 	}
@@ -655,7 +641,7 @@ int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
 		err[0] = '\0';
 	ret = parse_fields(buf, len, file_size, h, err, errlen);
 	if (ret == -ENOMEM)
-		set_err(err, errlen, "out of memory parsing the qcow2 header");
+		qsm_set_err(err, errlen, "out of memory parsing the qcow2 header");
 	if (ret) {
 		qcow2_header_release(h);
 		memset(h, 0, sizeof(*h));

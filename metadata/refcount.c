@@ -119,18 +119,6 @@ struct qsm_refcounts {
 	size_t rc_pool_n, rc_pool_cap;
 };
 
-static void rc_err(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-static void rc_err(char *err, size_t errlen, const char *fmt, ...)
-{
-	if (!err || !errlen)
-		return;
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
-
 /* --- Entries inside a block ----------------------------------------------- */
 
 static inline uint64_t rc_block_get(unsigned order, const uint8_t *b, uint64_t slot)
@@ -864,7 +852,7 @@ static int rc_validate_entries(struct qsm_refcounts *rc, uint64_t file_size, cha
 	for (uint64_t i = 0; i < rc->rc_entries; i++) {
 		uint64_t e = rc->rc_table[i], off = e & QCOW2_REFT_OFFSET_MASK;
 		if (e & QCOW2_REFT_RESERVED) {
-			rc_err(err, errlen,
+			qsm_set_err(err, errlen,
 			       "refcount table entry %" PRIu64 " (0x%016" PRIx64 ") has reserved bits set",
 			       i, e);
 			return -EINVAL;
@@ -872,25 +860,25 @@ static int rc_validate_entries(struct qsm_refcounts *rc, uint64_t file_size, cha
 		if (!off)
 			continue;
 		if (!QSM_IS_ALIGNED(off, cs)) {
-			rc_err(err, errlen,
+			qsm_set_err(err, errlen,
 			       "refcount table entry %" PRIu64 " (offset 0x%" PRIx64 ") is not cluster aligned",
 			       i, off);
 			return -EINVAL;
 		}
 		if (file_size < cs || off > file_size - cs) {
-			rc_err(err, errlen,
+			qsm_set_err(err, errlen,
 			       "refcount block %" PRIu64 " (offset 0x%" PRIx64
 			       ") is past the end of the file (size %" PRIu64 ")", i, off, file_size);
 			return -EINVAL;
 		}
 		if (off >= t0 && off < t1) {
-			rc_err(err, errlen,
+			qsm_set_err(err, errlen,
 			       "refcount block %" PRIu64 " (offset 0x%" PRIx64 ") overlaps the refcount table",
 			       i, off);
 			return -EINVAL;
 		}
 		if (!rc_mset_add(rc, off >> rc->rc_cluster_bits)) {
-			rc_err(err, errlen,
+			qsm_set_err(err, errlen,
 			       "refcount block %" PRIu64 " (offset 0x%" PRIx64
 			       ") is also another refcount block", i, off);
 			return -EINVAL;
@@ -908,31 +896,31 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 
 	*out = NULL;
 	if (p->cluster_bits < QCOW2_MIN_CLUSTER_BITS || p->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
-		rc_err(err, errlen, "cluster_bits %u is out of range", p->cluster_bits);
+		qsm_set_err(err, errlen, "cluster_bits %u is out of range", p->cluster_bits);
 		return -EINVAL;
 	}
 	if (p->refcount_order > 6) {
-		rc_err(err, errlen, "refcount_order %u is out of range (0..6)", p->refcount_order);
+		qsm_set_err(err, errlen, "refcount_order %u is out of range (0..6)", p->refcount_order);
 		return -EINVAL;
 	}
 	uint64_t cs = 1ull << p->cluster_bits;
 	if (p->table_clusters == 0) {
-		rc_err(err, errlen, "refcount_table_clusters is 0");
+		qsm_set_err(err, errlen, "refcount_table_clusters is 0");
 		return -EINVAL;
 	}
 	if (p->table_clusters > (QCOW2_MAX_REFTABLE_BYTES >> p->cluster_bits)) {
-		rc_err(err, errlen, "refcount_table_clusters %u is too large (over %u bytes)",
+		qsm_set_err(err, errlen, "refcount_table_clusters %u is too large (over %u bytes)",
 		       p->table_clusters, QCOW2_MAX_REFTABLE_BYTES);
 		return -EINVAL;
 	}
 	if (!p->table_offset || !QSM_IS_ALIGNED(p->table_offset, cs)) {
-		rc_err(err, errlen, "refcount_table_offset 0x%" PRIx64 " is %s", p->table_offset,
+		qsm_set_err(err, errlen, "refcount_table_offset 0x%" PRIx64 " is %s", p->table_offset,
 		       p->table_offset ? "not cluster aligned" : "zero");
 		return -EINVAL;
 	}
 	uint64_t tbytes = (uint64_t)p->table_clusters << p->cluster_bits;
 	if (p->table_offset > file_size || tbytes > file_size - p->table_offset) {
-		rc_err(err, errlen,
+		qsm_set_err(err, errlen,
 		       "refcount table (offset 0x%" PRIx64 ", %" PRIu64
 		       " bytes) extends past the end of the file (size %" PRIu64 ")",
 		       p->table_offset, tbytes, file_size);
@@ -961,7 +949,7 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 	}
 	rc->rc_entries = n;
 	if ((r = qsm_io_pread_sync(io, buf, tbytes, p->table_offset))) {
-		rc_err(err, errlen, "reading the refcount table at 0x%" PRIx64 ": %s",
+		qsm_set_err(err, errlen, "reading the refcount table at 0x%" PRIx64 ": %s",
 		       p->table_offset, strerror(-r));
 		goto fail;
 	}
@@ -985,7 +973,7 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 			goto fail;
 		}
 		if ((r = qsm_io_pread_sync(io, rc->rc_blocks[i], cs, rc->rc_table[i]))) {
-			rc_err(err, errlen,
+			qsm_set_err(err, errlen,
 			       "reading refcount block %" PRIu64 " at 0x%" PRIx64 ": %s", i,
 			       rc->rc_table[i], strerror(-r));
 			goto fail;
