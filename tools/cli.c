@@ -138,6 +138,16 @@ int cli_cvtnum(const char *s, int64_t *out)
 	return 0;
 }
 
+int cli_parse_output(const char *cmd, const char *arg, bool *json)
+{
+	if (!strcmp(arg, "json") || !strcmp(arg, "human")) {
+		*json = !strcmp(arg, "json");
+		return 0;
+	}
+	cli_error(cmd, "--output must be used with human or json as argument.");
+	return -EINVAL;
+}
+
 int cli_parse_bool(const char *s, bool *out)
 {
 	static const char *const yes[] = { "on", "yes", "true", "y" };

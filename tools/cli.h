@@ -41,6 +41,9 @@ int cli_parse_size(const char *s, uint64_t *out);
 /* qemu-io's cvtnum(): cli_parse_size, and also -ERANGE above INT64_MAX. */
 int cli_cvtnum(const char *s, int64_t *out);
 /* qemu's qapi bool: on/yes/true/y, off/no/false/n. */
+/* --output=human|json as qemu-img takes it: sets *json, or prints qemu-img's
+ * message (prefixed with cmd) and returns -EINVAL. */
+int cli_parse_output(const char *cmd, const char *arg, bool *json);
 int cli_parse_bool(const char *s, bool *out);
 
 /* qemu's size_to_str(): "196 KiB", "1.5 MiB", "0 B". */

@@ -180,14 +180,8 @@ int cmd_check(int argc, char **argv)
 		case 'T':
 			break;
 		case OPT_OUTPUT:
-			if (!strcmp(optarg, "json")) {
-				json = true;
-			} else if (!strcmp(optarg, "human")) {
-				json = false;
-			} else {
-				cli_error("check", "--output must be used with human or json as argument.");
+			if (cli_parse_output("check", optarg, &json) < 0)
 				return 1;
-			}
 			break;
 		default:
 			fprintf(stderr, "Try 'qsm check --help' for more information\n");

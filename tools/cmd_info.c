@@ -159,14 +159,8 @@ int cmd_info(int argc, char **argv)
 		case 'U':
 			break;
 		case OPT_OUTPUT:
-			if (!strcmp(optarg, "json")) {
-				json = true;
-			} else if (!strcmp(optarg, "human")) {
-				json = false;
-			} else {
-				cli_error("info", "--output must be used with human or json as argument.");
+			if (cli_parse_output("info", optarg, &json) < 0)
 				return 1;
-			}
 			break;
 		default:
 			fprintf(stderr, "Try 'qsm info --help' for more information\n");
