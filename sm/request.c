@@ -1412,7 +1412,6 @@ struct qsm_req *qsm_req_new(struct qsm_image *img, enum qsm_machine m, int iov_c
 	req->machine = m;
 	req->state = QSM_S_START;
 	req->id = ++img->next_id;
-	req->start_ns = qsm_now_ns();
 	req->all_next = img->all;
 	if (img->all)
 		img->all->all_prev = req;

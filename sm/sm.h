@@ -134,7 +134,6 @@ struct qsm_req {
 	qsm_cb cb;
 	void *opaque;
 	struct qsm_extent *status_out;
-	uint64_t start_ns;
 
 	struct qsm_run run;
 	struct iovec *iov_buf;    /* scratch iovecs: caller's count + 2 */

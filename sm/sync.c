@@ -84,11 +84,18 @@ int qsm_prealloc_parse(const char *s, enum qsm_prealloc *out)
 	return -EINVAL;
 }
 
-static void prealloc_io_cb(struct qsm_io_req *io, int ret)
+/* One blocking io/ request at create time. */
+struct sync_io {
+	struct qsm_io_req io;
+	bool done;
+	int ret;
+};
+
+static void sync_io_cb(struct qsm_io_req *io, int ret)
 {
-	io->io_ret = ret;
-	io->offset = 0; /* done marker: see preallocate() */
-	io->len = 1;
+	struct sync_io *s = container_of(io, struct sync_io, io);
+	s->ret = ret;
+	s->done = true;
 }
 
 /* Write len bytes of zeros at off (preallocation=full), 1 MiB at a time. */
@@ -153,14 +160,14 @@ static int preallocate(struct qsm_image *img, enum qsm_prealloc mode)
 	if ((ret = qsm_io_truncate_sync(img->io, end)) < 0)
 		return ret;
 	if (mode == QSM_PREALLOC_FALLOC) {
-		struct qsm_io_req r = {
+		struct sync_io r = { .io = {
 			.op = QSM_IO_PREALLOC, .event = QSM_IO_EV_CLUSTER_ALLOC,
-			.offset = data_lo, .len = data_hi - data_lo, .cb = prealloc_io_cb,
-		};
-		qsm_io_submit(img->io, &r);
-		while (r.len != 1)
+			.offset = data_lo, .len = data_hi - data_lo, .cb = sync_io_cb,
+		} };
+		qsm_io_submit(img->io, &r.io);
+		while (!r.done)
 			event_base_loop(img->base, EVLOOP_ONCE);
-		ret = r.io_ret;
+		ret = r.ret;
 	}
 	if (!ret)
 		ret = qsm_io_flush_sync(img->io);
