@@ -317,7 +317,7 @@ int cmd_create(int argc, char **argv)
 			goto out;
 		}
 		if (!unsafe || !size_given) {
-			uint64_t bsize;
+			uint64_t bsize = 0;
 			if (backing_size(file, backing_path, backing_fmt, &bsize) < 0)
 				goto out;
 			if (!size_given) {
