@@ -621,6 +621,12 @@ void qsm_get_info(struct qsm_image *img, struct qsm_info *info)
 	info->aio = img->io->ops->name;
 }
 
+struct qsm_image *qsm_get_backing(struct qsm_image *img)
+{
+	(void)img;
+	return NULL; /* backing files are refused at open for now (#5) */
+}
+
 void qsm_get_stats(struct qsm_image *img, struct qsm_stats *st)
 {
 	*st = img->stats;
@@ -743,6 +749,13 @@ int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, uns
 	if (flags & ~QSM_ZERO_MAY_UNMAP)
 		return -EINVAL;
 	return submit_range(img, QSM_M_ZEROES, offset, bytes, flags, cb, opaque);
+}
+
+int qsm_write_compressed(struct qsm_image *img, uint64_t offset, const struct iovec *iov,
+			 int iovcnt, qsm_cb cb, void *opaque)
+{
+	(void)img, (void)offset, (void)iov, (void)iovcnt, (void)cb, (void)opaque;
+	return -ENOTSUP; /* compressed writes are not implemented yet (#5) */
 }
 
 int qsm_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,

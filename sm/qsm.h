@@ -53,6 +53,13 @@ struct qsm_open_opts {
 	const char *aio;           /* "threads", "io_uring" or NULL (default) */
 	uint64_t l2_cache_size;    /* bytes of L2 cache; 0: enough for 256 GiB at 64 KiB clusters */
 	bool no_repair;            /* open dirty images without repairing (read-only use) */
+	const char *format;        /* "qcow2" (default) or "raw"; a format is never probed */
+	/* Do not open the backing file (read-only opens only): unallocated
+	 * clusters then read as zeros.  For tools that inspect one layer. */
+	bool no_backing;
+	/* Format of the backing file when the image does not record one
+	 * (no backing-format extension): "qcow2" or "raw".  Never probed. */
+	const char *backing_format;
 };
 
 /* Open the image at `path`.  On error, a message naming what is wrong is put
@@ -94,6 +101,17 @@ int qsm_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes, qsm_cb c
 int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags,
 		     qsm_cb cb, void *opaque);
 
+/*
+ * Compressed write of whole clusters (qemu-io write -c): offset is cluster
+ * aligned and bytes a multiple of the cluster size, or ending at the end of
+ * the disk.  Each cluster is deflated off the loop (worker threads) and
+ * packed byte-wise after the previous compressed cluster, as qemu-img does;
+ * a cluster that does not shrink is written uncompressed.  The clusters'
+ * old contents are released.  -ENOTSUP for raw images.
+ */
+int qsm_write_compressed(struct qsm_image *img, uint64_t offset, const struct iovec *iov,
+			 int iovcnt, qsm_cb cb, void *opaque);
+
 /* Allocation status of the run starting at offset (at most `bytes` long). */
 #define QSM_STATUS_DATA      0x1 /* reads come from this image's host clusters */
 #define QSM_STATUS_ZERO      0x2 /* reads as zeros */
@@ -125,6 +143,9 @@ struct qsm_info {
 	const char *aio;            /* backend name */
 };
 void qsm_get_info(struct qsm_image *img, struct qsm_info *info);
+/* The backing image (opened read-only on the same loop, owned by img), or
+ * NULL when there is none or it was not opened (no_backing). */
+struct qsm_image *qsm_get_backing(struct qsm_image *img);
 /* A sentence explaining the image's last error (corruption found, feature
  * not supported, write-back failure), or "" when there was none. */
 const char *qsm_image_error(struct qsm_image *img);
@@ -185,6 +206,8 @@ int qsm_sync_pread(struct qsm_image *img, void *buf, size_t len, uint64_t offset
 int qsm_sync_pwrite(struct qsm_image *img, const void *buf, size_t len, uint64_t offset);
 int qsm_sync_flush(struct qsm_image *img);
 int qsm_sync_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes);
+int qsm_sync_write_compressed(struct qsm_image *img, const void *buf, size_t len,
+			      uint64_t offset);
 int qsm_sync_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags);
 int qsm_sync_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,
 			  struct qsm_extent *out);

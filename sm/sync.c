@@ -47,6 +47,14 @@ int qsm_sync_pwrite(struct qsm_image *img, const void *buf, size_t len, uint64_t
 	return sync_run(img, qsm_writev(img, offset, &iov, 1, sync_cb, &w), &w);
 }
 
+int qsm_sync_write_compressed(struct qsm_image *img, const void *buf, size_t len,
+			      uint64_t offset)
+{
+	struct sync_wait w = { 0 };
+	struct iovec iov = { (void *)buf, len };
+	return sync_run(img, qsm_write_compressed(img, offset, &iov, 1, sync_cb, &w), &w);
+}
+
 int qsm_sync_flush(struct qsm_image *img)
 {
 	struct sync_wait w = { 0 };
