@@ -293,6 +293,14 @@ int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_ope
 		qsm_io_close(io);
 		return -ENOMEM;
 	}
+	if (opts->no_backing && !opts->read_only) {
+		free(p);
+		qsm_io_close(io);
+		if (err)
+			snprintf(err, errlen, "opening without the backing file is allowed read-only only "
+				 "(writes would copy from the wrong data)");
+		return -EINVAL;
+	}
 	img->base = base;
 	img->io = io;
 	img->read_only = opts->read_only || (io->flags & QSM_IO_RDONLY);
@@ -301,6 +309,23 @@ int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_ope
 
 	if ((ret = qsm_io_get_size(io, &fsize)) < 0)
 		OPEN_FAIL(ret, "cannot get the image size: %s", strerror(-ret));
+
+	/* The format is given, never probed (a raw file may hold a qcow2
+	 * header written by a guest). */
+	const char *fmt = opts->format ? opts->format : "qcow2";
+	if (strcmp(fmt, "raw") == 0) {
+		img->raw = true;
+		img->hdr.size = fsize;
+		img->file_end = img->open_size = img->prealloc_end = fsize;
+		img->run_ev = event_new(base, -1, 0, run_cb, img);
+		img->wb_ev = evtimer_new(base, qsm_wb_timer_cb, img);
+		if (!img->run_ev || !img->wb_ev)
+			OPEN_FAIL(-ENOMEM, "out of memory");
+		*out = img;
+		return 0;
+	}
+	if (strcmp(fmt, "qcow2") != 0)
+		OPEN_FAIL(-EINVAL, "unknown image format '%s' (qsm opens qcow2 and raw images)", fmt);
 
 	buf = calloc(1, 1u << QCOW2_MAX_CLUSTER_BITS);
 	if (!buf)
@@ -342,7 +367,7 @@ read_header:;
 	}
 	free(buf);
 	buf = NULL;
-	if (h->backing_file[0])
+	if (h->backing_file[0] && !opts->no_backing)
 		OPEN_FAIL(-ENOTSUP, "backing file '%s': backing files are not supported yet",
 			  h->backing_file);
 	if ((h->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !img->read_only)
@@ -451,6 +476,8 @@ int qsm_close(struct qsm_image *img)
 		event_base_loop(img->base, EVLOOP_ONCE);
 	if (img->error)
 		ret = img->error; /* metadata that could not be written is lost */
+	else if (img->raw)
+		ret = img->read_only ? 0 : qsm_io_flush_sync(img->io);
 	else if (!img->read_only)
 		ret = qsm_wb_sync_all(img);
 	if (!ret && !img->read_only && !img->error && img->prealloc_end > img->open_size) {
@@ -529,6 +556,12 @@ int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
 		TRUNC_FAIL(-EBUSY, "Requests are in flight");
 	if (size == h->size)
 		return 0;
+	if (img->raw) {
+		if ((ret = qsm_io_truncate_sync(img->io, size)) < 0)
+			TRUNC_FAIL(ret, "Could not resize the file: %s", strerror(-ret));
+		h->size = img->file_end = size;
+		return 0;
+	}
 	/* Start from a clean image: every table on disk, nothing dirty. */
 	if ((ret = qsm_wb_sync_all(img)) < 0)
 		TRUNC_FAIL(ret, "Could not write metadata back: %s", strerror(-ret));
@@ -606,19 +639,26 @@ void qsm_get_info(struct qsm_image *img, struct qsm_info *info)
 	const struct qcow2_header *h = &img->hdr;
 	memset(info, 0, sizeof(*info));
 	info->virtual_size = h->size;
+	info->read_only = img->read_only;
+	info->cache = img->cache;
+	info->aio = img->io->ops->name;
+	if (img->raw) {
+		uint64_t fsize;
+		info->format = "raw";
+		info->file_size = qsm_io_get_size(img->io, &fsize) == 0 ? fsize : h->size;
+		return;
+	}
+	info->format = "qcow2";
 	info->cluster_size = img->cluster_size;
 	info->version = h->version;
 	info->refcount_bits = 1u << h->refcount_order;
 	info->lazy_refcounts = h->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS;
 	info->corrupt = h->incompatible_features & QCOW2_INCOMPAT_CORRUPT;
 	info->dirty = h->incompatible_features & QCOW2_INCOMPAT_DIRTY;
-	info->read_only = img->read_only;
 	info->file_size = QSM_MAX(qsm_refcount_image_end(img->rc), img->file_end);
 	snprintf(info->backing_file, sizeof(info->backing_file), "%s", h->backing_file);
 	snprintf(info->backing_format, sizeof(info->backing_format), "%s", h->backing_format);
 	info->nb_snapshots = h->nb_snapshots;
-	info->cache = img->cache;
-	info->aio = img->io->ops->name;
 }
 
 struct qsm_image *qsm_get_backing(struct qsm_image *img)

@@ -53,7 +53,10 @@ struct qsm_open_opts {
 	const char *aio;           /* "threads", "io_uring" or NULL (default) */
 	uint64_t l2_cache_size;    /* bytes of L2 cache; 0: enough for 256 GiB at 64 KiB clusters */
 	bool no_repair;            /* open dirty images without repairing (read-only use) */
-	const char *format;        /* "qcow2" (default) or "raw"; a format is never probed */
+	/* "qcow2" (default) or "raw"; a format is never probed.  A raw image's
+	 * virtual size is the file's size; requests go straight to the file,
+	 * flush is one fdatasync. */
+	const char *format;
 	/* Do not open the backing file (read-only opens only): unallocated
 	 * clusters then read as zeros.  For tools that inspect one layer. */
 	bool no_backing;
@@ -95,7 +98,9 @@ int qsm_writev(struct qsm_image *img, uint64_t offset, const struct iovec *iov, 
 	       qsm_cb cb, void *opaque);
 int qsm_flush(struct qsm_image *img, qsm_cb cb, void *opaque);
 /* Whole clusters in the range are released and read as zeros afterwards
- * (v3: zero flag; v2: unallocated); partial clusters are left as they are. */
+ * (v3: zero flag; v2: unallocated); partial clusters are left as they are.
+ * Raw images: the range is discarded in the file (advisory, as the file
+ * system's hole punching: the contents afterwards are unspecified). */
 int qsm_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes, qsm_cb cb, void *opaque);
 #define QSM_ZERO_MAY_UNMAP 0x1 /* whole clusters may be deallocated (qemu-io write -z -u) */
 int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags,
@@ -122,11 +127,17 @@ struct qsm_extent {
 	unsigned flags;          /* QSM_STATUS_* */
 	uint64_t host_offset;    /* when DATA and not compressed */
 };
+/* Raw images report the whole range as DATA|ALLOCATED with host_offset =
+ * offset (one extent; holes of a sparse file are not looked for, where
+ * qemu-img map reports them as zero). */
 int qsm_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,
 		     struct qsm_extent *out, qsm_cb cb, void *opaque);
 
 /* --- Information --------------------------------------------------------- */
+/* For a raw image only format, virtual_size, file_size (the file's size),
+ * read_only, cache and aio are set; the rest is zero. */
 struct qsm_info {
+	const char *format;         /* "qcow2" or "raw" (static) */
 	uint64_t virtual_size;
 	uint64_t cluster_size;
 	unsigned version;           /* 2 or 3 */

@@ -26,7 +26,9 @@
  *   START -> L1_LOOKUP ........... step_l1_lookup
  *   * -> L2_ALLOC ................ step_l2_alloc
  *   * -> L2_LOOKUP ............... step_l2_lookup (classify_read/_write/...)
+ *   START -> (raw image) ......... raw_start, then DATA_READ/DATA_WRITE/FILE_RANGE
  *   * -> DATA_READ/DATA_WRITE .... step_data_io
+ *   * -> FILE_RANGE .............. step_file_range
  *   * -> CLUSTER_ALLOC ........... step_cluster_alloc
  *   * -> COW_READ ................ step_cow_read
  *   * -> ALLOC_WRITE ............. step_alloc_write
@@ -915,6 +917,20 @@ static enum qsm_event step_data_io(struct qsm_req *req)
 	return submit_io(req, QSM_IO_WRITE, QSM_IO_EV_DATA_WRITE, run->host, req->iov_buf, cnt);
 }
 
+/* Raw image, write-zeroes or discard: one zero-range or discard operation
+ * on the file (discard is advisory there, as io/ documents). */
+static enum qsm_event step_file_range(struct qsm_req *req)
+{
+	struct qsm_run *run = &req->run;
+	req->io = (struct qsm_io_req){
+		.op = req->machine == QSM_M_ZEROES ? QSM_IO_ZERO : QSM_IO_DISCARD,
+		.event = QSM_IO_EV_DATA_WRITE, .offset = run->host, .len = run->bytes,
+		.cb = req_io_cb,
+	};
+	qsm_io_submit(req->img->io, &req->io);
+	return QSM_E_WAIT;
+}
+
 static enum qsm_event step_zero_fill(struct qsm_req *req)
 {
 	qsm_iov_memset(req->iov, req->iovcnt, req->done, 0, req->run.bytes);
@@ -1199,6 +1215,7 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_JOIN_WRITE:    return step_data_io(req);
 	case QSM_S_JOIN_WAIT:     return step_join_wait(req);
 	case QSM_S_ZERO_FILL:     return step_zero_fill(req);
+	case QSM_S_FILE_RANGE:    return step_file_range(req);
 	case QSM_S_CLUSTER_ALLOC: return step_cluster_alloc(req);
 	case QSM_S_COW_READ:      return step_cow_read(req);
 	case QSM_S_ZERO_CLUSTERS: return step_zero_clusters(req);
@@ -1420,6 +1437,23 @@ struct qsm_req *qsm_req_new(struct qsm_image *img, enum qsm_machine m, int iov_c
 	return req;
 }
 
+/*
+ * A raw image maps guest offset x to file offset x: the whole request is one
+ * run, handed to DATA_READ, DATA_WRITE or FILE_RANGE by the RAW edges.  Block
+ * status reports it all as this image's data (see qsm.h).
+ */
+static enum qsm_event raw_start(struct qsm_req *req)
+{
+	struct qsm_run *run = &req->run;
+	run->offset = run->host = req->offset;
+	run->bytes = req->bytes;
+	if (req->machine == QSM_M_STATUS)
+		*req->status_out = (struct qsm_extent){ req->offset, req->bytes,
+							QSM_STATUS_DATA | QSM_STATUS_ALLOCATED,
+							req->offset };
+	return QSM_E_RAW;
+}
+
 void qsm_sm_start(struct qsm_req *req)
 {
 	enum qsm_event ev = QSM_E_BEGIN;
@@ -1431,6 +1465,8 @@ void qsm_sm_start(struct qsm_req *req)
 		req->wt_counted = true;
 		req->img->wt_pending++;
 	}
+	if (req->img->raw && ev == QSM_E_BEGIN && req->machine != QSM_M_WRITEBACK)
+		ev = raw_start(req);
 	qsm_sm_post(req, ev, 0);
 }
 

@@ -180,7 +180,10 @@ struct qsm_wb {
 struct qsm_image {
 	struct event_base *base;
 	struct qsm_io *io;
-	struct qcow2_header hdr;
+	struct qcow2_header hdr;  /* raw: only size is set (the file's size) */
+	/* A raw image: no metadata at all, guest offset = file offset.  Requests
+	 * take the RAW edges (sm/states.def); rc, l1 and l2c stay empty. */
+	bool raw;
 	uint64_t cluster_size;
 	unsigned cluster_bits;
 	uint64_t l2_entries;      /* per table */

@@ -136,6 +136,8 @@ static int wb_collect(struct qsm_image *img, struct qsm_wb *wb, bool full)
 {
 	bool with_refcounts = full || !img->lazy;
 	int ret;
+	if (img->raw)
+		return 0; /* no metadata: a raw image's batch is one fdatasync */
 	if (with_refcounts) {
 		if ((ret = qsm_refcount_collect(img->rc, &wb->blocks, &wb->reftable, &wb->rc)) < 0)
 			return ret;

@@ -1,16 +1,17 @@
 /*
  * tools/cmd_info.c: `qsm info`, qemu-img info for qcow2 images.
  *
- *   qsm info [--output=human|json] [-f qcow2] [-U] FILE
+ *   qsm info [--output=human|json] [--backing-chain] [-f qcow2|raw] [-U] FILE
  *
  * Design: open read-only through qsm_open (no_repair: a dirty image is
  * reported, never repaired), take qsm_get_info() plus stat()'s allocated
  * blocks for "disk size", and print the fields qemu-img 7.2 prints for
- * qcow2, in its order.  The JSON form copies qemu's key order (its QDict
+ * qcow2 and raw, in its order.  The JSON form copies qemu's key order (its QDict
  * hash order, which is fixed for this key set) and 4-space indentation.
  * Not shown (the API does not expose them yet): the snapshot list.
  */
 #include <errno.h>
+#include <stdarg.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,11 +26,12 @@
 static void info_usage(FILE *f)
 {
 	fprintf(f,
-		"Usage: qsm info [--output=human|json] [-f qcow2] [-U] filename\n"
-		"Show information about a qcow2 image, as 'qemu-img info' does.\n"
+		"Usage: qsm info [--output=human|json] [--backing-chain] [-f FMT] [-U] filename\n"
+		"Show information about a qcow2 or raw image, as 'qemu-img info' does.\n"
 		"\n"
-		"  --output=FMT  human (default) or json\n"
-		"  -f FMT        image format; only qcow2\n"
+		"  --output=FMT     human (default) or json\n"
+		"  --backing-chain  also show every image of the backing chain\n"
+		"  -f FMT           image format: qcow2 (default) or raw; never probed\n"
 		"  -U            force share (accepted; the image is opened read-only)\n");
 }
 
@@ -52,51 +54,75 @@ static void json_string(const char *s)
 	putchar('"');
 }
 
-static void print_json(const char *file, const struct qsm_info *in, uint64_t disk,
-		       const char *full_backing)
+/* One line of JSON output, after the indentation prefix. */
+static void line(const char *ind, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void line(const char *ind, const char *fmt, ...)
+{
+	va_list ap;
+	fputs(ind, stdout);
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+}
+
+/* One image as qemu-img's JSON object; `ind` prefixes every line (the
+ * --backing-chain array indents its objects by four more spaces). */
+static void print_json(const char *ind, const char *file, const struct qsm_info *in,
+		       uint64_t disk, const char *full_backing)
 {
 	const char *b = in->backing_file;
 
-	printf("{\n");
+	line(ind, "{\n");
+	if (strcmp(in->format, "qcow2")) {
+		line(ind, "    \"virtual-size\": %llu,\n", (unsigned long long)in->virtual_size);
+		line(ind, "    \"filename\": ");
+		json_string(file);
+		fputs(",\n", stdout);
+		line(ind, "    \"format\": \"%s\",\n", in->format);
+		line(ind, "    \"actual-size\": %llu,\n", (unsigned long long)disk);
+		line(ind, "    \"dirty-flag\": false\n");
+		line(ind, "}");
+		return;
+	}
 	if (b[0] && in->backing_format[0]) {
-		printf("    \"backing-filename-format\": ");
+		line(ind, "    \"backing-filename-format\": ");
 		json_string(in->backing_format);
-		printf(",\n");
+		fputs(",\n", stdout);
 	}
-	printf("    \"virtual-size\": %llu,\n", (unsigned long long)in->virtual_size);
-	printf("    \"filename\": ");
+	line(ind, "    \"virtual-size\": %llu,\n", (unsigned long long)in->virtual_size);
+	line(ind, "    \"filename\": ");
 	json_string(file);
-	printf(",\n");
-	printf("    \"cluster-size\": %llu,\n", (unsigned long long)in->cluster_size);
-	printf("    \"format\": \"qcow2\",\n");
-	printf("    \"actual-size\": %llu,\n", (unsigned long long)disk);
-	printf("    \"format-specific\": {\n");
-	printf("        \"type\": \"qcow2\",\n");
-	printf("        \"data\": {\n");
+	fputs(",\n", stdout);
+	line(ind, "    \"cluster-size\": %llu,\n", (unsigned long long)in->cluster_size);
+	line(ind, "    \"format\": \"qcow2\",\n");
+	line(ind, "    \"actual-size\": %llu,\n", (unsigned long long)disk);
+	line(ind, "    \"format-specific\": {\n");
+	line(ind, "        \"type\": \"qcow2\",\n");
+	line(ind, "        \"data\": {\n");
 	if (in->version >= 3) {
-		printf("            \"compat\": \"1.1\",\n");
-		printf("            \"compression-type\": \"zlib\",\n");
-		printf("            \"lazy-refcounts\": %s,\n", in->lazy_refcounts ? "true" : "false");
-		printf("            \"refcount-bits\": %u,\n", in->refcount_bits);
-		printf("            \"corrupt\": %s,\n", in->corrupt ? "true" : "false");
-		printf("            \"extended-l2\": false\n");
+		line(ind, "            \"compat\": \"1.1\",\n");
+		line(ind, "            \"compression-type\": \"zlib\",\n");
+		line(ind, "            \"lazy-refcounts\": %s,\n", in->lazy_refcounts ? "true" : "false");
+		line(ind, "            \"refcount-bits\": %u,\n", in->refcount_bits);
+		line(ind, "            \"corrupt\": %s,\n", in->corrupt ? "true" : "false");
+		line(ind, "            \"extended-l2\": false\n");
 	} else {
-		printf("            \"compat\": \"0.10\",\n");
-		printf("            \"compression-type\": \"zlib\",\n");
-		printf("            \"refcount-bits\": %u\n", in->refcount_bits);
+		line(ind, "            \"compat\": \"0.10\",\n");
+		line(ind, "            \"compression-type\": \"zlib\",\n");
+		line(ind, "            \"refcount-bits\": %u\n", in->refcount_bits);
 	}
-	printf("        }\n");
-	printf("    },\n");
+	line(ind, "        }\n");
+	line(ind, "    },\n");
 	if (b[0]) {
-		printf("    \"full-backing-filename\": ");
+		line(ind, "    \"full-backing-filename\": ");
 		json_string(full_backing);
-		printf(",\n");
-		printf("    \"backing-filename\": ");
+		fputs(",\n", stdout);
+		line(ind, "    \"backing-filename\": ");
 		json_string(b);
-		printf(",\n");
+		fputs(",\n", stdout);
 	}
-	printf("    \"dirty-flag\": %s\n", in->dirty ? "true" : "false");
-	printf("}\n");
+	line(ind, "    \"dirty-flag\": %s\n", in->dirty ? "true" : "false");
+	line(ind, "}");
 }
 
 static void print_human(const char *file, const struct qsm_info *in, uint64_t disk,
@@ -107,12 +133,13 @@ static void print_human(const char *file, const struct qsm_info *in, uint64_t di
 	cli_size_to_str(in->virtual_size, vs, sizeof(vs));
 	cli_size_to_str(disk, ds, sizeof(ds));
 	printf("image: %s\n"
-	       "file format: qcow2\n"
+	       "file format: %s\n"
 	       "virtual size: %s (%llu bytes)\n"
-	       "disk size: %s\n"
-	       "cluster_size: %llu\n",
-	       file, vs, (unsigned long long)in->virtual_size, ds,
-	       (unsigned long long)in->cluster_size);
+	       "disk size: %s\n",
+	       file, in->format, vs, (unsigned long long)in->virtual_size, ds);
+	if (strcmp(in->format, "qcow2"))
+		return;
+	printf("cluster_size: %llu\n", (unsigned long long)in->cluster_size);
 	if (in->dirty)
 		printf("cleanly shut down: no\n");
 	if (in->backing_file[0]) {
@@ -127,24 +154,64 @@ static void print_human(const char *file, const struct qsm_info *in, uint64_t di
 	cli_print_qcow2_specific(in);
 }
 
+/* Print img and, with chain, every image below it (qemu-img info
+ * --backing-chain): human entries separated by a blank line, JSON as an
+ * array.  Each backing image is named as qemu names it, by its backing file
+ * name combined with the directory of the image above. */
+static int print_images(const char *file, struct qsm_image *img, bool json, bool chain)
+{
+	char *name = strdup(file);
+	int r = 0;
+
+	if (json && chain)
+		printf("[\n");
+	for (bool first = true; img && name; first = false) {
+		struct qsm_info info;
+		struct stat st;
+		qsm_get_info(img, &info);
+		info.backing_file[sizeof(info.backing_file) - 1] = '\0';
+		info.backing_format[sizeof(info.backing_format) - 1] = '\0';
+		uint64_t disk = stat(name, &st) == 0 ? (uint64_t)st.st_blocks * 512 : 0;
+		char *full = cli_path_combine(name, info.backing_file);
+		if (!full) {
+			r = -ENOMEM;
+			break;
+		}
+		if (json) {
+			if (!first)
+				printf(",\n");
+			print_json(chain ? "    " : "", name, &info, disk, full);
+		} else {
+			if (!first)
+				printf("\n");
+			print_human(name, &info, disk, full);
+		}
+		free(name);
+		name = full;
+		img = chain ? qsm_get_backing(img) : NULL;
+	}
+	if (json)
+		printf(chain ? "\n]\n" : "\n");
+	free(name);
+	return r;
+}
+
 int cmd_info(int argc, char **argv)
 {
-	enum { OPT_OUTPUT = 256 };
+	enum { OPT_OUTPUT = 256, OPT_CHAIN };
 	static const struct option lopt[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ "output", required_argument, NULL, OPT_OUTPUT },
+		{ "backing-chain", no_argument, NULL, OPT_CHAIN },
 		{ "force-share", no_argument, NULL, 'U' },
 		{ "format", required_argument, NULL, 'f' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *fmt = "qcow2", *file;
-	bool json = false;
+	bool json = false, chain = false;
 	struct event_base *base = NULL;
 	struct qsm_image *img = NULL;
-	struct qsm_info info;
-	struct stat st;
 	char err[512] = "";
-	char *full = NULL;
 	int c, r;
 
 	optind = 0;
@@ -162,6 +229,9 @@ int cmd_info(int argc, char **argv)
 			if (cli_parse_output("info", optarg, &json) < 0)
 				return 1;
 			break;
+		case OPT_CHAIN:
+			chain = true;
+			break;
 		default:
 			fprintf(stderr, "Try 'qsm info --help' for more information\n");
 			return 1;
@@ -173,8 +243,8 @@ int cmd_info(int argc, char **argv)
 		return 1;
 	}
 	file = argv[optind];
-	if (strcmp(fmt, "qcow2")) {
-		cli_error("info", "Unknown file format '%s' (qsm reads qcow2 only)", fmt);
+	if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+		cli_error("info", "Unknown file format '%s' (qsm reads qcow2 and raw)", fmt);
 		return 1;
 	}
 
@@ -183,7 +253,9 @@ int cmd_info(int argc, char **argv)
 		cli_error("info", "cannot create an event loop");
 		return 1;
 	}
-	struct qsm_open_opts o = { .read_only = true, .no_repair = true };
+	/* As qemu-img: the backing chain is opened only when it is shown. */
+	struct qsm_open_opts o = { .read_only = true, .no_repair = true, .format = fmt,
+				   .no_backing = !chain };
 	r = qsm_open(base, file, &o, &img, err, sizeof(err));
 	if (r < 0) {
 		/* qemu-img: "Could not open 'F': <driver's message>" */
@@ -192,18 +264,11 @@ int cmd_info(int argc, char **argv)
 		event_base_free(base);
 		return 1;
 	}
-	qsm_get_info(img, &info);
-	info.backing_file[sizeof(info.backing_file) - 1] = '\0';
-	info.backing_format[sizeof(info.backing_format) - 1] = '\0';
-	uint64_t disk = stat(file, &st) == 0 ? (uint64_t)st.st_blocks * 512 : 0;
-	full = cli_path_combine(file, info.backing_file);
-	if (json)
-		print_json(file, &info, disk, full ? full : info.backing_file);
-	else
-		print_human(file, &info, disk, full ? full : info.backing_file);
-	free(full);
-	r = qsm_close(img);
+	r = print_images(file, img, json, chain);
+	int rc = qsm_close(img);
 	event_base_free(base);
+	if (r == 0)
+		r = rc;
 	if (r < 0) {
 		cli_error("info", "%s: %s", file, qsm_strerror(r));
 		return 1;

@@ -1114,6 +1114,10 @@ static int info_f(struct io_ctx *io, int argc, char **argv)
 	char s1[64], s2[64];
 
 	qsm_get_info(io->img, &info);
+	if (strcmp(info.format, "qcow2")) {
+		printf("format name: %s\ncluster size: 0 bytes\nvm state offset: 0 bytes\n", info.format);
+		return 0;
+	}
 	/* vm_state_offset: the virtual size rounded up to whole L2 tables. */
 	uint64_t l2_cover = info.cluster_size * (info.cluster_size / 8);
 	uint64_t vmstate = QSM_DIV_ROUND_UP(info.virtual_size, l2_cover) * l2_cover;
@@ -1274,9 +1278,11 @@ static int apply_open_opts(struct qsm_open_opts *oo, const char *s, bool *ro_giv
 		const char *k = o.v[i].key, *v = o.v[i].val;
 		bool b = false;
 		if (!strcmp(k, "driver")) {
-			if (strcmp(v, "qcow2")) {
-				fprintf(stderr, "qsm io: Unknown driver '%s' (qsm opens qcow2 only)\n", v);
+			if (strcmp(v, "qcow2") && strcmp(v, "raw")) {
+				fprintf(stderr, "qsm io: Unknown driver '%s' (qsm opens qcow2 and raw)\n", v);
 				r = -EINVAL;
+			} else {
+				oo->format = strcmp(v, "raw") ? "qcow2" : "raw";
 			}
 		} else if (!strcmp(k, "read-only")) {
 			if ((r = cli_parse_bool(v, &b)) == 0) {
@@ -1801,7 +1807,7 @@ static void io_usage(FILE *f)
 		"\n"
 		"  -c, --cmd STRING     execute command with its arguments\n"
 		"                       from the given string\n"
-		"  -f, --format FMT     specifies the block driver to use (qcow2 only)\n"
+		"  -f, --format FMT     specifies the block driver to use (qcow2 or raw)\n"
 		"  -r, --read-only      export read-only\n"
 		"  -n, --nocache        disable host cache, short for -t none\n"
 		"  -m, --misalign       misalign allocations for O_DIRECT\n"
@@ -1897,11 +1903,12 @@ int cmd_io(int argc, char **argv)
 		free(cmds);
 		return 1;
 	}
-	if (strcmp(fmt, "qcow2")) {
-		cli_error("io", "Unknown driver '%s' (qsm opens qcow2 only)", fmt);
+	if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+		cli_error("io", "Unknown driver '%s' (qsm opens qcow2 and raw)", fmt);
 		free(cmds);
 		return 1;
 	}
+	oo.format = fmt;
 	io.oo = oo;
 	io.base = event_base_new();
 	if (!io.base) {
