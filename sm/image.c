@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "metadata/check.h"
 #include "sm/sm.h"
@@ -244,6 +245,12 @@ static void image_free(struct qsm_image *img, bool abandon)
 		event_free(img->wb_ev);
 	if (img->io)
 		qsm_io_close(img->io);
+	if (img->backing) {
+		if (abandon)
+			qsm_abandon(img->backing);
+		else
+			(void)qsm_close(img->backing); /* read-only: nothing to lose */
+	}
 	qcow2_header_release(&img->hdr);
 	free(img->l1);
 	free(img->zero_buf);
@@ -275,8 +282,83 @@ static int write_header_sync(struct qsm_image *img)
 	return ret;
 }
 
-int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_open_opts *opts,
-		struct qsm_image **out, char *err, size_t errlen)
+/*
+ * Backing chains.  Every image of a chain opened by path is identified by
+ * device and inode, so a chain that comes back to one of its images (a loop,
+ * by any name) is refused, as is a chain deeper than QSM_MAX_CHAIN.
+ */
+#define QSM_MAX_CHAIN 64
+struct chain {
+	struct {
+		dev_t dev;
+		ino_t ino;
+	} id[QSM_MAX_CHAIN];
+	unsigned n;
+};
+
+static int open_path(struct event_base *base, const char *path, const struct qsm_open_opts *opts,
+		     struct chain *ch, struct qsm_image **out, char *err, size_t errlen);
+
+/* name resolved as QEMU does: relative to the directory of the image that
+ * names it (`path`), or to the current directory when the image was opened
+ * from an I/O handle (path NULL). */
+static char *backing_path(const char *path, const char *name)
+{
+	const char *slash = path ? strrchr(path, '/') : NULL;
+	if (name[0] == '/' || !slash)
+		return strdup(name);
+	size_t dlen = (size_t)(slash - path) + 1, nlen = strlen(name);
+	char *r = malloc(dlen + nlen + 1);
+	if (r) {
+		memcpy(r, path, dlen);
+		memcpy(r + dlen, name, nlen + 1);
+	}
+	return r;
+}
+
+/*
+ * Open img's backing file: read-only, never repaired, on the same loop with
+ * the same cache mode and aio backend, and recursively its own backing file.
+ * The format comes from the backing-format extension, else from
+ * opts->backing_format; it is never probed (a raw file could hold a qcow2
+ * header that names any file on the host).  Errors name the backing file.
+ */
+static int open_backing(struct qsm_image *img, const char *path, const struct qsm_open_opts *opts,
+			struct chain *ch, char *err, size_t errlen)
+{
+	const char *name = img->hdr.backing_file;
+	const char *fmt = img->hdr.backing_format[0] ? img->hdr.backing_format : opts->backing_format;
+	char sub[512] = "";
+	int ret;
+
+	if (!fmt || !fmt[0]) {
+		qsm_set_err(err, errlen, "backing file '%s': its format is not recorded in the image "
+			    "and was not given (qsm never probes formats: give it, e.g. "
+			    "qsm io --backing-format qcow2|raw, or rebase with qemu-img rebase -F)", name);
+		return -EINVAL;
+	}
+	if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+		qsm_set_err(err, errlen, "backing file '%s': format '%s' is not supported (qcow2 or raw)",
+			    name, fmt);
+		return -ENOTSUP;
+	}
+	char *full = backing_path(path, name);
+	if (!full)
+		return -ENOMEM;
+	struct qsm_open_opts bo = {
+		.read_only = true, .no_repair = true, .cache = opts->cache, .aio = opts->aio,
+		.l2_cache_size = opts->l2_cache_size, .format = fmt,
+	};
+	ret = open_path(img->base, full, &bo, ch, &img->backing, sub, sizeof(sub));
+	if (ret < 0)
+		qsm_set_err(err, errlen, "backing file '%s': %s", full, sub[0] ? sub : strerror(-ret));
+	free(full);
+	return ret;
+}
+
+static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_open_opts *opts,
+		   const char *path, struct chain *ch, struct qsm_image **out, char *err,
+		   size_t errlen)
 {
 	static const struct qsm_open_opts defaults;
 	struct qsm_image_priv *p = calloc(1, sizeof(*p));
@@ -367,9 +449,6 @@ read_header:;
 	}
 	free(buf);
 	buf = NULL;
-	if (h->backing_file[0] && !opts->no_backing)
-		OPEN_FAIL(-ENOTSUP, "backing file '%s': backing files are not supported yet",
-			  h->backing_file);
 	if ((h->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !img->read_only)
 		OPEN_FAIL(-EACCES, "image is corrupt (incompatible feature bit 1 set); cannot be opened read/write");
 	if ((h->incompatible_features & QCOW2_INCOMPAT_DIRTY) && !img->read_only)
@@ -431,6 +510,10 @@ read_header:;
 	img->open_size = fsize;
 	img->prealloc_end = fsize;
 
+	if (h->backing_file[0] && !opts->no_backing &&
+	    (ret = open_backing(img, path, opts, ch, err, errlen)) < 0)
+		goto fail;
+
 	/* Everything validated: only now may the file be written.  qsm keeps no
 	 * persistent bitmaps, so writing invalidates them: clear autoclear bits. */
 	if (!img->read_only && (h->autoclear_features & ~QCOW2_AUTOCLEAR_SUPPORTED)) {
@@ -447,13 +530,38 @@ fail:
 	return ret;
 }
 
-int qsm_open(struct event_base *base, const char *path, const struct qsm_open_opts *opts,
-	     struct qsm_image **out, char *err, size_t errlen)
+int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_open_opts *opts,
+		struct qsm_image **out, char *err, size_t errlen)
+{
+	struct chain ch = { .n = 0 };
+	return open_io(base, io, opts, NULL, &ch, out, err, errlen);
+}
+
+static int open_path(struct event_base *base, const char *path, const struct qsm_open_opts *opts,
+		     struct chain *ch, struct qsm_image **out, char *err, size_t errlen)
 {
 	static const struct qsm_open_opts defaults;
 	struct qsm_io *io;
+	struct stat st;
 	if (!opts)
 		opts = &defaults;
+	if (stat(path, &st) == 0) {
+		for (unsigned i = 0; i < ch->n; i++) {
+			if (ch->id[i].dev == st.st_dev && ch->id[i].ino == st.st_ino) {
+				qsm_set_err(err, errlen, "backing chain loop: '%s' is image %u of the "
+					    "chain again", path, i + 1);
+				return -ELOOP;
+			}
+		}
+		if (ch->n == QSM_MAX_CHAIN) {
+			qsm_set_err(err, errlen, "backing chain longer than %d images at '%s'",
+				    QSM_MAX_CHAIN, path);
+			return -ELOOP;
+		}
+		ch->id[ch->n].dev = st.st_dev;
+		ch->id[ch->n].ino = st.st_ino;
+		ch->n++;
+	}
 	int flags = opts->read_only ? QSM_IO_RDONLY : 0;
 	if (opts->cache == QSM_CACHE_NONE || opts->cache == QSM_CACHE_DIRECTSYNC)
 		flags |= QSM_IO_DIRECT;
@@ -463,7 +571,14 @@ int qsm_open(struct event_base *base, const char *path, const struct qsm_open_op
 			snprintf(err, errlen, "Could not open '%s': %s", path, strerror(-ret));
 		return ret;
 	}
-	return qsm_open_io(base, io, opts, out, err, errlen);
+	return open_io(base, io, opts, path, ch, out, err, errlen);
+}
+
+int qsm_open(struct event_base *base, const char *path, const struct qsm_open_opts *opts,
+	     struct qsm_image **out, char *err, size_t errlen)
+{
+	struct chain ch = { .n = 0 };
+	return open_path(base, path, opts, &ch, out, err, errlen);
 }
 
 int qsm_close(struct qsm_image *img)
@@ -663,8 +778,7 @@ void qsm_get_info(struct qsm_image *img, struct qsm_info *info)
 
 struct qsm_image *qsm_get_backing(struct qsm_image *img)
 {
-	(void)img;
-	return NULL; /* backing files are refused at open for now (#5) */
+	return img->backing;
 }
 
 void qsm_get_stats(struct qsm_image *img, struct qsm_stats *st)

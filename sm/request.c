@@ -8,7 +8,8 @@
  * machines are drawn in sm/states.def; `qsm graph` renders the same table.
  *
  *   read:   START > L1_LOOKUP > L2_LOOKUP (> L2_LOAD > L2_LOOKUP)
- *                 > DATA_READ | ZERO_FILL > NEXT_RUN > (L1_LOOKUP ... | DONE)
+ *                 > DATA_READ | ZERO_FILL | BACKING_READ
+ *                 > NEXT_RUN > (L1_LOOKUP ... | DONE)
  *   write:  START > L1_LOOKUP (> FROZEN | L2_ALLOC) > L2_LOOKUP (> L2_LOAD)
  *                 > DATA_WRITE                                  (in place)
  *                 | CLUSTER_ALLOC (> COW_READ) > ALLOC_WRITE > L2_UPDATE
@@ -30,7 +31,8 @@
  *   * -> DATA_READ/DATA_WRITE .... step_data_io
  *   * -> FILE_RANGE .............. step_file_range
  *   * -> CLUSTER_ALLOC ........... step_cluster_alloc
- *   * -> COW_READ ................ step_cow_read
+ *   * -> BACKING_READ ............ step_backing_read
+ *   * -> COW_READ ................ step_cow_read (cow_read_backing)
  *   * -> ALLOC_WRITE ............. step_alloc_write
  *   * -> L2_UPDATE ............... step_l2_update
  *   * -> ZERO_UPDATE ............. step_zero_update
@@ -417,20 +419,26 @@ static enum qsm_event step_l1_lookup(struct qsm_req *req)
 		}
 	}
 	if (l2_off == 0) {
+		bool backing = qsm_has_backing(img);
 		switch (req->machine) {
 		case QSM_M_READ:
-			return QSM_E_L1_EMPTY;
+			return backing ? QSM_E_BACKING : QSM_E_L1_EMPTY;
 		case QSM_M_STATUS:
+			/* With a backing file the chain decides: neither flag. */
 			*req->status_out = (struct qsm_extent){ run->offset, run->bytes,
-								QSM_STATUS_ZERO, 0 };
+								backing ? 0 : QSM_STATUS_ZERO, 0 };
 			return QSM_E_L1_EMPTY;
 		case QSM_M_DISCARD:
-			/* Unallocated reads as zeros (no backing file). */
-			return QSM_E_NOTHING_TO_DO;
+			/* Unallocated reads as zeros without a backing file; with
+			 * one, v3 hides it behind zero clusters (v2 cannot). */
+			if (!backing || img->hdr.version < 3)
+				return QSM_E_NOTHING_TO_DO;
+			return QSM_E_L1_EMPTY;
 		case QSM_M_ZEROES:
 			/* v3 records zero clusters (as QEMU, which creates the L2
-			 * table for them); v2 has nothing to record. */
-			if (img->hdr.version < 3)
+			 * table for them); v2 has nothing to record unless a
+			 * backing file would show through (it writes zeros). */
+			if (img->hdr.version < 3 && !backing)
 				return QSM_E_NOTHING_TO_DO;
 			/* fall through */
 		default:
@@ -643,6 +651,13 @@ static bool reads_zero(enum entry_kind k)
 	return k == EK_UNALLOC || k == EK_ZERO || k == EK_ZERO_ALLOC;
 }
 
+/* Does a cluster of this kind read as zeros in this image?  Unallocated
+ * clusters do only when there is no backing file. */
+static bool reads_zero_here(const struct qsm_image *img, enum entry_kind k)
+{
+	return reads_zero(k) && !(k == EK_UNALLOC && qsm_has_backing(img));
+}
+
 /* Clusters of the run [run->offset, +bytes) and the last index it touches. */
 static uint64_t run_clusters(const struct qsm_image *img, uint64_t off, uint64_t bytes)
 {
@@ -683,6 +698,7 @@ static enum qsm_event classify_read(struct qsm_req *req)
 		return QSM_E_COMPRESSED;
 	}
 	uint64_t host0 = e0 & QCOW2_L2E_OFFSET_MASK;
+	bool from_backing = k0 == EK_UNALLOC && qsm_has_backing(img);
 	uint64_t i;
 	for (i = 1; i < n; i++) {
 		uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
@@ -690,14 +706,23 @@ static enum qsm_event classify_read(struct qsm_req *req)
 		if ((ret = check_l2_entry(req, run->l2_index + i, e)) < 0)
 			return fail(req, ret);
 		/* A read merges every kind that reads as zeros; a status query
-		 * reports unallocated and zero clusters apart, as QEMU's map. */
-		if (reads_zero(k0) ? (req->machine == QSM_M_STATUS ? k != k0 : !reads_zero(k)) :
+		 * reports unallocated and zero clusters apart, as QEMU's map.
+		 * Unallocated clusters over a backing file form runs of their own. */
+		if (from_backing ? k != EK_UNALLOC :
+		    reads_zero(k0) ? (req->machine == QSM_M_STATUS ? k != k0 : !reads_zero_here(img, k)) :
 		    (k == EK_COMPRESSED || reads_zero(k) ||
 		     (e & QCOW2_L2E_OFFSET_MASK) != host0 + (i << img->cluster_bits)))
 			break;
 	}
 	run_clip(req, i);
 	release_l2(req);
+	if (from_backing) {
+		if (req->machine == QSM_M_STATUS) {
+			*req->status_out = (struct qsm_extent){ run->offset, run->bytes, 0, 0 };
+			return QSM_E_REPORTED;
+		}
+		return QSM_E_BACKING;
+	}
 	if (reads_zero(k0)) {
 		if (req->machine == QSM_M_STATUS)
 			*req->status_out = (struct qsm_extent){
@@ -719,7 +744,9 @@ static enum qsm_event classify_read(struct qsm_req *req)
  * Write (and zero data) runs: the first cluster decides the kind of run.
  *  - EK_DATA: in place, extended over host-contiguous EK_DATA clusters;
  *  - EK_UNALLOC/EK_ZERO/EK_ZERO_ALLOC: allocate, extended over clusters of
- *    those kinds (no old data to keep: COW regions are zeros);
+ *    those kinds (no old data to keep: COW regions are zeros); with a
+ *    backing file, unallocated clusters form runs of their own whose
+ *    partial head and tail are copied from the backing image (cow_backing);
  *  - EK_SHARED: allocate one cluster, COW from the shared one.
  */
 static enum qsm_event classify_write(struct qsm_req *req)
@@ -755,14 +782,16 @@ static enum qsm_event classify_write(struct qsm_req *req)
 		run->host = host0 + in_cluster(img, run->offset);
 		return QSM_E_IN_PLACE;
 	}
+	bool from_backing = k0 == EK_UNALLOC && qsm_has_backing(img);
 	if (k0 == EK_SHARED || k0 == EK_COMPRESSED) {
 		i = 1; /* one cluster, copied from its old contents */
 	} else {
 		for (i = 1; i < n; i++) {
 			uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
+			enum entry_kind k = entry_kind(e);
 			if ((ret = check_l2_entry(req, run->l2_index + i, e)) < 0)
 				return fail(req, ret);
-			if (!reads_zero(entry_kind(e)))
+			if (!reads_zero(k) || (from_backing != (k == EK_UNALLOC && qsm_has_backing(img))))
 				break;
 		}
 	}
@@ -798,13 +827,18 @@ static enum qsm_event classify_write(struct qsm_req *req)
 	}
 	run->old_entry = e0;
 	run->allocating = true;
+	run->cow_backing = from_backing;
 	return QSM_E_NEED_ALLOC;
 }
 
 /*
  * Write zeroes, with QEMU's results (so `map` agrees):
  *  - whole clusters: v3 sets the zero flag (keeping the allocation unless
- *    QSM_ZERO_MAY_UNMAP); v2, which has no zero flag, deallocates them;
+ *    QSM_ZERO_MAY_UNMAP; never unallocated, so a backing file stays hidden);
+ *    v2, which has no zero flag, deallocates them, or with a backing file
+ *    writes zeros into them;
+ *  - a partial cluster that is unallocated over a backing file: allocated,
+ *    the rest copied from the backing image (COW) and the part zeroed;
  *  - a partial cluster that already reads as zeros: v3 turns it into a zero
  *    cluster, v2 leaves it;
  *  - a partial cluster with data: zero data is written over the part.
@@ -824,14 +858,20 @@ static enum qsm_event classify_zeroes(struct qsm_req *req)
 	run->nb_clusters = run_clusters(img, run->offset, run->bytes);
 	if (wait_for_overlapping_alloc(req))
 		return QSM_E_ALLOC_BUSY;
-	if (run->bytes >= img->cluster_size && head == 0)
-		return QSM_E_WHOLE_CLUSTERS;
+	if (run->bytes >= img->cluster_size && head == 0) {
+		if (v3 || !qsm_has_backing(img))
+			return QSM_E_WHOLE_CLUSTERS;
+		/* v2 over a backing file: only real zeros hide it, one
+		 * cluster per run (see run_payload). */
+		run_clip(req, 1);
+		return classify_write(req);
+	}
 
 	uint64_t e = qsm_l2_entry(run->l2, run->l2_index);
 	int ret = check_l2_entry(req, run->l2_index, e);
 	if (ret < 0)
 		return fail(req, ret);
-	if (reads_zero(entry_kind(e))) {
+	if (reads_zero_here(img, entry_kind(e))) {
 		if (v3)
 			return QSM_E_WHOLE_CLUSTERS;
 		release_l2(req);
@@ -847,6 +887,13 @@ static enum qsm_event classify_discard(struct qsm_req *req)
 	uint64_t head = in_cluster(img, run->offset);
 	uint64_t first_whole = head ? img->cluster_size - head : 0;
 
+	if (img->hdr.version < 3 && qsm_has_backing(img)) {
+		/* As QEMU (qcow2_co_pdiscard returns ENOTSUP, which the block
+		 * layer ignores): v2 cannot hide the backing data, so a discard
+		 * changes nothing. */
+		release_l2(req);
+		return QSM_E_NOTHING_TO_DO;
+	}
 	if (first_whole) {
 		/* Skip the partial head cluster: qcow2 discards whole clusters. */
 		run->bytes = QSM_MIN(run->bytes, first_whole);
@@ -929,6 +976,34 @@ static enum qsm_event step_file_range(struct qsm_req *req)
 	};
 	qsm_io_submit(req->img->io, &req->io);
 	return QSM_E_WAIT;
+}
+
+static void backing_read_cb(void *opaque, int ret)
+{
+	struct qsm_req *req = opaque;
+	qsm_sm_post(req, ret < 0 ? QSM_E_ERROR : QSM_E_IO_DONE, ret);
+}
+
+/*
+ * Unallocated clusters over a backing file: the part inside the backing
+ * image's virtual size is read from it (a request of its own there, on the
+ * same loop); past its end, and when the backing file was not opened
+ * (no_backing), the run reads as zeros.
+ */
+static enum qsm_event step_backing_read(struct qsm_req *req)
+{
+	struct qsm_run *run = &req->run;
+	struct qsm_image *b = req->img->backing;
+	uint64_t bsize = b ? b->hdr.size : 0;
+	uint64_t n = run->offset < bsize ? QSM_MIN(run->bytes, bsize - run->offset) : 0;
+
+	if (n < run->bytes)
+		qsm_iov_memset(req->iov, req->iovcnt, req->done + n, 0, run->bytes - n);
+	if (n == 0)
+		return QSM_E_IO_DONE;
+	int cnt = qsm_iov_slice(req->iov_buf, req->iov_cap, req->iov, req->iovcnt, req->done, n);
+	int ret = qsm_readv(b, run->offset, req->iov_buf, cnt, backing_read_cb, req);
+	return ret < 0 ? fail(req, ret) : QSM_E_WAIT;
 }
 
 static enum qsm_event step_zero_fill(struct qsm_req *req)
@@ -1026,6 +1101,18 @@ static enum qsm_event step_cluster_alloc(struct qsm_req *req)
 
 	if (entry_kind(run->old_entry) == EK_SHARED)
 		return QSM_E_COW;
+	if (run->cow_backing) {
+		/* Copy what the write leaves of its first and last cluster from
+		 * the backing image; past its end the data is zeros already. */
+		uint64_t bsize = img->backing ? img->backing->hdr.size : 0;
+		uint64_t end = run->offset + run->bytes;
+		uint64_t head = in_cluster(img, run->offset);
+		uint64_t tail = in_cluster(img, end) ? img->cluster_size - in_cluster(img, end) : 0;
+		run->cow_head = run->offset - head < bsize ? QSM_MIN(head, bsize - (run->offset - head)) : 0;
+		run->cow_tail = end < bsize ? QSM_MIN(tail, bsize - end) : 0;
+		if (run->cow_head || run->cow_tail)
+			return QSM_E_COW;
+	}
 	if (entry_kind(run->old_entry) == EK_COMPRESSED)
 		return QSM_E_COMPRESSED;
 	/* Clusters never written since open read as zeros already (holes past
@@ -1053,10 +1140,68 @@ static enum qsm_event step_zero_clusters(struct qsm_req *req)
 	return QSM_E_WAIT;
 }
 
+/* Where ALLOC_WRITE takes the tail of the last cluster from: the COW buffer
+ * holds the first cluster, then (for runs of several clusters) the last. */
+static uint8_t *cow_tail_buf(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	return run->bounce + (run->nb_clusters > 1 ? img->cluster_size : 0) +
+	       in_cluster(img, run->offset + run->bytes);
+}
+
+static void cow_backing_cb(void *opaque, int ret)
+{
+	struct qsm_req *req = opaque;
+	if (ret < 0 && !req->io_ret)
+		req->io_ret = ret;
+	if (--req->io_pending == 0)
+		qsm_sm_post(req, req->io_ret ? QSM_E_ERROR : QSM_E_IO_DONE, req->io_ret);
+}
+
+/* COW_READ over a backing file: head and tail read in parallel from the
+ * backing image into a zeroed buffer (whatever is not read stays zeros). */
+static enum qsm_event cow_read_backing(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	size_t blen = (size_t)img->cluster_size * (run->nb_clusters > 1 ? 2 : 1);
+	struct { uint64_t off; uint64_t len; uint8_t *buf; } part[2];
+	unsigned n = 0;
+
+	if (posix_memalign((void **)&run->bounce, 4096, blen))
+		return fail(req, -ENOMEM);
+	memset(run->bounce, 0, blen);
+	if (run->cow_head)
+		part[n++] = (typeof(part[0])){ QSM_ALIGN_DOWN(run->offset, img->cluster_size),
+					       run->cow_head, run->bounce };
+	if (run->cow_tail)
+		part[n++] = (typeof(part[0])){ run->offset + run->bytes, run->cow_tail,
+					       cow_tail_buf(req) };
+	assert(n > 0 && req->iov_cap >= 2);
+	req->io_pending = n;
+	req->io_ret = 0;
+	for (unsigned i = 0; i < n; i++) {
+		req->iov_buf[i] = (struct iovec){ part[i].buf, part[i].len };
+		int ret = qsm_readv(img->backing, part[i].off, &req->iov_buf[i], 1,
+				    cow_backing_cb, req);
+		if (ret < 0) {
+			req->io_pending -= n - i;
+			if (!req->io_pending)
+				return fail(req, ret);
+			req->io_ret = ret; /* the read in flight reports it */
+			break;
+		}
+	}
+	return QSM_E_WAIT;
+}
+
 static enum qsm_event step_cow_read(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
 	struct qsm_run *run = &req->run;
+	if (run->cow_backing)
+		return cow_read_backing(req);
 	assert(run->nb_clusters == 1);
 	if (posix_memalign((void **)&run->bounce, 4096, img->cluster_size))
 		return fail(req, -ENOMEM);
@@ -1083,9 +1228,8 @@ static enum qsm_event step_alloc_write(struct qsm_req *req)
 	int n = run_payload(req, req->iov_buf + cnt, req->iov_cap - cnt - 1);
 	assert(n > 0);
 	cnt += n;
-	if (fill && tail) {
-		req->iov_buf[cnt++] = (struct iovec){ run->bounce + head + run->bytes, tail };
-	}
+	if (fill && tail)
+		req->iov_buf[cnt++] = (struct iovec){ cow_tail_buf(req), tail };
 	uint64_t host = fill ? run->host : run->host + head;
 	return submit_io(req, QSM_IO_WRITE, run->bounce ? QSM_IO_EV_COW_WRITE : QSM_IO_EV_DATA_WRITE,
 			 host, req->iov_buf, cnt);
@@ -1137,9 +1281,11 @@ static enum qsm_event step_zero_update(struct qsm_req *req)
 			new = (req->machine == QSM_M_DISCARD && !v3) ? 0 : QCOW2_L2E_ZERO;
 			unmap = true;
 		} else if (req->machine == QSM_M_DISCARD) {
-			/* As QEMU: v3 keeps a zero cluster so nothing shows through,
-			 * v2 can only deallocate. */
-			if (k == EK_UNALLOC || k == EK_ZERO)
+			/* As QEMU: v3 keeps a zero cluster so nothing shows through
+			 * (unallocated clusters over a backing file included), v2
+			 * can only deallocate (and never runs with a backing file,
+			 * see classify_discard). */
+			if (k == EK_ZERO || (k == EK_UNALLOC && !qsm_has_backing(img)))
 				continue;
 			new = v3 ? QCOW2_L2E_ZERO : 0;
 			unmap = true;
@@ -1215,6 +1361,7 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_JOIN_WRITE:    return step_data_io(req);
 	case QSM_S_JOIN_WAIT:     return step_join_wait(req);
 	case QSM_S_ZERO_FILL:     return step_zero_fill(req);
+	case QSM_S_BACKING_READ:  return step_backing_read(req);
 	case QSM_S_FILE_RANGE:    return step_file_range(req);
 	case QSM_S_CLUSTER_ALLOC: return step_cluster_alloc(req);
 	case QSM_S_COW_READ:      return step_cow_read(req);

@@ -104,6 +104,12 @@ struct qsm_run {
 	uint64_t host;            /* host offset of the run's first cluster */
 	bool allocating;
 	bool reuse;               /* allocated zero cluster rewritten in place */
+	/* Unallocated clusters of an image with a backing file: the parts of
+	 * the first and last cluster the write leaves (cow_head bytes before
+	 * it, cow_tail after it, each 0 when not needed or past the end of the
+	 * backing image) are read from the backing image in COW_READ. */
+	bool cow_backing;
+	uint64_t cow_head, cow_tail;
 	uint64_t old_entry;       /* L2 entry before the write (COW source) */
 	struct qsm_alloc alloc;
 	bool alloc_linked;
@@ -184,6 +190,10 @@ struct qsm_image {
 	/* A raw image: no metadata at all, guest offset = file offset.  Requests
 	 * take the RAW edges (sm/states.def); rc, l1 and l2c stay empty. */
 	bool raw;
+	/* The backing image (read-only, same loop, owned by this image), or NULL
+	 * when the header names none or it was not opened (no_backing: the
+	 * unallocated clusters then read as zeros). */
+	struct qsm_image *backing;
 	uint64_t cluster_size;
 	unsigned cluster_bits;
 	uint64_t l2_entries;      /* per table */
@@ -291,6 +301,12 @@ int qsm_wb_sync_all(struct qsm_image *img);
 int qsm_free_cluster_deferred(struct qsm_image *img, uint64_t host_offset);
 
 /* --- sm/image.c ---------------------------------------------------------- */
+/* Does the image name a backing file (opened or not)?  Unallocated clusters
+ * then belong to the backing chain: they are not zeros. */
+static inline bool qsm_has_backing(const struct qsm_image *img)
+{
+	return img->hdr.backing_file[0] != '\0';
+}
 /* Record a corruption: message, corrupt bit (written back), sticky -EIO. */
 int qsm_image_corrupt(struct qsm_image *img, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));

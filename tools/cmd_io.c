@@ -1300,6 +1300,11 @@ static int apply_open_opts(struct qsm_open_opts *oo, const char *s, bool *ro_giv
 		} else if (!strcmp(k, "cache.no-flush")) {
 			if ((r = cli_parse_bool(v, &b)) == 0 && b)
 				oo->cache = QSM_CACHE_UNSAFE;
+		} else if (!strcmp(k, "backing.driver")) {
+			if (strcmp(v, "qcow2") && strcmp(v, "raw"))
+				r = -EINVAL;
+			else
+				oo->backing_format = strcmp(v, "raw") ? "qcow2" : "raw";
 		} else if (!strcmp(k, "l2-cache-size")) {
 			r = cli_parse_size(v, &oo->l2_cache_size);
 		} else if (!strcmp(k, "aio")) {
@@ -1599,7 +1604,7 @@ static const struct io_cmd io_cmds[] = {
 	  " -i, -- use AIO mode (threads or io_uring)\n"
 	  " -t, -- use the given cache mode for the image\n"
 	  " -o, -- options (driver=qcow2, read-only, cache.direct, cache.no-flush,\n"
-	  "        l2-cache-size, aio)\n" },
+	  "        l2-cache-size, aio, backing.driver)\n" },
 	{ "quit", "q", quit_f, -1, -1, CMD_GLOBAL, NULL, "exit the program", NULL },
 	{ "read", "r", read_f, 2, -1, 0, "[-abCqv] [-P pattern [-s off] [-l len]] off len",
 	  "reads a number of bytes at a specified offset",
@@ -1816,6 +1821,10 @@ static void io_usage(FILE *f)
 		"                       (writeback, none, writethrough (default),\n"
 		"                       directsync, unsafe)\n"
 		"  -T, --trace FILE     write one line per request state transition to FILE\n"
+		"      --backing-format FMT  format of the backing file (qcow2 or raw) when\n"
+		"                       the image does not record it (qsm never probes)\n"
+		"      --no-backing     do not open the backing file (with -r only): the\n"
+		"                       unallocated clusters read as zeros (qsm only)\n"
 		"  -U, --force-share    force shared permissions (accepted, no effect)\n"
 		"  -h, --help           display this help and exit\n"
 		"\n"
@@ -1824,6 +1833,7 @@ static void io_usage(FILE *f)
 
 int cmd_io(int argc, char **argv)
 {
+	enum { OPT_BACKING_FORMAT = 256, OPT_NO_BACKING };
 	static const struct option lopt[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ "cmd", required_argument, NULL, 'c' },
@@ -1835,6 +1845,8 @@ int cmd_io(int argc, char **argv)
 		{ "cache", required_argument, NULL, 't' },
 		{ "trace", required_argument, NULL, 'T' },
 		{ "force-share", no_argument, NULL, 'U' },
+		{ "backing-format", required_argument, NULL, OPT_BACKING_FORMAT },
+		{ "no-backing", no_argument, NULL, OPT_NO_BACKING },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct io_ctx io = { 0 };
@@ -1891,6 +1903,12 @@ int cmd_io(int argc, char **argv)
 			trace_path = optarg;
 			break;
 		case 'U':
+			break;
+		case OPT_BACKING_FORMAT:
+			oo.backing_format = optarg;
+			break;
+		case OPT_NO_BACKING:
+			oo.no_backing = true;
 			break;
 		default:
 			io_usage(stderr);
