@@ -66,7 +66,16 @@ struct qsm_open_opts {
 };
 
 /* Open the image at `path`.  On error, a message naming what is wrong is put
- * in err (when non-NULL) and nothing was written to the file. */
+ * in err (when non-NULL) and nothing was written to the file.
+ *
+ * A backing file named by the header is opened too (unless no_backing):
+ * its name resolved against the directory of `path` (qsm_open_io: against
+ * the current directory), its format from the backing-format extension or
+ * else opts.backing_format (never probed, refused when unknown), read-only,
+ * without repair, with the same loop, cache mode and aio backend, and so on
+ * down the chain.  A chain that comes back to one of its own files (by
+ * device and inode) or is deeper than 64 images is refused.  The chain is
+ * released with the image. */
 int qsm_open(struct event_base *base, const char *path, const struct qsm_open_opts *opts,
 	     struct qsm_image **out, char *err, size_t errlen);
 /* Same, on an already open I/O handle; the image takes ownership of io
@@ -99,9 +108,15 @@ int qsm_writev(struct qsm_image *img, uint64_t offset, const struct iovec *iov, 
 int qsm_flush(struct qsm_image *img, qsm_cb cb, void *opaque);
 /* Whole clusters in the range are released and read as zeros afterwards
  * (v3: zero flag; v2: unallocated); partial clusters are left as they are.
+ * With a backing file, v3 leaves zero clusters (unallocated ones included),
+ * and v2, which cannot hide the backing data, discards nothing (as QEMU).
  * Raw images: the range is discarded in the file (advisory, as the file
  * system's hole punching: the contents afterwards are unspecified). */
 int qsm_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes, qsm_cb cb, void *opaque);
+/* With a backing file, zero writes never leave unallocated clusters: v3
+ * whole clusters become zero clusters (even with QSM_ZERO_MAY_UNMAP), v2
+ * clusters get zero data; partial clusters are copied from the backing
+ * image with the range zeroed. */
 #define QSM_ZERO_MAY_UNMAP 0x1 /* whole clusters may be deallocated (qemu-io write -z -u) */
 int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags,
 		     qsm_cb cb, void *opaque);
@@ -127,7 +142,11 @@ struct qsm_extent {
 	unsigned flags;          /* QSM_STATUS_* */
 	uint64_t host_offset;    /* when DATA and not compressed */
 };
-/* Raw images report the whole range as DATA|ALLOCATED with host_offset =
+/* A run of unallocated clusters reports ZERO when the image has no backing
+ * file, and no flag at all when it has one (opened or not): the backing
+ * chain decides, so callers such as `qsm map` ask qsm_get_backing() and
+ * query the next image.
+ * Raw images report the whole range as DATA|ALLOCATED with host_offset =
  * offset (one extent; holes of a sparse file are not looked for, where
  * qemu-img map reports them as zero). */
 int qsm_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,
