@@ -343,14 +343,35 @@ static int open_backing(struct qsm_image *img, const char *path, const struct qs
 		return -ENOTSUP;
 	}
 	char *full = backing_path(path, name);
+	struct stat st;
 	if (!full)
 		return -ENOMEM;
+	if (stat(full, &st) == 0) {
+		for (unsigned i = 0; i < ch->n; i++) {
+			if (ch->id[i].dev == st.st_dev && ch->id[i].ino == st.st_ino) {
+				qsm_set_err(err, errlen, "backing chain loop: '%s', the backing file of "
+					    "'%s', is image %u of the chain again", full,
+					    path ? path : "the image", i + 1);
+				free(full);
+				return -ELOOP;
+			}
+		}
+		if (ch->n == QSM_MAX_CHAIN) {
+			qsm_set_err(err, errlen, "backing chain longer than %d images: '%s' has "
+				    "the backing file '%s'", QSM_MAX_CHAIN, path ? path : "the image",
+				    full);
+			free(full);
+			return -ELOOP;
+		}
+	}
 	struct qsm_open_opts bo = {
 		.read_only = true, .no_repair = true, .cache = opts->cache, .aio = opts->aio,
 		.l2_cache_size = opts->l2_cache_size, .format = fmt,
 	};
 	ret = open_path(img->base, full, &bo, ch, &img->backing, sub, sizeof(sub));
-	if (ret < 0)
+	if (ret == -ELOOP) /* the message names both images already */
+		qsm_set_err(err, errlen, "%s", sub);
+	else if (ret < 0)
 		qsm_set_err(err, errlen, "backing file '%s': %s", full, sub[0] ? sub : strerror(-ret));
 	free(full);
 	return ret;
@@ -545,19 +566,7 @@ static int open_path(struct event_base *base, const char *path, const struct qsm
 	struct stat st;
 	if (!opts)
 		opts = &defaults;
-	if (stat(path, &st) == 0) {
-		for (unsigned i = 0; i < ch->n; i++) {
-			if (ch->id[i].dev == st.st_dev && ch->id[i].ino == st.st_ino) {
-				qsm_set_err(err, errlen, "backing chain loop: '%s' is image %u of the "
-					    "chain again", path, i + 1);
-				return -ELOOP;
-			}
-		}
-		if (ch->n == QSM_MAX_CHAIN) {
-			qsm_set_err(err, errlen, "backing chain longer than %d images at '%s'",
-				    QSM_MAX_CHAIN, path);
-			return -ELOOP;
-		}
+	if (stat(path, &st) == 0 && ch->n < QSM_MAX_CHAIN) { /* open_backing checks */
 		ch->id[ch->n].dev = st.st_dev;
 		ch->id[ch->n].ino = st.st_ino;
 		ch->n++;
