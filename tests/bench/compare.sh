@@ -38,12 +38,17 @@ CLUSTER=64k
 PREFILL_PATTERN=0x11
 
 # name | qemu-img bench options | prefill | target (qemu/qsm) | fio rw for the ceiling | pattern
+# prefill: no (fresh image), yes (first filled by the same requests), or
+# backing (a fresh image over a fully allocated qcow2 backing file covering
+# every request: each partial-cluster write copies the rest of its cluster
+# from the backing file)
 WORKLOADS=(
 	"alloc-seq-4k|-c 65536 -d 64 -s 4k -t none -w|no|2.0|-|0x21"
 	"alloc-writethrough|-c 8192 -d 64 -s 4k -t writethrough -w|no|8|-|0x22"
 	"alloc-per-cluster|-c 32768 -d 64 -s 4k -S 64k -t none -w|no|1.5|-|0x23"
 	"rewrite-4k|-c 65536 -d 64 -s 4k -t none -w|yes|1.0|write|0x24"
 	"read-4k|-c 65536 -d 64 -s 4k -t none|yes|1.0|read|-"
+	"cow-backing|-c 32768 -d 64 -s 4k -S 64k -t none -w|backing|1.5|-|0x25"
 )
 
 die() { echo "compare.sh: $*" >&2; exit 1; }
@@ -70,7 +75,21 @@ scale_opts() {
 }
 opt_value() { echo "$1" | awk -v o="$2" '{ for (i = 1; i < NF; i++) if ($i == o) print $(i + 1) }'; }
 to_bytes() { numfmt --from=iec "$(echo "$1" | tr 'kmgt' 'KMGT')"; }
-new_image() { rm -f "$1"; qemu-img create -q -f qcow2 -o cluster_size=$CLUSTER "$1" $IMG_SIZE; }
+# new_image IMG [BACKING]: a fresh image, over BACKING (qcow2) when given.
+new_image() {
+	rm -f "$1"
+	qemu-img create -q -f qcow2 -o cluster_size=$CLUSTER ${2:+-b "$2" -F qcow2} "$1" $IMG_SIZE
+}
+# make_backing BYTES: $DIR/backing.qcow2, every cluster of [0, BYTES) written
+# (untimed; shared read-only by both tools' images).
+BACKING=$DIR/backing.qcow2
+make_backing() {
+	local mib=$(( ($1 + 1048575) / 1048576 ))
+	rm -f "$BACKING"
+	qemu-img create -q -f qcow2 -o cluster_size=$CLUSTER "$BACKING" "${mib}M" &&
+	qemu-img bench -w -t none -d 16 -s 1M -c "$mib" --pattern=$PREFILL_PATTERN "$BACKING" \
+		>"$LOG/backing.fill.log" 2>&1
+}
 secs_of() { sed -n 's/^Run completed in \([0-9.]*\) seconds\.$/\1/p' "$1"; }
 
 # run_timed LOGFILE CMD...: run with peak RSS into LOGFILE.rss; 0 on success.
@@ -129,6 +148,14 @@ for w in "${WORKLOADS[@]}"; do
 	fillopts="$(echo "$opts" | sed 's/ -w\b//') -w --pattern=$PREFILL_PATTERN"
 	note=""
 	[ "$prefill" = yes ] && note=" (on an image first filled by the same requests, --pattern=$PREFILL_PATTERN)"
+	backing=""
+	if [ "$prefill" = backing ]; then
+		step=$(opt_value "$opts" -S)
+		span=$((count * $(to_bytes "${step:-$(opt_value "$opts" -s)}")))
+		make_backing "$span" || die "cannot make the backing file, see $LOG/backing.fill.log"
+		backing=$BACKING
+		note=" (fresh image over a fully allocated backing file of $((span >> 20)) MiB)"
+	fi
 	echo "== $name: bench $opts $patopt$note"
 	wstart=$SECONDS
 
@@ -136,7 +163,7 @@ for w in "${WORKLOADS[@]}"; do
 	qemu_s=""; qemu_aio=""; qemu_rss="-"; qemu_img=""
 	for aio in $QEMU_AIOS; do
 		img=$DIR/$name.qemu-$aio.qcow2
-		new_image "$img"
+		new_image "$img" "$backing"
 		if [ "$prefill" = yes ]; then
 			qemu-img bench -i "$aio" $fillopts "$img" >"$LOG/$name.qemu-$aio.fill.log" 2>&1 ||
 				echo "   qemu-img prefill ($aio) failed, see $LOG/$name.qemu-$aio.fill.log"
@@ -162,7 +189,7 @@ for w in "${WORKLOADS[@]}"; do
 	qimg=$DIR/$name.qsm.qcow2
 	qsmaio=""
 	[ -n "$QSM_AIO" ] && qsmaio="-i $QSM_AIO"
-	new_image "$qimg"
+	new_image "$qimg" "$backing"
 	if [ "$prefill" = yes ]; then
 		"$QSM" bench $qsmaio $fillopts -q "$qimg" >"$LOG/$name.qsm.fill.log" 2>&1 ||
 			echo "   qsm prefill failed, see $LOG/$name.qsm.fill.log"
@@ -227,7 +254,7 @@ for w in "${WORKLOADS[@]}"; do
 	ROWS+=("$name|${qemu_s:-FAIL}${qemu_aio:+ ($qemu_aio)}|${qsm_s:-FAIL}|$ratio|>= $target|$met|$qemu_rss|$qsm_rss|$qsm_mib|$ceil_bw|$ceil_iops|$vs_ceil|$check")
 	echo
 done
-[ "$KEEP" != 1 ] && rm -f "$RAW"
+[ "$KEEP" != 1 ] && rm -f "$RAW" "$BACKING"
 
 echo "== Summary (SCALE=$SCALE, $(($(date +%s) - start)) s in all; seconds from \"Run completed in\")"
 fmt="%-19s %-18s %7s %8s %7s %4s %9s %8s %9s %11s %9s %8s  %s\n"
