@@ -2,7 +2,8 @@
 # `qsm create -f qcow2 -o OPTS FILE SIZE` writes exactly the bytes
 # `qemu-img create` writes (cmp, including the file length), for the cluster
 # sizes, compat levels and refcount widths of the workload tests, plus a few
-# sizes that are not a multiple of an L2 table or a cluster.
+# sizes that are not a multiple of an L2 table or a cluster; and images with
+# backing files (see the end).
 . "$(dirname "$0")/lib.sh"
 interop_init
 
@@ -80,5 +81,48 @@ for m in metadata falloc full; do
         rm -f "$q" "$s"
     done
 done
+
+# Backing files: `qsm create -b FILE -F FMT` is byte-identical to qemu-img's,
+# with and without SIZE (taken from the backing image), for qcow2 and raw
+# backing files, relative names (resolved against the new image's directory,
+# not the current one: the images go to a subdirectory) and absolute ones.
+# Both qemu-io and qsm io then read the backing data through the new image.
+mkdir -p "$WORK/sub"
+qemu-img create -q -f qcow2 "$WORK/sub/base.qcow2" 10M
+qemu-io -c 'write -P 3 0 10M' "$WORK/sub/base.qcow2" >/dev/null
+truncate -s 7M "$WORK/sub/base.raw"
+qemu-io -f raw -c 'write -P 3 0 7M' "$WORK/sub/base.raw" >/dev/null
+j=0
+while read -r args; do
+    [ -n "$args" ] || continue
+    for size in "" 20M; do
+        j=$((j + 1))
+        q="$WORK/sub/bq$j.qcow2"
+        s="$WORK/sub/bs$j.qcow2"
+        # shellcheck disable=SC2086
+        qemu-img create -q -f qcow2 $args "$q" $size || die "qemu-img create $args $size failed"
+        CHECKS=$((CHECKS + 1))
+        # shellcheck disable=SC2086
+        if ! out=$("$QSM" create -q -f qcow2 $args "$s" $size 2>&1); then
+            fail "qsm create $args $size failed: $out"
+            continue
+        fi
+        CHECKS=$((CHECKS + 1))
+        cmp -s "$q" "$s" || { fail "qsm create $args $size differs from qemu-img create"; continue; }
+        check_clean "create $args $size" "$s"
+        CHECKS=$((CHECKS + 1))
+        qemu-io -c 'read -P 3 0 64k' -c 'read -P 3 6M 1M' "$s" 2>&1 | grep -q -i 'fail\|error' &&
+            fail "create $args $size: qemu-io does not read the backing data"
+        CHECKS=$((CHECKS + 1))
+        out=$("$QSM" io -c 'read -P 3 0 64k' -c 'read -P 3 6M 1M' "$s" 2>&1) &&
+            ! printf '%s\n' "$out" | grep -q -i 'fail\|error' ||
+            fail "create $args $size: qsm io does not read the backing data: $out"
+    done
+done <<EOF2
+-b base.qcow2 -F qcow2
+-b base.raw -F raw
+-b base.qcow2 -F qcow2 -o compat=0.10,cluster_size=4k
+-b $WORK/sub/base.raw -F raw -o cluster_size=2M
+EOF2
 
 interop_finish
