@@ -11,6 +11,10 @@
  *    Tiny L2 caches (1 and 2 tables) force eviction and write-back under load.
  *    At the end the image is reopened and compared whole, and checked with
  *    `qemu-img check` when it is installed.
+ *    The same over a backing file (engine_backing_*).
+ *  - backing: reads through a shorter backing file, COW from it, zero write,
+ *    discard and block status semantics (v2 and v3), no_backing, loops and
+ *    unknown formats refused; raw images.
  * Seeds are printed; QSM_TEST_SEED=N reruns one.
  */
 #include <check.h>
@@ -19,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "io/sim.h"
@@ -174,10 +179,39 @@ static bool overlaps_read(const struct op *ops, int i)
 	return overlaps_any(ops, i, true);
 }
 
-static void run_workload(enum backend be, uint64_t seed, unsigned cluster_size,
-			 uint64_t size, size_t cache_tables, int batches)
+/*
+ * With `backing`, the image gets a backing file (absolute name, so the sim
+ * disk opened by qsm_open_io finds it) one eighth shorter than the image,
+ * with another cluster size, filled with data except every fifth 64 KiB
+ * (unallocated there: zeros through the chain); the model starts from its
+ * contents, so backing data showing through where it should not (after a
+ * zero write or a v3 discard, around a COW) is caught like any wrong byte.
+ */
+static void make_backing(const char *bpath, uint64_t bsize, unsigned cluster_size,
+			 uint64_t seed, uint8_t *model)
 {
-	char path[400], err[256];
+	char err[256];
+	struct event_base *base = event_base_new();
+	struct qsm_image *b;
+	struct qsm_create_opts bo = { .size = bsize, .cluster_size = cluster_size == 65536 ? 4096 : 65536 };
+	ck_assert_msg(qsm_create(bpath, &bo, err, sizeof(err)) == 0, "create backing: %s", err);
+	ck_assert_msg(qsm_open(base, bpath, NULL, &b, err, sizeof(err)) == 0, "open backing: %s", err);
+	for (uint64_t off = 0; off < bsize; off += 65536) {
+		uint64_t len = QSM_MIN(65536, bsize - off);
+		if ((off >> 16) % 5 == 4)
+			continue;
+		for (uint64_t x = off; x < off + len; x++)
+			model[x] = (uint8_t)(((x >> 9) * 13 + seed) | 1);
+		ck_assert_int_eq(qsm_sync_pwrite(b, model + off, len, off), 0);
+	}
+	ck_assert_int_eq(qsm_close(b), 0);
+	event_base_free(base);
+}
+
+static void run_workload(enum backend be, uint64_t seed, unsigned cluster_size,
+			 uint64_t size, size_t cache_tables, int batches, bool backing)
+{
+	char path[400], bpath[400] = "", err[256];
 	struct wl wl = { 0 };
 	struct qsm_sim *sim = NULL;
 	struct qsm_io *io = NULL;
@@ -188,8 +222,15 @@ static void run_workload(enum backend be, uint64_t seed, unsigned cluster_size,
 	wl.size = size;
 	wl.model = calloc(1, size);
 	snprintf(path, sizeof(path), "%s/img-%d-%llu.qcow2", tmpdir, be, (unsigned long long)seed);
+	if (backing) {
+		snprintf(bpath, sizeof(bpath), "%s/base-%d-%llu.qcow2", tmpdir, be,
+			 (unsigned long long)seed);
+		make_backing(bpath, size - size / 8, cluster_size, seed, wl.model);
+	}
 	struct qsm_create_opts co = { .size = size, .cluster_size = cluster_size,
-				      .compat = (seed & 1) ? 3 : 2 };
+				      .compat = (seed & 1) ? 3 : 2,
+				      .backing_file = backing ? bpath : NULL,
+				      .backing_format = backing ? "qcow2" : NULL };
 	ret = qsm_create(path, &co, err, sizeof(err));
 	ck_assert_msg(ret == 0, "create: %s", err);
 
@@ -327,6 +368,8 @@ static void run_workload(enum backend be, uint64_t seed, unsigned cluster_size,
 			      (unsigned long long)seed);
 	}
 	unlink(path);
+	if (backing)
+		unlink(bpath);
 	event_base_free(wl.base);
 	free(wl.model);
 }
@@ -350,7 +393,7 @@ START_TEST(engine_sim)
 	for (int i = 0; i < 12; i++) {
 		uint64_t seed = seed_for(i * 16 + _i);
 		int sh = (int)(seed % QSM_ARRAY_SIZE(shapes));
-		run_workload(B_SIM, seed, shapes[sh].cluster, shapes[sh].size, shapes[sh].cache, 12);
+		run_workload(B_SIM, seed, shapes[sh].cluster, shapes[sh].size, shapes[sh].cache, 12, false);
 		if (getenv("QSM_TEST_SEED"))
 			break;
 	}
@@ -361,7 +404,7 @@ START_TEST(engine_threads)
 {
 	uint64_t seed = seed_for(500 + _i);
 	int sh = _i % (int)QSM_ARRAY_SIZE(shapes);
-	run_workload(B_THREADS, seed, shapes[sh].cluster, shapes[sh].size, shapes[sh].cache, 20);
+	run_workload(B_THREADS, seed, shapes[sh].cluster, shapes[sh].size, shapes[sh].cache, 20, false);
 }
 END_TEST
 
@@ -371,7 +414,28 @@ START_TEST(engine_uring)
 		return;
 	uint64_t seed = seed_for(700 + _i);
 	int sh = _i % (int)QSM_ARRAY_SIZE(shapes);
-	run_workload(B_URING, seed, shapes[sh].cluster, shapes[sh].size, shapes[sh].cache, 20);
+	run_workload(B_URING, seed, shapes[sh].cluster, shapes[sh].size, shapes[sh].cache, 20, false);
+}
+END_TEST
+
+/* The random workloads over a backing file (both compat levels). */
+START_TEST(engine_backing_sim)
+{
+	for (int i = 0; i < 6; i++) {
+		uint64_t seed = seed_for(300 + i * 8 + _i);
+		int sh = (int)(seed % QSM_ARRAY_SIZE(shapes));
+		run_workload(B_SIM, seed, shapes[sh].cluster, shapes[sh].size, shapes[sh].cache, 10, true);
+		if (getenv("QSM_TEST_SEED"))
+			break;
+	}
+}
+END_TEST
+
+START_TEST(engine_backing_threads)
+{
+	uint64_t seed = seed_for(900 + _i);
+	int sh = (_i + 2) % (int)QSM_ARRAY_SIZE(shapes);
+	run_workload(B_THREADS, seed, shapes[sh].cluster, shapes[sh].size, shapes[sh].cache, 16, true);
 }
 END_TEST
 
@@ -427,6 +491,217 @@ START_TEST(truncate_grow_shrink)
 }
 END_TEST
 
+/* --- backing files and raw images ----------------------------------------- */
+
+static void qemu_check_clean(const char *path)
+{
+	if (have_qemu_img()) {
+		char cmd[600];
+		snprintf(cmd, sizeof(cmd), "qemu-img check -q '%s'", path);
+		ck_assert_msg(system(cmd) == 0, "qemu-img check %s", path);
+	}
+}
+
+/* buf[0, len) all equal to v? */
+static bool all_eq(const uint8_t *buf, size_t len, uint8_t v)
+{
+	for (size_t i = 0; i < len; i++)
+		if (buf[i] != v)
+			return false;
+	return true;
+}
+
+/*
+ * One image (v3 for _i 0, v2 for _i 1) over a backing file of 1 MiB + 32 KiB
+ * full of 0x11 (shorter than the image, ending inside a cluster): reads fall
+ * through and read zeros past its end; a partial write copies the rest of
+ * its cluster from the backing file (zeros past its end); zero writes and
+ * discards hide the backing data as QEMU does (v3 zero clusters, v2 zero
+ * data; v2 discards nothing); block status reports the unallocated runs
+ * with no flag.
+ */
+START_TEST(backing_semantics)
+{
+	const uint64_t K = 1024, bsize = 1024 * K + 32 * K, cs = 64 * K;
+	bool v3 = _i == 0;
+	char top[400], bpath[400], err[256];
+	struct event_base *base = event_base_new();
+	struct qsm_image *img, *b;
+	struct qsm_extent ext;
+	struct qsm_info info;
+	struct qsm_stats st0, st1;
+	uint8_t *buf = malloc(2048 * K);
+
+	snprintf(bpath, sizeof(bpath), "%s/sem-base-%d.qcow2", tmpdir, _i);
+	snprintf(top, sizeof(top), "%s/sem-top-%d.qcow2", tmpdir, _i);
+	struct qsm_create_opts bo = { .size = bsize };
+	ck_assert_int_eq(qsm_create(bpath, &bo, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_open(base, bpath, NULL, &b, err, sizeof(err)), 0);
+	memset(buf, 0x11, bsize);
+	ck_assert_int_eq(qsm_sync_pwrite(b, buf, bsize, 0), 0);
+	ck_assert_int_eq(qsm_close(b), 0);
+	/* relative name: resolved against the top image's directory */
+	struct qsm_create_opts to = { .size = 2048 * K, .compat = v3 ? 3 : 2,
+				      .backing_file = strrchr(bpath, '/') + 1, .backing_format = "qcow2" };
+	ck_assert_int_eq(qsm_create(top, &to, err, sizeof(err)), 0);
+	ck_assert_msg(qsm_open(base, top, NULL, &img, err, sizeof(err)) == 0, "open: %s", err);
+	ck_assert_ptr_nonnull(b = qsm_get_backing(img));
+	ck_assert_ptr_null(qsm_get_backing(b));
+	qsm_get_info(b, &info);
+	ck_assert_uint_eq(info.virtual_size, bsize);
+	ck_assert(info.read_only);
+
+	/* Fall through, zeros past the backing file's end; status: no flag. */
+	ck_assert_int_eq(qsm_sync_pread(img, buf, 2048 * K, 0), 0);
+	ck_assert(all_eq(buf, bsize, 0x11));
+	ck_assert(all_eq(buf + bsize, 2048 * K - bsize, 0));
+	ck_assert_int_eq(qsm_sync_block_status(img, 0, 2048 * K, &ext), 0);
+	ck_assert_uint_eq(ext.flags, 0);
+	ck_assert_uint_eq(ext.length, 2048 * K);
+
+	/* A partial write in the cluster the backing file ends in. */
+	qsm_get_stats(img, &st0);
+	memset(buf, 0x22, 4 * K);
+	ck_assert_int_eq(qsm_sync_pwrite(img, buf, 4 * K, 1024 * K + 16 * K + 100), 0);
+	qsm_get_stats(img, &st1);
+	/* the L2 table and one data cluster */
+	ck_assert_uint_eq(st1.clusters_allocated - st0.clusters_allocated, 2);
+	ck_assert_int_eq(qsm_sync_pread(img, buf, cs, 1024 * K), 0);
+	ck_assert(all_eq(buf, 16 * K + 100, 0x11));
+	ck_assert(all_eq(buf + 16 * K + 100, 4 * K, 0x22));
+	ck_assert(all_eq(buf + 20 * K + 100, 12 * K - 100, 0x11));
+	ck_assert(all_eq(buf + 32 * K, 32 * K, 0));
+	/* A write over three clusters: head and tail copied. */
+	memset(buf, 0x33, 2 * cs);
+	ck_assert_int_eq(qsm_sync_pwrite(img, buf, 2 * cs, 512 * K + 1000), 0);
+	ck_assert_int_eq(qsm_sync_pread(img, buf, 3 * cs, 512 * K), 0);
+	ck_assert(all_eq(buf, 1000, 0x11));
+	ck_assert(all_eq(buf + 1000, 2 * cs, 0x33));
+	ck_assert(all_eq(buf + 1000 + 2 * cs, cs - 1000, 0x11));
+
+	/* Zero writes: a whole cluster (even with MAY_UNMAP) and a part. */
+	ck_assert_int_eq(qsm_sync_write_zeroes(img, 0, cs, QSM_ZERO_MAY_UNMAP), 0);
+	ck_assert_int_eq(qsm_sync_write_zeroes(img, cs + 100, 200, 0), 0);
+	ck_assert_int_eq(qsm_sync_pread(img, buf, 2 * cs, 0), 0);
+	ck_assert(all_eq(buf, cs, 0));
+	ck_assert(all_eq(buf + cs, 100, 0x11));
+	ck_assert(all_eq(buf + cs + 100, 200, 0));
+	ck_assert(all_eq(buf + cs + 300, cs - 300, 0x11));
+	ck_assert_int_eq(qsm_sync_block_status(img, 0, cs, &ext), 0);
+	ck_assert_uint_eq(ext.flags, v3 ? (QSM_STATUS_ZERO | QSM_STATUS_ALLOCATED)
+				       : (QSM_STATUS_DATA | QSM_STATUS_ALLOCATED));
+
+	/* Discard: an unallocated and a data cluster. */
+	memset(buf, 0x44, cs);
+	ck_assert_int_eq(qsm_sync_pwrite(img, buf, cs, 256 * K), 0);
+	ck_assert_int_eq(qsm_sync_discard(img, 128 * K, 192 * K), 0);
+	ck_assert_int_eq(qsm_sync_pread(img, buf, 3 * cs, 128 * K), 0);
+	ck_assert(all_eq(buf, 2 * cs, v3 ? 0 : 0x11));
+	ck_assert(all_eq(buf + 2 * cs, cs, v3 ? 0 : 0x44));
+
+	ck_assert_int_eq(qsm_close(img), 0);
+	qemu_check_clean(top);
+	/* Reopened read-only without the backing file: unallocated reads zeros. */
+	struct qsm_open_opts nb = { .read_only = true, .no_backing = true };
+	ck_assert_int_eq(qsm_open(base, top, &nb, &img, err, sizeof(err)), 0);
+	ck_assert_ptr_null(qsm_get_backing(img));
+	ck_assert_int_eq(qsm_sync_pread(img, buf, cs, 1536 * K), 0);
+	ck_assert(all_eq(buf, cs, 0));
+	ck_assert_int_eq(qsm_sync_block_status(img, 1536 * K, cs, &ext), 0);
+	ck_assert_uint_eq(ext.flags, 0);
+	qsm_close(img);
+	nb.read_only = false;
+	ck_assert_int_eq(qsm_open(base, top, &nb, &img, err, sizeof(err)), -EINVAL);
+	ck_assert_ptr_nonnull(strstr(err, "read-only"));
+	unlink(top);
+	unlink(bpath);
+	free(buf);
+	event_base_free(base);
+}
+END_TEST
+
+/* Loops are refused whatever the name; so is an unknown backing format;
+ * nothing is written to a refused image. */
+START_TEST(backing_refusals)
+{
+	char a[400], bb[400], err[512];
+	struct event_base *base = event_base_new();
+	struct qsm_image *img;
+	struct stat st0, st1;
+	snprintf(a, sizeof(a), "%s/loop-a.qcow2", tmpdir);
+	snprintf(bb, sizeof(bb), "%s/loop-b.qcow2", tmpdir);
+	struct qsm_create_opts o = { .size = 1 << 20, .backing_file = "loop-b.qcow2",
+				     .backing_format = "qcow2" };
+	ck_assert_int_eq(qsm_create(a, &o, err, sizeof(err)), 0);
+	o.backing_file = bb; /* absolute this time */
+	ck_assert_int_eq(qsm_create(bb, &o, err, sizeof(err)), 0);
+	ck_assert_int_eq(stat(a, &st0), 0);
+	ck_assert_int_eq(qsm_open(base, a, NULL, &img, err, sizeof(err)), -ELOOP);
+	ck_assert_msg(strstr(err, "loop") && strstr(err, "loop-b.qcow2"), "%s", err);
+	o.backing_file = "loop-a.qcow2";
+	ck_assert_int_eq(qsm_create(bb, &o, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_open(base, a, NULL, &img, err, sizeof(err)), -ELOOP);
+	ck_assert_msg(strstr(err, "backing chain loop"), "%s", err);
+	ck_assert_int_eq(stat(a, &st1), 0);
+	ck_assert(st0.st_mtim.tv_sec == st1.st_mtim.tv_sec && st0.st_mtim.tv_nsec == st1.st_mtim.tv_nsec);
+	/* A format qsm does not open. */
+	o.backing_file = "loop-b.qcow2";
+	o.backing_format = "vmdk";
+	ck_assert_int_eq(qsm_create(a, &o, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_open(base, a, NULL, &img, err, sizeof(err)), -ENOTSUP);
+	ck_assert_msg(strstr(err, "vmdk"), "%s", err);
+	unlink(a);
+	unlink(bb);
+	event_base_free(base);
+}
+END_TEST
+
+/* A raw image: requests straight to the file, virtual size = file size. */
+START_TEST(raw_image)
+{
+	char path[400], err[256];
+	struct event_base *base = event_base_new();
+	struct qsm_image *img;
+	struct qsm_extent ext;
+	struct qsm_info info;
+	uint8_t buf[8192];
+	snprintf(path, sizeof(path), "%s/img.raw", tmpdir);
+	FILE *f = fopen(path, "w");
+	ck_assert_ptr_nonnull(f);
+	ck_assert_int_eq(ftruncate(fileno(f), 1 << 20), 0);
+	fclose(f);
+	/* Not qcow2: never probed, refused as qcow2. */
+	ck_assert_int_lt(qsm_open(base, path, NULL, &img, err, sizeof(err)), 0);
+	struct qsm_open_opts o = { .format = "raw" };
+	ck_assert_int_eq(qsm_open(base, path, &o, &img, err, sizeof(err)), 0);
+	qsm_get_info(img, &info);
+	ck_assert_str_eq(info.format, "raw");
+	ck_assert_uint_eq(info.virtual_size, 1 << 20);
+	memset(buf, 0x5a, sizeof(buf));
+	ck_assert_int_eq(qsm_sync_pwrite(img, buf, 5000, 3000), 0);
+	ck_assert_int_eq(qsm_sync_write_zeroes(img, 4000, 100, 0), 0);
+	ck_assert_int_eq(qsm_sync_flush(img), 0);
+	ck_assert_int_eq(qsm_sync_pread(img, buf, sizeof(buf), 0), 0);
+	ck_assert(all_eq(buf, 3000, 0) && all_eq(buf + 3000, 1000, 0x5a));
+	ck_assert(all_eq(buf + 4000, 100, 0) && all_eq(buf + 4100, 3900, 0x5a));
+	ck_assert(all_eq(buf + 8000, 192, 0));
+	ck_assert_int_eq(qsm_sync_block_status(img, 4096, 8192, &ext), 0);
+	ck_assert_uint_eq(ext.flags, QSM_STATUS_DATA | QSM_STATUS_ALLOCATED);
+	ck_assert_uint_eq(ext.host_offset, 4096);
+	ck_assert_uint_eq(ext.length, 8192);
+	ck_assert_int_eq(qsm_sync_discard(img, 0, 65536), 0);
+	ck_assert_int_eq(qsm_truncate(img, 2 << 20, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_sync_pwrite(img, buf + 3000, 512, (2 << 20) - 512), 0);
+	ck_assert_int_eq(qsm_sync_pwrite(img, buf, 512, 2 << 20), -EINVAL);
+	ck_assert_int_eq(qsm_close(img), 0);
+	struct stat st;
+	ck_assert_int_eq(stat(path, &st), 0);
+	ck_assert_int_eq(st.st_size, 2 << 20);
+	unlink(path);
+	event_base_free(base);
+}
+END_TEST
+
 static Suite *sm_suite(void)
 {
 	Suite *s = suite_create("sm");
@@ -440,6 +715,15 @@ static Suite *sm_suite(void)
 	tcase_add_loop_test(t, engine_threads, 0, 5);
 	tcase_add_loop_test(t, engine_uring, 0, 5);
 	tcase_add_test(t, truncate_grow_shrink);
+	tcase_add_loop_test(t, engine_backing_sim, 0, 2);
+	tcase_add_loop_test(t, engine_backing_threads, 0, 2);
+	suite_add_tcase(s, t);
+	t = tcase_create("backing");
+	tcase_set_timeout(t, 120);
+	tcase_add_checked_fixture(t, make_tmpdir, NULL);
+	tcase_add_loop_test(t, backing_semantics, 0, 2);
+	tcase_add_test(t, backing_refusals);
+	tcase_add_test(t, raw_image);
 	suite_add_tcase(s, t);
 	return s;
 }
