@@ -838,7 +838,9 @@ static enum qsm_event classify_write(struct qsm_req *req)
  *    v2, which has no zero flag, deallocates them, or with a backing file
  *    writes zeros into them;
  *  - a partial cluster that is unallocated over a backing file: allocated,
- *    the rest copied from the backing image (COW) and the part zeroed;
+ *    the rest copied from the backing image (COW) and the part zeroed,
+ *    unless the cluster lies past the backing image's end (v3: it reads as
+ *    zeros, so it becomes a zero cluster);
  *  - a partial cluster that already reads as zeros: v3 turns it into a zero
  *    cluster, v2 leaves it;
  *  - a partial cluster with data: zero data is written over the part.
@@ -871,7 +873,14 @@ static enum qsm_event classify_zeroes(struct qsm_req *req)
 	int ret = check_l2_entry(req, run->l2_index, e);
 	if (ret < 0)
 		return fail(req, ret);
-	if (reads_zero_here(img, entry_kind(e))) {
+	enum entry_kind k = entry_kind(e);
+	/* As QEMU, which asks the chain whether the cluster reads as zeros
+	 * and then, on v3, makes it a zero cluster: an unallocated cluster
+	 * wholly past the end of the backing image does (one the backing
+	 * image leaves unallocated is copied instead).  v2 with a backing
+	 * file writes zeros (QEMU's fallback). */
+	if (reads_zero_here(img, k) ||
+	    (v3 && k == EK_UNALLOC && img->backing && run->offset - head >= img->backing->hdr.size)) {
 		if (v3)
 			return QSM_E_WHOLE_CLUSTERS;
 		release_l2(req);
