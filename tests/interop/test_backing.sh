@@ -8,8 +8,9 @@
 #    top): qemu-io reads the qsm chain correctly, qsm io reads the qemu chain
 #    correctly, qemu-img compare calls the tops identical and qemu-img check
 #    finds every qsm layer clean;
-#  - the random workload (gen_workload.py, its `read -P` turned into plain
-#    reads: its model knows nothing of backing data) run by `qsm io` on the
+#  - the random workload (gen_workload.py, sequential or concurrent aio
+#    batches, its `read -P` turned into plain reads: its model knows nothing
+#    of backing data) run by `qsm io` (once with -t none) on the
 #    top of one copy of the qemu chain and by `qemu-io` on another: compare
 #    identical, check clean, qemu-img map agrees on which ranges the top
 #    decides (see map_of), lower layers untouched;
@@ -127,10 +128,16 @@ while read -r -a chain; do
     # the random workload on the top of two copies of the qemu chain
     cp "$d"/q/l* "$d/w1/"
     cp "$d"/q/l* "$d/w2/"
-    python3 "$GEN" $((BASE_SEED + 100 + c)) "$N" $SIZE 64k | sed -E 's/^read -P [0-9]+ /read /' >"$d/work.cmds" ||
-        die "gen_workload failed"
+    # sequential, or (even chains) concurrent aio batches; O_DIRECT for chain 3
+    aio=""
+    [ $((c % 2)) = 0 ] && aio=--aio
+    python3 "$GEN" $((BASE_SEED + 100 + c)) "$N" $SIZE 64k $aio |
+        sed -E 's/^(aio_)?read -P [0-9]+ /\1read /' >"$d/work.cmds" || die "gen_workload failed"
+    qsmopt=""
+    [ $c = 3 ] && odirect_ok "$WORK" && qsmopt="-t none"
     if run_io "$tag: qemu-io workload" "$d/w1/o" "$d/w1/$top" "$d/work.cmds" qemu-io -f "$tfmt" &&
-       run_io "$tag: qsm io workload" "$d/w2/o" "$d/w2/$top" "$d/work.cmds" "$QSM" io -f "$tfmt"; then
+       run_io "$tag: qsm io workload${aio:+ (aio)} $qsmopt" "$d/w2/o" "$d/w2/$top" "$d/work.cmds" \
+           "$QSM" io -f "$tfmt" $qsmopt; then
         if [ "$tfmt" = qcow2 ]; then
             compare_images "$tag: workload, qsm vs qemu" "$d/w1/$top" "$d/w2/$top"
             check_clean "$tag: workload, qsm top" "$d/w2/$top"
