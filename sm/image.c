@@ -658,34 +658,13 @@ static int allocated_past(struct qsm_image *img, uint64_t from, bool *found)
 	return 0;
 }
 
-int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
+/* qsm_truncate for qcow2, once the request is known to be valid. */
+static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
 {
 	struct qcow2_header *h = &img->hdr;
 	uint64_t cs = img->cluster_size;
 	int ret;
 
-	if (err && errlen)
-		err[0] = 0;
-	if (img->read_only)
-		TRUNC_FAIL(-EBADF, "Image is read-only");
-	if (img->error)
-		TRUNC_FAIL(-EIO, "%s", img->errmsg);
-	if (size % 512)
-		TRUNC_FAIL(-EINVAL, "The new size must be a multiple of 512");
-	if (size > QCOW2_MAX_VIRTUAL_SIZE)
-		TRUNC_FAIL(-EFBIG, "The new size %llu is too large", (unsigned long long)size);
-	while (img->wb_job)
-		event_base_loop(img->base, EVLOOP_ONCE);
-	if (img->in_flight)
-		TRUNC_FAIL(-EBUSY, "Requests are in flight");
-	if (size == h->size)
-		return 0;
-	if (img->raw) {
-		if ((ret = qsm_io_truncate_sync(img->io, size)) < 0)
-			TRUNC_FAIL(ret, "Could not resize the file: %s", strerror(-ret));
-		h->size = img->file_end = size;
-		return 0;
-	}
 	/* Start from a clean image: every table on disk, nothing dirty. */
 	if ((ret = qsm_wb_sync_all(img)) < 0)
 		TRUNC_FAIL(ret, "Could not write metadata back: %s", strerror(-ret));
@@ -753,6 +732,49 @@ int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
 	h->size = size;
 	if ((ret = write_header_sync(img)) < 0)
 		TRUNC_FAIL(ret, "Could not update the header: %s", strerror(-ret));
+	return 0;
+}
+
+int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
+{
+	struct qcow2_header *h = &img->hdr;
+	int ret;
+
+	if (err && errlen)
+		err[0] = 0;
+	if (img->read_only)
+		TRUNC_FAIL(-EBADF, "Image is read-only");
+	if (img->error)
+		TRUNC_FAIL(-EIO, "%s", img->errmsg);
+	if (size % 512)
+		TRUNC_FAIL(-EINVAL, "The new size must be a multiple of 512");
+	if (size > QCOW2_MAX_VIRTUAL_SIZE)
+		TRUNC_FAIL(-EFBIG, "The new size %llu is too large", (unsigned long long)size);
+	while (img->wb_job)
+		event_base_loop(img->base, EVLOOP_ONCE);
+	if (img->in_flight)
+		TRUNC_FAIL(-EBUSY, "Requests are in flight");
+	if (size == h->size)
+		return 0;
+	if (img->raw) {
+		if ((ret = qsm_io_truncate_sync(img->io, size)) < 0)
+			TRUNC_FAIL(ret, "Could not resize the file: %s", strerror(-ret));
+		h->size = img->file_end = size;
+		return 0;
+	}
+	/* As QEMU (bdrv_co_truncate): growing over a backing image longer than
+	 * the old size, the new area reads as zeros, not as the backing data
+	 * that was out of reach: v3 zeroes it, v2 cannot and is refused before
+	 * anything changes. */
+	uint64_t old = h->size;
+	bool zero_new = size > old && img->backing && img->backing->hdr.size > old;
+	if (zero_new && h->version < 3)
+		TRUNC_FAIL(-ENOTSUP, "Cannot grow a version 2 image over its longer backing file: "
+			   "the new area would show the backing data (no zero clusters in v2)");
+	if ((ret = resize_qcow2(img, size, err, errlen)) < 0)
+		return ret;
+	if (zero_new && (ret = qsm_sync_write_zeroes(img, old, size - old, 0)) < 0)
+		TRUNC_FAIL(ret, "Could not zero the new area: %s", strerror(-ret));
 	return 0;
 }
 

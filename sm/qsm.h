@@ -95,6 +95,10 @@ void qsm_abandon(struct qsm_image *img);
  * header, then the old table released.  Shrinking is allowed only when
  * nothing is allocated past the new end (-ENOTSUP otherwise).  The size must
  * be a multiple of 512.  err (when non-NULL) explains a failure.
+ * Growing over a backing image longer than the old size zeroes the new area
+ * (v3 zero clusters, as QEMU) so the backing data does not appear there; a
+ * v2 image cannot and is refused (-ENOTSUP).  Raw images: the file is
+ * truncated to the new size.
  */
 int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen);
 

@@ -620,6 +620,19 @@ START_TEST(backing_semantics)
 	nb.read_only = false;
 	ck_assert_int_eq(qsm_open(base, top, &nb, &img, err, sizeof(err)), -EINVAL);
 	ck_assert_ptr_nonnull(strstr(err, "read-only"));
+	/* Growing a smaller image over the longer backing file: the new area
+	 * reads as zeros (v3), or the resize is refused (v2). */
+	to.size = 512 * K;
+	ck_assert_int_eq(qsm_create(top, &to, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_open(base, top, NULL, &img, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_truncate(img, 2048 * K, err, sizeof(err)), v3 ? 0 : -ENOTSUP);
+	qsm_get_info(img, &info);
+	ck_assert_uint_eq(info.virtual_size, v3 ? 2048 * K : 512 * K);
+	ck_assert_int_eq(qsm_sync_pread(img, buf, info.virtual_size, 0), 0);
+	ck_assert(all_eq(buf, 512 * K, 0x11));
+	ck_assert(all_eq(buf + 512 * K, info.virtual_size - 512 * K, 0));
+	ck_assert_int_eq(qsm_close(img), 0);
+	qemu_check_clean(top);
 	unlink(top);
 	unlink(bpath);
 	free(buf);
