@@ -500,6 +500,18 @@ int qsm_io_get_size(struct qsm_io *io, uint64_t *size)
 	return io->ops->get_size(io, size);
 }
 
+int qsm_io_extent(struct qsm_io *io, uint64_t off, uint64_t len, bool *data, uint64_t *run)
+{
+	assert(len > 0);
+	*data = true;
+	*run = len;
+	if (!io->ops->extent)
+		return 0;
+	int ret = io->ops->extent(io, off, len, data, run);
+	assert(ret < 0 || (*run >= 1 && *run <= len));
+	return ret;
+}
+
 void qsm_io_close(struct qsm_io *io)
 {
 	if (!io)
@@ -780,6 +792,30 @@ int qsm_io_fds_truncate_(const struct qsm_io_fds *f, uint64_t size)
 		if (errno != EINTR)
 			return -errno;
 	}
+	return 0;
+}
+
+int qsm_io_fds_extent_(const struct qsm_io_fds *f, uint64_t off, uint64_t len, bool *data,
+		       uint64_t *run)
+{
+	off_t d = lseek(f->fd, (off_t)off, SEEK_DATA);
+	*data = true;
+	*run = len;
+	if (d < 0) {
+		/* ENXIO: only a hole from off to the end; anything else (no
+		 * SEEK_DATA here): say data. */
+		if (errno == ENXIO)
+			*data = false;
+		return 0;
+	}
+	if ((uint64_t)d > off) {
+		*data = false;
+		*run = QSM_MIN(len, (uint64_t)d - off);
+		return 0;
+	}
+	off_t h = lseek(f->fd, (off_t)off, SEEK_HOLE);
+	if (h > (off_t)off)
+		*run = QSM_MIN(len, (uint64_t)h - off);
 	return 0;
 }
 

@@ -125,6 +125,10 @@ struct qsm_io_ops {
 	int (*truncate_sync)(struct qsm_io *io, uint64_t size);
 	/* Current size of the underlying file or device. */
 	int (*get_size)(struct qsm_io *io, uint64_t *size);
+	/* Optional (NULL: everything is data): does the file hold data or a
+	 * hole at off, and for how many bytes from off (at most len)?  Cheap
+	 * and synchronous (lseek SEEK_DATA/SEEK_HOLE), callable any time. */
+	int (*extent)(struct qsm_io *io, uint64_t off, uint64_t len, bool *data, uint64_t *run);
 	/* Release the backend.  No request may be in flight. */
 	void (*close)(struct qsm_io *io);
 };
@@ -166,6 +170,9 @@ int qsm_io_pwrite_sync(struct qsm_io *io, const void *buf, size_t len, uint64_t 
 int qsm_io_flush_sync(struct qsm_io *io);
 int qsm_io_truncate_sync(struct qsm_io *io, uint64_t size);
 int qsm_io_get_size(struct qsm_io *io, uint64_t *size);
+/* Data or hole at off, for *run bytes (1 <= *run <= len); backends that
+ * cannot tell say data for all of it.  Used for raw images' block status. */
+int qsm_io_extent(struct qsm_io *io, uint64_t off, uint64_t len, bool *data, uint64_t *run);
 void qsm_io_close(struct qsm_io *io);
 
 /* Buffer helpers honouring io->mem_align (posix_memalign, zeroed or not). */

@@ -193,6 +193,12 @@ static int qsm_io_threads_get_size(struct qsm_io *io, uint64_t *size)
 	return qsm_io_fds_get_size_(&qsm_io_threads_of(io)->th_fds, size);
 }
 
+static int qsm_io_threads_extent(struct qsm_io *io, uint64_t off, uint64_t len, bool *data,
+				 uint64_t *run)
+{
+	return qsm_io_fds_extent_(&qsm_io_threads_of(io)->th_fds, off, len, data, run);
+}
+
 /* Also the error path of open: copes with a partly built handle. */
 static void qsm_io_threads_close(struct qsm_io *io)
 {
@@ -225,6 +231,7 @@ static const struct qsm_io_ops qsm_io_threads_ops = {
 	.flush_sync = qsm_io_threads_flush_sync,
 	.truncate_sync = qsm_io_threads_truncate_sync,
 	.get_size = qsm_io_threads_get_size,
+	.extent = qsm_io_threads_extent,
 	.close = qsm_io_threads_close,
 };
 

@@ -358,6 +358,12 @@ static int qsm_io_uring_get_size(struct qsm_io *io, uint64_t *size)
 	return qsm_io_fds_get_size_(&qsm_io_uring_of(io)->ur_fds, size);
 }
 
+static int qsm_io_uring_extent(struct qsm_io *io, uint64_t off, uint64_t len, bool *data,
+			       uint64_t *run)
+{
+	return qsm_io_fds_extent_(&qsm_io_uring_of(io)->ur_fds, off, len, data, run);
+}
+
 /* Also the error path of open: copes with a partly built handle. */
 static void qsm_io_uring_close(struct qsm_io *io)
 {
@@ -385,6 +391,7 @@ static const struct qsm_io_ops qsm_io_uring_ops = {
 	.flush_sync = qsm_io_uring_flush_sync,
 	.truncate_sync = qsm_io_uring_truncate_sync,
 	.get_size = qsm_io_uring_get_size,
+	.extent = qsm_io_uring_extent,
 	.close = qsm_io_uring_close,
 };
 

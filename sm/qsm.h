@@ -150,9 +150,9 @@ struct qsm_extent {
  * file, and no flag at all when it has one (opened or not): the backing
  * chain decides, so callers such as `qsm map` ask qsm_get_backing() and
  * query the next image.
- * Raw images report the whole range as DATA|ALLOCATED with host_offset =
- * offset (one extent; holes of a sparse file are not looked for, where
- * qemu-img map reports them as zero). */
+ * Raw images report runs of data (DATA|ALLOCATED) and holes of a sparse
+ * file (ZERO|ALLOCATED), as QEMU's file driver, with host_offset = offset
+ * for both (backends that cannot tell report data). */
 int qsm_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,
 		     struct qsm_extent *out, qsm_cb cb, void *opaque);
 

@@ -32,6 +32,7 @@
  *   * -> FILE_RANGE .............. step_file_range
  *   * -> CLUSTER_ALLOC ........... step_cluster_alloc
  *   * -> BACKING_READ ............ step_backing_read
+ *   * -> BACKING_STATUS .......... step_backing_status (write zeroes)
  *   * -> COW_READ ................ step_cow_read (cow_read_backing)
  *   * -> ALLOC_WRITE ............. step_alloc_write
  *   * -> L2_UPDATE ............... step_l2_update
@@ -839,8 +840,8 @@ static enum qsm_event classify_write(struct qsm_req *req)
  *    writes zeros into them;
  *  - a partial cluster that is unallocated over a backing file: allocated,
  *    the rest copied from the backing image (COW) and the part zeroed,
- *    unless the cluster lies past the backing image's end (v3: it reads as
- *    zeros, so it becomes a zero cluster);
+ *    unless (v3) the rest of the cluster reads as zeros through the chain
+ *    (BACKING_STATUS): then it becomes a zero cluster, as in QEMU;
  *  - a partial cluster that already reads as zeros: v3 turns it into a zero
  *    cluster, v2 leaves it;
  *  - a partial cluster with data: zero data is written over the part.
@@ -874,13 +875,26 @@ static enum qsm_event classify_zeroes(struct qsm_req *req)
 	if (ret < 0)
 		return fail(req, ret);
 	enum entry_kind k = entry_kind(e);
-	/* As QEMU, which asks the chain whether the cluster reads as zeros
-	 * and then, on v3, makes it a zero cluster: an unallocated cluster
-	 * wholly past the end of the backing image does (one the backing
-	 * image leaves unallocated is copied instead).  v2 with a backing
-	 * file writes zeros (QEMU's fallback). */
-	if (reads_zero_here(img, k) ||
-	    (v3 && k == EK_UNALLOC && img->backing && run->offset - head >= img->backing->hdr.size)) {
+	/* As QEMU, which asks the chain whether the rest of the cluster reads
+	 * as zeros and then, on v3, makes it a zero cluster (BACKING_STATUS
+	 * asks, then the run is looked up again).  v2 with a backing file
+	 * writes zeros (QEMU's fallback). */
+	bool chain_zero = false;
+	if (v3 && k == EK_UNALLOC && img->backing) {
+		uint64_t c0 = run->offset - head, end = run->offset + run->bytes;
+		if (!req->probe_done || req->probe_cluster != c0) {
+			release_l2(req);
+			req->probe_cluster = c0;
+			req->probe_off = c0;
+			req->probe_len = head;
+			req->probe_off2 = end;
+			req->probe_len2 = QSM_MIN(c0 + img->cluster_size, img->hdr.size) - end;
+			req->probe_done = false;
+			return QSM_E_BACKING;
+		}
+		chain_zero = req->probe_zero;
+	}
+	if (reads_zero_here(img, k) || chain_zero) {
 		if (v3)
 			return QSM_E_WHOLE_CLUSTERS;
 		release_l2(req);
@@ -1013,6 +1027,97 @@ static enum qsm_event step_backing_read(struct qsm_req *req)
 	int cnt = qsm_iov_slice(req->iov_buf, req->iov_cap, req->iov, req->iovcnt, req->done, n);
 	int ret = qsm_readv(b, run->offset, req->iov_buf, cnt, backing_read_cb, req);
 	return ret < 0 ? fail(req, ret) : QSM_E_WAIT;
+}
+
+static void probe_cb(void *opaque, int ret);
+
+/*
+ * Ask the next question of BACKING_STATUS: does [probe_off, +probe_len) read
+ * as zeros in req->probe_img?  Returns true when a status request went out;
+ * false when the answer is known at once (*ret < 0: an error; else the range
+ * lies past the image's end, so it reads as zeros).
+ */
+static bool probe_submit(struct qsm_req *req, int *ret)
+{
+	struct qsm_image *b = req->probe_img;
+	*ret = 0;
+	if (req->probe_off >= b->hdr.size)
+		return false;
+	uint64_t len = QSM_MIN(req->probe_len, b->hdr.size - req->probe_off);
+	*ret = qsm_block_status(b, req->probe_off, len, &req->probe_ext, probe_cb, req);
+	return *ret == 0;
+}
+
+/* Start on the next range that needs asking, from the top of the chain.
+ * True when a request went out; false when all is answered (or failed). */
+static bool probe_next_range(struct qsm_req *req, int *ret)
+{
+	*ret = 0;
+	for (;;) {
+		if (!req->probe_len) {
+			if (!req->probe_len2)
+				return false;
+			req->probe_off = req->probe_off2;
+			req->probe_len = req->probe_len2;
+			req->probe_len2 = 0;
+		}
+		req->probe_img = req->img->backing;
+		if (probe_submit(req, ret) || *ret < 0)
+			return *ret == 0;
+		req->probe_len = 0; /* past the end: zeros */
+	}
+}
+
+static void probe_cb(void *opaque, int ret)
+{
+	struct qsm_req *req = opaque;
+	struct qsm_image *b = req->probe_img;
+	uint64_t len = QSM_MIN(req->probe_len, b->hdr.size - req->probe_off);
+	bool whole = ret == 0 && req->probe_ext.length == len;
+
+	if (whole && req->probe_ext.flags == 0 && qsm_get_backing(b)) {
+		/* Unallocated there: the next image down decides. */
+		req->probe_img = qsm_get_backing(b);
+		if (probe_submit(req, &ret))
+			return;
+		if (ret == 0)
+			req->probe_len = 0; /* past its end: zeros */
+	} else if (whole && (req->probe_ext.flags & QSM_STATUS_ZERO)) {
+		req->probe_len = 0;
+	} else if (ret == 0) {
+		req->probe_done = true; /* data, or not one run: not known zeros */
+		req->probe_zero = false;
+		qsm_sm_post(req, QSM_E_IO_DONE, 0);
+		return;
+	}
+	if (ret == 0 && probe_next_range(req, &ret))
+		return;
+	if (ret < 0) {
+		qsm_sm_post(req, QSM_E_ERROR, ret);
+		return;
+	}
+	req->probe_done = req->probe_zero = true;
+	qsm_sm_post(req, QSM_E_IO_DONE, 0);
+}
+
+/*
+ * A partial zero write over an unallocated cluster of a v3 image with a
+ * backing file.  QEMU turns it into a zero cluster when the rest of the
+ * cluster (head and tail) already reads as zeros; find that out, image by
+ * image down the chain (one block status request per image and range; past
+ * an image's end counts as zeros; a run shorter than the range as not known
+ * zeros).  The answer stays in the request and the run is looked up again,
+ * since the cluster may have changed meanwhile.
+ */
+static enum qsm_event step_backing_status(struct qsm_req *req)
+{
+	int ret;
+	if (probe_next_range(req, &ret))
+		return QSM_E_WAIT;
+	if (ret < 0)
+		return fail(req, ret);
+	req->probe_done = req->probe_zero = true;
+	return QSM_E_IO_DONE;
 }
 
 static enum qsm_event step_zero_fill(struct qsm_req *req)
@@ -1371,6 +1476,7 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_JOIN_WAIT:     return step_join_wait(req);
 	case QSM_S_ZERO_FILL:     return step_zero_fill(req);
 	case QSM_S_BACKING_READ:  return step_backing_read(req);
+	case QSM_S_BACKING_STATUS: return step_backing_status(req);
 	case QSM_S_FILE_RANGE:    return step_file_range(req);
 	case QSM_S_CLUSTER_ALLOC: return step_cluster_alloc(req);
 	case QSM_S_COW_READ:      return step_cow_read(req);
@@ -1596,17 +1702,24 @@ struct qsm_req *qsm_req_new(struct qsm_image *img, enum qsm_machine m, int iov_c
 /*
  * A raw image maps guest offset x to file offset x: the whole request is one
  * run, handed to DATA_READ, DATA_WRITE or FILE_RANGE by the RAW edges.  Block
- * status reports it all as this image's data (see qsm.h).
+ * status asks io/ whether the file holds data or a hole there (as QEMU's
+ * file driver, with lseek): DATA or ZERO, always ALLOCATED (see qsm.h).
  */
 static enum qsm_event raw_start(struct qsm_req *req)
 {
 	struct qsm_run *run = &req->run;
 	run->offset = run->host = req->offset;
 	run->bytes = req->bytes;
-	if (req->machine == QSM_M_STATUS)
-		*req->status_out = (struct qsm_extent){ req->offset, req->bytes,
-							QSM_STATUS_DATA | QSM_STATUS_ALLOCATED,
-							req->offset };
+	if (req->machine == QSM_M_STATUS) {
+		bool data;
+		uint64_t len;
+		int ret = qsm_io_extent(req->img->io, req->offset, req->bytes, &data, &len);
+		if (ret < 0)
+			return fail(req, ret);
+		*req->status_out = (struct qsm_extent){
+			req->offset, len,
+			(data ? QSM_STATUS_DATA : QSM_STATUS_ZERO) | QSM_STATUS_ALLOCATED, req->offset };
+	}
 	return QSM_E_RAW;
 }
 

@@ -140,6 +140,16 @@ struct qsm_req {
 	qsm_cb cb;
 	void *opaque;
 	struct qsm_extent *status_out;
+	/* ZEROES over a backing file: do the parts of the cluster at
+	 * probe_cluster that the zero write leaves (probe_off/len now, then
+	 * probe_off2/len2) read as zeros through the chain?  Asked in
+	 * BACKING_STATUS, one image of the chain at a time (probe_img),
+	 * answered in probe_zero. */
+	uint64_t probe_cluster;
+	uint64_t probe_off, probe_len, probe_off2, probe_len2;
+	struct qsm_image *probe_img;
+	struct qsm_extent probe_ext;
+	bool probe_done, probe_zero;
 
 	struct qsm_run run;
 	struct iovec *iov_buf;    /* scratch iovecs: caller's count + 2 */

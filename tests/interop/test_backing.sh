@@ -13,7 +13,8 @@
 #    of backing data) run by `qsm io` (once with -t none) on the
 #    top of one copy of the qemu chain and by `qemu-io` on another: compare
 #    identical, check clean, qemu-img map agrees on which ranges the top
-#    decides (see map_of), lower layers untouched;
+#    decides and which of those are zero clusters (see map_of), lower
+#    layers untouched;
 #  - qsm info --backing-chain (human, json) prints what qemu-img prints.
 # Then refusals, each with a clear message and the images untouched: a loop
 # (two images, and one naming itself), a backing file whose format is not
@@ -74,19 +75,19 @@ build() {
     echo "$prev" >"$dir/top"
 }
 
-# map_of IMG: which ranges the top image decides itself (depth 0) and which
-# its backing chain decides, from qemu-img map --output=json, merged.  The
-# zero/data flags of depth-0 ranges are left out: where the backing data of
-# a partial zero write or COW region is zero, QEMU probes the chain and sets
-# the zero flag or fallocates, where qsm copies the zeros (same contents,
-# which compare checks).
+# map_of IMG: qemu-img map --output=json reduced to what must agree: which
+# ranges the top image decides (depth 0) and there, data clusters apart from
+# zero clusters; merged.  Host offsets and the zero flag of data ranges are
+# left out: where the backing data of a COW region is zero, QEMU fallocates
+# (a hole in the file: "zero": true) where qsm writes the zeros.
 map_of() {
     qemu-img map --output=json "$1" | python3 -c '
 import json, sys
 out = []
 for e in json.load(sys.stdin):
-    e = {"start": e["start"], "length": e["length"], "depth": e["depth"], "present": e["present"]}
-    if out and out[-1]["depth"] == e["depth"] and out[-1]["present"] == e["present"]:
+    e = {"start": e["start"], "length": e["length"], "depth": e["depth"], "present": e["present"],
+         "data": e["data"] and e["depth"] == 0}
+    if out and all(out[-1][k] == e[k] for k in ("depth", "present", "data")):
         out[-1]["length"] += e["length"]
     else:
         out.append(e)

@@ -537,8 +537,10 @@ START_TEST(backing_semantics)
 	struct qsm_create_opts bo = { .size = bsize };
 	ck_assert_int_eq(qsm_create(bpath, &bo, err, sizeof(err)), 0);
 	ck_assert_int_eq(qsm_open(base, bpath, NULL, &b, err, sizeof(err)), 0);
+	/* 0x11 everywhere but [768K, 832K), left unallocated (zeros) */
 	memset(buf, 0x11, bsize);
-	ck_assert_int_eq(qsm_sync_pwrite(b, buf, bsize, 0), 0);
+	ck_assert_int_eq(qsm_sync_pwrite(b, buf, 768 * K, 0), 0);
+	ck_assert_int_eq(qsm_sync_pwrite(b, buf, bsize - 832 * K, 832 * K), 0);
 	ck_assert_int_eq(qsm_close(b), 0);
 	/* relative name: resolved against the top image's directory */
 	struct qsm_create_opts to = { .size = 2048 * K, .compat = v3 ? 3 : 2,
@@ -553,7 +555,9 @@ START_TEST(backing_semantics)
 
 	/* Fall through, zeros past the backing file's end; status: no flag. */
 	ck_assert_int_eq(qsm_sync_pread(img, buf, 2048 * K, 0), 0);
-	ck_assert(all_eq(buf, bsize, 0x11));
+	ck_assert(all_eq(buf, 768 * K, 0x11));
+	ck_assert(all_eq(buf + 768 * K, 64 * K, 0));
+	ck_assert(all_eq(buf + 832 * K, bsize - 832 * K, 0x11));
 	ck_assert(all_eq(buf + bsize, 2048 * K - bsize, 0));
 	ck_assert_int_eq(qsm_sync_block_status(img, 0, 2048 * K, &ext), 0);
 	ck_assert_uint_eq(ext.flags, 0);
@@ -591,12 +595,20 @@ START_TEST(backing_semantics)
 	ck_assert_uint_eq(ext.flags, v3 ? (QSM_STATUS_ZERO | QSM_STATUS_ALLOCATED)
 				       : (QSM_STATUS_DATA | QSM_STATUS_ALLOCATED));
 
-	/* A partial zero write past the backing file's end: v3 makes a zero
-	 * cluster (QEMU finds the cluster reads as zeros), v2 writes zeros. */
-	ck_assert_int_eq(qsm_sync_write_zeroes(img, 1536 * K + 512, 512, 0), 0);
-	ck_assert_int_eq(qsm_sync_block_status(img, 1536 * K, cs, &ext), 0);
-	ck_assert_uint_eq(ext.flags, v3 ? (QSM_STATUS_ZERO | QSM_STATUS_ALLOCATED)
-				       : (QSM_STATUS_DATA | QSM_STATUS_ALLOCATED));
+	/* A partial zero write past the backing file's end, and one over the
+	 * cluster the backing file leaves unallocated: v3 makes zero clusters
+	 * (QEMU finds the chain reads zeros there), v2 writes zeros; over
+	 * backing data, a COW. */
+	uint64_t zw[] = { 1536 * K, 768 * K, 832 * K };
+	for (int z = 0; z < 3; z++) {
+		ck_assert_int_eq(qsm_sync_write_zeroes(img, zw[z] + 512, 512, 0), 0);
+		ck_assert_int_eq(qsm_sync_block_status(img, zw[z], cs, &ext), 0);
+		ck_assert_uint_eq(ext.flags, v3 && z < 2 ? (QSM_STATUS_ZERO | QSM_STATUS_ALLOCATED)
+						 : (QSM_STATUS_DATA | QSM_STATUS_ALLOCATED));
+	}
+	ck_assert_int_eq(qsm_sync_pread(img, buf, cs, 832 * K), 0);
+	ck_assert(all_eq(buf, 512, 0x11) && all_eq(buf + 512, 512, 0) &&
+		  all_eq(buf + 1024, cs - 1024, 0x11));
 
 	/* Discard: an unallocated and a data cluster. */
 	memset(buf, 0x44, cs);
@@ -705,10 +717,15 @@ START_TEST(raw_image)
 	ck_assert(all_eq(buf, 3000, 0) && all_eq(buf + 3000, 1000, 0x5a));
 	ck_assert(all_eq(buf + 4000, 100, 0) && all_eq(buf + 4100, 3900, 0x5a));
 	ck_assert(all_eq(buf + 8000, 192, 0));
+	/* Data up to 8 KiB (file blocks written), then a hole (the file was
+	 * sized with ftruncate), as QEMU's map shows a sparse raw file. */
 	ck_assert_int_eq(qsm_sync_block_status(img, 4096, 8192, &ext), 0);
 	ck_assert_uint_eq(ext.flags, QSM_STATUS_DATA | QSM_STATUS_ALLOCATED);
 	ck_assert_uint_eq(ext.host_offset, 4096);
-	ck_assert_uint_eq(ext.length, 8192);
+	ck_assert_uint_eq(ext.length, 4096);
+	ck_assert_int_eq(qsm_sync_block_status(img, 8192, 65536, &ext), 0);
+	ck_assert_uint_eq(ext.flags, QSM_STATUS_ZERO | QSM_STATUS_ALLOCATED);
+	ck_assert_uint_eq(ext.length, 65536);
 	ck_assert_int_eq(qsm_sync_discard(img, 0, 65536), 0);
 	ck_assert_int_eq(qsm_truncate(img, 2 << 20, err, sizeof(err)), 0);
 	ck_assert_int_eq(qsm_sync_pwrite(img, buf + 3000, 512, (2 << 20) - 512), 0);
