@@ -733,9 +733,16 @@ static enum qsm_event classify_read(struct qsm_req *req)
 	}
 	run->host = host0 + in_cluster(img, run->offset);
 	if (req->machine == QSM_M_STATUS) {
-		*req->status_out = (struct qsm_extent){ run->offset, run->bytes,
-							QSM_STATUS_DATA | QSM_STATUS_ALLOCATED,
-							run->host };
+		/* As QEMU, which asks the file under the image too: host clusters
+		 * that are a hole in the file (never written) read as zeros. */
+		bool data;
+		uint64_t len;
+		if ((ret = qsm_io_extent(img->io, run->host, run->bytes, &data, &len)) < 0)
+			return fail(req, ret);
+		*req->status_out = (struct qsm_extent){
+			run->offset, len,
+			QSM_STATUS_DATA | QSM_STATUS_ALLOCATED | (data ? 0 : QSM_STATUS_ZERO),
+			run->host };
 		return QSM_E_REPORTED;
 	}
 	return QSM_E_DATA;
