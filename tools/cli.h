@@ -29,6 +29,7 @@ int cmd_info(int argc, char **argv);
 int cmd_check(int argc, char **argv);
 int cmd_io(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_graph(int argc, char **argv);
 
 /* Print "qsm PREFIX: message\n" on stderr (prefix may be NULL). */
 void cli_error(const char *prefix, const char *fmt, ...)

@@ -24,6 +24,7 @@ static const struct cli_cmd cmds[] = {
 	{ "check",  cmd_check,  "check (and repair) an image's consistency" },
 	{ "io",     cmd_io,     "exercise an image with qemu-io commands" },
 	{ "bench",  cmd_bench,  "run a simple sequential I/O benchmark (as qemu-img bench)" },
+	{ "graph",  cmd_graph,  "draw the request state machines (Graphviz) from sm/states.def" },
 };
 
 static void usage(FILE *f)

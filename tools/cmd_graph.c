@@ -1,0 +1,495 @@
+/*
+ * tools/cmd_graph.c: `qsm graph`, the request state machines as Graphviz.
+ *
+ *   qsm graph [--machine read|write|zeroes|discard|flush|status|writeback|all]
+ *             [--format dot|svg] [-o FILE] [--list]
+ *
+ * Design: everything drawn comes from sm/states.def, included here with
+ * this file's own definitions of MACHINE/STATE/EVENT/TRANSITION, exactly the
+ * table the dispatcher (sm/request.c, qsm_sm_run) executes.  There is no
+ * hand-written list of states or edges in this file, so the pictures cannot
+ * drift from the code.
+ *
+ * What is drawn, per machine:
+ *  - every state that appears in one of the machine's transitions, labelled
+ *    with its name, its description as a tooltip; states whose description
+ *    starts with "wait:" are filled (the request sleeps there);
+ *  - one edge per TRANSITION(machine, from, event, to), labelled with the
+ *    event's label, with id "MACHINE:FROM:EVENT:TO" (tests read it back);
+ *  - the implicit edges: the dispatcher takes any state to DONE on event
+ *    ERROR.  Drawn as one dashed grey edge from the box around all the other
+ *    states (a Graphviz cluster) to DONE, id "MACHINE:*:ERROR:DONE".
+ * Node ids are "MACHINE__STATE", so `--machine all` can hold every machine
+ * side by side in one graph.  The output is deterministic (table order), so
+ * the DOT files committed under tools/doc/ can be compared byte for byte.
+ *
+ * --list prints the table itself, one fact per line, for tests:
+ *   machine NAME description / state NAME description /
+ *   event NAME label / transition MACHINE FROM EVENT TO
+ *
+ * SVG: the DOT text is piped through Graphviz's `dot -Tsvg`; without dot
+ * the command fails with a message saying how to get it, and writes nothing.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "tools/cli.h"
+
+/* --- the table, from sm/states.def ---------------------------------------- */
+
+enum g_machine {
+#define MACHINE(name, desc) GM_##name,
+#define STATE(name, desc)
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+	GM__COUNT
+};
+
+enum g_state {
+#define MACHINE(name, desc)
+#define STATE(name, desc) GS_##name,
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+	GS__COUNT
+};
+
+enum g_event {
+#define MACHINE(name, desc)
+#define STATE(name, desc)
+#define EVENT(name, label) GE_##name,
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+	GE__COUNT
+};
+
+struct g_named {
+	const char *name, *text;
+};
+
+static const struct g_named machines[] = {
+#define MACHINE(name, desc) { #name, desc },
+#define STATE(name, desc)
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+};
+
+static const struct g_named states[] = {
+#define MACHINE(name, desc)
+#define STATE(name, desc) { #name, desc },
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+};
+
+static const struct g_named events[] = {
+#define MACHINE(name, desc)
+#define STATE(name, desc)
+#define EVENT(name, label) { #name, label },
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+};
+
+struct g_transition {
+	enum g_machine m;
+	enum g_state from, to;
+	enum g_event ev;
+};
+
+static const struct g_transition transitions[] = {
+#define MACHINE(name, desc)
+#define STATE(name, desc)
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to) { GM_##m, GS_##from, GS_##to, GE_##ev },
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+};
+
+#define NB_TRANSITIONS (sizeof(transitions) / sizeof(transitions[0]))
+
+/* --- DOT ------------------------------------------------------------------ */
+
+/* Print s as the inside of a DOT double-quoted string. */
+static void dot_str(FILE *f, const char *s)
+{
+	for (; *s; s++) {
+		if (*s == '"' || *s == '\\')
+			fputc('\\', f);
+		fputc(*s, f);
+	}
+}
+
+static bool is_wait_state(enum g_state s)
+{
+	return !strncmp(states[s].text, "wait:", 5);
+}
+
+/* Which states machine m uses (appear in one of its transitions). */
+static void machine_states(enum g_machine m, bool used[GS__COUNT])
+{
+	memset(used, 0, sizeof(bool) * GS__COUNT);
+	for (size_t i = 0; i < NB_TRANSITIONS; i++) {
+		if (transitions[i].m != m)
+			continue;
+		used[transitions[i].from] = used[transitions[i].to] = true;
+	}
+	used[GS_DONE] = true; /* every machine ends there, at least on ERROR */
+	used[GS_START] = true;
+}
+
+/* One machine's nodes and edges (inside a cluster when `all`). */
+static void dot_machine(FILE *f, enum g_machine m, const char *ind)
+{
+	const char *mn = machines[m].name;
+	bool used[GS__COUNT];
+	machine_states(m, used);
+
+	/* The implicit error edges start from this box: every state but DONE. */
+	fprintf(f, "%ssubgraph cluster_%s_running {\n", ind, mn);
+	fprintf(f, "%s\tlabel=\"\"; style=dashed; color=gray75;\n", ind);
+	for (int s = 0; s < GS__COUNT; s++) {
+		if (!used[s] || s == GS_DONE)
+			continue;
+		fprintf(f, "%s\t%s__%s [label=\"%s\", tooltip=\"", ind, mn, states[s].name,
+			states[s].name);
+		dot_str(f, states[s].text);
+		fputc('"', f);
+		if (s == GS_START)
+			fprintf(f, ", shape=ellipse");
+		else if (is_wait_state((enum g_state)s))
+			fprintf(f, ", style=\"rounded,filled\", fillcolor=\"#fff2b3\"");
+		fprintf(f, "];\n");
+	}
+	fprintf(f, "%s}\n", ind);
+	fprintf(f, "%s%s__DONE [label=\"DONE\", tooltip=\"", ind, mn);
+	dot_str(f, states[GS_DONE].text);
+	fprintf(f, "\", shape=ellipse, peripheries=2];\n");
+
+	for (size_t i = 0; i < NB_TRANSITIONS; i++) {
+		const struct g_transition *t = &transitions[i];
+		if (t->m != m)
+			continue;
+		fprintf(f, "%s%s__%s -> %s__%s [id=\"%s:%s:%s:%s\", label=\"", ind, mn,
+			states[t->from].name, mn, states[t->to].name, mn, states[t->from].name,
+			events[t->ev].name, states[t->to].name);
+		dot_str(f, events[t->ev].text);
+		fprintf(f, "\", tooltip=\"%s --%s--> %s\"];\n", states[t->from].name,
+			events[t->ev].name, states[t->to].name);
+	}
+	/* The dispatcher's implicit edges: ERROR from any state -> DONE. */
+	fprintf(f, "%s%s__START -> %s__DONE [id=\"%s:*:ERROR:DONE\", ltail=cluster_%s_running, "
+		   "label=\"", ind, mn, mn, mn, mn);
+	dot_str(f, events[GE_ERROR].text);
+	fprintf(f, " (from any state)\", tooltip=\"any state --ERROR--> DONE (implicit in the "
+		   "dispatcher)\", style=dashed, color=gray60, fontcolor=gray45, arrowsize=0.6, "
+		   "constraint=false];\n");
+}
+
+/* The machine's name as --machine takes it ("write"), or "all". */
+static void put_lower(FILE *f, const char *s)
+{
+	for (; *s; s++)
+		fputc(*s >= 'A' && *s <= 'Z' ? *s - 'A' + 'a' : *s, f);
+}
+
+static void dot_graph(FILE *f, int machine /* -1: all */)
+{
+	fprintf(f, "// Generated by `qsm graph --machine ");
+	put_lower(f, machine < 0 ? "all" : machines[machine].name);
+	fprintf(f, "` from sm/states.def: do not edit.\n");
+	fprintf(f, "digraph qsm_%s {\n", machine < 0 ? "all" : machines[machine].name);
+	fprintf(f, "\tgraph [compound=true, rankdir=TB, nodesep=0.25, ranksep=0.4, "
+		   "fontname=\"Helvetica\", fontsize=12, labelloc=t, label=\"");
+	if (machine < 0)
+		fprintf(f, "qsm request state machines");
+	else
+		fprintf(f, "qsm %s machine: ", machines[machine].name), dot_str(f, machines[machine].text);
+	fprintf(f, "\\n(generated from sm/states.def; dashed: any state goes to DONE on error)\"];\n");
+	fprintf(f, "\tnode [shape=box, style=rounded, fontname=\"Helvetica\", fontsize=10, "
+		   "height=0.3];\n");
+	fprintf(f, "\tedge [fontname=\"Helvetica\", fontsize=8, arrowsize=0.7];\n");
+	if (machine >= 0) {
+		dot_machine(f, (enum g_machine)machine, "\t");
+	} else {
+		for (int m = 0; m < GM__COUNT; m++) {
+			fprintf(f, "\tsubgraph cluster_%s {\n", machines[m].name);
+			fprintf(f, "\t\tlabel=\"%s: ", machines[m].name);
+			dot_str(f, machines[m].text);
+			fprintf(f, "\"; style=solid; color=gray40;\n");
+			dot_machine(f, (enum g_machine)m, "\t\t");
+			fprintf(f, "\t}\n");
+		}
+	}
+	fprintf(f, "}\n");
+}
+
+static void list_table(FILE *f, int machine)
+{
+	for (int m = 0; m < GM__COUNT; m++)
+		if (machine < 0 || machine == m)
+			fprintf(f, "machine %s %s\n", machines[m].name, machines[m].text);
+	for (int s = 0; s < GS__COUNT; s++)
+		fprintf(f, "state %s %s\n", states[s].name, states[s].text);
+	for (int e = 0; e < GE__COUNT; e++)
+		fprintf(f, "event %s %s\n", events[e].name, events[e].text);
+	for (size_t i = 0; i < NB_TRANSITIONS; i++) {
+		const struct g_transition *t = &transitions[i];
+		if (machine < 0 || machine == (int)t->m)
+			fprintf(f, "transition %s %s %s %s\n", machines[t->m].name,
+				states[t->from].name, events[t->ev].name, states[t->to].name);
+	}
+}
+
+/* --- SVG through dot -------------------------------------------------------- */
+
+/* Is `dot` an executable somewhere on PATH? */
+static bool have_dot(void)
+{
+	const char *path = getenv("PATH");
+	if (!path)
+		return false;
+	char *copy = strdup(path);
+	bool found = false;
+	for (char *save = NULL, *dir = strtok_r(copy, ":", &save); dir && !found;
+	     dir = strtok_r(NULL, ":", &save)) {
+		char buf[4096];
+		snprintf(buf, sizeof(buf), "%s/dot", *dir ? dir : ".");
+		found = access(buf, X_OK) == 0;
+	}
+	free(copy);
+	return found;
+}
+
+/* Pipe `text` through `dot -Tsvg` into fd out.  0 or -1 (message printed). */
+static int run_dot(const char *text, size_t len, int out)
+{
+	int p[2];
+	if (pipe(p) < 0) {
+		cli_error("graph", "pipe: %s", strerror(errno));
+		return -1;
+	}
+	pid_t pid = fork();
+	if (pid < 0) {
+		cli_error("graph", "fork: %s", strerror(errno));
+		close(p[0]);
+		close(p[1]);
+		return -1;
+	}
+	if (pid == 0) {
+		dup2(p[0], 0);
+		dup2(out, 1);
+		close(p[0]);
+		close(p[1]);
+		execlp("dot", "dot", "-Tsvg", (char *)NULL);
+		fprintf(stderr, "qsm graph: cannot run dot: %s\n", strerror(errno));
+		_exit(127);
+	}
+	close(p[0]);
+	size_t off = 0;
+	while (off < len) {
+		ssize_t n = write(p[1], text + off, len - off);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		off += (size_t)n;
+	}
+	close(p[1]);
+	int status;
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	if (off < len || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+		cli_error("graph", "dot failed to render the diagram");
+		return -1;
+	}
+	return 0;
+}
+
+/* --- the command ------------------------------------------------------------ */
+
+static void graph_usage(FILE *f)
+{
+	fprintf(f,
+		"Usage: qsm graph [--machine NAME|all] [--format dot|svg] [-o FILE] [--list]\n"
+		"Draw qsm's request state machines from the table the engine runs\n"
+		"(sm/states.def): every state, every transition labelled with its event,\n"
+		"and (dashed) the implicit error edge from any state to DONE.\n"
+		"\n"
+		"  -m, --machine NAME   one machine: ");
+	for (int m = 0; m < GM__COUNT; m++) {
+		put_lower(f, machines[m].name);
+		fputc('|', f);
+	}
+	fprintf(f, "all\n"
+		"                       (default: all)\n"
+		"  -T, --format FMT     dot (default) or svg (needs Graphviz's dot)\n"
+		"  -o, --output FILE    write to FILE instead of standard output\n"
+		"  -l, --list           print the table itself: machines, states, events and\n"
+		"                       transitions, one per line\n"
+		"  -h, --help           display this help and exit\n");
+}
+
+/* "write" or "WRITE" -> machine index; "all" -> -1; -2 when unknown. */
+static int parse_machine(const char *s)
+{
+	if (!strcasecmp(s, "all"))
+		return -1;
+	for (int m = 0; m < GM__COUNT; m++)
+		if (!strcasecmp(s, machines[m].name))
+			return m;
+	return -2;
+}
+
+int cmd_graph(int argc, char **argv)
+{
+	static const struct option lopt[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ "machine", required_argument, NULL, 'm' },
+		{ "format", required_argument, NULL, 'T' },
+		{ "output", required_argument, NULL, 'o' },
+		{ "list", no_argument, NULL, 'l' },
+		{ NULL, 0, NULL, 0 },
+	};
+	int machine = -1, c;
+	bool svg = false, list = false;
+	const char *out_path = NULL;
+
+	optind = 0;
+	while ((c = getopt_long(argc, argv, "hm:T:o:l", lopt, NULL)) != -1) {
+		switch (c) {
+		case 'h':
+			graph_usage(stdout);
+			return 0;
+		case 'm':
+			machine = parse_machine(optarg);
+			if (machine == -2) {
+				cli_error("graph", "unknown machine '%s' (try --help)", optarg);
+				return 1;
+			}
+			break;
+		case 'T':
+			if (!strcmp(optarg, "svg")) {
+				svg = true;
+			} else if (!strcmp(optarg, "dot")) {
+				svg = false;
+			} else {
+				cli_error("graph", "unknown format '%s' (dot or svg)", optarg);
+				return 1;
+			}
+			break;
+		case 'o':
+			out_path = optarg;
+			break;
+		case 'l':
+			list = true;
+			break;
+		default:
+			graph_usage(stderr);
+			return 1;
+		}
+	}
+	if (optind < argc) {
+		cli_error("graph", "unexpected argument '%s'", argv[optind]);
+		return 1;
+	}
+	if (svg && list) {
+		cli_error("graph", "--list prints text, not svg");
+		return 1;
+	}
+	if (svg && !have_dot()) {
+		cli_error("graph", "svg needs Graphviz's dot (apt-get install graphviz)");
+		return 1;
+	}
+
+	/* Build the whole text first: nothing is written unless it all works. */
+	char *text = NULL;
+	size_t len = 0;
+	FILE *mem = open_memstream(&text, &len);
+	if (!mem) {
+		cli_error("graph", "out of memory");
+		return 1;
+	}
+	if (list)
+		list_table(mem, machine);
+	else
+		dot_graph(mem, machine);
+	if (fclose(mem) != 0) {
+		cli_error("graph", "out of memory");
+		free(text);
+		return 1;
+	}
+
+	int fd = 1, ret = 0;
+	if (out_path) {
+		fd = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+		if (fd < 0) {
+			cli_error("graph", "cannot open %s: %s", out_path, strerror(errno));
+			free(text);
+			return 1;
+		}
+	}
+	if (svg) {
+		fflush(stdout);
+		ret = run_dot(text, len, fd) < 0 ? 1 : 0;
+	} else {
+		size_t off = 0;
+		while (off < len) {
+			ssize_t n = write(fd, text + off, len - off);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0) {
+				cli_error("graph", "write: %s", strerror(errno));
+				ret = 1;
+				break;
+			}
+			off += (size_t)n;
+		}
+	}
+	if (out_path) {
+		if (close(fd) < 0 && !ret) {
+			cli_error("graph", "%s: %s", out_path, strerror(errno));
+			ret = 1;
+		}
+		if (ret)
+			unlink(out_path);
+	}
+	free(text);
+	return ret;
+}
