@@ -233,6 +233,9 @@ static void cache_need_writeback(void *opaque)
 static void image_free(struct qsm_image *img, bool abandon)
 {
 	struct qsm_image_priv *p = container_of(img, struct qsm_image_priv, img);
+	/* First: joins the workers, so none touches a request's buffers (an
+	 * abandoned image may have jobs outstanding). */
+	qsm_work_pool_free(img->work);
 	if (abandon)
 		qsm_l2_cache_abandon(&img->l2c);
 	else
@@ -367,6 +370,7 @@ static int open_backing(struct qsm_image *img, const char *path, const struct qs
 	struct qsm_open_opts bo = {
 		.read_only = true, .no_repair = true, .cache = opts->cache, .aio = opts->aio,
 		.l2_cache_size = opts->l2_cache_size, .format = fmt,
+		.work_threads = opts->work_threads,
 	};
 	ret = open_path(img->base, full, &bo, ch, &img->backing, sub, sizeof(sub));
 	if (ret == -ELOOP) /* the message names both images already */
@@ -408,7 +412,11 @@ static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_
 	img->io = io;
 	img->read_only = opts->read_only || (io->flags & QSM_IO_RDONLY);
 	img->cache = opts->cache;
+	img->work_threads = opts->work_threads;
 	img->q_tail = &img->q_head;
+	if (opts->work_threads < QSM_WORK_INLINE || opts->work_threads > QSM_WORK_MAX_THREADS)
+		OPEN_FAIL(-EINVAL, "work_threads %d is out of range (-1 to %d)", opts->work_threads,
+			  QSM_WORK_MAX_THREADS);
 
 	if ((ret = qsm_io_get_size(io, &fsize)) < 0)
 		OPEN_FAIL(ret, "cannot get the image size: %s", strerror(-ret));
@@ -821,6 +829,20 @@ void qsm_set_trace(struct qsm_image *img, qsm_trace_fn fn, void *opaque)
 {
 	img->trace = fn;
 	img->trace_opaque = opaque;
+}
+
+int qsm_image_work(struct qsm_image *img, struct qsm_work_pool **out)
+{
+	if (!img->work) {
+		int ret = qsm_work_pool_new(img->base, img->work_threads, 0, &img->work);
+		if (ret < 0) {
+			snprintf(img->errmsg, sizeof(img->errmsg),
+				 "cannot start the worker threads: %s", strerror(-ret));
+			return ret;
+		}
+	}
+	*out = img->work;
+	return 0;
 }
 
 struct event_base *qsm_image_base(struct qsm_image *img)

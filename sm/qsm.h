@@ -63,6 +63,12 @@ struct qsm_open_opts {
 	/* Format of the backing file when the image does not record one
 	 * (no backing-format extension): "qcow2" or "raw".  Never probed. */
 	const char *backing_format;
+	/* Worker threads for CPU work off the loop (deflate of compressed
+	 * writes, inflate of compressed reads), started on first use:
+	 * 0 = one per online CPU (at least 2), 1..64, or -1 = none (the work
+	 * runs on the loop, deferred, in order: for deterministic tests).
+	 * Backing images inherit it. */
+	int work_threads;
 };
 
 /* Open the image at `path`.  On error, a message naming what is wrong is put

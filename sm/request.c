@@ -1147,43 +1147,112 @@ static enum qsm_event step_compressed_read(struct qsm_req *req)
 			 off, req->iov_buf, 1);
 }
 
+/* The pool has room again: run the waiting step again (WAKE). */
+static void work_room_cb(struct qsm_work_waiter *w)
+{
+	struct qsm_req *req = container_of(w, struct qsm_req, work_wait);
+	req->work_waiting = false;
+	qsm_sm_post(req, QSM_E_WAKE, 0);
+	/* Called from the pool's loop callback: the job's done drains. */
+}
+
 /*
- * Inflate (raw deflate, as QEMU writes it) into a cluster buffer, which must
- * come out exactly one cluster long.  Reads copy their part out; writes keep
- * it as the COW source for ALLOC_WRITE.  Runs on the loop thread for now.
+ * Hand req->work to the image's pool.  QSM_E_WAIT either way: the job's done
+ * callback posts the next event, or, when the pool is full (-EAGAIN), the
+ * room waiter posts WAKE and the state's step runs again.
+ */
+static enum qsm_event submit_work(struct qsm_req *req, qsm_work_fn fn, qsm_work_fn done)
+{
+	struct qsm_work_pool *pool;
+	int ret = qsm_image_work(req->img, &pool);
+	if (ret < 0)
+		return fail(req, ret);
+	req->work = (struct qsm_work){ .fn = fn, .done = done };
+	req->work_ret = 0;
+	ret = qsm_work_submit(pool, &req->work);
+	if (ret == -EAGAIN) {
+		req->work_wait.cb = work_room_cb;
+		req->work_waiting = true;
+		qsm_work_wait(pool, &req->work_wait);
+		return QSM_E_WAIT;
+	}
+	return ret < 0 ? fail(req, ret) : QSM_E_WAIT;
+}
+
+/*
+ * DECOMPRESS, on a worker thread: inflate (raw deflate, as QEMU writes it)
+ * run->cbuf into run->bounce, which must come out exactly one cluster long;
+ * a read copies its part out to the caller's buffers (the request owns them
+ * until it completes, and nothing else runs for it meanwhile).  Touches only
+ * the request's buffers and constants of the image (io/work.h contract 1).
+ */
+static void decompress_fn(struct qsm_work *w)
+{
+	struct qsm_req *req = container_of(w, struct qsm_req, work);
+	struct qsm_run *run = &req->run;
+	uint64_t cluster_size = req->img->cluster_size;
+	z_stream z = { 0 };
+	int zr;
+
+	if (inflateInit2(&z, -12) != Z_OK) {
+		req->work_ret = -ENOMEM;
+		return;
+	}
+	z.next_in = run->cbuf;
+	z.avail_in = (uInt)run->csize;
+	z.next_out = run->bounce;
+	z.avail_out = (uInt)cluster_size;
+	zr = inflate(&z, Z_FINISH);
+	inflateEnd(&z);
+	if ((zr != Z_STREAM_END && zr != Z_BUF_ERROR) || z.avail_out != 0) {
+		req->work_ret = -EIO;
+		return;
+	}
+	if (req->machine == QSM_M_READ)
+		qsm_iov_from_buf(req->iov, req->iovcnt, req->done,
+				 run->bounce + (run->offset & (cluster_size - 1)), run->bytes);
+}
+
+/* DECOMPRESS, back on the loop. */
+static void decompress_done(struct qsm_work *w)
+{
+	struct qsm_req *req = container_of(w, struct qsm_req, work);
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+
+	free(run->cbuf);
+	run->cbuf = NULL;
+	if (req->machine == QSM_M_READ || req->work_ret < 0) {
+		free(run->bounce);
+		run->bounce = NULL;
+	}
+	if (req->work_ret == -EIO)
+		snprintf(img->errmsg, sizeof(img->errmsg),
+			 "compressed cluster at guest offset %#llx does not inflate to one cluster",
+			 (unsigned long long)QSM_ALIGN_DOWN(run->offset, img->cluster_size));
+	qsm_sm_post(req, req->work_ret < 0 ? QSM_E_ERROR : QSM_E_FINISHED, req->work_ret);
+	qsm_sm_drain(img);
+}
+
+/*
+ * Inflate the compressed bytes COMPRESSED_READ fetched, on the image's worker
+ * pool: the loop serves other requests meanwhile.  Reads get their part
+ * copied out; writes keep the cluster as the COW source for ALLOC_WRITE.
+ * Entered again (WAKE) when the pool was full.
  */
 static enum qsm_event step_decompress(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
 	struct qsm_run *run = &req->run;
-	z_stream z = { 0 };
-	int zr;
 
 	if (posix_memalign((void **)&run->bounce, 4096, img->cluster_size))
 		return fail(req, -ENOMEM);
-	if (inflateInit2(&z, -12) != Z_OK)
-		return fail(req, -ENOMEM);
-	z.next_in = run->cbuf;
-	z.avail_in = (uInt)run->csize;
-	z.next_out = run->bounce;
-	z.avail_out = (uInt)img->cluster_size;
-	zr = inflate(&z, Z_FINISH);
-	inflateEnd(&z);
-	free(run->cbuf);
-	run->cbuf = NULL;
-	if ((zr != Z_STREAM_END && zr != Z_BUF_ERROR) || z.avail_out != 0) {
-		snprintf(img->errmsg, sizeof(img->errmsg),
-			 "compressed cluster at guest offset %#llx does not inflate to one cluster",
-			 (unsigned long long)QSM_ALIGN_DOWN(run->offset, img->cluster_size));
-		return fail(req, -EIO);
-	}
-	if (req->machine == QSM_M_READ) {
-		qsm_iov_from_buf(req->iov, req->iovcnt, req->done,
-				 run->bounce + in_cluster(img, run->offset), run->bytes);
-		free(run->bounce);
+	enum qsm_event ev = submit_work(req, decompress_fn, decompress_done);
+	if (req->work_waiting) {
+		free(run->bounce); /* not needed until the job is accepted */
 		run->bounce = NULL;
 	}
-	return QSM_E_FINISHED;
+	return ev;
 }
 
 static enum qsm_event step_cluster_alloc(struct qsm_req *req)
@@ -1529,7 +1598,7 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	case QSM_S_COW_READ:
 		return run->l2 && run->alloc_linked && run->allocating;
 	case QSM_S_DECOMPRESS:
-		return run->cbuf && !run->bounce;
+		return run->cbuf && !run->bounce && !req->work_waiting;
 	case QSM_S_L2_UPDATE:
 		return run->l2 && run->alloc_linked;
 	case QSM_S_JOIN_WRITE:

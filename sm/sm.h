@@ -17,6 +17,7 @@
 
 #include "io/io.h"
 #include "io/util.h"
+#include "io/work.h"
 #include "metadata/batch.h"
 #include "metadata/l2cache.h"
 #include "metadata/qcow2.h"
@@ -166,6 +167,13 @@ struct qsm_req {
 	int q_ret;
 	bool queued;
 
+	/* CPU work on the image's worker pool (DECOMPRESS): one job, or a
+	 * wait for room in the pool's queue (work_waiting). */
+	struct qsm_work work;
+	struct qsm_work_waiter work_wait;
+	bool work_waiting;
+	int work_ret;
+
 	/* Parallel I/O of one step (write-back levels issue several). */
 	struct qsm_io_req io;
 	unsigned io_pending;
@@ -265,6 +273,10 @@ struct qsm_image {
 
 	uint8_t *zero_buf;        /* cluster_size zeros, shared */
 
+	/* Worker pool for CPU work (started on first use, qsm_image_work). */
+	struct qsm_work_pool *work;
+	int work_threads;         /* qsm_open_opts.work_threads */
+
 	qsm_trace_fn trace;
 	void *trace_opaque;
 	struct qsm_stats stats;
@@ -332,5 +344,7 @@ bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset);
 /* Same, ignoring L2 tables: is this cluster fit to be an L2 table? */
 bool qsm_is_metadata_not_l2(struct qsm_image *img, uint64_t host_offset);
 void qsm_note_l2_table(struct qsm_image *img, uint64_t host_offset);
+/* The image's worker pool, started on first use.  0 or -errno. */
+int qsm_image_work(struct qsm_image *img, struct qsm_work_pool **out);
 
 #endif
