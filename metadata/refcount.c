@@ -113,6 +113,9 @@ struct qsm_refcounts {
 				     * is_meta per cluster, no range skips */
 	bool rc_growing;
 	bool rc_broken;
+	/* Packing point of compressed clusters (qsm_refcount_alloc_bytes):
+	 * a byte offset inside a cluster with refcount > 0, or 0 = none. */
+	uint64_t rc_free_byte;
 
 	/* Spare zeroed-on-take block buffers. */
 	uint8_t **rc_pool;
@@ -691,6 +694,8 @@ int qsm_refcount_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, 
 		rc_set(rc, c, v);
 		if (v == 0) {
 			zeroed = true;
+			if (rc->rc_free_byte && rc->rc_free_byte >> rc->rc_cluster_bits == c)
+				rc->rc_free_byte = 0; /* never pack into a freed cluster */
 			if (c && c < rc->rc_hint)
 				rc->rc_hint = c;
 		}
@@ -700,6 +705,58 @@ int qsm_refcount_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, 
 	else if (zeroed && cluster + n >= rc->rc_end)
 		rc_recompute_end(rc);
 	return 0;
+}
+
+int qsm_refcount_alloc_bytes(struct qsm_refcounts *rc, uint64_t size, uint64_t *offset,
+			     uint64_t *fresh)
+{
+	uint64_t cs = rc->rc_cluster_size;
+	uint64_t o = rc->rc_free_byte, c;
+	int r;
+
+	*fresh = 0;
+	if (rc->rc_broken)
+		return -EIO;
+	if (size == 0 || size > cs)
+		return -EINVAL;
+	if (o) {
+		uint64_t v = qsm_refcount_get(rc, o >> rc->rc_cluster_bits);
+		if (v == 0 || v >= rc->rc_max) /* 0: see rc_free_byte; cannot happen */
+			o = 0;
+	}
+	if (!o || cs - (o & (cs - 1)) < size) {
+		if ((r = qsm_refcount_alloc(rc, 1, &c)) < 0)
+			return r;
+		if (o && QSM_ALIGN_UP(o, cs) == c) {
+			/* The bytes straddle into the new cluster: the old one
+			 * holds their head, so it is referenced once more. */
+			if ((r = qsm_refcount_update(rc, o >> rc->rc_cluster_bits, 1, 1)) < 0) {
+				(void)qsm_refcount_update(rc, c >> rc->rc_cluster_bits, 1, -1);
+				return r;
+			}
+		} else {
+			o = c;
+		}
+		*fresh = c;
+	} else if ((r = qsm_refcount_update(rc, o >> rc->rc_cluster_bits, 1, 1)) < 0) {
+		return r;
+	}
+	*offset = o;
+	rc->rc_free_byte = QSM_IS_ALIGNED(o + size, cs) ? 0 : o + size;
+	return 0;
+}
+
+int qsm_refcount_free_bytes(struct qsm_refcounts *rc, uint64_t offset, uint64_t size)
+{
+	uint64_t first = offset >> rc->rc_cluster_bits;
+	uint64_t last = (offset + size - 1) >> rc->rc_cluster_bits;
+	int ret = 0;
+	for (uint64_t c = first; c <= last; c++) {
+		int r = qsm_refcount_update(rc, c, 1, -1);
+		if (r < 0 && !ret)
+			ret = r;
+	}
+	return ret;
 }
 
 uint64_t qsm_refcount_image_end(const struct qsm_refcounts *rc)

@@ -68,6 +68,25 @@ int qsm_refcount_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, 
  * end of the image.  Never returns cluster 0. */
 int qsm_refcount_alloc(struct qsm_refcounts *rc, uint64_t n, uint64_t *offset);
 
+/*
+ * Compressed clusters: reserve `size` bytes (1..cluster_size) packed right
+ * after the previous reservation, as QEMU's qcow2_alloc_bytes: while the
+ * bytes fit in the cluster of the packing point (and its refcount is below
+ * the maximum) that cluster's refcount is raised by one; otherwise a new
+ * cluster is allocated (refcount 1), and when it directly follows the
+ * packing point's cluster the bytes straddle both, raising the old one as
+ * well.  The packing point then moves past the bytes (none when they end on
+ * a cluster boundary).  *offset: where the bytes go; *fresh: byte offset of
+ * the newly allocated cluster, or 0.  The packing point is forgotten when
+ * its cluster's refcount drops to 0 (qsm_refcount_update), so freed space
+ * the allocator may hand out again is never packed into.
+ */
+int qsm_refcount_alloc_bytes(struct qsm_refcounts *rc, uint64_t size, uint64_t *offset,
+			     uint64_t *fresh);
+/* Undo qsm_refcount_alloc_bytes for bytes nothing points at (a failed
+ * write): one reference less on every cluster they touch. */
+int qsm_refcount_free_bytes(struct qsm_refcounts *rc, uint64_t offset, uint64_t size);
+
 /* One past the last cluster with a nonzero refcount, in bytes. */
 uint64_t qsm_refcount_image_end(const struct qsm_refcounts *rc);
 

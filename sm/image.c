@@ -961,8 +961,26 @@ int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, uns
 int qsm_write_compressed(struct qsm_image *img, uint64_t offset, const struct iovec *iov,
 			 int iovcnt, qsm_cb cb, void *opaque)
 {
-	(void)img, (void)offset, (void)iov, (void)iovcnt, (void)cb, (void)opaque;
-	return -ENOTSUP; /* compressed writes are not implemented yet (#5) */
+	if (img->raw)
+		return -ENOTSUP; /* no clusters to compress */
+	if (iovcnt < 0 || (iovcnt > 0 && !iov))
+		return -EINVAL;
+	uint64_t bytes = qsm_iov_size(iov, iovcnt);
+	int ret = check_range(img, offset, bytes);
+	if (ret < 0)
+		return ret;
+	/* Whole clusters, or up to the end of the disk (as QEMU). */
+	if (!QSM_IS_ALIGNED(offset, img->cluster_size) ||
+	    (!QSM_IS_ALIGNED(bytes, img->cluster_size) && offset + bytes != img->hdr.size))
+		return -EINVAL;
+	if ((ret = check_writable(img)) < 0)
+		return ret;
+	struct qsm_req *req = new_req(img, QSM_M_WRITE_COMPRESSED, offset, bytes, iov, iovcnt,
+				      cb, opaque);
+	if (!req)
+		return -ENOMEM;
+	qsm_sm_start(req);
+	return 0;
 }
 
 int qsm_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,

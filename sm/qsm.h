@@ -202,6 +202,8 @@ struct qsm_stats {
 	uint64_t alloc_joins;       /* writes into clusters another request was allocating */
 	uint64_t l2_hits, l2_misses;
 	uint64_t clusters_allocated;
+	uint64_t compressed_clusters; /* clusters stored compressed */
+	uint64_t compress_fallbacks;  /* compressed-write clusters stored as is (no gain) */
 };
 void qsm_get_stats(struct qsm_image *img, struct qsm_stats *st);
 

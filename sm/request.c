@@ -177,14 +177,15 @@ int qsm_transition(enum qsm_machine m, enum qsm_state from, enum qsm_event ev)
 static const char *const kind_names[QSM_M__COUNT] = {
 	[QSM_M_READ] = "read", [QSM_M_WRITE] = "write", [QSM_M_ZEROES] = "write_zeroes",
 	[QSM_M_DISCARD] = "discard", [QSM_M_FLUSH] = "flush", [QSM_M_STATUS] = "status",
-	[QSM_M_WRITEBACK] = "writeback",
+	[QSM_M_WRITEBACK] = "writeback", [QSM_M_WRITE_COMPRESSED] = "write_compressed",
 };
 
 /* --- helpers -------------------------------------------------------------- */
 
 static bool is_write_machine(enum qsm_machine m)
 {
-	return m == QSM_M_WRITE || m == QSM_M_ZEROES || m == QSM_M_DISCARD;
+	return m == QSM_M_WRITE || m == QSM_M_ZEROES || m == QSM_M_DISCARD ||
+	       m == QSM_M_WRITE_COMPRESSED;
 }
 
 static uint64_t cluster_of(const struct qsm_image *img, uint64_t off)
@@ -941,6 +942,40 @@ static enum qsm_event classify_discard(struct qsm_req *req)
 	return QSM_E_WHOLE_CLUSTERS;
 }
 
+/*
+ * Compressed write, one cluster per run (the request is cluster aligned).
+ * A cluster that deflated smaller goes to BYTE_ALLOC, whatever the old entry
+ * (released at L2_UPDATE; QEMU refuses to overwrite an allocated cluster
+ * here, qsm treats it as any overwrite); one that did not shrink is an
+ * ordinary write of the cluster, as QEMU falls back to.
+ */
+static enum qsm_event classify_compressed(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	uint64_t idx = (run->offset - req->offset) >> img->cluster_bits;
+	assert(in_cluster(img, run->offset) == 0);
+	assert(idx >= req->cz_first && idx < req->cz_first + req->nb_cz);
+	struct qsm_cjob *j = &req->cz[idx - req->cz_first];
+
+	run_clip(req, 1);
+	if (!j->out) {
+		img->stats.compress_fallbacks++;
+		return classify_write(req);
+	}
+	uint64_t e0 = qsm_l2_entry(run->l2, run->l2_index);
+	int ret = check_l2_entry(req, run->l2_index, e0);
+	if (ret < 0)
+		return fail(req, ret);
+	if (wait_for_overlapping_alloc(req))
+		return QSM_E_ALLOC_BUSY;
+	run->old_entry = e0;
+	run->compressed = true;
+	run->cdata = j->out;
+	run->clen = j->clen;
+	return QSM_E_COMPRESSED;
+}
+
 static enum qsm_event step_l2_lookup(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
@@ -979,6 +1014,8 @@ static enum qsm_event step_l2_lookup(struct qsm_req *req)
 		return classify_zeroes(req);
 	case QSM_M_DISCARD:
 		return classify_discard(req);
+	case QSM_M_WRITE_COMPRESSED:
+		return classify_compressed(req);
 	default:
 		abort();
 	}
@@ -1255,6 +1292,177 @@ static enum qsm_event step_decompress(struct qsm_req *req)
 	return ev;
 }
 
+/* Free the deflated clusters of the request's batch. */
+static void cz_release(struct qsm_req *req)
+{
+	for (unsigned i = 0; i < req->nb_cz; i++) {
+		free(req->cz[i].out);
+		req->cz[i].out = NULL;
+	}
+	req->nb_cz = 0;
+}
+
+/*
+ * COMPRESS, on a worker thread: deflate one cluster of the caller's data
+ * (zero padded past the end of the disk) as QEMU's qcow2_compress does: raw
+ * deflate, default level, windowBits -12, memLevel 9, into at most
+ * cluster_size - 1 bytes; a cluster that does not fit is stored as is
+ * (out NULL).  Touches only the job's buffers and the caller's data.
+ */
+static void compress_fn(struct qsm_work *w)
+{
+	struct qsm_cjob *j = container_of(w, struct qsm_cjob, work);
+	struct qsm_req *req = j->req;
+	size_t cs = (size_t)req->img->cluster_size;
+	uint8_t *in = malloc(cs), *out = malloc(cs);
+	z_stream z = { 0 };
+	int zr;
+
+	j->out = NULL;
+	j->clen = 0;
+	j->ret = 0;
+	if (!in || !out) {
+		j->ret = -ENOMEM;
+		goto out;
+	}
+	qsm_iov_to_buf(req->iov, req->iovcnt, j->skip, in, j->len);
+	memset(in + j->len, 0, cs - j->len);
+	if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) != Z_OK) {
+		j->ret = -ENOMEM;
+		goto out;
+	}
+	z.next_in = in;
+	z.avail_in = (uInt)cs;
+	z.next_out = out;
+	z.avail_out = (uInt)(cs - 1);
+	zr = deflate(&z, Z_FINISH);
+	deflateEnd(&z);
+	if (zr == Z_STREAM_END) {
+		j->clen = cs - 1 - z.avail_out;
+		j->out = out;
+		out = NULL;
+	} else if (zr != Z_OK) {
+		j->ret = -EIO; /* Z_OK: out of room, i.e. no gain: stored as is */
+	}
+out:
+	free(in);
+	free(out);
+}
+
+/* COMPRESS, back on the loop: the batch moves on when its last job is in. */
+static void compress_done(struct qsm_work *w)
+{
+	struct qsm_cjob *j = container_of(w, struct qsm_cjob, work);
+	struct qsm_req *req = j->req;
+	if (j->ret < 0 && !req->cz_ret)
+		req->cz_ret = j->ret;
+	assert(req->cz_pending > 0);
+	if (--req->cz_pending == 0) {
+		qsm_sm_post(req, req->cz_ret < 0 ? QSM_E_ERROR : QSM_E_FINISHED, req->cz_ret);
+		qsm_sm_drain(req->img);
+	}
+}
+
+/*
+ * COMPRESS: the run's cluster must be deflated before its lookup.  When it
+ * is in the current batch, pass through; otherwise deflate the next
+ * QSM_CZ_BATCH clusters of the request (fewer when the pool is nearly full,
+ * or wait for room: WAKE runs this again), one job each, in parallel.
+ */
+static enum qsm_event step_compress(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	uint64_t cs = img->cluster_size;
+	uint64_t idx = req->done >> img->cluster_bits;
+	struct qsm_work_pool *pool;
+	int ret;
+
+	assert(QSM_IS_ALIGNED(req->done, cs));
+	if (req->nb_cz && idx >= req->cz_first && idx < req->cz_first + req->nb_cz)
+		return QSM_E_FINISHED;
+	cz_release(req);
+	if (!req->cz && !(req->cz = calloc(QSM_CZ_BATCH, sizeof(*req->cz))))
+		return fail(req, -ENOMEM);
+	if ((ret = qsm_image_work(img, &pool)) < 0)
+		return fail(req, ret);
+	uint64_t left = QSM_DIV_ROUND_UP(req->bytes - req->done, cs);
+	unsigned n = (unsigned)QSM_MIN(left, QSM_CZ_BATCH);
+	req->cz_first = idx;
+	req->cz_pending = 0;
+	req->cz_ret = 0;
+	for (unsigned i = 0; i < n; i++) {
+		struct qsm_cjob *j = &req->cz[i];
+		uint64_t skip = req->done + i * cs;
+		*j = (struct qsm_cjob){
+			.work = { .fn = compress_fn, .done = compress_done },
+			.req = req, .skip = skip, .len = QSM_MIN(cs, req->bytes - skip),
+		};
+		ret = qsm_work_submit(pool, &j->work);
+		if (ret < 0)
+			break;
+		req->nb_cz++;
+		req->cz_pending++;
+	}
+	if (req->nb_cz)
+		return QSM_E_WAIT; /* the last job's done posts FINISHED */
+	if (ret != -EAGAIN)
+		return fail(req, ret);
+	req->work_wait.cb = work_room_cb;
+	req->work_waiting = true;
+	qsm_work_wait(pool, &req->work_wait);
+	return QSM_E_WAIT;
+}
+
+/*
+ * BYTE_ALLOC: reserve the compressed bytes (metadata/refcount.c,
+ * qsm_refcount_alloc_bytes: packed after the previous compressed cluster, as
+ * qemu-img does) and claim the guest cluster for the allocation (invariant 2)
+ * until L2_UPDATE.  In memory, on the loop: allocations stay ordered however
+ * the deflates finished.
+ */
+static enum qsm_event step_byte_alloc(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	uint64_t fresh;
+
+	if (img->error) {
+		release_l2(req);
+		return fail(req, -EIO);
+	}
+	int ret = qsm_refcount_alloc_bytes(img->rc, run->clen, &run->host, &fresh);
+	if (ret < 0) {
+		release_l2(req);
+		return fail(req, ret);
+	}
+	run->bytes_held = true;
+	if (fresh) {
+		if (qsm_is_metadata(img, fresh)) {
+			release_l2(req);
+			return fail(req, qsm_image_corrupt(img, "the allocator returned cluster %#llx, which holds metadata: refcounts are damaged",
+							    (unsigned long long)fresh));
+		}
+		img->stats.clusters_allocated++;
+		qsm_prealloc_ahead(img, fresh + img->cluster_size);
+	}
+	run->alloc = (struct qsm_alloc){ .first = cluster_of(img, run->offset), .count = 1,
+					 .host = run->host };
+	run->alloc.next = img->allocs;
+	if (img->allocs)
+		img->allocs->prev = &run->alloc;
+	img->allocs = &run->alloc;
+	run->alloc_linked = true;
+	run->allocating = true;
+	return QSM_E_ALLOCATED;
+}
+
+static enum qsm_event step_compressed_write(struct qsm_req *req)
+{
+	struct qsm_run *run = &req->run;
+	req->iov_buf[0] = (struct iovec){ (void *)run->cdata, run->clen };
+	return submit_io(req, QSM_IO_WRITE, QSM_IO_EV_DATA_WRITE, run->host, req->iov_buf, 1);
+}
+
 static enum qsm_event step_cluster_alloc(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
@@ -1431,7 +1639,21 @@ static enum qsm_event step_l2_update(struct qsm_req *req)
 	struct qsm_run *run = &req->run;
 	if (img->error) /* the table could never be written: do not dirty it */
 		return fail(req, -EIO);
-	for (uint64_t i = 0; i < run->nb_clusters; i++) {
+	if (run->compressed) {
+		/* Descriptor (format.md): byte offset, then the number of 512-byte
+		 * sectors the bytes touch beyond the first; never COPIED. */
+		unsigned shift = 62 - (img->cluster_bits - 8);
+		uint64_t nb_csectors = ((run->host + run->clen - 1) >> 9) - (run->host >> 9);
+		uint64_t old = qsm_l2_entry(run->l2, run->l2_index);
+		qsm_l2_set_entry(run->l2, run->l2_index,
+				 run->host | QCOW2_OFLAG_COMPRESSED | (nb_csectors << shift));
+		run->bytes_held = false; /* mapped now */
+		img->stats.compressed_clusters++;
+		int ret = free_old_entry(img, old);
+		if (ret < 0)
+			return fail(req, ret);
+	}
+	for (uint64_t i = 0; !run->compressed && i < run->nb_clusters; i++) {
 		uint64_t old = qsm_l2_entry(run->l2, run->l2_index + i);
 		qsm_l2_set_entry(run->l2, run->l2_index + i,
 				 (run->host + (i << img->cluster_bits)) | QCOW2_OFLAG_COPIED);
@@ -1516,7 +1738,7 @@ static enum qsm_event step_next_run(struct qsm_req *req)
 	req->done += run->bytes;
 	if (req->machine == QSM_M_READ)
 		img->stats.bytes_read += run->bytes;
-	else if (req->machine == QSM_M_WRITE)
+	else if (req->machine == QSM_M_WRITE || req->machine == QSM_M_WRITE_COMPRESSED)
 		img->stats.bytes_written += run->bytes;
 	if (req->done < req->bytes)
 		return QSM_E_MORE;
@@ -1559,6 +1781,9 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_ZERO_CLUSTERS: return step_zero_clusters(req);
 	case QSM_S_COMPRESSED_READ: return step_compressed_read(req);
 	case QSM_S_DECOMPRESS:    return step_decompress(req);
+	case QSM_S_COMPRESS:      return step_compress(req);
+	case QSM_S_BYTE_ALLOC:    return step_byte_alloc(req);
+	case QSM_S_COMPRESSED_WRITE: return step_compressed_write(req);
 	case QSM_S_ALLOC_WRITE:   return step_alloc_write(req);
 	case QSM_S_L2_UPDATE:     return step_l2_update(req);
 	case QSM_S_ZERO_UPDATE:   return step_zero_update(req);
@@ -1601,6 +1826,13 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 		return run->cbuf && !run->bounce && !req->work_waiting;
 	case QSM_S_L2_UPDATE:
 		return run->l2 && run->alloc_linked;
+	case QSM_S_COMPRESS:
+		return !run->l2 && !run->alloc_linked && !req->waiting && !req->work_waiting;
+	case QSM_S_BYTE_ALLOC:
+		return run->l2 && !run->alloc_linked && run->compressed && run->clen > 0 &&
+		       run->clen < req->img->cluster_size;
+	case QSM_S_COMPRESSED_WRITE:
+		return run->l2 && run->alloc_linked && run->compressed && run->bytes_held;
 	case QSM_S_JOIN_WRITE:
 		return !run->l2 && !run->alloc_linked && (run->joined || run->join_done);
 	case QSM_S_NEXT_RUN:
@@ -1650,7 +1882,12 @@ static void req_complete(struct qsm_req *req)
 	struct qsm_image *img = req->img;
 	struct qsm_run *run = &req->run;
 
-	/* Error exits may leave resources held; release them here. */
+	/* Error exits may leave resources held; release them here.  Compressed
+	 * bytes reserved but never mapped are referenced by nothing. */
+	if (run->bytes_held) {
+		(void)qsm_refcount_free_bytes(img->rc, run->host, run->clen);
+		run->bytes_held = false;
+	}
 	release_l2(req);
 	alloc_unlink(req, req->ret ? req->ret : -EIO);
 	join_unlink(req);
@@ -1660,7 +1897,8 @@ static void req_complete(struct qsm_req *req)
 	} else if (req->ret == 0) {
 		switch (req->machine) {
 		case QSM_M_READ: img->stats.reads++; break;
-		case QSM_M_WRITE: img->stats.writes++; break;
+		case QSM_M_WRITE:
+		case QSM_M_WRITE_COMPRESSED: img->stats.writes++; break;
 		case QSM_M_ZEROES: img->stats.zero_writes++; break;
 		case QSM_M_DISCARD: img->stats.discards++; break;
 		case QSM_M_FLUSH: img->stats.flushes++; break;
@@ -1675,6 +1913,8 @@ static void req_complete(struct qsm_req *req)
 	req_unlink(req);
 	free(run->bounce);
 	free(run->cbuf);
+	cz_release(req);
+	free(req->cz);
 	free(req->iov_buf);
 	if (req->cb)
 		req->cb(req->opaque, req->ret);

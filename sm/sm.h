@@ -123,9 +123,29 @@ struct qsm_run {
 	uint8_t *bounce;          /* COW buffer (cluster run sized) when needed */
 	uint8_t *cbuf;            /* compressed bytes of old_entry's cluster */
 	size_t csize;
+	/* WRITE_COMPRESSED: the run's cluster goes compressed (BYTE_ALLOC on):
+	 * clen bytes at cdata (owned by the request's batch, req->cz), placed
+	 * at host; bytes_held while they are reserved and not yet mapped. */
+	bool compressed;
+	bool bytes_held;
+	const uint8_t *cdata;
+	size_t clen;
+};
+
+/* One cluster of a compressed write, deflated on a worker (COMPRESS). */
+struct qsm_cjob {
+	struct qsm_work work;
+	struct qsm_req *req;
+	uint64_t skip, len;       /* the cluster's bytes in the request's iovec */
+	uint8_t *out;             /* deflated, clen bytes; NULL when it does not shrink */
+	size_t clen;
+	int ret;
 };
 
 struct qsm_image;
+
+/* Clusters a compressed write deflates at once (in parallel). */
+#define QSM_CZ_BATCH 16
 
 struct qsm_req {
 	struct qsm_image *img;
@@ -173,6 +193,13 @@ struct qsm_req {
 	struct qsm_work_waiter work_wait;
 	bool work_waiting;
 	int work_ret;
+
+	/* WRITE_COMPRESSED: the batch of clusters [cz_first, +nb_cz) (indices
+	 * from offset) deflated by COMPRESS; cz has QSM_CZ_BATCH entries. */
+	struct qsm_cjob *cz;
+	uint64_t cz_first;
+	unsigned nb_cz, cz_pending;
+	int cz_ret;
 
 	/* Parallel I/O of one step (write-back levels issue several). */
 	struct qsm_io_req io;

@@ -30,7 +30,7 @@
  * are 4096-aligned (posix_memalign) so cache=none works; -m misaligns
  * them by 16 bytes on purpose.
  *
- * Not supported by the engine API, and refused with ENOTSUP: write -b/-c/-s,
+ * Not supported by the engine API, and refused with ENOTSUP: write -b/-s,
  * read -b, truncate -m other than off, shrinking over allocated clusters,
  * break/resume/wait_break.
  */
@@ -629,8 +629,8 @@ static int write_f(struct io_ctx *io, int argc, char **argv)
 			return -EINVAL;
 		}
 	}
-	if (bflag || cflag || sflag) {
-		/* VM state, compressed writes and pattern files: not in the API. */
+	if (bflag || sflag) {
+		/* VM state and pattern files: not in the API. */
 		printf("write failed: %s\n", strerror(ENOTSUP));
 		return -ENOTSUP;
 	}
@@ -647,6 +647,16 @@ static int write_f(struct io_ctx *io, int argc, char **argv)
 						  unmap ? QSM_ZERO_MAY_UNMAP : 0);
 		if (r == 0 && fua)
 			r = qsm_sync_flush(io->img);
+	} else if (cflag) {
+		/* qemu-io's blk_pwrite_compressed: whole clusters (or up to the
+		 * end of the disk), else EINVAL from the engine. */
+		struct iovec iov = { buf, (size_t)count };
+		int ret = NOT_DONE;
+		r = check_range(io, offset, count);
+		if (r == 0 && count > 0) {
+			r = qsm_write_compressed(io->img, (uint64_t)offset, &iov, 1, done_cb, &ret);
+			r = r < 0 ? r : io_wait(io, &ret);
+		}
 	} else {
 		struct iovec iov = { buf, (size_t)count };
 		r = do_writev(io, offset, &iov, 1, fua);
