@@ -500,6 +500,11 @@ int qsm_io_get_size(struct qsm_io *io, uint64_t *size)
 	return io->ops->get_size(io, size);
 }
 
+int qsm_io_allocated(struct qsm_io *io, uint64_t *bytes)
+{
+	return io->ops->allocated ? io->ops->allocated(io, bytes) : -ENOTSUP;
+}
+
 int qsm_io_extent(struct qsm_io *io, uint64_t off, uint64_t len, bool *data, uint64_t *run)
 {
 	assert(len > 0);
@@ -816,6 +821,16 @@ int qsm_io_fds_extent_(const struct qsm_io_fds *f, uint64_t off, uint64_t len, b
 	off_t h = lseek(f->fd, (off_t)off, SEEK_HOLE);
 	if (h > (off_t)off)
 		*run = QSM_MIN(len, (uint64_t)h - off);
+	return 0;
+}
+
+int qsm_io_fds_allocated_(const struct qsm_io_fds *f, uint64_t *bytes)
+{
+	struct stat st;
+
+	if (fstat(f->fd, &st) < 0)
+		return -errno;
+	*bytes = (uint64_t)st.st_blocks * 512;
 	return 0;
 }
 

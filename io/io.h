@@ -129,6 +129,9 @@ struct qsm_io_ops {
 	 * hole at off, and for how many bytes from off (at most len)?  Cheap
 	 * and synchronous (lseek SEEK_DATA/SEEK_HOLE), callable any time. */
 	int (*extent)(struct qsm_io *io, uint64_t off, uint64_t len, bool *data, uint64_t *run);
+	/* Optional (NULL: -ENOTSUP): bytes of storage the file occupies
+	 * (st_blocks * 512, as QEMU's bdrv_get_allocated_file_size). */
+	int (*allocated)(struct qsm_io *io, uint64_t *bytes);
 	/* Release the backend.  No request may be in flight. */
 	void (*close)(struct qsm_io *io);
 };
@@ -173,6 +176,8 @@ int qsm_io_get_size(struct qsm_io *io, uint64_t *size);
 /* Data or hole at off, for *run bytes (1 <= *run <= len); backends that
  * cannot tell say data for all of it.  Used for raw images' block status. */
 int qsm_io_extent(struct qsm_io *io, uint64_t off, uint64_t len, bool *data, uint64_t *run);
+/* Storage the file occupies, in bytes; -ENOTSUP when the backend cannot tell. */
+int qsm_io_allocated(struct qsm_io *io, uint64_t *bytes);
 void qsm_io_close(struct qsm_io *io);
 
 /* Buffer helpers honouring io->mem_align (posix_memalign, zeroed or not). */

@@ -116,6 +116,8 @@ int qsm_io_fds_discard_(const struct qsm_io_fds *f, uint64_t off, uint64_t len);
 int qsm_io_fds_prealloc_(const struct qsm_io_fds *f, uint64_t off, uint64_t len);
 int qsm_io_fds_truncate_(const struct qsm_io_fds *f, uint64_t size);
 int qsm_io_fds_get_size_(const struct qsm_io_fds *f, uint64_t *size);
+/* fstat st_blocks * 512, for qsm_io_ops.allocated. */
+int qsm_io_fds_allocated_(const struct qsm_io_fds *f, uint64_t *bytes);
 /* lseek SEEK_DATA/SEEK_HOLE, for qsm_io_ops.extent. */
 int qsm_io_fds_extent_(const struct qsm_io_fds *f, uint64_t off, uint64_t len, bool *data,
 		       uint64_t *run);

@@ -193,6 +193,11 @@ static int qsm_io_threads_get_size(struct qsm_io *io, uint64_t *size)
 	return qsm_io_fds_get_size_(&qsm_io_threads_of(io)->th_fds, size);
 }
 
+static int qsm_io_threads_allocated(struct qsm_io *io, uint64_t *bytes)
+{
+	return qsm_io_fds_allocated_(&qsm_io_threads_of(io)->th_fds, bytes);
+}
+
 static int qsm_io_threads_extent(struct qsm_io *io, uint64_t off, uint64_t len, bool *data,
 				 uint64_t *run)
 {
@@ -232,6 +237,7 @@ static const struct qsm_io_ops qsm_io_threads_ops = {
 	.truncate_sync = qsm_io_threads_truncate_sync,
 	.get_size = qsm_io_threads_get_size,
 	.extent = qsm_io_threads_extent,
+	.allocated = qsm_io_threads_allocated,
 	.close = qsm_io_threads_close,
 };
 

@@ -358,6 +358,11 @@ static int qsm_io_uring_get_size(struct qsm_io *io, uint64_t *size)
 	return qsm_io_fds_get_size_(&qsm_io_uring_of(io)->ur_fds, size);
 }
 
+static int qsm_io_uring_allocated(struct qsm_io *io, uint64_t *bytes)
+{
+	return qsm_io_fds_allocated_(&qsm_io_uring_of(io)->ur_fds, bytes);
+}
+
 static int qsm_io_uring_extent(struct qsm_io *io, uint64_t off, uint64_t len, bool *data,
 			       uint64_t *run)
 {
@@ -392,6 +397,7 @@ static const struct qsm_io_ops qsm_io_uring_ops = {
 	.truncate_sync = qsm_io_uring_truncate_sync,
 	.get_size = qsm_io_uring_get_size,
 	.extent = qsm_io_uring_extent,
+	.allocated = qsm_io_uring_allocated,
 	.close = qsm_io_uring_close,
 };
 

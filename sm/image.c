@@ -400,6 +400,7 @@ static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_
 		qsm_io_close(io);
 		return -ENOMEM;
 	}
+	img->meta_prealloc = -1; /* decided at the first block status */
 	if (opts->no_backing && !opts->read_only) {
 		free(p);
 		qsm_io_close(io);
@@ -754,7 +755,9 @@ int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
 		TRUNC_FAIL(-EBADF, "Image is read-only");
 	if (img->error)
 		TRUNC_FAIL(-EIO, "%s", img->errmsg);
-	if (size % 512)
+	/* A raw file can have any length (as QEMU's file driver); qcow2 sizes
+	 * are whole sectors. */
+	if (size % 512 && !img->raw)
 		TRUNC_FAIL(-EINVAL, "The new size must be a multiple of 512");
 	if (size > QCOW2_MAX_VIRTUAL_SIZE)
 		TRUNC_FAIL(-EFBIG, "The new size %llu is too large", (unsigned long long)size);

@@ -100,7 +100,8 @@ void qsm_abandon(struct qsm_image *img);
  * QEMU's crash-safe order: new table and its refcounts durable, then the
  * header, then the old table released.  Shrinking is allowed only when
  * nothing is allocated past the new end (-ENOTSUP otherwise).  The size must
- * be a multiple of 512.  err (when non-NULL) explains a failure.
+ * be a multiple of 512 (qcow2; a raw file may have any length).  err (when
+ * non-NULL) explains a failure.
  * Growing over a backing image longer than the old size zeroes the new area
  * (v3 zero clusters, as QEMU) so the backing data does not appear there; a
  * v2 image cannot and is refused (-ENOTSUP).  Raw images: the file is
@@ -151,7 +152,10 @@ int qsm_write_compressed(struct qsm_image *img, uint64_t offset, const struct io
 struct qsm_extent {
 	uint64_t offset, length; /* guest range of the run */
 	unsigned flags;          /* QSM_STATUS_* */
-	uint64_t host_offset;    /* when DATA and not compressed */
+	uint64_t host_offset;    /* when DATA and not compressed, and for
+				  * ZERO|ALLOCATED clusters that keep a host
+				  * cluster (v3 zero flag on an allocated
+				  * cluster); 0 otherwise */
 };
 /* A run of unallocated clusters reports ZERO when the image has no backing
  * file, and no flag at all when it has one (opened or not): the backing

@@ -677,6 +677,32 @@ static void run_clip(struct qsm_req *req, uint64_t n)
 	run->nb_clusters = run_clusters(img, run->offset, run->bytes);
 }
 
+/*
+ * QEMU's qcow2_detect_metadata_preallocation(), decided once per image at
+ * its first block status query: count the clusters with a refcount, and
+ * call the image preallocated when they reach max(10/9, +2 clusters) of
+ * the storage the file occupies.  Only then does QEMU (BDRV_BLOCK_RECURSE)
+ * look for holes under data clusters, so only then does qsm; a backend
+ * that cannot tell the storage used never qualifies.
+ */
+static bool meta_prealloc(struct qsm_image *img)
+{
+	uint64_t file_len, real, count = 0;
+
+	if (img->meta_prealloc >= 0)
+		return img->meta_prealloc;
+	img->meta_prealloc = 0;
+	if (qsm_io_get_size(img->io, &file_len) < 0 || qsm_io_allocated(img->io, &real) < 0)
+		return false;
+	uint64_t real_clusters = real / img->cluster_size;
+	uint64_t threshold = QSM_MAX(real_clusters * 10 / 9, real_clusters + 2);
+	uint64_t end = (file_len + img->cluster_size - 1) / img->cluster_size;
+	for (uint64_t i = 0; i < end && count < threshold; i++)
+		count += qsm_refcount_get(img->rc, i) != 0;
+	img->meta_prealloc = count >= threshold;
+	return img->meta_prealloc;
+}
+
 static enum qsm_event classify_read(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
@@ -710,8 +736,13 @@ static enum qsm_event classify_read(struct qsm_req *req)
 		/* A read merges every kind that reads as zeros; a status query
 		 * reports unallocated and zero clusters apart, as QEMU's map.
 		 * Unallocated clusters over a backing file form runs of their own. */
+		/* Zero clusters that keep their host cluster report it (as
+		 * QEMU's map shows their offset): runs of them stay host-contiguous. */
 		if (from_backing ? k != EK_UNALLOC :
-		    reads_zero(k0) ? (req->machine == QSM_M_STATUS ? k != k0 : !reads_zero_here(img, k)) :
+		    reads_zero(k0) ? (req->machine == QSM_M_STATUS ?
+				      k != k0 || (k0 == EK_ZERO_ALLOC &&
+						  (e & QCOW2_L2E_OFFSET_MASK) != host0 + (i << img->cluster_bits)) :
+				      !reads_zero_here(img, k)) :
 		    (k == EK_COMPRESSED || reads_zero(k) ||
 		     (e & QCOW2_L2E_OFFSET_MASK) != host0 + (i << img->cluster_bits)))
 			break;
@@ -729,16 +760,18 @@ static enum qsm_event classify_read(struct qsm_req *req)
 		if (req->machine == QSM_M_STATUS)
 			*req->status_out = (struct qsm_extent){
 				run->offset, run->bytes,
-				QSM_STATUS_ZERO | (k0 == EK_UNALLOC ? 0 : QSM_STATUS_ALLOCATED), 0 };
+				QSM_STATUS_ZERO | (k0 == EK_UNALLOC ? 0 : QSM_STATUS_ALLOCATED),
+				k0 == EK_ZERO_ALLOC ? host0 + in_cluster(img, run->offset) : 0 };
 		return req->machine == QSM_M_STATUS ? QSM_E_REPORTED : QSM_E_ZERO;
 	}
 	run->host = host0 + in_cluster(img, run->offset);
 	if (req->machine == QSM_M_STATUS) {
-		/* As QEMU, which asks the file under the image too: host clusters
-		 * that are a hole in the file (never written) read as zeros. */
-		bool data;
-		uint64_t len;
-		if ((ret = qsm_io_extent(img->io, run->host, run->bytes, &data, &len)) < 0)
+		/* As QEMU, which on a preallocated image asks the file under it
+		 * too: host clusters that are a hole in the file read as zeros. */
+		bool data = true;
+		uint64_t len = run->bytes;
+		if (meta_prealloc(img) &&
+		    (ret = qsm_io_extent(img->io, run->host, run->bytes, &data, &len)) < 0)
 			return fail(req, ret);
 		*req->status_out = (struct qsm_extent){
 			run->offset, len,

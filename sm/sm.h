@@ -239,6 +239,11 @@ struct qsm_image {
 	 * when the header names none or it was not opened (no_backing: the
 	 * unallocated clusters then read as zeros). */
 	struct qsm_image *backing;
+	/* QEMU's metadata_preallocation: -1 not yet known, else whether far
+	 * more clusters have a refcount than the file has storage (a
+	 * preallocated image); only then does block status ask the file
+	 * whether a data cluster is a hole (see meta_prealloc()). */
+	int meta_prealloc;
 	uint64_t cluster_size;
 	unsigned cluster_bits;
 	uint64_t l2_entries;      /* per table */
