@@ -308,3 +308,79 @@ void cli_print_qcow2_specific(const struct qsm_info *info)
 		printf("    refcount bits: %u\n", info->refcount_bits);
 	}
 }
+
+int cli_chain_status(struct qsm_image *top, uint64_t off, uint64_t bytes,
+		     struct cli_chain_status *out)
+{
+	struct qsm_image *layer = top;
+	struct qsm_info info;
+	struct qsm_extent e;
+	int depth = 0, r;
+
+	for (;;) {
+		r = qsm_sync_block_status(layer, off, bytes, &e);
+		if (r < 0)
+			return r;
+		if (e.length == 0 || e.length > bytes)
+			return -EIO; /* the engine's contract: 0 < length <= bytes */
+		bytes = e.length;
+		if (e.flags & (QSM_STATUS_DATA | QSM_STATUS_ZERO))
+			break;
+		struct qsm_image *b = qsm_get_backing(layer);
+		if (!b) {
+			e.flags = QSM_STATUS_ZERO;
+			break;
+		}
+		qsm_get_info(b, &info);
+		if (off >= info.virtual_size) {
+			*out = (struct cli_chain_status){ off, bytes, QSM_STATUS_ZERO, 0, depth,
+							  layer, true, true };
+			return 0;
+		}
+		if (bytes > info.virtual_size - off)
+			bytes = info.virtual_size - off;
+		layer = b;
+		depth++;
+	}
+	*out = (struct cli_chain_status){ off, bytes, e.flags, e.host_offset, depth, layer,
+					  !!(e.flags & QSM_STATUS_ALLOCATED), false };
+	return 0;
+}
+
+static struct {
+	bool enabled;
+	float current, last_print, min_skip;
+} progress;
+
+void cli_progress_init(bool enabled, float min_skip)
+{
+	progress.enabled = enabled;
+	progress.current = progress.last_print = 0;
+	progress.min_skip = min_skip;
+}
+
+void cli_progress_add(float delta)
+{
+	float cur = progress.current + delta;
+
+	if (!progress.enabled)
+		return;
+	if (cur > 100)
+		cur = 100;
+	progress.current = cur;
+	if (cur > progress.last_print + progress.min_skip ||
+	    cur < progress.last_print - progress.min_skip || cur == 0 || cur == 100) {
+		progress.last_print = cur;
+		printf("    (%3.2f/100%%)\r", cur);
+		fflush(stdout);
+	}
+}
+
+void cli_progress_end(void)
+{
+	if (progress.enabled) {
+		printf("\n");
+		fflush(stdout);
+	}
+	progress.enabled = false;
+}

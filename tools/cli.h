@@ -30,6 +30,10 @@ int cmd_check(int argc, char **argv);
 int cmd_io(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_graph(int argc, char **argv);
+int cmd_resize(int argc, char **argv);
+int cmd_compare(int argc, char **argv);
+int cmd_map(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
 
 /* Print "qsm PREFIX: message\n" on stderr (prefix may be NULL). */
 void cli_error(const char *prefix, const char *fmt, ...)
@@ -68,6 +72,40 @@ void cli_opts_free(struct cli_opts *o);
 /* qemu's path_combine(): a relative backing file name is relative to the
  * directory of the image that names it.  Returns malloc'd string. */
 char *cli_path_combine(const char *base, const char *name);
+
+/*
+ * Status of the guest range starting at off (at most `bytes` long, inside
+ * top's virtual size) through top's backing chain, the way qemu-img map's
+ * get_block_status() walks it: each layer is asked in turn (its run
+ * narrowing the length) until one reports DATA or ZERO.  An unallocated run
+ * at or past the end of a shorter backing image reads as zeros decided by
+ * the layer above it (QEMU: ZERO, not ALLOCATED, at that depth; `past_end`).
+ *  - flags: QSM_STATUS_* of the deciding layer (ZERO alone at the bottom of
+ *    a chain or past a backing image's end);
+ *  - depth: 0 for top, 1 for its backing image, ...; layer: that image;
+ *  - allocated: what bdrv_block_status_above(top, NULL) calls ALLOCATED:
+ *    some layer decided (ALLOCATED flag), or the run is past a backing end.
+ * A layer opened without its backing image (no_backing) ends the walk with
+ * ZERO.  Blocking (runs the loop): not for use inside callbacks.
+ */
+struct cli_chain_status {
+	uint64_t offset, length;
+	unsigned flags;
+	uint64_t host_offset;
+	int depth;
+	struct qsm_image *layer;
+	bool allocated, past_end;
+};
+int cli_chain_status(struct qsm_image *top, uint64_t off, uint64_t bytes,
+		     struct cli_chain_status *out);
+
+/* qemu-progress.c's simple progress printer: "    (12.34/100%)\r" on
+ * stdout whenever the figure moved by more than min_skip percent (or is 0
+ * or 100); cli_progress_end() prints the final newline.  Does nothing when
+ * not enabled. */
+void cli_progress_init(bool enabled, float min_skip);
+void cli_progress_add(float delta_percent);
+void cli_progress_end(void);
 
 /* The indented qcow2 lines under "Format specific information:", as
  * qemu-img info and qemu-io info print them. */

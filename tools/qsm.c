@@ -23,6 +23,9 @@ static const struct cli_cmd cmds[] = {
 	{ "info",   cmd_info,   "show information about an image" },
 	{ "check",  cmd_check,  "check (and repair) an image's consistency" },
 	{ "io",     cmd_io,     "exercise an image with qemu-io commands" },
+	{ "compare", cmd_compare, "compare the contents of two images (as qemu-img compare)" },
+	{ "map",    cmd_map,    "show the guest-to-file mapping of an image (as qemu-img map)" },
+	{ "resize", cmd_resize, "change the virtual size of an image" },
 	{ "bench",  cmd_bench,  "run a simple sequential I/O benchmark (as qemu-img bench)" },
 	{ "graph",  cmd_graph,  "draw the request state machines (Graphviz) from sm/states.def" },
 };
