@@ -212,15 +212,43 @@ struct qsm_stats {
 void qsm_get_stats(struct qsm_image *img, struct qsm_stats *st);
 
 /* --- Tracing ------------------------------------------------------------- */
-/* One state transition of one request.  Strings are static. */
+/*
+ * One state transition of one request, reported by the dispatcher before the
+ * request enters `to`.  Strings are static.  The run and metadata fields
+ * describe the request as `from` left it (what that state found, loaded or
+ * allocated), 0 when not applicable:
+ *  - L2_LOOKUP --cache miss--> L2_LOAD: l2_offset is the table to be loaded;
+ *  - L2_ALLOC --> *: l2_offset is the new table;
+ *  - CLUSTER_ALLOC --> *: host_offset is the first cluster allocated;
+ *  - DATA_READ/DATA_WRITE/ALLOC_WRITE/JOIN_WRITE --> *: host_offset is where
+ *    the run's data is;
+ *  - WB_* level states (WRITEBACK machine): meta_offset is the level's first
+ *    write, meta_writes how many it issued (WB_COLLECT: the whole batch).
+ * wait_for names the request waited on, on the transitions into and out of
+ * FROZEN, ALLOC_WAIT (the request allocating the L2 table or the clusters),
+ * JOIN_WRITE/JOIN_WAIT (the allocation joined) and out of DURABLE_WAIT (the
+ * write-back batch that completed it); 0 elsewhere or when not known (a
+ * hook installed while requests were in flight).  Request ids are per image.
+ */
 struct qsm_trace_event {
 	uint64_t req_id;
 	const char *kind;      /* "read", "write", ... */
 	uint64_t offset, bytes;   /* the request */
-	const char *from, *to, *event;
+	const char *from, *to, *event;   /* event: its label ("cache miss") */
 	int ret;
 	uint64_t time_ns;      /* CLOCK_MONOTONIC */
 	uint64_t meta_offset;  /* host offset involved (L2 table, cluster), or 0 */
+	const char *event_name;        /* the table's name of the event ("CACHE_MISS") */
+	uint64_t run_offset, run_bytes; /* the current cluster run (guest bytes) */
+	uint64_t l2_offset;    /* the run's L2 table (host offset) */
+	uint64_t host_offset;  /* the run's data or newly allocated clusters */
+	uint64_t wait_for;     /* request id waited on */
+	uint64_t meta_writes;  /* write-back: metadata writes of the level */
+	/* The image at this instant (for timelines and counters). */
+	uint64_t in_flight;    /* live requests, write-back batches included */
+	uint64_t dirty_l2;     /* dirty L2 tables in the cache */
+	bool dirty_refcounts;  /* refcount blocks or table changed in memory only */
+	uint64_t io_flushes;   /* fdatasync calls issued so far */
 };
 typedef void (*qsm_trace_fn)(void *opaque, const struct qsm_trace_event *ev);
 /* Install (or with fn NULL remove) the trace hook.  No cost when unset. */

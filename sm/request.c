@@ -265,6 +265,12 @@ static void join_unlink(struct qsm_req *req)
 	req->run.joined = NULL;
 }
 
+/* The request an allocation record belongs to (it lives in its run). */
+static struct qsm_req *alloc_owner(struct qsm_alloc *a)
+{
+	return container_of(a, struct qsm_req, run.alloc);
+}
+
 /* An in-flight allocation by another request overlapping guest clusters
  * [first, first+count), or NULL. */
 static struct qsm_alloc *alloc_overlap(struct qsm_image *img, struct qsm_req *req,
@@ -303,6 +309,7 @@ static bool wait_for_overlapping_alloc(struct qsm_req *req)
 		return false;
 	release_l2(req);
 	img->stats.alloc_waits++;
+	req->wait_for = alloc_owner(a)->id;
 	wait_on(&a->waiters, req);
 	return true;
 }
@@ -416,6 +423,7 @@ static enum qsm_event step_l1_lookup(struct qsm_req *req)
 		struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);
 		if (a) {
 			img->stats.frozen++;
+			req->wait_for = a->owner->id;
 			wait_on(&a->waiters, req);
 			return QSM_E_L1_BUSY;
 		}
@@ -857,6 +865,7 @@ static enum qsm_event classify_write(struct qsm_req *req)
 		run->host = first->host + ((c0 - first->first) << img->cluster_bits) +
 			    in_cluster(img, run->offset);
 		run->joined = first;
+		req->wait_for = alloc_owner(first)->id;
 		run->join_next = first->joiners;
 		first->joiners = req;
 		img->stats.alloc_joins++;
@@ -864,6 +873,7 @@ static enum qsm_event classify_write(struct qsm_req *req)
 	} else if (first) {
 		release_l2(req);
 		img->stats.alloc_waits++;
+		req->wait_for = alloc_owner(first)->id;
 		wait_on(&first->waiters, req);
 		return QSM_E_ALLOC_BUSY;
 	}
@@ -1879,10 +1889,32 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 
 /* --- completion and the dispatcher ---------------------------------------- */
 
+/* States a request sleeps in on behalf of another (req->wait_for). */
+static bool waits_on_other(enum qsm_state s)
+{
+	return s == QSM_S_FROZEN || s == QSM_S_ALLOC_WAIT || s == QSM_S_JOIN_WRITE ||
+	       s == QSM_S_JOIN_WAIT || s == QSM_S_DURABLE_WAIT;
+}
+
+/* The metadata batch a write-back level state writes, or NULL. */
+static const struct qsm_meta_batch *wb_level_batch(const struct qsm_wb *wb, enum qsm_state s)
+{
+	switch (s) {
+	case QSM_S_WB_REFBLOCKS: return &wb->blocks;
+	case QSM_S_WB_REFTABLE: return &wb->reftable;
+	case QSM_S_WB_HEADER: return &wb->header;
+	case QSM_S_WB_L2: return &wb->l2;
+	case QSM_S_WB_L1: return &wb->l1;
+	default: return NULL;
+	}
+}
+
+/* Only called when a hook is set: the cost of tracing stays here. */
 static void trace_transition(struct qsm_req *req, enum qsm_state from, enum qsm_state to,
 			     enum qsm_event ev, int ret)
 {
 	struct qsm_image *img = req->img;
+	const struct qsm_run *run = &req->run;
 	struct qsm_trace_event te = {
 		.req_id = req->id,
 		.kind = kind_names[req->machine],
@@ -1891,11 +1923,40 @@ static void trace_transition(struct qsm_req *req, enum qsm_state from, enum qsm_
 		.from = state_names[from],
 		.to = state_names[to],
 		.event = event_labels[ev],
+		.event_name = event_names[ev],
 		.ret = ret,
 		.time_ns = qsm_now_ns(),
-		.meta_offset = req->run.l2 ? req->run.l2->offset : req->run.host,
+		.meta_offset = run->l2 ? run->l2->offset : run->host,
+		.run_offset = run->offset,
+		.run_bytes = run->bytes,
+		.host_offset = run->host,
+		.wait_for = req->wait_for,
+		.in_flight = img->in_flight,
+		.dirty_l2 = qsm_l2_dirty_count(&img->l2c),
+		.dirty_refcounts = img->rc && qsm_refcount_dirty(img->rc),
+		.io_flushes = img->stats.io_flushes,
 	};
+	/* The run is set up by L1_LOOKUP (run->bytes != 0): its L2 table is
+	 * the one the L1 entry names now (cached, being loaded, or new). */
+	if (run->bytes && !img->raw && req->machine != QSM_M_WRITEBACK &&
+	    run->l1_index < img->l1_size)
+		te.l2_offset = qsm_l1_get(img, run->l1_index) & QCOW2_L1E_OFFSET_MASK;
+	if (req->machine == QSM_M_WRITEBACK && req->wb) {
+		const struct qsm_wb *wb = req->wb;
+		const struct qsm_meta_batch *b = wb_level_batch(wb, from);
+		te.host_offset = 0;
+		if (b) {
+			te.meta_writes = b->n;
+			te.meta_offset = b->n ? b->w[0].offset : 0;
+		} else if (from == QSM_S_WB_COLLECT) {
+			te.meta_writes = wb->blocks.n + wb->reftable.n + wb->header.n + wb->l2.n +
+					 wb->l1.n;
+			te.meta_offset = 0;
+		}
+	}
 	img->trace(img->trace_opaque, &te);
+	if (!waits_on_other(to))
+		req->wait_for = 0;
 }
 
 static void req_unlink(struct qsm_req *req)

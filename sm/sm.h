@@ -207,6 +207,9 @@ struct qsm_req {
 	int io_ret;
 
 	bool wt_counted;          /* counted in img->wt_pending */
+	/* Tracing only: the request this one waits on (FROZEN, ALLOC_WAIT,
+	 * JOIN_WRITE/JOIN_WAIT, DURABLE_WAIT), reported as wait_for. */
+	uint64_t wait_for;
 
 	/* WRITEBACK machine only. */
 	struct qsm_wb *wb;

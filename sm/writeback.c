@@ -398,6 +398,8 @@ enum qsm_event qsm_wb_step(struct qsm_req *job, enum qsm_event ev, int ret)
 	case QSM_S_WB_COLLECT:
 		wb->waiters = img->wb_next_waiters;
 		img->wb_next_waiters = NULL;
+		for (struct qsm_wait *w = wb->waiters; w; w = w->next)
+			w->req->wait_for = job->id; /* for traces: who completes them */
 		if ((ret = wb_collect(img, wb, false)) < 0) {
 			job->ret = ret;
 			return QSM_E_ERROR;
