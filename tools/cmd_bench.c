@@ -3,7 +3,8 @@
  *
  *   qsm bench [-c count] [-d depth] [-f fmt] [-n] [-i aio] [-o offset]
  *             [-s size] [-S step] [-t cache] [-w] [--pattern=N]
- *             [--flush-interval=N] [--no-drain] [-q] [-U] [--trace FILE] FILE
+ *             [--flush-interval=N] [--no-drain] [-q] [-U] [--trace FILE]
+ *             [--trace-text FILE] FILE
  *
  * Design: the options, their defaults and the first output lines are
  * qemu-img 7.2's (img_bench in qemu-img.c), so a command line written for
@@ -34,8 +35,8 @@
  *    exact) and the engine's counters (qsm_get_stats, taken before close).
  *    -q drops these extra lines (qemu-img's -q does not quiet its own two
  *    lines either, so neither does ours);
- *  - --trace FILE writes one line per request state transition, in the
- *    format of `qsm io --trace`.
+ *  - --trace FILE / --trace-text FILE write the timeline of every request
+ *    (tools/trace.h), as `qsm io` does; meant for short runs.
  * Exit status: 0, or 1 on a bad option, an open failure or a failed request
  * ("Failed request: ..." ends the run at once, as in qemu-img).
  */
@@ -52,6 +53,7 @@
 
 #include "sm/qsm.h"
 #include "tools/cli.h"
+#include "tools/trace.h"
 
 #define BENCH_ALIGN 4096
 
@@ -246,24 +248,13 @@ static void bench_step(struct bench *b)
 	}
 }
 
-static void trace_cb(void *opaque, const struct qsm_trace_event *ev)
-{
-	FILE *f = opaque;
-
-	/* Same line format as `qsm io --trace`. */
-	fprintf(f, "%" PRIu64 ".%09" PRIu64 " req#%" PRIu64 " %s %" PRIu64 "+%" PRIu64
-		" %s --%s--> %s ret=%d meta=0x%" PRIx64 "\n",
-		ev->time_ns / 1000000000, ev->time_ns % 1000000000, ev->req_id, ev->kind,
-		ev->offset, ev->bytes, ev->from, ev->event, ev->to, ev->ret, ev->meta_offset);
-}
-
 static void bench_usage(FILE *f)
 {
 	fprintf(f,
 		"Usage: qsm bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval]\n"
 		"                 [-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q]\n"
 		"                 [-s buffer_size] [-S step_size] [-t cache] [-w] [-U]\n"
-		"                 [--trace FILE] filename\n"
+		"                 [--trace FILE] [--trace-text FILE] filename\n"
 		"Run a simple sequential I/O benchmark on the image, as qemu-img bench does.\n"
 		"\n"
 		"  -c count           number of requests (default 75000)\n"
@@ -283,7 +274,9 @@ static void bench_usage(FILE *f)
 		"  --no-drain         don't wait for the queue to drain before each flush\n"
 		"  -q                 print only the lines qemu-img bench prints\n"
 		"  -U                 force share (accepted, no effect)\n"
-		"  --trace FILE       write one line per request state transition to FILE\n"
+		"  --trace FILE       write a timeline of every request, state by state, to FILE\n"
+		"                     (Chrome Trace Event JSON: Perfetto, chrome://tracing)\n"
+		"  --trace-text FILE  one line per request, state by state ('-': stderr)\n"
 		"  -h, --help         display this help and exit\n"
 		"\n"
 		"After qemu-img's lines, qsm prints IOPS, throughput, latency percentiles\n"
@@ -329,7 +322,7 @@ static void print_extras(const struct bench *b, double secs, int count)
 
 int cmd_bench(int argc, char **argv)
 {
-	enum { OPT_PATTERN = 256, OPT_FLUSH_INTERVAL, OPT_NO_DRAIN, OPT_TRACE };
+	enum { OPT_PATTERN = 256, OPT_FLUSH_INTERVAL, OPT_NO_DRAIN, OPT_TRACE, OPT_TRACE_TEXT };
 	static const struct option lopt[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ "flush-interval", required_argument, NULL, OPT_FLUSH_INTERVAL },
@@ -338,13 +331,14 @@ int cmd_bench(int argc, char **argv)
 		{ "no-drain", no_argument, NULL, OPT_NO_DRAIN },
 		{ "force-share", no_argument, NULL, 'U' },
 		{ "trace", required_argument, NULL, OPT_TRACE },
+		{ "trace-text", required_argument, NULL, OPT_TRACE_TEXT },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITEBACK };
 	struct bench b = { .drain_on_flush = true };
 	struct event_base *base = NULL;
-	const char *fmt = NULL, *filename, *trace_path = NULL;
-	FILE *trace = NULL;
+	const char *fmt = NULL, *filename, *trace_path = NULL, *trace_text = NULL;
+	struct qsm_tracer *tracer = NULL;
 	int count = 75000, depth = 64, flush_interval = 0, pattern = 0, c, ret = 1;
 	int64_t offset = 0, bufsize = 4096, step = 0;
 	bool is_write = false, quiet = false, native = false;
@@ -449,6 +443,9 @@ int cmd_bench(int argc, char **argv)
 		case OPT_NO_DRAIN:
 			b.drain_on_flush = false;
 			break;
+		case OPT_TRACE_TEXT:
+			trace_text = optarg;
+			break;
 		case OPT_TRACE:
 			trace_path = optarg;
 			break;
@@ -483,18 +480,15 @@ int cmd_bench(int argc, char **argv)
 		cli_error("bench", "cannot create an event loop");
 		return 1;
 	}
-	if (trace_path && !(trace = fopen(trace_path, "w"))) {
-		cli_error("bench", "cannot open trace file %s: %s", trace_path, strerror(errno));
+	if (qsm_tracer_open("bench", trace_path, trace_text, filename, &tracer) < 0)
 		goto out;
-	}
 	int r = qsm_open(base, filename, &oo, &b.img, err, sizeof(err));
 	if (r < 0) {
 		b.img = NULL;
 		cli_error(NULL, "Could not open '%s': %s", filename, err[0] ? err : qsm_strerror(r));
 		goto out;
 	}
-	if (trace)
-		qsm_set_trace(b.img, trace_cb, trace);
+	qsm_tracer_attach(tracer, b.img);
 	{
 		struct qsm_info info;
 		qsm_get_info(b.img, &info);
@@ -560,8 +554,8 @@ out:
 			ret = 1;
 		}
 	}
-	if (trace)
-		fclose(trace);
+	if (qsm_tracer_close(tracer) < 0)
+		ret = 1;
 	free(b.slots);
 	free(buf);
 	if (base)

@@ -2,7 +2,7 @@
  * tools/cmd_io.c: `qsm io`, the qemu-io command language over libqsm.
  *
  *   qsm io [-f qcow2] [-r] [-n] [-t CACHE] [-i threads|io_uring] [-m] [-U]
- *          [--trace FILE] [-c CMD]... [FILE]
+ *          [--trace FILE] [--trace-text FILE] [-c CMD]... [FILE]
  *
  * Design: a script written for qemu-io 7.2 must run unchanged and print the
  * same stdout (timing numbers aside).  So this file copies qemu-io's
@@ -51,6 +51,7 @@
 #include "io/util.h"
 #include "sm/qsm.h"
 #include "tools/cli.h"
+#include "tools/trace.h"
 
 #define IO_PROMPT "qemu-io> "
 #define IO_MAX_BYTES 2147483136LL /* BDRV_REQUEST_MAX_BYTES: INT_MAX, 512-aligned */
@@ -66,7 +67,7 @@ struct io_ctx {
 	int inflight;                /* aio requests not completed yet */
 	bool misalign;               /* -m */
 	bool quit;                   /* `quit` ran */
-	FILE *trace;                 /* --trace FILE, or NULL */
+	struct qsm_tracer *tracer;   /* --trace/--trace-text, or NULL */
 	char last_err[256];          /* qsm_image_error() last shown */
 };
 
@@ -1230,16 +1231,6 @@ static int map_f(struct io_ctx *io, int argc, char **argv)
 
 /* --- open, close, reopen --------------------------------------------------- */
 
-static void trace_cb(void *opaque, const struct qsm_trace_event *ev)
-{
-	FILE *f = opaque;
-
-	fprintf(f, "%" PRIu64 ".%09" PRIu64 " req#%" PRIu64 " %s %" PRIu64 "+%" PRIu64
-		" %s --%s--> %s ret=%d meta=0x%" PRIx64 "\n",
-		ev->time_ns / 1000000000, ev->time_ns % 1000000000, ev->req_id, ev->kind,
-		ev->offset, ev->bytes, ev->from, ev->event, ev->to, ev->ret, ev->meta_offset);
-}
-
 static int io_open(struct io_ctx *io, const char *path, const struct qsm_open_opts *oo)
 {
 	char err[512] = "";
@@ -1259,8 +1250,7 @@ static int io_open(struct io_ctx *io, const char *path, const struct qsm_open_op
 	free(io->path);
 	io->path = strdup(path);
 	io->oo = *oo;
-	if (io->trace)
-		qsm_set_trace(io->img, trace_cb, io->trace);
+	qsm_tracer_attach(io->tracer, io->img);
 	return 0;
 }
 
@@ -1482,6 +1472,7 @@ static int abort_f(struct io_ctx *io, int argc, char **argv)
 	 * not lost when stdout is a pipe: io_command() flushes after each. */
 	if (io->img)
 		qsm_abandon(io->img);
+	qsm_tracer_close(io->tracer); /* the trace is the tool's, not the image's */
 	_exit(128 + SIGABRT);
 }
 
@@ -1830,7 +1821,10 @@ static void io_usage(FILE *f)
 		"  -t, --cache=MODE     use the given cache mode for the image\n"
 		"                       (writeback, none, writethrough (default),\n"
 		"                       directsync, unsafe)\n"
-		"  -T, --trace FILE     write one line per request state transition to FILE\n"
+		"  -T, --trace FILE     write a timeline of every request, state by state, to\n"
+		"                       FILE (Chrome Trace Event JSON: Perfetto, chrome://tracing)\n"
+		"      --trace-text FILE  one line per request, state by state, to FILE\n"
+		"                       ('-': standard error)\n"
 		"      --backing-format FMT  format of the backing file (qcow2 or raw) when\n"
 		"                       the image does not record it (qsm never probes)\n"
 		"      --no-backing     do not open the backing file (with -r only): the\n"
@@ -1843,7 +1837,7 @@ static void io_usage(FILE *f)
 
 int cmd_io(int argc, char **argv)
 {
-	enum { OPT_BACKING_FORMAT = 256, OPT_NO_BACKING };
+	enum { OPT_BACKING_FORMAT = 256, OPT_NO_BACKING, OPT_TRACE_TEXT };
 	static const struct option lopt[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ "cmd", required_argument, NULL, 'c' },
@@ -1854,6 +1848,7 @@ int cmd_io(int argc, char **argv)
 		{ "aio", required_argument, NULL, 'i' },
 		{ "cache", required_argument, NULL, 't' },
 		{ "trace", required_argument, NULL, 'T' },
+		{ "trace-text", required_argument, NULL, OPT_TRACE_TEXT },
 		{ "force-share", no_argument, NULL, 'U' },
 		{ "backing-format", required_argument, NULL, OPT_BACKING_FORMAT },
 		{ "no-backing", no_argument, NULL, OPT_NO_BACKING },
@@ -1861,7 +1856,7 @@ int cmd_io(int argc, char **argv)
 	};
 	struct io_ctx io = { 0 };
 	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITETHROUGH };
-	const char *fmt = "qcow2", *trace_path = NULL;
+	const char *fmt = "qcow2", *trace_path = NULL, *trace_text = NULL;
 	char **cmds = NULL;
 	int ncmds = 0, c, failed = 0;
 
@@ -1912,6 +1907,9 @@ int cmd_io(int argc, char **argv)
 		case 'T':
 			trace_path = optarg;
 			break;
+		case OPT_TRACE_TEXT:
+			trace_text = optarg;
+			break;
 		case 'U':
 			break;
 		case OPT_BACKING_FORMAT:
@@ -1944,8 +1942,8 @@ int cmd_io(int argc, char **argv)
 		free(cmds);
 		return 1;
 	}
-	if (trace_path && !(io.trace = fopen(trace_path, "w"))) {
-		cli_error("io", "cannot open trace file %s: %s", trace_path, strerror(errno));
+	if (qsm_tracer_open("io", trace_path, trace_text,
+			    argc - optind == 1 ? argv[optind] : "qsm io", &io.tracer) < 0) {
 		failed = 1;
 		goto out;
 	}
@@ -1979,8 +1977,8 @@ int cmd_io(int argc, char **argv)
 	if (io_close(&io) < 0)
 		failed = 1;
 out:
-	if (io.trace)
-		fclose(io.trace);
+	if (qsm_tracer_close(io.tracer) < 0)
+		failed = 1;
 	free(io.path);
 	free(cmds);
 	event_base_free(io.base);

@@ -88,13 +88,15 @@ PY
 
 say "running it through qsm io (and through qemu-io on the twin)"
 start=$(date +%s.%N)
-"$QSM" io -f qcow2 --trace "$WORK/trace.txt" "$IMG" < "$WORK/workload" >"$WORK/qsm.out"
+"$QSM" io -f qcow2 --trace "$WORK/trace.json" --trace-text "$WORK/trace.txt" "$IMG" \
+	< "$WORK/workload" >"$WORK/qsm.out"
 end=$(date +%s.%N)
 qemu-io -f qcow2 "$TWIN" < "$WORK/workload" >"$WORK/qemu.out"
-printf 'qsm io finished in %.2f s; %s state transitions traced\n' \
+printf 'qsm io finished in %.2f s; %s requests traced state by state\n' \
 	"$(echo "$end - $start" | bc)" "$(wc -l < "$WORK/trace.txt")"
-echo "a few of them:"
-grep -m 8 -E 'CLUSTER_ALLOC|L2_ALLOC|WB_' "$WORK/trace.txt" | sed 's/^/  /' || true
+echo "a few of them ($WORK/trace.txt; the timeline $WORK/trace.json opens in Perfetto):"
+{ grep -m 3 -E 'L2 alloc @' "$WORK/trace.txt"; grep -m 2 -E 'frozen|alloc wait|join' "$WORK/trace.txt"
+  grep -m 2 '^#[0-9]* writeback' "$WORK/trace.txt"; } | cut -c1-220 | sed 's/^/  /' || true
 
 say "verifying"
 qemu-img check "$IMG"
