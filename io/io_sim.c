@@ -18,7 +18,8 @@
  *
  * Scheduler.  Submitting appends to P and activates si_sched_ev.  A pass of
  * that event completes 1..max_batch requests, each picked uniformly from P by
- * the disk's PRNG, then re-activates itself while P is non-empty.  Effects
+ * the disk's PRNG (or, when a chooser is set, by the chooser: both the count
+ * and the picks), then re-activates itself while P is non-empty.  Effects
  * happen at completion: a READ copies from V, a WRITE-like request appends a
  * record to L and applies it to V, a FLUSH moves to D every record whose cseq
  * is at most the cseq current when the flush was submitted (a prefix of L;
@@ -34,7 +35,7 @@
  * callbacks never run) and the handle is marked crashed: it drops whatever
  * is submitted later and may only be closed.
  *
- * Determinism: every choice comes from sm_rng; the hash table depends only on
+ * Determinism: every choice comes from sm_rng or the chooser; the hash table depends only on
  * chunk indices; nothing depends on addresses or time.  Out of memory in the
  * stores aborts (this is a test device).
  *
@@ -311,6 +312,8 @@ struct qsm_sim {
 	size_t sm_nrecs, sm_caprecs;
 	uint64_t sm_cseq;
 	unsigned sm_max_batch;
+	qsm_sim_chooser sm_choose;         /* NULL: scheduling choices from sm_rng */
+	void *sm_choose_opaque;
 	uint64_t sm_races;
 	uint64_t sm_faults_fired;
 	struct qsm_sim_fault *sm_faults;
@@ -440,6 +443,20 @@ uint64_t qsm_sim_seed(const struct qsm_sim *sim)
 void qsm_sim_set_max_batch(struct qsm_sim *sim, unsigned max_batch)
 {
 	sim->sm_max_batch = max_batch ? max_batch : 1;
+}
+
+void qsm_sim_set_chooser(struct qsm_sim *sim, qsm_sim_chooser fn, void *opaque)
+{
+	sim->sm_choose = fn;
+	sim->sm_choose_opaque = opaque;
+}
+
+/* A scheduling choice in [0, n), n >= 1: the chooser's, else the PRNG's. */
+static uint64_t qsm_sim_sched_below(struct qsm_sim *sim, uint64_t n)
+{
+	if (sim->sm_choose)
+		return sim->sm_choose(sim->sm_choose_opaque, n) % n;
+	return qsm_rng_below(&sim->sm_rng, n);
 }
 
 size_t qsm_sim_unflushed(const struct qsm_sim *sim)
@@ -648,10 +665,10 @@ static void qsm_sim_sched_cb(evutil_socket_t fd, short what, void *arg)
 
 	if (!s->si_npending)
 		return;
-	uint64_t n = 1 + qsm_rng_below(&sim->sm_rng, QSM_MIN((uint64_t)sim->sm_max_batch,
-							     (uint64_t)s->si_npending));
+	uint64_t n = 1 + qsm_sim_sched_below(sim, QSM_MIN((uint64_t)sim->sm_max_batch,
+							  (uint64_t)s->si_npending));
 	while (n-- > 0 && s->si_npending > 0) {
-		size_t k = (size_t)qsm_rng_below(&sim->sm_rng, s->si_npending);
+		size_t k = (size_t)qsm_sim_sched_below(sim, s->si_npending);
 		struct qsm_io_req *req = s->si_pending[k];
 		memmove(s->si_pending + k, s->si_pending + k + 1,
 			(s->si_npending - k - 1) * sizeof(*s->si_pending));
@@ -858,6 +875,27 @@ int qsm_sim_load_file(struct qsm_sim *sim, const char *path)
 		return ret;
 	}
 	sim->sm_durable.st_size = (uint64_t)st.st_size;
+	qsm_sim_store_copy(&sim->sm_view, &sim->sm_durable);
+	return 0;
+}
+
+int qsm_sim_load_buf(struct qsm_sim *sim, const void *buf, size_t len)
+{
+	const uint8_t *b = buf;
+
+	if (sim->sm_open && sim->sm_open->si_npending)
+		return -EBUSY;
+	qsm_sim_reset(sim);
+	/* All-zero chunks stay unallocated, as holes do in load_file. */
+	for (size_t off = 0; off < len; off += QSM_SIM_CHUNK) {
+		size_t n = QSM_MIN((size_t)QSM_SIM_CHUNK, len - off);
+		bool zero = true;
+		for (size_t i = 0; i < n && zero; i++)
+			zero = b[off + i] == 0;
+		if (!zero)
+			qsm_sim_store_write(&sim->sm_durable, off, b + off, n);
+	}
+	sim->sm_durable.st_size = len;
 	qsm_sim_store_copy(&sim->sm_view, &sim->sm_durable);
 	return 0;
 }

@@ -39,6 +39,11 @@ uint64_t qsm_sim_seed(const struct qsm_sim *sim);
  * (durable + completed writes) to a file.  0 or -errno. */
 int qsm_sim_load_file(struct qsm_sim *sim, const char *path);
 int qsm_sim_save_file(struct qsm_sim *sim, const char *path);
+/* Load the disk's durable contents from len bytes at buf (copied; the disk's
+ * size becomes len, nothing is pending or unflushed afterwards), as
+ * qsm_sim_load_file does from a file.  For fuzz targets, whose input is an
+ * image in memory.  0, or -EBUSY while a handle has requests in flight. */
+int qsm_sim_load_buf(struct qsm_sim *sim, const void *buf, size_t len);
 
 /* Open a handle on the disk (flags as qsm_io_open_path; CREATE empties it). */
 int qsm_io_open_sim(struct event_base *base, struct qsm_sim *sim, int flags,
@@ -47,6 +52,15 @@ int qsm_io_open_sim(struct event_base *base, struct qsm_sim *sim, int flags,
 /* Scheduler knobs.  max_batch: at most this many pending operations complete
  * per scheduler pass (1 = strictly one at a time; default 4). */
 void qsm_sim_set_max_batch(struct qsm_sim *sim, unsigned max_batch);
+
+/* A byte-driven scheduler instead of the PRNG (fuzz targets).  Once set,
+ * every scheduling choice (how many operations a scheduler pass completes,
+ * which pending operation completes next) calls choose(opaque, n) with n >= 1
+ * and uses its result modulo n; the PRNG is no longer drawn for them (crash
+ * subsets of qsm_sim_crash_random still are).  choose must not call into
+ * the sim or the engine.  fn NULL restores the PRNG. */
+typedef uint64_t (*qsm_sim_chooser)(void *opaque, uint64_t n);
+void qsm_sim_set_chooser(struct qsm_sim *sim, qsm_sim_chooser fn, void *opaque);
 
 /* Number of writes completed but not yet durable. */
 size_t qsm_sim_unflushed(const struct qsm_sim *sim);

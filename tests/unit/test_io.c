@@ -1370,6 +1370,104 @@ START_TEST(test_sim_save_load)
 }
 END_TEST
 
+START_TEST(test_sim_load_buf)
+{
+	struct env e;
+	enum { LEN = 3 * 65536 + 777 };
+	uint8_t *img = calloc(1, LEN);
+	fill_pattern(img + 100, 5000, 7);          /* chunk 0 */
+	fill_pattern(img + 2 * 65536 + 10, 4000, 8); /* chunk 2; chunk 1 stays zero */
+	img[LEN - 1] = 0x5a;                       /* the short last chunk */
+
+	env_open(&e, B_SIM, 0, 1);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 4096, img + 100, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(qsm_sim_load_buf(e.sim, img, LEN), 0); /* replaces everything */
+	ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 0);
+	uint64_t size;
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, LEN);
+	qsm_sim_crash(e.sim, 0, false); /* loaded data is durable */
+	sim_reopen(&e);
+	ck_assert(sim_holds(&e, 0, img, 4096));
+	ck_assert(sim_holds(&e, 4096, img + 4096, 4096));
+	ck_assert(sim_zero(&e, 65536, 4096));
+	ck_assert(sim_holds(&e, 2 * 65536, img + 2 * 65536, 4096));
+	ck_assert(sim_holds(&e, LEN - 1, img + LEN - 1, 1));
+	ck_assert(sim_zero(&e, LEN, 512)); /* past the end */
+	ck_assert_int_eq(qsm_sim_load_buf(e.sim, NULL, 0), 0);
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, 0);
+	env_close(&e);
+	free(img);
+}
+END_TEST
+
+/* A chooser replaying a script of picks, then always the oldest. */
+struct script {
+	const uint8_t *picks;
+	size_t n, used;
+	uint64_t calls;
+};
+
+static uint64_t script_choose(void *opaque, uint64_t n)
+{
+	struct script *s = opaque;
+	s->calls++;
+	ck_assert_uint_ge(n, 1);
+	return s->used < s->n ? s->picks[s->used++] : 0;
+}
+
+static void sim_run_chooser(struct script *sc, unsigned max_batch, int nreq, int *order)
+{
+	struct env e;
+	env_open(&e, B_SIM, 0, 99);
+	qsm_sim_set_max_batch(e.sim, max_batch);
+	qsm_sim_set_chooser(e.sim, script_choose, sc);
+	struct treq *t = calloc((size_t)nreq, sizeof(*t));
+	uint8_t(*bufs)[512] = calloc((size_t)nreq, 512);
+	order[0] = 0;
+	for (int i = 0; i < nreq; i++) {
+		treq_set(&t[i], QSM_IO_WRITE, (uint64_t)i * 512, 512, bufs[i], QSM_IO_EV_NONE);
+		t[i].on_done = record_order;
+		t[i].opaque = order;
+		t[i].idx = i;
+		submit(e.io, &t[i]);
+	}
+	env_drain(&e);
+	ck_assert_int_eq(order[0], nreq);
+	free(t);
+	free(bufs);
+	env_close(&e);
+}
+
+START_TEST(test_sim_chooser)
+{
+	enum { N = 6 };
+	int order[N + 1];
+	/* No script: every choice 0, so one completion per pass, oldest first. */
+	struct script sc = { 0 };
+	sim_run_chooser(&sc, 4, N, order);
+	for (int i = 0; i < N; i++)
+		ck_assert_int_eq(order[1 + i], i);
+	ck_assert_uint_eq(sc.calls, 2 * N); /* a count and a pick per pass */
+
+	/* max_batch 1: the count is still asked (n = 1), the picks follow the
+	 * script modulo the pending count: 5 of 6 -> 5, 9 % 5 -> 4, 2, ... */
+	static const uint8_t picks[] = { 0, 5, 0, 9, 0, 2 };
+	sc = (struct script){ .picks = picks, .n = sizeof(picks) };
+	sim_run_chooser(&sc, 1, N, order);
+	static const int want[N] = { 5, 4, 2, 0, 1, 3 };
+	for (int i = 0; i < N; i++)
+		ck_assert_int_eq(order[1 + i], want[i]);
+
+	/* The same script replays the same order; the PRNG is not drawn. */
+	int again[N + 1];
+	sc = (struct script){ .picks = picks, .n = sizeof(picks) };
+	sim_run_chooser(&sc, 1, N, again);
+	ck_assert_mem_eq(order, again, sizeof(order));
+}
+END_TEST
+
 /* --- Suite ------------------------------------------------------------------------------------- */
 
 static Suite *io_suite(void)
@@ -1407,6 +1505,8 @@ static Suite *io_suite(void)
 	tcase_add_test(sim, test_sim_faults);
 	tcase_add_test(sim, test_sim_races);
 	tcase_add_test(sim, test_sim_save_load);
+	tcase_add_test(sim, test_sim_load_buf);
+	tcase_add_test(sim, test_sim_chooser);
 	suite_add_tcase(s, sim);
 	return s;
 }
