@@ -1013,14 +1013,22 @@ static int check_refcounts(struct ck *c, unsigned fix)
 		r = calculate(c, 0, &rb);
 		if (r < 0)
 			return r;
-		if (fix & QSM_CHECK_FIX_LEAKS) {
+		/* As qemu, compare against the new structure (freeing the old
+		 * one's clusters with FIX_LEAKS).  Unlike qemu, what is still
+		 * broken is counted, so corruptions_left tells the truth (qemu
+		 * relies on qemu-img's second check; the open-time repair of a
+		 * dirty image trusts corruptions_left). */
+		{
 			struct ck_res saved = *res;
 			*res = (struct ck_res){ 0 };
-			compare(c, QSM_CHECK_FIX_LEAKS, &rb, &highest);
+			compare(c, fix & QSM_CHECK_FIX_LEAKS, &rb, &highest);
 			if (rb)
 				say(c, "ERROR rebuilt refcount structure is still broken\n");
-			fresh_leaks = res->leaks;
+			if (fix & QSM_CHECK_FIX_LEAKS)
+				fresh_leaks = res->leaks;
+			uint64_t broken = res->corruptions ? res->corruptions : rb;
 			*res = saved;
+			res->corruptions = broken;
 		}
 		if (res->corruptions < old.corruptions)
 			res->corruptions_fixed += old.corruptions - res->corruptions;

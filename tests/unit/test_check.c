@@ -519,6 +519,49 @@ START_TEST(test_crash_repair)
 }
 END_TEST
 
+/* Found by fuzz_open: a v3 header whose L1 table lies past the end of the
+ * file (441 bytes; reftable at 0x200 past it too).  The rebuilt refcount
+ * structure is "still broken" (the L1's cluster stays unreferenced), and the
+ * repair used to report corruptions_left 0 anyway (qemu's counting), which
+ * the open-time repair of a dirty image trusts.  What it reports left must be
+ * what a second check finds. */
+START_TEST(test_rebuild_still_broken)
+{
+	uint8_t img[441] = { 0 };
+	struct event_base *b = event_base_new();
+	struct qsm_sim *sim = qsm_sim_new(1);
+	struct qsm_check_result r1, r2;
+	struct qsm_io *io;
+	char err[128];
+
+	qcow2_put_be32(img, QCOW2_MAGIC);
+	qcow2_put_be32(img + 4, 3);        /* version */
+	qcow2_put_be32(img + 20, 9);       /* cluster_bits */
+	qcow2_put_be64(img + 24, 65536);   /* size */
+	qcow2_put_be32(img + 36, 2);       /* l1_size */
+	qcow2_put_be64(img + 40, 0x600);   /* l1_table_offset: past the end */
+	qcow2_put_be64(img + 48, 0x200);   /* refcount_table_offset */
+	qcow2_put_be32(img + 56, 1);       /* refcount_table_clusters */
+	qcow2_put_be32(img + 96, 4);       /* refcount_order */
+	qcow2_put_be32(img + 100, 0x70);   /* header_length */
+	ck_assert_int_eq(qsm_sim_load_buf(sim, img, sizeof(img)), 0);
+
+	ck_assert_int_eq(qsm_io_open_sim(b, sim, 0, &io), 0);
+	ck_assert_int_eq(qsm_check_image(io, QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS, &r1, NULL,
+					 err, sizeof(err)), 0);
+	ck_assert(r1.rebuilt);
+	ck_assert_int_eq(qsm_check_image(io, 0, &r2, NULL, err, sizeof(err)), 0);
+	ck_assert_uint_gt(r2.corruptions, 0);
+	ck_assert_uint_eq(r1.corruptions_left, r2.corruptions);
+	ck_assert_int_eq(qsm_check_exit_code(&r1), 2);
+	/* Found = fixed + left. */
+	ck_assert_uint_eq(r1.corruptions, r1.corruptions_fixed + r1.corruptions_left);
+	qsm_io_close(io);
+	qsm_sim_free(sim);
+	event_base_free(b);
+}
+END_TEST
+
 static void add_case(Suite *s, const char *name, const TTest *t, int loop_end)
 {
 	TCase *tc = tcase_create(name);
@@ -535,6 +578,7 @@ static Suite *check_suite(void)
 	add_case(s, "readonly", test_readonly_refuses_fix, 0);
 	add_case(s, "dirty", test_dirty, 0);
 	add_case(s, "crash", test_crash_repair, 3);
+	add_case(s, "rebuild_still_broken", test_rebuild_still_broken, 0);
 	return s;
 }
 
