@@ -795,6 +795,12 @@ static int write_refblocks(struct ck *c, uint64_t first, uint64_t end, uint64_t 
 			boff = (uint64_t)b << c->cb;
 			if (*rt_n <= idx) {
 				uint64_t nn = ((idx + 1) * 8 + c->cs - 1) / c->cs * c->cs / 8;
+				if (nn * 8 > QCOW2_MAX_REFTABLE_BYTES) {
+					say(c, "ERROR cannot rebuild the refcount structure: the "
+					       "refcount table would exceed %u bytes\n",
+					    QCOW2_MAX_REFTABLE_BYTES);
+					return -EFBIG;
+				}
 				uint64_t *p = realloc(*rt, nn * 8);
 				if (!p)
 					return -ENOMEM;
@@ -828,6 +834,18 @@ static int rebuild(struct ck *c)
 
 	if (!blk)
 		return -ENOMEM;
+	/* Never write a structure the opener refuses (header.c bounds the
+	 * table): a reference far past the data (a refcount block "outside the
+	 * image" grows the file to reach it, as qemu) may need more. */
+	uint64_t top = c->imrt_n;
+	while (top > 0 && !c->imrt[top - 1])
+		top--;
+	if (top && ((top - 1) >> c->rb_bits) + 1 > QCOW2_MAX_REFTABLE_BYTES / 8) {
+		say(c, "ERROR cannot rebuild the refcount structure: cluster %" PRIu64 " would need "
+		       "a refcount table larger than %u bytes\n", top - 1, QCOW2_MAX_REFTABLE_BYTES);
+		free(blk);
+		return -EFBIG;
+	}
 	rbc_drop(c);
 	grown = write_refblocks(c, 0, c->nb_clusters, &rt, &rt_n, blk);
 	if (grown < 0) {

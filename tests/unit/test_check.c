@@ -562,6 +562,48 @@ START_TEST(test_rebuild_still_broken)
 }
 END_TEST
 
+/* Found by fuzz_open: a refcount table entry far past the end of the file.
+ * As qemu, -r all grows the file to reach that refcount block and rebuilds;
+ * the rebuilt table (1-bit.. here 64-bit refcounts, 512-byte clusters: 64
+ * clusters per block) would exceed the 8 MiB the opener accepts, and used to
+ * be written anyway, leaving an image neither check nor open accepted.  Now
+ * the rebuild refuses (check incomplete, -EFBIG) and the header keeps the
+ * old table. */
+START_TEST(test_rebuild_too_large)
+{
+	struct qcow2_create_opts o = { .size = 65536, .cluster_bits = 9, .version = 3,
+				       .refcount_order = 6 };
+	struct event_base *b = event_base_new();
+	struct qsm_sim *sim = qsm_sim_new(1);
+	struct qsm_check_result r;
+	struct qsm_io *io;
+	uint8_t *img, hdr[60];
+	size_t len;
+	char err[128];
+
+	ck_assert_int_eq(qcow2_create_image(&o, &img, &len, err, sizeof(err)), 0);
+	uint64_t rt = qcow2_be64(img + 48);
+	/* 64 clusters per block, at most 1 Mi entries: block 2^20 + 5 is out of reach. */
+	uint64_t far = ((1ull << 20) + 5) * 64 * 512;
+	qcow2_put_be64(img + rt + 8 * 7, far);
+	ck_assert_int_eq(qsm_sim_load_buf(sim, img, len), 0);
+
+	ck_assert_int_eq(qsm_io_open_sim(b, sim, 0, &io), 0);
+	ck_assert_int_eq(qsm_check_image(io, QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS, &r, NULL,
+					 err, sizeof(err)), 0);
+	ck_assert(r.incomplete);
+	ck_assert_int_eq(r.error, -EFBIG);
+	ck_assert(!r.rebuilt);
+	ck_assert_int_eq(qsm_io_pread_sync(io, hdr, sizeof(hdr), 0), 0);
+	ck_assert_uint_eq(qcow2_be64(hdr + 48), rt);
+	ck_assert_uint_eq(qcow2_be32(hdr + 56), qcow2_be32(img + 56));
+	qsm_io_close(io);
+	qsm_sim_free(sim);
+	event_base_free(b);
+	free(img);
+}
+END_TEST
+
 static void add_case(Suite *s, const char *name, const TTest *t, int loop_end)
 {
 	TCase *tc = tcase_create(name);
@@ -579,6 +621,7 @@ static Suite *check_suite(void)
 	add_case(s, "dirty", test_dirty, 0);
 	add_case(s, "crash", test_crash_repair, 3);
 	add_case(s, "rebuild_still_broken", test_rebuild_still_broken, 0);
+	add_case(s, "rebuild_too_large", test_rebuild_too_large, 0);
 	return s;
 }
 
