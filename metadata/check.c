@@ -1046,7 +1046,7 @@ static int check_refcounts(struct ck *c, unsigned fix)
 				fresh_leaks = res->leaks;
 			uint64_t broken = res->corruptions ? res->corruptions : rb;
 			*res = saved;
-			res->corruptions = broken;
+			res->corruptions += broken;
 		}
 		if (res->corruptions < old.corruptions)
 			res->corruptions_fixed += old.corruptions - res->corruptions;

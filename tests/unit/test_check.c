@@ -604,6 +604,47 @@ START_TEST(test_rebuild_too_large)
 }
 END_TEST
 
+/* Found by fuzz_open (against the first fix above): corruptions a repair
+ * does not fix (an L2 entry with reserved bits set, as qemu leaves it) and
+ * are counted again after a rebuild must stay counted as left. */
+START_TEST(test_rebuild_keeps_unfixed)
+{
+	struct qcow2_create_opts o = { .size = 65536, .cluster_bits = 9, .version = 3,
+				       .refcount_order = 4 };
+	struct event_base *b = event_base_new();
+	struct qsm_sim *sim = qsm_sim_new(1);
+	struct qsm_check_result r1, r2;
+	struct qsm_io *io;
+	uint8_t *img;
+	size_t len;
+	char err[128];
+
+	ck_assert_int_eq(qcow2_create_image(&o, &img, &len, err, sizeof(err)), 0);
+	/* An L2 table and a data cluster after the end, without refcounts
+	 * (refcount 0 with a reference: the structure gets rebuilt). */
+	size_t l2 = (len + 511) / 512 * 512, data = l2 + 512, nlen = data + 512;
+	img = realloc(img, nlen);
+	memset(img + len, 0, nlen - len);
+	uint64_t l1 = qcow2_be64(img + 40);
+	qcow2_put_be64(img + l1, l2 | QCOW2_OFLAG_COPIED);
+	qcow2_put_be64(img + l2, data | QCOW2_OFLAG_COPIED | 0x100); /* reserved bit 8 */
+	memset(img + data, 0x5a, 512);
+	ck_assert_int_eq(qsm_sim_load_buf(sim, img, nlen), 0);
+
+	ck_assert_int_eq(qsm_io_open_sim(b, sim, 0, &io), 0);
+	ck_assert_int_eq(qsm_check_image(io, QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS, &r1, NULL,
+					 err, sizeof(err)), 0);
+	ck_assert(r1.rebuilt);
+	ck_assert_int_eq(qsm_check_image(io, 0, &r2, NULL, err, sizeof(err)), 0);
+	ck_assert_uint_gt(r2.corruptions, 0);
+	ck_assert_uint_eq(r1.corruptions_left, r2.corruptions);
+	qsm_io_close(io);
+	qsm_sim_free(sim);
+	event_base_free(b);
+	free(img);
+}
+END_TEST
+
 static void add_case(Suite *s, const char *name, const TTest *t, int loop_end)
 {
 	TCase *tc = tcase_create(name);
@@ -622,6 +663,7 @@ static Suite *check_suite(void)
 	add_case(s, "crash", test_crash_repair, 3);
 	add_case(s, "rebuild_still_broken", test_rebuild_still_broken, 0);
 	add_case(s, "rebuild_too_large", test_rebuild_too_large, 0);
+	add_case(s, "rebuild_keeps_unfixed", test_rebuild_keeps_unfixed, 0);
 	return s;
 }
 
