@@ -312,6 +312,7 @@ struct qsm_sim {
 	size_t sm_nrecs, sm_caprecs;
 	uint64_t sm_cseq;
 	unsigned sm_max_batch;
+	uint64_t sm_max_size;              /* 0: unlimited, else -EFBIG past it */
 	qsm_sim_chooser sm_choose;         /* NULL: scheduling choices from sm_rng */
 	void *sm_choose_opaque;
 	uint64_t sm_races;
@@ -449,6 +450,20 @@ void qsm_sim_set_chooser(struct qsm_sim *sim, qsm_sim_chooser fn, void *opaque)
 {
 	sim->sm_choose = fn;
 	sim->sm_choose_opaque = opaque;
+}
+
+void qsm_sim_set_max_size(struct qsm_sim *sim, uint64_t max_size)
+{
+	sim->sm_max_size = max_size;
+}
+
+/* -EFBIG when an operation ending at `end` (a new size for truncates) would
+ * make the disk larger than its maximum, else 0. */
+static int qsm_sim_size_check(const struct qsm_sim *sim, uint64_t end)
+{
+	if (sim->sm_max_size && end > sim->sm_max_size && end > sim->sm_view.st_size)
+		return -EFBIG;
+	return 0;
 }
 
 /* A scheduling choice in [0, n), n >= 1: the chooser's, else the PRNG's. */
@@ -628,6 +643,12 @@ static int qsm_sim_perform(struct qsm_sim *sim, struct qsm_io_req *req)
 	int err = qsm_sim_fault_check(sim, req);
 	if (err)
 		return err; /* a failed operation changes nothing */
+	if (req->op == QSM_IO_WRITE || req->op == QSM_IO_ZERO || req->op == QSM_IO_PREALLOC)
+		err = qsm_sim_size_check(sim, req->offset + req->len);
+	else if (req->op == QSM_IO_TRUNCATE)
+		err = qsm_sim_size_check(sim, req->offset);
+	if (err)
+		return err;
 
 	switch (req->op) {
 	case QSM_IO_READ:
@@ -724,6 +745,8 @@ static int qsm_io_sim_pwrite_sync(struct qsm_io *io, const void *buf, size_t len
 
 	if (s->si_crashed)
 		return -EIO;
+	if (qsm_sim_size_check(s->si_sim, off + len))
+		return -EFBIG;
 	data = malloc(len ? len : 1);
 	if (!data)
 		return -ENOMEM;
@@ -750,6 +773,8 @@ static int qsm_io_sim_truncate_sync(struct qsm_io *io, uint64_t size)
 
 	if (s->si_crashed)
 		return -EIO;
+	if (qsm_sim_size_check(s->si_sim, size))
+		return -EFBIG;
 	qsm_sim_commit(s->si_sim, (struct qsm_sim_rec){ .rc_op = QSM_IO_TRUNCATE, .rc_off = size });
 	return 0;
 }

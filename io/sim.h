@@ -62,6 +62,14 @@ void qsm_sim_set_max_batch(struct qsm_sim *sim, unsigned max_batch);
 typedef uint64_t (*qsm_sim_chooser)(void *opaque, uint64_t n);
 void qsm_sim_set_chooser(struct qsm_sim *sim, qsm_sim_chooser fn, void *opaque);
 
+/* The largest file the disk holds, as a file system's maximum file size
+ * (0, the default: no limit).  An operation that would make the disk larger
+ * fails with -EFBIG and changes nothing: writes, zero ranges, truncates and
+ * preallocations, asynchronous or synchronous.  Fuzz targets use it so that
+ * an image naming a far offset cannot make a repair grow the disk (and the
+ * checker's per-cluster table) to hundreds of GiB. */
+void qsm_sim_set_max_size(struct qsm_sim *sim, uint64_t max_size);
+
 /* Number of writes completed but not yet durable. */
 size_t qsm_sim_unflushed(const struct qsm_sim *sim);
 /* Reads that overlapped an in-flight write (engine races) so far. */

@@ -1402,6 +1402,35 @@ START_TEST(test_sim_load_buf)
 }
 END_TEST
 
+START_TEST(test_sim_max_size)
+{
+	struct env e;
+	uint8_t a[512];
+	uint64_t size;
+	fill_pattern(a, sizeof(a), 9);
+
+	env_open(&e, B_SIM, 0, 1);
+	qsm_sim_set_max_size(e.sim, MiB);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, MiB - 512, 512, a, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, MiB - 256, 512, a, QSM_IO_EV_NONE), -EFBIG);
+	ck_assert_int_eq(do_op(&e, QSM_IO_ZERO, MiB, 512, NULL, QSM_IO_EV_NONE), -EFBIG);
+	ck_assert_int_eq(do_op(&e, QSM_IO_PREALLOC, 0, 2 * MiB, NULL, QSM_IO_EV_NONE), -EFBIG);
+	ck_assert_int_eq(do_op(&e, QSM_IO_TRUNCATE, MiB + 512, 0, NULL, QSM_IO_EV_NONE), -EFBIG);
+	ck_assert_int_eq(qsm_io_pwrite_sync(e.io, a, 512, MiB), -EFBIG);
+	ck_assert_int_eq(qsm_io_truncate_sync(e.io, 2 * MiB), -EFBIG);
+	ck_assert_int_eq(qsm_io_get_size(e.io, &size), 0);
+	ck_assert_uint_eq(size, MiB); /* nothing changed */
+	ck_assert(sim_holds(&e, MiB - 512, a, 512));
+	/* Discards never grow; shrinking and writing inside are fine. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_DISCARD, MiB - 512, 4096, NULL, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(qsm_io_truncate_sync(e.io, 4096), 0);
+	ck_assert_int_eq(qsm_io_pwrite_sync(e.io, a, 512, 8192), 0);
+	qsm_sim_set_max_size(e.sim, 0); /* no limit again */
+	ck_assert_int_eq(qsm_io_truncate_sync(e.io, 4 * MiB), 0);
+	env_close(&e);
+}
+END_TEST
+
 /* A chooser replaying a script of picks, then always the oldest. */
 struct script {
 	const uint8_t *picks;
@@ -1507,6 +1536,7 @@ static Suite *io_suite(void)
 	tcase_add_test(sim, test_sim_save_load);
 	tcase_add_test(sim, test_sim_load_buf);
 	tcase_add_test(sim, test_sim_chooser);
+	tcase_add_test(sim, test_sim_max_size);
 	suite_add_tcase(s, sim);
 	return s;
 }
