@@ -30,7 +30,7 @@
  * are 4096-aligned (posix_memalign) so cache=none works; -m misaligns
  * them by 16 bytes on purpose.
  *
- * Not supported by the engine API, and refused with ENOTSUP: write -b/-s,
+ * Not supported by the engine API, and refused with ENOTSUP: write -b,
  * read -b, truncate -m other than off, shrinking over allocated clusters,
  * break/resume/wait_break.
  */
@@ -127,6 +127,45 @@ static void *io_alloc(struct io_ctx *io, size_t len, int pattern)
 		return NULL;
 	memset(p, pattern, len + extra);
 	return (char *)p + extra;
+}
+
+static void io_free(struct io_ctx *io, void *p);
+
+/* qemu-io's qemu_io_alloc_from_file: the buffer filled with the file's
+ * first len bytes, repeated when the file is shorter.  NULL after printing
+ * why. */
+static void *io_alloc_from_file(struct io_ctx *io, size_t len, const char *path)
+{
+	char *buf = io_alloc(io, len, 0);
+	FILE *f = fopen(path, "r");
+	size_t n = 0;
+
+	if (!f) {
+		perror(path);
+		goto fail;
+	}
+	if (!buf) {
+		printf("write failed: %s\n", strerror(ENOMEM));
+		goto fail;
+	}
+	n = fread(buf, 1, len, f);
+	if (ferror(f)) {
+		printf("%s: I/O error\n", path);
+		goto fail;
+	}
+	if (n == 0 && len) {
+		printf("%s: file is empty\n", path);
+		goto fail;
+	}
+	for (size_t x = n; x < len; x += n)
+		memcpy(buf + x, buf, QSM_MIN(n, len - x));
+	fclose(f);
+	return buf;
+fail:
+	if (f)
+		fclose(f);
+	io_free(io, buf);
+	return NULL;
 }
 
 static void io_free(struct io_ctx *io, void *p)
@@ -538,6 +577,7 @@ static int write_f(struct io_ctx *io, int argc, char **argv)
 	const struct io_cmd *self = find_cmd("write");
 	bool Cflag = false, qflag = false, bflag = false, Pflag = false, zflag = false,
 	     cflag = false, sflag = false, fua = false, unmap = false, nofallback = false;
+	const char *sfile = NULL;
 	int c, r, pattern = 0xcd;
 	int64_t offset, count;
 	char *buf = NULL;
@@ -571,6 +611,7 @@ static int write_f(struct io_ctx *io, int argc, char **argv)
 			break;
 		case 's':
 			sflag = true;
+			sfile = optarg;
 			break;
 		case 'u':
 			unmap = true;
@@ -630,12 +671,14 @@ static int write_f(struct io_ctx *io, int argc, char **argv)
 			return -EINVAL;
 		}
 	}
-	if (bflag || sflag) {
-		/* VM state and pattern files: not in the API. */
+	if (bflag) {
+		/* VM state: not in the API. */
 		printf("write failed: %s\n", strerror(ENOTSUP));
 		return -ENOTSUP;
 	}
-	if (!zflag && !(buf = io_alloc(io, (size_t)count, pattern))) {
+	if (sflag && !(buf = io_alloc_from_file(io, (size_t)count, sfile)))
+		return -EINVAL;
+	if (!zflag && !sflag && !(buf = io_alloc(io, (size_t)count, pattern))) {
 		printf("write failed: %s\n", strerror(ENOMEM));
 		return -ENOMEM;
 	}
