@@ -1232,8 +1232,9 @@ static void work_room_cb(struct qsm_work_waiter *w)
 {
 	struct qsm_req *req = container_of(w, struct qsm_req, work_wait);
 	req->work_waiting = false;
+	/* From the pool's loop callback: the image's run event (or the
+	 * finishing job's done, which drains) runs the posted event. */
 	qsm_sm_post(req, QSM_E_WAKE, 0);
-	/* Called from the pool's loop callback: the job's done drains. */
 }
 
 /*
