@@ -69,6 +69,22 @@ int cli_opts_parse(struct cli_opts *o, const char *s);
 const char *cli_opts_get(const struct cli_opts *o, const char *key);
 void cli_opts_free(struct cli_opts *o);
 
+/* Options of a new qcow2 image (-o of qsm create and qsm convert), as
+ * cmd_create.c parses them: cli_create_parse() checks names and value
+ * types (qemu's phase 1), cli_create_validate() the combination and fills
+ * a qsm_create_opts (phase 3).  Messages: "qsm CMD: PFX<qemu's text>". */
+struct cli_create_params {
+	uint64_t size;
+	bool size_given;
+	uint64_t cluster_size, refcount_bits;
+	bool lazy, ext_l2;
+};
+struct qsm_create_opts;
+int cli_create_parse(const char *cmd, const char *pfx, const struct cli_opts *opts,
+		     struct cli_create_params *p);
+int cli_create_validate(const char *cmd, const char *pfx, const struct cli_opts *opts,
+			struct cli_create_params *p, struct qsm_create_opts *co);
+
 /* qemu's path_combine(): a relative backing file name is relative to the
  * directory of the image that names it.  Returns malloc'd string. */
 char *cli_path_combine(const char *base, const char *name);

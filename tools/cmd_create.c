@@ -74,11 +74,12 @@ static void bad_size_msg(void)
 	cli_error("create", "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
 }
 
-/* qemu's QEMU_OPT_SIZE parameter. */
-static int opt_size(const char *file, const char *key, const char *val, uint64_t *out)
+/* qemu's QEMU_OPT_SIZE parameter; messages start with cmd and pfx. */
+static int opt_size(const char *cmd, const char *pfx, const char *key, const char *val,
+		    uint64_t *out)
 {
 	if (cli_parse_size(val, out) < 0) {
-		cli_error("create", "%s: Parameter '%s' expects a non-negative number below 2^64", file, key);
+		cli_error(cmd, "%sParameter '%s' expects a non-negative number below 2^64", pfx, key);
 		fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
 				"and exabytes, respectively.\n");
 		return -EINVAL;
@@ -87,23 +88,24 @@ static int opt_size(const char *file, const char *key, const char *val, uint64_t
 }
 
 /* qemu's QEMU_OPT_NUMBER parameter: strtoull base 0, whole string. */
-static int opt_number(const char *file, const char *key, const char *val, uint64_t *out)
+static int opt_number(const char *cmd, const char *pfx, const char *key, const char *val,
+		      uint64_t *out)
 {
 	char *end;
 
 	errno = 0;
 	*out = strtoull(val, &end, 0);
 	if (!*val || *end || errno || strchr(val, '-')) {
-		cli_error("create", "%s: Parameter '%s' expects a number", file, key);
+		cli_error(cmd, "%sParameter '%s' expects a number", pfx, key);
 		return -EINVAL;
 	}
 	return 0;
 }
 
-static int opt_bool(const char *file, const char *key, const char *val, bool *out)
+static int opt_bool(const char *cmd, const char *pfx, const char *key, const char *val, bool *out)
 {
 	if (cli_parse_bool(val, out) < 0) {
-		cli_error("create", "%s: Parameter '%s' expects 'on' or 'off'", file, key);
+		cli_error(cmd, "%sParameter '%s' expects 'on' or 'off'", pfx, key);
 		return -EINVAL;
 	}
 	return 0;
@@ -182,6 +184,135 @@ static bool is_pow2(uint64_t v)
 	return v && !(v & (v - 1));
 }
 
+/*
+ * Phase 1 (cmd_create and cmd_convert): option names and value types, in
+ * qemu's order; messages are "qsm CMD: PFX..." (create: PFX = "FILE: ").
+ * Fills p with the values given or the defaults.
+ */
+int cli_create_parse(const char *cmd, const char *pfx, const struct cli_opts *opts,
+		     struct cli_create_params *p)
+{
+	const char *v;
+
+	*p = (struct cli_create_params){ .cluster_size = 65536, .refcount_bits = 16 };
+	for (int i = 0; i < opts->n; i++) {
+		bool known = false;
+		for (int k = 0; create_keys[k]; k++)
+			known |= !strcmp(opts->v[i].key, create_keys[k]);
+		if (!known) {
+			cli_error(cmd, "%sInvalid parameter '%s'", pfx, opts->v[i].key);
+			return -EINVAL;
+		}
+	}
+	if ((v = cli_opts_get(opts, "size"))) {
+		if (opt_size(cmd, pfx, "size", v, &p->size) < 0)
+			return -EINVAL;
+		p->size_given = true;
+	}
+	if ((v = cli_opts_get(opts, "cluster_size")) &&
+	    opt_size(cmd, pfx, "cluster_size", v, &p->cluster_size) < 0)
+		return -EINVAL;
+	if ((v = cli_opts_get(opts, "refcount_bits")) &&
+	    opt_number(cmd, pfx, "refcount_bits", v, &p->refcount_bits) < 0)
+		return -EINVAL;
+	if ((v = cli_opts_get(opts, "lazy_refcounts")) &&
+	    opt_bool(cmd, pfx, "lazy_refcounts", v, &p->lazy) < 0)
+		return -EINVAL;
+	if ((v = cli_opts_get(opts, "extended_l2")) &&
+	    opt_bool(cmd, pfx, "extended_l2", v, &p->ext_l2) < 0)
+		return -EINVAL;
+	return 0;
+}
+
+/*
+ * Phase 3: the combination, in qcow2_co_create()'s order, with qemu's
+ * messages after "qsm CMD: PFX" (create: "FILE: ", convert: "FILE: error
+ * while converting qcow2: ").  p->size is the image size (rounded up to
+ * whole sectors here); backing_file/backing_fmt come from opts.  On
+ * success co describes the image (its strings point into opts).
+ */
+int cli_create_validate(const char *cmd, const char *pfx, const struct cli_opts *opts,
+			struct cli_create_params *p, struct qsm_create_opts *co)
+{
+	const char *v;
+	unsigned compat = 3;
+	const char *backing = cli_opts_get(opts, "backing_file");
+	const char *backing_fmt = cli_opts_get(opts, "backing_fmt");
+
+	if (backing && !*backing)
+		backing = NULL;
+	if ((v = cli_opts_get(opts, "compat"))) {
+		if (!strcmp(v, "0.10") || !strcmp(v, "v2")) {
+			compat = 2;
+		} else if (!strcmp(v, "1.1") || !strcmp(v, "v3")) {
+			compat = 3;
+		} else {
+			cli_error(cmd, "%sParameter 'version' does not accept value '%s'", pfx, v);
+			return -EINVAL;
+		}
+	}
+	if ((v = cli_opts_get(opts, "compression_type")) && strcmp(v, "zlib")) {
+		cli_error(cmd, "%sCompression type '%s' is not supported by qsm (only zlib)", pfx, v);
+		return -EINVAL;
+	}
+	enum qsm_prealloc prealloc = QSM_PREALLOC_OFF;
+	if ((v = cli_opts_get(opts, "preallocation")) && qsm_prealloc_parse(v, &prealloc) < 0) {
+		cli_error(cmd, "%sParameter 'preallocation' does not accept value '%s'", pfx, v);
+		return -EINVAL;
+	}
+	if (prealloc != QSM_PREALLOC_OFF && backing) {
+		cli_error(cmd, "%sBacking file and preallocation can only be used at the same "
+			  "time if extended_l2 is on", pfx);
+		return -EINVAL;
+	}
+	if (!is_pow2(p->cluster_size) || p->cluster_size < 512 || p->cluster_size > (2u << 20)) {
+		cli_error(cmd, "%sCluster size must be a power of two between 512 and 2048k", pfx);
+		return -EINVAL;
+	}
+	if (p->ext_l2) {
+		cli_error(cmd, "%sExtended L2 entries are not supported by qsm", pfx);
+		return -EINVAL;
+	}
+	if (p->lazy && compat < 3) {
+		cli_error(cmd, "%sLazy refcounts only supported with compatibility level 1.1 "
+			  "and above (use version=v3 or greater)", pfx);
+		return -EINVAL;
+	}
+	if (!is_pow2(p->refcount_bits) || p->refcount_bits > 64) {
+		cli_error(cmd, "%sRefcount width must be a power of two and may not exceed 64 bits",
+			  pfx);
+		return -EINVAL;
+	}
+	if (compat < 3 && p->refcount_bits != 16) {
+		cli_error(cmd, "%sDifferent refcount widths than 16 bits require compatibility "
+			  "level 1.1 or above (use version=v3 or greater)", pfx);
+		return -EINVAL;
+	}
+	if (backing_fmt && !backing) {
+		cli_error(cmd, "%sBacking format cannot be used without backing file", pfx);
+		return -EINVAL;
+	}
+	/* qemu rounds the size up to whole sectors. */
+	p->size = QSM_ALIGN_UP(p->size, 512);
+	uint64_t l2_cover = p->cluster_size * (p->cluster_size / 8);
+	if (p->size / l2_cover + !!(p->size % l2_cover) > QCOW_MAX_L1_SIZE / 8) {
+		cli_error(cmd, "%sThe image size is too large for file format 'qcow2' "
+			  "(try using a larger cluster size)", pfx);
+		return -EINVAL;
+	}
+	*co = (struct qsm_create_opts){
+		.size = p->size,
+		.cluster_size = p->cluster_size,
+		.compat = compat,
+		.refcount_bits = (unsigned)p->refcount_bits,
+		.lazy_refcounts = p->lazy,
+		.backing_file = backing,
+		.backing_format = backing ? backing_fmt : NULL,
+		.prealloc = prealloc,
+	};
+	return 0;
+}
+
 int cmd_create(int argc, char **argv)
 {
 	static const struct option lopt[] = {
@@ -191,10 +322,9 @@ int cmd_create(int argc, char **argv)
 	struct cli_opts opts = { 0 };
 	const char *fmt = "qcow2", *file, *v;
 	bool quiet = false, unsafe = false, size_given = false;
-	uint64_t size = 0, cluster_size = 65536, refcount_bits = 16;
-	bool lazy = false, ext_l2 = false;
-	unsigned compat = 3;
-	char err[512] = "";
+	uint64_t size = 0;
+	struct cli_create_params cp;
+	char err[512] = "", pfx[1100];
 	char *backing_path = NULL;
 	int c, ret = 1;
 
@@ -272,34 +402,17 @@ int cmd_create(int argc, char **argv)
 	}
 
 	/* Phase 1: names and types. */
-	for (int i = 0; i < opts.n; i++) {
-		bool known = false;
-		for (int k = 0; create_keys[k]; k++)
-			known |= !strcmp(opts.v[i].key, create_keys[k]);
-		if (!known) {
-			cli_error("create", "%s: Invalid parameter '%s'", file, opts.v[i].key);
-			goto out;
-		}
-	}
-	if ((v = cli_opts_get(&opts, "size"))) {
+	snprintf(pfx, sizeof(pfx), "%s: ", file);
+	if (cli_create_parse("create", pfx, &opts, &cp) < 0)
+		goto out;
+	if (cp.size_given) {
 		if (size_given) {
 			cli_error("create", "%s: The image size must be specified only once", file);
 			goto out;
 		}
-		if (opt_size(file, "size", v, &size) < 0)
-			goto out;
+		size = cp.size;
 		size_given = true;
 	}
-	if ((v = cli_opts_get(&opts, "cluster_size")) &&
-	    opt_size(file, "cluster_size", v, &cluster_size) < 0)
-		goto out;
-	if ((v = cli_opts_get(&opts, "refcount_bits")) &&
-	    opt_number(file, "refcount_bits", v, &refcount_bits) < 0)
-		goto out;
-	if ((v = cli_opts_get(&opts, "lazy_refcounts")) && opt_bool(file, "lazy_refcounts", v, &lazy) < 0)
-		goto out;
-	if ((v = cli_opts_get(&opts, "extended_l2")) && opt_bool(file, "extended_l2", v, &ext_l2) < 0)
-		goto out;
 
 	const char *backing = cli_opts_get(&opts, "backing_file");
 	const char *backing_fmt = cli_opts_get(&opts, "backing_fmt");
@@ -334,7 +447,7 @@ int cmd_create(int argc, char **argv)
 	/* Phase 2: the line qemu-img prints before creating. */
 	if (!quiet) {
 		printf("Formatting '%s', fmt=qcow2 cluster_size=%llu extended_l2=", file,
-		       (unsigned long long)cluster_size);
+		       (unsigned long long)cp.cluster_size);
 		print_escaped(cli_opts_get(&opts, "extended_l2") ?: "off");
 		if ((v = cli_opts_get(&opts, "preallocation"))) {
 			printf(" preallocation=");
@@ -357,82 +470,15 @@ int cmd_create(int argc, char **argv)
 		}
 		printf(" lazy_refcounts=");
 		print_escaped(cli_opts_get(&opts, "lazy_refcounts") ?: "off");
-		printf(" refcount_bits=%llu\n", (unsigned long long)refcount_bits);
+		printf(" refcount_bits=%llu\n", (unsigned long long)cp.refcount_bits);
 		fflush(stdout);
 	}
 
 	/* Phase 3: the combination, in qcow2_co_create()'s order. */
-	if ((v = cli_opts_get(&opts, "compat"))) {
-		if (!strcmp(v, "0.10") || !strcmp(v, "v2")) {
-			compat = 2;
-		} else if (!strcmp(v, "1.1") || !strcmp(v, "v3")) {
-			compat = 3;
-		} else {
-			cli_error("create", "%s: Parameter 'version' does not accept value '%s'", file, v);
-			goto out;
-		}
-	}
-	if ((v = cli_opts_get(&opts, "compression_type")) && strcmp(v, "zlib")) {
-		cli_error("create", "%s: Compression type '%s' is not supported by qsm (only zlib)",
-			  file, v);
+	struct qsm_create_opts co;
+	cp.size = size;
+	if (cli_create_validate("create", pfx, &opts, &cp, &co) < 0)
 		goto out;
-	}
-	enum qsm_prealloc prealloc = QSM_PREALLOC_OFF;
-	if ((v = cli_opts_get(&opts, "preallocation")) && qsm_prealloc_parse(v, &prealloc) < 0) {
-		cli_error("create", "%s: Parameter 'preallocation' does not accept value '%s'", file, v);
-		goto out;
-	}
-	if (prealloc != QSM_PREALLOC_OFF && backing) {
-		cli_error("create", "%s: Backing file and preallocation can only be used at the same "
-			  "time if extended_l2 is on", file);
-		goto out;
-	}
-	if (!is_pow2(cluster_size) || cluster_size < 512 || cluster_size > (2u << 20)) {
-		cli_error("create", "%s: Cluster size must be a power of two between 512 and 2048k", file);
-		goto out;
-	}
-	if (ext_l2) {
-		cli_error("create", "%s: Extended L2 entries are not supported by qsm", file);
-		goto out;
-	}
-	if (lazy && compat < 3) {
-		cli_error("create", "%s: Lazy refcounts only supported with compatibility level 1.1 "
-			  "and above (use version=v3 or greater)", file);
-		goto out;
-	}
-	if (!is_pow2(refcount_bits) || refcount_bits > 64) {
-		cli_error("create", "%s: Refcount width must be a power of two and may not exceed 64 bits",
-			  file);
-		goto out;
-	}
-	if (compat < 3 && refcount_bits != 16) {
-		cli_error("create", "%s: Different refcount widths than 16 bits require compatibility "
-			  "level 1.1 or above (use version=v3 or greater)", file);
-		goto out;
-	}
-	if (backing_fmt && !backing) {
-		cli_error("create", "%s: Backing format cannot be used without backing file", file);
-		goto out;
-	}
-	/* qemu rounds the size up to whole sectors. */
-	size = QSM_ALIGN_UP(size, 512);
-	uint64_t l2_cover = cluster_size * (cluster_size / 8);
-	if (size / l2_cover + !!(size % l2_cover) > QCOW_MAX_L1_SIZE / 8) {
-		cli_error("create", "%s: The image size is too large for file format 'qcow2' "
-			  "(try using a larger cluster size)", file);
-		goto out;
-	}
-
-	struct qsm_create_opts co = {
-		.size = size,
-		.cluster_size = cluster_size,
-		.compat = compat,
-		.refcount_bits = (unsigned)refcount_bits,
-		.lazy_refcounts = lazy,
-		.backing_file = backing,
-		.backing_format = backing ? backing_fmt : NULL,
-		.prealloc = prealloc,
-	};
 	int r = qsm_create(file, &co, err, sizeof(err));
 	if (r < 0) {
 		cli_error("create", "%s: %s", file, err[0] ? err : qsm_strerror(r));
