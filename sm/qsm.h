@@ -146,7 +146,8 @@ int qsm_write_compressed(struct qsm_image *img, uint64_t offset, const struct io
 /* Allocation status of the run starting at offset (at most `bytes` long). */
 #define QSM_STATUS_DATA      0x1 /* reads come from this image's host clusters */
 #define QSM_STATUS_ZERO      0x2 /* reads as zeros (with DATA: host clusters that are a
-				    * hole in the image file, as QEMU reports them) */
+				    * hole in the image file, reported as QEMU does:
+				    * only on images that look preallocated) */
 #define QSM_STATUS_ALLOCATED 0x4 /* decided by this image (not by a backing file) */
 #define QSM_STATUS_COMPRESSED 0x8
 struct qsm_extent {
