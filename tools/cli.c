@@ -376,6 +376,11 @@ void cli_progress_add(float delta)
 	}
 }
 
+void cli_progress_set(float percent)
+{
+	cli_progress_add(percent - progress.current);
+}
+
 void cli_progress_end(void)
 {
 	if (progress.enabled) {

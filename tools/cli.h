@@ -121,6 +121,7 @@ int cli_chain_status(struct qsm_image *top, uint64_t off, uint64_t bytes,
  * not enabled. */
 void cli_progress_init(bool enabled, float min_skip);
 void cli_progress_add(float delta_percent);
+void cli_progress_set(float percent);
 void cli_progress_end(void);
 
 /* The indented qcow2 lines under "Format specific information:", as

@@ -23,6 +23,7 @@ static const struct cli_cmd cmds[] = {
 	{ "info",   cmd_info,   "show information about an image" },
 	{ "check",  cmd_check,  "check (and repair) an image's consistency" },
 	{ "io",     cmd_io,     "exercise an image with qemu-io commands" },
+	{ "convert", cmd_convert, "copy an image into a new one, qcow2 or raw (as qemu-img convert)" },
 	{ "compare", cmd_compare, "compare the contents of two images (as qemu-img compare)" },
 	{ "map",    cmd_map,    "show the guest-to-file mapping of an image (as qemu-img map)" },
 	{ "resize", cmd_resize, "change the virtual size of an image" },
