@@ -9,6 +9,9 @@
 # format); compressed clusters (qemu-img convert -c); lazy refcounts left
 # dirty by qemu-io abort; 1-bit and 64-bit refcounts; 8 KiB clusters (the
 # header cluster then holds a feature name table).
+# fuzz_sched: inputs in fuzz_sched.c's layout (see the comment there): every
+# cluster size and cache mode, v2 and lazy refcounts, with and without a
+# crash, overlapping writes, zero writes, discards and flushes.
 set -eu
 
 SRC=$(cd "$(dirname "$0")" && pwd)
@@ -17,8 +20,8 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 cd "$TMP"
 
-rm -rf "$OUT/fuzz_open"
-mkdir -p "$OUT/fuzz_open"
+rm -rf "$OUT/fuzz_open" "$OUT/fuzz_sched"
+mkdir -p "$OUT/fuzz_open" "$OUT/fuzz_sched"
 
 mk() { qemu-img create -q -f qcow2 "$@"; }
 qio() { local f=$1; shift; local a=(); for c in "$@"; do a+=(-c "$c"); done; qemu-io -f qcow2 "${a[@]}" "$f" >/dev/null; }
@@ -62,7 +65,7 @@ keep comp.qcow2 compressed.qcow2
 
 # Lazy refcounts, dirty: qemu-io aborts before the refcounts are written.
 mk -o cluster_size=512,lazy_refcounts=on lazy.qcow2 128K
-qemu-io -f qcow2 -c 'write -P 0x77 0 3k' -c abort lazy.qcow2 >/dev/null 2>&1 || true
+bash -c "qemu-io -f qcow2 -c 'write -P 0x77 0 3k' -c abort lazy.qcow2" >/dev/null 2>&1 || true
 keep lazy.qcow2 lazy-dirty.qcow2
 
 # Other refcount widths.
@@ -77,5 +80,44 @@ keep rc64.qcow2 refcount64.qcow2
 mk -o cluster_size=8192 big.qcow2 1M
 qio big.qcow2 'write -P 0xaa 0 512'
 keep big.qcow2 cluster8k.qcow2
+
+python3 - "$OUT/fuzz_sched" <<'PY'
+import struct, sys
+out = sys.argv[1]
+WRITE, READ, ZERO, ZERO_UNMAP, DISCARD, FLUSH = range(6)
+NOALIGN, SECTOR, CLUSTER = 0, 1 << 3, 2 << 3
+
+def op(kind, frac, length, align=NOALIGN, sectors=0, split=128):
+    # offset = frac/65536 of the disk + sectors*512; length byte: 1 + l*3*cluster/256
+    return bytes([kind | align, frac >> 8, frac & 255, sectors, length, split])
+
+def inp(name, cbits_idx, units, v2=False, lazy=False, cache=0, rorder_idx=0,
+        l2=0, batch=3, depth=15, crash=0, keep=0, ops=(), sched=b''):
+    b0 = cbits_idx | (units - 1) << 2
+    b1 = (1 if v2 else 0) | (2 if lazy else 0) | cache << 2 | rorder_idx << 5
+    b2 = l2 | batch << 2 | (depth - 1) << 4
+    data = bytes([b0, b1, b2]) + struct.pack('>HQ', crash, keep) + bytes([len(ops) - 1])
+    data += b''.join(ops) + sched
+    open(f'{out}/{name}', 'wb').write(data)
+
+mixed = (op(WRITE, 0, 40), op(WRITE, 0x0100, 90, SECTOR), op(READ, 0, 60),
+         op(ZERO, 0x4000, 85, CLUSTER), op(FLUSH, 0, 0), op(WRITE, 0x4000, 200),
+         op(DISCARD, 0x8000, 255, CLUSTER), op(ZERO_UNMAP, 0x0080, 120),
+         op(WRITE, 0xc000, 30, NOALIGN, 3), op(READ, 0x4000, 255), op(FLUSH, 0, 0))
+inp('c512-writeback', 0, 4, ops=mixed, sched=bytes(range(7, 250, 13)))
+inp('c512-writeback-crash', 0, 4, crash=9, keep=0x5555, ops=mixed, sched=bytes(range(3, 250, 7)))
+inp('c1k-writethrough-crash', 1, 8, cache=2, crash=14, keep=0xff00ff, ops=mixed)
+inp('c4k-none-lazy-crash', 2, 16, lazy=True, cache=1, crash=6, keep=0x3, ops=mixed,
+    sched=bytes([1, 2, 0, 3] * 10))
+inp('c64k-directsync', 3, 2, cache=3, ops=mixed)
+inp('c512-unsafe-crash', 0, 2, cache=4, crash=5, ops=mixed)
+inp('c512-v2-crash', 0, 3, v2=True, crash=7, keep=0xfff0, ops=mixed)
+inp('c512-refcount1-l2x1', 0, 16, rorder_idx=4, l2=0, depth=4,
+    ops=tuple(op(WRITE, f * 4096, 20) for f in range(16)) + (op(FLUSH, 0, 0),))
+inp('c512-refcount64-lazy', 0, 8, lazy=True, rorder_idx=7, crash=20, keep=~0 & (2**64 - 1),
+    ops=tuple(op(WRITE, f * 8192, 255, CLUSTER) for f in range(8)))
+inp('c1k-depth1-overlap', 1, 1, depth=1, batch=0,
+    ops=(op(WRITE, 0, 100), op(WRITE, 0x100, 100), op(ZERO, 0x80, 50), op(READ, 0, 255)))
+PY
 
 du -sh "$OUT"
