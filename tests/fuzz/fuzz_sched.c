@@ -62,12 +62,15 @@
 
 #if defined(__has_feature)
 #if __has_feature(address_sanitizer)
+#define QSM_FUZZ_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(QSM_FUZZ_ASAN)
 #include <sanitizer/lsan_interface.h>
 /* A crashed run abandons the engine with requests in flight, whose memory
  * qsm_abandon forgets by design (sm/qsm.h): not a leak. */
 #define LSAN_OFF() __lsan_disable()
 #define LSAN_ON() __lsan_enable()
-#endif
 #endif
 #ifndef LSAN_OFF
 #define LSAN_OFF() ((void)0)
