@@ -469,6 +469,15 @@ int qsm_io_pread_sync(struct qsm_io *io, void *buf, size_t len, uint64_t off)
 	return io->ops->pread_sync(io, buf, len, off);
 }
 
+int qsm_io_pread_sync_ev(struct qsm_io *io, void *buf, size_t len, uint64_t off,
+			 enum qsm_io_event ev)
+{
+	io->sync_event = ev;
+	int ret = qsm_io_pread_sync(io, buf, len, off);
+	io->sync_event = QSM_IO_EV_NONE;
+	return ret;
+}
+
 int qsm_io_pwrite_sync(struct qsm_io *io, const void *buf, size_t len, uint64_t off)
 {
 	assert(io->stats.in_flight == 0);

@@ -147,6 +147,10 @@ struct qsm_io {
 	/* Optional trace hook: called at submit (ret unused) and completion. */
 	void (*trace)(void *opaque, const struct qsm_io_req *req, bool done, int ret);
 	void *trace_opaque;
+	/* The named event of the synchronous read in progress (set by
+	 * qsm_io_pread_sync_ev for its duration, else NONE): what fault
+	 * injection matches for blocking reads, as req->event for the rest. */
+	enum qsm_io_event sync_event;
 };
 
 /* --- Opening backends ---------------------------------------------------- */
@@ -169,6 +173,10 @@ bool qsm_io_uring_available(void);
 void qsm_io_submit(struct qsm_io *io, struct qsm_io_req *req);
 
 int qsm_io_pread_sync(struct qsm_io *io, void *buf, size_t len, uint64_t off);
+/* Same, tagged with a named event (refcount blocks read at open:
+ * QSM_IO_EV_REFBLOCK_LOAD) so that fault injection can fail it. */
+int qsm_io_pread_sync_ev(struct qsm_io *io, void *buf, size_t len, uint64_t off,
+			 enum qsm_io_event ev);
 int qsm_io_pwrite_sync(struct qsm_io *io, const void *buf, size_t len, uint64_t off);
 int qsm_io_flush_sync(struct qsm_io *io);
 int qsm_io_truncate_sync(struct qsm_io *io, uint64_t size);

@@ -321,6 +321,7 @@ struct qsm_sim {
 	size_t sm_nfaults, sm_capfaults;
 	struct qsm_io_sim *sm_open;        /* the open handle, if any */
 	uint64_t sm_gen;                   /* bumped by crash and close */
+	uint64_t sm_torn;                  /* writes torn by crashes */
 };
 
 struct qsm_io_sim {
@@ -486,8 +487,12 @@ uint64_t qsm_sim_races(const struct qsm_sim *sim)
 
 /* --- Crash and faults ------------------------------------------------------------- */
 
+/* Apply the kept records to D.  torn (an index into L, or SIZE_MAX for
+ * none) names a kept WRITE that reaches D only in part: a prefix of its
+ * 512-byte sectors chosen by the PRNG (possibly none, never all), as a
+ * power loss in the middle of a multi-sector write leaves it. */
 static void qsm_sim_crash_(struct qsm_sim *sim, uint64_t keep_mask, bool keep_all_beyond,
-			   bool random)
+			   bool random, size_t torn)
 {
 	for (size_t i = 0; i < sim->sm_nrecs; i++) {
 		bool keep;
@@ -497,8 +502,15 @@ static void qsm_sim_crash_(struct qsm_sim *sim, uint64_t keep_mask, bool keep_al
 			keep = (keep_mask >> i) & 1;
 		else
 			keep = keep_all_beyond;
-		if (keep)
-			qsm_sim_rec_apply(&sim->sm_durable, &sim->sm_recs[i]);
+		if (!keep)
+			continue;
+		struct qsm_sim_rec rc = sim->sm_recs[i];
+		if (i == torn && rc.rc_op == QSM_IO_WRITE && rc.rc_len > 512) {
+			uint64_t sectors = (rc.rc_len + 511) / 512;
+			rc.rc_len = 512 * qsm_rng_below(&sim->sm_rng, sectors);
+			sim->sm_torn++;
+		}
+		qsm_sim_rec_apply(&sim->sm_durable, &rc);
 	}
 	qsm_sim_drop_recs(sim);
 	qsm_sim_store_free(&sim->sm_view);
@@ -518,12 +530,23 @@ static void qsm_sim_crash_(struct qsm_sim *sim, uint64_t keep_mask, bool keep_al
 
 void qsm_sim_crash(struct qsm_sim *sim, uint64_t keep_mask, bool keep_all_beyond)
 {
-	qsm_sim_crash_(sim, keep_mask, keep_all_beyond, false);
+	qsm_sim_crash_(sim, keep_mask, keep_all_beyond, false, SIZE_MAX);
 }
 
 void qsm_sim_crash_random(struct qsm_sim *sim)
 {
-	qsm_sim_crash_(sim, 0, false, true);
+	qsm_sim_crash_(sim, 0, false, true, SIZE_MAX);
+}
+
+void qsm_sim_crash_torn(struct qsm_sim *sim, uint64_t keep_mask, bool keep_all_beyond,
+			size_t torn)
+{
+	qsm_sim_crash_(sim, keep_mask, keep_all_beyond, false, torn);
+}
+
+uint64_t qsm_sim_torn(const struct qsm_sim *sim)
+{
+	return sim->sm_torn;
 }
 
 void qsm_sim_fault_add(struct qsm_sim *sim, enum qsm_io_event ev, int err, bool once)
@@ -558,11 +581,11 @@ uint64_t qsm_sim_faults_fired(const struct qsm_sim *sim)
 }
 
 /* 0, or the errno of the first rule matching req (removed if once). */
-static int qsm_sim_fault_check(struct qsm_sim *sim, const struct qsm_io_req *req)
+static int qsm_sim_fault_check(struct qsm_sim *sim, enum qsm_io_event ev)
 {
 	for (size_t i = 0; i < sim->sm_nfaults; i++) {
 		struct qsm_sim_fault f = sim->sm_faults[i];
-		if (f.fl_event != req->event)
+		if (f.fl_event != ev || ev == QSM_IO_EV_NONE)
 			continue;
 		if (f.fl_once) {
 			memmove(sim->sm_faults + i, sim->sm_faults + i + 1,
@@ -640,7 +663,7 @@ static void qsm_sim_race_check(struct qsm_io_sim *s, struct qsm_io_req *req)
 /* Carry out req's effect now (its completion).  0 or -errno. */
 static int qsm_sim_perform(struct qsm_sim *sim, struct qsm_io_req *req)
 {
-	int err = qsm_sim_fault_check(sim, req);
+	int err = qsm_sim_fault_check(sim, req->event);
 	if (err)
 		return err; /* a failed operation changes nothing */
 	if (req->op == QSM_IO_WRITE || req->op == QSM_IO_ZERO || req->op == QSM_IO_PREALLOC)
@@ -733,6 +756,9 @@ static void qsm_io_sim_submit(struct qsm_io *io, struct qsm_io_req *req)
 
 static int qsm_io_sim_pread_sync(struct qsm_io *io, void *buf, size_t len, uint64_t off)
 {
+	int err = qsm_sim_fault_check(qsm_io_sim_of(io)->si_sim, io->sync_event);
+	if (err)
+		return err;
 	struct iovec v = { .iov_base = buf, .iov_len = len };
 	qsm_sim_store_read(&qsm_io_sim_of(io)->si_sim->sm_view, off, &v, 1, len);
 	return 0;

@@ -20,7 +20,7 @@
  *     flight (their callbacks never run; the handle must be closed with
  *     qsm_io_close, which is then allowed with requests in flight).
  *  5. Faults: a rule fails operations tagged with a named event with an errno,
- *     once or every time.
+ *     once or every time (blocking reads too: qsm_io_pread_sync_ev).
  * Every choice comes from one PRNG seeded at qsm_sim_new(); the same seed and
  * the same sequence of calls replay the same run.
  */
@@ -82,6 +82,14 @@ uint64_t qsm_sim_races(const struct qsm_sim *sim);
 void qsm_sim_crash(struct qsm_sim *sim, uint64_t keep_mask, bool keep_all_beyond);
 /* Crash keeping a random subset chosen by the disk's PRNG. */
 void qsm_sim_crash_random(struct qsm_sim *sim);
+/* As qsm_sim_crash, and the kept write at index `torn` (0 = oldest
+ * unflushed) is torn at a sector boundary: only a prefix of its 512-byte
+ * sectors, chosen by the PRNG, reaches the disk.  A write of one sector, or
+ * a record that is not a write or not kept, is not torn. */
+void qsm_sim_crash_torn(struct qsm_sim *sim, uint64_t keep_mask, bool keep_all_beyond,
+			size_t torn);
+/* Writes torn by crashes so far. */
+uint64_t qsm_sim_torn(const struct qsm_sim *sim);
 
 /* Faults. */
 void qsm_sim_fault_add(struct qsm_sim *sim, enum qsm_io_event ev, int err, bool once);

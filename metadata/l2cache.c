@@ -281,6 +281,7 @@ int qsm_l2_create(struct qsm_l2_cache *c, uint64_t offset, const uint8_t *init,
 	t->state = QSM_L2_READY;
 	t->ref = 1;
 	t->dirty = true;
+	t->fresh = true;
 	t->dirty_lo = 0; /* a new table is written whole */
 	t->dirty_hi = (uint32_t)c->cluster_size;
 	c->nb_dirty++;
@@ -332,9 +333,11 @@ int qsm_l2_collect(struct qsm_l2_cache *c, struct qsm_meta_batch *b)
 				hi = QSM_MIN(QSM_ALIGN_UP((uint64_t)t->dirty_hi, 4096), c->cluster_size);
 			}
 			int ret = qsm_meta_batch_add(b, t->offset + lo, t->data + lo, hi - lo,
-						     QSM_IO_EV_L2_UPDATE);
+						     t->fresh ? QSM_IO_EV_L2_ALLOC
+							      : QSM_IO_EV_L2_UPDATE);
 			if (ret < 0)
 				return ret;
+			t->fresh = false;
 			t->dirty = false;
 			t->dirty_lo = t->dirty_hi = 0;
 			t->wb_busy++;

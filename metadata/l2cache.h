@@ -56,6 +56,8 @@ struct qsm_l2_table {
 	enum qsm_l2_state state;
 	bool dirty;                 /* changed since last collected */
 	uint32_t dirty_lo, dirty_hi; /* changed bytes [lo, hi) while dirty */
+	bool fresh;                 /* created by qsm_l2_create, never collected: its
+				     * first write is tagged QSM_IO_EV_L2_ALLOC */
 	unsigned wb_busy;           /* collected copies whose write is in flight */
 	struct qsm_l2_waiter *waiters;  /* waiting for LOADING to finish */
 	struct qsm_l2_cache *cache;

@@ -1029,7 +1029,8 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 			r = -ENOMEM;
 			goto fail;
 		}
-		if ((r = qsm_io_pread_sync(io, rc->rc_blocks[i], cs, rc->rc_table[i]))) {
+		if ((r = qsm_io_pread_sync_ev(io, rc->rc_blocks[i], cs, rc->rc_table[i],
+						 QSM_IO_EV_REFBLOCK_LOAD))) {
 			qsm_set_err(err, errlen,
 			       "reading refcount block %" PRIu64 " at 0x%" PRIx64 ": %s", i,
 			       rc->rc_table[i], strerror(-r));

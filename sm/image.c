@@ -297,8 +297,12 @@ struct chain {
 		ino_t ino;
 	} id[QSM_MAX_CHAIN];
 	unsigned n;
+	unsigned depth; /* images opened so far, for the depth limit */
 };
 
+static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_open_opts *opts,
+		   const char *path, struct chain *ch, struct qsm_image **out, char *err,
+		   size_t errlen);
 static int open_path(struct event_base *base, const char *path, const struct qsm_open_opts *opts,
 		     struct chain *ch, struct qsm_image **out, char *err, size_t errlen);
 
@@ -349,7 +353,13 @@ static int open_backing(struct qsm_image *img, const char *path, const struct qs
 	struct stat st;
 	if (!full)
 		return -ENOMEM;
-	if (stat(full, &st) == 0) {
+	if (ch->depth >= QSM_MAX_CHAIN) {
+		qsm_set_err(err, errlen, "backing chain longer than %d images: '%s' has "
+			    "the backing file '%s'", QSM_MAX_CHAIN, path ? path : "the image", full);
+		free(full);
+		return -ELOOP;
+	}
+	if (!opts->open_backing_io && stat(full, &st) == 0) {
 		for (unsigned i = 0; i < ch->n; i++) {
 			if (ch->id[i].dev == st.st_dev && ch->id[i].ino == st.st_ino) {
 				qsm_set_err(err, errlen, "backing chain loop: '%s', the backing file of "
@@ -359,20 +369,25 @@ static int open_backing(struct qsm_image *img, const char *path, const struct qs
 				return -ELOOP;
 			}
 		}
-		if (ch->n == QSM_MAX_CHAIN) {
-			qsm_set_err(err, errlen, "backing chain longer than %d images: '%s' has "
-				    "the backing file '%s'", QSM_MAX_CHAIN, path ? path : "the image",
-				    full);
-			free(full);
-			return -ELOOP;
-		}
 	}
 	struct qsm_open_opts bo = {
 		.read_only = true, .no_repair = true, .cache = opts->cache, .aio = opts->aio,
 		.l2_cache_size = opts->l2_cache_size, .format = fmt,
 		.work_threads = opts->work_threads,
+		.open_backing_io = opts->open_backing_io,
+		.open_backing_opaque = opts->open_backing_opaque,
 	};
-	ret = open_path(img->base, full, &bo, ch, &img->backing, sub, sizeof(sub));
+	if (opts->open_backing_io) {
+		struct qsm_io *io;
+		ret = opts->open_backing_io(opts->open_backing_opaque, img->base, full, QSM_IO_RDONLY,
+					    &io);
+		if (ret == 0)
+			ret = open_io(img->base, io, &bo, full, ch, &img->backing, sub, sizeof(sub));
+		else
+			snprintf(sub, sizeof(sub), "Could not open '%s': %s", full, strerror(-ret));
+	} else {
+		ret = open_path(img->base, full, &bo, ch, &img->backing, sub, sizeof(sub));
+	}
 	if (ret == -ELOOP) /* the message names both images already */
 		qsm_set_err(err, errlen, "%s", sub);
 	else if (ret < 0)
@@ -409,6 +424,7 @@ static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_
 				 "(writes would copy from the wrong data)");
 		return -EINVAL;
 	}
+	ch->depth++;
 	img->base = base;
 	img->io = io;
 	img->read_only = opts->read_only || (io->flags & QSM_IO_RDONLY);

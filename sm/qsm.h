@@ -69,6 +69,14 @@ struct qsm_open_opts {
 	 * runs on the loop, deferred, in order: for deterministic tests).
 	 * Backing images inherit it. */
 	int work_threads;
+	/* Open the I/O handle of a backing file (resolved name, QSM_IO_* flags)
+	 * instead of qsm_io_open_path: for embedders with their own storage and
+	 * for tests on simulated disks.  0 or -errno.  Handles opened this way
+	 * are not checked for loops by device and inode (the opener knows its
+	 * files); the depth limit still applies.  Inherited down the chain. */
+	int (*open_backing_io)(void *opaque, struct event_base *base, const char *name,
+			       int flags, struct qsm_io **out);
+	void *open_backing_opaque;
 };
 
 /* Open the image at `path`.  On error, a message naming what is wrong is put
