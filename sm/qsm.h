@@ -263,6 +263,17 @@ typedef void (*qsm_trace_fn)(void *opaque, const struct qsm_trace_event *ev);
 /* Install (or with fn NULL remove) the trace hook.  No cost when unset. */
 void qsm_set_trace(struct qsm_image *img, qsm_trace_fn fn, void *opaque);
 
+/* --- Mutants (fuzzer self-test) ------------------------------------------ */
+/* Builds configured with -DQSM_MUTANTS=ON carry deliberate safety-rule
+ * violations (sm/mutant.c) so that `qsm fuzz` can prove it catches them.
+ * qsm_mutant_name(i) names the i-th (and its rule in *rule), NULL past the
+ * end (at once in normal builds).  qsm_mutant_select(name) turns one on for
+ * the whole process (NULL or "": none); -ENOENT for an unknown name,
+ * -ENOTSUP in a build without mutants.  Process-wide, not thread-safe: for
+ * test programs only. */
+const char *qsm_mutant_name(unsigned i, const char **rule);
+int qsm_mutant_select(const char *name);
+
 /* --- Creating images ----------------------------------------------------- */
 struct qsm_create_opts {
 	uint64_t size;

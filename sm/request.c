@@ -276,6 +276,8 @@ static struct qsm_req *alloc_owner(struct qsm_alloc *a)
 static struct qsm_alloc *alloc_overlap(struct qsm_image *img, struct qsm_req *req,
 				       uint64_t first, uint64_t count)
 {
+	if (QSM_MUTANT(DOUBLE_ALLOC))
+		return NULL; /* mutant: nobody waits for anybody */
 	for (struct qsm_alloc *a = img->allocs; a; a = a->next) {
 		if (a == &req->run.alloc)
 			continue;
@@ -421,7 +423,7 @@ static enum qsm_event step_l1_lookup(struct qsm_req *req)
 	if (is_write_machine(req->machine) && img->l2allocs) {
 		/* Invariant 3: the slot's L2 table is being created or copied. */
 		struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);
-		if (a) {
+		if (a && !QSM_MUTANT(NO_FREEZE)) {
 			img->stats.frozen++;
 			req->wait_for = a->owner->id;
 			wait_on(&a->waiters, req);
@@ -490,6 +492,9 @@ static enum qsm_event step_l2_alloc(struct qsm_req *req)
 	struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);
 	int ret;
 
+	if (QSM_MUTANT(NO_FREEZE)) /* mutant: a second record for the same slot */
+		for (a = img->l2allocs; a && a->owner != req; a = a->next)
+			;
 	if (!a) {
 		a = calloc(1, sizeof(*a));
 		if (!a)
@@ -1652,6 +1657,24 @@ static enum qsm_event step_cow_read(struct qsm_req *req)
 			 run->old_entry & QCOW2_L2E_OFFSET_MASK, req->iov_buf, 1);
 }
 
+/* Point the run's cached L2 entries at its new clusters and release what
+ * they pointed at (deferred until the table is durable). */
+static int l2_point_at_new(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	for (uint64_t i = 0; i < run->nb_clusters; i++) {
+		uint64_t old = qsm_l2_entry(run->l2, run->l2_index + i);
+		qsm_l2_set_entry(run->l2, run->l2_index + i,
+				 (run->host + (i << img->cluster_bits)) | QCOW2_OFLAG_COPIED);
+		int ret = free_old_entry(img, old);
+		if (ret < 0)
+			return ret;
+	}
+	qsm_l2_mark_dirty(&img->l2c, run->l2);
+	return 0;
+}
+
 static enum qsm_event step_alloc_write(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
@@ -1673,6 +1696,14 @@ static enum qsm_event step_alloc_write(struct qsm_req *req)
 	if (fill && tail)
 		req->iov_buf[cnt++] = (struct iovec){ cow_tail_buf(req), tail };
 	uint64_t host = fill ? run->host : run->host + head;
+	if (QSM_MUTANT(L2_BEFORE_DATA)) {
+		/* mutant: the entries point at the new clusters (and a batch
+		 * may write them) while the data is still on its way. */
+		int ret = l2_point_at_new(req);
+		if (ret < 0)
+			return fail(req, ret);
+		qsm_wb_kick(img);
+	}
 	return submit_io(req, QSM_IO_WRITE, run->bounce ? QSM_IO_EV_COW_WRITE : QSM_IO_EV_DATA_WRITE,
 			 host, req->iov_buf, cnt);
 }
@@ -1696,16 +1727,12 @@ static enum qsm_event step_l2_update(struct qsm_req *req)
 		int ret = free_old_entry(img, old);
 		if (ret < 0)
 			return fail(req, ret);
-	}
-	for (uint64_t i = 0; !run->compressed && i < run->nb_clusters; i++) {
-		uint64_t old = qsm_l2_entry(run->l2, run->l2_index + i);
-		qsm_l2_set_entry(run->l2, run->l2_index + i,
-				 (run->host + (i << img->cluster_bits)) | QCOW2_OFLAG_COPIED);
-		int ret = free_old_entry(img, old);
+		qsm_l2_mark_dirty(&img->l2c, run->l2);
+	} else if (!QSM_MUTANT(L2_BEFORE_DATA)) { /* the mutant did it before the data write */
+		int ret = l2_point_at_new(req);
 		if (ret < 0)
 			return fail(req, ret);
 	}
-	qsm_l2_mark_dirty(&img->l2c, run->l2);
 	release_l2(req);
 	alloc_unlink(req, 0);
 	return QSM_E_UPDATED;

@@ -382,4 +382,33 @@ void qsm_note_l2_table(struct qsm_image *img, uint64_t host_offset);
 /* The image's worker pool, started on first use.  0 or -errno. */
 int qsm_image_work(struct qsm_image *img, struct qsm_work_pool **out);
 
+/* --- mutants (sm/mutant.c) ------------------------------------------------ */
+/* X(id, name, the rule it removes).  The first entry is "no mutant". */
+#define QSM_MUTANTS_LIST(X)                                                          \
+	X(NONE, "none", "")                                                          \
+	X(REFBLOCK_AFTER_L2, "refblock-after-l2",                                    \
+	  "refcount blocks are durable before the L2 entries that use their clusters")  \
+	X(L2_BEFORE_DATA, "l2-before-data",                                          \
+	  "an L2 entry points at a new cluster only after its data and COW are written") \
+	X(DIRTY_NOT_DURABLE, "dirty-not-durable",                                    \
+	  "lazy refcounts: the dirty bit is durable before tables run ahead of refcounts") \
+	X(NO_FREEZE, "no-freeze",                                                    \
+	  "writes under an L1 slot whose L2 table is being created wait for it")       \
+	X(DOUBLE_ALLOC, "double-alloc",                                              \
+	  "two writes never allocate the same guest cluster at once")                 \
+	X(EARLY_ACK, "early-ack",                                                    \
+	  "group commit acknowledges a request only after the sync that makes it durable")
+
+#ifdef QSM_MUTANTS
+enum qsm_mutant {
+#define X(id, name, rule) QSM_MUT_##id,
+	QSM_MUTANTS_LIST(X)
+#undef X
+};
+extern enum qsm_mutant qsm_mutant_active;
+#define QSM_MUTANT(id) (qsm_mutant_active == QSM_MUT_##id)
+#else
+#define QSM_MUTANT(id) 0
+#endif
+
 #endif

@@ -126,6 +126,19 @@ static int collect_header(struct qsm_image *img, struct qsm_meta_batch *b, bool 
 	return ret;
 }
 
+#ifdef QSM_MUTANTS
+/* Append src's writes to dst (ownership of the copies moves too). */
+static void batch_move(struct qsm_meta_batch *dst, struct qsm_meta_batch *src)
+{
+	for (size_t i = 0; i < src->n; i++) {
+		struct qsm_meta_write *m = &src->w[i];
+		if (qsm_meta_batch_add(dst, m->offset, m->buf, m->len, m->event) < 0)
+			abort(); /* a test build's mutant: no recovery */
+	}
+	qsm_meta_batch_clear(src);
+}
+#endif
+
 /*
  * Snapshot everything dirty into wb (WB_COLLECT; also used by close).  With
  * lazy refcounts and !full, refcount blocks stay dirty in memory, and when
@@ -167,6 +180,16 @@ static int wb_collect(struct qsm_image *img, struct qsm_wb *wb, bool full)
 			return ret;
 		img->l1_dirty_lo = img->l1_dirty_hi = 0;
 	}
+#ifdef QSM_MUTANTS
+	if (QSM_MUTANT(REFBLOCK_AFTER_L2)) /* mutant: refcount blocks last */
+		batch_move(&wb->l1, &wb->blocks);
+	if (QSM_MUTANT(DIRTY_NOT_DURABLE) && wb->marks_dirty) {
+		/* mutant: the dirty bit travels with the tables, unordered */
+		batch_move(&wb->l2, &wb->header);
+		wb->marks_dirty = false;
+		img->disk_dirty = true;
+	}
+#endif
 	wb->frees = img->pending_frees;
 	wb->nb_frees = img->nb_pending_frees;
 	img->pending_frees = NULL;
@@ -404,6 +427,8 @@ enum qsm_event qsm_wb_step(struct qsm_req *job, enum qsm_event ev, int ret)
 			job->ret = ret;
 			return QSM_E_ERROR;
 		}
+		if (QSM_MUTANT(EARLY_ACK)) /* mutant: acknowledged before any sync */
+			qsm_wake_all(&wb->waiters, QSM_E_WB_DONE, 0);
 		if (wb->blocks.n)
 			return QSM_E_WB_BLOCKS;
 		if (wb->marks_dirty)
