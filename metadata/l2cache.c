@@ -148,24 +148,30 @@ void qsm_l2_cache_abandon(struct qsm_l2_cache *c)
 
 /* Find a slot: a free one, or the oldest evictable entry's.  False when the
  * caller must wait (its waiter is then queued). */
-static bool take_slot(struct qsm_l2_cache *c, struct qsm_l2_waiter *w)
+/* A slot for a new table: 0, or -EAGAIN with w queued for a slot (a dirty
+ * table must be written first).  Once the cache is stuck (no dirty table
+ * will ever be written) the cache grows past its capacity instead of
+ * waiting; the extra tables are clean and go at the next eviction. */
+static int take_slot(struct qsm_l2_cache *c, struct qsm_l2_waiter *w)
 {
 	if (c->nb_entries < c->capacity)
-		return true;
+		return 0;
 	if (c->lru.lru_next != &c->lru) {
 		struct qsm_l2_table *victim = c->lru.lru_next;
 		assert(evictable(victim));
 		entry_free(c, victim);
 		c->evictions++;
-		return true;
+		return 0;
 	}
+	if (c->stuck)
+		return 0;
 	w->next = NULL;
 	w->table = NULL;
 	*c->slot_waiters_tail = w;
 	c->slot_waiters_tail = &w->next;
 	if (c->nb_dirty && c->need_writeback)
 		c->need_writeback(c->opaque);
-	return false;
+	return -EAGAIN;
 }
 
 static struct qsm_l2_table *entry_new(struct qsm_l2_cache *c, uint64_t offset)
@@ -240,8 +246,9 @@ int qsm_l2_get(struct qsm_l2_cache *c, uint64_t offset, struct qsm_l2_table **ou
 		return -EAGAIN;
 	}
 	c->misses++;
-	if (!take_slot(c, w))
-		return -EAGAIN;
+	int ret = take_slot(c, w);
+	if (ret < 0)
+		return ret;
 	t = entry_new(c, offset);
 	if (!t)
 		return -ENOMEM;
@@ -269,8 +276,9 @@ int qsm_l2_create(struct qsm_l2_cache *c, uint64_t offset, const uint8_t *init,
 		  struct qsm_l2_table **out, struct qsm_l2_waiter *w)
 {
 	assert(!lookup(c, offset));
-	if (!take_slot(c, w))
-		return -EAGAIN;
+	int ret = take_slot(c, w);
+	if (ret < 0)
+		return ret;
 	struct qsm_l2_table *t = entry_new(c, offset);
 	if (!t)
 		return -ENOMEM;
@@ -348,31 +356,30 @@ int qsm_l2_collect(struct qsm_l2_cache *c, struct qsm_meta_batch *b)
 	return n;
 }
 
-void qsm_l2_written(struct qsm_l2_cache *c, uint64_t offset)
+void qsm_l2_written(struct qsm_l2_cache *c, uint64_t offset, int ret)
 {
 	/* offset is where the collected span was written: inside the table. */
 	struct qsm_l2_table *t = lookup(c, QSM_ALIGN_DOWN(offset, c->cluster_size));
 	assert(t && t->wb_busy > 0);
 	t->wb_busy--;
+	if (ret < 0) {
+		if (!t->dirty)
+			c->nb_dirty++;
+		t->dirty = true;
+		t->dirty_lo = 0;
+		t->dirty_hi = (uint32_t)c->cluster_size;
+		lru_remove(t);
+	}
 	maybe_release(c, t);
 }
 
-void qsm_l2_cache_forget_dirty(struct qsm_l2_cache *c)
+void qsm_l2_cache_set_stuck(struct qsm_l2_cache *c)
 {
+	c->stuck = true;
 	/* Whoever waits for a slot must hear of it even if nothing became
-	 * evictable: its owner decides what to do in the error state. */
+	 * evictable: its retry gets a slot or -EIO. */
 	if (c->slot_waiters)
 		wake_slot_waiters(c);
-	for (size_t i = 0; i < c->hash_size && c->nb_dirty; i++) {
-		for (struct qsm_l2_table *t = c->hash[i]; t; t = t->hnext) {
-			if (t->dirty) {
-				t->dirty = false;
-				t->dirty_lo = t->dirty_hi = 0;
-				c->nb_dirty--;
-				maybe_release(c, t);
-			}
-		}
-	}
 }
 
 void qsm_l2_cache_drop_clean(struct qsm_l2_cache *c)
@@ -394,5 +401,5 @@ bool qsm_l2_cache_check(const struct qsm_l2_cache *c)
 				return false;
 		}
 	}
-	return n == c->nb_entries && n <= c->capacity && dirty == c->nb_dirty;
+	return n == c->nb_entries && (n <= c->capacity || c->stuck) && dirty == c->nb_dirty;
 }

@@ -18,7 +18,8 @@
  *    reports completed writes with qsm_l2_written().
  *
  * Invariants:
- *  1. At most one entry per host offset; nb_entries <= capacity.
+ *  1. At most one entry per host offset; nb_entries <= capacity, except
+ *     once stuck (qsm_l2_cache_set_stuck), when the cache may grow.
  *  2. A LOADING entry has ref >= 1 (the loader's) and is never dirty.
  *  3. An entry with ref == 0, not dirty and not wb_busy is on the LRU list
  *     and may be evicted; every other entry is off it.
@@ -81,6 +82,7 @@ struct qsm_l2_cache {
 	void *opaque;
 	/* Counters. */
 	uint64_t hits, misses, evictions;
+	bool stuck;                 /* qsm_l2_cache_set_stuck: dirty tables are never written */
 };
 
 /* capacity: number of tables (>= 1). */
@@ -92,6 +94,9 @@ void qsm_l2_cache_destroy(struct qsm_l2_cache *c);
  * callback that could touch a table will run again). */
 void qsm_l2_cache_abandon(struct qsm_l2_cache *c);
 
+/* Find or load the table at offset: 0 with a reference in *out; -EAGAIN
+ * when it is loading or no slot is free (w is called later, see above);
+ * -ENOMEM. */
 int qsm_l2_get(struct qsm_l2_cache *c, uint64_t offset, struct qsm_l2_table **out,
 	       struct qsm_l2_waiter *w);
 /* Install a table for a newly allocated cluster, contents copied from init
@@ -110,16 +115,25 @@ void qsm_l2_cancel_wait(struct qsm_l2_cache *c, struct qsm_l2_waiter *w);
  * one table must reach the disk in collect order: the owner runs one
  * write-back at a time. */
 int qsm_l2_collect(struct qsm_l2_cache *c, struct qsm_meta_batch *b);
-/* The write of a collected copy of the table at offset finished (any result). */
-void qsm_l2_written(struct qsm_l2_cache *c, uint64_t offset);
+/* The write of a collected copy of the table at offset finished with ret
+ * (0 or -errno; a copy never submitted counts as failed).  A failed write
+ * leaves the table dirty again, whole: what is on disk is unknown, and the
+ * table must never be evicted and reloaded from there. */
+void qsm_l2_written(struct qsm_l2_cache *c, uint64_t offset, int ret);
 /* Tables that could be evicted if they were written back. */
 static inline size_t qsm_l2_dirty_count(const struct qsm_l2_cache *c)
 {
 	return c->nb_dirty;
 }
-/* After a failed write-back nothing dirty will ever be written: mark every
- * table clean so the cache can evict again (reloads read what is on disk). */
-void qsm_l2_cache_forget_dirty(struct qsm_l2_cache *c);
+/* After a failed write-back nothing dirty will ever be written.  Dirty
+ * tables stay cached and unevictable: they hold acknowledged changes, and a
+ * reload would read stale entries from the disk (reads would return old
+ * data for acknowledged writes).  From now on a request for a slot that
+ * finds nothing evictable gets one past the capacity (reads keep working;
+ * the image takes no more writes, so only clean tables are added, and they
+ * are evicted first) instead of waiting for a write-back that will never
+ * come; the requests already waiting are woken to retry. */
+void qsm_l2_cache_set_stuck(struct qsm_l2_cache *c);
 /* Drop every clean, unreferenced table (e.g. after a failed write-back, or
  * for tests).  */
 void qsm_l2_cache_drop_clean(struct qsm_l2_cache *c);

@@ -292,7 +292,7 @@ static void level_io_cb(struct qsm_io_req *io, int ret)
 	struct qsm_req *job = w->job;
 	struct qsm_image *img = job->img;
 	if (w->l2)
-		qsm_l2_written(&img->l2c, io->offset);
+		qsm_l2_written(&img->l2c, io->offset, ret);
 	if (ret < 0 && !job->io_ret)
 		job->io_ret = ret;
 	if (--job->io_pending == 0) {
@@ -381,15 +381,17 @@ static void job_done(struct qsm_req *job, int ret)
 		 * would sleep forever. */
 		if (wb->l2_submitted == 0)
 			for (size_t i = 0; i < wb->l2.n; i++)
-				qsm_l2_written(&img->l2c, wb->l2.w[i].offset);
+				qsm_l2_written(&img->l2c, wb->l2.w[i].offset, -EIO);
 		if (!img->error) {
 			img->error = -EIO;
 			snprintf(img->errmsg, sizeof(img->errmsg),
 				 "metadata write-back failed (%s); the image accepts no more writes",
 				 strerror(-ret));
 		}
-		/* Nothing dirty will ever be written now: let the cache evict. */
-		qsm_l2_cache_forget_dirty(&img->l2c);
+		/* Nothing dirty will ever be written now: requests that need a
+		 * cache slot fail rather than wait (the dirty tables stay, so
+		 * reads keep seeing acknowledged writes). */
+		qsm_l2_cache_set_stuck(&img->l2c);
 		qsm_wake_all(&wb->waiters, QSM_E_ERROR, -EIO);
 	} else {
 		qsm_wake_all(&wb->waiters, QSM_E_WB_DONE, 0);
@@ -485,7 +487,7 @@ int qsm_wb_sync_all(struct qsm_image *img)
 			}
 			if (l == WBL_L2)
 				for (size_t i = 0; i < b->n; i++)
-					qsm_l2_written(&img->l2c, b->w[i].offset);
+					qsm_l2_written(&img->l2c, b->w[i].offset, ret);
 			if (!ret)
 				ret = qsm_io_flush_sync(img->io);
 			img->stats.io_flushes++;

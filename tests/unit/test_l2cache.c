@@ -480,13 +480,14 @@ START_TEST(test_create)
 	ck_assert_uint_eq(f.need_wb, 1); /* only dirty tables in the way */
 	put(&f, z);
 	put(&f, i);
-	qsm_l2_cache_forget_dirty(&f.c);
+	qsm_l2_cache_set_stuck(&f.c);
 	CHECK_CACHE(&f);
 	fx_run(&f);
 	ck_assert_uint_eq(w.calls, 1);
+	/* The dirty tables can never be written: the cache grows instead. */
 	ck_assert_int_eq(create(&f, T(12), NULL, &x, &w), 0);
+	ck_assert_uint_eq(f.c.nb_entries, 3);
 	put(&f, x);
-	qsm_l2_cache_forget_dirty(&f.c);
 	fx_destroy(&f);
 }
 END_TEST
@@ -538,7 +539,7 @@ START_TEST(test_dirty_not_evicted_miss)
 	ck_assert_int_eq(qsm_l2_collect(&f.c, &batch), 0);
 	ck_assert_uint_eq(batch.n, 1);
 
-	qsm_l2_written(&f.c, T(0));
+	qsm_l2_written(&f.c, T(0), 0);
 	CHECK_CACHE(&f);
 	ck_assert_uint_eq(a->wb_busy, 0);
 	fx_run(&f);
@@ -575,7 +576,7 @@ START_TEST(test_dirty_put_with_waiter)
 
 	struct qsm_meta_batch batch = { 0 };
 	ck_assert_int_eq(qsm_l2_collect(&f.c, &batch), 1);
-	qsm_l2_written(&f.c, T(0));
+	qsm_l2_written(&f.c, T(0), 0);
 	CHECK_CACHE(&f);
 	fx_run(&f);
 	ck_assert_uint_eq(w.calls, 1);
@@ -640,10 +641,10 @@ START_TEST(test_collect)
 	ck_assert(on_lru(&f, t[0]) && on_lru(&f, t[2]));
 	ck_assert(!on_lru(&f, t[1]) && !on_lru(&f, t[3]));
 
-	qsm_l2_written(&f.c, T(3));
+	qsm_l2_written(&f.c, T(3), 0);
 	CHECK_CACHE(&f);
 	ck_assert(on_lru(&f, t[3]));
-	qsm_l2_written(&f.c, T(1));
+	qsm_l2_written(&f.c, T(1), 0);
 	CHECK_CACHE(&f);
 	ck_assert(!on_lru(&f, t[1])); /* written, but dirty again */
 
@@ -659,10 +660,10 @@ START_TEST(test_collect)
 	put(&f, t[1]);
 	ck_assert_int_eq(qsm_l2_collect(&f.c, &b2), 1);
 	ck_assert_uint_eq(t[1]->wb_busy, 2);
-	qsm_l2_written(&f.c, T(1));
+	qsm_l2_written(&f.c, T(1), 0);
 	CHECK_CACHE(&f);
 	ck_assert(!on_lru(&f, t[1])); /* one copy still in flight */
-	qsm_l2_written(&f.c, T(1));
+	qsm_l2_written(&f.c, T(1), 0);
 	CHECK_CACHE(&f);
 	ck_assert(on_lru(&f, t[1]));
 
@@ -692,7 +693,7 @@ START_TEST(test_busy_not_evicted)
 	fx_run(&f);
 	ck_assert_uint_eq(w.calls, 0);
 	ck_assert_ptr_eq(cached(&f, T(0)), a);
-	qsm_l2_written(&f.c, T(0));
+	qsm_l2_written(&f.c, T(0), 0);
 	CHECK_CACHE(&f);
 	fx_run(&f);
 	ck_assert_uint_eq(w.calls, 1);
@@ -705,7 +706,11 @@ START_TEST(test_busy_not_evicted)
 }
 END_TEST
 
-START_TEST(test_forget_dirty)
+/* After a failed write-back (set_stuck) dirty tables stay cached: a reload
+ * would read stale entries, and reads must keep seeing acknowledged writes.
+ * A request for a slot gets one past the capacity instead of waiting
+ * forever; clean tables are still evicted first. */
+START_TEST(test_stuck)
 {
 	struct fx f;
 	fx_init(&f, 2, 13);
@@ -714,30 +719,54 @@ START_TEST(test_forget_dirty)
 	struct qsm_l2_table *a = NULL, *b = load(&f, T(1)), *c = NULL;
 	ck_assert_int_eq(create(&f, T(0), NULL, &a, &w), 0);
 	qsm_l2_mark_dirty(&f.c, b);
+	b->data[8] = 0x77; /* an acknowledged change */
 	put(&f, a);
 	put(&f, b);
 	ck_assert_uint_eq(qsm_l2_dirty_count(&f.c), 2);
 	ck_assert_int_eq(get(&f, T(2), &c, &w), -EAGAIN);
 	ck_assert_uint_eq(f.need_wb, 1);
 
-	qsm_l2_cache_forget_dirty(&f.c);
+	qsm_l2_cache_set_stuck(&f.c);
 	CHECK_CACHE(&f);
-	ck_assert_uint_eq(qsm_l2_dirty_count(&f.c), 0);
-	ck_assert(!a->dirty && !b->dirty);
-	ck_assert(on_lru(&f, a) && on_lru(&f, b));
 	fx_run(&f);
-	ck_assert_uint_eq(w.calls, 1);
-	c = load(&f, T(2));
-	ck_assert_uint_eq(f.c.evictions, 1);
+	ck_assert_uint_eq(w.calls, 1); /* the waiter hears of it */
+	ck_assert_int_eq(get(&f, T(2), &c, &w), -EAGAIN); /* loading, past the capacity */
+	fx_run(&f);
+	ck_assert_int_eq(get(&f, T(2), &c, &w), 0);
+	ck_assert_uint_eq(f.c.nb_entries, 3);
+	ck_assert_uint_eq(f.c.evictions, 0);
 	put(&f, c);
-
-	/* A reload reads what is on disk (the change was forgotten). */
+	/* Both dirty tables still there, with the change. */
+	ck_assert_ptr_eq(cached(&f, T(1)), b);
+	ck_assert_int_eq(get(&f, T(1), &c, &w), 0);
+	ck_assert_uint_eq(c->data[8], 0x77);
+	put(&f, c);
 	qsm_l2_cache_drop_clean(&f.c);
-	CHECK_CACHE(&f);
-	ck_assert_uint_eq(f.c.nb_entries, 0);
-	b = load(&f, T(1));
-	ck_assert(table_is_pristine(b));
+	ck_assert_ptr_eq(cached(&f, T(0)), a);
+	ck_assert_ptr_eq(cached(&f, T(1)), b);
+	fx_destroy(&f);
+}
+END_TEST
+
+/* Stuck, with a clean table in the cache: it is still evicted for others. */
+START_TEST(test_stuck_evicts_clean)
+{
+	struct fx f;
+	fx_init(&f, 2, 15);
+	struct tw w;
+	tw_init(&w);
+	struct qsm_l2_table *a = NULL, *b = load(&f, T(1)), *c = NULL;
+	ck_assert_int_eq(create(&f, T(0), NULL, &a, &w), 0);
+	put(&f, a);
 	put(&f, b);
+	qsm_l2_cache_set_stuck(&f.c);
+	ck_assert_int_eq(get(&f, T(2), &c, &w), -EAGAIN); /* a load: clean T(1) evicted */
+	fx_run(&f);
+	ck_assert_int_eq(get(&f, T(2), &c, &w), 0);
+	ck_assert_uint_eq(f.c.evictions, 1);
+	ck_assert_ptr_null(cached(&f, T(1)));
+	ck_assert_ptr_eq(cached(&f, T(0)), a);
+	put(&f, c);
 	fx_destroy(&f);
 }
 END_TEST
@@ -765,12 +794,11 @@ START_TEST(test_drop_clean)
 	ck_assert_ptr_eq(cached(&f, T(2)), t[2]);
 	ck_assert_ptr_eq(cached(&f, T(3)), t[3]);
 	put(&f, t[3]);
-	qsm_l2_written(&f.c, T(1));
-	qsm_l2_written(&f.c, T(2));
-	qsm_l2_cache_forget_dirty(&f.c);
+	qsm_l2_written(&f.c, T(1), 0);
+	qsm_l2_written(&f.c, T(2), 0);
 	qsm_l2_cache_drop_clean(&f.c);
 	CHECK_CACHE(&f);
-	ck_assert_uint_eq(f.c.nb_entries, 0);
+	ck_assert_uint_eq(f.c.nb_entries, 1); /* t2 is still dirty */
 	qsm_meta_batch_clear(&batch);
 	free(batch.w);
 	fx_destroy(&f);
@@ -941,7 +969,7 @@ static void wreq_done(struct qsm_io_req *req, int ret)
 {
 	struct wreq *w = container_of(req, struct wreq, req);
 	ck_assert_int_eq(ret, 0);
-	qsm_l2_written(&w->f->c, req->offset);
+	qsm_l2_written(&w->f->c, req->offset, 0);
 	w->busy[req->offset / CS - 1]--;
 	g_wb_in_flight--;
 	CHECK_CACHE(w->f);
@@ -1147,7 +1175,8 @@ static Suite *l2cache_suite(void)
 	tcase_add_test(tc, test_dirty_put_with_waiter);
 	tcase_add_test(tc, test_collect);
 	tcase_add_test(tc, test_busy_not_evicted);
-	tcase_add_test(tc, test_forget_dirty);
+	tcase_add_test(tc, test_stuck);
+	tcase_add_test(tc, test_stuck_evicts_clean);
 	tcase_add_test(tc, test_drop_clean);
 	tcase_add_test(tc, test_load_failure);
 	tcase_add_test(tc, test_load_failure_wakes_slot_waiter);
