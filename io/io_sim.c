@@ -322,6 +322,8 @@ struct qsm_sim {
 	struct qsm_io_sim *sm_open;        /* the open handle, if any */
 	uint64_t sm_gen;                   /* bumped by crash and close */
 	uint64_t sm_torn;                  /* writes torn by crashes */
+	qsm_sim_race_fn sm_race_hook;
+	void *sm_race_opaque;
 };
 
 struct qsm_io_sim {
@@ -544,6 +546,12 @@ void qsm_sim_crash_torn(struct qsm_sim *sim, uint64_t keep_mask, bool keep_all_b
 	qsm_sim_crash_(sim, keep_mask, keep_all_beyond, false, torn);
 }
 
+void qsm_sim_set_race_hook(struct qsm_sim *sim, qsm_sim_race_fn fn, void *opaque)
+{
+	sim->sm_race_hook = fn;
+	sim->sm_race_opaque = opaque;
+}
+
 uint64_t qsm_sim_torn(const struct qsm_sim *sim)
 {
 	return sim->sm_torn;
@@ -636,6 +644,16 @@ static bool qsm_sim_overlap(const struct qsm_io_req *a, const struct qsm_io_req 
 
 /* Count a race for each in-flight read that req (just submitted) collides
  * with, or for req itself when it is a read colliding with a write. */
+/* Count (and report to the race hook) one race of read with write. */
+static void qsm_sim_race(struct qsm_sim *sim, struct qsm_io_req *read,
+			 const struct qsm_io_req *write)
+{
+	read->io_flushed_upto = 1;
+	sim->sm_races++;
+	if (sim->sm_race_hook)
+		sim->sm_race_hook(sim->sm_race_opaque, read, write);
+}
+
 static void qsm_sim_race_check(struct qsm_io_sim *s, struct qsm_io_req *req)
 {
 	struct qsm_sim *sim = s->si_sim;
@@ -644,18 +662,15 @@ static void qsm_sim_race_check(struct qsm_io_sim *s, struct qsm_io_req *req)
 		for (size_t i = 0; i < s->si_npending; i++) {
 			if (qsm_sim_op_writes(s->si_pending[i]->op) &&
 			    qsm_sim_overlap(req, s->si_pending[i])) {
-				req->io_flushed_upto = 1;
-				sim->sm_races++;
+				qsm_sim_race(sim, req, s->si_pending[i]);
 				return;
 			}
 		}
 	} else if (qsm_sim_op_writes(req->op)) {
 		for (size_t i = 0; i < s->si_npending; i++) {
 			struct qsm_io_req *r = s->si_pending[i];
-			if (r->op == QSM_IO_READ && !r->io_flushed_upto && qsm_sim_overlap(req, r)) {
-				r->io_flushed_upto = 1;
-				sim->sm_races++;
-			}
+			if (r->op == QSM_IO_READ && !r->io_flushed_upto && qsm_sim_overlap(req, r))
+				qsm_sim_race(sim, r, req);
 		}
 	}
 }

@@ -74,6 +74,13 @@ void qsm_sim_set_max_size(struct qsm_sim *sim, uint64_t max_size);
 size_t qsm_sim_unflushed(const struct qsm_sim *sim);
 /* Reads that overlapped an in-flight write (engine races) so far. */
 uint64_t qsm_sim_races(const struct qsm_sim *sim);
+/* Called for each race as it is counted, with the read and the write (both
+ * in flight), so a harness can tell engine races from what its own
+ * workload asked for (a guest read of bytes a concurrent guest write
+ * changes in place).  NULL removes it. */
+typedef void (*qsm_sim_race_fn)(void *opaque, const struct qsm_io_req *read,
+				const struct qsm_io_req *write);
+void qsm_sim_set_race_hook(struct qsm_sim *sim, qsm_sim_race_fn fn, void *opaque);
 
 /* Crash: keep durable data plus the unflushed completed writes whose index
  * (0 = oldest) has its bit set in keep_mask (for more than 64 unflushed

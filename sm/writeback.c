@@ -322,7 +322,7 @@ static enum qsm_event write_level(struct qsm_req *job, int level)
 	for (size_t i = 0; i < b->n; i++) {
 		struct qsm_meta_write *m = &b->w[i];
 		ios[i].job = job;
-		ios[i].l2 = level == WBL_L2;
+		ios[i].l2 = m->event == QSM_IO_EV_L2_UPDATE || m->event == QSM_IO_EV_L2_ALLOC;
 		ios[i].io = (struct qsm_io_req){
 			.op = QSM_IO_WRITE, .event = m->event, .offset = m->offset, .len = m->len,
 			.iov = NULL, .iovcnt = 1, .cb = level_io_cb,
@@ -381,7 +381,8 @@ static void job_done(struct qsm_req *job, int ret)
 		 * would sleep forever. */
 		if (wb->l2_submitted == 0)
 			for (size_t i = 0; i < wb->l2.n; i++)
-				qsm_l2_written(&img->l2c, wb->l2.w[i].offset, -EIO);
+				if (wb->l2.w[i].event != QSM_IO_EV_HEADER_UPDATE) /* a mutant's */
+					qsm_l2_written(&img->l2c, wb->l2.w[i].offset, -EIO);
 		if (!img->error) {
 			img->error = -EIO;
 			snprintf(img->errmsg, sizeof(img->errmsg),

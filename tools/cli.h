@@ -34,6 +34,7 @@ int cmd_resize(int argc, char **argv);
 int cmd_compare(int argc, char **argv);
 int cmd_map(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
+int cmd_fuzz(int argc, char **argv);
 
 /* Print "qsm PREFIX: message\n" on stderr (prefix may be NULL). */
 void cli_error(const char *prefix, const char *fmt, ...)

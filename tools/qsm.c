@@ -29,6 +29,7 @@ static const struct cli_cmd cmds[] = {
 	{ "resize", cmd_resize, "change the virtual size of an image" },
 	{ "bench",  cmd_bench,  "run a simple sequential I/O benchmark (as qemu-img bench)" },
 	{ "graph",  cmd_graph,  "draw the request state machines (Graphviz) from sm/states.def" },
+	{ "fuzz",   cmd_fuzz,   "fuzz request orderings, crashes and faults on a simulated disk" },
 };
 
 static void usage(FILE *f)

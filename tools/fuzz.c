@@ -1,0 +1,1491 @@
+/*
+ * tools/fuzz.c: the ordering fuzzer and crash explorer (see fuzz.h for the
+ * oracles, cmd_fuzz.c for the command line).
+ *
+ * One run (fz_run):
+ *   prepare   create the backing image (maybe) and the image in the scratch
+ *             directory with the real engine, prefill clusters with known
+ *             patterns, maybe recompress the image with qemu-img convert -c;
+ *             the initial guest view init[] follows from the prefill alone
+ *   load      the image onto a sim disk seeded with the case's seed (and
+ *             the backing file onto a second one, opened through
+ *             qsm_open_opts.open_backing_io)
+ *   workload  submit the requests, at most `depth` in flight, while the sim
+ *             completes I/O in PRNG order; an io trace hook counts the
+ *             completions and crashes the disk at crash_at, or a fault rule
+ *             fails every I/O of one named event
+ *   judge     the read oracle as reads complete; then the crash image or the
+ *             cleanly closed image: structure (qsm_check_image, and
+ *             qemu-img check when asked), durability, reopen and reuse
+ *
+ * Logical time: every submission and completion ticks r->clock, so "A
+ * completed before B was submitted" is a comparison of two numbers.
+ *
+ * Value of a write-like request at a byte it covers: a write's pattern
+ * pat(id, x) (every request and offset looks different, so a misplaced or
+ * stale sector is recognised), zeros for zero writes and discarded whole
+ * clusters.  A v2 image with a backing file discards nothing (sm/qsm.h).
+ */
+#include <errno.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "io/sim.h"
+#include "io/util.h"
+#include "metadata/check.h"
+#include "tools/fuzz.h"
+
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/lsan_interface.h>
+/* qsm_abandon forgets the requests in flight with the "process": what a run
+ * that crashes allocates is not a leak. */
+#define LSAN_OFF() __lsan_disable()
+#define LSAN_ON() __lsan_enable()
+#else
+#define LSAN_OFF() ((void)0)
+#define LSAN_ON() ((void)0)
+#endif
+
+#define T_NEVER UINT64_MAX
+/* Pattern ids of the prefilled data (requests use 0..nops-1). */
+#define PREFILL_TOP 1000001
+#define PREFILL_BACKING 1000002
+
+static const char *const kind_names[FZ__KINDS] = { "write", "read", "zero", "discard", "flush" };
+static const char *const mode_names[FZ__MODES] = { "keep-none", "keep-all", "keep-prefix",
+						   "keep-all-but-one", "keep-random" };
+
+const char *fz_kind_name(enum fz_kind k)
+{
+	return k < FZ__KINDS ? kind_names[k] : "?";
+}
+
+const char *fz_mode_name(enum fz_crash_mode m)
+{
+	return m < FZ__MODES ? mode_names[m] : "?";
+}
+
+/* Byte of request `id` at guest offset x. */
+static inline uint8_t pat(int id, uint64_t x)
+{
+	uint64_t h = x * 0x9E3779B97F4A7C15ull ^ ((uint64_t)id + 1) * 0xC2B2AE3D27D4EB4Full;
+	h ^= h >> 29;
+	h *= 0xBF58476D1CE4E5B9ull;
+	h ^= h >> 32;
+	return (uint8_t)h;
+}
+
+/* --- environment ------------------------------------------------------------- */
+
+int fz_env_init(struct fz_env *env, const char *parent)
+{
+	memset(env, 0, sizeof(*env));
+	env->log = stderr;
+	/* The images only pass through the scratch directory: a tmpfs spares
+	 * each run's create and prefill their fdatasyncs. */
+	if (!parent)
+		parent = getenv("TMPDIR");
+	if (!parent)
+		parent = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/var/tmp";
+	snprintf(env->tmpdir, sizeof(env->tmpdir), "%s/qsm-fuzz-XXXXXX", parent);
+	if (!mkdtemp(env->tmpdir))
+		return -errno;
+	env->have_qemu_img = system("qemu-img --version >/dev/null 2>&1") == 0;
+	return 0;
+}
+
+void fz_env_fini(struct fz_env *env)
+{
+	static const char *const files[] = { "top.qcow2", "top.c.qcow2", "backing.img", "work.qcow2",
+					     "work.qcow2.raw", "schedule.log" };
+	char p[400];
+	for (size_t i = 0; i < QSM_ARRAY_SIZE(files); i++) {
+		snprintf(p, sizeof(p), "%s/%s", env->tmpdir, files[i]);
+		unlink(p);
+	}
+	rmdir(env->tmpdir);
+}
+
+/* --- cases ------------------------------------------------------------------- */
+
+static const struct { unsigned cluster; uint64_t size; size_t tables; } shapes[] = {
+	{ 512, 1 << 20, 1 },   /* an L2 table maps 32 KiB: many tables, many refblocks */
+	{ 512, 2 << 20, 2 },
+	{ 1024, 2 << 20, 1 },
+	{ 2048, 1 << 20, 2 },
+	{ 4096, 4 << 20, 1 },
+	{ 4096, 8 << 20, 2 },
+	{ 65536, 16 << 20, 1 },
+};
+
+/* Events a fault rule may name: every one the engine tags. */
+static const enum qsm_io_event fault_events[] = {
+	QSM_IO_EV_L1_UPDATE,       QSM_IO_EV_L2_LOAD,        QSM_IO_EV_L2_UPDATE,
+	QSM_IO_EV_L2_ALLOC,        QSM_IO_EV_REFBLOCK_LOAD,  QSM_IO_EV_REFBLOCK_UPDATE,
+	QSM_IO_EV_REFBLOCK_ALLOC,  QSM_IO_EV_REFTABLE_UPDATE, QSM_IO_EV_CLUSTER_ALLOC,
+	QSM_IO_EV_COW_READ,        QSM_IO_EV_COW_WRITE,      QSM_IO_EV_DATA_READ,
+	QSM_IO_EV_DATA_WRITE,      QSM_IO_EV_FLUSH,          QSM_IO_EV_HEADER_UPDATE,
+};
+
+static void gen_ops(struct fz_case *c, struct qsm_rng *g, int nops, unsigned max_clusters)
+{
+	c->nops = nops;
+	c->ops = calloc((size_t)nops, sizeof(*c->ops));
+	if (!c->ops)
+		abort();
+	uint64_t maxlen = QSM_MIN(c->size / 4, (uint64_t)c->cluster * max_clusters);
+	for (int i = 0; i < nops; i++) {
+		struct fz_op *o = &c->ops[i];
+		uint64_t k = qsm_rng_below(g, 100);
+		o->kind = k < 55 ? FZ_WRITE : k < 68 ? FZ_READ : k < 76 ? FZ_ZERO : k < 84 ? FZ_DISCARD
+										   : FZ_FLUSH;
+		if (i == nops - 1)
+			o->kind = FZ_FLUSH;
+		if (o->kind == FZ_FLUSH)
+			continue;
+		o->len = 1 + qsm_rng_below(g, maxlen);
+		/* Half of them near a few hot spots, so that requests overlap. */
+		if (qsm_rng_below(g, 2))
+			o->off = qsm_rng_below(g, c->size - o->len + 1);
+		else
+			o->off = QSM_MIN(qsm_rng_below(g, 4) * (c->size / 4) +
+						 qsm_rng_below(g, 3 * (uint64_t)c->cluster),
+					 c->size - o->len);
+		if (qsm_rng_below(g, 3) == 0) {
+			o->off = QSM_ALIGN_DOWN(o->off, c->cluster);
+			o->len = QSM_ALIGN_UP(o->len, c->cluster);
+		} else if (qsm_rng_below(g, 3) == 0) {
+			o->off = QSM_ALIGN_DOWN(o->off, 512);
+			o->len = QSM_ALIGN_UP(o->len, 512);
+		}
+		if (o->off + o->len > c->size)
+			o->len = c->size - o->off;
+		if (o->kind == FZ_ZERO)
+			o->zflags = qsm_rng_below(g, 2) ? QSM_ZERO_MAY_UNMAP : 0;
+		o->split_a = qsm_rng_below(g, o->len + 1);
+		o->split_b = o->split_a + qsm_rng_below(g, o->len - o->split_a + 1);
+	}
+}
+
+void fz_case_generate(struct fz_case *c, uint64_t seed, const struct fz_gen *gen,
+		      bool have_qemu_img)
+{
+	struct qsm_rng g;
+	qsm_rng_seed(&g, seed * 7919 + 17);
+	memset(c, 0, sizeof(*c));
+	c->seed = seed;
+	int sh = (int)qsm_rng_below(&g, QSM_ARRAY_SIZE(shapes));
+	c->cluster = shapes[sh].cluster;
+	c->size = shapes[sh].size;
+	c->l2_tables = shapes[sh].tables;
+	if (gen->cluster) {
+		c->cluster = gen->cluster;
+		c->size = QSM_MAX((uint64_t)gen->cluster * 64, (uint64_t)1 << 20);
+	}
+	if (qsm_rng_below(&g, 3) == 0)
+		c->l2_tables = 3 - c->l2_tables;
+	static const enum qsm_cache_mode modes[] = {
+		QSM_CACHE_WRITEBACK, QSM_CACHE_WRITEBACK, QSM_CACHE_WRITETHROUGH,
+		QSM_CACHE_WRITETHROUGH, QSM_CACHE_NONE, QSM_CACHE_DIRECTSYNC, QSM_CACHE_UNSAFE,
+	};
+	uint64_t m = qsm_rng_below(&g, QSM_ARRAY_SIZE(modes));
+	c->cache = gen->cache >= 0 ? (enum qsm_cache_mode)gen->cache : modes[m];
+	bool lazy = qsm_rng_below(&g, 3) == 0;
+	c->lazy = gen->lazy >= 0 ? gen->lazy : lazy;
+	c->compat = (!c->lazy && qsm_rng_below(&g, 4) == 0) ? 2 : 3;
+	bool backing = qsm_rng_below(&g, 3) == 0;
+	c->backing = gen->backing >= 0 ? gen->backing : backing;
+	if (c->backing) {
+		c->backing_raw = qsm_rng_below(&g, 3) == 0;
+		/* Sometimes shorter than the image: zeros past its end. */
+		c->backing_size = qsm_rng_below(&g, 3) == 0
+			? QSM_ALIGN_DOWN(c->size / 2 + qsm_rng_below(&g, c->size / 2), 512)
+			: c->size;
+	}
+	bool compressed = !c->backing && have_qemu_img && qsm_rng_below(&g, 4) == 0;
+	c->compressed = gen->compressed >= 0 ? gen->compressed && !c->backing && have_qemu_img
+					     : compressed;
+	int nops = gen->ops ? gen->ops : 20 + (int)qsm_rng_below(&g, 81);
+	if (gen->depth)
+		c->depth = gen->depth;
+	else switch (qsm_rng_below(&g, 4)) {
+	case 0: c->depth = 1; break;
+	case 1: c->depth = 2 + (int)qsm_rng_below(&g, 7); break;
+	case 2: c->depth = 9 + (int)qsm_rng_below(&g, 24); break;
+	default: c->depth = 33 + (int)qsm_rng_below(&g, 32); break;
+	}
+	c->max_batch = 1 + (unsigned)qsm_rng_below(&g, 4);
+	unsigned max_clusters = qsm_rng_below(&g, 4) == 0 ? 48 : 5;
+	gen_ops(c, &g, QSM_MAX(nops, 2), max_clusters);
+}
+
+void fz_case_free(struct fz_case *c)
+{
+	free(c->ops);
+	c->ops = NULL;
+	c->nops = 0;
+}
+
+int fz_case_copy(struct fz_case *dst, const struct fz_case *src)
+{
+	*dst = *src;
+	dst->ops = malloc(sizeof(*src->ops) * (size_t)QSM_MAX(src->nops, 1));
+	if (!dst->ops)
+		return -ENOMEM;
+	memcpy(dst->ops, src->ops, sizeof(*src->ops) * (size_t)src->nops);
+	return 0;
+}
+
+void fz_case_str(const struct fz_case *c, char *buf, size_t len)
+{
+	int n = snprintf(buf, len, "seed %" PRIu64 " cache=%s%s compat %s cluster %u size %" PRIu64
+			 "K l2 %zu tables%s%s%s ops %d depth %d batch %u", c->seed,
+			 qsm_cache_mode_name(c->cache), c->lazy ? "+lazy" : "",
+			 c->compat == 2 ? "0.10" : "1.1", c->cluster, c->size >> 10, c->l2_tables,
+			 c->backing ? (c->backing_raw ? " backing raw" : " backing qcow2") : "",
+			 c->backing && c->backing_size < c->size ? " (shorter)" : "",
+			 c->compressed ? " compressed" : "", c->nops, c->depth, c->max_batch);
+	if (n < 0 || (size_t)n >= len)
+		return;
+	if (c->crash_at)
+		n += snprintf(buf + n, len - (size_t)n, " crash at %" PRIu64 " %s%s", c->crash_at,
+			      fz_mode_name(c->crash_mode), c->torn ? " torn" : "");
+	if (c->fault && (size_t)n < len)
+		snprintf(buf + n, len - (size_t)n, " fault %s %s %s%s", qsm_io_event_name(c->fev),
+			 c->ferr == ENOSPC ? "ENOSPC" : "EIO", c->fonce ? "once" : "persistent",
+			 c->fcrash ? " then power loss" : "");
+}
+
+/* --- preparing the images ---------------------------------------------------- */
+
+static uint64_t mix(uint64_t a, uint64_t b, uint64_t c)
+{
+	uint64_t h = (a + 1) * 0x9E3779B97F4A7C15ull ^ (b + 1) * 0xD6E8FEB86659FD93ull ^
+		     c * 0xA0761D6478BD642Full;
+	h ^= h >> 31;
+	h *= 0xBF58476D1CE4E5B9ull;
+	h ^= h >> 29;
+	return h;
+}
+
+/* Which clusters the prefill writes: a function of the seed alone.  The
+ * image's prefill leaves the ranges of half of its L2 tables untouched, so
+ * that the workload still allocates L2 tables (and freezes). */
+static bool prefilled(const struct fz_case *c, int layer, uint64_t cluster)
+{
+	uint64_t per_table = c->cluster / 8;
+	if (layer == PREFILL_TOP && mix(c->seed, cluster / per_table, 7) % 2)
+		return false;
+	return mix(c->seed, cluster, (uint64_t)layer) % 100 < (layer == PREFILL_BACKING ? 50u : 40u);
+}
+
+/* The guest view before the first request: the image's prefill over the
+ * backing file's (over zeros). */
+static void initial_view(const struct fz_case *c, uint8_t *init)
+{
+	memset(init, 0, c->size);
+	for (uint64_t cl = 0; cl * c->cluster < c->size; cl++) {
+		uint64_t a = cl * c->cluster, b = QSM_MIN(a + c->cluster, c->size);
+		int id = prefilled(c, PREFILL_TOP, cl) ? PREFILL_TOP
+			 : c->backing && a < c->backing_size && prefilled(c, PREFILL_BACKING, cl)
+			 ? PREFILL_BACKING : 0;
+		if (id == PREFILL_BACKING)
+			b = QSM_MIN(b, c->backing_size);
+		if (id)
+			for (uint64_t x = a; x < b; x++)
+				init[x] = pat(id, x);
+	}
+}
+
+static int fill(const char *path, const char *fmt, const struct fz_case *c, int layer,
+		uint64_t size, char *err, size_t errlen)
+{
+	struct event_base *base = event_base_new();
+	struct qsm_image *img;
+	struct qsm_open_opts oo = { .format = fmt, .cache = QSM_CACHE_UNSAFE };
+	/* The backing file is not needed to write whole clusters. */
+	int ret = qsm_open(base, path, &oo, &img, err, errlen);
+	if (ret < 0) {
+		event_base_free(base);
+		return ret;
+	}
+	uint8_t *buf = malloc(c->cluster);
+	for (uint64_t cl = 0; ret == 0 && cl * c->cluster < size; cl++) {
+		if (!prefilled(c, layer, cl))
+			continue;
+		uint64_t a = cl * c->cluster, n = QSM_MIN((uint64_t)c->cluster, size - a);
+		for (uint64_t x = 0; x < n; x++)
+			buf[x] = pat(layer, a + x);
+		ret = qsm_sync_pwrite(img, buf, n, a);
+		if (ret < 0)
+			qsm_set_err(err, errlen, "prefill write at %#" PRIx64 ": %s", a,
+				    qsm_strerror(ret));
+	}
+	free(buf);
+	int r2 = qsm_close(img);
+	event_base_free(base);
+	return ret ? ret : r2;
+}
+
+static int run_cmd(char *err, size_t errlen, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static int run_cmd(char *err, size_t errlen, const char *fmt, ...)
+{
+	char cmd[2048];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(cmd, sizeof(cmd), fmt, ap);
+	va_end(ap);
+	int st = system(cmd);
+	if (st != 0) {
+		qsm_set_err(err, errlen, "'%s' failed (status %d)", cmd, st);
+		return -EIO;
+	}
+	return 0;
+}
+
+/* The image (and its backing file) as the run starts, in the scratch
+ * directory: top.qcow2 and backing.img. */
+static int prepare(struct fz_env *env, const struct fz_case *c, char *err, size_t errlen)
+{
+	char top[400], bk[400];
+	snprintf(top, sizeof(top), "%s/top.qcow2", env->tmpdir);
+	snprintf(bk, sizeof(bk), "%s/backing.img", env->tmpdir);
+	int ret;
+	unlink(top);
+	unlink(bk);
+	if (c->backing) {
+		if (c->backing_raw) {
+			int fd = open(bk, O_CREAT | O_TRUNC | O_WRONLY, 0644);
+			if (fd < 0 || ftruncate(fd, (off_t)c->backing_size) < 0) {
+				ret = -errno;
+				if (fd >= 0)
+					close(fd);
+				qsm_set_err(err, errlen, "creating %s: %s", bk, strerror(-ret));
+				return ret;
+			}
+			close(fd);
+		} else {
+			struct qsm_create_opts bo = { .size = c->backing_size, .cluster_size = c->cluster,
+						      .compat = 3 };
+			if ((ret = qsm_create(bk, &bo, err, errlen)) < 0)
+				return ret;
+		}
+		if ((ret = fill(bk, c->backing_raw ? "raw" : "qcow2", c, PREFILL_BACKING,
+				c->backing_size, err, errlen)) < 0)
+			return ret;
+	}
+	struct qsm_create_opts co = { .size = c->size, .cluster_size = c->cluster,
+				      .compat = c->compat, .lazy_refcounts = c->lazy };
+	if (c->backing) {
+		co.backing_file = "backing.img";
+		co.backing_format = c->backing_raw ? "raw" : "qcow2";
+	}
+	if ((ret = qsm_create(top, &co, err, errlen)) < 0)
+		return ret;
+	if ((ret = fill(top, "qcow2", c, PREFILL_TOP, c->size, err, errlen)) < 0)
+		return ret;
+	if (c->compressed) {
+		char ctop[400];
+		snprintf(ctop, sizeof(ctop), "%s/top.c.qcow2", env->tmpdir);
+		ret = run_cmd(err, errlen,
+			      "qemu-img convert -c -O qcow2 -o cluster_size=%u,compat=%s,"
+			      "lazy_refcounts=%s '%s' '%s' >/dev/null 2>&1", c->cluster,
+			      c->compat == 2 ? "0.10" : "1.1", c->lazy ? "on" : "off", top, ctop);
+		if (ret == 0 && rename(ctop, top) < 0)
+			ret = -errno;
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
+
+/* --- the run ------------------------------------------------------------------- */
+
+struct op_state {
+	struct run *r;
+	int id;
+	uint64_t eff_off, eff_len;   /* the bytes it sets (discard: whole clusters) */
+	uint8_t *buf;
+	struct iovec iov[3];
+	int iovcnt;
+	bool submitted;
+	uint64_t t_sub, t_done;      /* logical clock; t_done T_NEVER unless acknowledged */
+	int ret;
+};
+
+struct run {
+	const struct fz_case *c;
+	struct fz_env *env;
+	const uint8_t *init;
+	struct event_base *base;
+	struct qsm_sim *sim, *bsim;
+	struct qsm_image *img;
+	struct op_state *st;
+	int pending;
+	uint64_t clock;
+	uint64_t completions;
+	bool crashed;
+	int op_errors;
+	char first_error[200];
+	uint64_t meta_fail;          /* clock at the first failed metadata write or sync */
+	enum qsm_io_event meta_fail_ev;
+	int violations;
+	char first_violation[400];
+	int close_ret;
+	bool clean_close;
+	uint64_t fired;
+	uint64_t races;              /* engine races (not asked for by the workload) */
+	char first_race[200];
+	struct fz_result *res;       /* metadata completions are noted there */
+	FILE *sched;                 /* schedule log, or NULL */
+};
+
+static void fail_note(struct run *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void fail_note(struct run *r, const char *fmt, ...)
+{
+	if (r->op_errors++ == 0) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(r->first_error, sizeof(r->first_error), fmt, ap);
+		va_end(ap);
+	}
+}
+
+static void violation(struct run *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void violation(struct run *r, const char *fmt, ...)
+{
+	if (r->violations++ == 0) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(r->first_violation, sizeof(r->first_violation), fmt, ap);
+		va_end(ap);
+	}
+}
+
+static bool is_meta_event(enum qsm_io_event ev)
+{
+	switch (ev) {
+	case QSM_IO_EV_L1_UPDATE: case QSM_IO_EV_L2_UPDATE: case QSM_IO_EV_L2_ALLOC:
+	case QSM_IO_EV_REFBLOCK_UPDATE: case QSM_IO_EV_REFBLOCK_ALLOC:
+	case QSM_IO_EV_REFTABLE_UPDATE: case QSM_IO_EV_HEADER_UPDATE: case QSM_IO_EV_FLUSH:
+		return true;
+	default:
+		return false;
+	}
+}
+
+static bool is_read_event(enum qsm_io_event ev)
+{
+	return ev == QSM_IO_EV_DATA_READ || ev == QSM_IO_EV_L2_LOAD || ev == QSM_IO_EV_COW_READ ||
+	       ev == QSM_IO_EV_REFBLOCK_LOAD;
+}
+
+static bool sets_data(const struct fz_op *o, const struct op_state *s)
+{
+	return s->submitted && s->eff_len &&
+	       (o->kind == FZ_WRITE || o->kind == FZ_ZERO || o->kind == FZ_DISCARD);
+}
+
+static inline bool covers(const struct op_state *s, uint64_t x)
+{
+	return s->eff_off <= x && x < s->eff_off + s->eff_len;
+}
+
+static inline uint8_t value_at(const struct fz_op *o, int id, uint64_t x)
+{
+	return o->kind == FZ_WRITE ? pat(id, x) : 0;
+}
+
+/*
+ * The read oracle for one byte: may a read [t_sub, t_done] see v at x?
+ * Candidates are the write-like requests covering x submitted before the
+ * read ended, minus those overwritten for sure: W is out when a successful
+ * W2 covering x was submitted after W completed and completed before the
+ * read was submitted.  The initial content is a candidate until a
+ * successful request covering x completed before the read was submitted.
+ */
+static bool read_byte_ok(struct run *r, uint64_t t_sub, uint64_t t_done, uint64_t x, uint8_t v)
+{
+	const struct fz_case *c = r->c;
+	/* The latest submission among successful writes covering x that
+	 * completed before the read started: everything completed before it is
+	 * overwritten. */
+	uint64_t floor_sub = 0;
+	bool init_ok = true;
+	for (int i = 0; i < c->nops; i++) {
+		const struct op_state *s = &r->st[i];
+		if (!sets_data(&c->ops[i], s) || !covers(s, x) || s->t_done >= t_sub || s->ret)
+			continue;
+		init_ok = false;
+		floor_sub = QSM_MAX(floor_sub, s->t_sub);
+	}
+	if (init_ok && v == r->init[x])
+		return true;
+	for (int i = 0; i < c->nops; i++) {
+		const struct op_state *s = &r->st[i];
+		if (!sets_data(&c->ops[i], s) || !covers(s, x) || s->t_sub >= t_done)
+			continue;
+		if (s->t_done != T_NEVER && s->t_done < floor_sub)
+			continue;
+		if (value_at(&c->ops[i], i, x) == v)
+			return true;
+	}
+	return false;
+}
+
+static void check_read(struct run *r, int id)
+{
+	const struct fz_op *o = &r->c->ops[id];
+	const struct op_state *s = &r->st[id];
+	/* Every byte of short reads, a spread of long ones (and both ends). */
+	uint64_t step = o->len > 4096 ? 61 : 1;
+	for (uint64_t d = 0; d < o->len; d += step) {
+		if (!read_byte_ok(r, s->t_sub, s->t_done, o->off + d, s->buf[d])) {
+			violation(r, "op %d read %#" PRIx64 "+%" PRIu64 " returned byte %#" PRIx64
+				  " = %#x: neither the initial content nor any write that could be "
+				  "the last there", id, o->off, o->len, o->off + d, s->buf[d]);
+			return;
+		}
+		if (d + step >= o->len && d != o->len - 1)
+			d = o->len - 1 - step;
+	}
+}
+
+static void op_cb(void *opaque, int ret)
+{
+	struct op_state *s = opaque;
+	struct run *r = s->r;
+	const struct fz_op *o = &r->c->ops[s->id];
+	r->pending--;
+	if (r->crashed)
+		return; /* after the crash: the guest never heard of it */
+	s->ret = ret;
+	s->t_done = ++r->clock;
+	if (ret)
+		fail_note(r, "op %d (%s %#" PRIx64 "+%" PRIu64 ") failed: %s", s->id,
+			  fz_kind_name(o->kind), o->off, o->len, qsm_strerror(ret));
+	if (o->kind == FZ_READ && !ret)
+		check_read(r, s->id);
+	/* The sticky error: after a failed metadata write, later writes fail
+	 * with -EIO and reads still work. */
+	if (r->meta_fail && s->t_sub > r->meta_fail) {
+		const struct fz_case *c = r->c;
+		if ((o->kind == FZ_WRITE || o->kind == FZ_ZERO || o->kind == FZ_DISCARD) && ret != -EIO)
+			violation(r, "op %d %s %#" PRIx64 "+%" PRIu64 " submitted after the failed %s "
+				  "write returns %s, not -EIO (sticky error)", s->id,
+				  fz_kind_name(o->kind), o->off, o->len,
+				  qsm_io_event_name(r->meta_fail_ev), ret ? qsm_strerror(ret) : "success");
+		else if (o->kind == FZ_READ && ret && !(c->fault && is_read_event(c->fev)))
+			violation(r, "op %d read %#" PRIx64 "+%" PRIu64 " fails (%s) after the failed %s "
+				  "write: reads must still work", s->id, o->off, o->len,
+				  qsm_strerror(ret), qsm_io_event_name(r->meta_fail_ev));
+		else if (o->kind == FZ_FLUSH && !ret && c->cache != QSM_CACHE_UNSAFE)
+			violation(r, "op %d flush succeeds after the failed %s write", s->id,
+				  qsm_io_event_name(r->meta_fail_ev));
+	}
+}
+
+static void do_crash(struct run *r)
+{
+	const struct fz_case *c = r->c;
+	struct qsm_rng g;
+	qsm_rng_seed(&g, c->seed * 1000003 + c->crash_at);
+	size_t n = qsm_sim_unflushed(r->sim);
+	uint64_t j = qsm_rng_below(&g, n + 1);
+	uint64_t keep;
+	bool beyond;
+	switch (c->crash_mode) {
+	case FZ_KEEP_NONE: keep = 0, beyond = false; break;
+	case FZ_KEEP_ALL: keep = ~0ull, beyond = true; break;
+	case FZ_KEEP_PREFIX: keep = j >= 64 ? ~0ull : (1ull << j) - 1, beyond = j >= n; break;
+	case FZ_KEEP_ALL_BUT_ONE: keep = j >= 64 ? ~0ull : ~(1ull << j), beyond = true; break;
+	default:
+		keep = qsm_rng_next(&g) | (qsm_rng_next(&g) & 1 ? 0 : qsm_rng_next(&g));
+		beyond = qsm_rng_below(&g, 2);
+		break;
+	}
+	size_t torn = c->torn && n ? (size_t)qsm_rng_below(&g, n) : SIZE_MAX;
+	uint64_t before = qsm_sim_torn(r->sim);
+	qsm_sim_crash_torn(r->sim, keep, beyond, torn);
+	if (r->bsim)
+		qsm_sim_crash(r->bsim, 0, false); /* read-only: only drops its reads */
+	r->crashed = true;
+	if (r->sched)
+		fprintf(r->sched, "crash: %zu unflushed writes, %s, torn %s\n", n,
+			fz_mode_name(c->crash_mode), qsm_sim_torn(r->sim) > before ? "yes" : "no");
+	event_base_loopbreak(r->base);
+}
+
+static void io_trace_cb(void *opaque, const struct qsm_io_req *req, bool done, int ret)
+{
+	struct run *r = opaque;
+	if (r->sched && !r->crashed)
+		fprintf(r->sched, "%s %s %s %#" PRIx64 "+%" PRIu64 "%s%s\n", done ? "done" : "submit",
+			qsm_io_op_name(req->op), qsm_io_event_name(req->event), req->offset, req->len,
+			done && ret ? " " : "", done && ret ? qsm_strerror(ret) : "");
+	if (done && ret < 0 && !r->crashed && !r->meta_fail && is_meta_event(req->event) &&
+	    req->op != QSM_IO_READ) {
+		r->meta_fail = ++r->clock;
+		r->meta_fail_ev = req->event;
+	}
+	/* Crash points are completions that change the disk or what is
+	 * durable: a read's completion leaves the disk as the one before. */
+	if (!done || r->crashed || req->op == QSM_IO_READ)
+		return;
+	++r->completions;
+	if (r->res && r->res->n_meta < QSM_ARRAY_SIZE(r->res->meta_at) &&
+	    (is_meta_event(req->event) || req->op == QSM_IO_FLUSH))
+		r->res->meta_at[r->res->n_meta++] = r->completions;
+	if (r->completions == r->c->crash_at)
+		do_crash(r);
+}
+
+/* Two guest requests in flight together, a read and a write-like one,
+ * that overlap: the workload itself races there. */
+static bool guest_overlap_in_flight(struct run *r)
+{
+	const struct fz_case *c = r->c;
+	for (int i = 0; i < c->nops; i++) {
+		const struct op_state *a = &r->st[i];
+		if (c->ops[i].kind != FZ_READ || !a->submitted || a->t_done != T_NEVER)
+			continue;
+		for (int j = 0; j < c->nops; j++) {
+			const struct fz_op *w = &c->ops[j];
+			const struct op_state *b = &r->st[j];
+			if ((w->kind == FZ_WRITE || w->kind == FZ_ZERO) && b->submitted &&
+			    b->t_done == T_NEVER && w->off < c->ops[i].off + c->ops[i].len &&
+			    c->ops[i].off < w->off + w->len)
+				return true;
+		}
+	}
+	return false;
+}
+
+/* The sim saw a read of host bytes a write in flight changes.  Only a
+ * guest read racing a guest write in place, which the workload asked for,
+ * is not the engine's fault. */
+static void race_cb(void *opaque, const struct qsm_io_req *read, const struct qsm_io_req *write)
+{
+	struct run *r = opaque;
+	if (read->event == QSM_IO_EV_DATA_READ && write->event == QSM_IO_EV_DATA_WRITE &&
+	    guest_overlap_in_flight(r))
+		return;
+	if (r->races++ == 0)
+		snprintf(r->first_race, sizeof(r->first_race),
+			 "%s read %#" PRIx64 "+%" PRIu64 " while %s write %#" PRIx64 "+%" PRIu64
+			 " was in flight", qsm_io_event_name(read->event), read->offset, read->len,
+			 qsm_io_event_name(write->event), write->offset, write->len);
+}
+
+static int open_backing_sim(void *opaque, struct event_base *base, const char *name, int flags,
+			    struct qsm_io **out)
+{
+	struct run *r = opaque;
+	(void)name; /* the case has one backing file */
+	return qsm_io_open_sim(base, r->bsim, flags | QSM_IO_RDONLY, out);
+}
+
+static struct qsm_open_opts open_opts(struct run *r, bool read_only)
+{
+	const struct fz_case *c = r->c;
+	return (struct qsm_open_opts){
+		.read_only = read_only, .cache = c->cache,
+		.l2_cache_size = c->l2_tables * c->cluster,
+		.open_backing_io = r->bsim ? open_backing_sim : NULL, .open_backing_opaque = r,
+	};
+}
+
+static int submit(struct run *r, int i)
+{
+	const struct fz_op *o = &r->c->ops[i];
+	struct op_state *s = &r->st[i];
+	s->submitted = true;
+	s->t_sub = ++r->clock;
+	r->pending++;
+	if (o->kind == FZ_READ)
+		memset(s->buf, 0xee, o->len);
+	switch (o->kind) {
+	case FZ_WRITE: return qsm_writev(r->img, o->off, s->iov, s->iovcnt, op_cb, s);
+	case FZ_READ: return qsm_readv(r->img, o->off, s->iov, s->iovcnt, op_cb, s);
+	case FZ_ZERO: return qsm_write_zeroes(r->img, o->off, o->len, o->zflags, op_cb, s);
+	case FZ_DISCARD: return qsm_discard(r->img, o->off, o->len, op_cb, s);
+	default: return qsm_flush(r->img, op_cb, s);
+	}
+}
+
+static void setup_ops(struct run *r)
+{
+	const struct fz_case *c = r->c;
+	r->st = calloc((size_t)c->nops, sizeof(*r->st));
+	if (!r->st)
+		abort();
+	for (int i = 0; i < c->nops; i++) {
+		const struct fz_op *o = &c->ops[i];
+		struct op_state *s = &r->st[i];
+		s->r = r;
+		s->id = i;
+		s->t_done = T_NEVER;
+		s->eff_off = o->off;
+		s->eff_len = o->kind == FZ_READ || o->kind == FZ_FLUSH ? 0 : o->len;
+		if (o->kind == FZ_DISCARD) {
+			uint64_t a = QSM_ALIGN_UP(o->off, c->cluster);
+			uint64_t b = QSM_ALIGN_DOWN(o->off + o->len, c->cluster);
+			s->eff_off = a;
+			s->eff_len = b > a ? b - a : 0;
+			if (c->backing && c->compat == 2)
+				s->eff_len = 0; /* v2 cannot hide the backing data: no-op */
+		}
+		if (o->kind == FZ_WRITE || o->kind == FZ_READ) {
+			s->buf = malloc(o->len ? o->len : 1);
+			if (!s->buf)
+				abort();
+			if (o->kind == FZ_WRITE)
+				for (uint64_t x = 0; x < o->len; x++)
+					s->buf[x] = pat(i, o->off + x);
+			uint64_t a = QSM_MIN(o->split_a, o->len), b = QSM_MIN(QSM_MAX(o->split_b, a), o->len);
+			int n = 0;
+			if (a) s->iov[n++] = (struct iovec){ s->buf, a };
+			if (b > a) s->iov[n++] = (struct iovec){ s->buf + a, b - a };
+			if (o->len > b) s->iov[n++] = (struct iovec){ s->buf + b, o->len - b };
+			s->iovcnt = n;
+		}
+	}
+}
+
+static void free_ops(struct run *r)
+{
+	if (!r->st)
+		return;
+	for (int i = 0; i < r->c->nops; i++)
+		free(r->st[i].buf);
+	free(r->st);
+	r->st = NULL;
+}
+
+/* The workload, to its end (then a clean close) or to the crash (then the
+ * image is abandoned).  -errno when the image does not even open. */
+static int run_workload(struct run *r, char *err, size_t errlen)
+{
+	const struct fz_case *c = r->c;
+	struct qsm_io *io;
+	bool lsan_off = c->crash_at || c->fault;
+	int ret;
+	if (lsan_off)
+		LSAN_OFF();
+	r->base = event_base_new();
+	if ((ret = qsm_io_open_sim(r->base, r->sim, 0, &io)) < 0)
+		goto out;
+	io->trace = io_trace_cb;
+	io->trace_opaque = r;
+	if (c->fault)
+		qsm_sim_fault_add(r->sim, c->fev, c->ferr, c->fonce);
+	struct qsm_open_opts oo = open_opts(r, false);
+	ret = qsm_open_io(r->base, io, &oo, &r->img, err, errlen);
+	if (ret < 0) {
+		/* A fault at open (refcount blocks are read there) must fail the
+		 * open cleanly: the run is the open alone. */
+		r->img = NULL;
+		if (c->fault) {
+			r->fired = qsm_sim_faults_fired(r->sim);
+			qsm_sim_fault_clear(r->sim);
+			if (r->fired) {
+				fail_note(r, "open failed: %s", err);
+				ret = 0;
+				r->clean_close = false;
+			}
+		}
+		goto out;
+	}
+	int next = 0;
+	while (!r->crashed && (next < c->nops || r->pending)) {
+		while (!r->crashed && next < c->nops && r->pending < c->depth) {
+			int i = next++;
+			ret = submit(r, i);
+			if (ret) {
+				if (!c->fault && !r->meta_fail)
+					violation(r, "submitting op %d (%s) fails: %s", i,
+						  fz_kind_name(c->ops[i].kind), qsm_strerror(ret));
+				/* Refused at submit: the same as a callback with ret. */
+				op_cb(&r->st[i], ret);
+			}
+		}
+		if (r->pending && event_base_loop(r->base, EVLOOP_ONCE) == 1) {
+			violation(r, "hang: %d requests never complete, the loop has no events left%s%s",
+				  r->pending, r->meta_fail ? " after a failed metadata write: " : "",
+				  r->meta_fail ? qsm_io_event_name(r->meta_fail_ev) : "");
+			if (!lsan_off)
+				LSAN_OFF(), lsan_off = true;
+			qsm_sim_crash(r->sim, ~0ull, true); /* a process kill */
+			if (r->bsim)
+				qsm_sim_crash(r->bsim, 0, false);
+			r->crashed = true;
+			break;
+		}
+	}
+	if (c->fault && c->fcrash && !r->crashed) {
+		qsm_sim_crash_random(r->sim); /* power loss instead of the close */
+		if (r->bsim)
+			qsm_sim_crash(r->bsim, 0, false);
+		r->crashed = true;
+	}
+	if (r->crashed) {
+		qsm_abandon(r->img);
+	} else {
+		if (!c->fault)
+			io->trace = NULL;
+		r->close_ret = qsm_close(r->img);
+		if (r->close_ret && !c->fault)
+			violation(r, "close fails: %s", qsm_strerror(r->close_ret));
+		r->clean_close = r->close_ret == 0;
+	}
+	r->img = NULL;
+	ret = 0;
+out:
+	if (c->fault) {
+		r->fired = QSM_MAX(r->fired, qsm_sim_faults_fired(r->sim));
+		qsm_sim_fault_clear(r->sim);
+	}
+	if (lsan_off)
+		LSAN_ON();
+	event_base_free(r->base);
+	r->base = NULL;
+	return ret;
+}
+
+/* --- judging the disk ---------------------------------------------------------- */
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+/*
+ * Durability, per byte, as a register: the byte must read as the value of
+ * some request W covering it (the initial content counts as a request
+ * before all others) such that W did not complete before the submission of
+ * a durable request D covering it.  D is durable when it succeeded and then
+ * a flush submitted after its completion succeeded (writeback, none), or it
+ * simply succeeded (writethrough, directsync), or never (unsafe), or, after
+ * a clean close, always.
+ */
+static bool durability_ok(struct run *r, const uint8_t *disk, char *msg, size_t msglen)
+{
+	const struct fz_case *c = r->c;
+	size_t n = (size_t)c->nops;
+	bool wt = c->cache == QSM_CACHE_WRITETHROUGH || c->cache == QSM_CACHE_DIRECTSYNC;
+	bool unsafe = c->cache == QSM_CACHE_UNSAFE;
+	uint64_t flush_sub = 0;
+	for (size_t i = 0; i < n; i++) {
+		const struct op_state *s = &r->st[i];
+		if (c->ops[i].kind == FZ_FLUSH && s->t_done != T_NEVER && s->ret == 0)
+			flush_sub = QSM_MAX(flush_sub, s->t_sub);
+	}
+	bool *durable = calloc(n, sizeof(bool));
+	uint64_t *bounds = malloc(sizeof(uint64_t) * (2 * n + 2));
+	int *cand = malloc(sizeof(int) * (n + 1));
+	if (!durable || !bounds || !cand)
+		abort();
+	size_t nb = 0;
+	bounds[nb++] = 0;
+	bounds[nb++] = c->size;
+	for (size_t i = 0; i < n; i++) {
+		const struct op_state *s = &r->st[i];
+		if (!sets_data(&c->ops[i], s))
+			continue;
+		durable[i] = s->t_done != T_NEVER && s->ret == 0 &&
+			     (r->clean_close || wt || (!unsafe && s->t_done < flush_sub));
+		bounds[nb++] = s->eff_off;
+		bounds[nb++] = s->eff_off + s->eff_len;
+	}
+	qsort(bounds, nb, sizeof(*bounds), cmp_u64);
+	bool ok = true;
+	for (size_t b = 0; b + 1 < nb && ok; b++) {
+		uint64_t lo = bounds[b], hi = bounds[b + 1];
+		if (lo == hi)
+			continue;
+		uint64_t T = 0;
+		int tby = -1;
+		for (size_t i = 0; i < n; i++) {
+			const struct op_state *s = &r->st[i];
+			if (durable[i] && s->eff_off <= lo && hi <= s->eff_off + s->eff_len && s->t_sub > T)
+				T = s->t_sub, tby = (int)i;
+		}
+		int nc = 0;
+		bool zero_ok = false, init_ok = tby < 0;
+		for (size_t i = 0; i < n; i++) {
+			const struct op_state *s = &r->st[i];
+			if (!sets_data(&c->ops[i], s) || !(s->eff_off <= lo && hi <= s->eff_off + s->eff_len))
+				continue;
+			if (s->t_done != T_NEVER && s->t_done < T)
+				continue; /* overwritten by a durable request */
+			if (c->ops[i].kind == FZ_WRITE)
+				cand[nc++] = (int)i;
+			else
+				zero_ok = true;
+		}
+		for (uint64_t x = lo; x < hi; x++) {
+			uint8_t v = disk[x];
+			if ((zero_ok && v == 0) || (init_ok && v == r->init[x]))
+				continue;
+			int k;
+			for (k = 0; k < nc && pat(cand[k], x) != v; k++)
+				;
+			if (k < nc)
+				continue;
+			int len = snprintf(msg, msglen, "byte %#" PRIx64 " reads %#x", x, v);
+			for (size_t i = 0; i < n && len > 0 && (size_t)len < msglen; i++) {
+				const struct fz_op *o = &c->ops[i];
+				if (o->kind == FZ_WRITE && r->st[i].submitted && o->off <= x &&
+				    x < o->off + o->len && pat((int)i, x) == v) {
+					len += snprintf(msg + len, msglen - (size_t)len,
+							" (from op %zu write %#" PRIx64 "+%" PRIu64 ")", i,
+							o->off, o->len);
+					break;
+				}
+			}
+			if (v == r->init[x] && len > 0 && (size_t)len < msglen)
+				len += snprintf(msg + len, msglen - (size_t)len, " (the initial content)");
+			if (tby >= 0 && len > 0 && (size_t)len < msglen) {
+				const struct fz_op *d = &c->ops[tby];
+				len += snprintf(msg + len, msglen - (size_t)len,
+						"; durable: op %d %s %#" PRIx64 "+%" PRIu64, tby,
+						fz_kind_name(d->kind), d->off, d->len);
+			}
+			if (len > 0 && (size_t)len < msglen)
+				snprintf(msg + len, msglen - (size_t)len, "; %d candidate writes%s%s", nc,
+					 zero_ok ? " or zeros" : "", init_ok ? " or the initial content" : "");
+			ok = false;
+			break;
+		}
+	}
+	free(cand);
+	free(bounds);
+	free(durable);
+	return ok;
+}
+
+static bool header_dirty(struct qsm_sim *sim)
+{
+	struct event_base *b = event_base_new();
+	struct qsm_io *io;
+	uint8_t h[80] = { 0 };
+	if (qsm_io_open_sim(b, sim, QSM_IO_RDONLY, &io) == 0) {
+		(void)qsm_io_pread_sync(io, h, sizeof(h), 0);
+		qsm_io_close(io);
+	}
+	event_base_free(b);
+	return h[79] & 1; /* incompatible_features bit 0 */
+}
+
+/* The in-tree checker on the sim disk, read-only.  Its exit code (qemu-img
+ * check's meaning), or -1 when it cannot run. */
+static int own_check(struct qsm_sim *sim, struct qsm_check_result *res, char *err, size_t errlen)
+{
+	struct event_base *b = event_base_new();
+	struct qsm_io *io;
+	int ret = qsm_io_open_sim(b, sim, QSM_IO_RDONLY, &io);
+	memset(res, 0, sizeof(*res));
+	if (ret == 0) {
+		ret = qsm_check_image(io, 0, res, NULL, err, errlen);
+		qsm_io_close(io);
+	}
+	event_base_free(b);
+	return ret < 0 ? -1 : qsm_check_exit_code(res);
+}
+
+/* qemu-img check of the sim disk's current contents: its exit code, or -1
+ * when it cannot run. */
+static int qemu_check(struct run *r, uint64_t *corrupt, uint64_t *leaks)
+{
+	char path[400], cmd[600], line[512];
+	snprintf(path, sizeof(path), "%s/work.qcow2", r->env->tmpdir);
+	*corrupt = *leaks = 0;
+	if (qsm_sim_save_file(r->sim, path) < 0)
+		return -1;
+	snprintf(cmd, sizeof(cmd), "qemu-img check '%s' 2>&1", path);
+	FILE *p = popen(cmd, "r");
+	if (!p)
+		return -1;
+	while (fgets(line, sizeof(line), p)) {
+		unsigned long long v;
+		if (strstr(line, " errors were found on the image") && sscanf(line, "%llu", &v) == 1)
+			*corrupt = v;
+		else if (strstr(line, " leaked clusters were found on the image") &&
+			 sscanf(line, "%llu", &v) == 1)
+			*leaks = v;
+	}
+	int st = pclose(p);
+	return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+/* Read the whole guest view of the sim disk.  0 or -errno (msg says). */
+static int read_all(struct run *r, bool read_only, uint8_t *disk, struct qsm_image **keep,
+		    char *msg, size_t msglen)
+{
+	struct event_base *b = event_base_new();
+	struct qsm_io *io;
+	struct qsm_image *img;
+	char err[256] = "";
+	int ret = qsm_io_open_sim(b, r->sim, read_only ? QSM_IO_RDONLY : 0, &io);
+	struct qsm_open_opts oo = open_opts(r, read_only);
+	if (ret == 0)
+		ret = qsm_open_io(b, io, &oo, &img, err, sizeof(err));
+	if (ret < 0) {
+		snprintf(msg, msglen, "%s open fails: %s (%s)", read_only ? "read-only" : "read-write",
+			 qsm_strerror(ret), err);
+		event_base_free(b);
+		return ret;
+	}
+	ret = qsm_sync_pread(img, disk, r->c->size, 0);
+	if (ret < 0)
+		snprintf(msg, msglen, "reading the %s image fails: %s (%s)",
+			 read_only ? "read-only" : "reopened", qsm_strerror(ret), qsm_image_error(img));
+	if (keep && ret == 0) {
+		*keep = img; /* the caller closes it and frees the base */
+		return 0;
+	}
+	qsm_close(img);
+	event_base_free(b);
+	return ret;
+}
+
+int fz_run(struct fz_env *env, const struct fz_case *c, bool qemu_check_it, bool trace,
+	   struct fz_result *res)
+{
+	struct run r = { .c = c, .env = env, .res = res };
+	char err[512] = "", msg[900];
+	bool ok = true;
+	int ret;
+	memset(res, 0, sizeof(*res));
+
+#define FAIL(...)                                                                  \
+	do {                                                                       \
+		if (ok)                                                            \
+			snprintf(res->why, sizeof(res->why), __VA_ARGS__);         \
+		ok = false;                                                        \
+	} while (0)
+
+	if ((ret = prepare(env, c, err, sizeof(err))) < 0) {
+		snprintf(res->why, sizeof(res->why), "preparing the image: %s", err);
+		return ret;
+	}
+	uint8_t *init = malloc(c->size), *disk = malloc(c->size);
+	if (!init || !disk)
+		abort();
+	initial_view(c, init);
+	r.init = init;
+	char top[400], bk[400];
+	snprintf(top, sizeof(top), "%s/top.qcow2", env->tmpdir);
+	snprintf(bk, sizeof(bk), "%s/backing.img", env->tmpdir);
+	r.sim = qsm_sim_new(c->seed);
+	if ((ret = qsm_sim_load_file(r.sim, top)) < 0)
+		goto setup_fail;
+	qsm_sim_set_max_batch(r.sim, c->max_batch);
+	qsm_sim_set_race_hook(r.sim, race_cb, &r);
+	if (c->backing) {
+		r.bsim = qsm_sim_new(c->seed ^ 0x5eed5eedull);
+		if ((ret = qsm_sim_load_file(r.bsim, bk)) < 0)
+			goto setup_fail;
+		qsm_sim_set_max_batch(r.bsim, c->max_batch);
+	}
+	if (trace) {
+		snprintf(res->schedule_path, sizeof(res->schedule_path), "%s/schedule.log", env->tmpdir);
+		r.sched = fopen(res->schedule_path, "w");
+	}
+	setup_ops(&r);
+
+	/* The workload. */
+	if ((ret = run_workload(&r, err, sizeof(err))) < 0) {
+		FAIL("the image does not open: %s (%s)", qsm_strerror(ret), err);
+		goto done;
+	}
+	res->completions = r.completions;
+	res->crashed = r.crashed;
+	res->faults_fired = r.fired;
+	res->torn = qsm_sim_torn(r.sim);
+	if (c->crash_at && !r.crashed)
+		FAIL("the run ended after %" PRIu64 " completions without reaching crash point %" PRIu64
+		     " (nondeterministic?)", r.completions, c->crash_at);
+	if (r.races)
+		FAIL("%" PRIu64 " engine races; first: %s", r.races, r.first_race);
+	if (r.op_errors && !c->fault)
+		FAIL("%d requests failed; first: %s", r.op_errors, r.first_error);
+	if (r.violations)
+		FAIL("%s", r.first_violation);
+	if (c->fault) {
+		/* A fault must surface: a request fails, or the close does (a
+		 * write-back at close has no request to tell).  Preallocation
+		 * (cluster_alloc) is advisory (io/io.h); a power loss takes the
+		 * close away. */
+		if (r.fired && !r.op_errors && !r.close_ret && !r.crashed &&
+		    c->fev != QSM_IO_EV_CLUSTER_ALLOC)
+			FAIL("%" PRIu64 " faults fired and no request nor the close reported an error",
+			     r.fired);
+		if (r.meta_fail && !r.crashed && !r.close_ret)
+			FAIL("close returns success after the failed %s write",
+			     qsm_io_event_name(r.meta_fail_ev));
+	}
+	if (!ok)
+		goto done;
+
+	/* The image as found. */
+	bool dirty = header_dirty(r.sim);
+	bool after_crash = r.crashed, plain = !c->crash_at && !c->fault;
+	struct qsm_check_result cr;
+	int orc = own_check(r.sim, &cr, err, sizeof(err));
+	if (orc < 0)
+		FAIL("the structural check cannot run on the %s image: %s",
+		     after_crash ? "crash" : "closed", err);
+	else if (plain && orc != 0)
+		FAIL("after a clean close, the check finds %" PRIu64 " corruptions and %" PRIu64
+		     " leaks", cr.corruptions, cr.leaks);
+	else if (orc == 2 && !(c->lazy && dirty))
+		FAIL("the %s image has %" PRIu64 " corruptions%s", after_crash ? "crash" : "final",
+		     cr.corruptions, c->lazy ? " and the dirty bit is clear" : "");
+	else if (orc != 0 && orc != 2 && orc != 3)
+		FAIL("the structural check exits %d on the %s image", orc,
+		     after_crash ? "crash" : "final");
+	if (ok && qemu_check_it && env->have_qemu_img) {
+		uint64_t qc, ql;
+		int qrc = qemu_check(&r, &qc, &ql);
+		res->qemu_checked = qrc >= 0;
+		if (qrc >= 0 && (qrc != orc || qc != cr.corruptions || ql != cr.leaks))
+			FAIL("qemu-img check (exit %d, %" PRIu64 " corruptions, %" PRIu64 " leaks) "
+			     "disagrees with the in-tree check (exit %d, %" PRIu64 " corruptions, %" PRIu64
+			     " leaks)", qrc, qc, ql, orc, cr.corruptions, cr.leaks);
+	}
+	/* A dirty image opens read-only, as found, and its data is there. */
+	if (ok && dirty) {
+		if (read_all(&r, true, disk, NULL, msg, sizeof(msg)) < 0)
+			FAIL("dirty image: %s", msg);
+		else if (!durability_ok(&r, disk, msg, sizeof(msg)))
+			FAIL("durability (the dirty image read-only): %s", msg);
+	}
+	/* It opens read-write (repairing when dirty) and holds what was
+	 * promised; then it takes a write, a flush and a close. */
+	if (ok) {
+		struct qsm_image *img = NULL;
+		if (read_all(&r, false, disk, &img, msg, sizeof(msg)) < 0) {
+			FAIL("reopen: %s", msg);
+		} else {
+			if (!durability_ok(&r, disk, msg, sizeof(msg)))
+				FAIL("durability%s: %s", after_crash ? " after the crash" : "", msg);
+			struct qsm_rng g;
+			qsm_rng_seed(&g, c->seed + 77);
+			uint64_t len = QSM_MIN((uint64_t)c->cluster + 100, c->size);
+			uint64_t off = qsm_rng_below(&g, c->size - len + 1);
+			uint8_t *buf = malloc(len);
+			memset(buf, 0xa5, len);
+			ret = qsm_sync_pwrite(img, buf, len, off);
+			if (!ret)
+				ret = qsm_sync_flush(img);
+			if (ret)
+				FAIL("writing to the reopened image fails: %s (%s)", qsm_strerror(ret),
+				     qsm_image_error(img));
+			free(buf);
+			struct event_base *b = qsm_image_base(img);
+			if ((ret = qsm_close(img)) < 0)
+				FAIL("closing the reopened image fails: %s", qsm_strerror(ret));
+			event_base_free(b);
+		}
+	}
+	if (ok && !plain) {
+		orc = own_check(r.sim, &cr, err, sizeof(err));
+		if (header_dirty(r.sim) && c->lazy)
+			FAIL("dirty bit still set after a repairing open and a clean close");
+		else if (orc == 2 || (orc != 0 && orc != 3))
+			FAIL("after reopen, write and close, the check exits %d (%" PRIu64
+			     " corruptions)", orc, cr.corruptions);
+		else if (c->lazy && dirty && orc != 0)
+			FAIL("after the repairing open and a close, %" PRIu64 " leaks remain: a repair "
+			     "leaves none", cr.leaks);
+	}
+	goto done;
+
+setup_fail:
+	snprintf(res->why, sizeof(res->why), "loading the image onto the sim disk: %s",
+		 qsm_strerror(ret));
+	qsm_sim_free(r.sim);
+	if (r.bsim)
+		qsm_sim_free(r.bsim);
+	free(init);
+	free(disk);
+	return ret;
+done:
+	res->ok = ok;
+	if (r.sched) {
+		if (!ok)
+			fprintf(r.sched, "verdict: %s\n", res->why);
+		fclose(r.sched);
+	}
+	free_ops(&r);
+	qsm_sim_free(r.sim);
+	if (r.bsim)
+		qsm_sim_free(r.bsim);
+	free(init);
+	free(disk);
+	return 0;
+#undef FAIL
+}
+
+/* --- replay files -------------------------------------------------------------- */
+
+int fz_case_save(const struct fz_case *c, const char *mutant, const char *path,
+		 const char *schedule_path, const char *why)
+{
+	FILE *f = fopen(path, "w");
+	if (!f)
+		return -errno;
+	fprintf(f, "# qsm fuzz replay: qsm fuzz --replay %s\n", path);
+	if (why)
+		fprintf(f, "# failure: %s\n", why);
+	fprintf(f, "qsm-fuzz-replay 1\n");
+	fprintf(f, "seed %" PRIu64 "\n", c->seed);
+	fprintf(f, "image cluster=%u size=%" PRIu64 " compat=%u lazy=%d l2-tables=%zu cache=%s "
+		"backing=%d backing-raw=%d backing-size=%" PRIu64 " compressed=%d\n",
+		c->cluster, c->size, c->compat, c->lazy, c->l2_tables, qsm_cache_mode_name(c->cache),
+		c->backing, c->backing_raw, c->backing_size, c->compressed);
+	fprintf(f, "schedule depth=%d batch=%u\n", c->depth, c->max_batch);
+	if (c->crash_at)
+		fprintf(f, "crash point=%" PRIu64 " mode=%s torn=%d\n", c->crash_at,
+			fz_mode_name(c->crash_mode), c->torn);
+	if (c->fault)
+		fprintf(f, "fault event=%s errno=%s once=%d then-crash=%d\n", qsm_io_event_name(c->fev),
+			c->ferr == ENOSPC ? "ENOSPC" : "EIO", c->fonce, c->fcrash);
+	if (mutant && *mutant)
+		fprintf(f, "mutant %s\n", mutant);
+	for (int i = 0; i < c->nops; i++) {
+		const struct fz_op *o = &c->ops[i];
+		fprintf(f, "op %s %#" PRIx64 " %" PRIu64 " flags=%u iov=%" PRIu64 ",%" PRIu64 "\n",
+			fz_kind_name(o->kind), o->off, o->len, o->zflags, o->split_a, o->split_b);
+	}
+	if (schedule_path && *schedule_path) {
+		FILE *s = fopen(schedule_path, "r");
+		char line[300];
+		fprintf(f, "# the I/O schedule of this run (submissions and completions, in order):\n");
+		while (s && fgets(line, sizeof(line), s))
+			fprintf(f, "#   %s", line);
+		if (s)
+			fclose(s);
+	}
+	return fclose(f) ? -errno : 0;
+}
+
+static int find_name(const char *const *names, int n, const char *s)
+{
+	for (int i = 0; i < n; i++)
+		if (!strcmp(names[i], s))
+			return i;
+	return -1;
+}
+
+int fz_case_load(struct fz_case *c, char *mutant, size_t mutant_len, const char *path,
+		 char *err, size_t errlen)
+{
+	FILE *f = fopen(path, "r");
+	char line[512];
+	int lineno = 0, ver = 0;
+	memset(c, 0, sizeof(*c));
+	if (mutant && mutant_len)
+		mutant[0] = 0;
+	if (!f) {
+		qsm_set_err(err, errlen, "cannot open '%s': %s", path, strerror(errno));
+		return -errno;
+	}
+	int cap = 0;
+	while (fgets(line, sizeof(line), f)) {
+		lineno++;
+		char a[64] = "", b[64] = "", d[64] = "";
+		int lazy, backing, braw, comp, torn, once, fc;
+		unsigned long long x, y, sa, sb;
+		unsigned fl;
+		if (line[0] == '#' || line[0] == '\n')
+			continue;
+		if (sscanf(line, "qsm-fuzz-replay %d", &ver) == 1)
+			continue;
+		if (sscanf(line, "seed %" SCNu64, &c->seed) == 1)
+			continue;
+		if (sscanf(line, "image cluster=%u size=%" SCNu64 " compat=%u lazy=%d l2-tables=%zu "
+			   "cache=%63s backing=%d backing-raw=%d backing-size=%" SCNu64 " compressed=%d",
+			   &c->cluster, &c->size, &c->compat, &lazy, &c->l2_tables, a, &backing, &braw,
+			   &c->backing_size, &comp) == 10) {
+			c->lazy = lazy, c->backing = backing, c->backing_raw = braw, c->compressed = comp;
+			if (qsm_cache_mode_parse(a, &c->cache) < 0)
+				goto bad;
+			continue;
+		}
+		if (sscanf(line, "schedule depth=%d batch=%u", &c->depth, &c->max_batch) == 2)
+			continue;
+		if (sscanf(line, "crash point=%" SCNu64 " mode=%63s torn=%d", &c->crash_at, a, &torn) == 3) {
+			int m = find_name(mode_names, FZ__MODES, a);
+			if (m < 0)
+				goto bad;
+			c->crash_mode = (enum fz_crash_mode)m;
+			c->torn = torn;
+			continue;
+		}
+		if (sscanf(line, "fault event=%63s errno=%63s once=%d then-crash=%d", a, b, &once, &fc) == 4) {
+			int e = -1;
+			for (int i = 0; i < QSM_IO_EV__COUNT; i++)
+				if (!strcmp(qsm_io_event_name((enum qsm_io_event)i), a))
+					e = i;
+			if (e < 0)
+				goto bad;
+			c->fault = true;
+			c->fev = (enum qsm_io_event)e;
+			c->ferr = !strcmp(b, "ENOSPC") ? ENOSPC : EIO;
+			c->fonce = once;
+			c->fcrash = fc;
+			continue;
+		}
+		if (sscanf(line, "mutant %63s", a) == 1) {
+			if (mutant)
+				snprintf(mutant, mutant_len, "%s", a);
+			continue;
+		}
+		if (sscanf(line, "op %63s %llx %llu flags=%u iov=%llu,%llu", d, &x, &y, &fl, &sa, &sb) == 6) {
+			int k = find_name(kind_names, FZ__KINDS, d);
+			if (k < 0)
+				goto bad;
+			if (c->nops == cap) {
+				cap = cap ? cap * 2 : 64;
+				struct fz_op *n = realloc(c->ops, sizeof(*n) * (size_t)cap);
+				if (!n)
+					abort();
+				c->ops = n;
+			}
+			c->ops[c->nops++] = (struct fz_op){ (enum fz_kind)k, x, y, fl, sa, sb };
+			continue;
+		}
+bad:
+		qsm_set_err(err, errlen, "%s:%d: cannot parse: %.*s", path, lineno,
+			    (int)strcspn(line, "\n"), line);
+		fclose(f);
+		fz_case_free(c);
+		return -EINVAL;
+	}
+	fclose(f);
+	if (ver != 1 || !c->cluster || !c->size || !c->nops || c->depth < 1 ||
+	    (c->cluster & (c->cluster - 1)) || c->cluster < 512) {
+		qsm_set_err(err, errlen, "%s: not a complete qsm fuzz replay file", path);
+		fz_case_free(c);
+		return -EINVAL;
+	}
+	for (int i = 0; i < c->nops; i++) {
+		const struct fz_op *o = &c->ops[i];
+		if (o->kind != FZ_FLUSH && (o->off > c->size || o->len > c->size - o->off || !o->len)) {
+			qsm_set_err(err, errlen, "%s: op %d lies outside the %" PRIu64 "-byte disk", path,
+				    i, c->size);
+			fz_case_free(c);
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+
+/* --- shrinking ----------------------------------------------------------------- */
+
+/* Does case c fail?  A crash case tries crash points spread over its run
+ * (the old point means nothing once requests changed) and keeps the first
+ * failing one in c. */
+static bool still_fails(struct fz_env *env, struct fz_case *c, unsigned *budget)
+{
+	struct fz_result res;
+	if (!*budget)
+		return false;
+	if (!c->crash_at) {
+		(*budget)--;
+		return fz_run(env, c, false, false, &res) == 0 && !res.ok;
+	}
+	struct fz_case dry;
+	if (fz_case_copy(&dry, c) < 0)
+		return false;
+	dry.crash_at = 0;
+	(*budget)--;
+	if (fz_run(env, &dry, false, false, &res) < 0) {
+		fz_case_free(&dry);
+		return false;
+	}
+	fz_case_free(&dry);
+	if (!res.ok)
+		return c->crash_at = 0, true; /* fails without crashing: simpler still */
+	uint64_t n = res.completions, tries = QSM_MIN(n, 24);
+	for (uint64_t i = 0; i < tries && *budget; i++) {
+		uint64_t k = tries == n ? i + 1 : 1 + i * n / tries;
+		uint64_t old = c->crash_at;
+		c->crash_at = k;
+		(*budget)--;
+		if (fz_run(env, c, false, false, &res) == 0 && !res.ok)
+			return true;
+		c->crash_at = old;
+	}
+	return false;
+}
+
+void fz_shrink(struct fz_env *env, struct fz_case *c, unsigned budget)
+{
+	/* Requests: delta debugging over the list (the final flush stays). */
+	for (int chunk = QSM_MAX(c->nops / 2, 1); chunk >= 1 && budget; chunk /= 2) {
+		for (int at = 0; at + 1 < c->nops && budget;) {
+			int n = QSM_MIN(chunk, c->nops - 1 - at);
+			struct fz_case t;
+			if (n <= 0 || fz_case_copy(&t, c) < 0)
+				break;
+			memmove(t.ops + at, t.ops + at + n, sizeof(*t.ops) * (size_t)(t.nops - at - n));
+			t.nops -= n;
+			if (still_fails(env, &t, &budget)) {
+				fz_case_free(c);
+				*c = t;
+			} else {
+				fz_case_free(&t);
+				at += n;
+			}
+		}
+		if (chunk == 1)
+			break;
+	}
+	/* The schedule: fewer in flight, one completion per pass. */
+	static const int depths[] = { 1, 2, 4, 8 };
+	for (size_t i = 0; i < QSM_ARRAY_SIZE(depths) && budget; i++) {
+		if (depths[i] >= c->depth)
+			break;
+		struct fz_case t;
+		if (fz_case_copy(&t, c) < 0)
+			break;
+		t.depth = depths[i];
+		if (still_fails(env, &t, &budget)) {
+			fz_case_free(c);
+			*c = t;
+			break;
+		}
+		fz_case_free(&t);
+	}
+	if (c->max_batch > 1 && budget) {
+		struct fz_case t;
+		if (fz_case_copy(&t, c) == 0) {
+			t.max_batch = 1;
+			if (still_fails(env, &t, &budget)) {
+				fz_case_free(c);
+				*c = t;
+			} else {
+				fz_case_free(&t);
+			}
+		}
+	}
+}
+
+size_t fz_fault_events(const enum qsm_io_event **out)
+{
+	*out = fault_events;
+	return QSM_ARRAY_SIZE(fault_events);
+}
