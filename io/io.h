@@ -64,6 +64,7 @@ enum qsm_io_op {
 	X(COW_WRITE, "cow_write")                                              \
 	X(DATA_READ, "data_read")                                              \
 	X(DATA_WRITE, "data_write")                                            \
+	X(COMPRESSED_WRITE, "compressed_write")                                \
 	X(FLUSH, "flush")                                                      \
 	X(HEADER_UPDATE, "header_update")
 

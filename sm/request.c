@@ -1509,7 +1509,7 @@ static enum qsm_event step_compressed_write(struct qsm_req *req)
 {
 	struct qsm_run *run = &req->run;
 	req->iov_buf[0] = (struct iovec){ (void *)run->cdata, run->clen };
-	return submit_io(req, QSM_IO_WRITE, QSM_IO_EV_DATA_WRITE, run->host, req->iov_buf, 1);
+	return submit_io(req, QSM_IO_WRITE, QSM_IO_EV_COMPRESSED_WRITE, run->host, req->iov_buf, 1);
 }
 
 static enum qsm_event step_cluster_alloc(struct qsm_req *req)
@@ -1760,8 +1760,10 @@ static enum qsm_event step_zero_update(struct qsm_req *req)
 		bool unmap;
 
 		if (k == EK_COMPRESSED) {
-			/* As QEMU: a compressed cluster is always released. */
-			new = (req->machine == QSM_M_DISCARD && !v3) ? 0 : QCOW2_L2E_ZERO;
+			/* As QEMU: a compressed cluster is always released; v2 has
+			 * no zero flag, so it is deallocated (no backing file here,
+			 * see classify_zeroes/classify_discard). */
+			new = v3 ? QCOW2_L2E_ZERO : 0;
 			unmap = true;
 		} else if (req->machine == QSM_M_DISCARD) {
 			/* As QEMU: v3 keeps a zero cluster so nothing shows through

@@ -44,7 +44,7 @@
 #include "io/io.h"
 #include "sm/qsm.h"
 
-enum fz_kind { FZ_WRITE, FZ_READ, FZ_ZERO, FZ_DISCARD, FZ_FLUSH, FZ__KINDS };
+enum fz_kind { FZ_WRITE, FZ_READ, FZ_ZERO, FZ_DISCARD, FZ_FLUSH, FZ_COMPRESSED, FZ__KINDS };
 
 struct fz_op {
 	enum fz_kind kind;
