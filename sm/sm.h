@@ -287,6 +287,8 @@ struct qsm_image {
 	struct qsm_req *wb_job;           /* the running write-back batch, or NULL */
 	struct qsm_wait *wb_next_waiters; /* want the next batch */
 	bool wb_wanted;                   /* a batch is needed for cache slots */
+	bool wb_sync;                     /* qsm_wb_sync_all runs: it writes
+	                                   * everything itself, no batch starts */
 	/* Group commit: writethrough writes accepted but not yet waiting for
 	 * durability.  A batch waits (at most wb_ev's timeout) until they have
 	 * all joined, so one fdatasync sequence covers every write in flight. */

@@ -244,7 +244,10 @@ static void start_job(struct qsm_image *img)
 
 void qsm_wb_maybe_start(struct qsm_image *img, bool now)
 {
-	if (img->wb_job || (!img->wb_next_waiters && !img->wb_wanted))
+	/* Not inside qsm_wb_sync_all (blocking helpers and asynchronous I/O
+	 * must not mix; at close the batch would never run): what asked for a
+	 * batch (wb_wanted) gets one at the next request. */
+	if (img->wb_sync || img->wb_job || (!img->wb_next_waiters && !img->wb_wanted))
 		return;
 	if (now || img->wb_wanted || img->wt_pending == 0) {
 		event_del(img->wb_ev);
@@ -466,7 +469,18 @@ static bool anything_dirty(struct qsm_image *img)
 	       img->l1_dirty_hi > img->l1_dirty_lo || img->nb_pending_frees;
 }
 
+static int wb_sync_all(struct qsm_image *img);
+
 int qsm_wb_sync_all(struct qsm_image *img)
+{
+	assert(!img->wb_sync);
+	img->wb_sync = true;
+	int ret = wb_sync_all(img);
+	img->wb_sync = false;
+	return ret;
+}
+
+static int wb_sync_all(struct qsm_image *img)
 {
 	int ret = 0;
 	/* Releasing frees dirties refcount blocks again; a few rounds settle it. */
@@ -497,6 +511,21 @@ int qsm_wb_sync_all(struct qsm_image *img)
 		if (!ret)
 			ret = wb_release(img, wb);
 		wb_free(wb);
+	}
+	if (ret == -EIO && (img->hdr.incompatible_features & QCOW2_INCOMPAT_CORRUPT) &&
+	    !img->read_only) {
+		/* Corruption found on the way (qsm_image_corrupt, e.g. a refcount
+		 * underflow in wb_release): as QEMU, mark the image corrupt on
+		 * disk, best effort.  Only incompatible_features (8 bytes at 72)
+		 * is written; the dirty bit is kept where the disk has it. */
+		uint8_t be[8];
+		uint64_t f = img->hdr.incompatible_features & ~QCOW2_INCOMPAT_DIRTY;
+		if (img->disk_dirty)
+			f |= QCOW2_INCOMPAT_DIRTY;
+		qcow2_put_be64(be, f);
+		if (qsm_io_pwrite_sync(img->io, be, sizeof(be), 72) == 0)
+			(void)qsm_io_flush_sync(img->io);
+		return ret;
 	}
 	if (!ret)
 		ret = qsm_io_flush_sync(img->io);

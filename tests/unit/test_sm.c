@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "io/sim.h"
+#include "metadata/qcow2.h"
 #include "sm/sm.h"
 
 /* --- table ----------------------------------------------------------------- */
@@ -739,6 +740,54 @@ START_TEST(raw_image)
 }
 END_TEST
 
+/* Found by fuzz_open: an L2 entry naming the refcount block's own cluster
+ * (without COPIED, 1-bit refcounts).  A write there copies the cluster away
+ * and frees it; at close the deferred free underflows the refcount, and the
+ * corruption it reports used to start an asynchronous write-back batch from
+ * inside qsm_close (leaked with the image; blocking and asynchronous I/O
+ * mixed).  Now close reports -EIO, starts nothing, and marks the image
+ * corrupt on disk as QEMU does. */
+START_TEST(close_finds_corruption)
+{
+	struct qcow2_create_opts o = { .size = 65536, .cluster_bits = 9, .version = 3,
+				       .refcount_order = 0 };
+	struct event_base *b = event_base_new();
+	struct qsm_sim *sim = qsm_sim_new(1);
+	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITEBACK };
+	struct qsm_image *img;
+	struct qsm_io *io;
+	uint8_t *buf, *im, data[512], hdr[80];
+	size_t len;
+	char err[256];
+
+	ck_assert_int_eq(qcow2_create_image(&o, &im, &len, err, sizeof(err)), 0);
+	uint64_t rt = qcow2_be64(im + 48), l1 = qcow2_be64(im + 40);
+	uint64_t rb = qcow2_be64(im + rt);
+	uint64_t l2 = QSM_ALIGN_UP(len, 512);
+	buf = calloc(1, l2 + 512);
+	memcpy(buf, im, len);
+	free(im);
+	qcow2_put_be64(buf + l1, l2 | QCOW2_OFLAG_COPIED);
+	qcow2_put_be64(buf + l2 + 8 * 3, rb); /* guest cluster 3 -> the refcount block */
+	buf[rb] |= 1u << (l2 >> 9);              /* the L2 table's refcount (1 bit) */
+	ck_assert_int_eq(qsm_sim_load_buf(sim, buf, l2 + 512), 0);
+
+	ck_assert_int_eq(qsm_io_open_sim(b, sim, 0, &io), 0);
+	ck_assert_int_eq(qsm_open_io(b, io, &oo, &img, err, sizeof(err)), 0);
+	memset(data, 0x5a, sizeof(data));
+	(void)qsm_sync_pwrite(img, data, 100, 3 * 512 + 7);
+	ck_assert_int_eq(qsm_close(img), -EIO);
+
+	ck_assert_int_eq(qsm_io_open_sim(b, sim, QSM_IO_RDONLY, &io), 0);
+	ck_assert_int_eq(qsm_io_pread_sync(io, hdr, sizeof(hdr), 0), 0);
+	qsm_io_close(io);
+	ck_assert(qcow2_be64(hdr + 72) & QCOW2_INCOMPAT_CORRUPT);
+	qsm_sim_free(sim);
+	event_base_free(b);
+	free(buf);
+}
+END_TEST
+
 static Suite *sm_suite(void)
 {
 	Suite *s = suite_create("sm");
@@ -761,6 +810,7 @@ static Suite *sm_suite(void)
 	tcase_add_loop_test(t, backing_semantics, 0, 2);
 	tcase_add_test(t, backing_refusals);
 	tcase_add_test(t, raw_image);
+	tcase_add_test(t, close_finds_corruption);
 	suite_add_tcase(s, t);
 	return s;
 }
