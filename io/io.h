@@ -105,6 +105,10 @@ struct qsm_io_req {
 #define QSM_IO_RDONLY  0x1  /* refuse writes */
 #define QSM_IO_DIRECT  0x2  /* O_DIRECT where the backend has it (cache=none) */
 #define QSM_IO_CREATE  0x4  /* create or truncate the file (path backends) */
+/* Flushes complete at once without syncing anything (cache=unsafe, as
+ * QEMU's BDRV_O_NO_FLUSH, which skips the image format's internal ordering
+ * flushes too).  May be set in io->flags after opening. */
+#define QSM_IO_NO_FLUSH 0x8
 
 /* Counters kept by qsm_io_submit for every backend. */
 struct qsm_io_stats {

@@ -411,6 +411,8 @@ static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_
 		opts = &defaults;
 	if (err && errlen)
 		err[0] = 0;
+	if (opts->cache == QSM_CACHE_UNSAFE)
+		io->flags |= QSM_IO_NO_FLUSH; /* no fdatasync at all, as QEMU */
 	if (!p) {
 		qsm_io_close(io);
 		return -ENOMEM;
