@@ -98,7 +98,8 @@ static void convert_usage(FILE *f)
 {
 	fprintf(f,
 		"Usage: qsm convert [-p] [-q] [-c] [-f FMT] [-O FMT] [-o OPTIONS]\n"
-		"                   [-B BACKING -F BFMT] [-t CACHE] [-T SRC_CACHE] [-m N] SRC DST\n"
+		"                   [-B BACKING -F BFMT] [-t CACHE] [-T SRC_CACHE] [-m N] [-i AIO]\n"
+		"                   SRC DST\n"
 		"Copy an image into a new one, as 'qemu-img convert' does.\n"
 		"\n"
 		"  -f FMT       source format: qcow2 (default) or raw; never probed\n"
@@ -110,6 +111,7 @@ static void convert_usage(FILE *f)
 		"  -F BFMT      the backing file's format (required with -B)\n"
 		"  -t CACHE     target cache mode (default unsafe); -T: source (default writeback)\n"
 		"  -m N         tasks in flight, 1..%d (default 8; 16 with -c)\n"
+		"  -i AIO       I/O backend for both images: threads or io_uring (default)\n"
 		"  -p           show progress; -q: quiet\n"
 		"Without -B the backing chain of the source is flattened.  Ranges that read\n"
 		"as zeros are left unallocated (or written as zero clusters over a backing file).\n",
@@ -405,10 +407,11 @@ int cmd_convert(int argc, char **argv)
 	static const struct option lopt[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ "force-share", no_argument, NULL, 'U' },
+		{ "aio", required_argument, NULL, 'i' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *fmt = "qcow2", *out_fmt = "raw", *backing = NULL, *backing_fmt = NULL;
-	const char *src_name, *dst_name;
+	const char *src_name, *dst_name, *aio = NULL;
 	enum qsm_cache_mode src_cache = QSM_CACHE_WRITEBACK, dst_cache = QSM_CACHE_UNSAFE;
 	bool progress = false, quiet = false, compress = false, opts_given = false;
 	bool prealloc_off = true;
@@ -419,7 +422,7 @@ int cmd_convert(int argc, char **argv)
 	int c, r, ret = 1, nslots = 0;
 
 	optind = 0;
-	while ((c = getopt_long(argc, argv, "hf:O:o:B:F:ct:T:m:pqU", lopt, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "hf:O:o:B:F:ct:T:m:pqUi:", lopt, NULL)) != -1) {
 		switch (c) {
 		case 'h':
 			convert_usage(stdout);
@@ -475,6 +478,9 @@ int cmd_convert(int argc, char **argv)
 			quiet = true;
 			break;
 		case 'U':
+			break;
+		case 'i':
+			aio = optarg;
 			break;
 		default:
 			fprintf(stderr, "Try 'qsm convert --help' for more information\n");
@@ -540,7 +546,7 @@ int cmd_convert(int argc, char **argv)
 		goto out;
 	}
 	struct qsm_open_opts so = { .read_only = true, .no_repair = true, .format = fmt,
-				    .cache = src_cache };
+				    .cache = src_cache, .aio = aio };
 	r = qsm_open(base, src_name, &so, &cv.src, err, sizeof(err));
 	if (r < 0) {
 		cli_error("convert", "Could not open '%s': %s", src_name, err[0] ? err : qsm_strerror(r));
@@ -568,7 +574,7 @@ int cmd_convert(int argc, char **argv)
 			goto out;
 		}
 	}
-	struct qsm_open_opts dopt = { .format = out_fmt, .cache = dst_cache };
+	struct qsm_open_opts dopt = { .format = out_fmt, .cache = dst_cache, .aio = aio };
 	r = qsm_open(base, dst_name, &dopt, &cv.dst, err, sizeof(err));
 	if (r < 0) {
 		cli_error("convert", "Could not open '%s': %s", dst_name, err[0] ? err : qsm_strerror(r));
