@@ -41,6 +41,8 @@ static void usage(FILE *f)
 		"  --crash             crash runs at random I/O completions\n"
 		"  --points P          crash points per run (default 3)\n"
 		"  --faults            fault-injection runs (EIO/ENOSPC at named events)\n"
+		"  --fault-event EV    only at this event (l1_update, l2_load, ..., see --list-events)\n"
+		"  --list-events       list the named events faults can target\n"
 		"  --lazy-refcounts    images with lazy refcounts (default: one in three)\n"
 		"  -t, --cache MODE    writeback|none|writethrough|directsync|unsafe (default: drawn)\n"
 		"  --cluster-size N    cluster size (default: drawn, 512 B to 64 KiB)\n"
@@ -119,6 +121,7 @@ struct fuzz_opts {
 	bool keep_going;
 	const char *out;
 	const char *mutant;
+	int fault_event;          /* -1: drawn */
 	struct fz_gen gen;
 };
 
@@ -179,6 +182,8 @@ static int fuzz(struct fz_env *env, const struct fuzz_opts *o)
 		if (fault) {
 			c.fault = true;
 			c.fev = events[qsm_rng_below(&g, nevents)];
+			if (o->fault_event >= 0)
+				c.fev = (enum qsm_io_event)o->fault_event;
 			c.ferr = qsm_rng_below(&g, 2) ? ENOSPC : EIO;
 			c.fonce = qsm_rng_below(&g, 2);
 			c.fcrash = qsm_rng_below(&g, 2);
@@ -270,7 +275,7 @@ int cmd_fuzz(int argc, char **argv)
 {
 	enum { O_SEED = 256, O_RUNS, O_TIME, O_OPS, O_DEPTH, O_CRASH, O_POINTS, O_FAULTS, O_LAZY,
 	       O_CLUSTER, O_BACKING, O_NO_BACKING, O_COMPRESSED, O_QEMU, O_OUT, O_SHRINK, O_KEEP,
-	       O_REPLAY, O_MUTANT, O_LIST };
+	       O_REPLAY, O_MUTANT, O_LIST, O_FAULT_EVENT, O_LIST_EVENTS };
 	static const struct option longopts[] = {
 		{ "seed", required_argument, NULL, O_SEED },
 		{ "runs", required_argument, NULL, O_RUNS },
@@ -293,13 +298,15 @@ int cmd_fuzz(int argc, char **argv)
 		{ "replay", required_argument, NULL, O_REPLAY },
 		{ "mutant", required_argument, NULL, O_MUTANT },
 		{ "list-mutants", no_argument, NULL, O_LIST },
+		{ "fault-event", required_argument, NULL, O_FAULT_EVENT },
+		{ "list-events", no_argument, NULL, O_LIST_EVENTS },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct fuzz_opts o = {
 		.seed = (uint64_t)time(NULL), .runs = 100, .points = 3, .qemu_every = 20,
-		.shrink_budget = 400, .out = ".",
+		.shrink_budget = 400, .out = ".", .fault_event = -1,
 		.gen = { .cache = -1, .lazy = -1, .backing = -1, .compressed = -1 },
 	};
 	const char *replay_path = NULL;
@@ -369,6 +376,28 @@ int cmd_fuzz(int argc, char **argv)
 		case O_REPLAY: replay_path = optarg; break;
 		case O_MUTANT: o.mutant = optarg; break;
 		case O_LIST: return list_mutants();
+		case O_LIST_EVENTS: {
+			const enum qsm_io_event *ev;
+			size_t n = fz_fault_events(&ev);
+			for (size_t i = 0; i < n; i++)
+				printf("%s\n", qsm_io_event_name(ev[i]));
+			return 0;
+		}
+		case O_FAULT_EVENT: {
+			const enum qsm_io_event *ev;
+			size_t n = fz_fault_events(&ev);
+			o.fault_event = -1;
+			for (size_t i = 0; i < n; i++)
+				if (!strcmp(qsm_io_event_name(ev[i]), optarg))
+					o.fault_event = (int)ev[i];
+			if (o.fault_event < 0) {
+				cli_error("fuzz", "--fault-event %s: no such event (see --list-events)",
+					  optarg);
+				return 2;
+			}
+			o.gen.faults = true;
+			break;
+		}
 		case 'v': verbose = true; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;

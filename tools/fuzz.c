@@ -861,7 +861,12 @@ static int run_workload(struct run *r, char *err, size_t errlen)
 		}
 	}
 	if (c->fault && c->fcrash && !r->crashed) {
-		qsm_sim_crash_random(r->sim); /* power loss instead of the close */
+		/* A power loss instead of the close; cache=unsafe never syncs
+		 * (as QEMU), so it promises nothing then: a process kill. */
+		if (c->cache == QSM_CACHE_UNSAFE)
+			qsm_sim_crash(r->sim, ~0ull, true);
+		else
+			qsm_sim_crash_random(r->sim);
 		if (r->bsim)
 			qsm_sim_crash(r->bsim, 0, false);
 		r->crashed = true;
