@@ -14,8 +14,8 @@
  *     and when the repair reports no corruption left, a second check must
  *     find none (the repair's promise).
  *  2. A read-only open without the backing file: reads and block status.
- *  3. A read-write open (of a fresh copy): every kind of request, some
- *     concurrent, truncate, close.  The backing file is refused: an image
+ *  3. A read-write open (of a fresh copy): every kind of request (compressed
+ *     writes too), some concurrent, truncate, close.  The backing file is refused: an image
  *     that names one without recording its format is refused by the engine
  *     before any file is looked at; one that records it is not opened
  *     read-write (the name could be any file of the host), so nothing
@@ -148,6 +148,12 @@ static void run_ops(struct run *r, const struct script *s, bool read_only)
 			drain(r);
 		if (read_only && k != K_READ && k != K_STATUS)
 			k = (k & 1) ? K_STATUS : K_READ;
+		bool compressed = k == K_WRITE && (o->fill & 0x40);
+		if (compressed && !(o->fill & 0x20) && info.cluster_size) {
+			/* Whole clusters, mostly (the rest tests the refusal). */
+			off = QSM_ALIGN_DOWN(off, info.cluster_size);
+			len = QSM_ALIGN_UP(len, info.cluster_size);
+		}
 		/* Mostly inside the disk; the rest tests the bounds checks. */
 		if (!(o->fill & 0x80) && len > size - off)
 			len = size - off;
@@ -169,7 +175,10 @@ static void run_ops(struct run *r, const struct script *s, bool read_only)
 			ret = qsm_readv(r->img, off, rq->iov, 2, req_cb, rq);
 			break;
 		case K_WRITE:
-			ret = qsm_writev(r->img, off, rq->iov, 2, req_cb, rq);
+			if (compressed)
+				ret = qsm_write_compressed(r->img, off, rq->iov, 2, req_cb, rq);
+			else
+				ret = qsm_writev(r->img, off, rq->iov, 2, req_cb, rq);
 			break;
 		case K_ZERO:
 		case K_ZERO_UNMAP:

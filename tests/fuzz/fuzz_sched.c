@@ -17,9 +17,10 @@
  *               cache=unsafe promises nothing across a power loss, so its
  *               crashes are process kills: every completed write kept.
  *   byte 13     number of requests, 1..32
- *   6 bytes per request: kind (byte 0 modulo 6: write, read, zero write,
- *               zero write may-unmap, discard, flush; bits 3-4 alignment:
- *               none, 512, cluster), offset (bytes 1-2, a fraction of the
+ *   6 bytes per request: kind (byte 0 modulo 7: write, read, zero write,
+ *               zero write may-unmap, discard, flush, compressed write;
+ *               bits 3-4 alignment: none, 512, cluster; compressed writes
+ *               are always cluster-aligned), offset (bytes 1-2, a fraction of the
  *               size, plus byte 3 sectors), length (byte 4, up to 3
  *               clusters), iovec split (byte 5)
  *   the rest    the completion schedule: every choice of the sim's
@@ -94,9 +95,9 @@ static uint8_t next_byte(struct cursor *c)
 	return c->at < c->n ? c->p[c->at++] : 0;
 }
 
-enum kind { K_WRITE, K_READ, K_ZERO, K_ZERO_UNMAP, K_DISCARD, K_FLUSH };
+enum kind { K_WRITE, K_READ, K_ZERO, K_ZERO_UNMAP, K_DISCARD, K_FLUSH, K_COMPRESSED, K__COUNT };
 static const char *const kind_name[] = { "write", "read", "zero", "zero-unmap", "discard",
-					 "flush" };
+					 "flush", "compressed-write" };
 
 struct run;
 
@@ -174,13 +175,13 @@ static void decode(struct run *r, const uint8_t *data, size_t size)
 
 		o->r = r;
 		o->id = i;
-		o->kind = (enum kind)(k % 6);
+		o->kind = (enum kind)(k % K__COUNT);
 		o->t_done = T_NEVER;
 		if (o->kind == K_FLUSH)
 			continue;
 		o->off = (frac * c->size >> 16) + (uint64_t)sectors * 512;
 		o->len = 1 + (uint64_t)l * 3 * c->cluster / 256;
-		unsigned align = (k >> 3) & 3;
+		unsigned align = o->kind == K_COMPRESSED ? 2 : (k >> 3) & 3;
 		if (align == 1) {
 			o->off = QSM_ALIGN_DOWN(o->off, 512);
 			o->len = QSM_ALIGN_UP(o->len, 512);
@@ -202,7 +203,7 @@ static void decode(struct run *r, const uint8_t *data, size_t size)
 		}
 		if (o->kind == K_READ)
 			o->eff_len = 0;
-		if (o->kind == K_WRITE || o->kind == K_READ) {
+		if (o->kind == K_WRITE || o->kind == K_READ || o->kind == K_COMPRESSED) {
 			o->buf = malloc(o->len);
 			if (!o->buf)
 				abort();
@@ -215,6 +216,11 @@ static void decode(struct run *r, const uint8_t *data, size_t size)
 }
 
 /* --- the run -------------------------------------------------------------- */
+
+static bool is_write(const struct op *o)
+{
+	return o->kind == K_WRITE || o->kind == K_COMPRESSED;
+}
 
 static uint8_t pat(int id, uint64_t x)
 {
@@ -275,7 +281,7 @@ static void check_read(struct run *r, const struct op *o)
 		bool found = v == 0;
 		for (int i = 0; i < r->c.nops && !found; i++) {
 			const struct op *w = &r->ops[i];
-			found = w->kind == K_WRITE && w->submitted && w->t_sub < o->t_done &&
+			found = is_write(w) && w->submitted && w->t_sub < o->t_done &&
 				w->off <= x && x < w->off + w->len && pat(i, x) == v;
 		}
 		if (!found)
@@ -319,7 +325,7 @@ static int submit(struct run *r, struct op *o)
 	o->submitted = true;
 	o->t_sub = ++r->clock;
 	r->pending++;
-	if (o->kind == K_WRITE)
+	if (o->kind == K_WRITE || o->kind == K_COMPRESSED)
 		for (uint64_t d = 0; d < o->len; d++)
 			o->buf[d] = pat(o->id, o->off + d);
 	else if (o->kind == K_READ)
@@ -331,6 +337,7 @@ static int submit(struct run *r, struct op *o)
 	case K_ZERO_UNMAP:
 		return qsm_write_zeroes(r->img, o->off, o->len, QSM_ZERO_MAY_UNMAP, op_cb, o);
 	case K_DISCARD: return qsm_discard(r->img, o->off, o->len, op_cb, o);
+	case K_COMPRESSED: return qsm_write_compressed(r->img, o->off, o->iov, 2, op_cb, o);
 	default: return qsm_flush(r->img, op_cb, o);
 	}
 }
@@ -457,7 +464,7 @@ static void check_data(struct run *r)
 		bool seen = v == 0;
 		for (int i = 0; i < c->nops && !seen; i++) {
 			const struct op *w = &r->ops[i];
-			seen = w->kind == K_WRITE && w->submitted && w->off <= x &&
+			seen = is_write(w) && w->submitted && w->off <= x &&
 			       x < w->off + w->len && pat(i, x) == v;
 		}
 		if (!seen)
@@ -484,7 +491,7 @@ static void check_data(struct run *r)
 				memset(skip + a, 1, e - a);
 		}
 		for (uint64_t x = ws; x < we; x++) {
-			uint8_t want = w->kind == K_WRITE ? pat(i, x) : 0;
+			uint8_t want = is_write(w) ? pat(i, x) : 0;
 			if (!skip[x] && disk[x] != want)
 				bug(r, "op %d %s was durable; byte %#llx reads %#x, not %#x", i,
 				    kind_name[w->kind], (unsigned long long)x, disk[x], want);

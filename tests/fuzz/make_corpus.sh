@@ -20,8 +20,9 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 cd "$TMP"
 
-rm -rf "$OUT/fuzz_open" "$OUT/fuzz_sched"
+# Inputs that once found a bug (regress-*) are kept: every build replays them.
 mkdir -p "$OUT/fuzz_open" "$OUT/fuzz_sched"
+find "$OUT/fuzz_open" "$OUT/fuzz_sched" -type f ! -name 'regress-*' -delete
 
 mk() { qemu-img create -q -f qcow2 "$@"; }
 qio() { local f=$1; shift; local a=(); for c in "$@"; do a+=(-c "$c"); done; qemu-io -f qcow2 "${a[@]}" "$f" >/dev/null; }
@@ -84,7 +85,7 @@ keep big.qcow2 cluster8k.qcow2
 python3 - "$OUT/fuzz_sched" <<'PY'
 import struct, sys
 out = sys.argv[1]
-WRITE, READ, ZERO, ZERO_UNMAP, DISCARD, FLUSH = range(6)
+WRITE, READ, ZERO, ZERO_UNMAP, DISCARD, FLUSH, COMPRESSED = range(7)
 NOALIGN, SECTOR, CLUSTER = 0, 1 << 3, 2 << 3
 
 def op(kind, frac, length, align=NOALIGN, sectors=0, split=128):
@@ -116,6 +117,12 @@ inp('c512-refcount1-l2x1', 0, 16, rorder_idx=4, l2=0, depth=4,
     ops=tuple(op(WRITE, f * 4096, 20) for f in range(16)) + (op(FLUSH, 0, 0),))
 inp('c512-refcount64-lazy', 0, 8, lazy=True, rorder_idx=7, crash=20, keep=~0 & (2**64 - 1),
     ops=tuple(op(WRITE, f * 8192, 255, CLUSTER) for f in range(8)))
+inp('c512-compressed-crash', 0, 4, crash=12, keep=0x0f0f,
+    ops=(op(COMPRESSED, 0, 255), op(WRITE, 0x0010, 60), op(COMPRESSED, 0x2000, 90),
+         op(FLUSH, 0, 0), op(DISCARD, 0x2000, 255, CLUSTER), op(COMPRESSED, 0x8000, 170),
+         op(ZERO, 0x0000, 30), op(READ, 0, 255), op(FLUSH, 0, 0)))
+inp('c64k-v2-compressed', 3, 2, v2=True,
+    ops=(op(COMPRESSED, 0, 100), op(WRITE, 0x1000, 20), op(READ, 0, 255), op(FLUSH, 0, 0)))
 inp('c1k-depth1-overlap', 1, 1, depth=1, batch=0,
     ops=(op(WRITE, 0, 100), op(WRITE, 0x100, 100), op(ZERO, 0x80, 50), op(READ, 0, 255)))
 PY
