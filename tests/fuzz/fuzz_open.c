@@ -15,19 +15,17 @@
  *     find none (the repair's promise).
  *  2. A read-only open without the backing file: reads and block status.
  *  3. A read-write open (of a fresh copy): every kind of request (compressed
- *     writes too), some concurrent, truncate, close.  The backing file is refused: an image
- *     that names one without recording its format is refused by the engine
- *     before any file is looked at; one that records it is not opened
- *     read-write (the name could be any file of the host), so nothing
- *     outside the sim disk is ever opened.
+ *     writes too), some concurrent, truncate, close.  The backing file is
+ *     refused: an image that names one without recording its format is
+ *     refused by the engine before any file is looked at; one that records
+ *     it is not opened read-write (the name could be any file of the host),
+ *     so nothing outside the sim disk is ever opened.
  *     Oracle: an image the checker called clean (no corruption, no leak),
  *     on which the engine reported no error, is still free of corruption
  *     after the session and close.
  * Any sanitizer report, assertion, leak or hang (an accepted request that
  * never completes) is a bug.
  */
-#include <assert.h>
-#include <errno.h>
 #include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>
