@@ -258,6 +258,7 @@ static void image_free(struct qsm_image *img, bool abandon)
 	free(img->l1);
 	free(img->zero_buf);
 	free(img->pending_frees);
+	free(img->held_frees);
 	free(p->l2set.slots);
 	free(p);
 }

@@ -67,7 +67,10 @@
  *     refcounts) and reach the disk only through write-back batches, which
  *     order them refcounts < L2 < L1 with a sync between levels
  *     (sm/writeback.c); freed clusters are released only after the tables
- *     that stopped pointing at them are durable.
+ *     that stopped pointing at them are durable, and after every data I/O
+ *     that found them through the old entries has completed (submit_io
+ *     notes the host range in flight: an in-place write landing late in a
+ *     cluster handed to another allocation would overwrite its data).
  */
 #include <assert.h>
 #include <errno.h>
@@ -334,6 +337,12 @@ static void req_io_cb(struct qsm_io_req *io, int ret)
 {
 	struct qsm_req *req = container_of(io, struct qsm_req, io);
 	struct qsm_image *img = req->img;
+	if (req->io_busy) {
+		req->io_busy = false;
+		img->io_busy--;
+	}
+	if (img->nb_held_frees)
+		qsm_wb_release_held(img);
 	if (ret < 0)
 		qsm_sm_post(req, QSM_E_ERROR, ret);
 	else
@@ -341,7 +350,25 @@ static void req_io_cb(struct qsm_io_req *io, int ret)
 	qsm_sm_drain(img);
 }
 
-/* Submit the request's one data I/O; completion posts IO_DONE or ERROR. */
+bool qsm_host_io_busy(const struct qsm_image *img, uint64_t cluster)
+{
+	uint64_t lo = cluster << img->cluster_bits, hi = lo + img->cluster_size;
+	if (!img->io_busy)
+		return false;
+	for (const struct qsm_req *r = img->all; r; r = r->all_next)
+		if (r->io_busy && r->io_lo < hi && lo < r->io_hi)
+			return true;
+	return false;
+}
+
+/*
+ * Submit the request's one data I/O; completion posts IO_DONE or ERROR.
+ * The host range is noted while in flight: a cluster found through an L2
+ * entry (in-place writes, reads, COW sources, joined allocations) may be
+ * unmapped meanwhile by a discard, a zero write or a compressed write, and
+ * must not be handed to another allocation before this I/O is over, or a
+ * late write would land in someone else's data (writeback.c, rule 4).
+ */
 static enum qsm_event submit_io(struct qsm_req *req, enum qsm_io_op op, enum qsm_io_event tag,
 				uint64_t host, const struct iovec *iov, int iovcnt)
 {
@@ -353,6 +380,11 @@ static enum qsm_event submit_io(struct qsm_req *req, enum qsm_io_op op, enum qsm
 	};
 	if (op == QSM_IO_WRITE && host + len > img->file_end)
 		img->file_end = host + len;
+	assert(!req->io_busy);
+	req->io_busy = len > 0;
+	img->io_busy += req->io_busy;
+	req->io_lo = host;
+	req->io_hi = host + len;
 	qsm_io_submit(img->io, &req->io);
 	return QSM_E_WAIT;
 }

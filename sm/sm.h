@@ -201,6 +201,12 @@ struct qsm_req {
 	unsigned nb_cz, cz_pending;
 	int cz_ret;
 
+	/* The host bytes [io_lo, io_hi) of the data I/O in flight through
+	 * submit_io (io_busy): their clusters are not released (WB_RELEASE)
+	 * until it completes, see qsm_host_io_busy. */
+	bool io_busy;
+	uint64_t io_lo, io_hi;
+
 	/* Parallel I/O of one step (write-back levels issue several). */
 	struct qsm_io_req io;
 	unsigned io_pending;
@@ -295,8 +301,13 @@ struct qsm_image {
 	uint64_t wt_pending;
 	struct event *wb_ev;
 	bool wb_recheck;          /* wb_ev fired for a re-check, not a timeout */
-	uint64_t *pending_frees;          /* see qsm_free_cluster */
+	uint64_t *pending_frees;          /* see qsm_free_cluster_deferred */
 	size_t nb_pending_frees, cap_pending_frees;
+	/* Clusters whose release (their tables durable already) waits for
+	 * guest I/O still in flight on them: released as it completes. */
+	uint64_t *held_frees;
+	size_t nb_held_frees, cap_held_frees;
+	uint64_t io_busy;                 /* requests with io_busy set */
 
 	/* The run queue (posted events), drained by run_ev or inline from I/O
 	 * completions. */
@@ -340,6 +351,9 @@ void qsm_sm_start(struct qsm_req *req);
 void qsm_wake_all(struct qsm_wait **list, enum qsm_event ev, int ret);
 /* Print every live request and its state (for gdb and failing tests). */
 void qsm_image_dump(struct qsm_image *img, FILE *f);
+/* Is a data I/O in flight on this host cluster (a read or write that found
+ * it through an L2 entry, which may have changed since)? */
+bool qsm_host_io_busy(const struct qsm_image *img, uint64_t cluster);
 
 /* --- sm/writeback.c ------------------------------------------------------ */
 /* req wants the next write-back batch to complete it (event WB_DONE).  Starts
@@ -358,6 +372,8 @@ enum qsm_event qsm_wb_step(struct qsm_req *req, enum qsm_event ev, int ret);
 int qsm_wb_sync_all(struct qsm_image *img);
 /* Drop a cluster's refcount once the tables no longer pointing at it are durable. */
 int qsm_free_cluster_deferred(struct qsm_image *img, uint64_t host_offset);
+/* A data I/O completed: release the held frees no I/O is in flight on any more. */
+void qsm_wb_release_held(struct qsm_image *img);
 
 /* --- sm/image.c ---------------------------------------------------------- */
 /* Does the image name a backing file (opened or not)?  Unallocated clusters

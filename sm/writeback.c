@@ -25,7 +25,9 @@
  *     before the L2 level.
  *  3. An L2 table reaches the disk before the L1 entry pointing at it.
  *  4. A freed cluster's refcount drops only after the tables that stopped
- *     pointing at it are durable, and it can be reused only after that.
+ *     pointing at it are durable, and it can be reused only after that;
+ *     nor while a data I/O that found it through the old entry is still in
+ *     flight on it (held_frees, released as that I/O completes).
  *  5. A new refcount table is durable before the header names it; the old
  *     table is released after the header is durable.
  *
@@ -197,15 +199,50 @@ static int wb_collect(struct qsm_image *img, struct qsm_wb *wb, bool full)
 	return 0;
 }
 
-/* WB_RELEASE: rule 4 and 5. */
+/* Drop one reference of a freed cluster whose tables are durable. */
+static int release_cluster(struct qsm_image *img, uint64_t cluster)
+{
+	int r = qsm_refcount_update(img->rc, cluster, 1, -1);
+	if (r < 0)
+		return qsm_image_corrupt(img, "freeing cluster %#llx: refcount underflow",
+					 (unsigned long long)(cluster << img->cluster_bits));
+	return 0;
+}
+
+void qsm_wb_release_held(struct qsm_image *img)
+{
+	size_t n = 0;
+	for (size_t i = 0; i < img->nb_held_frees; i++) {
+		uint64_t c = img->held_frees[i];
+		if (qsm_host_io_busy(img, c))
+			img->held_frees[n++] = c;
+		else
+			(void)release_cluster(img, c); /* a failure is sticky (corrupt) */
+	}
+	img->nb_held_frees = n;
+}
+
+/* WB_RELEASE: rules 4 and 5. */
 static int wb_release(struct qsm_image *img, struct qsm_wb *wb)
 {
 	int ret = 0;
 	for (size_t i = 0; i < wb->nb_frees; i++) {
-		int r = qsm_refcount_update(img->rc, wb->frees[i], 1, -1);
+		uint64_t c = wb->frees[i];
+		if (qsm_host_io_busy(img, c)) {
+			if (img->nb_held_frees == img->cap_held_frees) {
+				size_t cap = img->cap_held_frees ? img->cap_held_frees * 2 : 16;
+				uint64_t *h = realloc(img->held_frees, cap * sizeof(*h));
+				if (!h)
+					continue; /* a leak (check repairs it), never a reuse */
+				img->held_frees = h;
+				img->cap_held_frees = cap;
+			}
+			img->held_frees[img->nb_held_frees++] = c;
+			continue;
+		}
+		int r = release_cluster(img, c);
 		if (r < 0 && !ret)
-			ret = qsm_image_corrupt(img, "freeing cluster %#llx: refcount underflow",
-						(unsigned long long)(wb->frees[i] << img->cluster_bits));
+			ret = r;
 	}
 	if (wb->rc.table_moved) {
 		int r = qsm_refcount_table_committed(img->rc, wb->rc.generation);

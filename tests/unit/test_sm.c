@@ -12,6 +12,10 @@
  *    At the end the image is reopened and compared whole, and checked with
  *    `qemu-img check` when it is installed.
  *    The same over a backing file (engine_backing_*).
+ *  - reuse: a cluster unmapped while a data I/O that found it through the
+ *    old L2 entry is still in flight is not handed to a new allocation
+ *    before that I/O is over (a late write would land in the new owner's
+ *    data, a late read would return it): LIFO completion order on the sim.
  *  - backing: reads through a shorter backing file, COW from it, zero write,
  *    discard and block status semantics (v2 and v3), no_backing, loops and
  *    unknown formats refused; raw images.
@@ -28,6 +32,7 @@
 
 #include "io/sim.h"
 #include "metadata/qcow2.h"
+#include "metadata/check.h"
 #include "sm/sm.h"
 
 /* --- table ----------------------------------------------------------------- */
@@ -788,6 +793,127 @@ START_TEST(close_finds_corruption)
 }
 END_TEST
 
+/* --- reuse of unmapped clusters --------------------------------------------- */
+
+/* The newest pending operation completes first: the oldest stays in flight
+ * as long as anything else is pending. */
+static uint64_t lifo_choose(void *opaque, uint64_t n)
+{
+	(void)opaque;
+	return n - 1;
+}
+
+struct reuse {
+	struct qsm_image *img;
+	uint8_t *abuf;
+	struct iovec aiov;
+	int a_ret, f_ret, w_ret, d_ret;
+	int done;
+};
+
+static void reuse_cb(void *opaque, int ret)
+{
+	int *r = opaque;
+	*r = ret;
+}
+
+static void reuse_a_cb(void *opaque, int ret)
+{
+	struct reuse *r = opaque;
+	r->a_ret = ret;
+	r->done++;
+}
+
+/* The flush completed, so the discarded cluster's release ran: allocate
+ * now, while the old request's I/O is still pending. */
+static void reuse_flush_cb(void *opaque, int ret)
+{
+	struct reuse *r = opaque;
+	r->f_ret = ret;
+	ck_assert_int_eq(qsm_writev(r->img, 4096, &r->aiov, 1, reuse_a_cb, r), 0);
+}
+
+/*
+ * Guest cluster 0 is mapped to host cluster X.  An old request (an in-place
+ * write, or a read) is submitted first and its I/O on X kept pending
+ * (LIFO); then cluster 0 is discarded, a flush makes the table durable
+ * (WB_RELEASE), and from the flush's callback a write allocates guest
+ * cluster 1.  X must not be that allocation: the old write landing late
+ * would overwrite guest cluster 1 (found by qsm fuzz, seed 166), the old
+ * read would race the new data write.
+ */
+START_TEST(unmapped_cluster_not_reused_under_io)
+{
+	bool old_is_read = _i == 1;
+	char path[400], err[256];
+	const unsigned cs = 4096;
+	snprintf(path, sizeof(path), "%s/reuse-%d.qcow2", tmpdir, _i);
+	struct qsm_create_opts co = { .size = 1 << 20, .cluster_size = cs, .compat = 3 };
+	ck_assert_msg(qsm_create(path, &co, err, sizeof(err)) == 0, "create: %s", err);
+	struct qsm_sim *sim = qsm_sim_new(7);
+	ck_assert_int_eq(qsm_sim_load_file(sim, path), 0);
+	struct event_base *base = event_base_new();
+	struct qsm_io *io;
+	ck_assert_int_eq(qsm_io_open_sim(base, sim, 0, &io), 0);
+	struct qsm_open_opts oo = { .cache = QSM_CACHE_NONE };
+	struct reuse r = { 0 };
+	ck_assert_msg(qsm_open_io(base, io, &oo, &r.img, err, sizeof(err)) == 0, "open: %s", err);
+
+	uint8_t *old = malloc(cs), *back = malloc(cs);
+	r.abuf = malloc(cs);
+	memset(old, 0x11, cs);
+	memset(r.abuf, 0xaa, cs);
+	r.aiov = (struct iovec){ r.abuf, cs };
+	ck_assert_int_eq(qsm_sync_pwrite(r.img, old, cs, 0), 0);
+	ck_assert_int_eq(qsm_sync_flush(r.img), 0);
+
+	qsm_sim_set_max_batch(sim, 1);
+	qsm_sim_set_chooser(sim, lifo_choose, NULL);
+	uint8_t *wbuf = malloc(cs);
+	memset(wbuf, 0x55, cs);
+	struct iovec wiov = { wbuf, cs };
+	r.w_ret = r.d_ret = r.f_ret = r.a_ret = 1;
+	ck_assert_int_eq(old_is_read ? qsm_readv(r.img, 0, &wiov, 1, reuse_cb, &r.w_ret)
+				     : qsm_writev(r.img, 0, &wiov, 1, reuse_cb, &r.w_ret), 0);
+	ck_assert_int_eq(qsm_discard(r.img, 0, cs, reuse_cb, &r.d_ret), 0);
+	ck_assert_int_eq(qsm_flush(r.img, reuse_flush_cb, &r), 0);
+	while (r.w_ret == 1 || r.a_ret == 1)
+		ck_assert_int_ne(event_base_loop(base, EVLOOP_ONCE), -1);
+	ck_assert_int_eq(r.w_ret, 0);
+	ck_assert_int_eq(r.d_ret, 0);
+	ck_assert_int_eq(r.f_ret, 0);
+	ck_assert_int_eq(r.a_ret, 0);
+	ck_assert_uint_eq(qsm_sim_races(sim), 0);
+	if (old_is_read)
+		ck_assert_msg(all_eq(wbuf, cs, 0x11) || all_eq(wbuf, cs, 0),
+			      "the read returned %#x, neither the old data nor zeros", wbuf[0]);
+
+	qsm_sim_set_chooser(sim, NULL, NULL);
+	ck_assert_int_eq(qsm_sync_pread(r.img, back, cs, cs), 0);
+	ck_assert_msg(all_eq(back, cs, 0xaa), "guest cluster 1 reads %#x, not the new write's 0xaa",
+		      back[0]);
+	ck_assert_int_eq(qsm_sync_pread(r.img, back, cs, 0), 0);
+	ck_assert_msg(all_eq(back, cs, 0) || all_eq(back, cs, 0x55), "guest cluster 0 reads %#x",
+		      back[0]);
+	ck_assert_int_eq(qsm_close(r.img), 0);
+	event_base_free(base);
+
+	/* Clean, leaks included: the held release happened. */
+	base = event_base_new();
+	ck_assert_int_eq(qsm_io_open_sim(base, sim, QSM_IO_RDONLY, &io), 0);
+	struct qsm_check_result res;
+	ck_assert_int_eq(qsm_check_image(io, 0, &res, NULL, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_check_exit_code(&res), 0);
+	qsm_io_close(io);
+	event_base_free(base);
+	qsm_sim_free(sim);
+	free(old);
+	free(back);
+	free(wbuf);
+	free(r.abuf);
+}
+END_TEST
+
 static Suite *sm_suite(void)
 {
 	Suite *s = suite_create("sm");
@@ -803,6 +929,10 @@ static Suite *sm_suite(void)
 	tcase_add_test(t, truncate_grow_shrink);
 	tcase_add_loop_test(t, engine_backing_sim, 0, 2);
 	tcase_add_loop_test(t, engine_backing_threads, 0, 2);
+	suite_add_tcase(s, t);
+	t = tcase_create("reuse");
+	tcase_add_checked_fixture(t, make_tmpdir, NULL);
+	tcase_add_loop_test(t, unmapped_cluster_not_reused_under_io, 0, 2);
 	suite_add_tcase(s, t);
 	t = tcase_create("backing");
 	tcase_set_timeout(t, 120);
