@@ -33,9 +33,13 @@
 static const struct {
 	const char *name, *rule;
 } mutants[] = {
+#ifdef QSM_MUTANTS
 #define X(id, name, rule) { name, rule },
 	QSM_MUTANTS_LIST(X)
 #undef X
+#else
+	{ "none", "" }, /* a normal build carries no mutant */
+#endif
 };
 
 #ifdef QSM_MUTANTS
