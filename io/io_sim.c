@@ -35,6 +35,11 @@
  * callbacks never run) and the handle is marked crashed: it drops whatever
  * is submitted later and may only be closed.
  *
+ * Keyed schedules (qsm_sim_set_keyed_schedule): each submitted request
+ * gets a rank hashed from the seed and the request itself (si_rank, parallel
+ * to si_pending); a pass completes the lowest ranks first, and how many
+ * comes from the lowest rank too.  No PRNG draw is involved.
+ *
  * Determinism: every choice comes from sm_rng or the chooser; the hash table depends only on
  * chunk indices; nothing depends on addresses or time.  Out of memory in the
  * stores aborts (this is a test device).
@@ -314,6 +319,8 @@ struct qsm_sim {
 	unsigned sm_max_batch;
 	uint64_t sm_max_size;              /* 0: unlimited, else -EFBIG past it */
 	qsm_sim_chooser sm_choose;         /* NULL: scheduling choices from sm_rng */
+	bool sm_keyed;                     /* qsm_sim_set_keyed_schedule */
+	uint64_t sm_flushes;               /* flushes submitted (keyed ranks) */
 	void *sm_choose_opaque;
 	uint64_t sm_races;
 	uint64_t sm_faults_fired;
@@ -331,6 +338,7 @@ struct qsm_io_sim {
 	struct qsm_sim *si_sim;
 	struct event *si_sched_ev;
 	struct qsm_io_req **si_pending;    /* P, in submission order */
+	uint64_t *si_rank;                 /* keyed schedules: each one's rank */
 	size_t si_npending, si_cappending;
 	bool si_crashed;
 };
@@ -453,6 +461,26 @@ void qsm_sim_set_chooser(struct qsm_sim *sim, qsm_sim_chooser fn, void *opaque)
 {
 	sim->sm_choose = fn;
 	sim->sm_choose_opaque = opaque;
+}
+
+void qsm_sim_set_keyed_schedule(struct qsm_sim *sim, bool on)
+{
+	sim->sm_keyed = on;
+}
+
+/* A keyed rank: a hash of the seed and what the operation is, not of when
+ * it came (flushes, all alike, count instead). */
+static uint64_t qsm_sim_rank(struct qsm_sim *sim, const struct qsm_io_req *req)
+{
+	uint64_t h = sim->sm_seed * 0x9E3779B97F4A7C15ull;
+	uint64_t k[4] = { (uint64_t)req->op << 8 | (uint64_t)req->event, req->offset, req->len,
+			  req->op == QSM_IO_FLUSH ? ++sim->sm_flushes : 0 };
+	for (int i = 0; i < 4; i++) {
+		h ^= k[i] + 0x632BE59BD9B4E019ull + (h << 6) + (h >> 2);
+		h *= 0xBF58476D1CE4E5B9ull;
+		h ^= h >> 31;
+	}
+	return h;
 }
 
 void qsm_sim_set_max_size(struct qsm_sim *sim, uint64_t max_size)
@@ -724,13 +752,31 @@ static void qsm_sim_sched_cb(evutil_socket_t fd, short what, void *arg)
 
 	if (!s->si_npending)
 		return;
-	uint64_t n = 1 + qsm_sim_sched_below(sim, QSM_MIN((uint64_t)sim->sm_max_batch,
+	uint64_t n;
+	if (sim->sm_keyed) {
+		/* Up to max_batch of the lowest ranks, how many from the lowest. */
+		uint64_t lo = UINT64_MAX;
+		for (size_t i = 0; i < s->si_npending; i++)
+			lo = QSM_MIN(lo, s->si_rank[i]);
+		n = 1 + (lo >> 7) % QSM_MIN((uint64_t)sim->sm_max_batch, (uint64_t)s->si_npending);
+	} else {
+		n = 1 + qsm_sim_sched_below(sim, QSM_MIN((uint64_t)sim->sm_max_batch,
 							  (uint64_t)s->si_npending));
+	}
 	while (n-- > 0 && s->si_npending > 0) {
-		size_t k = (size_t)qsm_sim_sched_below(sim, s->si_npending);
+		size_t k = 0;
+		if (sim->sm_keyed) {
+			for (size_t i = 1; i < s->si_npending; i++)
+				if (s->si_rank[i] < s->si_rank[k])
+					k = i;
+		} else {
+			k = (size_t)qsm_sim_sched_below(sim, s->si_npending);
+		}
 		struct qsm_io_req *req = s->si_pending[k];
 		memmove(s->si_pending + k, s->si_pending + k + 1,
 			(s->si_npending - k - 1) * sizeof(*s->si_pending));
+		memmove(s->si_rank + k, s->si_rank + k + 1,
+			(s->si_npending - k - 1) * sizeof(*s->si_rank));
 		s->si_npending--;
 
 		int ret = qsm_sim_perform(sim, req);
@@ -755,16 +801,20 @@ static void qsm_io_sim_submit(struct qsm_io *io, struct qsm_io_req *req)
 	if (s->si_npending == s->si_cappending) {
 		size_t cap = s->si_cappending ? s->si_cappending * 2 : 64;
 		struct qsm_io_req **p = realloc(s->si_pending, cap * sizeof(*p));
-		if (!p) {
+		uint64_t *rk = p ? realloc(s->si_rank, cap * sizeof(*rk)) : NULL;
+		if (p)
+			s->si_pending = p;
+		if (!rk) {
 			qsm_io_defer_complete_(io, req, -ENOMEM);
 			return;
 		}
-		s->si_pending = p;
+		s->si_rank = rk;
 		s->si_cappending = cap;
 	}
 	qsm_sim_race_check(s, req);
 	if (req->op == QSM_IO_FLUSH)
 		req->io_flushed_upto = sim->sm_cseq;
+	s->si_rank[s->si_npending] = sim->sm_keyed ? qsm_sim_rank(sim, req) : 0;
 	s->si_pending[s->si_npending++] = req;
 	event_active(s->si_sched_ev, EV_READ, 0);
 }
@@ -838,6 +888,7 @@ static void qsm_io_sim_close(struct qsm_io *io)
 	if (s->si_sched_ev)
 		event_free(s->si_sched_ev);
 	free(s->si_pending);
+	free(s->si_rank);
 	qsm_io_common_fini_(&s->c);
 	free(s);
 }

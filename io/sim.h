@@ -62,6 +62,16 @@ void qsm_sim_set_max_batch(struct qsm_sim *sim, unsigned max_batch);
 typedef uint64_t (*qsm_sim_chooser)(void *opaque, uint64_t n);
 void qsm_sim_set_chooser(struct qsm_sim *sim, qsm_sim_chooser fn, void *opaque);
 
+/* Keyed schedules: instead of drawing from the PRNG stream, each
+ * submitted operation gets a rank hashed from the seed and what it is (op,
+ * event, offset, length; flushes by their number), and every scheduler pass
+ * completes pending operations lowest rank first.  The order of two
+ * operations then does not depend on what else the run submitted, so a
+ * shrinker that removes requests keeps the rest of the schedule mostly
+ * intact (with the PRNG, removing one request reshuffles everything after
+ * it).  Still a function of the seed: runs replay. */
+void qsm_sim_set_keyed_schedule(struct qsm_sim *sim, bool on);
+
 /* The largest file the disk holds, as a file system's maximum file size
  * (0, the default: no limit).  An operation that would make the disk larger
  * fails with -EFBIG and changes nothing: writes, zero ranges, truncates and

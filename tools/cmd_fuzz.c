@@ -141,7 +141,7 @@ static void report_failure(struct fz_env *env, const struct fuzz_opts *o, struct
 	struct fz_case s;
 	if (fz_case_copy(&s, c) < 0)
 		return;
-	fz_shrink(env, &s, o->shrink_budget);
+	fz_shrink(env, &s, o->shrink_budget, why);
 	if (fz_run(env, &s, false, true, &res) == 0 && !res.ok) {
 		snprintf(path, sizeof(path), "%s/qsm-fuzz-%" PRIu64 ".min.replay", o->out, c->seed);
 		if (fz_case_save(&s, o->mutant, path, res.schedule_path, res.why) == 0)

@@ -234,6 +234,7 @@ void fz_case_generate(struct fz_case *c, uint64_t seed, const struct fz_gen *gen
 	default: c->depth = 33 + (int)qsm_rng_below(&g, 32); break;
 	}
 	c->max_batch = 1 + (unsigned)qsm_rng_below(&g, 4);
+	c->keyed = true;
 	unsigned max_clusters = qsm_rng_below(&g, 4) == 0 ? 48 : 5;
 	gen_ops(c, &g, QSM_MAX(nops, 2), max_clusters);
 }
@@ -1131,12 +1132,14 @@ int fz_run(struct fz_env *env, const struct fz_case *c, bool qemu_check_it, bool
 	if ((ret = qsm_sim_load_file(r.sim, top)) < 0)
 		goto setup_fail;
 	qsm_sim_set_max_batch(r.sim, c->max_batch);
+	qsm_sim_set_keyed_schedule(r.sim, c->keyed);
 	qsm_sim_set_race_hook(r.sim, race_cb, &r);
 	if (c->backing) {
 		r.bsim = qsm_sim_new(c->seed ^ 0x5eed5eedull);
 		if ((ret = qsm_sim_load_file(r.bsim, bk)) < 0)
 			goto setup_fail;
 		qsm_sim_set_max_batch(r.bsim, c->max_batch);
+		qsm_sim_set_keyed_schedule(r.bsim, c->keyed);
 	}
 	if (trace) {
 		snprintf(res->schedule_path, sizeof(res->schedule_path), "%s/schedule.log", env->tmpdir);
@@ -1295,7 +1298,7 @@ int fz_case_save(const struct fz_case *c, const char *mutant, const char *path,
 		"backing=%d backing-raw=%d backing-size=%" PRIu64 " compressed=%d\n",
 		c->cluster, c->size, c->compat, c->lazy, c->l2_tables, qsm_cache_mode_name(c->cache),
 		c->backing, c->backing_raw, c->backing_size, c->compressed);
-	fprintf(f, "schedule depth=%d batch=%u\n", c->depth, c->max_batch);
+	fprintf(f, "schedule depth=%d batch=%u keyed=%d\n", c->depth, c->max_batch, c->keyed);
 	if (c->crash_at)
 		fprintf(f, "crash point=%" PRIu64 " mode=%s torn=%d\n", c->crash_at,
 			fz_mode_name(c->crash_mode), c->torn);
@@ -1346,7 +1349,7 @@ int fz_case_load(struct fz_case *c, char *mutant, size_t mutant_len, const char 
 	while (fgets(line, sizeof(line), f)) {
 		lineno++;
 		char a[64] = "", b[64] = "", d[64] = "";
-		int lazy, backing, braw, comp, torn, once, fc;
+		int lazy, backing, braw, comp, torn, once, fc, keyed = 0;
 		unsigned long long x, y, sa, sb;
 		unsigned fl;
 		if (line[0] == '#' || line[0] == '\n')
@@ -1364,8 +1367,11 @@ int fz_case_load(struct fz_case *c, char *mutant, size_t mutant_len, const char 
 				goto bad;
 			continue;
 		}
-		if (sscanf(line, "schedule depth=%d batch=%u", &c->depth, &c->max_batch) == 2)
+		if (sscanf(line, "schedule depth=%d batch=%u keyed=%d", &c->depth, &c->max_batch,
+			   &keyed) >= 2) {
+			c->keyed = keyed; /* files from before keyed schedules: the PRNG */
 			continue;
+		}
 		if (sscanf(line, "crash point=%" SCNu64 " mode=%63s torn=%d", &c->crash_at, a, &torn) == 3) {
 			int m = find_name(mode_names, FZ__MODES, a);
 			if (m < 0)
@@ -1472,8 +1478,53 @@ static bool still_fails(struct fz_env *env, struct fz_case *c, unsigned *budget)
 	return false;
 }
 
-void fz_shrink(struct fz_env *env, struct fz_case *c, unsigned budget)
+/* Keep only the flushes and the requests whose range satisfies keep(). */
+static bool try_filter(struct fz_env *env, struct fz_case *c, unsigned *budget,
+		       bool (*keep)(const struct fz_op *o, uint64_t arg), uint64_t arg)
 {
+	struct fz_case t;
+	if (fz_case_copy(&t, c) < 0)
+		return false;
+	int n = 0;
+	for (int i = 0; i < t.nops; i++)
+		if (t.ops[i].kind == FZ_FLUSH || keep(&t.ops[i], arg))
+			t.ops[n++] = t.ops[i];
+	if (n == t.nops || n < 2) {
+		fz_case_free(&t);
+		return false;
+	}
+	t.nops = n;
+	if (still_fails(env, &t, budget)) {
+		fz_case_free(c);
+		*c = t;
+		return true;
+	}
+	fz_case_free(&t);
+	return false;
+}
+
+static bool touches_byte(const struct fz_op *o, uint64_t x)
+{
+	return o->off <= x && x < o->off + o->len;
+}
+
+static bool not_a_read(const struct fz_op *o, uint64_t arg)
+{
+	(void)arg;
+	return o->kind != FZ_READ;
+}
+
+void fz_shrink(struct fz_env *env, struct fz_case *c, unsigned budget, const char *why)
+{
+	/* First the big cuts: when the verdict names a byte, only the requests
+	 * touching it; then without the reads that did not fail. */
+	const char *b = why ? strstr(why, "byte 0x") : NULL;
+	if (b) {
+		uint64_t x = strtoull(b + 5, NULL, 16);
+		try_filter(env, c, &budget, touches_byte, x);
+	}
+	if (!why || !strstr(why, " read "))
+		try_filter(env, c, &budget, not_a_read, 0);
 	/* Requests: delta debugging over the list (the final flush stays). */
 	for (int chunk = QSM_MAX(c->nops / 2, 1); chunk >= 1 && budget; chunk /= 2) {
 		for (int at = 0; at + 1 < c->nops && budget;) {

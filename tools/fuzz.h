@@ -72,6 +72,7 @@ struct fz_case {
 	/* The schedule. */
 	int depth;                /* requests in flight at most */
 	unsigned max_batch;       /* sim completions per scheduler pass */
+	bool keyed;               /* keyed sim schedule (see io/sim.h): shrinks well */
 	/* At most one of: */
 	uint64_t crash_at;        /* crash at this I/O completion (1-based); 0: none */
 	enum fz_crash_mode crash_mode;
@@ -151,12 +152,14 @@ int fz_case_load(struct fz_case *c, char *mutant, size_t mutant_len, const char 
 		 char *err, size_t errlen);
 
 /*
- * Shrink a failing case: drop requests (halves, quarters, ... single ones),
- * then simplify the schedule, keeping each change that still fails; a crash
+ * Shrink a failing case: when its verdict `why` names a byte, keep only the
+ * requests touching it (and the flushes); drop the reads unless a read
+ * failed; then drop requests (halves, quarters, ... single ones) and
+ * simplify the schedule, keeping each change that still fails.  A crash
  * case looks for a failing crash point again after each change.  At most
  * `budget` runs.  c is replaced by the smallest failing case found.
  */
-void fz_shrink(struct fz_env *env, struct fz_case *c, unsigned budget);
+void fz_shrink(struct fz_env *env, struct fz_case *c, unsigned budget, const char *why);
 
 /* The named events a fault rule may target (every one the engine tags). */
 size_t fz_fault_events(const enum qsm_io_event **out);
