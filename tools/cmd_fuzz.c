@@ -38,6 +38,8 @@ static void usage(FILE *f)
 		"  --time SECONDS      stop starting runs after this long (default: no limit)\n"
 		"  --ops K             requests per run (default 20..100)\n"
 		"  --depth D           requests in flight at most (default 1..64)\n"
+		"  --schedule keyed|random  completion order: hashed per operation (default;\n"
+		"                      shrinks well) or drawn from the sim's PRNG stream\n"
 		"  --crash             crash runs at random I/O completions\n"
 		"  --points P          crash points per run (default 3)\n"
 		"  --faults            fault-injection runs (EIO/ENOSPC at named events)\n"
@@ -275,7 +277,7 @@ int cmd_fuzz(int argc, char **argv)
 {
 	enum { O_SEED = 256, O_RUNS, O_TIME, O_OPS, O_DEPTH, O_CRASH, O_POINTS, O_FAULTS, O_LAZY,
 	       O_CLUSTER, O_BACKING, O_NO_BACKING, O_COMPRESSED, O_QEMU, O_OUT, O_SHRINK, O_KEEP,
-	       O_REPLAY, O_MUTANT, O_LIST, O_FAULT_EVENT, O_LIST_EVENTS };
+	       O_REPLAY, O_MUTANT, O_LIST, O_FAULT_EVENT, O_LIST_EVENTS, O_SCHEDULE };
 	static const struct option longopts[] = {
 		{ "seed", required_argument, NULL, O_SEED },
 		{ "runs", required_argument, NULL, O_RUNS },
@@ -300,6 +302,7 @@ int cmd_fuzz(int argc, char **argv)
 		{ "list-mutants", no_argument, NULL, O_LIST },
 		{ "fault-event", required_argument, NULL, O_FAULT_EVENT },
 		{ "list-events", no_argument, NULL, O_LIST_EVENTS },
+		{ "schedule", required_argument, NULL, O_SCHEDULE },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -338,6 +341,13 @@ int cmd_fuzz(int argc, char **argv)
 			o.gen.depth = (int)v;
 			break;
 		case O_CRASH: o.gen.crash = true; break;
+		case O_SCHEDULE:
+			if (strcmp(optarg, "keyed") && strcmp(optarg, "random")) {
+				cli_error("fuzz", "--schedule: keyed or random, not '%s'", optarg);
+				return 2;
+			}
+			o.gen.prng_schedule = !strcmp(optarg, "random");
+			break;
 		case O_POINTS:
 			if (parse_u64("--points", optarg, &v) || v > 1000) return 2;
 			o.points = (unsigned)v;

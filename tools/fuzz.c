@@ -234,7 +234,7 @@ void fz_case_generate(struct fz_case *c, uint64_t seed, const struct fz_gen *gen
 	default: c->depth = 33 + (int)qsm_rng_below(&g, 32); break;
 	}
 	c->max_batch = 1 + (unsigned)qsm_rng_below(&g, 4);
-	c->keyed = true;
+	c->keyed = !gen->prng_schedule;
 	unsigned max_clusters = qsm_rng_below(&g, 4) == 0 ? 48 : 5;
 	gen_ops(c, &g, QSM_MAX(nops, 2), max_clusters);
 }
@@ -259,12 +259,13 @@ int fz_case_copy(struct fz_case *dst, const struct fz_case *src)
 void fz_case_str(const struct fz_case *c, char *buf, size_t len)
 {
 	int n = snprintf(buf, len, "seed %" PRIu64 " cache=%s%s compat %s cluster %u size %" PRIu64
-			 "K l2 %zu tables%s%s%s ops %d depth %d batch %u", c->seed,
+			 "K l2 %zu tables%s%s%s ops %d depth %d batch %u%s", c->seed,
 			 qsm_cache_mode_name(c->cache), c->lazy ? "+lazy" : "",
 			 c->compat == 2 ? "0.10" : "1.1", c->cluster, c->size >> 10, c->l2_tables,
 			 c->backing ? (c->backing_raw ? " backing raw" : " backing qcow2") : "",
 			 c->backing && c->backing_size < c->size ? " (shorter)" : "",
-			 c->compressed ? " compressed" : "", c->nops, c->depth, c->max_batch);
+			 c->compressed ? " compressed" : "", c->nops, c->depth, c->max_batch,
+			 c->keyed ? "" : " prng-schedule");
 	if (n < 0 || (size_t)n >= len)
 		return;
 	if (c->crash_at)

@@ -97,6 +97,7 @@ struct fz_gen {
 	int backing;              /* -1: drawn, 0 or 1 */
 	int compressed;           /* -1: drawn (needs qemu-img), 0 or 1 */
 	bool crash, faults;       /* which run kinds to mix in */
+	bool prng_schedule;       /* the sim's PRNG stream instead of keyed schedules */
 };
 
 struct fz_totals {
