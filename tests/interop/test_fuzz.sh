@@ -49,6 +49,7 @@ budget lazy 120 --crash --faults --lazy-refcounts
 budget backing 120 --crash --faults --backing
 budget compressed 60 --crash --compressed
 budget writethrough 80 --crash -t writethrough
+budget random-schedule 200 --crash --faults --schedule random
 
 # 2. Regressions.
 for f in "$INTEROP_DIR"/fuzz-regressions/*.replay; do
@@ -79,6 +80,7 @@ refused bad-option "unrecognized option" --no-such-option
 refused bad-event "no such event" --fault-event l3_update
 refused bad-runs "invalid number" --runs many
 refused bad-cluster "power of two" --cluster-size 1000
+refused bad-schedule "keyed or random" --schedule fifo
 refused missing-replay "cannot open" --replay "$WORK/nonexistent.replay"
 printf 'qsm-fuzz-replay 1\nseed 1\nimage cluster=512 size=1048576\n' >"$WORK/bad.replay"
 refused bad-replay "bad.replay:3: cannot parse" --replay "$WORK/bad.replay"
