@@ -40,9 +40,9 @@
  * to si_pending); a pass completes the lowest ranks first, and how many
  * comes from the lowest rank too.  No PRNG draw is involved.
  *
- * Determinism: every choice comes from sm_rng or the chooser; the hash table depends only on
- * chunk indices; nothing depends on addresses or time.  Out of memory in the
- * stores aborts (this is a test device).
+ * Determinism: every choice comes from sm_rng or the chooser; the hash table
+ * depends only on chunk indices; nothing depends on addresses or time.  Out
+ * of memory in the stores aborts (this is a test device).
  *
  * Invariants:
  *  1. V == D + L applied in order.
