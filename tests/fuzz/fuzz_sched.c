@@ -47,6 +47,12 @@
  *  5. After the reopened image is closed, the check finds no corruption.
  * Self-test of the oracle: QSM_FUZZ_TAMPER=1 claims every successful write
  * durable even across a crash; the target must then fail within seconds.
+ *
+ * Replay: the input decides every choice of the sim disk, but two things
+ * depend on time: the write-back batch's group-commit timer (1 ms, waiting
+ * for writethrough writes still in flight) and compressed writes (deflated
+ * on worker threads, completed through the loop).  A report from a run
+ * using them may need several replays of its input (-runs=100 FILE).
  */
 #include <errno.h>
 #include <event2/event.h>
