@@ -351,6 +351,25 @@ static bool meta_has(const struct ck *c, uint64_t off)
 	return k < c->meta_n && (c->meta[k / 8] >> (k % 8)) & 1;
 }
 
+/* Would writing [off, off + len), entries of an L1 table, touch the header,
+ * the refcount table or a refcount block, or the snapshot table?  An L1
+ * table laid over them (a hostile or damaged header) is never written: as
+ * qemu's overlap check, which refuses such writes. */
+static bool l1_write_overlaps(const struct ck *c, uint64_t off, uint64_t len)
+{
+#define OVERLAP(o, l) ((l) != 0 && off < (o) + (l) && (o) < off + len)
+	if (OVERLAP(0, c->cs) || OVERLAP(c->h.refcount_table_offset, c->reft_size * 8) ||
+	    OVERLAP(c->h.snapshots_offset, c->snapshots_size))
+		return true;
+	for (uint64_t i = 0; i < c->reft_size; i++) {
+		uint64_t o = c->reft[i] & QCOW2_REFT_OFFSET_MASK;
+		if (o && OVERLAP(o, c->cs))
+			return true;
+	}
+	return false;
+#undef OVERLAP
+}
+
 static int build_meta(struct ck *c)
 {
 	free(c->meta);
@@ -511,7 +530,8 @@ static int check_l1(struct ck *c, uint64_t l1_offset, uint32_t l1_size, uint64_t
 		if (!e)
 			continue;
 		l2 = e & QCOW2_L1E_OFFSET_MASK;
-		if ((fix & QSM_CHECK_FIX_ERRORS) && (l2 >= c->file_size || (l2 & (c->cs - 1)))) {
+		if ((fix & QSM_CHECK_FIX_ERRORS) && (l2 >= c->file_size || (l2 & (c->cs - 1))) &&
+		    !l1_write_overlaps(c, l1_offset + 8ull * i, 8)) {
 			uint8_t z[8] = { 0 };
 			say(c, "Clearing L1 entry %" PRIu32 " of the L1 table at 0x%" PRIx64
 			       " (guest offset 0x%" PRIx64 "): %s\n", i, l1_offset,
@@ -937,10 +957,12 @@ static int check_copied(struct ck *c, unsigned fix)
 		if (get_refcount(c, l2 >> c->cb, &rc) < 0)
 			continue;
 		if ((rc == 1) != !!(e & QCOW2_OFLAG_COPIED)) {
+			bool fixing = repair &&
+				      !l1_write_overlaps(c, c->h.l1_table_offset + 8ull * i, 8);
 			c->res->corruptions++;
 			say(c, "%s OFLAG_COPIED L2 cluster: l1_index=%" PRIu32 " l1_entry=%" PRIx64
-			       " refcount=%" PRIu64 "\n", repair ? "Repairing" : "ERROR", i, e, rc);
-			if (repair) {
+			       " refcount=%" PRIu64 "\n", fixing ? "Repairing" : "ERROR", i, e, rc);
+			if (fixing) {
 				uint8_t be[8];
 				c->l1[i] = rc == 1 ? e | QCOW2_OFLAG_COPIED : e & ~QCOW2_OFLAG_COPIED;
 				qcow2_put_be64(be, c->l1[i]);

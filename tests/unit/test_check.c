@@ -645,6 +645,56 @@ START_TEST(test_rebuild_keeps_unfixed)
 }
 END_TEST
 
+/* Found by fuzz_open: a snapshot whose L1 table is at offset 0, over the
+ * header, so its first "entry" (the magic and version) points past the end
+ * of the file.  -r all cleared it, writing zeros over the magic: the image
+ * was no longer qcow2.  L1 entries lying on the header, the refcount
+ * structure or the snapshot table are now never written (qemu's overlap
+ * check refuses them too); the corruption stays, reported as left. */
+START_TEST(test_l1_over_header)
+{
+	struct qcow2_create_opts o = { .size = 65536, .cluster_bits = 9, .version = 3,
+				       .refcount_order = 4 };
+	struct event_base *b = event_base_new();
+	struct qsm_sim *sim = qsm_sim_new(1);
+	struct qsm_check_result r1, r2;
+	struct qsm_io *io;
+	uint8_t *img, hdr[8];
+	size_t len;
+	char err[128];
+
+	ck_assert_int_eq(qcow2_create_image(&o, &img, &len, err, sizeof(err)), 0);
+	/* One snapshot (table in a new cluster at the end): L1 at 0, 1 entry,
+	 * id "1", name "s", no extra data. */
+	size_t st = (len + 511) / 512 * 512;
+	img = realloc(img, st + 512);
+	memset(img + len, 0, st + 512 - len);
+	qcow2_put_be64(img + st, 0);     /* l1_table_offset */
+	qcow2_put_be32(img + st + 8, 1); /* l1_size */
+	qcow2_put_be16(img + st + 12, 1); /* id_str_size */
+	qcow2_put_be16(img + st + 14, 1); /* name_size */
+	img[st + 40] = '1';
+	img[st + 41] = 's';
+	qcow2_put_be32(img + 60, 1);     /* nb_snapshots */
+	qcow2_put_be64(img + 64, st);    /* snapshots_offset */
+	len = st + 512;
+	ck_assert_int_eq(qsm_sim_load_buf(sim, img, len), 0);
+
+	ck_assert_int_eq(qsm_io_open_sim(b, sim, 0, &io), 0);
+	ck_assert_msg(qsm_check_image(io, QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS, &r1, NULL,
+				      err, sizeof(err)) == 0, "%s", err);
+	ck_assert_int_eq(qsm_io_pread_sync(io, hdr, sizeof(hdr), 0), 0);
+	ck_assert_mem_eq(hdr, img, 8); /* magic and version untouched */
+	ck_assert_msg(qsm_check_image(io, 0, &r2, NULL, err, sizeof(err)) == 0, "%s", err);
+	ck_assert_uint_gt(r2.corruptions, 0);
+	ck_assert_uint_eq(r1.corruptions_left, r2.corruptions);
+	qsm_io_close(io);
+	qsm_sim_free(sim);
+	event_base_free(b);
+	free(img);
+}
+END_TEST
+
 static void add_case(Suite *s, const char *name, const TTest *t, int loop_end)
 {
 	TCase *tc = tcase_create(name);
@@ -664,6 +714,7 @@ static Suite *check_suite(void)
 	add_case(s, "rebuild_still_broken", test_rebuild_still_broken, 0);
 	add_case(s, "rebuild_too_large", test_rebuild_too_large, 0);
 	add_case(s, "rebuild_keeps_unfixed", test_rebuild_keeps_unfixed, 0);
+	add_case(s, "l1_over_header", test_l1_over_header, 0);
 	return s;
 }
 
