@@ -8,7 +8,8 @@
  * judged whole (the dry run, which also counts its I/O completions), then
  * crashed at --points completions drawn from the seed (keeping none, all, a
  * prefix, all but one or a random subset of the unflushed writes, one in
- * four with a torn write).  With --faults a run may instead carry a fault
+ * four with a torn write; the first point where at most three writes were
+ * unflushed, every subset of them too).  With --faults a run may instead carry a fault
  * rule: EIO or ENOSPC, once or persistent, on one named event, and maybe a
  * power loss after it.  On the first failure the case goes to a replay file,
  * is shrunk, and the small case goes to a second one; `--replay FILE` runs
@@ -211,6 +212,7 @@ static int fuzz(struct fz_env *env, const struct fuzz_opts *o)
 			unsigned n_meta = res.n_meta;
 			uint64_t meta_at[QSM_ARRAY_SIZE(res.meta_at)];
 			memcpy(meta_at, res.meta_at, sizeof(meta_at));
+			bool subsets_done = false;
 			for (unsigned p = 0; p < o->points && n && res.ok; p++) {
 				/* Half of them right after a metadata write or a
 				 * sync, where ordering bugs show. */
@@ -232,6 +234,28 @@ static int fuzz(struct fz_env *env, const struct fuzz_opts *o)
 				t.crash_points++;
 				t.torn += res.torn;
 				t.qemu_checks += res.qemu_checked;
+				/* Few writes at stake: every subset of them too
+				 * (once per run). */
+				uint64_t u = res.unflushed;
+				enum fz_crash_mode drawn = c.crash_mode;
+				bool torn = c.torn;
+				if (res.ok && u >= 1 && u <= 3 && !subsets_done &&
+				    c.cache != QSM_CACHE_UNSAFE) {
+					subsets_done = true;
+					c.crash_mode = FZ_KEEP_MASK;
+					c.torn = false;
+					for (uint64_t mask = 0; mask < (1ull << u) && res.ok; mask++) {
+						c.keep_mask = mask;
+						if (fz_run(env, &c, false, false, &res) < 0) {
+							cli_error("fuzz", "seed %" PRIu64 ": %s", seed, res.why);
+							fz_case_free(&c);
+							return 2;
+						}
+						t.crash_points++;
+					}
+					if (res.ok)
+						c.crash_mode = drawn, c.torn = torn;
+				}
 			}
 		}
 		fz_case_str(&c, cs, sizeof(cs));

@@ -63,7 +63,7 @@
 static const char *const kind_names[FZ__KINDS] = { "write", "read", "zero", "discard", "flush",
 						    "compressed" };
 static const char *const mode_names[FZ__MODES] = { "keep-none", "keep-all", "keep-prefix",
-						   "keep-all-but-one", "keep-random" };
+						   "keep-all-but-one", "keep-random", "keep-mask" };
 
 const char *fz_kind_name(enum fz_kind k)
 {
@@ -270,7 +270,10 @@ void fz_case_str(const struct fz_case *c, char *buf, size_t len)
 		return;
 	if (c->crash_at)
 		n += snprintf(buf + n, len - (size_t)n, " crash at %" PRIu64 " %s%s", c->crash_at,
-			      fz_mode_name(c->crash_mode), c->torn ? " torn" : "");
+			      c->crash_mode == FZ_KEEP_MASK ? "keep-mask" : fz_mode_name(c->crash_mode),
+			      c->torn ? " torn" : "");
+	if (c->crash_at && c->crash_mode == FZ_KEEP_MASK && n > 0 && (size_t)n < len)
+		n += snprintf(buf + n, len - (size_t)n, " %#" PRIx64, c->keep_mask);
 	if (c->fault && (size_t)n < len)
 		snprintf(buf + n, len - (size_t)n, " fault %s %s %s%s", qsm_io_event_name(c->fev),
 			 c->ferr == ENOSPC ? "ENOSPC" : "EIO", c->fonce ? "once" : "persistent",
@@ -627,6 +630,7 @@ static void do_crash(struct run *r)
 	case FZ_KEEP_ALL: keep = ~0ull, beyond = true; break;
 	case FZ_KEEP_PREFIX: keep = j >= 64 ? ~0ull : (1ull << j) - 1, beyond = j >= n; break;
 	case FZ_KEEP_ALL_BUT_ONE: keep = j >= 64 ? ~0ull : ~(1ull << j), beyond = true; break;
+	case FZ_KEEP_MASK: keep = c->keep_mask, beyond = false; break;
 	default:
 		keep = qsm_rng_next(&g) | (qsm_rng_next(&g) & 1 ? 0 : qsm_rng_next(&g));
 		beyond = qsm_rng_below(&g, 2);
@@ -634,6 +638,8 @@ static void do_crash(struct run *r)
 	}
 	size_t torn = c->torn && n ? (size_t)qsm_rng_below(&g, n) : SIZE_MAX;
 	uint64_t before = qsm_sim_torn(r->sim);
+	if (r->res)
+		r->res->unflushed = n;
 	qsm_sim_crash_torn(r->sim, keep, beyond, torn);
 	if (r->bsim)
 		qsm_sim_crash(r->bsim, 0, false); /* read-only: only drops its reads */
@@ -1301,8 +1307,8 @@ int fz_case_save(const struct fz_case *c, const char *mutant, const char *path,
 		c->backing, c->backing_raw, c->backing_size, c->compressed);
 	fprintf(f, "schedule depth=%d batch=%u keyed=%d\n", c->depth, c->max_batch, c->keyed);
 	if (c->crash_at)
-		fprintf(f, "crash point=%" PRIu64 " mode=%s torn=%d\n", c->crash_at,
-			fz_mode_name(c->crash_mode), c->torn);
+		fprintf(f, "crash point=%" PRIu64 " mode=%s torn=%d mask=%#" PRIx64 "\n", c->crash_at,
+			fz_mode_name(c->crash_mode), c->torn, c->keep_mask);
 	if (c->fault)
 		fprintf(f, "fault event=%s errno=%s once=%d then-crash=%d\n", qsm_io_event_name(c->fev),
 			c->ferr == ENOSPC ? "ENOSPC" : "EIO", c->fonce, c->fcrash);
@@ -1373,7 +1379,8 @@ int fz_case_load(struct fz_case *c, char *mutant, size_t mutant_len, const char 
 			c->keyed = keyed; /* files from before keyed schedules: the PRNG */
 			continue;
 		}
-		if (sscanf(line, "crash point=%" SCNu64 " mode=%63s torn=%d", &c->crash_at, a, &torn) == 3) {
+		if (sscanf(line, "crash point=%" SCNu64 " mode=%63s torn=%d mask=%" SCNx64, &c->crash_at,
+			   a, &torn, &c->keep_mask) >= 3) {
 			int m = find_name(mode_names, FZ__MODES, a);
 			if (m < 0)
 				goto bad;

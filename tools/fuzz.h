@@ -54,7 +54,7 @@ struct fz_op {
 };
 
 enum fz_crash_mode { FZ_KEEP_NONE, FZ_KEEP_ALL, FZ_KEEP_PREFIX, FZ_KEEP_ALL_BUT_ONE,
-		     FZ_KEEP_RANDOM, FZ__MODES };
+		     FZ_KEEP_RANDOM, FZ_KEEP_MASK, FZ__MODES };
 
 struct fz_case {
 	uint64_t seed;            /* the sim disk's PRNG and the images' prefill */
@@ -76,6 +76,7 @@ struct fz_case {
 	/* At most one of: */
 	uint64_t crash_at;        /* crash at this I/O completion (1-based); 0: none */
 	enum fz_crash_mode crash_mode;
+	uint64_t keep_mask;       /* FZ_KEEP_MASK: bit i keeps the i-th oldest unflushed write */
 	bool torn;                /* tear one kept write at a sector boundary */
 	bool fault;
 	enum qsm_io_event fev;
@@ -132,6 +133,7 @@ struct fz_result {
 	uint64_t meta_at[256];    /* the first of them that wrote metadata or synced */
 	unsigned n_meta;
 	bool crashed;
+	uint64_t unflushed;       /* completed writes not durable when it crashed */
 	uint64_t faults_fired, torn;
 	bool qemu_checked;
 	char schedule_path[512];  /* with fz_run(..., trace=true): the schedule log */
