@@ -874,6 +874,10 @@ struct event_base *qsm_image_base(struct qsm_image *img)
 
 const char *qsm_image_error(struct qsm_image *img)
 {
+	/* A read that failed in the backing chain: the image that knows why. */
+	for (struct qsm_image *i = img; i; i = i->backing)
+		if (i->errmsg[0])
+			return i->errmsg;
 	return img->errmsg;
 }
 

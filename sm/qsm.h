@@ -201,7 +201,9 @@ void qsm_get_info(struct qsm_image *img, struct qsm_info *info);
  * NULL when there is none or it was not opened (no_backing). */
 struct qsm_image *qsm_get_backing(struct qsm_image *img);
 /* A sentence explaining the image's last error (corruption found, feature
- * not supported, write-back failure), or "" when there was none. */
+ * not supported, write-back failure), or "" when there was none.  When the
+ * image has none, the first error of its backing chain (a corrupt backing
+ * file fails the reads that fall through to it). */
 const char *qsm_image_error(struct qsm_image *img);
 
 struct qsm_stats {
