@@ -24,6 +24,7 @@
 #include <check.h>
 #include <errno.h>
 #include <event2/event.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -694,6 +695,55 @@ START_TEST(backing_refusals)
 }
 END_TEST
 
+/* A read that falls through to a corrupt backing file fails, and the top
+ * image's qsm_image_error says why (the backing file's finding). */
+START_TEST(backing_error_explained)
+{
+	char b[400], t[400], err[512];
+	struct event_base *base = event_base_new();
+	struct qsm_image *img;
+	snprintf(b, sizeof(b), "%s/bad-base.qcow2", tmpdir);
+	snprintf(t, sizeof(t), "%s/bad-top.qcow2", tmpdir);
+	struct qsm_create_opts o = { .size = 1 << 20 };
+	ck_assert_int_eq(qsm_create(b, &o, err, sizeof(err)), 0);
+	uint8_t data[4096];
+	memset(data, 0x5a, sizeof(data));
+	ck_assert_int_eq(qsm_open(base, b, NULL, &img, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_sync_pwrite(img, data, sizeof(data), 0), 0);
+	ck_assert_int_eq(qsm_close(img), 0);
+	/* Set a reserved bit (bit 2) in L2 entry 0 of the backing file. */
+	int fd = open(b, O_RDWR);
+	uint8_t be[8];
+	ck_assert_int_eq(pread(fd, be, 8, 40), 8); /* l1_table_offset */
+	uint64_t l1 = 0, l2 = 0, e = 0;
+	for (int i = 0; i < 8; i++)
+		l1 = l1 << 8 | be[i];
+	ck_assert_int_eq(pread(fd, be, 8, (off_t)l1), 8);
+	for (int i = 0; i < 8; i++)
+		l2 = l2 << 8 | be[i];
+	l2 &= 0x00fffffffffffe00ull;
+	ck_assert_int_eq(pread(fd, be, 8, (off_t)l2), 8);
+	for (int i = 0; i < 8; i++)
+		e = e << 8 | be[i];
+	e |= 4;
+	for (int i = 7; i >= 0; i--, e >>= 8)
+		be[i] = (uint8_t)e;
+	ck_assert_int_eq(pwrite(fd, be, 8, (off_t)l2), 8);
+	close(fd);
+	o.backing_file = "bad-base.qcow2";
+	o.backing_format = "qcow2";
+	ck_assert_int_eq(qsm_create(t, &o, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_open(base, t, NULL, &img, err, sizeof(err)), 0);
+	ck_assert_str_eq(qsm_image_error(img), "");
+	ck_assert_int_lt(qsm_sync_pread(img, data, sizeof(data), 0), 0);
+	ck_assert_msg(strstr(qsm_image_error(img), "reserved"), "error: '%s'", qsm_image_error(img));
+	qsm_close(img);
+	unlink(t);
+	unlink(b);
+	event_base_free(base);
+}
+END_TEST
+
 /* A raw image: requests straight to the file, virtual size = file size. */
 START_TEST(raw_image)
 {
@@ -939,6 +989,7 @@ static Suite *sm_suite(void)
 	tcase_add_checked_fixture(t, make_tmpdir, NULL);
 	tcase_add_loop_test(t, backing_semantics, 0, 2);
 	tcase_add_test(t, backing_refusals);
+	tcase_add_test(t, backing_error_explained);
 	tcase_add_test(t, raw_image);
 	tcase_add_test(t, close_finds_corruption);
 	suite_add_tcase(s, t);
