@@ -47,6 +47,7 @@
  *  5. After the reopened image is closed, the check finds no corruption.
  * Self-test of the oracle: QSM_FUZZ_TAMPER=1 claims every successful write
  * durable even across a crash; the target must then fail within seconds.
+ * In a -DQSM_MUTANTS=ON build, QSM_FUZZ_MUTANT=NAME selects a mutant.
  *
  * Replay: the input decides every choice of the sim disk, but two things
  * depend on time: the write-back batch's group-commit timer (1 ms, waiting
@@ -84,6 +85,7 @@
 #define LSAN_ON() ((void)0)
 #endif
 
+int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define MAX_OPS 32
@@ -505,6 +507,24 @@ static void check_data(struct run *r)
 	}
 	free(skip);
 	free(disk);
+}
+
+/* QSM_FUZZ_MUTANT=NAME: run against one of the deliberate safety-rule
+ * violations of a -DQSM_MUTANTS=ON build (qsm_mutant_name), to see the
+ * oracle catch it. */
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+	(void)argc;
+	(void)argv;
+	const char *m = getenv("QSM_FUZZ_MUTANT");
+	if (m && *m) {
+		int ret = qsm_mutant_select(m);
+		if (ret < 0) {
+			fprintf(stderr, "fuzz_sched: mutant %s: %s\n", m, qsm_strerror(ret));
+			abort();
+		}
+	}
+	return 0;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
