@@ -16,7 +16,10 @@
  *               (qsm_sim_crash; bit 63 also stands for all later ones).
  *               cache=unsafe promises nothing across a power loss, so its
  *               crashes are process kills: every completed write kept.
- *   byte 13     number of requests, 1..32
+ *   byte 13     number of requests, 1..32 (bits 0-4); bits 5-7: when not
+ *               0, the run is two sessions, the first k/8 of the requests
+ *               (k = bits 5-7) in a first one closed cleanly, the rest after
+ *               a reopen (so tables exist on disk before a crash)
  *   6 bytes per request: kind (byte 0 modulo 7: write, read, zero write,
  *               zero write may-unmap, discard, flush, compressed write;
  *               bits 3-4 alignment: none, 512, cluster; compressed writes
@@ -133,6 +136,7 @@ struct cfg {
 	unsigned crash_at;
 	uint64_t keep_mask;
 	int nops;
+	int split;          /* 0, or requests [0, split) run in a first session */
 };
 
 struct run {
@@ -146,6 +150,8 @@ struct run {
 	uint64_t clock;
 	uint64_t completions;       /* non-read I/O completions */
 	bool crashed;
+	int closed_upto;            /* requests [0, closed_upto) ran in a session
+	                             * that closed cleanly: all durable */
 };
 
 static void decode(struct run *r, const uint8_t *data, size_t size)
@@ -172,7 +178,9 @@ static void decode(struct run *r, const uint8_t *data, size_t size)
 	c->crash_at |= next_byte(&in);
 	for (int i = 0; i < 8; i++)
 		c->keep_mask = c->keep_mask << 8 | next_byte(&in);
-	c->nops = 1 + next_byte(&in) % MAX_OPS;
+	b = next_byte(&in);
+	c->nops = 1 + (b & 31);
+	c->split = (b >> 5) * c->nops / 8;
 
 	for (int i = 0; i < c->nops; i++) {
 		struct op *o = &r->ops[i];
@@ -242,11 +250,12 @@ static uint8_t pat(int id, uint64_t x)
 static void cfg_print(const struct cfg *c)
 {
 	fprintf(stderr, "fuzz_sched: cluster %llu size %llu compat %s%s refcount_bits %u cache %s "
-		"l2 %u tables batch %u depth %d crash at %u keep %#llx, %d requests\n",
+		"l2 %u tables batch %u depth %d crash at %u keep %#llx, %d requests (%d in a "
+		"first session)\n",
 		(unsigned long long)c->cluster, (unsigned long long)c->size,
 		c->version == 2 ? "0.10" : "1.1", c->lazy ? " lazy" : "", 1u << c->refcount_order,
 		qsm_cache_mode_name(c->cache), c->l2_tables, c->max_batch, c->depth, c->crash_at,
-		(unsigned long long)c->keep_mask, c->nops);
+		(unsigned long long)c->keep_mask, c->nops, c->split);
 }
 
 static void ops_print(const struct run *r)
@@ -350,7 +359,8 @@ static int submit(struct run *r, struct op *o)
 	}
 }
 
-static void run_workload(struct run *r)
+/* One session: open, requests [from, to), close (or the crash). */
+static void run_workload(struct run *r, int from, int to)
 {
 	const struct cfg *c = &r->c;
 	struct qsm_io *io;
@@ -361,14 +371,14 @@ static void run_workload(struct run *r)
 		abort();
 	struct qsm_open_opts oo = { .cache = c->cache, .l2_cache_size = c->l2_tables * c->cluster };
 	if (qsm_open_io(r->base, io, &oo, &r->img, err, sizeof(err)) < 0)
-		bug(r, "a fresh image does not open: %s", err);
+		bug(r, "the image does not open for requests %d..%d: %s", from, to - 1, err);
 	io->trace = trace_cb;
 	io->trace_opaque = r;
 	qsm_sim_set_chooser(r->sim, choose, r);
 
-	int next = 0;
-	while (!r->crashed && (next < c->nops || r->pending)) {
-		while (!r->crashed && next < c->nops && r->pending < c->depth) {
+	int next = from;
+	while (!r->crashed && (next < to || r->pending)) {
+		while (!r->crashed && next < to && r->pending < c->depth) {
 			struct op *o = &r->ops[next++];
 			int ret = submit(r, o);
 			if (ret)
@@ -387,6 +397,7 @@ static void run_workload(struct run *r)
 		int ret = qsm_close(r->img);
 		if (ret)
 			bug(r, "close failed: %s", qsm_strerror(ret));
+		r->closed_upto = to;
 	}
 	r->img = NULL;
 }
@@ -433,6 +444,8 @@ static bool durable(const struct run *r, const struct op *w)
 {
 	if (w->t_done == T_NEVER || w->ret)
 		return false;
+	if (w->id < r->closed_upto)
+		return true; /* its session closed cleanly */
 	static int tamper = -1;
 	if (tamper < 0)
 		tamper = getenv("QSM_FUZZ_TAMPER") != NULL;
@@ -552,7 +565,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	free(img);
 	qsm_sim_set_max_batch(r.sim, c->max_batch);
 
-	run_workload(&r);
+	if (c->split)
+		run_workload(&r, 0, c->split);
+	if (!r.crashed)
+		run_workload(&r, c->split, c->nops);
 
 	/* 3. The image as the run left it. */
 	bool dirty = header_dirty(&r);

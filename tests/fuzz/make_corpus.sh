@@ -11,7 +11,8 @@
 # header cluster then holds a feature name table).
 # fuzz_sched: inputs in fuzz_sched.c's layout (see the comment there): every
 # cluster size and cache mode, v2 and lazy refcounts, with and without a
-# crash, overlapping writes, zero writes, discards and flushes.
+# crash, one or two sessions, overlapping writes, compressed writes, zero
+# writes, discards and flushes.
 set -eu
 
 SRC=$(cd "$(dirname "$0")" && pwd)
@@ -93,11 +94,12 @@ def op(kind, frac, length, align=NOALIGN, sectors=0, split=128):
     return bytes([kind | align, frac >> 8, frac & 255, sectors, length, split])
 
 def inp(name, cbits_idx, units, v2=False, lazy=False, cache=0, rorder_idx=0,
-        l2=0, batch=3, depth=15, crash=0, keep=0, ops=(), sched=b''):
+        l2=0, batch=3, depth=15, crash=0, keep=0, ops=(), sched=b'', split=0):
     b0 = cbits_idx | (units - 1) << 2
     b1 = (1 if v2 else 0) | (2 if lazy else 0) | cache << 2 | rorder_idx << 5
     b2 = l2 | batch << 2 | (depth - 1) << 4
-    data = bytes([b0, b1, b2]) + struct.pack('>HQ', crash, keep) + bytes([len(ops) - 1])
+    data = bytes([b0, b1, b2]) + struct.pack('>HQ', crash, keep)
+    data += bytes([(len(ops) - 1) | split << 5])  # split: first split/8 in a first session
     data += b''.join(ops) + sched
     open(f'{out}/{name}', 'wb').write(data)
 
@@ -123,6 +125,14 @@ inp('c512-compressed-crash', 0, 4, crash=12, keep=0x0f0f,
          op(ZERO, 0x0000, 30), op(READ, 0, 255), op(FLUSH, 0, 0)))
 inp('c64k-v2-compressed', 3, 2, v2=True,
     ops=(op(COMPRESSED, 0, 100), op(WRITE, 0x1000, 20), op(READ, 0, 255), op(FLUSH, 0, 0)))
+# Two sessions (the L2 table exists on disk when the second one starts),
+# lazy refcounts, a power loss keeping only the first unflushed write of
+# the second session's batch: catches the dirty-not-durable mutant.
+inp('c512-lazy-two-sessions-crash', 0, 2, lazy=True, crash=12, keep=0x1, split=4, depth=1,
+    ops=(op(WRITE, 0, 10), op(FLUSH, 0, 0), op(WRITE, 0x0400, 10), op(FLUSH, 0, 0)))
+inp('c4k-two-sessions', 2, 8, split=3,
+    ops=(op(WRITE, 0, 200), op(DISCARD, 0x1000, 255, CLUSTER), op(FLUSH, 0, 0),
+         op(WRITE, 0x0100, 100), op(ZERO, 0, 30), op(READ, 0, 255), op(FLUSH, 0, 0)))
 inp('c1k-depth1-overlap', 1, 1, depth=1, batch=0,
     ops=(op(WRITE, 0, 100), op(WRITE, 0x100, 100), op(ZERO, 0x80, 50), op(READ, 0, 255)))
 PY
