@@ -896,9 +896,10 @@ static void reuse_unmap_cb(void *opaque, int ret)
  * write, or a read) finds X and its I/O on X is kept pending (LIFO); then
  * cluster 0 is discarded (or a compressed write maps it elsewhere), from
  * that request's callback a flush makes the table durable (WB_RELEASE),
- * and from the flush's callback a write allocates guest cluster 1.  X must not be that allocation: the old write landing late
- * would overwrite guest cluster 1 (found by qsm fuzz, seed 166), the old
- * read would race the new data write.
+ * and from the flush's callback a write allocates guest cluster 1.  X must
+ * not be that allocation: the old write landing late would overwrite guest
+ * cluster 1 (found by qsm fuzz, seed 166), the old read would race the new
+ * data write.
  */
 START_TEST(unmapped_cluster_not_reused_under_io)
 {
