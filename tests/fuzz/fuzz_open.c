@@ -13,19 +13,21 @@
  *     check on a read-only handle; then a repair (-r all) on a fresh copy,
  *     and when the repair reports no corruption left, a second check must
  *     find none (the repair's promise).
- *  2. A read-only open without the backing file: reads and block status.
+ *  2. A read-only open, without the backing file or with it: reads and
+ *     block status.
  *  3. A read-write open (of a fresh copy): every kind of request (compressed
- *     writes too), some concurrent, truncate, close.  The backing file is
- *     refused: an image that names one without recording its format is
- *     refused by the engine before any file is looked at; one that records
- *     it is not opened read-write (the name could be any file of the host),
- *     so nothing outside the sim disk is ever opened.
+ *     writes too), some concurrent, truncate, close.
+ *     Backing files are simulated disks too (open_backing_io below): the
+ *     first holds the input's bytes again, deeper ones do not exist; no file
+ *     of the host is ever opened.  Compression work runs on the loop
+ *     (work_threads -1), so a run is a function of its input.
  *     Oracle: an image the checker called clean (no corruption, no leak),
  *     on which the engine reported no error, is still free of corruption
  *     after the session and close.
  * Any sanitizer report, assertion, leak or hang (an accepted request that
  * never completes) is a bug.
  */
+#include <errno.h>
 #include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,7 +36,6 @@
 #include "io/sim.h"
 #include "io/util.h"
 #include "metadata/check.h"
-#include "metadata/qcow2.h"
 #include "sm/qsm.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -61,6 +62,7 @@ struct script {
 	enum qsm_cache_mode cache;
 	bool small_cache;      /* an L2 cache of one table */
 	uint64_t seed;         /* sim scheduler */
+	bool ro_backing;       /* the read-only open opens the backing chain */
 	unsigned max_batch;
 	unsigned nops;
 	struct op ops[MAX_OPS];
@@ -76,7 +78,8 @@ static void decode(const uint8_t *data, size_t size, struct script *s)
 	s->cache = (enum qsm_cache_mode)(t[0] % 5);
 	s->small_cache = t[0] & 0x08;
 	s->max_batch = 1 + ((t[0] >> 4) & 3);
-	s->seed = t[0] >> 6;
+	s->seed = (t[0] >> 6) & 1;
+	s->ro_backing = t[0] & 0x80;
 	for (unsigned i = 0; i < MAX_OPS; i++) {
 		const uint8_t *b = t + 1 + i * OP_LEN;
 		struct op *o = &s->ops[s->nops++];
@@ -234,24 +237,41 @@ static int check(struct event_base *base, struct qsm_sim *sim, unsigned fix,
 	return ret;
 }
 
-/* Would a read-write open open a file outside the sim disk?  Yes when the
- * header names a backing file and records its format (the engine refuses a
- * backing file of unknown format before looking for it). */
-static bool opens_backing(const uint8_t *data, size_t size)
+/* Backing files live on simulated disks too (qsm_open_opts.open_backing_io):
+ * whatever name the image gives, the first backing file holds the input's
+ * bytes again (a qcow2 image naming itself is a chain of the same image, a
+ * raw backing file is the bytes as a disk); deeper ones do not exist.  So
+ * no file of the host is ever opened. */
+#define MAX_BACKING 2
+struct backing {
+	const uint8_t *data;
+	size_t size;
+	struct qsm_sim *sims[MAX_BACKING];
+	int n;
+};
+
+static int open_backing_io(void *opaque, struct event_base *base, const char *name, int flags,
+			   struct qsm_io **out)
 {
-	struct qcow2_header h;
-	size_t len = size < 512 ? size : 512;
-	size_t plen = qcow2_header_probe_len(data, len, size);
-	if (plen > size)
-		plen = size;
-	if (!plen)
-		plen = len;
-	memset(&h, 0, sizeof(h));
-	if (qcow2_header_parse(data, plen, size, &h, NULL, 0) < 0)
-		return false; /* the open fails at the same point */
-	bool opens = h.backing_file[0] && h.backing_format[0];
-	qcow2_header_release(&h);
-	return opens;
+	struct backing *b = opaque;
+	(void)name;
+	if (b->n == MAX_BACKING)
+		return -ENOENT;
+	struct qsm_sim *sim = qsm_sim_new((uint64_t)b->n + 1);
+	if (!sim)
+		abort();
+	b->sims[b->n++] = sim;
+	qsm_sim_set_max_size(sim, MAX_FILE);
+	qsm_sim_load_buf(sim, b->data, b->size);
+	return qsm_io_open_sim(base, sim, flags, out);
+}
+
+/* After the image (and with it the chain) is closed. */
+static void backing_free(struct backing *b)
+{
+	for (int i = 0; i < b->n; i++)
+		qsm_sim_free(b->sims[i]);
+	b->n = 0;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -287,34 +307,37 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 	}
 
-	/* 2. Read-only, one layer. */
+	/* 2. Read-only, one layer or with the backing chain. */
 	struct run r = { .base = base };
-	struct qsm_open_opts oo = { .read_only = true, .no_backing = true, .cache = s.cache,
-				    .l2_cache_size = s.small_cache ? 512 : 0 };
+	struct backing bk = { .data = data, .size = size };
+	struct qsm_open_opts oo = { .read_only = true, .no_backing = !s.ro_backing,
+				    .cache = s.cache, .l2_cache_size = s.small_cache ? 512 : 0,
+				    .work_threads = -1, .open_backing_io = open_backing_io,
+				    .open_backing_opaque = &bk };
 	qsm_sim_load_buf(sim, data, size);
 	if (qsm_open_io(base, open_sim(base, sim, QSM_IO_RDONLY), &oo, &r.img, err, sizeof(err)) == 0) {
 		run_ops(&r, &s, true);
 		qsm_close(r.img);
 	}
+	backing_free(&bk);
 
-	/* 3. Read-write. */
-	if (!opens_backing(data, size)) {
-		qsm_sim_load_buf(sim, data, size);
-		oo.read_only = false;
-		oo.no_backing = false;
-		if (qsm_open_io(base, open_sim(base, sim, 0), &oo, &r.img, err, sizeof(err)) == 0) {
-			run_ops(&r, &s, false);
-			bool engine_error = qsm_image_error(r.img)[0] != 0;
-			int close_ret = qsm_close(r.img);
-			if (clean && !engine_error && close_ret == 0 &&
-			    check(base, sim, 0, &res2) == 0 && (res2.incomplete || res2.corruptions)) {
-				fprintf(stderr, "fuzz_open: a clean image has %llu corruptions after a "
-					"read-write session without error (incomplete %d)\n",
-					(unsigned long long)res2.corruptions, res2.incomplete);
-				abort();
-			}
+	/* 3. Read-write, with the backing chain. */
+	qsm_sim_load_buf(sim, data, size);
+	oo.read_only = false;
+	oo.no_backing = false;
+	if (qsm_open_io(base, open_sim(base, sim, 0), &oo, &r.img, err, sizeof(err)) == 0) {
+		run_ops(&r, &s, false);
+		bool engine_error = qsm_image_error(r.img)[0] != 0;
+		int close_ret = qsm_close(r.img);
+		if (clean && !engine_error && close_ret == 0 &&
+		    check(base, sim, 0, &res2) == 0 && (res2.incomplete || res2.corruptions)) {
+			fprintf(stderr, "fuzz_open: a clean image has %llu corruptions after a "
+				"read-write session without error (incomplete %d)\n",
+				(unsigned long long)res2.corruptions, res2.incomplete);
+			abort();
 		}
 	}
+	backing_free(&bk);
 
 	qsm_sim_free(sim);
 	event_base_free(base);

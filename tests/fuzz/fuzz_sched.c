@@ -52,11 +52,11 @@
  * durable even across a crash; the target must then fail within seconds.
  * In a -DQSM_MUTANTS=ON build, QSM_FUZZ_MUTANT=NAME selects a mutant.
  *
- * Replay: the input decides every choice of the sim disk, but two things
- * depend on time: the write-back batch's group-commit timer (1 ms, waiting
- * for writethrough writes still in flight) and compressed writes (deflated
- * on worker threads, completed through the loop).  A report from a run
- * using them may need several replays of its input (-runs=100 FILE).
+ * Replay: the input decides every choice of the sim disk, and compression
+ * runs on the loop (work_threads -1), but one thing depends on time: the
+ * write-back batch's group-commit timer (1 ms, waiting for writethrough
+ * writes still in flight).  A report from a writethrough or directsync run
+ * may need several replays of its input (-runs=100 FILE).
  */
 #include <errno.h>
 #include <event2/event.h>
@@ -369,7 +369,8 @@ static void run_workload(struct run *r, int from, int to)
 	LSAN_OFF();
 	if (qsm_io_open_sim(r->base, r->sim, 0, &io) < 0)
 		abort();
-	struct qsm_open_opts oo = { .cache = c->cache, .l2_cache_size = c->l2_tables * c->cluster };
+	struct qsm_open_opts oo = { .cache = c->cache, .l2_cache_size = c->l2_tables * c->cluster,
+				    .work_threads = -1 };
 	if (qsm_open_io(r->base, io, &oo, &r->img, err, sizeof(err)) < 0)
 		bug(r, "the image does not open for requests %d..%d: %s", from, to - 1, err);
 	io->trace = trace_cb;
@@ -574,7 +575,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	bool dirty = header_dirty(&r);
 	check_image(&r, "after the run", c->lazy && dirty && r.crashed, r.crashed);
 	struct qsm_io *io;
-	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITEBACK };
+	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITEBACK, .work_threads = -1 };
 	if (qsm_io_open_sim(r.base, r.sim, 0, &io) < 0)
 		abort();
 	if (qsm_open_io(r.base, io, &oo, &r.img, err, sizeof(err)) < 0)
