@@ -326,8 +326,9 @@ static int fill(const char *path, const char *fmt, const struct fz_case *c, int 
 {
 	struct event_base *base = event_base_new();
 	struct qsm_image *img;
+	/* Preparation is not under test: no syncs, and the thread backend
+	 * (io_uring on tmpfs only adds worker wake-ups). */
 	struct qsm_open_opts oo = { .format = fmt, .cache = QSM_CACHE_UNSAFE, .aio = "threads" };
-	/* The backing file is not needed to write whole clusters. */
 	int ret = qsm_open(base, path, &oo, &img, err, errlen);
 	if (ret < 0) {
 		event_base_free(base);
