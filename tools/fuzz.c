@@ -1108,8 +1108,8 @@ static int read_all(struct run *r, bool read_only, uint8_t *disk, struct qsm_ima
 	return ret;
 }
 
-int fz_run(struct fz_env *env, const struct fz_case *c, bool qemu_check_it, bool trace,
-	   struct fz_result *res)
+static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check_it, bool trace,
+		    struct fz_result *res)
 {
 	struct run r = { .c = c, .env = env, .res = res };
 	char err[512] = "", msg[900];
@@ -1588,4 +1588,75 @@ size_t fz_fault_events(const enum qsm_io_event **out)
 {
 	*out = fault_events;
 	return QSM_ARRAY_SIZE(fault_events);
+}
+
+/* --- isolation ------------------------------------------------------------------ */
+
+/*
+ * Each run happens in a child process: an engine that aborts (an assertion,
+ * a sanitizer report) fails that case instead of killing the fuzzer, which
+ * then still writes the replay file and shrinks; and the memory a crashed
+ * run leaves behind by design (qsm_abandon forgets the requests in flight)
+ * goes with the child.  A run that neither crashes nor injects faults is
+ * checked for leaks before the child exits (LeakSanitizer builds).  The
+ * result comes back through a pipe.
+ */
+int fz_run(struct fz_env *env, const struct fz_case *c, bool qemu_check_it, bool trace,
+	   struct fz_result *res)
+{
+	struct { int ret; struct fz_result res; } msg;
+	int p[2];
+	if (env->in_process)
+		return run_here(env, c, qemu_check_it, trace, res);
+	memset(res, 0, sizeof(*res));
+	fflush(NULL);
+	if (pipe(p) < 0)
+		return run_here(env, c, qemu_check_it, trace, res);
+	pid_t pid = fork();
+	if (pid < 0) {
+		close(p[0]);
+		close(p[1]);
+		return run_here(env, c, qemu_check_it, trace, res);
+	}
+	if (pid == 0) {
+		close(p[0]);
+		msg.ret = run_here(env, c, qemu_check_it, trace, &msg.res);
+#ifdef __SANITIZE_ADDRESS__
+		if (msg.ret == 0 && msg.res.ok && !c->crash_at && !c->fault &&
+		    __lsan_do_recoverable_leak_check()) {
+			msg.res.ok = false;
+			snprintf(msg.res.why, sizeof(msg.res.why),
+				 "memory leaked (the LeakSanitizer report above says where)");
+		}
+#endif
+		ssize_t w = write(p[1], &msg, sizeof(msg));
+		_exit(w == (ssize_t)sizeof(msg) ? 0 : 1);
+	}
+	close(p[1]);
+	size_t got = 0;
+	while (got < sizeof(msg)) {
+		ssize_t n = read(p[0], (char *)&msg + got, sizeof(msg) - got);
+		if (n <= 0) {
+			if (n < 0 && errno == EINTR)
+				continue;
+			break;
+		}
+		got += (size_t)n;
+	}
+	close(p[0]);
+	int st;
+	while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+		;
+	if (got == sizeof(msg)) {
+		*res = msg.res;
+		return msg.ret;
+	}
+	res->ok = false;
+	if (WIFSIGNALED(st))
+		snprintf(res->why, sizeof(res->why), "the engine died: signal %d (%s); its message "
+			 "is above", WTERMSIG(st), strsignal(WTERMSIG(st)));
+	else
+		snprintf(res->why, sizeof(res->why), "the engine exited with status %d in the middle "
+			 "of the run", WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+	return 0;
 }

@@ -110,6 +110,7 @@ struct fz_env {
 	char tmpdir[256];         /* per-process scratch directory */
 	bool have_qemu_img;
 	bool verbose;
+	bool in_process;          /* run cases in this process (default: a child each) */
 	FILE *log;                /* progress and failures (stderr) */
 };
 
@@ -140,7 +141,10 @@ struct fz_result {
 };
 
 /*
- * Run the case and judge it (see the file comment).  qemu_check: also run
+ * Run the case and judge it (see the file comment), in a child process
+ * unless env->in_process: an engine that aborts fails the case ("the engine
+ * died") instead of the caller, and what a crashed run leaves allocated goes
+ * with the child.  qemu_check: also run
  * `qemu-img check` on the final image.  trace: write the I/O schedule (every
  * submission and completion) to result->schedule_path.  Returns 0, or -errno
  * when the run could not be set up at all (then result->why says why).
