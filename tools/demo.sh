@@ -8,7 +8,9 @@
 #     writes, discards, flushes, verified reads) through `qsm io` on the first
 #     and through QEMU's qemu-io on the twin;
 #  5. verifies: qemu-img check and qsm check on qsm's image, qemu-img compare
-#     of the two, then a short benchmark with engine counters.
+#     of the two, then a short benchmark with engine counters;
+#  6. compresses the image with qsm convert -c, maps it, and runs a short
+#     qsm fuzz session (crashes and faults on the simulated disk).
 set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
@@ -117,4 +119,14 @@ if "$QSM" bench --help >/dev/null 2>&1; then
 	"$QSM" bench -w -c 32768 -d 64 -s 4k -S 68k "$B"
 	qemu-img check -q "$B" && echo "benchmark image: qemu-img check clean"
 fi
+say "converting it: qsm convert -c (compression on worker threads) and qsm map"
+"$QSM" convert -c -O qcow2 "$IMG" "$WORK/compressed.qcow2"
+qemu-img compare -q "$IMG" "$WORK/compressed.qcow2" && echo "compressed copy: identical contents"
+printf '%s -> %s bytes\n' "$(stat -c %s "$IMG")" "$(stat -c %s "$WORK/compressed.qcow2")"
+"$QSM" map --output=json "$WORK/compressed.qcow2" | sed -n 1,4p
+
+say "fuzzing request orderings: 40 seeded runs with crashes and injected faults"
+"$QSM" fuzz --seed 1 --runs 40 --crash --faults --out "$WORK"
+echo "(qsm fuzz --help: longer runs, replay files, shrinking; the state diagrams: qsm graph)"
+
 say "done: files in $WORK"
