@@ -1651,12 +1651,23 @@ static enum qsm_event cow_read_backing(struct qsm_req *req)
 	if (posix_memalign((void **)&run->bounce, 4096, blen))
 		return fail(req, -ENOMEM);
 	memset(run->bounce, 0, blen);
-	if (run->cow_head)
-		part[n++] = (typeof(part[0])){ QSM_ALIGN_DOWN(run->offset, img->cluster_size),
-					       run->cow_head, run->bounce };
-	if (run->cow_tail)
-		part[n++] = (typeof(part[0])){ run->offset + run->bytes, run->cow_tail,
-					       cow_tail_buf(req) };
+	uint64_t cstart = QSM_ALIGN_DOWN(run->offset, img->cluster_size);
+	uint64_t bsize = img->backing->hdr.size;
+	if (run->nb_clusters == 1 && run->bytes <= img->cluster_size / 2 && cstart < bsize) {
+		/* A small write: read the whole cluster, the part the write will
+		 * cover included, in one request.  One read instead of two, and
+		 * the reads of neighbouring clusters touch, so the block layer
+		 * merges them (partial writes over a backing file go as fast as
+		 * the backing file reads sequentially). */
+		part[n++] = (typeof(part[0])){ cstart, QSM_MIN(img->cluster_size, bsize - cstart),
+					       run->bounce };
+	} else {
+		if (run->cow_head)
+			part[n++] = (typeof(part[0])){ cstart, run->cow_head, run->bounce };
+		if (run->cow_tail)
+			part[n++] = (typeof(part[0])){ run->offset + run->bytes, run->cow_tail,
+						       cow_tail_buf(req) };
+	}
 	assert(n > 0 && req->iov_cap >= 2);
 	req->io_pending = n;
 	req->io_ret = 0;
