@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "io/util.h"
@@ -139,8 +140,11 @@ static void report_failure(struct fz_env *env, const struct fuzz_opts *o, struct
 	/* Once more with the schedule log, for the replay file. */
 	fz_run(env, c, false, true, &res);
 	snprintf(path, sizeof(path), "%s/qsm-fuzz-%" PRIu64 ".replay", o->out, c->seed);
-	if (fz_case_save(c, o->mutant, path, res.schedule_path, why) == 0)
+	int ret = fz_case_save(c, o->mutant, path, res.schedule_path, why);
+	if (ret == 0)
 		fprintf(stderr, "  replay: qsm fuzz --replay %s\n", path);
+	else
+		cli_error("fuzz", "cannot write the replay file %s: %s", path, strerror(-ret));
 	struct fz_case s;
 	if (fz_case_copy(&s, c) < 0)
 		return;
@@ -443,6 +447,11 @@ int cmd_fuzz(int argc, char **argv)
 	}
 	if (o.mutant && select_mutant(o.mutant) < 0)
 		return 2;
+	struct stat st;
+	if (!replay_path && (stat(o.out, &st) < 0 || !S_ISDIR(st.st_mode))) {
+		cli_error("fuzz", "--out %s: not a directory (replay files go there)", o.out);
+		return 2;
+	}
 
 	struct fz_env env;
 	int ret = fz_env_init(&env, NULL);

@@ -81,6 +81,7 @@ refused bad-event "no such event" --fault-event l3_update
 refused bad-runs "invalid number" --runs many
 refused bad-cluster "power of two" --cluster-size 1000
 refused bad-schedule "keyed or random" --schedule fifo
+refused bad-out "not a directory" --runs 1 --out "$WORK/no-such-dir"
 refused missing-replay "cannot open" --replay "$WORK/nonexistent.replay"
 printf 'qsm-fuzz-replay 1\nseed 1\nimage cluster=512 size=1048576\n' >"$WORK/bad.replay"
 refused bad-replay "bad.replay:3: cannot parse" --replay "$WORK/bad.replay"
