@@ -389,3 +389,23 @@ void cli_progress_end(void)
 	}
 	progress.enabled = false;
 }
+
+int cli_check_format(const char *cmd, const char *fmt, bool raw_ok)
+{
+	if (!strcmp(fmt, "qcow2") || (raw_ok && !strcmp(fmt, "raw")))
+		return 0;
+	cli_error(cmd, "Unknown file format '%s' (qsm reads %s)", fmt,
+		  raw_ok ? "qcow2 and raw" : "qcow2 only");
+	return -EINVAL;
+}
+
+const char *cli_image_arg(const char *cmd, int argc, char **argv, int optind, const char *fmt,
+			  bool raw_ok)
+{
+	if (optind != argc - 1) {
+		cli_error(cmd, "Expecting one image file name");
+		fprintf(stderr, "Try 'qsm %s --help' for more information\n", cmd);
+		return NULL;
+	}
+	return cli_check_format(cmd, fmt, raw_ok) < 0 ? NULL : argv[optind];
+}

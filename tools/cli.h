@@ -36,6 +36,15 @@ int cmd_map(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
 int cmd_fuzz(int argc, char **argv);
 
+/* A format given with -f that qsm opens: "qcow2", or "raw" too when raw_ok.
+ * 0, or -EINVAL after printing "qsm CMD: Unknown file format ...". */
+int cli_check_format(const char *cmd, const char *fmt, bool raw_ok);
+/* The one image FILE left after the options (argv[optind]) with its -f
+ * format, checked as qemu-img does: NULL after printing "Expecting one image
+ * file name" and the --help hint, or the format error. */
+const char *cli_image_arg(const char *cmd, int argc, char **argv, int optind, const char *fmt,
+			  bool raw_ok);
+
 /* Print "qsm PREFIX: message\n" on stderr (prefix may be NULL). */
 void cli_error(const char *prefix, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));

@@ -188,16 +188,8 @@ int cmd_check(int argc, char **argv)
 			return 1;
 		}
 	}
-	if (optind != argc - 1) {
-		cli_error("check", "Expecting one image file name");
-		fprintf(stderr, "Try 'qsm check --help' for more information\n");
+	if (!(file = cli_image_arg("check", argc, argv, optind, fmt, false)))
 		return 1;
-	}
-	file = argv[optind];
-	if (strcmp(fmt, "qcow2")) {
-		cli_error("check", "Unknown file format '%s' (qsm reads qcow2 only)", fmt);
-		return 1;
-	}
 
 	base = event_base_new();
 	if (!base) {

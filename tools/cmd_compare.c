@@ -253,10 +253,8 @@ static int open_one(struct event_base *base, struct cmp_img *c, const char *fmt)
 	char err[512] = "";
 	struct qsm_info info;
 
-	if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
-		cli_error("compare", "Unknown file format '%s' (qsm reads qcow2 and raw)", fmt);
+	if (cli_check_format("compare", fmt, true) < 0)
 		return -EINVAL;
-	}
 	struct qsm_open_opts o = { .read_only = true, .no_repair = true, .format = fmt };
 	int r = qsm_open(base, c->name, &o, &c->img, err, sizeof(err));
 	if (r < 0) {

@@ -499,10 +499,8 @@ int cmd_convert(int argc, char **argv)
 	}
 	src_name = argv[optind];
 	dst_name = argv[optind + 1];
-	if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
-		cli_error("convert", "Unknown file format '%s' (qsm reads qcow2 and raw)", fmt);
+	if (cli_check_format("convert", fmt, true) < 0)
 		goto out;
-	}
 	if (strcmp(out_fmt, "qcow2") && strcmp(out_fmt, "raw")) {
 		cli_error("convert", "Unknown file format '%s'", out_fmt);
 		goto out;

@@ -237,16 +237,8 @@ int cmd_info(int argc, char **argv)
 			return 1;
 		}
 	}
-	if (optind != argc - 1) {
-		cli_error("info", "Expecting one image file name");
-		fprintf(stderr, "Try 'qsm info --help' for more information\n");
+	if (!(file = cli_image_arg("info", argc, argv, optind, fmt, true)))
 		return 1;
-	}
-	file = argv[optind];
-	if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
-		cli_error("info", "Unknown file format '%s' (qsm reads qcow2 and raw)", fmt);
-		return 1;
-	}
 
 	base = event_base_new();
 	if (!base) {

@@ -165,16 +165,8 @@ int cmd_map(int argc, char **argv)
 			return 1;
 		}
 	}
-	if (optind != argc - 1) {
-		cli_error("map", "Expecting one image file name");
-		fprintf(stderr, "Try 'qsm map --help' for more information\n");
+	if (!(file = cli_image_arg("map", argc, argv, optind, fmt, true)))
 		return 1;
-	}
-	file = argv[optind];
-	if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
-		cli_error("map", "Unknown file format '%s' (qsm reads qcow2 and raw)", fmt);
-		return 1;
-	}
 	base = event_base_new();
 	if (!base) {
 		cli_error("map", "cannot create an event loop");
