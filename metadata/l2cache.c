@@ -241,11 +241,13 @@ int qsm_l2_get(struct qsm_l2_cache *c, uint64_t offset, struct qsm_l2_table **ou
 	if (t) { /* LOADING: join its waiters */
 		c->hits++;
 		w->table = NULL;
+		w->waiting_on = t->loader;
 		w->next = t->waiters;
 		t->waiters = w;
 		return -EAGAIN;
 	}
 	c->misses++;
+	w->waiting_on = 0;
 	int ret = take_slot(c, w);
 	if (ret < 0)
 		return ret;
@@ -253,6 +255,7 @@ int qsm_l2_get(struct qsm_l2_cache *c, uint64_t offset, struct qsm_l2_table **ou
 	if (!t)
 		return -ENOMEM;
 	t->state = QSM_L2_LOADING;
+	t->loader = w->tag;
 	t->ref = 1; /* the loader's, invariant 2 */
 	w->table = NULL;
 	w->next = NULL;

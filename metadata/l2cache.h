@@ -46,6 +46,9 @@ struct qsm_l2_waiter {
 	struct qsm_l2_waiter *next;
 	struct qsm_l2_table *table;
 	void (*fn)(struct qsm_l2_waiter *w, int ret);
+	uint64_t tag;        /* the owner's name for itself (sm/: the request id) */
+	uint64_t waiting_on; /* set by -EAGAIN: the tag of the waiter whose get is
+			      * loading the table, or 0 (a slot wait, or our own load) */
 };
 
 enum qsm_l2_state { QSM_L2_LOADING, QSM_L2_READY };
@@ -57,6 +60,7 @@ struct qsm_l2_table {
 	enum qsm_l2_state state;
 	bool dirty;                 /* changed since last collected */
 	uint32_t dirty_lo, dirty_hi; /* changed bytes [lo, hi) while dirty */
+	uint64_t loader;            /* tag of the waiter whose get started the load */
 	bool fresh;                 /* created by qsm_l2_create, never collected: its
 				     * first write is tagged QSM_IO_EV_L2_ALLOC */
 	unsigned wb_busy;           /* collected copies whose write is in flight */

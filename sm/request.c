@@ -1064,8 +1064,10 @@ static enum qsm_event step_l2_lookup(struct qsm_req *req)
 	if (!run->l2) {
 		uint64_t l2_off = qsm_l1_get(img, run->l1_index) & QCOW2_L1E_OFFSET_MASK;
 		req->l2w.fn = l2_waiter_cb;
+		req->l2w.tag = req->id;
 		int ret = qsm_l2_get(&img->l2c, l2_off, &run->l2, &req->l2w);
 		if (ret == -EAGAIN) {
+			req->wait_for = req->l2w.waiting_on; /* another request's load */
 			img->stats.l2_misses++;
 			return QSM_E_CACHE_MISS;
 		}
@@ -1966,7 +1968,7 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 static bool waits_on_other(enum qsm_state s)
 {
 	return s == QSM_S_FROZEN || s == QSM_S_ALLOC_WAIT || s == QSM_S_JOIN_WRITE ||
-	       s == QSM_S_JOIN_WAIT || s == QSM_S_DURABLE_WAIT;
+	       s == QSM_S_JOIN_WAIT || s == QSM_S_DURABLE_WAIT || s == QSM_S_L2_LOAD;
 }
 
 /* The metadata batch a write-back level state writes, or NULL. */

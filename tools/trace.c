@@ -34,7 +34,8 @@
  * Text output: one line per request, printed when it completes; each state
  * visited in order, START left out, with what it found: "L2 lookup (hit)",
  * "L2 lookup (miss, load @0x50000)" (the load and the lookup after it folded
- * in), "cluster alloc @0x230000", "frozen behind #3", "durable wait
+ * in; "load @0x50000 by #2" when another request's load was waited for, with
+ * an arrow from it), "cluster alloc @0x230000", "frozen behind #3", "durable wait
  * (batch #9)", then "done 143us".
  */
 #include <errno.h>
@@ -251,7 +252,8 @@ static void j_state_slice(struct qsm_tracer *t, struct trec *r, const struct qsm
 static bool is_wait_exit(const char *from)
 {
 	return !strcmp(from, "FROZEN") || !strcmp(from, "ALLOC_WAIT") ||
-	       !strcmp(from, "JOIN_WAIT") || !strcmp(from, "DURABLE_WAIT");
+	       !strcmp(from, "JOIN_WAIT") || !strcmp(from, "DURABLE_WAIT") ||
+	       !strcmp(from, "L2_LOAD");
 }
 
 /* An arrow from the request waited on to the waiter resuming at `now`. */
@@ -322,8 +324,11 @@ static void text_state(struct trec *r, const struct qsm_trace_event *ev)
 	if (!strcmp(s, "L2_LOAD")) {
 		/* Folded into the lookup before it: "(miss, load @0x50000)";
 		 * WAKE: no table handed over (a cache slot freed), look up again. */
-		line_add(r, ", %s @0x%" PRIx64 ")", !strcmp(e, "LOADED") ? "load" : "waited",
+		line_add(r, ", %s @0x%" PRIx64, !strcmp(e, "LOADED") ? "load" : "waited",
 			 ev->l2_offset);
+		if (ev->wait_for)
+			line_add(r, " by #%" PRIu64, ev->wait_for);
+		line_add(r, ")");
 		r->l2_missed = false;
 		r->skip_lookup = true;
 		if (!strcmp(e, "ERROR"))

@@ -134,7 +134,7 @@ def check_trace(tag, json_path, text_path, finished=True):
             fail(f"{tag}: flow {fid} starts outside any slice of track {s['tid']}")
         fl = tracks.get(f["tid"], {"states": []})["states"]
         if f.get("bp") != "e" or not any(
-                x["name"] in ("FROZEN", "ALLOC_WAIT", "JOIN_WAIT", "DURABLE_WAIT") and
+                x["name"] in ("FROZEN", "ALLOC_WAIT", "JOIN_WAIT", "DURABLE_WAIT", "L2_LOAD") and
                 x["ts"] - eps <= f["ts"] <= x["ts"] + x["dur"] + eps for x in fl):
             fail(f"{tag}: flow {fid} does not end inside a wait slice of track {f['tid']}")
     stats["flows"] += len(flows)
