@@ -41,100 +41,25 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "sm/sm.h"
 #include "tools/cli.h"
 
-/* --- the table, from sm/states.def ---------------------------------------- */
-
-enum g_machine {
-#define MACHINE(name, desc) GM_##name,
-#define STATE(name, desc)
-#define EVENT(name, label)
-#define TRANSITION(m, from, ev, to)
-#include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
-	GM__COUNT
-};
-
-enum g_state {
-#define MACHINE(name, desc)
-#define STATE(name, desc) GS_##name,
-#define EVENT(name, label)
-#define TRANSITION(m, from, ev, to)
-#include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
-	GS__COUNT
-};
-
-enum g_event {
-#define MACHINE(name, desc)
-#define STATE(name, desc)
-#define EVENT(name, label) GE_##name,
-#define TRANSITION(m, from, ev, to)
-#include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
-	GE__COUNT
-};
-
-struct g_named {
-	const char *name, *text;
-};
-
-static const struct g_named machines[] = {
-#define MACHINE(name, desc) { #name, desc },
-#define STATE(name, desc)
-#define EVENT(name, label)
-#define TRANSITION(m, from, ev, to)
-#include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
-};
-
-static const struct g_named states[] = {
-#define MACHINE(name, desc)
-#define STATE(name, desc) { #name, desc },
-#define EVENT(name, label)
-#define TRANSITION(m, from, ev, to)
-#include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
-};
-
-static const struct g_named events[] = {
-#define MACHINE(name, desc)
-#define STATE(name, desc)
-#define EVENT(name, label) { #name, label },
-#define TRANSITION(m, from, ev, to)
-#include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
-};
+/* --- the table ------------------------------------------------------------ */
+/* Machines, states and events are the engine's own (sm/sm.h: the enums and
+ * qsm_*_name/desc/label); the edges come from sm/states.def in its order,
+ * which is the order of the committed diagrams. */
 
 struct g_transition {
-	enum g_machine m;
-	enum g_state from, to;
-	enum g_event ev;
+	enum qsm_machine m;
+	enum qsm_state from, to;
+	enum qsm_event ev;
 };
 
 static const struct g_transition transitions[] = {
 #define MACHINE(name, desc)
 #define STATE(name, desc)
 #define EVENT(name, label)
-#define TRANSITION(m, from, ev, to) { GM_##m, GS_##from, GS_##to, GE_##ev },
+#define TRANSITION(m, from, ev, to) { QSM_M_##m, QSM_S_##from, QSM_S_##to, QSM_E_##ev },
 #include "sm/states.def"
 #undef MACHINE
 #undef STATE
@@ -156,50 +81,50 @@ static void dot_str(FILE *f, const char *s)
 	}
 }
 
-static bool is_wait_state(enum g_state s)
+static bool is_wait_state(enum qsm_state s)
 {
-	return !strncmp(states[s].text, "wait:", 5);
+	return !strncmp(qsm_state_desc(s), "wait:", 5);
 }
 
 /* Which states machine m uses (appear in one of its transitions). */
-static void machine_states(enum g_machine m, bool used[GS__COUNT])
+static void machine_states(enum qsm_machine m, bool used[QSM_S__COUNT])
 {
-	memset(used, 0, sizeof(bool) * GS__COUNT);
+	memset(used, 0, sizeof(bool) * QSM_S__COUNT);
 	for (size_t i = 0; i < NB_TRANSITIONS; i++) {
 		if (transitions[i].m != m)
 			continue;
 		used[transitions[i].from] = used[transitions[i].to] = true;
 	}
-	used[GS_DONE] = true; /* every machine ends there, at least on ERROR */
-	used[GS_START] = true;
+	used[QSM_S_DONE] = true; /* every machine ends there, at least on ERROR */
+	used[QSM_S_START] = true;
 }
 
 /* One machine's nodes and edges (inside a cluster when `all`). */
-static void dot_machine(FILE *f, enum g_machine m, const char *ind)
+static void dot_machine(FILE *f, enum qsm_machine m, const char *ind)
 {
-	const char *mn = machines[m].name;
-	bool used[GS__COUNT];
+	const char *mn = qsm_machine_name(m);
+	bool used[QSM_S__COUNT];
 	machine_states(m, used);
 
 	/* The implicit error edges start from this box: every state but DONE. */
 	fprintf(f, "%ssubgraph cluster_%s_running {\n", ind, mn);
 	fprintf(f, "%s\tlabel=\"\"; style=dashed; color=gray75;\n", ind);
-	for (int s = 0; s < GS__COUNT; s++) {
-		if (!used[s] || s == GS_DONE)
+	for (int s = 0; s < QSM_S__COUNT; s++) {
+		if (!used[s] || s == QSM_S_DONE)
 			continue;
-		fprintf(f, "%s\t%s__%s [label=\"%s\", tooltip=\"", ind, mn, states[s].name,
-			states[s].name);
-		dot_str(f, states[s].text);
+		fprintf(f, "%s\t%s__%s [label=\"%s\", tooltip=\"", ind, mn, qsm_state_name(s),
+			qsm_state_name(s));
+		dot_str(f, qsm_state_desc(s));
 		fputc('"', f);
-		if (s == GS_START)
+		if (s == QSM_S_START)
 			fprintf(f, ", shape=ellipse");
-		else if (is_wait_state((enum g_state)s))
+		else if (is_wait_state((enum qsm_state)s))
 			fprintf(f, ", style=\"rounded,filled\", fillcolor=\"#fff2b3\"");
 		fprintf(f, "];\n");
 	}
 	fprintf(f, "%s}\n", ind);
 	fprintf(f, "%s%s__DONE [label=\"DONE\", tooltip=\"", ind, mn);
-	dot_str(f, states[GS_DONE].text);
+	dot_str(f, qsm_state_desc(QSM_S_DONE));
 	fprintf(f, "\", shape=ellipse, peripheries=2];\n");
 
 	for (size_t i = 0; i < NB_TRANSITIONS; i++) {
@@ -207,16 +132,16 @@ static void dot_machine(FILE *f, enum g_machine m, const char *ind)
 		if (t->m != m)
 			continue;
 		fprintf(f, "%s%s__%s -> %s__%s [id=\"%s:%s:%s:%s\", label=\"", ind, mn,
-			states[t->from].name, mn, states[t->to].name, mn, states[t->from].name,
-			events[t->ev].name, states[t->to].name);
-		dot_str(f, events[t->ev].text);
-		fprintf(f, "\", tooltip=\"%s --%s--> %s\"];\n", states[t->from].name,
-			events[t->ev].name, states[t->to].name);
+			qsm_state_name(t->from), mn, qsm_state_name(t->to), mn, qsm_state_name(t->from),
+			qsm_event_name(t->ev), qsm_state_name(t->to));
+		dot_str(f, qsm_event_label(t->ev));
+		fprintf(f, "\", tooltip=\"%s --%s--> %s\"];\n", qsm_state_name(t->from),
+			qsm_event_name(t->ev), qsm_state_name(t->to));
 	}
 	/* The dispatcher's implicit edges: ERROR from any state -> DONE. */
 	fprintf(f, "%s%s__START -> %s__DONE [id=\"%s:*:ERROR:DONE\", ltail=cluster_%s_running, "
 		   "label=\"", ind, mn, mn, mn, mn);
-	dot_str(f, events[GE_ERROR].text);
+	dot_str(f, qsm_event_label(QSM_E_ERROR));
 	fprintf(f, " (from any state)\", tooltip=\"any state --ERROR--> DONE (implicit in the "
 		   "dispatcher)\", style=dashed, color=gray60, fontcolor=gray45, arrowsize=0.6, "
 		   "constraint=false];\n");
@@ -232,28 +157,28 @@ static void put_lower(FILE *f, const char *s)
 static void dot_graph(FILE *f, int machine /* -1: all */)
 {
 	fprintf(f, "// Generated by `qsm graph --machine ");
-	put_lower(f, machine < 0 ? "all" : machines[machine].name);
+	put_lower(f, machine < 0 ? "all" : qsm_machine_name(machine));
 	fprintf(f, "` from sm/states.def: do not edit.\n");
-	fprintf(f, "digraph qsm_%s {\n", machine < 0 ? "all" : machines[machine].name);
+	fprintf(f, "digraph qsm_%s {\n", machine < 0 ? "all" : qsm_machine_name(machine));
 	fprintf(f, "\tgraph [compound=true, rankdir=TB, nodesep=0.25, ranksep=0.4, "
 		   "fontname=\"Helvetica\", fontsize=12, labelloc=t, label=\"");
 	if (machine < 0)
 		fprintf(f, "qsm request state machines");
 	else
-		fprintf(f, "qsm %s machine: ", machines[machine].name), dot_str(f, machines[machine].text);
+		fprintf(f, "qsm %s machine: ", qsm_machine_name(machine)), dot_str(f, qsm_machine_desc(machine));
 	fprintf(f, "\\n(generated from sm/states.def; dashed: any state goes to DONE on error)\"];\n");
 	fprintf(f, "\tnode [shape=box, style=rounded, fontname=\"Helvetica\", fontsize=10, "
 		   "height=0.3];\n");
 	fprintf(f, "\tedge [fontname=\"Helvetica\", fontsize=8, arrowsize=0.7];\n");
 	if (machine >= 0) {
-		dot_machine(f, (enum g_machine)machine, "\t");
+		dot_machine(f, (enum qsm_machine)machine, "\t");
 	} else {
-		for (int m = 0; m < GM__COUNT; m++) {
-			fprintf(f, "\tsubgraph cluster_%s {\n", machines[m].name);
-			fprintf(f, "\t\tlabel=\"%s: ", machines[m].name);
-			dot_str(f, machines[m].text);
+		for (int m = 0; m < QSM_M__COUNT; m++) {
+			fprintf(f, "\tsubgraph cluster_%s {\n", qsm_machine_name(m));
+			fprintf(f, "\t\tlabel=\"%s: ", qsm_machine_name(m));
+			dot_str(f, qsm_machine_desc(m));
 			fprintf(f, "\"; style=solid; color=gray40;\n");
-			dot_machine(f, (enum g_machine)m, "\t\t");
+			dot_machine(f, (enum qsm_machine)m, "\t\t");
 			fprintf(f, "\t}\n");
 		}
 	}
@@ -262,18 +187,18 @@ static void dot_graph(FILE *f, int machine /* -1: all */)
 
 static void list_table(FILE *f, int machine)
 {
-	for (int m = 0; m < GM__COUNT; m++)
+	for (int m = 0; m < QSM_M__COUNT; m++)
 		if (machine < 0 || machine == m)
-			fprintf(f, "machine %s %s\n", machines[m].name, machines[m].text);
-	for (int s = 0; s < GS__COUNT; s++)
-		fprintf(f, "state %s %s\n", states[s].name, states[s].text);
-	for (int e = 0; e < GE__COUNT; e++)
-		fprintf(f, "event %s %s\n", events[e].name, events[e].text);
+			fprintf(f, "machine %s %s\n", qsm_machine_name(m), qsm_machine_desc(m));
+	for (int s = 0; s < QSM_S__COUNT; s++)
+		fprintf(f, "state %s %s\n", qsm_state_name(s), qsm_state_desc(s));
+	for (int e = 0; e < QSM_E__COUNT; e++)
+		fprintf(f, "event %s %s\n", qsm_event_name(e), qsm_event_label(e));
 	for (size_t i = 0; i < NB_TRANSITIONS; i++) {
 		const struct g_transition *t = &transitions[i];
 		if (machine < 0 || machine == (int)t->m)
-			fprintf(f, "transition %s %s %s %s\n", machines[t->m].name,
-				states[t->from].name, events[t->ev].name, states[t->to].name);
+			fprintf(f, "transition %s %s %s %s\n", qsm_machine_name(t->m),
+				qsm_state_name(t->from), qsm_event_name(t->ev), qsm_state_name(t->to));
 	}
 }
 
@@ -353,8 +278,8 @@ static void graph_usage(FILE *f)
 		"and (dashed) the implicit error edge from any state to DONE.\n"
 		"\n"
 		"  -m, --machine NAME   one machine: ");
-	for (int m = 0; m < GM__COUNT; m++) {
-		put_lower(f, machines[m].name);
+	for (int m = 0; m < QSM_M__COUNT; m++) {
+		put_lower(f, qsm_machine_name(m));
 		fputc('|', f);
 	}
 	fprintf(f, "all\n"
@@ -371,8 +296,8 @@ static int parse_machine(const char *s)
 {
 	if (!strcasecmp(s, "all"))
 		return -1;
-	for (int m = 0; m < GM__COUNT; m++)
-		if (!strcasecmp(s, machines[m].name))
+	for (int m = 0; m < QSM_M__COUNT; m++)
+		if (!strcasecmp(s, qsm_machine_name(m)))
 			return m;
 	return -2;
 }
