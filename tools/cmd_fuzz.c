@@ -165,6 +165,69 @@ static double now_s(void)
 	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* Run c; -1 (after saying why) when the run could not even be set up. */
+static int run_case(struct fz_env *env, const struct fz_case *c, bool qemu_check,
+		    struct fz_result *res)
+{
+	if (fz_run(env, c, qemu_check, false, res) == 0)
+		return 0;
+	cli_error("fuzz", "seed %" PRIu64 ": %s", c->seed, res->why);
+	return -1;
+}
+
+/*
+ * The crash points of a run whose dry run (*res) passed: o->points of them
+ * drawn from g, half right after a metadata write or a sync, where ordering
+ * bugs show; at the first point with at most three unflushed writes, every
+ * subset of them too.  Stops at the first failure, leaving the failing
+ * crash point in c and its verdict in *res.  -1 when a run cannot be set up.
+ */
+static int explore_crashes(struct fz_env *env, const struct fuzz_opts *o, struct fz_case *c,
+			   struct qsm_rng *g, bool qc, struct fz_totals *t, struct fz_result *res)
+{
+	uint64_t n = res->completions;
+	unsigned n_meta = res->n_meta;
+	uint64_t meta_at[QSM_ARRAY_SIZE(res->meta_at)];
+	memcpy(meta_at, res->meta_at, sizeof(meta_at));
+	bool subsets_done = false;
+
+	for (unsigned p = 0; p < o->points && n && res->ok; p++) {
+		if (n_meta && qsm_rng_below(g, 2))
+			c->crash_at = meta_at[qsm_rng_below(g, n_meta)];
+		else
+			c->crash_at = 1 + qsm_rng_below(g, n);
+		uint64_t m = qsm_rng_below(g, 10);
+		c->crash_mode = c->cache == QSM_CACHE_UNSAFE ? FZ_KEEP_ALL
+				: m < 1 ? FZ_KEEP_NONE : m < 2 ? FZ_KEEP_ALL
+				: m < 4 ? FZ_KEEP_PREFIX : m < 6 ? FZ_KEEP_ALL_BUT_ONE
+				: FZ_KEEP_RANDOM;
+		c->torn = c->cache != QSM_CACHE_UNSAFE && qsm_rng_below(g, 4) == 0;
+		if (run_case(env, c, qc && p == 0, res) < 0)
+			return -1;
+		t->crash_points++;
+		t->torn += res->torn;
+		t->qemu_checks += res->qemu_checked;
+
+		uint64_t u = res->unflushed;
+		if (!res->ok || subsets_done || u < 1 || u > 3 || c->cache == QSM_CACHE_UNSAFE)
+			continue;
+		subsets_done = true;
+		enum fz_crash_mode drawn = c->crash_mode;
+		bool torn = c->torn;
+		c->crash_mode = FZ_KEEP_MASK;
+		c->torn = false;
+		for (uint64_t mask = 0; mask < (1ull << u) && res->ok; mask++) {
+			c->keep_mask = mask;
+			if (run_case(env, c, false, res) < 0)
+				return -1;
+			t->crash_points++;
+		}
+		if (res->ok)
+			c->crash_mode = drawn, c->torn = torn;
+	}
+	return 0;
+}
+
 static int fuzz(struct fz_env *env, const struct fuzz_opts *o)
 {
 	struct fz_totals t = { 0 };
@@ -198,8 +261,7 @@ static int fuzz(struct fz_env *env, const struct fuzz_opts *o)
 				c.lazy = true, c.compat = 3; /* only the dirty bit writes it */
 		}
 		bool qc = o->qemu_every && (i % o->qemu_every) == o->qemu_every - 1;
-		if (fz_run(env, &c, qc, false, &res) < 0) {
-			cli_error("fuzz", "seed %" PRIu64 ": %s", seed, res.why);
+		if (run_case(env, &c, qc, &res) < 0) {
 			fz_case_free(&c);
 			return 2;
 		}
@@ -210,57 +272,10 @@ static int fuzz(struct fz_env *env, const struct fuzz_opts *o)
 			t.fault_runs++;
 			t.faults_fired += res.faults_fired;
 		}
-		if (o->gen.crash && !fault && res.ok) {
-			/* Crash points spread over the run, from the seed. */
-			uint64_t n = res.completions;
-			unsigned n_meta = res.n_meta;
-			uint64_t meta_at[QSM_ARRAY_SIZE(res.meta_at)];
-			memcpy(meta_at, res.meta_at, sizeof(meta_at));
-			bool subsets_done = false;
-			for (unsigned p = 0; p < o->points && n && res.ok; p++) {
-				/* Half of them right after a metadata write or a
-				 * sync, where ordering bugs show. */
-				if (n_meta && qsm_rng_below(&g, 2))
-					c.crash_at = meta_at[qsm_rng_below(&g, n_meta)];
-				else
-					c.crash_at = 1 + qsm_rng_below(&g, n);
-				uint64_t m = qsm_rng_below(&g, 10);
-				c.crash_mode = c.cache == QSM_CACHE_UNSAFE ? FZ_KEEP_ALL
-					       : m < 1 ? FZ_KEEP_NONE : m < 2 ? FZ_KEEP_ALL
-					       : m < 4 ? FZ_KEEP_PREFIX : m < 6 ? FZ_KEEP_ALL_BUT_ONE
-					       : FZ_KEEP_RANDOM;
-				c.torn = c.cache != QSM_CACHE_UNSAFE && qsm_rng_below(&g, 4) == 0;
-				if (fz_run(env, &c, qc && p == 0, false, &res) < 0) {
-					cli_error("fuzz", "seed %" PRIu64 ": %s", seed, res.why);
-					fz_case_free(&c);
-					return 2;
-				}
-				t.crash_points++;
-				t.torn += res.torn;
-				t.qemu_checks += res.qemu_checked;
-				/* Few writes at stake: every subset of them too
-				 * (once per run). */
-				uint64_t u = res.unflushed;
-				enum fz_crash_mode drawn = c.crash_mode;
-				bool torn = c.torn;
-				if (res.ok && u >= 1 && u <= 3 && !subsets_done &&
-				    c.cache != QSM_CACHE_UNSAFE) {
-					subsets_done = true;
-					c.crash_mode = FZ_KEEP_MASK;
-					c.torn = false;
-					for (uint64_t mask = 0; mask < (1ull << u) && res.ok; mask++) {
-						c.keep_mask = mask;
-						if (fz_run(env, &c, false, false, &res) < 0) {
-							cli_error("fuzz", "seed %" PRIu64 ": %s", seed, res.why);
-							fz_case_free(&c);
-							return 2;
-						}
-						t.crash_points++;
-					}
-					if (res.ok)
-						c.crash_mode = drawn, c.torn = torn;
-				}
-			}
+		if (o->gen.crash && !fault && res.ok &&
+		    explore_crashes(env, o, &c, &g, qc, &t, &res) < 0) {
+			fz_case_free(&c);
+			return 2;
 		}
 		fz_case_str(&c, cs, sizeof(cs));
 		if (env->verbose)
