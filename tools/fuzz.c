@@ -10,22 +10,18 @@
  *   load      the image onto a sim disk seeded with the case's seed (and
  *             the backing file onto a second one, opened through
  *             qsm_open_opts.open_backing_io)
- *   workload  submit the requests, at most `depth` in flight, while the sim
- *             completes I/O in PRNG order; an io trace hook counts the
- *             completions and crashes the disk at crash_at, or a fault rule
- *             fails every I/O of one named event
- *   judge     the read oracle as reads complete; then the crash image or the
- *             cleanly closed image: structure (qsm_check_image, and
- *             qemu-img check when asked), durability, reopen and reuse
+ *   workload  the workload engine (tools/workload.h) submits the requests,
+ *             at most `depth` in flight, while the sim completes I/O in PRNG
+ *             order; an io trace hook counts the completions and crashes
+ *             the disk at crash_at, or a fault rule fails every I/O of one
+ *             named event
+ *   judge     the engine's read oracle as reads complete; then the crash
+ *             image or the cleanly closed image: structure (qsm_check_image,
+ *             and qemu-img check when asked), the engine's durability
+ *             register, reopen and reuse
  *
- * Logical time: every submission and completion ticks r->clock, so "A
- * completed before B was submitted" is a comparison of two numbers.
- *
- * Value of a write-like request at a byte it covers: a write's pattern
- * pat(id, x) (every request and offset looks different, so a misplaced or
- * stale sector is recognised), for compressed writes the same in runs of 64
- * equal bytes (so deflate has something to gain), zeros for zero writes and
- * discarded whole clusters.  A v2 image with a backing file discards nothing (sm/qsm.h).
+ * The requests' data, the logical clock and the oracles are the engine's
+ * (workload.h); the prefill uses its pattern with ids above any request's.
  */
 #include <errno.h>
 #include <event2/event.h>
@@ -43,6 +39,7 @@
 #include "io/util.h"
 #include "metadata/check.h"
 #include "tools/fuzz.h"
+#include "tools/workload.h"
 
 #ifdef __SANITIZE_ADDRESS__
 #include <sanitizer/lsan_interface.h>
@@ -55,34 +52,16 @@
 #define LSAN_ON() ((void)0)
 #endif
 
-#define T_NEVER UINT64_MAX
 /* Pattern ids of the prefilled data (requests use 0..nops-1). */
 #define PREFILL_TOP 1000001
 #define PREFILL_BACKING 1000002
 
-static const char *const kind_names[FZ__KINDS] = { "write", "read", "zero", "discard", "flush",
-						    "compressed" };
 static const char *const mode_names[FZ__MODES] = { "keep-none", "keep-all", "keep-prefix",
 						   "keep-all-but-one", "keep-random", "keep-mask" };
-
-const char *fz_kind_name(enum fz_kind k)
-{
-	return k < FZ__KINDS ? kind_names[k] : "?";
-}
 
 const char *fz_mode_name(enum fz_crash_mode m)
 {
 	return m < FZ__MODES ? mode_names[m] : "?";
-}
-
-/* Byte of request `id` at guest offset x. */
-static inline uint8_t pat(int id, uint64_t x)
-{
-	uint64_t h = x * 0x9E3779B97F4A7C15ull ^ ((uint64_t)id + 1) * 0xC2B2AE3D27D4EB4Full;
-	h ^= h >> 29;
-	h *= 0xBF58476D1CE4E5B9ull;
-	h ^= h >> 32;
-	return (uint8_t)h;
 }
 
 /* --- environment ------------------------------------------------------------- */
@@ -146,13 +125,13 @@ static void gen_ops(struct fz_case *c, struct qsm_rng *g, int nops, unsigned max
 		abort();
 	uint64_t maxlen = QSM_MIN(c->size / 4, (uint64_t)c->cluster * max_clusters);
 	for (int i = 0; i < nops; i++) {
-		struct fz_op *o = &c->ops[i];
+		struct wl_op *o = &c->ops[i];
 		uint64_t k = qsm_rng_below(g, 100);
-		o->kind = k < 55 ? FZ_WRITE : k < 68 ? FZ_READ : k < 76 ? FZ_ZERO : k < 84 ? FZ_DISCARD
-										   : FZ_FLUSH;
+		o->kind = k < 55 ? WL_WRITE : k < 68 ? WL_READ : k < 76 ? WL_ZERO : k < 84 ? WL_DISCARD
+										   : WL_FLUSH;
 		if (i == nops - 1)
-			o->kind = FZ_FLUSH;
-		if (o->kind == FZ_FLUSH)
+			o->kind = WL_FLUSH;
+		if (o->kind == WL_FLUSH)
 			continue;
 		o->len = 1 + qsm_rng_below(g, maxlen);
 		/* Half of them near a few hot spots, so that requests overlap. */
@@ -171,16 +150,16 @@ static void gen_ops(struct fz_case *c, struct qsm_rng *g, int nops, unsigned max
 		}
 		if (o->off + o->len > c->size)
 			o->len = c->size - o->off;
-		if (o->kind == FZ_WRITE && qsm_rng_below(g, 8) == 0) {
+		if (o->kind == WL_WRITE && qsm_rng_below(g, 8) == 0) {
 			/* Compressed: whole clusters (the disk is a multiple). */
-			o->kind = FZ_COMPRESSED;
+			o->kind = WL_COMPRESSED;
 			o->off = QSM_ALIGN_DOWN(o->off, c->cluster);
 			o->len = QSM_MIN(QSM_ALIGN_UP(o->len, c->cluster), (uint64_t)c->cluster * 4);
 			if (o->off + o->len > c->size)
 				o->len = c->size - o->off;
 		}
-		if (o->kind == FZ_ZERO)
-			o->zflags = qsm_rng_below(g, 2) ? QSM_ZERO_MAY_UNMAP : 0;
+		if (o->kind == WL_ZERO)
+			o->flags = qsm_rng_below(g, 2) ? QSM_ZERO_MAY_UNMAP : 0;
 		o->split_a = qsm_rng_below(g, o->len + 1);
 		o->split_b = o->split_a + qsm_rng_below(g, o->len - o->split_a + 1);
 	}
@@ -264,7 +243,8 @@ void fz_case_str(const struct fz_case *c, char *buf, size_t len)
 			 c->compat == 2 ? "0.10" : "1.1", c->cluster, c->size >> 10, c->l2_tables,
 			 c->backing ? (c->backing_raw ? " backing raw" : " backing qcow2") : "",
 			 c->backing && c->backing_size < c->size ? " (shorter)" : "",
-			 c->compressed ? " compressed" : "", c->nops, c->depth, c->max_batch,
+			 c->compressed ? " compressed" : c->empty ? " empty" : "", c->nops, c->depth,
+			 c->max_batch,
 			 c->keyed ? "" : " prng-schedule");
 	if (n < 0 || (size_t)n >= len)
 		return;
@@ -298,6 +278,8 @@ static uint64_t mix(uint64_t a, uint64_t b, uint64_t c)
 static bool prefilled(const struct fz_case *c, int layer, uint64_t cluster)
 {
 	uint64_t per_table = c->cluster / 8;
+	if (layer == PREFILL_TOP && c->empty)
+		return false;
 	if (layer == PREFILL_TOP && mix(c->seed, cluster / per_table, 7) % 2)
 		return false;
 	return mix(c->seed, cluster, (uint64_t)layer) % 100 < (layer == PREFILL_BACKING ? 50u : 40u);
@@ -317,7 +299,7 @@ static void initial_view(const struct fz_case *c, uint8_t *init)
 			b = QSM_MIN(b, c->backing_size);
 		if (id)
 			for (uint64_t x = a; x < b; x++)
-				init[x] = pat(id, x);
+				init[x] = wl_pattern(id, x);
 	}
 }
 
@@ -340,7 +322,7 @@ static int fill(const char *path, const char *fmt, const struct fz_case *c, int 
 			continue;
 		uint64_t a = cl * c->cluster, n = QSM_MIN((uint64_t)c->cluster, size - a);
 		for (uint64_t x = 0; x < n; x++)
-			buf[x] = pat(layer, a + x);
+			buf[x] = wl_pattern(layer, a + x);
 		ret = qsm_sync_pwrite(img, buf, n, a);
 		if (ret < 0)
 			qsm_set_err(err, errlen, "prefill write at %#" PRIx64 ": %s", a,
@@ -427,66 +409,21 @@ static int prepare(struct fz_env *env, const struct fz_case *c, char *err, size_
 
 /* --- the run ------------------------------------------------------------------- */
 
-struct op_state {
-	struct run *r;
-	int id;
-	uint64_t eff_off, eff_len;   /* the bytes it sets (discard: whole clusters) */
-	uint8_t *buf;
-	struct iovec iov[3];
-	int iovcnt;
-	bool submitted;
-	uint64_t t_sub, t_done;      /* logical clock; t_done T_NEVER unless acknowledged */
-	int ret;
-};
-
+/* One run: the case, its sim disks, and the workload engine's model
+ * (tools/workload.h) of the requests. */
 struct run {
 	const struct fz_case *c;
 	struct fz_env *env;
-	const uint8_t *init;
+	struct wl w;                 /* requests, clock, oracles; w.stopped: crashed */
 	struct event_base *base;
 	struct qsm_sim *sim, *bsim;
 	struct qsm_image *img;
-	struct op_state *st;
-	int pending;
-	uint64_t clock;
 	uint64_t completions;
-	bool crashed;
-	int op_errors;
-	char first_error[200];
-	uint64_t meta_fail;          /* clock at the first failed metadata write or sync */
-	enum qsm_io_event meta_fail_ev;
-	int violations;
-	char first_violation[400];
 	int close_ret;
-	bool clean_close;
 	uint64_t fired;
-	uint64_t races;              /* engine races (not asked for by the workload) */
-	char first_race[200];
 	struct fz_result *res;       /* metadata completions are noted there */
 	FILE *sched;                 /* schedule log, or NULL */
 };
-
-static void fail_note(struct run *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void fail_note(struct run *r, const char *fmt, ...)
-{
-	if (r->op_errors++ == 0) {
-		va_list ap;
-		va_start(ap, fmt);
-		vsnprintf(r->first_error, sizeof(r->first_error), fmt, ap);
-		va_end(ap);
-	}
-}
-
-static void violation(struct run *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void violation(struct run *r, const char *fmt, ...)
-{
-	if (r->violations++ == 0) {
-		va_list ap;
-		va_start(ap, fmt);
-		vsnprintf(r->first_violation, sizeof(r->first_violation), fmt, ap);
-		va_end(ap);
-	}
-}
 
 static bool is_meta_event(enum qsm_io_event ev)
 {
@@ -504,117 +441,6 @@ static bool is_read_event(enum qsm_io_event ev)
 {
 	return ev == QSM_IO_EV_DATA_READ || ev == QSM_IO_EV_L2_LOAD || ev == QSM_IO_EV_COW_READ ||
 	       ev == QSM_IO_EV_REFBLOCK_LOAD;
-}
-
-static inline bool is_data_write(enum fz_kind k)
-{
-	return k == FZ_WRITE || k == FZ_COMPRESSED;
-}
-
-static bool sets_data(const struct fz_op *o, const struct op_state *s)
-{
-	return s->submitted && s->eff_len &&
-	       (is_data_write(o->kind) || o->kind == FZ_ZERO || o->kind == FZ_DISCARD);
-}
-
-static inline bool covers(const struct op_state *s, uint64_t x)
-{
-	return s->eff_off <= x && x < s->eff_off + s->eff_len;
-}
-
-static inline uint8_t value_at(const struct fz_op *o, int id, uint64_t x)
-{
-	return o->kind == FZ_WRITE ? pat(id, x) : o->kind == FZ_COMPRESSED ? pat(id, x & ~63ull) : 0;
-}
-
-
-/*
- * The read oracle for one byte: may a read [t_sub, t_done] see v at x?
- * Candidates are the write-like requests covering x submitted before the
- * read ended, minus those overwritten for sure: W is out when a successful
- * W2 covering x was submitted after W completed and completed before the
- * read was submitted.  The initial content is a candidate until a
- * successful request covering x completed before the read was submitted.
- */
-static bool read_byte_ok(struct run *r, uint64_t t_sub, uint64_t t_done, uint64_t x, uint8_t v)
-{
-	const struct fz_case *c = r->c;
-	/* The latest submission among successful writes covering x that
-	 * completed before the read started: everything completed before it is
-	 * overwritten. */
-	uint64_t floor_sub = 0;
-	bool init_ok = true;
-	for (int i = 0; i < c->nops; i++) {
-		const struct op_state *s = &r->st[i];
-		if (!sets_data(&c->ops[i], s) || !covers(s, x) || s->t_done >= t_sub || s->ret)
-			continue;
-		init_ok = false;
-		floor_sub = QSM_MAX(floor_sub, s->t_sub);
-	}
-	if (init_ok && v == r->init[x])
-		return true;
-	for (int i = 0; i < c->nops; i++) {
-		const struct op_state *s = &r->st[i];
-		if (!sets_data(&c->ops[i], s) || !covers(s, x) || s->t_sub >= t_done)
-			continue;
-		if (s->t_done != T_NEVER && s->t_done < floor_sub)
-			continue;
-		if (value_at(&c->ops[i], i, x) == v)
-			return true;
-	}
-	return false;
-}
-
-static void check_read(struct run *r, int id)
-{
-	const struct fz_op *o = &r->c->ops[id];
-	const struct op_state *s = &r->st[id];
-	/* Every byte of short reads, a spread of long ones (and both ends). */
-	uint64_t step = o->len > 4096 ? 61 : 1;
-	for (uint64_t d = 0; d < o->len; d += step) {
-		if (!read_byte_ok(r, s->t_sub, s->t_done, o->off + d, s->buf[d])) {
-			violation(r, "op %d read %#" PRIx64 "+%" PRIu64 " returned byte %#" PRIx64
-				  " = %#x: neither the initial content nor any write that could be "
-				  "the last there", id, o->off, o->len, o->off + d, s->buf[d]);
-			return;
-		}
-		if (d + step >= o->len && d != o->len - 1)
-			d = o->len - 1 - step;
-	}
-}
-
-static void op_cb(void *opaque, int ret)
-{
-	struct op_state *s = opaque;
-	struct run *r = s->r;
-	const struct fz_op *o = &r->c->ops[s->id];
-	r->pending--;
-	if (r->crashed)
-		return; /* after the crash: the guest never heard of it */
-	s->ret = ret;
-	s->t_done = ++r->clock;
-	if (ret)
-		fail_note(r, "op %d (%s %#" PRIx64 "+%" PRIu64 ") failed: %s", s->id,
-			  fz_kind_name(o->kind), o->off, o->len, qsm_strerror(ret));
-	if (o->kind == FZ_READ && !ret)
-		check_read(r, s->id);
-	/* The sticky error: after a failed metadata write, later writes fail
-	 * with -EIO and reads still work. */
-	if (r->meta_fail && s->t_sub > r->meta_fail) {
-		const struct fz_case *c = r->c;
-		if ((is_data_write(o->kind) || o->kind == FZ_ZERO || o->kind == FZ_DISCARD) && ret != -EIO)
-			violation(r, "op %d %s %#" PRIx64 "+%" PRIu64 " submitted after the failed %s "
-				  "write returns %s, not -EIO (sticky error)", s->id,
-				  fz_kind_name(o->kind), o->off, o->len,
-				  qsm_io_event_name(r->meta_fail_ev), ret ? qsm_strerror(ret) : "success");
-		else if (o->kind == FZ_READ && ret && !(c->fault && is_read_event(c->fev)))
-			violation(r, "op %d read %#" PRIx64 "+%" PRIu64 " fails (%s) after the failed %s "
-				  "write: reads must still work", s->id, o->off, o->len,
-				  qsm_strerror(ret), qsm_io_event_name(r->meta_fail_ev));
-		else if (o->kind == FZ_FLUSH && !ret && c->cache != QSM_CACHE_UNSAFE)
-			violation(r, "op %d flush succeeds after the failed %s write", s->id,
-				  qsm_io_event_name(r->meta_fail_ev));
-	}
 }
 
 static void do_crash(struct run *r)
@@ -644,7 +470,7 @@ static void do_crash(struct run *r)
 	qsm_sim_crash_torn(r->sim, keep, beyond, torn);
 	if (r->bsim)
 		qsm_sim_crash(r->bsim, 0, false); /* read-only: only drops its reads */
-	r->crashed = true;
+	r->w.stopped = true;
 	if (r->sched)
 		fprintf(r->sched, "crash: %zu unflushed writes, %s, torn %s\n", n,
 			fz_mode_name(c->crash_mode), qsm_sim_torn(r->sim) > before ? "yes" : "no");
@@ -654,18 +480,15 @@ static void do_crash(struct run *r)
 static void io_trace_cb(void *opaque, const struct qsm_io_req *req, bool done, int ret)
 {
 	struct run *r = opaque;
-	if (r->sched && !r->crashed)
+	if (r->sched && !r->w.stopped)
 		fprintf(r->sched, "%s %s %s %#" PRIx64 "+%" PRIu64 "%s%s\n", done ? "done" : "submit",
 			qsm_io_op_name(req->op), qsm_io_event_name(req->event), req->offset, req->len,
 			done && ret ? " " : "", done && ret ? qsm_strerror(ret) : "");
-	if (done && ret < 0 && !r->crashed && !r->meta_fail && is_meta_event(req->event) &&
-	    req->op != QSM_IO_READ) {
-		r->meta_fail = ++r->clock;
-		r->meta_fail_ev = req->event;
-	}
+	if (done && ret < 0 && !r->w.stopped && is_meta_event(req->event) && req->op != QSM_IO_READ)
+		wl_note_meta_fail(&r->w, req->event);
 	/* Crash points are completions that change the disk or what is
 	 * durable: a read's completion leaves the disk as the one before. */
-	if (!done || r->crashed || req->op == QSM_IO_READ)
+	if (!done || r->w.stopped || req->op == QSM_IO_READ)
 		return;
 	++r->completions;
 	if (r->res && r->res->n_meta < QSM_ARRAY_SIZE(r->res->meta_at) &&
@@ -673,52 +496,6 @@ static void io_trace_cb(void *opaque, const struct qsm_io_req *req, bool done, i
 		r->res->meta_at[r->res->n_meta++] = r->completions;
 	if (r->completions == r->c->crash_at)
 		do_crash(r);
-}
-
-/* Two guest requests in flight together, a read and a write-like one,
- * that overlap: the workload itself races there. */
-static bool guest_overlap_in_flight(struct run *r)
-{
-	const struct fz_case *c = r->c;
-	for (int i = 0; i < c->nops; i++) {
-		const struct op_state *a = &r->st[i];
-		if (c->ops[i].kind != FZ_READ || !a->submitted || a->t_done != T_NEVER)
-			continue;
-		for (int j = 0; j < c->nops; j++) {
-			const struct fz_op *w = &c->ops[j];
-			const struct op_state *b = &r->st[j];
-			if ((w->kind == FZ_WRITE || w->kind == FZ_ZERO) && b->submitted &&
-			    b->t_done == T_NEVER && w->off < c->ops[i].off + c->ops[i].len &&
-			    c->ops[i].off < w->off + w->len)
-				return true;
-		}
-	}
-	return false;
-}
-
-/*
- * The sim saw a read of host bytes a write in flight changes.  Not the
- * engine's fault:
- *  - a guest read racing a guest write in place, which the workload asked for;
- *  - a compressed cluster read (whole sectors from its descriptor's offset,
- *    since the stream's length is not recorded) while another compressed
- *    cluster packed after it into the same sector is being written: the
- *    reader's stream ends before those bytes.  A write covering the reader's
- *    first byte would be a real race.
- */
-static void race_cb(void *opaque, const struct qsm_io_req *read, const struct qsm_io_req *write)
-{
-	struct run *r = opaque;
-	if (read->event == QSM_IO_EV_DATA_READ && write->event == QSM_IO_EV_DATA_WRITE &&
-	    guest_overlap_in_flight(r))
-		return;
-	if (write->event == QSM_IO_EV_COMPRESSED_WRITE && write->offset > read->offset)
-		return;
-	if (r->races++ == 0)
-		snprintf(r->first_race, sizeof(r->first_race),
-			 "%s read %#" PRIx64 "+%" PRIu64 " while %s write %#" PRIx64 "+%" PRIu64
-			 " was in flight", qsm_io_event_name(read->event), read->offset, read->len,
-			 qsm_io_event_name(write->event), write->offset, write->len);
 }
 
 static int open_backing_sim(void *opaque, struct event_base *base, const char *name, int flags,
@@ -738,75 +515,6 @@ static struct qsm_open_opts open_opts(struct run *r, bool read_only)
 		.work_threads = -1, /* deflate and inflate on the loop, in order: replayable */
 		.open_backing_io = r->bsim ? open_backing_sim : NULL, .open_backing_opaque = r,
 	};
-}
-
-static int submit(struct run *r, int i)
-{
-	const struct fz_op *o = &r->c->ops[i];
-	struct op_state *s = &r->st[i];
-	s->submitted = true;
-	s->t_sub = ++r->clock;
-	r->pending++;
-	if (o->kind == FZ_READ)
-		memset(s->buf, 0xee, o->len);
-	switch (o->kind) {
-	case FZ_WRITE: return qsm_writev(r->img, o->off, s->iov, s->iovcnt, op_cb, s);
-	case FZ_READ: return qsm_readv(r->img, o->off, s->iov, s->iovcnt, op_cb, s);
-	case FZ_ZERO: return qsm_write_zeroes(r->img, o->off, o->len, o->zflags, op_cb, s);
-	case FZ_DISCARD: return qsm_discard(r->img, o->off, o->len, op_cb, s);
-	case FZ_COMPRESSED:
-		return qsm_write_compressed(r->img, o->off, s->iov, s->iovcnt, op_cb, s);
-	default: return qsm_flush(r->img, op_cb, s);
-	}
-}
-
-static void setup_ops(struct run *r)
-{
-	const struct fz_case *c = r->c;
-	r->st = calloc((size_t)c->nops, sizeof(*r->st));
-	if (!r->st)
-		abort();
-	for (int i = 0; i < c->nops; i++) {
-		const struct fz_op *o = &c->ops[i];
-		struct op_state *s = &r->st[i];
-		s->r = r;
-		s->id = i;
-		s->t_done = T_NEVER;
-		s->eff_off = o->off;
-		s->eff_len = o->kind == FZ_READ || o->kind == FZ_FLUSH ? 0 : o->len;
-		if (o->kind == FZ_DISCARD) {
-			uint64_t a = QSM_ALIGN_UP(o->off, c->cluster);
-			uint64_t b = QSM_ALIGN_DOWN(o->off + o->len, c->cluster);
-			s->eff_off = a;
-			s->eff_len = b > a ? b - a : 0;
-			if (c->backing && c->compat == 2)
-				s->eff_len = 0; /* v2 cannot hide the backing data: no-op */
-		}
-		if (is_data_write(o->kind) || o->kind == FZ_READ) {
-			s->buf = malloc(o->len ? o->len : 1);
-			if (!s->buf)
-				abort();
-			if (is_data_write(o->kind))
-				for (uint64_t x = 0; x < o->len; x++)
-					s->buf[x] = value_at(o, i, o->off + x);
-			uint64_t a = QSM_MIN(o->split_a, o->len), b = QSM_MIN(QSM_MAX(o->split_b, a), o->len);
-			int n = 0;
-			if (a) s->iov[n++] = (struct iovec){ s->buf, a };
-			if (b > a) s->iov[n++] = (struct iovec){ s->buf + a, b - a };
-			if (o->len > b) s->iov[n++] = (struct iovec){ s->buf + b, o->len - b };
-			s->iovcnt = n;
-		}
-	}
-}
-
-static void free_ops(struct run *r)
-{
-	if (!r->st)
-		return;
-	for (int i = 0; i < r->c->nops; i++)
-		free(r->st[i].buf);
-	free(r->st);
-	r->st = NULL;
 }
 
 /* The workload, to its end (then a clean close) or to the crash (then the
@@ -836,40 +544,22 @@ static int run_workload(struct run *r, char *err, size_t errlen)
 			r->fired = qsm_sim_faults_fired(r->sim);
 			qsm_sim_fault_clear(r->sim);
 			if (r->fired) {
-				fail_note(r, "open failed: %s", err);
+				wl_note_error(&r->w, "open failed: %s", err);
 				ret = 0;
-				r->clean_close = false;
 			}
 		}
 		goto out;
 	}
-	int next = 0;
-	while (!r->crashed && (next < c->nops || r->pending)) {
-		while (!r->crashed && next < c->nops && r->pending < c->depth) {
-			int i = next++;
-			ret = submit(r, i);
-			if (ret) {
-				if (!c->fault && !r->meta_fail)
-					violation(r, "submitting op %d (%s) fails: %s", i,
-						  fz_kind_name(c->ops[i].kind), qsm_strerror(ret));
-				/* Refused at submit: the same as a callback with ret. */
-				op_cb(&r->st[i], ret);
-			}
-		}
-		if (r->pending && event_base_loop(r->base, EVLOOP_ONCE) == 1) {
-			violation(r, "hang: %d requests never complete, the loop has no events left%s%s",
-				  r->pending, r->meta_fail ? " after a failed metadata write: " : "",
-				  r->meta_fail ? qsm_io_event_name(r->meta_fail_ev) : "");
-			if (!lsan_off)
-				LSAN_OFF(), lsan_off = true;
-			qsm_sim_crash(r->sim, ~0ull, true); /* a process kill */
-			if (r->bsim)
-				qsm_sim_crash(r->bsim, 0, false);
-			r->crashed = true;
-			break;
-		}
+	if (wl_run(&r->w, r->img, 0, c->nops, c->depth) < 0) {
+		/* A hang (noted by the engine): end it as a process kill. */
+		if (!lsan_off)
+			LSAN_OFF(), lsan_off = true;
+		qsm_sim_crash(r->sim, ~0ull, true);
+		if (r->bsim)
+			qsm_sim_crash(r->bsim, 0, false);
+		r->w.stopped = true;
 	}
-	if (c->fault && c->fcrash && !r->crashed) {
+	if (c->fault && c->fcrash && !r->w.stopped) {
 		/* A power loss instead of the close; cache=unsafe never syncs
 		 * (as QEMU), so it promises nothing then: a process kill. */
 		if (c->cache == QSM_CACHE_UNSAFE)
@@ -878,17 +568,18 @@ static int run_workload(struct run *r, char *err, size_t errlen)
 			qsm_sim_crash_random(r->sim);
 		if (r->bsim)
 			qsm_sim_crash(r->bsim, 0, false);
-		r->crashed = true;
+		r->w.stopped = true;
 	}
-	if (r->crashed) {
+	if (r->w.stopped) {
 		qsm_abandon(r->img);
 	} else {
 		if (!c->fault)
 			io->trace = NULL;
 		r->close_ret = qsm_close(r->img);
 		if (r->close_ret && !c->fault)
-			violation(r, "close fails: %s", qsm_strerror(r->close_ret));
-		r->clean_close = r->close_ret == 0;
+			wl_violation(&r->w, "close fails: %s", qsm_strerror(r->close_ret));
+		if (r->close_ret == 0)
+			wl_note_sync(&r->w);
 	}
 	r->img = NULL;
 	ret = 0;
@@ -905,153 +596,6 @@ out:
 }
 
 /* --- judging the disk ---------------------------------------------------------- */
-
-static int cmp_u64(const void *a, const void *b)
-{
-	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-	return x < y ? -1 : x > y;
-}
-
-/*
- * Durability, per byte, as a register: the byte must read as the value of
- * some request W covering it (the initial content counts as a request
- * before all others) such that W did not complete before the submission of
- * a durable request D covering it.  D is durable when it succeeded and then
- * a flush submitted after its completion succeeded (writeback, none), or it
- * simply succeeded (writethrough, directsync), or never (unsafe), or, after
- * a clean close, always.
- */
-static bool durability_ok(struct run *r, const uint8_t *disk, char *msg, size_t msglen)
-{
-	const struct fz_case *c = r->c;
-	size_t n = (size_t)c->nops;
-	bool wt = c->cache == QSM_CACHE_WRITETHROUGH || c->cache == QSM_CACHE_DIRECTSYNC;
-	bool unsafe = c->cache == QSM_CACHE_UNSAFE;
-	uint64_t flush_sub = 0;
-	for (size_t i = 0; i < n; i++) {
-		const struct op_state *s = &r->st[i];
-		if (c->ops[i].kind == FZ_FLUSH && s->t_done != T_NEVER && s->ret == 0)
-			flush_sub = QSM_MAX(flush_sub, s->t_sub);
-	}
-	bool *durable = calloc(n, sizeof(bool));
-	uint64_t *bounds = malloc(sizeof(uint64_t) * (2 * n + 2));
-	int *cand = malloc(sizeof(int) * (n + 1));
-	if (!durable || !bounds || !cand)
-		abort();
-	size_t nb = 0;
-	bounds[nb++] = 0;
-	bounds[nb++] = c->size;
-	for (size_t i = 0; i < n; i++) {
-		const struct op_state *s = &r->st[i];
-		if (!sets_data(&c->ops[i], s))
-			continue;
-		durable[i] = s->t_done != T_NEVER && s->ret == 0 &&
-			     (r->clean_close || wt || (!unsafe && s->t_done < flush_sub));
-		bounds[nb++] = s->eff_off;
-		bounds[nb++] = s->eff_off + s->eff_len;
-	}
-	qsort(bounds, nb, sizeof(*bounds), cmp_u64);
-	bool ok = true;
-	for (size_t b = 0; b + 1 < nb && ok; b++) {
-		uint64_t lo = bounds[b], hi = bounds[b + 1];
-		if (lo == hi)
-			continue;
-		uint64_t T = 0;
-		int tby = -1;
-		for (size_t i = 0; i < n; i++) {
-			const struct op_state *s = &r->st[i];
-			if (durable[i] && s->eff_off <= lo && hi <= s->eff_off + s->eff_len && s->t_sub > T)
-				T = s->t_sub, tby = (int)i;
-		}
-		int nc = 0;
-		bool zero_ok = false, init_ok = tby < 0;
-		for (size_t i = 0; i < n; i++) {
-			const struct op_state *s = &r->st[i];
-			if (!sets_data(&c->ops[i], s) || !(s->eff_off <= lo && hi <= s->eff_off + s->eff_len))
-				continue;
-			if (s->t_done != T_NEVER && s->t_done < T)
-				continue; /* overwritten by a durable request */
-			if (is_data_write(c->ops[i].kind))
-				cand[nc++] = (int)i;
-			else
-				zero_ok = true;
-		}
-		/* The common cases in bulk: untouched, or wholly one write. */
-		if (init_ok && !memcmp(disk + lo, r->init + lo, hi - lo))
-			continue;
-		if (nc == 1 && c->ops[cand[0]].kind == FZ_WRITE && !zero_ok && !init_ok &&
-		    !memcmp(disk + lo, r->st[cand[0]].buf + (lo - c->ops[cand[0]].off), hi - lo))
-			continue;
-		for (uint64_t x = lo; x < hi; x++) {
-			uint8_t v = disk[x];
-			if ((zero_ok && v == 0) || (init_ok && v == r->init[x]))
-				continue;
-			int k;
-			for (k = 0; k < nc && value_at(&c->ops[cand[k]], cand[k], x) != v; k++)
-				;
-			if (k < nc)
-				continue;
-			int len = snprintf(msg, msglen, "byte %#" PRIx64 " reads %#x", x, v);
-			for (size_t i = 0; i < n && len > 0 && (size_t)len < msglen; i++) {
-				const struct fz_op *o = &c->ops[i];
-				if (is_data_write(o->kind) && r->st[i].submitted && o->off <= x &&
-				    x < o->off + o->len && value_at(o, (int)i, x) == v) {
-					len += snprintf(msg + len, msglen - (size_t)len,
-							" (from op %zu write %#" PRIx64 "+%" PRIu64 ")", i,
-							o->off, o->len);
-					break;
-				}
-			}
-			if (v == r->init[x] && len > 0 && (size_t)len < msglen)
-				len += snprintf(msg + len, msglen - (size_t)len, " (the initial content)");
-			if (tby >= 0 && len > 0 && (size_t)len < msglen) {
-				const struct fz_op *d = &c->ops[tby];
-				len += snprintf(msg + len, msglen - (size_t)len,
-						"; durable: op %d %s %#" PRIx64 "+%" PRIu64, tby,
-						fz_kind_name(d->kind), d->off, d->len);
-			}
-			if (len > 0 && (size_t)len < msglen)
-				snprintf(msg + len, msglen - (size_t)len, "; %d candidate writes%s%s", nc,
-					 zero_ok ? " or zeros" : "", init_ok ? " or the initial content" : "");
-			ok = false;
-			break;
-		}
-	}
-	free(cand);
-	free(bounds);
-	free(durable);
-	return ok;
-}
-
-static bool header_dirty(struct qsm_sim *sim)
-{
-	struct event_base *b = event_base_new();
-	struct qsm_io *io;
-	uint8_t h[80] = { 0 };
-	if (qsm_io_open_sim(b, sim, QSM_IO_RDONLY, &io) == 0) {
-		(void)qsm_io_pread_sync(io, h, sizeof(h), 0);
-		qsm_io_close(io);
-	}
-	event_base_free(b);
-	return h[79] & 1; /* incompatible_features bit 0 */
-}
-
-/* The in-tree checker on the sim disk, read-only.  Its exit code (qemu-img
- * check's meaning), or -1 when it cannot run. */
-static int own_check(struct qsm_sim *sim, struct qsm_check_result *res, char *err, size_t errlen)
-{
-	struct event_base *b = event_base_new();
-	struct qsm_io *io;
-	int ret = qsm_io_open_sim(b, sim, QSM_IO_RDONLY, &io);
-	memset(res, 0, sizeof(*res));
-	if (ret == 0) {
-		ret = qsm_check_image(io, 0, res, NULL, err, errlen);
-		qsm_io_close(io);
-	}
-	event_base_free(b);
-	return ret < 0 ? -1 : qsm_check_exit_code(res);
-}
-
 /* qemu-img check of the sim disk's current contents: its exit code, or -1
  * when it cannot run. */
 static int qemu_check(struct run *r, uint64_t *corrupt, uint64_t *leaks)
@@ -1128,11 +672,13 @@ static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check
 		snprintf(res->why, sizeof(res->why), "preparing the image: %s", err);
 		return ret;
 	}
-	uint8_t *init = malloc(c->size), *disk = malloc(c->size);
-	if (!init || !disk)
+	struct wl_params wp = { .size = c->size, .cluster = c->cluster, .cache = c->cache,
+				.discard_noop = c->backing && c->compat == 2, .faults = c->fault };
+	uint8_t *disk = malloc(c->size);
+	if (!disk || wl_init(&r.w, c->ops, c->nops, &wp) < 0)
 		abort();
-	initial_view(c, init);
-	r.init = init;
+	r.w.read_faults = c->fault && is_read_event(c->fev);
+	initial_view(c, r.w.init);
 	char top[400], bk[400];
 	snprintf(top, sizeof(top), "%s/top.qcow2", env->tmpdir);
 	snprintf(bk, sizeof(bk), "%s/backing.img", env->tmpdir);
@@ -1141,7 +687,7 @@ static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check
 		goto setup_fail;
 	qsm_sim_set_max_batch(r.sim, c->max_batch);
 	qsm_sim_set_keyed_schedule(r.sim, c->keyed);
-	qsm_sim_set_race_hook(r.sim, race_cb, &r);
+	qsm_sim_set_race_hook(r.sim, wl_sim_race_cb, &r.w);
 	if (c->backing) {
 		r.bsim = qsm_sim_new(c->seed ^ 0x5eed5eedull);
 		if ((ret = qsm_sim_load_file(r.bsim, bk)) < 0)
@@ -1153,7 +699,6 @@ static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check
 		snprintf(res->schedule_path, sizeof(res->schedule_path), "%s/schedule.log", env->tmpdir);
 		r.sched = fopen(res->schedule_path, "w");
 	}
-	setup_ops(&r);
 
 	/* The workload. */
 	if ((ret = run_workload(&r, err, sizeof(err))) < 0) {
@@ -1161,39 +706,39 @@ static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check
 		goto done;
 	}
 	res->completions = r.completions;
-	res->crashed = r.crashed;
+	res->crashed = r.w.stopped;
 	res->faults_fired = r.fired;
 	res->torn = qsm_sim_torn(r.sim);
-	if (c->crash_at && !r.crashed)
+	if (c->crash_at && !r.w.stopped)
 		FAIL("the run ended after %" PRIu64 " completions without reaching crash point %" PRIu64
 		     " (nondeterministic?)", r.completions, c->crash_at);
-	if (r.races)
-		FAIL("%" PRIu64 " engine races; first: %s", r.races, r.first_race);
-	if (r.op_errors && !c->fault)
-		FAIL("%d requests failed; first: %s", r.op_errors, r.first_error);
-	if (r.violations)
-		FAIL("%s", r.first_violation);
+	if (r.w.races)
+		FAIL("%" PRIu64 " engine races; first: %s", r.w.races, r.w.first_race);
+	if (r.w.op_errors && !c->fault)
+		FAIL("%d requests failed; first: %s", r.w.op_errors, r.w.first_error);
+	if (r.w.violations)
+		FAIL("%s", r.w.first_violation);
 	if (c->fault) {
 		/* A fault must surface: a request fails, or the close does (a
 		 * write-back at close has no request to tell).  Preallocation
 		 * (cluster_alloc) is advisory (io/io.h); a power loss takes the
 		 * close away. */
-		if (r.fired && !r.op_errors && !r.close_ret && !r.crashed &&
+		if (r.fired && !r.w.op_errors && !r.close_ret && !r.w.stopped &&
 		    c->fev != QSM_IO_EV_CLUSTER_ALLOC)
 			FAIL("%" PRIu64 " faults fired and no request nor the close reported an error",
 			     r.fired);
-		if (r.meta_fail && !r.crashed && !r.close_ret)
+		if (r.w.meta_fail && !r.w.stopped && !r.close_ret)
 			FAIL("close returns success after the failed %s write",
-			     qsm_io_event_name(r.meta_fail_ev));
+			     qsm_io_event_name(r.w.meta_fail_ev));
 	}
 	if (!ok)
 		goto done;
 
 	/* The image as found. */
-	bool dirty = header_dirty(r.sim);
-	bool after_crash = r.crashed, plain = !c->crash_at && !c->fault;
+	bool dirty = wl_sim_dirty(r.sim);
+	bool after_crash = r.w.stopped, plain = !c->crash_at && !c->fault;
 	struct qsm_check_result cr;
-	int orc = own_check(r.sim, &cr, err, sizeof(err));
+	int orc = wl_sim_check(r.sim, &cr, err, sizeof(err));
 	if (orc < 0)
 		FAIL("the structural check cannot run on the %s image: %s",
 		     after_crash ? "crash" : "closed", err);
@@ -1219,7 +764,7 @@ static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check
 	if (ok && dirty) {
 		if (read_all(&r, true, disk, NULL, msg, sizeof(msg)) < 0)
 			FAIL("dirty image: %s", msg);
-		else if (!durability_ok(&r, disk, msg, sizeof(msg)))
+		else if (!wl_check_durable(&r.w, disk, msg, sizeof(msg)))
 			FAIL("durability (the dirty image read-only): %s", msg);
 	}
 	/* It opens read-write (repairing when dirty) and holds what was
@@ -1229,7 +774,7 @@ static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check
 		if (read_all(&r, false, disk, &img, msg, sizeof(msg)) < 0) {
 			FAIL("reopen: %s", msg);
 		} else {
-			if (!durability_ok(&r, disk, msg, sizeof(msg)))
+			if (!wl_check_durable(&r.w, disk, msg, sizeof(msg)))
 				FAIL("durability%s: %s", after_crash ? " after the crash" : "", msg);
 			struct qsm_rng g;
 			qsm_rng_seed(&g, c->seed + 77);
@@ -1251,8 +796,8 @@ static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check
 		}
 	}
 	if (ok && !plain) {
-		orc = own_check(r.sim, &cr, err, sizeof(err));
-		if (header_dirty(r.sim) && c->lazy)
+		orc = wl_sim_check(r.sim, &cr, err, sizeof(err));
+		if (wl_sim_dirty(r.sim) && c->lazy)
 			FAIL("dirty bit still set after a repairing open and a clean close");
 		else if (orc == 2 || (orc != 0 && orc != 3))
 			FAIL("after reopen, write and close, the check exits %d (%" PRIu64
@@ -1269,7 +814,7 @@ setup_fail:
 	qsm_sim_free(r.sim);
 	if (r.bsim)
 		qsm_sim_free(r.bsim);
-	free(init);
+	wl_fini(&r.w);
 	free(disk);
 	return ret;
 done:
@@ -1279,11 +824,10 @@ done:
 			fprintf(r.sched, "verdict: %s\n", res->why);
 		fclose(r.sched);
 	}
-	free_ops(&r);
+	wl_fini(&r.w);
 	qsm_sim_free(r.sim);
 	if (r.bsim)
 		qsm_sim_free(r.bsim);
-	free(init);
 	free(disk);
 	return 0;
 #undef FAIL
@@ -1302,10 +846,12 @@ int fz_case_save(const struct fz_case *c, const char *mutant, const char *path,
 		fprintf(f, "# failure: %s\n", why);
 	fprintf(f, "qsm-fuzz-replay 1\n");
 	fprintf(f, "seed %" PRIu64 "\n", c->seed);
+	/* " empty=1" came later, written only when set: files without it are
+	 * prefilled cases, and readers from before ignore it. */
 	fprintf(f, "image cluster=%u size=%" PRIu64 " compat=%u lazy=%d l2-tables=%zu cache=%s "
-		"backing=%d backing-raw=%d backing-size=%" PRIu64 " compressed=%d\n",
+		"backing=%d backing-raw=%d backing-size=%" PRIu64 " compressed=%d%s\n",
 		c->cluster, c->size, c->compat, c->lazy, c->l2_tables, qsm_cache_mode_name(c->cache),
-		c->backing, c->backing_raw, c->backing_size, c->compressed);
+		c->backing, c->backing_raw, c->backing_size, c->compressed, c->empty ? " empty=1" : "");
 	fprintf(f, "schedule depth=%d batch=%u keyed=%d\n", c->depth, c->max_batch, c->keyed);
 	if (c->crash_at)
 		fprintf(f, "crash point=%" PRIu64 " mode=%s torn=%d mask=%#" PRIx64 "\n", c->crash_at,
@@ -1316,9 +862,9 @@ int fz_case_save(const struct fz_case *c, const char *mutant, const char *path,
 	if (mutant && *mutant)
 		fprintf(f, "mutant %s\n", mutant);
 	for (int i = 0; i < c->nops; i++) {
-		const struct fz_op *o = &c->ops[i];
+		const struct wl_op *o = &c->ops[i];
 		fprintf(f, "op %s %#" PRIx64 " %" PRIu64 " flags=%u iov=%" PRIu64 ",%" PRIu64 "\n",
-			fz_kind_name(o->kind), o->off, o->len, o->zflags, o->split_a, o->split_b);
+			wl_kind_name(o->kind), o->off, o->len, o->flags, o->split_a, o->split_b);
 	}
 	if (schedule_path && *schedule_path) {
 		FILE *s = fopen(schedule_path, "r");
@@ -1357,7 +903,7 @@ int fz_case_load(struct fz_case *c, char *mutant, size_t mutant_len, const char 
 	while (fgets(line, sizeof(line), f)) {
 		lineno++;
 		char a[64] = "", b[64] = "", d[64] = "";
-		int lazy, backing, braw, comp, torn, once, fc, keyed = 0;
+		int lazy, backing, braw, comp, torn, once, fc, keyed = 0, empty = 0;
 		unsigned long long x, y, sa, sb;
 		unsigned fl;
 		if (line[0] == '#' || line[0] == '\n')
@@ -1367,10 +913,11 @@ int fz_case_load(struct fz_case *c, char *mutant, size_t mutant_len, const char 
 		if (sscanf(line, "seed %" SCNu64, &c->seed) == 1)
 			continue;
 		if (sscanf(line, "image cluster=%u size=%" SCNu64 " compat=%u lazy=%d l2-tables=%zu "
-			   "cache=%63s backing=%d backing-raw=%d backing-size=%" SCNu64 " compressed=%d",
-			   &c->cluster, &c->size, &c->compat, &lazy, &c->l2_tables, a, &backing, &braw,
-			   &c->backing_size, &comp) == 10) {
+			   "cache=%63s backing=%d backing-raw=%d backing-size=%" SCNu64 " compressed=%d "
+			   "empty=%d", &c->cluster, &c->size, &c->compat, &lazy, &c->l2_tables, a, &backing,
+			   &braw, &c->backing_size, &comp, &empty) >= 10) {
 			c->lazy = lazy, c->backing = backing, c->backing_raw = braw, c->compressed = comp;
+			c->empty = empty;
 			if (qsm_cache_mode_parse(a, &c->cache) < 0)
 				goto bad;
 			continue;
@@ -1409,17 +956,20 @@ int fz_case_load(struct fz_case *c, char *mutant, size_t mutant_len, const char 
 			continue;
 		}
 		if (sscanf(line, "op %63s %llx %llu flags=%u iov=%llu,%llu", d, &x, &y, &fl, &sa, &sb) == 6) {
-			int k = find_name(kind_names, FZ__KINDS, d);
+			int k = -1;
+			for (int i = 0; i < WL__KINDS; i++)
+				if (!strcmp(wl_kind_name((enum wl_kind)i), d))
+					k = i;
 			if (k < 0)
 				goto bad;
 			if (c->nops == cap) {
 				cap = cap ? cap * 2 : 64;
-				struct fz_op *n = realloc(c->ops, sizeof(*n) * (size_t)cap);
+				struct wl_op *n = realloc(c->ops, sizeof(*n) * (size_t)cap);
 				if (!n)
 					abort();
 				c->ops = n;
 			}
-			c->ops[c->nops++] = (struct fz_op){ (enum fz_kind)k, x, y, fl, sa, sb };
+			c->ops[c->nops++] = (struct wl_op){ (enum wl_kind)k, x, y, fl, sa, sb };
 			continue;
 		}
 bad:
@@ -1437,8 +987,8 @@ bad:
 		return -EINVAL;
 	}
 	for (int i = 0; i < c->nops; i++) {
-		const struct fz_op *o = &c->ops[i];
-		if (o->kind != FZ_FLUSH && (o->off > c->size || o->len > c->size - o->off || !o->len)) {
+		const struct wl_op *o = &c->ops[i];
+		if (o->kind != WL_FLUSH && (o->off > c->size || o->len > c->size - o->off || !o->len)) {
 			qsm_set_err(err, errlen, "%s: op %d lies outside the %" PRIu64 "-byte disk", path,
 				    i, c->size);
 			fz_case_free(c);
@@ -1489,14 +1039,14 @@ static bool still_fails(struct fz_env *env, struct fz_case *c, unsigned *budget)
 
 /* Keep only the flushes and the requests whose range satisfies keep(). */
 static bool try_filter(struct fz_env *env, struct fz_case *c, unsigned *budget,
-		       bool (*keep)(const struct fz_op *o, uint64_t arg), uint64_t arg)
+		       bool (*keep)(const struct wl_op *o, uint64_t arg), uint64_t arg)
 {
 	struct fz_case t;
 	if (fz_case_copy(&t, c) < 0)
 		return false;
 	int n = 0;
 	for (int i = 0; i < t.nops; i++)
-		if (t.ops[i].kind == FZ_FLUSH || keep(&t.ops[i], arg))
+		if (t.ops[i].kind == WL_FLUSH || keep(&t.ops[i], arg))
 			t.ops[n++] = t.ops[i];
 	if (n == t.nops || n < 2) {
 		fz_case_free(&t);
@@ -1512,15 +1062,15 @@ static bool try_filter(struct fz_env *env, struct fz_case *c, unsigned *budget,
 	return false;
 }
 
-static bool touches_byte(const struct fz_op *o, uint64_t x)
+static bool touches_byte(const struct wl_op *o, uint64_t x)
 {
 	return o->off <= x && x < o->off + o->len;
 }
 
-static bool not_a_read(const struct fz_op *o, uint64_t arg)
+static bool not_a_read(const struct wl_op *o, uint64_t arg)
 {
 	(void)arg;
-	return o->kind != FZ_READ;
+	return o->kind != WL_READ;
 }
 
 void fz_shrink(struct fz_env *env, struct fz_case *c, unsigned budget, const char *why)

@@ -9,7 +9,8 @@
  * same case gives the same completions, the same crash image and the same
  * verdict, which is what makes replay files and shrinking work.
  *
- * The verdict (fz_run) rests on these oracles:
+ * The verdict (fz_run) rests on these oracles (the first three are the
+ * workload engine's, tools/workload.h, shared with the unit tests):
  *  - reads: every byte a successful read returns is the initial content or
  *    the value of a write-like request that may have been the last one to
  *    land there: submitted before the read ended, and not overwritten by a
@@ -43,15 +44,7 @@
 
 #include "io/io.h"
 #include "sm/qsm.h"
-
-enum fz_kind { FZ_WRITE, FZ_READ, FZ_ZERO, FZ_DISCARD, FZ_FLUSH, FZ_COMPRESSED, FZ__KINDS };
-
-struct fz_op {
-	enum fz_kind kind;
-	uint64_t off, len;
-	unsigned zflags;          /* FZ_ZERO: QSM_ZERO_* */
-	uint64_t split_a, split_b; /* data buffer cut into iovecs at these offsets */
-};
+#include "tools/workload.h"
 
 enum fz_crash_mode { FZ_KEEP_NONE, FZ_KEEP_ALL, FZ_KEEP_PREFIX, FZ_KEEP_ALL_BUT_ONE,
 		     FZ_KEEP_RANDOM, FZ_KEEP_MASK, FZ__MODES };
@@ -69,6 +62,7 @@ struct fz_case {
 	bool backing_raw;         /* ... in raw format */
 	uint64_t backing_size;
 	bool compressed;          /* prefilled clusters stored compressed */
+	bool empty;               /* no prefill: the image starts empty (over its backing file) */
 	/* The schedule. */
 	int depth;                /* requests in flight at most */
 	unsigned max_batch;       /* sim completions per scheduler pass */
@@ -85,7 +79,7 @@ struct fz_case {
 	bool fcrash;              /* power loss after the faulty run instead of a close */
 	/* The requests; the last one is a flush. */
 	int nops;
-	struct fz_op *ops;
+	struct wl_op *ops;
 };
 
 /* What `qsm fuzz` options fix; the rest is drawn from each run's seed. */
@@ -171,7 +165,6 @@ void fz_shrink(struct fz_env *env, struct fz_case *c, unsigned budget, const cha
 /* The named events a fault rule may target (every one the engine tags). */
 size_t fz_fault_events(const enum qsm_io_event **out);
 
-const char *fz_kind_name(enum fz_kind k);
 const char *fz_mode_name(enum fz_crash_mode m);
 
 #endif

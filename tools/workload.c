@@ -1,0 +1,601 @@
+/*
+ * tools/workload.c: the workload engine and its oracles (see workload.h for
+ * the contract; tools/fuzz.c drives it on sim disks with crashes and
+ * faults).
+ *
+ * Invariants of struct wl:
+ *  1. clock only grows; every submission and every completion the guest
+ *     hears takes a new tick, so times of distinct events differ.
+ *  2. t_done == WL_NEVER until the request's callback ran before w->stopped;
+ *     once stopped, callbacks only count down w->pending.
+ *  3. A request submitted before settled_at completed before it, and
+ *     view[] holds what the image returned for the bytes it touched.
+ */
+#include <errno.h>
+#include <event2/event.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "io/sim.h"
+#include "io/util.h"
+#include "metadata/check.h"
+#include "tools/workload.h"
+
+static const char *const kind_names[WL__KINDS] = { "write", "read", "zero", "discard", "flush",
+						    "compressed" };
+
+const char *wl_kind_name(enum wl_kind k)
+{
+	return k < WL__KINDS ? kind_names[k] : "?";
+}
+
+uint8_t wl_pattern(int id, uint64_t x)
+{
+	uint64_t h = x * 0x9E3779B97F4A7C15ull ^ ((uint64_t)id + 1) * 0xC2B2AE3D27D4EB4Full;
+	h ^= h >> 29;
+	h *= 0xBF58476D1CE4E5B9ull;
+	h ^= h >> 32;
+	return (uint8_t)h;
+}
+
+static inline bool is_data_write(enum wl_kind k)
+{
+	return k == WL_WRITE || k == WL_COMPRESSED;
+}
+
+bool wl_writes(enum wl_kind k)
+{
+	return is_data_write(k) || k == WL_ZERO || k == WL_DISCARD;
+}
+
+uint8_t wl_value(const struct wl_op *o, int id, uint64_t x)
+{
+	if (!is_data_write(o->kind))
+		return 0;
+	/* Compressible data: the pattern in runs of 64 equal bytes (about
+	 * 10:1 with deflate), still different per request and place. */
+	bool runs = (o->kind == WL_COMPRESSED) != !!(o->flags & WL_DATA_OTHER);
+	return wl_pattern(id, runs ? x & ~63ull : x);
+}
+
+static bool sets_data(const struct wl_op *o, const struct wl_state *s)
+{
+	return s->submitted && s->eff_len && wl_writes(o->kind);
+}
+
+static inline bool covers(const struct wl_state *s, uint64_t x)
+{
+	return s->eff_off <= x && x < s->eff_off + s->eff_len;
+}
+
+void wl_note_error(struct wl *w, const char *fmt, ...)
+{
+	if (w->op_errors++ == 0) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(w->first_error, sizeof(w->first_error), fmt, ap);
+		va_end(ap);
+	}
+}
+
+void wl_violation(struct wl *w, const char *fmt, ...)
+{
+	if (w->violations++ == 0) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(w->first_violation, sizeof(w->first_violation), fmt, ap);
+		va_end(ap);
+	}
+}
+
+/* --- set-up ------------------------------------------------------------------ */
+
+int wl_init(struct wl *w, const struct wl_op *ops, int nops, const struct wl_params *p)
+{
+	memset(w, 0, sizeof(*w));
+	w->p = *p;
+	w->ops = ops;
+	w->nops = nops;
+	w->st = calloc((size_t)QSM_MAX(nops, 1), sizeof(*w->st));
+	w->init = calloc(1, p->size ? p->size : 1);
+	if (!w->st || !w->init) {
+		wl_fini(w);
+		return -ENOMEM;
+	}
+	for (int i = 0; i < nops; i++) {
+		const struct wl_op *o = &ops[i];
+		struct wl_state *s = &w->st[i];
+		s->w = w;
+		s->id = i;
+		s->t_done = WL_NEVER;
+		s->eff_off = o->off;
+		s->eff_len = wl_writes(o->kind) ? o->len : 0;
+		if (o->kind == WL_DISCARD) {
+			uint64_t a = QSM_ALIGN_UP(o->off, p->cluster);
+			uint64_t b = QSM_ALIGN_DOWN(o->off + o->len, p->cluster);
+			s->eff_off = a;
+			s->eff_len = b > a ? b - a : 0;
+			if (p->discard_noop)
+				s->eff_len = 0; /* v2 cannot hide the backing data: no-op */
+		}
+		if (is_data_write(o->kind) || o->kind == WL_READ) {
+			s->buf = malloc(o->len ? o->len : 1);
+			if (!s->buf) {
+				wl_fini(w);
+				return -ENOMEM;
+			}
+			if (is_data_write(o->kind))
+				for (uint64_t x = 0; x < o->len; x++)
+					s->buf[x] = wl_value(o, i, o->off + x);
+			uint64_t a = QSM_MIN(o->split_a, o->len), b = QSM_MIN(QSM_MAX(o->split_b, a), o->len);
+			int n = 0;
+			if (a) s->iov[n++] = (struct iovec){ s->buf, a };
+			if (b > a) s->iov[n++] = (struct iovec){ s->buf + a, b - a };
+			if (o->len > b) s->iov[n++] = (struct iovec){ s->buf + b, o->len - b };
+			s->iovcnt = n;
+		}
+	}
+	return 0;
+}
+
+void wl_fini(struct wl *w)
+{
+	if (w->st)
+		for (int i = 0; i < w->nops; i++)
+			free(w->st[i].buf);
+	free(w->st);
+	free(w->init);
+	free(w->view);
+	w->st = NULL;
+	w->init = w->view = NULL;
+}
+
+const uint8_t *wl_view(const struct wl *w)
+{
+	return w->view ? w->view : w->init;
+}
+
+/* --- the read oracle ----------------------------------------------------------- */
+
+/* The requests that may have set a byte of [off, off + len) since the last
+ * settle, into cand (room for nops).  Their count. */
+static int candidates(const struct wl *w, uint64_t off, uint64_t len, int *cand)
+{
+	int n = 0;
+	for (int i = 0; i < w->nops; i++) {
+		const struct wl_state *s = &w->st[i];
+		if (sets_data(&w->ops[i], s) && s->t_sub >= w->settled_at &&
+		    s->eff_off < off + len && off < s->eff_off + s->eff_len)
+			cand[n++] = i;
+	}
+	return n;
+}
+
+/*
+ * The read oracle for one byte: may a read [t_sub, t_done] see v at x?
+ * Candidates are the write-like requests covering x submitted before the
+ * read ended, minus those overwritten for sure: W is out when a successful
+ * W2 covering x was submitted after W completed and completed before the
+ * read was submitted.  The view (initial or settled) is a candidate until a
+ * successful request covering x completed before the read was submitted.
+ */
+static bool read_byte_ok(const struct wl *w, const int *cand, int nc, uint64_t t_sub,
+			 uint64_t t_done, uint64_t x, uint8_t v)
+{
+	/* The latest submission among successful writes covering x that
+	 * completed before the read started: everything completed before it is
+	 * overwritten. */
+	uint64_t floor_sub = 0;
+	bool init_ok = true;
+	for (int k = 0; k < nc; k++) {
+		const struct wl_state *s = &w->st[cand[k]];
+		if (!covers(s, x) || s->t_done >= t_sub || s->ret)
+			continue;
+		init_ok = false;
+		floor_sub = QSM_MAX(floor_sub, s->t_sub);
+	}
+	if (init_ok && v == wl_view(w)[x])
+		return true;
+	for (int k = 0; k < nc; k++) {
+		const struct wl_state *s = &w->st[cand[k]];
+		if (!covers(s, x) || s->t_sub >= t_done)
+			continue;
+		if (s->t_done != WL_NEVER && s->t_done < floor_sub)
+			continue;
+		if (wl_value(&w->ops[cand[k]], cand[k], x) == v)
+			return true;
+	}
+	return false;
+}
+
+/* Judge bytes [off, off + len) read as got[] in [t_sub, t_done]; the
+ * offset of the first wrong one, or -1. */
+static int64_t judge_read(const struct wl *w, uint64_t off, uint64_t len, const uint8_t *got,
+			  uint64_t t_sub, uint64_t t_done, bool every_byte)
+{
+	int *cand = malloc(sizeof(int) * (size_t)QSM_MAX(w->nops, 1));
+	if (!cand)
+		abort();
+	int nc = candidates(w, off, len, cand);
+	int64_t bad = -1;
+	/* Every byte of short reads, a spread of long ones (and both ends). */
+	uint64_t step = len > 4096 && !every_byte ? 61 : 1;
+	for (uint64_t d = 0; d < len; d += step) {
+		if (!read_byte_ok(w, cand, nc, t_sub, t_done, off + d, got[d])) {
+			bad = (int64_t)d;
+			break;
+		}
+		if (d + step >= len && d != len - 1)
+			d = len - 1 - step;
+	}
+	free(cand);
+	return bad;
+}
+
+static void check_read(struct wl *w, int id)
+{
+	const struct wl_op *o = &w->ops[id];
+	const struct wl_state *s = &w->st[id];
+	int64_t d = judge_read(w, o->off, o->len, s->buf, s->t_sub, s->t_done, w->p.read_every_byte);
+	if (d >= 0)
+		wl_violation(w, "op %d read %#" PRIx64 "+%" PRIu64 " returned byte %#" PRIx64
+			  " = %#x: neither the initial content nor any write that could be "
+			  "the last there", id, o->off, o->len, o->off + (uint64_t)d, s->buf[d]);
+}
+
+/* --- running ------------------------------------------------------------------- */
+
+static void op_cb(void *opaque, int ret)
+{
+	struct wl_state *s = opaque;
+	struct wl *w = s->w;
+	const struct wl_op *o = &w->ops[s->id];
+	w->pending--;
+	if (w->stopped)
+		return; /* after the crash: the guest never heard of it */
+	s->ret = ret;
+	s->t_done = ++w->clock;
+	if (ret)
+		wl_note_error(w, "op %d (%s %#" PRIx64 "+%" PRIu64 ") failed: %s", s->id,
+			  wl_kind_name(o->kind), o->off, o->len, qsm_strerror(ret));
+	if (o->kind == WL_READ && !ret)
+		check_read(w, s->id);
+	/* The sticky error: after a failed metadata write, later writes fail
+	 * with -EIO and reads still work. */
+	if (w->meta_fail && s->t_sub > w->meta_fail) {
+		if (wl_writes(o->kind) && ret != -EIO)
+			wl_violation(w, "op %d %s %#" PRIx64 "+%" PRIu64 " submitted after the failed %s "
+				  "write returns %s, not -EIO (sticky error)", s->id,
+				  wl_kind_name(o->kind), o->off, o->len,
+				  qsm_io_event_name(w->meta_fail_ev), ret ? qsm_strerror(ret) : "success");
+		else if (o->kind == WL_READ && ret && !w->read_faults)
+			wl_violation(w, "op %d read %#" PRIx64 "+%" PRIu64 " fails (%s) after the failed %s "
+				  "write: reads must still work", s->id, o->off, o->len,
+				  qsm_strerror(ret), qsm_io_event_name(w->meta_fail_ev));
+		else if (o->kind == WL_FLUSH && !ret && w->p.cache != QSM_CACHE_UNSAFE)
+			wl_violation(w, "op %d flush succeeds after the failed %s write", s->id,
+				  qsm_io_event_name(w->meta_fail_ev));
+	}
+}
+
+static int submit(struct wl *w, struct qsm_image *img, int i)
+{
+	const struct wl_op *o = &w->ops[i];
+	struct wl_state *s = &w->st[i];
+	s->submitted = true;
+	s->t_sub = ++w->clock;
+	w->pending++;
+	if (o->kind == WL_READ)
+		memset(s->buf, 0xee, o->len);
+	switch (o->kind) {
+	case WL_WRITE: return qsm_writev(img, o->off, s->iov, s->iovcnt, op_cb, s);
+	case WL_READ: return qsm_readv(img, o->off, s->iov, s->iovcnt, op_cb, s);
+	case WL_ZERO:
+		return qsm_write_zeroes(img, o->off, o->len, o->flags & ~WL_DATA_OTHER, op_cb, s);
+	case WL_DISCARD: return qsm_discard(img, o->off, o->len, op_cb, s);
+	case WL_COMPRESSED: return qsm_write_compressed(img, o->off, s->iov, s->iovcnt, op_cb, s);
+	default: return qsm_flush(img, op_cb, s);
+	}
+}
+
+int wl_run(struct wl *w, struct qsm_image *img, int from, int to, int depth)
+{
+	struct event_base *base = qsm_image_base(img);
+	int next = from;
+	while (!w->stopped && (next < to || w->pending)) {
+		while (!w->stopped && next < to && w->pending < depth) {
+			int i = next++;
+			int ret = submit(w, img, i);
+			if (ret) {
+				if (!w->p.faults && !w->meta_fail)
+					wl_violation(w, "submitting op %d (%s) fails: %s", i,
+						  wl_kind_name(w->ops[i].kind), qsm_strerror(ret));
+				/* Refused at submit: the same as a callback with ret. */
+				op_cb(&w->st[i], ret);
+			} else if (w->st[i].t_done != WL_NEVER) {
+				wl_violation(w, "op %d (%s) completed inside its submission", i,
+					  wl_kind_name(w->ops[i].kind));
+			}
+		}
+		if (w->pending && event_base_loop(base, EVLOOP_ONCE) == 1) {
+			wl_violation(w, "hang: %d requests never complete, the loop has no events left%s%s",
+				  w->pending, w->meta_fail ? " after a failed metadata write: " : "",
+				  w->meta_fail ? qsm_io_event_name(w->meta_fail_ev) : "");
+			return -EDEADLK;
+		}
+	}
+	return 0;
+}
+
+void wl_note_sync(struct wl *w)
+{
+	w->sync_at = ++w->clock;
+}
+
+void wl_note_meta_fail(struct wl *w, enum qsm_io_event ev)
+{
+	if (w->meta_fail)
+		return;
+	w->meta_fail = ++w->clock;
+	w->meta_fail_ev = ev;
+}
+
+/* --- settling ------------------------------------------------------------------ */
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+int wl_settle(struct wl *w, struct qsm_image *img)
+{
+	int ret = 0;
+	if (w->pending) {
+		wl_violation(w, "settle with %d requests in flight", w->pending);
+		return -EBUSY;
+	}
+	if (!w->view) {
+		w->view = malloc(w->p.size ? w->p.size : 1);
+		if (!w->view)
+			abort();
+		memcpy(w->view, w->init, w->p.size);
+	}
+	/* The ranges touched since the last settle, as (start, end) pairs
+	 * sorted by start, then merged: each byte is read once. */
+	uint64_t (*rg)[2] = malloc(sizeof(*rg) * (size_t)QSM_MAX(w->nops, 1));
+	if (!rg)
+		abort();
+	size_t n = 0;
+	for (int i = 0; i < w->nops; i++) {
+		const struct wl_op *o = &w->ops[i];
+		const struct wl_state *s = &w->st[i];
+		if (s->submitted && s->t_sub >= w->settled_at && wl_writes(o->kind) && o->len) {
+			rg[n][0] = o->off;
+			rg[n++][1] = o->off + o->len;
+		}
+	}
+	qsort(rg, n, sizeof(*rg), cmp_u64);
+	uint64_t now = ++w->clock;
+	for (size_t i = 0; i < n && !ret;) {
+		uint64_t a = rg[i][0], b = rg[i][1];
+		for (i++; i < n && rg[i][0] <= b; i++)
+			b = QSM_MAX(b, rg[i][1]);
+		uint8_t *got = malloc(b - a);
+		if (!got)
+			abort();
+		ret = qsm_sync_pread(img, got, b - a, a);
+		if (ret < 0) {
+			wl_violation(w, "reading back %#" PRIx64 "+%" PRIu64 " fails: %s (%s)", a, b - a,
+				  qsm_strerror(ret), qsm_image_error(img));
+		} else {
+			int64_t d = judge_read(w, a, b - a, got, now, now, true);
+			if (d >= 0)
+				wl_violation(w, "byte %#" PRIx64 " reads back as %#x after the requests "
+					  "completed: neither the content before them nor any write that "
+					  "could be the last there", a + (uint64_t)d, got[d]);
+			memcpy(w->view + a, got, b - a);
+		}
+		free(got);
+	}
+	free(rg);
+	w->settled_at = ++w->clock;
+	return ret;
+}
+
+/* --- durability ---------------------------------------------------------------- */
+
+bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t msglen)
+{
+	size_t n = (size_t)w->nops;
+	const struct wl_op *ops = w->ops;
+	bool wt = w->p.cache == QSM_CACHE_WRITETHROUGH || w->p.cache == QSM_CACHE_DIRECTSYNC;
+	bool unsafe = w->p.cache == QSM_CACHE_UNSAFE;
+	uint64_t flush_sub = 0;
+	for (size_t i = 0; i < n; i++) {
+		const struct wl_state *s = &w->st[i];
+		if (ops[i].kind == WL_FLUSH && s->t_done != WL_NEVER && s->ret == 0)
+			flush_sub = QSM_MAX(flush_sub, s->t_sub);
+	}
+	bool *durable = calloc(n + 1, sizeof(bool));
+	uint64_t *bounds = malloc(sizeof(uint64_t) * (2 * n + 2));
+	int *cand = malloc(sizeof(int) * (n + 1));
+	if (!durable || !bounds || !cand)
+		abort();
+	size_t nb = 0;
+	bounds[nb++] = 0;
+	bounds[nb++] = w->p.size;
+	for (size_t i = 0; i < n; i++) {
+		const struct wl_state *s = &w->st[i];
+		if (!sets_data(&ops[i], s))
+			continue;
+		durable[i] = s->t_done != WL_NEVER && s->ret == 0 &&
+			     (s->t_done < w->sync_at || wt || (!unsafe && s->t_done < flush_sub) ||
+			      w->claim_all_durable);
+		bounds[nb++] = s->eff_off;
+		bounds[nb++] = s->eff_off + s->eff_len;
+	}
+	qsort(bounds, nb, sizeof(*bounds), cmp_u64);
+	bool ok = true;
+	for (size_t b = 0; b + 1 < nb && ok; b++) {
+		uint64_t lo = bounds[b], hi = bounds[b + 1];
+		if (lo == hi)
+			continue;
+		uint64_t T = 0;
+		int tby = -1;
+		for (size_t i = 0; i < n; i++) {
+			const struct wl_state *s = &w->st[i];
+			if (durable[i] && s->eff_off <= lo && hi <= s->eff_off + s->eff_len && s->t_sub > T)
+				T = s->t_sub, tby = (int)i;
+		}
+		int nc = 0;
+		bool zero_ok = false, init_ok = tby < 0;
+		for (size_t i = 0; i < n; i++) {
+			const struct wl_state *s = &w->st[i];
+			if (!sets_data(&ops[i], s) || !(s->eff_off <= lo && hi <= s->eff_off + s->eff_len))
+				continue;
+			if (s->t_done != WL_NEVER && s->t_done < T)
+				continue; /* overwritten by a durable request */
+			if (is_data_write(ops[i].kind))
+				cand[nc++] = (int)i;
+			else
+				zero_ok = true;
+		}
+		/* The common cases in bulk: untouched, or wholly one write. */
+		if (init_ok && !memcmp(disk + lo, w->init + lo, hi - lo))
+			continue;
+		if (nc == 1 && !zero_ok && !init_ok &&
+		    !memcmp(disk + lo, w->st[cand[0]].buf + (lo - ops[cand[0]].off), hi - lo))
+			continue;
+		for (uint64_t x = lo; x < hi; x++) {
+			uint8_t v = disk[x];
+			if ((zero_ok && v == 0) || (init_ok && v == w->init[x]))
+				continue;
+			int k;
+			for (k = 0; k < nc && wl_value(&ops[cand[k]], cand[k], x) != v; k++)
+				;
+			if (k < nc)
+				continue;
+			int len = snprintf(msg, msglen, "byte %#" PRIx64 " reads %#x", x, v);
+			for (size_t i = 0; i < n && len > 0 && (size_t)len < msglen; i++) {
+				const struct wl_op *o = &ops[i];
+				if (is_data_write(o->kind) && w->st[i].submitted && o->off <= x &&
+				    x < o->off + o->len && wl_value(o, (int)i, x) == v) {
+					len += snprintf(msg + len, msglen - (size_t)len,
+							" (from op %zu write %#" PRIx64 "+%" PRIu64 ")", i,
+							o->off, o->len);
+					break;
+				}
+			}
+			if (v == w->init[x] && len > 0 && (size_t)len < msglen)
+				len += snprintf(msg + len, msglen - (size_t)len, " (the initial content)");
+			if (tby >= 0 && len > 0 && (size_t)len < msglen) {
+				const struct wl_op *d = &ops[tby];
+				len += snprintf(msg + len, msglen - (size_t)len,
+						"; durable: op %d %s %#" PRIx64 "+%" PRIu64, tby,
+						wl_kind_name(d->kind), d->off, d->len);
+			}
+			if (len > 0 && (size_t)len < msglen)
+				snprintf(msg + len, msglen - (size_t)len, "; %d candidate writes%s%s", nc,
+					 zero_ok ? " or zeros" : "", init_ok ? " or the initial content" : "");
+			ok = false;
+			break;
+		}
+	}
+	free(cand);
+	free(bounds);
+	free(durable);
+	return ok;
+}
+
+/* --- races --------------------------------------------------------------------- */
+
+/* Two guest requests in flight together, a read and a write-like one,
+ * that overlap: the workload itself races there. */
+static bool guest_overlap_in_flight(const struct wl *w)
+{
+	for (int i = 0; i < w->nops; i++) {
+		const struct wl_op *rd = &w->ops[i];
+		const struct wl_state *a = &w->st[i];
+		if (rd->kind != WL_READ || !a->submitted || a->t_done != WL_NEVER)
+			continue;
+		for (int j = 0; j < w->nops; j++) {
+			const struct wl_op *o = &w->ops[j];
+			const struct wl_state *b = &w->st[j];
+			if ((o->kind == WL_WRITE || o->kind == WL_ZERO) && b->submitted &&
+			    b->t_done == WL_NEVER && o->off < rd->off + rd->len && rd->off < o->off + o->len)
+				return true;
+		}
+	}
+	return false;
+}
+
+/*
+ * The sim saw a read of host bytes a write in flight changes.  Not the
+ * engine's fault:
+ *  - a guest read racing a guest write in place, which the workload asked for;
+ *  - a compressed cluster read (whole sectors from its descriptor's offset,
+ *    since the stream's length is not recorded) while another compressed
+ *    cluster packed after it into the same sector is being written: the
+ *    reader's stream ends before those bytes.  A write covering the reader's
+ *    first byte would be a real race.
+ */
+void wl_sim_race_cb(void *opaque, const struct qsm_io_req *read, const struct qsm_io_req *write)
+{
+	struct wl *w = opaque;
+	if (read->event == QSM_IO_EV_DATA_READ && write->event == QSM_IO_EV_DATA_WRITE &&
+	    guest_overlap_in_flight(w))
+		return;
+	if (write->event == QSM_IO_EV_COMPRESSED_WRITE && write->offset > read->offset)
+		return;
+	if (w->races++ == 0)
+		snprintf(w->first_race, sizeof(w->first_race),
+			 "%s read %#" PRIx64 "+%" PRIu64 " while %s write %#" PRIx64 "+%" PRIu64
+			 " was in flight", qsm_io_event_name(read->event), read->offset, read->len,
+			 qsm_io_event_name(write->event), write->offset, write->len);
+}
+
+void wl_dump(const struct wl *w, FILE *f)
+{
+	for (int i = 0; i < w->nops; i++) {
+		const struct wl_op *o = &w->ops[i];
+		const struct wl_state *s = &w->st[i];
+		fprintf(f, "  op %d %s%s %#" PRIx64 "+%" PRIu64 " flags %#x sub %" PRIu64 " done %" PRId64
+			" ret %d\n", i, wl_kind_name(o->kind), s->submitted ? "" : " (not submitted)",
+			o->off, o->len, o->flags, s->t_sub,
+			s->t_done == WL_NEVER ? (int64_t)-1 : (int64_t)s->t_done, s->ret);
+	}
+}
+
+/* --- the structural oracle ----------------------------------------------------- */
+
+int wl_sim_check(struct qsm_sim *sim, struct qsm_check_result *res, char *err, size_t errlen)
+{
+	struct event_base *b = event_base_new();
+	struct qsm_io *io;
+	int ret = qsm_io_open_sim(b, sim, QSM_IO_RDONLY, &io);
+	memset(res, 0, sizeof(*res));
+	if (ret == 0) {
+		ret = qsm_check_image(io, 0, res, NULL, err, errlen);
+		qsm_io_close(io);
+	} else {
+		qsm_set_err(err, errlen, "opening the sim disk: %s", qsm_strerror(ret));
+	}
+	event_base_free(b);
+	return ret < 0 ? -1 : qsm_check_exit_code(res);
+}
+
+bool wl_sim_dirty(struct qsm_sim *sim)
+{
+	struct event_base *b = event_base_new();
+	struct qsm_io *io;
+	uint8_t h[80] = { 0 };
+	if (qsm_io_open_sim(b, sim, QSM_IO_RDONLY, &io) == 0) {
+		(void)qsm_io_pread_sync(io, h, sizeof(h), 0);
+		qsm_io_close(io);
+	}
+	event_base_free(b);
+	return h[79] & 1; /* incompatible_features bit 0 */
+}
