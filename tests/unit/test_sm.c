@@ -5,9 +5,11 @@
  *    from every state it can enter, every state is reachable from START).
  *  - engine: random concurrent workloads (writes, reads, write-zeroes,
  *    discards, flushes at any alignment, overlapping, across L2 tables) on
- *    the sim, threads and io_uring backends, checked against a model: each
- *    byte a concurrent read or write could affect must end as one of the
- *    values a linearisation allows; everything else exactly as the model.
+ *    the sim, threads and io_uring backends, run and judged by the workload
+ *    engine (tools/workload.h): each byte a read returns, and each byte a
+ *    batch touched read back after it, must be a value some order of the
+ *    concurrent requests leaves (the request's own pattern per offset);
+ *    everything else exactly as before the batch.
  *    Tiny L2 caches (1 and 2 tables) force eviction and write-back under load.
  *    At the end the image is reopened and compared whole, and checked with
  *    `qemu-img check` when it is installed.
@@ -35,6 +37,7 @@
 #include "metadata/qcow2.h"
 #include "metadata/check.h"
 #include "sm/sm.h"
+#include "tools/workload.h"
 
 /* --- table ----------------------------------------------------------------- */
 
@@ -97,38 +100,15 @@ END_TEST
 
 /* --- engine workloads ------------------------------------------------------- */
 
+/*
+ * The requests, the model of expected contents and the oracles are the
+ * workload engine's (tools/workload.h, shared with qsm fuzz): this suite
+ * draws batches of requests, runs each batch with every request in flight
+ * at once (so any two overlapping ones may land in either order), and then
+ * settles: what the batch touched is read back, judged, and pinned as the
+ * expected contents for the next batch.
+ */
 enum backend { B_SIM, B_THREADS, B_URING };
-
-struct wl {
-	struct qsm_image *img;
-	struct event_base *base;
-	struct qsm_rng rng;
-	uint64_t size;
-	uint8_t *model;      /* expected contents */
-	uint8_t *cand_lo;    /* per byte: bitmask of candidate patterns ... */
-	int pending;
-	int errors;
-};
-
-/* One request in a batch. */
-struct op {
-	struct wl *wl;
-	int kind;            /* 0 write, 1 read, 2 zero, 3 discard, 4 flush */
-	uint64_t off, len;
-	uint8_t pat;
-	uint8_t *buf;
-	struct iovec iov[3];
-	int ret;
-	bool done;
-};
-
-static void op_cb(void *opaque, int ret)
-{
-	struct op *op = opaque;
-	op->ret = ret;
-	op->done = true;
-	op->wl->pending--;
-}
 
 static char tmpdir[256];
 
@@ -144,46 +124,71 @@ static bool have_qemu_img(void)
 	return system("qemu-img --version >/dev/null 2>&1") == 0;
 }
 
-/* Does byte value v at x fit the batch: model value or one of the ops that
- * cover it and change data? */
-static bool allowed(struct wl *wl, struct op *ops, int n, uint64_t x, uint8_t v)
-{
-	if (wl->model[x] == v)
-		return true;
-	for (int i = 0; i < n; i++) {
-		struct op *o = &ops[i];
-		if (x < o->off || x >= o->off + o->len)
-			continue;
-		if (o->kind == 0 && o->pat == v)
-			return true;
-		if ((o->kind == 2 || o->kind == 3) && v == 0)
-			return true;
-	}
-	return false;
-}
-
-static bool overlap(const struct op *a, const struct op *b)
+static bool overlap(const struct wl_op *a, const struct wl_op *b)
 {
 	return a->off < b->off + b->len && b->off < a->off + a->len;
 }
 
-/* Does op i overlap an earlier op that writes (or, with want_read, reads)? */
-static bool overlaps_any(const struct op *ops, int i, bool want_read)
+/* Does op i overlap an earlier op of its batch (from `first`) that sets data
+ * (or, with want_read, reads)? */
+static bool overlaps_any(const struct wl_op *ops, int first, int i, bool want_read)
 {
-	for (int j = 0; j < i; j++)
-		if ((ops[j].kind == 1) == want_read && ops[j].kind != 4 && overlap(&ops[i], &ops[j]))
+	for (int j = first; j < i; j++)
+		if ((ops[j].kind == WL_READ) == want_read && ops[j].kind != WL_FLUSH &&
+		    overlap(&ops[i], &ops[j]))
 			return true;
 	return false;
 }
 
-static bool overlaps_earlier(const struct op *ops, int i)
+/*
+ * Draw `batches` batches of 1..48 requests each into ops (room for
+ * batches * 48), batch b ending at end[b]: writes 55 %, reads 25 %, zero
+ * writes 8 % (may-unmap when seed & 2), discards 8 %, flushes 4 %, from a
+ * byte to 5 clusters, a third of them cluster-aligned, data buffers split
+ * into up to 3 iovecs.  With race_check, a read that would overlap an
+ * earlier write of its batch (or a write an earlier read) becomes a flush,
+ * so any read/write overlap the sim reports is the engine's own.
+ */
+static int draw_batches(struct qsm_rng *rng, uint64_t seed, unsigned cluster_size, uint64_t size,
+			int batches, bool race_check, struct wl_op *ops, int *end)
 {
-	return overlaps_any(ops, i, false);
-}
-
-static bool overlaps_read(const struct op *ops, int i)
-{
-	return overlaps_any(ops, i, true);
+	int nops = 0;
+	for (int b = 0; b < batches; b++) {
+		int first = nops, n = 1 + (int)qsm_rng_below(rng, 48);
+		for (int k = 0; k < n; k++, nops++) {
+			struct wl_op *o = &ops[nops];
+			uint64_t r = qsm_rng_below(rng, 100);
+			o->kind = r < 55 ? WL_WRITE : r < 80 ? WL_READ : r < 88 ? WL_ZERO
+				: r < 96 ? WL_DISCARD : WL_FLUSH;
+			/* Lengths from a byte to several clusters; sometimes
+			 * cluster aligned, sometimes across an L2 table boundary. */
+			uint64_t maxlen = QSM_MIN(size / 4, (uint64_t)cluster_size * 5);
+			o->len = 1 + qsm_rng_below(rng, maxlen);
+			o->off = qsm_rng_below(rng, size - o->len + 1);
+			if (qsm_rng_below(rng, 3) == 0) {
+				o->off = QSM_ALIGN_DOWN(o->off, cluster_size);
+				o->len = QSM_ALIGN_UP(o->len, cluster_size);
+				if (o->off + o->len > size)
+					o->len = size - o->off;
+			}
+			/* Drawn as before, unused: each seed keeps its requests (the
+			 * data is the engine's pattern per request and offset). */
+			(void)qsm_rng_below(rng, 255);
+			if (race_check && (o->kind == WL_READ ? overlaps_any(ops, first, nops, false)
+							      : overlaps_any(ops, first, nops, true)))
+				o->kind = WL_FLUSH;
+			if (o->kind == WL_WRITE || o->kind == WL_READ) {
+				o->split_a = qsm_rng_below(rng, o->len + 1);
+				o->split_b = o->split_a + qsm_rng_below(rng, o->len - o->split_a + 1);
+			} else if (o->kind == WL_ZERO) {
+				o->flags = (seed & 2) ? QSM_ZERO_MAY_UNMAP : 0;
+			} else if (o->kind == WL_FLUSH) {
+				o->off = o->len = 0;
+			}
+		}
+		end[b] = nops;
+	}
+	return nops;
 }
 
 /*
@@ -215,143 +220,81 @@ static void make_backing(const char *bpath, uint64_t bsize, unsigned cluster_siz
 	event_base_free(base);
 }
 
+/* Fail the test with the engine's first finding, if any. */
+static void assert_clean(const struct wl *w, struct qsm_image *img, uint64_t seed, int b,
+			 const char *when)
+{
+	if (!w->violations && !w->op_errors)
+		return;
+	wl_dump(w, stderr);
+	ck_abort_msg("seed %llu batch %d (%s): %s (%s)", (unsigned long long)seed, b, when,
+		     w->violations ? w->first_violation : w->first_error,
+		     img ? qsm_image_error(img) : "");
+}
+
 static void run_workload(enum backend be, uint64_t seed, unsigned cluster_size,
 			 uint64_t size, size_t cache_tables, int batches, bool backing)
 {
 	char path[400], bpath[400] = "", err[256];
-	struct wl wl = { 0 };
 	struct qsm_sim *sim = NULL;
 	struct qsm_io *io = NULL;
+	struct qsm_image *img;
+	struct qsm_rng rng;
+	struct wl w;
 	int ret;
 
 	bool race_check = be == B_SIM && (seed & 4);
-	qsm_rng_seed(&wl.rng, seed);
-	wl.size = size;
-	wl.model = calloc(1, size);
+	unsigned compat = (seed & 1) ? 3 : 2;
+	qsm_rng_seed(&rng, seed);
+	struct wl_op *ops = calloc((size_t)batches * 48, sizeof(*ops));
+	int *end = calloc((size_t)batches, sizeof(*end));
+	ck_assert(ops && end);
+	int nops = draw_batches(&rng, seed, cluster_size, size, batches, race_check, ops, end);
+	struct wl_params wp = { .size = size, .cluster = cluster_size, .cache = QSM_CACHE_WRITEBACK,
+				.discard_noop = backing && compat == 2, .read_every_byte = true };
+	ck_assert_int_eq(wl_init(&w, ops, nops, &wp), 0);
+
 	snprintf(path, sizeof(path), "%s/img-%d-%llu.qcow2", tmpdir, be, (unsigned long long)seed);
 	if (backing) {
 		snprintf(bpath, sizeof(bpath), "%s/base-%d-%llu.qcow2", tmpdir, be,
 			 (unsigned long long)seed);
-		make_backing(bpath, size - size / 8, cluster_size, seed, wl.model);
+		make_backing(bpath, size - size / 8, cluster_size, seed, w.init);
 	}
-	struct qsm_create_opts co = { .size = size, .cluster_size = cluster_size,
-				      .compat = (seed & 1) ? 3 : 2,
+	struct qsm_create_opts co = { .size = size, .cluster_size = cluster_size, .compat = compat,
 				      .backing_file = backing ? bpath : NULL,
 				      .backing_format = backing ? "qcow2" : NULL };
 	ret = qsm_create(path, &co, err, sizeof(err));
 	ck_assert_msg(ret == 0, "create: %s", err);
 
-	wl.base = event_base_new();
+	struct event_base *base = event_base_new();
 	struct qsm_open_opts oo = { .l2_cache_size = cache_tables * cluster_size };
 	if (be == B_SIM) {
 		sim = qsm_sim_new(seed);
 		ck_assert_int_eq(qsm_sim_load_file(sim, path), 0);
 		qsm_sim_set_max_batch(sim, 1 + (unsigned)(seed % 4));
-		ck_assert_int_eq(qsm_io_open_sim(wl.base, sim, 0, &io), 0);
+		ck_assert_int_eq(qsm_io_open_sim(base, sim, 0, &io), 0);
 	} else {
-		ret = be == B_URING ? qsm_io_open_uring(wl.base, path, 0, &io)
-				    : qsm_io_open_threads(wl.base, path, 0, &io);
+		ret = be == B_URING ? qsm_io_open_uring(base, path, 0, &io)
+				    : qsm_io_open_threads(base, path, 0, &io);
 		ck_assert_int_eq(ret, 0);
 	}
-	ret = qsm_open_io(wl.base, io, &oo, &wl.img, err, sizeof(err));
+	ret = qsm_open_io(base, io, &oo, &img, err, sizeof(err));
 	ck_assert_msg(ret == 0, "open: %s", err);
 
+	/* Each batch all in flight at once; then what it touched, read back,
+	 * must be what some order of its requests leaves, and is pinned. */
 	for (int b = 0; b < batches; b++) {
-		int n = 1 + (int)qsm_rng_below(&wl.rng, 48);
-		struct op *ops = calloc((size_t)n, sizeof(*ops));
-		for (int i = 0; i < n; i++) {
-			struct op *o = &ops[i];
-			o->wl = &wl;
-			uint64_t r = qsm_rng_below(&wl.rng, 100);
-			o->kind = r < 55 ? 0 : r < 80 ? 1 : r < 88 ? 2 : r < 96 ? 3 : 4;
-			/* Lengths from a byte to several clusters; sometimes
-			 * cluster aligned, sometimes across an L2 table boundary. */
-			uint64_t maxlen = QSM_MIN(size / 4, (uint64_t)cluster_size * 5);
-			o->len = 1 + qsm_rng_below(&wl.rng, maxlen);
-			o->off = qsm_rng_below(&wl.rng, size - o->len + 1);
-			if (qsm_rng_below(&wl.rng, 3) == 0) {
-				o->off = QSM_ALIGN_DOWN(o->off, cluster_size);
-				o->len = QSM_ALIGN_UP(o->len, cluster_size);
-				if (o->off + o->len > size)
-					o->len = size - o->off;
-			}
-			o->pat = (uint8_t)(1 + qsm_rng_below(&wl.rng, 255));
-			/* With race checking on, guest reads keep clear of the
-			 * batch's writes, so any read/write overlap the sim
-			 * reports is the engine's own (metadata vs data). */
-			if (race_check && (o->kind == 1 ? overlaps_earlier(ops, i)
-							: overlaps_read(ops, i)))
-				o->kind = 4;
-			if (o->kind <= 1) {
-				o->buf = malloc(o->len);
-				memset(o->buf, o->kind == 0 ? o->pat : 0xee, o->len);
-				/* Split the buffer into up to 3 iovecs. */
-				uint64_t a = qsm_rng_below(&wl.rng, o->len + 1);
-				uint64_t c = a + qsm_rng_below(&wl.rng, o->len - a + 1);
-				int cnt = 0;
-				if (a) o->iov[cnt++] = (struct iovec){ o->buf, a };
-				if (c > a) o->iov[cnt++] = (struct iovec){ o->buf + a, c - a };
-				if (o->len > c) o->iov[cnt++] = (struct iovec){ o->buf + c, o->len - c };
-				ret = o->kind == 0 ? qsm_writev(wl.img, o->off, o->iov, cnt, op_cb, o)
-						   : qsm_readv(wl.img, o->off, o->iov, cnt, op_cb, o);
-			} else if (o->kind == 2) {
-				ret = qsm_write_zeroes(wl.img, o->off, o->len,
-						       (seed & 2) ? QSM_ZERO_MAY_UNMAP : 0, op_cb, o);
-			} else if (o->kind == 3) {
-				ret = qsm_discard(wl.img, o->off, o->len, op_cb, o);
-			} else {
-				o->len = 0;
-				ret = qsm_flush(wl.img, op_cb, o);
-			}
-			ck_assert_msg(ret == 0, "submit failed: %d", ret);
-			ck_assert_msg(!o->done, "completion ran inside submit");
-			wl.pending++;
-		}
-		while (wl.pending)
-			event_base_loop(wl.base, EVLOOP_ONCE);
-
-		/* Check every completion, then read back what the batch touched. */
-		for (int i = 0; i < n; i++) {
-			struct op *o = &ops[i];
-			ck_assert_msg(o->ret == 0, "seed %llu batch %d op %d (kind %d) failed: %d %s",
-				      (unsigned long long)seed, b, i, o->kind, o->ret,
-				      qsm_image_error(wl.img));
-			if (o->kind != 1)
-				continue;
-			for (uint64_t x = 0; x < o->len; x++)
-				if (!allowed(&wl, ops, n, o->off + x, o->buf[x]))
-					ck_abort_msg("seed %llu batch %d: read at %#llx got %#x, model %#x",
-					      (unsigned long long)seed, b,
-					      (unsigned long long)(o->off + x), o->buf[x],
-					      wl.model[o->off + x]);
-		}
-		for (int i = 0; i < n; i++) {
-			struct op *o = &ops[i];
-			if (o->kind == 1 || o->kind == 4)
-				continue;
-			uint8_t *now = malloc(o->len);
-			ck_assert_int_eq(qsm_sync_pread(wl.img, now, o->len, o->off), 0);
-			for (uint64_t x = 0; x < o->len; x++) {
-				uint64_t at = o->off + x;
-				if (!allowed(&wl, ops, n, at, now[x]))
-					ck_abort_msg("seed %llu batch %d: byte %#llx is %#x, model %#x",
-					      (unsigned long long)seed, b, (unsigned long long)at,
-					      now[x], wl.model[at]);
-			}
-			/* Partial-cluster discards leave data alone: the model
-			 * follows what is there now (one of the allowed values). */
-			memcpy(wl.model + o->off, now, o->len);
-			free(now);
-		}
-		for (int i = 0; i < n; i++)
-			free(ops[i].buf);
-		free(ops);
+		ret = wl_run(&w, img, b ? end[b - 1] : 0, end[b], INT32_MAX);
+		assert_clean(&w, img, seed, b, "the requests");
+		ck_assert_int_eq(ret, 0);
+		wl_settle(&w, img);
+		assert_clean(&w, img, seed, b, "read back");
 	}
 
 	if (race_check)
 		ck_assert_msg(qsm_sim_races(sim) == 0, "seed %llu: %llu engine races",
 			      (unsigned long long)seed, (unsigned long long)qsm_sim_races(sim));
-	ck_assert_int_eq(qsm_close(wl.img), 0);
+	ck_assert_int_eq(qsm_close(img), 0);
 
 	/* Reopen (from the file, or the sim disk saved to it) and compare whole. */
 	if (sim) {
@@ -359,15 +302,16 @@ static void run_workload(enum backend be, uint64_t seed, unsigned cluster_size,
 		qsm_sim_free(sim);
 	}
 	struct qsm_open_opts ro = { .read_only = true };
-	ck_assert_int_eq(qsm_open(wl.base, path, &ro, &wl.img, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_open(base, path, &ro, &img, err, sizeof(err)), 0);
 	uint8_t *all = malloc(size);
-	ck_assert_int_eq(qsm_sync_pread(wl.img, all, size, 0), 0);
+	ck_assert_int_eq(qsm_sync_pread(img, all, size, 0), 0);
+	const uint8_t *want = wl_view(&w);
 	for (uint64_t x = 0; x < size; x++)
-		if (all[x] != wl.model[x])
+		if (all[x] != want[x])
 			ck_abort_msg("seed %llu: after reopen byte %#llx is %#x, want %#x",
-			      (unsigned long long)seed, (unsigned long long)x, all[x], wl.model[x]);
+			      (unsigned long long)seed, (unsigned long long)x, all[x], want[x]);
 	free(all);
-	qsm_close(wl.img);
+	qsm_close(img);
 	if (have_qemu_img()) {
 		char cmd[600];
 		snprintf(cmd, sizeof(cmd), "qemu-img check -q '%s'", path);
@@ -377,8 +321,10 @@ static void run_workload(enum backend be, uint64_t seed, unsigned cluster_size,
 	unlink(path);
 	if (backing)
 		unlink(bpath);
-	event_base_free(wl.base);
-	free(wl.model);
+	event_base_free(base);
+	wl_fini(&w);
+	free(ops);
+	free(end);
 }
 
 static uint64_t seed_for(int i)
