@@ -23,31 +23,39 @@
  *   6 bytes per request: kind (byte 0 modulo 7: write, read, zero write,
  *               zero write may-unmap, discard, flush, compressed write;
  *               bits 3-4 alignment: none, 512, cluster; compressed writes
- *               are always cluster-aligned), offset (bytes 1-2, a fraction of the
- *               size, plus byte 3 sectors), length (byte 4, up to 3
- *               clusters), iovec split (byte 5)
+ *               are always cluster-aligned; bit 5 the data of the other
+ *               sort: a write's compressible, a compressed write's not),
+ *               offset (bytes 1-2, a fraction of the size, plus byte 3
+ *               sectors), length (byte 4, up to 3 clusters), iovec split
+ *               (byte 5)
  *   the rest    the completion schedule: every choice of the sim's
  *               scheduler (how many pending I/Os complete in a pass, which
  *               one next) takes the next byte (qsm_sim_set_chooser); when
  *               they run out, the oldest pending I/O completes alone.
- * Each write writes a pattern unique to (request, guest offset).
+ * The requests, their data (a pattern unique to request and guest offset,
+ * compressible in runs of 64 bytes where the kind asks) and the oracles are
+ * the workload engine's (tools/workload.h), shared with qsm fuzz and the
+ * unit tests; this target only decodes bytes and drives sessions.
  *
- * Oracle (test_crash.c has the full one; this one is deliberately simple):
- *  1. Every request succeeds (no faults are injected), none hangs, and a
- *     run without a crash closes with 0.
- *  2. Every successful read returns, per byte, zero or the pattern of a
- *     write covering it that was submitted before the read completed.
- *  3. After the run, the crash image's check finds no corruption (with lazy
+ * Oracle (any finding aborts, with the case and the requests printed):
+ *  1. Every request succeeds (no faults are injected), none completes
+ *     inside its submission, none hangs, and a session without a crash
+ *     closes with 0.
+ *  2. Every successful read returns, per byte, the content before the
+ *     requests (zeros) or the value of a write-like request that may have
+ *     been the last to land there (the engine's read oracle: concurrent
+ *     overlapping writes in any order, otherwise exactly the last one).
+ *  3. The sim saw no read of bytes a write in flight was changing, unless
+ *     the guest's own requests overlapped that way (engine races).
+ *  4. After the run, the crash image's check finds no corruption (with lazy
  *     refcounts: none unless the dirty bit is set) and no leak without a
  *     crash; it opens read-write (a dirty image is repaired by the open).
- *  4. Every byte reads as zero or the pattern of a write covering it; a byte
- *     of a durable write-like request W reads as W left it (its pattern, or
- *     zero for zero writes and for the whole clusters of discards) when
- *     every other write-like request covering the byte completed before W
- *     was submitted.  Durable: W succeeded and a flush submitted after W
- *     completed succeeded (writeback, none), or W succeeded (writethrough,
- *     directsync), or the run closed cleanly (every mode).
- *  5. After the reopened image is closed, the check finds no corruption.
+ *  5. The whole disk passes the engine's durability register: each byte is
+ *     the value of a request (or the initial zeros) not overwritten by a
+ *     durable one.  Durable: it succeeded and a flush submitted after it
+ *     completed succeeded (writeback, none), or it succeeded (writethrough,
+ *     directsync), or its session closed cleanly (every mode).
+ *  6. After the reopened image is closed, the check finds no corruption.
  * Self-test of the oracle: QSM_FUZZ_TAMPER=1 claims every successful write
  * durable even across a crash; the target must then fail within seconds.
  * In a -DQSM_MUTANTS=ON build, QSM_FUZZ_MUTANT=NAME selects a mutant.
@@ -70,6 +78,7 @@
 #include "metadata/check.h"
 #include "metadata/qcow2.h"
 #include "sm/qsm.h"
+#include "tools/workload.h"
 
 #if defined(__has_feature)
 #if __has_feature(address_sanitizer)
@@ -92,7 +101,6 @@ int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define MAX_OPS 32
-#define T_NEVER UINT64_MAX
 
 /* --- decoding ------------------------------------------------------------- */
 
@@ -107,23 +115,6 @@ static uint8_t next_byte(struct cursor *c)
 }
 
 enum kind { K_WRITE, K_READ, K_ZERO, K_ZERO_UNMAP, K_DISCARD, K_FLUSH, K_COMPRESSED, K__COUNT };
-static const char *const kind_name[] = { "write", "read", "zero", "zero-unmap", "discard",
-					 "flush", "compressed-write" };
-
-struct run;
-
-struct op {
-	struct run *r;
-	int id;
-	enum kind kind;
-	uint64_t off, len;
-	uint64_t eff_off, eff_len;  /* what it sets: discards whole clusters only */
-	uint8_t *buf;
-	struct iovec iov[2];
-	bool submitted;
-	uint64_t t_sub, t_done;     /* logical clock; t_done T_NEVER unless it completed */
-	int ret;
-};
 
 struct cfg {
 	unsigned cluster_bits;
@@ -141,17 +132,13 @@ struct cfg {
 
 struct run {
 	struct cfg c;
-	struct op ops[MAX_OPS];
+	struct wl_op ops[MAX_OPS];
+	struct wl w;                /* the engine's model of the requests */
 	struct cursor sched;        /* the completion schedule */
 	struct event_base *base;
 	struct qsm_sim *sim;
 	struct qsm_image *img;
-	int pending;
-	uint64_t clock;
 	uint64_t completions;       /* non-read I/O completions */
-	bool crashed;
-	int closed_upto;            /* requests [0, closed_upto) ran in a session
-	                             * that closed cleanly: all durable */
 };
 
 static void decode(struct run *r, const uint8_t *data, size_t size)
@@ -160,6 +147,8 @@ static void decode(struct run *r, const uint8_t *data, size_t size)
 	struct cfg *c = &r->c;
 	static const unsigned cbits[4] = { 9, 10, 12, 16 };
 	static const unsigned rorder[8] = { 4, 4, 4, 4, 0, 3, 5, 6 };
+	static const enum wl_kind kinds[K__COUNT] = { WL_WRITE, WL_READ, WL_ZERO, WL_ZERO,
+						      WL_DISCARD, WL_FLUSH, WL_COMPRESSED };
 
 	uint8_t b = next_byte(&in);
 	c->cluster_bits = cbits[b & 3];
@@ -183,21 +172,19 @@ static void decode(struct run *r, const uint8_t *data, size_t size)
 	c->split = (b >> 5) * c->nops / 8;
 
 	for (int i = 0; i < c->nops; i++) {
-		struct op *o = &r->ops[i];
+		struct wl_op *o = &r->ops[i];
 		uint8_t k = next_byte(&in);
 		uint64_t frac = (uint64_t)next_byte(&in) << 8;
 		frac |= next_byte(&in);
 		uint8_t sectors = next_byte(&in), l = next_byte(&in), split = next_byte(&in);
 
-		o->r = r;
-		o->id = i;
-		o->kind = (enum kind)(k % K__COUNT);
-		o->t_done = T_NEVER;
-		if (o->kind == K_FLUSH)
+		enum kind kind = (enum kind)(k % K__COUNT);
+		o->kind = kinds[kind];
+		if (o->kind == WL_FLUSH)
 			continue;
 		o->off = (frac * c->size >> 16) + (uint64_t)sectors * 512;
 		o->len = 1 + (uint64_t)l * 3 * c->cluster / 256;
-		unsigned align = o->kind == K_COMPRESSED ? 2 : (k >> 3) & 3;
+		unsigned align = kind == K_COMPRESSED ? 2 : (k >> 3) & 3;
 		if (align == 1) {
 			o->off = QSM_ALIGN_DOWN(o->off, 512);
 			o->len = QSM_ALIGN_UP(o->len, 512);
@@ -209,43 +196,17 @@ static void decode(struct run *r, const uint8_t *data, size_t size)
 			o->off = c->size - QSM_MIN(o->len, c->size);
 		if (o->len > c->size - o->off)
 			o->len = c->size - o->off;
-		o->eff_off = o->off;
-		o->eff_len = o->len;
-		if (o->kind == K_DISCARD) {
-			uint64_t a = QSM_ALIGN_UP(o->off, c->cluster);
-			uint64_t e = QSM_ALIGN_DOWN(o->off + o->len, c->cluster);
-			o->eff_off = a;
-			o->eff_len = e > a ? e - a : 0;
-		}
-		if (o->kind == K_READ)
-			o->eff_len = 0;
-		if (o->kind == K_WRITE || o->kind == K_READ || o->kind == K_COMPRESSED) {
-			o->buf = malloc(o->len);
-			if (!o->buf)
-				abort();
-			uint64_t a = split * o->len / 256;
-			o->iov[0] = (struct iovec){ o->buf, a };
-			o->iov[1] = (struct iovec){ o->buf + a, o->len - a };
-		}
+		if (kind == K_ZERO_UNMAP)
+			o->flags = QSM_ZERO_MAY_UNMAP;
+		else if ((o->kind == WL_WRITE || o->kind == WL_COMPRESSED) && (k >> 5) & 1)
+			o->flags = WL_DATA_OTHER;
+		o->split_a = split * o->len / 256;
+		o->split_b = o->len;
 	}
 	r->sched = (struct cursor){ data + in.at, size - in.at, 0 };
 }
 
 /* --- the run -------------------------------------------------------------- */
-
-static bool is_write(const struct op *o)
-{
-	return o->kind == K_WRITE || o->kind == K_COMPRESSED;
-}
-
-static uint8_t pat(int id, uint64_t x)
-{
-	uint64_t h = x * 0x9E3779B97F4A7C15ull ^ ((uint64_t)id + 1) * 0xC2B2AE3D27D4EB4Full;
-	h ^= h >> 29;
-	h *= 0xBF58476D1CE4E5B9ull;
-	h ^= h >> 32;
-	return (uint8_t)h;
-}
 
 static void cfg_print(const struct cfg *c)
 {
@@ -258,23 +219,13 @@ static void cfg_print(const struct cfg *c)
 		(unsigned long long)c->keep_mask, c->nops, c->split);
 }
 
-static void ops_print(const struct run *r)
-{
-	for (int i = 0; i < r->c.nops; i++) {
-		const struct op *o = &r->ops[i];
-		fprintf(stderr, "  op %d %s %#llx+%llu sub %llu done %lld ret %d\n", i,
-			kind_name[o->kind], (unsigned long long)o->off, (unsigned long long)o->len,
-			(unsigned long long)o->t_sub,
-			o->t_done == T_NEVER ? -1ll : (long long)o->t_done, o->ret);
-	}
-}
-
 static void bug(const struct run *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void bug(const struct run *r, const char *fmt, ...)
 {
 	va_list ap;
 	cfg_print(&r->c);
-	ops_print(r);
+	if (r->w.st)
+		wl_dump(&r->w, stderr);
 	fprintf(stderr, "fuzz_sched: ");
 	va_start(ap, fmt);
 	vfprintf(stderr, fmt, ap);
@@ -283,49 +234,28 @@ static void bug(const struct run *r, const char *fmt, ...)
 	abort();
 }
 
+/* Oracles 1-3 so far. */
+static void check_verdict(const struct run *r, const char *when)
+{
+	if (r->w.violations)
+		bug(r, "%s: %s", when, r->w.first_violation);
+	if (r->w.op_errors)
+		bug(r, "%s: %s", when, r->w.first_error);
+	if (r->w.races)
+		bug(r, "%s: %llu engine races; first: %s", when, (unsigned long long)r->w.races,
+		    r->w.first_race);
+}
+
 static uint64_t choose(void *opaque, uint64_t n)
 {
 	struct run *r = opaque;
 	return next_byte(&r->sched) % n;
 }
 
-/* Oracle 2: zeros or a write submitted before the read completed. */
-static void check_read(struct run *r, const struct op *o)
-{
-	for (uint64_t d = 0; d < o->len; d++) {
-		uint64_t x = o->off + d;
-		uint8_t v = o->buf[d];
-		bool found = v == 0;
-		for (int i = 0; i < r->c.nops && !found; i++) {
-			const struct op *w = &r->ops[i];
-			found = is_write(w) && w->submitted && w->t_sub < o->t_done &&
-				w->off <= x && x < w->off + w->len && pat(i, x) == v;
-		}
-		if (!found)
-			bug(r, "op %d read: byte %#llx reads %#x, neither zero nor any write's",
-			    o->id, (unsigned long long)x, v);
-	}
-}
-
-static void op_cb(void *opaque, int ret)
-{
-	struct op *o = opaque;
-	struct run *r = o->r;
-	r->pending--;
-	if (r->crashed)
-		return;
-	o->ret = ret;
-	o->t_done = ++r->clock;
-	if (ret)
-		bug(r, "op %d %s failed: %s", o->id, kind_name[o->kind], qsm_strerror(ret));
-	if (o->kind == K_READ)
-		check_read(r, o);
-}
-
 static void trace_cb(void *opaque, const struct qsm_io_req *req, bool done, int ret)
 {
 	struct run *r = opaque;
-	if (!done || r->crashed || req->op == QSM_IO_READ)
+	if (!done || r->w.stopped || req->op == QSM_IO_READ)
 		return;
 	if (++r->completions != r->c.crash_at)
 		return;
@@ -333,30 +263,8 @@ static void trace_cb(void *opaque, const struct qsm_io_req *req, bool done, int 
 		qsm_sim_crash(r->sim, ~0ull, true); /* a process kill */
 	else
 		qsm_sim_crash(r->sim, r->c.keep_mask, r->c.keep_mask >> 63);
-	r->crashed = true;
+	r->w.stopped = true;
 	event_base_loopbreak(r->base);
-}
-
-static int submit(struct run *r, struct op *o)
-{
-	o->submitted = true;
-	o->t_sub = ++r->clock;
-	r->pending++;
-	if (o->kind == K_WRITE || o->kind == K_COMPRESSED)
-		for (uint64_t d = 0; d < o->len; d++)
-			o->buf[d] = pat(o->id, o->off + d);
-	else if (o->kind == K_READ)
-		memset(o->buf, 0xee, o->len);
-	switch (o->kind) {
-	case K_WRITE: return qsm_writev(r->img, o->off, o->iov, 2, op_cb, o);
-	case K_READ: return qsm_readv(r->img, o->off, o->iov, 2, op_cb, o);
-	case K_ZERO: return qsm_write_zeroes(r->img, o->off, o->len, 0, op_cb, o);
-	case K_ZERO_UNMAP:
-		return qsm_write_zeroes(r->img, o->off, o->len, QSM_ZERO_MAY_UNMAP, op_cb, o);
-	case K_DISCARD: return qsm_discard(r->img, o->off, o->len, op_cb, o);
-	case K_COMPRESSED: return qsm_write_compressed(r->img, o->off, o->iov, 2, op_cb, o);
-	default: return qsm_flush(r->img, op_cb, o);
-	}
 }
 
 /* One session: open, requests [from, to), close (or the crash). */
@@ -376,20 +284,10 @@ static void run_workload(struct run *r, int from, int to)
 	io->trace = trace_cb;
 	io->trace_opaque = r;
 	qsm_sim_set_chooser(r->sim, choose, r);
-
-	int next = from;
-	while (!r->crashed && (next < to || r->pending)) {
-		while (!r->crashed && next < to && r->pending < c->depth) {
-			struct op *o = &r->ops[next++];
-			int ret = submit(r, o);
-			if (ret)
-				bug(r, "op %d %s refused: %s", o->id, kind_name[o->kind], qsm_strerror(ret));
-		}
-		if (r->pending && !r->crashed && event_base_loop(r->base, EVLOOP_ONCE) == 1)
-			bug(r, "hang: %d requests never complete", r->pending);
-	}
+	wl_run(&r->w, r->img, from, to, c->depth);
+	check_verdict(r, "during the requests");
 	qsm_sim_set_chooser(r->sim, NULL, NULL);
-	if (r->crashed) {
+	if (r->w.stopped) {
 		qsm_abandon(r->img);
 		LSAN_ON();
 	} else {
@@ -398,7 +296,7 @@ static void run_workload(struct run *r, int from, int to)
 		int ret = qsm_close(r->img);
 		if (ret)
 			bug(r, "close failed: %s", qsm_strerror(ret));
-		r->closed_upto = to;
+		wl_note_sync(&r->w);
 	}
 	r->img = NULL;
 }
@@ -408,14 +306,9 @@ static void run_workload(struct run *r, int from, int to)
 static void check_image(struct run *r, const char *when, bool allow_corrupt, bool allow_leaks)
 {
 	struct qsm_check_result res;
-	struct qsm_io *io;
-	char err[256];
+	char err[256] = "";
 
-	if (qsm_io_open_sim(r->base, r->sim, QSM_IO_RDONLY, &io) < 0)
-		abort();
-	int ret = qsm_check_image(io, 0, &res, NULL, err, sizeof(err));
-	qsm_io_close(io);
-	if (ret < 0 || res.incomplete)
+	if (wl_sim_check(r->sim, &res, err, sizeof(err)) < 0 || res.incomplete)
 		bug(r, "%s: the check cannot run: %s", when, err);
 	if (res.corruptions && !allow_corrupt)
 		bug(r, "%s: the check finds %llu corruptions", when,
@@ -425,101 +318,18 @@ static void check_image(struct run *r, const char *when, bool allow_corrupt, boo
 		    (unsigned long long)res.leaks);
 }
 
-static bool header_dirty(struct run *r)
-{
-	struct qsm_io *io;
-	uint8_t h[80];
-	if (qsm_io_open_sim(r->base, r->sim, QSM_IO_RDONLY, &io) < 0 ||
-	    qsm_io_pread_sync(io, h, sizeof(h), 0) < 0)
-		abort();
-	qsm_io_close(io);
-	return h[79] & 1; /* incompatible_features bit 0 */
-}
-
-static bool writes_data(const struct op *o)
-{
-	return o->submitted && o->kind != K_READ && o->kind != K_FLUSH;
-}
-
-static bool durable(const struct run *r, const struct op *w)
-{
-	if (w->t_done == T_NEVER || w->ret)
-		return false;
-	if (w->id < r->closed_upto)
-		return true; /* its session closed cleanly */
-	static int tamper = -1;
-	if (tamper < 0)
-		tamper = getenv("QSM_FUZZ_TAMPER") != NULL;
-	if (tamper)
-		return true;
-	if (!r->crashed)
-		return true; /* closed cleanly */
-	switch (r->c.cache) {
-	case QSM_CACHE_WRITETHROUGH:
-	case QSM_CACHE_DIRECTSYNC:
-		return true;
-	case QSM_CACHE_UNSAFE:
-		return false;
-	default:
-		for (int i = 0; i < r->c.nops; i++) {
-			const struct op *f = &r->ops[i];
-			if (f->kind == K_FLUSH && f->submitted && f->t_sub > w->t_done &&
-			    f->t_done != T_NEVER && f->ret == 0)
-				return true;
-		}
-		return false;
-	}
-}
-
-/* Oracle 4 on the reopened image. */
+/* Oracle 5 on the reopened image. */
 static void check_data(struct run *r)
 {
-	const struct cfg *c = &r->c;
-	uint8_t *disk = malloc(c->size);
+	char msg[600];
+	uint8_t *disk = malloc(r->c.size);
 	if (!disk)
 		abort();
-	int ret = qsm_sync_pread(r->img, disk, c->size, 0);
+	int ret = qsm_sync_pread(r->img, disk, r->c.size, 0);
 	if (ret)
 		bug(r, "reading the reopened image fails: %s", qsm_strerror(ret));
-	for (uint64_t x = 0; x < c->size; x++) {
-		uint8_t v = disk[x];
-		bool seen = v == 0;
-		for (int i = 0; i < c->nops && !seen; i++) {
-			const struct op *w = &r->ops[i];
-			seen = is_write(w) && w->submitted && w->off <= x &&
-			       x < w->off + w->len && pat(i, x) == v;
-		}
-		if (!seen)
-			bug(r, "byte %#llx reads %#x after the run: neither zero nor any write's",
-			    (unsigned long long)x, v);
-	}
-	uint8_t *skip = malloc(c->size);
-	if (!skip)
-		abort();
-	for (int i = 0; i < c->nops; i++) {
-		const struct op *w = &r->ops[i];
-		if (!writes_data(w) || !w->eff_len || !durable(r, w))
-			continue;
-		uint64_t ws = w->eff_off, we = ws + w->eff_len;
-		/* Bytes another write-like request may have changed after W
-		 * began: any that had not completed when W was submitted. */
-		memset(skip + ws, 0, we - ws);
-		for (int j = 0; j < c->nops; j++) {
-			const struct op *o = &r->ops[j];
-			if (j == i || !writes_data(o) || o->t_done < w->t_sub)
-				continue;
-			uint64_t a = QSM_MAX(ws, o->off), e = QSM_MIN(we, o->off + o->len);
-			if (a < e)
-				memset(skip + a, 1, e - a);
-		}
-		for (uint64_t x = ws; x < we; x++) {
-			uint8_t want = is_write(w) ? pat(i, x) : 0;
-			if (!skip[x] && disk[x] != want)
-				bug(r, "op %d %s was durable; byte %#llx reads %#x, not %#x", i,
-				    kind_name[w->kind], (unsigned long long)x, disk[x], want);
-		}
-	}
-	free(skip);
+	if (!wl_check_durable(&r->w, disk, msg, sizeof(msg)))
+		bug(r, "durability%s: %s", r->w.stopped ? " after the crash" : "", msg);
 	free(disk);
 }
 
@@ -549,6 +359,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	memset(&r, 0, sizeof(r));
 	decode(&r, data, size);
 	const struct cfg *c = &r.c;
+	struct wl_params wp = { .size = c->size, .cluster = (unsigned)c->cluster, .cache = c->cache,
+				.read_every_byte = true };
+	if (wl_init(&r.w, r.ops, c->nops, &wp) < 0)
+		abort();
+	r.w.claim_all_durable = getenv("QSM_FUZZ_TAMPER") != NULL;
 
 	struct qcow2_create_opts co = {
 		.size = c->size, .cluster_bits = c->cluster_bits, .version = c->version,
@@ -565,31 +380,32 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	qsm_sim_load_buf(r.sim, img, img_len);
 	free(img);
 	qsm_sim_set_max_batch(r.sim, c->max_batch);
+	qsm_sim_set_race_hook(r.sim, wl_sim_race_cb, &r.w);
 
 	if (c->split)
 		run_workload(&r, 0, c->split);
-	if (!r.crashed)
+	if (!r.w.stopped)
 		run_workload(&r, c->split, c->nops);
+	qsm_sim_set_race_hook(r.sim, NULL, NULL);
 
-	/* 3. The image as the run left it. */
-	bool dirty = header_dirty(&r);
-	check_image(&r, "after the run", c->lazy && dirty && r.crashed, r.crashed);
+	/* 4. The image as the run left it. */
+	bool dirty = wl_sim_dirty(r.sim);
+	check_image(&r, "after the run", c->lazy && dirty && r.w.stopped, r.w.stopped);
 	struct qsm_io *io;
 	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITEBACK, .work_threads = -1 };
 	if (qsm_io_open_sim(r.base, r.sim, 0, &io) < 0)
 		abort();
 	if (qsm_open_io(r.base, io, &oo, &r.img, err, sizeof(err)) < 0)
 		bug(&r, "the image does not reopen%s: %s", dirty ? " (dirty)" : "", err);
-	/* 4. */
-	check_data(&r);
 	/* 5. */
+	check_data(&r);
+	/* 6. */
 	int ret = qsm_close(r.img);
 	if (ret)
 		bug(&r, "closing the reopened image fails: %s", qsm_strerror(ret));
-	check_image(&r, "after the reopen", false, r.crashed);
+	check_image(&r, "after the reopen", false, r.w.stopped);
 
-	for (int i = 0; i < c->nops; i++)
-		free(r.ops[i].buf);
+	wl_fini(&r.w);
 	qsm_sim_free(r.sim);
 	event_base_free(r.base);
 	return 0;
