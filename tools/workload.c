@@ -130,10 +130,11 @@ int wl_init(struct wl *w, const struct wl_op *ops, int nops, const struct wl_par
 				for (uint64_t x = 0; x < o->len; x++)
 					s->buf[x] = wl_value(o, i, o->off + x);
 			uint64_t a = QSM_MIN(o->split_a, o->len), b = QSM_MIN(QSM_MAX(o->split_b, a), o->len);
+			bool all = o->flags & WL_IOV_KEEP_EMPTY;
 			int n = 0;
-			if (a) s->iov[n++] = (struct iovec){ s->buf, a };
-			if (b > a) s->iov[n++] = (struct iovec){ s->buf + a, b - a };
-			if (o->len > b) s->iov[n++] = (struct iovec){ s->buf + b, o->len - b };
+			if (a || all) s->iov[n++] = (struct iovec){ s->buf, a };
+			if (b > a || all) s->iov[n++] = (struct iovec){ s->buf + a, b - a };
+			if (o->len > b || all) s->iov[n++] = (struct iovec){ s->buf + b, o->len - b };
 			s->iovcnt = n;
 		}
 	}
@@ -293,7 +294,8 @@ static int submit(struct wl *w, struct qsm_image *img, int i)
 	case WL_WRITE: return qsm_writev(img, o->off, s->iov, s->iovcnt, op_cb, s);
 	case WL_READ: return qsm_readv(img, o->off, s->iov, s->iovcnt, op_cb, s);
 	case WL_ZERO:
-		return qsm_write_zeroes(img, o->off, o->len, o->flags & ~WL_DATA_OTHER, op_cb, s);
+		return qsm_write_zeroes(img, o->off, o->len, o->flags & ~(WL_DATA_OTHER | WL_IOV_KEEP_EMPTY),
+					op_cb, s);
 	case WL_DISCARD: return qsm_discard(img, o->off, o->len, op_cb, s);
 	case WL_COMPRESSED: return qsm_write_compressed(img, o->off, s->iov, s->iovcnt, op_cb, s);
 	default: return qsm_flush(img, op_cb, s);

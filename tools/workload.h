@@ -58,11 +58,14 @@ enum wl_kind { WL_WRITE, WL_READ, WL_ZERO, WL_DISCARD, WL_FLUSH, WL_COMPRESSED, 
  * write's incompressible (stored as is).  For WL_ZERO, flags holds the
  * QSM_ZERO_* flags (below this bit). */
 #define WL_DATA_OTHER 0x100u
+/* wl_op.flags for writes and reads: pass all three iovec pieces, empty
+ * ones included (an iovec of length 0 is valid input). */
+#define WL_IOV_KEEP_EMPTY 0x200u
 
 struct wl_op {
 	enum wl_kind kind;
 	uint64_t off, len;         /* len 0 for flushes */
-	unsigned flags;            /* QSM_ZERO_* for WL_ZERO; WL_DATA_OTHER for writes */
+	unsigned flags;            /* QSM_ZERO_* for WL_ZERO; WL_DATA_OTHER, WL_IOV_KEEP_EMPTY */
 	uint64_t split_a, split_b; /* data buffer cut into iovecs at these offsets */
 };
 

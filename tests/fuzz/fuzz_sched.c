@@ -27,7 +27,8 @@
  *               sort: a write's compressible, a compressed write's not),
  *               offset (bytes 1-2, a fraction of the size, plus byte 3
  *               sectors), length (byte 4, up to 3 clusters), iovec split
- *               (byte 5)
+ *               (byte 5: two pieces, the first maybe empty, and an empty
+ *               third)
  *   the rest    the completion schedule: every choice of the sim's
  *               scheduler (how many pending I/Os complete in a pass, which
  *               one next) takes the next byte (qsm_sim_set_chooser); when
@@ -200,8 +201,12 @@ static void decode(struct run *r, const uint8_t *data, size_t size)
 			o->flags = QSM_ZERO_MAY_UNMAP;
 		else if ((o->kind == WL_WRITE || o->kind == WL_COMPRESSED) && (k >> 5) & 1)
 			o->flags = WL_DATA_OTHER;
+		/* Two pieces cut at the split byte, and an empty third (empty
+		 * pieces are valid iovecs; so is an empty first one). */
 		o->split_a = split * o->len / 256;
 		o->split_b = o->len;
+		if (o->kind != WL_ZERO)
+			o->flags |= WL_IOV_KEEP_EMPTY;
 	}
 	r->sched = (struct cursor){ data + in.at, size - in.at, 0 };
 }
