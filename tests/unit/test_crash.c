@@ -1,8 +1,9 @@
 /*
  * tests/unit/test_crash.c: Check suite "crash", crash consistency on the sim
  * disk (reliability.md §3 "simdisk", §4 promises per cache mode; issues 3
- * and 6), driven by the fuzzer's engine (tools/fuzz.h: the cases, the run
- * and every oracle live there, shared with `qsm fuzz`).
+ * and 6), driven by the fuzzer's engine (tools/fuzz.h: the cases and the
+ * run, shared with `qsm fuzz`, on the workload engine of tools/workload.h,
+ * where the read oracle and the durability register live).
  *
  * Variants: every cache mode (writeback, none, writethrough, directsync,
  * unsafe), lazy refcounts off and on; shapes from 512 B clusters with 1-2
