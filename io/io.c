@@ -244,6 +244,7 @@ static void qsm_io_backend_submit(struct qsm_io_common *c, struct qsm_io_req *re
 {
 	if (sub) {
 		req->io_priv |= QSM_IO_PRIV_SUB;
+		req->io_handle = &c->io;
 		req->io_seq = ++c->io.next_seq;
 		req->io_flushed_upto = 0;
 		c->io.stats.in_flight++;
@@ -442,6 +443,7 @@ void qsm_io_submit(struct qsm_io *io, struct qsm_io_req *req)
 	req->io_seq = ++io->next_seq;
 	req->io_flushed_upto = 0;
 	req->io_priv = 0;
+	req->io_handle = io;
 	io->stats.in_flight++;
 	if (io->trace)
 		io->trace(io->trace_opaque, req, false, 0);
@@ -463,10 +465,29 @@ void qsm_io_submit(struct qsm_io *io, struct qsm_io_req *req)
 	io->ops->submit(io, req);
 }
 
-/* --- Synchronous helpers and lifetime --------------------------------------- */
+/* --- Synchronous helpers and lifetime ---------------------------------------
+ *
+ * Every blocking call asserts the "Blocking" rule of qsm_io.h: never while
+ * the handle is live (an image serving requests on the loop), never with
+ * asynchronous requests in flight (contract 6).  A remote backend may wait
+ * on the network inside these calls; the assertions prove the engine only
+ * makes them inside its own blocking entry points.
+ */
+
+#define QSM_IO_ASSERT_MAY_BLOCK(io)                                            \
+	assert(!(io)->live && "blocking io/ call while the image runs requests "  \
+	       "(only open, close, truncate, create and check may block)")
+
+bool qsm_io_set_live(struct qsm_io *io, bool on)
+{
+	bool was = io->live;
+	io->live = on;
+	return was;
+}
 
 int qsm_io_pread_sync(struct qsm_io *io, void *buf, size_t len, uint64_t off)
 {
+	QSM_IO_ASSERT_MAY_BLOCK(io);
 	assert(io->stats.in_flight == 0); /* contract 6 */
 	if (off > INT64_MAX || len > INT64_MAX - off)
 		return -EINVAL;
@@ -484,6 +505,7 @@ int qsm_io_pread_sync_ev(struct qsm_io *io, void *buf, size_t len, uint64_t off,
 
 int qsm_io_pwrite_sync(struct qsm_io *io, const void *buf, size_t len, uint64_t off)
 {
+	QSM_IO_ASSERT_MAY_BLOCK(io);
 	assert(io->stats.in_flight == 0);
 	if (io->flags & QSM_IO_RDONLY)
 		return -EBADF;
@@ -494,6 +516,7 @@ int qsm_io_pwrite_sync(struct qsm_io *io, const void *buf, size_t len, uint64_t 
 
 int qsm_io_flush_sync(struct qsm_io *io)
 {
+	QSM_IO_ASSERT_MAY_BLOCK(io);
 	assert(io->stats.in_flight == 0);
 	if (io->flags & QSM_IO_NO_FLUSH)
 		return 0;
@@ -502,6 +525,7 @@ int qsm_io_flush_sync(struct qsm_io *io)
 
 int qsm_io_truncate_sync(struct qsm_io *io, uint64_t size)
 {
+	QSM_IO_ASSERT_MAY_BLOCK(io);
 	assert(io->stats.in_flight == 0);
 	if (io->flags & QSM_IO_RDONLY)
 		return -EBADF;
@@ -512,11 +536,13 @@ int qsm_io_truncate_sync(struct qsm_io *io, uint64_t size)
 
 int qsm_io_get_size(struct qsm_io *io, uint64_t *size)
 {
+	QSM_IO_ASSERT_MAY_BLOCK(io);
 	return io->ops->get_size(io, size);
 }
 
 int qsm_io_allocated(struct qsm_io *io, uint64_t *bytes)
 {
+	QSM_IO_ASSERT_MAY_BLOCK(io);
 	return io->ops->allocated ? io->ops->allocated(io, bytes) : -ENOTSUP;
 }
 
@@ -532,10 +558,19 @@ int qsm_io_extent(struct qsm_io *io, uint64_t off, uint64_t len, bool *data, uin
 	return ret;
 }
 
+void qsm_io_hold(struct qsm_io *io)
+{
+	io->extra_refs++;
+}
+
 void qsm_io_close(struct qsm_io *io)
 {
 	if (!io)
 		return;
+	if (io->extra_refs) {
+		io->extra_refs--; /* another owner still holds it */
+		return;
+	}
 	/* "No request may be in flight" (a crashed sim handle has already
 	 * dropped its requests and taken them off in_flight). */
 	assert(io->stats.in_flight == 0);
@@ -545,6 +580,29 @@ void qsm_io_close(struct qsm_io *io)
 		return;
 	}
 	io->ops->close(io);
+}
+
+void *qsm_io_priv(const struct qsm_io *io)
+{
+	return io->priv;
+}
+
+struct event_base *qsm_io_base(const struct qsm_io *io)
+{
+	return io->base;
+}
+
+int qsm_io_flags(const struct qsm_io *io)
+{
+	return io->flags;
+}
+
+int qsm_io_set_mem_align(struct qsm_io *io, unsigned align)
+{
+	if (!align || (align & (align - 1)))
+		return -EINVAL;
+	io->mem_align = align;
+	return 0;
 }
 
 void *qsm_io_alloc(struct qsm_io *io, size_t len)

@@ -1,4 +1,5 @@
 /* io/util.c: iovec helpers, clock and PRNG (see util.h). */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -124,4 +125,30 @@ uint64_t qsm_rng_below(struct qsm_rng *r, uint64_t n)
 {
 	/* Lemire's multiply-shift; the tiny bias is irrelevant for tests. */
 	return (uint64_t)(((__uint128_t)qsm_rng_next(r) * n) >> 64);
+}
+
+int qsm_opts_import(void *dst, size_t dst_size, const void *src, size_t src_size,
+		    size_t size_if_zero, const char *what, char *err, size_t errlen)
+{
+	size_t n = src_size ? src_size : size_if_zero;
+
+	memset(dst, 0, dst_size);
+	*(size_t *)dst = dst_size;
+	if (!src)
+		return 0;
+	if (n < sizeof(size_t)) {
+		qsm_set_err(err, errlen, "%s: struct_size %zu is too small", what, n);
+		return -EINVAL;
+	}
+	for (size_t i = dst_size; i < n; i++) {
+		if (((const unsigned char *)src)[i]) {
+			qsm_set_err(err, errlen, "%s: a field this libqsm does not know is set "
+				    "(struct_size %zu, this library's %zu): built against newer headers?",
+				    what, n, dst_size);
+			return -EINVAL;
+		}
+	}
+	memcpy((char *)dst + sizeof(size_t), (const char *)src + sizeof(size_t),
+	       QSM_MIN(n, dst_size) - sizeof(size_t));
+	return 0;
 }

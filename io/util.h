@@ -41,6 +41,18 @@ int qsm_iov_slice(struct iovec *dst, int dst_cap, const struct iovec *src, int s
 void qsm_set_err(char *err, size_t errlen, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
+/*
+ * Import a caller's growable structure (first member `size_t struct_size`,
+ * fields only ever appended; qsm.h "ABI") into dst, this library's full
+ * version: the src_size bytes the caller has are copied, the rest of dst
+ * zeroed (defaults), dst's struct_size set to dst_size.  src_size 0 is read
+ * as size_if_zero (the size in the first release with struct_size).  A src
+ * larger than dst must have zeros in the bytes dst lacks.  src NULL: all
+ * defaults.  0, or -EINVAL with err naming `what`.
+ */
+int qsm_opts_import(void *dst, size_t dst_size, const void *src, size_t src_size,
+		    size_t size_if_zero, const char *what, char *err, size_t errlen);
+
 /* Monotonic clock in nanoseconds. */
 uint64_t qsm_now_ns(void);
 

@@ -380,8 +380,8 @@ static int open_backing(struct qsm_image *img, const char *path, const struct qs
 	};
 	if (opts->open_backing_io) {
 		struct qsm_io *io;
-		ret = opts->open_backing_io(opts->open_backing_opaque, img->base, full, QSM_IO_RDONLY,
-					    &io);
+		ret = opts->open_backing_io(opts->open_backing_opaque, img->base, name, full,
+					    QSM_IO_RDONLY, &io);
 		if (ret == 0)
 			ret = open_io(img->base, io, &bo, full, ch, &img->backing, sub, sizeof(sub));
 		else
@@ -452,6 +452,7 @@ static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_
 		img->wb_ev = evtimer_new(base, qsm_wb_timer_cb, img);
 		if (!img->run_ev || !img->wb_ev)
 			OPEN_FAIL(-ENOMEM, "out of memory");
+		qsm_io_set_live(io, true); /* no blocking io/ call until close */
 		*out = img;
 		return 0;
 	}
@@ -558,6 +559,10 @@ read_header:;
 	img->file_end = fsize;
 	img->open_size = fsize;
 	img->prealloc_end = fsize;
+	/* What block status needs of the file's storage, asked now: once the
+	 * image serves requests the handle may not block (qsm_io.h). */
+	uint64_t used;
+	img->open_allocated = qsm_io_allocated(io, &used) == 0 ? (int64_t)used : -1;
 
 	if (h->backing_file[0] && !opts->no_backing &&
 	    (ret = open_backing(img, path, opts, ch, err, errlen)) < 0)
@@ -570,6 +575,7 @@ read_header:;
 		if ((ret = write_header_sync(img)) < 0)
 			OPEN_FAIL(ret, "cannot update the header: %s", strerror(-ret));
 	}
+	qsm_io_set_live(io, true); /* no blocking io/ call until close */
 	*out = img;
 	return 0;
 
@@ -583,7 +589,14 @@ int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_ope
 		struct qsm_image **out, char *err, size_t errlen)
 {
 	struct chain ch = { .n = 0 };
-	return open_io(base, io, opts, NULL, &ch, out, err, errlen);
+	struct qsm_open_opts o;
+	int ret = qsm_opts_import(&o, sizeof(o), opts, opts ? opts->struct_size : 0,
+				  QSM_OPEN_OPTS_SIZE_0, "qsm_open_opts", err, errlen);
+	if (ret < 0) {
+		qsm_io_close(io);
+		return ret;
+	}
+	return open_io(base, io, &o, NULL, &ch, out, err, errlen);
 }
 
 static int open_path(struct event_base *base, const char *path, const struct qsm_open_opts *opts,
@@ -615,12 +628,19 @@ int qsm_open(struct event_base *base, const char *path, const struct qsm_open_op
 	     struct qsm_image **out, char *err, size_t errlen)
 {
 	struct chain ch = { .n = 0 };
-	return open_path(base, path, opts, &ch, out, err, errlen);
+	struct qsm_open_opts o;
+	int ret = qsm_opts_import(&o, sizeof(o), opts, opts ? opts->struct_size : 0,
+				  QSM_OPEN_OPTS_SIZE_0, "qsm_open_opts", err, errlen);
+	if (ret < 0)
+		return ret;
+	return open_path(base, path, &o, &ch, out, err, errlen);
 }
 
 int qsm_close(struct qsm_image *img)
 {
 	int ret = 0;
+	/* Close is a blocking entry point: the handle may block again. */
+	qsm_io_set_live(img->io, false);
 	/* Only an internal write-back batch may still run; let it finish (this
 	 * runs the loop, which close, being blocking, may do). */
 	assert(img->in_flight == (img->wb_job ? 1u : 0u));
@@ -763,7 +783,7 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 	return 0;
 }
 
-int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
+static int truncate_image(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
 {
 	struct qcow2_header *h = &img->hdr;
 	int ret;
@@ -808,6 +828,15 @@ int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
 	return 0;
 }
 
+/* A blocking entry point: the handle may block for its duration. */
+int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
+{
+	bool live = qsm_io_set_live(img->io, false);
+	int ret = truncate_image(img, size, err, errlen);
+	qsm_io_set_live(img->io, live);
+	return ret;
+}
+
 /* --- information --------------------------------------------------------- */
 
 void qsm_get_info(struct qsm_image *img, struct qsm_info *info)
@@ -819,9 +848,9 @@ void qsm_get_info(struct qsm_image *img, struct qsm_info *info)
 	info->cache = img->cache;
 	info->aio = img->io->ops->name;
 	if (img->raw) {
-		uint64_t fsize;
 		info->format = "raw";
-		info->file_size = qsm_io_get_size(img->io, &fsize) == 0 ? fsize : h->size;
+		/* Kept at open and truncate (the handle may not block now). */
+		info->file_size = img->file_end;
 		return;
 	}
 	info->format = "qcow2";

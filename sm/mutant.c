@@ -28,6 +28,7 @@
 #include <errno.h>
 #include <string.h>
 
+#include "sm/qsm_test.h"
 #include "sm/sm.h"
 
 static const struct {

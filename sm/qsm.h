@@ -21,6 +21,19 @@
  * image (durable too in writethrough/directsync modes).  After a failed
  * metadata write the image is in a sticky error state: later writes fail with
  * -EIO (reads still work).
+ *
+ * ABI (installed as <qsm/qsm.h>, with <qsm/qsm_io.h> and <qsm/qsm_version.h>;
+ * `pkg-config --cflags --libs qsm`):
+ *  - only what these headers declare is exported from libqsm.so;
+ *  - option and result structures start with `size_t struct_size`: set it to
+ *    sizeof the structure (QSM_OPTS_INIT does), and fields are only ever
+ *    appended, so a program built against older headers keeps working with
+ *    a newer library (the fields it does not know take their defaults, 0).
+ *    0 is read as the size the structure had in release 0.1.0, the first
+ *    with struct_size.  A struct_size larger than the library knows is
+ *    accepted when the bytes it does not know are all zero (-EINVAL else);
+ *  - QSM_VERSION_* (qsm_version.h) are the headers' version, qsm_version()
+ *    the library's.
  */
 #ifndef QSM_H
 #define QSM_H
@@ -28,7 +41,22 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/uio.h>
+
+#include "qsm_version.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Initialiser of a growable structure's first member, e.g.
+ *   struct qsm_open_opts o = { QSM_OPTS_INIT(o), .cache = QSM_CACHE_NONE }; */
+#define QSM_OPTS_INIT(var) .struct_size = sizeof(var)
+
+/* The library's version, QSM_VERSION_NUMBER's encoding (0x00MMmmpp); with
+ * str non-NULL, *str is set to "MAJOR.MINOR.PATCH" (static). */
+QSM_EXPORT unsigned qsm_version(const char **str);
 
 struct event_base;
 struct qsm_io;
@@ -44,10 +72,11 @@ enum qsm_cache_mode {
 	QSM_CACHE_UNSAFE,
 };
 /* "writeback", "none", "writethrough", "directsync", "unsafe" -> mode; -EINVAL. */
-int qsm_cache_mode_parse(const char *s, enum qsm_cache_mode *out);
-const char *qsm_cache_mode_name(enum qsm_cache_mode m);
+QSM_EXPORT int qsm_cache_mode_parse(const char *s, enum qsm_cache_mode *out);
+QSM_EXPORT const char *qsm_cache_mode_name(enum qsm_cache_mode m);
 
 struct qsm_open_opts {
+	size_t struct_size;        /* sizeof(struct qsm_open_opts): see "ABI" above */
 	bool read_only;
 	enum qsm_cache_mode cache;
 	const char *aio;           /* "threads", "io_uring" or NULL (default) */
@@ -69,13 +98,19 @@ struct qsm_open_opts {
 	 * runs on the loop, deferred, in order: for deterministic tests).
 	 * Backing images inherit it. */
 	int work_threads;
-	/* Open the I/O handle of a backing file (resolved name, QSM_IO_* flags)
-	 * instead of qsm_io_open_path: for embedders with their own storage and
-	 * for tests on simulated disks.  0 or -errno.  Handles opened this way
-	 * are not checked for loops by device and inode (the opener knows its
-	 * files); the depth limit still applies.  Inherited down the chain. */
+	/* Open the I/O handle of a backing file instead of qsm_io_open_path:
+	 * for embedders with their own storage ("rbd:pool/base") and for tests
+	 * on simulated disks.  name is the backing file name exactly as the
+	 * image records it; path is that name resolved as a file name (against
+	 * the directory of the image that names it, when relative), what
+	 * qsm_open would open.  A hook for non-file names reads name; one for
+	 * files reads path.  flags are QSM_IO_* (QSM_IO_RDONLY).  The format
+	 * is still the recorded or given one, never probed.  0 or -errno.
+	 * Handles opened this way are not checked for loops by device and
+	 * inode (the opener knows its files); the depth limit still applies.
+	 * Inherited down the chain. */
 	int (*open_backing_io)(void *opaque, struct event_base *base, const char *name,
-			       int flags, struct qsm_io **out);
+			       const char *path, int flags, struct qsm_io **out);
 	void *open_backing_opaque;
 };
 
@@ -90,17 +125,17 @@ struct qsm_open_opts {
  * down the chain.  A chain that comes back to one of its own files (by
  * device and inode) or is deeper than 64 images is refused.  The chain is
  * released with the image. */
-int qsm_open(struct event_base *base, const char *path, const struct qsm_open_opts *opts,
+QSM_EXPORT int qsm_open(struct event_base *base, const char *path, const struct qsm_open_opts *opts,
 	     struct qsm_image **out, char *err, size_t errlen);
 /* Same, on an already open I/O handle; the image takes ownership of io
  * (closed by qsm_close, or on failure). */
-int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_open_opts *opts,
+QSM_EXPORT int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_open_opts *opts,
 		struct qsm_image **out, char *err, size_t errlen);
 /* Write back all dirty metadata, flush, and release.  No request may be in
  * flight.  Returns the first error met; the image is released either way. */
-int qsm_close(struct qsm_image *img);
+QSM_EXPORT int qsm_close(struct qsm_image *img);
 /* Release without writing anything: what a process crash leaves on disk. */
-void qsm_abandon(struct qsm_image *img);
+QSM_EXPORT void qsm_abandon(struct qsm_image *img);
 
 /*
  * Change the virtual size (blocking, like open and close; no request may be
@@ -115,29 +150,29 @@ void qsm_abandon(struct qsm_image *img);
  * v2 image cannot and is refused (-ENOTSUP).  Raw images: the file is
  * truncated to the new size.
  */
-int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen);
+QSM_EXPORT int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen);
 
 /* --- Requests ------------------------------------------------------------ */
 /* Offsets and lengths are in bytes, any alignment; a request must lie inside
  * the virtual disk.  iov arrays and buffers must stay valid until the callback. */
-int qsm_readv(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
+QSM_EXPORT int qsm_readv(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
 	      qsm_cb cb, void *opaque);
-int qsm_writev(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
+QSM_EXPORT int qsm_writev(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
 	       qsm_cb cb, void *opaque);
-int qsm_flush(struct qsm_image *img, qsm_cb cb, void *opaque);
+QSM_EXPORT int qsm_flush(struct qsm_image *img, qsm_cb cb, void *opaque);
 /* Whole clusters in the range are released and read as zeros afterwards
  * (v3: zero flag; v2: unallocated); partial clusters are left as they are.
  * With a backing file, v3 leaves zero clusters (unallocated ones included),
  * and v2, which cannot hide the backing data, discards nothing (as QEMU).
  * Raw images: the range is discarded in the file (advisory, as the file
  * system's hole punching: the contents afterwards are unspecified). */
-int qsm_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes, qsm_cb cb, void *opaque);
+QSM_EXPORT int qsm_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes, qsm_cb cb, void *opaque);
 /* With a backing file, zero writes never leave unallocated clusters: v3
  * whole clusters become zero clusters (even with QSM_ZERO_MAY_UNMAP), v2
  * clusters get zero data; partial clusters are copied from the backing
  * image with the range zeroed. */
 #define QSM_ZERO_MAY_UNMAP 0x1 /* whole clusters may be deallocated (qemu-io write -z -u) */
-int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags,
+QSM_EXPORT int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags,
 		     qsm_cb cb, void *opaque);
 
 /*
@@ -148,7 +183,7 @@ int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, uns
  * a cluster that does not shrink is written uncompressed.  The clusters'
  * old contents are released.  -ENOTSUP for raw images.
  */
-int qsm_write_compressed(struct qsm_image *img, uint64_t offset, const struct iovec *iov,
+QSM_EXPORT int qsm_write_compressed(struct qsm_image *img, uint64_t offset, const struct iovec *iov,
 			 int iovcnt, qsm_cb cb, void *opaque);
 
 /* Allocation status of the run starting at offset (at most `bytes` long). */
@@ -173,7 +208,7 @@ struct qsm_extent {
  * Raw images report runs of data (DATA|ALLOCATED) and holes of a sparse
  * file (ZERO|ALLOCATED), as QEMU's file driver, with host_offset = offset
  * for both (backends that cannot tell report data). */
-int qsm_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,
+QSM_EXPORT int qsm_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,
 		     struct qsm_extent *out, qsm_cb cb, void *opaque);
 
 /* --- Information --------------------------------------------------------- */
@@ -196,15 +231,15 @@ struct qsm_info {
 	enum qsm_cache_mode cache;
 	const char *aio;            /* backend name */
 };
-void qsm_get_info(struct qsm_image *img, struct qsm_info *info);
+QSM_EXPORT void qsm_get_info(struct qsm_image *img, struct qsm_info *info);
 /* The backing image (opened read-only on the same loop, owned by img), or
  * NULL when there is none or it was not opened (no_backing). */
-struct qsm_image *qsm_get_backing(struct qsm_image *img);
+QSM_EXPORT struct qsm_image *qsm_get_backing(struct qsm_image *img);
 /* A sentence explaining the image's last error (corruption found, feature
  * not supported, write-back failure), or "" when there was none.  When the
  * image has none, the first error of its backing chain (a corrupt backing
  * file fails the reads that fall through to it). */
-const char *qsm_image_error(struct qsm_image *img);
+QSM_EXPORT const char *qsm_image_error(struct qsm_image *img);
 
 struct qsm_stats {
 	uint64_t reads, writes, flushes, discards, zero_writes; /* requests completed */
@@ -220,7 +255,7 @@ struct qsm_stats {
 	uint64_t compressed_clusters; /* clusters stored compressed */
 	uint64_t compress_fallbacks;  /* compressed-write clusters stored as is (no gain) */
 };
-void qsm_get_stats(struct qsm_image *img, struct qsm_stats *st);
+QSM_EXPORT void qsm_get_stats(struct qsm_image *img, struct qsm_stats *st);
 
 /* --- Tracing ------------------------------------------------------------- */
 /*
@@ -263,21 +298,11 @@ struct qsm_trace_event {
 };
 typedef void (*qsm_trace_fn)(void *opaque, const struct qsm_trace_event *ev);
 /* Install (or with fn NULL remove) the trace hook.  No cost when unset. */
-void qsm_set_trace(struct qsm_image *img, qsm_trace_fn fn, void *opaque);
-
-/* --- Mutants (fuzzer self-test) ------------------------------------------ */
-/* Builds configured with -DQSM_MUTANTS=ON carry deliberate safety-rule
- * violations (sm/mutant.c) so that `qsm fuzz` can prove it catches them.
- * qsm_mutant_name(i) names the i-th (and its rule in *rule), NULL past the
- * end (at once in normal builds).  qsm_mutant_select(name) turns one on for
- * the whole process (NULL or "": none); -ENOENT for an unknown name,
- * -ENOTSUP in a build without mutants.  Process-wide, not thread-safe: for
- * test programs only. */
-const char *qsm_mutant_name(unsigned i, const char **rule);
-int qsm_mutant_select(const char *name);
+QSM_EXPORT void qsm_set_trace(struct qsm_image *img, qsm_trace_fn fn, void *opaque);
 
 /* --- Creating images ----------------------------------------------------- */
 struct qsm_create_opts {
+	size_t struct_size;         /* sizeof(struct qsm_create_opts): see "ABI" above */
 	uint64_t size;
 	uint64_t cluster_size;      /* 0: 64 KiB */
 	unsigned compat;            /* 2 (0.10) or 3 (1.1, default when 0) */
@@ -293,23 +318,66 @@ struct qsm_create_opts {
 	} prealloc;
 };
 /* "off", "metadata", "falloc", "full" -> mode; -EINVAL. */
-int qsm_prealloc_parse(const char *s, enum qsm_prealloc *out);
-int qsm_create(const char *path, const struct qsm_create_opts *o, char *err, size_t errlen);
+QSM_EXPORT int qsm_prealloc_parse(const char *s, enum qsm_prealloc *out);
+/* Create the image file at path (truncated when it exists), blocking; err
+ * explains a failure.  Backing file names are recorded as given (nothing is
+ * opened or probed). */
+QSM_EXPORT int qsm_create(const char *path, const struct qsm_create_opts *o, char *err, size_t errlen);
+/* Same on an open, writable I/O handle (any backend: qsm_io_new), which is
+ * truncated to the new image and stays the caller's, ready for
+ * qsm_open_io().  Blocking (qsm_io.h: the handle's blocking calls are used);
+ * no request may be in flight on it. */
+QSM_EXPORT int qsm_create_io(struct qsm_io *io, const struct qsm_create_opts *o, char *err,
+			     size_t errlen);
+
+/* --- Checking and repairing images ---------------------------------------- */
+#define QSM_REPAIR_LEAKS  0x1   /* free leaked clusters (qemu-img check -r leaks) */
+#define QSM_REPAIR_ERRORS 0x2   /* also fix corruptions (-r all) */
+struct qsm_check_report {
+	size_t struct_size;         /* set by the caller: sizeof(struct qsm_check_report) */
+	/* Found before repair, as qemu-img check counts them. */
+	uint64_t corruptions, leaks;
+	uint64_t check_errors;      /* metadata that could not be read */
+	uint64_t corruptions_fixed, leaks_fixed;
+	/* What remains after repair (without repair flags: what was found). */
+	uint64_t corruptions_left, leaks_left;
+	bool incomplete;            /* the check could not finish (error says why) */
+	int error;                  /* with incomplete: 0 or -errno */
+	uint64_t image_end_offset;  /* bytes of the file in use */
+	uint64_t allocated_clusters, fragmented_clusters, compressed_clusters;
+};
+/*
+ * Check the qcow2 image at path (or on io, which stays the caller's) as
+ * qemu-img check does, and with repair flags repair it.  Blocking; the
+ * image must not be open in an engine.  One line per finding, in qemu-img
+ * check's wording, goes to log (may be NULL).  Returns qemu-img check's
+ * exit code: 0 clean (or all repaired), 1 check incomplete, 2 corruptions
+ * left, 3 only leaks left; or -errno when the check could not start (not a
+ * qcow2 image, unreadable header, bad arguments: err says why).
+ */
+QSM_EXPORT int qsm_check(const char *path, unsigned repair, struct qsm_check_report *report,
+			 FILE *log, char *err, size_t errlen);
+QSM_EXPORT int qsm_check_io(struct qsm_io *io, unsigned repair, struct qsm_check_report *report,
+			    FILE *log, char *err, size_t errlen);
 
 /* --- Synchronous convenience layer for tools ------------------------------ */
 /* Each runs the image's event loop until the request completes.  Use only
  * from code that owns the loop (not from inside a callback). */
-int qsm_sync_pread(struct qsm_image *img, void *buf, size_t len, uint64_t offset);
-int qsm_sync_pwrite(struct qsm_image *img, const void *buf, size_t len, uint64_t offset);
-int qsm_sync_flush(struct qsm_image *img);
-int qsm_sync_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes);
-int qsm_sync_write_compressed(struct qsm_image *img, const void *buf, size_t len,
+QSM_EXPORT int qsm_sync_pread(struct qsm_image *img, void *buf, size_t len, uint64_t offset);
+QSM_EXPORT int qsm_sync_pwrite(struct qsm_image *img, const void *buf, size_t len, uint64_t offset);
+QSM_EXPORT int qsm_sync_flush(struct qsm_image *img);
+QSM_EXPORT int qsm_sync_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes);
+QSM_EXPORT int qsm_sync_write_compressed(struct qsm_image *img, const void *buf, size_t len,
 			      uint64_t offset);
-int qsm_sync_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags);
-int qsm_sync_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,
+QSM_EXPORT int qsm_sync_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags);
+QSM_EXPORT int qsm_sync_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,
 			  struct qsm_extent *out);
-struct event_base *qsm_image_base(struct qsm_image *img);
+QSM_EXPORT struct event_base *qsm_image_base(struct qsm_image *img);
 
-const char *qsm_strerror(int err); /* strerror(-err), thread-safe */
+QSM_EXPORT const char *qsm_strerror(int err); /* strerror(-err), thread-safe */
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

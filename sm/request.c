@@ -737,8 +737,12 @@ static bool meta_prealloc(struct qsm_image *img)
 	if (img->meta_prealloc >= 0)
 		return img->meta_prealloc;
 	img->meta_prealloc = 0;
-	if (qsm_io_get_size(img->io, &file_len) < 0 || qsm_io_allocated(img->io, &real) < 0)
+	/* The file's size and storage as open found them: the handle may not
+	 * block now (qsm_io.h), and a map is asked right after an open. */
+	if (img->open_allocated < 0)
 		return false;
+	file_len = img->open_size;
+	real = (uint64_t)img->open_allocated;
 	uint64_t real_clusters = real / img->cluster_size;
 	uint64_t threshold = QSM_MAX(real_clusters * 10 / 9, real_clusters + 2);
 	uint64_t end = (file_len + img->cluster_size - 1) / img->cluster_size;

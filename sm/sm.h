@@ -253,6 +253,7 @@ struct qsm_image {
 	 * preallocated image); only then does block status ask the file
 	 * whether a data cluster is a hole (see meta_prealloc()). */
 	int meta_prealloc;
+	int64_t open_allocated;   /* storage the file used at open, -1 unknown */
 	uint64_t cluster_size;
 	unsigned cluster_bits;
 	uint64_t l2_entries;      /* per table */
@@ -428,5 +429,12 @@ extern enum qsm_mutant qsm_mutant_active;
 #else
 #define QSM_MUTANT(id) 0
 #endif
+
+/* The size of qsm_open_opts and qsm_create_opts in release 0.1.0, the first
+ * with struct_size, which a struct_size of 0 stands for (qsm.h "ABI").  0.1.0
+ * is not released yet, so these are today's sizes; once it is, freeze each
+ * at the offset of the first field appended after it. */
+#define QSM_OPEN_OPTS_SIZE_0 sizeof(struct qsm_open_opts)
+#define QSM_CREATE_OPTS_SIZE_0 sizeof(struct qsm_create_opts)
 
 #endif

@@ -182,9 +182,13 @@ static int preallocate(struct qsm_image *img, enum qsm_prealloc mode)
 	return ret;
 }
 
-int qsm_create(const char *path, const struct qsm_create_opts *o, char *err, size_t errlen)
+/* The bytes of the new image for the public options (nothing written yet):
+ * 0 or -errno with err set.  *bytes is the caller's to free. */
+static int create_bytes(const struct qsm_create_opts *o, uint8_t **bytes, size_t *len,
+			char *err, size_t errlen)
 {
-	struct qcow2_create_opts co = {
+	struct qcow2_create_opts c, *co = &c;
+	*co = (struct qcow2_create_opts){
 		.size = o->size,
 		.cluster_bits = QCOW2_DEFAULT_CLUSTER_BITS,
 		.version = o->compat ? o->compat : 3,
@@ -199,26 +203,72 @@ int qsm_create(const char *path, const struct qsm_create_opts *o, char *err, siz
 			bits++;
 		if ((1ull << bits) != o->cluster_size || bits < QCOW2_MIN_CLUSTER_BITS ||
 		    bits > QCOW2_MAX_CLUSTER_BITS) {
-			snprintf(err, errlen, "Cluster size must be a power of two between 512 and 2048k");
+			qsm_set_err(err, errlen, "Cluster size must be a power of two between 512 and 2048k");
 			return -EINVAL;
 		}
-		co.cluster_bits = bits;
+		co->cluster_bits = bits;
 	}
 	if (o->refcount_bits) {
 		unsigned order = 0;
 		while ((1u << order) < o->refcount_bits && order < 7)
 			order++;
 		if ((1u << order) != o->refcount_bits || order > 6) {
-			snprintf(err, errlen, "Refcount width must be a power of two and may not exceed 64 bits");
+			qsm_set_err(err, errlen, "Refcount width must be a power of two and may not exceed 64 bits");
 			return -EINVAL;
 		}
-		co.refcount_order = order;
+		co->refcount_order = order;
 	}
+	return qcow2_create_image(co, bytes, len, err, errlen);
+}
 
-	uint8_t *bytes = NULL;
-	size_t len = 0;
-	int ret = qcow2_create_image(&co, &bytes, &len, err, errlen);
+/*
+ * Write the new image's bytes onto io (blocking, nothing in flight), then
+ * preallocate through an image opened on it.  io stays the caller's: the
+ * image borrows it (qsm_io_hold), so its close leaves io open.  name is
+ * for messages only.  Frees bytes.
+ */
+static int create_on_io(struct qsm_io *io, const struct qsm_create_opts *o, uint8_t *bytes,
+			size_t len, const char *name, char *err, size_t errlen)
+{
+	int ret = qsm_io_pwrite_sync(io, bytes, len, 0);
+	if (ret == 0)
+		ret = qsm_io_truncate_sync(io, len);
+	if (ret == 0)
+		ret = qsm_io_flush_sync(io);
+	free(bytes);
+	if (ret < 0) {
+		qsm_set_err(err, errlen, "Could not write '%s': %s", name, strerror(-ret));
+		return ret;
+	}
+	if (o->prealloc == QSM_PREALLOC_OFF)
+		return 0;
+
+	struct qsm_image *img;
+	qsm_io_hold(io);
+	if ((ret = qsm_open_io(io->base, io, NULL, &img, err, errlen)) < 0)
+		return ret; /* the open dropped its reference */
+	/* Still inside qsm_create: the handle may block (qsm_io.h). */
+	qsm_io_set_live(io, false);
+	ret = preallocate(img, o->prealloc);
+	int r2 = qsm_close(img);
+	if (!ret)
+		ret = r2;
 	if (ret < 0)
+		qsm_set_err(err, errlen, "Could not preallocate '%s': %s", name, strerror(-ret));
+	return ret;
+}
+
+int qsm_create(const char *path, const struct qsm_create_opts *o, char *err, size_t errlen)
+{
+	struct qsm_create_opts opts;
+	int ret = qsm_opts_import(&opts, sizeof(opts), o, o ? o->struct_size : 0,
+				  QSM_CREATE_OPTS_SIZE_0, "qsm_create_opts", err, errlen);
+	if (ret < 0)
+		return ret;
+	/* Everything checked before the file is created (or truncated). */
+	uint8_t *bytes;
+	size_t len;
+	if ((ret = create_bytes(&opts, &bytes, &len, err, errlen)) < 0)
 		return ret;
 
 	struct event_base *base = event_base_new();
@@ -229,30 +279,34 @@ int qsm_create(const char *path, const struct qsm_create_opts *o, char *err, siz
 	}
 	ret = qsm_io_open_path(base, path, QSM_IO_CREATE, "threads", &io);
 	if (ret < 0) {
-		snprintf(err, errlen, "Could not create '%s': %s", path, strerror(-ret));
+		free(bytes);
+		qsm_set_err(err, errlen, "Could not create '%s': %s", path, strerror(-ret));
 	} else {
-		ret = qsm_io_pwrite_sync(io, bytes, len, 0);
-		if (ret == 0)
-			ret = qsm_io_truncate_sync(io, len);
-		if (ret == 0)
-			ret = qsm_io_flush_sync(io);
-		if (ret < 0)
-			snprintf(err, errlen, "Could not write '%s': %s", path, strerror(-ret));
+		ret = create_on_io(io, &opts, bytes, len, path, err, errlen);
 		qsm_io_close(io);
 	}
-	if (ret == 0 && o->prealloc != QSM_PREALLOC_OFF) {
-		struct qsm_image *img;
-		ret = qsm_open(base, path, NULL, &img, err, errlen);
-		if (ret == 0) {
-			ret = preallocate(img, o->prealloc);
-			int r2 = qsm_close(img);
-			if (!ret)
-				ret = r2;
-			if (ret < 0)
-				snprintf(err, errlen, "Could not preallocate '%s': %s", path, strerror(-ret));
-		}
-	}
 	event_base_free(base);
-	free(bytes);
 	return ret;
+}
+
+int qsm_create_io(struct qsm_io *io, const struct qsm_create_opts *o, char *err, size_t errlen)
+{
+	struct qsm_create_opts opts;
+	int ret = qsm_opts_import(&opts, sizeof(opts), o, o ? o->struct_size : 0,
+				  QSM_CREATE_OPTS_SIZE_0, "qsm_create_opts", err, errlen);
+	if (ret < 0)
+		return ret;
+	if (!io) {
+		qsm_set_err(err, errlen, "qsm_create_io: no I/O handle");
+		return -EINVAL;
+	}
+	if (io->flags & QSM_IO_RDONLY) {
+		qsm_set_err(err, errlen, "Could not create the image: the I/O handle is read-only");
+		return -EBADF;
+	}
+	uint8_t *bytes;
+	size_t len;
+	if ((ret = create_bytes(&opts, &bytes, &len, err, errlen)) < 0)
+		return ret;
+	return create_on_io(io, &opts, bytes, len, io->ops->name, err, errlen);
 }

@@ -25,6 +25,7 @@
 #include <time.h>
 
 #include "io/util.h"
+#include "sm/qsm_test.h"
 #include "tools/cli.h"
 #include "tools/fuzz.h"
 

@@ -498,11 +498,12 @@ static void io_trace_cb(void *opaque, const struct qsm_io_req *req, bool done, i
 		do_crash(r);
 }
 
-static int open_backing_sim(void *opaque, struct event_base *base, const char *name, int flags,
-			    struct qsm_io **out)
+static int open_backing_sim(void *opaque, struct event_base *base, const char *name,
+			    const char *path, int flags, struct qsm_io **out)
 {
 	struct run *r = opaque;
 	(void)name; /* the case has one backing file */
+	(void)path;
 	return qsm_io_open_sim(base, r->bsim, flags | QSM_IO_RDONLY, out);
 }
 

@@ -250,11 +250,12 @@ struct backing {
 	int n;
 };
 
-static int open_backing_io(void *opaque, struct event_base *base, const char *name, int flags,
-			   struct qsm_io **out)
+static int open_backing_io(void *opaque, struct event_base *base, const char *name,
+			   const char *path, int flags, struct qsm_io **out)
 {
 	struct backing *b = opaque;
 	(void)name;
+	(void)path;
 	if (b->n == MAX_BACKING)
 		return -ENOENT;
 	struct qsm_sim *sim = qsm_sim_new((uint64_t)b->n + 1);

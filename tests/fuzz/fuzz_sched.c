@@ -79,6 +79,7 @@
 #include "metadata/check.h"
 #include "metadata/qcow2.h"
 #include "sm/qsm.h"
+#include "sm/qsm_test.h"
 #include "tools/workload.h"
 
 #if defined(__has_feature)
