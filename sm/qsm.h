@@ -301,6 +301,13 @@ typedef void (*qsm_trace_fn)(void *opaque, const struct qsm_trace_event *ev);
 QSM_EXPORT void qsm_set_trace(struct qsm_image *img, qsm_trace_fn fn, void *opaque);
 
 /* --- Creating images ----------------------------------------------------- */
+/* (Declared outside the structure so that C++ sees it at namespace scope.) */
+enum qsm_prealloc {
+	QSM_PREALLOC_OFF,       /* nothing (default) */
+	QSM_PREALLOC_METADATA,  /* every L2 table and data cluster allocated, file sparse */
+	QSM_PREALLOC_FALLOC,    /* ... and the file's space reserved (fallocate) */
+	QSM_PREALLOC_FULL,      /* ... and the data clusters written with zeros */
+};
 struct qsm_create_opts {
 	size_t struct_size;         /* sizeof(struct qsm_create_opts): see "ABI" above */
 	uint64_t size;
@@ -310,12 +317,7 @@ struct qsm_create_opts {
 	bool lazy_refcounts;
 	const char *backing_file;
 	const char *backing_format;
-	enum qsm_prealloc {
-		QSM_PREALLOC_OFF,       /* nothing (default) */
-		QSM_PREALLOC_METADATA,  /* every L2 table and data cluster allocated, file sparse */
-		QSM_PREALLOC_FALLOC,    /* ... and the file's space reserved (fallocate) */
-		QSM_PREALLOC_FULL,      /* ... and the data clusters written with zeros */
-	} prealloc;
+	enum qsm_prealloc prealloc;
 };
 /* "off", "metadata", "falloc", "full" -> mode; -EINVAL. */
 QSM_EXPORT int qsm_prealloc_parse(const char *s, enum qsm_prealloc *out);
