@@ -19,13 +19,33 @@
  *  - the implicit edges: the dispatcher takes any state to DONE on event
  *    ERROR.  Drawn as one dashed grey edge from the box around all the other
  *    states (a Graphviz cluster) to DONE, id "MACHINE:*:ERROR:DONE".
+ *  - the edges between requests, from the table's WAKES lines (who posts the
+ *    event that ends a wait), dashed blue, id
+ *    "wake:MACHINE:STATE:EVENT:BY_MACHINE:BY_STATE": in `all`, from the
+ *    waker's state to the waiting state (an ANY waker is drawn from the
+ *    waiting machine's own by_state when it has one, else from every machine
+ *    that has it); in one machine's diagram, the same edge when the waker is
+ *    that machine, and a note (shape=note) naming the other machines that
+ *    wake it, id "note:MACHINE:STATE:EVENT:BY_STATE", with a dashed edge to
+ *    the waiting state ("wake:MACHINE:STATE:EVENT:others:BY_STATE"); when
+ *    this machine wakes others, a note naming them, id
+ *    "note:wakes:STATE:EVENT:MACHINE:BY_STATE", with an edge from the waking
+ *    state ("wake:*:STATE:EVENT:MACHINE:BY_STATE").
+ *  - write-back levels: each edge into a sync state of WRITEBACK (its
+ *    description starts with "fdatasync") gets a second label line saying
+ *    what that sync makes durable: what the state it comes from writes (its
+ *    description after "write "), plus the guest data written before the
+ *    snapshot when no sync can come before it on the way from START (the
+ *    batch's first sync), "when first" when some paths have one.  All
+ *    derived from the table, so it follows the level order there.
  * Node ids are "MACHINE__STATE", so `--machine all` can hold every machine
  * side by side in one graph.  The output is deterministic (table order), so
  * the DOT files committed under tools/doc/ can be compared byte for byte.
  *
  * --list prints the table itself, one fact per line, for tests:
  *   machine NAME description / state NAME description /
- *   event NAME label / transition MACHINE FROM EVENT TO
+ *   event NAME label / transition MACHINE FROM EVENT TO /
+ *   wakes MACHINE|ANY STATE EVENT BY_MACHINE|ANY BY_STATE label
  *
  * SVG: the DOT text is piped through Graphviz's `dot -Tsvg`; without dot
  * the command fails with a message saying how to get it, and writes nothing.
@@ -69,6 +89,45 @@ static const struct g_transition transitions[] = {
 
 #define NB_TRANSITIONS (sizeof(transitions) / sizeof(transitions[0]))
 
+/* WAKES lines: machine -1 = ANY. */
+enum {
+#define MACHINE(name, desc) GM_##name = QSM_M_##name,
+#define STATE(name, desc)
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to)
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+	GM_ANY = -1
+};
+
+struct g_wake {
+	int m;                  /* waiting machine, or -1: every machine with the edge */
+	enum qsm_state s;
+	enum qsm_event ev;
+	int by;                 /* waking machine, or -1: any that has by_s */
+	enum qsm_state by_s;
+	const char *label;
+};
+
+static const struct g_wake wakes[] = {
+#define MACHINE(name, desc)
+#define STATE(name, desc)
+#define EVENT(name, label)
+#define TRANSITION(m, from, ev, to)
+#define WAKES(m, s, e, by, bs, label) { GM_##m, QSM_S_##s, QSM_E_##e, GM_##by, QSM_S_##bs, label },
+#include "sm/states.def"
+#undef MACHINE
+#undef STATE
+#undef EVENT
+#undef TRANSITION
+#undef WAKES
+};
+
+#define NB_WAKES (sizeof(wakes) / sizeof(wakes[0]))
+
 /* --- DOT ------------------------------------------------------------------ */
 
 /* Print s as the inside of a DOT double-quoted string. */
@@ -99,6 +158,193 @@ static void machine_states(enum qsm_machine m, bool used[QSM_S__COUNT])
 	used[QSM_S_START] = true;
 }
 
+static bool machine_uses(enum qsm_machine m, enum qsm_state s)
+{
+	bool used[QSM_S__COUNT];
+	machine_states(m, used);
+	return used[s];
+}
+
+/* Does the WAKES line w apply to machine m (m has its edge)? */
+static bool wake_applies(const struct g_wake *w, enum qsm_machine m)
+{
+	return (w->m < 0 || w->m == (int)m) && qsm_transition(m, w->s, w->ev) >= 0;
+}
+
+/* Is machine b one that posts w's event to machine m?  An ANY waker is m
+ * itself when m has by_s, otherwise every machine that has it. */
+static bool wake_by(const struct g_wake *w, enum qsm_machine m, enum qsm_machine b)
+{
+	if (!machine_uses(b, w->by_s))
+		return false;
+	if (w->by >= 0)
+		return w->by == (int)b;
+	return machine_uses(m, w->by_s) ? b == m : true;
+}
+
+/* layout: "constraint=false" (an edge inside one machine: leave its layout
+ * alone), "weight=0" (between clusters, where dot cannot take
+ * constraint=false), or "" (to a note: place the note next to the state). */
+static void put_wake_style(FILE *f, const struct g_wake *w, const char *layout)
+{
+	/* In `all` (weight=0) the many dashed edges are left unlabelled: the
+	 * tooltip says it all. */
+	fprintf(f, "label=\"");
+	if (strcmp(layout, "weight=0"))
+		dot_str(f, w->label);
+	fprintf(f, "\", tooltip=\"%s --%s--> is posted by another request in %s: ",
+		qsm_state_name(w->s), qsm_event_name(w->ev), qsm_state_name(w->by_s));
+	dot_str(f, w->label);
+	fprintf(f, "\", style=dashed, "
+		   "color=\"#3366cc\", fontcolor=\"#3366cc\", arrowsize=0.6%s%s",
+		*layout ? ", " : "", layout);
+}
+
+/* The wake edges of the `all` diagram. */
+static void dot_wakes_all(FILE *f)
+{
+	for (size_t i = 0; i < NB_WAKES; i++) {
+		const struct g_wake *w = &wakes[i];
+		for (int m = 0; m < QSM_M__COUNT; m++) {
+			if (!wake_applies(w, m))
+				continue;
+			for (int b = 0; b < QSM_M__COUNT; b++) {
+				if (!wake_by(w, m, b))
+					continue;
+				const char *mn = qsm_machine_name(m), *bn = qsm_machine_name(b);
+				fprintf(f, "\t%s__%s -> %s__%s [id=\"wake:%s:%s:%s:%s:%s\", ", bn,
+					qsm_state_name(w->by_s), mn, qsm_state_name(w->s), mn,
+					qsm_state_name(w->s), qsm_event_name(w->ev), bn,
+					qsm_state_name(w->by_s));
+				put_wake_style(f, w, "weight=0");
+				fprintf(f, "];\n");
+			}
+		}
+	}
+}
+
+/* The wake edges and notes of machine m's own diagram. */
+static void dot_wakes_one(FILE *f, enum qsm_machine m, const char *ind)
+{
+	const char *mn = qsm_machine_name(m);
+	for (size_t i = 0; i < NB_WAKES; i++) {
+		const struct g_wake *w = &wakes[i];
+		/* Waits of m ended by other requests: of m itself (an edge), of
+		 * other machines (one note naming them). */
+		if (wake_applies(w, m)) {
+			bool others = false;
+			for (int b = 0; b < QSM_M__COUNT; b++)
+				others |= b != (int)m && wake_by(w, m, b);
+			if (wake_by(w, m, m)) {
+				fprintf(f, "%s%s__%s -> %s__%s [id=\"wake:%s:%s:%s:%s:%s\", ", ind, mn,
+					qsm_state_name(w->by_s), mn, qsm_state_name(w->s), mn,
+					qsm_state_name(w->s), qsm_event_name(w->ev), mn,
+					qsm_state_name(w->by_s));
+				put_wake_style(f, w, "constraint=false");
+				fprintf(f, "];\n");
+			}
+			if (others) {
+				fprintf(f, "%snote_%zu_by [id=\"note:%s:%s:%s:%s\", shape=note, style=\"\", "
+					   "color=\"#3366cc\", fontcolor=\"#3366cc\", fontsize=9, label=\"",
+					ind, i, mn, qsm_state_name(w->s), qsm_event_name(w->ev),
+					qsm_state_name(w->by_s));
+				bool first = true;
+				for (int b = 0; b < QSM_M__COUNT; b++) {
+					if (b == (int)m || !wake_by(w, m, b))
+						continue;
+					fprintf(f, "%s%s", first ? "" : ", ", qsm_machine_name(b));
+					first = false;
+				}
+				fprintf(f, "\\nrequest in %s\"];\n", qsm_state_name(w->by_s));
+				fprintf(f, "%snote_%zu_by -> %s__%s [id=\"wake:%s:%s:%s:others:%s\", ", ind, i,
+					mn, qsm_state_name(w->s), mn, qsm_state_name(w->s),
+					qsm_event_name(w->ev), qsm_state_name(w->by_s));
+				put_wake_style(f, w, "");
+				fprintf(f, "];\n");
+			}
+		}
+		/* Waits of other machines that m ends. */
+		bool others = false;
+		for (int o = 0; o < QSM_M__COUNT; o++)
+			others |= o != (int)m && wake_applies(w, o) && wake_by(w, o, m);
+		if (!others)
+			continue;
+		fprintf(f, "%snote_%zu_wakes [id=\"note:wakes:%s:%s:%s:%s\", shape=note, style=\"\", "
+			   "color=\"#3366cc\", fontcolor=\"#3366cc\", fontsize=9, label=\"",
+			ind, i, qsm_state_name(w->s), qsm_event_name(w->ev), mn, qsm_state_name(w->by_s));
+		bool first = true;
+		for (int o = 0; o < QSM_M__COUNT; o++) {
+			if (o == (int)m || !wake_applies(w, o) || !wake_by(w, o, m))
+				continue;
+			fprintf(f, "%s%s", first ? "" : ", ", qsm_machine_name(o));
+			first = false;
+		}
+		fprintf(f, "\\nrequests in %s\"];\n", qsm_state_name(w->s));
+		fprintf(f, "%s%s__%s -> note_%zu_wakes [id=\"wake:*:%s:%s:%s:%s\", ", ind, mn,
+			qsm_state_name(w->by_s), i, qsm_state_name(w->s), qsm_event_name(w->ev), mn,
+			qsm_state_name(w->by_s));
+		put_wake_style(f, w, "");
+		fprintf(f, "];\n");
+	}
+}
+
+/* --- write-back levels: what each sync makes durable ----------------------- */
+
+static bool is_sync_state(enum qsm_state s)
+{
+	return !strncmp(qsm_state_desc(s), "fdatasync", 9);
+}
+
+/* WRITEBACK states reachable from START on a path with no sync state before
+ * them (after_sync false), or with one (after_sync true). */
+static void wb_reach(bool after_sync, bool out[QSM_S__COUNT])
+{
+	memset(out, 0, sizeof(bool) * QSM_S__COUNT);
+	bool seen[QSM_S__COUNT][2];
+	memset(seen, 0, sizeof(seen));
+	/* Walk (state, synced) pairs from (START, false). */
+	enum qsm_state stack_s[QSM_S__COUNT * 2];
+	bool stack_y[QSM_S__COUNT * 2];
+	int n = 0;
+	stack_s[n] = QSM_S_START;
+	stack_y[n++] = false;
+	seen[QSM_S_START][0] = true;
+	while (n) {
+		n--;
+		enum qsm_state s = stack_s[n];
+		bool y = stack_y[n];
+		if (y == after_sync)
+			out[s] = true;
+		bool ny = y || is_sync_state(s);
+		for (size_t i = 0; i < NB_TRANSITIONS; i++) {
+			const struct g_transition *t = &transitions[i];
+			if (t->m != QSM_M_WRITEBACK || t->from != s || seen[t->to][ny])
+				continue;
+			seen[t->to][ny] = true;
+			stack_s[n] = t->to;
+			stack_y[n++] = ny;
+		}
+	}
+}
+
+/* For a WRITEBACK edge into a sync state: the line saying what it makes
+ * durable (empty when the edge goes elsewhere). */
+static void sync_note(FILE *f, const struct g_transition *t)
+{
+	if (t->m != QSM_M_WRITEBACK || !is_sync_state(t->to))
+		return;
+	bool first[QSM_S__COUNT], later[QSM_S__COUNT];
+	wb_reach(false, first);
+	wb_reach(true, later);
+	const char *d = qsm_state_desc(t->from);
+	const char *what = !strncmp(d, "write ", 6) ? d + 6 : NULL;
+	fprintf(f, "\\n=> sync makes durable: ");
+	if (what)
+		dot_str(f, what);
+	if (first[t->from])
+		fprintf(f, "%sthe guest data written before the snapshot%s", what ? " + " : "",
+			later[t->from] ? " (when first)" : "");
+}
 /* One machine's nodes and edges (inside a cluster when `all`). */
 static void dot_machine(FILE *f, enum qsm_machine m, const char *ind)
 {
@@ -135,6 +381,7 @@ static void dot_machine(FILE *f, enum qsm_machine m, const char *ind)
 			qsm_state_name(t->from), mn, qsm_state_name(t->to), mn, qsm_state_name(t->from),
 			qsm_event_name(t->ev), qsm_state_name(t->to));
 		dot_str(f, qsm_event_label(t->ev));
+		sync_note(f, t);
 		fprintf(f, "\", tooltip=\"%s --%s--> %s\"];\n", qsm_state_name(t->from),
 			qsm_event_name(t->ev), qsm_state_name(t->to));
 	}
@@ -166,12 +413,14 @@ static void dot_graph(FILE *f, int machine /* -1: all */)
 		fprintf(f, "qsm request state machines");
 	else
 		fprintf(f, "qsm %s machine: ", qsm_machine_name(machine)), dot_str(f, qsm_machine_desc(machine));
-	fprintf(f, "\\n(generated from sm/states.def; dashed: any state goes to DONE on error)\"];\n");
+	fprintf(f, "\\n(generated from sm/states.def; dashed grey: any state goes to DONE on error; "
+		   "dashed blue: another request ends the wait)\"];\n");
 	fprintf(f, "\tnode [shape=box, style=rounded, fontname=\"Helvetica\", fontsize=10, "
 		   "height=0.3];\n");
 	fprintf(f, "\tedge [fontname=\"Helvetica\", fontsize=8, arrowsize=0.7];\n");
 	if (machine >= 0) {
 		dot_machine(f, (enum qsm_machine)machine, "\t");
+		dot_wakes_one(f, (enum qsm_machine)machine, "\t");
 	} else {
 		for (int m = 0; m < QSM_M__COUNT; m++) {
 			fprintf(f, "\tsubgraph cluster_%s {\n", qsm_machine_name(m));
@@ -181,8 +430,35 @@ static void dot_graph(FILE *f, int machine /* -1: all */)
 			dot_machine(f, (enum qsm_machine)m, "\t\t");
 			fprintf(f, "\t}\n");
 		}
+		dot_wakes_all(f);
 	}
 	fprintf(f, "}\n");
+}
+
+/* Every WAKES line must name an edge of the table and a state its waker
+ * has; 0, or -1 with a message (the table is wrong, not the user). */
+static int check_wakes(void)
+{
+	for (size_t i = 0; i < NB_WAKES; i++) {
+		const struct g_wake *w = &wakes[i];
+		bool applies = false, woken = false;
+		for (int m = 0; m < QSM_M__COUNT; m++) {
+			if (!wake_applies(w, m))
+				continue;
+			applies = true;
+			for (int b = 0; b < QSM_M__COUNT; b++)
+				woken |= wake_by(w, m, b);
+		}
+		if (!applies || !woken) {
+			cli_error("graph", "sm/states.def: WAKES(%s, %s, %s, %s, %s) names %s",
+				  w->m < 0 ? "ANY" : qsm_machine_name(w->m), qsm_state_name(w->s),
+				  qsm_event_name(w->ev), w->by < 0 ? "ANY" : qsm_machine_name(w->by),
+				  qsm_state_name(w->by_s),
+				  !applies ? "no edge of the table" : "a state its waker never enters");
+			return -1;
+		}
+	}
+	return 0;
 }
 
 static void list_table(FILE *f, int machine)
@@ -199,6 +475,15 @@ static void list_table(FILE *f, int machine)
 		if (machine < 0 || machine == (int)t->m)
 			fprintf(f, "transition %s %s %s %s\n", qsm_machine_name(t->m),
 				qsm_state_name(t->from), qsm_event_name(t->ev), qsm_state_name(t->to));
+	}
+	for (size_t i = 0; i < NB_WAKES; i++) {
+		const struct g_wake *w = &wakes[i];
+		if (machine >= 0 && !wake_applies(w, machine) &&
+		    !(w->by == machine || (w->by < 0 && machine_uses(machine, w->by_s))))
+			continue;
+		fprintf(f, "wakes %s %s %s %s %s %s\n", w->m < 0 ? "ANY" : qsm_machine_name(w->m),
+			qsm_state_name(w->s), qsm_event_name(w->ev),
+			w->by < 0 ? "ANY" : qsm_machine_name(w->by), qsm_state_name(w->by_s), w->label);
 	}
 }
 
@@ -363,6 +648,8 @@ int cmd_graph(int argc, char **argv)
 		return 1;
 	}
 
+	if (check_wakes() < 0)
+		return 1;
 	/* Build the whole text first: nothing is written unless it all works. */
 	char *text = NULL;
 	size_t len = 0;
