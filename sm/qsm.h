@@ -295,6 +295,10 @@ struct qsm_trace_event {
 	uint64_t dirty_l2;     /* dirty L2 tables in the cache */
 	bool dirty_refcounts;  /* refcount blocks or table changed in memory only */
 	uint64_t io_flushes;   /* fdatasync calls issued so far */
+	/* WRITEBACK machine, from the transition out of WB_COLLECT on: what
+	 * the batch writes, per level (refcount blocks, refcount table
+	 * writes, header, L2 table writes, L1 ranges); 0 before and elsewhere. */
+	uint64_t wb_refblocks, wb_reftable, wb_header, wb_l2, wb_l1;
 };
 typedef void (*qsm_trace_fn)(void *opaque, const struct qsm_trace_event *ev);
 /* Install (or with fn NULL remove) the trace hook.  No cost when unset. */

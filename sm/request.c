@@ -2024,6 +2024,11 @@ static void trace_transition(struct qsm_req *req, enum qsm_state from, enum qsm_
 		const struct qsm_wb *wb = req->wb;
 		const struct qsm_meta_batch *b = wb_level_batch(wb, from);
 		te.host_offset = 0;
+		te.wb_refblocks = wb->blocks.n;
+		te.wb_reftable = wb->reftable.n;
+		te.wb_header = wb->header.n;
+		te.wb_l2 = wb->l2.n;
+		te.wb_l1 = wb->l1.n;
 		if (b) {
 			te.meta_writes = b->n;
 			te.meta_offset = b->n ? b->w[0].offset : 0;

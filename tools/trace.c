@@ -47,6 +47,7 @@
 #include <string.h>
 
 #include "sm/qsm.h"
+#include "sm/sm.h"
 #include "tools/cli.h"
 #include "tools/trace.h"
 
@@ -66,8 +67,8 @@ struct trec {
 	/* Text line. */
 	char *line;
 	size_t len, cap;
-	bool l2_missed;           /* an L2 load is being folded into the lookup */
-	bool skip_lookup;         /* the next L2 lookup is the one after a load */
+	const char *prev_from;    /* the state left before the current one */
+	bool synced;              /* a write-back batch: a sync is behind it */
 };
 
 /* A request that finished recently: where to draw arrows from it. */
@@ -243,6 +244,10 @@ static void j_state_slice(struct qsm_tracer *t, struct trec *r, const struct qsm
 	if (ev->meta_writes)
 		fprintf(t->json, ",\"meta_writes\":%" PRIu64 ",\"meta_offset\":\"0x%" PRIx64 "\"",
 			ev->meta_writes, ev->meta_offset);
+	if (!strcmp(ev->from, "WB_COLLECT"))
+		fprintf(t->json, ",\"refblocks\":%" PRIu64 ",\"reftable\":%" PRIu64
+			",\"header\":%" PRIu64 ",\"l2_tables\":%" PRIu64 ",\"l1_ranges\":%" PRIu64,
+			ev->wb_refblocks, ev->wb_reftable, ev->wb_header, ev->wb_l2, ev->wb_l1);
 	if (ev->ret)
 		fprintf(t->json, ",\"ret\":%d,\"error\":\"%s\"", ev->ret, qsm_strerror(ev->ret));
 	fputc('}', t->json);
@@ -313,34 +318,45 @@ static void line_add(struct trec *r, const char *fmt, ...)
 	}
 }
 
-/* Append the state the request leaves, described by what it found. */
+/* What a write-back level state writes, from its description in
+ * sm/states.def ("write refcount blocks" -> "refcount blocks"); NULL for a
+ * state that writes nothing (WB_COLLECT). */
+static const char *level_what(const char *state)
+{
+	for (int s = 0; s < QSM_S__COUNT; s++) {
+		if (strcmp(qsm_state_name(s), state))
+			continue;
+		const char *d = qsm_state_desc(s);
+		return !strncmp(d, "write ", 6) ? d + 6 : NULL;
+	}
+	return NULL;
+}
+
+static bool is_sync(const char *state)
+{
+	for (int s = 0; s < QSM_S__COUNT; s++)
+		if (!strcmp(qsm_state_name(s), state))
+			return !strncmp(qsm_state_desc(s), "fdatasync", 9);
+	return false;
+}
+
+/* "1 refcount block, 2 L2 tables" for n and the singular noun. */
+static void count_add(struct trec *r, bool *first, uint64_t n, const char *one, const char *many)
+{
+	if (!n)
+		return;
+	line_add(r, "%s%" PRIu64 " %s", *first ? "" : ", ", n, n == 1 ? one : many);
+	*first = false;
+}
+
+/* Append the state the request leaves, described by what it found: every
+ * state of the JSON trace, START left out. */
 static void text_state(struct trec *r, const struct qsm_trace_event *ev)
 {
 	const char *s = ev->from, *e = ev->event_name;
 	char name[64];
 
 	if (!strcmp(s, "START"))
-		return;
-	if (!strcmp(s, "L2_LOAD")) {
-		/* Folded into the lookup before it: "(miss, load @0x50000)";
-		 * WAKE: no table handed over (a cache slot freed), look up again. */
-		line_add(r, ", %s @0x%" PRIx64, !strcmp(e, "LOADED") ? "load" : "waited",
-			 ev->l2_offset);
-		if (ev->wait_for)
-			line_add(r, " by #%" PRIu64, ev->wait_for);
-		line_add(r, ")");
-		r->l2_missed = false;
-		r->skip_lookup = true;
-		if (!strcmp(e, "ERROR"))
-			line_add(r, " > error: %s", qsm_strerror(ev->ret));
-		return;
-	}
-	if (!strcmp(s, "L2_LOOKUP") && r->skip_lookup) {
-		r->skip_lookup = false; /* the lookup after a load */
-		if (strcmp(e, "CACHE_MISS"))
-			return;
-	}
-	if (!strcmp(s, "NEXT_RUN") && strcmp(e, "MORE"))
 		return;
 	fmt_state(name, sizeof(name), s);
 	line_add(r, "%s%s", r->len ? " > " : "", name);
@@ -355,14 +371,22 @@ static void text_state(struct trec *r, const struct qsm_trace_event *ev)
 			line_add(r, " (empty: nothing to do)");
 	} else if (!strcmp(s, "L2_LOOKUP")) {
 		if (!strcmp(e, "CACHE_MISS")) {
-			line_add(r, " (miss");
-			r->l2_missed = true;
+			line_add(r, " (miss)");
 		} else {
 			line_add(r, " (hit");
 			if (ev->l2_offset)
 				line_add(r, " @0x%" PRIx64, ev->l2_offset);
 			line_add(r, ")");
 		}
+	} else if (!strcmp(s, "L2_LOAD")) {
+		/* LOADED: the table is in (read by us, or by the request named);
+		 * WAKE: no table handed over (a cache slot freed), look up again. */
+		if (!strcmp(e, "WAKE"))
+			line_add(r, " (waited for a cache slot)");
+		else
+			line_add(r, " @0x%" PRIx64, ev->l2_offset);
+		if (ev->wait_for)
+			line_add(r, " by #%" PRIu64, ev->wait_for);
 	} else if (!strcmp(s, "L2_ALLOC")) {
 		if (!strcmp(e, "WAKE"))
 			line_add(r, " (waited for a cache slot)");
@@ -380,6 +404,8 @@ static void text_state(struct trec *r, const struct qsm_trace_event *ev)
 	} else if (!strcmp(s, "DURABLE_WAIT")) {
 		if (ev->wait_for)
 			line_add(r, " (batch #%" PRIu64 ")", ev->wait_for);
+	} else if (!strcmp(s, "NEXT_RUN")) {
+		line_add(r, !strcmp(e, "MORE") ? " (more)" : " (last)");
 	} else if (!strcmp(s, "CLUSTER_ALLOC") || !strcmp(s, "DATA_READ") ||
 		   !strcmp(s, "DATA_WRITE") || !strcmp(s, "ALLOC_WRITE")) {
 		if (ev->host_offset)
@@ -388,9 +414,24 @@ static void text_state(struct trec *r, const struct qsm_trace_event *ev)
 		if (ev->l2_offset)
 			line_add(r, " (table @0x%" PRIx64 ")", ev->l2_offset);
 	} else if (!strcmp(s, "WB_COLLECT")) {
-		line_add(r, " (%" PRIu64 " writes%s)", ev->meta_writes,
-			 !strcmp(e, "WB_LAZY") ? ", refcounts deferred" :
-			 !strcmp(e, "WB_MARK_DIRTY") ? ", marks the image dirty first" : "");
+		bool first = true;
+		line_add(r, " (");
+		count_add(r, &first, ev->wb_refblocks, "refcount block", "refcount blocks");
+		count_add(r, &first, ev->wb_reftable, "refcount table write", "refcount table writes");
+		count_add(r, &first, ev->wb_header, "header", "headers");
+		count_add(r, &first, ev->wb_l2, "L2 table", "L2 tables");
+		count_add(r, &first, ev->wb_l1, "L1 range", "L1 ranges");
+		if (first)
+			line_add(r, "nothing to write");
+		line_add(r, "%s)", !strcmp(e, "WB_LAZY") ? "; refcounts deferred" :
+				   !strcmp(e, "WB_MARK_DIRTY") ? "; marks the image dirty first" : "");
+	} else if (is_sync(s) && ev->kind && !strcmp(ev->kind, "writeback")) {
+		/* What this sync makes durable: the level just written, and for
+		 * the batch's first sync the guest data written before it. */
+		const char *what = r->prev_from ? level_what(r->prev_from) : NULL;
+		line_add(r, " (durable: %s%s%s)", what ? what : "", what && !r->synced ? " + " : "",
+			 r->synced ? "" : "the data written before the batch");
+		r->synced = true;
 	} else if (ev->meta_writes) {
 		line_add(r, " x%" PRIu64 " @0x%" PRIx64, ev->meta_writes, ev->meta_offset);
 	}
@@ -455,6 +496,7 @@ static void on_transition(void *opaque, const struct qsm_trace_event *ev)
 	}
 	if (t->text)
 		text_state(r, ev);
+	r->prev_from = ev->from;
 	double last_start = r->start_us;
 	r->start_us = now;
 

@@ -20,8 +20,13 @@ checks every trace:
           sm/states.def for that request's machine, or ERROR -> DONE; the
           slices chain (one's next state is the following slice) and end in
           DONE;
-  text    one line per request, naming the same states in order, ending in
-          "done <time>" (or "not finished" after a crash).
+  text    one line per request, naming every state of its JSON slices in
+          order (NEXT_RUN and L2_LOAD included), ending in "done <time>" (or
+          "not finished" after a crash); a batch's "WB collect (...)" counts
+          the writes of each level as the JSON WB_COLLECT slice does (1
+          refcount block, 1 L2 table, 1 L1 range, adding up to meta_writes),
+          and each "WB sync (durable: ...)" names what the level before it
+          wrote, the first one also "the data written before the batch".
 Also: at least one freeze arrow, one durable-wait arrow and one L2 load were
 seen (so the checks above had something to check).
 """
@@ -40,7 +45,8 @@ MACHINE = {"write_zeroes": "ZEROES"}  # otherwise the kind in upper case
 
 failures = []
 seen = set()          # (machine, from, event, to)
-stats = {"flows": 0, "frozen": 0, "durable": 0, "l2_load": 0, "requests": 0, "traces": 0}
+stats = {"flows": 0, "frozen": 0, "durable": 0, "l2_load": 0, "requests": 0, "traces": 0,
+         "next_run": 0, "wb_collect": 0, "wb_sync": 0}
 
 
 def fail(msg):
@@ -48,12 +54,37 @@ def fail(msg):
     print("FAIL:", msg)
 
 
-def table():
-    text = re.sub(r"/\*.*?\*/", "", open(os.path.join(SRC, "sm", "states.def")).read(), flags=re.S)
-    return set(re.findall(r"^TRANSITION\((\w+),\s*(\w+),\s*(\w+),\s*(\w+)\)", text, re.M))
+DEF = re.sub(r"/\*.*?\*/", "", open(os.path.join(SRC, "sm", "states.def")).read(), flags=re.S)
+TABLE = set(re.findall(r"^TRANSITION\((\w+),\s*(\w+),\s*(\w+),\s*(\w+)\)", DEF, re.M))
+DESC = dict(re.findall(r'^STATE\((\w+),\s*"([^"]*)"\)', DEF, re.M))
+# Per-level counts of a batch, in the order and words the text uses.
+LEVELS = [("refblocks", "refcount block"), ("reftable", "refcount table write"),
+          ("header", "header"), ("l2_tables", "L2 table"), ("l1_ranges", "L1 range")]
 
 
-TABLE = table()
+def collect_text(args, event):
+    parts = [f"{args[k]} {w}{'' if args[k] == 1 else 's'}"
+             for k, w in LEVELS if args[k]]
+    s = ", ".join(parts) or "nothing to write"
+    if event == "WB_LAZY":
+        s += "; refcounts deferred"
+    elif event == "WB_MARK_DIRTY":
+        s += "; marks the image dirty first"
+    return f"WB collect ({s})"
+
+
+def sync_texts(states):
+    """The "WB sync (durable: ...)" items a batch's slices call for."""
+    out, prev, synced = [], None, False
+    for s in states:
+        if DESC.get(s["name"], "").startswith("fdatasync"):
+            d = DESC.get(prev, "")
+            what = d[6:] if d.startswith("write ") else ""
+            data = "" if synced else "the data written before the batch"
+            out.append(f"WB sync (durable: {what}{' + ' if what and data else ''}{data})")
+            synced = True
+        prev = s["name"]
+    return out
 
 
 def words(state):
@@ -164,33 +195,35 @@ def check_trace(tag, json_path, text_path, finished=True):
         if not body:
             fail(f"{tag}: no text line for {names[tid]}")
             continue
-        # Each state slice (but the L2 lookup after a load, and the load)
-        # appears in order; several requests may share a head (ids restart
-        # on reopen): accept any line that matches.
-        want = []
-        after_load = False
+        # Every state slice appears in order; several requests may share a
+        # head (ids restart on reopen): accept any line that matches.
+        want = [words(s["name"]) for s in t["states"]]
+        extra = []  # items the line must contain exactly
         for s in t["states"]:
-            n = s["name"]
-            if n == "L2_LOAD":
-                after_load = True
-                continue
-            if n == "L2_LOOKUP" and after_load:
-                after_load = False
-                if s["args"]["exit"] != "CACHE_MISS":
-                    continue
-            if n == "NEXT_RUN" and s["args"]["exit"] != "MORE":
-                continue
-            want.append(words(n))
+            if s["name"] == "WB_COLLECT":
+                a = s["args"]
+                if sum(a[k] for k, _ in LEVELS) != a.get("meta_writes", 0):
+                    fail(f"{tag}: {names[tid]}: WB_COLLECT level counts {a} do not add up")
+                extra.append(collect_text(a, a["exit"]))
+            if s["name"] == "NEXT_RUN":
+                extra.append("next run (more)" if s["args"]["exit"] == "MORE" else "next run (last)")
+        extra += sync_texts(t["states"])
         ok = False
         for b in body:
-            got = [re.sub(r" \(.*|@.*| behind.*| on #.*| for #.*| x\d+.*", "", p).strip().lower()
-                   for p in b.split(" > ")]
+            items = b.split(" > ")
+            got = [re.sub(r" \(.*|@.*| behind.*| on #.*| for #.*| x\d+.*| by #.*", "", p).strip().lower()
+                   for p in items]
             got = [g for g in got if not g.startswith("error:") and not g.startswith("done")
                    and g != "not finished"]
-            if got == want:
+            if got == want and all(x in items for x in extra) and \
+                    [x for x in items if x.startswith("WB sync")] == sync_texts(t["states"]):
                 ok = True
         if not ok:
-            fail(f"{tag}: text line of {names[tid]} does not list its states {want}: {body}")
+            fail(f"{tag}: text line of {names[tid]} does not list its states {want} "
+                 f"with {extra}: {body}")
+        stats["next_run"] += sum(1 for s in t["states"] if s["name"] == "NEXT_RUN")
+        stats["wb_collect"] += sum(1 for s in t["states"] if s["name"] == "WB_COLLECT")
+        stats["wb_sync"] += len(sync_texts(t["states"]))
 
 
 def qsm_io(tag, d, args, stdin=None, finished=True, expect_rc=(0,)):
@@ -271,7 +304,8 @@ with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
 
 if stats["frozen"] == 0:
     fail("no request was ever FROZEN: the freeze workload did not freeze")
-if stats["durable"] == 0 or stats["l2_load"] == 0 or stats["flows"] == 0:
+if min(stats["durable"], stats["l2_load"], stats["flows"], stats["next_run"], stats["wb_collect"],
+       stats["wb_sync"]) == 0:
     fail(f"too little seen to check: {stats}")
 print(f"{stats['traces']} traces, {stats['requests']} requests, {stats['flows']} wait arrows, "
       f"{len(seen)} distinct transitions seen (of {len(TABLE)} in the table)")
