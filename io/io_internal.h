@@ -7,9 +7,9 @@
  *
  *   struct qsm_io_threads { struct qsm_io_common c; ... };
  *
- * Completion path (one exit, STYLE.md practice 4): every request a backend
- * accepted ends in exactly one call to qsm_io_complete_(), from a libevent
- * callback on io->base, never from inside ops->submit.  A backend that knows
+ * Completion path (one exit, tools/doc/design.md "Code conventions"): every
+ * request a backend accepted ends in exactly one call to qsm_io_complete_(),
+ * from a libevent callback on io->base, never from inside ops->submit.  A backend that knows
  * the result at submit time (a synchronous error, an ftruncate) hands it to
  * qsm_io_defer_complete_(), which queues it on a per-handle list drained by
  * an event_active()'d event.
@@ -19,7 +19,7 @@
  * callback with qsm_io_enter_()/qsm_io_leave_(); a close requested inside is
  * carried out by the outermost qsm_io_leave_(), which then returns true and
  * the loop must return without touching the handle again (libevent's
- * "finalize after callbacks drain", STYLE.md anti-pattern 5).
+ * "finalize after callbacks drain", tools/doc/design.md "Code conventions").
  */
 #ifndef QSM_IO_INTERNAL_H
 #define QSM_IO_INTERNAL_H

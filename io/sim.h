@@ -5,7 +5,7 @@
  * completed but are not yet durable.  Any number of qsm_io handles may be
  * opened on it, one at a time (open, close, crash, reopen).
  *
- * Rules (from ../shared/reference/reliability.md, "simdisk"):
+ * Rules (tools/doc/design.md, "The simulated disk"):
  *  1. Submitted operations stay pending until the seeded scheduler completes
  *     them; it picks which pending operation completes next, so completions
  *     are reordered.  The scheduler runs from a libevent callback, never from

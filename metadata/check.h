@@ -7,7 +7,8 @@
  * walks the header, the active L1/L2 tables, every snapshot's L1/L2 tables,
  * the refcount table and blocks, counts the references to every host
  * cluster and compares them with the stored refcounts, with qemu-img
- * check's rules, wording and counts (../shared/reference/format.md §6):
+ * check's rules, wording and counts (tools/doc/design.md, "Checking and
+ * repair"):
  *   - refcount < references: corruption ("ERROR cluster N refcount=a reference=b");
  *   - refcount > references: leak ("Leaked cluster N refcount=a reference=b");
  *   - COPIED flag != (refcount == 1): corruption ("ERROR OFLAG_COPIED ...");

@@ -8,7 +8,7 @@
  * it is shorter) and never trusts a field before it has been range-checked:
  * every count is bounded before it is multiplied, every offset+length sum is
  * checked for overflow before it is compared.  The order follows the opener
- * checklist (../shared/reference/reliability.md):
+ * checklist (tools/doc/design.md, "Untrusted images"):
  *
  *   1. magic, version                       6. tables: reftable, L1, snapshots
  *   2. cluster_bits                         7. l1_size covers the virtual size

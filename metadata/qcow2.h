@@ -4,8 +4,8 @@
  * Everything on disk is big-endian.  In memory, `struct qcow2_header` holds
  * host-endian values; L1/L2 tables and refcount blocks stay in their on-disk
  * byte order inside their buffers so they can be written back unchanged
- * (accessors convert).  Reference: docs/interop/qcow2.txt,
- * ../shared/reference/format.md.
+ * (accessors convert).  Reference: QEMU's docs/interop/qcow2.txt (the
+ * format) and tools/doc/design.md.
  *
  * Host cluster layout of a fresh image (as qemu-img 7.2 writes it):
  *   cluster 0: header + extensions (+ backing file name)
@@ -142,7 +142,7 @@ uint64_t qcow2_l1_entries_for(uint64_t size, unsigned cluster_bits);
  * `file_size` bounds table offsets.  Returns 0, -EINVAL for a malformed
  * header, -ENOTSUP for a valid header using a feature qsm lacks, with a
  * message naming the field and its value in err.
- * Checklist: ../shared/reference/reliability.md "Opener validation".
+ * Checklist: tools/doc/design.md, "Untrusted images".
  */
 int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,
 		       struct qcow2_header *h, char *err, size_t errlen);

@@ -662,8 +662,8 @@ static enum entry_kind entry_kind(uint64_t e)
 	return (e & QCOW2_OFLAG_COPIED) ? EK_DATA : EK_SHARED;
 }
 
-/* A compressed descriptor (format.md): byte offset in the low bits, then
- * the number of additional 512-byte sectors. */
+/* A compressed descriptor (docs/interop/qcow2.txt): byte offset in the low
+ * bits, then the number of additional 512-byte sectors. */
 static void compressed_extent(const struct qsm_image *img, uint64_t e, uint64_t *off, size_t *len)
 {
 	unsigned shift = 62 - (img->cluster_bits - 8);
@@ -1764,7 +1764,7 @@ static enum qsm_event step_l2_update(struct qsm_req *req)
 	if (img->error) /* the table could never be written: do not dirty it */
 		return fail(req, -EIO);
 	if (run->compressed) {
-		/* Descriptor (format.md): byte offset, then the number of 512-byte
+		/* Descriptor (qcow2.txt): byte offset, then the number of 512-byte
 		 * sectors the bytes touch beyond the first; never COPIED. */
 		unsigned shift = 62 - (img->cluster_bits - 8);
 		uint64_t nb_csectors = ((run->host + run->clen - 1) >> 9) - (run->host >> 9);

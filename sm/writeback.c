@@ -15,8 +15,8 @@
  *   WB_RELEASE  drop the refcounts of clusters that the now durable tables no
  *               longer reference (those refcount blocks go in the next batch)
  *
- * Crash-safety rules this order keeps (DESIGN.md "Metadata and crash
- * safety"), so on disk refcount >= references at every instant:
+ * Crash-safety rules this order keeps (tools/doc/design.md, "Metadata and
+ * crash safety"), so on disk refcount >= references at every instant:
  *  1. A refcount block reaches the disk before any L2 entry using a cluster
  *     it counts, and before the refcount table entry pointing at it.
  *  2. Guest data and COW reach the disk before the L2 entry pointing at

@@ -1,6 +1,6 @@
 /*
  * tools/fuzz.h: the request-ordering fuzzer and crash explorer behind
- * `qsm fuzz` (issue 6; background: shared/reference/reliability.md).
+ * `qsm fuzz` (issue 6; background: tools/doc/design.md, "The simulated disk").
  *
  * A *case* is everything one run depends on: the image (shape, cache mode,
  * lazy refcounts, a backing file, compressed clusters), the requests, the

@@ -8,7 +8,7 @@ writes a few clusters with qemu-io so that L1, L2 and refcount entries exist:
     guest 512 MiB  128 KiB  -> L1[1] -> L2 table B, two data clusters
 
 Then, for each rule of the opener checklist
-(../shared/reference/reliability.md), copies it and breaks exactly that rule,
+(tools/doc/design.md, "Untrusted images"), copies it and breaks exactly that rule,
 writing OUTDIR/NAME.qcow2 and one line of OUTDIR/manifest.tsv:
 
     NAME <TAB> expected substring of the error <TAB> phase <TAB> qemu-io command

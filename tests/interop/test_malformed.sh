@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/interop/test_malformed.sh: qsm refuses every malformed image of
 # make_bad_images.py (one per rule of the opener checklist in
-# ../shared/reference/reliability.md), names the field, never crashes and
+# tools/doc/design.md, "Untrusted images"), names the field, never crashes and
 # never writes to a refused image.
 #
 # For each row of the generated manifest.tsv:

@@ -1,6 +1,6 @@
 /*
  * tests/unit/test_crash.c: Check suite "crash", crash consistency on the sim
- * disk (reliability.md §3 "simdisk", §4 promises per cache mode; issues 3
+ * disk (tools/doc/design.md, "The simulated disk" and "Cache modes"; issues 3
  * and 6), driven by the fuzzer's engine (tools/fuzz.h: the cases and the
  * run, shared with `qsm fuzz`, on the workload engine of tools/workload.h,
  * where the read oracle and the durability register live).

@@ -848,7 +848,7 @@ START_TEST(feature_table_matches_qemu)
 {
 	size_t len;
 	uint8_t *img = base_image(&len, false);
-	/* From `qemu-img create` 7.2 (hexdump in reference/format.md). */
+	/* From `qemu-img create` 7.2 (its feature-name table extension). */
 	static const char *names[] = { "dirty bit", "corrupt bit", "external data file",
 				       "compression type", "extended L2 entries",
 				       "lazy refcounts", "bitmaps", "raw external data" };
