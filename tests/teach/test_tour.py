@@ -3,7 +3,10 @@
 
 Runs tools/doc/tour.py --check with the built qsm: every command of the tour
 is run again and its output compared with the page (durations and rates
-ignored).  Sections 4 and 5 run concurrent requests whose interleaving can
+ignored), and every picture the page draws from a real trace (`<!-- picture
+NAME.svg -->`: tools/doc/trace_picture.py, laid out by the order of events,
+so the same commands give the same bytes) is drawn again and compared byte
+for byte with the committed tools/doc/NAME.svg.  Sections 4 and 5 run concurrent requests whose interleaving can
 depend on I/O timing on a loaded machine, so a difference is confirmed by up
 to two more runs before the test fails.
 """

@@ -14,6 +14,13 @@ then "[exit N]" when N is not 0.
 --check rewrites nothing: it fails (exit 1) when the output differs from
 what tour.md shows, ignoring what changes from run to run (durations and
 throughput figures), i.e. when the tour has gone stale.
+
+Pictures: a line `<!-- picture NAME.svg -->` says that the commands of the
+blocks made NAME.svg in the scratch directory (with tools/doc/trace_picture.py,
+which is on PATH as trace_picture.py, from a real trace); the script copies
+it next to tour.md, and --check fails when the committed copy differs.
+The pictures are built from the order of events, not their times, so the
+same commands draw the same bytes.
 """
 import os
 import re
@@ -51,6 +58,7 @@ def main():
     bindir = tempfile.mkdtemp(prefix="qsm-tour-bin.")
     work = tempfile.mkdtemp(prefix="qsm-tour.")
     os.symlink(qsm, os.path.join(bindir, "qsm"))
+    os.symlink(os.path.join(HERE, "trace_picture.py"), os.path.join(bindir, "trace_picture.py"))
     env = dict(os.environ, PATH=bindir + ":" + os.environ["PATH"], LC_ALL="C")
     stale = []
     out_parts = []
@@ -71,6 +79,17 @@ def main():
             if normalize(new) != normalize(part):
                 stale.append((part, new))
             out_parts.append(new)
+        pictures = []
+        for name in re.findall(r"<!-- picture ([\w.-]+\.svg) -->", text):
+            made = os.path.join(work, name)
+            kept = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+            if not os.path.exists(made):
+                stale.append((f"<!-- picture {name} -->\n", f"(the commands made no {name})\n"))
+                continue
+            now = open(made).read()
+            if not os.path.exists(kept) or open(kept).read() != now:
+                stale.append((f"{name} as committed\n", f"{name} as drawn now\n"))
+            pictures.append((kept, now))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(bindir, ignore_errors=True)
@@ -80,10 +99,13 @@ def main():
         if stale:
             print("run tools/doc/tour.py to regenerate tools/doc/tour.md")
             sys.exit(1)
-        print(f"tour.md: {sum(1 for p in parts if p.startswith('<!-- run -->'))} blocks up to date")
+        print(f"tour.md: {sum(1 for p in parts if p.startswith('<!-- run -->'))} blocks and "
+              f"{len(pictures)} pictures up to date")
         return
     open(path, "w").write("".join(out_parts))
-    print(f"{path}: {len(stale)} blocks changed")
+    for kept, now in pictures:
+        open(kept, "w").write(now)
+    print(f"{path}: {len(stale)} blocks or pictures changed")
 
 
 main()
