@@ -560,7 +560,9 @@ static void graph_usage(FILE *f)
 		"Usage: qsm graph [--machine NAME|all] [--format dot|svg] [-o FILE] [--list]\n"
 		"Draw qsm's request state machines from the table the engine runs\n"
 		"(sm/states.def): every state, every transition labelled with its event,\n"
-		"and (dashed) the implicit error edge from any state to DONE.\n"
+		"(dashed grey) the implicit error edge from any state to DONE, (dashed\n"
+		"blue) the requests that end each wait, and what each write-back sync\n"
+		"makes durable.\n"
 		"\n"
 		"  -m, --machine NAME   one machine: ");
 	for (int m = 0; m < QSM_M__COUNT; m++) {
@@ -571,8 +573,8 @@ static void graph_usage(FILE *f)
 		"                       (default: all)\n"
 		"  -T, --format FMT     dot (default) or svg (needs Graphviz's dot)\n"
 		"  -o, --output FILE    write to FILE instead of standard output\n"
-		"  -l, --list           print the table itself: machines, states, events and\n"
-		"                       transitions, one per line\n"
+		"  -l, --list           print the table itself: machines, states, events,\n"
+		"                       transitions and wakes, one per line\n"
 		"  -h, --help           display this help and exit\n");
 }
 

@@ -17,7 +17,9 @@
  *    order, never overlapping; args: "exit" (event name), "next" (state),
  *    and what the state found or touched: "l2" (L2 table offset), "host"
  *    (data or new clusters), "run" (guest offset+bytes), "wait_for",
- *    "meta_writes"/"meta_offset" (write-back levels), "ret" (errors).
+ *    "meta_writes"/"meta_offset" (write-back levels; WB_COLLECT also
+ *    "refblocks", "reftable", "header", "l2_tables", "l1_ranges": the
+ *    batch's writes per level), "ret" (errors).
  *    Slices are written when they end, so per track they appear in ts order
  *    (the request slice, written at the start with its final duration
  *    unknown, is written at the end too: it is the last event of its track
@@ -32,11 +34,16 @@
  *    "dirty metadata" (L2 tables, refcounts), "fdatasync calls".
  *
  * Text output: one line per request, printed when it completes; each state
- * visited in order, START left out, with what it found: "L2 lookup (hit)",
- * "L2 lookup (miss, load @0x50000)" (the load and the lookup after it folded
- * in; "load @0x50000 by #2" when another request's load was waited for, with
- * an arrow from it), "cluster alloc @0x230000", "frozen behind #3", "durable wait
- * (batch #9)", then "done 143us".
+ * visited in order (every state slice of the JSON, START left out), with what
+ * it found: "L2 lookup (hit @0x50000)", "L2 lookup (miss) > L2 load @0x50000"
+ * ("L2 load @0x50000 by #2" when another request's load was waited for, with
+ * an arrow from it), "cluster alloc @0x230000", "frozen behind #3", "next run
+ * (more)" or "(last)", "durable wait (batch #9)", then "done 143us".  A
+ * write-back batch: "WB collect (1 refcount block, 1 L2 table, 1 L1 range)"
+ * (the batch's writes per level), "WB L2 x1 @0x40000" (a level: its writes
+ * and the first offset), "WB sync (durable: L2 tables)" (what the level before
+ * it wrote, from its description in sm/states.def; the batch's first sync
+ * also "the data written before the batch").
  */
 #include <errno.h>
 #include <inttypes.h>

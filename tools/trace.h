@@ -10,8 +10,8 @@
  *    for requests in flight, dirty metadata and fdatasync calls.  The
  *    format and its guarantees are described in tools/trace.c.
  *  - one readable line per request (--trace-text FILE, "-" for stderr):
- *      #17 write 1M+64k: L1 lookup > L2 lookup (miss, load @0x50000) > ...
- *        > done 143us
+ *      #17 write 1M+64k: L1 lookup > L2 lookup (miss) > L2 load @0x50000 >
+ *        L2 lookup (hit @0x50000) > ... > next run (last) > done 143us
  * With neither, no hook is installed: tracing costs nothing.
  */
 #ifndef QSM_TOOLS_TRACE_H
