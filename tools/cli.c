@@ -17,6 +17,7 @@
  * Errors are 0 / negative errno; nothing here exits.
  */
 #include <errno.h>
+#include <getopt.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -26,15 +27,33 @@
 #include "sm/qsm.h"
 #include "tools/cli.h"
 
+/* The name messages start with: "qsm" until main() says otherwise. */
+static const char *progname = "qsm";
+
+void cli_set_progname(const char *name)
+{
+	progname = name;
+}
+
+const char *cli_progname(void)
+{
+	return progname;
+}
+
+bool cli_as_qemu(void)
+{
+	return !strncmp(progname, "qemu-", 5);
+}
+
 void cli_error(const char *prefix, const char *fmt, ...)
 {
 	va_list ap;
 
 	fflush(stdout);
-	if (prefix)
-		fprintf(stderr, "qsm %s: ", prefix);
+	if (cli_as_qemu() || !prefix)
+		fprintf(stderr, "%s: ", progname);
 	else
-		fprintf(stderr, "qsm: ");
+		fprintf(stderr, "qsm %s: ", prefix);
 	va_start(ap, fmt);
 	vfprintf(stderr, fmt, ap);
 	va_end(ap);
@@ -102,8 +121,8 @@ int cli_parse_size(const char *s, uint64_t *out)
 	mul = suffix_mul(*end);
 	if (mul) {
 		if (hex && mul > 1)
-			fprintf(stderr, "qsm: warning: Using a multiplier suffix on hex numbers "
-				"is deprecated: %s\n", s);
+			fprintf(stderr, "%s: warning: Using a multiplier suffix on hex numbers "
+				"is deprecated: %s\n", progname, s);
 		end++;
 	} else {
 		mul = 1;
@@ -404,8 +423,40 @@ const char *cli_image_arg(const char *cmd, int argc, char **argv, int optind, co
 {
 	if (optind != argc - 1) {
 		cli_error(cmd, "Expecting one image file name");
-		fprintf(stderr, "Try 'qsm %s --help' for more information\n", cmd);
+		cli_help_hint(cmd);
 		return NULL;
 	}
 	return cli_check_format(cmd, fmt, raw_ok) < 0 ? NULL : argv[optind];
+}
+
+void cli_help_hint(const char *cmd)
+{
+	if (cli_as_qemu())
+		fprintf(stderr, "Try '%s --help' for more information\n", progname);
+	else
+		fprintf(stderr, "Try 'qsm %s --help' for more information\n", cmd);
+}
+
+int cli_getopt_long(int argc, char **argv, const char *optstring, const struct option *lopt)
+{
+	char buf[128];
+	int c;
+
+	if (strcmp(progname, "qemu-img") != 0)
+		return getopt_long(argc, argv, optstring, lopt, NULL);
+	/* qemu-img's own messages: getopt quiet (leading ':'), the offending
+	 * word quoted whole. */
+	snprintf(buf, sizeof(buf), ":%s", optstring[0] == ':' ? optstring + 1 : optstring);
+	opterr = 0;
+	c = getopt_long(argc, argv, buf, lopt, NULL);
+	opterr = 1;
+	if (c == '?' || c == ':') {
+		/* argv[optind - 1], as qemu-img names it (inside a cluster such
+		 * as "-qx" that is the word before: qemu-img's quirk, kept). */
+		const char *word = optind > 0 && optind <= argc ? argv[optind - 1] : "";
+		cli_error(NULL, c == '?' ? "unrecognized option '%s'" : "missing argument for option '%s'",
+			  word);
+		return '?';
+	}
+	return c;
 }

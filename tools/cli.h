@@ -45,7 +45,26 @@ int cli_check_format(const char *cmd, const char *fmt, bool raw_ok);
 const char *cli_image_arg(const char *cmd, int argc, char **argv, int optind, const char *fmt,
 			  bool raw_ok);
 
-/* Print "qsm PREFIX: message\n" on stderr (prefix may be NULL). */
+/*
+ * The program's name in messages.  `qsm` is a multi-call binary (tools/qsm.c):
+ * run as qemu-io / qemu-img it names itself that way, as QEMU prefixes its
+ * own name.  cli_set_progname() is called once by main(); cli_as_qemu() is
+ * true when the name is one of QEMU's ("qemu-io", "qemu-img").
+ */
+void cli_set_progname(const char *name);
+const char *cli_progname(void);
+bool cli_as_qemu(void);
+/* "Try 'qsm CMD --help' for more information" (as qemu-img: "Try
+ * 'qemu-img --help' ..."), on stderr. */
+void cli_help_hint(const char *cmd);
+/* getopt_long() for the qemu-img subcommands: as qsm, glibc's messages; as
+ * qemu-img, qemu-img's ("unrecognized option '-x'", "missing argument for
+ * option '-f'") and '?' returned for both (the caller prints the hint). */
+struct option;
+int cli_getopt_long(int argc, char **argv, const char *optstring, const struct option *lopt);
+
+/* Print "qsm PREFIX: message\n" on stderr (prefix may be NULL: "qsm: ");
+ * run under a QEMU name, "qemu-img: message" whatever the prefix. */
 void cli_error(const char *prefix, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 

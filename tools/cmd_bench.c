@@ -346,7 +346,7 @@ int cmd_bench(int argc, char **argv)
 	uint64_t t0;
 
 	optind = 0;
-	while ((c = getopt_long(argc, argv, ":hc:d:f:ni:o:qs:S:t:wU", lopt, NULL)) != -1) {
+	while ((c = cli_getopt_long(argc, argv, ":hc:d:f:ni:o:qs:S:t:wU", lopt)) != -1) {
 		switch (c) {
 		case 'h':
 			bench_usage(stdout);
@@ -355,7 +355,10 @@ int cmd_bench(int argc, char **argv)
 			cli_error("bench", "option requires an argument -- '%s'", argv[optind - 1]);
 			return 1;
 		case '?':
-			bench_usage(stderr);
+			if (cli_as_qemu()) /* cli_getopt_long printed qemu-img's line */
+				cli_help_hint("bench");
+			else
+				bench_usage(stderr);
 			return 1;
 		case 'c':
 			if (parse_int(optarg, &count) < 0 || count < 0) {
@@ -453,6 +456,8 @@ int cmd_bench(int argc, char **argv)
 	}
 	if (optind != argc - 1) {
 		cli_error(NULL, "Expecting one image file name");
+		if (cli_as_qemu())
+			cli_help_hint("bench");
 		return 1;
 	}
 	filename = argv[optind];

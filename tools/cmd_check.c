@@ -154,7 +154,7 @@ int cmd_check(int argc, char **argv)
 	int c, r, ret;
 
 	optind = 0;
-	while ((c = getopt_long(argc, argv, "hf:r:qUT:", lopt, NULL)) != -1) {
+	while ((c = cli_getopt_long(argc, argv, "hf:r:qUT:", lopt)) != -1) {
 		switch (c) {
 		case 'h':
 			check_usage(stdout);
@@ -184,7 +184,7 @@ int cmd_check(int argc, char **argv)
 				return 1;
 			break;
 		default:
-			fprintf(stderr, "Try 'qsm check --help' for more information\n");
+			cli_help_hint("check");
 			return 1;
 		}
 	}

@@ -283,7 +283,7 @@ int cmd_compare(int argc, char **argv)
 
 	quiet = false;
 	optind = 0;
-	while ((c = getopt_long(argc, argv, "hf:F:T:pqsU", lopt, NULL)) != -1) {
+	while ((c = cli_getopt_long(argc, argv, "hf:F:T:pqsU", lopt)) != -1) {
 		switch (c) {
 		case 'h':
 			compare_usage(stdout);
@@ -312,7 +312,7 @@ int cmd_compare(int argc, char **argv)
 		case 'U':
 			break;
 		default:
-			fprintf(stderr, "Try 'qsm compare --help' for more information\n");
+			cli_help_hint("compare");
 			return 1;
 		}
 	}
@@ -320,7 +320,7 @@ int cmd_compare(int argc, char **argv)
 		progress = false;
 	if (optind != argc - 2) {
 		cli_error("compare", "Expecting two image file names");
-		fprintf(stderr, "Try 'qsm compare --help' for more information\n");
+		cli_help_hint("compare");
 		return 1;
 	}
 	a.name = argv[optind];

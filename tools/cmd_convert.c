@@ -422,7 +422,7 @@ int cmd_convert(int argc, char **argv)
 	int c, r, ret = 1, nslots = 0;
 
 	optind = 0;
-	while ((c = getopt_long(argc, argv, "hf:O:o:B:F:ct:T:m:pqUi:", lopt, NULL)) != -1) {
+	while ((c = cli_getopt_long(argc, argv, "hf:O:o:B:F:ct:T:m:pqUi:", lopt)) != -1) {
 		switch (c) {
 		case 'h':
 			convert_usage(stdout);
@@ -483,7 +483,7 @@ int cmd_convert(int argc, char **argv)
 			aio = optarg;
 			break;
 		default:
-			fprintf(stderr, "Try 'qsm convert --help' for more information\n");
+			cli_help_hint("convert");
 			goto out;
 		}
 	}

@@ -329,7 +329,7 @@ int cmd_create(int argc, char **argv)
 	int c, ret = 1;
 
 	optind = 0;
-	while ((c = getopt_long(argc, argv, "hf:o:b:F:uq", lopt, NULL)) != -1) {
+	while ((c = cli_getopt_long(argc, argv, "hf:o:b:F:uq", lopt)) != -1) {
 		switch (c) {
 		case 'h':
 			create_usage(stdout);
@@ -365,7 +365,7 @@ int cmd_create(int argc, char **argv)
 			quiet = true;
 			break;
 		default:
-			fprintf(stderr, "Try 'qsm create --help' for more information\n");
+			cli_help_hint("create");
 			goto out;
 		}
 	}
@@ -375,7 +375,7 @@ int cmd_create(int argc, char **argv)
 	}
 	if (optind >= argc) {
 		cli_error("create", "Expecting image file name");
-		fprintf(stderr, "Try 'qsm create --help' for more information\n");
+		cli_help_hint("create");
 		goto out;
 	}
 	file = argv[optind++];
@@ -397,7 +397,7 @@ int cmd_create(int argc, char **argv)
 	}
 	if (optind < argc) {
 		cli_error("create", "Unexpected argument: %s", argv[optind]);
-		fprintf(stderr, "Try 'qsm create --help' for more information\n");
+		cli_help_hint("create");
 		goto out;
 	}
 

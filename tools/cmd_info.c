@@ -215,7 +215,7 @@ int cmd_info(int argc, char **argv)
 	int c, r;
 
 	optind = 0;
-	while ((c = getopt_long(argc, argv, "hf:U", lopt, NULL)) != -1) {
+	while ((c = cli_getopt_long(argc, argv, "hf:U", lopt)) != -1) {
 		switch (c) {
 		case 'h':
 			info_usage(stdout);
@@ -233,7 +233,7 @@ int cmd_info(int argc, char **argv)
 			chain = true;
 			break;
 		default:
-			fprintf(stderr, "Try 'qsm info --help' for more information\n");
+			cli_help_hint("info");
 			return 1;
 		}
 	}

@@ -276,8 +276,8 @@ static int io_wait(struct io_ctx *io, int *ret)
 	while (*ret == NOT_DONE) {
 		int r = event_base_loop(io->base, EVLOOP_ONCE);
 		if (r < 0 || (r == 1 && *ret == NOT_DONE)) {
-			fprintf(stderr, "qsm io: event loop has nothing left to wait for, "
-					"but a request did not complete\n");
+			cli_error("io", "event loop has nothing left to wait for, "
+				  "but a request did not complete");
 			return -EIO;
 		}
 	}
@@ -289,7 +289,7 @@ static void io_drain(struct io_ctx *io)
 	while (io->inflight > 0) {
 		int r = event_base_loop(io->base, EVLOOP_ONCE);
 		if (r < 0 || (r == 1 && io->inflight > 0)) {
-			fprintf(stderr, "qsm io: %d aio request(s) never completed\n", io->inflight);
+			cli_error("io", "%d aio request(s) never completed", io->inflight);
 			return;
 		}
 	}
@@ -1060,7 +1060,7 @@ static int flush_f(struct io_ctx *io, int argc, char **argv)
 
 	/* qemu-io prints nothing on stdout here; say why on stderr. */
 	if (r < 0)
-		fprintf(stderr, "qsm io: flush failed: %s\n", strerror(-r));
+		cli_error("io", "flush failed: %s", strerror(-r));
 	return r;
 }
 
@@ -1125,7 +1125,7 @@ static int truncate_f(struct io_ctx *io, int argc, char **argv)
 		switch (c) {
 		case 'm':
 			if (strcmp(optarg, "off")) {
-				fprintf(stderr, "qsm io: Invalid preallocation mode '%s'\n", optarg);
+				cli_error("io", "Invalid preallocation mode '%s'", optarg);
 				return -EINVAL;
 			}
 			break;
@@ -1147,7 +1147,7 @@ static int truncate_f(struct io_ctx *io, int argc, char **argv)
 	char err[256];
 	if ((r = qsm_truncate(io->img, (uint64_t)offset, err, sizeof(err))) < 0) {
 		fflush(stdout);
-		fprintf(stderr, "qsm io: %s\n", err[0] ? err : strerror(-r));
+		cli_error("io", "%s", err[0] ? err : strerror(-r));
 		return r;
 	}
 	return 0;
@@ -1256,10 +1256,10 @@ static int map_f(struct io_ctx *io, int argc, char **argv)
 	while (bytes) {
 		int r = map_is_allocated(io, offset, bytes, &num);
 		if (r < 0) {
-			fprintf(stderr, "qsm io: Failed to get allocation status: %s\n", strerror(-r));
+			cli_error("io", "Failed to get allocation status: %s", strerror(-r));
 			return r;
 		} else if (!num) {
-			fprintf(stderr, "qsm io: Unexpected end of image\n");
+			cli_error("io", "Unexpected end of image");
 			return -EIO;
 		}
 		cli_cvtstr((double)num, s1, sizeof(s1));
@@ -1280,13 +1280,13 @@ static int io_open(struct io_ctx *io, const char *path, const struct qsm_open_op
 	int r;
 
 	if (io->img) {
-		fprintf(stderr, "qsm io: file open already, try 'help close'\n");
+		cli_error("io", "file open already, try 'help close'");
 		return -EBUSY;
 	}
 	r = qsm_open(io->base, path, oo, &io->img, err, sizeof(err));
 	if (r < 0) {
 		io->img = NULL;
-		fprintf(stderr, "qsm io: can't open device %s: %s\n", path,
+		cli_error("io", "can't open device %s: %s", path,
 			err[0] ? err : qsm_strerror(r));
 		return r;
 	}
@@ -1307,7 +1307,7 @@ static int io_close(struct io_ctx *io)
 	r = qsm_close(io->img);
 	io->img = NULL;
 	if (r < 0)
-		fprintf(stderr, "qsm io: closing %s: %s\n", io->path, qsm_strerror(r));
+		cli_error("io", "closing %s: %s", io->path, qsm_strerror(r));
 	return r;
 }
 
@@ -1322,7 +1322,7 @@ static int apply_open_opts(struct qsm_open_opts *oo, const char *s, bool *ro_giv
 		bool b = false;
 		if (!strcmp(k, "driver")) {
 			if (strcmp(v, "qcow2") && strcmp(v, "raw")) {
-				fprintf(stderr, "qsm io: Unknown driver '%s' (qsm opens qcow2 and raw)\n", v);
+				cli_error("io", "Unknown driver '%s' (qsm opens qcow2 and raw)", v);
 				r = -EINVAL;
 			} else {
 				oo->format = strcmp(v, "raw") ? "qcow2" : "raw";
@@ -1356,12 +1356,12 @@ static int apply_open_opts(struct qsm_open_opts *oo, const char *s, bool *ro_giv
 			else
 				oo->aio = !strcmp(v, "threads") ? "threads" : "io_uring";
 		} else {
-			fprintf(stderr, "qsm io: Block format 'qcow2' does not support the option '%s'\n", k);
+			cli_error("io", "Block format 'qcow2' does not support the option '%s'", k);
 			r = -EINVAL;
 			continue;
 		}
 		if (r == -EINVAL && strcmp(k, "driver"))
-			fprintf(stderr, "qsm io: Invalid value '%s' for option '%s'\n", v, k);
+			cli_error("io", "Invalid value '%s' for option '%s'", v, k);
 	}
 	cli_opts_free(&o);
 	return r;
@@ -1385,13 +1385,13 @@ static int open_f(struct io_ctx *io, int argc, char **argv)
 			break;
 		case 't':
 			if (qsm_cache_mode_parse(optarg, &oo.cache) < 0) {
-				fprintf(stderr, "qsm io: Invalid cache option: %s\n", optarg);
+				cli_error("io", "Invalid cache option: %s", optarg);
 				return -EINVAL;
 			}
 			break;
 		case 'i':
 			if (strcmp(optarg, "threads") && strcmp(optarg, "io_uring")) {
-				fprintf(stderr, "qsm io: Invalid aio option: %s\n", optarg);
+				cli_error("io", "Invalid aio option: %s", optarg);
 				return -EINVAL;
 			}
 			oo.aio = !strcmp(optarg, "threads") ? "threads" : "io_uring";
@@ -1430,7 +1430,7 @@ static int reopen_f(struct io_ctx *io, int argc, char **argv)
 		switch (c) {
 		case 'c':
 			if (qsm_cache_mode_parse(optarg, &oo.cache) < 0) {
-				fprintf(stderr, "qsm io: Invalid cache option: %s\n", optarg);
+				cli_error("io", "Invalid cache option: %s", optarg);
 				return -EINVAL;
 			}
 			has_cache = true;
@@ -1442,7 +1442,7 @@ static int reopen_f(struct io_ctx *io, int argc, char **argv)
 		case 'r':
 		case 'w':
 			if (has_rw) {
-				fprintf(stderr, "qsm io: Only one -r/-w option may be given\n");
+				cli_error("io", "Only one -r/-w option may be given");
 				return -EINVAL;
 			}
 			oo.read_only = c == 'r';
@@ -1458,7 +1458,7 @@ static int reopen_f(struct io_ctx *io, int argc, char **argv)
 		return -EINVAL;
 	}
 	if (ro_opt && has_rw) {
-		fprintf(stderr, "qsm io: Cannot set both -r/-w and 'read-only'\n");
+		cli_error("io", "Cannot set both -r/-w and 'read-only'");
 		return -EINVAL;
 	}
 	(void)has_cache;
@@ -1468,7 +1468,7 @@ static int reopen_f(struct io_ctx *io, int argc, char **argv)
 	io_close(io);
 	r = io_open(io, path, &oo);
 	if (r < 0 && io_open(io, path, &old) < 0)
-		fprintf(stderr, "qsm io: could not reopen %s with its old options either\n", path);
+		cli_error("io", "could not reopen %s with its old options either", path);
 	free(path);
 	return r < 0 ? -EINVAL : 0;
 }
@@ -1826,7 +1826,7 @@ static int io_command(struct io_ctx *io, const char *line)
 		}
 		if ((c->flags & CMD_WRITE) && io->oo.read_only) {
 			fflush(stdout);
-			fprintf(stderr, "qsm io: Block node is read-only\n");
+			cli_error("io", "Block node is read-only");
 			ret = -EPERM;
 			goto out;
 		}
@@ -1839,7 +1839,7 @@ static int io_command(struct io_ctx *io, const char *line)
 	    strcmp(qsm_image_error(io->img), io->last_err) != 0) {
 		snprintf(io->last_err, sizeof(io->last_err), "%s", qsm_image_error(io->img));
 		fflush(stdout);
-		fprintf(stderr, "qsm io: %s\n", io->last_err);
+		cli_error("io", "%s", io->last_err);
 	}
 out:
 	free(argv);
@@ -1850,8 +1850,10 @@ out:
 
 static void io_usage(FILE *f)
 {
+	const char *name = cli_as_qemu() ? cli_progname() : "qsm io";
+
 	fprintf(f,
-		"Usage: qsm io [OPTIONS]... [-c STRING]... [file]\n"
+		"Usage: %s [OPTIONS]... [-c STRING]... [file]\n"
 		"qsm disk exerciser: the qemu-io command language over libqsm\n"
 		"\n"
 		"  -c, --cmd STRING     execute command with its arguments\n"
@@ -1875,7 +1877,7 @@ static void io_usage(FILE *f)
 		"  -U, --force-share    force shared permissions (accepted, no effect)\n"
 		"  -h, --help           display this help and exit\n"
 		"\n"
-		"See 'qsm io -c help' for information on available commands.\n");
+		"See '%s -c help' for information on available commands.\n", name, name);
 }
 
 int cmd_io(int argc, char **argv)

@@ -128,7 +128,7 @@ int cmd_map(int argc, char **argv)
 	int c, r, ret = 1, nlayers = 0;
 
 	optind = 0;
-	while ((c = getopt_long(argc, argv, "hf:U", lopt, NULL)) != -1) {
+	while ((c = cli_getopt_long(argc, argv, "hf:U", lopt)) != -1) {
 		switch (c) {
 		case 'h':
 			map_usage(stdout);
@@ -161,7 +161,7 @@ int cmd_map(int argc, char **argv)
 			}
 			break;
 		default:
-			fprintf(stderr, "Try 'qsm map --help' for more information\n");
+			cli_help_hint("map");
 			return 1;
 		}
 	}

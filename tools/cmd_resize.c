@@ -65,14 +65,14 @@ int cmd_resize(int argc, char **argv)
 		}
 	if (argc < 3) {
 		cli_error("resize", "Not enough arguments");
-		fprintf(stderr, "Try 'qsm resize --help' for more information\n");
+		cli_help_hint("resize");
 		return 1;
 	}
 	/* The size is always last; remove it before getopt sees "-5M". */
 	size_arg = argv[--argc];
 
 	optind = 0;
-	while ((c = getopt_long(argc, argv, "hf:q", lopt, NULL)) != -1) {
+	while ((c = cli_getopt_long(argc, argv, "hf:q", lopt)) != -1) {
 		switch (c) {
 		case 'f':
 			fmt = optarg;
@@ -84,13 +84,13 @@ int cmd_resize(int argc, char **argv)
 			shrink = true;
 			break;
 		default:
-			fprintf(stderr, "Try 'qsm resize --help' for more information\n");
+			cli_help_hint("resize");
 			return 1;
 		}
 	}
 	if (optind != argc - 1) {
 		cli_error("resize", "Expecting image file name and size");
-		fprintf(stderr, "Try 'qsm resize --help' for more information\n");
+		cli_help_hint("resize");
 		return 1;
 	}
 	file = argv[optind];

@@ -8,6 +8,16 @@
  * `int cmd_<name>(int argc, char **argv)` (declared in cli.h), which gets
  * argv[0] == "<name>", parses its own options (and --help) and returns the
  * process exit status.  `qsm help CMD` runs `qsm CMD --help`.
+ *
+ * Multi-call (as BusyBox): the basename of argv[0] picks a personality.
+ *  - "qemu-io": the whole command line is `qsm io`'s, and every message
+ *    names the program "qemu-io" (cli_set_progname), as qemu-io does;
+ *  - "qemu-img": `qemu-img SUBCMD ...` runs the subcommands qsm has
+ *    (qemu_img_cmds[]) with qemu-img's prefixes; the ones qsm lacks, and
+ *    unknown words, get qemu-img's own "Command not found: X";
+ *  - "qemu-nbd": refused (qsm has no NBD export yet), exit status 1;
+ *  - anything else is `qsm`, whose subcommands keep the names "qsm CMD".
+ * Install with `ln -s qsm qemu-io` (README.md).
  */
 #include <stdio.h>
 #include <string.h>
@@ -32,6 +42,50 @@ static const struct cli_cmd cmds[] = {
 	{ "fuzz",   cmd_fuzz,   "fuzz request orderings, crashes and faults on a simulated disk" },
 };
 
+static const struct cli_cmd *find_cmd(const char *name);
+
+/* What qemu-img's command table has that qsm also has: the same code as
+ * `qsm NAME` (argv[0] stays NAME, messages say "qemu-img"). */
+static const char *const qemu_img_cmds[] = {
+	"create", "info", "check", "map", "compare", "convert", "resize", "bench",
+};
+
+static int run_as_qemu_img(int argc, char **argv)
+{
+	const char *word;
+
+	cli_set_progname("qemu-img");
+	if (argc < 2) {
+		cli_error(NULL, "Not enough arguments");
+		cli_help_hint(NULL);
+		return 1;
+	}
+	word = argv[1];
+	if (!strcmp(word, "--version") || !strcmp(word, "-V")) {
+		printf("qemu-img version %s (qsm)\n", QSM_VERSION_STRING);
+		return 0;
+	}
+	if (!strcmp(word, "--help") || !strcmp(word, "-h")) {
+		printf("usage: qemu-img command [command options]\n"
+		       "qsm as qemu-img: the subcommands qsm has\n"
+		       "\n"
+		       "Command syntax: see 'qsm COMMAND --help' for each of:\n");
+		for (size_t i = 0; i < sizeof(qemu_img_cmds) / sizeof(qemu_img_cmds[0]); i++)
+			printf("  %s\n", qemu_img_cmds[i]);
+		return 0;
+	}
+	for (size_t i = 0; i < sizeof(qemu_img_cmds) / sizeof(qemu_img_cmds[0]); i++) {
+		const struct cli_cmd *c = find_cmd(qemu_img_cmds[i]);
+		if (c && !strcmp(word, c->name))
+			return c->fn(argc - 1, argv + 1);
+	}
+	/* qemu-img's words for a command it does not have; snapshot, rebase,
+	 * amend, commit, dd, measure and bitmap land here too. */
+	cli_error(NULL, "Command not found: %s", word);
+	cli_help_hint(NULL);
+	return 1;
+}
+
 static void usage(FILE *f)
 {
 	fprintf(f, "Usage: qsm COMMAND [OPTIONS]... [ARGS]...\n"
@@ -55,7 +109,20 @@ static const struct cli_cmd *find_cmd(const char *name)
 int main(int argc, char **argv)
 {
 	const struct cli_cmd *c;
+	const char *base = argc > 0 ? strrchr(argv[0], '/') : NULL;
 
+	base = base ? base + 1 : argc > 0 ? argv[0] : "qsm";
+	if (!strcmp(base, "qemu-io")) {
+		cli_set_progname("qemu-io");
+		return cmd_io(argc, argv);
+	}
+	if (!strcmp(base, "qemu-img"))
+		return run_as_qemu_img(argc, argv);
+	if (!strcmp(base, "qemu-nbd")) {
+		cli_set_progname("qemu-nbd");
+		cli_error(NULL, "qsm has no NBD export yet: qemu-nbd is not available");
+		return 1;
+	}
 	if (argc < 2) {
 		usage(stderr);
 		return 1;
