@@ -272,8 +272,28 @@ int cli_opts_parse(struct cli_opts *o, const char *s)
 		o->v = nv;
 		o->v[o->n].key = key;
 		o->v[o->n].val = val;
+		o->v[o->n].null = false;
 		o->n++;
 	}
+	return 0;
+}
+
+int cli_opts_add(struct cli_opts *o, const char *key, const char *val, bool null)
+{
+	struct cli_opt *nv = realloc(o->v, (size_t)(o->n + 1) * sizeof(*nv));
+	char *k, *v;
+
+	if (!nv)
+		return -ENOMEM;
+	o->v = nv;
+	k = strdup(key);
+	v = strdup(val);
+	if (!k || !v) {
+		free(k);
+		free(v);
+		return -ENOMEM;
+	}
+	o->v[o->n++] = (struct cli_opt){ k, v, null };
 	return 0;
 }
 

@@ -89,6 +89,7 @@ void cli_cvtstr(double v, char *buf, size_t len);
  * key=on).  Repeated -o options append; the last value of a key wins. */
 struct cli_opt {
 	char *key, *val;
+	bool null;  /* JSON null (tools/json.h); val is "" then */
 };
 struct cli_opts {
 	struct cli_opt *v;
@@ -96,6 +97,8 @@ struct cli_opts {
 };
 int cli_opts_parse(struct cli_opts *o, const char *s);
 const char *cli_opts_get(const struct cli_opts *o, const char *key);
+/* Append key=val (copied).  0 or -ENOMEM. */
+int cli_opts_add(struct cli_opts *o, const char *key, const char *val, bool null);
 void cli_opts_free(struct cli_opts *o);
 
 /* Options of a new qcow2 image (-o of qsm create and qsm convert), as

@@ -170,6 +170,8 @@ int cmd_check(int argc, char **argv)
 			} else {
 				cli_error("check", "Unknown option value for -r (expecting 'leaks' or "
 					  "'all'): %s", optarg);
+				if (cli_as_qemu())
+					cli_help_hint("check");
 				return 1;
 			}
 			break;
@@ -198,7 +200,10 @@ int cmd_check(int argc, char **argv)
 	}
 	r = qsm_io_open_path(base, file, fix ? 0 : QSM_IO_RDONLY, NULL, &io);
 	if (r < 0) {
-		cli_error("check", "Could not open '%s': %s", file, strerror(-r));
+		/* qemu-img names the file twice: the format layer's message
+		 * wraps the protocol's "Could not open 'F': why". */
+		cli_error("check", "Could not open '%s': Could not open '%s': %s", file, file,
+			  strerror(-r));
 		event_base_free(base);
 		return 1;
 	}

@@ -51,6 +51,7 @@
 #include "io/util.h"
 #include "sm/qsm.h"
 #include "tools/cli.h"
+#include "tools/json.h"
 #include "tools/trace.h"
 
 #define IO_PROMPT "qemu-io> "
@@ -1274,27 +1275,327 @@ static int map_f(struct io_ctx *io, int argc, char **argv)
 
 /* --- open, close, reopen --------------------------------------------------- */
 
-static int io_open(struct io_ctx *io, const char *path, const struct qsm_open_opts *oo)
+/*
+ * Open options, as qemu-io takes them from `open -o`, `reopen -o`,
+ * `--image-opts` and json: names.  What each key does here:
+ *  - honoured: driver (qcow2, raw), file / file.filename / file.driver
+ *    (file, host_device, host_cdrom: qsm's file backend), read-only,
+ *    backing (JSON null = no backing file; a string names a node, which
+ *    qsm has not: QEMU's error), backing.driver, cache.direct,
+ *    cache.no-flush, aio / file.aio, l2-cache-size and cache-size (both
+ *    size the engine's L2 cache: qsm_open_opts.l2_cache_size), node-name
+ *    (a name only: qsm has no node graph);
+ *  - checked with QEMU's rules and wording, then ignored because they only
+ *    tune memory or host allocation, never what any read returns or what
+ *    the image file holds: refcount-cache-size (the engine sizes its
+ *    refcount cache itself), l2-cache-entry-size (the engine caches whole
+ *    L2 tables), cache-clean-interval (the engine never drops clean cache
+ *    entries on a timer), discard=unmap|on (would punch holes in the file
+ *    for freed clusters: host allocation only; qsm never does for qcow2);
+ *  - accepted only where they ask for what qsm does anyway, refused by name
+ *    otherwise: lazy-refcounts (must match the image header: the engine
+ *    takes the mode from it), detect-zeroes (off only: on/unmap would turn
+ *    zero writes into zero clusters, a different image).
+ * Anything else is "Block format 'qcow2' does not support the option" (as
+ * QEMU for names it does not know) or, for QEMU options qsm lacks, "qsm
+ * does not support the option".
+ */
+struct open_req {
+	const char *path;        /* file.filename, NULL: the name given */
+	bool ro_on;              /* read-only=on was asked */
+	bool ro_given;
+	int lazy;                /* lazy-refcounts: -1 not given, else 0/1 */
+	uint64_t entry_size;     /* l2-cache-entry-size, 0: not given */
+	bool no_backing_null;    /* "backing": null */
+};
+
+static const char *const qemu_drivers[] = {
+	"vmdk", "vdi", "vhdx", "vpc", "qed", "parallels", "bochs", "cloop", "dmg", "luks",
+	"nbd", "blkdebug", "blkverify", "blklogwrites", "null-co", "null-aio", "throttle",
+	"quorum", "copy-on-read", "compress", "preallocate", "nvme", "iscsi", "rbd", "ssh",
+	"http", "https", "ftp", "ftps", "replication", "snapshot-access", "copy-before-write",
+	"vvfat", "gluster", "nfs",
+};
+
+/* QEMU's qcow2 and file options that qsm does not implement. */
+static const char *const qemu_known_opts[] = {
+	"auto-read-only", "force-share", "detect-zeroes", "pass-discard-request",
+	"pass-discard-snapshot", "pass-discard-other", "overlap-check", "encrypt",
+	"data-file", "file.locking", "file.pr-manager", "file.aio-max-batch",
+	"file.drop-cache", "file.x-check-cache-dropped", "cache.writeback",
+};
+
+static bool in_list(const char *const *l, size_t n, const char *s)
 {
+	for (size_t i = 0; i < n; i++)
+		if (!strcmp(l[i], s) || (strchr(l[i], '.') == NULL && !strncmp(s, l[i], strlen(l[i])) &&
+					 s[strlen(l[i])] == '.'))
+			return true;
+	return false;
+}
+
+#define ERR(...) (snprintf(err, errlen, __VA_ARGS__), -EINVAL)
+
+static int opt_driver(const char *v, const char **fmt, char *err, size_t errlen, bool file)
+{
+	if (file ? !strcmp(v, "file") || !strcmp(v, "host_device") || !strcmp(v, "host_cdrom")
+		 : !strcmp(v, "qcow2") || !strcmp(v, "raw")) {
+		if (fmt)
+			*fmt = strcmp(v, "raw") ? "qcow2" : "raw";
+		return 0;
+	}
+	if (in_list(qemu_drivers, sizeof(qemu_drivers) / sizeof(qemu_drivers[0]), v) ||
+	    (!file && !strcmp(v, "file")) || (file && (!strcmp(v, "qcow2") || !strcmp(v, "raw"))))
+		return ERR("Driver '%s' is not supported by qsm here (it opens %s)", v,
+			   file ? "files: file, host_device, host_cdrom" : "qcow2 and raw over a file");
+	return ERR("Unknown driver '%s'", v);
+}
+
+static int opt_size(const char *k, const char *v, uint64_t *out, char *err, size_t errlen)
+{
+	if (cli_parse_size(v, out) < 0)
+		return ERR("Parameter '%s' expects a non-negative number below 2^64\n"
+			   "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+			   "and exabytes, respectively.", k);
+	return 0;
+}
+
+static int opt_bool(const char *k, const char *v, bool *out, char *err, size_t errlen)
+{
+	if (cli_parse_bool(v, out) < 0)
+		return ERR("Parameter '%s' expects 'on' or 'off'", k);
+	return 0;
+}
+
+/* Apply the option list o to oo and req.  0, or -EINVAL with QEMU's text
+ * (no program prefix) in err. */
+static int apply_open_opts(struct qsm_open_opts *oo, const struct cli_opts *o,
+			   struct open_req *req, char *err, size_t errlen)
+{
+	uint64_t l2 = 0, rc = 0, cs = 0;
+	bool l2_set = false, rc_set = false, cs_set = false;
+	const char *v;
+	bool b;
+	int r = 0;
+
+	/* The driver first: the "does not support" message names it. */
+	if ((v = cli_opts_get(o, "driver")) && (r = opt_driver(v, &oo->format, err, errlen, false)))
+		return r;
+	for (int i = 0; i < o->n; i++) {
+		const char *k = o->v[i].key;
+		v = o->v[i].val;
+		if (o->v[i].null && strcmp(k, "backing"))
+			continue; /* QEMU drops a JSON null it has no use for */
+		if (!strcmp(k, "driver")) {
+			continue;
+		} else if (!strcmp(k, "file.driver")) {
+			r = opt_driver(v, NULL, err, errlen, true);
+		} else if (!strcmp(k, "file.filename")) {
+			req->path = v;
+		} else if (!strcmp(k, "file")) {
+			r = ERR("Cannot find device='%s' nor node-name='%s'", v, v);
+		} else if (!strcmp(k, "backing")) {
+			if (o->v[i].null) {
+				req->no_backing_null = true;
+				oo->no_backing = true;
+			} else {
+				r = ERR("Could not open backing file: Cannot find device='%s' nor "
+					"node-name='%s'", v, v);
+			}
+		} else if (!strcmp(k, "read-only")) {
+			if (!(r = opt_bool(k, v, &b, err, errlen))) {
+				req->ro_on = b;
+				req->ro_given = true;
+			}
+		} else if (!strcmp(k, "node-name")) {
+			continue;
+		} else if (!strcmp(k, "cache.direct")) {
+			if (!(r = opt_bool(k, v, &b, err, errlen))) {
+				bool sync = oo->cache == QSM_CACHE_WRITETHROUGH ||
+					    oo->cache == QSM_CACHE_DIRECTSYNC;
+				oo->cache = b ? (sync ? QSM_CACHE_DIRECTSYNC : QSM_CACHE_NONE)
+					      : (sync ? QSM_CACHE_WRITETHROUGH : QSM_CACHE_WRITEBACK);
+			}
+		} else if (!strcmp(k, "cache.no-flush")) {
+			if (!(r = opt_bool(k, v, &b, err, errlen)) && b)
+				oo->cache = QSM_CACHE_UNSAFE;
+		} else if (!strcmp(k, "backing.driver")) {
+			if (strcmp(v, "qcow2") && strcmp(v, "raw"))
+				r = opt_driver(v, NULL, err, errlen, false);
+			else
+				oo->backing_format = strcmp(v, "raw") ? "qcow2" : "raw";
+		} else if (!strcmp(k, "aio") || !strcmp(k, "file.aio")) {
+			if (strcmp(v, "threads") && strcmp(v, "io_uring"))
+				r = ERR("Parameter 'aio' does not accept value '%s'", v);
+			else
+				oo->aio = !strcmp(v, "threads") ? "threads" : "io_uring";
+		} else if (!strcmp(oo->format ? oo->format : "qcow2", "raw")) {
+			r = ERR("Block format 'raw' does not support the option '%s'", k);
+		} else if (!strcmp(k, "l2-cache-size")) {
+			r = opt_size(k, v, &l2, err, errlen);
+			l2_set = true;
+		} else if (!strcmp(k, "refcount-cache-size")) {
+			r = opt_size(k, v, &rc, err, errlen);
+			rc_set = true;
+		} else if (!strcmp(k, "cache-size")) {
+			r = opt_size(k, v, &cs, err, errlen);
+			cs_set = true;
+		} else if (!strcmp(k, "l2-cache-entry-size")) {
+			r = opt_size(k, v, &req->entry_size, err, errlen);
+			if (!r && req->entry_size == 0)
+				req->entry_size = 1; /* checked once the cluster size is known */
+		} else if (!strcmp(k, "cache-clean-interval")) {
+			char *e;
+			errno = 0;
+			unsigned long long n = strtoull(v, &e, 0);
+			if (!*v || *e || errno)
+				r = ERR("Parameter '%s' expects a number", k);
+			else if (n > UINT_MAX)
+				r = ERR("Cache clean interval too big");
+		} else if (!strcmp(k, "lazy-refcounts")) {
+			if (!(r = opt_bool(k, v, &b, err, errlen)))
+				req->lazy = b;
+		} else if (!strcmp(k, "discard")) {
+			if (strcmp(v, "ignore") && strcmp(v, "off") && strcmp(v, "unmap") && strcmp(v, "on"))
+				r = ERR("Invalid discard option");
+		} else if (!strcmp(k, "detect-zeroes")) {
+			if (strcmp(v, "off") && strcmp(v, "on") && strcmp(v, "unmap"))
+				r = ERR("invalid parameter value: %s", v);
+			else if (strcmp(v, "off"))
+				r = ERR("detect-zeroes=%s is not supported by qsm (only off)", v);
+		} else if (in_list(qemu_known_opts, sizeof(qemu_known_opts) / sizeof(qemu_known_opts[0]), k)) {
+			r = ERR("qsm does not support the option '%s'", k);
+		} else if (!strncmp(k, "file.", 5)) {
+			r = ERR("Block protocol 'file' doesn't support the option '%s'", k + 5);
+		} else {
+			r = ERR("Block format 'qcow2' does not support the option '%s'", k);
+		}
+		if (r)
+			return r;
+	}
+	/* QEMU's read_cache_sizes(): the combined size splits between the two
+	 * caches; only the L2 share reaches the engine. */
+	if (cs_set) {
+		if (l2_set && rc_set)
+			return ERR("cache-size, l2-cache-size and refcount-cache-size may not be set "
+				   "at the same time");
+		if (l2_set && l2 > cs)
+			return ERR("l2-cache-size may not exceed cache-size");
+		if (rc > cs)
+			return ERR("refcount-cache-size may not exceed cache-size");
+		if (!l2_set)
+			l2 = cs - rc;
+		l2_set = true;
+	}
+	if (l2 > INT_MAX)
+		return ERR("L2 cache size too big");
+	if (rc > INT_MAX)
+		return ERR("Refcount cache size too big");
+	if (l2_set)
+		oo->l2_cache_size = l2 ? l2 : 1; /* 0 would mean "the default": the smallest instead */
+	return 0;
+}
+
+/* Checks QEMU makes once the header is read.  0 or -EINVAL with err. */
+static int check_open_req(struct qsm_image *img, const struct open_req *req, char *err,
+			  size_t errlen)
+{
+	struct qsm_info info;
+
+	qsm_get_info(img, &info);
+	if (strcmp(info.format, "qcow2"))
+		return 0;
+	if (req->entry_size && (req->entry_size < 512 || req->entry_size > info.cluster_size ||
+				(req->entry_size & (req->entry_size - 1))))
+		return ERR("L2 cache entry size must be a power of two between 512 and the cluster "
+			   "size (%" PRIu64 ")", info.cluster_size);
+	if (req->lazy == 1 && info.version < 3)
+		return ERR("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+			   "compatibility level");
+	if (req->lazy >= 0 && req->lazy != info.lazy_refcounts)
+		return ERR("lazy-refcounts=%s is not supported by qsm on this image (the image "
+			   "header says %s; change it with qemu-img amend)",
+			   req->lazy ? "on" : "off", info.lazy_refcounts ? "on" : "off");
+	return 0;
+}
+
+#undef ERR
+
+/*
+ * Open `name` (a file name, a json:{...} name, or NULL when the options
+ * name the file) with the options o (may be NULL) on top of *base.
+ * at_open: an open (qemu-io's open or its command line), where
+ * read-only=on without -r is QEMU's "Block node is read-only"; a reopen
+ * takes it as the new mode.  Errors are printed as qemu-io does:
+ * "can't open device NAME: why" ("can't open: why" without a name).
+ */
+static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_opts *o,
+			const struct qsm_open_opts *base, bool at_open)
+{
+	struct qsm_open_opts oo = *base;
+	struct open_req req = { .lazy = -1 };
+	struct cli_opts all = { 0 };
 	char err[512] = "";
-	int r;
+	const char *path;
+	int r = 0;
 
 	if (io->img) {
 		cli_error("io", "file open already, try 'help close'");
 		return -EBUSY;
 	}
-	r = qsm_open(io->base, path, oo, &io->img, err, sizeof(err));
+	if (name && !strncmp(name, "json:", 5))
+		r = cli_json_parse(name + 5, &all, err, sizeof(err));
+	for (int i = 0; r == 0 && o && i < o->n; i++)
+		r = cli_opts_add(&all, o->v[i].key, o->v[i].val, o->v[i].null);
+	if (r == 0)
+		r = apply_open_opts(&oo, &all, &req, err, sizeof(err));
+	path = req.path ? req.path : name && strncmp(name, "json:", 5) ? name : NULL;
+	if (r == 0 && !path)
+		r = -EINVAL, snprintf(err, sizeof(err), "Must specify either driver or file");
+	if (r == 0 && req.ro_given) {
+		if (at_open && req.ro_on && !oo.read_only)
+			r = -EPERM, snprintf(err, sizeof(err), "Block node is read-only");
+		else if (!at_open)
+			oo.read_only = req.ro_on;
+	}
+	if (r == 0 && req.no_backing_null && !oo.read_only)
+		r = -ENOTSUP, snprintf(err, sizeof(err), "\"backing\": null is supported by qsm "
+				       "read-only only (-r)");
+	if (r == 0) {
+		r = qsm_open(io->base, path, &oo, &io->img, err, sizeof(err));
+		if (r < 0) {
+			io->img = NULL;
+			if (!err[0])
+				snprintf(err, sizeof(err), "%s", qsm_strerror(r));
+		} else if ((r = check_open_req(io->img, &req, err, sizeof(err))) < 0) {
+			qsm_close(io->img);
+			io->img = NULL;
+		}
+	}
 	if (r < 0) {
-		io->img = NULL;
-		cli_error("io", "can't open device %s: %s", path,
-			err[0] ? err : qsm_strerror(r));
+		if (name)
+			cli_error("io", "can't open device %s: %s", name, err);
+		else
+			cli_error("io", "can't open: %s", err);
+		cli_opts_free(&all);
 		return r;
 	}
 	free(io->path);
 	io->path = strdup(path);
-	io->oo = *oo;
+	io->oo = oo;
+	/* A reopen must find the same file again: keep the resolved options. */
+	io->oo.format = oo.format && !strcmp(oo.format, "raw") ? "raw" : "qcow2";
+	io->oo.backing_format = oo.backing_format && !strcmp(oo.backing_format, "raw") ? "raw"
+			      : oo.backing_format ? "qcow2" : NULL;
+	io->oo.aio = oo.aio;
+	cli_opts_free(&all);
 	qsm_tracer_attach(io->tracer, io->img);
 	return 0;
+}
+
+static int io_open(struct io_ctx *io, const char *path, const struct qsm_open_opts *oo)
+{
+	return io_open_spec(io, path, NULL, oo, true);
 }
 
 static int io_close(struct io_ctx *io)
@@ -1311,67 +1612,12 @@ static int io_close(struct io_ctx *io)
 	return r;
 }
 
-/* Apply qemu-style block options ("read-only=on,cache.direct=on,..."). */
-static int apply_open_opts(struct qsm_open_opts *oo, const char *s, bool *ro_given)
-{
-	struct cli_opts o = { 0 };
-	int r = cli_opts_parse(&o, s);
-
-	for (int i = 0; r == 0 && i < o.n; i++) {
-		const char *k = o.v[i].key, *v = o.v[i].val;
-		bool b = false;
-		if (!strcmp(k, "driver")) {
-			if (strcmp(v, "qcow2") && strcmp(v, "raw")) {
-				cli_error("io", "Unknown driver '%s' (qsm opens qcow2 and raw)", v);
-				r = -EINVAL;
-			} else {
-				oo->format = strcmp(v, "raw") ? "qcow2" : "raw";
-			}
-		} else if (!strcmp(k, "read-only")) {
-			if ((r = cli_parse_bool(v, &b)) == 0) {
-				oo->read_only = b;
-				if (ro_given)
-					*ro_given = true;
-			}
-		} else if (!strcmp(k, "cache.direct")) {
-			if ((r = cli_parse_bool(v, &b)) == 0) {
-				bool sync = oo->cache == QSM_CACHE_WRITETHROUGH ||
-					    oo->cache == QSM_CACHE_DIRECTSYNC;
-				oo->cache = b ? (sync ? QSM_CACHE_DIRECTSYNC : QSM_CACHE_NONE)
-					      : (sync ? QSM_CACHE_WRITETHROUGH : QSM_CACHE_WRITEBACK);
-			}
-		} else if (!strcmp(k, "cache.no-flush")) {
-			if ((r = cli_parse_bool(v, &b)) == 0 && b)
-				oo->cache = QSM_CACHE_UNSAFE;
-		} else if (!strcmp(k, "backing.driver")) {
-			if (strcmp(v, "qcow2") && strcmp(v, "raw"))
-				r = -EINVAL;
-			else
-				oo->backing_format = strcmp(v, "raw") ? "qcow2" : "raw";
-		} else if (!strcmp(k, "l2-cache-size")) {
-			r = cli_parse_size(v, &oo->l2_cache_size);
-		} else if (!strcmp(k, "aio")) {
-			if (strcmp(v, "threads") && strcmp(v, "io_uring"))
-				r = -EINVAL;
-			else
-				oo->aio = !strcmp(v, "threads") ? "threads" : "io_uring";
-		} else {
-			cli_error("io", "Block format 'qcow2' does not support the option '%s'", k);
-			r = -EINVAL;
-			continue;
-		}
-		if (r == -EINVAL && strcmp(k, "driver"))
-			cli_error("io", "Invalid value '%s' for option '%s'", v, k);
-	}
-	cli_opts_free(&o);
-	return r;
-}
-
 static int open_f(struct io_ctx *io, int argc, char **argv)
 {
 	const struct io_cmd *self = find_cmd("open");
 	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITETHROUGH };
-	int c;
+	struct cli_opts o = { 0 };
+	int c, r;
 
 	while ((c = getopt(argc, argv, "rnUo:t:i:")) != -1) {
 		switch (c) {
@@ -1386,30 +1632,39 @@ static int open_f(struct io_ctx *io, int argc, char **argv)
 		case 't':
 			if (qsm_cache_mode_parse(optarg, &oo.cache) < 0) {
 				cli_error("io", "Invalid cache option: %s", optarg);
+				cli_opts_free(&o);
 				return -EINVAL;
 			}
 			break;
 		case 'i':
 			if (strcmp(optarg, "threads") && strcmp(optarg, "io_uring")) {
 				cli_error("io", "Invalid aio option: %s", optarg);
+				cli_opts_free(&o);
 				return -EINVAL;
 			}
 			oo.aio = !strcmp(optarg, "threads") ? "threads" : "io_uring";
 			break;
 		case 'o':
-			if (apply_open_opts(&oo, optarg, NULL) < 0)
-				return -EINVAL;
+			if (cli_opts_parse(&o, optarg) < 0) {
+				cli_opts_free(&o);
+				return -ENOMEM;
+			}
 			break;
 		default:
 			usage_line(self);
+			cli_opts_free(&o);
 			return -EINVAL;
 		}
 	}
-	if (optind != argc - 1) {
+	/* As qemu-io: the file name may be left to the options (file.filename). */
+	if (optind != argc - 1 && optind != argc) {
 		usage_line(self);
+		cli_opts_free(&o);
 		return -EINVAL;
 	}
-	return io_open(io, argv[optind], &oo) < 0 ? -EINVAL : 0;
+	r = io_open_spec(io, optind < argc ? argv[optind] : NULL, &o, &oo, true);
+	cli_opts_free(&o);
+	return r < 0 ? -EINVAL : 0;
 }
 
 static int close_f(struct io_ctx *io, int argc, char **argv)
@@ -1423,6 +1678,7 @@ static int reopen_f(struct io_ctx *io, int argc, char **argv)
 {
 	const struct io_cmd *self = find_cmd("reopen");
 	struct qsm_open_opts oo = io->oo, old = io->oo;
+	struct cli_opts o = { 0 };
 	bool has_rw = false, has_cache = false, ro_opt = false;
 	int c, r;
 
@@ -1431,18 +1687,23 @@ static int reopen_f(struct io_ctx *io, int argc, char **argv)
 		case 'c':
 			if (qsm_cache_mode_parse(optarg, &oo.cache) < 0) {
 				cli_error("io", "Invalid cache option: %s", optarg);
+				cli_opts_free(&o);
 				return -EINVAL;
 			}
 			has_cache = true;
 			break;
 		case 'o':
-			if (apply_open_opts(&oo, optarg, &ro_opt) < 0)
-				return -EINVAL;
+			if (cli_opts_parse(&o, optarg) < 0) {
+				cli_opts_free(&o);
+				return -ENOMEM;
+			}
+			ro_opt = cli_opts_get(&o, "read-only") != NULL;
 			break;
 		case 'r':
 		case 'w':
 			if (has_rw) {
 				cli_error("io", "Only one -r/-w option may be given");
+				cli_opts_free(&o);
 				return -EINVAL;
 			}
 			oo.read_only = c == 'r';
@@ -1450,26 +1711,32 @@ static int reopen_f(struct io_ctx *io, int argc, char **argv)
 			break;
 		default:
 			usage_line(self);
+			cli_opts_free(&o);
 			return -EINVAL;
 		}
 	}
 	if (optind != argc) {
 		usage_line(self);
+		cli_opts_free(&o);
 		return -EINVAL;
 	}
 	if (ro_opt && has_rw) {
 		cli_error("io", "Cannot set both -r/-w and 'read-only'");
+		cli_opts_free(&o);
 		return -EINVAL;
 	}
 	(void)has_cache;
 	char *path = strdup(io->path);
-	if (!path)
+	if (!path) {
+		cli_opts_free(&o);
 		return -ENOMEM;
+	}
 	io_close(io);
-	r = io_open(io, path, &oo);
+	r = io_open_spec(io, path, &o, &oo, false);
 	if (r < 0 && io_open(io, path, &old) < 0)
 		cli_error("io", "could not reopen %s with its old options either", path);
 	free(path);
+	cli_opts_free(&o);
 	return r < 0 ? -EINVAL : 0;
 }
 
@@ -1872,6 +2139,7 @@ static void io_usage(FILE *f)
 		"                       ('-': standard error)\n"
 		"      --backing-format FMT  format of the backing file (qcow2 or raw) when\n"
 		"                       the image does not record it (qsm never probes)\n"
+		"      --image-opts     treat file as option string\n"
 		"      --no-backing     do not open the backing file (with -r only): the\n"
 		"                       unallocated clusters read as zeros (qsm only)\n"
 		"  -U, --force-share    force shared permissions (accepted, no effect)\n"
@@ -1882,7 +2150,7 @@ static void io_usage(FILE *f)
 
 int cmd_io(int argc, char **argv)
 {
-	enum { OPT_BACKING_FORMAT = 256, OPT_NO_BACKING, OPT_TRACE_TEXT };
+	enum { OPT_BACKING_FORMAT = 256, OPT_NO_BACKING, OPT_TRACE_TEXT, OPT_IMAGE_OPTS };
 	static const struct option lopt[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ "cmd", required_argument, NULL, 'c' },
@@ -1897,11 +2165,14 @@ int cmd_io(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ "backing-format", required_argument, NULL, OPT_BACKING_FORMAT },
 		{ "no-backing", no_argument, NULL, OPT_NO_BACKING },
+		{ "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct io_ctx io = { 0 };
 	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITETHROUGH };
-	const char *fmt = "qcow2", *trace_path = NULL, *trace_text = NULL;
+	const char *fmt = NULL, *trace_path = NULL, *trace_text = NULL;
+	struct cli_opts opts = { 0 };
+	bool image_opts = false;
 	char **cmds = NULL;
 	int ncmds = 0, c, failed = 0;
 
@@ -1963,6 +2234,9 @@ int cmd_io(int argc, char **argv)
 		case OPT_NO_BACKING:
 			oo.no_backing = true;
 			break;
+		case OPT_IMAGE_OPTS:
+			image_opts = true;
+			break;
 		default:
 			io_usage(stderr);
 			free(cmds);
@@ -1974,12 +2248,20 @@ int cmd_io(int argc, char **argv)
 		free(cmds);
 		return 1;
 	}
-	if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
-		cli_error("io", "Unknown driver '%s' (qsm opens qcow2 and raw)", fmt);
+	if (image_opts && fmt) {
+		cli_error("io", "--image-opts and -f are mutually exclusive");
 		free(cmds);
 		return 1;
 	}
-	oo.format = fmt;
+	/* As qemu-io: -f FMT is the option driver=FMT of the open, so a bad
+	 * name is the open's error ("can't open device F: Unknown driver"). */
+	if ((fmt && cli_opts_add(&opts, "driver", fmt, false) < 0) ||
+	    (image_opts && argc - optind == 1 && cli_opts_parse(&opts, argv[optind]) < 0)) {
+		cli_opts_free(&opts);
+		free(cmds);
+		return 1;
+	}
+	oo.format = "qcow2";
 	io.oo = oo;
 	io.base = event_base_new();
 	if (!io.base) {
@@ -1992,7 +2274,8 @@ int cmd_io(int argc, char **argv)
 		failed = 1;
 		goto out;
 	}
-	if (argc - optind == 1 && io_open(&io, argv[optind], &oo) < 0) {
+	if (argc - optind == 1 &&
+	    io_open_spec(&io, image_opts ? NULL : argv[optind], &opts, &oo, true) < 0) {
 		failed = 1;
 		goto out;
 	}
@@ -2024,6 +2307,7 @@ int cmd_io(int argc, char **argv)
 out:
 	if (qsm_tracer_close(io.tracer) < 0)
 		failed = 1;
+	cli_opts_free(&opts);
 	free(io.path);
 	free(cmds);
 	event_base_free(io.base);
