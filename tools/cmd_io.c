@@ -70,6 +70,9 @@ struct io_ctx {
 	bool quit;                   /* `quit` ran */
 	struct qsm_tracer *tracer;   /* --trace/--trace-text, or NULL */
 	char last_err[256];          /* qsm_image_error() last shown */
+	/* discard=ignore|off (QEMU: no BDRV_O_UNMAP): discards succeed doing
+	 * nothing and write -z -u does not unmap; qemu-io's default is unmap. */
+	bool discard_ignore;
 };
 
 #define CMD_NOFILE_OK 0x1 /* runs without an open image */
@@ -689,7 +692,7 @@ static int write_f(struct io_ctx *io, int argc, char **argv)
 		r = check_range(io, offset, count);
 		if (r == 0 && count > 0)
 			r = qsm_sync_write_zeroes(io->img, (uint64_t)offset, (uint64_t)count,
-						  unmap ? QSM_ZERO_MAY_UNMAP : 0);
+						  unmap && !io->discard_ignore ? QSM_ZERO_MAY_UNMAP : 0);
 		if (r == 0 && fua)
 			r = qsm_sync_flush(io->img);
 	} else if (cflag) {
@@ -1044,7 +1047,7 @@ static int aio_write_f(struct io_ctx *io, int argc, char **argv)
 			return -EINVAL;
 		}
 	}
-	return aio_submit(a, true, unmap ? QSM_ZERO_MAY_UNMAP : 0);
+	return aio_submit(a, true, unmap && !io->discard_ignore ? QSM_ZERO_MAY_UNMAP : 0);
 }
 
 static int aio_flush_f(struct io_ctx *io, int argc, char **argv)
@@ -1104,7 +1107,7 @@ static int discard_f(struct io_ctx *io, int argc, char **argv)
 	}
 	struct timespec t1 = tnow();
 	r = check_range(io, offset, bytes);
-	if (r == 0 && bytes > 0)
+	if (r == 0 && bytes > 0 && !io->discard_ignore)
 		r = qsm_sync_discard(io->img, (uint64_t)offset, (uint64_t)bytes);
 	struct timespec t2 = tnow();
 	if (r < 0) {
@@ -1292,6 +1295,7 @@ static int map_f(struct io_ctx *io, int argc, char **argv)
  *    L2 tables), cache-clean-interval (the engine never drops clean cache
  *    entries on a timer), discard=unmap|on (would punch holes in the file
  *    for freed clusters: host allocation only; qsm never does for qcow2);
+ *    discard=ignore|off is honoured (struct io_ctx.discard_ignore);
  *  - accepted only where they ask for what qsm does anyway, refused by name
  *    otherwise: lazy-refcounts (must match the image header: the engine
  *    takes the mode from it), detect-zeroes (off only: on/unmap would turn
@@ -1306,6 +1310,7 @@ struct open_req {
 	bool ro_given;
 	int lazy;                /* lazy-refcounts: -1 not given, else 0/1 */
 	uint64_t entry_size;     /* l2-cache-entry-size, 0: not given */
+	int discard_ignore;      /* discard=: -1 not given, else 1 for ignore/off */
 	bool no_backing_null;    /* "backing": null */
 };
 
@@ -1458,6 +1463,8 @@ static int apply_open_opts(struct qsm_open_opts *oo, const struct cli_opts *o,
 		} else if (!strcmp(k, "discard")) {
 			if (strcmp(v, "ignore") && strcmp(v, "off") && strcmp(v, "unmap") && strcmp(v, "on"))
 				r = ERR("Invalid discard option");
+			else
+				req->discard_ignore = !strcmp(v, "ignore") || !strcmp(v, "off");
 		} else if (!strcmp(k, "detect-zeroes")) {
 			if (strcmp(v, "off") && strcmp(v, "on") && strcmp(v, "unmap"))
 				r = ERR("invalid parameter value: %s", v);
@@ -1533,7 +1540,7 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 			const struct qsm_open_opts *base, bool at_open)
 {
 	struct qsm_open_opts oo = *base;
-	struct open_req req = { .lazy = -1 };
+	struct open_req req = { .lazy = -1, .discard_ignore = -1 };
 	struct cli_opts all = { 0 };
 	char err[512] = "";
 	const char *path;
@@ -1583,6 +1590,10 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 	free(io->path);
 	io->path = strdup(path);
 	io->oo = oo;
+	if (req.discard_ignore >= 0)
+		io->discard_ignore = req.discard_ignore;
+	else if (at_open)
+		io->discard_ignore = false;
 	/* A reopen must find the same file again: keep the resolved options. */
 	io->oo.format = oo.format && !strcmp(oo.format, "raw") ? "raw" : "qcow2";
 	io->oo.backing_format = oo.backing_format && !strcmp(oo.backing_format, "raw") ? "raw"
@@ -2238,13 +2249,14 @@ int cmd_io(int argc, char **argv)
 			image_opts = true;
 			break;
 		default:
-			io_usage(stderr);
+			/* qemu-io prints its usage on stdout after getopt's line. */
+			io_usage(cli_as_qemu() ? stdout : stderr);
 			free(cmds);
 			return 1;
 		}
 	}
 	if (argc - optind > 1) {
-		io_usage(stderr);
+		io_usage(cli_as_qemu() ? stdout : stderr);
 		free(cmds);
 		return 1;
 	}
