@@ -1375,8 +1375,9 @@ static int opt_bool(const char *k, const char *v, bool *out, char *err, size_t e
 /* Apply the option list o to oo and req.  0, or -EINVAL with QEMU's text
  * (no program prefix) in err. */
 static int apply_open_opts(struct qsm_open_opts *oo, const struct cli_opts *o,
-			   struct open_req *req, char *err, size_t errlen)
+			   struct open_req *req, bool reopen, char *err, size_t errlen)
 {
+	const char *old_format = oo->format ? oo->format : "qcow2";
 	uint64_t l2 = 0, rc = 0, cs = 0;
 	bool l2_set = false, rc_set = false, cs_set = false;
 	const char *v;
@@ -1386,6 +1387,9 @@ static int apply_open_opts(struct qsm_open_opts *oo, const struct cli_opts *o,
 	/* The driver first: the "does not support" message names it. */
 	if ((v = cli_opts_get(o, "driver")) && (r = opt_driver(v, &oo->format, err, errlen, false)))
 		return r;
+	/* bdrv_reopen: the driver stays, and so do options it does not know. */
+	if (reopen && v && strcmp(oo->format, old_format))
+		return ERR("Cannot change the option 'driver'");
 	for (int i = 0; i < o->n; i++) {
 		const char *k = o->v[i].key;
 		v = o->v[i].val;
@@ -1470,6 +1474,8 @@ static int apply_open_opts(struct qsm_open_opts *oo, const struct cli_opts *o,
 				r = ERR("invalid parameter value: %s", v);
 			else if (strcmp(v, "off"))
 				r = ERR("detect-zeroes=%s is not supported by qsm (only off)", v);
+		} else if (reopen) {
+			r = ERR("Cannot change the option '%s'", k);
 		} else if (in_list(qemu_known_opts, sizeof(qemu_known_opts) / sizeof(qemu_known_opts[0]), k)) {
 			r = ERR("qsm does not support the option '%s'", k);
 		} else if (!strncmp(k, "file.", 5)) {
@@ -1555,13 +1561,19 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 	for (int i = 0; r == 0 && o && i < o->n; i++)
 		r = cli_opts_add(&all, o->v[i].key, o->v[i].val, o->v[i].null);
 	if (r == 0)
-		r = apply_open_opts(&oo, &all, &req, err, sizeof(err));
+		r = apply_open_opts(&oo, &all, &req, !at_open, err, sizeof(err));
 	path = req.path ? req.path : name && strncmp(name, "json:", 5) ? name : NULL;
 	if (r == 0 && !path)
 		r = -EINVAL, snprintf(err, sizeof(err), "Must specify either driver or file");
 	if (r == 0 && req.ro_given) {
 		if (at_open && req.ro_on && !oo.read_only)
 			r = -EPERM, snprintf(err, sizeof(err), "Block node is read-only");
+		else if (!at_open && req.ro_on && !oo.read_only)
+			/* qemu-io's BlockBackend keeps its write permission, so QEMU
+			 * refuses (and keeps the image as it was); qsm has no node
+			 * names: "#block000" stands for QEMU's generated one. */
+			r = -EPERM, snprintf(err, sizeof(err), "Read-only block node '#block000' "
+					     "cannot support read-write users");
 		else if (!at_open)
 			oo.read_only = req.ro_on;
 	}
@@ -1580,7 +1592,9 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 		}
 	}
 	if (r < 0) {
-		if (name)
+		if (!at_open) /* reopen_f: qemu-io prints the reason alone */
+			cli_error("io", "%s", err);
+		else if (name)
 			cli_error("io", "can't open device %s: %s", name, err);
 		else
 			cli_error("io", "can't open: %s", err);

@@ -31,7 +31,8 @@ done
     qemu-img create -q -f qcow2 -o lazy_refcounts=on lazy.qcow2 1M
 ) || die "cannot create the base images"
 
-filter() { sed "s#$WORK#WORK#g" | filter_timing; }
+# QEMU's iotests filters: paths, timings, generated node names.
+filter() { sed -e "s#$WORK#WORK#g" -e 's/#block[0-9]\{3,\}/NODE_NAME/g' | filter_timing; }
 
 # same TAG CMD...: run CMD (its first word qemu-io or qemu-img) once with
 # the real QEMU tools on PATH and once with the symlinks first, in fresh
@@ -123,6 +124,17 @@ same opt-file-unknown    qemu-io -c 'open -o file.foo=1 t.qcow2'
 same opt-file-filename   qemu-io -c 'open -o driver=qcow2,file.driver=file,file.filename=t.qcow2' -c 'write -P 9 4k 4k' -c 'read -P 9 4k 4k'
 same opt-backing-string  qemu-io -c 'open -o backing=null o.qcow2'
 same opt-file-node       qemu-io -c 'open -o file=t.qcow2'
+
+log "qemu-io: reopen -o options"
+same reopen-l2-bad       qemu-io -c 'reopen -o l2-cache-size=abc' t.qcow2
+same reopen-unknown      qemu-io -c 'reopen -o foo=1' t.qcow2
+same reopen-l2           qemu-io -c 'reopen -o l2-cache-size=128k' -c 'write -P 14 0 4k' -c 'read -P 14 0 4k' t.qcow2
+same reopen-driver       qemu-io -c 'reopen -o driver=raw' -c 'read -P 0x11 0 4k' t.qcow2
+same reopen-lazy-bad     qemu-io -c 'reopen -o lazy-refcounts=maybe' t.qcow2
+same reopen-discard      qemu-io -c 'reopen -o discard=ignore' -c 'discard 0 64k' -c 'read -P 0x11 0 4k' t.qcow2
+same reopen-cache-over   qemu-io -c 'reopen -o cache-size=1M,l2-cache-size=2M' t.qcow2
+same reopen-ro           qemu-io -c 'reopen -o read-only=on' -c 'write 0 1' -c 'reopen -o read-only=off' -c 'write -P 15 0 1' t.qcow2
+same reopen-r-and-ro     qemu-io -c 'reopen -r -o read-only=on' t.qcow2
 
 log "qemu-io: --image-opts"
 same iopts-ok            qemu-io --image-opts driver=qcow2,file.filename=t.qcow2 -c 'write -P 10 8k 4k' -c 'read -P 10 8k 4k'
