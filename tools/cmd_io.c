@@ -2169,6 +2169,7 @@ static void io_usage(FILE *f)
 		"                       unallocated clusters read as zeros (qsm only)\n"
 		"  -U, --force-share    force shared permissions (accepted, no effect)\n"
 		"  -h, --help           display this help and exit\n"
+		"  -V, --version        output version information and exit\n"
 		"\n"
 		"See '%s -c help' for information on available commands.\n", name, name);
 }
@@ -2191,6 +2192,7 @@ int cmd_io(int argc, char **argv)
 		{ "backing-format", required_argument, NULL, OPT_BACKING_FORMAT },
 		{ "no-backing", no_argument, NULL, OPT_NO_BACKING },
 		{ "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct io_ctx io = { 0 };
@@ -2202,12 +2204,22 @@ int cmd_io(int argc, char **argv)
 	int ncmds = 0, c, failed = 0;
 
 	optind = 0;
-	while ((c = getopt_long(argc, argv, "hc:f:rnmi:t:T:U", lopt, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "hc:f:rnmi:t:T:UV", lopt, NULL)) != -1) {
 		switch (c) {
 		case 'h':
 			io_usage(stdout);
 			free(cmds);
 			return 0;
+		case 'V': {
+			const char *ver;
+			qsm_version(&ver);
+			if (cli_as_qemu())
+				printf("%s version %s (qsm)\n", cli_progname(), ver);
+			else
+				printf("qsm version %s\n", ver);
+			free(cmds);
+			return 0;
+		}
 		case 'c': {
 			char **nc = realloc(cmds, (size_t)(ncmds + 1) * sizeof(*cmds));
 			if (!nc) {

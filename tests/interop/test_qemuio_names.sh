@@ -206,6 +206,9 @@ esac
 CHECKS=$((CHECKS + 1))
 out=$(env PATH="$BIN:$REAL_PATH" qemu-io --help 2>&1)
 case $out in "Usage: qemu-io "*"See 'qemu-io -c help'"*) ;; *) fail "qemu-io --help names qemu-io";; esac
+CHECKS=$((CHECKS + 1))
+out=$(env PATH="$BIN:$REAL_PATH" qemu-io -V 2>&1)
+case $out in "qemu-io version "*) ;; *) fail "qemu-io -V: got '$out'";; esac
 
 log "malformed json: names fail cleanly"
 deep=$(python3 -c 'print("{\"a\":" * 5000 + "1" + "}" * 5000)')
