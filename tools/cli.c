@@ -429,6 +429,23 @@ void cli_progress_end(void)
 	progress.enabled = false;
 }
 
+bool cli_qemu_driver(const char *name)
+{
+	static const char *const drivers[] = {
+		"qcow2", "raw", "file", "host_device", "host_cdrom", "qcow", "vmdk", "vdi",
+		"vhdx", "vpc", "qed", "parallels", "bochs", "cloop", "dmg", "luks", "nbd",
+		"blkdebug", "blkverify", "blklogwrites", "null-co", "null-aio", "throttle",
+		"quorum", "copy-on-read", "compress", "preallocate", "nvme", "iscsi", "rbd",
+		"ssh", "http", "https", "ftp", "ftps", "replication", "snapshot-access",
+		"copy-before-write", "vvfat", "gluster", "nfs",
+	};
+
+	for (size_t i = 0; i < sizeof(drivers) / sizeof(drivers[0]); i++)
+		if (!strcmp(drivers[i], name))
+			return true;
+	return false;
+}
+
 int cli_check_format(const char *cmd, const char *fmt, bool raw_ok)
 {
 	if (!strcmp(fmt, "qcow2") || (raw_ok && !strcmp(fmt, "raw")))
@@ -444,6 +461,11 @@ const char *cli_image_arg(const char *cmd, int argc, char **argv, int optind, co
 	if (optind != argc - 1) {
 		cli_error(cmd, "Expecting one image file name");
 		cli_help_hint(cmd);
+		return NULL;
+	}
+	/* A name QEMU does not know either: qemu-img's words. */
+	if (cli_as_qemu() && !cli_qemu_driver(fmt)) {
+		cli_error(cmd, "Could not open '%s': Unknown driver '%s'", argv[optind], fmt);
 		return NULL;
 	}
 	return cli_check_format(cmd, fmt, raw_ok) < 0 ? NULL : argv[optind];

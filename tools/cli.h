@@ -36,6 +36,9 @@ int cmd_map(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
 int cmd_fuzz(int argc, char **argv);
 
+/* Is name one of QEMU 7.2's block driver names (formats and protocols)?
+ * Used to word refusals: a name QEMU lacks too is its "Unknown driver". */
+bool cli_qemu_driver(const char *name);
 /* A format given with -f that qsm opens: "qcow2", or "raw" too when raw_ok.
  * 0, or -EINVAL after printing "qsm CMD: Unknown file format ...". */
 int cli_check_format(const char *cmd, const char *fmt, bool raw_ok);

@@ -1314,13 +1314,6 @@ struct open_req {
 	bool no_backing_null;    /* "backing": null */
 };
 
-static const char *const qemu_drivers[] = {
-	"vmdk", "vdi", "vhdx", "vpc", "qed", "parallels", "bochs", "cloop", "dmg", "luks",
-	"nbd", "blkdebug", "blkverify", "blklogwrites", "null-co", "null-aio", "throttle",
-	"quorum", "copy-on-read", "compress", "preallocate", "nvme", "iscsi", "rbd", "ssh",
-	"http", "https", "ftp", "ftps", "replication", "snapshot-access", "copy-before-write",
-	"vvfat", "gluster", "nfs",
-};
 
 /* QEMU's qcow2 and file options that qsm does not implement. */
 static const char *const qemu_known_opts[] = {
@@ -1349,7 +1342,7 @@ static int opt_driver(const char *v, const char **fmt, char *err, size_t errlen,
 			*fmt = strcmp(v, "raw") ? "qcow2" : "raw";
 		return 0;
 	}
-	if (in_list(qemu_drivers, sizeof(qemu_drivers) / sizeof(qemu_drivers[0]), v) ||
+	if (cli_qemu_driver(v) ||
 	    (!file && !strcmp(v, "file")) || (file && (!strcmp(v, "qcow2") || !strcmp(v, "raw"))))
 		return ERR("Driver '%s' is not supported by qsm here (it opens %s)", v,
 			   file ? "files: file, host_device, host_cdrom" : "qcow2 and raw over a file");

@@ -171,6 +171,9 @@ same img-info-no-arg     qemu-img info -f
 same img-info-no-file    qemu-img info
 same img-info-two        qemu-img info a b
 same img-info-missing    qemu-img info nofile
+same img-info-bad-fmt    qemu-img info -f bogus t.qcow2
+same img-map-bad-fmt     qemu-img map -f bogus t.qcow2
+same img-check-bad-fmt   qemu-img check -f bogus t.qcow2
 same img-info-output     qemu-img info --output=xml t.qcow2
 same img-check-missing   qemu-img check nofile
 same img-check-bad-r     qemu-img check -r bogus t.qcow2
