@@ -732,6 +732,8 @@ START_TEST(test_stuck)
 	ck_assert_uint_eq(w.calls, 1); /* the waiter hears of it */
 	ck_assert_int_eq(get(&f, T(2), &c, &w), -EAGAIN); /* loading, past the capacity */
 	fx_run(&f);
+	ck_assert_ptr_nonnull(w.table); /* the waiter owns a reference now */
+	put(&f, w.table);
 	ck_assert_int_eq(get(&f, T(2), &c, &w), 0);
 	ck_assert_uint_eq(f.c.nb_entries, 3);
 	ck_assert_uint_eq(f.c.evictions, 0);
@@ -762,6 +764,8 @@ START_TEST(test_stuck_evicts_clean)
 	qsm_l2_cache_set_stuck(&f.c);
 	ck_assert_int_eq(get(&f, T(2), &c, &w), -EAGAIN); /* a load: clean T(1) evicted */
 	fx_run(&f);
+	ck_assert_ptr_nonnull(w.table); /* the waiter owns a reference now */
+	put(&f, w.table);
 	ck_assert_int_eq(get(&f, T(2), &c, &w), 0);
 	ck_assert_uint_eq(f.c.evictions, 1);
 	ck_assert_ptr_null(cached(&f, T(1)));
