@@ -18,7 +18,9 @@
  *
  * Invariants:
  *  1. io->stats.in_flight == requests passed to qsm_io_submit() whose callback
- *     has not started yet (minus those a sim crash dropped).
+ *     has not started yet, minus those a sim crash dropped: the ones pending
+ *     then, and every one submitted after it (cm_down), so a crashed handle
+ *     always closes with nothing in flight.
  *  2. cm_defer_count == length of the cm_defer_head list; cm_defer_ev is
  *     active whenever that list is non-empty.
  */
@@ -139,10 +141,12 @@ void qsm_io_defer_complete_(struct qsm_io *io, struct qsm_io_req *req, int ret)
 	event_active(c->cm_defer_ev, EV_READ, 0);
 }
 
-uint64_t qsm_io_defer_drop_(struct qsm_io *io)
+uint64_t qsm_io_crash_(struct qsm_io *io)
 {
 	struct qsm_io_common *c = container_of(io, struct qsm_io_common, io);
 	uint64_t n = c->cm_defer_count;
+
+	c->cm_down = true;
 
 	c->cm_defer_head = NULL;
 	c->cm_defer_tail = &c->cm_defer_head;
@@ -444,6 +448,17 @@ void qsm_io_submit(struct qsm_io *io, struct qsm_io_req *req)
 	req->io_flushed_upto = 0;
 	req->io_priv = 0;
 	req->io_handle = io;
+	if (QSM_UNLIKELY(qsm_io_common_of(io)->cm_down)) {
+		/* The machine is down: the request is lost with it, even one
+		 * this layer would complete itself (a NO_FLUSH flush).  Code
+		 * still running when a sim crashes (the rest of the callback
+		 * that hit the crash point, e.g. a write-back batch moving on to
+		 * its sync) must not leave a completion queued on a handle
+		 * that is about to be closed. */
+		if (io->trace)
+			io->trace(io->trace_opaque, req, false, 0);
+		return;
+	}
 	io->stats.in_flight++;
 	if (io->trace)
 		io->trace(io->trace_opaque, req, false, 0);

@@ -40,6 +40,12 @@ struct qsm_io_common {
 	size_t cm_defer_count;
 	unsigned cm_depth;                /* completion loops on the stack */
 	bool cm_closing;                  /* qsm_io_close() called inside one */
+	/* The machine is down (qsm_io_crash_, a sim crash): every request
+	 * submitted from now on is dropped at the door, whether the backend
+	 * or this layer would have completed it (NO_FLUSH flushes, invalid
+	 * requests); its callback never runs and in_flight does not count it,
+	 * so the handle can be closed.  Only closing is left to do. */
+	bool cm_down;
 
 	/* Direct I/O alignment (0: the backend takes any transfer).  See
 	 * "Misaligned transfers on direct handles" in io.c. */
@@ -68,9 +74,11 @@ void qsm_io_defer_complete_(struct qsm_io *io, struct qsm_io_req *req, int ret);
  * qsm_io_leave_() returns true when the handle is closing or closed. */
 void qsm_io_enter_(struct qsm_io *io);
 bool qsm_io_leave_(struct qsm_io *io);
-/* Forget deferred completions without running them (sim crash).  Returns how
- * many were dropped; the caller fixes io->stats.in_flight. */
-uint64_t qsm_io_defer_drop_(struct qsm_io *io);
+/* The machine crashed (sim): forget deferred completions without running
+ * them and mark the handle down (cm_down).  Returns how many were dropped;
+ * the caller fixes io->stats.in_flight for them and for its own pending
+ * requests. */
+uint64_t qsm_io_crash_(struct qsm_io *io);
 
 /* --- File descriptor helpers shared by the threads and io_uring backends --- */
 

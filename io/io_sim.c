@@ -33,7 +33,10 @@
  * Crash.  D becomes D plus the kept records of L (in order), V a copy of D,
  * L empties; P and the handle's deferred completions are dropped (their
  * callbacks never run) and the handle is marked crashed: it drops whatever
- * is submitted later and may only be closed.
+ * is submitted later and may only be closed.  qsm_io_crash_ marks it down in
+ * io.c as well, so the requests io.c would complete itself (NO_FLUSH
+ * flushes, invalid requests) are dropped too: once they were queued there
+ * and the handle closed with one "in flight".
  *
  * Keyed schedules (qsm_sim_set_keyed_schedule): each submitted request
  * gets a rank hashed from the seed and the request itself (si_rank, parallel
@@ -548,7 +551,7 @@ static void qsm_sim_crash_(struct qsm_sim *sim, uint64_t keep_mask, bool keep_al
 
 	struct qsm_io_sim *s = sim->sm_open;
 	if (s) {
-		uint64_t dropped = s->si_npending + qsm_io_defer_drop_(&s->c.io);
+		uint64_t dropped = s->si_npending + qsm_io_crash_(&s->c.io);
 		assert(s->c.io.stats.in_flight == dropped);
 		s->c.io.stats.in_flight -= dropped;
 		s->si_npending = 0;

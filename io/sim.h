@@ -17,8 +17,9 @@
  *     completed has itself completed.
  *  4. qsm_sim_crash() throws away everything not durable except a chosen
  *     subset of the completed-but-not-durable writes, and cancels what is in
- *     flight (their callbacks never run; the handle must be closed with
- *     qsm_io_close, which is then allowed with requests in flight).
+ *     flight (their callbacks never run).  The handle is then down: what is
+ *     submitted to it later is dropped too (never completes, not counted in
+ *     flight), and all that is left to do with it is qsm_io_close.
  *  5. Faults: a rule fails operations tagged with a named event with an errno,
  *     once or every time (blocking reads too: qsm_io_pread_sync_ev).
  * Every choice comes from one PRNG seeded at qsm_sim_new(); the same seed and

@@ -1154,10 +1154,22 @@ START_TEST(test_sim_crash_in_flight)
 	struct treq late = { 0 };
 	treq_set(&late, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_NONE);
 	submit(e.io, &late);
+	/* Nor those io.c would complete itself: an invalid request, and a
+	 * flush on a cache=unsafe handle (NO_FLUSH).  They used to be queued
+	 * for a deferred completion, and the crashed handle was then closed
+	 * with them "in flight" (qsm fuzz seed 900020). */
+	struct treq late_bad = { 0 }, late_flush = { 0 };
+	treq_set(&late_bad, QSM_IO_READ, 0, 1, NULL, QSM_IO_EV_NONE);
+	submit(e.io, &late_bad);
+	e.io->flags |= QSM_IO_NO_FLUSH;
+	treq_set(&late_flush, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH);
+	submit(e.io, &late_flush);
+	e.io->flags &= ~QSM_IO_NO_FLUSH;
+	ck_assert_uint_eq(e.io->stats.in_flight, 0);
 	event_base_loop(e.base, EVLOOP_NONBLOCK);
 	for (int i = 0; i < 8; i++)
 		ck_assert_int_eq(t[i].done, 0);
-	ck_assert_int_eq(bad.done + late.done, 0);
+	ck_assert_int_eq(bad.done + late.done + late_bad.done + late_flush.done, 0);
 	sim_reopen(&e);
 	ck_assert(sim_zero(&e, 0, 4096));
 
