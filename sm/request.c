@@ -426,7 +426,7 @@ static void run_init(struct qsm_req *req)
 	run->l2_index = cluster_of(img, pos) & (img->l2_entries - 1);
 }
 
-static struct qsm_l2alloc *l2alloc_find(struct qsm_image *img, uint64_t l1_index)
+static struct qsm_l2alloc *l2alloc_find(const struct qsm_image *img, uint64_t l1_index)
 {
 	for (struct qsm_l2alloc *a = img->l2allocs; a; a = a->next)
 		if (a->l1_index == l1_index)
@@ -1065,8 +1065,15 @@ static enum qsm_event step_l2_lookup(struct qsm_req *req)
 	struct qsm_image *img = req->img;
 	struct qsm_run *run = &req->run;
 
+	uint64_t l2_off = qsm_l1_get(img, run->l1_index) & QCOW2_L1E_OFFSET_MASK;
+	if (run->l2 && run->l2->offset != l2_off) {
+		/* Loaded for an L1 entry that changed meanwhile: a write copied
+		 * the shared table (L2_SHARED > L2_ALLOC) while this request
+		 * waited for the same load.  The table the entry names now is
+		 * the one to read and change. */
+		release_l2(req);
+	}
 	if (!run->l2) {
-		uint64_t l2_off = qsm_l1_get(img, run->l1_index) & QCOW2_L1E_OFFSET_MASK;
 		req->l2w.fn = l2_waiter_cb;
 		req->l2w.tag = req->id;
 		int ret = qsm_l2_get(&img->l2c, l2_off, &run->l2, &req->l2w);
@@ -1933,37 +1940,213 @@ static enum qsm_event step(struct qsm_req *req)
 	abort();
 }
 
-/* Per-state invariants (assert_pager_state style). */
-__attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
+/*
+ * Per-state invariants (assert_pager_state style), checked by the dispatcher
+ * on entry to every state: after the edge is taken, before the state's step
+ * runs.  One case per state of sm/states.def and no default, so a new state
+ * without its case is a compiler warning (-Wswitch).  Cheap: no list walk
+ * but the short list of L1 slots being given a table (FROZEN).
+ *
+ * Everywhere but DONE (an error leaves through DONE from anywhere, with the
+ * run half set up: req_complete releases what is held):
+ *   - the request is not in the run queue, and nothing it started is still
+ *     out: no data I/O (io_busy), no parallel I/O (io_pending), no worker
+ *     pool wait, no deflate job (whatever ends a wait posts its event once,
+ *     when it is over);
+ *   - it sleeps in a waiter list (waiting) in FROZEN and ALLOC_WAIT only;
+ *   - compressed bytes read (cbuf) exist only in DECOMPRESS, compressed bytes
+ *     reserved and not yet mapped (bytes_held) only in COMPRESSED_WRITE and
+ *     L2_UPDATE.
+ * In the states of a run (run_ok): the run is the next bytes of the request,
+ * not empty, inside one L2 table (design invariant 4: the only table it may
+ * hold); the states that modify that table hold it, and it is the table
+ * the L1 entry names, owned (COPIED) (l2_owned); the states from CLUSTER_ALLOC
+ * (BYTE_ALLOC) to L2_UPDATE have the run's allocation record linked and
+ * covering exactly the run's clusters (alloc_ok, design invariant 2); every
+ * state that waits for another request holds no table (design invariant 4).
+ */
+__attribute__((unused)) static bool run_ok(const struct qsm_req *req)
+{
+	const struct qsm_image *img = req->img;
+	const struct qsm_run *run = &req->run;
+	if (run->bytes == 0 || run->offset != req->offset + req->done ||
+	    run->offset + run->bytes > req->offset + req->bytes)
+		return false;
+	if (img->raw) /* one run, file offset = guest offset */
+		return run->host == run->offset && !run->l2;
+	uint64_t span = img->l2_entries << img->cluster_bits;
+	return run->l1_index == run->offset / span && run->l1_index < img->l1_size &&
+	       (run->offset + run->bytes - 1) / span == run->l1_index &&
+	       run->l2_index == (cluster_of(img, run->offset) & (img->l2_entries - 1));
+}
+
+/* The run holds no cache reference and no allocation record. */
+__attribute__((unused)) static bool run_unheld(const struct qsm_run *run)
+{
+	return !run->l2 && !run->alloc_linked;
+}
+
+/* The run holds its table, ready, and it is the one the L1 entry names now,
+ * owned by this image (COPIED): the one a change must go to. */
+__attribute__((unused)) static bool l2_owned(const struct qsm_req *req)
+{
+	const struct qsm_l2_table *t = req->run.l2;
+	uint64_t l1e = qsm_l1_get(req->img, req->run.l1_index);
+	return t && t->ref > 0 && t->state == QSM_L2_READY &&
+	       t->offset == (l1e & QCOW2_L1E_OFFSET_MASK) && (l1e & QCOW2_OFLAG_COPIED);
+}
+
+/* The run's allocation record is linked and covers exactly its clusters. */
+__attribute__((unused)) static bool alloc_ok(const struct qsm_req *req)
 {
 	const struct qsm_run *run = &req->run;
-	switch (req->state) {
-	case QSM_S_FROZEN:
-	case QSM_S_ALLOC_WAIT:
-		return req->waiting && !run->l2 && !run->alloc_linked;
-	case QSM_S_ALLOC_WRITE:
-	case QSM_S_COW_READ:
-		return run->l2 && run->alloc_linked && run->allocating;
-	case QSM_S_DECOMPRESS:
-		return run->cbuf && !run->bounce && !req->work_waiting;
-	case QSM_S_L2_UPDATE:
-		return run->l2 && run->alloc_linked;
-	case QSM_S_COMPRESS:
-		return !run->l2 && !run->alloc_linked && !req->waiting && !req->work_waiting;
-	case QSM_S_BYTE_ALLOC:
-		return run->l2 && !run->alloc_linked && run->compressed && run->clen > 0 &&
-		       run->clen < req->img->cluster_size;
-	case QSM_S_COMPRESSED_WRITE:
-		return run->l2 && run->alloc_linked && run->compressed && run->bytes_held;
-	case QSM_S_JOIN_WRITE:
-		return !run->l2 && !run->alloc_linked && (run->joined || run->join_done);
-	case QSM_S_NEXT_RUN:
-		return !run->l2 && !run->alloc_linked && !req->waiting;
-	case QSM_S_DONE: /* an error may leave resources held: see req_complete */
+	return run->alloc_linked && run->allocating && run->host != 0 &&
+	       run->alloc.first == cluster_of(req->img, run->offset) &&
+	       run->alloc.count == run->nb_clusters &&
+	       run->nb_clusters == run_clusters(req->img, run->offset, run->bytes);
+}
+
+/* CLUSTER_ALLOC's clusters: whole, for the run's whole clusters. */
+__attribute__((unused)) static bool cluster_alloc_ok(const struct qsm_req *req)
+{
+	return run_ok(req) && l2_owned(req) && alloc_ok(req) && !req->run.compressed &&
+	       QSM_IS_ALIGNED(req->run.host, req->img->cluster_size);
+}
+
+/* Data I/O through an L2 entry (or a raw file): the host bytes are the run's
+ * place in its host cluster. */
+__attribute__((unused)) static bool data_host_ok(const struct qsm_req *req)
+{
+	const struct qsm_run *run = &req->run;
+	return (req->img->raw || run->host != 0) &&
+	       in_cluster(req->img, run->host) == in_cluster(req->img, run->offset);
+}
+
+static const struct qsm_meta_batch *wb_level_batch(const struct qsm_wb *wb, enum qsm_state s);
+
+__attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
+{
+	const struct qsm_image *img = req->img;
+	const struct qsm_run *run = &req->run;
+	enum qsm_machine m = req->machine;
+	bool wr = is_write_machine(m);
+
+	if (req->state == QSM_S_DONE)
 		return !req->waiting && !req->queued;
-	default:
-		return req->done <= req->bytes;
+	if (req->queued || req->io_busy || req->io_pending || req->work_waiting ||
+	    req->cz_pending || req->done > req->bytes || (m == QSM_M_WRITEBACK) != !!req->wb)
+		return false;
+	if (req->waiting != (req->state == QSM_S_FROZEN || req->state == QSM_S_ALLOC_WAIT))
+		return false;
+	if (run->cbuf && req->state != QSM_S_DECOMPRESS)
+		return false;
+	if (run->bytes_held && req->state != QSM_S_COMPRESSED_WRITE && req->state != QSM_S_L2_UPDATE)
+		return false;
+
+	switch (req->state) {
+	case QSM_S_START:
+		return req->done == 0 && run_unheld(run);
+	/* Lookup. */
+	case QSM_S_L1_LOOKUP: /* run_init sets up the next run */
+		return !img->raw && req->done < req->bytes && run_unheld(run) && !run->joined;
+	case QSM_S_FROZEN: {
+		const struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);
+		return wr && run_ok(req) && run_unheld(run) && a && a->owner != req;
 	}
+	case QSM_S_L2_ALLOC:
+		return wr && run_ok(req) && run_unheld(run);
+	case QSM_S_L2_LOOKUP: /* a table handed over by L2_ALLOC or a load, or none */
+		return run_ok(req) && !run->alloc_linked && !run->joined &&
+		       (!run->l2 || (run->l2->ref > 0 && run->l2->state == QSM_L2_READY));
+	case QSM_S_L2_LOAD:
+		return run_ok(req) && run_unheld(run);
+	case QSM_S_ALLOC_WAIT:
+		return wr && run_ok(req) && run_unheld(run) && !run->joined && img->allocs;
+	/* Reads. */
+	case QSM_S_DATA_READ:
+		return m == QSM_M_READ && run_ok(req) && run_unheld(run) && data_host_ok(req);
+	case QSM_S_ZERO_FILL:
+		return m == QSM_M_READ && run_ok(req) && run_unheld(run);
+	case QSM_S_BACKING_READ:
+		return m == QSM_M_READ && run_ok(req) && run_unheld(run) && qsm_has_backing(img);
+	case QSM_S_BACKING_STATUS:
+		return m == QSM_M_ZEROES && run_ok(req) && run_unheld(run) && img->backing &&
+		       !req->probe_done;
+	case QSM_S_COMPRESSED_READ:
+		if (!run_ok(req) || run->nb_clusters != 1 || !(run->old_entry & QCOW2_OFLAG_COMPRESSED) ||
+		    run->bounce)
+			return false;
+		return m == QSM_M_READ ? run_unheld(run) : l2_owned(req) && alloc_ok(req);
+	case QSM_S_DECOMPRESS: /* also re-entered when the pool had no room */
+		if (!run_ok(req) || !run->cbuf || run->bounce || run->nb_clusters != 1)
+			return false;
+		return m == QSM_M_READ ? run_unheld(run) : l2_owned(req) && alloc_ok(req);
+	/* Compressed writes. */
+	case QSM_S_COMPRESS:
+		return m == QSM_M_WRITE_COMPRESSED && req->done < req->bytes &&
+		       QSM_IS_ALIGNED(req->done, img->cluster_size) && run_unheld(run) && !run->joined;
+	case QSM_S_BYTE_ALLOC:
+		return m == QSM_M_WRITE_COMPRESSED && run_ok(req) && l2_owned(req) &&
+		       !run->alloc_linked && run->compressed && run->nb_clusters == 1 &&
+		       run->clen > 0 && run->clen < img->cluster_size;
+	case QSM_S_COMPRESSED_WRITE:
+		return run_ok(req) && l2_owned(req) && alloc_ok(req) && run->compressed &&
+		       run->bytes_held;
+	/* Writes. */
+	case QSM_S_DATA_WRITE: /* in place */
+		return wr && run_ok(req) && run_unheld(run) && !run->allocating && data_host_ok(req);
+	case QSM_S_FILE_RANGE:
+		return img->raw && (m == QSM_M_ZEROES || m == QSM_M_DISCARD) && run_ok(req);
+	case QSM_S_CLUSTER_ALLOC:
+		return wr && run_ok(req) && l2_owned(req) && !run->alloc_linked && run->allocating &&
+		       !run->compressed && !run->bounce &&
+		       run->nb_clusters == run_clusters(img, run->offset, run->bytes);
+	case QSM_S_COW_READ:
+		return cluster_alloc_ok(req) && !run->bounce &&
+		       (run->cow_backing ? img->backing && (run->cow_head || run->cow_tail)
+					 : entry_kind(run->old_entry) == EK_SHARED);
+	case QSM_S_ZERO_CLUSTERS:
+		return cluster_alloc_ok(req) && !run->bounce && run->alloc.host == run->host;
+	case QSM_S_ALLOC_WRITE:
+		return cluster_alloc_ok(req);
+	case QSM_S_L2_UPDATE: /* after the data write: invariant 2 */
+		return run_ok(req) && l2_owned(req) && alloc_ok(req) &&
+		       (run->compressed ? run->bytes_held
+					: QSM_IS_ALIGNED(run->host, img->cluster_size));
+	case QSM_S_JOIN_WRITE:
+		return m == QSM_M_WRITE && run_ok(req) && run_unheld(run) && data_host_ok(req) &&
+		       run->joined && run->joined != &run->alloc && run->joined->joinable &&
+		       !run->join_done;
+	case QSM_S_JOIN_WAIT: /* still joined, or told how the owner's update went */
+		return run_ok(req) && run_unheld(run) && (run->joined != NULL) != run->join_done;
+	case QSM_S_ZERO_UPDATE:
+		return (m == QSM_M_ZEROES || m == QSM_M_DISCARD) && run_ok(req) && l2_owned(req) &&
+		       !run->alloc_linked && run->nb_clusters >= 1 &&
+		       run->nb_clusters == run_clusters(img, run->offset, run->bytes);
+	/* The end of a run, of a request. */
+	case QSM_S_NEXT_RUN: /* the run is over: done advances past it */
+		return run_ok(req) && run_unheld(run) && !run->joined;
+	case QSM_S_DURABLE_WAIT:
+		return (wr || m == QSM_M_FLUSH) && req->done == req->bytes && run_unheld(run) &&
+		       !run->joined;
+	/* The write-back batch. */
+	case QSM_S_WB_COLLECT:
+		return m == QSM_M_WRITEBACK && img->wb_job == req && !req->wb->waiters;
+	case QSM_S_WB_REFBLOCKS:
+	case QSM_S_WB_REFTABLE:
+	case QSM_S_WB_HEADER:
+	case QSM_S_WB_L2:
+	case QSM_S_WB_L1: /* only a level with something to write is entered */
+		return m == QSM_M_WRITEBACK && img->wb_job == req &&
+		       wb_level_batch(req->wb, req->state)->n > 0;
+	case QSM_S_WB_SYNC:
+	case QSM_S_WB_RELEASE:
+		return m == QSM_M_WRITEBACK && img->wb_job == req;
+	case QSM_S_DONE:
+	case QSM_S__COUNT:
+		break;
+	}
+	return false;
 }
 
 /* --- completion and the dispatcher ---------------------------------------- */
