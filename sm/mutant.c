@@ -24,6 +24,18 @@
  *   early-ack           sm/writeback.c WB_COLLECT: the requests waiting for
  *                       durability (flushes, writethrough writes) are
  *                       acknowledged when the batch starts, not after its sync
+ *   hold-l2-waiting     sm/request.c wait_for_overlapping_alloc and
+ *                       classify_write: a run that must wait for an
+ *                       overlapping allocation (ALLOC_WAIT) keeps its L2
+ *                       table reference through the wait, and drops it only
+ *                       when it starts over (step_l1_lookup).  Nothing a
+ *                       guest can read or a crash can leave shows it (the
+ *                       table is merely pinned meanwhile, and the owner of
+ *                       the allocation needs no slot to finish); only
+ *                       req_invariants does, on entry to ALLOC_WAIT.  It
+ *                       proves the fuzzer's "engine aborted" oracle, so it
+ *                       needs assertions (the mutant build has them:
+ *                       QSM_ASSERTS)
  */
 #include <errno.h>
 #include <string.h>

@@ -312,7 +312,8 @@ static bool wait_for_overlapping_alloc(struct qsm_req *req)
 					    run->nb_clusters);
 	if (!a)
 		return false;
-	release_l2(req);
+	if (!QSM_MUTANT(HOLD_L2_WAITING)) /* mutant: sleeps holding its table */
+		release_l2(req);
 	img->stats.alloc_waits++;
 	req->wait_for = alloc_owner(a)->id;
 	wait_on(&a->waiters, req);
@@ -439,6 +440,8 @@ static enum qsm_event step_l1_lookup(struct qsm_req *req)
 	struct qsm_image *img = req->img;
 	struct qsm_run *run = &req->run;
 
+	if (QSM_MUTANT(HOLD_L2_WAITING)) /* mutant: the table kept over ALLOC_WAIT */
+		release_l2(req);
 	run_init(req);
 	if (img->error && is_write_machine(req->machine))
 		return fail(req, -EIO); /* sticky error: nothing more is written */
@@ -912,7 +915,8 @@ static enum qsm_event classify_write(struct qsm_req *req)
 		img->stats.alloc_joins++;
 		return QSM_E_JOIN;
 	} else if (first) {
-		release_l2(req);
+		if (!QSM_MUTANT(HOLD_L2_WAITING)) /* mutant: sleeps holding its table */
+			release_l2(req);
 		img->stats.alloc_waits++;
 		req->wait_for = alloc_owner(first)->id;
 		wait_on(&first->waiters, req);

@@ -416,7 +416,9 @@ int qsm_image_work(struct qsm_image *img, struct qsm_work_pool **out);
 	X(DOUBLE_ALLOC, "double-alloc",                                              \
 	  "two writes never allocate the same guest cluster at once")                 \
 	X(EARLY_ACK, "early-ack",                                                    \
-	  "group commit acknowledges a request only after the sync that makes it durable")
+	  "group commit acknowledges a request only after the sync that makes it durable") \
+	X(HOLD_L2_WAITING, "hold-l2-waiting",                                        \
+	  "a request waiting for another's allocation holds no L2 table (the cache cannot deadlock)")
 
 #ifdef QSM_MUTANTS
 enum qsm_mutant {

@@ -10,6 +10,10 @@
 #  - its replay file and the shrunk one fail again when replayed (the
 #    replay file records the mutant), and the shrunk case passes once the
 #    mutant line is removed: the failure is the mutant's;
+#  - a mutant that breaks only an asserted invariant (hold-l2-waiting) must
+#    be caught through the abort, with the assertion's message: the proof
+#    that the fuzzer's "engine aborted" oracle works (this build must have
+#    assertions on: QSM_ASSERTS, the default with QSM_MUTANTS);
 # and the unmutated engine must pass the same budget with the same options.
 # QSM_MUTANT_BUDGET overrides BUDGET (default 200 * QSM_TEST_SCALE, at
 # least 60).
@@ -32,6 +36,13 @@ opts_for() {
     esac
 }
 
+# What the failure report must say, for the mutants only an assertion sees.
+expect_for() {
+    case $1 in
+    hold-l2-waiting) echo "Assertion .req_invariants(req). failed";;
+    esac
+}
+
 declare -A caught
 for m in $mutants; do
     out="$WORK/$m.out"
@@ -49,6 +60,14 @@ for m in $mutants; do
     why=$(sed -n 's/^qsm fuzz: FAILURE: //p' "$out" | head -1)
     caught[$m]=$runs
     log "mutant $m: caught after $runs runs: $why"
+    want=$(expect_for "$m")
+    if [ -n "$want" ]; then
+        ok
+        if ! grep -q "engine died: signal 6" <<<"$why" || ! grep -q "$want" "$out"; then
+            fail "mutant $m: not caught by the assertion ('$want', an abort): $why"
+            show_tail "$out"
+        fi
+    fi
     seed=$(sed -n 's/.*FAILED (first: seed \([0-9]*\),.*/\1/p' "$out")
     for f in "$WORK/qsm-fuzz-$seed.replay" "$WORK/qsm-fuzz-$seed.min.replay"; do
         ok
