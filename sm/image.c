@@ -179,6 +179,8 @@ static void prealloc_cb(struct qsm_io_req *io, int ret)
 	struct qsm_image *img = container_of(io, struct qsm_image, prealloc_io);
 	/* Advisory: on failure the data writes simply extend the file. */
 	img->prealloc_busy = false;
+	if (img->close_req)
+		qsm_close_wake(img); /* the close waits for this too */
 }
 
 /*
@@ -246,13 +248,16 @@ static void image_free(struct qsm_image *img, bool abandon)
 		event_free(img->run_ev);
 	if (img->wb_ev)
 		event_free(img->wb_ev);
+	if (img->close_ev)
+		event_free(img->close_ev);
 	if (img->io)
 		qsm_io_close(img->io);
 	if (img->backing) {
-		if (abandon)
-			qsm_abandon(img->backing);
-		else
-			(void)qsm_close(img->backing); /* read-only: nothing to lose */
+		/* Read-only, never written back: nothing to lose.  Its requests
+		 * were all issued by ours, which have completed (a close drains
+		 * them first). */
+		assert(abandon || img->backing->in_flight == 0);
+		image_free(img->backing, abandon);
 	}
 	qcow2_header_release(&img->hdr);
 	free(img->l1);
@@ -636,31 +641,148 @@ int qsm_open(struct event_base *base, const char *path, const struct qsm_open_op
 	return open_path(base, path, &o, &ch, out, err, errlen);
 }
 
-int qsm_close(struct qsm_image *img)
+/*
+ * Closing: the CLOSE machine (sm/states.def).  qsm_close_async starts a
+ * request of machine CLOSE; from then on img->closing refuses new requests.
+ *   CLOSE_DRAIN         wait until it is the only request in flight (and no
+ *                       preallocation runs): qsm_close_wake, called as every
+ *                       other request leaves the image, posts WAKE
+ *   DURABLE_WAIT        one full write-back batch (sm/writeback.c), as a
+ *                       flush waits for an ordinary one
+ *   CLOSE_TRIM          truncate the space reserved ahead of the allocator
+ *   CLOSE_MARK_CORRUPT  (image in error) the corrupt bit alone, then
+ *   CLOSE_SYNC          its fdatasync
+ * At DONE the request's callback (close_req_done) activates img->close_ev;
+ * its callback, close_final_cb, runs on the next loop turn, outside the
+ * image's run queue: it frees the image (io handle and backing chain
+ * closed) and only then calls the caller back.  Invariants: after
+ * CLOSE_DRAIN nothing but the close is in flight, and no new request can
+ * start; after the write-back (wb_closed) no batch starts.
+ */
+static bool close_drained(const struct qsm_image *img)
 {
-	int ret = 0;
-	/* Close is a blocking entry point: the handle may block again. */
-	qsm_io_set_live(img->io, false);
-	/* Only an internal write-back batch may still run; let it finish (this
-	 * runs the loop, which close, being blocking, may do). */
-	assert(img->in_flight == (img->wb_job ? 1u : 0u));
-	while (img->wb_job || img->prealloc_busy)
-		event_base_loop(img->base, EVLOOP_ONCE);
-	if (img->error)
-		ret = img->error; /* metadata that could not be written is lost */
-	else if (img->raw)
-		ret = img->read_only ? 0 : qsm_io_flush_sync(img->io);
-	else if (!img->read_only)
-		ret = qsm_wb_sync_all(img);
-	if (!ret && !img->read_only && !img->error && img->prealloc_end > img->open_size) {
+	return img->in_flight == 1 && !img->prealloc_busy;
+}
+
+void qsm_close_wake(struct qsm_image *img)
+{
+	struct qsm_req *c = img->close_req;
+	if (c && c->state == QSM_S_CLOSE_DRAIN && !c->queued && close_drained(img))
+		qsm_sm_post(c, QSM_E_WAKE, 0);
+}
+
+static void close_io_cb(struct qsm_io_req *io, int ret)
+{
+	struct qsm_req *req = container_of(io, struct qsm_req, io);
+	struct qsm_image *img = req->img;
+	qsm_sm_post(req, ret < 0 ? QSM_E_ERROR : QSM_E_IO_DONE, ret);
+	qsm_sm_drain(img);
+}
+
+static enum qsm_event close_submit(struct qsm_req *req, enum qsm_io_op op, uint64_t off,
+				   void *buf, size_t len)
+{
+	struct qsm_image *img = req->img;
+	req->io = (struct qsm_io_req){
+		.op = op, .event = op == QSM_IO_FLUSH ? QSM_IO_EV_FLUSH : QSM_IO_EV_HEADER_UPDATE,
+		.offset = off, .len = len, .cb = close_io_cb,
+	};
+	if (buf) {
+		req->iov_buf[0] = (struct iovec){ buf, len };
+		req->io.iov = req->iov_buf;
+		req->io.iovcnt = 1;
+	}
+	qsm_io_submit(img->io, &req->io);
+	return QSM_E_WAIT;
+}
+
+enum qsm_event qsm_close_step(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	switch (req->state) {
+	case QSM_S_CLOSE_DRAIN:
+		if (!close_drained(img))
+			return QSM_E_WAIT; /* qsm_close_wake */
+		if (img->error) {
+			req->ret = img->error; /* what could not be written is lost */
+			return QSM_E_BROKEN;
+		}
+		return img->read_only ? QSM_E_NOTHING_TO_DO : QSM_E_NEED_DURABLE;
+	case QSM_S_CLOSE_MARK_CORRUPT: {
+		/* As QEMU: an image found corrupt is marked so on disk, so it is
+		 * not opened read-write again before a repair.  Only
+		 * incompatible_features (8 bytes at 72) is written, with the
+		 * dirty bit where the disk has it. */
+		img->wb_closed = true;
+		if (!req->ret)
+			req->ret = img->error ? img->error : -EIO;
+		if (img->read_only || img->raw ||
+		    !(img->hdr.incompatible_features & QCOW2_INCOMPAT_CORRUPT))
+			return QSM_E_NOTHING_TO_DO;
+		uint64_t f = img->hdr.incompatible_features & ~QCOW2_INCOMPAT_DIRTY;
+		if (img->disk_dirty)
+			f |= QCOW2_INCOMPAT_DIRTY;
+		if (!(req->run.bounce = malloc(8)))
+			return QSM_E_NOTHING_TO_DO; /* best effort */
+		qcow2_put_be64(req->run.bounce, f);
+		return close_submit(req, QSM_IO_WRITE, 72, req->run.bounce, 8);
+	}
+	case QSM_S_CLOSE_SYNC:
+		return close_submit(req, QSM_IO_FLUSH, 0, NULL, 0);
+	case QSM_S_CLOSE_TRIM: {
+		img->wb_closed = true;
+		if (img->raw || img->prealloc_end <= img->open_size)
+			return QSM_E_NOTHING_TO_DO;
 		/* Give back the reserved space nothing used. */
 		uint64_t end = QSM_MAX(QSM_MAX(img->open_size, img->file_end),
 				       qsm_refcount_image_end(img->rc));
-		if (end < img->prealloc_end)
-			ret = qsm_io_truncate_sync(img->io, end);
+		if (end >= img->prealloc_end)
+			return QSM_E_NOTHING_TO_DO;
+		return close_submit(req, QSM_IO_TRUNCATE, end, NULL, 0);
 	}
+	default:
+		abort();
+	}
+}
+
+/* The CLOSE request is DONE (req_complete): finish from a fresh loop turn. */
+static void close_req_done(void *opaque, int ret)
+{
+	struct qsm_image *img = opaque;
+	img->close_ret = ret;
+	img->close_req = NULL; /* freed by req_complete; img->closing stays */
+	event_active(img->close_ev, 0, 0);
+}
+
+static void close_final_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct qsm_image *img = arg;
+	qsm_cb cb = img->close_cb;
+	void *opaque = img->close_opaque;
+	int ret = img->close_ret;
 	image_free(img, false);
-	return ret;
+	if (cb)
+		cb(opaque, ret);
+}
+
+int qsm_close_async(struct qsm_image *img, qsm_cb cb, void *opaque)
+{
+	if (img->closing)
+		return -EALREADY;
+	if (!img->close_ev && !(img->close_ev = event_new(img->base, -1, 0, close_final_cb, img)))
+		return -ENOMEM;
+	/* One scratch iovec for the corrupt bit's write. */
+	struct qsm_req *req = qsm_req_new(img, QSM_M_CLOSE, 1);
+	if (!req)
+		return -ENOMEM;
+	req->cb = close_req_done;
+	req->opaque = img;
+	img->closing = true;
+	img->close_req = req;
+	img->close_cb = cb;
+	img->close_opaque = opaque;
+	qsm_sm_start(req);
+	return 0;
 }
 
 void qsm_abandon(struct qsm_image *img)
@@ -714,7 +836,7 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 	int ret;
 
 	/* Start from a clean image: every table on disk, nothing dirty. */
-	if ((ret = qsm_wb_sync_all(img)) < 0)
+	if ((ret = qsm_sync_writeback(img)) < 0)
 		TRUNC_FAIL(ret, "Could not write metadata back: %s", strerror(-ret));
 
 	uint64_t new_l1 = qcow2_l1_entries_for(size, img->cluster_bits);
@@ -744,16 +866,18 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 			free(l1);
 			TRUNC_FAIL(ret, "Could not allocate the new L1 table: %s", strerror(-ret));
 		}
-		/* 1. the new table and the refcounts counting it, durable */
+		/* 1. the new table and the refcounts counting it, durable (the
+		 *    batch's first sync covers the table written before it) */
 		ret = qsm_io_pwrite_sync(img->io, l1, bytes, new_off);
 		if (ret == 0)
-			ret = qsm_wb_sync_all(img);
-		/* 2. the header naming it */
+			ret = qsm_sync_writeback(img);
+		/* 2. the header naming it (the batch's header level) */
 		if (ret == 0) {
 			h->l1_table_offset = new_off;
 			h->l1_size = (uint32_t)new_l1;
 			h->size = size;
-			ret = write_header_sync(img);
+			img->header_dirty = true;
+			ret = qsm_sync_writeback(img);
 		}
 		if (ret < 0) {
 			free(l1);
@@ -772,13 +896,14 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 		/* 3. the old table released */
 		ret = qsm_refcount_update(img->rc, old_off / cs, old_clusters, -1);
 		if (ret == 0)
-			ret = qsm_wb_sync_all(img);
+			ret = qsm_sync_writeback(img);
 		if (ret < 0)
 			TRUNC_FAIL(ret, "Could not release the old L1 table: %s", strerror(-ret));
 		return 0;
 	}
 	h->size = size;
-	if ((ret = write_header_sync(img)) < 0)
+	img->header_dirty = true;
+	if ((ret = qsm_sync_writeback(img)) < 0)
 		TRUNC_FAIL(ret, "Could not update the header: %s", strerror(-ret));
 	return 0;
 }
@@ -914,6 +1039,8 @@ const char *qsm_image_error(struct qsm_image *img)
 
 static int check_range(struct qsm_image *img, uint64_t offset, uint64_t bytes)
 {
+	if (img->closing)
+		return -ESHUTDOWN; /* qsm_close_async: no new request */
 	if (offset > img->hdr.size || bytes > img->hdr.size - offset)
 		return -EINVAL;
 	return 0;
@@ -946,7 +1073,7 @@ static struct qsm_req *new_req(struct qsm_image *img, enum qsm_machine m, uint64
 }
 
 static int submit_rw(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
-		     const struct iovec *iov, int iovcnt, qsm_cb cb, void *opaque)
+		     const struct iovec *iov, int iovcnt, unsigned flags, qsm_cb cb, void *opaque)
 {
 	if (iovcnt < 0 || (iovcnt > 0 && !iov))
 		return -EINVAL;
@@ -959,6 +1086,7 @@ static int submit_rw(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
 	struct qsm_req *req = new_req(img, m, offset, bytes, iov, iovcnt, cb, opaque);
 	if (!req)
 		return -ENOMEM;
+	req->flags = flags;
 	qsm_sm_start(req);
 	return 0;
 }
@@ -966,17 +1094,27 @@ static int submit_rw(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
 int qsm_readv(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
 	      qsm_cb cb, void *opaque)
 {
-	return submit_rw(img, QSM_M_READ, offset, iov, iovcnt, cb, opaque);
+	return submit_rw(img, QSM_M_READ, offset, iov, iovcnt, 0, cb, opaque);
 }
 
 int qsm_writev(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
 	       qsm_cb cb, void *opaque)
 {
-	return submit_rw(img, QSM_M_WRITE, offset, iov, iovcnt, cb, opaque);
+	return submit_rw(img, QSM_M_WRITE, offset, iov, iovcnt, 0, cb, opaque);
+}
+
+int qsm_writev_flags(struct qsm_image *img, uint64_t offset, const struct iovec *iov,
+		     int iovcnt, unsigned flags, qsm_cb cb, void *opaque)
+{
+	if (flags & ~QSM_REQ_FUA)
+		return -EINVAL;
+	return submit_rw(img, QSM_M_WRITE, offset, iov, iovcnt, flags, cb, opaque);
 }
 
 int qsm_flush(struct qsm_image *img, qsm_cb cb, void *opaque)
 {
+	if (img->closing)
+		return -ESHUTDOWN;
 	struct qsm_req *req = new_req(img, QSM_M_FLUSH, 0, 0, NULL, 0, cb, opaque);
 	if (!req)
 		return -ENOMEM;
@@ -1008,7 +1146,7 @@ int qsm_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes, qsm_cb c
 int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags,
 		     qsm_cb cb, void *opaque)
 {
-	if (flags & ~QSM_ZERO_MAY_UNMAP)
+	if (flags & ~(QSM_ZERO_MAY_UNMAP | QSM_ZERO_FUA))
 		return -EINVAL;
 	return submit_range(img, QSM_M_ZEROES, offset, bytes, flags, cb, opaque);
 }
@@ -1016,6 +1154,8 @@ int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, uns
 int qsm_write_compressed(struct qsm_image *img, uint64_t offset, const struct iovec *iov,
 			 int iovcnt, qsm_cb cb, void *opaque)
 {
+	if (img->closing)
+		return -ESHUTDOWN;
 	if (img->raw)
 		return -ENOTSUP; /* no clusters to compress */
 	if (iovcnt < 0 || (iovcnt > 0 && !iov))

@@ -8,10 +8,13 @@
  *  - qsm_readv/writev/flush/discard/write_zeroes/block_status never block and
  *    never call their callback before returning (completion is always
  *    delivered from the loop).
- *  - qsm_open, qsm_close and qsm_create block (like bdrv_open): they read or
- *    write the header and tables synchronously.  qsm_close requires that no
- *    request is in flight; it may run the loop to finish an internal
- *    metadata write-back batch.
+ *  - qsm_close_async never blocks either: callable from anywhere on the
+ *    loop, completion callbacks included (see "Closing" below).
+ *  - What blocks: qsm_open and qsm_open_io (they read the header and tables
+ *    synchronously), qsm_create, qsm_truncate, qsm_close and the qsm_sync_*
+ *    helpers (these run the loop until their work is done, so they must not
+ *    be called from inside a callback of the loop: qsm_close detects it and
+ *    returns -EDEADLK).
  *
  * Errors: every function returns 0 or a negative errno.  A submit function
  * that returns an error does not run the callback (the request was not
@@ -131,8 +134,46 @@ QSM_EXPORT int qsm_open(struct event_base *base, const char *path, const struct 
  * (closed by qsm_close, or on failure). */
 QSM_EXPORT int qsm_open_io(struct event_base *base, struct qsm_io *io, const struct qsm_open_opts *opts,
 		struct qsm_image **out, char *err, size_t errlen);
-/* Write back all dirty metadata, flush, and release.  No request may be in
- * flight.  Returns the first error met; the image is released either way. */
+/*
+ * Closing.
+ *
+ * qsm_close_async(img, cb, opaque) starts closing the image and returns at
+ * once; it may be called from anywhere on the image's loop, including from
+ * inside a completion callback of one of its requests.  From then on:
+ *  1. every new request on img is refused: the submit functions (qsm_readv,
+ *     qsm_writev, qsm_writev_flags, qsm_flush, qsm_discard, qsm_write_zeroes,
+ *     qsm_write_compressed, qsm_block_status) return -ESHUTDOWN without
+ *     calling their callback, and qsm_close_async itself -EALREADY;
+ *  2. the requests already in flight complete normally (their callbacks run,
+ *     with their own results) before anything else happens: closing with
+ *     requests in flight is allowed;
+ *  3. a read-write image writes back all its dirty metadata through the
+ *     ordinary write-back machine, refcounts included, and, with lazy
+ *     refcounts, clears the dirty bit once everything is durable (a clean
+ *     close); space reserved ahead of the allocator is given back.  An image
+ *     in the sticky error state writes nothing but the corrupt bit (when it
+ *     found corruption) and closes with its error;
+ *  4. the io handle and the backing chain are closed and everything freed;
+ *  5. then cb(opaque, ret) runs, once, from the loop (never from inside
+ *     qsm_close_async): ret is 0, or the first error met (the image's sticky
+ *     error, a failed write-back: what could not be written is lost).
+ * img must not be used after cb has been called (it is freed by then).
+ * Returns 0 when the close was started; -EALREADY when a close is already in
+ * progress; -ENOMEM when it could not be started (nothing was done, the
+ * image stays open).  cb may be NULL.
+ */
+QSM_EXPORT int qsm_close_async(struct qsm_image *img, qsm_cb cb, void *opaque);
+/*
+ * Blocking close for tools: qsm_close_async, then run the loop until it has
+ * completed; returns its result.  Must not be called from inside a callback
+ * running on the image's loop: from a completion callback of one of the
+ * image's requests it returns -EDEADLK and the image stays open (use
+ * qsm_close_async); from any other event of that event_base it cannot be
+ * detected, and libevent refuses the nested loop.  Requests still in flight
+ * complete first.  Should the loop run out of events before the close is
+ * over (I/O that never completes: a crashed simulated disk), the image is
+ * released as by qsm_abandon and -EIO returned.
+ */
 QSM_EXPORT int qsm_close(struct qsm_image *img);
 /* Release without writing anything: what a process crash leaves on disk. */
 QSM_EXPORT void qsm_abandon(struct qsm_image *img);
@@ -159,6 +200,23 @@ QSM_EXPORT int qsm_readv(struct qsm_image *img, uint64_t offset, const struct io
 	      qsm_cb cb, void *opaque);
 QSM_EXPORT int qsm_writev(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
 	       qsm_cb cb, void *opaque);
+/*
+ * Per-request flags.
+ * QSM_REQ_FUA (force unit access), on writes (qsm_writev_flags) and zero
+ * writes (qsm_write_zeroes, spelled QSM_ZERO_FUA there): the request
+ * completes only when its data and the metadata that maps it are durable.
+ * It joins the next write-back batch, as every write does in cache mode
+ * writethrough (and is grouped with the writethrough and FUA writes in
+ * flight, sharing one sequence of syncs); that batch writes what is dirty
+ * when it starts and syncs (one sync when nothing is dirty: an in-place
+ * overwrite's data is synced too).  Requests without the flag are not
+ * affected: they neither wait nor cause a sync.  In cache=unsafe, where
+ * nothing is ever synced, FUA has no effect beyond the batch's writes.
+ */
+#define QSM_REQ_FUA 0x2
+/* qsm_writev with flags (0 or QSM_REQ_FUA; -EINVAL for any other bit). */
+QSM_EXPORT int qsm_writev_flags(struct qsm_image *img, uint64_t offset, const struct iovec *iov,
+		     int iovcnt, unsigned flags, qsm_cb cb, void *opaque);
 QSM_EXPORT int qsm_flush(struct qsm_image *img, qsm_cb cb, void *opaque);
 /* Whole clusters in the range are released and read as zeros afterwards
  * (v3: zero flag; v2: unallocated); partial clusters are left as they are.
@@ -171,7 +229,10 @@ QSM_EXPORT int qsm_discard(struct qsm_image *img, uint64_t offset, uint64_t byte
  * whole clusters become zero clusters (even with QSM_ZERO_MAY_UNMAP), v2
  * clusters get zero data; partial clusters are copied from the backing
  * image with the range zeroed. */
-#define QSM_ZERO_MAY_UNMAP 0x1 /* whole clusters may be deallocated (qemu-io write -z -u) */
+#define QSM_ZERO_MAY_UNMAP 0x1 /* whole clusters may be deallocated (qemu-io write -z -u);
+				* without it, a v3 allocated cluster keeps its host
+				* cluster with the zero flag */
+#define QSM_ZERO_FUA QSM_REQ_FUA /* durable before completion, see QSM_REQ_FUA */
 QSM_EXPORT int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags,
 		     qsm_cb cb, void *opaque);
 

@@ -32,7 +32,8 @@
  *   * -> FILE_RANGE .............. step_file_range
  *   * -> CLUSTER_ALLOC ........... step_cluster_alloc
  *   * -> BACKING_READ ............ step_backing_read
- *   * -> BACKING_STATUS .......... step_backing_status (write zeroes)
+ *   * -> BACKING_STATUS .......... step_backing_status (write zeroes; one
+ *                                  image of the chain per entry, probe_cb)
  *   * -> COW_READ ................ step_cow_read (cow_read_backing)
  *   * -> ALLOC_WRITE ............. step_alloc_write
  *   * -> L2_UPDATE ............... step_l2_update
@@ -40,6 +41,7 @@
  *   * -> NEXT_RUN ................ step_next_run
  *   * -> DURABLE_WAIT ............ qsm_wb_join (sm/writeback.c)
  *   WB_* ......................... qsm_wb_step (sm/writeback.c)
+ *   CLOSE_* ...................... qsm_close_step (sm/image.c)
  *   * -> DONE .................... req_complete
  *
  * Invariants
@@ -181,6 +183,7 @@ static const char *const kind_names[QSM_M__COUNT] = {
 	[QSM_M_READ] = "read", [QSM_M_WRITE] = "write", [QSM_M_ZEROES] = "write_zeroes",
 	[QSM_M_DISCARD] = "discard", [QSM_M_FLUSH] = "flush", [QSM_M_STATUS] = "status",
 	[QSM_M_WRITEBACK] = "writeback", [QSM_M_WRITE_COMPRESSED] = "write_compressed",
+	[QSM_M_CLOSE] = "close",
 };
 
 /* --- helpers -------------------------------------------------------------- */
@@ -985,6 +988,7 @@ static enum qsm_event classify_zeroes(struct qsm_req *req)
 			req->probe_len = head;
 			req->probe_off2 = end;
 			req->probe_len2 = QSM_MIN(c0 + img->cluster_size, img->hdr.size) - end;
+			req->probe_img = NULL;
 			req->probe_done = false;
 			return QSM_E_BACKING;
 		}
@@ -1170,95 +1174,71 @@ static enum qsm_event step_backing_read(struct qsm_req *req)
 	return ret < 0 ? fail(req, ret) : QSM_E_WAIT;
 }
 
-static void probe_cb(void *opaque, int ret);
-
 /*
- * Ask the next question of BACKING_STATUS: does [probe_off, +probe_len) read
- * as zeros in req->probe_img?  Returns true when a status request went out;
- * false when the answer is known at once (*ret < 0: an error; else the range
- * lies past the image's end, so it reads as zeros).
+ * BACKING_STATUS answers the block status request of one image of the chain
+ * (probe_img) about one range ([probe_off, +probe_len)): unallocated there
+ * and the image has a backing file: the next image down decides (BACKING,
+ * back into BACKING_STATUS); zeros: that range is answered (ZERO, back into
+ * BACKING_STATUS for the next range); anything else: not known zeros (DATA).
  */
-static bool probe_submit(struct qsm_req *req, int *ret)
-{
-	struct qsm_image *b = req->probe_img;
-	*ret = 0;
-	if (req->probe_off >= b->hdr.size)
-		return false;
-	uint64_t len = QSM_MIN(req->probe_len, b->hdr.size - req->probe_off);
-	*ret = qsm_block_status(b, req->probe_off, len, &req->probe_ext, probe_cb, req);
-	return *ret == 0;
-}
-
-/* Start on the next range that needs asking, from the top of the chain.
- * True when a request went out; false when all is answered (or failed). */
-static bool probe_next_range(struct qsm_req *req, int *ret)
-{
-	*ret = 0;
-	for (;;) {
-		if (!req->probe_len) {
-			if (!req->probe_len2)
-				return false;
-			req->probe_off = req->probe_off2;
-			req->probe_len = req->probe_len2;
-			req->probe_len2 = 0;
-		}
-		req->probe_img = req->img->backing;
-		if (probe_submit(req, ret) || *ret < 0)
-			return *ret == 0;
-		req->probe_len = 0; /* past the end: zeros */
-	}
-}
-
 static void probe_cb(void *opaque, int ret)
 {
 	struct qsm_req *req = opaque;
 	struct qsm_image *b = req->probe_img;
-	uint64_t len = QSM_MIN(req->probe_len, b->hdr.size - req->probe_off);
-	bool whole = ret == 0 && req->probe_ext.length == len;
-
-	if (whole && req->probe_ext.flags == 0 && qsm_get_backing(b)) {
-		/* Unallocated there: the next image down decides. */
-		req->probe_img = qsm_get_backing(b);
-		if (probe_submit(req, &ret))
-			return;
-		if (ret == 0)
-			req->probe_len = 0; /* past its end: zeros */
-	} else if (whole && (req->probe_ext.flags & QSM_STATUS_ZERO)) {
-		req->probe_len = 0;
-	} else if (ret == 0) {
-		req->probe_done = true; /* data, or not one run: not known zeros */
-		req->probe_zero = false;
-		qsm_sm_post(req, QSM_E_IO_DONE, 0);
-		return;
-	}
-	if (ret == 0 && probe_next_range(req, &ret))
-		return;
 	if (ret < 0) {
 		qsm_sm_post(req, QSM_E_ERROR, ret);
 		return;
 	}
-	req->probe_done = req->probe_zero = true;
-	qsm_sm_post(req, QSM_E_IO_DONE, 0);
+	uint64_t len = QSM_MIN(req->probe_len, b->hdr.size - req->probe_off);
+	bool whole = req->probe_ext.length == len;
+	if (whole && req->probe_ext.flags == 0 && qsm_get_backing(b)) {
+		req->probe_img = qsm_get_backing(b);
+		qsm_sm_post(req, QSM_E_BACKING, 0);
+	} else if (whole && (req->probe_ext.flags & QSM_STATUS_ZERO)) {
+		req->probe_len = 0;
+		req->probe_img = NULL;
+		qsm_sm_post(req, QSM_E_ZERO, 0);
+	} else {
+		req->probe_done = true; /* data, or not one run: not known zeros */
+		req->probe_zero = false;
+		qsm_sm_post(req, QSM_E_DATA, 0);
+	}
 }
 
 /*
  * A partial zero write over an unallocated cluster of a v3 image with a
  * backing file.  QEMU turns it into a zero cluster when the rest of the
  * cluster (head and tail) already reads as zeros; find that out, image by
- * image down the chain (one block status request per image and range; past
- * an image's end counts as zeros; a run shorter than the range as not known
- * zeros).  The answer stays in the request and the run is looked up again,
- * since the cluster may have changed meanwhile.
+ * image down the chain, one entry of this state per question (one block
+ * status request per image and range; past an image's end counts as zeros;
+ * a run shorter than the range as not known zeros).  probe_img NULL: the
+ * current range starts from the top of the chain.  The answer stays in the
+ * request (FINISHED: all zeros; DATA from probe_cb: not) and the run is
+ * looked up again, since the cluster may have changed meanwhile.
  */
 static enum qsm_event step_backing_status(struct qsm_req *req)
 {
-	int ret;
-	if (probe_next_range(req, &ret))
-		return QSM_E_WAIT;
-	if (ret < 0)
-		return fail(req, ret);
-	req->probe_done = req->probe_zero = true;
-	return QSM_E_IO_DONE;
+	if (!req->probe_len) {
+		if (!req->probe_len2) {
+			req->probe_done = req->probe_zero = true;
+			return QSM_E_FINISHED;
+		}
+		req->probe_off = req->probe_off2;
+		req->probe_len = req->probe_len2;
+		req->probe_len2 = 0;
+		req->probe_img = NULL;
+	}
+	if (!req->probe_img)
+		req->probe_img = req->img->backing;
+	struct qsm_image *b = req->probe_img;
+	if (req->probe_off >= b->hdr.size) {
+		req->probe_len = 0; /* past its end: zeros */
+		req->probe_img = NULL;
+		return QSM_E_ZERO;
+	}
+	uint64_t len = QSM_MIN(req->probe_len, b->hdr.size - req->probe_off);
+	int ret = qsm_block_status(b, req->probe_off, len, &req->probe_ext, probe_cb, req);
+	return ret < 0 ? fail(req, ret) : QSM_E_WAIT;
 }
 
 static enum qsm_event step_zero_fill(struct qsm_req *req)
@@ -1857,10 +1837,13 @@ static enum qsm_event step_zero_update(struct qsm_req *req)
 	return QSM_E_UPDATED;
 }
 
+/* Does this write complete only once durable: the cache mode says so, or
+ * the request has FUA (QSM_REQ_FUA, QSM_ZERO_FUA: the same bit)? */
 static bool wants_durable(const struct qsm_req *req)
 {
 	enum qsm_cache_mode c = req->img->cache;
-	return c == QSM_CACHE_WRITETHROUGH || c == QSM_CACHE_DIRECTSYNC;
+	return c == QSM_CACHE_WRITETHROUGH || c == QSM_CACHE_DIRECTSYNC ||
+	       (req->flags & QSM_REQ_FUA);
 }
 
 static enum qsm_event step_next_run(struct qsm_req *req)
@@ -1890,6 +1873,10 @@ static enum qsm_event step_join_wait(struct qsm_req *req)
 
 static enum qsm_event step_durable_wait(struct qsm_req *req)
 {
+	/* A close, or a blocking full write-back: the batch writes the
+	 * deferred refcounts too and goes round until clean. */
+	if (req->machine == QSM_M_CLOSE || (req->flags & QSM_REQ_FULL_WRITEBACK))
+		req->img->wb_full = true;
 	qsm_wb_join(req->img, req);
 	return QSM_E_WAIT;
 }
@@ -1933,9 +1920,19 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_WB_HEADER:
 	case QSM_S_WB_L2:
 	case QSM_S_WB_L1:
-	case QSM_S_WB_SYNC:
+	case QSM_S_WB_SYNC_DATA:
+	case QSM_S_WB_SYNC_REFBLOCKS:
+	case QSM_S_WB_SYNC_REFTABLE:
+	case QSM_S_WB_SYNC_HEADER:
+	case QSM_S_WB_SYNC_L2:
+	case QSM_S_WB_SYNC_L1:
 	case QSM_S_WB_RELEASE:
 		return qsm_wb_step(req, QSM_E_BEGIN, 0);
+	case QSM_S_CLOSE_DRAIN:
+	case QSM_S_CLOSE_MARK_CORRUPT:
+	case QSM_S_CLOSE_SYNC:
+	case QSM_S_CLOSE_TRIM:
+		return qsm_close_step(req);
 	case QSM_S_START:
 	case QSM_S_DONE:
 	case QSM_S__COUNT:
@@ -2240,6 +2237,8 @@ static void req_unlink(struct qsm_req *req)
 	if (req->all_next)
 		req->all_next->all_prev = req->all_prev;
 	img->in_flight--;
+	if (img->close_req && req != img->close_req)
+		qsm_close_wake(img); /* a close may be waiting for this one */
 }
 
 static void req_complete(struct qsm_req *req)
@@ -2266,7 +2265,10 @@ static void req_complete(struct qsm_req *req)
 		case QSM_M_WRITE_COMPRESSED: img->stats.writes++; break;
 		case QSM_M_ZEROES: img->stats.zero_writes++; break;
 		case QSM_M_DISCARD: img->stats.discards++; break;
-		case QSM_M_FLUSH: img->stats.flushes++; break;
+		case QSM_M_FLUSH: /* the caller's, not qsm_sync_writeback's */
+			if (!(req->flags & QSM_REQ_FULL_WRITEBACK))
+				img->stats.flushes++;
+			break;
 		default: break;
 		}
 	}
@@ -2407,15 +2409,17 @@ static enum qsm_event raw_start(struct qsm_req *req)
 void qsm_sm_start(struct qsm_req *req)
 {
 	enum qsm_event ev = QSM_E_BEGIN;
-	if (req->bytes == 0 && req->machine != QSM_M_WRITEBACK)
+	bool internal = req->machine == QSM_M_WRITEBACK || req->machine == QSM_M_CLOSE;
+	if (req->bytes == 0 && !internal)
 		ev = QSM_E_NOTHING_TO_DO;
 	if (req->machine == QSM_M_FLUSH)
-		ev = req->img->cache == QSM_CACHE_UNSAFE ? QSM_E_IGNORED : QSM_E_NEED_DURABLE;
+		ev = req->img->cache == QSM_CACHE_UNSAFE && !(req->flags & QSM_REQ_FULL_WRITEBACK)
+			     ? QSM_E_IGNORED : QSM_E_NEED_DURABLE;
 	if (is_write_machine(req->machine) && wants_durable(req) && ev == QSM_E_BEGIN) {
 		req->wt_counted = true;
 		req->img->wt_pending++;
 	}
-	if (req->img->raw && ev == QSM_E_BEGIN && req->machine != QSM_M_WRITEBACK)
+	if (req->img->raw && ev == QSM_E_BEGIN && !internal)
 		ev = raw_start(req);
 	qsm_sm_post(req, ev, 0);
 }

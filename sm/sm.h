@@ -157,7 +157,7 @@ struct qsm_req {
 	uint64_t done;            /* bytes finished so far */
 	const struct iovec *iov;  /* caller's (READ/WRITE) */
 	int iovcnt;
-	unsigned flags;           /* QSM_ZERO_* */
+	unsigned flags;           /* QSM_REQ_FUA, QSM_ZERO_*, QSM_REQ_FULL_WRITEBACK */
 	qsm_cb cb;
 	void *opaque;
 	struct qsm_extent *status_out;
@@ -232,7 +232,9 @@ struct qsm_wb {
 	uint64_t *frees;          /* host clusters whose refcount drops at WB_RELEASE */
 	size_t nb_frees;
 	struct qsm_wait *waiters; /* requests completed by this batch */
-	int level;                /* next level to write (enum wb_level) */
+	bool full;                /* refcounts too, rounds until clean (img->wb_full) */
+	bool cleaning;            /* this round writes the header with the dirty bit cleared */
+	unsigned round;           /* rounds of a full batch done so far */
 	struct qsm_io_req *ios;   /* one per write of the current level */
 	size_t nb_ios;
 };
@@ -294,8 +296,18 @@ struct qsm_image {
 	struct qsm_req *wb_job;           /* the running write-back batch, or NULL */
 	struct qsm_wait *wb_next_waiters; /* want the next batch */
 	bool wb_wanted;                   /* a batch is needed for cache slots */
-	bool wb_sync;                     /* qsm_wb_sync_all runs: it writes
-	                                   * everything itself, no batch starts */
+	bool wb_full;                     /* the next batch is a full one (close,
+	                                   * qsm_sync_writeback): refcounts too */
+	bool wb_closed;                   /* a close wrote everything back: no
+	                                   * batch starts any more */
+	/* The close in progress (machine CLOSE), or NULL: once set, the submit
+	 * functions refuse new requests (-ESHUTDOWN). */
+	bool closing;
+	struct qsm_req *close_req;
+	struct event *close_ev;           /* runs the close's last step: free, call back */
+	qsm_cb close_cb;
+	void *close_opaque;
+	int close_ret;
 	/* Group commit: writethrough writes accepted but not yet waiting for
 	 * durability.  A batch waits (at most wb_ev's timeout) until they have
 	 * all joined, so one fdatasync sequence covers every write in flight. */
@@ -369,14 +381,29 @@ void qsm_wb_maybe_start(struct qsm_image *img, bool now);
 void qsm_wb_timer_cb(evutil_socket_t fd, short what, void *arg);
 /* Step functions of the WRITEBACK machine. */
 enum qsm_event qsm_wb_step(struct qsm_req *req, enum qsm_event ev, int ret);
-/* Write everything dirty synchronously (close). */
-int qsm_wb_sync_all(struct qsm_image *img);
+/* --- sm/sync.c ------------------------------------------------------------ */
+/* Blocking (tools, resize, create; never from a callback): one full
+ * write-back batch (QSM_REQ_FULL_WRITEBACK), running the loop until it
+ * completed.  0 or -errno. */
+int qsm_sync_writeback(struct qsm_image *img);
+
 /* Drop a cluster's refcount once the tables no longer pointing at it are durable. */
 int qsm_free_cluster_deferred(struct qsm_image *img, uint64_t host_offset);
 /* A data I/O completed: release the held frees no I/O is in flight on any more. */
 void qsm_wb_release_held(struct qsm_image *img);
 
+/* Internal request flag (above the public QSM_REQ_ and QSM_ZERO_ bits): a
+ * FLUSH that asks for a full write-back batch (refcounts included even with
+ * lazy refcounts, rounds until nothing is dirty, the dirty bit cleared), and
+ * is not ignored in cache=unsafe.  See qsm_sync_writeback. */
+#define QSM_REQ_FULL_WRITEBACK 0x100
+
 /* --- sm/image.c ---------------------------------------------------------- */
+/* Step functions of the CLOSE machine. */
+enum qsm_event qsm_close_step(struct qsm_req *req);
+/* A request left the image: wake the close waiting in CLOSE_DRAIN when
+ * nothing else is in flight any more. */
+void qsm_close_wake(struct qsm_image *img);
 /* Does the image name a backing file (opened or not)?  Unallocated clusters
  * then belong to the backing chain: they are not zeros. */
 static inline bool qsm_has_backing(const struct qsm_image *img)

@@ -3,7 +3,10 @@
  *
  * Each sync call submits one asynchronous request and runs the image's event
  * loop until its callback has run.  It must not be called from inside a qsm
- * callback (the loop would be re-entered).
+ * callback (the loop would be re-entered): qsm_close checks.  The blocking
+ * operations of the engine (qsm_close, resize and create's write-back) are
+ * built the same way on the asynchronous machines: there is no second,
+ * synchronous path for metadata.
  */
 #include <errno.h>
 #include <event2/event.h>
@@ -53,6 +56,45 @@ int qsm_sync_write_compressed(struct qsm_image *img, const void *buf, size_t len
 	struct sync_wait w = { 0 };
 	struct iovec iov = { (void *)buf, len };
 	return sync_run(img, qsm_write_compressed(img, offset, &iov, 1, sync_cb, &w), &w);
+}
+
+int qsm_sync_writeback(struct qsm_image *img)
+{
+	struct sync_wait w = { 0 };
+	if (img->closing)
+		return -ESHUTDOWN;
+	struct qsm_req *req = qsm_req_new(img, QSM_M_FLUSH, 0);
+	if (!req)
+		return -ENOMEM;
+	req->flags = QSM_REQ_FULL_WRITEBACK;
+	req->cb = sync_cb;
+	req->opaque = &w;
+	qsm_sm_start(req);
+	return sync_run(img, 0, &w);
+}
+
+int qsm_close(struct qsm_image *img)
+{
+	struct event_base *base = img->base;
+	struct sync_wait w = { 0 };
+	/* From inside a completion callback (they all run from the image's
+	 * run queue, img->draining), running the loop again would nest
+	 * (libevent refuses re-entry): qsm_close_async is the way there. */
+	if (img->draining)
+		return -EDEADLK;
+	int ret = qsm_close_async(img, sync_cb, &w);
+	if (ret < 0)
+		return ret;
+	while (!w.done) { /* img is freed before the callback runs */
+		if (event_base_loop(base, EVLOOP_ONCE) == 1 && !w.done) {
+			/* Nothing left on the loop could finish the close: its
+			 * I/O will never complete (a crashed simulated disk
+			 * drops what is in flight).  Release without writing. */
+			qsm_abandon(img);
+			return -EIO;
+		}
+	}
+	return w.ret;
 }
 
 int qsm_sync_flush(struct qsm_image *img)
@@ -127,7 +169,7 @@ static int write_zeros_sync(struct qsm_image *img, uint64_t off, uint64_t len)
  * contiguous; L2 entries point at them (COPIED), the file is sized to the
  * last data cluster.  Runs on a freshly created image, blocking; nothing is
  * in flight, so tables are written directly and the rest goes through the
- * ordinary write-back (refcount blocks, L1, header).
+ * ordinary write-back machine, one full batch (refcount blocks, L1, header).
  */
 static int preallocate(struct qsm_image *img, enum qsm_prealloc mode)
 {
@@ -161,7 +203,7 @@ static int preallocate(struct qsm_image *img, enum qsm_prealloc mode)
 	if (!ret && data_hi > img->file_end)
 		img->file_end = data_hi;
 	if (!ret)
-		ret = qsm_wb_sync_all(img);
+		ret = qsm_sync_writeback(img);
 	if (ret || data_hi == 0)
 		return ret;
 	uint64_t end = QSM_MAX(data_hi, qsm_refcount_image_end(img->rc));

@@ -9,9 +9,14 @@
  *               header, every dirty L2 table and the dirty L1 range (copies,
  *               so later changes cannot slip into this batch)
  *   then, skipping empty levels, each level written in parallel and followed
- *   by one fdatasync:
- *      WB_REFBLOCKS > WB_SYNC > WB_REFTABLE > WB_SYNC > WB_HEADER > WB_SYNC
- *      > WB_L2 > WB_SYNC > WB_L1 > WB_SYNC
+ *   by its own fdatasync state, in this order only (sm/states.def has no
+ *   other edges, so the dispatcher refuses any other order):
+ *      WB_REFBLOCKS > WB_SYNC_REFBLOCKS > WB_REFTABLE > WB_SYNC_REFTABLE
+ *      > WB_HEADER > WB_SYNC_HEADER > WB_L2 > WB_SYNC_L2 > WB_L1 > WB_SYNC_L1
+ *   (a batch that does not start with refcount blocks starts with
+ *   WB_SYNC_DATA, so the guest data is durable before any table); the
+ *   level a sync state closes is named by the state itself, and the event
+ *   leaving it names the next non-empty level (next_level_event)
  *   WB_RELEASE  drop the refcounts of clusters that the now durable tables no
  *               longer reference (those refcount blocks go in the next batch)
  *
@@ -32,8 +37,8 @@
  *     table is released after the header is durable.
  *
  * Lazy refcounts (img->lazy): refcount blocks and table are left dirty in
- * memory by every batch (WB_COLLECT --lazy--> WB_SYNC) and written by the
- * clean close (qsm_wb_sync_all), which then clears the dirty bit.  The first
+ * memory by every batch (WB_COLLECT --lazy--> WB_SYNC_DATA) and written by
+ * a full batch (close, resize, create), which then clears the dirty bit.  The first
  * batch that writes an L2 or L1 entry writes the header with the dirty bit
  * and syncs before the tables (WB_COLLECT --mark dirty--> WB_HEADER): on disk,
  * a table may run ahead of the refcounts only while the dirty bit says so,
@@ -46,8 +51,17 @@
  * writethrough write in flight has reached DURABLE_WAIT (img->wt_pending is
  * 0), or after QSM_GROUP_COMMIT_USEC, or at once for flushes in writeback
  * mode and cache pressure; after a batch the decision is made on the next
- * loop turn, so requests resubmitted by completion callbacks can join.  A failed metadata write or sync puts the image in the
- * sticky error state (img->error = -EIO): waiters fail, later writes fail fast.
+ * loop turn, so requests resubmitted by completion callbacks can join.  A
+ * failed metadata write or sync puts the image in the sticky error state
+ * (img->error = -EIO): waiters fail, later writes fail fast.
+ *
+ * Full batches (img->wb_full, asked for by a close or a blocking full flush,
+ * qsm_sync_writeback): refcounts are written even with lazy refcounts, and
+ * after WB_RELEASE the batch goes round again (WB_ROUND, at most
+ * QSM_WB_MAX_ROUNDS) while releasing freed clusters left refcount blocks
+ * dirty, and once more to write the header with the lazy dirty bit cleared
+ * when everything else is durable.  This is the only path for metadata to
+ * disk: close, resize and create use it too (there is no synchronous copy).
  */
 #include <assert.h>
 #include <errno.h>
@@ -65,6 +79,24 @@ __attribute__((unused)) static const enum qsm_state level_state[WBL__COUNT] = {
 static const enum qsm_event level_event[WBL__COUNT] = {
 	QSM_E_WB_BLOCKS, QSM_E_WB_TABLE, QSM_E_WB_HEAD, QSM_E_WB_TABLES, QSM_E_WB_ENTRIES,
 };
+/* The sync state that follows each level. */
+static const enum qsm_state level_sync[WBL__COUNT] = {
+	QSM_S_WB_SYNC_REFBLOCKS, QSM_S_WB_SYNC_REFTABLE, QSM_S_WB_SYNC_HEADER, QSM_S_WB_SYNC_L2,
+	QSM_S_WB_SYNC_L1,
+};
+
+/* Full batches: rounds at most (each round's releases dirty fewer blocks). */
+#define QSM_WB_MAX_ROUNDS 8
+
+/* The level a sync state closes; -1 for WB_SYNC_DATA (before any level). */
+static int sync_level(enum qsm_state s)
+{
+	for (int l = 0; l < WBL__COUNT; l++)
+		if (level_sync[l] == s)
+			return l;
+	assert(s == QSM_S_WB_SYNC_DATA);
+	return -1;
+}
 
 struct wb_io {
 	struct qsm_io_req io;
@@ -83,14 +115,28 @@ static struct qsm_meta_batch *level_batch(struct qsm_wb *wb, int level)
 	}
 }
 
-static void wb_free(struct qsm_wb *wb)
+/* Drop what a round collected (the next round collects afresh). */
+static void wb_reset(struct qsm_wb *wb)
 {
 	for (int l = 0; l < WBL__COUNT; l++) {
 		qsm_meta_batch_clear(level_batch(wb, l));
 		free(level_batch(wb, l)->w);
+		memset(level_batch(wb, l), 0, sizeof(struct qsm_meta_batch));
 	}
 	free(wb->frees);
 	free(wb->ios);
+	wb->frees = NULL;
+	wb->nb_frees = 0;
+	wb->ios = NULL;
+	wb->nb_ios = 0;
+	wb->l2_submitted = 0;
+	wb->marks_dirty = false;
+	memset(&wb->rc, 0, sizeof(wb->rc));
+}
+
+static void wb_free(struct qsm_wb *wb)
+{
+	wb_reset(wb);
 	free(wb);
 }
 
@@ -142,7 +188,7 @@ static void batch_move(struct qsm_meta_batch *dst, struct qsm_meta_batch *src)
 #endif
 
 /*
- * Snapshot everything dirty into wb (WB_COLLECT; also used by close).  With
+ * Snapshot everything dirty into wb (WB_COLLECT).  With
  * lazy refcounts and !full, refcount blocks stay dirty in memory, and when
  * the batch writes tables while the dirty bit is not on disk yet, the header
  * level sets it first.
@@ -252,11 +298,13 @@ static int wb_release(struct qsm_image *img, struct qsm_wb *wb)
 	return ret;
 }
 
+static void fail_waiters(struct qsm_wait **list, int ret);
+
 static void start_job(struct qsm_image *img)
 {
 	assert(!img->wb_job);
 	if (img->error) {
-		qsm_wake_all(&img->wb_next_waiters, QSM_E_ERROR, img->error);
+		fail_waiters(&img->wb_next_waiters, img->error);
 		img->wb_wanted = false;
 		return;
 	}
@@ -265,10 +313,9 @@ static void start_job(struct qsm_image *img)
 	if (!job) {
 		/* Cannot even start: fail those who wait rather than hang. */
 		free(wb);
-		qsm_wake_all(&img->wb_next_waiters, QSM_E_ERROR, -ENOMEM);
+		fail_waiters(&img->wb_next_waiters, -ENOMEM);
 		return;
 	}
-	wb->level = -1;
 	job->wb = wb;
 	img->wb_job = job;
 	img->wb_wanted = false;
@@ -281,10 +328,9 @@ static void start_job(struct qsm_image *img)
 
 void qsm_wb_maybe_start(struct qsm_image *img, bool now)
 {
-	/* Not inside qsm_wb_sync_all (blocking helpers and asynchronous I/O
-	 * must not mix; at close the batch would never run): what asked for a
-	 * batch (wb_wanted) gets one at the next request. */
-	if (img->wb_sync || img->wb_job || (!img->wb_next_waiters && !img->wb_wanted))
+	/* Not once a close has written everything back (wb_closed): the io
+	 * handle is about to go. */
+	if (img->wb_closed || img->wb_job || (!img->wb_next_waiters && !img->wb_wanted))
 		return;
 	if (now || img->wb_wanted || img->wt_pending == 0) {
 		event_del(img->wb_ev);
@@ -350,7 +396,6 @@ static enum qsm_event write_level(struct qsm_req *job, int level)
 	struct qsm_wb *wb = job->wb;
 	struct qsm_meta_batch *b = level_batch(wb, level);
 	assert(b->n > 0 && job->state == level_state[level]);
-	wb->level = level;
 	free(wb->ios);
 	wb->ios = calloc(b->n, sizeof(struct wb_io));
 	if (!wb->ios)
@@ -388,10 +433,11 @@ static enum qsm_event write_level(struct qsm_req *job, int level)
 	return QSM_E_WAIT;
 }
 
-/* After a sync: the event naming the next non-empty level, or WB_DONE. */
-static enum qsm_event next_level_event(struct qsm_wb *wb)
+/* After the sync that closes `level` (-1: WB_SYNC_DATA): the event naming
+ * the next non-empty level below it in the order, or WB_DONE. */
+static enum qsm_event next_level_event(struct qsm_wb *wb, int level)
 {
-	for (int l = wb->level + 1; l < WBL__COUNT; l++)
+	for (int l = level + 1; l < WBL__COUNT; l++)
 		if (level_batch(wb, l)->n)
 			return level_event[l];
 	return QSM_E_WB_DONE;
@@ -401,14 +447,38 @@ static void sync_cb(struct qsm_io_req *io, int ret)
 {
 	struct qsm_req *job = container_of(io, struct qsm_req, io);
 	struct qsm_image *img = job->img;
+	struct qsm_wb *wb = job->wb;
 	if (ret < 0) {
 		qsm_sm_post(job, QSM_E_ERROR, ret);
 	} else {
-		if (job->wb->level == WBL_HEADER && job->wb->marks_dirty)
+		if (job->state == QSM_S_WB_SYNC_HEADER && wb->marks_dirty)
 			img->disk_dirty = true; /* tables may now run ahead of refcounts */
-		qsm_sm_post(job, next_level_event(job->wb), 0);
+		if (job->state == QSM_S_WB_SYNC_HEADER && wb->cleaning)
+			img->disk_dirty = false; /* the clean header is durable */
+		qsm_sm_post(job, next_level_event(wb, sync_level(job->state)), 0);
 	}
 	qsm_sm_drain(img);
+}
+
+/* Fail the requests a batch was to complete.  A close learns it with BROKEN
+ * (it still writes the corrupt bit, sm/states.def), everyone else with ERROR. */
+static void fail_waiters(struct qsm_wait **list, int ret)
+{
+	struct qsm_wait *w = *list;
+	*list = NULL;
+	while (w) {
+		struct qsm_wait *next = w->next;
+		struct qsm_req *req = w->req;
+		req->waiting = false;
+		if (req->machine == QSM_M_CLOSE) {
+			if (!req->ret)
+				req->ret = ret;
+			qsm_sm_post(req, QSM_E_BROKEN, ret);
+		} else {
+			qsm_sm_post(req, QSM_E_ERROR, ret);
+		}
+		w = next;
+	}
 }
 
 static void job_done(struct qsm_req *job, int ret)
@@ -433,7 +503,7 @@ static void job_done(struct qsm_req *job, int ret)
 		 * cache slot fail rather than wait (the dirty tables stay, so
 		 * reads keep seeing acknowledged writes). */
 		qsm_l2_cache_set_stuck(&img->l2c);
-		qsm_wake_all(&wb->waiters, QSM_E_ERROR, -EIO);
+		fail_waiters(&wb->waiters, -EIO);
 	} else {
 		qsm_wake_all(&wb->waiters, QSM_E_WB_DONE, 0);
 	}
@@ -451,135 +521,100 @@ static void job_done(struct qsm_req *job, int ret)
 	}
 }
 
-enum qsm_event qsm_wb_step(struct qsm_req *job, enum qsm_event ev, int ret)
+static bool anything_dirty(struct qsm_image *img)
+{
+	if (img->raw)
+		return false;
+	return qsm_refcount_dirty(img->rc) || img->header_dirty || qsm_l2_dirty_count(&img->l2c) ||
+	       img->l1_dirty_hi > img->l1_dirty_lo || img->nb_pending_frees;
+}
+
+/* WB_COLLECT: the requests to complete (first round), then the snapshot,
+ * then the first level or sync. */
+static enum qsm_event wb_step_collect(struct qsm_req *job)
 {
 	struct qsm_image *img = job->img;
 	struct qsm_wb *wb = job->wb;
+	int ret;
+	if (wb->round == 0) {
+		wb->waiters = img->wb_next_waiters;
+		img->wb_next_waiters = NULL;
+		for (struct qsm_wait *w = wb->waiters; w; w = w->next)
+			w->req->wait_for = job->id; /* for traces: who completes them */
+		wb->full = img->wb_full;
+		img->wb_full = false;
+	} else {
+		wb_reset(wb);
+	}
+	if ((ret = wb_collect(img, wb, wb->full)) < 0) {
+		job->ret = ret;
+		return QSM_E_ERROR;
+	}
+	if (QSM_MUTANT(EARLY_ACK) && wb->round == 0) /* mutant: acknowledged before any sync */
+		qsm_wake_all(&wb->waiters, QSM_E_WB_DONE, 0);
+	if (wb->blocks.n)
+		return QSM_E_WB_BLOCKS;
+	if (wb->marks_dirty)
+		return QSM_E_WB_MARK_DIRTY;
+	return img->lazy && !wb->full ? QSM_E_WB_LAZY : QSM_E_WB_SYNCNOW;
+}
+
+/* WB_RELEASE: rules 4 and 5; a full batch may go round again. */
+static enum qsm_event wb_step_release(struct qsm_req *job)
+{
+	struct qsm_image *img = job->img;
+	struct qsm_wb *wb = job->wb;
+	int ret;
+	if ((ret = wb_release(img, wb)) < 0) {
+		job->ret = ret;
+		return QSM_E_ERROR;
+	}
+	if (!wb->full || wb->round + 1 >= QSM_WB_MAX_ROUNDS)
+		return QSM_E_FINISHED;
+	if (anything_dirty(img)) {
+		wb->round++; /* releasing frees dirtied refcount blocks again */
+		return QSM_E_WB_ROUND;
+	}
+	if (img->disk_dirty && !wb->cleaning && !img->raw) {
+		/* Everything, refcounts included, is durable: clear the bit. */
+		img->hdr.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
+		img->header_dirty = true;
+		wb->cleaning = true;
+		wb->round++;
+		return QSM_E_WB_ROUND;
+	}
+	return QSM_E_FINISHED;
+}
+
+enum qsm_event qsm_wb_step(struct qsm_req *job, enum qsm_event ev, int ret)
+{
+	struct qsm_image *img = job->img;
 
 	if (ev == QSM_E_FINISHED) { /* from req_complete: the batch is over */
 		job_done(job, ret);
 		return QSM_E_WAIT;
 	}
 	switch (job->state) {
-	case QSM_S_WB_COLLECT:
-		wb->waiters = img->wb_next_waiters;
-		img->wb_next_waiters = NULL;
-		for (struct qsm_wait *w = wb->waiters; w; w = w->next)
-			w->req->wait_for = job->id; /* for traces: who completes them */
-		if ((ret = wb_collect(img, wb, false)) < 0) {
-			job->ret = ret;
-			return QSM_E_ERROR;
-		}
-		if (QSM_MUTANT(EARLY_ACK)) /* mutant: acknowledged before any sync */
-			qsm_wake_all(&wb->waiters, QSM_E_WB_DONE, 0);
-		if (wb->blocks.n)
-			return QSM_E_WB_BLOCKS;
-		if (wb->marks_dirty)
-			return QSM_E_WB_MARK_DIRTY;
-		return img->lazy ? QSM_E_WB_LAZY : QSM_E_WB_SYNCNOW;
+	case QSM_S_WB_COLLECT:   return wb_step_collect(job);
 	case QSM_S_WB_REFBLOCKS: return write_level(job, WBL_BLOCKS);
 	case QSM_S_WB_REFTABLE:  return write_level(job, WBL_REFTABLE);
 	case QSM_S_WB_HEADER:    return write_level(job, WBL_HEADER);
 	case QSM_S_WB_L2:        return write_level(job, WBL_L2);
 	case QSM_S_WB_L1:        return write_level(job, WBL_L1);
-	case QSM_S_WB_SYNC:
+	case QSM_S_WB_SYNC_DATA:
+	case QSM_S_WB_SYNC_REFBLOCKS:
+	case QSM_S_WB_SYNC_REFTABLE:
+	case QSM_S_WB_SYNC_HEADER:
+	case QSM_S_WB_SYNC_L2:
+	case QSM_S_WB_SYNC_L1:
 		img->stats.io_flushes++;
 		job->io = (struct qsm_io_req){
 			.op = QSM_IO_FLUSH, .event = QSM_IO_EV_FLUSH, .cb = sync_cb,
 		};
 		qsm_io_submit(img->io, &job->io);
 		return QSM_E_WAIT;
-	case QSM_S_WB_RELEASE:
-		if ((ret = wb_release(img, wb)) < 0) {
-			job->ret = ret;
-			return QSM_E_ERROR;
-		}
-		return QSM_E_FINISHED;
+	case QSM_S_WB_RELEASE:   return wb_step_release(job);
 	default:
 		abort();
 	}
-}
-
-static bool anything_dirty(struct qsm_image *img)
-{
-	return qsm_refcount_dirty(img->rc) || img->header_dirty || qsm_l2_dirty_count(&img->l2c) ||
-	       img->l1_dirty_hi > img->l1_dirty_lo || img->nb_pending_frees;
-}
-
-static int wb_sync_all(struct qsm_image *img);
-
-int qsm_wb_sync_all(struct qsm_image *img)
-{
-	assert(!img->wb_sync);
-	img->wb_sync = true;
-	int ret = wb_sync_all(img);
-	img->wb_sync = false;
-	return ret;
-}
-
-static int wb_sync_all(struct qsm_image *img)
-{
-	int ret = 0;
-	/* Releasing frees dirties refcount blocks again; a few rounds settle it. */
-	for (int round = 0; round < 8 && !ret && anything_dirty(img); round++) {
-		struct qsm_wb *wb = calloc(1, sizeof(*wb));
-		if (!wb)
-			return -ENOMEM;
-		ret = wb_collect(img, wb, true);
-		bool synced = false;
-		for (int l = 0; l < WBL__COUNT && !ret; l++) {
-			struct qsm_meta_batch *b = level_batch(wb, l);
-			if (!b->n)
-				continue;
-			if (l == WBL_L2 && !synced)
-				ret = qsm_io_flush_sync(img->io); /* data before L2 */
-			for (size_t i = 0; i < b->n && !ret; i++) {
-				ret = qsm_io_pwrite_sync(img->io, b->w[i].buf, b->w[i].len, b->w[i].offset);
-				img->stats.meta_writes++;
-			}
-			if (l == WBL_L2)
-				for (size_t i = 0; i < b->n; i++)
-					qsm_l2_written(&img->l2c, b->w[i].offset, ret);
-			if (!ret)
-				ret = qsm_io_flush_sync(img->io);
-			img->stats.io_flushes++;
-			synced = true;
-		}
-		if (!ret)
-			ret = wb_release(img, wb);
-		wb_free(wb);
-	}
-	if (ret == -EIO && (img->hdr.incompatible_features & QCOW2_INCOMPAT_CORRUPT) &&
-	    !img->read_only) {
-		/* Corruption found on the way (qsm_image_corrupt, e.g. a refcount
-		 * underflow in wb_release): as QEMU, mark the image corrupt on
-		 * disk, best effort.  Only incompatible_features (8 bytes at 72)
-		 * is written; the dirty bit is kept where the disk has it. */
-		uint8_t be[8];
-		uint64_t f = img->hdr.incompatible_features & ~QCOW2_INCOMPAT_DIRTY;
-		if (img->disk_dirty)
-			f |= QCOW2_INCOMPAT_DIRTY;
-		qcow2_put_be64(be, f);
-		if (qsm_io_pwrite_sync(img->io, be, sizeof(be), 72) == 0)
-			(void)qsm_io_flush_sync(img->io);
-		return ret;
-	}
-	if (!ret)
-		ret = qsm_io_flush_sync(img->io);
-	if (!ret && img->disk_dirty && !anything_dirty(img)) {
-		/* Everything, refcounts included, is durable: clear the bit. */
-		uint8_t *buf = calloc(1, img->cluster_size);
-		if (!buf)
-			return -ENOMEM;
-		img->hdr.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
-		ret = qcow2_header_serialize(&img->hdr, buf, img->cluster_size);
-		if (!ret)
-			ret = qsm_io_pwrite_sync(img->io, buf, img->cluster_size, 0);
-		if (!ret)
-			ret = qsm_io_flush_sync(img->io);
-		if (!ret)
-			img->disk_dirty = false;
-		free(buf);
-	}
-	return ret;
 }
