@@ -1,0 +1,638 @@
+/*
+ * tests/unit/test_lifecycle.c: Check suite "lifecycle": closing and
+ * per-request flags, on the simulated disk (io/sim.h).
+ *
+ *  - fua: a FUA write (allocating, in place, lazy refcounts) and a FUA zero
+ *    write that completed survive a crash that drops every unflushed write;
+ *    the same write without FUA does not (so the crash really drops), and
+ *    issues no sync (qsm_stats.io_flushes); bad flags are refused;
+ *    QSM_ZERO_MAY_UNMAP releases the host cluster, its absence keeps it.
+ *  - close: qsm_close_async from inside a write's completion callback with
+ *    other requests in flight: they all complete, the close callback runs
+ *    once, from the loop, after them; new requests are refused
+ *    (-ESHUTDOWN), qsm_close there says -EDEADLK; the image is clean
+ *    (qsm's checker, and qemu-img check when installed) and holds the data,
+ *    the lazy dirty bit is cleared.  Closing with requests in flight from
+ *    the top level (qsm_close and qsm_close_async) is defined.
+ *  - table: the write-back machine's edges only go down the crash-safe
+ *    order refblocks > reftable > header > L2 > L1, each level followed by
+ *    its own sync state; BACKING_STATUS asks one image per entry (traced).
+ * Seeds are fixed; each case prints nothing unless it fails.
+ */
+#include <check.h>
+#include <errno.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "io/sim.h"
+#include "metadata/check.h"
+#include "metadata/qcow2.h"
+#include "sm/sm.h"
+
+#define CS 4096u             /* cluster size of the test images */
+#define SIZE (16u << 20)     /* virtual size: eight L2 tables */
+
+/* A fresh image on a new simulated disk. */
+static struct qsm_sim *new_disk(uint64_t seed, bool lazy)
+{
+	struct qcow2_create_opts o = { .size = SIZE, .cluster_bits = 12, .version = 3,
+				       .refcount_order = 4, .lazy_refcounts = lazy };
+	uint8_t *im;
+	size_t len;
+	char err[256];
+	struct qsm_sim *sim = qsm_sim_new(seed);
+	ck_assert_int_eq(qcow2_create_image(&o, &im, &len, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_sim_load_buf(sim, im, len), 0);
+	free(im);
+	return sim;
+}
+
+static struct qsm_image *open_disk(struct event_base *b, struct qsm_sim *sim,
+				   enum qsm_cache_mode cache)
+{
+	struct qsm_open_opts oo = { .cache = cache, .work_threads = -1 };
+	struct qsm_image *img;
+	struct qsm_io *io;
+	char err[256];
+	ck_assert_int_eq(qsm_io_open_sim(b, sim, 0, &io), 0);
+	ck_assert_msg(qsm_open_io(b, io, &oo, &img, err, sizeof(err)) == 0, "open: %s", err);
+	return img;
+}
+
+struct done {
+	int ret;
+	int calls;
+};
+
+static void done_cb(void *opaque, int ret)
+{
+	struct done *d = opaque;
+	d->ret = ret;
+	d->calls++;
+}
+
+static void wait_done(struct event_base *b, struct done *d)
+{
+	while (!d->calls)
+		ck_assert_msg(event_base_loop(b, EVLOOP_ONCE) != 1, "hang");
+}
+
+static int write_flags(struct event_base *b, struct qsm_image *img, uint64_t off, uint8_t pat,
+		       size_t len, unsigned flags)
+{
+	uint8_t *buf = malloc(len);
+	memset(buf, pat, len);
+	struct iovec iov = { buf, len };
+	struct done d = { 0, 0 };
+	int ret = qsm_writev_flags(img, off, &iov, 1, flags, done_cb, &d);
+	if (ret == 0) {
+		wait_done(b, &d);
+		ret = d.ret;
+	}
+	free(buf);
+	return ret;
+}
+
+static int zero_flags(struct event_base *b, struct qsm_image *img, uint64_t off, uint64_t len,
+		      unsigned flags)
+{
+	struct done d = { 0, 0 };
+	int ret = qsm_write_zeroes(img, off, len, flags, done_cb, &d);
+	if (ret == 0) {
+		wait_done(b, &d);
+		ret = d.ret;
+	}
+	return ret;
+}
+
+static bool reads_as(struct qsm_image *img, uint64_t off, size_t len, uint8_t pat)
+{
+	uint8_t *buf = malloc(len);
+	bool ok = qsm_sync_pread(img, buf, len, off) == 0;
+	for (size_t i = 0; ok && i < len; i++)
+		ok = buf[i] == pat;
+	free(buf);
+	return ok;
+}
+
+static uint64_t flushes(struct qsm_image *img)
+{
+	struct qsm_stats st;
+	qsm_get_stats(img, &st);
+	return st.io_flushes;
+}
+
+/* Crash dropping every write not yet durable, and reopen. */
+static struct qsm_image *crash_reopen(struct event_base *b, struct qsm_sim *sim,
+				      struct qsm_image *img)
+{
+	qsm_sim_crash(sim, 0, false);
+	qsm_abandon(img);
+	return open_disk(b, sim, QSM_CACHE_WRITEBACK);
+}
+
+/* --- fua ------------------------------------------------------------------- */
+
+static void fua_case(bool lazy)
+{
+	struct event_base *b = event_base_new();
+	struct qsm_sim *sim = new_disk(lazy ? 11 : 10, lazy);
+	struct qsm_image *img = open_disk(b, sim, QSM_CACHE_WRITEBACK);
+
+	/* Allocating writes: without FUA, no sync; with FUA (in another L2
+	 * table), durable once completed.  The FUA write's batch writes what
+	 * is dirty when it starts (it covers the earlier writes too); a write
+	 * completed after it is not durable, and the crash drops it. */
+	uint64_t f0 = flushes(img);
+	ck_assert_int_eq(write_flags(b, img, 0, 0x11, 2 * CS, 0), 0);
+	ck_assert_int_eq(write_flags(b, img, 3 * CS + 100, 0x12, 1000, 0), 0);
+	ck_assert_uint_eq(flushes(img), f0); /* a non-FUA write never syncs */
+	uint64_t far = (uint64_t)CS / 8 * CS * 2; /* a third L2 table */
+	ck_assert_int_eq(write_flags(b, img, far, 0x22, CS, QSM_REQ_FUA), 0);
+	ck_assert_uint_gt(flushes(img), f0);
+	uint64_t f2 = flushes(img);
+	uint64_t far2 = (uint64_t)CS / 8 * CS * 5; /* a sixth one */
+	ck_assert_int_eq(write_flags(b, img, far2, 0x23, CS, 0), 0);
+	ck_assert_int_eq(write_flags(b, img, far + CS, 0x24, CS, 0), 0);
+	ck_assert_uint_eq(flushes(img), f2);
+	img = crash_reopen(b, sim, img);
+	ck_assert(reads_as(img, far, CS, 0x22));
+	ck_assert(reads_as(img, 0, 2 * CS, 0x11));
+	ck_assert(reads_as(img, far2, CS, 0));      /* the crash dropped them */
+	ck_assert(reads_as(img, far + CS, CS, 0));
+
+	/* In-place overwrite with FUA: no metadata changes, the data is synced. */
+	ck_assert_int_eq(write_flags(b, img, 8 * CS, 0x33, CS, 0), 0);
+	ck_assert_int_eq(qsm_sync_flush(img), 0);
+	uint64_t f1 = flushes(img);
+	ck_assert_int_eq(write_flags(b, img, 8 * CS + 512, 0x44, 1024, 0), 0); /* in place */
+	ck_assert_uint_eq(flushes(img), f1);
+	ck_assert_int_eq(write_flags(b, img, 8 * CS, 0x55, 512, QSM_REQ_FUA), 0);
+	ck_assert_uint_gt(flushes(img), f1);
+	img = crash_reopen(b, sim, img);
+	ck_assert(reads_as(img, 8 * CS, 512, 0x55));
+	/* Written before the FUA write completed: the same sync covered it. */
+	ck_assert(reads_as(img, 8 * CS + 512, 1024, 0x44));
+	ck_assert(reads_as(img, 8 * CS + 1536, CS - 1536, 0x33));
+
+	/* FUA zero write: whole cluster (zero flag) and a partial one. */
+	ck_assert_int_eq(write_flags(b, img, 12 * CS, 0x66, 2 * CS, 0), 0);
+	ck_assert_int_eq(qsm_sync_flush(img), 0);
+	ck_assert_int_eq(zero_flags(b, img, 12 * CS, CS, QSM_ZERO_FUA), 0);
+	ck_assert_int_eq(zero_flags(b, img, 13 * CS + 7, 100, QSM_ZERO_FUA | QSM_ZERO_MAY_UNMAP), 0);
+	img = crash_reopen(b, sim, img);
+	ck_assert(reads_as(img, 12 * CS, CS, 0));
+	ck_assert(reads_as(img, 13 * CS, 7, 0x66));
+	ck_assert(reads_as(img, 13 * CS + 7, 100, 0));
+	ck_assert(reads_as(img, 13 * CS + 107, CS - 107, 0x66));
+
+	ck_assert_int_eq(qsm_close(img), 0);
+	event_base_free(b);
+	qsm_sim_free(sim);
+}
+
+START_TEST(fua_survives_crash)
+{
+	fua_case(false);
+}
+END_TEST
+
+START_TEST(fua_survives_crash_lazy)
+{
+	fua_case(true);
+}
+END_TEST
+
+START_TEST(flags_checked)
+{
+	struct event_base *b = event_base_new();
+	struct qsm_sim *sim = new_disk(12, false);
+	struct qsm_image *img = open_disk(b, sim, QSM_CACHE_WRITEBACK);
+	uint8_t buf[512] = { 0 };
+	struct iovec iov = { buf, sizeof(buf) };
+	struct done d = { 0, 0 };
+	ck_assert_int_eq(qsm_writev_flags(img, 0, &iov, 1, 0x80, done_cb, &d), -EINVAL);
+	ck_assert_int_eq(qsm_writev_flags(img, 0, &iov, 1, QSM_ZERO_MAY_UNMAP, done_cb, &d), -EINVAL);
+	ck_assert_int_eq(qsm_write_zeroes(img, 0, 512, 0x80, done_cb, &d), -EINVAL);
+	ck_assert_int_eq(d.calls, 0);
+
+	/* MAY_UNMAP: the v3 cluster is released (reads as zeros, no host
+	 * cluster); without it, the zero flag is set on the allocated one. */
+	struct qsm_extent e;
+	ck_assert_int_eq(write_flags(b, img, 0, 0x77, 2 * CS, 0), 0);
+	ck_assert_int_eq(zero_flags(b, img, 0, CS, QSM_ZERO_MAY_UNMAP), 0);
+	ck_assert_int_eq(zero_flags(b, img, CS, CS, 0), 0);
+	ck_assert_int_eq(qsm_sync_block_status(img, 0, CS, &e), 0);
+	ck_assert_uint_eq(e.flags & (QSM_STATUS_ZERO | QSM_STATUS_DATA), QSM_STATUS_ZERO);
+	ck_assert_uint_eq(e.host_offset, 0);
+	ck_assert_int_eq(qsm_sync_block_status(img, CS, CS, &e), 0);
+	ck_assert(e.flags & QSM_STATUS_ZERO);
+	ck_assert(e.flags & QSM_STATUS_ALLOCATED);
+	ck_assert_uint_ne(e.host_offset, 0);
+	ck_assert(reads_as(img, 0, 2 * CS, 0));
+	ck_assert_int_eq(qsm_close(img), 0);
+	event_base_free(b);
+	qsm_sim_free(sim);
+}
+END_TEST
+
+/* --- close ----------------------------------------------------------------- */
+
+#define NOPS 24
+
+struct close_run {
+	struct event_base *base;
+	struct qsm_image *img;
+	struct op {
+		struct close_run *r;
+		int idx;
+		uint8_t *buf;
+		struct iovec iov;
+		int ret, calls;
+	} ops[NOPS];
+	int completed;            /* ops completed */
+	int close_calls, close_ret;
+	int completed_at_close;   /* ops completed when the close callback ran */
+	bool in_close_async;      /* inside the qsm_close_async call */
+	int refused, again;
+	int completed_at_call;    /* ops completed when qsm_close_async was called */
+};
+
+static void close_cb(void *opaque, int ret)
+{
+	struct close_run *r = opaque;
+	ck_assert(!r->in_close_async); /* never from inside qsm_close_async */
+	r->close_calls++;
+	r->close_ret = ret;
+	r->completed_at_close = r->completed;
+}
+
+static void op_cb(void *opaque, int ret)
+{
+	struct op *o = opaque;
+	struct close_run *r = o->r;
+	o->ret = ret;
+	o->calls++;
+	r->completed++;
+	if (r->completed != 1)
+		return;
+	/* Inside the first completion (a write's), the others in flight. */
+	uint8_t x[512] = { 0 };
+	struct iovec iov = { x, sizeof(x) };
+	ck_assert_int_eq(qsm_close(r->img), -EDEADLK); /* no nested loop */
+	r->in_close_async = true;
+	r->completed_at_call = r->completed;
+	ck_assert_int_eq(qsm_close_async(r->img, close_cb, r), 0);
+	r->in_close_async = false;
+	ck_assert_int_eq(r->close_calls, 0);
+	r->refused += qsm_writev(r->img, 0, &iov, 1, op_cb, o) == -ESHUTDOWN;
+	r->refused += qsm_readv(r->img, 0, &iov, 1, op_cb, o) == -ESHUTDOWN;
+	r->refused += qsm_flush(r->img, op_cb, o) == -ESHUTDOWN;
+	r->refused += qsm_write_zeroes(r->img, 0, 512, 0, op_cb, o) == -ESHUTDOWN;
+	r->refused += qsm_discard(r->img, 0, 512, op_cb, o) == -ESHUTDOWN;
+	r->again = qsm_close_async(r->img, close_cb, r);
+}
+
+/* Guest offset of op i: spread over three L2 tables, odd ones unaligned. */
+static uint64_t op_off(int i)
+{
+	uint64_t l2span = (uint64_t)CS / 8 * CS;
+	return (uint64_t)(i % 3) * l2span + (uint64_t)(i / 3) * CS + (i % 2 ? 100 : 0);
+}
+
+static uint8_t op_pat(int i)
+{
+	return (uint8_t)(0x10 + i);
+}
+
+static void check_clean(struct qsm_sim *sim, bool lazy)
+{
+	struct event_base *b = event_base_new();
+	struct qsm_io *io;
+	struct qsm_check_result res;
+	char err[256];
+	uint8_t hdr[96];
+	ck_assert_int_eq(qsm_io_open_sim(b, sim, QSM_IO_RDONLY, &io), 0);
+	ck_assert_int_eq(qsm_io_pread_sync(io, hdr, sizeof(hdr), 0), 0);
+	memset(&res, 0, sizeof(res));
+	ck_assert_int_eq(qsm_check_image(io, 0, &res, NULL, err, sizeof(err)), 0);
+	qsm_io_close(io);
+	ck_assert_uint_eq(res.corruptions, 0);
+	ck_assert_uint_eq(res.leaks, 0);
+	ck_assert(!res.incomplete);
+	ck_assert_uint_eq(qcow2_be64(hdr + 72) & QCOW2_INCOMPAT_DIRTY, 0); /* clean close */
+	if (lazy)
+		ck_assert(qcow2_be64(hdr + 80) & QCOW2_COMPAT_LAZY_REFCOUNTS);
+	if (system("qemu-img --version >/dev/null 2>&1") == 0) {
+		char path[] = "/tmp/qsm-lifecycle-XXXXXX", cmd[128];
+		int fd = mkstemp(path);
+		ck_assert_int_ge(fd, 0);
+		close(fd);
+		ck_assert_int_eq(qsm_sim_save_file(sim, path), 0);
+		snprintf(cmd, sizeof(cmd), "qemu-img check -q '%s'", path);
+		ck_assert_msg(system(cmd) == 0, "qemu-img check %s", path);
+		unlink(path);
+	}
+	event_base_free(b);
+}
+
+static void close_in_callback_case(enum qsm_cache_mode cache, bool lazy, uint64_t seed)
+{
+	struct close_run r;
+	memset(&r, 0, sizeof(r));
+	struct qsm_sim *sim = new_disk(seed, lazy);
+	qsm_sim_set_max_batch(sim, 1); /* one completion at a time: the others stay in flight */
+	r.base = event_base_new();
+	r.img = open_disk(r.base, sim, cache);
+	for (int i = 0; i < NOPS; i++) {
+		struct op *o = &r.ops[i];
+		o->r = &r;
+		o->idx = i;
+		o->buf = malloc(CS);
+		memset(o->buf, op_pat(i), CS);
+		o->iov = (struct iovec){ o->buf, i % 2 ? CS / 2 : CS }; /* no overlaps */
+		ck_assert_int_eq(qsm_writev_flags(r.img, op_off(i), &o->iov, 1,
+						  i % 5 == 4 ? QSM_REQ_FUA : 0, op_cb, o), 0);
+	}
+	while (!r.close_calls)
+		ck_assert_msg(event_base_loop(r.base, EVLOOP_ONCE) != 1, "hang");
+	/* Let anything wrongly left run. */
+	event_base_loop(r.base, EVLOOP_NONBLOCK);
+	ck_assert_int_eq(r.close_calls, 1);
+	ck_assert_int_eq(r.close_ret, 0);
+	ck_assert_int_eq(r.refused, 5);
+	ck_assert_int_eq(r.again, -EALREADY);
+	ck_assert_int_eq(r.completed, NOPS);
+	ck_assert_int_eq(r.completed_at_close, NOPS); /* they completed first */
+	ck_assert_int_eq(r.completed_at_call, 1); /* the others were still in flight */
+	for (int i = 0; i < NOPS; i++) {
+		ck_assert_int_eq(r.ops[i].calls, 1);
+		ck_assert_int_eq(r.ops[i].ret, 0);
+	}
+	event_base_free(r.base);
+
+	check_clean(sim, lazy);
+	/* Everything acknowledged is in the image (the later write wins). */
+	struct event_base *b = event_base_new();
+	struct qsm_image *img = open_disk(b, sim, QSM_CACHE_WRITEBACK);
+	uint8_t *model = calloc(1, 3 * (uint64_t)CS / 8 * CS);
+	for (int i = 0; i < NOPS; i++)
+		memset(model + op_off(i), op_pat(i), r.ops[i].iov.iov_len);
+	uint8_t *got = malloc(3 * (uint64_t)CS / 8 * CS);
+	ck_assert_int_eq(qsm_sync_pread(img, got, 3 * (uint64_t)CS / 8 * CS, 0), 0);
+	ck_assert(memcmp(got, model, 3 * (uint64_t)CS / 8 * CS) == 0);
+	free(got);
+	free(model);
+	ck_assert_int_eq(qsm_close(img), 0);
+	event_base_free(b);
+	for (int i = 0; i < NOPS; i++)
+		free(r.ops[i].buf);
+	qsm_sim_free(sim);
+}
+
+START_TEST(close_async_in_callback)
+{
+	close_in_callback_case(QSM_CACHE_WRITEBACK, false, 20);
+}
+END_TEST
+
+START_TEST(close_async_in_callback_lazy)
+{
+	close_in_callback_case(QSM_CACHE_WRITEBACK, true, 21);
+}
+END_TEST
+
+START_TEST(close_async_in_callback_writethrough)
+{
+	close_in_callback_case(QSM_CACHE_WRITETHROUGH, false, 22);
+}
+END_TEST
+
+/* qsm_close (blocking) and qsm_close_async from the top level, with
+ * requests in flight: they complete first. */
+START_TEST(close_with_requests_in_flight)
+{
+	for (int mode = 0; mode < 2; mode++) {
+		struct qsm_sim *sim = new_disk(30 + mode, mode == 1);
+		struct event_base *b = event_base_new();
+		struct qsm_image *img = open_disk(b, sim, QSM_CACHE_WRITEBACK);
+		struct done d[8], c = { 0, 0 };
+		uint8_t buf[8][CS];
+		struct iovec iov[8];
+		memset(d, 0, sizeof(d));
+		for (int i = 0; i < 8; i++) {
+			memset(buf[i], 0x40 + i, CS);
+			iov[i] = (struct iovec){ buf[i], CS };
+			ck_assert_int_eq(qsm_writev(img, op_off(i), &iov[i], 1, done_cb, &d[i]), 0);
+		}
+		if (mode == 0) {
+			ck_assert_int_eq(qsm_close(img), 0);
+		} else {
+			ck_assert_int_eq(qsm_close_async(img, done_cb, &c), 0);
+			ck_assert_int_eq(c.calls, 0);
+			while (!c.calls)
+				ck_assert(event_base_loop(b, EVLOOP_ONCE) != 1);
+			ck_assert_int_eq(c.ret, 0);
+		}
+		for (int i = 0; i < 8; i++) {
+			ck_assert_int_eq(d[i].calls, 1);
+			ck_assert_int_eq(d[i].ret, 0);
+		}
+		event_base_free(b);
+		check_clean(sim, mode == 1);
+		qsm_sim_free(sim);
+	}
+}
+END_TEST
+
+/* A read-only image closes asynchronously too, writing nothing. */
+START_TEST(close_async_read_only)
+{
+	struct qsm_sim *sim = new_disk(40, false);
+	struct event_base *b = event_base_new();
+	struct qsm_open_opts oo = { .read_only = true, .work_threads = -1 };
+	struct qsm_image *img;
+	struct qsm_io *io;
+	char err[256];
+	struct done c = { 0, 0 };
+	ck_assert_int_eq(qsm_io_open_sim(b, sim, QSM_IO_RDONLY, &io), 0);
+	ck_assert_int_eq(qsm_open_io(b, io, &oo, &img, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_close_async(img, done_cb, &c), 0);
+	while (!c.calls)
+		ck_assert(event_base_loop(b, EVLOOP_ONCE) != 1);
+	ck_assert_int_eq(c.ret, 0);
+	ck_assert_uint_eq(qsm_sim_unflushed(sim), 0);
+	event_base_free(b);
+	qsm_sim_free(sim);
+}
+END_TEST
+
+/* --- table ----------------------------------------------------------------- */
+
+START_TEST(writeback_order_in_table)
+{
+	/* Level states in the crash-safe order, each with its sync state. */
+	static const enum qsm_state level[] = { QSM_S_WB_REFBLOCKS, QSM_S_WB_REFTABLE,
+						QSM_S_WB_HEADER, QSM_S_WB_L2, QSM_S_WB_L1 };
+	static const enum qsm_state sync[] = { QSM_S_WB_SYNC_REFBLOCKS, QSM_S_WB_SYNC_REFTABLE,
+					       QSM_S_WB_SYNC_HEADER, QSM_S_WB_SYNC_L2,
+					       QSM_S_WB_SYNC_L1 };
+	const int n = 5;
+	for (int l = 0; l < n; l++) {
+		/* A level is left only for its own sync. */
+		for (int e = 0; e < QSM_E__COUNT; e++) {
+			int to = qsm_transition(QSM_M_WRITEBACK, level[l], e);
+			ck_assert(to < 0 || (e == QSM_E_IO_DONE && to == (int)sync[l]));
+		}
+		/* A sync leads only to a later level or to the release. */
+		for (int e = 0; e < QSM_E__COUNT; e++) {
+			int to = qsm_transition(QSM_M_WRITEBACK, sync[l], e);
+			if (to < 0 || to == QSM_S_WB_RELEASE)
+				continue;
+			int k = -1;
+			for (int j = 0; j < n; j++)
+				if (level[j] == (enum qsm_state)to)
+					k = j;
+			ck_assert_msg(k > l, "%s leads back to %s", qsm_state_name(sync[l]),
+				      qsm_state_name(to));
+		}
+	}
+	/* The data sync comes before any table but refcount blocks. */
+	ck_assert_int_eq(qsm_transition(QSM_M_WRITEBACK, QSM_S_WB_COLLECT, QSM_E_WB_TABLES), -1);
+	ck_assert_int_eq(qsm_transition(QSM_M_WRITEBACK, QSM_S_WB_COLLECT, QSM_E_WB_SYNCNOW),
+			 QSM_S_WB_SYNC_DATA);
+	ck_assert_int_eq(qsm_transition(QSM_M_WRITEBACK, QSM_S_WB_SYNC_DATA, QSM_E_WB_TABLES),
+			 QSM_S_WB_L2);
+	ck_assert_int_eq(qsm_transition(QSM_M_WRITEBACK, QSM_S_WB_SYNC_L1, QSM_E_WB_TABLES), -1);
+	ck_assert_int_eq(qsm_transition(QSM_M_WRITEBACK, QSM_S_WB_SYNC_L2, QSM_E_WB_BLOCKS), -1);
+	/* Close joins a write-back batch like a flush. */
+	ck_assert_int_eq(qsm_transition(QSM_M_CLOSE, QSM_S_CLOSE_DRAIN, QSM_E_NEED_DURABLE),
+			 QSM_S_DURABLE_WAIT);
+}
+END_TEST
+
+/* Traced batches of a close on a lazy image: the states follow the order,
+ * the refcounts are written (a full batch), and the last round writes the
+ * header alone, clearing the dirty bit. */
+struct wb_trace {
+	char seq[4096];
+	size_t n;
+	int backing_status_backing; /* BACKING_STATUS --BACKING--> BACKING_STATUS */
+};
+
+static void wb_trace_fn(void *opaque, const struct qsm_trace_event *ev)
+{
+	struct wb_trace *t = opaque;
+	if (!strcmp(ev->kind, "writeback"))
+		t->n += (size_t)snprintf(t->seq + t->n, sizeof(t->seq) - t->n, "%s ", ev->to);
+	if (!strcmp(ev->from, "BACKING_STATUS") && !strcmp(ev->to, "BACKING_STATUS") &&
+	    !strcmp(ev->event_name, "BACKING"))
+		t->backing_status_backing++;
+}
+
+START_TEST(close_batch_traced)
+{
+	struct qsm_sim *sim = new_disk(50, true);
+	struct event_base *b = event_base_new();
+	struct qsm_image *img = open_disk(b, sim, QSM_CACHE_WRITEBACK);
+	struct wb_trace t = { .n = 0 };
+	ck_assert_int_eq(write_flags(b, img, 0, 0x12, CS, 0), 0);
+	ck_assert_int_eq(qsm_sync_flush(img), 0); /* lazy: marks dirty, no refcounts */
+	qsm_set_trace(img, wb_trace_fn, &t);
+	ck_assert_int_eq(write_flags(b, img, 5 * CS, 0x13, CS, 0), 0);
+	ck_assert_int_eq(qsm_close(img), 0);
+	ck_assert_msg(strstr(t.seq, "WB_COLLECT WB_REFBLOCKS WB_SYNC_REFBLOCKS WB_L2 WB_SYNC_L2 "
+				    "WB_RELEASE WB_COLLECT WB_SYNC_DATA WB_HEADER WB_SYNC_HEADER "
+				    "WB_RELEASE DONE"),
+		      "batch: %s", t.seq);
+	event_base_free(b);
+	check_clean(sim, true);
+	qsm_sim_free(sim);
+}
+END_TEST
+
+/* A chain of three images on simulated disks, through open_backing_io. */
+struct chain {
+	struct qsm_sim *sims[3];
+};
+
+static int open_chain_io(void *opaque, struct event_base *base, const char *name, int flags,
+			 struct qsm_io **out)
+{
+	struct chain *c = opaque;
+	const char *slash = strrchr(name, '/');
+	int k = (slash ? slash[1] : name[0]) - '0';
+	ck_assert(k >= 1 && k <= 2);
+	return qsm_io_open_sim(base, c->sims[k], flags, out);
+}
+
+START_TEST(backing_status_per_image)
+{
+	struct chain c;
+	for (int k = 0; k < 3; k++) {
+		struct qcow2_create_opts o = { .size = SIZE, .cluster_bits = 12, .version = 3,
+					       .refcount_order = 4,
+					       .backing_file = k < 2 ? (k == 0 ? "1" : "2") : NULL,
+					       .backing_format = k < 2 ? "qcow2" : NULL };
+		uint8_t *im;
+		size_t len;
+		char err[256];
+		c.sims[k] = qsm_sim_new(60 + k);
+		ck_assert_int_eq(qcow2_create_image(&o, &im, &len, err, sizeof(err)), 0);
+		ck_assert_int_eq(qsm_sim_load_buf(c.sims[k], im, len), 0);
+		free(im);
+	}
+	struct event_base *b = event_base_new();
+	struct qsm_open_opts oo = { .work_threads = -1, .open_backing_io = open_chain_io,
+				    .open_backing_opaque = &c };
+	struct qsm_image *img;
+	struct qsm_io *io;
+	char err[256];
+	ck_assert_int_eq(qsm_io_open_sim(b, c.sims[0], 0, &io), 0);
+	ck_assert_msg(qsm_open_io(b, io, &oo, &img, err, sizeof(err)) == 0, "open: %s", err);
+	struct wb_trace t = { .n = 0 };
+	qsm_set_trace(img, wb_trace_fn, &t);
+	/* A partial zero write over a cluster unallocated in the whole chain:
+	 * image 1 says unallocated, image 2 decides (zeros), per range. */
+	ck_assert_int_eq(zero_flags(b, img, 7 * CS + 100, 200, 0), 0);
+	ck_assert_int_ge(t.backing_status_backing, 1);
+	struct qsm_extent e;
+	ck_assert_int_eq(qsm_sync_block_status(img, 7 * CS, CS, &e), 0);
+	ck_assert(e.flags & QSM_STATUS_ZERO); /* became a zero cluster */
+	ck_assert(reads_as(img, 7 * CS, CS, 0));
+	ck_assert_int_eq(qsm_close(img), 0);
+	event_base_free(b);
+	for (int k = 0; k < 3; k++)
+		qsm_sim_free(c.sims[k]);
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("lifecycle");
+	TCase *fua = tcase_create("fua");
+	tcase_add_test(fua, fua_survives_crash);
+	tcase_add_test(fua, fua_survives_crash_lazy);
+	tcase_add_test(fua, flags_checked);
+	suite_add_tcase(s, fua);
+	TCase *cl = tcase_create("close");
+	tcase_add_test(cl, close_async_in_callback);
+	tcase_add_test(cl, close_async_in_callback_lazy);
+	tcase_add_test(cl, close_async_in_callback_writethrough);
+	tcase_add_test(cl, close_with_requests_in_flight);
+	tcase_add_test(cl, close_async_read_only);
+	suite_add_tcase(s, cl);
+	TCase *tb = tcase_create("table");
+	tcase_add_test(tb, writeback_order_in_table);
+	tcase_add_test(tb, close_batch_traced);
+	tcase_add_test(tb, backing_status_per_image);
+	suite_add_tcase(s, tb);
+	SRunner *sr = srunner_create(s);
+	srunner_run_all(sr, CK_NORMAL);
+	int failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
