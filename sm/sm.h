@@ -300,8 +300,9 @@ struct qsm_image {
 	                                   * qsm_sync_writeback): refcounts too */
 	bool wb_closed;                   /* a close wrote everything back: no
 	                                   * batch starts any more */
-	/* The close in progress (machine CLOSE), or NULL: once set, the submit
-	 * functions refuse new requests (-ESHUTDOWN). */
+	/* qsm_close_async was called: the submit functions refuse new
+	 * requests (-ESHUTDOWN).  close_req: the close request (machine
+	 * CLOSE) until it is DONE. */
 	bool closing;
 	struct qsm_req *close_req;
 	struct event *close_ev;           /* runs the close's last step: free, call back */

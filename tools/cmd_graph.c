@@ -1,7 +1,7 @@
 /*
  * tools/cmd_graph.c: `qsm graph`, the request state machines as Graphviz.
  *
- *   qsm graph [--machine read|write|zeroes|discard|flush|status|writeback|all]
+ *   qsm graph [--machine read|write|zeroes|discard|flush|status|writeback|close|all]
  *             [--format dot|svg] [-o FILE] [--list]
  *
  * Design: everything drawn comes from sm/states.def, included here with

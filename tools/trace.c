@@ -116,12 +116,12 @@ static void fmt_size(char *buf, size_t len, uint64_t v)
 		snprintf(buf, len, "%" PRIu64, v);
 }
 
-/* "#17 write 1M+64k" (flush and write-back have no range). */
+/* "#17 write 1M+64k" (flush, write-back and close have no range). */
 static void fmt_request(char *buf, size_t len, uint64_t id, const char *kind, uint64_t off,
 			uint64_t bytes)
 {
 	char o[32], b[32];
-	if (!strcmp(kind, "flush") || !strcmp(kind, "writeback")) {
+	if (!strcmp(kind, "flush") || !strcmp(kind, "writeback") || !strcmp(kind, "close")) {
 		snprintf(buf, len, "#%" PRIu64 " %s", id, kind);
 		return;
 	}
