@@ -176,17 +176,27 @@ static void fail(struct session *s, const char *what, int ret)
 	event_base_loopbreak(s->base);
 }
 
+/* The image is freed by now; the loop runs dry and main() checks. */
+static void close_cb(void *opaque, int ret)
+{
+	struct session *s = opaque;
+	if (ret < 0)
+		{ fail(s, "close", ret); return; }
+	s->img = NULL;
+	s->stage = 4;
+}
+
 static void flush_cb(void *opaque, int ret)
 {
 	struct session *s = opaque;
 	if (ret < 0)
 		{ fail(s, "flush", ret); return; }
 	s->stage = 3;
-	/* TODO(lifecycle): close from here with the asynchronous close once it
-	 * is on main:
-	 *     qsm_close_async(s->img, close_cb, s);   // close_cb sets stage 4
-	 * Until then the loop runs dry and main() calls qsm_close(), which
-	 * blocks and so may not be called from a callback. */
+	/* From inside a completion callback: the blocking qsm_close says so. */
+	if ((ret = qsm_close(s->img)) != -EDEADLK)
+		{ fail(s, "qsm_close from a callback did not refuse", ret ? ret : -EIO); return; }
+	if ((ret = qsm_close_async(s->img, close_cb, s)) < 0)
+		fail(s, "qsm_close_async", ret);
 }
 
 static void read_cb(void *opaque, int ret)
@@ -255,14 +265,9 @@ int main(void)
 		die("event_base_dispatch", -EIO);
 	if (s.error)
 		return 1;
-	if (s.stage < 3) {
+	if (s.stage < 4) {
 		fprintf(stderr, "embed: the loop ran dry at stage %d\n", s.stage);
 		return 1;
-	}
-	if (s.stage == 3) { /* see the TODO in flush_cb */
-		if ((ret = qsm_close(s.img)) < 0)
-			die("qsm_close", ret);
-		s.stage = 4;
 	}
 	if (disk.closed != 1)
 		die("the backend was not closed exactly once", -EIO);

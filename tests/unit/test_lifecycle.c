@@ -559,12 +559,11 @@ struct chain {
 	struct qsm_sim *sims[3];
 };
 
-static int open_chain_io(void *opaque, struct event_base *base, const char *name, int flags,
-			 struct qsm_io **out)
+static int open_chain_io(void *opaque, struct event_base *base, const char *name,
+			 const char *path, int flags, struct qsm_io **out)
 {
 	struct chain *c = opaque;
-	const char *slash = strrchr(name, '/');
-	int k = (slash ? slash[1] : name[0]) - '0';
+	int k = name[0] - '0'; /* the recorded name: "1" or "2" */
 	ck_assert(k >= 1 && k <= 2);
 	return qsm_io_open_sim(base, c->sims[k], flags, out);
 }
