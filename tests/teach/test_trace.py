@@ -25,7 +25,7 @@ checks every trace:
           "not finished" after a crash); a batch's "WB collect (...)" counts
           the writes of each level as the JSON WB_COLLECT slice does (1
           refcount block, 1 L2 table, 1 L1 range, adding up to meta_writes),
-          and each "WB sync (durable: ...)" names what the level before it
+          and each "WB sync <level> (durable: ...)" names what the level before it
           wrote, the first one also "the data written before the batch".
 Also: at least one freeze arrow, one durable-wait arrow and one L2 load were
 seen (so the checks above had something to check).
@@ -81,7 +81,11 @@ def sync_texts(states):
             d = DESC.get(prev, "")
             what = d[6:] if d.startswith("write ") else ""
             data = "" if synced else "the data written before the batch"
-            out.append(f"WB sync (durable: {what}{' + ' if what and data else ''}{data})")
+            # the sync state's name as the text shows it: "WB_SYNC_L2" ->
+            # "WB sync L2" (one sync state per level, sm/states.def)
+            name = " ".join(w if w in ("WB", "L1", "L2") else w.lower()
+                            for w in s["name"].split("_"))
+            out.append(f"{name} (durable: {what}{' + ' if what and data else ''}{data})")
             synced = True
         prev = s["name"]
     return out
