@@ -2127,12 +2127,13 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	/* The end of a run, of a request. */
 	case QSM_S_NEXT_RUN: /* the run is over: done advances past it */
 		return run_ok(req) && run_unheld(run) && !run->joined;
-	case QSM_S_DURABLE_WAIT:
-		return (wr || m == QSM_M_FLUSH) && req->done == req->bytes && run_unheld(run) &&
-		       !run->joined;
+	case QSM_S_DURABLE_WAIT: /* a close waits for its full batch here too */
+		return (wr || m == QSM_M_FLUSH || m == QSM_M_CLOSE) && req->done == req->bytes &&
+		       run_unheld(run) && !run->joined;
 	/* The write-back batch. */
-	case QSM_S_WB_COLLECT:
-		return m == QSM_M_WRITEBACK && img->wb_job == req && !req->wb->waiters;
+	case QSM_S_WB_COLLECT: /* a full batch's later rounds keep their waiters */
+		return m == QSM_M_WRITEBACK && img->wb_job == req &&
+		       (!req->wb->waiters || req->wb->round > 0);
 	case QSM_S_WB_REFBLOCKS:
 	case QSM_S_WB_REFTABLE:
 	case QSM_S_WB_HEADER:
@@ -2140,9 +2141,25 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	case QSM_S_WB_L1: /* only a level with something to write is entered */
 		return m == QSM_M_WRITEBACK && img->wb_job == req &&
 		       wb_level_batch(req->wb, req->state)->n > 0;
-	case QSM_S_WB_SYNC:
+	case QSM_S_WB_SYNC_DATA:
+	case QSM_S_WB_SYNC_REFBLOCKS:
+	case QSM_S_WB_SYNC_REFTABLE:
+	case QSM_S_WB_SYNC_HEADER:
+	case QSM_S_WB_SYNC_L2:
+	case QSM_S_WB_SYNC_L1:
 	case QSM_S_WB_RELEASE:
 		return m == QSM_M_WRITEBACK && img->wb_job == req;
+	/* The close: new requests refused from the start; after the drain it
+	 * is the only request in flight. */
+	case QSM_S_CLOSE_DRAIN:
+		return m == QSM_M_CLOSE && img->closing && img->close_req == req && !req->waiting;
+	case QSM_S_CLOSE_TRIM: /* its batch is over, nothing else runs */
+		return m == QSM_M_CLOSE && img->close_req == req && img->in_flight == 1 &&
+		       !img->wb_job && req->ret == 0;
+	case QSM_S_CLOSE_MARK_CORRUPT: /* in error: the close fails with it */
+	case QSM_S_CLOSE_SYNC:
+		return m == QSM_M_CLOSE && img->close_req == req && img->in_flight == 1 &&
+		       !img->wb_job && req->ret < 0;
 	case QSM_S_DONE:
 	case QSM_S__COUNT:
 		break;

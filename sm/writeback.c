@@ -507,6 +507,10 @@ static void job_done(struct qsm_req *job, int ret)
 	} else {
 		qsm_wake_all(&wb->waiters, QSM_E_WB_DONE, 0);
 	}
+	/* A closing image's full batch is its close's: no batch after it
+	 * (the close goes on to truncate and release the io handle). */
+	if (wb->full && img->closing)
+		img->wb_closed = true;
 	wb_free(wb);
 	job->wb = NULL;
 	img->wb_job = NULL;
