@@ -59,11 +59,19 @@ static bool have_qemu_img(void)
 	return system("qemu-img --version >/dev/null 2>&1") == 0;
 }
 
+/* QSM_TEST_SCALE (default 1): multiplies the number of seeds a case runs;
+ * every case runs at least one seed, however small the scale. */
 static double scale(void)
 {
 	const char *s = getenv("QSM_TEST_SCALE");
 	double v = s ? atof(s) : 1.0;
 	return v > 0 ? v : 1.0;
+}
+
+static int scaled_seeds(int n)
+{
+	int v = (int)(n * scale());
+	return v > 0 ? v : 1;
 }
 
 /* The data of write `id` at guest offset off: the workload engine's
@@ -405,7 +413,7 @@ static bool judge(const struct fz_case *c, struct fz_result *res)
  */
 START_TEST(crash_every_point)
 {
-	int seeds = (int)(3 * scale());
+	int seeds = scaled_seeds(3);
 	uint64_t base = env_seed(1000 + (uint64_t)_i * 100);
 	unsigned points = 0, failures = 0;
 	for (int s = 0; s < seeds; s++) {
@@ -450,7 +458,7 @@ static const struct { enum qsm_io_event ev; bool once; } faults[] = {
  * reopens). */
 START_TEST(faults_reported_nothing_lost)
 {
-	int seeds = (int)(4 * scale());
+	int seeds = scaled_seeds(4);
 	unsigned fired_runs = 0;
 	for (int s = 0; s < seeds; s++) {
 		uint64_t seed = env_seed(5000 + (uint64_t)_i * 100) + (uint64_t)s;
