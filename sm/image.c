@@ -82,20 +82,101 @@ static struct qsm_l2set *l2set_of(struct qsm_image *img);
 
 /* --- image-level helpers used by the state machines ----------------------- */
 
+/*
+ * Corruption.  A request (or the write-back) that finds metadata no valid
+ * image can hold (an entry past the end of the file, a data cluster over a
+ * table, a refcount underflow) calls qsm_image_corrupt.  From then on:
+ *  1. The request that found it fails with -EIO; so does every request
+ *     already accepted when it reaches its next metadata step or data write
+ *     (img->error, as after a failed metadata write).
+ *  2. Writes, zero writes, compressed writes, discards and qsm_truncate are
+ *     refused at submit with -ENOMEDIUM ("No medium found", what QEMU
+ *     reports once its qcow2 driver has marked an image corrupt), flushes
+ *     complete with -EIO (qsm.h), reads of intact mappings keep working and
+ *     keep seeing acknowledged writes (dirty tables stay in the cache).
+ *  3. Nothing more reaches the image but the corrupt bit: no write-back
+ *     batch starts (start_job) and a running one stops before its next
+ *     level (qsm_wb_step), dirty L2 tables and refcount blocks are left
+ *     unwritten, close writes nothing back, no space is preallocated, a
+ *     lazy-refcounts image keeps its dirty bit.  What was written before
+ *     detection stays: it was written in the crash-safe order, so the disk
+ *     is at worst a leak plus the corruption that was found.
+ *  4. The corrupt bit is written alone (8 bytes at header offset 72, then a
+ *     flush), after any running batch (whose header level could otherwise
+ *     land after it), so the image is never opened read-write again before
+ *     a repair (open refuses it before even a lazy-refcounts repair).
+ * A read-only image only records the message.  The first message is kept:
+ * it names the cause, later findings are its consequences.
+ */
 int qsm_image_corrupt(struct qsm_image *img, const char *fmt, ...)
 {
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(img->errmsg, sizeof(img->errmsg), fmt, ap);
-	va_end(ap);
-	/* As QEMU: mark the image corrupt (written with the next batch) so it
-	 * is not opened read-write again before a repair, and stop writing. */
-	if (!img->read_only && !(img->hdr.incompatible_features & QCOW2_INCOMPAT_CORRUPT)) {
+	if (!img->corrupt) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(img->errmsg, sizeof(img->errmsg), fmt, ap);
+		va_end(ap);
+	}
+	if (img->read_only)
+		return -EIO;
+	img->corrupt = true;
+	if (!img->error)
+		img->error = -EIO;
+	if (!(img->hdr.incompatible_features & QCOW2_INCOMPAT_CORRUPT)) {
 		img->hdr.incompatible_features |= QCOW2_INCOMPAT_CORRUPT;
-		img->header_dirty = true;
+		img->corrupt_mark = QSM_MARK_PENDING;
+		/* Dirty tables are never written now: a request waiting for a
+		 * cache slot must not wait for a write-back that never comes. */
+		qsm_l2_cache_set_stuck(&img->l2c);
+		/* Fail those waiting for durability (start_job refuses). */
 		qsm_wb_kick(img);
+		qsm_image_corrupt_mark(img);
 	}
 	return -EIO;
+}
+
+void qsm_image_corrupt_bits(const struct qsm_image *img, uint8_t be[8])
+{
+	/* The in-memory dirty bit may be ahead of the disk's (lazy refcounts
+	 * set it in the batch that writes it); the disk keeps its own. */
+	uint64_t f = img->hdr.incompatible_features & ~QCOW2_INCOMPAT_DIRTY;
+	if (img->disk_dirty)
+		f |= QCOW2_INCOMPAT_DIRTY;
+	qcow2_put_be64(be, f | QCOW2_INCOMPAT_CORRUPT);
+}
+
+static void corrupt_mark_cb(struct qsm_io_req *io, int ret)
+{
+	struct qsm_image *img = container_of(io, struct qsm_image, corrupt_io);
+	if (ret == 0 && io->op == QSM_IO_WRITE) {
+		img->stats.io_flushes++;
+		img->corrupt_io = (struct qsm_io_req){
+			.op = QSM_IO_FLUSH, .event = QSM_IO_EV_FLUSH, .cb = corrupt_mark_cb,
+		};
+		qsm_io_submit(img->io, &img->corrupt_io);
+		return;
+	}
+	/* Best effort: on failure the message still explains, and the image
+	 * accepts no writes in this session. */
+	img->corrupt_mark = QSM_MARK_DONE;
+	if (img->close_req)
+		qsm_close_wake(img); /* the close waits for this too */
+}
+
+void qsm_image_corrupt_mark(struct qsm_image *img)
+{
+	/* Not beside a batch (its header level would overwrite the bit). */
+	if (img->corrupt_mark != QSM_MARK_PENDING || img->wb_job)
+		return;
+	img->corrupt_mark = QSM_MARK_BUSY;
+	qsm_image_corrupt_bits(img, img->corrupt_be);
+	img->corrupt_iov = (struct iovec){ img->corrupt_be, sizeof(img->corrupt_be) };
+	img->stats.meta_writes++;
+	img->corrupt_io = (struct qsm_io_req){
+		.op = QSM_IO_WRITE, .event = QSM_IO_EV_HEADER_UPDATE, .offset = 72,
+		.len = sizeof(img->corrupt_be), .iov = &img->corrupt_iov, .iovcnt = 1,
+		.cb = corrupt_mark_cb,
+	};
+	qsm_io_submit(img->io, &img->corrupt_io);
 }
 
 void qsm_l1_set(struct qsm_image *img, uint64_t idx, uint64_t entry)
@@ -193,7 +274,7 @@ static void prealloc_cb(struct qsm_io_req *io, int ret)
  */
 void qsm_prealloc_ahead(struct qsm_image *img, uint64_t end)
 {
-	if (img->read_only || img->prealloc_busy)
+	if (img->read_only || img->prealloc_busy || img->error)
 		return;
 	uint64_t chunk = QSM_MIN(64ull << 20, QSM_MAX(1ull << 20, img->prealloc_end / 8));
 	chunk = QSM_ALIGN_UP(chunk, img->cluster_size);
@@ -482,6 +563,10 @@ read_header:;
 		goto fail;
 
 	struct qcow2_header *h = &img->hdr;
+	/* Before the repair below: a corrupt image is never written, not even
+	 * by a lazy-refcounts repair (qemu-img check -r repairs it). */
+	if ((h->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !img->read_only)
+		OPEN_FAIL(-EACCES, "image is corrupt (incompatible feature bit 1 set); cannot be opened read/write");
 	if ((h->incompatible_features & QCOW2_INCOMPAT_DIRTY) && !img->read_only &&
 	    !opts->no_repair && !repaired) {
 		/* Refcounts may lag behind the tables (lazy refcounts, crash):
@@ -504,8 +589,6 @@ read_header:;
 	}
 	free(buf);
 	buf = NULL;
-	if ((h->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !img->read_only)
-		OPEN_FAIL(-EACCES, "image is corrupt (incompatible feature bit 1 set); cannot be opened read/write");
 	if ((h->incompatible_features & QCOW2_INCOMPAT_DIRTY) && !img->read_only)
 		OPEN_FAIL(-EBUSY, "image is dirty (lazy refcounts were in use when it was last closed) "
 			  "and opening it without repair was asked: open it read-only or repair it");
@@ -661,7 +744,8 @@ int qsm_open(struct event_base *base, const char *path, const struct qsm_open_op
  */
 static bool close_drained(const struct qsm_image *img)
 {
-	return img->in_flight == 1 && !img->prealloc_busy;
+	/* The corrupt mark too: the io handle is closed at the end. */
+	return img->in_flight == 1 && !img->prealloc_busy && img->corrupt_mark != QSM_MARK_BUSY;
 }
 
 void qsm_close_wake(struct qsm_image *img)
@@ -716,7 +800,7 @@ enum qsm_event qsm_close_step(struct qsm_req *req)
 		img->wb_closed = true;
 		if (!req->ret)
 			req->ret = img->error ? img->error : -EIO;
-		if (img->read_only || img->raw ||
+		if (img->read_only || img->raw || img->corrupt_mark == QSM_MARK_DONE ||
 		    !(img->hdr.incompatible_features & QCOW2_INCOMPAT_CORRUPT))
 			return QSM_E_NOTHING_TO_DO;
 		uint64_t f = img->hdr.incompatible_features & ~QCOW2_INCOMPAT_DIRTY;
@@ -917,6 +1001,9 @@ static int truncate_image(struct qsm_image *img, uint64_t size, char *err, size_
 		err[0] = 0;
 	if (img->read_only)
 		TRUNC_FAIL(-EBADF, "Image is read-only");
+	if (img->corrupt)
+		TRUNC_FAIL(-ENOMEDIUM, "The image is marked corrupt and accepts no more writes: %s",
+			   img->errmsg);
 	if (img->error)
 		TRUNC_FAIL(-EIO, "%s", img->errmsg);
 	/* A raw file can have any length (as QEMU's file driver); qcow2 sizes
@@ -1046,10 +1133,15 @@ static int check_range(struct qsm_image *img, uint64_t offset, uint64_t bytes)
 	return 0;
 }
 
+/* Writes of every kind (write, zero write, compressed write, discard):
+ * refused on a read-only image, on a corrupt one (-ENOMEDIUM, as QEMU) and
+ * after a failed metadata write (-EIO). */
 static int check_writable(struct qsm_image *img)
 {
 	if (img->read_only)
 		return -EBADF;
+	if (img->corrupt)
+		return -ENOMEDIUM;
 	if (img->error)
 		return -EIO;
 	return 0;

@@ -18,12 +18,36 @@
  *
  * Errors: every function returns 0 or a negative errno.  A submit function
  * that returns an error does not run the callback (the request was not
- * accepted: bad arguments, image read-only, out of memory).  Once accepted,
- * the callback runs exactly once with 0 or a negative errno.  A write never
- * reports success unless its data and the metadata that maps it are in the
- * image (durable too in writethrough/directsync modes).  After a failed
- * metadata write the image is in a sticky error state: later writes fail with
- * -EIO (reads still work).
+ * accepted: bad arguments, image read-only or in a sticky error state, out
+ * of memory).  Once accepted, the callback runs exactly once with 0 or a
+ * negative errno.  A write never reports success unless its data and the
+ * metadata that maps it are in the image (durable too in
+ * writethrough/directsync modes).
+ *
+ * Two sticky error states, both for the rest of the session:
+ *  - After a failed metadata write: later writes, zero writes, compressed
+ *    writes, discards and qsm_truncate fail with -EIO (refused at submit,
+ *    no callback); requests already accepted fail with -EIO; flushes
+ *    complete with -EIO; reads still work.
+ *  - After a corruption is found (metadata no valid image holds: a table
+ *    entry past the end of the file, a data cluster over a table, ...):
+ *    the request that found it completes with -EIO; requests already
+ *    accepted complete with -EIO from their next metadata step or data
+ *    write on (one past both may still succeed); later writes, zero
+ *    writes, compressed writes, discards and qsm_truncate are refused at
+ *    submit with -ENOMEDIUM ("No medium found", as QEMU reports them), no
+ *    callback.  Flushes are accepted and complete with -EIO (cache=unsafe
+ *    ignores flushes, as always): QEMU's detached driver reports success,
+ *    but the metadata of writes acknowledged before the corruption may
+ *    never reach the disk, so qsm does not promise their durability.
+ *    Reads whose mapping is intact keep working and see every acknowledged
+ *    write.  Nothing more is written to the image but the corrupt bit of
+ *    its header (incompatible feature bit 1): dirty tables are left
+ *    unwritten, close writes nothing back and returns -EIO.  An image with
+ *    the corrupt bit set is never opened read-write again (-EACCES) until
+ *    repaired (qemu-img check -r).  A read-only image only records the
+ *    finding.
+ * qsm_image_error() says which state, and why.
  *
  * ABI (installed as <qsm/qsm.h>, with <qsm/qsm_io.h> and <qsm/qsm_version.h>;
  * `pkg-config --cflags --libs qsm`):
@@ -189,7 +213,8 @@ QSM_EXPORT void qsm_abandon(struct qsm_image *img);
  * Growing over a backing image longer than the old size zeroes the new area
  * (v3 zero clusters, as QEMU) so the backing data does not appear there; a
  * v2 image cannot and is refused (-ENOTSUP).  Raw images: the file is
- * truncated to the new size.
+ * truncated to the new size.  In the sticky error states (top of file):
+ * -ENOMEDIUM once corrupt, -EIO after a failed metadata write.
  */
 QSM_EXPORT int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen);
 
@@ -282,7 +307,7 @@ struct qsm_info {
 	unsigned version;           /* 2 or 3 */
 	unsigned refcount_bits;
 	bool lazy_refcounts;
-	bool corrupt;
+	bool corrupt;               /* corrupt bit set (found at open or in this session) */
 	bool dirty;
 	bool read_only;
 	uint64_t file_size;         /* allocator's view of the image end */
@@ -296,8 +321,9 @@ QSM_EXPORT void qsm_get_info(struct qsm_image *img, struct qsm_info *info);
 /* The backing image (opened read-only on the same loop, owned by img), or
  * NULL when there is none or it was not opened (no_backing). */
 QSM_EXPORT struct qsm_image *qsm_get_backing(struct qsm_image *img);
-/* A sentence explaining the image's last error (corruption found, feature
- * not supported, write-back failure), or "" when there was none.  When the
+/* A sentence explaining the image's last error (corruption found: the
+ * first finding, which is the cause; feature not supported; write-back
+ * failure), or "" when there was none.  When the
  * image has none, the first error of its backing chain (a corrupt backing
  * file fails the reads that fall through to it). */
 QSM_EXPORT const char *qsm_image_error(struct qsm_image *img);

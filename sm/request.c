@@ -378,6 +378,8 @@ static enum qsm_event submit_io(struct qsm_req *req, enum qsm_io_op op, enum qsm
 {
 	struct qsm_image *img = req->img;
 	uint64_t len = qsm_iov_size(iov, iovcnt);
+	if (op != QSM_IO_READ && img->corrupt)
+		return fail(req, -EIO); /* nothing more is written (sm/image.c) */
 	req->io = (struct qsm_io_req){
 		.op = op, .event = tag, .offset = host, .len = len,
 		.iov = iov, .iovcnt = iovcnt, .cb = req_io_cb,
@@ -1608,6 +1610,8 @@ static enum qsm_event step_zero_clusters(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
 	struct qsm_run *run = &req->run;
+	if (img->corrupt)
+		return fail(req, -EIO); /* nothing more is written (sm/image.c) */
 	req->io = (struct qsm_io_req){
 		.op = QSM_IO_ZERO, .event = QSM_IO_EV_COW_WRITE, .offset = run->host,
 		.len = run->nb_clusters << img->cluster_bits, .cb = req_io_cb,

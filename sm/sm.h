@@ -261,8 +261,26 @@ struct qsm_image {
 	uint64_t l2_entries;      /* per table */
 	bool read_only;
 	enum qsm_cache_mode cache;
-	int error;                /* sticky: after a failed metadata write */
-	char errmsg[256];         /* last error explained */
+	/* Sticky error states (sm/image.c, "Corruption"):
+	 *  - error = -EIO: nothing more is written (write-back, allocation,
+	 *    data writes of requests already accepted fail with -EIO); set
+	 *    after a failed metadata write, and by a corruption;
+	 *  - corrupt: a corruption was found (qsm_image_corrupt); new writes,
+	 *    zero writes, discards, compressed writes and resizes are refused
+	 *    at submit with -ENOMEDIUM; implies error.  The only write left is
+	 *    the header's corrupt bit (corrupt_mark). */
+	int error;
+	bool corrupt;
+	enum qsm_corrupt_mark {
+		QSM_MARK_NONE,     /* nothing to write */
+		QSM_MARK_PENDING,  /* to write once no write-back batch runs */
+		QSM_MARK_BUSY,     /* corrupt_io in flight (write, then flush) */
+		QSM_MARK_DONE,     /* written (or failed: best effort) */
+	} corrupt_mark;
+	struct qsm_io_req corrupt_io;
+	struct iovec corrupt_iov;
+	uint8_t corrupt_be[8];    /* incompatible_features as on disk, bit 1 set */
+	char errmsg[256];         /* last error explained (a corruption: the first) */
 
 	/* L1 table, resident, on-disk byte order. */
 	uint8_t *l1;
@@ -411,9 +429,19 @@ static inline bool qsm_has_backing(const struct qsm_image *img)
 {
 	return img->hdr.backing_file[0] != '\0';
 }
-/* Record a corruption: message, corrupt bit (written back), sticky -EIO. */
+/* Record a corruption found by a request (or the write-back): the first
+ * message is kept, the image enters the corrupt state (img->corrupt, sticky
+ * -EIO), dirty metadata is never written, and the corrupt bit alone is
+ * written to the header (read-write images).  Returns -EIO, for the request
+ * that hit it. */
 int qsm_image_corrupt(struct qsm_image *img, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
+/* Start writing the corrupt bit if it is pending and no write-back batch
+ * runs (called again when the batch ends).  Asynchronous, best effort. */
+void qsm_image_corrupt_mark(struct qsm_image *img);
+/* The 8 bytes of incompatible_features (header offset 72) the disk must
+ * hold once marked: the disk's dirty bit, the corrupt bit set. */
+void qsm_image_corrupt_bits(const struct qsm_image *img, uint8_t be[8]);
 void qsm_l1_set(struct qsm_image *img, uint64_t idx, uint64_t entry);
 static inline uint64_t qsm_l1_get(const struct qsm_image *img, uint64_t idx)
 {

@@ -396,6 +396,13 @@ static enum qsm_event write_level(struct qsm_req *job, int level)
 	struct qsm_wb *wb = job->wb;
 	struct qsm_meta_batch *b = level_batch(wb, level);
 	assert(b->n > 0 && job->state == level_state[level]);
+	if (img->corrupt) {
+		/* Found while this batch ran: nothing more is written
+		 * (sm/image.c, "Corruption"); the levels already written were
+		 * complete and in the crash-safe order. */
+		job->ret = -EIO;
+		return QSM_E_ERROR;
+	}
 	free(wb->ios);
 	wb->ios = calloc(b->n, sizeof(struct wb_io));
 	if (!wb->ios)
@@ -514,6 +521,7 @@ static void job_done(struct qsm_req *job, int ret)
 	wb_free(wb);
 	job->wb = NULL;
 	img->wb_job = NULL;
+	qsm_image_corrupt_mark(img); /* it waited for this batch to end */
 	if (img->wb_wanted && !qsm_l2_dirty_count(&img->l2c))
 		img->wb_wanted = false;
 	/* Not at once: the requests just completed are often resubmitted by
