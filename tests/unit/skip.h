@@ -22,6 +22,9 @@
  *     tagged cases (CK_EXCLUDE_TAGS) and unit/NAME:TAG with only them
  *     (CK_INCLUDE_TAGS), all with SKIP_RETURN_CODE 77.  Running the binary
  *     by hand runs everything.
+ *  4. A binary whose every case needs the prerequisite (test_check: qemu-img
+ *     is its oracle) checks it in main and returns 77 at once, after a
+ *     "SKIPPED:" line.
  * A skip inside an untagged case (a rare environment detail, e.g. a tmpfs
  * that accepts O_DIRECT) is still printed, but ctest sees the binary pass
  * on the strength of its other cases.

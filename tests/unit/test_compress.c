@@ -36,6 +36,7 @@
 #include "io/util.h"
 #include "metadata/check.h"
 #include "sm/qsm.h"
+#include "tests/unit/skip.h"
 #include "tools/fuzz.h"
 
 static char tmpdir[256];
@@ -97,8 +98,11 @@ static void own_check_file(const char *path, struct qsm_check_result *res)
 
 static void qemu_check_clean(const char *path)
 {
-	if (!have_qemu_img())
+	if (!have_qemu_img()) {
+		/* A cross-check beside qsm's own: the case still tests. */
+		fprintf(stderr, "NOTE: qemu-img not found: no qemu-img check of %s\n", path);
 		return;
+	}
 	char cmd[600];
 	snprintf(cmd, sizeof(cmd), "qemu-img check -q '%s'", path);
 	ck_assert_msg(system(cmd) == 0, "qemu-img check %s is not clean", path);
@@ -502,9 +506,5 @@ static Suite *compress_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(compress_suite());
-	srunner_run_all(sr, CK_ENV);
-	int failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return qsm_test_run(compress_suite());
 }

@@ -40,6 +40,7 @@
 
 #include "io/util.h"
 #include "tools/fuzz.h"
+#include "tests/unit/skip.h"
 
 enum variant { V_WB, V_WT, V_WB_LAZY, V_WT_LAZY, V_NONE, V_DS, V_UNSAFE, V__COUNT };
 static const char *const variant_name[V__COUNT] = { "writeback", "writethrough",
@@ -296,9 +297,5 @@ static Suite *crash_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(crash_suite());
-	srunner_run_all(sr, CK_NORMAL);
-	int failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return qsm_test_run(crash_suite());
 }

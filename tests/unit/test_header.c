@@ -5,7 +5,8 @@
  *   - create: qcow2_create_image() output compared byte for byte (and in
  *     length) with what the installed qemu-img writes, over a matrix of
  *     cluster sizes, compat levels, refcount widths, lazy refcounts, backing
- *     files and virtual sizes (skipped with a message without qemu-img);
+ *     files and virtual sizes (TCase "create_qemu", tagged "qemu-img": its
+ *     own ctest entry, reported skipped without qemu-img, tests/unit/skip.h);
  *   - parse: qemu-made images parse, and parse -> serialize reproduces
  *     cluster 0 exactly;
  *   - validate: one test per opener-checklist rule: a valid header with a
@@ -25,20 +26,20 @@
 
 #include "io/util.h"
 #include "metadata/qcow2.h"
+#include "tests/unit/skip.h"
 
 /* --- helpers ----------------------------------------------------------------- */
 
 static char tmpdir[256];
 static int have_qemu = -1;
 
+/* Is qemu-img here?  When not, the case is reported skipped (QSM_SKIP). */
 static bool qemu_available(void)
 {
-	if (have_qemu < 0) {
+	if (have_qemu < 0)
 		have_qemu = system("qemu-img --version >/dev/null 2>&1") == 0;
-		if (!have_qemu)
-			fprintf(stderr, "test_header: qemu-img not found, skipping the "
-				"comparisons with qemu-img\n");
-	}
+	if (!have_qemu)
+		QSM_SKIP("qemu-img not found");
 	return have_qemu;
 }
 
@@ -957,11 +958,17 @@ static Suite *header_suite(void)
 	Suite *s = suite_create("header");
 	TCase *tc;
 
-	tc = tcase_create("create");
+	tc = tcase_create("create_qemu");
+	QSM_TCASE_REQUIRES(tc, "qemu-img");
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 600);
 	tcase_add_test(tc, create_matrix);
 	tcase_add_loop_test(tc, create_sizes, 0, (int)QSM_ARRAY_SIZE(size_cases));
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("create");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 600);
 	tcase_add_test(tc, create_refcount_layout);
 	tcase_add_loop_test(tc, create_bad_options, 0, (int)QSM_ARRAY_SIZE(opt_cases));
 	tcase_add_test(tc, create_backing_name_too_long_for_cluster);
@@ -1002,11 +1009,5 @@ static Suite *header_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(header_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return qsm_test_run(header_suite());
 }

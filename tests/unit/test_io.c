@@ -2,7 +2,9 @@
  * tests/unit/test_io.c: the io/ layer against its contracts (io/io.h, io/sim.h).
  *
  * Most tests are loop tests over the three backends (threads, io_uring, sim);
- * io_uring cases skip with a message where the kernel refuses io_uring.  Every
+ * io_uring cases are a TCase of their own tagged "uring" and the /dev/shm
+ * ones one tagged "tmpfs" (own ctest entries, reported skipped where the
+ * kernel refuses io_uring or /dev/shm is not tmpfs: tests/unit/skip.h).  Every
  * completion checks it is not running inside qsm_io_submit (contract 1) and
  * every teardown checks that counter.  Seeds are printed on failure paths so
  * runs replay.  Files live in $QSM_TEST_DIR or /var/tmp (not /tmp, which may
@@ -25,6 +27,7 @@
 #include "io/io.h"
 #include "io/sim.h"
 #include "io/util.h"
+#include "tests/unit/skip.h"
 
 enum { B_THREADS, B_URING, B_SIM, B__COUNT };
 static const char *const backend_names[] = { "threads", "io_uring", "sim" };
@@ -67,7 +70,7 @@ static bool env_open_in(struct env *e, int b, int flags, uint64_t seed, const ch
 	e->backend = b;
 	g_inline = 0;
 	if (b == B_URING && !qsm_io_uring_available()) {
-		fprintf(stderr, "SKIP: io_uring unavailable on this kernel\n");
+		QSM_SKIP("io_uring unavailable on this kernel");
 		return false;
 	}
 	e->base = event_base_new();
@@ -495,7 +498,7 @@ START_TEST(test_zero_fallback_tmpfs)
 {
 	struct statfs sfs;
 	if (statfs("/dev/shm", &sfs) < 0 || sfs.f_type != TMPFS_MAGIC_) {
-		fprintf(stderr, "SKIP: /dev/shm is not tmpfs\n");
+		QSM_SKIP("/dev/shm is not tmpfs");
 		return;
 	}
 	struct env e;
@@ -569,7 +572,7 @@ START_TEST(test_direct_misaligned)
 	struct env e;
 
 	if (b == B_URING && !qsm_io_uring_available()) {
-		fprintf(stderr, "SKIP: io_uring unavailable\n");
+		QSM_SKIP("io_uring unavailable on this kernel");
 		return;
 	}
 	memset(&e, 0, sizeof(e));
@@ -580,7 +583,7 @@ START_TEST(test_direct_misaligned)
 	int ret = qsm_io_open_path(e.base, e.path, QSM_IO_CREATE | QSM_IO_DIRECT,
 				   backend_names[b], &e.io);
 	if (ret == -EINVAL) {
-		fprintf(stderr, "SKIP: O_DIRECT refused under %s\n", test_dir());
+		QSM_SKIP("O_DIRECT refused under %s", test_dir());
 		e.io = NULL;
 		env_close(&e);
 		return;
@@ -609,7 +612,7 @@ START_TEST(test_direct_tmpfs_refused)
 {
 	struct statfs sfs;
 	if (statfs("/dev/shm", &sfs) < 0 || sfs.f_type != TMPFS_MAGIC_) {
-		fprintf(stderr, "SKIP: /dev/shm is not tmpfs\n");
+		QSM_SKIP("/dev/shm is not tmpfs");
 		return;
 	}
 	struct event_base *base = event_base_new();
@@ -619,7 +622,7 @@ START_TEST(test_direct_tmpfs_refused)
 	int ret = qsm_io_open_path(base, path, QSM_IO_CREATE | QSM_IO_DIRECT, "threads", &io);
 	unlink(path);
 	if (ret == 0) {
-		fprintf(stderr, "SKIP: this kernel's tmpfs supports O_DIRECT\n");
+		QSM_SKIP("this kernel's tmpfs supports O_DIRECT");
 		qsm_io_close(io);
 	} else {
 		ck_assert_int_eq(ret, -EINVAL);
@@ -1511,27 +1514,45 @@ END_TEST
 
 /* --- Suite ------------------------------------------------------------------------------------- */
 
+/* A loop test over the backends: threads and sim in tc, io_uring in tu. */
+#define ADD_BACKENDS(tc, tu, fn)                                               \
+	do {                                                                   \
+		tcase_add_loop_test(tc, fn, B_THREADS, B_THREADS + 1);        \
+		tcase_add_loop_test(tu, fn, B_URING, B_URING + 1);            \
+		tcase_add_loop_test(tc, fn, B_SIM, B_SIM + 1);                \
+	} while (0)
+
 static Suite *io_suite(void)
 {
 	Suite *s = suite_create("io");
 	TCase *tc = tcase_create("backends");
+	TCase *tu = tcase_create("backends_uring");
+	TCase *tt = tcase_create("tmpfs");
+	QSM_TCASE_REQUIRES(tu, "uring");
+	QSM_TCASE_REQUIRES(tt, "tmpfs");
 	tcase_set_timeout(tc, 300);
-	tcase_add_loop_test(tc, test_random_rw, 0, B__COUNT);
-	tcase_add_loop_test(tc, test_eof_zero_fill, 0, B__COUNT);
-	tcase_add_loop_test(tc, test_zero_discard, 0, B__COUNT);
-	tcase_add_loop_test(tc, test_zero_fallback_tmpfs, 0, B_SIM);
-	tcase_add_loop_test(tc, test_truncate, 0, B__COUNT);
-	tcase_add_loop_test(tc, test_flush, 0, B__COUNT);
-	tcase_add_loop_test(tc, test_direct_misaligned, 0, 2);
-	tcase_add_test(tc, test_direct_tmpfs_refused);
-	tcase_add_loop_test(tc, test_invalid_requests, 0, B__COUNT);
-	tcase_add_loop_test(tc, test_never_inline, 0, B__COUNT);
-	tcase_add_loop_test(tc, test_rdonly, 0, B__COUNT);
+	tcase_set_timeout(tu, 300);
+	tcase_set_timeout(tt, 300);
+	ADD_BACKENDS(tc, tu, test_random_rw);
+	ADD_BACKENDS(tc, tu, test_eof_zero_fill);
+	ADD_BACKENDS(tc, tu, test_zero_discard);
+	tcase_add_loop_test(tt, test_zero_fallback_tmpfs, B_THREADS, B_THREADS + 1);
+	tcase_add_loop_test(tu, test_zero_fallback_tmpfs, B_URING, B_URING + 1);
+	ADD_BACKENDS(tc, tu, test_truncate);
+	ADD_BACKENDS(tc, tu, test_flush);
+	tcase_add_loop_test(tc, test_direct_misaligned, 0, 1); /* threads */
+	tcase_add_loop_test(tu, test_direct_misaligned, 1, 2); /* io_uring */
+	tcase_add_test(tt, test_direct_tmpfs_refused);
+	ADD_BACKENDS(tc, tu, test_invalid_requests);
+	ADD_BACKENDS(tc, tu, test_never_inline);
+	ADD_BACKENDS(tc, tu, test_rdonly);
 	tcase_add_test(tc, test_open_path);
-	tcase_add_loop_test(tc, test_trace_and_stats, 0, B__COUNT);
-	tcase_add_loop_test(tc, test_close_in_callback, 0, B__COUNT);
-	tcase_add_loop_test(tc, test_overflow_and_big_iov, 0, B__COUNT);
+	ADD_BACKENDS(tc, tu, test_trace_and_stats);
+	ADD_BACKENDS(tc, tu, test_close_in_callback);
+	ADD_BACKENDS(tc, tu, test_overflow_and_big_iov);
 	suite_add_tcase(s, tc);
+	suite_add_tcase(s, tu);
+	suite_add_tcase(s, tt);
 
 	TCase *sim = tcase_create("sim");
 	tcase_set_timeout(sim, 300);
@@ -1555,9 +1576,5 @@ static Suite *io_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(io_suite());
-	srunner_run_all(sr, CK_ENV); /* CK_VERBOSITY=verbose lists each test */
-	int failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return qsm_test_run(io_suite());
 }

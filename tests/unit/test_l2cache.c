@@ -24,6 +24,7 @@
 #include "io/util.h"
 #include "metadata/batch.h"
 #include "metadata/l2cache.h"
+#include "tests/unit/skip.h"
 
 #define CS 4096u           /* cluster size of the tests */
 #define NTABLES 16u        /* tables on the simulated disk */
@@ -1192,9 +1193,5 @@ static Suite *l2cache_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(l2cache_suite());
-	srunner_run_all(sr, CK_NORMAL);
-	int failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return qsm_test_run(l2cache_suite());
 }

@@ -37,6 +37,7 @@
 #include "metadata/qcow2.h"
 #include "metadata/check.h"
 #include "sm/sm.h"
+#include "tests/unit/skip.h"
 #include "tools/workload.h"
 
 /* --- table ----------------------------------------------------------------- */
@@ -363,8 +364,10 @@ END_TEST
 
 START_TEST(engine_uring)
 {
-	if (!qsm_io_uring_available())
+	if (!qsm_io_uring_available()) {
+		QSM_SKIP("io_uring unavailable on this kernel");
 		return;
+	}
 	uint64_t seed = seed_for(700 + _i);
 	int sh = _i % (int)QSM_ARRAY_SIZE(shapes);
 	run_workload(B_URING, seed, shapes[sh].cluster, shapes[sh].size, shapes[sh].cache, 20, false);
@@ -939,10 +942,15 @@ static Suite *sm_suite(void)
 	tcase_add_checked_fixture(t, make_tmpdir, NULL);
 	tcase_add_loop_test(t, engine_sim, 0, 4);
 	tcase_add_loop_test(t, engine_threads, 0, 5);
-	tcase_add_loop_test(t, engine_uring, 0, 5);
 	tcase_add_test(t, truncate_grow_shrink);
 	tcase_add_loop_test(t, engine_backing_sim, 0, 2);
 	tcase_add_loop_test(t, engine_backing_threads, 0, 2);
+	suite_add_tcase(s, t);
+	t = tcase_create("engine_uring"); /* own ctest entry (tests/unit/skip.h) */
+	QSM_TCASE_REQUIRES(t, "uring");
+	tcase_set_timeout(t, 600);
+	tcase_add_checked_fixture(t, make_tmpdir, NULL);
+	tcase_add_loop_test(t, engine_uring, 0, 5);
 	suite_add_tcase(s, t);
 	t = tcase_create("reuse");
 	tcase_add_checked_fixture(t, make_tmpdir, NULL);
@@ -962,9 +970,5 @@ static Suite *sm_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(sm_suite());
-	srunner_run_all(sr, CK_NORMAL);
-	int failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return qsm_test_run(sm_suite());
 }

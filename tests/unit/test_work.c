@@ -17,6 +17,7 @@
 
 #include "io/util.h"
 #include "io/work.h"
+#include "tests/unit/skip.h"
 
 struct job {
 	struct qsm_work w;
@@ -335,9 +336,5 @@ static Suite *work_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(work_suite());
-	srunner_run_all(sr, CK_ENV);
-	int failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return qsm_test_run(work_suite());
 }
