@@ -118,6 +118,11 @@ int qsm_image_corrupt(struct qsm_image *img, const char *fmt, ...)
 	}
 	if (img->read_only)
 		return -EIO;
+	if (!img->corrupt) {
+		size_t n = strlen(img->errmsg);
+		snprintf(img->errmsg + n, sizeof(img->errmsg) - n,
+			 "; the image is marked corrupt and accepts no more writes");
+	}
 	img->corrupt = true;
 	if (!img->error)
 		img->error = -EIO;
@@ -1002,8 +1007,7 @@ static int truncate_image(struct qsm_image *img, uint64_t size, char *err, size_
 	if (img->read_only)
 		TRUNC_FAIL(-EBADF, "Image is read-only");
 	if (img->corrupt)
-		TRUNC_FAIL(-ENOMEDIUM, "The image is marked corrupt and accepts no more writes: %s",
-			   img->errmsg);
+		TRUNC_FAIL(-ENOMEDIUM, "%s", img->errmsg);
 	if (img->error)
 		TRUNC_FAIL(-EIO, "%s", img->errmsg);
 	/* A raw file can have any length (as QEMU's file driver); qcow2 sizes
