@@ -20,6 +20,7 @@
  *     and neither was anything at close;
  *   - a read-write reopen is refused (-EACCES), before any lazy-refcounts
  *     repair could write; a read-only reopen reads the intact data.
+ * And, for contrast, a failed metadata write: -EIO, not corrupt.
  * Breakages: an L2 entry pointing at the L1 table (found by a write), an L2
  * entry past the end of the file (found by a read), and the first on a lazy
  * refcounts image whose dirty bit is on disk.  Backends: threads, sim (in
@@ -531,6 +532,52 @@ START_TEST(batch_stops_at_detection)
 }
 END_TEST
 
+/*
+ * The other sticky state, for contrast: a metadata write that fails (an
+ * injected EIO on the sim) is not a corruption.  Later writes are refused
+ * with -EIO, not -ENOMEDIUM; the image is not marked corrupt, and opens
+ * read-write again.
+ */
+START_TEST(failed_writeback_is_not_corruption)
+{
+	char path[300], err[256];
+	snprintf(path, sizeof(path), "%s/img.qcow2", tmpdir);
+	uint64_t l1;
+	(void)make_image(path, false, &l1);
+
+	struct env e;
+	env_init(&e, B_SIM, path);
+	struct qsm_image *img;
+	ck_assert_msg(env_open(&e, false, &img, err, sizeof(err)) == 0, "open: %s", err);
+	write_pattern(img, 192 * KiB, CS, 0xcc);
+	qsm_sim_fault_add(e.sim, QSM_IO_EV_L2_UPDATE, EIO, false);
+	ck_assert_int_eq(qsm_sync_flush(img), -EIO);
+	qsm_sim_fault_clear(e.sim);
+	ck_assert_msg(strstr(qsm_image_error(img), "write-back failed"), "'%s'",
+		      qsm_image_error(img));
+	uint8_t buf[512] = { 0 };
+	struct iovec iov = { buf, sizeof(buf) };
+	struct done d = { 0 };
+	ck_assert_int_eq(qsm_writev(img, 0, &iov, 1, done_cb, &d), -EIO);
+	ck_assert_int_eq(qsm_discard(img, 0, CS, done_cb, &d), -EIO);
+	ck_assert_int_eq(qsm_truncate(img, 2ull << 30, err, sizeof(err)), -EIO);
+	ck_assert(!d.called);
+	struct qsm_info info;
+	qsm_get_info(img, &info);
+	ck_assert(!info.corrupt);
+	assert_reads(img, 192 * KiB, CS, 0xcc);
+	ck_assert_int_eq(qsm_close(img), -EIO);
+	size_t len;
+	uint8_t *after = env_bytes(&e, &len);
+	ck_assert_int_eq(after[79] & 2, 0);
+	free(after);
+	ck_assert_msg(env_open(&e, false, &img, err, sizeof(err)) == 0, "reopen: %s", err);
+	assert_reads(img, 0, CS, 0xaa);
+	ck_assert_int_eq(qsm_close(img), 0);
+	env_free(&e);
+}
+END_TEST
+
 /* qemu-img sees the bit qsm wrote: info says corrupt, check finds the
  * planted corruption (exit 2). */
 START_TEST(qemu_img_sees_corrupt_bit)
@@ -574,6 +621,7 @@ static Suite *image_suite(void)
 	tcase_add_loop_test(tc, read_finds_l2_past_eof, B_THREADS, B_SIM + 1);
 	tcase_add_loop_test(tc, lazy_refcounts_not_repaired, B_THREADS, B_SIM + 1);
 	tcase_add_test(tc, batch_stops_at_detection);
+	tcase_add_test(tc, failed_writeback_is_not_corruption);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("corruption_uring");
