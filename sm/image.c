@@ -96,7 +96,7 @@ static struct qsm_l2set *l2set_of(struct qsm_image *img);
  *     keep seeing acknowledged writes (dirty tables stay in the cache).
  *  3. Nothing more reaches the image but the corrupt bit: no write-back
  *     batch starts (start_job) and a running one stops before its next
- *     level (qsm_wb_step), dirty L2 tables and refcount blocks are left
+ *     level (write_level), dirty L2 tables and refcount blocks are left
  *     unwritten, close writes nothing back, no space is preallocated, a
  *     lazy-refcounts image keeps its dirty bit.  What was written before
  *     detection stays: it was written in the crash-safe order, so the disk
