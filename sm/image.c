@@ -738,7 +738,9 @@ int qsm_open(struct event_base *base, const char *path, const struct qsm_open_op
  *   DURABLE_WAIT        one full write-back batch (sm/writeback.c), as a
  *                       flush waits for an ordinary one
  *   CLOSE_TRIM          truncate the space reserved ahead of the allocator
- *   CLOSE_MARK_CORRUPT  (image in error) the corrupt bit alone, then
+ *   CLOSE_MARK_CORRUPT  (image in error) the corrupt bit alone (or, when
+ *                       the mark of qsm_image_corrupt is in flight, wait
+ *                       for it: qsm_close_wake), then
  *   CLOSE_SYNC          its fdatasync
  * At DONE the request's callback (close_req_done) activates img->close_ev;
  * its callback, close_final_cb, runs on the next loop turn, outside the
@@ -756,7 +758,10 @@ static bool close_drained(const struct qsm_image *img)
 void qsm_close_wake(struct qsm_image *img)
 {
 	struct qsm_req *c = img->close_req;
-	if (c && c->state == QSM_S_CLOSE_DRAIN && !c->queued && close_drained(img))
+	if (!c || c->queued)
+		return;
+	if ((c->state == QSM_S_CLOSE_DRAIN && close_drained(img)) ||
+	    (c->state == QSM_S_CLOSE_MARK_CORRUPT && img->corrupt_mark != QSM_MARK_BUSY))
 		qsm_sm_post(c, QSM_E_WAKE, 0);
 }
 
@@ -805,6 +810,12 @@ enum qsm_event qsm_close_step(struct qsm_req *req)
 		img->wb_closed = true;
 		if (!req->ret)
 			req->ret = img->error ? img->error : -EIO;
+		/* The mark started when the corruption was found (after the
+		 * batch the close waited for) is still in flight: the bit has
+		 * one writer, and the io handle is closed only after it
+		 * (corrupt_mark_cb wakes us). */
+		if (img->corrupt_mark == QSM_MARK_BUSY)
+			return QSM_E_WAIT;
 		if (img->read_only || img->raw || img->corrupt_mark == QSM_MARK_DONE ||
 		    !(img->hdr.incompatible_features & QCOW2_INCOMPAT_CORRUPT))
 			return QSM_E_NOTHING_TO_DO;
