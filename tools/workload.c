@@ -526,7 +526,10 @@ static bool guest_overlap_in_flight(const struct wl *w)
 		for (int j = 0; j < w->nops; j++) {
 			const struct wl_op *o = &w->ops[j];
 			const struct wl_state *b = &w->st[j];
-			if ((o->kind == WL_WRITE || o->kind == WL_ZERO) && b->submitted &&
+			/* A compressed write of a cluster that does not shrink is an
+			 * ordinary write, in place when the cluster is allocated. */
+			if ((o->kind == WL_WRITE || o->kind == WL_ZERO || o->kind == WL_COMPRESSED) &&
+			    b->submitted &&
 			    b->t_done == WL_NEVER && o->off < rd->off + rd->len && rd->off < o->off + o->len)
 				return true;
 		}
