@@ -1,24 +1,42 @@
 /*
- * metadata/refcount.c: resident refcounts and the cluster allocator.
+ * metadata/refcount.c: refcounts through a bounded block cache, and the
+ * cluster allocator.
  *
  * Representation.  The reftable is an array of host-order block offsets
  * (rc_table, rc_entries of them: the table's full capacity, so the table's
- * clusters hold exactly rc_entries entries); rc_blocks[i] is block i's
- * buffer in on-disk big-endian form, or NULL when entry i is 0.  Widths
- * below 8 bits pack LSB-first in each byte (QEMU's get_refcount_ro0..2: the
- * refcount of slot s lives in byte s / (8 / bits) at bit (s % (8 / bits)) *
- * bits); 8..64 bits are big-endian integers.  A cluster's refcount is read
- * as 0 when its block is missing or it lies past the table's coverage.
+ * clusters hold exactly rc_entries entries).  Beside each entry: rc_res[i],
+ * block i's cache entry when resident (its buffer in on-disk big-endian
+ * form), and rc_free[i], the number of zero refcounts in block i once it has
+ * been seen (RC_FREE_UNKNOWN before).  Widths below 8 bits pack LSB-first in
+ * each byte (QEMU's get_refcount_ro0..2: the refcount of slot s lives in
+ * byte s / (8 / bits) at bit (s % (8 / bits)) * bits); 8..64 bits are
+ * big-endian integers.  A cluster's refcount is 0 when its table entry is 0
+ * ("missing" block) or it lies past the table's coverage.
+ *
+ * Life of a cache entry (struct qsm_rc_block):
+ *
+ *   (miss) --async--> LOADING --read done--> READY --evict--> (gone)
+ *      \--blocking read----------------------^  |
+ *                           LOADING --read failed--> gone (waiters: -errno)
+ *   READY with ref 0, not dirty, not busy  ==  on the LRU list  ==  evictable
+ *
+ * ref counts the waiters the block is pinned for (metadata/refcount.h).
+ * Nothing is evicted inside a public call (rc_op_end trims afterwards), so
+ * a call may keep plain pointers to every block it touched.
  *
  * Invariants (beyond those of refcount.h; qsm_refcount_check() tests them):
  *  R1. rc_hint <= the lowest free cluster, and rc_hint >= 1.  Lowered when a
  *      refcount drops to 0, raised by scans and by allocations at the hint,
  *      so appending at the end of the image finds its cluster in O(1).
- *  R2. rc_end is one past the last cluster with a nonzero refcount.
+ *  R2. rc_end > the last cluster with a nonzero refcount; when rc_end_exact,
+ *      rc_end - 1 has one.  Frees made with a waiter lower it only across
+ *      blocks that are resident or summarized (rc_free == all free).
  *  R3. rc_mset holds exactly the clusters of the present refcount blocks;
  *      with the table's range and rc_old it answers is_meta in O(1).
- *  R4. A block is on the rc_dirty list iff RB_DIRTY is set in rc_flags;
- *      RB_NEW marks blocks never collected (written as REFBLOCK_ALLOC).
+ *  R4. A block is on the rc_dirty list iff RB_DIRTY is set; RB_NEW marks
+ *      blocks never collected (written as REFBLOCK_ALLOC).  Dirty blocks are
+ *      resident.  rb_busy (on the rc_busy list) is the generation of the
+ *      collect whose write is in flight.
  *  R5. Entries [rc_tdirty_lo, rc_tdirty_hi) of the table changed since the
  *      last collect; rc_table_moved means the whole table is new and lives
  *      at rc_table_offset, while the tables it replaced sit in rc_old, still
@@ -27,30 +45,41 @@
  *  R6. Refcount blocks and table clusters (current and old) never drop to
  *      refcount 0 through qsm_refcount_update() (-EINVAL): the allocator
  *      would otherwise hand out a cluster holding live metadata.
+ *  R7. rc_free[i], when known, is the number of zero slots of block i.
  *
  * Allocation.  rc_find_run() scans from the hint for n free clusters,
- * skipping whole ranges whose block is missing (all free) and the coverage's
- * end (free up to the format's limit).  Before a run is claimed every range
- * it touches must have a block: a missing block is created at the lowest
- * free cluster, and when that cluster's own range has no block either the
- * new block is for that range and counts itself (QEMU's self-describing
- * refblock), so the loop makes progress and never recurses.  A run beyond
- * the table's coverage grows the table: the in-memory arrays are enlarged
- * and the coverage raised *first*, then the new table's clusters are
- * allocated with the ordinary allocator inside the new coverage (the size is
- * chosen so that they fit; rc_growing forbids a nested growth).
+ * skipping whole ranges whose block is missing (all free), blocks known to
+ * be full (rc_free 0: not read at all) and the coverage's end (free up to
+ * the format's limit); other blocks must be resident, and the scan returns
+ * -EAGAIN (or reads synchronously) for one that is not.  Before a run is
+ * claimed every range it touches must have a block: a missing block is
+ * created at the lowest free cluster, and when that cluster's own range has
+ * no block either the new block is for that range and counts itself (QEMU's
+ * self-describing refblock), so the loop makes progress and never recurses.
+ * A run beyond the table's coverage grows the table: the in-memory arrays
+ * are enlarged and the coverage raised *first*, then the new table's
+ * clusters are allocated inside the new coverage, past the old one (where
+ * every range is missing: no block need be read, so the growth never waits);
+ * the size is chosen so that they fit; rc_growing forbids a nested growth.
+ *
+ * Damaged images.  A refcount block or table cluster whose own refcount is 0
+ * would be handed out by the allocator.  rc_careful (test is_meta per
+ * cluster, no range skips) is set at load when such a cluster's block is
+ * missing, and when a block read later shows one at 0.
  *
  * Errors.  Public mutators check -ERANGE/-EINVAL/-EFBIG and reserve memory
- * (spare block buffers in rc_pool, room in rc_mset) before changing
- * anything.  The requested change itself is all-or-nothing.  Only an
- * -ENOMEM beyond the reservation can leave extra refcount blocks created on
- * the way; they are consistent metadata (they count themselves and are
- * written back like any new block).  A failure in the middle of a table
- * growth that cannot be undone sets rc_broken: every later mutator and
- * collect then fails with -EIO (the engine's sticky error state).
+ * (spare blocks in rc_pool, room in rc_mset) before changing anything, and
+ * return -EAGAIN before changing anything too (every block a change needs is
+ * read first).  The requested change itself is all-or-nothing.  Only an
+ * -ENOMEM beyond the reservation, or an -EAGAIN, can leave extra refcount
+ * blocks created on the way; they are consistent metadata (they count
+ * themselves and are written back like any new block).  A failure in the
+ * middle of a table growth that cannot be undone sets rc_broken: every later
+ * mutator and collect then fails with -EIO (the engine's sticky error state).
  */
 #include "metadata/refcount.h" /* first: io/util.h needs struct iovec */
 
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
@@ -63,10 +92,30 @@
 
 #define RB_DIRTY 0x1
 #define RB_NEW 0x2
+#define RB_LOADING 0x4
+
+#define RC_FREE_UNKNOWN UINT32_MAX
+#define RC_DEFAULT_CACHE_BLOCKS 4 /* QEMU: 4 clusters (docs/qcow2-cache.txt) */
 
 #define RC_MAX_TABLE_ENTRIES ((uint64_t)QCOW2_MAX_REFTABLE_BYTES / 8)
 /* Host offsets must fit the 56-bit offset fields of L1/L2 entries. */
 #define RC_MAX_HOST_BYTES (1ull << 56)
+
+struct qsm_rc_block {
+	uint64_t rb_idx;            /* table index */
+	uint8_t *rb_data;           /* cluster_size bytes, on-disk form */
+	unsigned rb_ref;            /* waiters it is pinned for */
+	uint8_t rb_flags;           /* RB_* */
+	uint32_t rb_dlo, rb_dhi;    /* dirty byte range while RB_DIRTY */
+	uint64_t rb_busy;           /* R4 */
+	struct qsm_rc_block *rb_prev, *rb_next;   /* LRU list */
+	struct qsm_rc_block *rb_dnext, *rb_bnext; /* dirty, busy lists */
+	struct qsm_rc_waiter *rb_waiters;         /* LOADING */
+	uint64_t rb_loader;
+	struct qsm_refcounts *rb_rc;
+	struct qsm_io_req rb_io;
+	struct iovec rb_iov;
+};
 
 struct rc_old_table {
 	uint64_t ot_offset;
@@ -75,6 +124,8 @@ struct rc_old_table {
 };
 
 struct qsm_refcounts {
+	struct qsm_io *rc_io;
+
 	/* Geometry. */
 	unsigned rc_cluster_bits;
 	size_t rc_cluster_size;
@@ -83,20 +134,28 @@ struct qsm_refcounts {
 	uint64_t rc_max;            /* largest refcount */
 	uint64_t rc_max_clusters;   /* no cluster index reaches this */
 
-	/* The table and the blocks. */
+	/* The table, the summary and the resident blocks. */
 	uint64_t rc_table_offset;
 	uint32_t rc_table_clusters;
 	uint64_t rc_entries;        /* table capacity = coverage in blocks */
 	uint64_t rc_cap;            /* allocated length of the arrays below */
 	uint64_t *rc_table;         /* block offsets, host order, 0 = none */
-	uint8_t **rc_blocks;        /* on-disk form, NULL = none */
-	uint8_t *rc_flags;          /* RB_* */
-	uint32_t *rc_dlo, *rc_dhi;  /* dirty byte range of each dirty block */
-	uint32_t *rc_dirty;         /* dirty block indices (capacity rc_cap) */
+	struct qsm_rc_block **rc_res; /* resident entry, or NULL */
+	uint32_t *rc_free;          /* R7 */
+	struct qsm_rc_block *rc_dirty; /* R4 */
 	size_t rc_ndirty;
+	struct qsm_rc_block *rc_busy;
 	uint64_t rc_tdirty_lo, rc_tdirty_hi; /* dirty entries, lo == hi: none */
 	bool rc_table_moved;
 	uint64_t rc_generation;     /* of the last collect */
+
+	/* The cache. */
+	size_t rc_capacity, rc_nres;
+	unsigned rc_loading;        /* reads in flight */
+	struct qsm_rc_block rc_lru; /* sentinel; rc_lru.rb_next is the oldest */
+	void (*rc_wb_hook)(void *opaque);
+	void *rc_wb_opaque;
+	uint64_t rc_hits, rc_misses, rc_evictions, rc_loads;
 
 	struct rc_old_table *rc_old;
 	size_t rc_nold, rc_old_cap;
@@ -108,17 +167,17 @@ struct qsm_refcounts {
 	/* Allocator. */
 	uint64_t rc_hint;           /* R1 */
 	uint64_t rc_end;            /* R2, in clusters */
+	bool rc_end_exact;
 	uint64_t rc_excl_lo, rc_excl_hi; /* never hand out (update's range) */
-	bool rc_careful;            /* loaded metadata had refcount 0: test
-				     * is_meta per cluster, no range skips */
+	bool rc_careful;            /* see "Damaged images" */
 	bool rc_growing;
 	bool rc_broken;
 	/* Packing point of compressed clusters (qsm_refcount_alloc_bytes):
 	 * a byte offset inside a cluster with refcount > 0, or 0 = none. */
 	uint64_t rc_free_byte;
 
-	/* Spare zeroed-on-take block buffers. */
-	uint8_t **rc_pool;
+	/* Spare blocks (their buffers zeroed on take). */
+	struct qsm_rc_block **rc_pool;
 	size_t rc_pool_n, rc_pool_cap;
 };
 
@@ -174,19 +233,337 @@ static inline uint64_t rc_epb(const struct qsm_refcounts *rc)
 	return 1ull << rc->rc_epb_bits;
 }
 
-/* The block covering cluster c, or NULL (missing or past the coverage). */
-static inline uint8_t *rc_block_of(const struct qsm_refcounts *rc, uint64_t c)
+static inline uint64_t rc_slot(const struct qsm_refcounts *rc, uint64_t c)
 {
-	uint64_t idx = c >> rc->rc_epb_bits;
-	return idx < rc->rc_entries ? rc->rc_blocks[idx] : NULL;
+	return c & (rc_epb(rc) - 1);
 }
 
-uint64_t qsm_refcount_get(const struct qsm_refcounts *rc, uint64_t cluster)
+/* Does table entry idx name a block (inside the coverage)? */
+static inline bool rc_exists(const struct qsm_refcounts *rc, uint64_t idx)
 {
-	const uint8_t *b = rc_block_of(rc, cluster);
+	return idx < rc->rc_entries && rc->rc_table[idx] != 0;
+}
+
+static uint32_t rc_count_free(const struct qsm_refcounts *rc, const uint8_t *data)
+{
+	uint64_t n = 0, epb = rc_epb(rc);
+	if (rc->rc_order >= 3) {
+		size_t w = (size_t)1 << (rc->rc_order - 3);
+		for (uint64_t s = 0; s < epb; s++) {
+			const uint8_t *p = data + s * w;
+			bool zero = true;
+			for (size_t k = 0; k < w; k++)
+				zero &= p[k] == 0;
+			n += zero;
+		}
+	} else {
+		for (uint64_t s = 0; s < epb; s++)
+			n += rc_block_get(rc->rc_order, data, s) == 0;
+	}
+	return (uint32_t)n;
+}
+
+/* --- The block cache -------------------------------------------------------- */
+
+static bool rb_evictable(const struct qsm_rc_block *b)
+{
+	return !(b->rb_flags & (RB_DIRTY | RB_LOADING)) && b->rb_ref == 0 && b->rb_busy == 0;
+}
+
+static bool rb_on_lru(const struct qsm_rc_block *b)
+{
+	return b->rb_next != NULL;
+}
+
+static void rb_lru_remove(struct qsm_rc_block *b)
+{
+	if (!rb_on_lru(b))
+		return;
+	b->rb_prev->rb_next = b->rb_next;
+	b->rb_next->rb_prev = b->rb_prev;
+	b->rb_prev = b->rb_next = NULL;
+}
+
+static void rb_lru_append(struct qsm_refcounts *rc, struct qsm_rc_block *b)
+{
+	b->rb_prev = rc->rc_lru.rb_prev;
+	b->rb_next = &rc->rc_lru;
+	rc->rc_lru.rb_prev->rb_next = b;
+	rc->rc_lru.rb_prev = b;
+}
+
+/* Put b on or off the LRU list as rb_evictable says. */
+static void rb_lru_sync(struct qsm_refcounts *rc, struct qsm_rc_block *b)
+{
+	if (rb_evictable(b) && !rb_on_lru(b))
+		rb_lru_append(rc, b);
+	else if (!rb_evictable(b))
+		rb_lru_remove(b);
+}
+
+static void rb_free(struct qsm_rc_block *b)
+{
+	if (b) {
+		free(b->rb_data);
+		free(b);
+	}
+}
+
+static struct qsm_rc_block *rb_new(const struct qsm_refcounts *rc)
+{
+	struct qsm_rc_block *b = calloc(1, sizeof(*b));
 	if (!b)
+		return NULL;
+	/* 4 KiB aligned: the block may be read and written with O_DIRECT. */
+	if (posix_memalign((void **)&b->rb_data, 4096, rc->rc_cluster_size)) {
+		free(b);
+		return NULL;
+	}
+	return b;
+}
+
+/* Make b the resident entry of table index idx. */
+static void rb_install(struct qsm_refcounts *rc, struct qsm_rc_block *b, uint64_t idx)
+{
+	assert(!rc->rc_res[idx]);
+	b->rb_idx = idx;
+	b->rb_rc = rc;
+	rc->rc_res[idx] = b;
+	rc->rc_nres++;
+}
+
+static void rb_evict(struct qsm_refcounts *rc, struct qsm_rc_block *b)
+{
+	assert(rb_evictable(b));
+	rb_lru_remove(b);
+	rc->rc_res[b->rb_idx] = NULL;
+	rc->rc_nres--;
+	rc->rc_evictions++;
+	rb_free(b);
+}
+
+/* Back to the capacity by evicting the oldest evictable blocks; ask the
+ * owner for a write-back when dirty blocks keep the cache over it. */
+static void rc_trim(struct qsm_refcounts *rc)
+{
+	while (rc->rc_nres > rc->rc_capacity && rc->rc_lru.rb_next != &rc->rc_lru)
+		rb_evict(rc, rc->rc_lru.rb_next);
+	if (rc->rc_nres > rc->rc_capacity && rc->rc_ndirty && rc->rc_wb_hook)
+		rc->rc_wb_hook(rc->rc_wb_opaque);
+}
+
+static void rc_pin(struct qsm_refcounts *rc, struct qsm_rc_block *b, struct qsm_rc_waiter *w)
+{
+	if (w->npins == QSM_RC_PINS) {
+		struct qsm_rc_block *old = w->pins[0];
+		memmove(w->pins, w->pins + 1, (QSM_RC_PINS - 1) * sizeof(w->pins[0]));
+		w->npins--;
+		old->rb_ref--;
+		rb_lru_sync(rc, old);
+	}
+	b->rb_ref++;
+	rb_lru_remove(b);
+	w->pins[w->npins++] = b;
+}
+
+static void rc_unpin(struct qsm_refcounts *rc, struct qsm_rc_waiter *w)
+{
+	for (unsigned i = 0; i < w->npins; i++) {
+		struct qsm_rc_block *b = w->pins[i];
+		assert(b->rb_ref > 0);
+		b->rb_ref--;
+		rb_lru_sync(rc, b);
+	}
+	w->npins = 0;
+}
+
+void qsm_refcount_unpin(struct qsm_refcounts *rc, struct qsm_rc_waiter *w)
+{
+	if (!rc || !w->npins)
+		return;
+	rc_unpin(rc, w);
+	rc_trim(rc);
+}
+
+static void rc_careful_scan(struct qsm_refcounts *rc, const struct qsm_rc_block *b);
+
+/* A block just became readable (loaded, or read synchronously). */
+static void rc_loaded(struct qsm_refcounts *rc, struct qsm_rc_block *b)
+{
+	rc->rc_free[b->rb_idx] = rc_count_free(rc, b->rb_data);
+	rc->rc_loads++;
+	if (!rc->rc_careful)
+		rc_careful_scan(rc, b);
+}
+
+static void rb_load_cb(struct qsm_io_req *io, int ret)
+{
+	struct qsm_rc_block *b = container_of(io, struct qsm_rc_block, rb_io);
+	struct qsm_refcounts *rc = b->rb_rc;
+	struct qsm_rc_waiter *w = b->rb_waiters;
+
+	b->rb_waiters = NULL;
+	b->rb_flags &= (uint8_t)~RB_LOADING;
+	rc->rc_loading--;
+	if (ret < 0) {
+		rc->rc_res[b->rb_idx] = NULL;
+		rc->rc_nres--;
+		rb_free(b);
+		while (w) {
+			struct qsm_rc_waiter *next = w->next;
+			w->fn(w, ret);
+			w = next;
+		}
+		return;
+	}
+	rc_loaded(rc, b);
+	while (w) {
+		struct qsm_rc_waiter *next = w->next;
+		rc_pin(rc, b, w);
+		w->fn(w, 0);
+		w = next;
+	}
+	rb_lru_sync(rc, b);
+	rc_trim(rc);
+}
+
+/*
+ * The resident block of existing table entry idx.  Not cached: with w, start
+ * (or join) its read and fail with -EAGAIN; without, read it now.  NULL with
+ * *err set on failure.
+ */
+static struct qsm_rc_block *rc_get(struct qsm_refcounts *rc, uint64_t idx,
+				   struct qsm_rc_waiter *w, int *err)
+{
+	struct qsm_rc_block *b = rc->rc_res[idx];
+	assert(rc_exists(rc, idx));
+	if (b && !(b->rb_flags & RB_LOADING)) {
+		rc->rc_hits++;
+		if (rb_on_lru(b)) { /* most recently used */
+			rb_lru_remove(b);
+			rb_lru_append(rc, b);
+		}
+		return b;
+	}
+	if (b) {
+		/* Being read: join.  A blocking caller never meets one (reads
+		 * are asynchronous only while requests run, blocking callers
+		 * only when none does). */
+		if (!w) {
+			*err = -EBUSY;
+			return NULL;
+		}
+		w->waiting_on = b->rb_loader;
+		w->next = b->rb_waiters;
+		b->rb_waiters = w;
+		*err = -EAGAIN;
+		return NULL;
+	}
+	rc->rc_misses++;
+	if (!(b = rb_new(rc))) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	if (!w) {
+		int r = qsm_io_pread_sync_ev(rc->rc_io, b->rb_data, rc->rc_cluster_size,
+					     rc->rc_table[idx], QSM_IO_EV_REFBLOCK_LOAD);
+		if (r < 0) {
+			rb_free(b);
+			*err = r;
+			return NULL;
+		}
+		rb_install(rc, b, idx);
+		rc_loaded(rc, b);
+		rb_lru_sync(rc, b);
+		return b;
+	}
+	rb_install(rc, b, idx);
+	b->rb_flags = RB_LOADING;
+	b->rb_loader = w->tag;
+	w->waiting_on = w->tag;
+	w->next = NULL;
+	b->rb_waiters = w;
+	rc->rc_loading++;
+	b->rb_iov = (struct iovec){ b->rb_data, rc->rc_cluster_size };
+	b->rb_io = (struct qsm_io_req){
+		.op = QSM_IO_READ,
+		.event = QSM_IO_EV_REFBLOCK_LOAD,
+		.offset = rc->rc_table[idx],
+		.len = rc->rc_cluster_size,
+		.iov = &b->rb_iov,
+		.iovcnt = 1,
+		.cb = rb_load_cb,
+	};
+	qsm_io_submit(rc->rc_io, &b->rb_io);
+	*err = -EAGAIN;
+	return NULL;
+}
+
+/* The block holding cluster c, which this call has already made resident. */
+static struct qsm_rc_block *rc_block_at(const struct qsm_refcounts *rc, uint64_t c)
+{
+	struct qsm_rc_block *b = rc->rc_res[c >> rc->rc_epb_bits];
+	assert(b && !(b->rb_flags & RB_LOADING));
+	return b;
+}
+
+/* End of a public call: give back spare memory, and evict down to the
+ * capacity (w's pins stay until qsm_refcount_unpin). */
+#define RC_POOL_KEEP 8
+static int rc_op_end(struct qsm_refcounts *rc, struct qsm_rc_waiter *w, int r)
+{
+	(void)w;
+	while (rc->rc_pool_n > RC_POOL_KEEP)
+		rb_free(rc->rc_pool[--rc->rc_pool_n]);
+	rc_trim(rc);
+	return r;
+}
+
+void qsm_refcount_set_writeback_hook(struct qsm_refcounts *rc, void (*fn)(void *), void *opaque)
+{
+	rc->rc_wb_hook = fn;
+	rc->rc_wb_opaque = opaque;
+}
+
+/* Refcount of cluster c, reading its block if needed. */
+static int rc_read(struct qsm_refcounts *rc, uint64_t c, uint64_t *v, struct qsm_rc_waiter *w)
+{
+	uint64_t idx = c >> rc->rc_epb_bits;
+	int err;
+	if (!rc_exists(rc, idx)) {
+		*v = 0;
 		return 0;
-	return rc_block_get(rc->rc_order, b, cluster & (rc_epb(rc) - 1));
+	}
+	struct qsm_rc_block *b = rc_get(rc, idx, w, &err);
+	if (!b)
+		return err;
+	*v = rc_block_get(rc->rc_order, b->rb_data, rc_slot(rc, c));
+	return 0;
+}
+
+int qsm_refcount_read(struct qsm_refcounts *rc, uint64_t cluster, uint64_t *value,
+		      struct qsm_rc_waiter *w)
+{
+	return rc_op_end(rc, w, rc_read(rc, cluster, value, w));
+}
+
+uint64_t qsm_refcount_get(struct qsm_refcounts *rc, uint64_t cluster)
+{
+	uint64_t v = 0;
+	return qsm_refcount_read(rc, cluster, &v, NULL) < 0 ? 0 : v;
+}
+
+bool qsm_refcount_peek(const struct qsm_refcounts *rc, uint64_t cluster, uint64_t *value)
+{
+	uint64_t idx = cluster >> rc->rc_epb_bits;
+	const struct qsm_rc_block *b;
+	*value = 0;
+	if (!rc_exists(rc, idx))
+		return true;
+	if (!(b = rc->rc_res[idx]) || (b->rb_flags & RB_LOADING))
+		return false;
+	*value = rc_block_get(rc->rc_order, b->rb_data, rc_slot(rc, cluster));
+	return true;
 }
 
 uint64_t qsm_refcount_max(const struct qsm_refcounts *rc)
@@ -194,24 +571,23 @@ uint64_t qsm_refcount_max(const struct qsm_refcounts *rc)
 	return rc->rc_max;
 }
 
-/* Mark bytes [lo, hi) of block idx dirty: write-back writes only the dirty
+/* Mark bytes [lo, hi) of block b dirty: write-back writes only the dirty
  * span of a block (rounded to 4 KiB), not the whole cluster. */
-static void rc_mark_dirty_bytes(struct qsm_refcounts *rc, uint64_t idx, uint32_t lo, uint32_t hi)
+static void rc_mark_dirty_bytes(struct qsm_refcounts *rc, struct qsm_rc_block *b, uint32_t lo,
+				uint32_t hi)
 {
-	if (!(rc->rc_flags[idx] & RB_DIRTY)) {
-		rc->rc_flags[idx] |= RB_DIRTY;
-		rc->rc_dirty[rc->rc_ndirty++] = (uint32_t)idx;
-		rc->rc_dlo[idx] = lo;
-		rc->rc_dhi[idx] = hi;
+	if (!(b->rb_flags & RB_DIRTY)) {
+		b->rb_flags |= RB_DIRTY;
+		b->rb_dnext = rc->rc_dirty;
+		rc->rc_dirty = b;
+		rc->rc_ndirty++;
+		b->rb_dlo = lo;
+		b->rb_dhi = hi;
+		rb_lru_remove(b);
 		return;
 	}
-	rc->rc_dlo[idx] = QSM_MIN(rc->rc_dlo[idx], lo);
-	rc->rc_dhi[idx] = QSM_MAX(rc->rc_dhi[idx], hi);
-}
-
-static void rc_mark_dirty(struct qsm_refcounts *rc, uint64_t idx)
-{
-	rc_mark_dirty_bytes(rc, idx, 0, (uint32_t)rc->rc_cluster_size);
+	b->rb_dlo = QSM_MIN(b->rb_dlo, lo);
+	b->rb_dhi = QSM_MAX(b->rb_dhi, hi);
 }
 
 static void rc_table_dirty(struct qsm_refcounts *rc, uint64_t idx)
@@ -225,14 +601,17 @@ static void rc_table_dirty(struct qsm_refcounts *rc, uint64_t idx)
 	rc->rc_tdirty_hi = QSM_MAX(rc->rc_tdirty_hi, idx + 1);
 }
 
-/* Set cluster c's refcount; its block must exist.  Marks the block dirty. */
-static void rc_set(struct qsm_refcounts *rc, uint64_t c, uint64_t v)
+/* Set cluster c's refcount in its (resident) block b.  Marks it dirty and
+ * keeps the block's free count (R7). */
+static void rc_set(struct qsm_refcounts *rc, struct qsm_rc_block *b, uint64_t c, uint64_t v)
 {
-	uint64_t idx = c >> rc->rc_epb_bits;
-	uint64_t slot = c & (rc_epb(rc) - 1);
-	rc_block_set(rc->rc_order, rc->rc_blocks[idx], slot, v);
+	uint64_t slot = rc_slot(rc, c);
+	uint64_t old = rc_block_get(rc->rc_order, b->rb_data, slot);
+	rc_block_set(rc->rc_order, b->rb_data, slot, v);
+	if (!old != !v)
+		rc->rc_free[b->rb_idx] += v ? (uint32_t)-1 : 1u;
 	uint64_t bit = slot << rc->rc_order;
-	rc_mark_dirty_bytes(rc, idx, (uint32_t)(bit / 8),
+	rc_mark_dirty_bytes(rc, b, (uint32_t)(bit / 8),
 			    (uint32_t)((bit + (1u << rc->rc_order) + 7) / 8));
 }
 
@@ -305,22 +684,43 @@ bool qsm_refcount_is_meta(const struct qsm_refcounts *rc, uint64_t cluster)
 	return cluster && rc_mset_has(rc, cluster);
 }
 
+/* Block b was just read: does it give a metadata cluster refcount 0? */
+static void rc_careful_scan(struct qsm_refcounts *rc, const struct qsm_rc_block *b)
+{
+	uint64_t lo = b->rb_idx << rc->rc_epb_bits, hi = lo + rc_epb(rc);
+	unsigned cb = rc->rc_cluster_bits;
+#define RC_ZERO_AT(c) (!rc_block_get(rc->rc_order, b->rb_data, rc_slot(rc, (c))))
+	for (uint64_t i = 0; i < rc->rc_entries && !rc->rc_careful; i++) {
+		uint64_t c = rc->rc_table[i] >> cb;
+		if (rc->rc_table[i] && c >= lo && c < hi && RC_ZERO_AT(c))
+			rc->rc_careful = true;
+	}
+	for (size_t k = 0; k <= rc->rc_nold && !rc->rc_careful; k++) {
+		uint64_t t = (k < rc->rc_nold ? rc->rc_old[k].ot_offset : rc->rc_table_offset) >> cb;
+		uint64_t n = k < rc->rc_nold ? rc->rc_old[k].ot_clusters : rc->rc_table_clusters;
+		for (uint64_t c = QSM_MAX(t, lo); c < QSM_MIN(t + n, hi); c++)
+			if (RC_ZERO_AT(c))
+				rc->rc_careful = true;
+	}
+#undef RC_ZERO_AT
+}
+
 /* --- Memory reservation ---------------------------------------------------- */
 
-/* Have at least k spare block buffers and room for k blocks in rc_mset. */
+/* Have at least k spare blocks and room for k blocks in rc_mset. */
 static int rc_reserve(struct qsm_refcounts *rc, size_t k)
 {
 	if (rc_mset_reserve(rc, k))
 		return -ENOMEM;
 	if (k > rc->rc_pool_cap) {
-		uint8_t **p = realloc(rc->rc_pool, k * sizeof(*p));
+		struct qsm_rc_block **p = realloc(rc->rc_pool, k * sizeof(*p));
 		if (!p)
 			return -ENOMEM;
 		rc->rc_pool = p;
 		rc->rc_pool_cap = k;
 	}
 	while (rc->rc_pool_n < k) {
-		uint8_t *b = malloc(rc->rc_cluster_size);
+		struct qsm_rc_block *b = rb_new(rc);
 		if (!b)
 			return -ENOMEM;
 		rc->rc_pool[rc->rc_pool_n++] = b;
@@ -328,26 +728,17 @@ static int rc_reserve(struct qsm_refcounts *rc, size_t k)
 	return 0;
 }
 
-/* After a public operation: keep a few spares, give the rest back (a large
- * allocation may have reserved many). */
-#define RC_POOL_KEEP 8
-static void rc_pool_trim(struct qsm_refcounts *rc)
+/* A zeroed block, from the pool when it has one. */
+static struct qsm_rc_block *rc_take_block(struct qsm_refcounts *rc)
 {
-	while (rc->rc_pool_n > RC_POOL_KEEP)
-		free(rc->rc_pool[--rc->rc_pool_n]);
-}
-
-/* A zeroed block buffer, from the pool when it has one. */
-static uint8_t *rc_take_buf(struct qsm_refcounts *rc)
-{
-	uint8_t *b = rc->rc_pool_n ? rc->rc_pool[--rc->rc_pool_n] : malloc(rc->rc_cluster_size);
+	struct qsm_rc_block *b = rc->rc_pool_n ? rc->rc_pool[--rc->rc_pool_n] : rb_new(rc);
 	if (b)
-		memset(b, 0, rc->rc_cluster_size);
+		memset(b->rb_data, 0, rc->rc_cluster_size);
 	return b;
 }
 
-/* Enlarge the per-entry arrays to hold n entries (zeroed).  Changes no
- * visible state: rc_entries stays.  0 or -ENOMEM. */
+/* Enlarge the per-entry arrays to hold n entries (zeroed; summary unknown).
+ * Changes no visible state: rc_entries stays.  0 or -ENOMEM. */
 static int rc_arrays_grow(struct qsm_refcounts *rc, uint64_t n)
 {
 	if (n <= rc->rc_cap)
@@ -356,28 +747,19 @@ static int rc_arrays_grow(struct qsm_refcounts *rc, uint64_t n)
 	if (!t)
 		return -ENOMEM;
 	rc->rc_table = t;
-	uint8_t **b = realloc(rc->rc_blocks, n * sizeof(*b));
-	if (!b)
+	struct qsm_rc_block **r = realloc(rc->rc_res, n * sizeof(*r));
+	if (!r)
 		return -ENOMEM;
-	rc->rc_blocks = b;
-	uint8_t *f = realloc(rc->rc_flags, n);
+	rc->rc_res = r;
+	uint32_t *f = realloc(rc->rc_free, n * sizeof(*f));
 	if (!f)
 		return -ENOMEM;
-	rc->rc_flags = f;
-	uint32_t *d = realloc(rc->rc_dirty, n * sizeof(*d));
-	if (!d)
-		return -ENOMEM;
-	rc->rc_dirty = d;
-	if (!(d = realloc(rc->rc_dlo, n * sizeof(*d))))
-		return -ENOMEM;
-	rc->rc_dlo = d;
-	if (!(d = realloc(rc->rc_dhi, n * sizeof(*d))))
-		return -ENOMEM;
-	rc->rc_dhi = d;
+	rc->rc_free = f;
 	uint64_t o = rc->rc_cap;
 	memset(rc->rc_table + o, 0, (n - o) * sizeof(*t));
-	memset(rc->rc_blocks + o, 0, (n - o) * sizeof(*b));
-	memset(rc->rc_flags + o, 0, n - o);
+	memset(rc->rc_res + o, 0, (n - o) * sizeof(*r));
+	for (uint64_t i = o; i < n; i++)
+		rc->rc_free[i] = RC_FREE_UNKNOWN;
 	rc->rc_cap = n;
 	return 0;
 }
@@ -389,36 +771,58 @@ static void rc_claimed(struct qsm_refcounts *rc, uint64_t c, uint64_t n)
 {
 	if (rc->rc_hint >= c && rc->rc_hint < c + n)
 		rc->rc_hint = c + n;
-	rc->rc_end = QSM_MAX(rc->rc_end, c + n);
-}
-
-/* Recompute rc_end downwards after refcounts dropped to 0 at its top. */
-static void rc_recompute_end(struct qsm_refcounts *rc)
-{
-	uint64_t c = rc->rc_end;
-	while (c > 0) {
-		uint64_t idx = (c - 1) >> rc->rc_epb_bits;
-		if (idx >= rc->rc_entries || !rc->rc_blocks[idx]) {
-			c = idx << rc->rc_epb_bits;
-			continue;
-		}
-		if (qsm_refcount_get(rc, c - 1))
-			break;
-		c--;
+	if (c + n >= rc->rc_end) {
+		rc->rc_end = c + n;
+		rc->rc_end_exact = true;
 	}
-	rc->rc_end = c;
 }
 
 /*
- * Find the lowest run of n free clusters at or above the hint (clusters in
- * [rc_excl_lo, rc_excl_hi) are not free, but do not stop the hint).  Raises
- * the hint over the used clusters it passes.  -EFBIG when the run would
- * reach rc_max_clusters.
+ * Recompute rc_end downwards after refcounts dropped to 0 at its top.  With
+ * a waiter it stops at a block that is neither resident nor known empty
+ * (rc_end then stays an upper bound, R2); without, it reads such blocks.
  */
-static int rc_find_run(struct qsm_refcounts *rc, uint64_t n, uint64_t *start)
+static void rc_recompute_end(struct qsm_refcounts *rc, struct qsm_rc_waiter *w)
 {
-	uint64_t c = rc->rc_hint, run = 0, epb_mask = rc_epb(rc) - 1;
-	bool seen_free = false;
+	uint64_t c = rc->rc_end;
+	bool exact = true;
+	while (c > 0) {
+		uint64_t idx = (c - 1) >> rc->rc_epb_bits, lo = idx << rc->rc_epb_bits;
+		if (!rc_exists(rc, idx) || rc->rc_free[idx] == rc_epb(rc)) {
+			c = lo;
+			continue;
+		}
+		struct qsm_rc_block *b = rc->rc_res[idx];
+		int err;
+		if (b && (b->rb_flags & RB_LOADING))
+			b = NULL;
+		if (!b && !w)
+			b = rc_get(rc, idx, NULL, &err);
+		if (!b) {
+			exact = false;
+			break;
+		}
+		while (c > lo && !rc_block_get(rc->rc_order, b->rb_data, rc_slot(rc, c - 1)))
+			c--;
+		if (c > lo)
+			break;
+	}
+	rc->rc_end = c;
+	rc->rc_end_exact = exact;
+}
+
+/*
+ * Find the lowest run of n free clusters at or above max(hint, from)
+ * (clusters in [rc_excl_lo, rc_excl_hi) are not free, but do not stop the
+ * hint).  Raises the hint over the used clusters it passes (only when it
+ * starts at the hint).  -EFBIG when the run would reach rc_max_clusters;
+ * -EAGAIN when a block on the way must be read first.
+ */
+static int rc_find_run(struct qsm_refcounts *rc, uint64_t n, uint64_t from, uint64_t *start,
+		       struct qsm_rc_waiter *w)
+{
+	uint64_t c = QSM_MAX(rc->rc_hint, from), run = 0, epb_mask = rc_epb(rc) - 1;
+	bool seen_free = from > rc->rc_hint;
 
 	while (run < n) {
 		if (c - run > rc->rc_max_clusters - n)
@@ -430,21 +834,39 @@ static int rc_find_run(struct qsm_refcounts *rc, uint64_t n, uint64_t *start)
 			continue;
 		}
 		uint64_t idx = c >> rc->rc_epb_bits;
-		if (!rc->rc_careful && (idx >= rc->rc_entries || !rc->rc_blocks[idx])) {
-			/* A whole missing range, or past the coverage: free. */
-			uint64_t span = n - run;
-			if (idx < rc->rc_entries)
-				span = QSM_MIN(span, (idx + 1) * (epb_mask + 1) - c);
-			if (rc->rc_excl_lo > c)
-				span = QSM_MIN(span, rc->rc_excl_lo - c);
-			seen_free = true;
-			run += span;
-			c += span;
+		bool free;
+		if (!rc_exists(rc, idx)) {
+			if (!rc->rc_careful) {
+				/* A whole missing range, or past the coverage: free. */
+				uint64_t span = n - run;
+				if (idx < rc->rc_entries)
+					span = QSM_MIN(span, (idx + 1) * (epb_mask + 1) - c);
+				if (rc->rc_excl_lo > c)
+					span = QSM_MIN(span, rc->rc_excl_lo - c);
+				seen_free = true;
+				run += span;
+				c += span;
+				continue;
+			}
+			free = c != 0 && !qsm_refcount_is_meta(rc, c);
+		} else if (rc->rc_free[idx] == 0) {
+			/* Known full: skip it unread. */
+			uint64_t next = (idx + 1) << rc->rc_epb_bits;
+			if (rc->rc_excl_lo > c && rc->rc_excl_lo < next)
+				next = rc->rc_excl_lo;
+			if (!seen_free)
+				rc->rc_hint = next;
+			run = 0;
+			c = next;
 			continue;
+		} else {
+			int err;
+			struct qsm_rc_block *b = rc_get(rc, idx, w, &err);
+			if (!b)
+				return err;
+			free = c != 0 && !rc_block_get(rc->rc_order, b->rb_data, c & epb_mask) &&
+			       (!rc->rc_careful || !qsm_refcount_is_meta(rc, c));
 		}
-		const uint8_t *b = idx < rc->rc_entries ? rc->rc_blocks[idx] : NULL;
-		bool free = c != 0 && (!b || !rc_block_get(rc->rc_order, b, c & epb_mask)) &&
-			    (!rc->rc_careful || !qsm_refcount_is_meta(rc, c));
 		if (free) {
 			seen_free = true;
 			run++;
@@ -462,22 +884,24 @@ static int rc_find_run(struct qsm_refcounts *rc, uint64_t n, uint64_t *start)
 /*
  * Install an empty block for table index idx at free cluster bc, counting
  * bc (in the new block itself when bc is in idx's range, else in bc's
- * block, which must exist).  All or nothing: 0 or -ENOMEM.
+ * block, which exists and which the scan that found bc made resident).
+ * All or nothing: 0 or -ENOMEM.
  */
 static int rc_install_block(struct qsm_refcounts *rc, uint64_t idx, uint64_t bc)
 {
 	if (rc_mset_reserve(rc, 1))
 		return -ENOMEM;
-	uint8_t *b = rc_take_buf(rc);
+	struct qsm_rc_block *b = rc_take_block(rc);
 	if (!b)
 		return -ENOMEM;
-	rc->rc_blocks[idx] = b;
+	rb_install(rc, b, idx);
 	rc->rc_table[idx] = bc << rc->rc_cluster_bits;
-	rc->rc_flags[idx] |= RB_NEW;
-	rc_mark_dirty(rc, idx);
+	rc->rc_free[idx] = (uint32_t)rc_epb(rc);
+	b->rb_flags |= RB_NEW;
+	rc_mark_dirty_bytes(rc, b, 0, (uint32_t)rc->rc_cluster_size);
 	rc_table_dirty(rc, idx);
 	rc_mset_add(rc, bc);
-	rc_set(rc, bc, 1);
+	rc_set(rc, rc_block_at(rc, bc), bc, 1);
 	rc_claimed(rc, bc, 1);
 	return 0;
 }
@@ -487,26 +911,28 @@ static int rc_grow_table(struct qsm_refcounts *rc, uint64_t need);
 /*
  * Make progress towards a block at table index idx (< rc_entries, missing):
  * create one block, or grow the table.  The new block goes at the lowest
- * free cluster; if that cluster's range has no block, the new block is that
- * range's block and counts itself.
+ * free cluster at or above `from`; if that cluster's range has no block,
+ * the new block is that range's block and counts itself.
  */
-static int rc_make_block(struct qsm_refcounts *rc, uint64_t idx)
+static int rc_make_block(struct qsm_refcounts *rc, uint64_t idx, uint64_t from,
+			 struct qsm_rc_waiter *w)
 {
 	uint64_t f;
-	int r = rc_find_run(rc, 1, &f);
+	int r = rc_find_run(rc, 1, from, &f, w);
 	if (r)
 		return r;
 	uint64_t fidx = f >> rc->rc_epb_bits;
 	if (fidx >= rc->rc_entries)
 		return rc_grow_table(rc, fidx + 1);
-	if (!rc->rc_blocks[fidx])
+	if (!rc_exists(rc, fidx))
 		return rc_install_block(rc, fidx, f);
 	return rc_install_block(rc, idx, f);
 }
 
 /* Give every range of [c, c+n) a block (growing the table as needed).
  * *made tells whether anything was created. */
-static int rc_ensure_blocks(struct qsm_refcounts *rc, uint64_t c, uint64_t n, bool *made)
+static int rc_ensure_blocks(struct qsm_refcounts *rc, uint64_t c, uint64_t n, uint64_t from,
+			    bool *made, struct qsm_rc_waiter *w)
 {
 	uint64_t last = (c + n - 1) >> rc->rc_epb_bits;
 	int r;
@@ -517,8 +943,8 @@ static int rc_ensure_blocks(struct qsm_refcounts *rc, uint64_t c, uint64_t n, bo
 		*made = true;
 	}
 	for (uint64_t idx = c >> rc->rc_epb_bits; idx <= last; idx++) {
-		while (!rc->rc_blocks[idx]) {
-			if ((r = rc_make_block(rc, idx)))
+		while (!rc_exists(rc, idx)) {
+			if ((r = rc_make_block(rc, idx, from, w)))
 				return r;
 			*made = true;
 		}
@@ -526,21 +952,23 @@ static int rc_ensure_blocks(struct qsm_refcounts *rc, uint64_t c, uint64_t n, bo
 	return 0;
 }
 
-/* Allocate n contiguous free clusters (refcount 1) at the lowest run. */
-static int rc_alloc_run(struct qsm_refcounts *rc, uint64_t n, uint64_t *out)
+/* Allocate n contiguous free clusters (refcount 1) at the lowest run at or
+ * above `from`. */
+static int rc_alloc_run(struct qsm_refcounts *rc, uint64_t n, uint64_t from, uint64_t *out,
+			struct qsm_rc_waiter *w)
 {
 	for (;;) {
 		uint64_t c;
 		bool made;
-		int r = rc_find_run(rc, n, &c);
+		int r = rc_find_run(rc, n, from, &c, w);
 		if (r)
 			return r;
-		if ((r = rc_ensure_blocks(rc, c, n, &made)))
+		if ((r = rc_ensure_blocks(rc, c, n, from, &made, w)))
 			return r;
 		if (made)
 			continue; /* new blocks may sit in the run: look again */
 		for (uint64_t i = c; i < c + n; i++)
-			rc_set(rc, i, 1);
+			rc_set(rc, rc_block_at(rc, i), i, 1);
 		rc_claimed(rc, c, n);
 		*out = c;
 		return 0;
@@ -549,8 +977,9 @@ static int rc_alloc_run(struct qsm_refcounts *rc, uint64_t n, uint64_t *out)
 
 /*
  * Grow the table to cover at least `need` entries: enlarge the arrays and
- * raise the coverage, then allocate the new table's clusters inside it.
- * The old table stays allocated (rc_old) until table_committed.
+ * raise the coverage, then allocate the new table's clusters inside it,
+ * past the old coverage (nothing there needs reading).  The old table stays
+ * allocated (rc_old) until table_committed.
  */
 static int rc_grow_table(struct qsm_refcounts *rc, uint64_t need)
 {
@@ -565,8 +994,8 @@ static int rc_grow_table(struct qsm_refcounts *rc, uint64_t need)
 	uint64_t tcl = new_e / epc;
 	/* Bound on the blocks the table's run can need (see rc_alloc_run). */
 	uint64_t nblk = 2 * (QSM_DIV_ROUND_UP(tcl, epb) + 2) + 4;
-	/* The run starts at or below the old coverage's end (past it all is
-	 * free) or the excluded range's end; it and its blocks must fit. */
+	/* The run starts at the old coverage's end (past it all is free) or
+	 * the excluded range's end; it and its blocks must fit. */
 	uint64_t base = QSM_MAX(old_e << rc->rc_epb_bits, rc->rc_excl_hi);
 	uint64_t cover = QSM_MIN(new_e << rc->rc_epb_bits, rc->rc_max_clusters);
 	if (new_e < need || base + tcl + nblk > cover)
@@ -585,14 +1014,14 @@ static int rc_grow_table(struct qsm_refcounts *rc, uint64_t need)
 	uint64_t tc;
 	rc->rc_entries = new_e;
 	rc->rc_growing = true;
-	r = rc_alloc_run(rc, tcl, &tc);
+	r = rc_alloc_run(rc, tcl, base, &tc, NULL); /* reads nothing: all missing */
 	rc->rc_growing = false;
 	if (r) {
 		/* Only past the reservation; undo when nothing landed in the
 		 * new coverage, else stop everything (sticky). */
 		bool clean = true;
 		for (uint64_t i = old_e; i < new_e; i++)
-			clean &= !rc->rc_blocks[i];
+			clean &= !rc->rc_table[i];
 		if (clean)
 			rc->rc_entries = old_e;
 		else
@@ -610,11 +1039,9 @@ static int rc_grow_table(struct qsm_refcounts *rc, uint64_t need)
 	return 0;
 }
 
-int qsm_refcount_alloc(struct qsm_refcounts *rc, uint64_t n, uint64_t *offset)
+static int rc_alloc(struct qsm_refcounts *rc, uint64_t n, uint64_t *c, struct qsm_rc_waiter *w)
 {
-	uint64_t c;
 	int r;
-
 	if (rc->rc_broken)
 		return -EIO;
 	if (n == 0)
@@ -622,18 +1049,25 @@ int qsm_refcount_alloc(struct qsm_refcounts *rc, uint64_t n, uint64_t *offset)
 	if (n >= rc->rc_max_clusters)
 		return -EFBIG;
 	if ((r = rc_reserve(rc, QSM_DIV_ROUND_UP(n, rc_epb(rc)) + 3)) == 0)
-		r = rc_alloc_run(rc, n, &c);
-	rc_pool_trim(rc);
-	if (r)
-		return r;
-	*offset = c << rc->rc_cluster_bits;
-	return 0;
+		r = rc_alloc_run(rc, n, 0, c, w);
+	return r;
+}
+
+int qsm_refcount_alloc(struct qsm_refcounts *rc, uint64_t n, uint64_t *offset,
+		       struct qsm_rc_waiter *w)
+{
+	uint64_t c;
+	int r = rc_alloc(rc, n, &c, w);
+	if (r == 0)
+		*offset = c << rc->rc_cluster_bits;
+	return rc_op_end(rc, w, r);
 }
 
 /* Phase 1 of update: would every refcount of the range stay in [0, max],
- * and would no metadata cluster drop to 0?  Changes nothing. */
-static int rc_check_range(const struct qsm_refcounts *rc, uint64_t cluster, uint64_t n,
-			  int64_t delta)
+ * and would no metadata cluster drop to 0?  Changes nothing, but makes
+ * every existing block of the range resident (or -EAGAIN). */
+static int rc_check_range(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, int64_t delta,
+			  struct qsm_rc_waiter *w)
 {
 	uint64_t up = delta > 0 ? (uint64_t)delta : 0;
 	uint64_t down = delta < 0 ? (uint64_t)0 - (uint64_t)delta : 0;
@@ -642,27 +1076,34 @@ static int rc_check_range(const struct qsm_refcounts *rc, uint64_t cluster, uint
 	if (up > rc->rc_max)
 		return -ERANGE;
 	for (uint64_t c = cluster; c < end;) {
-		const uint8_t *b = rc_block_of(rc, c);
-		if (!b) {
+		uint64_t idx = c >> rc->rc_epb_bits;
+		if (!rc_exists(rc, idx)) {
 			if (down)
 				return -ERANGE;
 			/* All 0 up to the range's end: 0 + up fits. */
-			c = QSM_MIN(end, ((c >> rc->rc_epb_bits) + 1) << rc->rc_epb_bits);
+			c = QSM_MIN(end, (idx + 1) << rc->rc_epb_bits);
 			continue;
 		}
-		uint64_t v = rc_block_get(rc->rc_order, b, c & (rc_epb(rc) - 1));
-		if (up && v > rc->rc_max - up)
-			return -ERANGE;
-		if (down && v < down)
-			return -ERANGE;
-		if (down && v == down && qsm_refcount_is_meta(rc, c))
-			return -EINVAL;
-		c++;
+		int err;
+		struct qsm_rc_block *b = rc_get(rc, idx, w, &err);
+		if (!b)
+			return err;
+		uint64_t stop = QSM_MIN(end, (idx + 1) << rc->rc_epb_bits);
+		for (; c < stop; c++) {
+			uint64_t v = rc_block_get(rc->rc_order, b->rb_data, rc_slot(rc, c));
+			if (up && v > rc->rc_max - up)
+				return -ERANGE;
+			if (down && v < down)
+				return -ERANGE;
+			if (down && v == down && qsm_refcount_is_meta(rc, c))
+				return -EINVAL;
+		}
 	}
 	return 0;
 }
 
-int qsm_refcount_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, int64_t delta)
+static int rc_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, int64_t delta,
+		     struct qsm_rc_waiter *w)
 {
 	int r;
 
@@ -672,7 +1113,7 @@ int qsm_refcount_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, 
 		return 0;
 	if (cluster >= rc->rc_max_clusters || n > rc->rc_max_clusters - cluster)
 		return -EFBIG;
-	if ((r = rc_check_range(rc, cluster, n, delta)))
+	if ((r = rc_check_range(rc, cluster, n, delta, w)))
 		return r;
 	if (delta > 0) {
 		bool made;
@@ -680,18 +1121,20 @@ int qsm_refcount_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, 
 			/* New blocks and tables must not land in the range. */
 			rc->rc_excl_lo = cluster;
 			rc->rc_excl_hi = cluster + n;
-			r = rc_ensure_blocks(rc, cluster, n, &made);
+			r = rc_ensure_blocks(rc, cluster, n, 0, &made, w);
 			rc->rc_excl_lo = rc->rc_excl_hi = 0;
 		}
-		rc_pool_trim(rc);
 		if (r)
 			return r;
 	}
 
 	bool zeroed = false;
+	struct qsm_rc_block *b = NULL;
 	for (uint64_t c = cluster; c < cluster + n; c++) {
-		uint64_t v = qsm_refcount_get(rc, c) + (uint64_t)delta;
-		rc_set(rc, c, v);
+		if (!b || b->rb_idx != c >> rc->rc_epb_bits)
+			b = rc_block_at(rc, c);
+		uint64_t v = rc_block_get(rc->rc_order, b->rb_data, rc_slot(rc, c)) + (uint64_t)delta;
+		rc_set(rc, b, c, v);
 		if (v == 0) {
 			zeroed = true;
 			if (rc->rc_free_byte && rc->rc_free_byte >> rc->rc_cluster_bits == c)
@@ -703,12 +1146,18 @@ int qsm_refcount_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, 
 	if (delta > 0)
 		rc_claimed(rc, cluster, n);
 	else if (zeroed && cluster + n >= rc->rc_end)
-		rc_recompute_end(rc);
+		rc_recompute_end(rc, w);
 	return 0;
 }
 
-int qsm_refcount_alloc_bytes(struct qsm_refcounts *rc, uint64_t size, uint64_t *offset,
-			     uint64_t *fresh)
+int qsm_refcount_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, int64_t delta,
+			struct qsm_rc_waiter *w)
+{
+	return rc_op_end(rc, w, rc_update(rc, cluster, n, delta, w));
+}
+
+static int rc_alloc_bytes(struct qsm_refcounts *rc, uint64_t size, uint64_t *offset,
+			  uint64_t *fresh, struct qsm_rc_waiter *w)
 {
 	uint64_t cs = rc->rc_cluster_size;
 	uint64_t o = rc->rc_free_byte, c;
@@ -720,25 +1169,29 @@ int qsm_refcount_alloc_bytes(struct qsm_refcounts *rc, uint64_t size, uint64_t *
 	if (size == 0 || size > cs)
 		return -EINVAL;
 	if (o) {
-		uint64_t v = qsm_refcount_get(rc, o >> rc->rc_cluster_bits);
+		uint64_t v;
+		if ((r = rc_read(rc, o >> rc->rc_cluster_bits, &v, w)) < 0)
+			return r;
 		if (v == 0 || v >= rc->rc_max) /* 0: see rc_free_byte; cannot happen */
 			o = 0;
 	}
 	if (!o || cs - (o & (cs - 1)) < size) {
-		if ((r = qsm_refcount_alloc(rc, 1, &c)) < 0)
+		if ((r = rc_alloc(rc, 1, &c, w)) < 0)
 			return r;
+		c <<= rc->rc_cluster_bits;
 		if (o && QSM_ALIGN_UP(o, cs) == c) {
 			/* The bytes straddle into the new cluster: the old one
-			 * holds their head, so it is referenced once more. */
-			if ((r = qsm_refcount_update(rc, o >> rc->rc_cluster_bits, 1, 1)) < 0) {
-				(void)qsm_refcount_update(rc, c >> rc->rc_cluster_bits, 1, -1);
+			 * holds their head, so it is referenced once more (its
+			 * block was read above: no wait). */
+			if ((r = rc_update(rc, o >> rc->rc_cluster_bits, 1, 1, w)) < 0) {
+				(void)rc_update(rc, c >> rc->rc_cluster_bits, 1, -1, w);
 				return r;
 			}
 		} else {
 			o = c;
 		}
 		*fresh = c;
-	} else if ((r = qsm_refcount_update(rc, o >> rc->rc_cluster_bits, 1, 1)) < 0) {
+	} else if ((r = rc_update(rc, o >> rc->rc_cluster_bits, 1, 1, w)) < 0) {
 		return r;
 	}
 	*offset = o;
@@ -746,17 +1199,54 @@ int qsm_refcount_alloc_bytes(struct qsm_refcounts *rc, uint64_t size, uint64_t *
 	return 0;
 }
 
-int qsm_refcount_free_bytes(struct qsm_refcounts *rc, uint64_t offset, uint64_t size)
+int qsm_refcount_alloc_bytes(struct qsm_refcounts *rc, uint64_t size, uint64_t *offset,
+			     uint64_t *fresh, struct qsm_rc_waiter *w)
+{
+	return rc_op_end(rc, w, rc_alloc_bytes(rc, size, offset, fresh, w));
+}
+
+int qsm_refcount_free_bytes(struct qsm_refcounts *rc, uint64_t offset, uint64_t size,
+			    struct qsm_rc_waiter *w)
 {
 	uint64_t first = offset >> rc->rc_cluster_bits;
 	uint64_t last = (offset + size - 1) >> rc->rc_cluster_bits;
+	uint64_t v;
 	int ret = 0;
+	/* Every block first, so that a wait comes before any change. */
+	for (uint64_t c = first; c <= last; c++)
+		if ((ret = rc_read(rc, c, &v, w)) < 0)
+			return rc_op_end(rc, w, ret);
 	for (uint64_t c = first; c <= last; c++) {
-		int r = qsm_refcount_update(rc, c, 1, -1);
+		int r = rc_update(rc, c, 1, -1, w);
 		if (r < 0 && !ret)
 			ret = r;
 	}
-	return ret;
+	return rc_op_end(rc, w, ret);
+}
+
+int qsm_refcount_count_used(struct qsm_refcounts *rc, uint64_t end, uint64_t limit,
+			    uint64_t *count, struct qsm_rc_waiter *w)
+{
+	uint64_t n = 0, epb = rc_epb(rc);
+	int r = 0;
+	for (uint64_t idx = 0; idx < rc->rc_entries && (idx << rc->rc_epb_bits) < end && n < limit;
+	     idx++) {
+		uint64_t lo = idx << rc->rc_epb_bits, hi = QSM_MIN(lo + epb, end);
+		if (!rc_exists(rc, idx))
+			continue;
+		if (hi == lo + epb && rc->rc_free[idx] != RC_FREE_UNKNOWN) {
+			n += epb - rc->rc_free[idx];
+			continue;
+		}
+		struct qsm_rc_block *b = rc_get(rc, idx, w, &r);
+		if (!b)
+			break;
+		r = 0;
+		for (uint64_t c = lo; c < hi; c++)
+			n += rc_block_get(rc->rc_order, b->rb_data, c - lo) != 0;
+	}
+	*count = n;
+	return rc_op_end(rc, w, r);
 }
 
 uint64_t qsm_refcount_image_end(const struct qsm_refcounts *rc)
@@ -769,6 +1259,15 @@ void qsm_refcount_table_location(const struct qsm_refcounts *rc, uint64_t *offse
 {
 	*offset = rc->rc_table_offset;
 	*clusters = rc->rc_table_clusters;
+}
+
+void qsm_refcount_stats(const struct qsm_refcounts *rc, struct qsm_rc_stats *st)
+{
+	*st = (struct qsm_rc_stats){
+		.hits = rc->rc_hits, .misses = rc->rc_misses, .evictions = rc->rc_evictions,
+		.loads = rc->rc_loads, .resident = rc->rc_nres, .capacity = rc->rc_capacity,
+		.dirty = rc->rc_ndirty,
+	};
 }
 
 /* --- Write-back -------------------------------------------------------------- */
@@ -803,8 +1302,9 @@ static void rc_batch_truncate(struct qsm_meta_batch *b, size_t n)
 /*
  * Contract: on success every dirty block is in `blocks` and the dirty part
  * of the table (rounded out to 512 bytes, or all of it when it moved) is in
- * `table`, and everything is clean.  On error (-ENOMEM, -EIO) the batches
- * are as they were and nothing is marked clean.
+ * `table`, and everything is clean; the blocks are busy (unevictable) until
+ * qsm_refcount_written().  On error (-ENOMEM, -EIO) the batches are as they
+ * were and nothing is marked clean.
  */
 int qsm_refcount_collect(struct qsm_refcounts *rc, struct qsm_meta_batch *blocks,
 			 struct qsm_meta_batch *table, struct qsm_rc_collect *out)
@@ -814,18 +1314,17 @@ int qsm_refcount_collect(struct qsm_refcounts *rc, struct qsm_meta_batch *blocks
 
 	if (rc->rc_broken)
 		return -EIO;
-	for (size_t i = 0; i < rc->rc_ndirty && !r; i++) {
-		uint32_t idx = rc->rc_dirty[i];
+	for (struct qsm_rc_block *b = rc->rc_dirty; b && !r; b = b->rb_dnext) {
 		/* A new block is written whole (its cluster may hold garbage);
 		 * an old one only over its dirty span, in 4 KiB units. */
 		uint64_t lo = 0, hi = rc->rc_cluster_size;
-		if (!(rc->rc_flags[idx] & RB_NEW)) {
-			lo = QSM_ALIGN_DOWN((uint64_t)rc->rc_dlo[idx], 4096);
-			hi = QSM_MIN(QSM_ALIGN_UP((uint64_t)rc->rc_dhi[idx], 4096), rc->rc_cluster_size);
+		if (!(b->rb_flags & RB_NEW)) {
+			lo = QSM_ALIGN_DOWN((uint64_t)b->rb_dlo, 4096);
+			hi = QSM_MIN(QSM_ALIGN_UP((uint64_t)b->rb_dhi, 4096), rc->rc_cluster_size);
 		}
-		r = qsm_meta_batch_add(blocks, rc->rc_table[idx] + lo, rc->rc_blocks[idx] + lo, hi - lo,
-				       (rc->rc_flags[idx] & RB_NEW) ? QSM_IO_EV_REFBLOCK_ALLOC
-								    : QSM_IO_EV_REFBLOCK_UPDATE);
+		r = qsm_meta_batch_add(blocks, rc->rc_table[b->rb_idx] + lo, b->rb_data + lo, hi - lo,
+				       (b->rb_flags & RB_NEW) ? QSM_IO_EV_REFBLOCK_ALLOC
+							      : QSM_IO_EV_REFBLOCK_UPDATE);
 	}
 	if (!r && rc->rc_table_moved) {
 		r = rc_add_table(rc, table, 0, rc->rc_entries);
@@ -840,11 +1339,20 @@ int qsm_refcount_collect(struct qsm_refcounts *rc, struct qsm_meta_batch *blocks
 		return r;
 	}
 
-	for (size_t i = 0; i < rc->rc_ndirty; i++)
-		rc->rc_flags[rc->rc_dirty[i]] &= (uint8_t)~(RB_DIRTY | RB_NEW);
+	out->generation = ++rc->rc_generation;
+	while (rc->rc_dirty) {
+		struct qsm_rc_block *b = rc->rc_dirty;
+		rc->rc_dirty = b->rb_dnext;
+		b->rb_dnext = NULL;
+		b->rb_flags &= (uint8_t)~(RB_DIRTY | RB_NEW);
+		if (!b->rb_busy) {
+			b->rb_bnext = rc->rc_busy;
+			rc->rc_busy = b;
+		}
+		b->rb_busy = out->generation;
+	}
 	rc->rc_ndirty = 0;
 	rc->rc_tdirty_lo = rc->rc_tdirty_hi = 0;
-	out->generation = ++rc->rc_generation;
 	out->table_moved = rc->rc_table_moved;
 	if (rc->rc_table_moved) {
 		for (size_t i = 0; i < rc->rc_nold; i++)
@@ -855,10 +1363,32 @@ int qsm_refcount_collect(struct qsm_refcounts *rc, struct qsm_meta_batch *blocks
 	return 0;
 }
 
-int qsm_refcount_table_committed(struct qsm_refcounts *rc, uint64_t generation)
+void qsm_refcount_written(struct qsm_refcounts *rc, uint64_t generation, int ret)
+{
+	struct qsm_rc_block **pp = &rc->rc_busy;
+	if (!generation)
+		return;
+	while (*pp) {
+		struct qsm_rc_block *b = *pp;
+		if (b->rb_busy > generation) {
+			pp = &b->rb_bnext;
+			continue;
+		}
+		*pp = b->rb_bnext;
+		b->rb_bnext = NULL;
+		b->rb_busy = 0;
+		if (ret < 0)
+			rc_mark_dirty_bytes(rc, b, 0, (uint32_t)rc->rc_cluster_size);
+		rb_lru_sync(rc, b);
+	}
+	rc_trim(rc);
+}
+
+int qsm_refcount_table_committed(struct qsm_refcounts *rc, uint64_t generation,
+				 struct qsm_rc_waiter *w)
 {
 	if (rc->rc_broken)
-		return -EIO;
+		return rc_op_end(rc, w, -EIO);
 	for (size_t i = 0; i < rc->rc_nold;) {
 		struct rc_old_table ot = rc->rc_old[i];
 		if (!ot.ot_generation || ot.ot_generation > generation) {
@@ -867,14 +1397,13 @@ int qsm_refcount_table_committed(struct qsm_refcounts *rc, uint64_t generation)
 		}
 		/* Out of the list first: is_meta must not protect it now. */
 		rc->rc_old[i] = rc->rc_old[--rc->rc_nold];
-		int r = qsm_refcount_update(rc, ot.ot_offset >> rc->rc_cluster_bits,
-					    ot.ot_clusters, -1);
+		int r = rc_update(rc, ot.ot_offset >> rc->rc_cluster_bits, ot.ot_clusters, -1, w);
 		if (r) {
 			rc->rc_old[rc->rc_nold++] = ot;
-			return r;
+			return rc_op_end(rc, w, r);
 		}
 	}
-	return 0;
+	return rc_op_end(rc, w, 0);
 }
 
 /* --- Load and free ----------------------------------------------------------- */
@@ -884,16 +1413,13 @@ void qsm_refcount_free(struct qsm_refcounts *rc)
 	if (!rc)
 		return;
 	for (uint64_t i = 0; i < rc->rc_cap; i++)
-		free(rc->rc_blocks[i]);
+		rb_free(rc->rc_res[i]);
 	for (size_t i = 0; i < rc->rc_pool_n; i++)
-		free(rc->rc_pool[i]);
+		rb_free(rc->rc_pool[i]);
 	free(rc->rc_pool);
 	free(rc->rc_table);
-	free(rc->rc_blocks);
-	free(rc->rc_flags);
-	free(rc->rc_dlo);
-	free(rc->rc_dhi);
-	free(rc->rc_dirty);
+	free(rc->rc_res);
+	free(rc->rc_free);
 	free(rc->rc_old);
 	free(rc->rc_mset);
 	free(rc);
@@ -987,6 +1513,7 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 	rc = calloc(1, sizeof(*rc));
 	if (!rc)
 		return -ENOMEM;
+	rc->rc_io = io;
 	rc->rc_cluster_bits = p->cluster_bits;
 	rc->rc_cluster_size = (size_t)cs;
 	rc->rc_order = p->refcount_order;
@@ -997,6 +1524,8 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 	rc->rc_table_offset = p->table_offset;
 	rc->rc_table_clusters = p->table_clusters;
 	rc->rc_hint = 1;
+	rc->rc_capacity = p->cache_blocks ? p->cache_blocks : RC_DEFAULT_CACHE_BLOCKS;
+	rc->rc_lru.rb_next = rc->rc_lru.rb_prev = &rc->rc_lru;
 
 	uint64_t n = tbytes / 8;
 	buf = malloc(tbytes);
@@ -1022,36 +1551,25 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 	if ((r = rc_validate_entries(rc, file_size, err, errlen)))
 		goto fail;
 
-	for (uint64_t i = 0; i < n; i++) {
-		if (!rc->rc_table[i])
-			continue;
-		if (!(rc->rc_blocks[i] = malloc(cs))) {
-			r = -ENOMEM;
-			goto fail;
-		}
-		if ((r = qsm_io_pread_sync_ev(io, rc->rc_blocks[i], cs, rc->rc_table[i],
-						 QSM_IO_EV_REFBLOCK_LOAD))) {
-			qsm_set_err(err, errlen,
-			       "reading refcount block %" PRIu64 " at 0x%" PRIx64 ": %s", i,
-			       rc->rc_table[i], strerror(-r));
-			goto fail;
-		}
-	}
-
-	/* A block or table cluster with refcount 0 (a corrupt image): keep the
-	 * allocator off them by testing every candidate cluster. */
+	/* A block or table cluster whose own range has no block has refcount
+	 * 0 (a damaged image); those in ranges with a block are found as the
+	 * blocks are read (rc_careful_scan). */
 	for (uint64_t i = 0; i < n; i++)
-		if (rc->rc_table[i] && !qsm_refcount_get(rc, rc->rc_table[i] >> p->cluster_bits))
+		if (rc->rc_table[i] && !rc_exists(rc, (rc->rc_table[i] >> p->cluster_bits) >> rc->rc_epb_bits))
 			rc->rc_careful = true;
 	for (uint32_t i = 0; i < p->table_clusters; i++)
-		if (!qsm_refcount_get(rc, (p->table_offset >> p->cluster_bits) + i))
+		if (!rc_exists(rc, ((p->table_offset >> p->cluster_bits) + i) >> rc->rc_epb_bits))
 			rc->rc_careful = true;
 
+	/* Where the image ends: the last blocks, read now (usually one). */
 	rc->rc_end = n << rc->rc_epb_bits;
-	rc_recompute_end(rc);
-	uint64_t first;
-	if (rc_find_run(rc, 1, &first) == 0) /* sets the hint (R1) */
-		rc->rc_hint = first;
+	rc_recompute_end(rc, NULL);
+	if (!rc->rc_end_exact) {
+		qsm_set_err(err, errlen, "cannot read the last refcount block");
+		r = -EIO;
+		goto fail;
+	}
+	rc_trim(rc);
 	*out = rc;
 	return 0;
 
@@ -1074,52 +1592,70 @@ fail:
 
 bool qsm_refcount_check(const struct qsm_refcounts *rc)
 {
-	uint64_t cb = rc->rc_cluster_bits, nblocks = 0, ndirty = 0;
+	uint64_t cb = rc->rc_cluster_bits, nblocks = 0, nres = 0, ndirty = 0, v;
 
 	RC_CHECK(rc->rc_entries <= rc->rc_cap, "entries %" PRIu64 " > cap", rc->rc_entries);
 	RC_CHECK(rc->rc_entries == ((uint64_t)rc->rc_table_clusters << cb) / 8,
 		 "entries %" PRIu64 " do not fill %u table clusters", rc->rc_entries,
 		 rc->rc_table_clusters);
-	for (uint64_t i = 0; i < rc->rc_entries; i++) {
-		ndirty += (rc->rc_flags[i] & RB_DIRTY) != 0;
-		RC_CHECK(!rc->rc_table[i] == !rc->rc_blocks[i], "entry %" PRIu64 " vs buffer", i);
-		RC_CHECK(rc->rc_blocks[i] || !(rc->rc_flags[i] & RB_DIRTY),
-			 "missing block %" PRIu64 " is dirty", i);
-		if (!rc->rc_blocks[i])
+	for (uint64_t i = 0; i < rc->rc_cap; i++) {
+		const struct qsm_rc_block *b = rc->rc_res[i];
+		if (b) {
+			nres++;
+			RC_CHECK(rc_exists(rc, i), "resident block %" PRIu64 " has no table entry", i);
+			RC_CHECK(b->rb_idx == i, "block %" PRIu64 " thinks it is %" PRIu64, i, b->rb_idx);
+			RC_CHECK(rb_evictable(b) == rb_on_lru(b), "block %" PRIu64 ": LRU membership", i);
+			ndirty += (b->rb_flags & RB_DIRTY) != 0;
+			if (!(b->rb_flags & RB_LOADING))
+				RC_CHECK(rc->rc_free[i] == rc_count_free(rc, b->rb_data),
+					 "R7: block %" PRIu64 " free count %u, has %u", i, rc->rc_free[i],
+					 rc_count_free(rc, b->rb_data));
+		}
+		if (!rc_exists(rc, i))
 			continue;
 		nblocks++;
 		uint64_t bc = rc->rc_table[i] >> cb;
-		RC_CHECK(qsm_refcount_get(rc, bc) >= 1,
+		RC_CHECK(!qsm_refcount_peek(rc, bc, &v) || v >= 1,
 			 "invariant 2: refcount block %" PRIu64 " (cluster %" PRIu64 ") has refcount 0",
 			 i, bc);
 		RC_CHECK(rc_mset_has(rc, bc), "R3: block cluster %" PRIu64 " not in set", bc);
 	}
+	RC_CHECK(nres == rc->rc_nres, "%" PRIu64 " resident, count says %zu", nres, rc->rc_nres);
 	RC_CHECK(nblocks == rc->rc_mset_n, "R3: %" PRIu64 " blocks, set has %zu", nblocks,
 		 rc->rc_mset_n);
-	RC_CHECK(ndirty == rc->rc_ndirty, "R4: %" PRIu64 " dirty flags, list has %zu", ndirty,
+	RC_CHECK(ndirty == rc->rc_ndirty, "R4: %" PRIu64 " dirty flags, count says %zu", ndirty,
 		 rc->rc_ndirty);
-	for (size_t i = 0; i < rc->rc_ndirty; i++)
-		RC_CHECK(rc->rc_flags[rc->rc_dirty[i]] & RB_DIRTY, "R4: list entry %zu", i);
+	size_t listed = 0;
+	for (const struct qsm_rc_block *b = rc->rc_dirty; b; b = b->rb_dnext, listed++)
+		RC_CHECK(b->rb_flags & RB_DIRTY, "R4: list entry %zu", listed);
+	RC_CHECK(listed == rc->rc_ndirty, "R4: %zu listed", listed);
 	for (uint32_t i = 0; i < rc->rc_table_clusters; i++)
-		RC_CHECK(qsm_refcount_get(rc, (rc->rc_table_offset >> cb) + i) >= 1,
+		RC_CHECK(!qsm_refcount_peek(rc, (rc->rc_table_offset >> cb) + i, &v) || v >= 1,
 			 "invariant 2: table cluster %u has refcount 0", i);
 	for (size_t k = 0; k < rc->rc_nold; k++)
 		for (uint32_t i = 0; i < rc->rc_old[k].ot_clusters; i++)
-			RC_CHECK(qsm_refcount_get(rc, (rc->rc_old[k].ot_offset >> cb) + i) >= 1,
-				 "invariant 3: old table cluster has refcount 0");
+			RC_CHECK(!qsm_refcount_peek(rc, (rc->rc_old[k].ot_offset >> cb) + i, &v) ||
+				 v >= 1, "invariant 3: old table cluster has refcount 0");
 	RC_CHECK(rc->rc_hint >= 1, "R1: hint 0");
-	for (uint64_t c = 1; c < rc->rc_hint; c++)
-		RC_CHECK(qsm_refcount_get(rc, c) || (rc->rc_careful && qsm_refcount_is_meta(rc, c)),
+	for (uint64_t c = 1; c < rc->rc_hint; c++) {
+		uint64_t idx = c >> rc->rc_epb_bits;
+		if (rc_exists(rc, idx) && (!qsm_refcount_peek(rc, c, &v) || rc->rc_free[idx] == 0)) {
+			c = ((idx + 1) << rc->rc_epb_bits) - 1; /* unread or full */
+			continue;
+		}
+		(void)qsm_refcount_peek(rc, c, &v);
+		RC_CHECK(v || (rc->rc_careful && qsm_refcount_is_meta(rc, c)),
 			 "R1: cluster %" PRIu64 " is free below the hint %" PRIu64, c, rc->rc_hint);
-	RC_CHECK(rc->rc_end == 0 || qsm_refcount_get(rc, rc->rc_end - 1),
-		 "R2: end %" PRIu64 " but its last cluster is free", rc->rc_end);
+	}
+	if (rc->rc_end_exact && rc->rc_end)
+		RC_CHECK(!qsm_refcount_peek(rc, rc->rc_end - 1, &v) || v,
+			 "R2: end %" PRIu64 " but its last cluster is free", rc->rc_end);
 	for (uint64_t c = rc->rc_end; c < (rc->rc_entries << rc->rc_epb_bits); c++) {
-		if (!rc_block_of(rc, c)) {
+		if (!qsm_refcount_peek(rc, c, &v) || !rc_exists(rc, c >> rc->rc_epb_bits)) {
 			c = (((c >> rc->rc_epb_bits) + 1) << rc->rc_epb_bits) - 1;
 			continue;
 		}
-		RC_CHECK(!qsm_refcount_get(rc, c), "R2: cluster %" PRIu64 " used past end %" PRIu64,
-			 c, rc->rc_end);
+		RC_CHECK(!v, "R2: cluster %" PRIu64 " used past end %" PRIu64, c, rc->rc_end);
 	}
 	RC_CHECK(rc->rc_tdirty_lo <= rc->rc_tdirty_hi && rc->rc_tdirty_hi <= rc->rc_entries,
 		 "R5: table dirty range");
@@ -1132,26 +1668,32 @@ void qsm_refcount_dump(const struct qsm_refcounts *rc)
 		"refcounts %p: cluster_bits %u refcount_bits %u entries/block %" PRIu64 "\n"
 		"  table 0x%" PRIx64 " (%u clusters, %" PRIu64 " entries)%s dirty [%" PRIu64
 		", %" PRIu64 ") generation %" PRIu64 "\n"
-		"  hint %" PRIu64 " end %" PRIu64 " dirty blocks %zu pool %zu%s%s\n",
+		"  hint %" PRIu64 " end %" PRIu64 "%s dirty blocks %zu resident %zu/%zu loading %u"
+		" pool %zu%s%s\n",
 		(const void *)rc, rc->rc_cluster_bits, 1u << rc->rc_order, rc_epb(rc),
 		rc->rc_table_offset, rc->rc_table_clusters, rc->rc_entries,
 		rc->rc_table_moved ? " MOVED" : "", rc->rc_tdirty_lo, rc->rc_tdirty_hi,
-		rc->rc_generation, rc->rc_hint, rc->rc_end, rc->rc_ndirty, rc->rc_pool_n,
+		rc->rc_generation, rc->rc_hint, rc->rc_end, rc->rc_end_exact ? "" : " (bound)",
+		rc->rc_ndirty, rc->rc_nres, rc->rc_capacity, rc->rc_loading, rc->rc_pool_n,
 		rc->rc_careful ? " CAREFUL" : "", rc->rc_broken ? " BROKEN" : "");
 	for (size_t k = 0; k < rc->rc_nold; k++)
 		fprintf(stderr, "  old table 0x%" PRIx64 " (%u clusters) generation %" PRIu64 "\n",
 			rc->rc_old[k].ot_offset, rc->rc_old[k].ot_clusters,
 			rc->rc_old[k].ot_generation);
 	for (uint64_t i = 0; i < rc->rc_entries; i++) {
-		if (!rc->rc_blocks[i])
+		const struct qsm_rc_block *b = rc->rc_res[i];
+		if (!rc_exists(rc, i))
 			continue;
-		uint64_t used = 0, first = i << rc->rc_epb_bits;
-		for (uint64_t s = 0; s < rc_epb(rc); s++)
-			used += rc_block_get(rc->rc_order, rc->rc_blocks[i], s) != 0;
-		fprintf(stderr, "  block %" PRIu64 " at 0x%" PRIx64 " clusters %" PRIu64 "..%" PRIu64
-			": %" PRIu64 " used%s%s\n", i, rc->rc_table[i], first,
-			first + rc_epb(rc) - 1, used,
-			(rc->rc_flags[i] & RB_DIRTY) ? " dirty" : "",
-			(rc->rc_flags[i] & RB_NEW) ? " new" : "");
+		uint64_t first = i << rc->rc_epb_bits;
+		fprintf(stderr, "  block %" PRIu64 " at 0x%" PRIx64 " clusters %" PRIu64 "..%" PRIu64,
+			i, rc->rc_table[i], first, first + rc_epb(rc) - 1);
+		if (rc->rc_free[i] != RC_FREE_UNKNOWN)
+			fprintf(stderr, ": %" PRIu64 " used", rc_epb(rc) - rc->rc_free[i]);
+		if (b)
+			fprintf(stderr, " resident%s%s%s ref %u busy %" PRIu64,
+				(b->rb_flags & RB_DIRTY) ? " dirty" : "",
+				(b->rb_flags & RB_NEW) ? " new" : "",
+				(b->rb_flags & RB_LOADING) ? " loading" : "", b->rb_ref, b->rb_busy);
+		fputc('\n', stderr);
 	}
 }

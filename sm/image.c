@@ -223,7 +223,12 @@ bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset)
 /*
  * Before a read-write open: every cluster the header and L1 name as metadata
  * must be refcounted, or the allocator would hand it out and guest data
- * would overwrite it.  Such an image needs a repair, not a write.
+ * would overwrite it.  Such an image needs a repair, not a write.  The
+ * header, L1 and refcount table are checked (their refcount blocks are read:
+ * usually just the first); L2 tables only where their block is cached
+ * already, since reading every block would make open cost grow with the
+ * image.  An L2 table elsewhere with refcount 0 is caught when the allocator
+ * returns it (qsm_is_metadata: the image is then marked corrupt).
  */
 static int check_metadata_refcounts(struct qsm_image *img, char *err, size_t errlen)
 {
@@ -237,9 +242,17 @@ static int check_metadata_refcounts(struct qsm_image *img, char *err, size_t err
 	for (size_t i = 0; i < QSM_ARRAY_SIZE(spans); i++) {
 		if (!spans[i].len)
 			continue;
-		for (uint64_t off = QSM_ALIGN_DOWN(spans[i].off, cs); off < spans[i].off + spans[i].len; off += cs)
-			if (qsm_refcount_get(img->rc, off / cs) == 0)
+		for (uint64_t off = QSM_ALIGN_DOWN(spans[i].off, cs); off < spans[i].off + spans[i].len; off += cs) {
+			uint64_t v;
+			int ret = qsm_refcount_read(img->rc, off / cs, &v, NULL);
+			if (ret < 0) {
+				snprintf(err, errlen, "cannot read the refcount of the %s: %s",
+					 spans[i].what, strerror(-ret));
+				return ret;
+			}
+			if (v == 0)
 				goto bad;
+		}
 		continue;
 bad:
 		snprintf(err, errlen, "refcount of the %s cluster is 0: the refcount structure is damaged "
@@ -247,8 +260,8 @@ bad:
 		return -EINVAL;
 	}
 	for (uint64_t i = 0; i < img->l1_size; i++) {
-		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
-		if (off && QSM_IS_ALIGNED(off, cs) && qsm_refcount_get(img->rc, off / cs) == 0) {
+		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK, v;
+		if (off && QSM_IS_ALIGNED(off, cs) && qsm_refcount_peek(img->rc, off / cs, &v) && v == 0) {
 			snprintf(err, errlen, "refcount of L2 table %#llx (L1 entry %llu) is 0: the refcount "
 				 "structure is damaged (repair it with qemu-img check -r all, or open read-only)",
 				 (unsigned long long)off, (unsigned long long)i);
@@ -316,6 +329,15 @@ static void run_cb(evutil_socket_t fd, short what, void *arg)
 static void cache_need_writeback(void *opaque)
 {
 	qsm_wb_kick(opaque);
+}
+
+/* Dirty refcount blocks keep their cache over its capacity.  With lazy
+ * refcounts no batch writes them before close: they stay. */
+static void refcount_need_writeback(void *opaque)
+{
+	struct qsm_image *img = opaque;
+	if (!img->lazy)
+		qsm_wb_kick(img);
 }
 
 static void image_free(struct qsm_image *img, bool abandon)
@@ -465,6 +487,7 @@ static int open_backing(struct qsm_image *img, const char *path, const struct qs
 	struct qsm_open_opts bo = {
 		.read_only = true, .no_repair = true, .cache = opts->cache, .aio = opts->aio,
 		.l2_cache_size = opts->l2_cache_size, .format = fmt,
+		.refcount_cache_size = opts->refcount_cache_size,
 		.work_threads = opts->work_threads,
 		.open_backing_io = opts->open_backing_io,
 		.open_backing_opaque = opts->open_backing_opaque,
@@ -622,9 +645,15 @@ read_header:;
 		.refcount_order = h->refcount_order,
 		.table_offset = h->refcount_table_offset,
 		.table_clusters = h->refcount_table_clusters,
+		/* QEMU's default is 4 clusters (docs/qcow2-cache.txt); a size
+		 * below one cluster still caches one block. */
+		.cache_blocks = opts->refcount_cache_size
+					? (size_t)QSM_MAX(opts->refcount_cache_size >> h->cluster_bits, 1)
+					: 0,
 	};
 	if ((ret = qsm_refcount_load(io, &rp, fsize, &img->rc, err, errlen)) < 0)
 		goto fail;
+	qsm_refcount_set_writeback_hook(img->rc, refcount_need_writeback, img);
 
 	for (uint64_t i = 0; i < img->l1_size; i++) {
 		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
@@ -962,7 +991,7 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 			return -ENOMEM;
 		memset(l1, 0, bytes);
 		memcpy(l1, img->l1, img->l1_size * 8);
-		if ((ret = qsm_refcount_alloc(img->rc, bytes / cs, &new_off)) < 0) {
+		if ((ret = qsm_refcount_alloc(img->rc, bytes / cs, &new_off, NULL)) < 0) {
 			free(l1);
 			TRUNC_FAIL(ret, "Could not allocate the new L1 table: %s", strerror(-ret));
 		}
@@ -994,7 +1023,7 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 		if (new_off + bytes > img->file_end)
 			img->file_end = new_off + bytes;
 		/* 3. the old table released */
-		ret = qsm_refcount_update(img->rc, old_off / cs, old_clusters, -1);
+		ret = qsm_refcount_update(img->rc, old_off / cs, old_clusters, -1, NULL);
 		if (ret == 0)
 			ret = qsm_sync_writeback(img);
 		if (ret < 0)

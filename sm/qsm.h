@@ -139,6 +139,11 @@ struct qsm_open_opts {
 	int (*open_backing_io)(void *opaque, struct event_base *base, const char *name,
 			       const char *path, int flags, struct qsm_io **out);
 	void *open_backing_opaque;
+	/* Bytes of refcount block cache (QEMU's refcount-cache-size); 0: QEMU's
+	 * default, 4 clusters.  At least one block is cached.  Blocks pinned,
+	 * dirty or being written may take it past this for a while (a write-back
+	 * is started when dirty blocks do).  Backing images inherit it. */
+	uint64_t refcount_cache_size;
 };
 
 /* Open the image at `path`.  On error, a message naming what is wrong is put

@@ -39,6 +39,8 @@
  *   * -> L2_UPDATE ............... step_l2_update
  *   * -> ZERO_UPDATE ............. step_zero_update
  *   * -> NEXT_RUN ................ step_next_run
+ *   * -> REFBLOCK_LOAD ........... qsm_rc_wait (the step's refcount call
+ *                                  returned -EAGAIN; rc_waiter_cb resumes)
  *   * -> DURABLE_WAIT ............ qsm_wb_join (sm/writeback.c)
  *   WB_* ......................... qsm_wb_step (sm/writeback.c)
  *   CLOSE_* ...................... qsm_close_step (sm/image.c)
@@ -65,8 +67,13 @@
  *     unavailable.
  *  4. A request holds at most one L2 table reference, and never while
  *     waiting for another table or a slot, so the cache cannot deadlock.
- *  5. Metadata changes are made in memory (cached L2 tables, resident L1 and
- *     refcounts) and reach the disk only through write-back batches, which
+ *     Nor while waiting for a refcount block (REFBLOCK_LOAD), which it
+ *     waits for without any allocation claim: the step that needed it runs
+ *     again (L2_ALLOC, WB_RELEASE) or the run is classified again
+ *     (L2_LOOKUP).  The blocks read for it stay pinned (req->rcw) until
+ *     the step that needed them succeeds, or the request completes.
+ *  5. Metadata changes are made in memory (cached L2 tables and refcount
+ *     blocks, resident L1) and reach the disk only through write-back batches, which
  *     order them refcounts < L2 < L1 with a sync between levels
  *     (sm/writeback.c); freed clusters are released only after the tables
  *     that stopped pointing at them are durable, and after every data I/O
@@ -525,6 +532,49 @@ static void l2_waiter_cb(struct qsm_l2_waiter *w, int ret)
 	}
 }
 
+static void rc_waiter_cb(struct qsm_rc_waiter *w, int ret)
+{
+	struct qsm_req *req = container_of(w, struct qsm_req, rcw);
+	if (ret < 0)
+		qsm_sm_post(req, QSM_E_ERROR, ret);
+	else
+		qsm_sm_post(req, req->rb_resume, 0);
+}
+
+struct qsm_rc_waiter *qsm_req_rcw(struct qsm_req *req)
+{
+	req->rcw.fn = rc_waiter_cb;
+	req->rcw.tag = req->id;
+	return &req->rcw;
+}
+
+enum qsm_event qsm_rc_wait(struct qsm_req *req, enum qsm_event resume)
+{
+	assert(!req->run.l2); /* invariant 4 */
+	req->rb_resume = resume;
+	req->wait_for = req->rcw.waiting_on == req->id ? 0 : req->rcw.waiting_on;
+	return QSM_E_REFBLOCK_MISS;
+}
+
+/* Drop references nothing points at (a failed allocation) from a path that
+ * cannot wait: at once when their refcount blocks are cached (they usually
+ * are: the allocation just used them), else at the next write-back's
+ * release, like any deferred free. */
+static void release_unmapped(struct qsm_req *req, uint64_t off, uint64_t len)
+{
+	struct qsm_image *img = req->img;
+	uint64_t first = cluster_of(img, off), last = cluster_of(img, off + len - 1), v;
+	bool cached = true;
+	for (uint64_t c = first; c <= last; c++)
+		cached &= qsm_refcount_peek(img->rc, c, &v);
+	if (cached) {
+		(void)qsm_refcount_free_bytes(img->rc, off, len, qsm_req_rcw(req));
+		return;
+	}
+	for (uint64_t c = first; c <= last; c++)
+		(void)qsm_free_cluster_deferred(img, c << img->cluster_bits); /* ENOMEM: a leak */
+}
+
 static enum qsm_event step_l2_alloc(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
@@ -550,7 +600,10 @@ static enum qsm_event step_l2_alloc(struct qsm_req *req)
 		goto out_unfreeze;
 	}
 	if (!run->host) {
-		ret = qsm_refcount_alloc(img->rc, 1, &run->host);
+		ret = qsm_refcount_alloc(img->rc, 1, &run->host, qsm_req_rcw(req));
+		if (ret == -EAGAIN) /* the slot stays claimed (a) while we wait */
+			return qsm_rc_wait(req, QSM_E_RETRY_L2_ALLOC);
+		qsm_refcount_unpin(img->rc, &req->rcw);
 		if (ret < 0)
 			goto out_unfreeze;
 		if (qsm_is_metadata(img, run->host)) {
@@ -566,7 +619,7 @@ static enum qsm_event step_l2_alloc(struct qsm_req *req)
 	if (ret == -EAGAIN)
 		return QSM_E_WAIT; /* slot waiter posts WAKE: run this step again */
 	if (ret < 0) {
-		qsm_refcount_update(img->rc, cluster_of(img, run->host), 1, -1);
+		release_unmapped(req, run->host, img->cluster_size);
 		goto out_unfreeze;
 	}
 	qsm_note_l2_table(img, run->host);
@@ -650,7 +703,11 @@ static int check_write_target(struct qsm_req *req, uint64_t host)
 	if (qsm_is_metadata(img, host))
 		return qsm_image_corrupt(img, "data cluster %#llx overlaps metadata",
 					 (unsigned long long)host);
-	if (qsm_refcount_get(img->rc, cluster_of(img, host)) == 0)
+	uint64_t v;
+	int ret = qsm_refcount_read(img->rc, cluster_of(img, host), &v, qsm_req_rcw(req));
+	if (ret < 0)
+		return ret; /* -EAGAIN: the caller waits */
+	if (v == 0)
 		return qsm_image_corrupt(img, "data cluster %#llx is in use but its refcount is 0",
 					 (unsigned long long)host);
 	return 0;
@@ -738,26 +795,35 @@ static void run_clip(struct qsm_req *req, uint64_t n)
  * look for holes under data clusters, so only then does qsm; a backend
  * that cannot tell the storage used never qualifies.
  */
-static bool meta_prealloc(struct qsm_image *img)
+static int meta_prealloc(struct qsm_req *req, bool *yes)
 {
+	struct qsm_image *img = req->img;
 	uint64_t file_len, real, count = 0;
 
-	if (img->meta_prealloc >= 0)
-		return img->meta_prealloc;
-	img->meta_prealloc = 0;
+	if (img->meta_prealloc >= 0) {
+		*yes = img->meta_prealloc;
+		return 0;
+	}
+	*yes = false;
 	/* The file's size and storage as open found them: the handle may not
 	 * block now (qsm_io.h), and a map is asked right after an open. */
-	if (img->open_allocated < 0)
-		return false;
+	if (img->open_allocated < 0) {
+		img->meta_prealloc = 0;
+		return 0;
+	}
 	file_len = img->open_size;
 	real = (uint64_t)img->open_allocated;
 	uint64_t real_clusters = real / img->cluster_size;
 	uint64_t threshold = QSM_MAX(real_clusters * 10 / 9, real_clusters + 2);
 	uint64_t end = (file_len + img->cluster_size - 1) / img->cluster_size;
-	for (uint64_t i = 0; i < end && count < threshold; i++)
-		count += qsm_refcount_get(img->rc, i) != 0;
+	/* Blocks seen count from the summary; the others are read (-EAGAIN). */
+	int ret = qsm_refcount_count_used(img->rc, end, threshold, &count, qsm_req_rcw(req));
+	if (ret < 0)
+		return ret;
+	qsm_refcount_unpin(img->rc, &req->rcw);
 	img->meta_prealloc = count >= threshold;
-	return img->meta_prealloc;
+	*yes = img->meta_prealloc;
+	return 0;
 }
 
 static enum qsm_event classify_read(struct qsm_req *req)
@@ -825,10 +891,15 @@ static enum qsm_event classify_read(struct qsm_req *req)
 	if (req->machine == QSM_M_STATUS) {
 		/* As QEMU, which on a preallocated image asks the file under it
 		 * too: host clusters that are a hole in the file read as zeros. */
-		bool data = true;
+		bool data = true, prealloc;
 		uint64_t len = run->bytes;
-		if (meta_prealloc(img) &&
-		    (ret = qsm_io_extent(img->io, run->host, run->bytes, &data, &len)) < 0)
+		if ((ret = meta_prealloc(req, &prealloc)) == -EAGAIN) {
+			release_l2(req);
+			return qsm_rc_wait(req, QSM_E_LOADED);
+		}
+		if (ret < 0)
+			return fail(req, ret);
+		if (prealloc && (ret = qsm_io_extent(img->io, run->host, run->bytes, &data, &len)) < 0)
 			return fail(req, ret);
 		*req->status_out = (struct qsm_extent){
 			run->offset, len,
@@ -871,9 +942,15 @@ static enum qsm_event classify_write(struct qsm_req *req)
 				break;
 		}
 		run_clip(req, i);
-		for (i = 0; i < run->nb_clusters; i++)
-			if ((ret = check_write_target(req, host0 + (i << img->cluster_bits))) < 0)
+		for (i = 0; i < run->nb_clusters; i++) {
+			if ((ret = check_write_target(req, host0 + (i << img->cluster_bits))) == -EAGAIN) {
+				release_l2(req);
+				return qsm_rc_wait(req, QSM_E_LOADED);
+			}
+			if (ret < 0)
 				return fail(req, ret);
+		}
+		qsm_refcount_unpin(img->rc, &req->rcw);
 		release_l2(req);
 		if (req->machine == QSM_M_ZEROES)
 			/* Zero data: one cluster per run, see run_payload. */
@@ -1510,7 +1587,13 @@ static enum qsm_event step_byte_alloc(struct qsm_req *req)
 		release_l2(req);
 		return fail(req, -EIO);
 	}
-	int ret = qsm_refcount_alloc_bytes(img->rc, run->clen, &run->host, &fresh);
+	int ret = qsm_refcount_alloc_bytes(img->rc, run->clen, &run->host, &fresh, qsm_req_rcw(req));
+	if (ret == -EAGAIN) {
+		/* No claim on the guest cluster yet: L2_LOOKUP classifies again. */
+		release_l2(req);
+		return qsm_rc_wait(req, QSM_E_LOADED);
+	}
+	qsm_refcount_unpin(img->rc, &req->rcw);
 	if (ret < 0) {
 		release_l2(req);
 		return fail(req, ret);
@@ -1552,7 +1635,13 @@ static enum qsm_event step_cluster_alloc(struct qsm_req *req)
 		release_l2(req);
 		return fail(req, -EIO);
 	}
-	int ret = qsm_refcount_alloc(img->rc, n, &run->host);
+	int ret = qsm_refcount_alloc(img->rc, n, &run->host, qsm_req_rcw(req));
+	if (ret == -EAGAIN) {
+		/* No claim on the guest clusters yet: L2_LOOKUP classifies again. */
+		release_l2(req);
+		return qsm_rc_wait(req, QSM_E_LOADED);
+	}
+	qsm_refcount_unpin(img->rc, &req->rcw);
 	if (ret < 0) {
 		release_l2(req);
 		if (ret == -EFBIG || ret == -ENOSPC)
@@ -1916,6 +2005,7 @@ static enum qsm_event step(struct qsm_req *req)
 	/* Waiting states: the event comes from whoever we wait on. */
 	case QSM_S_FROZEN:
 	case QSM_S_L2_LOAD:
+	case QSM_S_REFBLOCK_LOAD:
 	case QSM_S_ALLOC_WAIT:
 		return QSM_E_WAIT;
 	case QSM_S_WB_COLLECT:
@@ -2065,6 +2155,8 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 		       (!run->l2 || (run->l2->ref > 0 && run->l2->state == QSM_L2_READY));
 	case QSM_S_L2_LOAD:
 		return run_ok(req) && run_unheld(run);
+	case QSM_S_REFBLOCK_LOAD: /* invariant 4: no table, no claim while waiting */
+		return run_unheld(run) && (m == QSM_M_WRITEBACK || run_ok(req));
 	case QSM_S_ALLOC_WAIT:
 		return wr && run_ok(req) && run_unheld(run) && !run->joined && img->allocs;
 	/* Reads. */
@@ -2177,7 +2269,8 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 static bool waits_on_other(enum qsm_state s)
 {
 	return s == QSM_S_FROZEN || s == QSM_S_ALLOC_WAIT || s == QSM_S_JOIN_WRITE ||
-	       s == QSM_S_JOIN_WAIT || s == QSM_S_DURABLE_WAIT || s == QSM_S_L2_LOAD;
+	       s == QSM_S_JOIN_WAIT || s == QSM_S_DURABLE_WAIT || s == QSM_S_L2_LOAD ||
+	       s == QSM_S_REFBLOCK_LOAD;
 }
 
 /* The metadata batch a write-back level state writes, or NULL. */
@@ -2270,9 +2363,11 @@ static void req_complete(struct qsm_req *req)
 	/* Error exits may leave resources held; release them here.  Compressed
 	 * bytes reserved but never mapped are referenced by nothing. */
 	if (run->bytes_held) {
-		(void)qsm_refcount_free_bytes(img->rc, run->host, run->clen);
+		release_unmapped(req, run->host, run->clen);
 		run->bytes_held = false;
 	}
+	if (img->rc)
+		qsm_refcount_unpin(img->rc, &req->rcw);
 	release_l2(req);
 	alloc_unlink(req, req->ret ? req->ret : -EIO);
 	join_unlink(req);

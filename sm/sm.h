@@ -178,6 +178,8 @@ struct qsm_req {
 
 	/* Waiting. */
 	struct qsm_l2_waiter l2w;
+	struct qsm_rc_waiter rcw;  /* REFBLOCK_LOAD; also holds its pins */
+	enum qsm_event rb_resume;  /* posted when the refcount block is read */
 	struct qsm_wait wait;     /* our node while in a waiter list */
 	bool waiting;
 
@@ -231,6 +233,7 @@ struct qsm_wb {
 	size_t l2_submitted;      /* L2 writes handed to io/ (they report back) */
 	uint64_t *frees;          /* host clusters whose refcount drops at WB_RELEASE */
 	size_t nb_frees;
+	size_t nb_released;       /* frees[0..nb_released) done (WB_RELEASE may wait) */
 	struct qsm_wait *waiters; /* requests completed by this batch */
 	bool full;                /* refcounts too, rounds until clean (img->wb_full) */
 	bool cleaning;            /* this round writes the header with the dirty bit cleared */
@@ -407,6 +410,13 @@ enum qsm_event qsm_wb_step(struct qsm_req *req, enum qsm_event ev, int ret);
 int qsm_sync_writeback(struct qsm_image *img);
 
 /* Drop a cluster's refcount once the tables no longer pointing at it are durable. */
+/* The waiter a request passes to refcount calls (metadata/refcount.h,
+ * "Waiting"), ready for use. */
+struct qsm_rc_waiter *qsm_req_rcw(struct qsm_req *req);
+/* A refcount call with qsm_req_rcw(req) returned -EAGAIN: the step leaves
+ * with the returned event (REFBLOCK_MISS, to REFBLOCK_LOAD), and `resume`
+ * is posted once the block is read (ERROR if the read failed). */
+enum qsm_event qsm_rc_wait(struct qsm_req *req, enum qsm_event resume);
 int qsm_free_cluster_deferred(struct qsm_image *img, uint64_t host_offset);
 /* A data I/O completed: release the held frees no I/O is in flight on any more. */
 void qsm_wb_release_held(struct qsm_image *img);

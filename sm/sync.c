@@ -184,8 +184,8 @@ static int preallocate(struct qsm_image *img, enum qsm_prealloc mode)
 	for (uint64_t l1 = 0; l1 * img->l2_entries < clusters && !ret; l1++) {
 		uint64_t n = QSM_MIN(img->l2_entries, clusters - l1 * img->l2_entries);
 		uint64_t l2_off, data;
-		if ((ret = qsm_refcount_alloc(img->rc, 1, &l2_off)) < 0 ||
-		    (ret = qsm_refcount_alloc(img->rc, n, &data)) < 0)
+		if ((ret = qsm_refcount_alloc(img->rc, 1, &l2_off, NULL)) < 0 ||
+		    (ret = qsm_refcount_alloc(img->rc, n, &data, NULL)) < 0)
 			break;
 		if (mode == QSM_PREALLOC_FULL &&
 		    (ret = write_zeros_sync(img, data, n * cs)) < 0)
@@ -196,6 +196,13 @@ static int preallocate(struct qsm_image *img, enum qsm_prealloc mode)
 		if ((ret = qsm_io_pwrite_sync(img->io, table, cs, l2_off)) < 0)
 			break;
 		qsm_l1_set(img, l1, l2_off | QCOW2_OFLAG_COPIED);
+		/* Refcount blocks are cached: write them back as they fill
+		 * rather than hold every one of a large image (the tables
+		 * above are written already, so the L1 entries may follow). */
+		struct qsm_rc_stats st;
+		qsm_refcount_stats(img->rc, &st);
+		if (st.dirty && st.resident > st.capacity && (ret = qsm_sync_writeback(img)) < 0)
+			break;
 		data_lo = QSM_MIN(data_lo, data);
 		data_hi = QSM_MAX(data_hi, data + n * cs);
 	}

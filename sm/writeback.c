@@ -240,15 +240,19 @@ static int wb_collect(struct qsm_image *img, struct qsm_wb *wb, bool full)
 #endif
 	wb->frees = img->pending_frees;
 	wb->nb_frees = img->nb_pending_frees;
+	wb->nb_released = 0;
 	img->pending_frees = NULL;
 	img->nb_pending_frees = img->cap_pending_frees = 0;
 	return 0;
 }
 
-/* Drop one reference of a freed cluster whose tables are durable. */
-static int release_cluster(struct qsm_image *img, uint64_t cluster)
+/* Drop one reference of a freed cluster whose tables are durable.  With a
+ * waiter, -EAGAIN when its refcount block must be read first. */
+static int release_cluster(struct qsm_image *img, uint64_t cluster, struct qsm_rc_waiter *w)
 {
-	int r = qsm_refcount_update(img->rc, cluster, 1, -1);
+	int r = qsm_refcount_update(img->rc, cluster, 1, -1, w);
+	if (r == -EAGAIN)
+		return r;
 	if (r < 0)
 		return qsm_image_corrupt(img, "freeing cluster %#llx: refcount underflow",
 					 (unsigned long long)(cluster << img->cluster_bits));
@@ -258,22 +262,30 @@ static int release_cluster(struct qsm_image *img, uint64_t cluster)
 void qsm_wb_release_held(struct qsm_image *img)
 {
 	size_t n = 0;
+	uint64_t v;
 	for (size_t i = 0; i < img->nb_held_frees; i++) {
 		uint64_t c = img->held_frees[i];
 		if (qsm_host_io_busy(img, c))
 			img->held_frees[n++] = c;
+		else if (!qsm_refcount_peek(img->rc, c, &v))
+			/* Its block is not cached and this I/O completion cannot
+			 * wait: the next batch's WB_RELEASE frees it (its tables
+			 * are durable already; a later free is only a later reuse). */
+			(void)qsm_free_cluster_deferred(img, c << img->cluster_bits);
 		else
-			(void)release_cluster(img, c); /* a failure is sticky (corrupt) */
+			(void)release_cluster(img, c, NULL); /* a failure is sticky (corrupt) */
 	}
 	img->nb_held_frees = n;
 }
 
-/* WB_RELEASE: rules 4 and 5. */
-static int wb_release(struct qsm_image *img, struct qsm_wb *wb)
+/* WB_RELEASE: rules 4 and 5.  With a waiter (the batch's own request),
+ * -EAGAIN when a refcount block must be read: call again, the frees already
+ * made (wb->nb_released) are not made twice.  Without, blocking. */
+static int wb_release(struct qsm_image *img, struct qsm_wb *wb, struct qsm_rc_waiter *w)
 {
 	int ret = 0;
-	for (size_t i = 0; i < wb->nb_frees; i++) {
-		uint64_t c = wb->frees[i];
+	for (; wb->nb_released < wb->nb_frees; wb->nb_released++) {
+		uint64_t c = wb->frees[wb->nb_released];
 		if (qsm_host_io_busy(img, c)) {
 			if (img->nb_held_frees == img->cap_held_frees) {
 				size_t cap = img->cap_held_frees ? img->cap_held_frees * 2 : 16;
@@ -286,15 +298,21 @@ static int wb_release(struct qsm_image *img, struct qsm_wb *wb)
 			img->held_frees[img->nb_held_frees++] = c;
 			continue;
 		}
-		int r = release_cluster(img, c);
+		int r = release_cluster(img, c, w);
+		if (r == -EAGAIN)
+			return r;
 		if (r < 0 && !ret)
 			ret = r;
 	}
 	if (wb->rc.table_moved) {
-		int r = qsm_refcount_table_committed(img->rc, wb->rc.generation);
+		int r = qsm_refcount_table_committed(img->rc, wb->rc.generation, w);
+		if (r == -EAGAIN)
+			return r;
 		if (r < 0 && !ret)
 			ret = r;
 	}
+	if (w)
+		qsm_refcount_unpin(img->rc, w);
 	return ret;
 }
 
@@ -492,6 +510,10 @@ static void job_done(struct qsm_req *job, int ret)
 {
 	struct qsm_image *img = job->img;
 	struct qsm_wb *wb = job->wb;
+	/* Collected refcount blocks may be evicted again (or, after a failure,
+	 * are dirty again: what the disk has is unknown). */
+	if (img->rc)
+		qsm_refcount_written(img->rc, wb->rc.generation, ret);
 	if (ret < 0) {
 		/* Tables collected but never submitted stay wb_busy, hence
 		 * unevictable, until told: requests waiting for a cache slot
@@ -577,7 +599,9 @@ static enum qsm_event wb_step_release(struct qsm_req *job)
 	struct qsm_image *img = job->img;
 	struct qsm_wb *wb = job->wb;
 	int ret;
-	if ((ret = wb_release(img, wb)) < 0) {
+	if ((ret = wb_release(img, wb, qsm_req_rcw(job))) == -EAGAIN)
+		return qsm_rc_wait(job, QSM_E_LOADED);
+	if (ret < 0) {
 		job->ret = ret;
 		return QSM_E_ERROR;
 	}

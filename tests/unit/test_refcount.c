@@ -141,15 +141,42 @@ static void img_create(struct img *im, const char *name, unsigned cbits, unsigne
 	ck_assert_uint_eq(im->order, order);
 }
 
+/* The refcounts read blocks through their io handle for as long as they
+ * live: handles stay open until the test ends (tio_teardown). */
+#define MAX_TIOS 64
+static struct tio *tios[MAX_TIOS];
+static unsigned ntios;
+
+static struct qsm_io *tio_open(const char *path)
+{
+	ck_assert_uint_lt(ntios, MAX_TIOS);
+	struct tio *t = calloc(1, sizeof(*t));
+	ck_assert_ptr_nonnull(t);
+	t->io.ops = &tio_ops;
+	t->fd = open(path, O_RDONLY);
+	ck_assert_int_ge(t->fd, 0);
+	tios[ntios++] = t;
+	return &t->io;
+}
+
+static void tio_teardown(void)
+{
+	while (ntios) {
+		struct tio *t = tios[--ntios];
+		close(t->fd);
+		free(t);
+	}
+}
+
+/* Blocks stay cached in the tests that collect without writing back (a
+ * reload would read the file's stale copy); the eviction tests pass a small
+ * cache and write back what they collect. */
+#define ALL_CACHED (1u << 20)
+
 static int img_load_params(struct img *im, const struct qsm_rc_params *p,
 			   struct qsm_refcounts **rc, char *err, size_t errlen)
 {
-	struct tio t = { .io = { .ops = &tio_ops } };
-	t.fd = open(im->path, O_RDONLY);
-	ck_assert_int_ge(t.fd, 0);
-	int r = qsm_refcount_load(&t.io, p, im->file_size, rc, err, errlen);
-	close(t.fd);
-	return r;
+	return qsm_refcount_load(tio_open(im->path), p, im->file_size, rc, err, errlen);
 }
 
 static struct qsm_refcounts *img_load(struct img *im)
@@ -159,6 +186,7 @@ static struct qsm_refcounts *img_load(struct img *im)
 		.refcount_order = im->order,
 		.table_offset = im->table_offset,
 		.table_clusters = im->table_clusters,
+		.cache_blocks = ALL_CACHED,
 	};
 	struct qsm_refcounts *rc = NULL;
 	char err[256] = "";
@@ -255,6 +283,7 @@ static struct qsm_rc_collect img_writeback(struct img *im, struct qsm_refcounts 
 	if ((uint64_t)st.st_size < qsm_refcount_image_end(rc))
 		ck_assert_int_eq(ftruncate(fd, (off_t)qsm_refcount_image_end(rc)), 0);
 	close(fd);
+	qsm_refcount_written(rc, co.generation, 0); /* on disk: evictable again */
 	if (nblocks)
 		*nblocks = blocks.n;
 	if (nalloc)
@@ -400,7 +429,7 @@ START_TEST(test_model)
 		if (op <= 4) {
 			uint64_t n = 1 + qsm_rng_below(&rng, op == 4 ? QSM_MIN(3 * epb, 3000) : 4);
 			uint64_t off;
-			r = qsm_refcount_alloc(rc, n, &off);
+			r = qsm_refcount_alloc(rc, n, &off, NULL);
 			ck_assert_int_eq(r, 0);
 			ck_assert(QSM_IS_ALIGNED(off, 1u << cb));
 			uint64_t c0 = off >> cb;
@@ -422,7 +451,7 @@ START_TEST(test_model)
 			uint64_t c = model_pick_used(&md, &rng);
 			if (!c)
 				continue;
-			r = qsm_refcount_update(rc, c, 1, -1);
+			r = qsm_refcount_update(rc, c, 1, -1, NULL);
 			ck_assert_int_eq(r, 0);
 			md.m[c]--;
 			/* a range whose last cluster is free must fail whole */
@@ -430,7 +459,7 @@ START_TEST(test_model)
 			while (k < md.n && (md.m[k] || qsm_refcount_is_meta(rc, k)))
 				k++;
 			if (k < md.n && k - c < 50 && md.m[c]) {
-				r = qsm_refcount_update(rc, c, k - c + 1, -1);
+				r = qsm_refcount_update(rc, c, k - c + 1, -1, NULL);
 				ck_assert_int_eq(r, -ERANGE);
 			}
 		} else if (op <= 9) {
@@ -445,7 +474,7 @@ START_TEST(test_model)
 			}
 			if (meta)
 				continue;
-			r = qsm_refcount_update(rc, c, n, 1);
+			r = qsm_refcount_update(rc, c, n, 1, NULL);
 			if (over) {
 				ck_assert_int_eq(r, -ERANGE);
 			} else {
@@ -464,7 +493,7 @@ START_TEST(test_model)
 			free(b.w);
 			free(t.w);
 		} else {
-			ck_assert_int_eq(qsm_refcount_table_committed(rc, gen), 0);
+			ck_assert_int_eq(qsm_refcount_table_committed(rc, gen, NULL), 0);
 		}
 		model_verify(rc, &md);
 	}
@@ -490,9 +519,9 @@ START_TEST(test_writeback_qemu_check)
 	/* Singles, a run across block boundaries, and (512-byte clusters with
 	 * wide refcounts) enough to move the table several times. */
 	for (int i = 0; i < 50; i++, user++)
-		EXPECT_OK(qsm_refcount_alloc(rc, 1, &off));
+		EXPECT_OK(qsm_refcount_alloc(rc, 1, &off, NULL));
 	uint64_t run = QSM_MIN(epb + epb / 2 + 7, 40000);
-	ck_assert_int_eq(qsm_refcount_alloc(rc, run, &off), 0);
+	ck_assert_int_eq(qsm_refcount_alloc(rc, run, &off, NULL), 0);
 	user += run;
 	uint64_t run_start = off >> cb;
 	uint64_t total = cb == 9 && order >= 5 ? 40000 : 200;
@@ -500,7 +529,7 @@ START_TEST(test_writeback_qemu_check)
 		uint64_t before_off;
 		uint32_t before_cl;
 		qsm_refcount_table_location(rc, &before_off, &before_cl);
-		EXPECT_OK(qsm_refcount_alloc(rc, 1 + (i % 3 == 0), &off));
+		EXPECT_OK(qsm_refcount_alloc(rc, 1 + (i % 3 == 0), &off, NULL));
 		user += i % 3 == 0;
 		uint64_t o2;
 		uint32_t c2;
@@ -514,7 +543,7 @@ START_TEST(test_writeback_qemu_check)
 	}
 	/* Free a few: fewer leaks. */
 	for (uint64_t c = run_start; c < run_start + 10; c++, user--)
-		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, -1), 0);
+		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, -1, NULL), 0);
 	ck_assert(qsm_refcount_check(rc));
 	if (cb == 9 && order >= 5)
 		ck_assert_int_ge(moves, 2);
@@ -538,7 +567,7 @@ START_TEST(test_writeback_qemu_check)
 
 	/* The header is durable: old tables go, and then there is no leak but
 	 * the clusters we allocated. */
-	ck_assert_int_eq(qsm_refcount_table_committed(rc, co.generation), 0);
+	ck_assert_int_eq(qsm_refcount_table_committed(rc, co.generation, NULL), 0);
 	ck_assert(!qsm_refcount_is_meta(rc, first_table >> cb) || !moves);
 	ck_assert(qsm_refcount_dirty(rc) == (moves > 0));
 	co = img_writeback(&im, rc, NULL, NULL);
@@ -557,7 +586,7 @@ START_TEST(test_writeback_qemu_check)
 
 	/* Freed old table clusters are reused first. */
 	if (moves) {
-		ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &off), 0);
+		ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &off, NULL), 0);
 		ck_assert_uint_le(off, first_table);
 	}
 	qsm_refcount_free(rc);
@@ -580,7 +609,7 @@ START_TEST(test_table_growth)
 		uint64_t o1;
 		uint32_t c1;
 		qsm_refcount_table_location(rc, &o1, &c1);
-		EXPECT_OK(qsm_refcount_alloc(rc, 1, &off));
+		EXPECT_OK(qsm_refcount_alloc(rc, 1, &off, NULL));
 		qsm_refcount_table_location(rc, &toff, &tcl);
 		if (toff == o1)
 			continue;
@@ -594,7 +623,7 @@ START_TEST(test_table_growth)
 		ck_assert(qsm_refcount_check(rc));
 		if (moves == 2) {
 			/* Not collected yet: commit of an older generation keeps it. */
-			ck_assert_int_eq(qsm_refcount_table_committed(rc, gen), 0);
+			ck_assert_int_eq(qsm_refcount_table_committed(rc, gen, NULL), 0);
 			ck_assert(qsm_refcount_is_meta(rc, o1 >> 9));
 		}
 		struct qsm_meta_batch b = { 0 }, t = { 0 };
@@ -613,7 +642,7 @@ START_TEST(test_table_growth)
 		if (moves % 2) {
 			/* Releases every table replaced so far (two after a move
 			 * that was not committed). */
-			ck_assert_int_eq(qsm_refcount_table_committed(rc, gen), 0);
+			ck_assert_int_eq(qsm_refcount_table_committed(rc, gen, NULL), 0);
 			uint64_t lowest = UINT64_MAX;
 			for (int k = 0; k < nold; k++) {
 				ck_assert(!qsm_refcount_is_meta(rc, old[k] >> 9));
@@ -623,13 +652,13 @@ START_TEST(test_table_growth)
 			nold = 0;
 			/* The lowest freed table is the lowest free cluster now. */
 			uint64_t again;
-			ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &again), 0);
+			ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &again, NULL), 0);
 			ck_assert_uint_eq(again, lowest);
 		}
 		ck_assert(qsm_refcount_check(rc));
 	}
 	ck_assert_int_ge(moves, 3);
-	ck_assert_int_eq(qsm_refcount_table_committed(rc, gen), 0);
+	ck_assert_int_eq(qsm_refcount_table_committed(rc, gen, NULL), 0);
 	ck_assert(qsm_refcount_check(rc));
 	/* Every cluster up to the end is in use: data, blocks or the table. */
 	for (uint64_t c = 0; c < qsm_refcount_image_end(rc) >> 9; c++)
@@ -654,49 +683,49 @@ START_TEST(test_erange)
 
 	/* Up to max, in steps a signed delta allows. */
 	if (max <= INT64_MAX) {
-		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, (int64_t)max), 0);
-		ck_assert_int_eq(qsm_refcount_update(rc, c + 2, 1, (int64_t)max + (max < INT64_MAX)),
+		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, (int64_t)max, NULL), 0);
+		ck_assert_int_eq(qsm_refcount_update(rc, c + 2, 1, (int64_t)max + (max < INT64_MAX), NULL),
 				 max < INT64_MAX ? -ERANGE : 0);
 		if (max == INT64_MAX)
-			ck_assert_int_eq(qsm_refcount_update(rc, c + 2, 1, -INT64_MAX), 0);
+			ck_assert_int_eq(qsm_refcount_update(rc, c + 2, 1, -INT64_MAX, NULL), 0);
 	} else {
-		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, INT64_MAX), 0);
-		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, INT64_MAX), 0);
-		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, 1), 0);
+		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, INT64_MAX, NULL), 0);
+		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, INT64_MAX, NULL), 0);
+		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, 1, NULL), 0);
 	}
 	ck_assert_uint_eq(qsm_refcount_get(rc, c), max);
-	ck_assert_int_eq(qsm_refcount_update(rc, c, 1, 1), -ERANGE);
+	ck_assert_int_eq(qsm_refcount_update(rc, c, 1, 1, NULL), -ERANGE);
 	/* A range that overflows only at its end changes nothing. */
-	ck_assert_int_eq(qsm_refcount_update(rc, c - 2, 3, 1), -ERANGE);
+	ck_assert_int_eq(qsm_refcount_update(rc, c - 2, 3, 1, NULL), -ERANGE);
 	ck_assert_uint_eq(qsm_refcount_get(rc, c - 2), 0);
 	ck_assert_uint_eq(qsm_refcount_get(rc, c - 1), 0);
 	ck_assert_uint_eq(qsm_refcount_get(rc, c), max);
 	/* Underflow: a free cluster, a range ending on one, INT64_MIN. */
-	ck_assert_int_eq(qsm_refcount_update(rc, c + 1, 1, -1), -ERANGE);
-	ck_assert_int_eq(qsm_refcount_update(rc, c, 2, -1), -ERANGE);
+	ck_assert_int_eq(qsm_refcount_update(rc, c + 1, 1, -1, NULL), -ERANGE);
+	ck_assert_int_eq(qsm_refcount_update(rc, c, 2, -1, NULL), -ERANGE);
 	ck_assert_uint_eq(qsm_refcount_get(rc, c), max);
 	if (max < INT64_MAX)
-		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, INT64_MIN), -ERANGE);
+		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, INT64_MIN, NULL), -ERANGE);
 	/* Past any block: nothing there to decrement. */
-	ck_assert_int_eq(qsm_refcount_update(rc, 1ull << 20, 1, -1), -ERANGE);
+	ck_assert_int_eq(qsm_refcount_update(rc, 1ull << 20, 1, -1, NULL), -ERANGE);
 	/* Metadata never drops to 0. */
-	ck_assert_int_eq(qsm_refcount_update(rc, 1, 1, -1), -EINVAL);
-	ck_assert_int_eq(qsm_refcount_update(rc, 2, 1, -1), -EINVAL);
+	ck_assert_int_eq(qsm_refcount_update(rc, 1, 1, -1, NULL), -EINVAL);
+	ck_assert_int_eq(qsm_refcount_update(rc, 2, 1, -1, NULL), -EINVAL);
 	ck_assert_uint_eq(qsm_refcount_get(rc, 2), 1);
 	/* Formats limits. */
-	ck_assert_int_eq(qsm_refcount_update(rc, UINT64_MAX - 1, 1, 1), -EFBIG);
+	ck_assert_int_eq(qsm_refcount_update(rc, UINT64_MAX - 1, 1, 1, NULL), -EFBIG);
 	uint64_t off;
-	ck_assert_int_eq(qsm_refcount_alloc(rc, 0, &off), -EINVAL);
-	ck_assert_int_eq(qsm_refcount_alloc(rc, 1ull << 62, &off), -EFBIG);
-	ck_assert_int_eq(qsm_refcount_update(rc, c, 1, 0), 0);
+	ck_assert_int_eq(qsm_refcount_alloc(rc, 0, &off, NULL), -EINVAL);
+	ck_assert_int_eq(qsm_refcount_alloc(rc, 1ull << 62, &off, NULL), -EFBIG);
+	ck_assert_int_eq(qsm_refcount_update(rc, c, 1, 0, NULL), 0);
 	ck_assert_uint_eq(qsm_refcount_get(rc, c), max);
 	/* Back down to 0 and the end follows. */
 	if (max <= INT64_MAX) {
-		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, -(int64_t)max), 0);
+		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, -(int64_t)max, NULL), 0);
 	} else {
-		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, -INT64_MAX), 0);
-		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, -INT64_MAX), 0);
-		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, -1), 0);
+		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, -INT64_MAX, NULL), 0);
+		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, -INT64_MAX, NULL), 0);
+		ck_assert_int_eq(qsm_refcount_update(rc, c, 1, -1, NULL), 0);
 	}
 	ck_assert_uint_eq(qsm_refcount_get(rc, c), 0);
 	ck_assert_uint_eq(qsm_refcount_image_end(rc), 4u << 12);
@@ -713,7 +742,7 @@ START_TEST(test_update_claims_missing_block)
 	struct qsm_refcounts *rc = img_load(&im);
 	/* 64 entries per block: range 1 (clusters 64..127) has no block. */
 	ck_assert_uint_eq(qsm_refcount_get(rc, 64), 0);
-	ck_assert_int_eq(qsm_refcount_update(rc, 4, 124, 1), 0);
+	ck_assert_int_eq(qsm_refcount_update(rc, 4, 124, 1, NULL), 0);
 	for (uint64_t c = 0; c < 128; c++)
 		ck_assert(!qsm_refcount_is_meta(rc, c) || c == 1 || c == 2);
 	for (uint64_t c = 4; c < 128; c++)
@@ -724,7 +753,7 @@ START_TEST(test_update_claims_missing_block)
 	ck_assert_uint_eq(qsm_refcount_get(rc, 128), 1);
 	ck_assert_uint_eq(qsm_refcount_image_end(rc), 130 * 512);
 	/* A claim across the table's coverage end grows it around the range. */
-	ck_assert_int_eq(qsm_refcount_update(rc, 4000, 200, 1), 0);
+	ck_assert_int_eq(qsm_refcount_update(rc, 4000, 200, 1, NULL), 0);
 	for (uint64_t c = 4000; c < 4200; c++) {
 		ck_assert_uint_eq(qsm_refcount_get(rc, c), 1);
 		ck_assert(!qsm_refcount_is_meta(rc, c));
@@ -741,23 +770,23 @@ START_TEST(test_hint_reuse)
 	struct qsm_refcounts *rc = img_load(&im);
 	uint64_t off[100], o;
 	for (int i = 0; i < 100; i++) {
-		ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &off[i]), 0);
+		ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &off[i], NULL), 0);
 		ck_assert_uint_eq(off[i], (uint64_t)(4 + i) << 12); /* appends */
 	}
 	/* Single holes: single allocations refill them lowest first, runs of
 	 * two go to the end. */
-	ck_assert_int_eq(qsm_refcount_update(rc, off[50] >> 12, 1, -1), 0);
-	ck_assert_int_eq(qsm_refcount_update(rc, off[10] >> 12, 1, -1), 0);
-	ck_assert_int_eq(qsm_refcount_alloc(rc, 2, &o), 0);
+	ck_assert_int_eq(qsm_refcount_update(rc, off[50] >> 12, 1, -1, NULL), 0);
+	ck_assert_int_eq(qsm_refcount_update(rc, off[10] >> 12, 1, -1, NULL), 0);
+	ck_assert_int_eq(qsm_refcount_alloc(rc, 2, &o, NULL), 0);
 	ck_assert_uint_eq(o, 104u << 12);
-	ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &o), 0);
+	ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &o, NULL), 0);
 	ck_assert_uint_eq(o, off[10]);
-	ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &o), 0);
+	ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &o, NULL), 0);
 	ck_assert_uint_eq(o, off[50]);
-	ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &o), 0);
+	ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &o, NULL), 0);
 	ck_assert_uint_eq(o, 106u << 12);
 	/* Freeing the top lowers the end. */
-	ck_assert_int_eq(qsm_refcount_update(rc, 104, 3, -1), 0);
+	ck_assert_int_eq(qsm_refcount_update(rc, 104, 3, -1, NULL), 0);
 	ck_assert_uint_eq(qsm_refcount_image_end(rc), 104u << 12);
 	ck_assert(qsm_refcount_check(rc));
 	qsm_refcount_free(rc);
@@ -777,13 +806,13 @@ START_TEST(test_alloc_many)
 	struct qsm_refcounts *rc = img_load(&im);
 	uint64_t end0 = qsm_refcount_image_end(rc) >> 16, o, prev = 0;
 	for (int i = 0; i < 300000; i++) {
-		EXPECT_OK(qsm_refcount_alloc(rc, 1, &o));
+		EXPECT_OK(qsm_refcount_alloc(rc, 1, &o, NULL));
 		ck_assert_uint_gt(o, prev); /* appends: nothing below is free */
 		prev = o;
 		if (i % 1000 == 999) {
 			uint64_t freed = (o >> 16) - 500;
-			EXPECT_OK(qsm_refcount_update(rc, freed, 1, -1));
-			EXPECT_OK(qsm_refcount_alloc(rc, 1, &o));
+			EXPECT_OK(qsm_refcount_update(rc, freed, 1, -1, NULL));
+			EXPECT_OK(qsm_refcount_alloc(rc, 1, &o, NULL));
 			ck_assert_uint_eq(o >> 16, freed); /* the hole is reused */
 		}
 	}
@@ -877,16 +906,18 @@ START_TEST(test_uncounted_block)
 	uint8_t z[2] = { 0, 0 };
 	ck_assert_int_eq(pwrite(fd, z, 2, (off_t)(2 * 4096 + 2 * 2)), 2); /* cluster 2 */
 	close(fd);
-	struct qsm_rc_params p = { 12, 4, im.table_offset, im.table_clusters };
+	struct qsm_rc_params p = { .cluster_bits = 12, .refcount_order = 4,
+				   .table_offset = im.table_offset,
+				   .table_clusters = im.table_clusters };
 	struct qsm_refcounts *rc = NULL;
 	char err[256];
 	img_read_header(&im);
 	ck_assert_int_eq(img_load_params(&im, &p, &rc, err, sizeof(err)), 0);
 	ck_assert(!qsm_refcount_check(rc)); /* invariant 2 is broken */
 	uint64_t o;
-	ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &o), 0);
+	ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &o, NULL), 0);
 	ck_assert_uint_eq(o, 4u << 12);
-	ck_assert_int_eq(qsm_refcount_alloc(rc, 3, &o), 0);
+	ck_assert_int_eq(qsm_refcount_alloc(rc, 3, &o, NULL), 0);
 	ck_assert_uint_eq(o, 5u << 12);
 	qsm_refcount_free(rc);
 }
@@ -897,6 +928,7 @@ static void add_case(Suite *s, const char *name, const TTest *t, int loop_end)
 {
 	TCase *tc = tcase_create(name);
 	tcase_set_timeout(tc, 600);
+	tcase_add_checked_fixture(tc, NULL, tio_teardown);
 	tcase_add_loop_test(tc, t, 0, loop_end ? loop_end : 1);
 	suite_add_tcase(s, tc);
 }
