@@ -22,11 +22,16 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <event2/event.h>
+
 #include "io/io.h"
+#include "io/sim.h"
 #include "io/util.h"
 #include "metadata/batch.h"
+#include "metadata/check.h"
 #include "metadata/qcow2.h"
 #include "metadata/refcount.h"
+#include "sm/qsm.h"
 #include "tests/unit/skip.h"
 
 /* Loop index i of the width x cluster size tests. */
@@ -923,6 +928,342 @@ START_TEST(test_uncounted_block)
 }
 END_TEST
 
+
+/* --- The block cache ------------------------------------------------------------ */
+
+static struct qsm_refcounts *img_load_cache(struct img *im, size_t cache_blocks)
+{
+	struct qsm_rc_params p = {
+		.cluster_bits = im->cluster_bits, .refcount_order = im->order,
+		.table_offset = im->table_offset, .table_clusters = im->table_clusters,
+		.cache_blocks = cache_blocks,
+	};
+	struct qsm_refcounts *rc = NULL;
+	char err[256] = "";
+	img_read_header(im);
+	int r = img_load_params(im, &p, &rc, err, sizeof(err));
+	ck_assert_msg(r == 0, "load %s: %d %s", im->path, r, err);
+	return rc;
+}
+
+/* The in-tree checker on the file (what qemu-img check says, too). */
+static void tree_check(const char *path, uint64_t *corruptions, uint64_t *leaks)
+{
+	struct event_base *base = event_base_new();
+	struct qsm_io *io;
+	struct qsm_check_result res;
+	char err[256] = "";
+	ck_assert_int_eq(qsm_io_open_path(base, path, QSM_IO_RDONLY, NULL, &io), 0);
+	int r = qsm_check_image(io, 0, &res, NULL, err, sizeof(err));
+	ck_assert_msg(r == 0, "check: %d %s", r, err);
+	qsm_io_close(io);
+	event_base_free(base);
+	*corruptions = res.corruptions;
+	*leaks = res.leaks;
+}
+
+/*
+ * Allocation workloads through a cache of one or two blocks: every step
+ * evicts, so blocks are read back from the file again and again.  Dirty
+ * blocks must never be evicted (they would be reloaded stale) and collected
+ * ones only once written; the model, qsm_refcount_check, the in-tree checker
+ * and qemu-img check all have to agree.
+ */
+START_TEST(test_evict)
+{
+	unsigned order = (unsigned)_i, cb = 9;
+	size_t cache = 1 + (size_t)(_i & 1);
+	struct img im;
+	char name[64];
+	snprintf(name, sizeof(name), "evict-%u-%zu", order, cache);
+	img_create(&im, name, cb, order, "1M", "-c 'write 0 20k' -c 'write 300k 2k'");
+	struct qsm_refcounts *rc = img_load_cache(&im, cache);
+	uint64_t max = qsm_refcount_max(rc), epb = (8ull << cb) >> order;
+	struct qsm_rng rng;
+	qsm_rng_seed(&rng, test_seed(2000 + (uint64_t)_i));
+	struct model md = { .cb = cb };
+	model_fit(&md, 4096);
+	for (uint64_t c = 0; c < md.n; c++)
+		md.m[c] = qsm_refcount_is_meta(rc, c) ? 0 : qsm_refcount_get(rc, c);
+	model_verify(rc, &md);
+	/* Only clusters the test allocated are freed or raised: the image's
+	 * own data and tables stay referenced as their L2/L1 entries say. */
+	uint8_t *ours = calloc(1 << 16, 1);
+	uint64_t nours = 1 << 16;
+
+	for (int step = 0; step < 200; step++) {
+		unsigned op = (unsigned)qsm_rng_below(&rng, 10);
+		uint64_t off;
+		if (op <= 4) {
+			uint64_t n = 1 + qsm_rng_below(&rng, op == 4 ? QSM_MIN(3 * epb, 2000) : 3);
+			ck_assert_int_eq(qsm_refcount_alloc(rc, n, &off, NULL), 0);
+			uint64_t c0 = off >> cb;
+			model_fit(&md, c0 + n + 64);
+			ck_assert_uint_lt(c0 + n, nours);
+			for (uint64_t c = c0; c < c0 + n; c++) {
+				EXPECT(md.m[c] == 0, "alloc handed out used cluster %" PRIu64, c);
+				md.m[c] = 1;
+				ours[c] = 1;
+			}
+		} else if (op <= 6) {
+			uint64_t c = model_pick_used(&md, &rng);
+			if (!c || c >= nours || !ours[c])
+				continue;
+			ck_assert_int_eq(qsm_refcount_update(rc, c, 1, -1, NULL), 0);
+			md.m[c]--;
+		} else if (op == 7 && max > 1) {
+			uint64_t c = model_pick_used(&md, &rng);
+			if (!c || c >= nours || !ours[c] || md.m[c] == max)
+				continue;
+			ck_assert_int_eq(qsm_refcount_update(rc, c, 1, 1, NULL), 0);
+			md.m[c]++;
+		} else {
+			/* Write back (blocks become clean, hence evictable) and
+			 * release old tables once the header names the new one. */
+			struct qsm_rc_collect co = img_writeback(&im, rc, NULL, NULL);
+			if (co.table_moved)
+				ck_assert_int_eq(qsm_refcount_table_committed(rc, co.generation, NULL), 0);
+		}
+		if (step % 8 == 0)
+			model_verify(rc, &md);
+		struct qsm_rc_stats st;
+		qsm_refcount_stats(rc, &st);
+		/* Over the capacity only by dirty or busy blocks. */
+		EXPECT(st.resident <= st.capacity + st.dirty + 2, "resident %zu capacity %zu dirty %zu",
+		       st.resident, st.capacity, st.dirty);
+	}
+	struct qsm_rc_collect co = img_writeback(&im, rc, NULL, NULL);
+	if (co.table_moved) {
+		ck_assert_int_eq(qsm_refcount_table_committed(rc, co.generation, NULL), 0);
+		img_writeback(&im, rc, NULL, NULL);
+	}
+	struct qsm_rc_stats st;
+	qsm_refcount_stats(rc, &st);
+	ck_assert_uint_gt(st.evictions, 10);
+	ck_assert_uint_gt(st.loads, st.evictions / 2);
+
+	model_verify(rc, &md);
+	/* Every cluster the test still holds is a leak (nothing references
+	 * it); the two checkers agree and find nothing worse. */
+	uint64_t user = 0;
+	for (uint64_t c = 0; c < nours; c++)
+		user += ours[c] && md.m[c];
+	free(ours);
+	struct qcheck q;
+	qemu_check(im.path, &q);
+	ck_assert_msg(q.corruptions == 0 && q.check_errors == 0, "corruptions %ld errors %ld",
+		      q.corruptions, q.check_errors);
+	uint64_t corr, leaks;
+	tree_check(im.path, &corr, &leaks);
+	ck_assert_uint_eq(corr, 0);
+	ck_assert_uint_eq((uint64_t)q.leaks, user);
+	ck_assert_uint_eq(leaks, user);
+	ck_assert_uint_eq(q.end, qsm_refcount_image_end(rc));
+	/* Reloaded, the file says what memory said. */
+	struct qsm_refcounts *rc2 = img_load_cache(&im, 1);
+	for (uint64_t c = 0; c < md.n; c++)
+		EXPECT_U64(qsm_refcount_get(rc2, c), qsm_refcount_get(rc, c));
+	qsm_refcount_free(rc2);
+	free(md.m);
+	qsm_refcount_free(rc);
+}
+END_TEST
+
+/*
+ * The cursor and the summary: open reads only the last block; the first
+ * allocation reads the full blocks once (in order), later ones skip them
+ * unread; a free lowers the cursor and is reused; count_used counts full
+ * blocks from the summary.
+ */
+START_TEST(test_cursor)
+{
+	struct img im;
+	/* 512-byte clusters, 16-bit refcounts: a block covers 128 KiB, so
+	 * 2 MiB of data fills 16 blocks. */
+	img_create(&im, "cursor", 9, 4, "4M", "-c 'write 0 2M'");
+	struct qsm_refcounts *rc = img_load_cache(&im, 1);
+	struct qsm_rc_stats st;
+	qsm_refcount_stats(rc, &st);
+	ck_assert_uint_le(st.loads, 2); /* the last block (and the one before) */
+	uint64_t end = qsm_refcount_image_end(rc) >> 9, off, off2, l0;
+	ck_assert_uint_gt(end, 16 * 256);
+
+	ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &off, NULL), 0);
+	ck_assert_uint_eq(off >> 9, end); /* nothing free below the end */
+	qsm_refcount_stats(rc, &st);
+	ck_assert_uint_ge(st.loads, 16);  /* each full block read once */
+	l0 = st.loads;
+	for (int i = 0; i < 100; i++) {
+		ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &off2, NULL), 0);
+		ck_assert_uint_eq(off2, off + ((uint64_t)(i + 1) << 9));
+	}
+	qsm_refcount_stats(rc, &st);
+	ck_assert_uint_eq(st.loads, l0); /* the cursor: no scan, no read */
+
+	img_writeback(&im, rc, NULL, NULL);
+	uint64_t freed = 5 * 256 + 17; /* a data cluster in block 5 */
+	ck_assert_uint_eq(qsm_refcount_get(rc, freed), 1);
+	ck_assert_int_eq(qsm_refcount_update(rc, freed, 1, -1, NULL), 0);
+	ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &off2, NULL), 0);
+	ck_assert_uint_eq(off2 >> 9, freed);
+	img_writeback(&im, rc, NULL, NULL);
+	qsm_refcount_stats(rc, &st);
+	l0 = st.loads;
+	/* Blocks 6..15 are known full: skipped unread. */
+	ck_assert_int_eq(qsm_refcount_alloc(rc, 1, &off2, NULL), 0);
+	ck_assert_uint_eq(off2, off + (101ull << 9));
+	qsm_refcount_stats(rc, &st);
+	ck_assert_uint_le(st.loads, l0 + 1);
+
+	uint64_t count, brute = 0, e2 = qsm_refcount_image_end(rc) >> 9;
+	ck_assert_int_eq(qsm_refcount_count_used(rc, e2, UINT64_MAX, &count, NULL), 0);
+	for (uint64_t c = 0; c < e2; c++)
+		brute += qsm_refcount_get(rc, c) != 0;
+	ck_assert_uint_eq(count, brute);
+	ck_assert(qsm_refcount_check(rc));
+	qsm_refcount_free(rc);
+}
+END_TEST
+
+/* --- REFBLOCK_LOAD in the engine, on the simulated disk --------------------------- */
+
+struct rl_trace {
+	unsigned loads, joins, resumed;
+};
+
+static void rl_trace_fn(void *opaque, const struct qsm_trace_event *ev)
+{
+	struct rl_trace *t = opaque;
+	if (!strcmp(ev->to, "REFBLOCK_LOAD")) {
+		t->loads++;
+		t->joins += ev->wait_for != 0; /* another request's read */
+	}
+	if (!strcmp(ev->from, "REFBLOCK_LOAD") && ev->ret == 0)
+		t->resumed++;
+}
+
+struct rl_req {
+	int *pending, *failed;
+};
+
+static void rl_cb(void *opaque, int ret)
+{
+	struct rl_req *r = opaque;
+	(*r->pending)--;
+	*r->failed += ret != 0;
+	free(r);
+}
+
+/*
+ * A one-block refcount cache under concurrent in-place writes, allocating
+ * writes, zero writes and discards over an image whose refcounts span 32
+ * blocks, completions reordered by the sim: requests wait in REFBLOCK_LOAD
+ * (several on one read), the write-back batch's frees wait too, and the
+ * image comes out right (data, in-tree check, qemu-img check).
+ */
+START_TEST(test_refblock_load_sim)
+{
+	const uint64_t cs = 512, size = 8 << 20, filled = 4 << 20;
+	char path[512], err[256] = "";
+	snprintf(path, sizeof(path), "%s/rl-%d.qcow2", tmpdir, _i);
+	struct qsm_create_opts co = { .size = size, .cluster_size = cs };
+	ck_assert_msg(qsm_create(path, &co, err, sizeof(err)) == 0, "create: %s", err);
+	uint8_t *model = calloc(1, size), *buf = malloc(64 << 10);
+	struct qsm_rng rng;
+	qsm_rng_seed(&rng, test_seed(3000 + (uint64_t)_i));
+
+	/* Fill the first half (blocks written out as they fill). */
+	struct event_base *base = event_base_new();
+	struct qsm_image *img;
+	struct qsm_open_opts oo = { .cache = QSM_CACHE_UNSAFE };
+	ck_assert_int_eq(qsm_open(base, path, &oo, &img, err, sizeof(err)), 0);
+	for (uint64_t o = 0; o < filled; o += 64 << 10) {
+		memset(model + o, (int)(1 + (o >> 16) % 250), 64 << 10);
+		ck_assert_int_eq(qsm_sync_pwrite(img, model + o, 64 << 10, o), 0);
+	}
+	ck_assert_int_eq(qsm_close(img), 0);
+
+	struct qsm_sim *sim = qsm_sim_new(test_seed(3000 + (uint64_t)_i));
+	struct qsm_io *io;
+	ck_assert_int_eq(qsm_sim_load_file(sim, path), 0);
+	qsm_sim_set_max_batch(sim, 1 + (unsigned)_i % 4);
+	ck_assert_int_eq(qsm_io_open_sim(base, sim, 0, &io), 0);
+	oo = (struct qsm_open_opts){ .refcount_cache_size = cs, .cache = QSM_CACHE_WRITEBACK };
+	ck_assert_msg(qsm_open_io(base, io, &oo, &img, err, sizeof(err)) == 0, "open: %s", err);
+	struct rl_trace tr = { 0 };
+	qsm_set_trace(img, rl_trace_fn, &tr);
+
+	int pending = 0, failed = 0;
+	uint8_t *bufs[64];
+	struct iovec iovs[64]; /* the engine reads them until completion */
+	for (int round = 0; round < 6; round++) {
+		for (int k = 0; k < 64; k++) {
+			struct rl_req *r = malloc(sizeof(*r));
+			r->pending = &pending;
+			r->failed = &failed;
+			unsigned op = (unsigned)qsm_rng_below(&rng, 10);
+			/* Disjoint ranges within a round: one cluster-aligned
+			 * slot of 64 KiB per request. */
+			uint64_t slot = (uint64_t)k * (size / 64);
+			uint64_t o = slot + qsm_rng_below(&rng, 120) * cs;
+			uint64_t len = cs * (1 + qsm_rng_below(&rng, 8));
+			bufs[k] = NULL;
+			int ret;
+			if (op <= 5) {
+				bufs[k] = malloc(len);
+				memset(bufs[k], (int)qsm_rng_below(&rng, 256), len);
+				memcpy(model + o, bufs[k], len);
+				iovs[k] = (struct iovec){ bufs[k], len };
+				ret = qsm_writev(img, o, &iovs[k], 1, rl_cb, r);
+			} else if (op <= 7) {
+				memset(model + o, 0, len);
+				ret = qsm_discard(img, o, len, rl_cb, r);
+			} else if (op == 8) {
+				memset(model + o, 0, len);
+				ret = qsm_write_zeroes(img, o, len, QSM_ZERO_MAY_UNMAP, rl_cb, r);
+			} else {
+				ret = qsm_flush(img, rl_cb, r);
+			}
+			ck_assert_int_eq(ret, 0);
+			pending++;
+		}
+		while (pending)
+			event_base_loop(base, EVLOOP_ONCE);
+		for (int k = 0; k < 64; k++)
+			free(bufs[k]);
+		ck_assert_int_eq(failed, 0);
+	}
+	/* Every request that waited resumed (none failed). */
+	ck_assert_uint_gt(tr.loads, 10);
+	ck_assert_uint_gt(tr.joins, 0);
+	ck_assert_uint_eq(tr.resumed, tr.loads);
+	ck_assert_int_eq(qsm_close(img), 0);
+	ck_assert_uint_eq(qsm_sim_races(sim), 0);
+	ck_assert_int_eq(qsm_sim_save_file(sim, path), 0);
+	qsm_sim_free(sim);
+
+	uint64_t corr, leaks;
+	tree_check(path, &corr, &leaks);
+	ck_assert_uint_eq(corr, 0);
+	ck_assert_uint_eq(leaks, 0);
+	struct qcheck q;
+	qemu_check(path, &q);
+	ck_assert_int_eq(q.exit, 0);
+	oo = (struct qsm_open_opts){ .read_only = true };
+	ck_assert_int_eq(qsm_open(base, path, &oo, &img, err, sizeof(err)), 0);
+	for (uint64_t o = 0; o < size; o += 64 << 10) {
+		ck_assert_int_eq(qsm_sync_pread(img, buf, 64 << 10, o), 0);
+		for (uint64_t k = 0; k < (64 << 10); k++)
+			EXPECT(buf[k] == model[o + k], "data differs at %" PRIu64 ": %u, model %u",
+			       o + k, buf[k], model[o + k]);
+	}
+	ck_assert_int_eq(qsm_close(img), 0);
+	event_base_free(base);
+	free(buf);
+	free(model);
+}
+END_TEST
+
 /* One test case per concern, so CK_RUN_CASE picks one. */
 static void add_case(Suite *s, const char *name, const TTest *t, int loop_end)
 {
@@ -940,6 +1281,9 @@ static Suite *refcount_suite(void)
 	add_case(s, "writeback", test_writeback_qemu_check, NCOMBO);
 	add_case(s, "model", test_model, NCOMBO);
 	add_case(s, "growth", test_table_growth, 0);
+	add_case(s, "evict", test_evict, 7);
+	add_case(s, "cursor", test_cursor, 0);
+	add_case(s, "refblock_load", test_refblock_load_sim, 4);
 	add_case(s, "erange", test_erange, 7);
 	add_case(s, "claim", test_update_claims_missing_block, 0);
 	add_case(s, "hint", test_hint_reuse, 0);

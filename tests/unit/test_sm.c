@@ -268,7 +268,10 @@ static void run_workload(enum backend be, uint64_t seed, unsigned cluster_size,
 	ck_assert_msg(ret == 0, "create: %s", err);
 
 	struct event_base *base = event_base_new();
-	struct qsm_open_opts oo = { .l2_cache_size = cache_tables * cluster_size };
+	/* Every third seed: a one-block refcount cache, so allocations and
+	 * frees keep waiting in REFBLOCK_LOAD for evicted blocks. */
+	struct qsm_open_opts oo = { .l2_cache_size = cache_tables * cluster_size,
+				    .refcount_cache_size = seed % 3 == 0 ? cluster_size : 0 };
 	if (be == B_SIM) {
 		sim = qsm_sim_new(seed);
 		ck_assert_int_eq(qsm_sim_load_file(sim, path), 0);
