@@ -18,7 +18,9 @@
  *   level a sync state closes is named by the state itself, and the event
  *   leaving it names the next non-empty level (next_level_event)
  *   WB_RELEASE  drop the refcounts of clusters that the now durable tables no
- *               longer reference (those refcount blocks go in the next batch)
+ *               longer reference (those refcount blocks go in the next batch);
+ *               a refcount block not cached is read first (REFBLOCK_LOAD and
+ *               back, the frees made so far kept in wb->nb_released)
  *
  * Crash-safety rules this order keeps (tools/doc/design.md, "Metadata and
  * crash safety"), so on disk refcount >= references at every instant:
