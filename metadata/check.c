@@ -44,6 +44,7 @@
 
 #include "io/util.h"
 #include "metadata/check.h"
+#include "metadata/l2entry.h"
 #include "metadata/qcow2.h"
 
 #define IMRT_MAX_BYTES (1ull << 30)
@@ -75,8 +76,6 @@ struct ck {
 	struct qcow2_header h;
 	unsigned cb, rorder, rb_bits;
 	uint64_t cs, file_size, rmax, imrt_max, l2_entries;
-	uint64_t coff_mask, csize_mask;
-	unsigned csize_shift;
 
 	uint64_t *reft;          /* host endian */
 	uint64_t reft_size;      /* entries */
@@ -395,7 +394,7 @@ static int build_meta(struct ck *c)
 
 static uint64_t zero_entry(const struct ck *c)
 {
-	return c->h.version >= 3 ? QCOW2_L2E_ZERO : 0;
+	return qcow2_entry_zero(c->h.version);
 }
 
 /*
@@ -423,9 +422,8 @@ static int check_l2(struct ck *c, uint64_t l2_offset, uint64_t guest_base, bool 
 				 l2_offset < c->file_size;
 
 		if (e & QCOW2_OFLAG_COMPRESSED) {
-			uint64_t coff = e & c->coff_mask;
-			uint64_t nsec = ((e >> c->csize_shift) & c->csize_mask) + 1;
-			uint64_t csize = nsec * 512 - (coff & 511);
+			uint64_t coff, csize;
+			qcow2_compressed_extent(c->cb, e, &coff, &csize);
 
 			if (e & QCOW2_OFLAG_COPIED) {
 				say(c, "ERROR: coffset=0x%" PRIx64 ": copied flag must never be set "
@@ -1227,9 +1225,6 @@ static int ck_open(struct ck *c, char *err, size_t errlen)
 	c->rmax = c->rorder == 6 ? UINT64_MAX : (1ull << (1u << c->rorder)) - 1;
 	c->imrt_max = c->rmax < 0xffff ? c->rmax : 0xffff;
 	c->l2_entries = c->cs / 8;
-	c->csize_shift = 62 - (c->cb - 8);
-	c->csize_mask = (1ull << (c->cb - 8)) - 1;
-	c->coff_mask = (1ull << c->csize_shift) - 1;
 	c->nb_clusters = size_to_clusters(c, c->file_size);
 	if (c->nb_clusters * 2 > IMRT_MAX_BYTES) {
 		qsm_set_err(err, errlen, "the file (%" PRIu64 " bytes) has too many clusters to check "

@@ -89,6 +89,7 @@
 #include <string.h>
 #include <zlib.h>
 
+#include "metadata/l2entry.h"
 #include "sm/sm.h"
 
 /* --- the table ------------------------------------------------------------ */
@@ -645,8 +646,6 @@ out_unfreeze:
 	return ret < 0 ? fail(req, ret) : QSM_E_L2_READY;
 }
 
-static void compressed_extent(const struct qsm_image *img, uint64_t e, uint64_t *off, size_t *len);
-
 /* A host range that guest data (or a compressed cluster) may occupy:
  * inside the image and clear of metadata. */
 static int check_data_range(struct qsm_req *req, uint64_t off, uint64_t len, const char *what)
@@ -670,11 +669,10 @@ static int check_data_range(struct qsm_req *req, uint64_t off, uint64_t len, con
 static int check_l2_entry(struct qsm_req *req, uint64_t idx, uint64_t e)
 {
 	struct qsm_image *img = req->img;
-	uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
+	uint64_t off = qcow2_entry_offset(e);
 	if (e & QCOW2_OFLAG_COMPRESSED) {
-		uint64_t coff;
-		size_t clen;
-		compressed_extent(img, e, &coff, &clen);
+		uint64_t coff, clen;
+		qcow2_compressed_extent(img->cluster_bits, e, &coff, &clen);
 		return check_data_range(req, coff, clen, "L2 entry: compressed cluster");
 	}
 	if (e & QCOW2_L2E_RESERVED)
@@ -713,61 +711,29 @@ static int check_write_target(struct qsm_req *req, uint64_t host)
 	return 0;
 }
 
-enum entry_kind { EK_UNALLOC, EK_ZERO, EK_ZERO_ALLOC, EK_DATA, EK_SHARED, EK_COMPRESSED };
-
-static enum entry_kind entry_kind(uint64_t e)
-{
-	if (e & QCOW2_OFLAG_COMPRESSED)
-		return EK_COMPRESSED;
-	uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
-	if (e & QCOW2_L2E_ZERO)
-		return off ? EK_ZERO_ALLOC : EK_ZERO;
-	if (!off)
-		return EK_UNALLOC;
-	return (e & QCOW2_OFLAG_COPIED) ? EK_DATA : EK_SHARED;
-}
-
-/* A compressed descriptor (docs/interop/qcow2.txt): byte offset in the low
- * bits, then the number of additional 512-byte sectors. */
-static void compressed_extent(const struct qsm_image *img, uint64_t e, uint64_t *off, size_t *len)
-{
-	unsigned shift = 62 - (img->cluster_bits - 8);
-	uint64_t nb_sectors = ((e >> shift) & ((1ull << (img->cluster_bits - 8)) - 1)) + 1;
-	*off = e & ((1ull << shift) - 1);
-	*len = (size_t)(nb_sectors * 512 - (*off & 511));
-}
-
 /* Release the host clusters an old L2 entry held (deferred, see writeback.c).
  * A compressed cluster holds every cluster its sectors touch. */
 static int free_old_entry(struct qsm_image *img, uint64_t e)
 {
 	if (e & QCOW2_OFLAG_COMPRESSED) {
-		uint64_t off;
-		size_t len;
-		compressed_extent(img, e, &off, &len);
-		off &= ~511ull;
-		len = QSM_ALIGN_UP(len + (off & 511), 512);
-		for (uint64_t c = off >> img->cluster_bits; c <= (off + len - 1) >> img->cluster_bits; c++) {
+		uint64_t first, count;
+		qcow2_compressed_clusters(img->cluster_bits, e, &first, &count);
+		for (uint64_t c = first; c < first + count; c++) {
 			int ret = qsm_free_cluster_deferred(img, c << img->cluster_bits);
 			if (ret < 0)
 				return ret;
 		}
 		return 0;
 	}
-	uint64_t host = e & QCOW2_L2E_OFFSET_MASK;
+	uint64_t host = qcow2_entry_offset(e);
 	return host ? qsm_free_cluster_deferred(img, host) : 0;
-}
-
-static bool reads_zero(enum entry_kind k)
-{
-	return k == EK_UNALLOC || k == EK_ZERO || k == EK_ZERO_ALLOC;
 }
 
 /* Does a cluster of this kind read as zeros in this image?  Unallocated
  * clusters do only when there is no backing file. */
-static bool reads_zero_here(const struct qsm_image *img, enum entry_kind k)
+static bool reads_zero_here(const struct qsm_image *img, enum qcow2_entry_kind k)
 {
-	return reads_zero(k) && !(k == EK_UNALLOC && qsm_has_backing(img));
+	return qcow2_kind_reads_zero(k) && !(k == QCOW2_EK_UNALLOC && qsm_has_backing(img));
 }
 
 /* Clusters of the run [run->offset, +bytes) and the last index it touches. */
@@ -832,11 +798,11 @@ static enum qsm_event classify_read(struct qsm_req *req)
 	struct qsm_run *run = &req->run;
 	uint64_t n = run_clusters(img, run->offset, run->bytes);
 	uint64_t e0 = qsm_l2_entry(run->l2, run->l2_index);
-	enum entry_kind k0 = entry_kind(e0);
+	enum qcow2_entry_kind k0 = qcow2_entry_kind(e0);
 	int ret = check_l2_entry(req, run->l2_index, e0);
 	if (ret < 0)
 		return fail(req, ret);
-	if (k0 == EK_COMPRESSED) {
+	if (k0 == QCOW2_EK_COMPRESSED) {
 		run_clip(req, 1);
 		release_l2(req);
 		run->old_entry = e0;
@@ -848,12 +814,12 @@ static enum qsm_event classify_read(struct qsm_req *req)
 		}
 		return QSM_E_COMPRESSED;
 	}
-	uint64_t host0 = e0 & QCOW2_L2E_OFFSET_MASK;
-	bool from_backing = k0 == EK_UNALLOC && qsm_has_backing(img);
+	uint64_t host0 = qcow2_entry_offset(e0);
+	bool from_backing = k0 == QCOW2_EK_UNALLOC && qsm_has_backing(img);
 	uint64_t i;
 	for (i = 1; i < n; i++) {
 		uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
-		enum entry_kind k = entry_kind(e);
+		enum qcow2_entry_kind k = qcow2_entry_kind(e);
 		if ((ret = check_l2_entry(req, run->l2_index + i, e)) < 0)
 			return fail(req, ret);
 		/* A read merges every kind that reads as zeros; a status query
@@ -861,13 +827,13 @@ static enum qsm_event classify_read(struct qsm_req *req)
 		 * Unallocated clusters over a backing file form runs of their own. */
 		/* Zero clusters that keep their host cluster report it (as
 		 * QEMU's map shows their offset): runs of them stay host-contiguous. */
-		if (from_backing ? k != EK_UNALLOC :
-		    reads_zero(k0) ? (req->machine == QSM_M_STATUS ?
-				      k != k0 || (k0 == EK_ZERO_ALLOC &&
-						  (e & QCOW2_L2E_OFFSET_MASK) != host0 + (i << img->cluster_bits)) :
+		if (from_backing ? k != QCOW2_EK_UNALLOC :
+		    qcow2_kind_reads_zero(k0) ? (req->machine == QSM_M_STATUS ?
+				      k != k0 || (k0 == QCOW2_EK_ZERO_ALLOC &&
+						  qcow2_entry_offset(e) != host0 + (i << img->cluster_bits)) :
 				      !reads_zero_here(img, k)) :
-		    (k == EK_COMPRESSED || reads_zero(k) ||
-		     (e & QCOW2_L2E_OFFSET_MASK) != host0 + (i << img->cluster_bits)))
+		    (k == QCOW2_EK_COMPRESSED || qcow2_kind_reads_zero(k) ||
+		     qcow2_entry_offset(e) != host0 + (i << img->cluster_bits)))
 			break;
 	}
 	run_clip(req, i);
@@ -879,12 +845,12 @@ static enum qsm_event classify_read(struct qsm_req *req)
 		}
 		return QSM_E_BACKING;
 	}
-	if (reads_zero(k0)) {
+	if (qcow2_kind_reads_zero(k0)) {
 		if (req->machine == QSM_M_STATUS)
 			*req->status_out = (struct qsm_extent){
 				run->offset, run->bytes,
-				QSM_STATUS_ZERO | (k0 == EK_UNALLOC ? 0 : QSM_STATUS_ALLOCATED),
-				k0 == EK_ZERO_ALLOC ? host0 + in_cluster(img, run->offset) : 0 };
+				QSM_STATUS_ZERO | (k0 == QCOW2_EK_UNALLOC ? 0 : QSM_STATUS_ALLOCATED),
+				k0 == QCOW2_EK_ZERO_ALLOC ? host0 + in_cluster(img, run->offset) : 0 };
 		return req->machine == QSM_M_STATUS ? QSM_E_REPORTED : QSM_E_ZERO;
 	}
 	run->host = host0 + in_cluster(img, run->offset);
@@ -912,12 +878,13 @@ static enum qsm_event classify_read(struct qsm_req *req)
 
 /*
  * Write (and zero data) runs: the first cluster decides the kind of run.
- *  - EK_DATA: in place, extended over host-contiguous EK_DATA clusters;
- *  - EK_UNALLOC/EK_ZERO/EK_ZERO_ALLOC: allocate, extended over clusters of
+ *  - QCOW2_EK_DATA: in place, extended over host-contiguous QCOW2_EK_DATA
+ *    clusters;
+ *  - QCOW2_EK_UNALLOC/_ZERO/_ZERO_ALLOC: allocate, extended over clusters of
  *    those kinds (no old data to keep: COW regions are zeros); with a
  *    backing file, unallocated clusters form runs of their own whose
  *    partial head and tail are copied from the backing image (cow_backing);
- *  - EK_SHARED: allocate one cluster, COW from the shared one.
+ *  - QCOW2_EK_SHARED: allocate one cluster, COW from the shared one.
  */
 static enum qsm_event classify_write(struct qsm_req *req)
 {
@@ -925,20 +892,20 @@ static enum qsm_event classify_write(struct qsm_req *req)
 	struct qsm_run *run = &req->run;
 	uint64_t n = run_clusters(img, run->offset, run->bytes);
 	uint64_t e0 = qsm_l2_entry(run->l2, run->l2_index);
-	enum entry_kind k0 = entry_kind(e0);
-	uint64_t host0 = e0 & QCOW2_L2E_OFFSET_MASK;
+	enum qcow2_entry_kind k0 = qcow2_entry_kind(e0);
+	uint64_t host0 = qcow2_entry_offset(e0);
 	int ret = check_l2_entry(req, run->l2_index, e0);
 	uint64_t i;
 
 	if (ret < 0)
 		return fail(req, ret);
-	if (k0 == EK_DATA) {
+	if (k0 == QCOW2_EK_DATA) {
 		for (i = 1; i < n; i++) {
 			uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
 			if ((ret = check_l2_entry(req, run->l2_index + i, e)) < 0)
 				return fail(req, ret);
-			if (entry_kind(e) != EK_DATA ||
-			    (e & QCOW2_L2E_OFFSET_MASK) != host0 + (i << img->cluster_bits))
+			if (qcow2_entry_kind(e) != QCOW2_EK_DATA ||
+			    qcow2_entry_offset(e) != host0 + (i << img->cluster_bits))
 				break;
 		}
 		run_clip(req, i);
@@ -958,16 +925,16 @@ static enum qsm_event classify_write(struct qsm_req *req)
 		run->host = host0 + in_cluster(img, run->offset);
 		return QSM_E_IN_PLACE;
 	}
-	bool from_backing = k0 == EK_UNALLOC && qsm_has_backing(img);
-	if (k0 == EK_SHARED || k0 == EK_COMPRESSED) {
+	bool from_backing = k0 == QCOW2_EK_UNALLOC && qsm_has_backing(img);
+	if (k0 == QCOW2_EK_SHARED || k0 == QCOW2_EK_COMPRESSED) {
 		i = 1; /* one cluster, copied from its old contents */
 	} else {
 		for (i = 1; i < n; i++) {
 			uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
-			enum entry_kind k = entry_kind(e);
+			enum qcow2_entry_kind k = qcow2_entry_kind(e);
 			if ((ret = check_l2_entry(req, run->l2_index + i, e)) < 0)
 				return fail(req, ret);
-			if (!reads_zero(k) || (from_backing != (k == EK_UNALLOC && qsm_has_backing(img))))
+			if (!qcow2_kind_reads_zero(k) || (from_backing != (k == QCOW2_EK_UNALLOC && qsm_has_backing(img))))
 				break;
 		}
 	}
@@ -1052,13 +1019,13 @@ static enum qsm_event classify_zeroes(struct qsm_req *req)
 	int ret = check_l2_entry(req, run->l2_index, e);
 	if (ret < 0)
 		return fail(req, ret);
-	enum entry_kind k = entry_kind(e);
+	enum qcow2_entry_kind k = qcow2_entry_kind(e);
 	/* As QEMU, which asks the chain whether the rest of the cluster reads
 	 * as zeros and then, on v3, makes it a zero cluster (BACKING_STATUS
 	 * asks, then the run is looked up again).  v2 with a backing file
 	 * writes zeros (QEMU's fallback). */
 	bool chain_zero = false;
-	if (v3 && k == EK_UNALLOC && img->backing) {
+	if (v3 && k == QCOW2_EK_UNALLOC && img->backing) {
 		uint64_t c0 = run->offset - head, end = run->offset + run->bytes;
 		if (!req->probe_done || req->probe_cluster != c0) {
 			release_l2(req);
@@ -1330,8 +1297,9 @@ static enum qsm_event step_compressed_read(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
 	struct qsm_run *run = &req->run;
-	uint64_t off;
-	compressed_extent(img, run->old_entry, &off, &run->csize);
+	uint64_t off, len;
+	qcow2_compressed_extent(img->cluster_bits, run->old_entry, &off, &len);
+	run->csize = (size_t)len;
 	if (posix_memalign((void **)&run->cbuf, 4096, QSM_ALIGN_UP(run->csize, 4096)))
 		return fail(req, -ENOMEM);
 	req->iov_buf[0] = (struct iovec){ run->cbuf, run->csize };
@@ -1666,7 +1634,7 @@ static enum qsm_event step_cluster_alloc(struct qsm_req *req)
 	img->allocs = &run->alloc;
 	run->alloc_linked = true;
 
-	if (entry_kind(run->old_entry) == EK_SHARED)
+	if (qcow2_entry_kind(run->old_entry) == QCOW2_EK_SHARED)
 		return QSM_E_COW;
 	if (run->cow_backing) {
 		/* Copy what the write leaves of its first and last cluster from
@@ -1680,7 +1648,7 @@ static enum qsm_event step_cluster_alloc(struct qsm_req *req)
 		if (run->cow_head || run->cow_tail)
 			return QSM_E_COW;
 	}
-	if (entry_kind(run->old_entry) == EK_COMPRESSED)
+	if (qcow2_entry_kind(run->old_entry) == QCOW2_EK_COMPRESSED)
 		return QSM_E_COMPRESSED;
 	/* Clusters never written since open read as zeros already (holes past
 	 * the old end of file): the COW regions need no write at all, and other
@@ -1787,7 +1755,7 @@ static enum qsm_event step_cow_read(struct qsm_req *req)
 		return fail(req, -ENOMEM);
 	req->iov_buf[0] = (struct iovec){ run->bounce, img->cluster_size };
 	return submit_io(req, QSM_IO_READ, QSM_IO_EV_COW_READ,
-			 run->old_entry & QCOW2_L2E_OFFSET_MASK, req->iov_buf, 1);
+			 qcow2_entry_offset(run->old_entry), req->iov_buf, 1);
 }
 
 /* Point the run's cached L2 entries at its new clusters and release what
@@ -1799,7 +1767,7 @@ static int l2_point_at_new(struct qsm_req *req)
 	for (uint64_t i = 0; i < run->nb_clusters; i++) {
 		uint64_t old = qsm_l2_entry(run->l2, run->l2_index + i);
 		qsm_l2_set_entry(run->l2, run->l2_index + i,
-				 (run->host + (i << img->cluster_bits)) | QCOW2_OFLAG_COPIED);
+				 qcow2_entry_data(run->host + (i << img->cluster_bits)));
 		int ret = free_old_entry(img, old);
 		if (ret < 0)
 			return ret;
@@ -1848,13 +1816,9 @@ static enum qsm_event step_l2_update(struct qsm_req *req)
 	if (img->error) /* the table could never be written: do not dirty it */
 		return fail(req, -EIO);
 	if (run->compressed) {
-		/* Descriptor (qcow2.txt): byte offset, then the number of 512-byte
-		 * sectors the bytes touch beyond the first; never COPIED. */
-		unsigned shift = 62 - (img->cluster_bits - 8);
-		uint64_t nb_csectors = ((run->host + run->clen - 1) >> 9) - (run->host >> 9);
 		uint64_t old = qsm_l2_entry(run->l2, run->l2_index);
 		qsm_l2_set_entry(run->l2, run->l2_index,
-				 run->host | QCOW2_OFLAG_COMPRESSED | (nb_csectors << shift));
+				 qcow2_compressed_entry(img->cluster_bits, run->host, run->clen));
 		run->bytes_held = false; /* mapped now */
 		img->stats.compressed_clusters++;
 		int ret = free_old_entry(img, old);
@@ -1887,29 +1851,29 @@ static enum qsm_event step_zero_update(struct qsm_req *req)
 		int ret = check_l2_entry(req, idx, old);
 		if (ret < 0)
 			return fail(req, ret);
-		enum entry_kind k = entry_kind(old);
-		uint64_t old_host = (k == EK_COMPRESSED) ? 0 : (old & QCOW2_L2E_OFFSET_MASK);
+		enum qcow2_entry_kind k = qcow2_entry_kind(old);
+		uint64_t old_host = (k == QCOW2_EK_COMPRESSED) ? 0 : qcow2_entry_offset(old);
 		uint64_t new;
 		bool unmap;
 
-		if (k == EK_COMPRESSED) {
+		if (k == QCOW2_EK_COMPRESSED) {
 			/* As QEMU: a compressed cluster is always released; v2 has
 			 * no zero flag, so it is deallocated (no backing file here,
 			 * see classify_zeroes/classify_discard). */
-			new = v3 ? QCOW2_L2E_ZERO : 0;
+			new = qcow2_entry_zero(img->hdr.version);
 			unmap = true;
 		} else if (req->machine == QSM_M_DISCARD) {
 			/* As QEMU: v3 keeps a zero cluster so nothing shows through
 			 * (unallocated clusters over a backing file included), v2
 			 * can only deallocate (and never runs with a backing file,
 			 * see classify_discard). */
-			if (k == EK_ZERO || (k == EK_UNALLOC && !qsm_has_backing(img)))
+			if (k == QCOW2_EK_ZERO || (k == QCOW2_EK_UNALLOC && !qsm_has_backing(img)))
 				continue;
-			new = v3 ? QCOW2_L2E_ZERO : 0;
+			new = qcow2_entry_zero(img->hdr.version);
 			unmap = true;
 		} else if (!v3) {
 			/* v2 has no zero flag: a whole cluster is deallocated. */
-			if (k == EK_UNALLOC)
+			if (k == QCOW2_EK_UNALLOC)
 				continue;
 			new = 0;
 			unmap = true;
@@ -2201,7 +2165,7 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	case QSM_S_COW_READ:
 		return cluster_alloc_ok(req) && !run->bounce &&
 		       (run->cow_backing ? img->backing && (run->cow_head || run->cow_tail)
-					 : entry_kind(run->old_entry) == EK_SHARED);
+					 : qcow2_entry_kind(run->old_entry) == QCOW2_EK_SHARED);
 	case QSM_S_ZERO_CLUSTERS:
 		return cluster_alloc_ok(req) && !run->bounce && run->alloc.host == run->host;
 	case QSM_S_ALLOC_WRITE:
