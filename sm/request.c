@@ -87,8 +87,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <zlib.h>
 
+#include "metadata/compress.h"
 #include "metadata/l2entry.h"
 #include "sm/sm.h"
 
@@ -1342,7 +1342,7 @@ static enum qsm_event submit_work(struct qsm_req *req, qsm_work_fn fn, qsm_work_
 }
 
 /*
- * DECOMPRESS, on a worker thread: inflate (raw deflate, as QEMU writes it)
+ * DECOMPRESS, on a worker thread: inflate (metadata/compress.c)
  * run->cbuf into run->bounce, which must come out exactly one cluster long;
  * a read copies its part out to the caller's buffers (the request owns them
  * until it completes, and nothing else runs for it meanwhile).  Touches only
@@ -1353,23 +1353,10 @@ static void decompress_fn(struct qsm_work *w)
 	struct qsm_req *req = container_of(w, struct qsm_req, work);
 	struct qsm_run *run = &req->run;
 	uint64_t cluster_size = req->img->cluster_size;
-	z_stream z = { 0 };
-	int zr;
 
-	if (inflateInit2(&z, -12) != Z_OK) {
-		req->work_ret = -ENOMEM;
+	req->work_ret = qcow2_inflate(run->cbuf, run->csize, run->bounce, (size_t)cluster_size);
+	if (req->work_ret < 0)
 		return;
-	}
-	z.next_in = run->cbuf;
-	z.avail_in = (uInt)run->csize;
-	z.next_out = run->bounce;
-	z.avail_out = (uInt)cluster_size;
-	zr = inflate(&z, Z_FINISH);
-	inflateEnd(&z);
-	if ((zr != Z_STREAM_END && zr != Z_BUF_ERROR) || z.avail_out != 0) {
-		req->work_ret = -EIO;
-		return;
-	}
 	if (req->machine == QSM_M_READ)
 		qsm_iov_from_buf(req->iov, req->iovcnt, req->done,
 				 run->bounce + (run->offset & (cluster_size - 1)), run->bytes);
@@ -1429,10 +1416,10 @@ static void cz_release(struct qsm_req *req)
 
 /*
  * COMPRESS, on a worker thread: deflate one cluster of the caller's data
- * (zero padded past the end of the disk) as QEMU's qcow2_compress does: raw
- * deflate, default level, windowBits -12, memLevel 9, into at most
- * cluster_size - 1 bytes; a cluster that does not fit is stored as is
- * (out NULL).  Touches only the job's buffers and the caller's data.
+ * (zero padded past the end of the disk) as QEMU's qcow2_compress does
+ * (metadata/compress.c), into at most cluster_size - 1 bytes; a cluster
+ * that does not fit is stored as is (out NULL).  Touches only the job's
+ * buffers and the caller's data.
  */
 static void compress_fn(struct qsm_work *w)
 {
@@ -1440,8 +1427,6 @@ static void compress_fn(struct qsm_work *w)
 	struct qsm_req *req = j->req;
 	size_t cs = (size_t)req->img->cluster_size;
 	uint8_t *in = malloc(cs), *out = malloc(cs);
-	z_stream z = { 0 };
-	int zr;
 
 	j->out = NULL;
 	j->clen = 0;
@@ -1452,22 +1437,10 @@ static void compress_fn(struct qsm_work *w)
 	}
 	qsm_iov_to_buf(req->iov, req->iovcnt, j->skip, in, j->len);
 	memset(in + j->len, 0, cs - j->len);
-	if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) != Z_OK) {
-		j->ret = -ENOMEM;
-		goto out;
-	}
-	z.next_in = in;
-	z.avail_in = (uInt)cs;
-	z.next_out = out;
-	z.avail_out = (uInt)(cs - 1);
-	zr = deflate(&z, Z_FINISH);
-	deflateEnd(&z);
-	if (zr == Z_STREAM_END) {
-		j->clen = cs - 1 - z.avail_out;
+	j->ret = qcow2_deflate(in, cs, out, cs - 1, &j->clen);
+	if (j->ret == 0 && j->clen) {
 		j->out = out;
 		out = NULL;
-	} else if (zr != Z_OK) {
-		j->ret = -EIO; /* Z_OK: out of room, i.e. no gain: stored as is */
 	}
 out:
 	free(in);
