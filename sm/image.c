@@ -21,64 +21,10 @@
 #include <sys/stat.h>
 
 #include "metadata/check.h"
+#include "metadata/overlap.h"
 #include "sm/sm.h"
 
-/* --- the set of L2 table clusters (for overlap checks) --------------------- */
-
-struct qsm_l2set {
-	uint64_t *slots; /* cluster index + 1; 0 = empty */
-	size_t cap, n;
-};
-
-static size_t l2set_hash(uint64_t v, size_t cap)
-{
-	return (size_t)((v * 0x9e3779b97f4a7c15ull) >> 32) & (cap - 1);
-}
-
-static int l2set_add(struct qsm_l2set *s, uint64_t cluster)
-{
-	if ((s->n + 1) * 2 > s->cap) {
-		size_t cap = s->cap ? s->cap * 2 : 64;
-		uint64_t *slots = calloc(cap, sizeof(*slots));
-		if (!slots)
-			return -ENOMEM;
-		for (size_t i = 0; i < s->cap; i++) {
-			if (!s->slots[i])
-				continue;
-			size_t h = l2set_hash(s->slots[i], cap);
-			while (slots[h])
-				h = (h + 1) & (cap - 1);
-			slots[h] = s->slots[i];
-		}
-		free(s->slots);
-		s->slots = slots;
-		s->cap = cap;
-	}
-	size_t h = l2set_hash(cluster + 1, s->cap);
-	while (s->slots[h]) {
-		if (s->slots[h] == cluster + 1)
-			return 0;
-		h = (h + 1) & (s->cap - 1);
-	}
-	s->slots[h] = cluster + 1;
-	s->n++;
-	return 0;
-}
-
-static bool l2set_has(const struct qsm_l2set *s, uint64_t cluster)
-{
-	if (!s->cap)
-		return false;
-	size_t h = l2set_hash(cluster + 1, s->cap);
-	while (s->slots[h]) {
-		if (s->slots[h] == cluster + 1)
-			return true;
-		h = (h + 1) & (s->cap - 1);
-	}
-	return false;
-}
-
-static struct qsm_l2set *l2set_of(struct qsm_image *img);
+static struct qsm_overlap *meta_of(struct qsm_image *img);
 
 /* --- image-level helpers used by the state machines ----------------------- */
 
@@ -199,25 +145,17 @@ void qsm_l1_set(struct qsm_image *img, uint64_t idx, uint64_t entry)
 void qsm_note_l2_table(struct qsm_image *img, uint64_t host_offset)
 {
 	/* On ENOMEM the overlap check merely loses precision. */
-	(void)l2set_add(l2set_of(img), host_offset >> img->cluster_bits);
+	(void)qsm_overlap_add_l2(meta_of(img), host_offset);
 }
 
 bool qsm_is_metadata_not_l2(struct qsm_image *img, uint64_t host_offset)
 {
-	uint64_t c = host_offset >> img->cluster_bits;
-	uint64_t l1_first = img->hdr.l1_table_offset >> img->cluster_bits;
-	uint64_t l1_clusters = QSM_DIV_ROUND_UP(img->l1_size * 8, img->cluster_size);
-	if (c == 0)
-		return true;
-	if (c >= l1_first && c < l1_first + l1_clusters)
-		return true;
-	return qsm_refcount_is_meta(img->rc, c);
+	return qsm_overlap_is_meta_not_l2(meta_of(img), host_offset);
 }
 
 bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset)
 {
-	return qsm_is_metadata_not_l2(img, host_offset) ||
-	       l2set_has(l2set_of(img), host_offset >> img->cluster_bits);
+	return qsm_overlap_is_meta(meta_of(img), host_offset);
 }
 
 /*
@@ -313,12 +251,12 @@ void qsm_prealloc_ahead(struct qsm_image *img, uint64_t end)
 
 struct qsm_image_priv {
 	struct qsm_image img;
-	struct qsm_l2set l2set;
+	struct qsm_overlap meta; /* host clusters holding metadata */
 };
 
-static struct qsm_l2set *l2set_of(struct qsm_image *img)
+static struct qsm_overlap *meta_of(struct qsm_image *img)
 {
-	return &container_of(img, struct qsm_image_priv, img)->l2set;
+	return &container_of(img, struct qsm_image_priv, img)->meta;
 }
 
 static void run_cb(evutil_socket_t fd, short what, void *arg)
@@ -372,7 +310,7 @@ static void image_free(struct qsm_image *img, bool abandon)
 	free(img->zero_buf);
 	free(img->pending_frees);
 	free(img->held_frees);
-	free(p->l2set.slots);
+	qsm_overlap_release(&p->meta);
 	free(p);
 }
 
@@ -655,9 +593,11 @@ read_header:;
 		goto fail;
 	qsm_refcount_set_writeback_hook(img->rc, refcount_need_writeback, img);
 
+	qsm_overlap_init(&p->meta, img->cluster_bits, img->rc);
+	qsm_overlap_set_l1(&p->meta, h->l1_table_offset, img->l1_size);
 	for (uint64_t i = 0; i < img->l1_size; i++) {
 		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
-		if (off && (ret = l2set_add(&p->l2set, off >> img->cluster_bits)) < 0)
+		if (off && (ret = qsm_overlap_add_l2(&p->meta, off)) < 0)
 			OPEN_FAIL(ret, "out of memory");
 	}
 
@@ -1020,6 +960,7 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 		img->l1 = l1;
 		img->l1_size = new_l1;
 		img->l1_dirty_lo = img->l1_dirty_hi = 0;
+		qsm_overlap_set_l1(meta_of(img), new_off, new_l1);
 		if (new_off + bytes > img->file_end)
 			img->file_end = new_off + bytes;
 		/* 3. the old table released */
