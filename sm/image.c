@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 
 #include "metadata/check.h"
+#include "metadata/l1.h"
 #include "metadata/overlap.h"
 #include "sm/sm.h"
 
@@ -919,19 +920,19 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 		new_l1 = img->l1_size; /* keep the table; it may be larger than needed */
 	}
 	if (new_l1 > img->l1_size) {
-		/* Grow the L1 table: copy it to new clusters (qcow2_grow_l1_table). */
-		if (new_l1 * 8 > QCOW2_MAX_L1_BYTES)
+		/* Grow the L1 table: copy it to new clusters, in the order of
+		 * metadata/l1.h. */
+		struct qcow2_l1_growth g;
+		ret = qcow2_l1_grow(img->l1, img->l1_size, new_l1, img->cluster_bits, &g);
+		if (ret == -EFBIG)
 			TRUNC_FAIL(-EFBIG, "The L1 table for %llu bytes would exceed %u bytes",
 				   (unsigned long long)size, QCOW2_MAX_L1_BYTES);
-		uint64_t bytes = QSM_ALIGN_UP(new_l1 * 8, cs);
+		if (ret < 0)
+			return ret;
+		uint8_t *l1 = g.table;
+		uint64_t bytes = g.bytes;
 		uint64_t new_off, old_off = h->l1_table_offset;
-		uint64_t old_clusters = QSM_DIV_ROUND_UP(img->l1_size * 8, cs);
-		uint8_t *l1;
-		if (posix_memalign((void **)&l1, 4096, bytes))
-			return -ENOMEM;
-		memset(l1, 0, bytes);
-		memcpy(l1, img->l1, img->l1_size * 8);
-		if ((ret = qsm_refcount_alloc(img->rc, bytes / cs, &new_off, NULL)) < 0) {
+		if ((ret = qsm_refcount_alloc(img->rc, g.clusters, &new_off, NULL)) < 0) {
 			free(l1);
 			TRUNC_FAIL(ret, "Could not allocate the new L1 table: %s", strerror(-ret));
 		}
@@ -964,7 +965,7 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 		if (new_off + bytes > img->file_end)
 			img->file_end = new_off + bytes;
 		/* 3. the old table released */
-		ret = qsm_refcount_update(img->rc, old_off / cs, old_clusters, -1, NULL);
+		ret = qsm_refcount_update(img->rc, old_off / cs, g.old_clusters, -1, NULL);
 		if (ret == 0)
 			ret = qsm_sync_writeback(img);
 		if (ret < 0)
