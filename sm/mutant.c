@@ -11,21 +11,21 @@
  * Sites (grep QSM_MUTANT):
  *   refblock-after-l2   sm/writeback.c wb_collect: refcount blocks move from
  *                       the first level to the last, after the L2 tables
- *   l2-before-data      sm/request.c step_alloc_write: the cached L2 entries
+ *   l2-before-data      sm/alloc.c qsm_step_alloc_write: the cached L2 entries
  *                       point at the new clusters before the data is written
  *   dirty-not-durable   sm/writeback.c wb_collect: with lazy refcounts, the
  *                       header carrying the dirty bit is written with the L2
  *                       tables instead of synced before them
- *   no-freeze           sm/request.c step_l1_lookup/step_l2_alloc: a write
+ *   no-freeze           sm/lookup.c qsm_step_l1_lookup/qsm_step_l2_alloc: a write
  *                       whose L2 table another request is creating does not
  *                       wait; it creates a second table for the same slot
- *   double-alloc        sm/request.c alloc_overlap: overlapping allocating
+ *   double-alloc        sm/classify.c alloc_overlap: overlapping allocating
  *                       writes do not wait for each other
  *   early-ack           sm/writeback.c WB_COLLECT: the requests waiting for
  *                       durability (flushes, writethrough writes) are
  *                       acknowledged when the batch starts, not after its sync
- *   hold-l2-waiting     sm/request.c wait_for_overlapping_alloc and
- *                       classify_write: a run that must wait for an
+ *   hold-l2-waiting     sm/classify.c wait_for_overlapping_alloc and
+ *                       qsm_classify_write: a run that must wait for an
  *                       overlapping allocation (ALLOC_WAIT) keeps its L2
  *                       table reference through the wait, and drops it only
  *                       when it starts over (step_l1_lookup).  Nothing a

@@ -204,7 +204,7 @@ struct qsm_req {
 	int cz_ret;
 
 	/* The host bytes [io_lo, io_hi) of the data I/O in flight through
-	 * submit_io (io_busy): their clusters are not released (WB_RELEASE)
+	 * qsm_submit_io (io_busy): their clusters are not released (WB_RELEASE)
 	 * until it completes, see qsm_host_io_busy. */
 	bool io_busy;
 	uint64_t io_lo, io_hi;
@@ -373,7 +373,7 @@ struct qsm_l2alloc {
 	struct qsm_wait *waiters;
 };
 
-/* --- sm/request.c ---------------------------------------------------------- */
+/* --- sm/dispatch.c (the steps share more through sm/steps.h) ------------- */
 /* Deliver ev to req through the run queue (never runs steps inline unless
  * the caller is the loop itself, see qsm_sm_drain). */
 void qsm_sm_post(struct qsm_req *req, enum qsm_event ev, int ret);
@@ -386,8 +386,8 @@ void qsm_sm_start(struct qsm_req *req);
 void qsm_wake_all(struct qsm_wait **list, enum qsm_event ev, int ret);
 /* Print every live request and its state (for gdb and failing tests). */
 void qsm_image_dump(struct qsm_image *img, FILE *f);
-/* Is a data I/O in flight on this host cluster (a read or write that found
- * it through an L2 entry, which may have changed since)? */
+/* (sm/data.c) Is a data I/O in flight on this host cluster (a read or write
+ * that found it through an L2 entry, which may have changed since)? */
 bool qsm_host_io_busy(const struct qsm_image *img, uint64_t cluster);
 
 /* --- sm/writeback.c ------------------------------------------------------ */

@@ -6,7 +6,7 @@
  *
  * Design: everything drawn comes from sm/states.def, included here with
  * this file's own definitions of MACHINE/STATE/EVENT/TRANSITION, exactly the
- * table the dispatcher (sm/request.c, qsm_sm_run) executes.  There is no
+ * table the dispatcher (sm/dispatch.c, qsm_sm_run) executes.  There is no
  * hand-written list of states or edges in this file, so the pictures cannot
  * drift from the code.
  *
