@@ -46,12 +46,30 @@
  *      refcount 0 through qsm_refcount_update() (-EINVAL): the allocator
  *      would otherwise hand out a cluster holding live metadata.
  *  R7. rc_free[i], when known, is the number of zero slots of block i.
+ *  R8. rc_runs[i], when known (rs_pre != RC_FREE_UNKNOWN), describes the
+ *      on-disk block i while it is not resident: its free clusters (refcount
+ *      0, not cluster 0) at the start (rs_pre), at the end (rs_suf), and in
+ *      its longest run (rs_max).  Set when the block is evicted (it is clean
+ *      then: what was computed is what the disk holds), forgotten while it
+ *      is resident (the scan reads the block itself).  A block known to be
+ *      all free (rc_free == entries per block) that is not resident is all
+ *      zero bytes on disk: rc_get() makes it resident without reading.
  *
  * Allocation.  rc_find_run() scans from the hint for n free clusters,
  * skipping whole ranges whose block is missing (all free), blocks known to
  * be full (rc_free 0: not read at all) and the coverage's end (free up to
- * the format's limit); other blocks must be resident, and the scan returns
- * -EAGAIN (or reads synchronously) for one that is not.  Before a run is
+ * the format's limit).  A block that is not resident but summarized (R8) is
+ * crossed unread too: its prefix ends or continues the run, its suffix
+ * starts the next one, and only a block whose longest run could hold the
+ * whole request must be read (the run may start inside it).  Other blocks
+ * must be resident, and the scan returns -EAGAIN (or reads synchronously)
+ * for one that is not.  So a scan reads at most the block it starts in and
+ * the one it ends in, however fragmented the image: with a cache smaller
+ * than the blocks a scan crosses, reading every one of them would evict
+ * the first before the last arrived and the scan would never end.  The run
+ * found is then made resident (rc_resident(): its first and last blocks,
+ * its middle ones being all free and so made without a read) before it is
+ * claimed.  Before a run is
  * claimed every range it touches must have a block: a missing block is
  * created at the lowest free cluster, and when that cluster's own range has
  * no block either the new block is for that range and counts itself (QEMU's
@@ -82,6 +100,7 @@
 #include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -142,6 +161,9 @@ struct qsm_refcounts {
 	uint64_t *rc_table;         /* block offsets, host order, 0 = none */
 	struct qsm_rc_block **rc_res; /* resident entry, or NULL */
 	uint32_t *rc_free;          /* R7 */
+	struct rc_runs {
+		uint32_t rs_pre, rs_suf, rs_max;
+	} *rc_runs;                 /* R8 */
 	struct qsm_rc_block *rc_dirty; /* R4 */
 	size_t rc_ndirty;
 	struct qsm_rc_block *rc_busy;
@@ -330,11 +352,39 @@ static void rb_install(struct qsm_refcounts *rc, struct qsm_rc_block *b, uint64_
 	b->rb_rc = rc;
 	rc->rc_res[idx] = b;
 	rc->rc_nres++;
+	rc->rc_runs[idx].rs_pre = RC_FREE_UNKNOWN; /* R8: the block speaks now */
+}
+
+/* R8 for block b's current content.  A slot is free when its refcount is 0,
+ * except cluster 0 (the header), which is never handed out. */
+static void rc_summarize(struct qsm_refcounts *rc, const struct qsm_rc_block *b)
+{
+	uint64_t epb = rc_epb(rc), run = 0, max = 0, pre = 0;
+	bool in_pre = true;
+	for (uint64_t s = 0; s < epb; s++) {
+		bool free = rc_block_get(rc->rc_order, b->rb_data, s) == 0 &&
+			    (b->rb_idx != 0 || s != 0);
+		if (free) {
+			run++;
+			max = QSM_MAX(max, run);
+		} else {
+			if (in_pre)
+				pre = run;
+			in_pre = false;
+			run = 0;
+		}
+	}
+	if (in_pre)
+		pre = run;
+	rc->rc_runs[b->rb_idx] = (struct rc_runs){
+		.rs_pre = (uint32_t)pre, .rs_suf = (uint32_t)run, .rs_max = (uint32_t)max,
+	};
 }
 
 static void rb_evict(struct qsm_refcounts *rc, struct qsm_rc_block *b)
 {
 	assert(rb_evictable(b));
+	rc_summarize(rc, b);
 	rb_lru_remove(b);
 	rc->rc_res[b->rb_idx] = NULL;
 	rc->rc_nres--;
@@ -352,34 +402,56 @@ static void rc_trim(struct qsm_refcounts *rc)
 		rc->rc_wb_hook(rc->rc_wb_opaque);
 }
 
+static struct qsm_rc_block **rc_pins(struct qsm_rc_waiter *w)
+{
+	return w->pins_heap ? w->pins_heap : w->pins_inline;
+}
+
+/* Pin b for w (see struct qsm_rc_waiter): the array grows; only when it
+ * cannot does the oldest pin go. */
 static void rc_pin(struct qsm_refcounts *rc, struct qsm_rc_block *b, struct qsm_rc_waiter *w)
 {
-	if (w->npins == QSM_RC_PINS) {
-		struct qsm_rc_block *old = w->pins[0];
-		memmove(w->pins, w->pins + 1, (QSM_RC_PINS - 1) * sizeof(w->pins[0]));
-		w->npins--;
-		old->rb_ref--;
-		rb_lru_sync(rc, old);
+	unsigned cap = w->pins_heap ? w->npins_cap : QSM_RC_PINS;
+	if (w->npins == cap) {
+		struct qsm_rc_block **p = NULL;
+		if (cap <= UINT_MAX / 4)
+			p = realloc(w->pins_heap, 2 * (size_t)cap * sizeof(*p));
+		if (p) {
+			if (!w->pins_heap)
+				memcpy(p, w->pins_inline, sizeof(w->pins_inline));
+			w->pins_heap = p;
+			w->npins_cap = 2 * cap;
+		} else {
+			struct qsm_rc_block **pins = rc_pins(w), *old = pins[0];
+			memmove(pins, pins + 1, (cap - 1) * sizeof(pins[0]));
+			w->npins--;
+			old->rb_ref--;
+			rb_lru_sync(rc, old);
+		}
 	}
 	b->rb_ref++;
 	rb_lru_remove(b);
-	w->pins[w->npins++] = b;
+	rc_pins(w)[w->npins++] = b;
 }
 
 static void rc_unpin(struct qsm_refcounts *rc, struct qsm_rc_waiter *w)
 {
+	struct qsm_rc_block **pins = rc_pins(w);
 	for (unsigned i = 0; i < w->npins; i++) {
-		struct qsm_rc_block *b = w->pins[i];
+		struct qsm_rc_block *b = pins[i];
 		assert(b->rb_ref > 0);
 		b->rb_ref--;
 		rb_lru_sync(rc, b);
 	}
 	w->npins = 0;
+	free(w->pins_heap);
+	w->pins_heap = NULL;
+	w->npins_cap = 0;
 }
 
 void qsm_refcount_unpin(struct qsm_refcounts *rc, struct qsm_rc_waiter *w)
 {
-	if (!rc || !w->npins)
+	if (!rc || (!w->npins && !w->pins_heap))
 		return;
 	rc_unpin(rc, w);
 	rc_trim(rc);
@@ -459,11 +531,20 @@ static struct qsm_rc_block *rc_get(struct qsm_refcounts *rc, uint64_t idx,
 		*err = -EAGAIN;
 		return NULL;
 	}
-	rc->rc_misses++;
 	if (!(b = rb_new(rc))) {
 		*err = -ENOMEM;
 		return NULL;
 	}
+	if (rc->rc_free[idx] == rc_epb(rc)) {
+		/* All free and not resident: all zero on disk (R8). */
+		memset(b->rb_data, 0, rc->rc_cluster_size);
+		rb_install(rc, b, idx);
+		if (!rc->rc_careful)
+			rc_careful_scan(rc, b);
+		rb_lru_sync(rc, b);
+		return b;
+	}
+	rc->rc_misses++;
 	if (!w) {
 		int r = qsm_io_pread_sync_ev(rc->rc_io, b->rb_data, rc->rc_cluster_size,
 					     rc->rc_table[idx], QSM_IO_EV_REFBLOCK_LOAD);
@@ -755,11 +836,17 @@ static int rc_arrays_grow(struct qsm_refcounts *rc, uint64_t n)
 	if (!f)
 		return -ENOMEM;
 	rc->rc_free = f;
+	struct rc_runs *rs = realloc(rc->rc_runs, n * sizeof(*rs));
+	if (!rs)
+		return -ENOMEM;
+	rc->rc_runs = rs;
 	uint64_t o = rc->rc_cap;
 	memset(rc->rc_table + o, 0, (n - o) * sizeof(*t));
 	memset(rc->rc_res + o, 0, (n - o) * sizeof(*r));
-	for (uint64_t i = o; i < n; i++)
+	for (uint64_t i = o; i < n; i++) {
 		rc->rc_free[i] = RC_FREE_UNKNOWN;
+		rc->rc_runs[i].rs_pre = RC_FREE_UNKNOWN;
+	}
 	rc->rc_cap = n;
 	return 0;
 }
@@ -812,12 +899,54 @@ static void rc_recompute_end(struct qsm_refcounts *rc, struct qsm_rc_waiter *w)
 }
 
 /*
+ * The scan of rc_find_run() at the start of block idx (cluster *c, a free
+ * run of *run clusters ending there): cross the block by its summary when
+ * it is not resident and summarized (R8), the excluded range is not in it,
+ * and the run cannot start inside it (rs_max < n), so that its contents
+ * would not change the answer.  Returns false when the block must be read.
+ */
+static bool rc_cross_summarized(struct qsm_refcounts *rc, uint64_t idx, uint64_t n,
+				uint64_t *c, uint64_t *run, bool *seen_free)
+{
+	uint64_t lo = idx << rc->rc_epb_bits, epb = rc_epb(rc);
+	const struct rc_runs *rs = &rc->rc_runs[idx];
+	if (*c != lo || rc->rc_res[idx] || rs->rs_pre == RC_FREE_UNKNOWN || rc->rc_careful ||
+	    (rc->rc_excl_hi > lo && rc->rc_excl_lo < lo + epb))
+		return false;
+	if (*run + rs->rs_pre >= n) {
+		/* The run ends in the prefix (or the block is all free). */
+		*c += n - *run;
+		*run = n;
+		*seen_free = true;
+		return true;
+	}
+	if (rs->rs_pre == epb) {
+		*c += epb;
+		*run += epb;
+		*seen_free = true;
+		return true;
+	}
+	if (rs->rs_max >= n)
+		return false; /* the lowest run may lie inside: read it */
+	/* rc_free > 0 (full blocks were skipped): some cluster here is free. */
+	if (!*seen_free && rs->rs_pre == 0)
+		rc->rc_hint = QSM_MAX(rc->rc_hint, lo + 1);
+	*seen_free = true;
+	*run = rs->rs_suf;
+	*c = lo + epb;
+	return true;
+}
+
+/*
  * Find the lowest run of n free clusters at or above max(hint, from)
  * (clusters in [rc_excl_lo, rc_excl_hi) are not free, but do not stop the
  * hint).  Raises the hint over the used clusters it passes (only when it
  * starts at the hint).  -EFBIG when the run would reach rc_max_clusters;
  * -EAGAIN when a block on the way must be read first.
  */
+static bool rc_cross_summarized(struct qsm_refcounts *rc, uint64_t idx, uint64_t n,
+				uint64_t *c, uint64_t *run, bool *seen_free);
+
 static int rc_find_run(struct qsm_refcounts *rc, uint64_t n, uint64_t from, uint64_t *start,
 		       struct qsm_rc_waiter *w)
 {
@@ -859,6 +988,8 @@ static int rc_find_run(struct qsm_refcounts *rc, uint64_t n, uint64_t from, uint
 			run = 0;
 			c = next;
 			continue;
+		} else if (rc_cross_summarized(rc, idx, n, &c, &run, &seen_free)) {
+			continue;
 		} else {
 			int err;
 			struct qsm_rc_block *b = rc_get(rc, idx, w, &err);
@@ -878,6 +1009,20 @@ static int rc_find_run(struct qsm_refcounts *rc, uint64_t n, uint64_t from, uint
 		c++;
 	}
 	*start = c - n;
+	return 0;
+}
+
+/* Make every existing block of clusters [c, c+n) resident (a scan may have
+ * crossed them by their summary).  0, -EAGAIN (w waits) or a read's error. */
+static int rc_resident(struct qsm_refcounts *rc, uint64_t c, uint64_t n, struct qsm_rc_waiter *w)
+{
+	uint64_t last = (c + n - 1) >> rc->rc_epb_bits;
+	int err;
+	for (uint64_t idx = c >> rc->rc_epb_bits; idx <= last; idx++) {
+		/* One read at a time: a waiter waits on one block. */
+		if (rc_exists(rc, idx) && !rc_get(rc, idx, w, &err))
+			return err;
+	}
 	return 0;
 }
 
@@ -919,7 +1064,7 @@ static int rc_make_block(struct qsm_refcounts *rc, uint64_t idx, uint64_t from,
 {
 	uint64_t f;
 	int r = rc_find_run(rc, 1, from, &f, w);
-	if (r)
+	if (r || (r = rc_resident(rc, f, 1, w)))
 		return r;
 	uint64_t fidx = f >> rc->rc_epb_bits;
 	if (fidx >= rc->rc_entries)
@@ -967,6 +1112,8 @@ static int rc_alloc_run(struct qsm_refcounts *rc, uint64_t n, uint64_t from, uin
 			return r;
 		if (made)
 			continue; /* new blocks may sit in the run: look again */
+		if ((r = rc_resident(rc, c, n, w)))
+			return r;
 		for (uint64_t i = c; i < c + n; i++)
 			rc_set(rc, rc_block_at(rc, i), i, 1);
 		rc_claimed(rc, c, n);
@@ -1420,6 +1567,7 @@ void qsm_refcount_free(struct qsm_refcounts *rc)
 	free(rc->rc_table);
 	free(rc->rc_res);
 	free(rc->rc_free);
+	free(rc->rc_runs);
 	free(rc->rc_old);
 	free(rc->rc_mset);
 	free(rc);
@@ -1610,6 +1758,15 @@ bool qsm_refcount_check(const struct qsm_refcounts *rc)
 				RC_CHECK(rc->rc_free[i] == rc_count_free(rc, b->rb_data),
 					 "R7: block %" PRIu64 " free count %u, has %u", i, rc->rc_free[i],
 					 rc_count_free(rc, b->rb_data));
+		}
+		const struct rc_runs *rs = &rc->rc_runs[i];
+		if (i < rc->rc_entries && rs->rs_pre != RC_FREE_UNKNOWN) {
+			RC_CHECK(!b, "R8: resident block %" PRIu64 " keeps a summary", i);
+			RC_CHECK(rs->rs_pre <= rs->rs_max && rs->rs_suf <= rs->rs_max &&
+					 rs->rs_max <= rc->rc_free[i] &&
+					 (rs->rs_pre != rc_epb(rc) || rc->rc_free[i] == rc_epb(rc)),
+				 "R8: block %" PRIu64 " summary %u/%u/%u, %u free", i, rs->rs_pre,
+				 rs->rs_max, rs->rs_suf, rc->rc_free[i]);
 		}
 		if (!rc_exists(rc, i))
 			continue;

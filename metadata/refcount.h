@@ -59,18 +59,29 @@
 struct qsm_refcounts;
 struct qsm_rc_block;
 
-/* Blocks a waiter keeps pinned across its retries (the oldest goes first). */
+/* Pins a waiter holds without allocating; more go to a heap array. */
 #define QSM_RC_PINS 8
 
-/* A party that may wait for a refcount block (see "Waiting" above). */
+/*
+ * A party that may wait for a refcount block (see "Waiting" above).  Zero-
+ * initialized is ready.  Its pins have no fixed limit: every block read for
+ * it stays until qsm_refcount_unpin(), so each wait is progress and a call
+ * that needs k blocks finishes after at most k waits, whatever the capacity.
+ * (Only when the heap array cannot grow does the oldest pin go, the one
+ * case where a retry may read a block again.)  What a call may need is
+ * bounded by the call: an update, the blocks of its range; an allocation,
+ * the blocks its run touches plus one or two the scan reads (the summary
+ * lets it pass every other block unread).
+ */
 struct qsm_rc_waiter {
 	struct qsm_rc_waiter *next;
 	void (*fn)(struct qsm_rc_waiter *w, int ret);
 	uint64_t tag;        /* the owner's name for itself (sm/: the request id) */
 	uint64_t waiting_on; /* set by -EAGAIN: the tag of the waiter whose call
 			      * started the read (maybe w's own) */
-	struct qsm_rc_block *pins[QSM_RC_PINS];
-	unsigned npins;
+	struct qsm_rc_block *pins_inline[QSM_RC_PINS];
+	struct qsm_rc_block **pins_heap; /* NULL, or npins_cap > QSM_RC_PINS */
+	unsigned npins, npins_cap;
 };
 
 struct qsm_rc_params {
