@@ -71,82 +71,33 @@
 #include "sm/steps.h"
 
 static const unsigned char transitions[QSM_M__COUNT][QSM_S__COUNT][QSM_E__COUNT] = {
-#define MACHINE(name, desc)
-#define STATE(name, desc)
-#define EVENT(name, label)
 #define TRANSITION(m, from, ev, to) [QSM_M_##m][QSM_S_##from][QSM_E_##ev] = QSM_S_##to + 1,
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
 };
 
 static const char *const state_names[] = {
-#define MACHINE(name, desc)
 #define STATE(name, desc) #name,
-#define EVENT(name, label)
-#define TRANSITION(m, from, ev, to)
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
 };
 static const char *const state_descs[] = {
-#define MACHINE(name, desc)
 #define STATE(name, desc) desc,
-#define EVENT(name, label)
-#define TRANSITION(m, from, ev, to)
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
 };
 static const char *const event_names[] = {
-#define MACHINE(name, desc)
-#define STATE(name, desc)
 #define EVENT(name, label) #name,
-#define TRANSITION(m, from, ev, to)
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
 };
 static const char *const event_labels[] = {
-#define MACHINE(name, desc)
-#define STATE(name, desc)
 #define EVENT(name, label) label,
-#define TRANSITION(m, from, ev, to)
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
 };
 static const char *const machine_names[] = {
 #define MACHINE(name, desc) #name,
-#define STATE(name, desc)
-#define EVENT(name, label)
-#define TRANSITION(m, from, ev, to)
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
 };
 static const char *const machine_descs[] = {
 #define MACHINE(name, desc) desc,
-#define STATE(name, desc)
-#define EVENT(name, label)
-#define TRANSITION(m, from, ev, to)
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
 };
 
 const char *qsm_state_name(enum qsm_state s) { return state_names[s]; }

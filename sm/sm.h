@@ -26,40 +26,19 @@
 
 enum qsm_machine {
 #define MACHINE(name, desc) QSM_M_##name,
-#define STATE(name, desc)
-#define EVENT(name, label)
-#define TRANSITION(m, from, ev, to)
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
 	QSM_M__COUNT
 };
 
 enum qsm_state {
-#define MACHINE(name, desc)
 #define STATE(name, desc) QSM_S_##name,
-#define EVENT(name, label)
-#define TRANSITION(m, from, ev, to)
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
 	QSM_S__COUNT
 };
 
 enum qsm_event {
-#define MACHINE(name, desc)
-#define STATE(name, desc)
 #define EVENT(name, label) QSM_E_##name,
-#define TRANSITION(m, from, ev, to)
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
 	QSM_E__COUNT,
 	QSM_E_WAIT = QSM_E__COUNT, /* step result: suspend until an event is posted */
 };

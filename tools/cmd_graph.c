@@ -76,15 +76,8 @@ struct g_transition {
 };
 
 static const struct g_transition transitions[] = {
-#define MACHINE(name, desc)
-#define STATE(name, desc)
-#define EVENT(name, label)
 #define TRANSITION(m, from, ev, to) { QSM_M_##m, QSM_S_##from, QSM_S_##to, QSM_E_##ev },
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
 };
 
 #define NB_TRANSITIONS (sizeof(transitions) / sizeof(transitions[0]))
@@ -92,14 +85,7 @@ static const struct g_transition transitions[] = {
 /* WAKES lines: machine -1 = ANY. */
 enum {
 #define MACHINE(name, desc) GM_##name = QSM_M_##name,
-#define STATE(name, desc)
-#define EVENT(name, label)
-#define TRANSITION(m, from, ev, to)
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
 	GM_ANY = -1
 };
 
@@ -113,17 +99,8 @@ struct g_wake {
 };
 
 static const struct g_wake wakes[] = {
-#define MACHINE(name, desc)
-#define STATE(name, desc)
-#define EVENT(name, label)
-#define TRANSITION(m, from, ev, to)
 #define WAKES(m, s, e, by, bs, label) { GM_##m, QSM_S_##s, QSM_E_##e, GM_##by, QSM_S_##bs, label },
 #include "sm/states.def"
-#undef MACHINE
-#undef STATE
-#undef EVENT
-#undef TRANSITION
-#undef WAKES
 };
 
 #define NB_WAKES (sizeof(wakes) / sizeof(wakes[0]))
