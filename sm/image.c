@@ -450,6 +450,45 @@ static int open_backing(struct qsm_image *img, const char *path, const struct qs
 	return ret;
 }
 
+/*
+ * The open-time repair of a dirty image (QEMU's qcow2_do_open runs its check
+ * with both fix flags): the check's findings, one line each, go to
+ * opts->repair_log when there is one.  The check writes them to a memory
+ * stream; the lines are handed over once it is done (the open is blocking
+ * anyway), so the library itself never prints.  0 or -errno as
+ * qsm_check_image.
+ */
+static int repair_dirty(struct qsm_io *io, const struct qsm_open_opts *opts,
+			struct qsm_check_result *res, char *err, size_t errlen)
+{
+	const unsigned fix = QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS;
+	char *text = NULL;
+	size_t len = 0;
+	FILE *log = NULL;
+
+	if (opts->repair_log && !(log = open_memstream(&text, &len))) {
+		qsm_set_err(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	int ret = qsm_check_image(io, fix, res, log, err, errlen);
+	if (!log)
+		return ret;
+	if (fclose(log) != 0) {
+		free(text);
+		if (ret < 0)
+			return ret;
+		qsm_set_err(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	for (char *line = text, *nl; line && *line; line = nl ? nl + 1 : NULL) {
+		if ((nl = strchr(line, '\n')))
+			*nl = 0;
+		opts->repair_log(opts->repair_log_opaque, line);
+	}
+	free(text);
+	return ret;
+}
+
 static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_open_opts *opts,
 		   const char *path, struct chain *ch, struct qsm_image **out, char *err,
 		   size_t errlen)
@@ -542,8 +581,7 @@ read_header:;
 		struct qsm_check_result res;
 		qcow2_header_release(&img->hdr);
 		memset(&img->hdr, 0, sizeof(img->hdr));
-		ret = qsm_check_image(io, QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS, &res, NULL,
-				      err, errlen);
+		ret = repair_dirty(io, opts, &res, err, errlen);
 		if (ret < 0)
 			goto fail;
 		if (res.corruptions_left || res.incomplete)

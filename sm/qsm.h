@@ -144,6 +144,16 @@ struct qsm_open_opts {
 	 * dirty or being written may take it past this for a while (a write-back
 	 * is started when dirty blocks do).  Backing images inherit it. */
 	uint64_t refcount_cache_size;
+	/* Where the repair of a dirty image (read-write open of an image whose
+	 * dirty bit is set: lazy refcounts at a crash) reports what it finds
+	 * and fixes, one line per call without the newline, in QEMU's words and
+	 * order ("ERROR cluster 9 refcount=0 reference=1", "Rebuilding refcount
+	 * structure", "Repairing cluster 1 refcount=1 reference=0", ...: what
+	 * qemu-io prints on stderr when it opens such an image).  Called from
+	 * inside qsm_open, before it returns.  NULL: the repair is silent.  The
+	 * library never prints. */
+	void (*repair_log)(void *opaque, const char *line);
+	void *repair_log_opaque;
 };
 
 /* Open the image at `path`.  On error, a message naming what is wrong is put

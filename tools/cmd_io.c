@@ -1535,6 +1535,15 @@ static int check_open_req(struct qsm_image *img, const struct open_req *req, cha
  * takes it as the new mode.  Errors are printed as qemu-io does:
  * "can't open device NAME: why" ("can't open: why" without a name).
  */
+/* qsm_open_opts.repair_log: the repair of a dirty image reports on stderr,
+ * unprefixed, as qemu-io's qcow2 driver prints it. */
+static void io_repair_log(void *opaque, const char *line)
+{
+	(void)opaque;
+	fflush(stdout);
+	fprintf(stderr, "%s\n", line);
+}
+
 static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_opts *o,
 			const struct qsm_open_opts *base, bool at_open)
 {
@@ -1574,6 +1583,7 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 		r = -ENOTSUP, snprintf(err, sizeof(err), "\"backing\": null is supported by qsm "
 				       "read-only only (-r)");
 	if (r == 0) {
+		oo.repair_log = io_repair_log;
 		r = qsm_open(io->base, path, &oo, &io->img, err, sizeof(err));
 		if (r < 0) {
 			io->img = NULL;
