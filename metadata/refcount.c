@@ -1424,6 +1424,11 @@ bool qsm_refcount_dirty(const struct qsm_refcounts *rc)
 	return rc->rc_ndirty || rc->rc_table_moved || rc->rc_tdirty_lo != rc->rc_tdirty_hi;
 }
 
+bool qsm_refcount_table_dirty(const struct qsm_refcounts *rc)
+{
+	return rc->rc_table_moved || rc->rc_tdirty_lo != rc->rc_tdirty_hi;
+}
+
 /* Append table entries [lo, hi) in on-disk form to batch b. */
 static int rc_add_table(struct qsm_refcounts *rc, struct qsm_meta_batch *b, uint64_t lo,
 			uint64_t hi)

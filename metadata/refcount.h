@@ -182,6 +182,9 @@ void qsm_refcount_table_location(const struct qsm_refcounts *rc, uint64_t *offse
 /* --- Write-back --------------------------------------------------------- */
 
 bool qsm_refcount_dirty(const struct qsm_refcounts *rc);
+/* The table changed since the last collect (a new refcount block, or the
+ * table moved): new refcount metadata is waiting to be written. */
+bool qsm_refcount_table_dirty(const struct qsm_refcounts *rc);
 
 struct qsm_rc_collect {
 	bool table_moved;     /* header must be rewritten after the table */

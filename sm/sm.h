@@ -209,6 +209,7 @@ struct qsm_wb {
 	struct qsm_meta_batch blocks, reftable, header, l2, l1;
 	struct qsm_rc_collect rc;
 	bool marks_dirty;         /* the header level sets the dirty bit */
+	bool lazy_deferred;       /* lazy refcounts: this batch defers them */
 	size_t l2_submitted;      /* L2 writes handed to io/ (they report back) */
 	uint64_t *frees;          /* host clusters whose refcount drops at WB_RELEASE */
 	size_t nb_frees;
@@ -280,7 +281,9 @@ struct qsm_image {
 	struct qsm_io_req prealloc_io;
 	bool header_dirty;
 	/* Lazy refcounts (compatible bit 0, v3, read-write): refcount blocks
-	 * are written only by a clean close; before any L2/L1 write that may
+	 * are written by a clean close and by a batch that carries new
+	 * metadata (an L1 entry: a new L2 table; a new refcount block), as
+	 * QEMU keeps metadata refcounts eager; before any L2/L1 write that may
 	 * point at clusters whose refcounts are not on disk, the dirty bit
 	 * (incompatible bit 0) is made durable.  disk_dirty: it is on disk. */
 	bool lazy;

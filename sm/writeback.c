@@ -38,9 +38,22 @@
  *  5. A new refcount table is durable before the header names it; the old
  *     table is released after the header is durable.
  *
- * Lazy refcounts (img->lazy): refcount blocks and table are left dirty in
- * memory by every batch (WB_COLLECT --lazy--> WB_SYNC_DATA) and written by
- * a full batch (close, resize, create), which then clears the dirty bit.  The first
+ * Lazy refcounts (img->lazy) defer the refcounts of data clusters only, as
+ * QEMU does: refcount blocks and table are left dirty in memory by a batch
+ * that writes only data cluster mappings (WB_COLLECT --lazy--> WB_SYNC_DATA)
+ * and written by a full batch (close, resize, create), which then clears
+ * the dirty bit, and by any batch that carries new metadata: an L1 entry
+ * (a new L2 table, or one copied from a snapshot's) or a refcount table
+ * entry (a new refcount block).  Such a batch takes the eager path
+ * (WB_BLOCKS), so rule 1 holds for metadata even with lazy refcounts: the
+ * refcount block counting a new L2 table (or refcount block) is durable
+ * (WB_SYNC_REFBLOCKS) before the L2 level, and that before the L1 level
+ * that makes the table reachable; a crash never leaves an L2 table or
+ * refcount block with refcount 0.  The blocks it writes also carry the
+ * data refcounts raised up to the snapshot (QEMU flushes its whole
+ * refcount cache at an L2 allocation too, but before the allocating
+ * write's own data cluster is counted: after a crash qsm's image may show
+ * fewer lagging data clusters than QEMU's, never more).  The first
  * batch that writes an L2 or L1 entry writes the header with the dirty bit
  * and syncs before the tables (WB_COLLECT --mark dirty--> WB_HEADER): on disk,
  * a table may run ahead of the refcounts only while the dirty bit says so,
@@ -197,10 +210,16 @@ static void batch_move(struct qsm_meta_batch *dst, struct qsm_meta_batch *src)
  */
 static int wb_collect(struct qsm_image *img, struct qsm_wb *wb, bool full)
 {
-	bool with_refcounts = full || !img->lazy;
+	/* Lazy refcounts defer data clusters only: a batch carrying new
+	 * metadata (an L1 entry, so a new or copied L2 table; a refcount table
+	 * entry, so a new refcount block) writes the refcount blocks first. */
+	bool new_metadata = img->l1_dirty_hi > img->l1_dirty_lo ||
+			    (img->lazy && qsm_refcount_table_dirty(img->rc));
+	bool with_refcounts = full || !img->lazy || new_metadata;
 	int ret;
 	if (img->raw)
 		return 0; /* no metadata: a raw image's batch is one fdatasync */
+	wb->lazy_deferred = !with_refcounts;
 	if (with_refcounts) {
 		if ((ret = qsm_refcount_collect(img->rc, &wb->blocks, &wb->reftable, &wb->rc)) < 0)
 			return ret;
@@ -592,7 +611,7 @@ static enum qsm_event wb_step_collect(struct qsm_req *job)
 		return QSM_E_WB_BLOCKS;
 	if (wb->marks_dirty)
 		return QSM_E_WB_MARK_DIRTY;
-	return img->lazy && !wb->full ? QSM_E_WB_LAZY : QSM_E_WB_SYNCNOW;
+	return wb->lazy_deferred ? QSM_E_WB_LAZY : QSM_E_WB_SYNCNOW;
 }
 
 /* WB_RELEASE: rules 4 and 5; a full batch may go round again. */
