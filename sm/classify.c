@@ -395,7 +395,8 @@ enum qsm_event qsm_classify_write(struct qsm_req *req)
 
 /*
  * Write zeroes, with QEMU's results (so `map` agrees):
- *  - whole clusters: v3 sets the zero flag (keeping the allocation unless
+ *  - whole clusters (the partial last cluster of the image counts as whole
+ *    when the run reaches the image's end, as in QEMU): v3 sets the zero flag (keeping the allocation unless
  *    QSM_ZERO_MAY_UNMAP; never unallocated, so a backing file stays hidden);
  *    v2, which has no zero flag, deallocates them, or with a backing file
  *    writes zeros into them;
@@ -413,23 +414,27 @@ enum qsm_event qsm_classify_zeroes(struct qsm_req *req)
 	struct qsm_run *run = &req->run;
 	uint64_t head = in_cluster(img, run->offset);
 	bool v3 = img->hdr.version >= 3;
+	/* A run reaching the end of the image covers its partial last cluster
+	 * whole (QEMU's qcow2_co_pwrite_zeroes has no tail there). */
+	bool to_end = run->offset + run->bytes >= img->hdr.size;
+	bool whole = head == 0 && (run->bytes >= img->cluster_size || to_end);
 
-	if (head == 0 && run->bytes >= img->cluster_size) {
+	if (whole && !to_end)
 		run->bytes = QSM_ALIGN_DOWN(run->bytes, img->cluster_size);
-	} else {
+	else if (!whole)
 		run->bytes = QSM_MIN(run->bytes, img->cluster_size - head);
-	}
 	run->nb_clusters = run_clusters(img, run->offset, run->bytes);
 	if (wait_for_overlapping_alloc(req))
 		return QSM_E_ALLOC_BUSY;
-	if (run->bytes >= img->cluster_size && head == 0) {
-		if (v3 || !qsm_has_backing(img))
-			return QSM_E_WHOLE_CLUSTERS;
+	if (whole && (v3 || !qsm_has_backing(img)))
+		return QSM_E_WHOLE_CLUSTERS;
+	if (whole && run->bytes >= img->cluster_size) {
 		/* v2 over a backing file: only real zeros hide it, one
 		 * cluster per run (see qsm_run_payload). */
 		run_clip(req, 1);
 		return qsm_classify_write(req);
 	}
+	/* (v2 over a backing file, the partial last cluster: as a partial one.) */
 
 	uint64_t e = qsm_l2_entry(run->l2, run->l2_index);
 	int ret = qsm_check_l2_entry(req, run->l2_index, e);
@@ -485,12 +490,17 @@ enum qsm_event qsm_classify_discard(struct qsm_req *req)
 		release_l2(req);
 		return QSM_E_NOTHING_TO_DO;
 	}
-	if (run->bytes < img->cluster_size) {
+	/* The partial last cluster of an image is discarded whole when the run
+	 * reaches the image's end (as QEMU's qcow2_co_pdiscard); any other
+	 * partial tail is skipped. */
+	bool to_end = run->offset + run->bytes >= img->hdr.size;
+	if (run->bytes < img->cluster_size && !to_end) {
 		release_l2(req);
 		return QSM_E_NOTHING_TO_DO;
 	}
-	run->bytes = QSM_ALIGN_DOWN(run->bytes, img->cluster_size);
-	run->nb_clusters = run->bytes >> img->cluster_bits;
+	if (!to_end)
+		run->bytes = QSM_ALIGN_DOWN(run->bytes, img->cluster_size);
+	run->nb_clusters = run_clusters(img, run->offset, run->bytes);
 	if (wait_for_overlapping_alloc(req))
 		return QSM_E_ALLOC_BUSY;
 	return QSM_E_WHOLE_CLUSTERS;
