@@ -740,6 +740,7 @@ static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check
 	bool after_crash = r.w.stopped, plain = !c->crash_at && !c->fault;
 	struct qsm_check_result cr;
 	int orc = wl_sim_check(r.sim, &cr, err, sizeof(err));
+	uint64_t found_end = cr.image_end_offset;
 	if (orc < 0)
 		FAIL("the structural check cannot run on the %s image: %s",
 		     after_crash ? "crash" : "closed", err);
@@ -803,9 +804,16 @@ static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check
 		else if (orc == 2 || (orc != 0 && orc != 3))
 			FAIL("after reopen, write and close, the check exits %d (%" PRIu64
 			     " corruptions)", orc, cr.corruptions);
-		else if (c->lazy && dirty && orc != 0)
+		else if (c->lazy && dirty && orc != 0 &&
+			 cr.leaks > (cr.image_end_offset - QSM_MIN(found_end, cr.image_end_offset)) /
+				    c->cluster)
+			/* The repair leaves no leak it can see.  Nor can it (nor
+			 * QEMU's) see refcounts the crash left for clusters past
+			 * the end of the file (the metadata batch that wrote a
+			 * refcount block counted data clusters whose writes were
+			 * lost); they show as leaks once the file grows over them. */
 			FAIL("after the repairing open and a close, %" PRIu64 " leaks remain: a repair "
-			     "leaves none", cr.leaks);
+			     "leaves none but past the end of the crashed file", cr.leaks);
 	}
 	goto done;
 
