@@ -51,6 +51,8 @@
 
 #include <event2/event.h>
 
+#include "io/null.h"
+#include "io/qsm_io.h"
 #include "sm/qsm.h"
 #include "tools/cli.h"
 #include "tools/trace.h"
@@ -320,6 +322,67 @@ static void print_extras(const struct bench *b, double secs, int count)
 	       st.l2_hits, st.l2_misses, st.clusters_allocated);
 }
 
+/*
+ * The image to bench on a null device (QEMU's null-co, io/null.c): what
+ * the engine and the loop cost with the storage taken away.  Named by
+ * -f null-co (or null-aio) with the name null-co://, or --image-opts
+ * driver=null-co,size=N,read-zeroes=on|off,latency-ns=N.  Returns 1 when
+ * the command line does not name a null device, 0 with *img open (raw on
+ * the device), or -errno with a message in err.
+ */
+static int bench_open_null(struct event_base *base, const char *fmt, const char *filename,
+			   bool image_opts, const struct qsm_open_opts *oo, struct qsm_image **img,
+			   char *err, size_t errlen)
+{
+	struct cli_opts o = { 0 };
+	uint64_t size = QSM_IO_NULL_DEFAULT_SIZE, latency = 0;
+	bool zeroes = false;
+	struct qsm_io *nio;
+	const char *drv = fmt;
+	int r = 0;
+
+	if (image_opts) {
+		if (cli_opts_parse(&o, filename) < 0)
+			return -ENOMEM;
+		drv = cli_opts_get(&o, "driver");
+	} else if (!fmt && (!strncmp(filename, "null-co:", 8) || !strncmp(filename, "null-aio:", 9))) {
+		drv = "null-co";
+	}
+	if (!drv || (strcmp(drv, "null-co") && strcmp(drv, "null-aio"))) {
+		cli_opts_free(&o);
+		return 1;
+	}
+	if (!image_opts && strcmp(filename, "null-co://") && strcmp(filename, "null-aio://")) {
+		snprintf(err, errlen, "The only allowed filename for this driver is '%s://'", drv);
+		return -EINVAL;
+	}
+	for (int i = 0; i < o.n && r == 0; i++) {
+		const char *k = o.v[i].key, *v = o.v[i].val;
+		if (!strcmp(k, "driver") || !strcmp(k, "node-name"))
+			continue;
+		if (!strcmp(k, "size"))
+			r = cli_parse_size(v, &size);
+		else if (!strcmp(k, "read-zeroes"))
+			r = cli_parse_bool(v, &zeroes);
+		else if (!strcmp(k, "latency-ns"))
+			r = cli_parse_size(v, &latency);
+		else
+			r = -EINVAL;
+		if (r < 0)
+			snprintf(err, errlen, "Block protocol '%s' doesn't support the option '%s' "
+				 "with the value '%s'", drv, k, v);
+	}
+	cli_opts_free(&o);
+	if (r < 0)
+		return -EINVAL;
+	struct qsm_open_opts no = *oo;
+	no.format = "raw";
+	if ((r = qsm_io_open_null(base, size, zeroes, latency, no.read_only ? QSM_IO_RDONLY : 0,
+				  &nio)) < 0)
+		return r;
+	return qsm_open_io(base, nio, &no, img, err, errlen);
+}
+
 int cmd_bench(int argc, char **argv)
 {
 	enum { OPT_PATTERN = 256, OPT_FLUSH_INTERVAL, OPT_NO_DRAIN, OPT_TRACE, OPT_TRACE_TEXT };
@@ -341,7 +404,7 @@ int cmd_bench(int argc, char **argv)
 	struct qsm_tracer *tracer = NULL;
 	int count = 75000, depth = 64, flush_interval = 0, pattern = 0, c, ret = 1;
 	int64_t offset = 0, bufsize = 4096, step = 0;
-	bool is_write = false, quiet = false, native = false;
+	bool is_write = false, quiet = false, native = false, image_opts = false;
 	char *buf = NULL, err[512] = "";
 	uint64_t t0;
 
@@ -423,7 +486,9 @@ int cmd_bench(int argc, char **argv)
 			is_write = true;
 			break;
 		case 'U':
+			break;
 		case 'I':
+			image_opts = true;
 			break;
 		case OPT_PATTERN: {
 			char *e;
@@ -461,8 +526,9 @@ int cmd_bench(int argc, char **argv)
 		return 1;
 	}
 	filename = argv[optind];
-	if (fmt && strcmp(fmt, "qcow2")) {
-		cli_error(NULL, "Unknown driver '%s' (qsm opens qcow2 only)", fmt);
+	if (fmt && strcmp(fmt, "qcow2") && strcmp(fmt, "raw") && strcmp(fmt, "null-co") &&
+	    strcmp(fmt, "null-aio")) {
+		cli_error(NULL, "Unknown driver '%s' (qsm opens qcow2, raw, null-co)", fmt);
 		return 1;
 	}
 	if (flush_interval && flush_interval < depth) {
@@ -487,7 +553,11 @@ int cmd_bench(int argc, char **argv)
 	}
 	if (qsm_tracer_open("bench", trace_path, trace_text, filename, &tracer) < 0)
 		goto out;
-	int r = qsm_open(base, filename, &oo, &b.img, err, sizeof(err));
+	if (fmt && !strcmp(fmt, "raw"))
+		oo.format = "raw";
+	int r = bench_open_null(base, fmt, filename, image_opts, &oo, &b.img, err, sizeof(err));
+	if (r == 1)
+		r = qsm_open(base, filename, &oo, &b.img, err, sizeof(err));
 	if (r < 0) {
 		b.img = NULL;
 		cli_error(NULL, "Could not open '%s': %s", filename, err[0] ? err : qsm_strerror(r));

@@ -48,6 +48,8 @@
 
 #include <event2/event.h>
 
+#include "io/null.h"
+#include "io/qsm_io.h"
 #include "io/util.h"
 #include "sm/qsm.h"
 #include "tools/cli.h"
@@ -73,6 +75,16 @@ struct io_ctx {
 	/* discard=ignore|off (QEMU: no BDRV_O_UNMAP): discards succeed doing
 	 * nothing and write -z -u does not unmap; qemu-io's default is unmap. */
 	bool discard_ignore;
+	/* The image is a null-co / null-aio device (io/null.c), named by its
+	 * driver (what `info` says) and opened with these settings, which a
+	 * reopen keeps (QEMU: "Cannot change the option 'size'"). */
+	struct io_null_cfg {
+		const char *driver;  /* "null-co", "null-aio" (static), or NULL: not null */
+		uint64_t size, latency_ns;
+		bool read_zeroes;
+		bool under_raw;      /* driver=raw over it: `info` says raw */
+	} null;
+	bool reopening;              /* reopen_f: an open keeps io->null's settings */
 };
 
 #define CMD_NOFILE_OK 0x1 /* runs without an open image */
@@ -341,6 +353,10 @@ static int is_allocated(struct io_ctx *io, int64_t offset, int64_t bytes, int64_
 	if (r < 0)
 		return r;
 	*pnum = (int64_t)QSM_MIN(e.length, (uint64_t)bytes);
+	/* QEMU's null-co reports neither data nor zeros unless read-zeroes:
+	 * not allocated. */
+	if (io->null.driver && !io->null.read_zeroes)
+		return 0;
 	return !!(e.flags & QSM_STATUS_ALLOCATED);
 }
 
@@ -1148,6 +1164,11 @@ static int truncate_f(struct io_ctx *io, int argc, char **argv)
 	}
 	if ((uint64_t)offset == image_size(io))
 		return 0;
+	if (io->null.driver) {
+		fflush(stdout);
+		cli_error("io", "Image format driver does not support resize");
+		return -ENOTSUP;
+	}
 	char err[256];
 	if ((r = qsm_truncate(io->img, (uint64_t)offset, err, sizeof(err))) < 0) {
 		fflush(stdout);
@@ -1172,6 +1193,17 @@ static int info_f(struct io_ctx *io, int argc, char **argv)
 	char s1[64], s2[64];
 
 	qsm_get_info(io->img, &info);
+	if (io->null.driver && io->null.under_raw) {
+		/* raw's bdrv_get_info asks its file, which cannot answer. */
+		printf("format name: raw\n");
+		return -ENOTSUP;
+	}
+	if (io->null.driver) {
+		/* qemu-io 7.2 prints the name twice for a driver without
+		 * bdrv_get_info, and the command fails. */
+		printf("format name: %s\nformat name: %s\n", io->null.driver, io->null.driver);
+		return -ENOTSUP;
+	}
 	if (strcmp(info.format, "qcow2")) {
 		printf("format name: %s\ncluster size: 0 bytes\nvm state offset: 0 bytes\n", info.format);
 		return 0;
@@ -1525,6 +1557,151 @@ static int check_open_req(struct qsm_image *img, const struct open_req *req, cha
 	return 0;
 }
 
+/*
+ * QEMU's null block drivers, null-co and null-aio (io/null.c): named by
+ * driver=null-co, by file.driver=null-co under driver=raw, or by the
+ * protocol name null-co:// (null-aio://).  Their options are size (default
+ * 1 GiB), read-zeroes (default off: reads leave the buffer as it was) and
+ * latency-ns; none of them can change on reopen.
+ *
+ * Returns 1 when the options do not name a null driver (a file is opened
+ * as usual), 0 with *cfg filled (and oo->format "raw": requests go straight
+ * to the device), or -EINVAL with QEMU's text in err.  The generic
+ * options (read-only, node-name, cache.*, discard) are taken as for files.
+ */
+static const char *null_driver_name(const char *v)
+{
+	return !v ? NULL : !strcmp(v, "null-co") ? "null-co" : !strcmp(v, "null-aio") ? "null-aio" : NULL;
+}
+
+static const char *null_protocol(const char *name)
+{
+	if (!name)
+		return NULL;
+	if (!strncmp(name, "null-co:", 8))
+		return "null-co";
+	if (!strncmp(name, "null-aio:", 9))
+		return "null-aio";
+	return NULL;
+}
+
+static int null_apply_opts(const struct io_ctx *io, const char *name, const struct cli_opts *o,
+			   struct qsm_open_opts *oo, struct open_req *req, struct io_null_cfg *cfg,
+			   bool reopen, char *err, size_t errlen)
+{
+	const char *drv = cli_opts_get(o, "driver"), *fdrv = cli_opts_get(o, "file.driver");
+	const char *proto = null_protocol(name);
+	bool under_raw;
+	int r = 0;
+
+	if (io->reopening && io->null.driver && proto) {
+		*cfg = io->null;
+		under_raw = cfg->under_raw;
+	} else if (null_driver_name(drv)) {
+		*cfg = (struct io_null_cfg){ null_driver_name(drv), QSM_IO_NULL_DEFAULT_SIZE, 0, false,
+					     false };
+		under_raw = false;
+	} else if (drv && !strcmp(drv, "raw") && (null_driver_name(fdrv) || proto)) {
+		*cfg = (struct io_null_cfg){ fdrv ? null_driver_name(fdrv) : proto,
+					     QSM_IO_NULL_DEFAULT_SIZE, 0, false, true };
+		under_raw = true;
+		if (fdrv && !cfg->driver)
+			return 1; /* file.driver names something else: the file path says */
+	} else if (proto && (!drv || !strcmp(drv, "qcow2"))) {
+		/* qemu-io probes the format of null-co:// and finds raw: qsm
+		 * says what QEMU says and opens it raw (a null device has
+		 * nothing to probe). */
+		if (!io->reopening && !strcmp(name + strlen(proto), "://"))
+			fprintf(stderr, "WARNING: Image format was not specified for '%s' and probing "
+				"guessed raw.\n         Automatically detecting the format is dangerous "
+				"for raw images, write operations on block 0 will be restricted.\n"
+				"         Specify the 'raw' format explicitly to remove the "
+				"restrictions.\n", name);
+		*cfg = (struct io_null_cfg){ proto, QSM_IO_NULL_DEFAULT_SIZE, 0, false, true };
+		under_raw = true;
+	} else {
+		return 1;
+	}
+	if (proto && !io->reopening && strcmp(name + strlen(proto), "://"))
+		return ERR("The only allowed filename for this driver is '%s://'", proto);
+	oo->format = "raw";
+	for (int i = 0; i < o->n && !r; i++) {
+		const char *k = o->v[i].key, *v = o->v[i].val, *nk = k;
+		bool b;
+
+		if (o->v[i].null)
+			continue;
+		if (under_raw) {
+			if (!strcmp(k, "driver") || !strcmp(k, "file.driver") || !strcmp(k, "node-name") ||
+			    !strcmp(k, "file.node-name"))
+				continue;
+			if (strncmp(k, "file.", 5)) {
+				nk = NULL; /* a raw or generic option */
+			} else {
+				nk = k + 5;
+			}
+		} else if (!strcmp(k, "driver") || !strcmp(k, "node-name")) {
+			continue;
+		}
+		if (nk && (!strcmp(nk, "size") || !strcmp(nk, "latency-ns") ||
+			   !strcmp(nk, "read-zeroes"))) {
+			if (reopen) {
+				r = ERR("Cannot change the option '%s'", k);
+			} else if (!strcmp(nk, "size")) {
+				r = opt_size(k, v, &cfg->size, err, errlen);
+			} else if (!strcmp(nk, "read-zeroes")) {
+				if (!(r = opt_bool(k, v, &b, err, errlen)))
+					cfg->read_zeroes = b;
+			} else {
+				char *e;
+				errno = 0;
+				long long n = strtoll(v, &e, 0);
+				if (!*v || *e || errno)
+					r = ERR("Parameter '%s' expects a number", k);
+				else if (n < 0)
+					r = ERR("latency-ns is invalid");
+				else
+					cfg->latency_ns = (uint64_t)n;
+			}
+		} else if (!strcmp(k, "filename") || !strcmp(k, "file.filename")) {
+			if (!null_protocol(v) || strcmp(v + strlen(null_protocol(v)), "://"))
+				r = ERR("The only allowed filename for this driver is '%s://'",
+					cfg->driver);
+		} else if (!strcmp(k, "read-only")) {
+			if (!(r = opt_bool(k, v, &b, err, errlen))) {
+				req->ro_on = b;
+				req->ro_given = true;
+			}
+		} else if (!strcmp(k, "cache.direct") || !strcmp(k, "cache.no-flush") ||
+			   !strcmp(k, "force-share")) {
+			r = opt_bool(k, v, &b, err, errlen);
+		} else if (!strcmp(k, "discard")) {
+			if (strcmp(v, "ignore") && strcmp(v, "off") && strcmp(v, "unmap") && strcmp(v, "on"))
+				r = ERR("Invalid discard option");
+			else
+				req->discard_ignore = !strcmp(v, "ignore") || !strcmp(v, "off");
+		} else if (nk == NULL) {
+			r = ERR("Block format 'raw' does not support the option '%s'", k);
+		} else {
+			r = ERR("Block protocol '%s' doesn't support the option '%s'", cfg->driver, nk);
+		}
+	}
+	return r;
+}
+
+/* Open the null device cfg describes as a raw image. */
+static int null_open(struct event_base *base, const struct io_null_cfg *cfg,
+		     const struct qsm_open_opts *oo, struct qsm_image **out, char *err, size_t errlen)
+{
+	struct qsm_io *nio;
+	int r = qsm_io_open_null(base, cfg->size, cfg->read_zeroes, cfg->latency_ns,
+				 oo->read_only ? QSM_IO_RDONLY : 0, &nio);
+
+	if (r < 0)
+		return r;
+	return qsm_open_io(base, nio, oo, out, err, errlen);
+}
+
 #undef ERR
 
 /*
@@ -1549,6 +1726,7 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 {
 	struct qsm_open_opts oo = *base;
 	struct open_req req = { .lazy = -1, .discard_ignore = -1 };
+	struct io_null_cfg ncfg = { 0 };
 	struct cli_opts all = { 0 };
 	char err[512] = "";
 	const char *path;
@@ -1563,8 +1741,13 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 	for (int i = 0; r == 0 && o && i < o->n; i++)
 		r = cli_opts_add(&all, o->v[i].key, o->v[i].val, o->v[i].null);
 	if (r == 0)
+		r = null_apply_opts(io, name, &all, &oo, &req, &ncfg, !at_open, err, sizeof(err));
+	if (r == 1) {
+		ncfg.driver = NULL;
 		r = apply_open_opts(&oo, &all, &req, !at_open, err, sizeof(err));
-	path = req.path ? req.path : name && strncmp(name, "json:", 5) ? name : NULL;
+	}
+	path = ncfg.driver ? (!strcmp(ncfg.driver, "null-co") ? "null-co://" : "null-aio://")
+	     : req.path ? req.path : name && strncmp(name, "json:", 5) ? name : NULL;
 	if (r == 0 && !path)
 		r = -EINVAL, snprintf(err, sizeof(err), "Must specify either driver or file");
 	if (r == 0 && req.ro_given) {
@@ -1584,7 +1767,10 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 				       "read-only only (-r)");
 	if (r == 0) {
 		oo.repair_log = io_repair_log;
-		r = qsm_open(io->base, path, &oo, &io->img, err, sizeof(err));
+		if (ncfg.driver)
+			r = null_open(io->base, &ncfg, &oo, &io->img, err, sizeof(err));
+		else
+			r = qsm_open(io->base, path, &oo, &io->img, err, sizeof(err));
 		if (r < 0) {
 			io->img = NULL;
 			if (!err[0])
@@ -1616,6 +1802,7 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 	io->oo.backing_format = oo.backing_format && !strcmp(oo.backing_format, "raw") ? "raw"
 			      : oo.backing_format ? "qcow2" : NULL;
 	io->oo.aio = oo.aio;
+	io->null = ncfg;
 	cli_opts_free(&all);
 	qsm_tracer_attach(io->tracer, io->img);
 	return 0;
@@ -1760,9 +1947,11 @@ static int reopen_f(struct io_ctx *io, int argc, char **argv)
 		return -ENOMEM;
 	}
 	io_close(io);
+	io->reopening = true;
 	r = io_open_spec(io, path, &o, &oo, false);
 	if (r < 0 && io_open(io, path, &old) < 0)
 		cli_error("io", "could not reopen %s with its old options either", path);
+	io->reopening = false;
 	free(path);
 	cli_opts_free(&o);
 	return r < 0 ? -EINVAL : 0;
