@@ -85,6 +85,8 @@ struct io_ctx {
 		bool under_raw;      /* driver=raw over it: `info` says raw */
 	} null;
 	bool reopening;              /* reopen_f: an open keeps io->null's settings */
+	bool snap_next;              /* -s: the next open puts a temporary overlay on top */
+	char *snap_tmp;              /* that overlay's file while open (removed at close) */
 };
 
 #define CMD_NOFILE_OK 0x1 /* runs without an open image */
@@ -1702,6 +1704,67 @@ static int null_open(struct event_base *base, const struct io_null_cfg *cfg,
 	return qsm_open_io(base, nio, oo, out, err, errlen);
 }
 
+/*
+ * Snapshot mode (-s, QEMU's BDRV_O_SNAPSHOT): the image is opened
+ * read-only (it is never written), and a temporary qcow2 overlay of the
+ * same virtual size, with the image as its backing file, is created in
+ * $TMPDIR (else /var/tmp) as vl.XXXXXX and opened in its place, with the
+ * caller's mode and options: writes go to the overlay, reads fall through
+ * to the image where the overlay has nothing.  The overlay is removed when
+ * the image is closed (io_close); QEMU unlinks it at once, which qsm cannot
+ * since its reopen opens by name, but nothing else sees the file.
+ *
+ * *img (the image, opened read-only) is closed and replaced by the overlay.
+ * 0, or -errno with QEMU's text in err ("Could not open temporary file
+ * ..."), *img then NULL.
+ */
+static int snapshot_overlay(struct io_ctx *io, const char *path, const struct qsm_open_opts *oo,
+			    struct qsm_image **img, char *err, size_t errlen)
+{
+	struct qsm_create_opts co = { QSM_OPTS_INIT(co) };
+	struct qsm_open_opts to = *oo;
+	const char *dir = getenv("TMPDIR");
+	struct qsm_info info;
+	char tmp[PATH_MAX], *abs;
+	int fd, r;
+
+	qsm_get_info(*img, &info);
+	qsm_close(*img);
+	*img = NULL;
+	snprintf(tmp, sizeof(tmp), "%s/vl.XXXXXX", dir && *dir ? dir : "/var/tmp");
+	if ((fd = mkstemp(tmp)) < 0) {
+		r = -errno;
+		snprintf(err, errlen, "Could not open temporary file '%.300s': %s", tmp, strerror(-r));
+		return r;
+	}
+	close(fd);
+	if (!(abs = realpath(path, NULL))) {
+		r = -errno;
+		unlink(tmp);
+		snprintf(err, errlen, "Could not open '%s': %s", path, strerror(-r));
+		return r;
+	}
+	co.size = info.virtual_size;
+	co.backing_file = abs;
+	co.backing_format = info.format;
+	r = qsm_create(tmp, &co, err, errlen);
+	free(abs);
+	if (r == 0) {
+		to.format = "qcow2";
+		to.backing_format = NULL; /* recorded in the overlay */
+		to.no_backing = false;
+		r = qsm_open(io->base, tmp, &to, img, err, errlen);
+	}
+	if (r < 0) {
+		*img = NULL;
+		unlink(tmp);
+		return r;
+	}
+	free(io->snap_tmp);
+	io->snap_tmp = strdup(tmp);
+	return 0;
+}
+
 #undef ERR
 
 /*
@@ -1767,15 +1830,35 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 				       "read-only only (-r)");
 	if (r == 0) {
 		oo.repair_log = io_repair_log;
+		/* -s: the image itself is only read (snapshot_overlay). */
+		bool snap = io->snap_next && at_open && !io->reopening;
+		struct qsm_open_opts img_oo = oo;
+		if (snap)
+			img_oo.read_only = true;
 		if (ncfg.driver)
-			r = null_open(io->base, &ncfg, &oo, &io->img, err, sizeof(err));
+			r = null_open(io->base, &ncfg, &img_oo, &io->img, err, sizeof(err));
 		else
-			r = qsm_open(io->base, path, &oo, &io->img, err, sizeof(err));
+			r = qsm_open(io->base, path, &img_oo, &io->img, err, sizeof(err));
+		if (r == 0 && snap) {
+			if ((r = check_open_req(io->img, &req, err, sizeof(err))) == 0 && ncfg.driver) {
+				r = -ENOTSUP;
+				snprintf(err, sizeof(err), "snapshot mode (-s) is supported by qsm on "
+					 "image files only");
+			}
+			if (r < 0) {
+				qsm_close(io->img);
+			} else if ((r = snapshot_overlay(io, path, &oo, &io->img, err,
+							 sizeof(err))) == 0) {
+				path = io->snap_tmp;
+				oo.format = "qcow2";
+				oo.backing_format = NULL;
+			}
+		}
 		if (r < 0) {
 			io->img = NULL;
 			if (!err[0])
 				snprintf(err, sizeof(err), "%s", qsm_strerror(r));
-		} else if ((r = check_open_req(io->img, &req, err, sizeof(err))) < 0) {
+		} else if (!snap && (r = check_open_req(io->img, &req, err, sizeof(err))) < 0) {
 			qsm_close(io->img);
 			io->img = NULL;
 		}
@@ -1824,6 +1907,11 @@ static int io_close(struct io_ctx *io)
 	io->img = NULL;
 	if (r < 0)
 		cli_error("io", "closing %s: %s", io->path, qsm_strerror(r));
+	if (io->snap_tmp && !io->reopening) {
+		unlink(io->snap_tmp); /* -s: the overlay lives as long as the image */
+		free(io->snap_tmp);
+		io->snap_tmp = NULL;
+	}
 	return r;
 }
 
@@ -1834,10 +1922,15 @@ static int open_f(struct io_ctx *io, int argc, char **argv)
 	struct cli_opts o = { 0 };
 	int c, r;
 
-	while ((c = getopt(argc, argv, "rnUo:t:i:")) != -1) {
+	bool snap = false;
+
+	while ((c = getopt(argc, argv, "rsnUo:t:i:")) != -1) {
 		switch (c) {
 		case 'r':
 			oo.read_only = true;
+			break;
+		case 's':
+			snap = true;
 			break;
 		case 'n':
 			oo.cache = QSM_CACHE_NONE;
@@ -1877,7 +1970,9 @@ static int open_f(struct io_ctx *io, int argc, char **argv)
 		cli_opts_free(&o);
 		return -EINVAL;
 	}
+	io->snap_next = snap;
 	r = io_open_spec(io, optind < argc ? argv[optind] : NULL, &o, &oo, true);
+	io->snap_next = false;
 	cli_opts_free(&o);
 	return r < 0 ? -EINVAL : 0;
 }
@@ -1946,8 +2041,16 @@ static int reopen_f(struct io_ctx *io, int argc, char **argv)
 		cli_opts_free(&o);
 		return -ENOMEM;
 	}
-	io_close(io);
+	/* -s: QEMU reopens the overlay by name to change its mode, and finds it
+	 * gone (it unlinked it at open); the image stays as it was. */
+	if (io->snap_tmp && oo.read_only != old.read_only) {
+		cli_error("io", "Could not open '%s': No such file or directory", io->snap_tmp);
+		free(path);
+		cli_opts_free(&o);
+		return -EINVAL;
+	}
 	io->reopening = true;
+	io_close(io);
 	r = io_open_spec(io, path, &o, &oo, false);
 	if (r < 0 && io_open(io, path, &old) < 0)
 		cli_error("io", "could not reopen %s with its old options either", path);
@@ -2117,7 +2220,7 @@ static const struct io_cmd io_cmds[] = {
 	{ "info", "i", info_f, 0, 0, 0, NULL, "prints information about the current file", NULL },
 	{ "length", "l", length_f, 0, 0, 0, NULL, "gets the length of the current file", NULL },
 	{ "map", NULL, map_f, 0, 0, 0, "", "prints the allocated areas of a file", NULL },
-	{ "open", "o", open_f, 1, -1, CMD_NOFILE_OK, "[-rnU] [-t cache] [-i aio] [-o options] [path]",
+	{ "open", "o", open_f, 1, -1, CMD_NOFILE_OK, "[-rsnU] [-t cache] [-i aio] [-o options] [path]",
 	  "open the file specified by path",
 	  "\n"
 	  " opens a new file in the requested mode\n"
@@ -2127,6 +2230,7 @@ static const struct io_cmd io_cmds[] = {
 	  "\n"
 	  " Opens a file for subsequent use by all of the other qemu-io commands.\n"
 	  " -r, -- open file read-only\n"
+	  " -s, -- use snapshot file\n"
 	  " -n, -- disable host cache, short for -t none\n"
 	  " -U, -- force shared permissions (accepted, no effect)\n"
 	  " -i, -- use AIO mode (threads or io_uring)\n"
@@ -2344,6 +2448,7 @@ static void io_usage(FILE *f)
 		"                       from the given string\n"
 		"  -f, --format FMT     specifies the block driver to use (qcow2 or raw)\n"
 		"  -r, --read-only      export read-only\n"
+		"  -s, --snapshot       use snapshot file\n"
 		"  -n, --nocache        disable host cache, short for -t none\n"
 		"  -m, --misalign       misalign allocations for O_DIRECT\n"
 		"  -i, --aio=MODE       use AIO mode (threads or io_uring)\n"
@@ -2384,6 +2489,7 @@ int cmd_io(int argc, char **argv)
 		{ "backing-format", required_argument, NULL, OPT_BACKING_FORMAT },
 		{ "no-backing", no_argument, NULL, OPT_NO_BACKING },
 		{ "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
+		{ "snapshot", no_argument, NULL, 's' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -2396,7 +2502,7 @@ int cmd_io(int argc, char **argv)
 	int ncmds = 0, c, failed = 0;
 
 	optind = 0;
-	while ((c = getopt_long(argc, argv, "hc:f:rnmi:t:T:UV", lopt, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "hc:f:rsnmi:t:T:UV", lopt, NULL)) != -1) {
 		switch (c) {
 		case 'h':
 			io_usage(stdout);
@@ -2427,6 +2533,9 @@ int cmd_io(int argc, char **argv)
 			break;
 		case 'r':
 			oo.read_only = true;
+			break;
+		case 's':
+			io.snap_next = true;
 			break;
 		case 'n':
 			oo.cache = QSM_CACHE_NONE;
@@ -2509,6 +2618,7 @@ int cmd_io(int argc, char **argv)
 		failed = 1;
 		goto out;
 	}
+	io.snap_next = false; /* -s is for the image of the command line */
 
 	if (ncmds) {
 		for (int i = 0; i < ncmds && !io.quit; i++)
