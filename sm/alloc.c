@@ -311,7 +311,10 @@ enum qsm_event qsm_step_alloc_write(struct qsm_req *req)
 	uint64_t tail = span - head - run->bytes;
 	/* The clusters read as zeros now (fresh or just zeroed): others may
 	 * write into them while we do (JOIN_WRITE). */
-	run->alloc.joinable = !run->bounce;
+	/* A copy-on-read fill writes whole clusters of older data: a guest
+	 * write must never land in them before it (it waits, then finds the
+	 * clusters allocated, and the fill leaves them). */
+	run->alloc.joinable = !run->bounce && !(req->flags & QSM_REQ_COR_FILL);
 	bool fill = run->bounce != NULL; /* COW from old data; zeros need no write */
 	int cnt = 0;
 

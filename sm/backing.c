@@ -5,6 +5,7 @@
  * qsm_cow_read_backing).
  *
  *   L1_LOOKUP | L2_LOOKUP --backing--> BACKING_READ --I/O done--> NEXT_RUN
+ *                                  copy-on-read: --copy--> COR_WRITE --I/O done--> NEXT_RUN
  *   L2_LOOKUP --backing (zeroes)--> BACKING_STATUS (--backing | zero-->
  *       BACKING_STATUS: one image of the chain per entry) --data | finished-->
  *       L1_LOOKUP
@@ -15,6 +16,12 @@
  *   BACKING_READ -> NEXT_RUN ........ backing_read_cb (the backing image's
  *                                read; qsm_step_backing_read itself when
  *                                the run lies past the backing image's end)
+ *   BACKING_READ -> COR_WRITE ....... cor_read_cb (copy-on-read: the whole
+ *                                clusters are in cor_buf; cor_read itself
+ *                                when nothing had to be read: zeros)
+ *   COR_WRITE -> NEXT_RUN ........... cor_fill_cb (the fill request done;
+ *                                qsm_step_cor_write itself when the image
+ *                                is closing and takes no new request)
  *   BACKING_STATUS -> BACKING_STATUS .. probe_cb (one image answered:
  *                                ask the next one down, or the next range)
  *   BACKING_STATUS -> L1_LOOKUP ..... probe_cb (DATA: not known zeros), or
@@ -27,6 +34,17 @@
  *     qsm_block_status on the same loop), so its own machines and checks
  *     apply; the part of a run past its virtual size reads as zeros and is
  *     never asked for.
+ * 11. Copy-on-read (QEMU's bdrv_co_do_copy_on_readv, and its
+ *     copy-on-read filter): a read run of clusters the image does not
+ *     allocate is widened to whole clusters [cor_off, +cor_len) (at most
+ *     QSM_COR_MAX bytes, QEMU's bounce buffer), read whole from the chain,
+ *     and the guest's part copied out of that buffer; the clusters are then
+ *     written into the image by a fill request of their own
+ *     (QSM_REQ_COR_FILL) before the read completes: zeros as a zero write
+ *     (zero clusters on v3), anything else as data.  The fill writes only
+ *     clusters still unallocated when it looks them up, and its allocation
+ *     cannot be joined, so a guest write that raced the read is never
+ *     overwritten with the older data.
  */
 #include <assert.h>
 #include <errno.h>
@@ -47,9 +65,89 @@ static void backing_read_cb(void *opaque, int ret)
  * same loop); past its end, and when the backing file was not opened
  * (no_backing), the run reads as zeros.
  */
+/* QEMU's MAX_BOUNCE_BUFFER: copy-on-read copies at most this at once. */
+#define QSM_COR_MAX (32768ull * 512)
+
+static void cor_read_cb(void *opaque, int ret)
+{
+	struct qsm_req *req = opaque;
+	qsm_sm_post(req, ret < 0 ? QSM_E_ERROR : QSM_E_COPY, ret);
+}
+
+/* BACKING_READ with copy-on-read (invariant 11): read the run's whole
+ * clusters into cor_buf. */
+static enum qsm_event cor_read(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	struct qsm_image *b = img->backing;
+	uint64_t start = QSM_ALIGN_DOWN(run->offset, img->cluster_size);
+
+	if (run->offset + run->bytes > start + QSM_COR_MAX) {
+		run->bytes = start + QSM_COR_MAX - run->offset;
+		run->nb_clusters = run_clusters(img, run->offset, run->bytes);
+	}
+	uint64_t end = QSM_MIN(QSM_ALIGN_UP(run->offset + run->bytes, img->cluster_size),
+			       img->hdr.size);
+	uint64_t bsize = b ? b->hdr.size : 0;
+	uint64_t n = start < bsize ? QSM_MIN(end, bsize) - start : 0;
+
+	assert(!req->cor_buf);
+	if (posix_memalign((void **)&req->cor_buf, 4096, (size_t)(end - start)))
+		return fail(req, -ENOMEM);
+	req->cor_off = start;
+	req->cor_len = end - start;
+	memset(req->cor_buf + n, 0, (size_t)(req->cor_len - n));
+	if (n == 0)
+		return QSM_E_COPY;
+	req->cor_iov = (struct iovec){ req->cor_buf, (size_t)n };
+	int ret = qsm_readv(b, start, &req->cor_iov, 1, cor_read_cb, req);
+	return ret < 0 ? fail(req, ret) : QSM_E_WAIT;
+}
+
+static void cor_fill_cb(void *opaque, int ret)
+{
+	struct qsm_req *req = opaque;
+	free(req->cor_buf); /* the fill, which wrote from it, is done */
+	req->cor_buf = NULL;
+	qsm_sm_post(req, ret < 0 ? QSM_E_ERROR : QSM_E_IO_DONE, ret);
+}
+
+static bool all_zero(const uint8_t *p, size_t len)
+{
+	return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0);
+}
+
+/*
+ * COR_WRITE: the guest gets its part of the clusters read, then the fill
+ * request writes them into the image (invariant 11).  A closing image takes
+ * no new request: the read completes without the copy, as if the copy had
+ * been made and lost.
+ */
+enum qsm_event qsm_step_cor_write(struct qsm_req *req)
+{
+	struct qsm_run *run = &req->run;
+	struct qsm_image *img = req->img;
+	bool zero = all_zero(req->cor_buf, (size_t)req->cor_len);
+
+	qsm_iov_from_buf(req->iov, req->iovcnt, req->done, req->cor_buf + (run->offset - req->cor_off),
+			 run->bytes);
+	req->cor_iov = (struct iovec){ req->cor_buf, (size_t)req->cor_len };
+	int ret = qsm_cor_fill(img, req->cor_off, &req->cor_iov, 1, req->cor_len, zero,
+			       cor_fill_cb, req);
+	if (ret == -ESHUTDOWN) {
+		free(req->cor_buf);
+		req->cor_buf = NULL;
+		return QSM_E_IO_DONE;
+	}
+	return ret < 0 ? fail(req, ret) : QSM_E_WAIT;
+}
+
 enum qsm_event qsm_step_backing_read(struct qsm_req *req)
 {
 	struct qsm_run *run = &req->run;
+	if (req->img->copy_on_read)
+		return cor_read(req);
 	struct qsm_image *b = req->img->backing;
 	uint64_t bsize = b ? b->hdr.size : 0;
 	uint64_t n = run->offset < bsize ? QSM_MIN(run->bytes, bsize - run->offset) : 0;

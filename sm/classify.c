@@ -17,6 +17,9 @@
  *                                          qsm_classify_read (DONE: status)
  *   L2_LOOKUP -> DATA_WRITE|JOIN_WRITE|ALLOC_WAIT|CLUSTER_ALLOC ....
  *                                          qsm_classify_write
+ *   L2_LOOKUP -> NEXT_RUN .................. qsm_classify_write (a
+ *                                          copy-on-read fill over clusters
+ *                                          allocated meanwhile, cor_fill_skip)
  *   L2_LOOKUP -> ZERO_UPDATE|BACKING_STATUS|NEXT_RUN|ALLOC_WAIT ....
  *                                          qsm_classify_zeroes
  *   L2_LOOKUP -> ZERO_UPDATE|NEXT_RUN|ALLOC_WAIT .................
@@ -231,7 +234,11 @@ enum qsm_event qsm_classify_read(struct qsm_req *req)
 		return QSM_E_COMPRESSED;
 	}
 	uint64_t host0 = qcow2_entry_offset(e0);
-	bool from_backing = k0 == QCOW2_EK_UNALLOC && qsm_has_backing(img);
+	/* Copy-on-read: every unallocated cluster is copied (QEMU's
+	 * bdrv_co_do_copy_on_readv: what the image does not allocate itself),
+	 * with a backing file or not: a run of them goes to BACKING_READ. */
+	bool from_backing = k0 == QCOW2_EK_UNALLOC &&
+			    (qsm_has_backing(img) || (img->copy_on_read && req->machine == QSM_M_READ));
 	uint64_t i;
 	for (i = 1; i < n; i++) {
 		uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
@@ -302,6 +309,37 @@ enum qsm_event qsm_classify_read(struct qsm_req *req)
  *    partial head and tail are copied from the backing image (cow_backing);
  *  - QCOW2_EK_SHARED: allocate one cluster, COW from the shared one.
  */
+/*
+ * A copy-on-read fill (QSM_REQ_COR_FILL) writes only clusters that are
+ * still unallocated: cut the run where that changes.  Returns true when
+ * the run's first clusters are allocated (the caller leaves them: NOTHING_TO_DO,
+ * the run released), false when the run (cut) is all unallocated.
+ */
+static bool cor_fill_skip(struct qsm_req *req, int *ret)
+{
+	struct qsm_image *img = req->img;
+	struct qsm_run *run = &req->run;
+	uint64_t n = run_clusters(img, run->offset, run->bytes), i;
+	bool unalloc0 = false;
+
+	*ret = 0;
+	for (i = 0; i < n; i++) {
+		uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
+		if ((*ret = qsm_check_l2_entry(req, run->l2_index + i, e)) < 0)
+			return false;
+		bool u = qcow2_entry_kind(e) == QCOW2_EK_UNALLOC;
+		if (i == 0)
+			unalloc0 = u;
+		else if (u != unalloc0)
+			break;
+	}
+	run_clip(req, i);
+	if (unalloc0)
+		return false;
+	release_l2(req);
+	return true;
+}
+
 enum qsm_event qsm_classify_write(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
@@ -315,6 +353,13 @@ enum qsm_event qsm_classify_write(struct qsm_req *req)
 
 	if (ret < 0)
 		return fail(req, ret);
+	if (req->flags & QSM_REQ_COR_FILL) {
+		if (cor_fill_skip(req, &ret))
+			return QSM_E_NOTHING_TO_DO;
+		if (ret < 0)
+			return fail(req, ret);
+		n = run->nb_clusters;
+	}
 	if (k0 == QCOW2_EK_DATA) {
 		for (i = 1; i < n; i++) {
 			uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
@@ -426,6 +471,13 @@ enum qsm_event qsm_classify_zeroes(struct qsm_req *req)
 	run->nb_clusters = run_clusters(img, run->offset, run->bytes);
 	if (wait_for_overlapping_alloc(req))
 		return QSM_E_ALLOC_BUSY;
+	if (req->flags & QSM_REQ_COR_FILL) {
+		int ret;
+		if (cor_fill_skip(req, &ret))
+			return QSM_E_NOTHING_TO_DO;
+		if (ret < 0)
+			return fail(req, ret);
+	}
 	if (whole && (v3 || !qsm_has_backing(img)))
 		return QSM_E_WHOLE_CLUSTERS;
 	if (whole && run->bytes >= img->cluster_size) {

@@ -59,7 +59,7 @@
  *     callback therefore never runs from inside a submit call.
  *  2, 5 are in sm/alloc.c (allocations in flight, metadata reaching disk),
  *  3, 4 in sm/lookup.c (freezes, L2 references), 6 in sm/classify.c, 7 in
- *  sm/data.c, 8 in sm/backing.c, 9 and 10 in sm/compressed.c.
+ *  sm/data.c, 8 and 11 in sm/backing.c, 9 and 10 in sm/compressed.c.
  */
 #include <assert.h>
 #include <errno.h>
@@ -146,6 +146,7 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_JOIN_WAIT:     return qsm_step_join_wait(req);
 	case QSM_S_ZERO_FILL:     return qsm_step_zero_fill(req);
 	case QSM_S_BACKING_READ:  return qsm_step_backing_read(req);
+	case QSM_S_COR_WRITE:     return qsm_step_cor_write(req);
 	case QSM_S_BACKING_STATUS: return qsm_step_backing_status(req);
 	case QSM_S_FILE_RANGE:    return qsm_step_file_range(req);
 	case QSM_S_CLUSTER_ALLOC: return qsm_step_cluster_alloc(req);
@@ -324,7 +325,12 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	case QSM_S_ZERO_FILL:
 		return m == QSM_M_READ && run_ok(req) && run_unheld(run);
 	case QSM_S_BACKING_READ:
-		return m == QSM_M_READ && run_ok(req) && run_unheld(run) && qsm_has_backing(img);
+		return m == QSM_M_READ && run_ok(req) && run_unheld(run) &&
+		       (qsm_has_backing(img) || img->copy_on_read);
+	case QSM_S_COR_WRITE:
+		return m == QSM_M_READ && run_ok(req) && run_unheld(run) && img->copy_on_read &&
+		       req->cor_buf && req->cor_off <= run->offset &&
+		       run->offset + run->bytes <= req->cor_off + req->cor_len;
 	case QSM_S_BACKING_STATUS:
 		return m == QSM_M_ZEROES && run_ok(req) && run_unheld(run) && img->backing &&
 		       !req->probe_done;
@@ -553,6 +559,7 @@ static void req_complete(struct qsm_req *req)
 	req_unlink(req);
 	free(run->bounce);
 	free(run->cbuf);
+	free(req->cor_buf);
 	qsm_cz_release(req);
 	free(req->cz);
 	free(req->iov_buf);

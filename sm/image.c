@@ -523,6 +523,9 @@ static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_
 	img->base = base;
 	img->io = io;
 	img->read_only = opts->read_only || (io->flags & QSM_IO_RDONLY);
+	if (opts->copy_on_read && img->read_only)
+		OPEN_FAIL(-EINVAL, "Can't use copy-on-read on read-only device");
+	img->copy_on_read = opts->copy_on_read;
 	img->cache = opts->cache;
 	img->work_threads = opts->work_threads;
 	img->q_tail = &img->q_head;
@@ -1252,6 +1255,16 @@ static int submit_range(struct qsm_image *img, enum qsm_machine m, uint64_t offs
 	req->flags = flags;
 	qsm_sm_start(req);
 	return 0;
+}
+
+int qsm_cor_fill(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
+		 uint64_t len, bool zero, qsm_cb cb, void *opaque)
+{
+	if (img->closing)
+		return -ESHUTDOWN;
+	if (zero)
+		return submit_range(img, QSM_M_ZEROES, offset, len, QSM_REQ_COR_FILL, cb, opaque);
+	return submit_rw(img, QSM_M_WRITE, offset, iov, iovcnt, QSM_REQ_COR_FILL, cb, opaque);
 }
 
 int qsm_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes, qsm_cb cb, void *opaque)

@@ -100,7 +100,8 @@ enum qsm_event qsm_step_l1_lookup(struct qsm_req *req)
 		bool backing = qsm_has_backing(img);
 		switch (req->machine) {
 		case QSM_M_READ:
-			return backing ? QSM_E_BACKING : QSM_E_L1_EMPTY;
+			/* Copy-on-read copies these clusters, zeros or not. */
+			return backing || img->copy_on_read ? QSM_E_BACKING : QSM_E_L1_EMPTY;
 		case QSM_M_STATUS:
 			/* With a backing file the chain decides: neither flag. */
 			*req->status_out = (struct qsm_extent){ run->offset, run->bytes,

@@ -154,6 +154,15 @@ struct qsm_open_opts {
 	 * library never prints. */
 	void (*repair_log)(void *opaque, const char *line);
 	void *repair_log_opaque;
+	/* Copy-on-read (QEMU's -C, BDRV_O_COPY_ON_READ; the copy-on-read
+	 * filter): a read of clusters the image does not allocate itself (they
+	 * fall through to the backing chain, or read as zeros without one)
+	 * also writes them into the image, whole clusters, before it completes:
+	 * zero clusters where the data read is all zeros (v3), else the data.
+	 * Reads of what the image allocates are unchanged.  Refused with
+	 * read_only (-EINVAL, "Can't use copy-on-read on read-only device").
+	 * Not inherited by backing images. */
+	bool copy_on_read;
 };
 
 /* Open the image at `path`.  On error, a message naming what is wrong is put

@@ -150,6 +150,12 @@ struct qsm_req {
 	struct qsm_image *probe_img;
 	struct qsm_extent probe_ext;
 	bool probe_done, probe_zero;
+	/* READ with copy-on-read: the run widened to whole clusters
+	 * [cor_off, +cor_len), read into cor_buf (BACKING_READ), then written
+	 * into the image (COR_WRITE) and copied to the caller. */
+	uint8_t *cor_buf;
+	uint64_t cor_off, cor_len;
+	struct iovec cor_iov;
 
 	struct qsm_run run;
 	struct iovec *iov_buf;    /* scratch iovecs: caller's count + 2 */
@@ -243,6 +249,7 @@ struct qsm_image {
 	unsigned cluster_bits;
 	uint64_t l2_entries;      /* per table */
 	bool read_only;
+	bool copy_on_read;        /* qsm_open_opts.copy_on_read */
 	enum qsm_cache_mode cache;
 	/* Sticky error states (sm/image.c, "Corruption"):
 	 *  - error = -EIO: nothing more is written (write-back, allocation,
@@ -408,6 +415,17 @@ void qsm_wb_release_held(struct qsm_image *img);
  * lazy refcounts, rounds until nothing is dirty, the dirty bit cleared), and
  * is not ignored in cache=unsafe.  See qsm_sync_writeback. */
 #define QSM_REQ_FULL_WRITEBACK 0x100
+/* Internal request flag: a copy-on-read fill (qsm_cor_fill), a WRITE or
+ * ZEROES that writes only the clusters that are still unallocated in the
+ * image when it looks them up (QEMU's BDRV_REQ_WRITE_UNCHANGED under its
+ * request serialisation): a guest write that got there first is never
+ * overwritten with the older data the read copied.  Not durable by itself
+ * in writethrough (the data is the backing file's). */
+#define QSM_REQ_COR_FILL 0x200
+/* Submit a copy-on-read fill of [offset, +len) on img: the data in iov, or
+ * zeros (zero: a ZEROES request, iov unused).  0 or -errno (cb not called). */
+int qsm_cor_fill(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
+		 uint64_t len, bool zero, qsm_cb cb, void *opaque);
 
 /* --- sm/image.c ---------------------------------------------------------- */
 /* Step functions of the CLOSE machine. */

@@ -88,6 +88,8 @@ static inline uint64_t run_clusters(const struct qsm_image *img, uint64_t off, u
 static inline bool wants_durable(const struct qsm_req *req)
 {
 	enum qsm_cache_mode c = req->img->cache;
+	if (req->flags & QSM_REQ_COR_FILL)
+		return false;
 	return c == QSM_CACHE_WRITETHROUGH || c == QSM_CACHE_DIRECTSYNC ||
 	       (req->flags & QSM_REQ_FUA);
 }
@@ -162,6 +164,7 @@ enum qsm_event qsm_step_durable_wait(struct qsm_req *req);  /* DURABLE_WAIT */
  * run.bounce; IO_DONE once every read is in. */
 enum qsm_event qsm_cow_read_backing(struct qsm_req *req);
 enum qsm_event qsm_step_backing_read(struct qsm_req *req);   /* BACKING_READ */
+enum qsm_event qsm_step_cor_write(struct qsm_req *req);      /* COR_WRITE */
 enum qsm_event qsm_step_backing_status(struct qsm_req *req); /* BACKING_STATUS */
 
 /* --- sm/compressed.c ------------------------------------------------------ */

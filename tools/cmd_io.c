@@ -86,8 +86,15 @@ struct io_ctx {
 	} null;
 	bool reopening;              /* reopen_f: an open keeps io->null's settings */
 	bool snap_next;              /* -s: the next open puts a temporary overlay on top */
+	bool cor_next;               /* -C: the next open copies on read */
+	/* How the open image copies on read: 0 not, COR_FLAG (-C, QEMU's
+	 * BDRV_O_COPY_ON_READ) or COR_FILTER (driver=copy-on-read). */
+	int cor;
 	char *snap_tmp;              /* that overlay's file while open (removed at close) */
 };
+
+#define COR_FLAG   1
+#define COR_FILTER 2
 
 #define CMD_NOFILE_OK 0x1 /* runs without an open image */
 #define CMD_GLOBAL    0x2 /* no checks at all (help, quit) */
@@ -1213,11 +1220,15 @@ static int info_f(struct io_ctx *io, int argc, char **argv)
 	/* vm_state_offset: the virtual size rounded up to whole L2 tables. */
 	uint64_t l2_cover = info.cluster_size * (info.cluster_size / 8);
 	uint64_t vmstate = QSM_DIV_ROUND_UP(info.virtual_size, l2_cover) * l2_cover;
-	printf("format name: qcow2\n");
+	/* The copy-on-read filter names itself and passes its child's
+	 * bdrv_get_info on, but has no format specific information. */
+	printf("format name: %s\n", io->cor == COR_FILTER ? "copy-on-read" : "qcow2");
 	cli_cvtstr((double)info.cluster_size, s1, sizeof(s1));
 	cli_cvtstr((double)vmstate, s2, sizeof(s2));
 	printf("cluster size: %s\n", s1);
 	printf("vm state offset: %s\n", s2);
+	if (io->cor == COR_FILTER)
+		return 0;
 	printf("Format specific information:\n");
 	cli_print_qcow2_specific(&info);
 	return 0;
@@ -1691,6 +1702,49 @@ static int null_apply_opts(const struct io_ctx *io, const char *name, const stru
 	return r;
 }
 
+/*
+ * driver=copy-on-read, QEMU's copy-on-read filter: the image below is its
+ * `file` child, so its options are the file.* keys; the filter has none of
+ * its own that qsm takes (bottom= is refused by name).  Rewrites o in place
+ * (file.X becomes X) and sets *filter; leaves o alone when the driver is
+ * another.  0 or -EINVAL/-ENOMEM with QEMU's text in err.  The copying is
+ * the engine's (qsm_open_opts.copy_on_read).
+ */
+static int cor_filter_opts(struct cli_opts *o, bool *filter, char *err, size_t errlen)
+{
+	const char *drv = cli_opts_get(o, "driver");
+	struct cli_opts in = { 0 };
+	int r = 0;
+
+	*filter = false;
+	if (!drv || strcmp(drv, "copy-on-read"))
+		return 0;
+	*filter = true;
+	for (int i = 0; i < o->n && !r; i++) {
+		const char *k = o->v[i].key;
+		if (!strcmp(k, "driver") || !strcmp(k, "node-name") || !strcmp(k, "read-only"))
+			continue; /* read-only: io_open_spec's rules, from the caller's copy */
+		if (!strcmp(k, "file")) {
+			r = ERR("Cannot find device='%s' nor node-name='%s'", o->v[i].val, o->v[i].val);
+		} else if (!strcmp(k, "bottom")) {
+			r = ERR("qsm does not support the option '%s' of driver copy-on-read", k);
+		} else if (strncmp(k, "file.", 5)) {
+			r = ERR("Block format 'copy-on-read' does not support the option '%s'", k);
+		} else {
+			r = cli_opts_add(&in, k + 5, o->v[i].val, o->v[i].null);
+		}
+	}
+	if (r == 0 && cli_opts_get(o, "read-only"))
+		r = cli_opts_add(&in, "read-only", cli_opts_get(o, "read-only"), false);
+	if (r < 0) {
+		cli_opts_free(&in);
+		return r;
+	}
+	cli_opts_free(o);
+	*o = in;
+	return 0;
+}
+
 /* Open the null device cfg describes as a raw image. */
 static int null_open(struct event_base *base, const struct io_null_cfg *cfg,
 		     const struct qsm_open_opts *oo, struct qsm_image **out, char *err, size_t errlen)
@@ -1803,6 +1857,13 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 		r = cli_json_parse(name + 5, &all, err, sizeof(err));
 	for (int i = 0; r == 0 && o && i < o->n; i++)
 		r = cli_opts_add(&all, o->v[i].key, o->v[i].val, o->v[i].null);
+	bool cor_filter = false;
+	if (r == 0)
+		r = cor_filter_opts(&all, &cor_filter, err, sizeof(err));
+	if (r == 0 && cor_filter && at_open && oo.read_only)
+		r = -EPERM, snprintf(err, sizeof(err), "Block node is read-only");
+	if (r == 0 && at_open && !io->reopening)
+		oo.copy_on_read = cor_filter || io->cor_next;
 	if (r == 0)
 		r = null_apply_opts(io, name, &all, &oo, &req, &ncfg, !at_open, err, sizeof(err));
 	if (r == 1) {
@@ -1833,8 +1894,10 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 		/* -s: the image itself is only read (snapshot_overlay). */
 		bool snap = io->snap_next && at_open && !io->reopening;
 		struct qsm_open_opts img_oo = oo;
-		if (snap)
+		if (snap) {
 			img_oo.read_only = true;
+			img_oo.copy_on_read = false; /* the overlay copies */
+		}
 		if (ncfg.driver)
 			r = null_open(io->base, &ncfg, &img_oo, &io->img, err, sizeof(err));
 		else
@@ -1886,6 +1949,8 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 			      : oo.backing_format ? "qcow2" : NULL;
 	io->oo.aio = oo.aio;
 	io->null = ncfg;
+	if (at_open && !io->reopening)
+		io->cor = cor_filter ? COR_FILTER : io->cor_next ? COR_FLAG : 0;
 	cli_opts_free(&all);
 	qsm_tracer_attach(io->tracer, io->img);
 	return 0;
@@ -1922,10 +1987,13 @@ static int open_f(struct io_ctx *io, int argc, char **argv)
 	struct cli_opts o = { 0 };
 	int c, r;
 
-	bool snap = false;
+	bool snap = false, cor = false;
 
-	while ((c = getopt(argc, argv, "rsnUo:t:i:")) != -1) {
+	while ((c = getopt(argc, argv, "rsCnUo:t:i:")) != -1) {
 		switch (c) {
+		case 'C':
+			cor = true;
+			break;
 		case 'r':
 			oo.read_only = true;
 			break;
@@ -1971,8 +2039,9 @@ static int open_f(struct io_ctx *io, int argc, char **argv)
 		return -EINVAL;
 	}
 	io->snap_next = snap;
+	io->cor_next = cor;
 	r = io_open_spec(io, optind < argc ? argv[optind] : NULL, &o, &oo, true);
-	io->snap_next = false;
+	io->snap_next = io->cor_next = false;
 	cli_opts_free(&o);
 	return r < 0 ? -EINVAL : 0;
 }
@@ -2040,6 +2109,20 @@ static int reopen_f(struct io_ctx *io, int argc, char **argv)
 	if (!path) {
 		cli_opts_free(&o);
 		return -ENOMEM;
+	}
+	/* QEMU's copy-on-read filter cannot be reopened; with -C, the image
+	 * cannot become read-only. */
+	if (io->cor == COR_FILTER || (io->cor == COR_FLAG && oo.read_only && !old.read_only) ||
+	    (io->cor == COR_FLAG && ro_opt && cli_opts_get(&o, "read-only") &&
+	     !strcmp(cli_opts_get(&o, "read-only"), "on"))) {
+		if (io->cor == COR_FILTER)
+			cli_error("io", "Block format 'copy-on-read' used by node '#block000' does not "
+				  "support reopening files");
+		else
+			cli_error("io", "Can't set node '#block000' to r/o with copy-on-read enabled");
+		free(path);
+		cli_opts_free(&o);
+		return -EINVAL;
 	}
 	/* -s: QEMU reopens the overlay by name to change its mode, and finds it
 	 * gone (it unlinked it at open); the image stays as it was. */
@@ -2220,7 +2303,7 @@ static const struct io_cmd io_cmds[] = {
 	{ "info", "i", info_f, 0, 0, 0, NULL, "prints information about the current file", NULL },
 	{ "length", "l", length_f, 0, 0, 0, NULL, "gets the length of the current file", NULL },
 	{ "map", NULL, map_f, 0, 0, 0, "", "prints the allocated areas of a file", NULL },
-	{ "open", "o", open_f, 1, -1, CMD_NOFILE_OK, "[-rsnU] [-t cache] [-i aio] [-o options] [path]",
+	{ "open", "o", open_f, 1, -1, CMD_NOFILE_OK, "[-rsCnU] [-t cache] [-i aio] [-o options] [path]",
 	  "open the file specified by path",
 	  "\n"
 	  " opens a new file in the requested mode\n"
@@ -2231,6 +2314,7 @@ static const struct io_cmd io_cmds[] = {
 	  " Opens a file for subsequent use by all of the other qemu-io commands.\n"
 	  " -r, -- open file read-only\n"
 	  " -s, -- use snapshot file\n"
+	  " -C, -- use copy-on-read\n"
 	  " -n, -- disable host cache, short for -t none\n"
 	  " -U, -- force shared permissions (accepted, no effect)\n"
 	  " -i, -- use AIO mode (threads or io_uring)\n"
@@ -2449,6 +2533,7 @@ static void io_usage(FILE *f)
 		"  -f, --format FMT     specifies the block driver to use (qcow2 or raw)\n"
 		"  -r, --read-only      export read-only\n"
 		"  -s, --snapshot       use snapshot file\n"
+		"  -C, --copy-on-read   enable copy-on-read\n"
 		"  -n, --nocache        disable host cache, short for -t none\n"
 		"  -m, --misalign       misalign allocations for O_DIRECT\n"
 		"  -i, --aio=MODE       use AIO mode (threads or io_uring)\n"
@@ -2490,6 +2575,7 @@ int cmd_io(int argc, char **argv)
 		{ "no-backing", no_argument, NULL, OPT_NO_BACKING },
 		{ "image-opts", no_argument, NULL, OPT_IMAGE_OPTS },
 		{ "snapshot", no_argument, NULL, 's' },
+		{ "copy-on-read", no_argument, NULL, 'C' },
 		{ "version", no_argument, NULL, 'V' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -2502,7 +2588,7 @@ int cmd_io(int argc, char **argv)
 	int ncmds = 0, c, failed = 0;
 
 	optind = 0;
-	while ((c = getopt_long(argc, argv, "hc:f:rsnmi:t:T:UV", lopt, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "hc:f:rsCnmi:t:T:UV", lopt, NULL)) != -1) {
 		switch (c) {
 		case 'h':
 			io_usage(stdout);
@@ -2536,6 +2622,9 @@ int cmd_io(int argc, char **argv)
 			break;
 		case 's':
 			io.snap_next = true;
+			break;
+		case 'C':
+			io.cor_next = true;
 			break;
 		case 'n':
 			oo.cache = QSM_CACHE_NONE;
@@ -2618,7 +2707,7 @@ int cmd_io(int argc, char **argv)
 		failed = 1;
 		goto out;
 	}
-	io.snap_next = false; /* -s is for the image of the command line */
+	io.snap_next = io.cor_next = false; /* for the image of the command line */
 
 	if (ncmds) {
 		for (int i = 0; i < ncmds && !io.quit; i++)
