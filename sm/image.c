@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 
 #include "metadata/check.h"
+#include "metadata/json_name.h"
 #include "metadata/l1.h"
 #include "metadata/overlap.h"
 #include "sm/sm.h"
@@ -358,6 +359,10 @@ static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_
 		   size_t errlen);
 static int open_path(struct event_base *base, const char *path, const struct qsm_open_opts *opts,
 		     struct chain *ch, struct qsm_image **out, char *err, size_t errlen);
+static int open_backing_named(struct qsm_image *img, const char *path,
+			      const struct qsm_open_opts *opts, struct chain *ch, const char *name,
+			      const char *fmt, const char *file, bool no_backing, char *err,
+			      size_t errlen);
 
 /* name resolved as QEMU does: relative to the directory of the image that
  * names it (`path`), or to the current directory when the image was opened
@@ -377,6 +382,64 @@ static char *backing_path(const char *path, const char *name)
 }
 
 /*
+ * A backing file name `json:{...}` (qemu-img create -b 'json:{...}'), as
+ * QEMU reads it: the options of the backing image, flattened.  qsm takes
+ * driver (qcow2 or raw: it wins over the recorded format, as in QEMU),
+ * file.driver (file, host_device, host_cdrom), file.filename or filename
+ * (taken as it is: QEMU does not resolve a json: name's file against the
+ * image's directory), "backing": null (the backing image opened alone),
+ * node-name, and the cache tunings (l2-cache-size, cache-size,
+ * refcount-cache-size, l2-cache-entry-size, cache-clean-interval: checked
+ * by QEMU, here inherited from the image above, so ignored); anything else
+ * is refused by name.  Still never probed: no driver and no recorded
+ * format is refused as for any name.
+ */
+struct json_backing {
+	char *driver, *filename;
+	bool no_backing;
+	char *err;
+	size_t errlen;
+};
+
+static int json_backing_cb(void *opaque, const char *key, const char *val, bool null)
+{
+	struct json_backing *jb = opaque;
+	static const char *const ignored[] = {
+		"node-name", "l2-cache-size", "cache-size", "refcount-cache-size",
+		"l2-cache-entry-size", "cache-clean-interval", "file.node-name",
+	};
+	char **slot = NULL;
+
+	if (!strcmp(key, "backing") && null) {
+		jb->no_backing = true;
+		return 0;
+	}
+	if (null)
+		return 0; /* QEMU drops a null it has no use for */
+	if (!strcmp(key, "driver"))
+		slot = &jb->driver;
+	else if (!strcmp(key, "file.filename") || !strcmp(key, "filename"))
+		slot = &jb->filename;
+	if (slot) {
+		free(*slot);
+		return (*slot = strdup(val)) ? 0 : -ENOMEM;
+	}
+	if (!strcmp(key, "file.driver")) {
+		if (strcmp(val, "file") && strcmp(val, "host_device") && strcmp(val, "host_cdrom")) {
+			snprintf(jb->err, jb->errlen, "protocol '%s' is not supported (file, "
+				 "host_device, host_cdrom)", val);
+			return -ENOTSUP;
+		}
+		return 0;
+	}
+	for (size_t i = 0; i < sizeof(ignored) / sizeof(ignored[0]); i++)
+		if (!strcmp(key, ignored[i]))
+			return 0;
+	snprintf(jb->err, jb->errlen, "option '%s' is not supported by qsm", key);
+	return -ENOTSUP;
+}
+
+/*
  * Open img's backing file: read-only, never repaired, on the same loop with
  * the same cache mode and aio backend, and recursively its own backing file.
  * The format comes from the backing-format extension, else from
@@ -388,6 +451,39 @@ static int open_backing(struct qsm_image *img, const char *path, const struct qs
 {
 	const char *name = img->hdr.backing_file;
 	const char *fmt = img->hdr.backing_format[0] ? img->hdr.backing_format : opts->backing_format;
+	char sub[512] = "";
+	struct json_backing jb = { .err = sub, .errlen = sizeof(sub) };
+	int ret;
+
+	if (!strncmp(name, "json:", 5)) {
+		ret = qcow2_json_name_parse(name + 5, json_backing_cb, &jb, sub, sizeof(sub));
+		if (ret == 0 && !jb.filename) {
+			snprintf(sub, sizeof(sub), "it names no file (file.filename)");
+			ret = -EINVAL;
+		}
+		if (ret < 0) {
+			qsm_set_err(err, errlen, "backing file '%s': %s", name, sub);
+			free(jb.driver);
+			free(jb.filename);
+			return ret;
+		}
+		if (jb.driver)
+			fmt = jb.driver;
+	}
+	ret = open_backing_named(img, path, opts, ch, name, fmt, jb.filename, jb.no_backing, err,
+				 errlen);
+	free(jb.driver);
+	free(jb.filename);
+	return ret;
+}
+
+/* open_backing, the name understood: fmt the format, file the file name of
+ * a json: name (taken as it is) or NULL (name, resolved against path). */
+static int open_backing_named(struct qsm_image *img, const char *path,
+			      const struct qsm_open_opts *opts, struct chain *ch, const char *name,
+			      const char *fmt, const char *file, bool no_backing, char *err,
+			      size_t errlen)
+{
 	char sub[512] = "";
 	int ret;
 
@@ -402,7 +498,7 @@ static int open_backing(struct qsm_image *img, const char *path, const struct qs
 			    name, fmt);
 		return -ENOTSUP;
 	}
-	char *full = backing_path(path, name);
+	char *full = file ? strdup(file) : backing_path(path, name);
 	struct stat st;
 	if (!full)
 		return -ENOMEM;
@@ -430,6 +526,7 @@ static int open_backing(struct qsm_image *img, const char *path, const struct qs
 		.work_threads = opts->work_threads,
 		.open_backing_io = opts->open_backing_io,
 		.open_backing_opaque = opts->open_backing_opaque,
+		.no_backing = no_backing,
 	};
 	if (opts->open_backing_io) {
 		struct qsm_io *io;

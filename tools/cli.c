@@ -26,6 +26,7 @@
 
 #include "sm/qsm.h"
 #include "tools/cli.h"
+#include "tools/json.h"
 
 /* The name messages start with: "qsm" until main() says otherwise. */
 static const char *progname = "qsm";
@@ -321,6 +322,19 @@ char *cli_path_combine(const char *base, const char *name)
 	const char *slash = strrchr(base, '/');
 	char *r;
 
+	/* A json: name's file (file.filename) is taken as it is, as QEMU
+	 * does (and names the layer by it). */
+	if (!strncmp(name, "json:", 5)) {
+		struct cli_opts o = { 0 };
+		char e[256];
+		const char *f = NULL;
+		if (cli_json_parse(name + 5, &o, e, sizeof(e)) == 0)
+			f = cli_opts_get(&o, "file.filename") ? cli_opts_get(&o, "file.filename")
+							       : cli_opts_get(&o, "filename");
+		r = strdup(f ? f : name);
+		cli_opts_free(&o);
+		return r;
+	}
 	if (name[0] == '/' || !slash)
 		return strdup(name);
 	size_t dlen = (size_t)(slash - base) + 1;

@@ -121,7 +121,9 @@ int cli_create_validate(const char *cmd, const char *pfx, const struct cli_opts 
 			struct cli_create_params *p, struct qsm_create_opts *co);
 
 /* qemu's path_combine(): a relative backing file name is relative to the
- * directory of the image that names it.  Returns malloc'd string. */
+ * directory of the image that names it; a json:{...} name gives its
+ * file.filename as it is (QEMU does not combine those).  Returns malloc'd
+ * string. */
 char *cli_path_combine(const char *base, const char *name);
 
 /*

@@ -177,14 +177,17 @@ static int print_images(const char *file, struct qsm_image *img, bool json, bool
 			r = -ENOMEM;
 			break;
 		}
+		/* A json: name is its own full name (QEMU resolves only plain
+		 * names); the chain goes on by its file. */
+		const char *shown = strncmp(info.backing_file, "json:", 5) ? full : info.backing_file;
 		if (json) {
 			if (!first)
 				printf(",\n");
-			print_json(chain ? "    " : "", name, &info, disk, full);
+			print_json(chain ? "    " : "", name, &info, disk, shown);
 		} else {
 			if (!first)
 				printf("\n");
-			print_human(name, &info, disk, full);
+			print_human(name, &info, disk, shown);
 		}
 		free(name);
 		name = full;
