@@ -1410,6 +1410,72 @@ static int opt_bool(const char *k, const char *v, bool *out, char *err, size_t e
 	return 0;
 }
 
+/*
+ * Options QEMU takes that change nothing qsm can observe, checked with
+ * QEMU's rules and words (reopen included):
+ *  - pass-discard-request|snapshot|other (qcow2; on/off): what qsm passes
+ *    down to the file on a discard is its own fixed rule;
+ *  - overlap-check (none|constant|cached|all), overlap-check.template, and
+ *    the on/off members overlap-check.<structure>: qsm always checks every
+ *    metadata write against all structures (the strictest, QEMU's "all");
+ *  - auto-read-only (on/off), file.locking (on|off|auto; cannot change on
+ *    reopen, which QEMU names 'locking'): qsm takes no file locks;
+ *  - force-share (on/off; on needs a read-only image, and cannot change);
+ *  - encrypt.format on an image without encryption: QEMU's refusal;
+ *  - data-file=NODE: no such node (qsm has no node names).
+ * Returns 1 when k is none of these, else 0 or -EINVAL with err.
+ */
+static int opt_no_effect(const char *k, const char *v, bool reopen, bool raw,
+			 const struct qsm_open_opts *oo, char *err, size_t errlen)
+{
+	static const char *const members[] = {
+		"main-header", "active-l1", "active-l2", "refcount-table", "refcount-block",
+		"snapshot-table", "inactive-l1", "inactive-l2", "bitmap-directory",
+	};
+	static const char *const modes[] = { "none", "constant", "cached", "all" };
+	bool b;
+
+	if (!strcmp(k, "auto-read-only"))
+		return opt_bool(k, v, &b, err, errlen);
+	if (!strcmp(k, "force-share")) {
+		int r = opt_bool(k, v, &b, err, errlen);
+		if (r || !reopen)
+			return r ? r : b && !oo->read_only
+			       ? ERR("force-share=on can only be used with read-only images") : 0;
+		return ERR("Cannot change the option '%s'", k);
+	}
+	if (!strcmp(k, "file.locking")) {
+		if (reopen)
+			return ERR("Cannot change the option 'locking'");
+		return strcmp(v, "on") && strcmp(v, "off") && strcmp(v, "auto")
+		       ? ERR("invalid parameter value: %s", v) : 0;
+	}
+	if (raw)
+		return 1;
+	if (!strcmp(k, "pass-discard-request") || !strcmp(k, "pass-discard-snapshot") ||
+	    !strcmp(k, "pass-discard-other"))
+		return opt_bool(k, v, &b, err, errlen);
+	if (!strcmp(k, "overlap-check") || !strcmp(k, "overlap-check.template")) {
+		if (!in_list(modes, sizeof(modes) / sizeof(modes[0]), v) || strchr(v, '.'))
+			return ERR("Unsupported value '%s' for qcow2 option 'overlap-check'. Allowed are "
+				   "any of the following: none, constant, cached, all", v);
+		return 0;
+	}
+	if (!strncmp(k, "overlap-check.", 14)) {
+		for (size_t i = 0; i < sizeof(members) / sizeof(members[0]); i++)
+			if (!strcmp(k + 14, members[i]))
+				return opt_bool(k, v, &b, err, errlen);
+		return reopen ? ERR("Cannot change the option '%s'", k)
+			      : ERR("Block format 'qcow2' does not support the option '%s'", k);
+	}
+	if (!strcmp(k, "encrypt.format"))
+		return ERR("No encryption in image header, but options specified format '%s'", v);
+	if (!strcmp(k, "data-file"))
+		return reopen ? ERR("Cannot change the option '%s'", k)
+			      : ERR("Cannot find device='%s' nor node-name='%s'", v, v);
+	return 1;
+}
+
 /* Apply the option list o to oo and req.  0, or -EINVAL with QEMU's text
  * (no program prefix) in err. */
 static int apply_open_opts(struct qsm_open_opts *oo, const struct cli_opts *o,
@@ -1476,6 +1542,9 @@ static int apply_open_opts(struct qsm_open_opts *oo, const struct cli_opts *o,
 				r = ERR("Parameter 'aio' does not accept value '%s'", v);
 			else
 				oo->aio = !strcmp(v, "threads") ? "threads" : "io_uring";
+		} else if ((r = opt_no_effect(k, v, reopen, !strcmp(oo->format ? oo->format : "qcow2",
+								     "raw"), oo, err, errlen)) != 1) {
+			/* checked (or refused) by opt_no_effect */
 		} else if (!strcmp(oo->format ? oo->format : "qcow2", "raw")) {
 			r = ERR("Block format 'raw' does not support the option '%s'", k);
 		} else if (!strcmp(k, "l2-cache-size")) {
