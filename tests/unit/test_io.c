@@ -25,6 +25,7 @@
 #include <event2/event.h>
 
 #include "io/io.h"
+#include "io/null.h"
 #include "io/sim.h"
 #include "io/util.h"
 #include "tests/unit/skip.h"
@@ -1512,6 +1513,125 @@ START_TEST(test_sim_chooser)
 }
 END_TEST
 
+/* --- The null backend (io/null.c) ------------------------------------------------------------ */
+
+/* The null device's contract: its size, writes that change nothing, reads
+ * of zeros or of the caller's buffer as it was, truncate refused, and no
+ * completion from inside submit. */
+START_TEST(test_null_contents)
+{
+	bool zeroes = _i;
+	struct event_base *base = event_base_new();
+	struct qsm_io *io;
+	uint8_t buf[8192];
+	uint64_t size;
+	struct treq t[6] = { 0 };
+
+	ck_assert_ptr_nonnull(base);
+	ck_assert_int_eq(qsm_io_open_null(base, 3 * MiB, zeroes, 0, 0, &io), 0);
+	ck_assert_int_eq(qsm_io_get_size(io, &size), 0);
+	ck_assert_uint_eq(size, 3 * MiB);
+	memset(buf, 0xab, sizeof(buf));
+	treq_set(&t[0], QSM_IO_WRITE, 0, 4096, buf, QSM_IO_EV_NONE);
+	treq_set(&t[1], QSM_IO_ZERO, 4096, 4096, NULL, QSM_IO_EV_NONE);
+	treq_set(&t[2], QSM_IO_DISCARD, 0, 65536, NULL, QSM_IO_EV_NONE);
+	treq_set(&t[3], QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_NONE);
+	treq_set(&t[4], QSM_IO_READ, 0, sizeof(buf), buf, QSM_IO_EV_NONE);
+	treq_set(&t[5], QSM_IO_TRUNCATE, MiB, 0, NULL, QSM_IO_EV_NONE);
+	g_inline = 0;
+	for (int i = 0; i < 6; i++) {
+		submit(io, &t[i]);
+		ck_assert_int_eq(t[i].done, 0); /* contract 1 */
+	}
+	while (io->stats.in_flight > 0)
+		event_base_loop(base, EVLOOP_ONCE);
+	for (int i = 0; i < 5; i++)
+		ck_assert_int_eq(t[i].ret, 0);
+	ck_assert_int_eq(t[5].ret, -ENOTSUP);
+	ck_assert_uint_eq(g_inline, 0);
+	for (size_t i = 0; i < sizeof(buf); i++)
+		ck_assert_uint_eq(buf[i], zeroes ? 0 : 0xab);
+	/* The blocking calls say the same. */
+	memset(buf, 0xcd, sizeof(buf));
+	ck_assert_int_eq(qsm_io_pwrite_sync(io, buf, 512, 0), 0);
+	ck_assert_int_eq(qsm_io_pread_sync(io, buf, 512, 0), 0);
+	ck_assert_uint_eq(buf[0], zeroes ? 0 : 0xcd);
+	ck_assert_int_eq(qsm_io_truncate_sync(io, MiB), -ENOTSUP);
+	ck_assert_int_eq(qsm_io_get_size(io, &size), 0);
+	ck_assert_uint_eq(size, 3 * MiB);
+	qsm_io_close(io);
+	event_base_free(base);
+}
+END_TEST
+
+/* latency-ns: every request completes no sooner than the latency after its
+ * submission, in submission order; requests submitted together complete
+ * together (one wait, not one per request). */
+static uint64_t g_null_done_ns[16];
+static int g_null_order[16], g_null_n;
+
+static void null_done(struct treq *t)
+{
+	g_null_done_ns[t->idx] = qsm_now_ns();
+	g_null_order[g_null_n++] = t->idx;
+}
+
+START_TEST(test_null_latency)
+{
+	const uint64_t lat = 20ull * 1000 * 1000; /* 20 ms */
+	struct event_base *base = event_base_new();
+	struct qsm_io *io;
+	uint8_t buf[512];
+	struct treq t[16] = { 0 };
+	uint64_t t0;
+
+	ck_assert_int_eq(qsm_io_open_null(base, MiB, true, lat, 0, &io), 0);
+	g_null_n = 0;
+	t0 = qsm_now_ns();
+	for (int i = 0; i < 16; i++) {
+		treq_set(&t[i], i % 2 ? QSM_IO_WRITE : QSM_IO_READ, (uint64_t)i * 512, 512, buf,
+			 QSM_IO_EV_NONE);
+		t[i].idx = i;
+		t[i].on_done = null_done;
+		submit(io, &t[i]);
+		ck_assert_int_eq(t[i].done, 0);
+	}
+	while (io->stats.in_flight > 0)
+		event_base_loop(base, EVLOOP_ONCE);
+	uint64_t total = qsm_now_ns() - t0;
+	ck_assert_int_eq(g_null_n, 16);
+	for (int i = 0; i < 16; i++) {
+		ck_assert_int_eq(t[i].ret, 0);
+		ck_assert_int_eq(g_null_order[i], i);
+		ck_assert_uint_ge(g_null_done_ns[i] - t0, lat - 2000000); /* timer granularity */
+	}
+	/* Submitted together, they waited together: far less than 16 x lat. */
+	ck_assert_msg(total < 8 * lat, "16 requests took %llu ns", (unsigned long long)total);
+	qsm_io_close(io);
+	event_base_free(base);
+}
+END_TEST
+
+/* A read-only null handle refuses writes before they reach it. */
+START_TEST(test_null_rdonly)
+{
+	struct event_base *base = event_base_new();
+	struct qsm_io *io;
+	uint8_t buf[512] = { 0 };
+	struct treq t = { 0 };
+
+	ck_assert_int_eq(qsm_io_open_null(base, MiB, false, 0, QSM_IO_RDONLY, &io), 0);
+	treq_set(&t, QSM_IO_WRITE, 0, 512, buf, QSM_IO_EV_NONE);
+	submit(io, &t);
+	while (io->stats.in_flight > 0)
+		event_base_loop(base, EVLOOP_ONCE);
+	ck_assert_int_eq(t.done, 1);
+	ck_assert_int_lt(t.ret, 0);
+	qsm_io_close(io);
+	event_base_free(base);
+}
+END_TEST
+
 /* --- Suite ------------------------------------------------------------------------------------- */
 
 /* A loop test over the backends: threads and sim in tc, io_uring in tu. */
@@ -1571,6 +1691,12 @@ static Suite *io_suite(void)
 	tcase_add_test(sim, test_sim_chooser);
 	tcase_add_test(sim, test_sim_max_size);
 	suite_add_tcase(s, sim);
+
+	TCase *nul = tcase_create("null");
+	tcase_add_loop_test(nul, test_null_contents, 0, 2); /* read-zeroes off, on */
+	tcase_add_test(nul, test_null_latency);
+	tcase_add_test(nul, test_null_rdonly);
+	suite_add_tcase(s, nul);
 	return s;
 }
 
