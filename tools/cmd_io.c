@@ -1543,8 +1543,10 @@ static int apply_open_opts(struct qsm_open_opts *oo, const struct cli_opts *o,
 			else
 				oo->aio = !strcmp(v, "threads") ? "threads" : "io_uring";
 		} else if ((r = opt_no_effect(k, v, reopen, !strcmp(oo->format ? oo->format : "qcow2",
-								     "raw"), oo, err, errlen)) != 1) {
-			/* checked (or refused) by opt_no_effect */
+								     "raw"), oo, err, errlen)) != 1 ||
+			   (r = 0)) {
+			/* checked (or refused) by opt_no_effect; 1 (not one of its
+			 * options) goes on down the list with r = 0 */
 		} else if (!strcmp(oo->format ? oo->format : "qcow2", "raw")) {
 			r = ERR("Block format 'raw' does not support the option '%s'", k);
 		} else if (!strcmp(k, "l2-cache-size")) {
