@@ -578,6 +578,37 @@ void qsm_io_hold(struct qsm_io *io)
 	io->extra_refs++;
 }
 
+bool qsm_io_abandoned_(const struct qsm_io *io)
+{
+	return container_of(io, const struct qsm_io_common, io)->cm_abandoned;
+}
+
+/*
+ * Forget every request in flight, making sure first that nothing will touch
+ * their memory again: the backend finishes or cancels what it started
+ * (cm_quiesce; a caller's backend does it in its close, qsm_io.h), the
+ * completions already posted are dropped, and writes waiting behind a
+ * direct-I/O read-modify-write are never submitted (a bounce's buffer is
+ * forgotten with its request).  Then the handle is closed.  Nothing in
+ * flight is ever completed: the owner has already freed the callers.
+ */
+void qsm_io_abandon(struct qsm_io *io)
+{
+	if (!io)
+		return;
+	struct qsm_io_common *c = container_of(io, struct qsm_io_common, io);
+	c->cm_abandoned = true;
+	if (c->cm_quiesce)
+		c->cm_quiesce(io);
+	qsm_io_crash_(io); /* down: drops the posted completions, refuses new ones */
+	c->cm_wait_head = NULL;
+	c->cm_wait_tail = &c->cm_wait_head;
+	c->cm_rmw_active = false;
+	c->cm_dio_writes = 0;
+	io->stats.in_flight = 0;
+	qsm_io_close(io);
+}
+
 void qsm_io_close(struct qsm_io *io)
 {
 	if (!io)

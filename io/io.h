@@ -63,6 +63,14 @@ struct qsm_io {
  * to an image that closes it).  Each owner ends with one qsm_io_close. */
 void qsm_io_hold(struct qsm_io *io);
 
+/* Close a handle with requests possibly in flight (qsm_abandon: a process
+ * crash).  When it returns no backend touches those requests' memory any
+ * more and none of their callbacks will ever run: the built-in backends
+ * wait for (or cancel) what they started, a caller's backend is told to in
+ * its close (qsm_io.h).  Drops one owner's reference as qsm_io_close does;
+ * the handle's requests are forgotten even when another owner keeps it. */
+void qsm_io_abandon(struct qsm_io *io);
+
 /* Mark the handle live (on: the image starts serving requests) or not (off:
  * a blocking entry point begins).  Returns the previous value. */
 bool qsm_io_set_live(struct qsm_io *io, bool on);

@@ -46,6 +46,14 @@ struct qsm_io_common {
 	 * requests); its callback never runs and in_flight does not count it,
 	 * so the handle can be closed.  Only closing is left to do. */
 	bool cm_down;
+	/* qsm_io_abandon() ran: the requests still at the backend are
+	 * forgotten (their callbacks never run) and close may find them. */
+	bool cm_abandoned;
+	/* Built-in backends (optional): block until the backend has finished
+	 * or cancelled every request it accepted and no longer touches their
+	 * memory, then forget them without completing them (their count is
+	 * not kept: qsm_io_abandon zeroes in_flight).  Loop thread. */
+	void (*cm_quiesce)(struct qsm_io *io);
 
 	/* Direct I/O alignment (0: the backend takes any transfer).  See
 	 * "Misaligned transfers on direct handles" in io.c. */
@@ -79,6 +87,9 @@ bool qsm_io_leave_(struct qsm_io *io);
  * the caller fixes io->stats.in_flight for them and for its own pending
  * requests. */
 uint64_t qsm_io_crash_(struct qsm_io *io);
+/* Is the handle abandoned (qsm_io_abandon)?  Backends' close functions
+ * then accept requests still on their lists and drop them. */
+bool qsm_io_abandoned_(const struct qsm_io *io);
 
 /* --- File descriptor helpers shared by the threads and io_uring backends --- */
 

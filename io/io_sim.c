@@ -879,6 +879,17 @@ static int qsm_io_sim_get_size(struct qsm_io *io, uint64_t *size)
 	return 0;
 }
 
+/* cm_quiesce (qsm_io_abandon): pending requests are only pointers here
+ * (nothing runs them between loop passes), so forgetting them is enough. */
+static void qsm_io_sim_quiesce(struct qsm_io *io)
+{
+	struct qsm_io_sim *s = qsm_io_sim_of(io);
+
+	s->si_npending = 0;
+	if (s->si_sched_ev)
+		event_del(s->si_sched_ev);
+}
+
 static void qsm_io_sim_close(struct qsm_io *io)
 {
 	struct qsm_io_sim *s = qsm_io_sim_of(io);
@@ -924,6 +935,7 @@ int qsm_io_open_sim(struct event_base *base, struct qsm_sim *sim, int flags,
 		return -ENOMEM;
 	ret = qsm_io_common_init_(&s->c, &qsm_io_sim_ops, base, flags);
 	if (ret == 0) {
+		s->c.cm_quiesce = qsm_io_sim_quiesce;
 		s->si_sched_ev = event_new(base, -1, 0, qsm_sim_sched_cb, s);
 		if (!s->si_sched_ev)
 			ret = -ENOMEM;

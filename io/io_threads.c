@@ -141,10 +141,9 @@ static void qsm_io_threads_event_cb(evutil_socket_t fd, short what, void *arg)
 			event_del(t->th_ev);
 		qsm_io_enter_(&t->c.io);
 		qsm_io_complete_(&t->c.io, req, req->io_ret);
-		if (qsm_io_leave_(&t->c.io)) {
-			assert(!list); /* closing needs nothing in flight */
-			return;
-		}
+		if (qsm_io_leave_(&t->c.io))
+			return; /* closed: nothing was in flight, or the rest of
+				 * list was forgotten by qsm_io_abandon */
 	}
 }
 
@@ -202,6 +201,28 @@ static int qsm_io_threads_extent(struct qsm_io *io, uint64_t off, uint64_t len, 
 				 uint64_t *run)
 {
 	return qsm_io_fds_extent_(&qsm_io_threads_of(io)->th_fds, off, len, data, run);
+}
+
+/* cm_quiesce (qsm_io_abandon): requests not started are dropped, the
+ * workers finish the ones they run and exit, finished ones are forgotten. */
+static void qsm_io_threads_quiesce(struct qsm_io *io)
+{
+	struct qsm_io_threads *t = qsm_io_threads_of(io);
+
+	pthread_mutex_lock(&t->th_lock);
+	t->th_queue_head = NULL;
+	t->th_queue_tail = &t->th_queue_head;
+	t->th_stop = true;
+	pthread_cond_broadcast(&t->th_cond);
+	pthread_mutex_unlock(&t->th_lock);
+	for (int i = 0; i < t->th_nworkers; i++)
+		pthread_join(t->th_workers[i], NULL);
+	t->th_nworkers = 0; /* joined: close must not join again */
+	t->th_done_head = NULL;
+	t->th_done_tail = &t->th_done_head;
+	if (t->th_busy && t->th_ev)
+		event_del(t->th_ev);
+	t->th_busy = 0;
 }
 
 /* Also the error path of open: copes with a partly built handle. */
@@ -263,6 +284,7 @@ int qsm_io_open_threads(struct event_base *base, const char *path, int flags,
 	ret = qsm_io_common_init_(&t->c, &qsm_io_threads_ops, base, flags);
 	if (ret < 0)
 		goto fail;
+	t->c.cm_quiesce = qsm_io_threads_quiesce;
 	ret = qsm_io_fds_open_(&t->th_fds, path, flags);
 	if (ret < 0)
 		goto fail;

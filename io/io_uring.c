@@ -296,7 +296,7 @@ static void qsm_uring_event_cb(evutil_socket_t fd, short what, void *arg)
 		io_uring_cqe_seen(&u->ur_ring, cqe);
 		assert(sl && sl->sl_req);
 		if (qsm_uring_handle(u, sl, res))
-			return; /* the callback closed the handle */
+			return; /* the callback closed (or abandoned) the handle */
 	}
 }
 
@@ -369,6 +369,46 @@ static int qsm_io_uring_extent(struct qsm_io *io, uint64_t off, uint64_t len, bo
 	return qsm_io_fds_extent_(&qsm_io_uring_of(io)->ur_fds, off, len, data, run);
 }
 
+/* cm_quiesce (qsm_io_abandon): every slot in use has exactly one SQE,
+ * prepared or in the kernel.  Submit the prepared ones and reap one CQE per
+ * busy slot, so the kernel is done with every buffer before the ring goes
+ * (io_uring_queue_exit would let in-flight reads land later); the requests
+ * are forgotten, short transfers not continued, overflow ones never start. */
+static void qsm_io_uring_quiesce(struct qsm_io *io)
+{
+	struct qsm_io_uring *u = qsm_io_uring_of(io);
+	unsigned busy = 0;
+
+	if (!u->ur_ring_ok)
+		return;
+	for (unsigned i = 0; i < QSM_URING_DEPTH; i++)
+		if (u->ur_slots[i].sl_req)
+			busy++;
+	while (busy > 0) {
+		struct io_uring_cqe *cqe;
+		int r = io_uring_submit_and_wait(&u->ur_ring, 1);
+		if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY)
+			break; /* the ring is unusable: nothing more will land */
+		while (busy > 0 && io_uring_peek_cqe(&u->ur_ring, &cqe) == 0) {
+			io_uring_cqe_seen(&u->ur_ring, cqe);
+			busy--;
+		}
+	}
+	u->ur_free = NULL;
+	for (unsigned i = 0; i < QSM_URING_DEPTH; i++) {
+		u->ur_slots[i].sl_req = NULL;
+		u->ur_slots[i].sl_next_free = u->ur_free;
+		u->ur_free = &u->ur_slots[i];
+	}
+	u->ur_over_head = NULL;
+	u->ur_over_tail = &u->ur_over_head;
+	if (u->ur_busy && u->ur_ev)
+		event_del(u->ur_ev);
+	if (u->ur_submit_ev)
+		event_del(u->ur_submit_ev);
+	u->ur_busy = 0;
+}
+
 /* Also the error path of open: copes with a partly built handle. */
 static void qsm_io_uring_close(struct qsm_io *io)
 {
@@ -424,6 +464,7 @@ int qsm_io_open_uring(struct event_base *base, const char *path, int flags,
 	ret = qsm_io_common_init_(&u->c, &qsm_io_uring_ops, base, flags);
 	if (ret < 0)
 		goto fail;
+	u->c.cm_quiesce = qsm_io_uring_quiesce;
 	ret = qsm_io_fds_open_(&u->ur_fds, path, flags);
 	if (ret < 0)
 		goto fail;

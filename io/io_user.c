@@ -112,11 +112,9 @@ static void qsm_io_user_ts_cb(evutil_socket_t fd, short what, void *arg)
 		qsm_io_user_done(u);
 		qsm_io_enter_(&u->c.io);
 		qsm_io_complete_(&u->c.io, req, req->io_ret);
-		if (qsm_io_leave_(&u->c.io)) {
-			/* Closed (nothing was in flight, so list is empty). */
-			assert(!list);
-			return;
-		}
+		if (qsm_io_leave_(&u->c.io))
+			return; /* closed: nothing was in flight, or the rest of
+				 * list was forgotten by qsm_io_abandon */
 	}
 }
 
@@ -124,8 +122,12 @@ static void qsm_io_user_close(struct qsm_io *io)
 {
 	struct qsm_io_user *u = container_of(io, struct qsm_io_user, c.io);
 
-	assert(u->u_outstanding == 0 && !u->u_ts_head);
+	/* Abandoned (qsm_io_abandon): the caller's close finishes or cancels
+	 * what its backend still holds, and completes none of it (qsm_io.h);
+	 * completions it had already posted are forgotten. */
+	assert(qsm_io_abandoned_(io) || (u->u_outstanding == 0 && !u->u_ts_head));
 	u->uops.close(io);
+	u->u_ts_head = NULL;
 	if (u->u_ev)
 		event_free(u->u_ev);
 	if (u->u_efd >= 0)

@@ -182,7 +182,10 @@ struct qsm_io_ops {
 	int (*allocated)(struct qsm_io *io, uint64_t *bytes);
 	/* Release the backend's state (qsm_io_new backends: not the handle,
 	 * which the library frees after this returns).  No request is in
-	 * flight. */
+	 * flight, except when the image was abandoned (qsm_abandon, a
+	 * simulated process crash): close must then finish or cancel every
+	 * request it still holds, never complete one (no qsm_io_complete*()
+	 * from now on), and not touch their memory once it returns. */
 	void (*close)(struct qsm_io *io);
 };
 

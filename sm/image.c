@@ -286,6 +286,20 @@ static void image_free(struct qsm_image *img, bool abandon)
 	/* First: joins the workers, so none touches a request's buffers (an
 	 * abandoned image may have jobs outstanding). */
 	qsm_work_pool_free(img->work);
+	img->work = NULL;
+	/* Then, when abandoning, the I/O in flight on this image and on its
+	 * backing chain (a backing read fills our buffers): each handle's
+	 * backend finishes or cancels what it started before anything it may
+	 * write into (tables, bounce buffers, requests) is freed below; no
+	 * completion of it ever runs (qsm_io_abandon). */
+	if (abandon) {
+		for (struct qsm_image *b = img; b; b = b->backing) {
+			qsm_work_pool_free(b->work);
+			b->work = NULL;
+			qsm_io_abandon(b->io);
+			b->io = NULL;
+		}
+	}
 	if (abandon)
 		qsm_l2_cache_abandon(&img->l2c);
 	else
@@ -1207,9 +1221,31 @@ struct qsm_image *qsm_get_backing(struct qsm_image *img)
 	return img->backing;
 }
 
-void qsm_get_stats(struct qsm_image *img, struct qsm_stats *st)
+/* What struct qsm_stats held in 0.1.0: everything before refblock_hits. */
+#define QSM_STATS_SIZE_0 offsetof(struct qsm_stats, refblock_hits)
+
+void qsm_get_stats_sized(struct qsm_image *img, struct qsm_stats *st, size_t size)
 {
-	*st = img->stats;
+	struct qsm_stats all = img->stats;
+	if (img->rc) {
+		struct qsm_rc_stats rs;
+		qsm_refcount_stats(img->rc, &rs);
+		all.refblock_hits = rs.hits;
+		all.refblock_misses = rs.misses;
+		all.refblock_evictions = rs.evictions;
+		all.refblock_loads = rs.loads;
+	}
+	/* A newer caller's fields past ours read as zero. */
+	memcpy(st, &all, size < sizeof(all) ? size : sizeof(all));
+	if (size > sizeof(all))
+		memset((char *)st + sizeof(all), 0, size - sizeof(all));
+}
+
+/* The 0.1.0 entry point (the header's macro of the same name calls
+ * qsm_get_stats_sized); the parentheses keep the macro out. */
+void (qsm_get_stats)(struct qsm_image *img, struct qsm_stats *st)
+{
+	qsm_get_stats_sized(img, st, QSM_STATS_SIZE_0);
 }
 
 void qsm_set_trace(struct qsm_image *img, qsm_trace_fn fn, void *opaque)

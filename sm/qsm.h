@@ -223,7 +223,14 @@ QSM_EXPORT int qsm_close_async(struct qsm_image *img, qsm_cb cb, void *opaque);
  * released as by qsm_abandon and -EIO returned.
  */
 QSM_EXPORT int qsm_close(struct qsm_image *img);
-/* Release without writing anything: what a process crash leaves on disk. */
+/*
+ * Release without writing anything: what a process crash leaves on disk.
+ * Requests in flight are forgotten (their callbacks never run), but their
+ * I/O is not left running: before the image's memory is freed, every
+ * operation already at a backend (this image's and its backing chain's)
+ * has completed or been cancelled, so none lands in freed memory.  The
+ * caller's iov buffers of those requests may be reused once this returns.
+ */
 QSM_EXPORT void qsm_abandon(struct qsm_image *img);
 
 /*
@@ -365,8 +372,24 @@ struct qsm_stats {
 	uint64_t clusters_allocated;
 	uint64_t compressed_clusters; /* clusters stored compressed */
 	uint64_t compress_fallbacks;  /* compressed-write clusters stored as is (no gain) */
+	/* Fields below were appended after 0.1.0 (see qsm_get_stats). */
+	/* Refcount block cache (refcount-cache-size), as l2_hits/l2_misses:
+	 * lookups of a resident block, lookups that issued a read, blocks
+	 * dropped from the cache to make room, and blocks that became
+	 * readable (reads completed; blocks known all free and made resident
+	 * without a read are not counted).  0 for raw images. */
+	uint64_t refblock_hits, refblock_misses;
+	uint64_t refblock_evictions, refblock_loads;
 };
+/*
+ * Counters since open.  struct qsm_stats has no struct_size (it predates
+ * the rule), so the macro passes the size the caller was compiled with and
+ * the library fills only that much: a program built against older headers
+ * (calling the function qsm_get_stats directly) gets the 0.1.0 fields.
+ */
+QSM_EXPORT void qsm_get_stats_sized(struct qsm_image *img, struct qsm_stats *st, size_t size);
 QSM_EXPORT void qsm_get_stats(struct qsm_image *img, struct qsm_stats *st);
+#define qsm_get_stats(img, st) qsm_get_stats_sized((img), (st), sizeof(*(st)))
 
 /* --- Tracing ------------------------------------------------------------- */
 /*

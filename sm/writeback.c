@@ -339,6 +339,20 @@ static int wb_release(struct qsm_image *img, struct qsm_wb *wb, struct qsm_rc_wa
 
 static void fail_waiters(struct qsm_wait **list, int ret);
 
+/* Dirty refcount blocks hold their cache past refcount-cache-size: the
+ * kick its trim gave (refcount_need_writeback, sm/image.c) during a batch,
+ * from the frees WB_RELEASE made, must not be forgotten when it ends, or
+ * the cache stays over its bound until some later write.  Lazy images
+ * never write them before close. */
+static bool refcounts_over_capacity(struct qsm_image *img)
+{
+	struct qsm_rc_stats st;
+	if (img->lazy || !img->rc)
+		return false;
+	qsm_refcount_stats(img->rc, &st);
+	return st.dirty && st.resident > st.capacity;
+}
+
 static void start_job(struct qsm_image *img)
 {
 	assert(!img->wb_job);
@@ -565,7 +579,7 @@ static void job_done(struct qsm_req *job, int ret)
 	job->wb = NULL;
 	img->wb_job = NULL;
 	qsm_image_corrupt_mark(img); /* it waited for this batch to end */
-	if (img->wb_wanted && !qsm_l2_dirty_count(&img->l2c))
+	if (img->wb_wanted && !qsm_l2_dirty_count(&img->l2c) && !refcounts_over_capacity(img))
 		img->wb_wanted = false;
 	/* Not at once: the requests just completed are often resubmitted by
 	 * their callbacks, and should join this next batch (group commit). */

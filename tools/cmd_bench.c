@@ -317,9 +317,12 @@ static void print_extras(const struct bench *b, double secs, int count)
 	       ", write-back batches %" PRIu64 ",\n"
 	       "        requests frozen %" PRIu64 ", allocation waits %" PRIu64
 	       ", L2 hits %" PRIu64 ", L2 misses %" PRIu64 ",\n"
-	       "        clusters allocated %" PRIu64 "\n",
+	       "        clusters allocated %" PRIu64 ",\n"
+	       "        refcount block hits %" PRIu64 ", misses %" PRIu64
+	       ", evictions %" PRIu64 ", loads %" PRIu64 "\n",
 	       st.io_flushes, st.meta_writes, st.wb_batches, st.frozen, st.alloc_waits,
-	       st.l2_hits, st.l2_misses, st.clusters_allocated);
+	       st.l2_hits, st.l2_misses, st.clusters_allocated, st.refblock_hits,
+	       st.refblock_misses, st.refblock_evictions, st.refblock_loads);
 }
 
 /*

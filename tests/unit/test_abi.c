@@ -13,6 +13,12 @@
  *    an older, shorter struct_size: the rest takes defaults.
  *  - The backing-open hook receives the name as recorded ("rbd:pool/base")
  *    and the path resolved as a file name.
+ *  - qsm_stats (no struct_size: qsm_get_stats_sized): the refcount block
+ *    cache counters, on an image whose refcounts span several blocks with a
+ *    one-block refcount-cache-size: hits, misses, loads and evictions all
+ *    move, and the cache holds no more than its capacity once idle (the
+ *    bound refcount_cache_size sets); the 0.1.0 entry point fills only the
+ *    0.1.0 fields, a larger size gets zeros past the library's.
  *  - The blocking rule: a blocking io/ call on a live handle aborts an
  *    assertion-enabled build (forked; skipped where NDEBUG removes it).
  */
@@ -31,7 +37,9 @@
 #include "io/io.h"
 #include "io/sim.h"
 #include "io/util.h"
+#include "metadata/refcount.h"
 #include "sm/qsm.h"
+#include "sm/sm.h"
 
 #define MiB (1024u * 1024u)
 #define DISK_MAX (64u * MiB)
@@ -593,6 +601,87 @@ START_TEST(blocking_call_on_live_handle_aborts)
 END_TEST
 #endif
 
+/* --- qsm_stats: refcount block cache counters ------------------------------ */
+
+START_TEST(refblock_stats)
+{
+	struct event_base *b = event_base_new();
+	struct qsm_sim *sim = qsm_sim_new(7);
+	struct qsm_io *io;
+	struct qsm_image *img;
+	char err[256];
+	ck_assert_int_eq(qsm_io_open_sim(b, sim, 0, &io), 0);
+	/* 4 KiB clusters, 16-bit refcounts: one refcount block covers 8 MiB
+	 * of file.  The cache holds one block. */
+	struct qsm_create_opts co = { QSM_OPTS_INIT(co), .size = 64 * MiB, .cluster_size = 4096 };
+	ck_assert_msg(qsm_create_io(io, &co, err, sizeof(err)) == 0, "%s", err);
+	struct qsm_open_opts oo = { QSM_OPTS_INIT(oo), .work_threads = -1,
+				    .refcount_cache_size = 4096 };
+	ck_assert_msg(qsm_open_io(b, io, &oo, &img, err, sizeof(err)) == 0, "%s", err);
+	struct qsm_rc_stats rs;
+	qsm_refcount_stats(img->rc, &rs);
+	ck_assert_uint_eq(rs.capacity, 1);
+
+	struct qsm_stats st;
+	qsm_get_stats(img, &st);
+	uint64_t hits0 = st.refblock_hits;
+	/* 4 KiB every 8 KiB over 64 MiB: 8192 data clusters, ~4 blocks. */
+	uint8_t buf[4096];
+	memset(buf, 0x33, sizeof(buf));
+	for (uint64_t off = 0; off < 64 * MiB; off += 8192) {
+		ck_assert_int_eq(qsm_sync_pwrite(img, buf, sizeof(buf), off), 0);
+		qsm_refcount_stats(img->rc, &rs);
+		if (!rs.dirty) /* pinned or dirty blocks may exceed it for a while */
+			ck_assert_uint_le(rs.resident, rs.capacity);
+	}
+	ck_assert_int_eq(qsm_sync_flush(img), 0);
+	qsm_refcount_stats(img->rc, &rs);
+	ck_assert_uint_le(rs.resident, rs.capacity); /* idle and clean: bounded */
+	/* Discards drop refcounts in the first blocks again: they are read back. */
+	for (uint64_t off = 0; off < 64 * MiB; off += 16 * MiB)
+		ck_assert_int_eq(qsm_sync_discard(img, off, 65536), 0);
+	ck_assert_int_eq(qsm_sync_flush(img), 0);
+	/* Refcounts a discard drops change once its L2 update is durable, in
+	 * memory: the cache is over capacity and dirty, and starts a write-back
+	 * by itself; once the loop has nothing left to do it is bounded again. */
+	ck_assert_int_eq(event_base_dispatch(b), 1);
+	qsm_refcount_stats(img->rc, &rs);
+	ck_assert_msg(rs.resident <= rs.capacity, "resident %zu dirty %zu cap %zu",
+		      rs.resident, rs.dirty, rs.capacity);
+
+	qsm_get_stats(img, &st);
+	ck_assert_uint_eq(st.refblock_hits, rs.hits);
+	ck_assert_uint_eq(st.refblock_misses, rs.misses);
+	ck_assert_uint_eq(st.refblock_evictions, rs.evictions);
+	ck_assert_uint_eq(st.refblock_loads, rs.loads);
+	ck_assert_uint_gt(st.refblock_hits, hits0 + 8000); /* one lookup per allocation at least */
+	ck_assert_uint_gt(st.refblock_misses, 0);          /* an evicted block read back */
+	ck_assert_uint_ge(st.refblock_loads, st.refblock_misses);
+	ck_assert_uint_ge(st.refblock_evictions, 3);       /* four blocks through one slot */
+	ck_assert_uint_gt(st.writes, 8000);
+
+	/* The 0.1.0 entry point: the fields it knew, nothing past them. */
+	struct qsm_stats old;
+	memset(&old, 0xa5, sizeof(old));
+	(qsm_get_stats)(img, &old);
+	ck_assert_uint_eq(old.writes, st.writes);
+	ck_assert_uint_eq(old.compress_fallbacks, st.compress_fallbacks);
+	ck_assert_uint_eq(old.refblock_hits, 0xa5a5a5a5a5a5a5a5ull);
+	ck_assert_uint_eq(old.refblock_loads, 0xa5a5a5a5a5a5a5a5ull);
+	/* A newer caller's larger structure: zeros past what the library has. */
+	uint8_t big[sizeof(struct qsm_stats) + 16];
+	memset(big, 0xa5, sizeof(big));
+	qsm_get_stats_sized(img, (struct qsm_stats *)big, sizeof(big));
+	for (size_t i = sizeof(struct qsm_stats); i < sizeof(big); i++)
+		ck_assert_uint_eq(big[i], 0);
+	ck_assert(memcmp(big, &st, sizeof(st)) == 0);
+
+	ck_assert_int_eq(qsm_close(img), 0);
+	event_base_free(b);
+	qsm_sim_free(sim);
+}
+END_TEST
+
 static Suite *abi_suite(void)
 {
 	Suite *s = suite_create("abi");
@@ -607,6 +696,7 @@ static Suite *abi_suite(void)
 	TCase *o = tcase_create("options");
 	tcase_add_test(o, opts_struct_size);
 	tcase_add_test(o, check_counts_and_repairs);
+	tcase_add_test(o, refblock_stats);
 	suite_add_tcase(s, o);
 #ifndef NDEBUG
 	/* Only where the library's assertions are compiled in (the library
