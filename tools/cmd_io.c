@@ -1330,13 +1330,15 @@ static int map_f(struct io_ctx *io, int argc, char **argv)
  *    (file, host_device, host_cdrom: qsm's file backend), read-only,
  *    backing (JSON null = no backing file; a string names a node, which
  *    qsm has not: QEMU's error), backing.driver, cache.direct,
- *    cache.no-flush, aio / file.aio, l2-cache-size and cache-size (both
- *    size the engine's L2 cache: qsm_open_opts.l2_cache_size), node-name
- *    (a name only: qsm has no node graph);
+ *    cache.no-flush, aio / file.aio, l2-cache-size, refcount-cache-size
+ *    and cache-size (split between the two as QEMU's read_cache_sizes when
+ *    one of them is given too: qsm_open_opts.l2_cache_size and
+ *    refcount_cache_size; cache-size alone sizes the L2 cache, the refcount
+ *    cache keeping its default), node-name (a name only: qsm has no node
+ *    graph);
  *  - checked with QEMU's rules and wording, then ignored because they only
  *    tune memory or host allocation, never what any read returns or what
- *    the image file holds: refcount-cache-size (the engine sizes its
- *    refcount cache itself), l2-cache-entry-size (the engine caches whole
+ *    the image file holds: l2-cache-entry-size (the engine caches whole
  *    L2 tables), cache-clean-interval (the engine never drops clean cache
  *    entries on a timer), discard=unmap|on (would punch holes in the file
  *    for freed clusters: host allocation only; qsm never does for qcow2);
@@ -1357,6 +1359,8 @@ struct open_req {
 	uint64_t entry_size;     /* l2-cache-entry-size, 0: not given */
 	int discard_ignore;      /* discard=: -1 not given, else 1 for ignore/off */
 	bool no_backing_null;    /* "backing": null */
+	uint64_t rc_bytes;       /* refcount cache asked for, 0: not given */
+	uint64_t cs_only;        /* cache-size given alone, 0: not */
 };
 
 
@@ -1396,7 +1400,10 @@ static int opt_driver(const char *v, const char **fmt, char *err, size_t errlen,
 
 static int opt_size(const char *k, const char *v, uint64_t *out, char *err, size_t errlen)
 {
-	if (cli_parse_size(v, out) < 0)
+	int r = cli_parse_size(v, out);
+	if (r == -ERANGE) /* QEMU's parse_option_size */
+		return ERR("Value '%s' is out of range for parameter '%s'", v, k);
+	if (r < 0)
 		return ERR("Parameter '%s' expects a non-negative number below 2^64\n"
 			   "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
 			   "and exabytes, respectively.", k);
@@ -1597,6 +1604,7 @@ static int apply_open_opts(struct qsm_open_opts *oo, const struct cli_opts *o,
 	}
 	/* QEMU's read_cache_sizes(): the combined size splits between the two
 	 * caches; only the L2 share reaches the engine. */
+	req->cs_only = cs_set && !l2_set && !rc_set ? cs : 0;
 	if (cs_set) {
 		if (l2_set && rc_set)
 			return ERR("cache-size, l2-cache-size and refcount-cache-size may not be set "
@@ -1607,14 +1615,19 @@ static int apply_open_opts(struct qsm_open_opts *oo, const struct cli_opts *o,
 			return ERR("refcount-cache-size may not exceed cache-size");
 		if (!l2_set)
 			l2 = cs - rc;
+		else
+			rc = cs - l2;
+		rc_set = rc_set || l2_set;
 		l2_set = true;
 	}
-	if (l2 > INT_MAX)
-		return ERR("L2 cache size too big");
-	if (rc > INT_MAX)
-		return ERR("Refcount cache size too big");
+	/* QEMU bounds both caches in entries once the cluster size is known
+	 * (check_open_req); an L2 cache larger than the image needs is cut
+	 * down to what it needs, never refused. */
+	req->rc_bytes = rc_set ? rc : 0;
 	if (l2_set)
 		oo->l2_cache_size = l2 ? l2 : 1; /* 0 would mean "the default": the smallest instead */
+	if (rc_set)
+		oo->refcount_cache_size = rc ? rc : 1; /* the engine keeps at least one block */
 	return 0;
 }
 
@@ -1631,6 +1644,21 @@ static int check_open_req(struct qsm_image *img, const struct open_req *req, cha
 				(req->entry_size & (req->entry_size - 1))))
 		return ERR("L2 cache entry size must be a power of two between 512 and the cluster "
 			   "size (%" PRIu64 ")", info.cluster_size);
+	/* cache-size alone: QEMU's read_cache_sizes gives the L2 cache what
+	 * the whole image needs and the refcount cache the rest (at most the
+	 * whole when it is smaller than 4 clusters).  Only the check follows
+	 * that split: the engine's refcount cache keeps its default size. */
+	uint64_t rc_bytes = req->rc_bytes;
+	if (req->cs_only) {
+		uint64_t max_l2 = QSM_DIV_ROUND_UP(info.virtual_size, info.cluster_size) * 8;
+		uint64_t min_rc = 4 * info.cluster_size;
+		max_l2 = QSM_DIV_ROUND_UP(max_l2, info.cluster_size) * info.cluster_size;
+		rc_bytes = req->cs_only >= max_l2 + min_rc ? req->cs_only - max_l2
+							   : QSM_MIN(req->cs_only, min_rc);
+	}
+	/* qcow2_update_options_prepare: at least 4 blocks, at most INT_MAX. */
+	if (rc_bytes / info.cluster_size > INT_MAX)
+		return ERR("Refcount cache size too big");
 	if (req->lazy == 1 && info.version < 3)
 		return ERR("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
 			   "compatibility level");

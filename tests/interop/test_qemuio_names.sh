@@ -104,6 +104,26 @@ same opt-cache-all-three qemu-io -c 'open -o cache-size=1M,l2-cache-size=1M,refc
 same opt-cache-rc-over   qemu-io -c 'open -o cache-size=1M,refcount-cache-size=2M t.qcow2'
 same opt-cache-size      qemu-io -c 'open -o cache-size=256k,refcount-cache-size=64k t.qcow2' -c 'write -P 4 0 8k' -c 'read -P 4 0 8k'
 same opt-rc-bad          qemu-io -c 'open -o refcount-cache-size=1x t.qcow2'
+same opt-rc-abc          qemu-io -c 'open -o refcount-cache-size=abc t.qcow2'
+same opt-rc-neg          qemu-io -c 'open -o refcount-cache-size=-1 t.qcow2'
+same opt-rc-empty        qemu-io -c 'open -o refcount-cache-size= t.qcow2'
+# QEMU bounds the caches in entries (bytes / cluster size): 4G is fine,
+# 128T is 2^31 refcount blocks; an L2 cache past what the image needs is
+# cut down, never refused.  (Sizes QEMU would fail to allocate are left
+# out: qsm allocates its caches as they fill.)
+same opt-rc-4g           qemu-io -c 'open -o refcount-cache-size=4G t.qcow2' -c 'write -P 13 0 4k'
+same opt-rc-too-big      qemu-io -c 'open -o refcount-cache-size=128T t.qcow2'
+same opt-l2-huge         qemu-io -c 'open -o l2-cache-size=15E t.qcow2' -c 'read -P 0x11 0 4k'
+same opt-cache-huge      qemu-io -c 'open -o cache-size=15E t.qcow2'
+same opt-cache-huge-l2   qemu-io -c 'open -o cache-size=15E,l2-cache-size=1M t.qcow2'
+same opt-rc-huge         qemu-io -c 'open -o refcount-cache-size=16E t.qcow2'
+same opt-cache-rc-small  qemu-io -c 'open -o cache-size=64k,refcount-cache-size=128k t.qcow2'
+same opt-cache-rc-eq     qemu-io -c 'open -o cache-size=64k,refcount-cache-size=64k t.qcow2' -c 'write -P 9 512k 64k' -c 'read -P 9 512k 64k'
+same opt-rc-zero         qemu-io -c 'open -o refcount-cache-size=0 t.qcow2' -c 'write -P 10 128k 64k' -c 'discard 0 64k' -c 'read -P 10 128k 64k'
+same opt-rc-512          qemu-io -c 'open -o refcount-cache-size=512 t.qcow2' -c 'write -P 11 64k 192k' -c 'read -P 11 64k 192k'
+same opt-cache-l2-rc     qemu-io -c 'open -o cache-size=1M,l2-cache-size=512k t.qcow2' -c 'write -P 12 0 4k'
+same imgopts-rc-bad      qemu-io --image-opts 'driver=qcow2,file.filename=t.qcow2,refcount-cache-size=abc' -c 'read 0 1'
+same imgopts-rc-over     qemu-io --image-opts 'driver=qcow2,file.filename=t.qcow2,cache-size=1k,refcount-cache-size=2k' -c 'read 0 1'
 same opt-entry-bad       qemu-io -c 'open -o l2-cache-entry-size=1000 t.qcow2'
 same opt-entry-big       qemu-io -c 'open -o l2-cache-entry-size=128k t.qcow2'
 same opt-entry-ok        qemu-io -c 'open -o l2-cache-entry-size=4k t.qcow2' -c 'write -P 5 64k 64k' -c 'read -P 5 64k 64k'
@@ -225,6 +245,43 @@ for j in '{' '{"' '{"a' '{"a"' '{"a":' '{"a":"' '{"a":"\' '{"a":"\u12' '{"a":"\u
     rc=$?
     if [ $rc -ne 1 ]; then
         fail "json:$(printf '%.40s' "$j") exited $rc (want 1): $(printf '%.200s' "$out")"
+    fi
+done
+
+log "refcount-cache-size reaches the engine"
+# Not a comparison (qemu-io shows no cache counters): the same discards,
+# two passes over 21 refcount blocks (512-byte clusters), open once with a
+# one-block refcount cache and once with a 1 MiB one.  Every block is read
+# once with the large cache; the small one reads them again on the second
+# pass (qsm's --trace-text names each refblock load), by open -o and by
+# --image-opts alike.
+(
+    cd "$WORK/base" &&
+    qemu-img create -q -f qcow2 -o cluster_size=512 rc.qcow2 64M &&
+    for i in $(seq 0 40); do echo "write -P 1 $((i << 20)) 64k"; done |
+        qemu-io rc.qcow2 >/dev/null
+) || die "cannot create rc.qcow2"
+rc_args=()
+for p in 0 1; do
+    for i in $(seq 0 40); do rc_args+=(-c "discard $(((i << 20) + p * 4096)) 512"); done
+done
+rc_loads() { # HOW OPTS: refblock loads, opening rc.qcow2 with OPTS
+    cp "$WORK/base/rc.qcow2" "$WORK/rc.qcow2"
+    if [ "$1" = open ]; then
+        "$QSM" io --trace-text "$WORK/rc.txt" -c "open -o $2 $WORK/rc.qcow2" "${rc_args[@]}" >/dev/null
+    else
+        "$QSM" io --trace-text "$WORK/rc.txt" --image-opts "driver=qcow2,file.filename=$WORK/rc.qcow2,$2" \
+            "${rc_args[@]}" >/dev/null
+    fi || echo "-1"
+    grep -o 'refblock load' "$WORK/rc.txt" | wc -l
+}
+for how in open image-opts; do
+    CHECKS=$((CHECKS + 1))
+    small=$(rc_loads $how refcount-cache-size=512 | tail -n 1)
+    large=$(rc_loads $how refcount-cache-size=1M | tail -n 1)
+    split=$(rc_loads $how cache-size=2M,l2-cache-size=1M | tail -n 1)
+    if ! [ "$large" -ge 20 ] || ! [ "$small" -ge $((large + 20)) ] || [ "$split" -ne "$large" ]; then
+        fail "$how: refblock loads with a 512-byte refcount cache $small, 1 MiB $large, 1 MiB by cache-size - l2-cache-size $split"
     fi
 done
 
