@@ -23,6 +23,7 @@
 #include "metadata/check.h"
 #include "metadata/json_name.h"
 #include "metadata/l1.h"
+#include "metadata/l2entry.h"
 #include "metadata/overlap.h"
 #include "sm/sm.h"
 
@@ -1050,6 +1051,71 @@ static int allocated_past(struct qsm_image *img, uint64_t from, bool *found)
 	return 0;
 }
 
+/*
+ * Shrinking over allocated clusters (QEMU's qcow2_co_truncate: a full
+ * discard from the first cluster wholly past the new end, then the L2
+ * tables past it released).  Blocking, with everything written back and
+ * nothing in flight.  The cached L2 tables are all clean, so they are
+ * dropped and the tables edited on disk: entries past the end become 0, a
+ * table wholly past it leaves the L1 table.  Every cluster they referenced
+ * (data, compressed, preallocated zero, the tables themselves) is freed
+ * through the pending frees, which the write-back batch releases only
+ * after its syncs made the new tables and L1 durable: a crash in between
+ * leaks clusters, never leaves a reference to a free one.
+ */
+static int discard_past(struct qsm_image *img, uint64_t from)
+{
+	uint64_t first = QSM_DIV_ROUND_UP(from, img->cluster_size);
+	uint8_t *t = NULL;
+	int ret = 0;
+
+	qsm_l2_cache_drop_clean(&img->l2c);
+	if (qsm_l2_dirty_count(&img->l2c))
+		return -EBUSY; /* cannot be: resize_qcow2 wrote everything back */
+	for (uint64_t i = first / img->l2_entries; i < img->l1_size && !ret; i++) {
+		uint64_t l2 = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
+		if (!l2)
+			continue;
+		if (!t && posix_memalign((void **)&t, 4096, img->cluster_size))
+			return -ENOMEM;
+		if ((ret = qsm_io_pread_sync(img->io, t, img->cluster_size, l2)) < 0)
+			break;
+		uint64_t j0 = i == first / img->l2_entries ? first % img->l2_entries : 0;
+		bool changed = false;
+		for (uint64_t j = j0; j < img->l2_entries && !ret; j++) {
+			uint64_t e = qcow2_be64(t + j * 8);
+			if (!e)
+				continue;
+			changed = true;
+			qcow2_put_be64(t + j * 8, 0);
+			if (e & QCOW2_OFLAG_COMPRESSED) {
+				uint64_t c0, n;
+				qcow2_compressed_clusters(img->cluster_bits, e, &c0, &n);
+				for (uint64_t c = c0; c < c0 + n && !ret; c++)
+					ret = qsm_free_cluster_deferred(img, c << img->cluster_bits);
+			} else if (qcow2_entry_offset(e)) {
+				ret = qsm_free_cluster_deferred(img, qcow2_entry_offset(e));
+			}
+		}
+		if (ret)
+			break;
+		if (j0 == 0) {
+			qsm_l1_set(img, i, 0);
+			ret = qsm_free_cluster_deferred(img, l2);
+		} else if (changed) {
+			ret = qsm_io_pwrite_sync(img->io, t, img->cluster_size, l2);
+		}
+	}
+	free(t);
+	/* The edited tables durable before the batch can release anything
+	 * (its own syncs do not know about writes made behind the cache). */
+	if (ret == 0 && !(img->io->flags & QSM_IO_NO_FLUSH))
+		ret = qsm_io_flush_sync(img->io);
+	if (ret == 0)
+		ret = qsm_sync_writeback(img);
+	return ret;
+}
+
 /* qsm_truncate for qcow2, once the request is known to be valid. */
 static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
 {
@@ -1066,9 +1132,17 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 		bool found;
 		if ((ret = allocated_past(img, size, &found)) < 0)
 			TRUNC_FAIL(ret, "Could not read L2 tables: %s", strerror(-ret));
-		if (found)
-			TRUNC_FAIL(-ENOTSUP, "Cannot shrink to %llu bytes: clusters past the new end are allocated",
-				   (unsigned long long)size);
+		if (found && h->nb_snapshots)
+			TRUNC_FAIL(-ENOTSUP, "Can't resize an image which has snapshots");
+		if (found && (ret = discard_past(img, size)) < 0) {
+			if (!img->error) {
+				img->error = -EIO;
+				snprintf(img->errmsg, sizeof(img->errmsg),
+					 "discarding the clusters past the new end failed (%s); "
+					 "the image accepts no more writes", strerror(-ret));
+			}
+			TRUNC_FAIL(ret, "%s", img->errmsg);
+		}
 		new_l1 = img->l1_size; /* keep the table; it may be larger than needed */
 	}
 	if (new_l1 > img->l1_size) {

@@ -237,8 +237,11 @@ QSM_EXPORT void qsm_abandon(struct qsm_image *img);
  * Change the virtual size (blocking, like open and close; no request may be
  * in flight).  Growing past what the L1 table maps moves the L1 table, in
  * QEMU's crash-safe order: new table and its refcounts durable, then the
- * header, then the old table released.  Shrinking is allowed only when
- * nothing is allocated past the new end (-ENOTSUP otherwise).  The size must
+ * header, then the old table released.  Shrinking releases every cluster
+ * wholly past the new end (as QEMU: a full discard, the L2 tables past it
+ * freed once the tables no longer naming them are durable; the L1 table
+ * keeps its size); refused (-ENOTSUP) on an image with internal snapshots
+ * when something is allocated there.  The size must
  * be a multiple of 512 (qcow2; a raw file may have any length).  err (when
  * non-NULL) explains a failure.
  * Growing over a backing image longer than the old size zeroes the new area

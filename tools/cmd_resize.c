@@ -12,8 +12,8 @@
  *  3. open read-write, compute the new size, refuse "New image size must be
  *     positive" and shrinking without --shrink (with qemu's warning);
  *  4. qsm_truncate(): qcow2 grows (L1 table moved crash-safely when needed)
- *     and shrinks only when nothing is allocated past the new end (qemu
- *     would discard that data; qsm refuses and names the reason).
+ *     and shrinks, releasing what is allocated past the new end (as
+ *     qemu; refused on an image with internal snapshots, as qemu).
  * Exit status 0 on success, 1 on any error; nothing is changed on error.
  */
 #include <errno.h>
@@ -34,8 +34,8 @@ static void resize_usage(FILE *f)
 		"Change the virtual size of an image, as 'qemu-img resize' does.\n"
 		"\n"
 		"  -f FMT     image format: qcow2 (default) or raw; never probed\n"
-		"  --shrink   allow making the image smaller (qsm refuses when data\n"
-		"             is allocated past the new end)\n"
+		"  --shrink   allow making the image smaller (data past the new end\n"
+		"             is discarded)\n"
 		"  -q         quiet: do not print 'Image resized.'\n"
 		"  SIZE       bytes, or with a k, M, G, T, P or E suffix (1k = 1024);\n"
 		"             +SIZE grows by, -SIZE shrinks by that amount\n");
