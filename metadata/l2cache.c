@@ -331,6 +331,26 @@ void qsm_l2_cancel_wait(struct qsm_l2_cache *c, struct qsm_l2_waiter *w)
 	}
 }
 
+/* Copy t's changed span into b, mark it clean and wb_busy. */
+static int collect_one(struct qsm_l2_cache *c, struct qsm_l2_table *t, struct qsm_meta_batch *b)
+{
+	uint64_t lo = 0, hi = c->cluster_size;
+	if (t->dirty_hi > t->dirty_lo) {
+		lo = QSM_ALIGN_DOWN((uint64_t)t->dirty_lo, 4096);
+		hi = QSM_MIN(QSM_ALIGN_UP((uint64_t)t->dirty_hi, 4096), c->cluster_size);
+	}
+	int ret = qsm_meta_batch_add(b, t->offset + lo, t->data + lo, hi - lo,
+				     t->fresh ? QSM_IO_EV_L2_ALLOC : QSM_IO_EV_L2_UPDATE);
+	if (ret < 0)
+		return ret;
+	t->fresh = false;
+	t->dirty = false;
+	t->dirty_lo = t->dirty_hi = 0;
+	t->wb_busy++;
+	c->nb_dirty--;
+	return 0;
+}
+
 int qsm_l2_collect(struct qsm_l2_cache *c, struct qsm_meta_batch *b)
 {
 	int n = 0;
@@ -338,25 +358,29 @@ int qsm_l2_collect(struct qsm_l2_cache *c, struct qsm_meta_batch *b)
 		for (struct qsm_l2_table *t = c->hash[i]; t; t = t->hnext) {
 			if (!t->dirty)
 				continue;
-			uint64_t lo = 0, hi = c->cluster_size;
-			if (t->dirty_hi > t->dirty_lo) {
-				lo = QSM_ALIGN_DOWN((uint64_t)t->dirty_lo, 4096);
-				hi = QSM_MIN(QSM_ALIGN_UP((uint64_t)t->dirty_hi, 4096), c->cluster_size);
-			}
-			int ret = qsm_meta_batch_add(b, t->offset + lo, t->data + lo, hi - lo,
-						     t->fresh ? QSM_IO_EV_L2_ALLOC
-							      : QSM_IO_EV_L2_UPDATE);
+			int ret = collect_one(c, t, b);
 			if (ret < 0)
 				return ret;
-			t->fresh = false;
-			t->dirty = false;
-			t->dirty_lo = t->dirty_hi = 0;
-			t->wb_busy++;
-			c->nb_dirty--;
 			n++;
 		}
 	}
 	return n;
+}
+
+int qsm_l2_collect_table(struct qsm_l2_cache *c, uint64_t offset, bool fresh_only,
+			 struct qsm_meta_batch *b)
+{
+	struct qsm_l2_table *t = lookup(c, offset);
+	if (!t || !t->dirty || (fresh_only && !t->fresh))
+		return 0;
+	int ret = collect_one(c, t, b);
+	return ret < 0 ? ret : 1;
+}
+
+bool qsm_l2_is_dirty(const struct qsm_l2_cache *c, uint64_t offset)
+{
+	const struct qsm_l2_table *t = lookup(c, offset);
+	return t && t->dirty;
 }
 
 void qsm_l2_written(struct qsm_l2_cache *c, uint64_t offset, int ret)

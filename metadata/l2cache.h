@@ -119,6 +119,14 @@ void qsm_l2_cancel_wait(struct qsm_l2_cache *c, struct qsm_l2_waiter *w);
  * one table must reach the disk in collect order: the owner runs one
  * write-back at a time. */
 int qsm_l2_collect(struct qsm_l2_cache *c, struct qsm_meta_batch *b);
+/* The same for the one table at offset, if it is cached and dirty (and,
+ * with fresh_only, made by qsm_l2_create and never collected): 1 when
+ * collected, 0 when there was nothing to collect, -ENOMEM.  A table not
+ * cached, or cached and clean, was written by an earlier write-back. */
+int qsm_l2_collect_table(struct qsm_l2_cache *c, uint64_t offset, bool fresh_only,
+			 struct qsm_meta_batch *b);
+/* Is the table at offset cached with changes not yet collected? */
+bool qsm_l2_is_dirty(const struct qsm_l2_cache *c, uint64_t offset);
 /* The write of a collected copy of the table at offset finished with ret
  * (0 or -errno; a copy never submitted counts as failed).  A failed write
  * leaves the table dirty again, whole: what is on disk is unknown, and the

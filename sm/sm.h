@@ -123,6 +123,9 @@ struct qsm_cjob {
 
 struct qsm_image;
 
+/* L2 tables a FUA request notes for a targeted write-back batch. */
+#define QSM_FUA_TABLES 4
+
 /* Clusters a compressed write deflates at once (in parallel). */
 #define QSM_CZ_BATCH 16
 
@@ -200,6 +203,15 @@ struct qsm_req {
 	int io_ret;
 
 	bool wt_counted;          /* counted in img->wt_pending */
+	/* FUA writes and zero writes (sm/writeback.c, "Targeted batches"):
+	 * the L2 tables (host offsets) and L1 indices its runs mapped
+	 * through, noted as each run lets its table go (release_l2), so that
+	 * its batch writes those alone; fua_many when more than fit (its
+	 * batch is then a normal one). */
+	uint64_t fua_l2[QSM_FUA_TABLES];
+	uint64_t fua_l1[QSM_FUA_TABLES];
+	unsigned nb_fua;
+	bool fua_many;
 	/* Tracing only: the request this one waits on (FROZEN, ALLOC_WAIT,
 	 * JOIN_WRITE/JOIN_WAIT, DURABLE_WAIT), reported as wait_for. */
 	uint64_t wait_for;
@@ -222,6 +234,10 @@ struct qsm_wb {
 	size_t nb_released;       /* frees[0..nb_released) done (WB_RELEASE may wait) */
 	struct qsm_wait *waiters; /* requests completed by this batch */
 	bool full;                /* refcounts too, rounds until clean (img->wb_full) */
+	/* Only FUA requests wait, nothing asked for space: write only what
+	 * their tables need (sm/writeback.c, "Targeted batches"). */
+	bool targeted;
+	bool space_wanted;        /* started for cache pressure (img->wb_wanted) */
 	bool cleaning;            /* this round writes the header with the dirty bit cleared */
 	unsigned round;           /* rounds of a full batch done so far */
 	struct qsm_io_req *ios;   /* one per write of the current level */
@@ -383,6 +399,9 @@ bool qsm_host_io_busy(const struct qsm_image *img, uint64_t cluster);
 /* req wants the next write-back batch to complete it (event WB_DONE).  Starts
  * a batch when none runs. */
 void qsm_wb_join(struct qsm_image *img, struct qsm_req *req);
+/* A FUA request's run lets its L2 table go (release_l2): note the table
+ * for a targeted batch. */
+void qsm_wb_note_fua(struct qsm_req *req);
 /* A batch is wanted (cache pressure); start one when none runs. */
 void qsm_wb_kick(struct qsm_image *img);
 /* Start the next batch if one is wanted and group commit says it is time;

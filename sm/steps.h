@@ -55,6 +55,8 @@ static inline enum qsm_event fail(struct qsm_req *req, int ret)
 static inline void release_l2(struct qsm_req *req)
 {
 	if (req->run.l2) {
+		if (req->flags & QSM_REQ_FUA)
+			qsm_wb_note_fua(req);
 		qsm_l2_put(&req->img->l2c, req->run.l2);
 		req->run.l2 = NULL;
 	}

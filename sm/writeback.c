@@ -70,6 +70,45 @@
  * failed metadata write or sync puts the image in the sticky error state
  * (img->error = -EIO): waiters fail, later writes fail fast.
  *
+ * Targeted batches (FUA): when every request a batch takes is a FUA write
+ * or zero write (QSM_REQ_FUA, in a cache mode where other writes do not
+ * wait for durability) and nothing asked for cache space (wb_wanted), a
+ * close, a flush or a full batch, the batch writes what those requests need
+ * and leaves everything else dirty for the next normal batch:
+ *   - the L2 tables their runs mapped through (req->fua_l2, noted as each
+ *     run lets its table go), those still dirty;
+ *   - the 512-byte L1 sectors of their L1 entries that may not be durable
+ *     (inside img->l1_dirty_lo..hi, which only a normal batch resets: a
+ *     targeted one leaves the range dirty, and a later batch writes the same
+ *     bytes again), and, for rule 3, every fresh L2 table (made by L2_ALLOC,
+ *     never written) an entry of those sectors names: a table written once
+ *     already is a valid table on disk, so an L1 entry may name it while
+ *     its newer changes are still dirty;
+ *   - when anything above is written: every dirty refcount block (and the
+ *     refcount table and header when the table moved), as a normal batch
+ *     (with lazy refcounts only when it writes an L1 sector or a new
+ *     refcount block goes, else the dirty bit first).  Not only
+ *     the FUA requests' own: an L2 table is written whole (its dirty span),
+ *     so it carries other requests' entries too, and their clusters'
+ *     refcounts must be durable first (rule 1); refcount blocks are few
+ *     (one covers cluster_size * 8 / refcount_bits clusters), and a count
+ *     reaching the disk early is only a leak after a crash, never a loss;
+ *   - no releases: the pending frees wait for a normal batch, which has
+ *     written every table that stopped pointing at them (rule 4).
+ * Rule 2 holds for the other requests' entries those tables carry: an
+ * entry changes only after its data write completed (L2_UPDATE follows
+ * ALLOC_WRITE), before this snapshot, and the batch's first sync (WB_SYNC_DATA
+ * or WB_SYNC_REFBLOCKS) comes before the L2 level.  A FUA in-place overwrite
+ * whose table and L1 entry are durable needs no metadata: its batch is
+ * WB_COLLECT > WB_SYNC_DATA > WB_RELEASE, one sync.  Joining: a FUA request
+ * reaching DURABLE_WAIT while a batch runs joins that batch when it covers
+ * it (running_covers: none of its tables or L1 entries is dirty, so each is
+ * durable or in that batch, and the batch still has a sync to submit,
+ * which covers its data); otherwise it waits for the next one, and a flush,
+ * a close or cache pressure queued with it makes that a normal batch, which
+ * covers it too.  Header changes other than the refcount table's move or
+ * the dirty bit (an L1 move, a resize) make the batch a normal one.
+ *
  * Full batches (img->wb_full, asked for by a close or a blocking full flush,
  * qsm_sync_writeback): refcounts are written even with lazy refcounts, and
  * after WB_RELEASE the batch goes round again (WB_ROUND, at most
@@ -112,6 +151,9 @@ static int sync_level(enum qsm_state s)
 	assert(s == QSM_S_WB_SYNC_DATA);
 	return -1;
 }
+
+static enum qsm_event next_level_event(struct qsm_wb *wb, int level);
+static int wb_collect_targeted(struct qsm_image *img, struct qsm_wb *wb);
 
 struct wb_io {
 	struct qsm_io_req io;
@@ -219,6 +261,8 @@ static int wb_collect(struct qsm_image *img, struct qsm_wb *wb, bool full)
 	int ret;
 	if (img->raw)
 		return 0; /* no metadata: a raw image's batch is one fdatasync */
+	if (wb->targeted)
+		return wb_collect_targeted(img, wb);
 	wb->lazy_deferred = !with_refcounts;
 	if (with_refcounts) {
 		if ((ret = qsm_refcount_collect(img->rc, &wb->blocks, &wb->reftable, &wb->rc)) < 0)
@@ -265,6 +309,134 @@ static int wb_collect(struct qsm_image *img, struct qsm_wb *wb, bool full)
 	img->pending_frees = NULL;
 	img->nb_pending_frees = img->cap_pending_frees = 0;
 	return 0;
+}
+
+/* Is L1 entry idx possibly not durable (changed since a normal batch
+ * collected the L1)? */
+static bool l1_maybe_dirty(const struct qsm_image *img, uint64_t idx)
+{
+	return idx >= img->l1_dirty_lo && idx < img->l1_dirty_hi;
+}
+
+/* A FUA write or zero write whose noted tables say all it needs. */
+static bool fua_targeted(const struct qsm_req *req)
+{
+	enum qsm_cache_mode c = req->img->cache;
+	return (req->machine == QSM_M_WRITE || req->machine == QSM_M_ZEROES) &&
+	       (req->flags & QSM_REQ_FUA) && !req->fua_many && c != QSM_CACHE_WRITETHROUGH &&
+	       c != QSM_CACHE_DIRECTSYNC;
+}
+
+void qsm_wb_note_fua(struct qsm_req *req)
+{
+	if (req->machine != QSM_M_WRITE && req->machine != QSM_M_ZEROES)
+		return;
+	uint64_t off = req->run.l2->offset;
+	for (unsigned i = 0; i < req->nb_fua; i++)
+		if (req->fua_l2[i] == off)
+			return;
+	if (req->nb_fua == QSM_FUA_TABLES) {
+		req->fua_many = true;
+		return;
+	}
+	req->fua_l2[req->nb_fua] = off;
+	req->fua_l1[req->nb_fua++] = req->run.l1_index;
+}
+
+/* A targeted batch's L1 sector holding entry idx, and the fresh tables its
+ * entries name (rule 3); once per sector. */
+static int collect_l1_sector(struct qsm_image *img, struct qsm_wb *wb, uint64_t idx)
+{
+	uint64_t lo = QSM_ALIGN_DOWN(idx * 8, 512);
+	uint64_t at = img->hdr.l1_table_offset + lo;
+	for (size_t i = 0; i < wb->l1.n; i++)
+		if (wb->l1.w[i].offset == at)
+			return 0;
+	for (uint64_t e = lo / 8; e < lo / 8 + 512 / 8 && e < img->l1_size; e++) {
+		uint64_t l2 = qcow2_be64(img->l1 + e * 8) & QCOW2_L1E_OFFSET_MASK;
+		int ret = l2 ? qsm_l2_collect_table(&img->l2c, l2, true, &wb->l2) : 0;
+		if (ret < 0)
+			return ret;
+	}
+	return qsm_meta_batch_add(&wb->l1, at, img->l1 + lo, 512, QSM_IO_EV_L1_UPDATE);
+}
+
+/* WB_COLLECT of a targeted batch (see the design block): the waiters' dirty
+ * tables and L1 sectors, then what writing them needs. */
+static int wb_collect_targeted(struct qsm_image *img, struct qsm_wb *wb)
+{
+	bool with_refcounts = !img->lazy;
+	int ret;
+	for (struct qsm_wait *w = wb->waiters; w; w = w->next) {
+		struct qsm_req *req = w->req;
+		for (unsigned i = 0; i < req->nb_fua; i++)
+			if ((ret = qsm_l2_collect_table(&img->l2c, req->fua_l2[i], false, &wb->l2)) < 0)
+				return ret;
+	}
+	for (struct qsm_wait *w = wb->waiters; w; w = w->next) {
+		struct qsm_req *req = w->req;
+		for (unsigned i = 0; i < req->nb_fua; i++)
+			if (l1_maybe_dirty(img, req->fua_l1[i]) &&
+			    (ret = collect_l1_sector(img, wb, req->fua_l1[i])) < 0)
+				return ret;
+	}
+	if (!wb->l2.n && !wb->l1.n) {
+		wb->lazy_deferred = img->lazy;
+		return 0; /* their mapping is durable: one sync of their data */
+	}
+	/* Lazy refcounts defer data clusters only (as wb_collect): an L1
+	 * entry (a new table) or a new refcount block takes the refcounts. */
+	with_refcounts = with_refcounts || wb->l1.n || qsm_refcount_table_dirty(img->rc);
+	wb->lazy_deferred = !with_refcounts;
+	if (with_refcounts) {
+		if ((ret = qsm_refcount_collect(img->rc, &wb->blocks, &wb->reftable, &wb->rc)) < 0)
+			return ret;
+		if (wb->rc.table_moved)
+			img->header_dirty = true;
+	} else if (!img->disk_dirty) {
+		img->hdr.incompatible_features |= QCOW2_INCOMPAT_DIRTY;
+		img->header_dirty = true;
+		wb->marks_dirty = true;
+	}
+	if (img->header_dirty) {
+		if ((ret = collect_header(img, &wb->header, with_refcounts)) < 0)
+			return ret;
+		img->header_dirty = false;
+	}
+	return 0; /* wb->frees stays empty: the frees wait for a normal batch */
+}
+
+/* Does the running batch make req durable?  Every table and L1 entry req
+ * mapped through is clean, so durable or in that batch (a normal batch
+ * took the L1 range; a targeted one leaves it dirty), and the batch has a
+ * sync still to submit, after req's data writes completed. */
+static bool running_covers(struct qsm_image *img, struct qsm_req *req)
+{
+	struct qsm_req *job = img->wb_job;
+	if (!job || !job->wb || !fua_targeted(req))
+		return false;
+	for (unsigned i = 0; i < req->nb_fua; i++)
+		if (qsm_l2_is_dirty(&img->l2c, req->fua_l2[i]) || l1_maybe_dirty(img, req->fua_l1[i]))
+			return false;
+	switch (job->state) {
+	case QSM_S_WB_REFBLOCKS:
+	case QSM_S_WB_REFTABLE:
+	case QSM_S_WB_HEADER:
+	case QSM_S_WB_L2:
+	case QSM_S_WB_L1:
+		return true; /* its sync state follows */
+	case QSM_S_WB_SYNC_DATA:
+	case QSM_S_WB_SYNC_REFBLOCKS:
+	case QSM_S_WB_SYNC_REFTABLE:
+	case QSM_S_WB_SYNC_HEADER:
+	case QSM_S_WB_SYNC_L2:
+	case QSM_S_WB_SYNC_L1:
+		/* This sync may have been submitted before req's data completed:
+		 * only a later level's sync counts. */
+		return next_level_event(job->wb, sync_level(job->state)) != QSM_E_WB_DONE;
+	default:
+		return false; /* collecting, releasing: no sync to come */
+	}
 }
 
 /* Drop one reference of a freed cluster whose tables are durable.  With a
@@ -370,6 +542,7 @@ static void start_job(struct qsm_image *img)
 		return;
 	}
 	job->wb = wb;
+	wb->space_wanted = img->wb_wanted;
 	img->wb_job = job;
 	img->wb_wanted = false;
 	img->stats.wb_batches++;
@@ -409,8 +582,15 @@ void qsm_wb_timer_cb(evutil_socket_t fd, short what, void *arg)
 void qsm_wb_join(struct qsm_image *img, struct qsm_req *req)
 {
 	req->wait.req = req;
-	req->wait.next = img->wb_next_waiters;
-	img->wb_next_waiters = &req->wait;
+	if (running_covers(img, req)) {
+		struct qsm_wb *wb = img->wb_job->wb;
+		req->wait.next = wb->waiters;
+		wb->waiters = &req->wait;
+		req->wait_for = img->wb_job->id;
+	} else {
+		req->wait.next = img->wb_next_waiters;
+		img->wb_next_waiters = &req->wait;
+	}
 	req->waiting = true;
 	if (req->wt_counted) {
 		req->wt_counted = false;
@@ -612,6 +792,11 @@ static enum qsm_event wb_step_collect(struct qsm_req *job)
 			w->req->wait_for = job->id; /* for traces: who completes them */
 		wb->full = img->wb_full;
 		img->wb_full = false;
+		/* Targeted: FUA requests only (see the design block). */
+		wb->targeted = wb->waiters && !wb->full && !wb->space_wanted &&
+			       !img->header_dirty && !img->raw;
+		for (struct qsm_wait *w = wb->waiters; w && wb->targeted; w = w->next)
+			wb->targeted = fua_targeted(w->req);
 	} else {
 		wb_reset(wb);
 	}

@@ -7,6 +7,14 @@
  *    the same write without FUA does not (so the crash really drops), and
  *    issues no sync (qsm_stats.io_flushes); bad flags are refused;
  *    QSM_ZERO_MAY_UNMAP releases the host cluster, its absence keeps it.
+ *  - fua-targeted: a FUA write's batch (traced at the io/ boundary) writes
+ *    its data, the refcounts, its own L2 table, and its L1 sector only when
+ *    it allocated a table; other dirty tables stay dirty; a FUA overwrite of
+ *    a durable mapping writes no metadata, one sync; a FUA request joins a
+ *    normal batch queued with it, or running when it still has a sync to
+ *    submit; after a crash right after, the FUA data is there, the
+ *    unrelated changes are not, and the image is consistent as the crash
+ *    left it (qsm's checker, qemu-img check), nothing leaked.
  *  - close: qsm_close_async from inside a write's completion callback with
  *    other requests in flight: they all complete, the close callback runs
  *    once, from the loop, after them; new requests are refused
@@ -160,9 +168,10 @@ static void fua_case(bool lazy)
 	struct qsm_image *img = open_disk(b, sim, QSM_CACHE_WRITEBACK);
 
 	/* Allocating writes: without FUA, no sync; with FUA (in another L2
-	 * table), durable once completed.  The FUA write's batch writes what
-	 * is dirty when it starts (it covers the earlier writes too); a write
-	 * completed after it is not durable, and the crash drops it. */
+	 * table), durable once completed.  The FUA write's batch writes its
+	 * table and L1 sector, and the fresh table 0 that sector names (the
+	 * earlier writes are durable too); a write completed after it is not
+	 * durable, and the crash drops it. */
 	uint64_t f0 = flushes(img);
 	ck_assert_int_eq(write_flags(b, img, 0, 0x11, 2 * CS, 0), 0);
 	ck_assert_int_eq(write_flags(b, img, 3 * CS + 100, 0x12, 1000, 0), 0);
@@ -574,6 +583,260 @@ START_TEST(close_batch_traced)
 }
 END_TEST
 
+/* --- fua: targeted batches -------------------------------------------------
+ * A FUA write's batch writes what it needs, not every dirty table: traced
+ * at the io/ boundary (qsm_io.trace), from submission to completion. */
+
+#define BIG (512u << 20)      /* 256 L2 tables: four 512-byte L1 sectors */
+#define L2SPAN ((uint64_t)CS / 8 * CS)
+
+struct io_log {
+	bool on;
+	unsigned writes[QSM_IO_EV__COUNT];
+	uint64_t l2_at[16];       /* L2 writes (L2_UPDATE, L2_ALLOC): offsets */
+	unsigned nb_l2;
+	unsigned flushes;
+	/* When set: a FUA write submitted at the first L2 write seen (from
+	 * the hook: submitting only posts its start to the loop). */
+	struct qsm_image *img;
+	const struct iovec *fua_iov;
+	uint64_t fua_off;
+	void *fua_done;
+	int fua_ret;
+};
+
+static void done_cb(void *opaque, int ret);
+
+static void io_log_fn(void *opaque, const struct qsm_io_req *r, bool done, int ret)
+{
+	struct io_log *l = opaque;
+	(void)ret;
+	if (!l->on || done)
+		return; /* submissions only */
+	if (r->op == QSM_IO_FLUSH)
+		l->flushes++;
+	if (r->op != QSM_IO_WRITE)
+		return;
+	l->writes[r->event]++;
+	if ((r->event == QSM_IO_EV_L2_UPDATE || r->event == QSM_IO_EV_L2_ALLOC) && l->nb_l2 < 16)
+		l->l2_at[l->nb_l2++] = r->offset;
+	if ((r->event == QSM_IO_EV_L2_UPDATE || r->event == QSM_IO_EV_L2_ALLOC) && l->img) {
+		l->fua_ret = qsm_writev_flags(l->img, l->fua_off, l->fua_iov, 1, QSM_REQ_FUA, done_cb,
+					      l->fua_done);
+		l->img = NULL;
+	}
+}
+
+static unsigned meta_writes_logged(const struct io_log *l)
+{
+	return l->writes[QSM_IO_EV_L1_UPDATE] + l->writes[QSM_IO_EV_L2_UPDATE] +
+	       l->writes[QSM_IO_EV_L2_ALLOC] + l->writes[QSM_IO_EV_REFBLOCK_UPDATE] +
+	       l->writes[QSM_IO_EV_REFBLOCK_ALLOC] + l->writes[QSM_IO_EV_REFTABLE_UPDATE] +
+	       l->writes[QSM_IO_EV_HEADER_UPDATE];
+}
+
+/* The host offset of the L2 table mapping guest offset off (0: none). */
+static uint64_t l2_of(struct qsm_image *img, uint64_t off)
+{
+	return qcow2_be64(img->l1 + off / L2SPAN * 8) & QCOW2_L1E_OFFSET_MASK;
+}
+
+/* A FUA write traced from submission to completion. */
+static void fua_traced(struct event_base *b, struct qsm_image *img, struct io_log *l,
+		       uint64_t off, uint8_t pat, size_t len)
+{
+	memset(l, 0, sizeof(*l));
+	l->on = true;
+	ck_assert_int_eq(write_flags(b, img, off, pat, len, QSM_REQ_FUA), 0);
+	l->on = false;
+}
+
+static void fua_targeted_case(bool lazy)
+{
+	struct qcow2_create_opts o = { .size = BIG, .cluster_bits = 12, .version = 3,
+				       .refcount_order = 4, .lazy_refcounts = lazy };
+	uint8_t *im;
+	size_t len;
+	char err[256];
+	struct qsm_sim *sim = qsm_sim_new(lazy ? 71 : 70);
+	ck_assert_int_eq(qcow2_create_image(&o, &im, &len, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_sim_load_buf(sim, im, len), 0);
+	free(im);
+	struct event_base *b = event_base_new();
+	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITEBACK, .work_threads = -1 };
+	struct qsm_image *img;
+	struct qsm_io *io;
+	ck_assert_int_eq(qsm_io_open_sim(b, sim, 0, &io), 0);
+	ck_assert_msg(qsm_open_io(b, io, &oo, &img, err, sizeof(err)) == 0, "open: %s", err);
+	struct io_log l;
+	memset(&l, 0, sizeof(l));
+	io->trace = io_log_fn;
+	io->trace_opaque = &l;
+
+	/* Tables A, B, C (unrelated) and E (the FUA target), durable. */
+	const uint64_t A = 0, B = 2 * L2SPAN, C = 4 * L2SPAN, E = 8 * L2SPAN, F = 6 * L2SPAN,
+		       G = 10 * L2SPAN;
+	const uint64_t others[3] = { A, B, C };
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(write_flags(b, img, others[i], (uint8_t)(0x31 + i), 3 * CS, 0), 0);
+	ck_assert_int_eq(write_flags(b, img, E, 0x41, CS, 0), 0);
+	ck_assert_int_eq(qsm_sync_flush(img), 0);
+	ck_assert_uint_eq(qsm_l2_dirty_count(&img->l2c), 0);
+
+	/* Dirty A, B, C without allocating (zero flag on allocated clusters:
+	 * no refcount changes, so the crash below leaves nothing leaked). */
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(zero_flags(b, img, others[i], CS, 0), 0);
+	ck_assert_uint_eq(qsm_l2_dirty_count(&img->l2c), 3);
+
+	/* A FUA allocating write in E: its data, the refcounts (not with
+	 * lazy refcounts: the dirty bit is on disk already) and E's table
+	 * alone; E's L1 entry is durable, so no L1 write. */
+	struct qsm_stats st0, st1;
+	fua_traced(b, img, &l, E + CS, 0x42, CS);
+	ck_assert_uint_eq(l.writes[QSM_IO_EV_DATA_WRITE], 1);
+	ck_assert_uint_eq(l.nb_l2, 1);
+	ck_assert_uint_eq(QSM_ALIGN_DOWN(l.l2_at[0], CS), l2_of(img, E));
+	ck_assert_uint_eq(l.writes[QSM_IO_EV_L1_UPDATE], 0);
+	if (lazy)
+		ck_assert_uint_eq(l.writes[QSM_IO_EV_REFBLOCK_UPDATE], 0);
+	else
+		ck_assert_uint_ge(l.writes[QSM_IO_EV_REFBLOCK_UPDATE], 1);
+	ck_assert_uint_ge(l.flushes, 2); /* data (with refcounts) before the table, table */
+	for (int i = 0; i < 3; i++)
+		ck_assert(qsm_l2_is_dirty(&img->l2c, l2_of(img, others[i])));
+	ck_assert_uint_eq(qsm_l2_dirty_count(&img->l2c), 3);
+
+	/* A FUA write allocating table F: F whole, then its L1 sector (the
+	 * fresh tables that sector names: F alone, A is not fresh). */
+	fua_traced(b, img, &l, F + 3 * CS, 0x43, CS);
+	ck_assert_uint_eq(l.nb_l2, 1);
+	ck_assert_uint_eq(l.writes[QSM_IO_EV_L2_ALLOC], 1);
+	ck_assert_uint_eq(l.l2_at[0], l2_of(img, F));
+	ck_assert_uint_eq(l.writes[QSM_IO_EV_L1_UPDATE], 1);
+	ck_assert_uint_eq(qsm_l2_dirty_count(&img->l2c), 3);
+
+	/* A FUA overwrite in place (mapping durable): no metadata write at
+	 * all, one sync. */
+	qsm_get_stats(img, &st0);
+	fua_traced(b, img, &l, E + CS + 512, 0x44, 512);
+	qsm_get_stats(img, &st1);
+	ck_assert_uint_eq(meta_writes_logged(&l), 0);
+	ck_assert_uint_eq(st1.meta_writes, st0.meta_writes);
+	ck_assert_uint_eq(l.writes[QSM_IO_EV_DATA_WRITE], 1);
+	ck_assert_uint_eq(l.flushes, 1);
+	ck_assert_uint_eq(qsm_l2_dirty_count(&img->l2c), 3);
+
+	/* A normal batch queued with it (a flush submitted just before,
+	 * waiting for the FUA write in flight: group commit) covers a FUA
+	 * overwrite: one batch for both. */
+	struct done fdone = { 0, 0 }, wd = { 0, 0 };
+	uint8_t pat[512];
+	memset(pat, 0x45, sizeof(pat));
+	struct iovec piov = { pat, sizeof(pat) };
+	qsm_get_stats(img, &st0);
+	ck_assert_int_eq(qsm_flush(img, done_cb, &fdone), 0);
+	ck_assert_int_eq(qsm_writev_flags(img, E + 2048, &piov, 1, QSM_REQ_FUA, done_cb, &wd), 0);
+	wait_done(b, &fdone);
+	wait_done(b, &wd);
+	ck_assert_int_eq(fdone.ret, 0);
+	ck_assert_int_eq(wd.ret, 0);
+	qsm_get_stats(img, &st1);
+	ck_assert_uint_eq(st1.wb_batches - st0.wb_batches, 1);
+	ck_assert_uint_eq(qsm_l2_dirty_count(&img->l2c), 0);
+
+	/* A batch already running covers a FUA overwrite whose mapping is
+	 * durable while it still has a sync to submit: the overwrite joins it
+	 * rather than wait for one more (here it is submitted as the flush's
+	 * batch writes its L2 level, and completes before WB_SYNC_L1). */
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(zero_flags(b, img, others[i] + 2 * CS, CS, 0), 0);
+	ck_assert_int_eq(write_flags(b, img, G, 0x47, CS, 0), 0); /* and an L1 level */
+	memset(&fdone, 0, sizeof(fdone));
+	memset(&wd, 0, sizeof(wd));
+	memset(pat, 0x46, sizeof(pat));
+	qsm_get_stats(img, &st0);
+	ck_assert_int_eq(qsm_flush(img, done_cb, &fdone), 0);
+	memset(&l, 0, sizeof(l));
+	l.img = img; /* submitted from the trace hook, at the batch's first L2 write */
+	l.fua_iov = &piov;
+	l.fua_off = E + 2560;
+	l.fua_done = &wd;
+	l.on = true;
+	wait_done(b, &fdone);
+	l.on = false;
+	ck_assert_int_eq(l.fua_ret, 0);
+	wait_done(b, &fdone);
+	wait_done(b, &wd);
+	ck_assert_int_eq(fdone.ret, 0);
+	ck_assert_int_eq(wd.ret, 0);
+	qsm_get_stats(img, &st1);
+	ck_assert_uint_eq(st1.wb_batches - st0.wb_batches, 1);
+
+	/* Dirty them again for the crash below. */
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(zero_flags(b, img, others[i] + CS, CS, 0), 0);
+
+	/* Crash right after: the FUA data is there, the unrelated zero
+	 * writes (never durable) are not, and the image is consistent. */
+	io->trace = NULL;
+	qsm_sim_crash(sim, 0, false);
+	qsm_abandon(img);
+	if (!lazy) {
+		/* As the crash left it: nothing to repair, nothing leaked. */
+		struct qsm_io *rio;
+		struct qsm_check_result res;
+		memset(&res, 0, sizeof(res));
+		ck_assert_int_eq(qsm_io_open_sim(b, sim, QSM_IO_RDONLY, &rio), 0);
+		ck_assert_int_eq(qsm_check_image(rio, 0, &res, NULL, err, sizeof(err)), 0);
+		qsm_io_close(rio);
+		ck_assert_uint_eq(res.corruptions, 0);
+		ck_assert_uint_eq(res.leaks, 0);
+		ck_assert(!res.incomplete);
+		if (system("qemu-img --version >/dev/null 2>&1") == 0) {
+			char path[] = "/tmp/qsm-fua-XXXXXX", cmd[128];
+			int fd = mkstemp(path);
+			ck_assert_int_ge(fd, 0);
+			close(fd);
+			ck_assert_int_eq(qsm_sim_save_file(sim, path), 0);
+			snprintf(cmd, sizeof(cmd), "qemu-img check -q '%s'", path);
+			ck_assert_msg(system(cmd) == 0, "qemu-img check %s", path);
+			unlink(path);
+		}
+	}
+	img = open_disk(b, sim, QSM_CACHE_WRITEBACK); /* lazy: repaired here */
+	ck_assert(reads_as(img, E, 2048, 0x41));
+	ck_assert(reads_as(img, E + 2560, 512, 0x46));
+	ck_assert(reads_as(img, E + 3072, CS - 3072, 0x41));
+	ck_assert(reads_as(img, E + CS, 512, 0x42));
+	ck_assert(reads_as(img, E + CS + 512, 512, 0x44));
+	ck_assert(reads_as(img, E + CS + 1024, CS - 1024, 0x42));
+	ck_assert(reads_as(img, E + 2048, 512, 0x45));
+	ck_assert(reads_as(img, F + 3 * CS, CS, 0x43));
+	ck_assert(reads_as(img, G, CS, 0x47));
+	for (int i = 0; i < 3; i++) { /* the flushed zero write stays, the later one is gone */
+		ck_assert(reads_as(img, others[i], CS, 0));
+		ck_assert(reads_as(img, others[i] + CS, CS, (uint8_t)(0x31 + i)));
+		ck_assert(reads_as(img, others[i] + 2 * CS, CS, 0));
+	}
+	ck_assert_int_eq(qsm_close(img), 0);
+	event_base_free(b);
+	check_clean(sim, lazy);
+	qsm_sim_free(sim);
+}
+
+START_TEST(fua_targeted_batch)
+{
+	fua_targeted_case(false);
+}
+END_TEST
+
+START_TEST(fua_targeted_batch_lazy)
+{
+	fua_targeted_case(true);
+}
+END_TEST
+
 /* A chain of three images on simulated disks, through open_backing_io. */
 struct chain {
 	struct qsm_sim *sims[3];
@@ -726,6 +989,10 @@ int main(void)
 	tcase_add_test(fua, fua_survives_crash_lazy);
 	tcase_add_test(fua, flags_checked);
 	suite_add_tcase(s, fua);
+	TCase *ft = tcase_create("fua-targeted");
+	tcase_add_test(ft, fua_targeted_batch);
+	tcase_add_test(ft, fua_targeted_batch_lazy);
+	suite_add_tcase(s, ft);
 	TCase *cl = tcase_create("close");
 	tcase_add_test(cl, close_async_in_callback);
 	tcase_add_test(cl, close_async_in_callback_lazy);
