@@ -837,6 +837,164 @@ START_TEST(fua_targeted_batch_lazy)
 }
 END_TEST
 
+/* Random mixes: FUA writes and zero writes on even clusters, other writes,
+ * zero writes, discards and flushes on odd clusters of the same L2 tables,
+ * up to QD in flight; a random crash (each unflushed write kept or not) at
+ * a random point.  Every FUA request completed before the crash reads back;
+ * the image is consistent (no corruption; leaks are allowed without lazy
+ * refcounts, as after any crash; lazy: repaired at open). */
+#define QD 8
+#define NCL 96                 /* clusters used, spread over 12 L2 tables */
+
+struct mix {
+	struct event_base *b;
+	struct qsm_image *img;
+	uint64_t rng;
+	int inflight, issued, completed, crash_at;
+	struct mop {
+		struct mix *m;
+		bool busy, fua;
+		int cl;
+		uint8_t pat;
+		uint8_t buf[CS];
+		struct iovec iov;
+	} ops[QD];
+	int expect[NCL];           /* FUA clusters: -1 unknown, else the pattern read */
+	bool cl_busy[NCL];
+};
+
+static uint64_t mix_rand(struct mix *m)
+{
+	m->rng ^= m->rng << 13;
+	m->rng ^= m->rng >> 7;
+	m->rng ^= m->rng << 17;
+	return m->rng;
+}
+
+static uint64_t mix_off(int cl)
+{
+	return (uint64_t)(cl % 12) * 3 * L2SPAN + (uint64_t)(cl / 12) * CS;
+}
+
+static void mix_cb(void *opaque, int ret)
+{
+	struct mop *o = opaque;
+	struct mix *m = o->m;
+	ck_assert_int_eq(ret, 0);
+	if (o->fua && m->completed < m->crash_at)
+		m->expect[o->cl] = o->pat;
+	m->cl_busy[o->cl] = false;
+	o->busy = false;
+	m->inflight--;
+	m->completed++;
+}
+
+static void mix_issue(struct mix *m, struct mop *o)
+{
+	uint64_t r = mix_rand(m);
+	int cl;
+	bool fua = r % 3 == 0;
+	do
+		cl = (int)((mix_rand(m) % (NCL / 2)) * 2 + (fua ? 0 : 1));
+	while (m->cl_busy[cl]);
+	o->m = m;
+	o->busy = true;
+	o->fua = fua;
+	o->cl = cl;
+	o->pat = (uint8_t)(1 + m->issued % 250);
+	memset(o->buf, o->pat, CS);
+	o->iov = (struct iovec){ o->buf, CS };
+	m->cl_busy[cl] = true;
+	uint64_t off = mix_off(cl);
+	unsigned kind = (unsigned)(r >> 8) % 8;
+	int ret;
+	if (fua && kind == 0) {
+		o->pat = 0;
+		ret = qsm_write_zeroes(m->img, off, CS, QSM_ZERO_FUA | (r & 0x10000 ? QSM_ZERO_MAY_UNMAP : 0),
+				       mix_cb, o);
+	} else if (fua) {
+		ret = qsm_writev_flags(m->img, off, &o->iov, 1, QSM_REQ_FUA, mix_cb, o);
+	} else if (kind == 0) {
+		ret = qsm_discard(m->img, off, CS, mix_cb, o);
+	} else if (kind == 1) {
+		ret = qsm_write_zeroes(m->img, off, CS, r & 0x10000 ? QSM_ZERO_MAY_UNMAP : 0, mix_cb, o);
+	} else if (kind == 2) {
+		ret = qsm_flush(m->img, mix_cb, o);
+	} else {
+		o->iov.iov_len = CS - (r >> 20) % 2048;
+		ret = qsm_writev(m->img, off + (r >> 20) % 2048, &o->iov, 1, mix_cb, o);
+	}
+	ck_assert_int_eq(ret, 0);
+	if (fua && m->expect[cl] >= 0)
+		m->expect[cl] = -1; /* old or new until it completes */
+	m->inflight++;
+	m->issued++;
+}
+
+static void fua_mix_case(uint64_t seed, bool lazy)
+{
+	struct qcow2_create_opts co = { .size = BIG, .cluster_bits = 12, .version = 3,
+					.refcount_order = 4, .lazy_refcounts = lazy };
+	uint8_t *im;
+	size_t len;
+	char err[256];
+	struct qsm_sim *sim = qsm_sim_new(seed);
+	ck_assert_int_eq(qcow2_create_image(&co, &im, &len, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_sim_load_buf(sim, im, len), 0);
+	free(im);
+	struct mix *m = calloc(1, sizeof(*m));
+	m->b = event_base_new();
+	m->img = open_disk(m->b, sim, QSM_CACHE_WRITEBACK);
+	m->rng = seed * 2654435761u + 1;
+	for (int i = 0; i < NCL; i++)
+		m->expect[i] = 0; /* never written: zeros */
+	m->crash_at = 20 + (int)(mix_rand(m) % 100);
+	while (m->completed < m->crash_at) {
+		for (int i = 0; i < QD && m->issued < m->crash_at + QD; i++)
+			if (!m->ops[i].busy)
+				mix_issue(m, &m->ops[i]);
+		ck_assert_msg(event_base_loop(m->b, EVLOOP_ONCE) != 1, "hang, seed %llu",
+			      (unsigned long long)seed);
+	}
+	/* Crash now, with requests still in flight: those are unknown. */
+	for (int i = 0; i < QD; i++)
+		if (m->ops[i].busy && m->ops[i].fua)
+			m->expect[m->ops[i].cl] = -1;
+	qsm_sim_crash_random(sim);
+	qsm_abandon(m->img);
+	if (!lazy) {
+		struct qsm_io *rio;
+		struct qsm_check_result res;
+		memset(&res, 0, sizeof(res));
+		ck_assert_int_eq(qsm_io_open_sim(m->b, sim, QSM_IO_RDONLY, &rio), 0);
+		ck_assert_int_eq(qsm_check_image(rio, 0, &res, NULL, err, sizeof(err)), 0);
+		qsm_io_close(rio);
+		ck_assert_msg(res.corruptions == 0 && !res.incomplete, "seed %llu: %llu corruptions",
+			      (unsigned long long)seed, (unsigned long long)res.corruptions);
+	}
+	m->img = open_disk(m->b, sim, QSM_CACHE_WRITEBACK);
+	int known = 0;
+	for (int cl = 0; cl < NCL; cl += 2)
+		known += m->expect[cl] > 0;
+	ck_assert_msg(known > 0, "seed %llu: no FUA data to check", (unsigned long long)seed);
+	for (int cl = 0; cl < NCL; cl += 2)
+		if (m->expect[cl] >= 0)
+			ck_assert_msg(reads_as(m->img, mix_off(cl), CS, (uint8_t)m->expect[cl]),
+				      "seed %llu: FUA cluster %d lost (expected %#x)",
+				      (unsigned long long)seed, cl, m->expect[cl]);
+	ck_assert_int_eq(qsm_close(m->img), 0);
+	event_base_free(m->b);
+	free(m);
+	qsm_sim_free(sim);
+}
+
+START_TEST(fua_random_crash)
+{
+	for (uint64_t seed = 1000; seed < 1030; seed++)
+		fua_mix_case(seed, seed % 2);
+}
+END_TEST
+
 /* A chain of three images on simulated disks, through open_backing_io. */
 struct chain {
 	struct qsm_sim *sims[3];
@@ -992,6 +1150,8 @@ int main(void)
 	TCase *ft = tcase_create("fua-targeted");
 	tcase_add_test(ft, fua_targeted_batch);
 	tcase_add_test(ft, fua_targeted_batch_lazy);
+	tcase_add_test(ft, fua_random_crash);
+	tcase_set_timeout(ft, 120);
 	suite_add_tcase(s, ft);
 	TCase *cl = tcase_create("close");
 	tcase_add_test(cl, close_async_in_callback);
