@@ -324,6 +324,7 @@ static void image_free(struct qsm_image *img, bool abandon)
 	}
 	qcow2_header_release(&img->hdr);
 	free(img->l1);
+	free(img->l1_disk);
 	free(img->zero_buf);
 	free(img->pending_frees);
 	free(img->held_frees);
@@ -731,6 +732,7 @@ read_header:;
 	if (img->l1_size &&
 	    (ret = qsm_io_pread_sync(io, img->l1, img->l1_size * 8, h->l1_table_offset)) < 0)
 		OPEN_FAIL(ret, "cannot read the L1 table: %s", strerror(-ret));
+	qsm_wb_l1_loaded(img);
 
 	struct qsm_rc_params rp = {
 		.cluster_bits = h->cluster_bits,
@@ -1187,6 +1189,7 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 		img->l1 = l1;
 		img->l1_size = new_l1;
 		img->l1_dirty_lo = img->l1_dirty_hi = 0;
+		qsm_wb_l1_loaded(img);
 		qsm_overlap_set_l1(meta_of(img), new_off, new_l1);
 		if (new_off + bytes > img->file_end)
 			img->file_end = new_off + bytes;

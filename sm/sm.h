@@ -292,6 +292,12 @@ struct qsm_image {
 	uint8_t *l1;
 	uint64_t l1_size;         /* entries */
 	uint64_t l1_dirty_lo, l1_dirty_hi; /* dirty entry range [lo, hi) */
+	/* What the L1 on disk holds, or will once the running batch is done
+	 * (sm/writeback.c, "Targeted batches"): valid while l1_disk_offset and
+	 * l1_disk_size are the table's; an entry that differs from l1 may not
+	 * be durable. */
+	uint8_t *l1_disk;
+	uint64_t l1_disk_offset, l1_disk_size;
 
 	struct qsm_refcounts *rc;
 	struct qsm_l2_cache l2c;
@@ -402,6 +408,9 @@ void qsm_wb_join(struct qsm_image *img, struct qsm_req *req);
 /* A FUA request's run lets its L2 table go (release_l2): note the table
  * for a targeted batch. */
 void qsm_wb_note_fua(struct qsm_req *req);
+/* img->l1 is what the disk holds (read at open, or a moved table made
+ * durable): keep a copy for targeted batches. */
+void qsm_wb_l1_loaded(struct qsm_image *img);
 /* A batch is wanted (cache pressure); start one when none runs. */
 void qsm_wb_kick(struct qsm_image *img);
 /* Start the next batch if one is wanted and group commit says it is time;

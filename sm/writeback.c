@@ -78,9 +78,11 @@
  *   - the L2 tables their runs mapped through (req->fua_l2, noted as each
  *     run lets its table go), those still dirty;
  *   - the 512-byte L1 sectors of their L1 entries that may not be durable
- *     (inside img->l1_dirty_lo..hi, which only a normal batch resets: a
- *     targeted one leaves the range dirty, and a later batch writes the same
- *     bytes again), and, for rule 3, every fresh L2 table (made by L2_ALLOC,
+ *     (they differ from img->l1_disk, the copy of what the disk holds, kept
+ *     at every collect; without a valid copy, after an L1 move, they lie in
+ *     img->l1_dirty_lo..hi; a targeted batch leaves that range as it is, so
+ *     a later normal batch writes those bytes again, unchanged or newer),
+ *     and, for rule 3, every fresh L2 table (made by L2_ALLOC,
  *     never written) an entry of those sectors names: a table written once
  *     already is a valid table on disk, so an L1 entry may name it while
  *     its newer changes are still dirty;
@@ -103,7 +105,8 @@
  * WB_COLLECT > WB_SYNC_DATA > WB_RELEASE, one sync.  Joining: a FUA request
  * reaching DURABLE_WAIT while a batch runs joins that batch when it covers
  * it (running_covers: none of its tables or L1 entries is dirty, so each is
- * durable or in that batch, and the batch still has a sync to submit,
+ * durable or in that batch (img->l1_disk includes what a batch collected),
+ * and the batch still has a sync to submit,
  * which covers its data); otherwise it waits for the next one, and a flush,
  * a close or cache pressure queued with it makes that a normal batch, which
  * covers it too.  Header changes other than the refcount table's move or
@@ -154,6 +157,7 @@ static int sync_level(enum qsm_state s)
 
 static enum qsm_event next_level_event(struct qsm_wb *wb, int level);
 static int wb_collect_targeted(struct qsm_image *img, struct qsm_wb *wb);
+static void l1_disk_note(struct qsm_image *img, uint64_t lo, uint64_t hi);
 
 struct wb_io {
 	struct qsm_io_req io;
@@ -292,6 +296,7 @@ static int wb_collect(struct qsm_image *img, struct qsm_wb *wb, bool full)
 		if (ret < 0)
 			return ret;
 		img->l1_dirty_lo = img->l1_dirty_hi = 0;
+		l1_disk_note(img, lo, hi);
 	}
 #ifdef QSM_MUTANTS
 	if (QSM_MUTANT(REFBLOCK_AFTER_L2)) /* mutant: refcount blocks last */
@@ -311,10 +316,49 @@ static int wb_collect(struct qsm_image *img, struct qsm_wb *wb, bool full)
 	return 0;
 }
 
-/* Is L1 entry idx possibly not durable (changed since a normal batch
- * collected the L1)? */
-static bool l1_maybe_dirty(const struct qsm_image *img, uint64_t idx)
+/* The on-disk L1 copy (img->l1_disk) describes this table. */
+static bool l1_disk_valid(const struct qsm_image *img)
 {
+	return img->l1_disk && img->l1_disk_offset == img->hdr.l1_table_offset &&
+	       img->l1_disk_size == img->l1_size;
+}
+
+/* The L1 bytes [lo, hi) are on disk or in the batch being collected.  With
+ * no valid copy, one is made when the dirty range is empty (then every
+ * entry is), else nothing is known yet. */
+static void l1_disk_note(struct qsm_image *img, uint64_t lo, uint64_t hi)
+{
+	uint64_t bytes = QSM_ALIGN_UP(img->l1_size * 8, 512);
+	if (!l1_disk_valid(img)) {
+		if (img->l1_dirty_hi > img->l1_dirty_lo)
+			return;
+		uint8_t *d = realloc(img->l1_disk, bytes ? bytes : 1);
+		if (!d)
+			return; /* no copy: l1_maybe_dirty falls back to the range */
+		img->l1_disk = d;
+		img->l1_disk_offset = img->hdr.l1_table_offset;
+		img->l1_disk_size = img->l1_size;
+		lo = 0;
+		hi = bytes;
+	}
+	hi = QSM_MIN(hi, bytes);
+	if (hi > lo)
+		memcpy(img->l1_disk + lo, img->l1 + lo, hi - lo);
+}
+
+void qsm_wb_l1_loaded(struct qsm_image *img)
+{
+	l1_disk_note(img, 0, 0);
+}
+
+/* May L1 entry idx not be durable (nor in the running batch)?  It differs
+ * from the on-disk copy, or, without one, lies in the dirty range (which
+ * only a normal batch resets). */
+static bool l1_maybe_dirty(struct qsm_image *img, uint64_t idx)
+{
+	l1_disk_note(img, 0, 0);
+	if (l1_disk_valid(img))
+		return memcmp(img->l1 + idx * 8, img->l1_disk + idx * 8, 8) != 0;
 	return idx >= img->l1_dirty_lo && idx < img->l1_dirty_hi;
 }
 
@@ -354,11 +398,14 @@ static int collect_l1_sector(struct qsm_image *img, struct qsm_wb *wb, uint64_t 
 			return 0;
 	for (uint64_t e = lo / 8; e < lo / 8 + 512 / 8 && e < img->l1_size; e++) {
 		uint64_t l2 = qcow2_be64(img->l1 + e * 8) & QCOW2_L1E_OFFSET_MASK;
-		int ret = l2 ? qsm_l2_collect_table(&img->l2c, l2, true, &wb->l2) : 0;
-		if (ret < 0)
-			return ret;
+		int r = l2 ? qsm_l2_collect_table(&img->l2c, l2, true, &wb->l2) : 0;
+		if (r < 0)
+			return r;
 	}
-	return qsm_meta_batch_add(&wb->l1, at, img->l1 + lo, 512, QSM_IO_EV_L1_UPDATE);
+	int ret = qsm_meta_batch_add(&wb->l1, at, img->l1 + lo, 512, QSM_IO_EV_L1_UPDATE);
+	if (ret == 0 && l1_disk_valid(img))
+		l1_disk_note(img, lo, lo + 512);
+	return ret;
 }
 
 /* WB_COLLECT of a targeted batch (see the design block): the waiters' dirty
@@ -407,8 +454,7 @@ static int wb_collect_targeted(struct qsm_image *img, struct qsm_wb *wb)
 }
 
 /* Does the running batch make req durable?  Every table and L1 entry req
- * mapped through is clean, so durable or in that batch (a normal batch
- * took the L1 range; a targeted one leaves it dirty), and the batch has a
+ * mapped through is clean, so durable or in that batch, and the batch has a
  * sync still to submit, after req's data writes completed. */
 static bool running_covers(struct qsm_image *img, struct qsm_req *req)
 {
