@@ -266,10 +266,12 @@ QSM_EXPORT int qsm_writev(struct qsm_image *img, uint64_t offset, const struct i
  * completes only when its data and the metadata that maps it are durable.
  * It joins the next write-back batch, as every write does in cache mode
  * writethrough (and is grouped with the writethrough and FUA writes in
- * flight, sharing one sequence of syncs); that batch writes what is dirty
- * when it starts and syncs (one sync when nothing is dirty: an in-place
- * overwrite's data is synced too).  Requests without the flag are not
- * affected: they neither wait nor cause a sync.  In cache=unsafe, where
+ * flight, sharing one sequence of syncs).  When only FUA requests wait, the
+ * batch writes what maps them (their L2 tables, their L1 entries, the
+ * refcounts those need) and leaves other dirty metadata for a later flush;
+ * an in-place overwrite whose mapping is durable costs one sync and no
+ * metadata write.  Requests without the flag are not affected: they
+ * neither wait nor cause a sync.  In cache=unsafe, where
  * nothing is ever synced, FUA has no effect beyond the batch's writes.
  */
 #define QSM_REQ_FUA 0x2
