@@ -15,6 +15,13 @@
  *   FILE_RANGE -> NEXT_RUN ....... qsm_req_io_cb (qsm_step_file_range's)
  *   ZERO_FILL -> NEXT_RUN ........ qsm_step_zero_fill
  *   (JOIN_WRITE runs qsm_step_data_io too; its edge is in sm/alloc.c)
+ *   DATA_READ|DATA_WRITE|JOIN_WRITE|COW_READ|ALLOC_WRITE|COMPRESSED_READ|COMPRESSED_WRITE -> BREAK ..
+ *                                  qsm_submit_io (a blkdebug breakpoint
+ *                                  on the I/O's event fired)
+ *   BREAK -> DATA_READ|DATA_WRITE|JOIN_WRITE|COW_READ|ALLOC_WRITE|COMPRESSED_READ|COMPRESSED_WRITE ..
+ *                                  qsm_req_resume_cb (resume TAG; the
+ *                                  dispatcher returns to req->brk_from and
+ *                                  submits with qsm_req_resubmit)
  *
  * Invariants (numbered across sm/, see sm/dispatch.c)
  *  7. A request has at most one I/O on its image's io/ handle in flight
@@ -23,12 +30,18 @@
  *     I/O found through an L2 entry is in flight, qsm_submit_io notes its
  *     host range (io_busy), so the clusters it touches are not released to
  *     another allocation before it lands (invariant 5, sm/alloc.c).
+ * 11. A request in BREAK has its I/O prepared in req->io and not submitted,
+ *     its host range noted (io_busy) as if in flight; only resume takes it
+ *     out, back to the state it stopped in (req->brk_from), which then
+ *     waits for that I/O.  Nothing else completes it: a close must resume
+ *     every held request first (qemu-io's quit does).
  */
 #include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "io/blkdebug.h"
 #include "sm/steps.h"
 
 void qsm_req_io_cb(struct qsm_io_req *io, int ret)
@@ -85,7 +98,25 @@ enum qsm_event qsm_submit_io(struct qsm_req *req, enum qsm_io_op op, enum qsm_io
 	img->io_busy += req->io_busy;
 	req->io_lo = host;
 	req->io_hi = host + len;
+	if (qsm_io_blkdebug_hold(img->io, &req->io, qsm_req_resume_cb))
+		return QSM_E_BREAK; /* stopped, range still noted (invariant 11) */
 	qsm_io_submit(img->io, &req->io);
+	return QSM_E_WAIT;
+}
+
+/* resume TAG released the request held at its breakpoint: back along the
+ * TRANSITION_BACK edge (posted: this runs inside qemu-io's command). */
+void qsm_req_resume_cb(struct qsm_io_req *io, int ret)
+{
+	struct qsm_req *req = container_of(io, struct qsm_req, io);
+	assert(req->state == QSM_S_BREAK && ret == 0);
+	qsm_sm_post(req, QSM_E_RESUME, 0);
+}
+
+/* Back in the state it stopped in: the I/O its step prepared goes now. */
+enum qsm_event qsm_req_resubmit(struct qsm_req *req)
+{
+	qsm_io_submit(req->img->io, &req->io);
 	return QSM_E_WAIT;
 }
 

@@ -75,6 +75,13 @@ static const unsigned char transitions[QSM_M__COUNT][QSM_S__COUNT][QSM_E__COUNT]
 #include "sm/states.def"
 };
 
+/* The TRANSITION_BACK edges: back_edges[m][to] for BREAK --RESUME--> to,
+ * taken back to the state the request stopped in (req->brk_from). */
+static const bool back_edges[QSM_M__COUNT][QSM_S__COUNT] = {
+#define TRANSITION_BACK(m, from, ev, to) [QSM_M_##m][QSM_S_##to] = true,
+#include "sm/states.def"
+};
+
 static const char *const state_names[] = {
 #define STATE(name, desc) #name,
 #include "sm/states.def"
@@ -167,6 +174,7 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_L2_LOAD:
 	case QSM_S_REFBLOCK_LOAD:
 	case QSM_S_ALLOC_WAIT:
+	case QSM_S_BREAK:
 		return QSM_E_WAIT;
 	case QSM_S_WB_COLLECT:
 	case QSM_S_WB_REFBLOCKS:
@@ -288,6 +296,9 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 
 	if (req->state == QSM_S_DONE)
 		return !req->waiting && !req->queued;
+	if (req->state == QSM_S_BREAK) /* its I/O prepared, host range noted */
+		return !req->queued && !req->waiting && !req->io_pending &&
+		       qsm_transition(m, req->brk_from, QSM_E_BREAK) == QSM_S_BREAK;
 	if (req->queued || req->io_busy || req->io_pending || req->work_waiting ||
 	    req->cz_pending || req->done > req->bytes || (m == QSM_M_WRITEBACK) != !!req->wb)
 		return false;
@@ -421,6 +432,7 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	case QSM_S_CLOSE_SYNC:
 		return m == QSM_M_CLOSE && img->close_req == req && img->in_flight == 1 &&
 		       !img->wb_job && req->ret < 0;
+	case QSM_S_BREAK: /* checked above */
 	case QSM_S_DONE:
 	case QSM_S__COUNT:
 		break;
@@ -583,6 +595,15 @@ static void qsm_sm_run(struct qsm_req *req, enum qsm_event ev, int ret)
 			if (!req->ret)
 				req->ret = ret < 0 ? ret : -EIO;
 			to = QSM_S_DONE;
+		} else if (from == QSM_S_BREAK && ev == QSM_E_RESUME) {
+			/* The TRANSITION_BACK edge to where it stopped. */
+			to = req->brk_from;
+			if (!back_edges[req->machine][to]) {
+				fprintf(stderr, "qsm: BUG: req#%llu %s has no edge BREAK --RESUME--> %s\n",
+					(unsigned long long)req->id, machine_names[req->machine],
+					state_names[to]);
+				abort();
+			}
 		} else {
 			to = qsm_transition(req->machine, from, ev);
 			if (to < 0) {
@@ -595,6 +616,18 @@ static void qsm_sm_run(struct qsm_req *req, enum qsm_event ev, int ret)
 		if (QSM_UNLIKELY(img->trace != NULL))
 			trace_transition(req, from, (enum qsm_state)to, ev, req->ret);
 		req->state = (enum qsm_state)to;
+		if (from == QSM_S_BREAK && to != QSM_S_DONE) {
+			/* Back in the state whose step ran already (its entry
+			 * invariants no longer apply): submit the I/O it
+			 * prepared and wait for it there. */
+			ev = qsm_req_resubmit(req);
+			if (ev == QSM_E_WAIT)
+				return;
+			ret = req->ret;
+			continue;
+		}
+		if (to == QSM_S_BREAK)
+			req->brk_from = from;
 		assert(req_invariants(req));
 		if (to == QSM_S_DONE) {
 			req_complete(req);

@@ -196,6 +196,9 @@ struct qsm_req {
 	 * until it completes, see qsm_host_io_busy. */
 	bool io_busy;
 	uint64_t io_lo, io_hi;
+	/* In BREAK: the state it stopped in, where resume takes it back
+	 * (TRANSITION_BACK), req->io prepared and not submitted yet. */
+	enum qsm_state brk_from;
 
 	/* Parallel I/O of one step (write-back levels issue several). */
 	struct qsm_io_req io;

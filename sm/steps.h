@@ -100,6 +100,9 @@ static inline bool wants_durable(const struct qsm_req *req)
 /* Completion of req->io: clears the request's busy host range, releases the
  * held frees it was the last to block, posts IO_DONE or ERROR and drains. */
 void qsm_req_io_cb(struct qsm_io_req *io, int ret);
+/* BREAK (sm/data.c): resume's callback, and the submit on the way back. */
+void qsm_req_resume_cb(struct qsm_io_req *io, int ret);
+enum qsm_event qsm_req_resubmit(struct qsm_req *req);
 /*
  * Submit the request's one data I/O (req->io) of `iov` at host offset
  * `host`; its completion posts IO_DONE or ERROR.  Notes the host range in

@@ -77,6 +77,8 @@ struct g_transition {
 
 static const struct g_transition transitions[] = {
 #define TRANSITION(m, from, ev, to) { QSM_M_##m, QSM_S_##from, QSM_S_##to, QSM_E_##ev },
+/* BREAK's edges back to where a request stopped: drawn as any other. */
+#define TRANSITION_BACK(m, from, ev, to) TRANSITION(m, from, ev, to)
 #include "sm/states.def"
 };
 

@@ -54,6 +54,7 @@
 #include "sm/qsm.h"
 #include "tools/cli.h"
 #include "tools/json.h"
+#include "io/blkdebug.h"
 #include "tools/trace.h"
 
 #define IO_PROMPT "qemu-io> "
@@ -91,6 +92,9 @@ struct io_ctx {
 	 * BDRV_O_COPY_ON_READ) or COR_FILTER (driver=copy-on-read). */
 	int cor;
 	char *snap_tmp;              /* that overlay's file while open (removed at close) */
+	/* The blkdebug handle the image was opened on (blkdebug: names,
+	 * driver=blkdebug), for break/resume; NULL otherwise.  Owned by img. */
+	struct qsm_io *bdio;
 };
 
 #define COR_FLAG   1
@@ -1921,6 +1925,132 @@ static int snapshot_overlay(struct io_ctx *io, const char *path, const struct qs
 #undef ERR
 
 /*
+ * blkdebug (io/blkdebug.h) in the ways qemu-io names it:
+ *  - the file name blkdebug:CONFIG:IMAGE or blkdebug::IMAGE (no config);
+ *  - options driver=blkdebug (the image read raw through it) or
+ *    file.driver=blkdebug (the qcow2 image's file), with the blkdebug
+ *    node's keys under the same prefix: config, inject-error.N.*,
+ *    set-state.N.*, image.filename and image.driver (file, host_device,
+ *    host_cdrom).  align and max-transfer are refused by name: qsm's
+ *    blkdebug does not split or align requests.
+ * blkdebug_take() moves those keys out of *all (rebuilt without them), so
+ * apply_open_opts sees a plain qcow2 or raw open of *path.
+ */
+struct bd_spec {
+	struct qsm_blkdebug *bd;     /* NULL: no blkdebug */
+	const char *image;           /* the file under it, from the name or options */
+};
+
+static int blkdebug_take(struct bd_spec *bs, const char **name, struct cli_opts *all, char *err,
+			 size_t errlen)
+{
+	const char *pfx = NULL, *config = NULL;
+	int r = 0;
+
+	if (*name && !strncmp(*name, "blkdebug:", 9)) {
+		const char *c = strchr(*name + 9, ':');
+		if (!c) {
+			snprintf(err, errlen, "blkdebug requires both config file and image path");
+			return -EINVAL;
+		}
+		static char cfg[PATH_MAX];
+		if (c > *name + 9) {
+			snprintf(cfg, sizeof(cfg), "%.*s", (int)(c - (*name + 9)), *name + 9);
+			config = cfg;
+		}
+		bs->image = c + 1;
+		*name = NULL;
+	}
+	const char *d = cli_opts_get(all, "driver");
+	const char *fd = cli_opts_get(all, "file.driver");
+	if (d && !strcmp(d, "blkdebug"))
+		pfx = "";
+	else if (fd && !strcmp(fd, "blkdebug"))
+		pfx = "file.";
+	if (!pfx && !bs->image)
+		return 0;
+	if (!(bs->bd = qsm_blkdebug_new()))
+		return -ENOMEM;
+	struct cli_opts kept = { 0 };
+	size_t pl = pfx ? strlen(pfx) : 0;
+	for (int i = 0; r == 0 && i < all->n; i++) {
+		const char *k = all->v[i].key, *v = all->v[i].val;
+		if (!pfx || strncmp(k, pfx, pl)) {
+			r = cli_opts_add(&kept, k, v, all->v[i].null);
+			continue;
+		}
+		const char *bk = k + pl;
+		if (!strcmp(bk, "driver")) {
+			if (!*pfx) /* the blkdebug node on top: its bytes, raw */
+				r = cli_opts_add(&kept, "driver", "raw", false);
+		} else if (!strcmp(bk, "config")) {
+			config = v;
+		} else if (!strcmp(bk, "image.filename")) {
+			bs->image = v;
+		} else if (!strcmp(bk, "image.driver")) {
+			if (strcmp(v, "file") && strcmp(v, "host_device") && strcmp(v, "host_cdrom"))
+				r = -EINVAL, snprintf(err, errlen, "Driver '%s' under blkdebug is not "
+						      "supported by qsm (it wraps files)", v);
+		} else if (!strcmp(bk, "image")) {
+			r = -EINVAL, snprintf(err, errlen, "Cannot find device='%s' nor node-name='%s'",
+					      v, v);
+		} else if (!strcmp(bk, "align") || !strcmp(bk, "max-transfer") ||
+			   !strncmp(bk, "opt-", 4) || !strncmp(bk, "max-", 4) ||
+			   !strcmp(bk, "take-child-perms") || !strcmp(bk, "unshare-child-perms")) {
+			r = -ENOTSUP, snprintf(err, errlen, "blkdebug option '%s' is not supported by "
+					       "qsm", bk);
+		} else if (!strncmp(bk, "inject-error.", 13) || !strncmp(bk, "set-state.", 10)) {
+			r = qsm_blkdebug_set_opt(bs->bd, bk, v, err, errlen);
+		} else if (*pfx) {
+			r = cli_opts_add(&kept, k, v, all->v[i].null);
+		} else {
+			r = -EINVAL, snprintf(err, errlen, "Invalid parameter '%s'", bk);
+		}
+	}
+	if (r == 0 && config)
+		r = qsm_blkdebug_read_config(bs->bd, config, err, errlen);
+	if (r == 0)
+		r = qsm_blkdebug_finish(bs->bd, err, errlen);
+	if (r == 0 && !bs->image)
+		r = -EINVAL, snprintf(err, errlen, "Must specify either driver or file");
+	cli_opts_free(all);
+	*all = kept;
+	return r;
+}
+
+/* qemu-io prints blkdebug's suspensions on stdout. */
+static void blkdebug_notify(void *opaque, const char *tag, bool resumed)
+{
+	printf("blkdebug: %s request '%s'\n", resumed ? "Resuming" : "Suspended", tag);
+}
+
+/* Open path through the blkdebug rules of bs (taken: freed here or owned
+ * by the image).  As qsm_open, with io->bdio set on success. */
+static int blkdebug_open(struct io_ctx *io, struct bd_spec *bs, const char *path,
+			 const struct qsm_open_opts *oo, char *err, size_t errlen)
+{
+	struct qsm_io *inner, *w;
+	int flags = (oo->read_only ? QSM_IO_RDONLY : 0) |
+		    (oo->cache == QSM_CACHE_NONE || oo->cache == QSM_CACHE_DIRECTSYNC ? QSM_IO_DIRECT : 0);
+	int r = qsm_io_open_path(io->base, path, flags, oo->aio, &inner);
+	if (r < 0) {
+		qsm_blkdebug_free(bs->bd);
+		bs->bd = NULL;
+		snprintf(err, errlen, "Could not open '%s': %s", path, strerror(-r));
+		return r;
+	}
+	qsm_blkdebug_set_notify(bs->bd, blkdebug_notify, io);
+	r = qsm_io_blkdebug_wrap(inner, bs->bd, &w);
+	bs->bd = NULL;
+	if (r < 0)
+		return r;
+	r = qsm_open_io(io->base, w, oo, &io->img, err, errlen);
+	if (r == 0)
+		io->bdio = w;
+	return r;
+}
+
+/*
  * Open `name` (a file name, a json:{...} name, or NULL when the options
  * name the file) with the options o (may be NULL) on top of *base.
  * at_open: an open (qemu-io's open or its command line), where
@@ -1944,6 +2074,8 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 	struct open_req req = { .lazy = -1, .discard_ignore = -1 };
 	struct io_null_cfg ncfg = { 0 };
 	struct cli_opts all = { 0 };
+	struct bd_spec bds = { 0 };
+	const char *shown = name; /* the name error messages give */
 	char err[512] = "";
 	const char *path;
 	int r = 0;
@@ -1958,6 +2090,8 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 		r = cli_opts_add(&all, o->v[i].key, o->v[i].val, o->v[i].null);
 	bool cor_filter = false;
 	if (r == 0)
+		r = blkdebug_take(&bds, &name, &all, err, sizeof(err));
+	if (r == 0)
 		r = cor_filter_opts(&all, &cor_filter, err, sizeof(err));
 	if (r == 0 && cor_filter && at_open && oo.read_only)
 		r = -EPERM, snprintf(err, sizeof(err), "Block node is read-only");
@@ -1970,7 +2104,8 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 		r = apply_open_opts(&oo, &all, &req, !at_open, err, sizeof(err));
 	}
 	path = ncfg.driver ? (!strcmp(ncfg.driver, "null-co") ? "null-co://" : "null-aio://")
-	     : req.path ? req.path : name && strncmp(name, "json:", 5) ? name : NULL;
+	     : bds.image ? bds.image : req.path ? req.path
+	     : name && strncmp(name, "json:", 5) ? name : NULL;
 	if (r == 0 && !path)
 		r = -EINVAL, snprintf(err, sizeof(err), "Must specify either driver or file");
 	if (r == 0 && req.ro_given) {
@@ -1999,6 +2134,8 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 		}
 		if (ncfg.driver)
 			r = null_open(io->base, &ncfg, &img_oo, &io->img, err, sizeof(err));
+		else if (bds.bd)
+			r = blkdebug_open(io, &bds, path, &img_oo, err, sizeof(err));
 		else
 			r = qsm_open(io->base, path, &img_oo, &io->img, err, sizeof(err));
 		if (r == 0 && snap) {
@@ -2017,19 +2154,22 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 			}
 		}
 		if (r < 0) {
+			io->bdio = NULL;
 			io->img = NULL;
 			if (!err[0])
 				snprintf(err, sizeof(err), "%s", qsm_strerror(r));
 		} else if (!snap && (r = check_open_req(io->img, &req, err, sizeof(err))) < 0) {
 			qsm_close(io->img);
 			io->img = NULL;
+			io->bdio = NULL;
 		}
 	}
+	qsm_blkdebug_free(bds.bd); /* not opened */
 	if (r < 0) {
 		if (!at_open) /* reopen_f: qemu-io prints the reason alone */
 			cli_error("io", "%s", err);
-		else if (name)
-			cli_error("io", "can't open device %s: %s", name, err);
+		else if (shown)
+			cli_error("io", "can't open device %s: %s", shown, err);
 		else
 			cli_error("io", "can't open: %s", err);
 		cli_opts_free(&all);
@@ -2066,9 +2206,13 @@ static int io_close(struct io_ctx *io)
 
 	if (!io->img)
 		return 0;
+	/* A request held at a breakpoint would never complete (qemu-io hangs
+	 * there): let them all go first. */
+	qsm_io_blkdebug_resume_all(io->bdio);
 	io_drain(io);
 	r = qsm_close(io->img);
 	io->img = NULL;
+	io->bdio = NULL;
 	if (r < 0)
 		cli_error("io", "closing %s: %s", io->path, qsm_strerror(r));
 	if (io->snap_tmp && !io->reopening) {
@@ -2306,6 +2450,56 @@ static int sigraise_f(struct io_ctx *io, int argc, char **argv)
 	return 0;
 }
 
+/* --- blkdebug breakpoints (qemu-io's break, remove_break, resume,
+ *     wait_break; their messages on stdout as qemu-io's) ------------------- */
+
+static int break_f(struct io_ctx *io, int argc, char **argv)
+{
+	enum qsm_io_event ev;
+	int r = -ENOTSUP;
+	if (io->bdio && qsm_blkdebug_event_parse(argv[1], &ev) == -ENOTSUP) {
+		printf("Could not set breakpoint: blkdebug event '%s' is not supported by qsm "
+		       "(its engine has no such step)\n", argv[1]);
+		return -ENOTSUP;
+	}
+	if (io->bdio)
+		r = qsm_io_blkdebug_break(io->bdio, argv[1], argv[2]);
+	if (r < 0)
+		printf("Could not set breakpoint: %s\n", strerror(-r));
+	return r;
+}
+
+static int remove_break_f(struct io_ctx *io, int argc, char **argv)
+{
+	int r = io->bdio ? qsm_io_blkdebug_remove_break(io->bdio, argv[1]) : -ENOTSUP;
+	if (r < 0)
+		printf("Could not remove breakpoint %s: %s\n", argv[1], strerror(-r));
+	return r;
+}
+
+static int resume_f(struct io_ctx *io, int argc, char **argv)
+{
+	int r = io->bdio ? qsm_io_blkdebug_resume(io->bdio, argv[1]) : -ENOTSUP;
+	if (r < 0)
+		printf("Could not resume request: %s\n", strerror(-r));
+	return r;
+}
+
+/* Run the loop until a request is held at tag.  qemu-io waits forever when
+ * none can come; qsm says so when no aio request is in flight. */
+static int wait_break_f(struct io_ctx *io, int argc, char **argv)
+{
+	while (!qsm_io_blkdebug_is_suspended(io->bdio, argv[1])) {
+		if (io->inflight == 0) {
+			fflush(stdout);
+			cli_error("io", "wait_break: no request in flight can stop at '%s'", argv[1]);
+			return -EINVAL;
+		}
+		event_base_loop(io->base, EVLOOP_ONCE);
+	}
+	return 0;
+}
+
 static void sleep_cb(evutil_socket_t fd, short what, void *opaque)
 {
 	*(bool *)opaque = true;
@@ -2383,6 +2577,8 @@ static const struct io_cmd io_cmds[] = {
 	  "\n" },
 	{ "alloc", "a", alloc_f, 1, 2, 0, "offset [count]",
 	  "checks if offset is allocated in the file", NULL },
+	{ "break", NULL, break_f, 2, 2, 0, "event tag",
+	  "sets a breakpoint on event and tags the stopped request as tag", NULL },
 	{ "close", "c", close_f, 0, 0, 0, NULL, "close the current open file", NULL },
 	{ "discard", "d", discard_f, 2, -1, CMD_WRITE, "[-Cq] off len",
 	  "discards a number of bytes at a specified offset",
@@ -2456,6 +2652,8 @@ static const struct io_cmd io_cmds[] = {
 	  " -v, -- dump buffer to standard output\n"
 	  " -q, -- quiet mode, do not show I/O statistics\n"
 	  "\n" },
+	{ "remove_break", NULL, remove_break_f, 1, 1, 0, "tag", "remove a breakpoint by tag",
+	  NULL },
 	{ "reopen", NULL, reopen_f, 0, -1, 0, "[(-r|-w)] [-c cache] [-o options]",
 	  "reopens an image with new options",
 	  "\n"
@@ -2470,6 +2668,7 @@ static const struct io_cmd io_cmds[] = {
 	  " -c, -- Change the cache mode to the given value\n"
 	  " -o, -- Changes block driver options (cf. 'open' command)\n"
 	  "\n" },
+	{ "resume", NULL, resume_f, 1, 1, 0, "tag", "resumes the request tagged as tag", NULL },
 	{ "sigraise", NULL, sigraise_f, 1, 1, CMD_NOFILE_OK, "signal", "raises a signal",
 	  "\n"
 	  " raises the given signal\n"
@@ -2484,6 +2683,8 @@ static const struct io_cmd io_cmds[] = {
 	  "waits for the given value in milliseconds", NULL },
 	{ "truncate", "t", truncate_f, 1, 3, CMD_WRITE, "[-m prealloc_mode] off",
 	  "truncates the current file at the given offset", NULL },
+	{ "wait_break", NULL, wait_break_f, 1, 1, 0, "tag",
+	  "waits for the suspension of a request", NULL },
 	{ "write", "w", write_f, 2, -1, CMD_WRITE,
 	  "[-bcCfnquz] [-P pattern | -s source_file] off len",
 	  "writes a number of bytes at a specified offset",

@@ -40,7 +40,7 @@ def parse_def(path):
     text = open(path).read()
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     states = re.findall(r"^STATE\((\w+),", text, re.M)
-    trans = re.findall(r"^TRANSITION\((\w+),\s*(\w+),\s*(\w+),\s*(\w+)\)", text, re.M)
+    trans = re.findall(r"^TRANSITION(?:_BACK)?\((\w+),\s*(\w+),\s*(\w+),\s*(\w+)\)", text, re.M)
     return states, trans
 
 

@@ -48,7 +48,7 @@ def parse_def(path):
     machines = re.findall(r'^MACHINE\((\w+),\s*"([^"]*)"\)', text, re.M)
     states = re.findall(r'^STATE\((\w+),\s*"([^"]*)"\)', text, re.M)
     events = re.findall(r'^EVENT\((\w+),\s*"([^"]*)"\)', text, re.M)
-    trans = re.findall(r"^TRANSITION\((\w+),\s*(\w+),\s*(\w+),\s*(\w+)\)", text, re.M)
+    trans = re.findall(r"^TRANSITION(?:_BACK)?\((\w+),\s*(\w+),\s*(\w+),\s*(\w+)\)", text, re.M)
     wakes = re.findall(r'^WAKES\((\w+),\s*(\w+),\s*(\w+),\s*(\w+),\s*(\w+),\s*"([^"]*)"\)',
                        text, re.M)
     return machines, states, events, trans, wakes

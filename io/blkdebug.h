@@ -1,0 +1,92 @@
+/*
+ * io/blkdebug.h: QEMU's blkdebug on any io/ handle: error injection and
+ * request breakpoints at the named events qsm tags its I/O with.
+ *
+ * A blkdebug handle wraps another handle (a file, the simulated disk) and
+ * forwards every operation to it, except where a rule says otherwise.  The
+ * rules are QEMU's (block/blkdebug.c, docs/devel/blkdebug.rst):
+ *  - events: an operation tagged with qsm event E (req->event, or the event
+ *    of a blocking read) raises the QEMU event(s) mapped onto E just before
+ *    the operation starts (qsm_blkdebug_event_parse lists the mapping);
+ *  - state: a number, 1 at open.  A rule with state N != 0 applies only
+ *    while the state is N;
+ *  - [set-state] event, state, new_state: the event moves the state to
+ *    new_state (all rules of one event see the state before it);
+ *  - [inject-error] event, errno (EIO), sector (-1: any), once (off),
+ *    immediately (off), state: the event arms the rule; from then on the
+ *    first armed rule covering an operation (sector inside its range, or
+ *    -1; flushes only match -1 rules) fails it with -errno without doing
+ *    it.  An event that arms rules disarms the ones it finds armed first
+ *    (QEMU's active list); once=on removes the rule the first time it
+ *    fires.  immediately=off delivers the error one loop turn later,
+ *    immediately=on at once; neither does the I/O (as QEMU);
+ *  - breakpoints (qemu-io's `break EVENT TAG`): the next operation raising
+ *    EVENT is held before it reaches the wrapped handle (the request stays
+ *    in its I/O wait state) until resumed; the breakpoint is removed when
+ *    it fires.
+ *
+ * Not implemented (refused by name): QEMU's iotype and offset keys (7.2's
+ * sector is accepted), align and max-transfer, the events qsm has no
+ * step for (qsm_blkdebug_event_parse says which).
+ */
+#ifndef QSM_IO_BLKDEBUG_H
+#define QSM_IO_BLKDEBUG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "io/io.h"
+
+struct qsm_blkdebug;
+
+/* Told when a request is suspended (resumed false) or resumed: qemu-io
+ * prints "blkdebug: Suspended request 'TAG'" and "... Resuming ...". */
+typedef void (*qsm_blkdebug_notify_fn)(void *opaque, const char *tag, bool resumed);
+
+/* A rule set (empty, state 1).  NULL on ENOMEM. */
+struct qsm_blkdebug *qsm_blkdebug_new(void);
+void qsm_blkdebug_free(struct qsm_blkdebug *bd);
+void qsm_blkdebug_set_notify(struct qsm_blkdebug *bd, qsm_blkdebug_notify_fn fn, void *opaque);
+
+/* Read QEMU's config file format ([inject-error] / [set-state] sections of
+ * key = "value" lines, # comments).  0 or -errno with a message in err. */
+int qsm_blkdebug_read_config(struct qsm_blkdebug *bd, const char *path, char *err,
+			     size_t errlen);
+/* One flattened driver=blkdebug option: inject-error.N.KEY or
+ * set-state.N.KEY (N groups keys into one rule).  0 or -EINVAL with err. */
+int qsm_blkdebug_set_opt(struct qsm_blkdebug *bd, const char *key, const char *val, char *err,
+			 size_t errlen);
+/* Validate the rules set by qsm_blkdebug_set_opt (every rule names an
+ * event).  0 or -EINVAL with err. */
+int qsm_blkdebug_finish(struct qsm_blkdebug *bd, char *err, size_t errlen);
+
+/* The qsm event a QEMU event name maps onto.  0, -ENOENT for a name QEMU
+ * does not have, -ENOTSUP for one qsm's engine has no step for. */
+int qsm_blkdebug_event_parse(const char *name, enum qsm_io_event *ev);
+
+/* Wrap inner: the new handle owns inner and bd (both released when it is
+ * closed, or here on failure).  0 or -errno. */
+int qsm_io_blkdebug_wrap(struct qsm_io *inner, struct qsm_blkdebug *bd, struct qsm_io **out);
+
+/* Breakpoints on a handle: -ENOTSUP when it is not a blkdebug handle (as
+ * QEMU without blkdebug), -ENOENT for an unknown event or tag. */
+int qsm_io_blkdebug_break(struct qsm_io *io, const char *event, const char *tag);
+int qsm_io_blkdebug_remove_break(struct qsm_io *io, const char *tag);
+int qsm_io_blkdebug_resume(struct qsm_io *io, const char *tag);
+bool qsm_io_blkdebug_is_suspended(struct qsm_io *io, const char *tag);
+/* Resume every held request (before a close: a held request never
+ * completes otherwise). */
+void qsm_io_blkdebug_resume_all(struct qsm_io *io);
+
+/*
+ * For the request machines (sm/data.c qsm_submit_io): should req, prepared
+ * but not submitted, stop at a breakpoint of its event?  When one fires
+ * (it is removed and the suspension reported), req is held and true
+ * returned; on resume, resumed(req, 0) is called (from the resume call,
+ * so post, do not run steps) and the caller then submits req with
+ * qsm_io_submit as usual: that submit raises its event's other rules, not
+ * its breakpoints again.  False (nothing held) for other handles.
+ */
+bool qsm_io_blkdebug_hold(struct qsm_io *io, struct qsm_io_req *req, qsm_io_cb resumed);
+
+#endif
