@@ -832,9 +832,19 @@ static enum qsm_event wb_step_collect(struct qsm_req *job)
 	struct qsm_wb *wb = job->wb;
 	int ret;
 	if (wb->round == 0) {
-		wb->waiters = img->wb_next_waiters;
+		/* qsm_wb_join pushes at the head: turn the list round so the
+		 * batch completes its requests in the order they joined (as
+		 * QEMU, whose writes each flush in turn, completes them). */
+		struct qsm_wait *w = img->wb_next_waiters, *rev = NULL;
 		img->wb_next_waiters = NULL;
-		for (struct qsm_wait *w = wb->waiters; w; w = w->next)
+		while (w) {
+			struct qsm_wait *next = w->next;
+			w->next = rev;
+			rev = w;
+			w = next;
+		}
+		wb->waiters = rev;
+		for (w = wb->waiters; w; w = w->next)
 			w->req->wait_for = job->id; /* for traces: who completes them */
 		wb->full = img->wb_full;
 		img->wb_full = false;

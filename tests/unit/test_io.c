@@ -24,6 +24,7 @@
 
 #include <event2/event.h>
 
+#include "io/blkdebug.h"
 #include "io/io.h"
 #include "io/null.h"
 #include "io/sim.h"
@@ -1642,6 +1643,174 @@ END_TEST
 		tcase_add_loop_test(tc, fn, B_SIM, B_SIM + 1);                \
 	} while (0)
 
+
+/* --- blkdebug (io/blkdebug.h) over the sim disk ----------------------------------------------- */
+
+static int g_bd_suspended, g_bd_resumed;
+static void bd_note(void *opaque, const char *tag, bool resumed)
+{
+	(void)opaque;
+	(void)tag;
+	if (resumed)
+		g_bd_resumed++;
+	else
+		g_bd_suspended++;
+}
+
+/* Wrap e->io in a blkdebug handle with the options (key, value pairs). */
+static void bd_wrap(struct env *e, const char *const *kv)
+{
+	struct qsm_blkdebug *bd = qsm_blkdebug_new();
+	char err[256] = "";
+	ck_assert_ptr_nonnull(bd);
+	for (; kv && kv[0]; kv += 2)
+		ck_assert_msg(qsm_blkdebug_set_opt(bd, kv[0], kv[1], err, sizeof(err)) == 0, "%s=%s: %s",
+			      kv[0], kv[1], err);
+	ck_assert_int_eq(qsm_blkdebug_finish(bd, err, sizeof(err)), 0);
+	qsm_blkdebug_set_notify(bd, bd_note, NULL);
+	struct qsm_io *w;
+	ck_assert_int_eq(qsm_io_blkdebug_wrap(e->io, bd, &w), 0);
+	e->io = w;
+	g_bd_suspended = g_bd_resumed = 0;
+}
+
+START_TEST(test_blkdebug_events)
+{
+	enum qsm_io_event ev;
+	ck_assert_int_eq(qsm_blkdebug_event_parse("l2_update", &ev), 0);
+	ck_assert_int_eq(ev, QSM_IO_EV_L2_UPDATE);
+	ck_assert_int_eq(qsm_blkdebug_event_parse("write_aio", &ev), 0);
+	ck_assert_int_eq(ev, QSM_IO_EV_DATA_WRITE);
+	ck_assert_int_eq(qsm_blkdebug_event_parse("refblock_alloc_hookup", &ev), 0);
+	ck_assert_int_eq(ev, QSM_IO_EV_REFTABLE_UPDATE);
+	ck_assert_int_eq(qsm_blkdebug_event_parse("cluster_alloc", &ev), -ENOTSUP);
+	ck_assert_int_eq(qsm_blkdebug_event_parse("l1_grow_alloc_table", &ev), -ENOTSUP);
+	ck_assert_int_eq(qsm_blkdebug_event_parse("l2_alloc.write", &ev), -ENOENT); /* pre-QAPI */
+	ck_assert_int_eq(qsm_blkdebug_event_parse("bogus", &ev), -ENOENT);
+
+	struct qsm_blkdebug *bd = qsm_blkdebug_new();
+	char err[256];
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "inject-error.0.event", "bogus", err, sizeof(err)),
+			 -EINVAL);
+	ck_assert_str_eq(err, "invalid parameter value: bogus");
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "inject-error.0.event", "cluster_alloc", err,
+					      sizeof(err)), -ENOTSUP);
+	ck_assert_ptr_nonnull(strstr(err, "'cluster_alloc' is not supported by qsm"));
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "inject-error.1.once", "maybe", err, sizeof(err)),
+			 -EINVAL);
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "set-state.0.errno", "5", err, sizeof(err)), -EINVAL);
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "inject-error.2.errno", "5", err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_blkdebug_finish(bd, err, sizeof(err)), -EINVAL); /* rule 2: no event */
+	ck_assert_str_eq(err, "Missing event name for rule");
+	qsm_blkdebug_free(bd);
+}
+END_TEST
+
+/* An event arms its rule; the armed rule fails what follows (QEMU's active
+ * list), once on removes it, sector limits it, and nothing failed is done. */
+START_TEST(test_blkdebug_inject)
+{
+	struct env e;
+	uint8_t a[512], b[512];
+	fill_pattern(a, sizeof(a), 4);
+	env_open(&e, B_SIM, 0, 5);
+	static const char *const kv[] = {
+		"inject-error.0.event", "l2_update", "inject-error.0.errno", "28",
+		"inject-error.0.once", "on", "inject-error.1.event", "l2_load",
+		"inject-error.1.sector", "8", "inject-error.1.immediately", "on", NULL
+	};
+	bd_wrap(&e, kv);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_DATA_WRITE), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 4096, 512, a, QSM_IO_EV_L2_UPDATE), -ENOSPC);
+	ck_assert(sim_zero(&e, 4096, 512)); /* not done */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 4096, 512, a, QSM_IO_EV_L2_UPDATE), 0);
+	ck_assert(sim_holds(&e, 4096, a, 512));
+	/* l2_load armed, for sector 8 only: other ranges and flushes pass. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_READ, 0, 512, b, QSM_IO_EV_L2_LOAD), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_READ, 4096, 512, b, QSM_IO_EV_NONE), -EIO);
+	ck_assert_int_eq(do_op(&e, QSM_IO_READ, 4096, 512, b, QSM_IO_EV_NONE), -EIO); /* once off */
+	/* Blocking reads raise their event too. */
+	ck_assert_int_eq(qsm_io_pread_sync_ev(e.io, b, 512, 4096, QSM_IO_EV_L2_LOAD), -EIO);
+	env_close(&e);
+}
+END_TEST
+
+/* set-state: rules of one event see the state before it; state-gated rules. */
+START_TEST(test_blkdebug_state)
+{
+	struct env e;
+	uint8_t a[512];
+	fill_pattern(a, sizeof(a), 6);
+	env_open(&e, B_SIM, 0, 7);
+	static const char *const kv[] = {
+		"set-state.0.event", "write_aio", "set-state.0.state", "1", "set-state.0.new_state", "2",
+		"inject-error.0.event", "write_aio", "inject-error.0.state", "2",
+		"inject-error.0.once", "on", NULL
+	};
+	bd_wrap(&e, kv);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_DATA_WRITE), 0); /* 1 -> 2 */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_DATA_WRITE), -EIO);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_DATA_WRITE), 0);
+	env_close(&e);
+}
+END_TEST
+
+/* Breakpoints: held before the wrapped disk sees it, resumed by tag,
+ * removed when fired; hold() for the request machines. */
+START_TEST(test_blkdebug_break)
+{
+	struct env e;
+	uint8_t a[512];
+	fill_pattern(a, sizeof(a), 8);
+	env_open(&e, B_SIM, 0, 9);
+	struct qsm_io *plain = e.io;
+	ck_assert_int_eq(qsm_io_blkdebug_break(plain, "write_aio", "A"), -ENOTSUP);
+	bd_wrap(&e, NULL);
+	ck_assert_int_eq(qsm_io_blkdebug_break(e.io, "bogus", "A"), -ENOENT);
+	ck_assert_int_eq(qsm_io_blkdebug_break(e.io, "write_aio", "A"), 0);
+	struct treq t = { 0 };
+	treq_set(&t, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_DATA_WRITE);
+	submit(e.io, &t);
+	for (int i = 0; i < 10; i++)
+		event_base_loop(e.base, EVLOOP_NONBLOCK);
+	ck_assert_int_eq(t.done, 0);
+	ck_assert(qsm_io_blkdebug_is_suspended(e.io, "A"));
+	ck_assert_int_eq(g_bd_suspended, 1);
+	ck_assert_int_eq(qsm_io_blkdebug_resume(e.io, "B"), -ENOENT);
+	ck_assert_int_eq(qsm_io_blkdebug_resume(e.io, "A"), 0);
+	ck_assert_int_eq(g_bd_resumed, 1);
+	env_drain(&e);
+	ck_assert_int_eq(t.done, 1);
+	ck_assert_int_eq(t.ret, 0);
+	ck_assert(sim_holds(&e, 0, a, 512));
+	/* Fired once: the next write passes. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 512, a, QSM_IO_EV_DATA_WRITE), 0);
+	ck_assert_int_eq(qsm_io_blkdebug_remove_break(e.io, "A"), -ENOENT);
+	ck_assert_int_eq(qsm_io_blkdebug_break(e.io, "cow_read", "C"), 0);
+	ck_assert_int_eq(qsm_io_blkdebug_remove_break(e.io, "C"), 0);
+
+	/* hold(): the caller submits after resumed() and the breakpoint does
+	 * not fire again for it. */
+	ck_assert_int_eq(qsm_io_blkdebug_break(e.io, "write_aio", "H"), 0);
+	ck_assert_int_eq(qsm_io_blkdebug_break(e.io, "write_aio", "H2"), 0);
+	treq_set(&t, QSM_IO_WRITE, 512, 512, a, QSM_IO_EV_DATA_WRITE);
+	ck_assert(qsm_io_blkdebug_hold(e.io, &t.req, treq_cb));
+	ck_assert_int_eq(g_bd_suspended, 3); /* both tags fired */
+	ck_assert_int_eq(qsm_io_blkdebug_resume(e.io, "H"), 0);
+	ck_assert_int_eq(t.done, 0); /* H2 still holds it */
+	ck_assert_int_eq(qsm_io_blkdebug_resume(e.io, "H2"), 0);
+	ck_assert_int_eq(t.done, 1);
+	t.done = 0;
+	submit(e.io, &t);
+	env_drain(&e);
+	ck_assert_int_eq(t.done, 1);
+	ck_assert_int_eq(t.ret, 0);
+	ck_assert(!qsm_io_blkdebug_hold(plain, &t.req, treq_cb));
+	env_close(&e);
+}
+END_TEST
+
 static Suite *io_suite(void)
 {
 	Suite *s = suite_create("io");
@@ -1690,6 +1859,10 @@ static Suite *io_suite(void)
 	tcase_add_test(sim, test_sim_load_buf);
 	tcase_add_test(sim, test_sim_chooser);
 	tcase_add_test(sim, test_sim_max_size);
+	tcase_add_test(sim, test_blkdebug_events);
+	tcase_add_test(sim, test_blkdebug_inject);
+	tcase_add_test(sim, test_blkdebug_state);
+	tcase_add_test(sim, test_blkdebug_break);
 	suite_add_tcase(s, sim);
 
 	TCase *nul = tcase_create("null");

@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# blkdebug (io/blkdebug.c, the BREAK state of sm/states.def) against QEMU's
+# own: the same qemu-io script run by the real qemu-io 7.2 and by `qsm`
+# invoked as qemu-io (a symlink), each in a directory of its own holding
+# the same images and blkdebug config files.  For every case: stdout and
+# stderr identical after QEMU's filtering of paths and timings, the same
+# exit status, and, where both leave an image, images qemu-img compare
+# calls identical.  Cases:
+#  - error injection: inject-error on l2_update, l2_load, refblock_update,
+#    refblock_alloc, write_aio, flush_to_disk, with once on and off,
+#    immediately on and off, errno values (EIO, ENOSPC, EROFS), a sector
+#    range, and set-state chains (state-gated rules, a rule that moves the
+#    state on), from config files and from driver options (-o, --image-opts,
+#    json:);
+#  - the names: blkdebug::IMAGE, blkdebug:CONFIG:IMAGE, bad configs, a
+#    missing config, unknown events, events qsm refuses by name;
+#  - breakpoints in the style of iotests 046: two overlapping allocating
+#    writes, the first suspended at write_aio (or cow_read), released in
+#    every order; the data read back with -P in the same script, and the
+#    image qemu-img check calls clean on both sides.
+. "$(dirname "$0")/lib.sh"
+interop_init
+
+REAL_PATH=$PATH
+BIN="$WORK/bin"
+mkdir -p "$BIN" "$WORK/base"
+ln -s "$QSM" "$BIN/qemu-io"
+
+# Base images and config files, copied fresh into each side's directory.
+(
+    cd "$WORK/base" &&
+    qemu-img create -q -f qcow2 t.qcow2 1M &&
+    qemu-img create -q -f qcow2 big.qcow2 64M &&
+    qemu-img create -q -f qcow2 -o cluster_size=4k w.qcow2 1M &&
+    qemu-io -c 'write -P 0x11 0 64k' -c 'write -P 0x22 256k 64k' w.qcow2 >/dev/null &&
+    cp t.qcow2 filled.qcow2 &&
+    qemu-io -c 'write -P 0x33 0 128k' filled.qcow2 >/dev/null
+) || die "cannot create the base images"
+
+# conf NAME SECTION...: write a config file (sections given as lines).
+conf() {
+    local name=$1
+    shift
+    printf '%s\n' "$@" >"$WORK/base/$name"
+}
+conf l2u-once.conf '[inject-error]' 'event = "l2_update"' 'errno = "5"' 'once = "on"'
+conf l2u-always.conf '[inject-error]' 'event = "l2_update"' 'errno = "5"' 'once = "off"'
+conf l2u-imm.conf '[inject-error]' 'event = "l2_update"' 'errno = "5"' 'immediately = "on"' 'once = "on"'
+conf l2u-enospc.conf '[inject-error]' 'event = "l2_update"' 'errno = "28"' 'once = "on"'
+conf l2l-once.conf '[inject-error]' 'event = "l2_load"' 'errno = "5"' 'once = "on"'
+conf l2l-erofs.conf '[inject-error]' 'event = "l2_load"' 'errno = "30"' 'once = "off"'
+conf rbu-once.conf '[inject-error]' 'event = "refblock_update"' 'errno = "5"' 'once = "on"'
+conf rbu-always.conf '[inject-error]' 'event = "refblock_update"' 'errno = "28"' 'once = "off"'
+conf rbu-imm.conf '[inject-error]' 'event = "refblock_update"' 'errno = "5"' 'immediately = "on"'
+conf rba.conf '[inject-error]' 'event = "refblock_alloc"' 'errno = "5"' 'once = "on"'
+conf wa-once.conf '[inject-error]' 'event = "write_aio"' 'errno = "5"' 'once = "on"'
+conf wa-sector.conf '[inject-error]' 'event = "write_aio"' 'errno = "5"' 'sector = "136"'
+conf flush.conf '[inject-error]' 'event = "flush_to_disk"' 'errno = "5"' 'once = "on"'
+# set-state chains: the first write_aio moves 1 -> 2; errors only in state 2,
+# and the second l2_update in state 2 moves on to 3, where nothing fails.
+conf chain.conf \
+    '[set-state]' 'state = "1"' 'event = "write_aio"' 'new_state = "2"' \
+    '[inject-error]' 'state = "2"' 'event = "write_aio"' 'errno = "5"' 'once = "on"'
+conf chain3.conf \
+    '[set-state]' 'state = "1"' 'event = "write_aio"' 'new_state = "2"' \
+    '[set-state]' 'state = "2"' 'event = "write_aio"' 'new_state = "3"' \
+    '[inject-error]' 'state = "3"' 'event = "write_aio"' 'errno = "28"'
+conf comments.conf '# a comment' '' '[inject-error]' '  event = "write_aio"' '# again' 'once = "on"'
+conf bad-event.conf '[inject-error]' 'event = "l2_updatex"'
+conf no-quotes.conf '[inject-error]' 'event = l2_update'
+conf no-event.conf '[inject-error]' 'errno = "5"'
+conf refused.conf '[inject-error]' 'event = "l1_grow_alloc_table"'
+conf bad-errno.conf '[inject-error]' 'event = "l2_update"' 'errno = "five"'
+
+filter() { sed -e "s#$WORK/[qs]#WORK#g" -e "s#$WORK#WORK#g" | filter_timing; }
+
+N=0
+NO_COMPARE=0  # 1: the images may differ (an injected failure mid-write)
+RACE=0        # 1: two independent completions may come in either order
+same() {
+    local tag=$1 rq rs d img
+    shift
+    N=$((N + 1))
+    for d in q s; do
+        rm -rf "$WORK/$d"
+        cp -r "$WORK/base" "$WORK/$d"
+    done
+    (cd "$WORK/q" && env PATH="$REAL_PATH" timeout "$TIMEOUT" "$@" </dev/null >"$WORK/q.out" 2>"$WORK/q.err")
+    rq=$?
+    (cd "$WORK/s" && env PATH="$BIN:$REAL_PATH" timeout "$TIMEOUT" "$@" </dev/null >"$WORK/s.out" 2>"$WORK/s.err")
+    rs=$?
+    CHECKS=$((CHECKS + 1))
+    if [ $rq -ne $rs ]; then
+        fail "$tag: exit status $rs, qemu's $rq: $*"
+        show_tail "$WORK/s.err" 5
+    fi
+    for f in out err; do
+        CHECKS=$((CHECKS + 1))
+        if [ "$f" = out ] && [ "$RACE" = 1 ]; then
+            # Two independent requests released together complete in
+            # whichever order their I/O does (QEMU's thread pool too): the
+            # lines in order without the completions, and all the lines
+            # in any order.
+            if ! diff -u <(filter <"$WORK/q.out" | grep -v '^wrote \|^[0-9.]* [KMG]\?i\?B, ') \
+                         <(filter <"$WORK/s.out" | grep -v '^wrote \|^[0-9.]* [KMG]\?i\?B, ') >"$WORK/diff" ||
+               ! diff -u <(filter <"$WORK/q.out" | sort) <(filter <"$WORK/s.out" | sort) >>"$WORK/diff"; then
+                fail "$tag: stdout differs from qemu's (-qemu +qsm): $*"
+                sed 's/^/    | /' "$WORK/diff" | head -n 30
+            fi
+            continue
+        fi
+        if ! diff -u <(filter <"$WORK/q.$f") <(filter <"$WORK/s.$f") >"$WORK/diff"; then
+            fail "$tag: std$f differs from qemu's (-qemu +qsm): $*"
+            sed 's/^/    | /' "$WORK/diff" | head -n 30
+        fi
+    done
+    if [ "$NO_COMPARE" = 0 ]; then
+        for img in t.qcow2 big.qcow2 w.qcow2 filled.qcow2 ov.qcow2; do
+            [ -f "$WORK/q/$img" ] || continue
+            compare_images "$tag: $img" "$WORK/q/$img" "$WORK/s/$img" || true
+        done
+    fi
+}
+
+# brk TAG IMG SCRIPT-LINES...: a breakpoint script (one -c per line) on
+# blkdebug::IMG, compared as `same` does; then both images must check
+# clean.
+brk() {
+    local tag=$1 img=$2 args=() l
+    shift 2
+    for l in "$@"; do
+        args+=(-c "$l")
+    done
+    same "$tag" qemu-io "${args[@]}" "blkdebug::$img"
+    check_clean "$tag: qemu's $img" "$WORK/q/$img"
+    check_clean "$tag: qsm's $img" "$WORK/s/$img"
+}
+
+log "names and config files"
+same name-empty-config    qemu-io -c 'write -P 1 0 4k' -c 'read -P 1 0 4k' blkdebug::t.qcow2
+same name-config          qemu-io -c 'write -P 1 0 4k' -c 'read -P 1 0 4k' blkdebug:comments.conf:t.qcow2
+same name-no-image        qemu-io -c 'read 0 1' blkdebug:t.qcow2
+same name-missing-config  qemu-io -c 'read 0 1' blkdebug:nonexist.conf:t.qcow2
+same name-missing-image   qemu-io -c 'read 0 1' blkdebug::nonexist.qcow2
+same conf-bad-event       qemu-io -c 'read 0 1' blkdebug:bad-event.conf:t.qcow2
+same conf-no-quotes       qemu-io -c 'read 0 1' blkdebug:no-quotes.conf:t.qcow2
+same open-cmd             qemu-io -c 'open blkdebug:wa-once.conf:t.qcow2' -c 'write -P 2 0 4k' -c 'write -P 3 0 4k' -c 'read -P 3 0 4k'
+same break-no-blkdebug    qemu-io -c 'break write_aio A' -c 'resume A' -c 'remove_break A' t.qcow2
+same break-unknown-event  qemu-io -c 'break bogus A' -c 'remove_break A' blkdebug::t.qcow2
+
+log "inject-error: l2_update, l2_load"
+NO_COMPARE=1
+same l2u-once             qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 64k 4k' -c 'read -P 2 64k 4k' blkdebug:l2u-once.conf:t.qcow2
+same l2u-always           qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 64k 4k' blkdebug:l2u-always.conf:t.qcow2
+same l2u-imm              qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 64k 4k' blkdebug:l2u-imm.conf:t.qcow2
+same l2u-enospc           qemu-io -c 'write -P 1 0 4k' -c 'read -P 0 0 4k' blkdebug:l2u-enospc.conf:t.qcow2
+same l2l-once             qemu-io -c 'read -P 0x33 0 4k' -c 'read -P 0x33 0 4k' blkdebug:l2l-once.conf:filled.qcow2
+same l2l-erofs            qemu-io -c 'read -P 0x33 0 4k' -c 'read -P 0x33 4k 4k' blkdebug:l2l-erofs.conf:filled.qcow2
+same l2u-writeback        qemu-io -t writeback -c 'write -P 1 0 4k' -c 'flush' -c 'write -P 2 0 4k' -c 'flush' blkdebug:l2u-once.conf:t.qcow2
+
+log "inject-error: refblock_update, refblock_alloc"
+same rbu-once             qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 64k 4k' blkdebug:rbu-once.conf:t.qcow2
+same rbu-always           qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 64k 4k' blkdebug:rbu-always.conf:t.qcow2
+same rbu-imm              qemu-io -c 'write -P 1 0 4k' blkdebug:rbu-imm.conf:t.qcow2
+same rba-once             qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 63M 64k' blkdebug:rba.conf:big.qcow2
+
+log "inject-error: write_aio, flush_to_disk, sectors, errno values"
+same wa-once              qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 0 4k' -c 'read -P 2 0 4k' blkdebug:wa-once.conf:filled.qcow2
+same wa-sector-miss       qemu-io -c 'write -P 1 0 4k' -c 'read -P 1 0 4k' blkdebug:wa-sector.conf:filled.qcow2
+same wa-sector-hit        qemu-io -c 'write -P 1 64k 4k' -c 'write -P 2 68k 4k' -c 'read -P 0x33 68k 4k' blkdebug:wa-sector.conf:filled.qcow2
+same flush-once           qemu-io -c 'write -P 1 0 4k' -c 'flush' -c 'flush' blkdebug:flush.conf:filled.qcow2
+NO_COMPARE=0
+
+log "set-state chains"
+NO_COMPARE=1
+same chain-2              qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 4k 4k' -c 'write -P 3 8k 4k' -c 'read -P 1 0 4k' -c 'read -P 0x33 4k 4k' -c 'read -P 3 8k 4k' blkdebug:chain.conf:filled.qcow2
+same chain-3              qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 4k 4k' -c 'write -P 3 8k 4k' -c 'write -P 4 12k 4k' blkdebug:chain3.conf:filled.qcow2
+NO_COMPARE=0
+
+log "driver options: -o, --image-opts, json:"
+NO_COMPARE=1
+same opt-inject           qemu-io -c 'open -o driver=qcow2,file.driver=blkdebug,file.image.filename=filled.qcow2,file.inject-error.0.event=write_aio,file.inject-error.0.once=on' -c 'write -P 1 0 4k' -c 'write -P 2 0 4k' -c 'read -P 2 0 4k'
+same opt-image-opts       qemu-io --image-opts driver=qcow2,file.driver=blkdebug,file.image.filename=filled.qcow2,file.inject-error.0.event=write_aio,file.inject-error.0.errno=28 -c 'write -P 1 0 4k' -c 'read -P 0x33 0 4k'
+same opt-json             qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 4k 4k' -c 'read -P 0x33 4k 4k' 'json:{"driver":"qcow2","file":{"driver":"blkdebug","image":{"driver":"file","filename":"filled.qcow2"},"set-state":[{"event":"write_aio","state":1,"new_state":2}],"inject-error":[{"event":"write_aio","state":2,"errno":5}]}}'
+same opt-config           qemu-io -c 'open -o driver=qcow2,file.driver=blkdebug,file.config=wa-once.conf,file.image.filename=filled.qcow2' -c 'write -P 1 0 4k' -c 'write -P 2 0 4k'
+NO_COMPARE=0
+same opt-bad-event        qemu-io -c 'open -o driver=qcow2,file.driver=blkdebug,file.image.filename=t.qcow2,file.inject-error.0.event=bogus'
+
+log "breakpoints: overlapping allocating writes (iotests 046 style)"
+# Cluster 1 (64k..128k) of an empty image: A allocates it, B writes into it
+# while A is held at write_aio, resumed before, or after, B's own stop.
+brk ovl-a-then-b t.qcow2 \
+    'break write_aio A' 'aio_write -P 10 0x10000 0x8000' 'wait_break A' \
+    'aio_write -P 11 0x18000 0x8000' 'resume A' 'aio_flush' \
+    'read -P 10 0x10000 0x8000' 'read -P 11 0x18000 0x8000'
+brk ovl-same-range t.qcow2 \
+    'break write_aio A' 'aio_write -P 20 0x10000 0x10000' 'wait_break A' \
+    'aio_write -P 21 0x10000 0x10000' 'resume A' 'aio_flush' \
+    'read -P 21 0x10000 0x10000'
+RACE=1 brk ovl-two-held-ab t.qcow2 \
+    'break write_aio A' 'aio_write -P 30 0x20000 0x8000' 'wait_break A' \
+    'break write_aio B' 'aio_write -P 31 0x40000 0x8000' 'wait_break B' \
+    'resume A' 'resume B' 'aio_flush' \
+    'read -P 30 0x20000 0x8000' 'read -P 31 0x40000 0x8000'
+RACE=1 brk ovl-two-held-ba t.qcow2 \
+    'break write_aio A' 'aio_write -P 30 0x20000 0x8000' 'wait_break A' \
+    'break write_aio B' 'aio_write -P 31 0x40000 0x8000' 'wait_break B' \
+    'resume B' 'resume A' 'aio_flush' \
+    'read -P 30 0x20000 0x8000' 'read -P 31 0x40000 0x8000'
+RACE=1 brk ovl-in-place-ab filled.qcow2 \
+    'break write_aio A' 'aio_write -P 40 0 0x8000' 'wait_break A' \
+    'break write_aio B' 'aio_write -P 41 0x8000 0x8000' 'wait_break B' \
+    'resume A' 'resume B' 'aio_flush' \
+    'read -P 40 0 0x8000' 'read -P 41 0x8000 0x8000'
+RACE=1 brk ovl-in-place-ba filled.qcow2 \
+    'break write_aio A' 'aio_write -P 40 0 0x8000' 'wait_break A' \
+    'break write_aio B' 'aio_write -P 41 0x8000 0x8000' 'wait_break B' \
+    'resume B' 'resume A' 'aio_flush' \
+    'read -P 40 0 0x8000' 'read -P 41 0x8000 0x8000'
+brk ovl-remove-break t.qcow2 \
+    'break write_aio A' 'aio_write -P 50 0 4k' 'wait_break A' 'remove_break A' \
+    'aio_flush' 'read -P 50 0 4k'
+brk read-held filled.qcow2 \
+    'break read_aio A' 'aio_read -P 0x33 0 4k' 'wait_break A' \
+    'write -P 60 64k 4k' 'resume A' 'aio_flush' 'read -P 60 64k 4k'
+# 4k clusters, the second 64k of w.qcow2 allocated: a partial write into an
+# allocated cluster of a shared... plain COW from an existing cluster needs
+# snapshots; cow_read over a backing file is what iotests 046 breaks on.
+(
+    cd "$WORK/base" &&
+    qemu-img create -q -f qcow2 -b w.qcow2 -F qcow2 ov.qcow2 1M
+) || die "cannot create the overlay"
+brk cow-read-ab ov.qcow2 \
+    'break cow_read A' 'aio_write -P 70 0x1800 0x400' 'wait_break A' \
+    'aio_write -P 71 0x5800 0x400' 'resume A' 'aio_flush' \
+    'read -P 0x11 0x1000 0x800' 'read -P 70 0x1800 0x400' 'read -P 0x11 0x1c00 0x400' \
+    'read -P 71 0x5800 0x400'
+brk cow-read-same ov.qcow2 \
+    'break cow_read A' 'aio_write -P 72 0x1800 0x400' 'wait_break A' \
+    'aio_write -P 73 0x1c00 0x400' 'resume A' 'aio_flush' \
+    'read -P 0x11 0x1000 0x800' 'read -P 72 0x1800 0x400' 'read -P 73 0x1c00 0x400'
+
+log "$N cases"
+interop_finish
