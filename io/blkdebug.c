@@ -75,7 +75,7 @@ static const struct {
 	{ "refblock_alloc_write_blocks", QSM_IO_EV_NONE },
 	{ "refblock_alloc_write_table", QSM_IO_EV_NONE },
 	{ "refblock_alloc_switch_table", QSM_IO_EV_NONE },
-	{ "cluster_alloc", QSM_IO_EV_NONE },
+	{ "cluster_alloc", QSM_IO_EV_CLUSTER_ALLOC },
 	{ "cluster_alloc_bytes", QSM_IO_EV_NONE },
 	{ "cluster_free", QSM_IO_EV_NONE },
 	{ "flush_to_os", QSM_IO_EV_NONE },
@@ -141,6 +141,7 @@ struct bd_susp {
 struct bd_passed {
 	struct bd_passed *next;
 	const struct qsm_io_req *req;
+	enum qsm_io_event event;     /* the event it passed */
 };
 
 struct qsm_blkdebug {
@@ -562,6 +563,7 @@ struct bd_sub {
 };
 
 static const struct qsm_io_ops bd_ops;
+static bool bd_take_passed(struct qsm_blkdebug *bd, const struct qsm_io_req *req);
 
 static struct bd_io *bd_of(struct qsm_io *io)
 {
@@ -615,14 +617,13 @@ static void bd_submit(struct qsm_io *io, struct qsm_io_req *req)
 	struct bd_susp *tags = NULL;
 	bool passed = false;
 
-	for (struct bd_passed **p = &b->bd->passed; *p; p = &(*p)->next) {
-		if ((*p)->req == req) {
-			struct bd_passed *x = *p;
-			*p = x->next;
-			free(x);
-			passed = true;
-			break;
-		}
+	passed = bd_take_passed(b->bd, req);
+	/* cluster_alloc is raised by the allocating step itself
+	 * (qsm_io_blkdebug_event); the preallocations tagged with it are not
+	 * allocations of a request. */
+	if (req->event == QSM_IO_EV_CLUSTER_ALLOC) {
+		bd_go(b, req);
+		return;
 	}
 	if (bd_raise(b->bd, req->event, passed ? NULL : &tags,
 		     passed ? BD_RAISE_NO_SUSPEND : BD_RAISE_ALL) > 0) {
@@ -797,6 +798,7 @@ static bool bd_resume_one(struct bd_io *b, const char *tag)
 		struct bd_passed *pass = malloc(sizeof(*pass));
 		if (pass) {
 			pass->req = req;
+			pass->event = req->event;
 			pass->next = bd->passed;
 			bd->passed = pass;
 		}
@@ -869,4 +871,29 @@ void qsm_io_blkdebug_resume_all(struct qsm_io *io)
 	struct qsm_blkdebug *bd = bd_of_handle(io);
 	while (bd && bd->susp)
 		bd_resume_one(bd_of(io), bd->susp->tag);
+}
+
+/* Take req off the passed list; true when it was there. */
+static bool bd_take_passed(struct qsm_blkdebug *bd, const struct qsm_io_req *req)
+{
+	for (struct bd_passed **p = &bd->passed; *p; p = &(*p)->next) {
+		if ((*p)->req == req && (*p)->event == req->event) {
+			struct bd_passed *x = *p;
+			*p = x->next;
+			free(x);
+			return true;
+		}
+	}
+	return false;
+}
+
+bool qsm_io_blkdebug_event(struct qsm_io *io, struct qsm_io_req *req, qsm_io_cb resumed)
+{
+	struct qsm_blkdebug *bd = bd_of_handle(io);
+	if (!bd)
+		return false;
+	if (!bd_take_passed(bd, req) && qsm_io_blkdebug_hold(io, req, resumed))
+		return true;
+	bd_raise(bd, req->event, NULL, BD_RAISE_NO_SUSPEND);
+	return false;
 }

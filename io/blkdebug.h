@@ -25,6 +25,9 @@
  *    in its I/O wait state) until resumed; the breakpoint is removed when
  *    it fires.
  *
+ * cluster_alloc has no I/O: the allocating step raises it
+ * (qsm_io_blkdebug_event) before it takes clusters.
+ *
  * Not implemented (refused by name): QEMU's iotype and offset keys (7.2's
  * sector is accepted), align and max-transfer, the events qsm has no
  * step for (qsm_blkdebug_event_parse says which).
@@ -88,5 +91,15 @@ void qsm_io_blkdebug_resume_all(struct qsm_io *io);
  * its breakpoints again.  False (nothing held) for other handles.
  */
 bool qsm_io_blkdebug_hold(struct qsm_io *io, struct qsm_io_req *req, qsm_io_cb resumed);
+
+/*
+ * An event with no I/O of its own (cluster_alloc: req->event is
+ * QSM_IO_EV_CLUSTER_ALLOC, nothing submitted): raise it.  Held at a
+ * breakpoint as qsm_io_blkdebug_hold (true); when resumed, the caller
+ * raises it again with the same req, which then applies the event's
+ * other rules (set-state, arming injections) and returns false.
+ * Operations submitted with this tag (preallocations) raise nothing.
+ */
+bool qsm_io_blkdebug_event(struct qsm_io *io, struct qsm_io_req *req, qsm_io_cb resumed);
 
 #endif

@@ -17,7 +17,7 @@
  *            --finished--> DONE
  *
  * Transition -> function
- *   CLUSTER_ALLOC -> ALLOC_WRITE|ZERO_CLUSTERS|COW_READ|COMPRESSED_READ|REFBLOCK_LOAD ..
+ *   CLUSTER_ALLOC -> ALLOC_WRITE|ZERO_CLUSTERS|COW_READ|COMPRESSED_READ|REFBLOCK_LOAD|BREAK ..
  *                                             qsm_step_cluster_alloc
  *   REFBLOCK_LOAD -> L2_ALLOC|L2_LOOKUP|WB_RELEASE .. rc_waiter_cb (the
  *                                  block is in: the step that needed it
@@ -71,6 +71,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "io/blkdebug.h"
 #include "sm/steps.h"
 
 /* The allocation of req's run is over: its L2 entries are updated (ret 0)
@@ -185,6 +186,16 @@ enum qsm_event qsm_step_cluster_alloc(struct qsm_req *req)
 	if (img->error) {
 		release_l2(req);
 		return fail(req, -EIO);
+	}
+	/* blkdebug's cluster_alloc, before any cluster is taken: a breakpoint
+	 * stops the run here with no claim and no table (BREAK; resumed, the
+	 * run is classified again, as after a refcount block load). */
+	req->io = (struct qsm_io_req){ .event = QSM_IO_EV_CLUSTER_ALLOC };
+	if (qsm_io_blkdebug_event(img->io, &req->io, qsm_req_resume_cb)) {
+		release_l2(req);
+		req->brk_rerun = true;
+		req->brk_back = QSM_S_L2_LOOKUP;
+		return QSM_E_BREAK;
 	}
 	int ret = qsm_refcount_alloc(img->rc, n, &run->host, qsm_req_rcw(req));
 	if (ret == -EAGAIN) {

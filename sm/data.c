@@ -17,11 +17,13 @@
  *   (JOIN_WRITE runs qsm_step_data_io too; its edge is in sm/alloc.c)
  *   DATA_READ|DATA_WRITE|JOIN_WRITE|COW_READ|ALLOC_WRITE|COMPRESSED_READ|COMPRESSED_WRITE -> BREAK ..
  *                                  qsm_submit_io (a blkdebug breakpoint
- *                                  on the I/O's event fired)
- *   BREAK -> DATA_READ|DATA_WRITE|JOIN_WRITE|COW_READ|ALLOC_WRITE|COMPRESSED_READ|COMPRESSED_WRITE ..
+ *                                  on the I/O's event fired; CLUSTER_ALLOC's
+ *                                  edge is in sm/alloc.c)
+ *   BREAK -> DATA_READ|DATA_WRITE|JOIN_WRITE|COW_READ|ALLOC_WRITE|COMPRESSED_READ|COMPRESSED_WRITE|L2_LOOKUP ..
  *                                  qsm_req_resume_cb (resume TAG; the
- *                                  dispatcher returns to req->brk_from and
- *                                  submits with qsm_req_resubmit)
+ *                                  dispatcher takes req->brk_back and
+ *                                  submits with qsm_req_resubmit; from
+ *                                  CLUSTER_ALLOC, L2_LOOKUP runs again)
  *
  * Invariants (numbered across sm/, see sm/dispatch.c)
  *  7. A request has at most one I/O on its image's io/ handle in flight
@@ -32,8 +34,10 @@
  *     another allocation before it lands (invariant 5, sm/alloc.c).
  * 11. A request in BREAK has its I/O prepared in req->io and not submitted,
  *     its host range noted (io_busy) as if in flight; only resume takes it
- *     out, back to the state it stopped in (req->brk_from), which then
- *     waits for that I/O.  Nothing else completes it: a close must resume
+ *     out, back to the state it stopped in (req->brk_back), which then
+ *     waits for that I/O.  (From CLUSTER_ALLOC, stopped before taking any
+ *     cluster and holding no table nor claim, brk_rerun: nothing
+ *     prepared, back to L2_LOOKUP to classify the run again.)  Nothing else completes it: a close must resume
  *     every held request first (qemu-io's quit does).
  */
 #include <assert.h>
@@ -98,8 +102,11 @@ enum qsm_event qsm_submit_io(struct qsm_req *req, enum qsm_io_op op, enum qsm_io
 	img->io_busy += req->io_busy;
 	req->io_lo = host;
 	req->io_hi = host + len;
-	if (qsm_io_blkdebug_hold(img->io, &req->io, qsm_req_resume_cb))
+	if (qsm_io_blkdebug_hold(img->io, &req->io, qsm_req_resume_cb)) {
+		req->brk_rerun = false;
+		req->brk_back = req->state;
 		return QSM_E_BREAK; /* stopped, range still noted (invariant 11) */
+	}
 	qsm_io_submit(img->io, &req->io);
 	return QSM_E_WAIT;
 }

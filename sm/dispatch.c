@@ -596,8 +596,8 @@ static void qsm_sm_run(struct qsm_req *req, enum qsm_event ev, int ret)
 				req->ret = ret < 0 ? ret : -EIO;
 			to = QSM_S_DONE;
 		} else if (from == QSM_S_BREAK && ev == QSM_E_RESUME) {
-			/* The TRANSITION_BACK edge to where it stopped. */
-			to = req->brk_from;
+			/* The TRANSITION_BACK edge the stopping step chose. */
+			to = req->brk_back;
 			if (!back_edges[req->machine][to]) {
 				fprintf(stderr, "qsm: BUG: req#%llu %s has no edge BREAK --RESUME--> %s\n",
 					(unsigned long long)req->id, machine_names[req->machine],
@@ -616,10 +616,11 @@ static void qsm_sm_run(struct qsm_req *req, enum qsm_event ev, int ret)
 		if (QSM_UNLIKELY(img->trace != NULL))
 			trace_transition(req, from, (enum qsm_state)to, ev, req->ret);
 		req->state = (enum qsm_state)to;
-		if (from == QSM_S_BREAK && to != QSM_S_DONE) {
+		if (from == QSM_S_BREAK && to != QSM_S_DONE && !req->brk_rerun) {
 			/* Back in the state whose step ran already (its entry
 			 * invariants no longer apply): submit the I/O it
-			 * prepared and wait for it there. */
+			 * prepared and wait for it there.  (A step that stopped
+			 * before doing anything, brk_rerun, runs again.) */
 			ev = qsm_req_resubmit(req);
 			if (ev == QSM_E_WAIT)
 				return;

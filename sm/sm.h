@@ -199,6 +199,8 @@ struct qsm_req {
 	/* In BREAK: the state it stopped in, where resume takes it back
 	 * (TRANSITION_BACK), req->io prepared and not submitted yet. */
 	enum qsm_state brk_from;
+	enum qsm_state brk_back;  /* where resume takes it (a TRANSITION_BACK edge) */
+	bool brk_rerun;           /* nothing prepared: brk_back's step runs as usual */
 
 	/* Parallel I/O of one step (write-back levels issue several). */
 	struct qsm_io_req io;

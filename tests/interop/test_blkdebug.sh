@@ -147,6 +147,7 @@ same conf-no-quotes       qemu-io -c 'read 0 1' blkdebug:no-quotes.conf:t.qcow2
 same open-cmd             qemu-io -c 'open blkdebug:wa-once.conf:t.qcow2' -c 'write -P 2 0 4k' -c 'write -P 3 0 4k' -c 'read -P 3 0 4k'
 same break-no-blkdebug    qemu-io -c 'break write_aio A' -c 'resume A' -c 'remove_break A' t.qcow2
 same break-unknown-event  qemu-io -c 'break bogus A' -c 'remove_break A' blkdebug::t.qcow2
+same break-removed        qemu-io -c 'break write_aio A' -c 'read 0 4k' -c 'remove_break A' -c 'write -P 1 0 4k' -c 'resume A' blkdebug::t.qcow2
 
 log "inject-error: l2_update, l2_load"
 NO_COMPARE=1
@@ -220,6 +221,18 @@ RACE=1 brk ovl-in-place-ba filled.qcow2 \
 brk ovl-remove-break t.qcow2 \
     'break write_aio A' 'aio_write -P 50 0 4k' 'wait_break A' 'remove_break A' \
     'aio_flush' 'read -P 50 0 4k'
+# cluster_alloc: QEMU stops there holding its qcow2 lock, so the second
+# write waits for the first; qsm lets it allocate (allocations under one L2
+# table run concurrently) and the stopped one classifies its run again when
+# resumed: the completions are compared as a set, the data exactly.
+RACE=1 brk calloc-other-cluster t.qcow2 \
+    'break cluster_alloc A' 'aio_write -P 80 0x10000 0x8000' 'wait_break A' \
+    'aio_write -P 81 0x30000 0x8000' 'resume A' 'aio_flush' \
+    'read -P 80 0x10000 0x8000' 'read -P 81 0x30000 0x8000' 'read -P 0 0x18000 0x8000'
+RACE=1 brk calloc-same-cluster t.qcow2 \
+    'break cluster_alloc A' 'aio_write -P 82 0x10000 0x8000' 'wait_break A' \
+    'aio_write -P 83 0x18000 0x8000' 'resume A' 'aio_flush' \
+    'read -P 82 0x10000 0x8000' 'read -P 83 0x18000 0x8000'
 brk read-held filled.qcow2 \
     'break read_aio A' 'aio_read -P 0x33 0 4k' 'wait_break A' \
     'write -P 60 64k 4k' 'resume A' 'aio_flush' 'read -P 60 64k 4k'
