@@ -1683,7 +1683,9 @@ START_TEST(test_blkdebug_events)
 	ck_assert_int_eq(ev, QSM_IO_EV_DATA_WRITE);
 	ck_assert_int_eq(qsm_blkdebug_event_parse("refblock_alloc_hookup", &ev), 0);
 	ck_assert_int_eq(ev, QSM_IO_EV_REFTABLE_UPDATE);
-	ck_assert_int_eq(qsm_blkdebug_event_parse("cluster_alloc", &ev), -ENOTSUP);
+	ck_assert_int_eq(qsm_blkdebug_event_parse("cluster_alloc", &ev), 0);
+	ck_assert_int_eq(ev, QSM_IO_EV_CLUSTER_ALLOC);
+	ck_assert_int_eq(qsm_blkdebug_event_parse("cluster_alloc_bytes", &ev), -ENOTSUP);
 	ck_assert_int_eq(qsm_blkdebug_event_parse("l1_grow_alloc_table", &ev), -ENOTSUP);
 	ck_assert_int_eq(qsm_blkdebug_event_parse("l2_alloc.write", &ev), -ENOENT); /* pre-QAPI */
 	ck_assert_int_eq(qsm_blkdebug_event_parse("bogus", &ev), -ENOENT);
@@ -1693,9 +1695,9 @@ START_TEST(test_blkdebug_events)
 	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "inject-error.0.event", "bogus", err, sizeof(err)),
 			 -EINVAL);
 	ck_assert_str_eq(err, "invalid parameter value: bogus");
-	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "inject-error.0.event", "cluster_alloc", err,
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "inject-error.0.event", "cluster_free", err,
 					      sizeof(err)), -ENOTSUP);
-	ck_assert_ptr_nonnull(strstr(err, "'cluster_alloc' is not supported by qsm"));
+	ck_assert_ptr_nonnull(strstr(err, "'cluster_free' is not supported by qsm"));
 	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "inject-error.1.once", "maybe", err, sizeof(err)),
 			 -EINVAL);
 	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "set-state.0.errno", "5", err, sizeof(err)), -EINVAL);
