@@ -114,6 +114,11 @@ const char *qsm_event_label(enum qsm_event e) { return e < QSM_E__COUNT ? event_
 const char *qsm_machine_name(enum qsm_machine m) { return machine_names[m]; }
 const char *qsm_machine_desc(enum qsm_machine m) { return machine_descs[m]; }
 
+bool qsm_transition_back(enum qsm_machine m, enum qsm_state to)
+{
+	return (unsigned)m < QSM_M__COUNT && (unsigned)to < QSM_S__COUNT && back_edges[m][to];
+}
+
 int qsm_transition(enum qsm_machine m, enum qsm_state from, enum qsm_event ev)
 {
 	if (m >= QSM_M__COUNT || from >= QSM_S__COUNT || ev >= QSM_E__COUNT)

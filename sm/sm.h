@@ -51,6 +51,9 @@ const char *qsm_machine_name(enum qsm_machine m);
 const char *qsm_machine_desc(enum qsm_machine m);
 /* Next state for (machine, from, event), or -1 when the table has no such edge. */
 int qsm_transition(enum qsm_machine m, enum qsm_state from, enum qsm_event ev);
+/* Is BREAK --RESUME--> to one of machine m's TRANSITION_BACK edges (the way
+ * back from a breakpoint, chosen per request: qsm_transition cannot say)? */
+bool qsm_transition_back(enum qsm_machine m, enum qsm_state to);
 
 /* A waiter list node: anything that sleeps on a condition (frozen L1 slot,
  * in-flight allocation, write-back batch) links one of these. */

@@ -42,6 +42,18 @@
 
 /* --- table ----------------------------------------------------------------- */
 
+/* The targets of m's TRANSITION_BACK edges when BREAK is in the set. */
+static uint64_t back_edges_from(enum qsm_machine m, uint64_t set)
+{
+	uint64_t r = 0;
+	if (!(set & (1ull << QSM_S_BREAK)))
+		return 0;
+	for (int s = 0; s < QSM_S__COUNT; s++)
+		if (qsm_transition_back(m, s))
+			r |= 1ull << s;
+	return r;
+}
+
 /* States of machine m reachable from START (bitmask over states). */
 static uint64_t reachable(enum qsm_machine m)
 {
@@ -55,6 +67,7 @@ static uint64_t reachable(enum qsm_machine m)
 					if (to >= 0)
 						seen |= 1ull << to;
 				}
+		seen |= back_edges_from(m, seen);
 	}
 	return seen;
 }
@@ -79,6 +92,7 @@ START_TEST(table_well_formed)
 							if (to >= 0)
 								r |= 1ull << to;
 						}
+				r |= back_edges_from(m, r);
 			}
 			ck_assert_msg(r & (1ull << QSM_S_DONE), "%s: %s cannot reach DONE",
 				      qsm_machine_name(m), qsm_state_name(s));
@@ -96,6 +110,13 @@ START_TEST(table_well_formed)
 	ck_assert_str_eq(qsm_state_name(QSM_S_L2_LOOKUP), "L2_LOOKUP");
 	ck_assert_int_eq(qsm_transition(QSM_M_READ, QSM_S_L2_LOOKUP, QSM_E_CACHE_MISS), QSM_S_L2_LOAD);
 	ck_assert_int_lt(qsm_transition(QSM_M_READ, QSM_S_L2_LOOKUP, QSM_E_NEED_ALLOC), 0);
+	/* Breakpoints: entered by ordinary edges, left only by the way back. */
+	ck_assert_int_eq(qsm_transition(QSM_M_WRITE, QSM_S_ALLOC_WRITE, QSM_E_BREAK), QSM_S_BREAK);
+	ck_assert_int_lt(qsm_transition(QSM_M_WRITE, QSM_S_BREAK, QSM_E_RESUME), 0);
+	ck_assert(qsm_transition_back(QSM_M_WRITE, QSM_S_ALLOC_WRITE));
+	ck_assert(qsm_transition_back(QSM_M_WRITE, QSM_S_L2_LOOKUP));
+	ck_assert(!qsm_transition_back(QSM_M_READ, QSM_S_ALLOC_WRITE));
+	ck_assert(!qsm_transition_back(QSM_M_FLUSH, QSM_S_L2_LOOKUP));
 }
 END_TEST
 
