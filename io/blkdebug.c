@@ -474,8 +474,11 @@ static int bd_raise(struct qsm_blkdebug *bd, enum qsm_io_event ev, struct bd_sus
 
 	if (ev == QSM_IO_EV_NONE)
 		return 0;
+	/* A new L2 table goes to disk as QEMU's cache writes any table:
+	 * l2_alloc_write, then l2_update. */
+	enum qsm_io_event also = ev == QSM_IO_EV_L2_ALLOC ? QSM_IO_EV_L2_UPDATE : QSM_IO_EV_NONE;
 	for (size_t i = 0; i < BD_NEVENTS; i++) {
-		if (bd_events[i].ev != ev)
+		if (bd_events[i].ev != ev && (also == QSM_IO_EV_NONE || bd_events[i].ev != also))
 			continue;
 		long long new_state = bd->state;
 		bool injected = false;

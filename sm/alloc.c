@@ -285,8 +285,19 @@ enum qsm_event qsm_step_cow_read(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
 	struct qsm_run *run = &req->run;
-	if (run->cow_backing)
+	if (run->cow_backing) {
+		/* The reads go to the backing image (requests of their own), but
+		 * blkdebug's cow_read is the top image's event, as in QEMU: raised
+		 * here, before anything is done (a breakpoint stops the run and
+		 * the step runs again when resumed). */
+		req->io = (struct qsm_io_req){ .event = QSM_IO_EV_COW_READ };
+		if (qsm_io_blkdebug_event(img->io, &req->io, qsm_req_resume_cb)) {
+			req->brk_rerun = true;
+			req->brk_back = QSM_S_COW_READ;
+			return QSM_E_BREAK;
+		}
 		return qsm_cow_read_backing(req);
+	}
 	assert(run->nb_clusters == 1);
 	if (posix_memalign((void **)&run->bounce, 4096, img->cluster_size))
 		return fail(req, -ENOMEM);

@@ -1938,7 +1938,7 @@ static int snapshot_overlay(struct io_ctx *io, const char *path, const struct qs
  */
 struct bd_spec {
 	struct qsm_blkdebug *bd;     /* NULL: no blkdebug */
-	const char *image;           /* the file under it, from the name or options */
+	char *image;                 /* the file under it, from the name or options (owned) */
 };
 
 static int blkdebug_take(struct bd_spec *bs, const char **name, struct cli_opts *all, char *err,
@@ -1958,8 +1958,11 @@ static int blkdebug_take(struct bd_spec *bs, const char **name, struct cli_opts 
 			snprintf(cfg, sizeof(cfg), "%.*s", (int)(c - (*name + 9)), *name + 9);
 			config = cfg;
 		}
-		bs->image = c + 1;
+		free(bs->image);
+		bs->image = strdup(c + 1);
 		*name = NULL;
+		if (!bs->image)
+			return -ENOMEM;
 	}
 	const char *d = cli_opts_get(all, "driver");
 	const char *fd = cli_opts_get(all, "file.driver");
@@ -1986,7 +1989,9 @@ static int blkdebug_take(struct bd_spec *bs, const char **name, struct cli_opts 
 		} else if (!strcmp(bk, "config")) {
 			config = v;
 		} else if (!strcmp(bk, "image.filename")) {
-			bs->image = v;
+			free(bs->image);
+			if (!(bs->image = strdup(v)))
+				r = -ENOMEM;
 		} else if (!strcmp(bk, "image.driver")) {
 			if (strcmp(v, "file") && strcmp(v, "host_device") && strcmp(v, "host_cdrom"))
 				r = -EINVAL, snprintf(err, errlen, "Driver '%s' under blkdebug is not "
@@ -2165,6 +2170,8 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 		}
 	}
 	qsm_blkdebug_free(bds.bd); /* not opened */
+	if (r < 0)
+		free(bds.image);
 	if (r < 0) {
 		if (!at_open) /* reopen_f: qemu-io prints the reason alone */
 			cli_error("io", "%s", err);
@@ -2177,6 +2184,7 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 	}
 	free(io->path);
 	io->path = strdup(path);
+	free(bds.image);
 	io->oo = oo;
 	if (req.discard_ignore >= 0)
 		io->discard_ignore = req.discard_ignore;
