@@ -851,7 +851,7 @@ static enum qsm_event wb_step_collect(struct qsm_req *job)
 		/* Targeted: FUA requests only (see the design block). */
 		wb->targeted = wb->waiters && !wb->full && !wb->space_wanted &&
 			       !img->header_dirty && !img->raw;
-		for (struct qsm_wait *w = wb->waiters; w && wb->targeted; w = w->next)
+		for (w = wb->waiters; w && wb->targeted; w = w->next)
 			wb->targeted = fua_targeted(w->req);
 	} else {
 		wb_reset(wb);
