@@ -248,6 +248,26 @@ static void batch_move(struct qsm_meta_batch *dst, struct qsm_meta_batch *src)
 }
 #endif
 
+/* The header level of a batch: the dirty bit set first when mark_dirty
+ * (tables go out ahead of their refcounts), then the header whenever
+ * anything dirtied it. */
+static int collect_header_level(struct qsm_image *img, struct qsm_wb *wb, bool with_refcounts,
+				bool mark_dirty)
+{
+	int ret;
+	if (mark_dirty) {
+		img->hdr.incompatible_features |= QCOW2_INCOMPAT_DIRTY;
+		img->header_dirty = true;
+		wb->marks_dirty = true;
+	}
+	if (img->header_dirty) {
+		if ((ret = collect_header(img, &wb->header, with_refcounts)) < 0)
+			return ret;
+		img->header_dirty = false;
+	}
+	return 0;
+}
+
 /*
  * Snapshot everything dirty into wb (WB_COLLECT).  With
  * lazy refcounts and !full, refcount blocks stay dirty in memory, and when
@@ -276,17 +296,10 @@ static int wb_collect(struct qsm_image *img, struct qsm_wb *wb, bool full)
 	}
 	if ((ret = qsm_l2_collect(&img->l2c, &wb->l2)) < 0)
 		return ret;
-	if (!with_refcounts && !img->disk_dirty &&
-	    (wb->l2.n || img->l1_dirty_hi > img->l1_dirty_lo)) {
-		img->hdr.incompatible_features |= QCOW2_INCOMPAT_DIRTY;
-		img->header_dirty = true;
-		wb->marks_dirty = true;
-	}
-	if (img->header_dirty) {
-		if ((ret = collect_header(img, &wb->header, with_refcounts)) < 0)
-			return ret;
-		img->header_dirty = false;
-	}
+	if ((ret = collect_header_level(img, wb, with_refcounts,
+					!with_refcounts && !img->disk_dirty &&
+						(wb->l2.n || img->l1_dirty_hi > img->l1_dirty_lo))) < 0)
+		return ret;
 	if (img->l1_dirty_hi > img->l1_dirty_lo) {
 		/* Whole 512-byte sectors; the L1's clusters are all its own. */
 		uint64_t lo = QSM_ALIGN_DOWN(img->l1_dirty_lo * 8, 512);
@@ -440,16 +453,10 @@ static int wb_collect_targeted(struct qsm_image *img, struct qsm_wb *wb)
 			return ret;
 		if (wb->rc.table_moved)
 			img->header_dirty = true;
-	} else if (!img->disk_dirty) {
-		img->hdr.incompatible_features |= QCOW2_INCOMPAT_DIRTY;
-		img->header_dirty = true;
-		wb->marks_dirty = true;
 	}
-	if (img->header_dirty) {
-		if ((ret = collect_header(img, &wb->header, with_refcounts)) < 0)
-			return ret;
-		img->header_dirty = false;
-	}
+	if ((ret = collect_header_level(img, wb, with_refcounts,
+					!with_refcounts && !img->disk_dirty)) < 0)
+		return ret;
 	return 0; /* wb->frees stays empty: the frees wait for a normal batch */
 }
 
