@@ -14,8 +14,9 @@
  * nbd_tls_pending() is non-zero, so a wrong direction or an undrained
  * record shows as a stall (a failure), not as a pass by busy-looping.
  *
- * The "certtool" cases build the directory exactly as README.md says (the
- * certtool commands of gnutls-bin, RSA keys) and also run a TLS 1.2 DHE-RSA
+ * The "certtool" case builds the directory with README.md's own recipe (read
+ * from the README: the certtool commands of gnutls-bin, RSA keys) and also
+ * runs a TLS 1.2 DHE-RSA
  * handshake, which needs the server's DH parameters.  The "gnutls-cli"
  * case runs the real gnutls-cli client against a session on a TCP socket.
  */
@@ -918,22 +919,15 @@ static bool have(const char *prog)
 	return sh("command -v %s >/dev/null 2>&1", prog) == 0;
 }
 
-/* The commands of README.md's "TLS for qsm nbd", run in base/DIR. */
+/* README.md's certtool recipe ("TLS for qsm nbd": the indented block that
+ * starts with "mkdir -p tls/client"), run as it is in base/DIR: it makes
+ * DIR/tls (the server's directory) and DIR/tls/client. */
 static int certtool_recipe(const char *dir)
 {
-	return sh("set -e; mkdir -p '%s/%s'; cd '%s/%s'; exec >certtool.log 2>&1\n"
-		  "certtool --generate-privkey > ca-key.pem\n"
-		  "printf 'cn = qsm test CA\\nca\\ncert_signing_key\\nexpiration_days = 30\\n' > ca.info\n"
-		  "certtool --generate-self-signed --load-privkey ca-key.pem --template ca.info --outfile ca-cert.pem\n"
-		  "certtool --generate-privkey > server-key.pem\n"
-		  "printf 'organization = qsm\\ncn = localhost\\ndns_name = localhost\\ntls_www_server\\nencryption_key\\nsigning_key\\nexpiration_days = 30\\n' > server.info\n"
-		  "certtool --generate-certificate --load-ca-certificate ca-cert.pem --load-ca-privkey ca-key.pem --load-privkey server-key.pem --template server.info --outfile server-cert.pem\n"
-		  "mkdir -p client\n"
-		  "cp ca-cert.pem client/\n"
-		  "certtool --generate-privkey > client/client-key.pem\n"
-		  "printf 'organization = qsm\\ncn = client.example\\ntls_www_client\\nencryption_key\\nsigning_key\\nexpiration_days = 30\\n' > client.info\n"
-		  "certtool --generate-certificate --load-ca-certificate ca-cert.pem --load-ca-privkey ca-key.pem --load-privkey client/client-key.pem --template client.info --outfile client/client-cert.pem\n",
-		  base, dir, base, dir);
+	return sh("set -e; mkdir -p '%s/%s'; cd '%s/%s'; "
+		  "awk '/^    mkdir -p tls\\/client/{f=1} f&&/^    /{print substr($0,5)} f&&/^$/{exit}' "
+		  "'%s/README.md' > recipe.sh; grep -q certtool recipe.sh; bash -e recipe.sh > certtool.log 2>&1",
+		  base, dir, base, dir, QSM_SOURCE_DIR);
 }
 
 START_TEST(test_certtool_dir)
@@ -942,14 +936,14 @@ START_TEST(test_certtool_dir)
 		QSM_SKIP("certtool (gnutls-bin) not found");
 		return;
 	}
-	ck_assert_msg(certtool_recipe("ct") == 0, "certtool failed: see %s/ct/certtool.log", base);
+	ck_assert_msg(certtool_recipe("ct") == 0, "README's recipe failed: see %s/ct/certtool.log", base);
 	char cert[512], key[512], ca[512];
-	snprintf(cert, sizeof(cert), "%s/ct/client/client-cert.pem", base);
-	snprintf(key, sizeof(key), "%s/ct/client/client-key.pem", base);
-	snprintf(ca, sizeof(ca), "%s/ct/client/ca-cert.pem", base);
+	snprintf(cert, sizeof(cert), "%s/ct/tls/client/client-cert.pem", base);
+	snprintf(key, sizeof(key), "%s/ct/tls/client/client-key.pem", base);
+	snprintf(ca, sizeof(ca), "%s/ct/tls/client/ca-cert.pem", base);
 	struct client_opts o = { .cert = cert, .key = key, .ca = ca };
 	struct pair p;
-	pair_open(&p, "ct", true, &o);
+	pair_open(&p, "ct/tls", true, &o);
 	pair_handshake_ok(&p);
 	size_t maxp;
 	client_to_server(&p, 100000, 4096, &maxp);
@@ -957,7 +951,7 @@ START_TEST(test_certtool_dir)
 	/* TLS 1.2 with DHE-RSA only: the server's DH group (no dh-params.pem:
 	 * GnuTLS's known RFC 7919 parameters). */
 	o.prio = "NORMAL:-VERS-ALL:+VERS-TLS1.2:-KX-ALL:+DHE-RSA";
-	pair_open(&p, "ct", true, &o);
+	pair_open(&p, "ct/tls", true, &o);
 	pair_handshake_ok(&p);
 	ck_assert_int_eq(gnutls_kx_get(p.cli), GNUTLS_KX_DHE_RSA);
 	pair_close(&p);

@@ -77,7 +77,8 @@
  *     make a recv write).  -EAGAIN from nbd_tls_send always waits for
  *     writable, and the caller must repeat the SAME (buf, len) before any
  *     other send: GnuTLS has already encrypted that record.  A recv may run
- *     between the two sends (GnuTLS keeps the directions apart).
+ *     between the two sends (GnuTLS keeps the directions apart), and
+ *     nbd_tls_bye may replace the repeat (it flushes that record first).
  *  5. Errors: 0 or negative errno.  -EACCES: the client's certificate was
  *     refused (or none was presented while verify_peer); -EPROTO: a TLS
  *     protocol error, an alert from the client, garbage instead of TLS, a
@@ -158,7 +159,8 @@ int nbd_tls_bye(struct nbd_tls *t);
 /* The message of the session's failure, "" while none. */
 const char *nbd_tls_error(const struct nbd_tls *t);
 /* The client certificate's distinguished name once the handshake has
- * completed with one (verify_peer or not), else NULL; for logs. */
+ * completed with one, else NULL; for logs.  Without verify_peer it is
+ * whatever the client claims (unverified). */
 const char *nbd_tls_peer_dn(const struct nbd_tls *t);
 /* After nbd_tls_recv returned 0: true if the client sent close_notify,
  * false if it closed the socket without one (contract 6). */
