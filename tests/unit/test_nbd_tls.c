@@ -731,6 +731,43 @@ START_TEST(test_pending)
 }
 END_TEST
 
+START_TEST(test_key_update)
+{
+	/* TLS 1.3: the client updates its keys and asks the server to update
+	 * its own; the server's recv must answer (a write inside a read,
+	 * contract 4 of tls.h) and data keeps flowing both ways. */
+	struct pair p;
+	pair_open(&p, "good", true, &c1);
+	pair_handshake_ok(&p);
+	ck_assert_int_eq(gnutls_session_key_update(p.cli, GNUTLS_KU_PEER), 0);
+	size_t maxp;
+	unsigned shorts, eagains;
+	client_to_server(&p, 100000, 5000, &maxp);
+	server_to_client(&p, 100000, &shorts, &eagains);
+	client_to_server(&p, 10, 5000, &maxp);
+	pair_close(&p);
+}
+END_TEST
+
+START_TEST(test_renegotiation_refused)
+{
+	/* TLS 1.2: a client asking for a new handshake is refused (qsm never
+	 * renegotiates), with -EPROTO and a message. */
+	struct pair p;
+	struct client_opts o = c1;
+	o.prio = prios[1];
+	pair_open(&p, "good", true, &o);
+	pair_handshake_ok(&p);
+	int c = gnutls_handshake(p.cli);
+	ck_assert_msg(again(c), "client rehandshake: %s", gnutls_strerror(c));
+	char b[64];
+	ssize_t r = nbd_tls_recv(p.srv, b, sizeof(b));
+	ck_assert_msg(r == -EPROTO, "%zd %s", r, nbd_tls_error(p.srv));
+	ck_assert_msg(strstr(nbd_tls_error(p.srv), "renegotiation"), "%s", nbd_tls_error(p.srv));
+	pair_close(&p);
+}
+END_TEST
+
 START_TEST(test_eof)
 {
 	struct pair p;
@@ -1059,6 +1096,8 @@ static Suite *tls_suite(void)
 		{ "client_vanishes_in_handshake", test_client_vanishes_in_handshake, 1 },
 		{ "data_both_ways", test_data_both_ways, 1 },
 		{ "pending", test_pending, 1 },
+		{ "key_update", test_key_update, 1 },
+		{ "renegotiation_refused", test_renegotiation_refused, 1 },
 		{ "eof", test_eof, 1 },
 		{ "bye_blocked", test_bye_blocked, 1 },
 		{ "load_missing", test_load_missing, 1 },
