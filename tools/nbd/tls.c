@@ -172,9 +172,13 @@ static int sanity_check(const char *cafile, const char *certfile, char *err, siz
 		goto out;
 	}
 	for (unsigned i = 0; i < ncas; i++) {
-		if (gnutls_x509_crt_get_basic_constraints(cas[i], NULL, NULL, NULL) <= 0) {
+		r = gnutls_x509_crt_get_basic_constraints(cas[i], NULL, NULL, NULL);
+		if (r <= 0) {
 			set_err(err, errlen,
-				"The certificate %s basic constraints do not show a CA", cafile);
+				r == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE
+					? "The certificate %s is missing basic constraints for a CA"
+					: "The certificate %s basic constraints do not show a CA",
+				cafile);
 			goto out;
 		}
 		if ((ret = check_times(cas[i], "CA", cafile, err, errlen)) < 0)
