@@ -928,8 +928,8 @@ START_TEST(test_load_bad)
 	load_fails("expired", -EINVAL,
 		   (const char *const[]){ "server certificate", "expired/server-cert.pem", "has expired",
 					  NULL });
-	load_fails("baddh", 0, (const char *const[]){ "DH parameters", "baddh/dh-params.pem", NULL });
-	load_fails("badcrl", 0, (const char *const[]){ "CRL", "badcrl/ca-crl.pem", NULL });
+	load_fails("baddh", -EINVAL, (const char *const[]){ "DH parameters", "baddh/dh-params.pem", NULL });
+	load_fails("badcrl", -EINVAL, (const char *const[]){ "CRL", "badcrl/ca-crl.pem", NULL });
 }
 END_TEST
 
