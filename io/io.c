@@ -224,7 +224,17 @@ struct qsm_io_bounce {
 	uint8_t *buf;
 	uint64_t head;  /* orig->offset - sub.offset */
 	bool rmw_read;  /* the read half of an RMW is running */
+	struct qsm_io_bounce *next, **pprev; /* on c->cm_bounces while alive */
 };
+
+static void qsm_io_bounce_free(struct qsm_io_bounce *b)
+{
+	*b->pprev = b->next;
+	if (b->next)
+		b->next->pprev = b->pprev;
+	free(b->buf);
+	free(b);
+}
 
 void qsm_io_set_dio_align_(struct qsm_io_common *c, unsigned off_align, unsigned mem_align)
 {
@@ -270,8 +280,7 @@ static void qsm_io_bounce_finish(struct qsm_io_bounce *b, int ret)
 	struct qsm_io_common *c = b->c;
 	struct qsm_io_req *orig = b->orig;
 	bool was_rmw = orig->op == QSM_IO_WRITE;
-	free(b->buf);
-	free(b);
+	qsm_io_bounce_free(b);
 	if (was_rmw) {
 		c->cm_rmw_active = false;
 		qsm_io_dio_pump(c);
@@ -324,6 +333,11 @@ static void qsm_io_bounce_start(struct qsm_io_common *c, struct qsm_io_req *orig
 	b->c = c;
 	b->orig = orig;
 	b->buf = buf;
+	b->next = c->cm_bounces;
+	if (b->next)
+		b->next->pprev = &b->next;
+	b->pprev = &c->cm_bounces;
+	c->cm_bounces = b;
 	b->head = orig->offset - aoff;
 	b->iov = (struct iovec){ buf, aend - aoff };
 	b->sub = (struct qsm_io_req){
@@ -605,6 +619,8 @@ void qsm_io_abandon(struct qsm_io *io)
 	c->cm_wait_tail = &c->cm_wait_head;
 	c->cm_rmw_active = false;
 	c->cm_dio_writes = 0;
+	while (c->cm_bounces) /* quiesced: no sub-request touches them now */
+		qsm_io_bounce_free(c->cm_bounces);
 	io->stats.in_flight = 0;
 	qsm_io_close(io);
 }

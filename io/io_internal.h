@@ -31,6 +31,7 @@
 #include "io/io.h"
 
 struct event;
+struct qsm_io_bounce;
 
 struct qsm_io_common {
 	struct qsm_io io;                 /* public part; must be first */
@@ -62,6 +63,9 @@ struct qsm_io_common {
 	bool cm_rmw_active;               /* a read-modify-write is running */
 	struct qsm_io_req *cm_wait_head;  /* writes waiting, FIFO via io_next */
 	struct qsm_io_req **cm_wait_tail;
+	/* Every bounce alive (started, not finished), so that an abandon can
+	 * free the ones whose sub-requests will never complete. */
+	struct qsm_io_bounce *cm_bounces;
 };
 
 /* Backends with O_DIRECT call this at open with their alignment. */
