@@ -1922,8 +1922,9 @@ static int snapshot_overlay(struct io_ctx *io, const char *path, const struct qs
  *    file.driver=blkdebug (the qcow2 image's file), with the blkdebug
  *    node's keys under the same prefix: config, inject-error.N.*,
  *    set-state.N.*, image.filename and image.driver (file, host_device,
- *    host_cdrom).  align and max-transfer are refused by name: qsm's
- *    blkdebug does not split or align requests.
+ *    host_cdrom), and the node's limits align, max-transfer,
+ *    opt-write-zero, max-write-zero, opt-discard, max-discard (io/blkdebug.c
+ *    pads and splits the requests to the file as QEMU's block layer does).
  * blkdebug_take() moves those keys out of *all (rebuilt without them), so
  * apply_open_opts sees a plain qcow2 or raw open of *path.
  */
@@ -1990,9 +1991,9 @@ static int blkdebug_take(struct bd_spec *bs, const char **name, struct cli_opts 
 		} else if (!strcmp(bk, "image")) {
 			r = -EINVAL, snprintf(err, errlen, "Cannot find device='%s' nor node-name='%s'",
 					      v, v);
-		} else if (!strcmp(bk, "align") || !strcmp(bk, "max-transfer") ||
-			   !strncmp(bk, "opt-", 4) || !strncmp(bk, "max-", 4) ||
-			   !strcmp(bk, "take-child-perms") || !strcmp(bk, "unshare-child-perms")) {
+		} else if (qsm_blkdebug_is_limit(bk)) {
+			r = qsm_blkdebug_set_opt(bs->bd, bk, v, err, errlen);
+		} else if (!strcmp(bk, "take-child-perms") || !strcmp(bk, "unshare-child-perms")) {
 			r = -ENOTSUP, snprintf(err, errlen, "blkdebug option '%s' is not supported by "
 					       "qsm", bk);
 		} else if (!strncmp(bk, "inject-error.", 13) || !strncmp(bk, "set-state.", 10)) {
@@ -2033,6 +2034,16 @@ static int blkdebug_open(struct io_ctx *io, struct bd_spec *bs, const char *path
 		qsm_blkdebug_free(bs->bd);
 		bs->bd = NULL;
 		snprintf(err, errlen, "Could not open '%s': %s", path, strerror(-r));
+		return r;
+	}
+	/* The limits are checked against the file's own alignment once it is
+	 * open (QEMU's order: a missing image is reported first).  QEMU probes
+	 * a file's O_DIRECT alignment; 512 is taken here. */
+	r = qsm_blkdebug_check_limits(bs->bd, flags & QSM_IO_DIRECT ? 512 : 1, err, errlen);
+	if (r < 0) {
+		qsm_io_close(inner);
+		qsm_blkdebug_free(bs->bd);
+		bs->bd = NULL;
 		return r;
 	}
 	qsm_blkdebug_set_notify(bs->bd, blkdebug_notify, io);
