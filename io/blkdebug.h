@@ -25,12 +25,32 @@
  *    in its I/O wait state) until resumed; the breakpoint is removed when
  *    it fires.
  *
+ *  - inject-error's iotype (read, write, write-zeroes, discard, flush,
+ *    block-status; default all but block-status) limits a rule to one
+ *    kind of operation;
+ *  - the node's limits (align, max-transfer, opt-write-zero,
+ *    max-write-zero, opt-discard, max-discard): an operation reaches the
+ *    wrapped handle as QEMU's block layer hands it to blkdebug, padded to
+ *    align (writes by read-modify-write), split at max-transfer, zero
+ *    writes and discards cut at their alignments and maxima (a zero-write
+ *    piece below its alignment written as zeros, a discard piece below
+ *    align dropped), every piece checked by the rules on its own; writes
+ *    raise the node's events pwritev, pwritev_zero, pwritev_done and,
+ *    when padded, pwritev_rmw_head/after_head/tail/after_tail, which rules
+ *    and breakpoints may name (a breakpoint there holds the operation in
+ *    this layer).
+ *
  * cluster_alloc has no I/O: the allocating step raises it
  * (qsm_io_blkdebug_event) before it takes clusters.
  *
- * Not implemented (refused by name): QEMU's iotype and offset keys (7.2's
- * sector is accepted), align and max-transfer, the events qsm has no
- * step for (qsm_blkdebug_event_parse says which).
+ * Differences: QEMU's format layer also splits guest requests at the
+ * file's max-transfer before the qcow2 driver sees them, which changes
+ * how often qcow2's own events (write_aio, ...) are raised; qsm's engine
+ * does not (this layer only sees the engine's requests to the file).  A
+ * zero write QEMU's qcow2 sends with "no fallback" is written as zeros
+ * here.  Not implemented (refused by name): the events qsm has no step
+ * for (qsm_blkdebug_event_parse says which), take-child-perms and
+ * unshare-child-perms.
  */
 #ifndef QSM_IO_BLKDEBUG_H
 #define QSM_IO_BLKDEBUG_H
@@ -59,6 +79,17 @@ int qsm_blkdebug_read_config(struct qsm_blkdebug *bd, const char *path, char *er
  * set-state.N.KEY (N groups keys into one rule).  0 or -EINVAL with err. */
 int qsm_blkdebug_set_opt(struct qsm_blkdebug *bd, const char *key, const char *val, char *err,
 			 size_t errlen);
+/* Is key one of the node's limits (align, max-transfer, opt-write-zero,
+ * max-write-zero, opt-discard, max-discard), which qsm_blkdebug_set_opt
+ * takes as sizes ("4k")? */
+bool qsm_blkdebug_is_limit(const char *key);
+/* Check the limits as QEMU's blkdebug_open does, once the file under them
+ * is open (file_align: its own request alignment, 1 for a file without
+ * O_DIRECT): align a power of two below 2^31, the others multiples of it
+ * (max-write-zero of opt-write-zero, max-discard of opt-discard), with
+ * QEMU's "Cannot meet constraints with ...".  0 or -EINVAL with err. */
+int qsm_blkdebug_check_limits(struct qsm_blkdebug *bd, uint64_t file_align, char *err,
+			      size_t errlen);
 /* Validate the rules set by qsm_blkdebug_set_opt (every rule names an
  * event).  0 or -EINVAL with err. */
 int qsm_blkdebug_finish(struct qsm_blkdebug *bd, char *err, size_t errlen);

@@ -342,12 +342,11 @@ static int do_writev(struct io_ctx *io, int64_t offset, struct iovec *iov, int i
 
 	if (r < 0 || qsm_iov_size(iov, iovcnt) == 0)
 		return r;
-	r = qsm_writev(io->img, (uint64_t)offset, iov, iovcnt, done_cb, &ret);
-	r = r < 0 ? r : io_wait(io, &ret);
-	/* FUA: durable when complete; the API has no per-request flag. */
-	if (r == 0 && fua)
-		r = qsm_sync_flush(io->img);
-	return r;
+	/* -f: the engine's FUA (QSM_REQ_FUA): durable when it completes, by
+	 * a sync of its own batch, not a flush of everything dirty. */
+	r = qsm_writev_flags(io->img, (uint64_t)offset, iov, iovcnt, fua ? QSM_REQ_FUA : 0, done_cb,
+			     &ret);
+	return r < 0 ? r : io_wait(io, &ret);
 }
 
 /* Allocation status of [offset, offset+bytes): 1 allocated, 0 not, *pnum the
@@ -721,9 +720,8 @@ static int write_f(struct io_ctx *io, int argc, char **argv)
 		r = check_range(io, offset, count);
 		if (r == 0 && count > 0)
 			r = qsm_sync_write_zeroes(io->img, (uint64_t)offset, (uint64_t)count,
-						  unmap && !io->discard_ignore ? QSM_ZERO_MAY_UNMAP : 0);
-		if (r == 0 && fua)
-			r = qsm_sync_flush(io->img);
+						  (unmap && !io->discard_ignore ? QSM_ZERO_MAY_UNMAP : 0) |
+						  (fua ? QSM_ZERO_FUA : 0));
 	} else if (cflag) {
 		/* qemu-io's blk_pwrite_compressed: whole clusters (or up to the
 		 * end of the disk), else EINVAL from the engine. */
@@ -835,14 +833,6 @@ static void aio_write_done(void *opaque, int ret)
 	struct aio_req *a = opaque;
 	struct timespec t2 = tnow();
 
-	if (ret == 0 && a->fua && a->size) {
-		/* -f: make it durable before reporting, as FUA would. */
-		ret = qsm_flush(a->io->img, aio_write_done, a);
-		if (ret == 0) {
-			a->fua = false;
-			return;
-		}
-	}
 	if (ret < 0)
 		printf("aio_write failed: %s\n", strerror(-ret));
 	else if (!a->qflag)
@@ -922,16 +912,17 @@ static int aio_submit(struct aio_req *a, bool write, unsigned zflags)
 
 	io->inflight++;
 	a->t1 = tnow();
-	if (r == 0 && a->size == 0)
-		a->fua = false;
 	if (r < 0 || a->size == 0) {
 		aio_complete_later(a, cb, r);
 		return 0;
 	}
+	/* -f: the request itself is FUA (QSM_REQ_FUA, QSM_ZERO_FUA). */
 	if (a->zflag)
-		r = qsm_write_zeroes(io->img, (uint64_t)a->offset, a->size, zflags, cb, a);
+		r = qsm_write_zeroes(io->img, (uint64_t)a->offset, a->size,
+				     zflags | (a->fua ? QSM_ZERO_FUA : 0), cb, a);
 	else if (write)
-		r = qsm_writev(io->img, (uint64_t)a->offset, a->iov, a->iovcnt, cb, a);
+		r = qsm_writev_flags(io->img, (uint64_t)a->offset, a->iov, a->iovcnt,
+				     a->fua ? QSM_REQ_FUA : 0, cb, a);
 	else
 		r = qsm_readv(io->img, (uint64_t)a->offset, a->iov, a->iovcnt, cb, a);
 	if (r < 0)
@@ -1931,8 +1922,9 @@ static int snapshot_overlay(struct io_ctx *io, const char *path, const struct qs
  *    file.driver=blkdebug (the qcow2 image's file), with the blkdebug
  *    node's keys under the same prefix: config, inject-error.N.*,
  *    set-state.N.*, image.filename and image.driver (file, host_device,
- *    host_cdrom).  align and max-transfer are refused by name: qsm's
- *    blkdebug does not split or align requests.
+ *    host_cdrom), and the node's limits align, max-transfer,
+ *    opt-write-zero, max-write-zero, opt-discard, max-discard (io/blkdebug.c
+ *    pads and splits the requests to the file as QEMU's block layer does).
  * blkdebug_take() moves those keys out of *all (rebuilt without them), so
  * apply_open_opts sees a plain qcow2 or raw open of *path.
  */
@@ -1999,9 +1991,9 @@ static int blkdebug_take(struct bd_spec *bs, const char **name, struct cli_opts 
 		} else if (!strcmp(bk, "image")) {
 			r = -EINVAL, snprintf(err, errlen, "Cannot find device='%s' nor node-name='%s'",
 					      v, v);
-		} else if (!strcmp(bk, "align") || !strcmp(bk, "max-transfer") ||
-			   !strncmp(bk, "opt-", 4) || !strncmp(bk, "max-", 4) ||
-			   !strcmp(bk, "take-child-perms") || !strcmp(bk, "unshare-child-perms")) {
+		} else if (qsm_blkdebug_is_limit(bk)) {
+			r = qsm_blkdebug_set_opt(bs->bd, bk, v, err, errlen);
+		} else if (!strcmp(bk, "take-child-perms") || !strcmp(bk, "unshare-child-perms")) {
 			r = -ENOTSUP, snprintf(err, errlen, "blkdebug option '%s' is not supported by "
 					       "qsm", bk);
 		} else if (!strncmp(bk, "inject-error.", 13) || !strncmp(bk, "set-state.", 10)) {
@@ -2042,6 +2034,16 @@ static int blkdebug_open(struct io_ctx *io, struct bd_spec *bs, const char *path
 		qsm_blkdebug_free(bs->bd);
 		bs->bd = NULL;
 		snprintf(err, errlen, "Could not open '%s': %s", path, strerror(-r));
+		return r;
+	}
+	/* The limits are checked against the file's own alignment once it is
+	 * open (QEMU's order: a missing image is reported first).  QEMU probes
+	 * a file's O_DIRECT alignment; 512 is taken here. */
+	r = qsm_blkdebug_check_limits(bs->bd, flags & QSM_IO_DIRECT ? 512 : 1, err, errlen);
+	if (r < 0) {
+		qsm_io_close(inner);
+		qsm_blkdebug_free(bs->bd);
+		bs->bd = NULL;
 		return r;
 	}
 	qsm_blkdebug_set_notify(bs->bd, blkdebug_notify, io);

@@ -17,7 +17,14 @@
 #  - breakpoints in the style of iotests 046: two overlapping allocating
 #    writes, the first suspended at write_aio (or cow_read), released in
 #    every order; the data read back with -P in the same script, and the
-#    image qemu-img check calls clean on both sides.
+#    image qemu-img check calls clean on both sides; three allocating
+#    writes in one L2 table held together and released in all six orders,
+#    a fourth queued behind one of them;
+#  - the node's limits (align, max-transfer, opt/max-write-zero,
+#    opt/max-discard) and iotype: QEMU's option checks and messages, armed
+#    rules that hit only a padded or split piece, and raw files under
+#    driver=blkdebug compared byte for byte (which pieces were written,
+#    zeroed, discarded).
 . "$(dirname "$0")/lib.sh"
 interop_init
 
@@ -37,7 +44,8 @@ ln -s "$(readlink -f "$QSM")" "$BIN/qemu-io"
     qemu-img create -q -f qcow2 -o cluster_size=4k w.qcow2 1M &&
     qemu-io -c 'write -P 0x11 0 64k' -c 'write -P 0x22 256k 64k' w.qcow2 >/dev/null &&
     cp t.qcow2 filled.qcow2 &&
-    qemu-io -c 'write -P 0x33 0 128k' filled.qcow2 >/dev/null
+    qemu-io -c 'write -P 0x33 0 128k' filled.qcow2 >/dev/null &&
+    python3 -c "open('r.img', 'wb').write(bytes([0x5a]) * 65536)"
 ) || die "cannot create the base images"
 
 # conf NAME SECTION...: write a config file (sections given as lines).
@@ -122,6 +130,12 @@ same() {
             [ -f "$WORK/q/$img" ] || continue
             compare_images "$tag: $img" "$WORK/q/$img" "$WORK/s/$img" || true
         done
+        # Raw files under driver=blkdebug: byte for byte.
+        CHECKS=$((CHECKS + 1))
+        cmp -s "$WORK/q/r.img" "$WORK/s/r.img" || {
+            fail "$tag: r.img differs from qemu's: $*"
+            cmp -l "$WORK/q/r.img" "$WORK/s/r.img" | head -n 3 | sed 's/^/    | /'
+        }
     fi
 }
 
@@ -287,6 +301,77 @@ brk cow-read-same ov.qcow2 \
     'break cow_read A' 'aio_write -P 72 0x1800 0x400' 'wait_break A' \
     'aio_write -P 73 0x1c00 0x400' 'resume A' 'aio_flush' \
     'read -P 0x11 0x1000 0x800' 'read -P 72 0x1800 0x400' 'read -P 73 0x1c00 0x400'
+
+log "limits: align, max-transfer, opt/max-write-zero, opt/max-discard; iotype"
+# The checks of the options, in QEMU's words.
+lim() { # lim TAG OPTS SCRIPT-LINES...: filled.qcow2 over blkdebug with OPTS
+    local tag=$1 opts=$2 args=() l
+    shift 2
+    for l in "$@"; do
+        args+=(-c "$l")
+    done
+    same "$tag" qemu-io -c "open -o driver=qcow2,file.driver=blkdebug,file.image.filename=filled.qcow2,$opts" "${args[@]}"
+}
+rawlim() { # rawlim TAG OPTS SCRIPT-LINES...: r.img (raw) read through blkdebug with OPTS
+    local tag=$1 opts=$2 args=() l
+    shift 2
+    for l in "$@"; do
+        args+=(-c "$l")
+    done
+    same "$tag" qemu-io --image-opts "driver=blkdebug,image.filename=r.img,$opts" "${args[@]}"
+}
+lim lim-bad-align 'file.align=3000' 'read 0 1'
+lim lim-align-huge 'file.align=2G' 'read 0 1'
+lim lim-bad-mt 'file.align=4096,file.max-transfer=6144' 'read 0 1'
+lim lim-bad-mwz 'file.opt-write-zero=8192,file.max-write-zero=4096' 'read 0 1'
+lim lim-bad-md 'file.align=512,file.max-discard=1000' 'read 0 1'
+lim lim-bad-size 'file.max-transfer=12q' 'read 0 1'
+lim lim-iotype-bad 'file.inject-error.0.event=write_aio,file.inject-error.0.iotype=bogus' 'read 0 1'
+lim lim-offset-key 'file.inject-error.0.event=write_aio,file.inject-error.0.offset=1' 'read 0 1'
+lim lim-sizes 'file.align=4k,file.max-transfer=1.5M,file.opt-discard=64k,file.max-discard=1M' \
+    'write -P 1 0 100k' 'read -P 1 0 100k' 'discard 0 64k' 'read -P 0 0 64k'
+NO_COMPARE=1
+# qcow2's data cluster 0 is at host 0x50000 (sector 640).  An armed rule
+# for sector 648 (4k into it) fails a write of 0x1200+512 only when align
+# pads it to 8k; iotype=read fails its read-modify-write read only.
+lim lim-pad-sector 'file.align=8192,file.inject-error.0.event=write_aio,file.inject-error.0.sector=648' \
+    'write -P 1 0x1200 512' 'read -P 0x33 0x1200 512' 'write -P 2 0x2000 4k' 'read -P 2 0x2000 4k'
+lim lim-nopad-sector 'file.inject-error.0.event=write_aio,file.inject-error.0.sector=648' \
+    'write -P 1 0x1200 512' 'read -P 1 0x1200 512' 'write -P 2 0x1000 512' 'read -P 0x33 0x1000 512'
+lim lim-iotype-write 'file.inject-error.0.event=read_aio,file.inject-error.0.iotype=write' \
+    'read -P 0x33 0 4k' 'read -P 0x33 4k 4k' 'write -P 6 0 4k' 'read -P 0x33 0 4k'
+NO_COMPARE=0
+# Raw, the blkdebug node on top: the file's bytes show exactly which pieces
+# were written, zeroed, discarded (a piece below align is dropped).
+NO_COMPARE=0
+rawlim raw-zero-discard 'align=4096,opt-write-zero=8192,max-write-zero=16384,opt-discard=8k,inject-error.0.event=pwritev_zero,inject-error.0.iotype=write,inject-error.0.sector=8' \
+    'write -z 1000 30000' 'discard 33000 29000'
+rawlim raw-zero-ok 'align=4096,opt-write-zero=8192,max-write-zero=16384' \
+    'write -z 1000 30000' 'read -P 0 1000 30000' 'read -P 0x5a 0 1000' 'read -P 0x5a 31000 1000'
+rawlim raw-split 'align=512,max-transfer=4096,inject-error.0.event=pwritev,inject-error.0.sector=20,inject-error.0.once=on' \
+    'write -P 3 0 16k' 'read -P 3 0 8k' 'read -P 0x5a 8k 8k' 'write -P 4 0 16k' 'read -P 4 0 16k'
+rawlim raw-read-pad 'align=4096,inject-error.0.event=pwritev,inject-error.0.iotype=read,inject-error.0.sector=9' \
+    'write -P 4 0 4k' 'read -P 4 0 4k' 'read 5000 10' 'read -P 0x5a 8k 10'
+rawlim raw-block-status 'align=4096,inject-error.0.event=pwritev,inject-error.0.iotype=block-status' \
+    'write -P 1 0 4k' 'read -P 1 0 4k' 'map' 'alloc 0 4k'
+
+log "breakpoints: three allocating writes held together, released in every order"
+# iotests 046's orderings: allocations in one L2 table (clusters 1, 3, 5 of
+# an empty image), each held at write_aio, released in all six orders,
+# with a fourth write into cluster 1 queued behind the held allocation;
+# the data read back in the same script, both images checked clean.
+for order in "A B C" "A C B" "B A C" "B C A" "C A B" "C B A"; do
+    set -- $order
+    RACE=1 brk "three-$1$2$3" t.qcow2 \
+        'break write_aio A' 'aio_write -P 90 0x10000 0x8000' 'wait_break A' \
+        'break write_aio B' 'aio_write -P 91 0x30000 0x8000' 'wait_break B' \
+        'break write_aio C' 'aio_write -P 92 0x50000 0x8000' 'wait_break C' \
+        'aio_write -P 93 0x18000 0x8000' \
+        "resume $1" "resume $2" "resume $3" 'aio_flush' \
+        'read -P 90 0x10000 0x8000' 'read -P 93 0x18000 0x8000' \
+        'read -P 91 0x30000 0x8000' 'read -P 0 0x38000 0x8000' \
+        'read -P 92 0x50000 0x8000' 'read -P 0 0x58000 0x8000'
+done
 
 log "$N cases"
 interop_finish

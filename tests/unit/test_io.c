@@ -13,6 +13,7 @@
  */
 #include <check.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
@@ -1753,6 +1754,190 @@ START_TEST(test_blkdebug_events)
 }
 END_TEST
 
+/* The operations the wrapped handle saw (its trace hook, at submit). */
+struct bd_rec {
+	int n;
+	struct { enum qsm_io_op op; uint64_t off, len; } a[64];
+};
+static void bd_rec_trace(void *opaque, const struct qsm_io_req *req, bool done, int ret)
+{
+	struct bd_rec *r = opaque;
+	(void)ret;
+	if (done || r->n == 64)
+		return;
+	r->a[r->n].op = req->op;
+	r->a[r->n].off = req->offset;
+	r->a[r->n].len = req->len;
+	r->n++;
+}
+/* Expect exactly the listed (op, offset, length) triples, then reset. */
+static void bd_rec_expect(struct bd_rec *r, const uint64_t (*want)[3], int n, const char *what)
+{
+	for (int i = 0; i < n && i < r->n; i++)
+		ck_assert_msg(r->a[i].op == (enum qsm_io_op)want[i][0] && r->a[i].off == want[i][1] &&
+			      r->a[i].len == want[i][2],
+			      "%s: operation %d is %s %" PRIu64 "+%" PRIu64 ", expected %s %" PRIu64
+			      "+%" PRIu64, what, i, qsm_io_op_name(r->a[i].op), r->a[i].off,
+			      r->a[i].len, qsm_io_op_name((enum qsm_io_op)want[i][0]), want[i][1],
+			      want[i][2]);
+	ck_assert_msg(r->n == n, "%s: %d operations, expected %d", what, r->n, n);
+	r->n = 0;
+}
+#define R QSM_IO_READ
+#define W QSM_IO_WRITE
+#define Z QSM_IO_ZERO
+#define D QSM_IO_DISCARD
+
+/* align, max-transfer, opt/max-write-zero, opt/max-discard: the requests
+ * reaching the wrapped disk are QEMU's block layer's for a blkdebug node
+ * with those limits (block/io.c: padding and read-modify-write, splitting,
+ * zero-write fallback, discard cutting); the data is what it would be
+ * without them. */
+START_TEST(test_blkdebug_limits)
+{
+	struct env e;
+	static uint8_t a[32768], b[32768], base[32768];
+	struct bd_rec rec = { 0 };
+	fill_pattern(a, sizeof(a), 31);
+	fill_pattern(base, sizeof(base), 32);
+	env_open(&e, B_SIM, 0, 33);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, sizeof(base), base, QSM_IO_EV_NONE), 0);
+	e.io->trace = bd_rec_trace;
+	e.io->trace_opaque = &rec;
+	static const char *const kv[] = {
+		"align", "4k", "max-transfer", "8192", "opt-write-zero", "8192",
+		"max-write-zero", "16384", "opt-discard", "8k", NULL
+	};
+	bd_wrap(&e, kv);
+
+	/* Inside one block: one merged read, one write of the block. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 5000, 100, a, QSM_IO_EV_DATA_WRITE), 0);
+	static const uint64_t w1[][3] = { { R, 4096, 4096 }, { W, 4096, 4096 } };
+	bd_rec_expect(&rec, w1, 2, "write 5000+100");
+	/* Head and tail blocks apart: two reads; the write split at 8k. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 3000, 10000, a, QSM_IO_EV_DATA_WRITE), 0);
+	static const uint64_t w2[][3] = {
+		{ R, 0, 4096 }, { R, 12288, 4096 }, { W, 0, 8192 }, { W, 8192, 8192 }
+	};
+	bd_rec_expect(&rec, w2, 4, "write 3000+10000");
+	/* Two adjacent blocks: one merged read of both. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 2048, 4096, a, QSM_IO_EV_DATA_WRITE), 0);
+	static const uint64_t w3[][3] = { { R, 0, 8192 }, { W, 0, 8192 } };
+	bd_rec_expect(&rec, w3, 2, "write 2048+4096");
+	/* The data: the last write's, over the others', over the base. */
+	memcpy(b, base, sizeof(b));
+	memcpy(b + 5000, a, 100);
+	memcpy(b + 3000, a, 10000);
+	memcpy(b + 2048, a, 4096);
+	static uint8_t got[32768];
+	ck_assert_int_eq(do_op(&e, QSM_IO_READ, 100, 20000, got, QSM_IO_EV_DATA_READ), 0);
+	ck_assert(memcmp(got, b + 100, 20000) == 0);
+	static const uint64_t r1[][3] = { { R, 0, 8192 }, { R, 8192, 8192 }, { R, 16384, 4096 } };
+	bd_rec_expect(&rec, r1, 3, "read 100+20000");
+
+	/* Zero write, unaligned both ends: the head block read and written
+	 * with zeros in it; the aligned middle cut at opt-write-zero (a piece
+	 * below it falls back to writing zeros), max-write-zero; the tail
+	 * block read and written. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_ZERO, 1000, 30000, NULL, QSM_IO_EV_NONE), 0);
+	static const uint64_t z1[][3] = {
+		{ R, 0, 4096 }, { R, 28672, 4096 }, { W, 0, 4096 },
+		{ W, 4096, 4096 }, { Z, 8192, 16384 }, { W, 24576, 4096 }, { W, 28672, 4096 }
+	};
+	bd_rec_expect(&rec, z1, 7, "zero 1000+30000");
+	memset(b + 1000, 0, 30000);
+	ck_assert_int_eq(do_op(&e, QSM_IO_READ, 0, 32768, got, QSM_IO_EV_NONE), 0);
+	ck_assert(memcmp(got, b, 32768) == 0);
+	rec.n = 0;
+
+	/* Discard: cut at opt-discard; pieces below align are dropped. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_DISCARD, 1000, 29000, NULL, QSM_IO_EV_NONE), 0);
+	static const uint64_t d1[][3] = { { D, 4096, 4096 }, { D, 8192, 16384 }, { D, 24576, 4096 } };
+	bd_rec_expect(&rec, d1, 3, "discard 1000+29000");
+
+	/* Blocking calls take the same path (the trace hook sees only
+	 * asynchronous operations: the data shows the read-modify-write). */
+	ck_assert_int_eq(qsm_io_pwrite_sync(e.io, base, 8192, 65536), 0);
+	ck_assert_int_eq(qsm_io_pwrite_sync(e.io, a, 100, 70000), 0);
+	ck_assert_int_eq(qsm_io_pread_sync(e.io, got, 8192, 65536), 0);
+	memcpy(b, base, 8192);
+	memcpy(b + 70000 - 65536, a, 100);
+	ck_assert(memcmp(got, b, 8192) == 0);
+	env_close(&e);
+}
+END_TEST
+#undef R
+#undef W
+#undef Z
+#undef D
+
+/* Rules see each piece: iotype picks the kind (a write's read-modify-write
+ * read fails with iotype=read), sector the piece; the node's own events
+ * (pwritev, pwritev_rmw_*) move the state and hold requests. */
+START_TEST(test_blkdebug_pieces)
+{
+	struct env e;
+	uint8_t a[8192];
+	fill_pattern(a, sizeof(a), 41);
+	env_open(&e, B_SIM, 0, 42);
+	static const char *const kv[] = {
+		"align", "4096", "inject-error.0.event", "write_aio", "inject-error.0.iotype", "read",
+		"inject-error.0.once", "on",
+		"set-state.0.event", "pwritev", "set-state.0.state", "1", "set-state.0.new_state", "2",
+		"inject-error.1.event", "pwritev_done", "inject-error.1.state", "2",
+		"inject-error.1.sector", "24", "inject-error.1.iotype", "write", NULL
+	};
+	bd_wrap(&e, kv);
+	/* Aligned: no read, the read-only rule does not fire. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, 4096, a, QSM_IO_EV_DATA_WRITE), 0);
+	/* Unaligned: its RMW read fails, nothing is written. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 4096 + 10, 10, a, QSM_IO_EV_DATA_WRITE), -EIO);
+	ck_assert(sim_zero(&e, 4096, 512));
+	/* pwritev moved the state to 2; pwritev_done armed rule 1 for
+	 * sector 24 (12k): a write over 12k fails, one elsewhere does not. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 8192, 4096, a, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 12288 + 100, 8, a, QSM_IO_EV_NONE), -EIO);
+
+	/* A breakpoint on a node event holds the operation mid-way. */
+	ck_assert_int_eq(qsm_io_blkdebug_break(e.io, "pwritev_rmw_after_head", "A"), 0);
+	struct treq t = { 0 };
+	treq_set(&t, QSM_IO_WRITE, 16384 + 1, 100, a, QSM_IO_EV_NONE);
+	submit(e.io, &t);
+	for (int i = 0; i < 10; i++)
+		event_base_loop(e.base, EVLOOP_NONBLOCK);
+	ck_assert(qsm_io_blkdebug_is_suspended(e.io, "A"));
+	ck_assert_int_eq(t.done, 0);
+	ck_assert_int_eq(qsm_io_blkdebug_resume(e.io, "A"), 0);
+	env_drain(&e);
+	ck_assert_int_eq(t.done, 1);
+	ck_assert_int_eq(t.ret, 0);
+	ck_assert(sim_holds(&e, 16385, a, 100));
+
+	/* Option checks, QEMU's words. */
+	struct qsm_blkdebug *bd = qsm_blkdebug_new();
+	char err[512];
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "align", "4k", err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "max-transfer", "6k", err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_blkdebug_check_limits(bd, 1, err, sizeof(err)), -EINVAL);
+	ck_assert_str_eq(err, "Cannot meet constraints with max-transfer 6144");
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "max-transfer", "1.5M", err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_blkdebug_check_limits(bd, 1, err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "align", "3000", err, sizeof(err)), 0);
+	ck_assert_int_eq(qsm_blkdebug_check_limits(bd, 1, err, sizeof(err)), -EINVAL);
+	ck_assert_str_eq(err, "Cannot meet constraints with align 3000");
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "max-discard", "x", err, sizeof(err)), -EINVAL);
+	ck_assert_ptr_nonnull(strstr(err, "Parameter 'max-discard' expects a non-negative number"));
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "inject-error.0.iotype", "bogus", err,
+					      sizeof(err)), -EINVAL);
+	ck_assert_str_eq(err, "invalid parameter value: bogus");
+	ck_assert_int_eq(qsm_blkdebug_set_opt(bd, "inject-error.0.offset", "1", err, sizeof(err)),
+			 -EINVAL);
+	ck_assert_str_eq(err, "[inject-error] section doesn't support the option 'offset'");
+	qsm_blkdebug_free(bd);
+	env_close(&e);
+}
+END_TEST
+
 /* An event arms its rule; the armed rule fails what follows (QEMU's active
  * list), once on removes it, sector limits it, and nothing failed is done. */
 START_TEST(test_blkdebug_inject)
@@ -1912,6 +2097,8 @@ static Suite *io_suite(void)
 	tcase_add_test(sim, test_blkdebug_inject);
 	tcase_add_test(sim, test_blkdebug_state);
 	tcase_add_test(sim, test_blkdebug_break);
+	tcase_add_test(sim, test_blkdebug_limits);
+	tcase_add_test(sim, test_blkdebug_pieces);
 	suite_add_tcase(s, sim);
 
 	TCase *nul = tcase_create("null");
