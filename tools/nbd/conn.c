@@ -693,7 +693,11 @@ static enum nbd_event conn_answer_option(struct nbd_conn *c)
 		/* Skipped: too long to be any option this server knows. */
 		if (c->opt == NBD_OPT_EXPORT_NAME)
 			return NBD_E_ERROR;
-		opt_error(c, NBD_REP_ERR_TOO_BIG, "option too long");
+		if (c->opt < NBD_OPT_EXPORT_NAME || c->opt > NBD_OPT_SET_META_CONTEXT ||
+		    c->opt == 4 /* PEEK_EXPORT, withdrawn */)
+			opt_error(c, NBD_REP_ERR_UNSUP, "Unsupported option %u", c->opt);
+		else
+			opt_error(c, NBD_REP_ERR_TOO_BIG, "option too long");
 		return NBD_E_ANSWERED;
 	}
 	switch (c->opt) {
