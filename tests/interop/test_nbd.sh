@@ -263,4 +263,42 @@ CHECKS=$((CHECKS + 1))
 out=$(nbdinfo --map "$U" 2>&1 | awk '{print $1, $2, $3}' | tr '\n' ';')
 [ "$out" = "0 1572864 0;1572864 6815744 3;" ] || fail "base:allocation on a chain: got '$out'"
 stop
+# 7. TLS required (--object tls-creds-x509 --tls-creds): qemu-io with the
+# client credentials works, a client without TLS is refused.
+if command -v certtool >/dev/null; then
+    T=$WORK/tls
+    mkdir -p "$T/client"
+    (cd "$T" &&
+     certtool --generate-privkey > ca-key.pem &&
+     printf 'cn = test CA\nca\ncert_signing_key\nexpiration_days = 2\n' > ca.info &&
+     certtool --generate-self-signed --load-privkey ca-key.pem --template ca.info --outfile ca-cert.pem &&
+     certtool --generate-privkey > server-key.pem &&
+     printf 'cn = localhost\ndns_name = localhost\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n' > server.info &&
+     certtool --generate-certificate --load-ca-certificate ca-cert.pem --load-ca-privkey ca-key.pem \
+         --load-privkey server-key.pem --template server.info --outfile server-cert.pem &&
+     cp ca-cert.pem client/ &&
+     certtool --generate-privkey > client/client-key.pem &&
+     printf 'cn = client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n' > client.info &&
+     certtool --generate-certificate --load-ca-certificate ca-cert.pem --load-ca-privkey ca-key.pem \
+         --load-privkey client/client-key.pem --template client.info --outfile client/client-cert.pem
+    ) >"$WORK/certtool.log" 2>&1 || die "certtool failed: $(tail -3 "$WORK/certtool.log")"
+    qemu_create "$WORK/tls.qcow2" "cluster_size=64k" 64M
+    serve "$S" -t --object "tls-creds-x509,id=tls0,dir=$T,endpoint=server" --tls-creds tls0 -f qcow2 "$WORK/tls.qcow2"
+    CHECKS=$((CHECKS + 1))
+    out=$(timeout 60 qemu-io --object "tls-creds-x509,id=tls0,dir=$T/client,endpoint=client" \
+        --image-opts "driver=nbd,server.type=unix,server.path=$S,tls-creds=tls0,tls-hostname=localhost" \
+        -c 'write -P 6 1M 1M' -c 'read -P 6 1M 1M' -c 'read -P 0 4M 1M' 2>&1)
+    case $out in *"wrote 1048576/1048576"*"read 1048576/1048576"*"read 1048576/1048576"*) ;;
+        *) fail "qemu-io over TLS: $out";; esac
+    CHECKS=$((CHECKS + 1))
+    out=$(timeout 20 qemu-io -r -f raw -c 'read 0 512' "$U" 2>&1)
+    case $out in *"TLS negotiation required"*) ;; *) fail "a client without TLS must be refused: $out";; esac
+    CHECKS=$((CHECKS + 1))
+    out=$(timeout 20 nbdinfo --map "nbds+unix:///?socket=$S&tls-certificates=$T/client&tls-hostname=localhost" 2>&1 | awk '{print $1, $2, $3}' | tr '\n' ';')
+    [ "$out" = "0 1048576 3;1048576 1048576 0;2097152 65011712 3;" ] || fail "nbdinfo --map over TLS: $out"
+    stop
+    check_clean "image written over TLS" "$WORK/tls.qcow2"
+else
+    log "certtool not found (gnutls-bin): TLS part not run"
+fi
 interop_finish
