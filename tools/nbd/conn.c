@@ -526,7 +526,7 @@ static int parse_name(const uint8_t **p, const uint8_t *end, const char **name, 
 
 static bool name_is_export(const struct nbd_conn *c, const char *name, uint32_t len)
 {
-	return strlen(c->srv->name) == len && !memcmp(c->srv->name, name, len);
+	return strlen(c->srv->name) == len && (len == 0 || !memcmp(c->srv->name, name, len));
 }
 
 static void opt_info_go(struct nbd_conn *c)
