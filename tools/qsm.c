@@ -15,7 +15,8 @@
  *  - "qemu-img": `qemu-img SUBCMD ...` runs the subcommands qsm has
  *    (qemu_img_cmds[]) with qemu-img's prefixes; the ones qsm lacks, and
  *    unknown words, get qemu-img's own "Command not found: X";
- *  - "qemu-nbd": refused (qsm has no NBD export yet), exit status 1;
+ *  - "qemu-nbd": the whole command line is `qsm nbd`'s, messages say
+ *    "qemu-nbd" (tools/cmd_nbd.c);
  *  - anything else is `qsm`, whose subcommands keep the names "qsm CMD".
  * Install with `ln -s qsm qemu-io` (README.md).
  */
@@ -40,6 +41,7 @@ static const struct cli_cmd cmds[] = {
 	{ "bench",  cmd_bench,  "run a simple sequential I/O benchmark (as qemu-img bench)" },
 	{ "graph",  cmd_graph,  "draw the request state machines (Graphviz) from sm/states.def" },
 	{ "fuzz",   cmd_fuzz,   "fuzz request orderings, crashes and faults on a simulated disk" },
+	{ "nbd",    cmd_nbd,    "serve an image over NBD (as qemu-nbd)" },
 };
 
 static const struct cli_cmd *find_cmd(const char *name);
@@ -120,8 +122,7 @@ int main(int argc, char **argv)
 		return run_as_qemu_img(argc, argv);
 	if (!strcmp(base, "qemu-nbd")) {
 		cli_set_progname("qemu-nbd");
-		cli_error(NULL, "qsm has no NBD export yet: qemu-nbd is not available");
-		return 1;
+		return cmd_nbd(argc, argv);
 	}
 	if (argc < 2) {
 		usage(stderr);
