@@ -46,6 +46,12 @@
  *      refcount 0 through qsm_refcount_update() (-EINVAL): the allocator
  *      would otherwise hand out a cluster holding live metadata.
  *  R7. rc_free[i], when known, is the number of zero slots of block i.
+ *  R9. An entry whose offset is not cluster aligned (QEMU opens such an
+ *      image) is kept as read: it is never read, written or counted as
+ *      metadata; rc_get() of it fails with -EUCLEAN (recording the index in
+ *      rc_bad_hit), so whatever needs that block fails and the owner marks
+ *      the image corrupt (qsm_refcount_bad_entry), as QEMU does at use.
+ *      rc_free and rc_runs stay unknown for it, so no scan crosses it unread.
  *  R8. rc_runs[i], when known (rs_pre != RC_FREE_UNKNOWN), describes the
  *      on-disk block i while it is not resident: its free clusters (refcount
  *      0, not cluster 0) at the start (rs_pre), at the end (rs_suf), and in
@@ -192,6 +198,7 @@ struct qsm_refcounts {
 	bool rc_end_exact;
 	uint64_t rc_excl_lo, rc_excl_hi; /* never hand out (update's range) */
 	bool rc_careful;            /* see "Damaged images" */
+	uint64_t rc_bad_hit;        /* index + 1 of the last unaligned entry used, 0 none */
 	bool rc_growing;
 	bool rc_broken;
 	/* Packing point of compressed clusters (qsm_refcount_alloc_bytes):
@@ -261,6 +268,13 @@ static inline uint64_t rc_slot(const struct qsm_refcounts *rc, uint64_t c)
 }
 
 /* Does table entry idx name a block (inside the coverage)? */
+/* R9: entry idx names an unaligned block offset. */
+static inline bool rc_bad(const struct qsm_refcounts *rc, uint64_t idx)
+{
+	return idx < rc->rc_entries &&
+	       (rc->rc_table[idx] & QCOW2_REFT_OFFSET_MASK & (rc->rc_cluster_size - 1)) != 0;
+}
+
 static inline bool rc_exists(const struct qsm_refcounts *rc, uint64_t idx)
 {
 	return idx < rc->rc_entries && rc->rc_table[idx] != 0;
@@ -509,6 +523,11 @@ static struct qsm_rc_block *rc_get(struct qsm_refcounts *rc, uint64_t idx,
 {
 	struct qsm_rc_block *b = rc->rc_res[idx];
 	assert(rc_exists(rc, idx));
+	if (rc_bad(rc, idx)) { /* R9 */
+		rc->rc_bad_hit = idx + 1;
+		*err = -EUCLEAN;
+		return NULL;
+	}
 	if (b && !(b->rb_flags & RB_LOADING)) {
 		rc->rc_hits++;
 		if (rb_on_lru(b)) { /* most recently used */
@@ -773,7 +792,7 @@ static void rc_careful_scan(struct qsm_refcounts *rc, const struct qsm_rc_block 
 #define RC_ZERO_AT(c) (!rc_block_get(rc->rc_order, b->rb_data, rc_slot(rc, (c))))
 	for (uint64_t i = 0; i < rc->rc_entries && !rc->rc_careful; i++) {
 		uint64_t c = rc->rc_table[i] >> cb;
-		if (rc->rc_table[i] && c >= lo && c < hi && RC_ZERO_AT(c))
+		if (rc->rc_table[i] && !rc_bad(rc, i) && c >= lo && c < hi && RC_ZERO_AT(c))
 			rc->rc_careful = true;
 	}
 	for (size_t k = 0; k <= rc->rc_nold && !rc->rc_careful; k++) {
@@ -1595,12 +1614,8 @@ static int rc_validate_entries(struct qsm_refcounts *rc, uint64_t file_size, cha
 		}
 		if (!off)
 			continue;
-		if (!QSM_IS_ALIGNED(off, cs)) {
-			qsm_set_err(err, errlen,
-			       "refcount table entry %" PRIu64 " (offset 0x%" PRIx64 ") is not cluster aligned",
-			       i, off);
-			return -EINVAL;
-		}
+		if (!QSM_IS_ALIGNED(off, cs))
+			continue; /* R9: detected at use */
 		if (file_size < cs || off > file_size - cs) {
 			qsm_set_err(err, errlen,
 			       "refcount block %" PRIu64 " (offset 0x%" PRIx64
@@ -1708,7 +1723,8 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 	 * 0 (a damaged image); those in ranges with a block are found as the
 	 * blocks are read (rc_careful_scan). */
 	for (uint64_t i = 0; i < n; i++)
-		if (rc->rc_table[i] && !rc_exists(rc, (rc->rc_table[i] >> p->cluster_bits) >> rc->rc_epb_bits))
+		if (rc->rc_table[i] && !rc_bad(rc, i) &&
+		    !rc_exists(rc, (rc->rc_table[i] >> p->cluster_bits) >> rc->rc_epb_bits))
 			rc->rc_careful = true;
 	for (uint32_t i = 0; i < p->table_clusters; i++)
 		if (!rc_exists(rc, ((p->table_offset >> p->cluster_bits) + i) >> rc->rc_epb_bits))
@@ -1717,7 +1733,8 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 	/* Where the image ends: the last blocks, read now (usually one). */
 	rc->rc_end = n << rc->rc_epb_bits;
 	rc_recompute_end(rc, NULL);
-	if (!rc->rc_end_exact) {
+	/* Stopped at an unaligned entry (R9): rc_end stays the bound above it. */
+	if (!rc->rc_end_exact && !(rc->rc_end && rc_bad(rc, (rc->rc_end - 1) >> rc->rc_epb_bits))) {
 		qsm_set_err(err, errlen, "cannot read the last refcount block");
 		r = -EIO;
 		goto fail;
@@ -1730,6 +1747,15 @@ fail:
 	free(buf);
 	qsm_refcount_free(rc);
 	return r;
+}
+
+bool qsm_refcount_bad_entry(const struct qsm_refcounts *rc, uint64_t *idx, uint64_t *offset)
+{
+	if (!rc->rc_bad_hit)
+		return false;
+	*idx = rc->rc_bad_hit - 1;
+	*offset = rc->rc_table[*idx] & QCOW2_REFT_OFFSET_MASK;
+	return true;
 }
 
 /* --- Debugging ----------------------------------------------------------------- */
@@ -1773,8 +1799,8 @@ bool qsm_refcount_check(const struct qsm_refcounts *rc)
 				 "R8: block %" PRIu64 " summary %u/%u/%u, %u free", i, rs->rs_pre,
 				 rs->rs_max, rs->rs_suf, rc->rc_free[i]);
 		}
-		if (!rc_exists(rc, i))
-			continue;
+		if (!rc_exists(rc, i) || rc_bad(rc, i))
+			continue; /* R9: not a block of the set */
 		nblocks++;
 		uint64_t bc = rc->rc_table[i] >> cb;
 		RC_CHECK(!qsm_refcount_peek(rc, bc, &v) || v >= 1,

@@ -97,12 +97,17 @@ struct qsm_rc_params {
  * qsm_io_pread_sync), and the last refcount block or few (to know where the
  * image ends).  Validation: table offset cluster-aligned and nonzero, table
  * size <= QCOW2_MAX_REFTABLE_BYTES, table inside the file, entry reserved
- * bits zero, block offsets aligned, nonzero, inside the file, distinct and
- * clear of the table.  -EINVAL with err naming the field for a malformed
+ * bits zero, block offsets nonzero, inside the file, distinct and clear of
+ * the table.  A block offset that is not cluster aligned is accepted (QEMU
+ * opens such an image): any call that needs that block fails with -EUCLEAN,
+ * and qsm_refcount_bad_entry() names it.  -EINVAL with err naming the field for a malformed
  * structure.  io must outlive the result (blocks are read through it).
  */
 int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t file_size,
 		      struct qsm_refcounts **out, char *err, size_t errlen);
+/* After -EUCLEAN from any call: the table index and the unaligned offset of
+ * the entry it needed (true), for the corruption message. */
+bool qsm_refcount_bad_entry(const struct qsm_refcounts *rc, uint64_t *idx, uint64_t *offset);
 /* Free everything, blocks being read included (their completions must never
  * run: the image is closed or abandoned with its I/O handle). */
 void qsm_refcount_free(struct qsm_refcounts *rc);

@@ -69,8 +69,7 @@ int qsm_image_corrupt(struct qsm_image *img, const char *fmt, ...)
 		return -EIO;
 	if (!img->corrupt) {
 		size_t n = strlen(img->errmsg);
-		snprintf(img->errmsg + n, sizeof(img->errmsg) - n,
-			 "; the image is marked corrupt and accepts no more writes");
+		snprintf(img->errmsg + n, sizeof(img->errmsg) - n, "%s", QSM_CORRUPT_SUFFIX);
 	}
 	img->corrupt = true;
 	if (!img->error)
@@ -86,6 +85,16 @@ int qsm_image_corrupt(struct qsm_image *img, const char *fmt, ...)
 		qsm_image_corrupt_mark(img);
 	}
 	return -EIO;
+}
+
+int qsm_image_rc_error(struct qsm_image *img, int ret)
+{
+	uint64_t idx, off;
+
+	if (ret != -EUCLEAN || !qsm_refcount_bad_entry(img->rc, &idx, &off))
+		return ret;
+	return qsm_image_corrupt(img, "Refblock offset %#llx unaligned (reftable index: %#llx)",
+				 (unsigned long long)off, (unsigned long long)idx);
 }
 
 void qsm_image_corrupt_bits(const struct qsm_image *img, uint8_t be[8])
@@ -156,6 +165,11 @@ bool qsm_is_metadata_not_l2(struct qsm_image *img, uint64_t host_offset)
 	return qsm_overlap_is_meta_not_l2(meta_of(img), host_offset);
 }
 
+const char *qsm_metadata_kind(struct qsm_image *img, uint64_t host_offset)
+{
+	return qsm_overlap_kind(meta_of(img), host_offset);
+}
+
 bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset)
 {
 	return qsm_overlap_is_meta(meta_of(img), host_offset);
@@ -186,6 +200,8 @@ static int check_metadata_refcounts(struct qsm_image *img, char *err, size_t err
 		for (uint64_t off = QSM_ALIGN_DOWN(spans[i].off, cs); off < spans[i].off + spans[i].len; off += cs) {
 			uint64_t v;
 			int ret = qsm_refcount_read(img->rc, off / cs, &v, NULL);
+			if (ret == -EUCLEAN)
+				continue; /* unaligned refcount block: found at use */
 			if (ret < 0) {
 				snprintf(err, errlen, "cannot read the refcount of the %s: %s",
 					 spans[i].what, strerror(-ret));
@@ -688,7 +704,7 @@ read_header:;
 	/* Before the repair below: a corrupt image is never written, not even
 	 * by a lazy-refcounts repair (qemu-img check -r repairs it). */
 	if ((h->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !img->read_only)
-		OPEN_FAIL(-EACCES, "image is corrupt (incompatible feature bit 1 set); cannot be opened read/write");
+		OPEN_FAIL(-EACCES, "qcow2: Image is corrupt; cannot be opened read/write");
 	if ((h->incompatible_features & QCOW2_INCOMPAT_DIRTY) && !img->read_only &&
 	    !opts->no_repair && !repaired) {
 		/* Refcounts may lag behind the tables (lazy refcounts, crash):
@@ -751,6 +767,7 @@ read_header:;
 
 	qsm_overlap_init(&p->meta, img->cluster_bits, img->rc);
 	qsm_overlap_set_l1(&p->meta, h->l1_table_offset, img->l1_size);
+	qsm_overlap_set_snapshots(&p->meta, h->snapshots_offset, (uint64_t)h->nb_snapshots * 40);
 	for (uint64_t i = 0; i < img->l1_size; i++) {
 		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
 		if (off && (ret = qsm_overlap_add_l2(&p->meta, off)) < 0)
@@ -1160,7 +1177,7 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 		uint8_t *l1 = g.table;
 		uint64_t bytes = g.bytes;
 		uint64_t new_off, old_off = h->l1_table_offset;
-		if ((ret = qsm_refcount_alloc(img->rc, g.clusters, &new_off, NULL)) < 0) {
+		if ((ret = qsm_image_rc_error(img, qsm_refcount_alloc(img->rc, g.clusters, &new_off, NULL))) < 0) {
 			free(l1);
 			TRUNC_FAIL(ret, "Could not allocate the new L1 table: %s", strerror(-ret));
 		}
