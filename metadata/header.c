@@ -7,31 +7,40 @@
  * Parsing works on an in-memory copy of cluster 0 (or of the whole file when
  * it is shorter) and never trusts a field before it has been range-checked:
  * every count is bounded before it is multiplied, every offset+length sum is
- * checked for overflow before it is compared.  The order follows the opener
- * checklist (tools/doc/design.md, "Untrusted images"):
- *
- *   1. magic, version                       6. tables: reftable, L1, snapshots
- *   2. cluster_bits                         7. l1_size covers the virtual size
- *   3. header_length                        8. backing file offset/size
- *   9. header extensions (before 4, so the image's own feature-name table can
- *      name an unknown incompatible bit)
- *   4. feature bits, compression type, crypt_method
- *   5. refcount_order, refcount_table_clusters
+ * checked for overflow before it is compared.  The order is QEMU's
+ * qcow2_do_open(): magic, version, cluster_bits, header_length, backing
+ * file offset, compression type, unknown incompatible features (named from
+ * the image's feature table: the extensions are walked first, their own
+ * errors held back), subclusters, refcount_order, the refcount table, the
+ * snapshot table and the L1 (qcow2_validate_table), the L1's size, then the
+ * extensions' errors, the crypto header, the backing file name; then qsm's
+ * own rules (tools/doc/design.md, "Untrusted images").
  *
  * Errors: -EINVAL for a malformed header, -ENOTSUP for a well-formed header
  * that uses something qsm does not implement (unknown or unsupported
  * incompatible features, encryption, version > 3, a virtual size beyond
- * QCOW2_MAX_VIRTUAL_SIZE).  The message names the field and its value.
+ * QCOW2_MAX_VIRTUAL_SIZE).
+ *
+ * Messages: where QEMU refuses the image too, the message is QEMU's
+ * (qcow2_do_open, qcow2_read_extensions, qcow2_validate_table), and the
+ * checks run in QEMU's order, so the same image gets the same line from
+ * qemu-io and from qsm run as qemu-io.  qsm's own checks come after all of
+ * QEMU's and name the field and its value.
+ *
+ * Accepted as QEMU accepts them: a known extension given twice (the last
+ * wins), a feature table whose length is not a multiple of 48 (its whole
+ * entries are read), a snapshot table past the end of the file (placed in
+ * the overlap set at open, so the allocator's cluster over it marks the
+ * image corrupt).
  *
  * Table offsets versus the file size (a qsm rule; qemu only checks
- * offset+len <= INT64_MAX): a non-empty table must lie entirely inside the
- * file, i.e. offset + bytes <= file_size, where bytes is 8*l1_size for the L1
- * (qemu-img writes it unpadded and a fresh image ends exactly at its end),
- * refcount_table_clusters*cluster_size for the refcount table (qemu always
- * writes it in whole clusters) and 40*nb_snapshots for the snapshot table
- * (the smallest possible entries; metadata/snapshot code checks the exact
- * size).  Every image qemu-img 7.2 writes satisfies this; an image whose
- * tables run past EOF is truncated or hostile.
+ * offset+len <= INT64_MAX): a non-empty L1 or refcount table must lie
+ * entirely inside the file, i.e. offset + bytes <= file_size, where bytes is
+ * 8*l1_size for the L1 (qemu-img writes it unpadded and a fresh image ends
+ * exactly at its end) and refcount_table_clusters*cluster_size for the
+ * refcount table (qemu always writes it in whole clusters).  Every image
+ * qemu-img 7.2 writes satisfies this; an image whose tables run past EOF is
+ * truncated or hostile.
  *
  * Serializing reproduces qcow2_update_header() of qemu 7.2: the fixed header
  * (72 bytes for v2, 112 for v3), then the extensions in qemu's order --

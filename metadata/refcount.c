@@ -1739,6 +1739,7 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 		r = -EIO;
 		goto fail;
 	}
+	rc->rc_bad_hit = 0; /* only what a caller needed is reported */
 	rc_trim(rc);
 	*out = rc;
 	return 0;
