@@ -476,7 +476,9 @@ static int json_backing_cb(void *opaque, const char *key, const char *val, bool 
  * the same cache mode and aio backend, and recursively its own backing file.
  * The format comes from the backing-format extension, else from
  * opts->backing_format; it is never probed (a raw file could hold a qcow2
- * header that names any file on the host).  Errors name the backing file.
+ * header that names any file on the host).  Errors name the backing file;
+ * one that fails to open says so as QEMU does ("Could not open backing
+ * file: " and the backing file's own error, which names it).
  */
 static int open_backing(struct qsm_image *img, const char *path, const struct qsm_open_opts *opts,
 			struct chain *ch, char *err, size_t errlen)
@@ -573,8 +575,9 @@ static int open_backing_named(struct qsm_image *img, const char *path,
 	}
 	if (ret == -ELOOP) /* the message names both images already */
 		qsm_set_err(err, errlen, "%s", sub);
-	else if (ret < 0)
-		qsm_set_err(err, errlen, "backing file '%s': %s", full, sub[0] ? sub : strerror(-ret));
+	else if (ret < 0) /* QEMU's words (bdrv_open_backing_file) */
+		qsm_set_err(err, errlen, "Could not open backing file: %s",
+			    sub[0] ? sub : strerror(-ret));
 	free(full);
 	return ret;
 }

@@ -23,6 +23,9 @@
 #               qemu-io and by qsm as qemu-io gives the same stdout (timings
 #               filtered), stderr and exit code, and the two images are
 #               byte-identical (the corrupt bit set in both, or in neither).
+#   backing rows: an overlay whose backing file is missing or is one of the
+#               refused images: qsm as qemu-io prints qemu-io's "Could not
+#               open backing file: ..." line and exits as it does.
 # Every command: exit code < 128 (no signal), no sanitizer report, no hang.
 # The valid image must open, read back its patterns and stay unchanged.
 #
@@ -255,6 +258,25 @@ while IFS=$'\t' read -r name expect phase cmd; do
     esac
     case_end
 done <"$BAD/manifest.tsv"
+
+# --- a refused backing file: QEMU's "Could not open backing file: ..." ---------
+for back in missing cluster_bits_8 header_length_past_cluster l1_size_too_small \
+            extension_length_past_end; do
+    case_begin "backing-$back"
+    ov="$WORK/ov-$back.qcow2"
+    bimg="$BAD/$back.qcow2"
+    [ "$back" = missing ] && bimg="$WORK/no-such-file.qcow2"
+    qemu-img create -q -f qcow2 -u -b "$bimg" -F qcow2 "$ov" 1G ||
+        case_fail fails "qemu-img create of the overlay failed"
+    run_cmd qb timeout -k 5 "$CMD_TIMEOUT" qemu-io -f qcow2 -c 'read 0 512' "$ov"
+    qrc=$RC; qerr=$ERR
+    run_cmd sb "$BIN/qemu-io" -f qcow2 -c 'read 0 512' "$ov"
+    no_crash "qsm as qemu-io"
+    [ "$RC" = "$qrc" ] && [ "$RC" != 0 ] || case_fail fails "exit $RC, qemu-io's $qrc"
+    [ "$ERR" = "$qerr" ] || case_fail message "'$ERR', qemu-io: '$qerr'"
+    contains "$ERR" "Could not open backing file: " || case_fail message "no 'Could not open backing file': $ERR"
+    case_end
+done
 
 for k in "${!XFAIL[@]}"; do
     if [ -z "${SEEN[${k%%:*}]:-}" ]; then
