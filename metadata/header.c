@@ -31,14 +31,15 @@
  * wins), a feature table whose length is not a multiple of 48 (its whole
  * entries are read), a snapshot table past the end of the file (placed in
  * the overlap set at open, so the allocator's cluster over it marks the
- * image corrupt).
+ * image corrupt), a refcount table at offset 0 or past the end of the file
+ * (QEMU reads the image and finds the damage at its first allocation; qsm's
+ * open gives QEMU's words then, sm/image.c).
  *
- * Table offsets versus the file size (a qsm rule; qemu only checks
- * offset+len <= INT64_MAX): a non-empty L1 or refcount table must lie
- * entirely inside the file, i.e. offset + bytes <= file_size, where bytes is
- * 8*l1_size for the L1 (qemu-img writes it unpadded and a fresh image ends
- * exactly at its end) and refcount_table_clusters*cluster_size for the
- * refcount table (qemu always writes it in whole clusters).  Every image
+ * L1 table offset versus the file size (a qsm rule; qemu only checks
+ * offset+len <= INT64_MAX, and then reads the header, or zeros, as the L1
+ * table): a non-empty L1 table must lie entirely inside the file, i.e.
+ * offset + 8*l1_size <= file_size (qemu-img writes it unpadded and a fresh
+ * image ends exactly at its end), and not at offset 0.  Every image
  * qemu-img 7.2 writes satisfies this; an image whose tables run past EOF is
  * truncated or hostile.
  *
@@ -376,11 +377,13 @@ static int parse_extensions(struct qcow2_header *h, const uint8_t *buf, uint64_t
  * bounded by `max_bytes` ("<table> too large"), the offset cluster aligned
  * and offset + entries*entry_len <= INT64_MAX ("<table> offset invalid").
  * Then qsm's own rules for a non-empty table (QEMU opens such images; qsm
- * refuses them, naming the field): the offset is not 0 (the header), and,
- * unless `past_eof_ok`, the table lies inside the file.
+ * refuses them, naming the field): the offset is not 0 (the header) unless
+ * TABLE_AT_0_OK, and the table lies inside the file unless TABLE_PAST_EOF_OK.
  */
+#define TABLE_PAST_EOF_OK 1u
+#define TABLE_AT_0_OK 2u
 static int check_table(const char *table, const char *field, uint64_t offset,
-		       uint64_t entries, uint64_t entry_len, uint64_t max_bytes, bool past_eof_ok,
+		       uint64_t entries, uint64_t entry_len, uint64_t max_bytes, unsigned lenient,
 		       uint64_t cluster_size, uint64_t file_size, char *err, size_t errlen)
 {
 	uint64_t bytes;
@@ -396,11 +399,11 @@ static int check_table(const char *table, const char *field, uint64_t offset,
 	}
 	if (entries == 0)
 		return 0;
-	if (offset == 0) {
+	if (offset == 0 && !(lenient & TABLE_AT_0_OK)) {
 		qsm_set_err(err, errlen, "%s is 0 (the table would overlap the header)", field);
 		return -EINVAL;
 	}
-	if (!past_eof_ok && offset + bytes > file_size) {
+	if (!(lenient & TABLE_PAST_EOF_OK) && offset + bytes > file_size) {
 		qsm_set_err(err, errlen, "%s 0x%" PRIx64 " + %" PRIu64 " bytes is past the end of "
 			"the file (%" PRIu64 " bytes)", field, offset, bytes, file_size);
 		return -EINVAL;
@@ -613,9 +616,14 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 		qsm_set_err(err, errlen, "Image does not contain a reference count table");
 		return -EINVAL;
 	}
+	/* A refcount table at offset 0 or past the end of the file: QEMU opens
+	 * the image and reads it, and finds the damage when it allocates
+	 * (metadata/refcount.c: the table is not read, every block is damaged;
+	 * sm/image.c words what QEMU says then). */
 	ret = check_table("Reference count table", "refcount_table_offset",
 			  h->refcount_table_offset, h->refcount_table_clusters, cs,
-			  QCOW2_MAX_REFTABLE_BYTES, false, cs, file_size, err, errlen);
+			  QCOW2_MAX_REFTABLE_BYTES, TABLE_AT_0_OK | TABLE_PAST_EOF_OK, cs, file_size,
+			  err, errlen);
 	if (ret)
 		return ret;
 	/* The snapshot table may lie past the end of the file: QEMU opens such
@@ -624,12 +632,12 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 	 * corrupt instead of being written. */
 	ret = check_table("Snapshot table", "snapshots_offset", h->snapshots_offset,
 			  h->nb_snapshots, SNAPSHOT_ENTRY_MIN,
-			  (uint64_t)SNAPSHOT_ENTRY_MIN * QCOW2_MAX_SNAPSHOTS, true, cs, file_size,
+			  (uint64_t)SNAPSHOT_ENTRY_MIN * QCOW2_MAX_SNAPSHOTS, TABLE_PAST_EOF_OK, cs, file_size,
 			  err, errlen);
 	if (ret)
 		return ret;
 	ret = check_table("Active L1 table", "l1_table_offset", h->l1_table_offset, h->l1_size, 8,
-			  QCOW2_MAX_L1_BYTES, false, cs, file_size, err, errlen);
+			  QCOW2_MAX_L1_BYTES, 0, cs, file_size, err, errlen);
 	if (ret)
 		return ret;
 	/* L1 entries for the virtual size; with extended L2 entries (16 bytes)

@@ -118,10 +118,7 @@ int qsm_check_l2_entry(struct qsm_req *req, uint64_t idx, uint64_t e)
 		qcow2_compressed_extent(img->cluster_bits, e, &coff, &clen);
 		return check_data_range(req, coff, clen, "L2 entry: compressed cluster");
 	}
-	if (e & QCOW2_L2E_RESERVED)
-		return qsm_image_corrupt(img, "L2 table %#llx entry %llu (%#llx) has reserved bits set",
-					 (unsigned long long)req->run.l2->offset,
-					 (unsigned long long)idx, (unsigned long long)e);
+	/* Reserved bits are ignored, as QEMU does (the checkers report them). */
 	if (off && !QSM_IS_ALIGNED(off, img->cluster_size))
 		return qsm_image_corrupt(img, "Cluster allocation offset %#llx unaligned (L2 offset: %#llx, L2 index: %#llx)",
 					 (unsigned long long)off,
@@ -147,8 +144,10 @@ static int check_write_target(struct qsm_req *req, uint64_t host)
 					 qsm_metadata_kind(img, host));
 	uint64_t v;
 	int ret = qsm_refcount_read(img->rc, cluster_of(img, host), &v, qsm_req_rcw(req));
+	if (ret == -EUCLEAN)
+		return 0; /* a block never read (R9): QEMU writes in place unasked */
 	if (ret < 0)
-		return qsm_image_rc_error(img, ret); /* -EAGAIN: the caller waits */
+		return ret; /* -EAGAIN: the caller waits */
 	if (v == 0)
 		return qsm_image_corrupt(img, "data cluster %#llx is in use but its refcount is 0",
 					 (unsigned long long)host);

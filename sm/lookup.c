@@ -82,10 +82,8 @@ enum qsm_event qsm_step_l1_lookup(struct qsm_req *req)
 	uint64_t l1e = qsm_l1_get(img, run->l1_index);
 	uint64_t l2_off = l1e & QCOW2_L1E_OFFSET_MASK;
 
-	if (l1e & QCOW2_L1E_RESERVED)
-		return fail(req, qsm_image_corrupt(img, "L1 entry %llu (%#llx) has reserved bits set",
-						    (unsigned long long)run->l1_index,
-						    (unsigned long long)l1e));
+	/* Reserved bits are ignored, as QEMU does (qemu-img check and qsm
+	 * check report them); the offset mask drops them. */
 	if (is_write_machine(req->machine) && img->l2allocs) {
 		/* Invariant 3: the slot's L2 table is being created or copied. */
 		struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);

@@ -208,9 +208,6 @@ def main():
               l1_table_offset=0x7FFFFFFFFFFF0000, l1_size=0x10000)
     im.header("reftable_offset_unaligned", "Reference count table offset invalid",
               refcount_table_offset=reftable + 512)
-    im.header("reftable_offset_zero", "refcount_table_offset", refcount_table_offset=0)
-    im.header("reftable_offset_past_eof", "refcount_table_offset",
-              refcount_table_offset=beyond)
     im.header("reftable_offset_overflow", "Reference count table offset invalid",
               refcount_table_offset=0xFFFFFFFFFFFF0000)
     im.header("nb_snapshots_too_large", "Snapshot table too large", nb_snapshots=65537,
@@ -263,16 +260,20 @@ def main():
 
     # 11. L1/L2 entries (checked on use; an opener may check the L1 earlier).
     read0 = "read 0 64k"
-    im.add("l1_entry_reserved_bits", "L1", "io", read0,
-           lambda img: put64(img, l1, l1e0 | (1 << 56)))
+    # Reserved bits: QEMU ignores them (its check reports them); the script
+    # writes in place through the entry and allocates elsewhere.
+    inplace = readall + " ; write -P 0x22 768M 64k ; read -P 0x22 768M 64k" \
+        " ; write -P 0x11 0 4k ; read -P 0x11 0 4k ; read -P 0xab 4k 60k"
+    im.add("l1_entry_reserved_bits", "-", "accept", inplace,
+           lambda img: put64(img, l1, l1e0 | (1 << 56) | 0x1))
     im.add("l1_entry_unaligned", "L1", "io", read0,
            lambda img: put64(img, l1, l1e0 + 512))
     im.add("l1_entry_past_eof", "L1", "io", read0,
            lambda img: put64(img, l1, (1 << 63) | beyond))
     im.add("l1_entry_overlaps_reftable", "overlap", "io", "write -P 0x11 0 4k",
            lambda img: put64(img, l1, (1 << 63) | reftable))
-    im.add("l2_entry_reserved_bits", "L2", "io", read0,
-           lambda img: put64(img, l2a, l2e0 | 0x2))
+    im.add("l2_entry_reserved_bits", "-", "accept", inplace,
+           lambda img: put64(img, l2a, l2e0 | 0x2 | (1 << 56)))
     im.add("l2_entry_unaligned", "L2", "io", read0,
            lambda img: put64(img, l2a, l2e0 + 512))
     im.add("l2_entry_past_eof", "L2", "io", read0,
@@ -292,14 +293,25 @@ def main():
     im.add("reftable_entry_unaligned", "Refblock offset %#x unaligned (reftable index: 0)"
            % (rt0 + 512), "accept", readall + " ; " + alloc,
            lambda img: put64(img, reftable, rt0 + 512))
-    im.add("reftable_entry_reserved_bits", "refcount", "io", alloc,
+    im.add("reftable_entry_reserved_bits", "-", "accept", inplace,
            lambda img: put64(img, reftable, rt0 | 0x1))
-    im.add("refblock_past_eof", "refcount", "io", alloc,
+    # Damaged refcounts QEMU reads as zeros: it opens the image, reads it,
+    # writes in place, and trips its overlap check at the first allocation
+    # (the lowest cluster with refcount 0 is the header, or, when its range
+    # has no refcount block, the new block's place, the cluster after it).
+    # (QEMU's reads fail after that, "No medium found"; qsm keeps reading
+    # what is intact: test_refcount checks it, not this comparison.)
+    damaged = readall + " ; write -P 0x11 0 4k ; read -P 0x11 0 4k ; " + alloc
+    header_overlap = "Preventing invalid write on metadata (overlaps with qcow2_header)"
+    im.add("refblock_past_eof", header_overlap, "accept", damaged,
            lambda img: put64(img, reftable, beyond))
-    # No refblock for clusters in use: an allocator trusting it would hand
-    # out cluster 0 (the header).
-    im.add("reftable_entry_zero", "refcount", "io", alloc,
-           lambda img: put64(img, reftable, 0))
+    im.add("reftable_entry_zero",
+           "Preventing invalid write on metadata (overlaps with refcount table)", "accept",
+           damaged, lambda img: put64(img, reftable, 0))
+    im.add("reftable_offset_zero", header_overlap, "accept", damaged,
+           lambda img: put(img, "refcount_table_offset", 0))
+    im.add("reftable_offset_past_eof", header_overlap, "accept", damaged,
+           lambda img: put(img, "refcount_table_offset", beyond))
 
     with open(os.path.join(outdir, "manifest.tsv"), "w") as f:
         f.writelines(im.rows)

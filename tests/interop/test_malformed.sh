@@ -49,9 +49,17 @@ declare -A XFAIL=(
 # QEMU opens these and qsm refuses them (a nonzero table offset inside the
 # file is a qsm rule: reading a table from the header or past EOF is never
 # what a valid image does).
+# (QEMU reads the header, or zeros, as the L1 table.)
 declare -A QEMU_OPENS=(
     [l1_offset_zero]=1 [l1_offset_past_eof]=1
-    [reftable_offset_zero]=1 [reftable_offset_past_eof]=1
+)
+# Accept rows whose images may differ: QEMU writes more than qsm before it
+# finds the damage; every byte qsm changed must then be changed to the same
+# value in QEMU's image (qsm wrote a subset of what QEMU wrote).
+declare -A IMAGE_DIFFERS=(
+    # QEMU writes a new refcount table (and grows the file) before its
+    # overlap check trips at the header.
+    [reftable_offset_past_eof]=1
 )
 # Features qsm does not implement: refused by name, where QEMU asks for
 # what it would need ('data-file', a key secret).
@@ -160,6 +168,20 @@ corrupt_bit_only() {
     [ "$pos" = 80 ] && [ $((8#$b)) -eq $((8#$a | 2)) ] && [ $((8#$a)) -ne $((8#$b)) ]
 }
 
+# subset_of_qemu ORIG QSM QEMU: every byte where QSM differs from ORIG has
+# the same value in QEMU, and QSM is no longer than ORIG or QEMU
+subset_of_qemu() {
+    python3 - "$1" "$2" "$3" <<'PY'
+import sys
+o, s, q = (open(p, "rb").read() for p in sys.argv[1:4])
+if len(s) > max(len(o), len(q)):
+    sys.exit(1)
+for i in range(len(s)):
+    if (o[i] if i < len(o) else 0) != s[i] and (i >= len(q) or q[i] != s[i]):
+        sys.exit(1)
+PY
+}
+
 # differs ORIG NEW: a short description of where the files differ
 differs() {
     local n
@@ -249,8 +271,13 @@ while IFS=$'\t' read -r name expect phase cmd; do
         if [ "$expect" != - ] && ! contains "$serr" "$expect"; then
             case_fail message "no '$expect' in stderr: $serr"
         fi
-        cmp -s "$WORK/q.qcow2" "$WORK/s.qcow2" ||
-            case_fail unchanged "image differs from qemu-io's: $(differs "$WORK/q.qcow2" "$WORK/s.qcow2")"
+        if [ -n "${IMAGE_DIFFERS[$name]:-}" ]; then
+            subset_of_qemu "$img" "$WORK/s.qcow2" "$WORK/q.qcow2" ||
+                case_fail unchanged "qsm wrote what qemu-io did not: $(differs "$img" "$WORK/s.qcow2")"
+        else
+            cmp -s "$WORK/q.qcow2" "$WORK/s.qcow2" ||
+                case_fail unchanged "image differs from qemu-io's: $(differs "$WORK/q.qcow2" "$WORK/s.qcow2")"
+        fi
         ;;
     *)
         case_fail fails "bad manifest phase '$phase'"

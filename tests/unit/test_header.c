@@ -580,10 +580,16 @@ START_TEST(bad_refcount_table)
 	qcow2_put_be32(img + 56, 1);
 	qcow2_put_be64(img + 48, 0x12345);
 	expect_fail(img, len, len, -EINVAL, "Reference count table offset invalid");
+	/* Over the header or past the end of the file: QEMU opens the image
+	 * (the refcount module treats every block as damaged). */
+	struct qcow2_header h;
+	char err[256] = "";
 	qcow2_put_be64(img + 48, 0);
-	expect_fail(img, len, len, -EINVAL, "refcount_table_offset is 0");
+	ck_assert_msg(qcow2_header_parse(img, len, len, &h, err, sizeof(err)) == 0, "%s", err);
+	qcow2_header_release(&h);
 	qcow2_put_be64(img + 48, 0x40000);
-	expect_fail(img, len, len, -EINVAL, "refcount_table_offset 0x40000 + 65536 bytes is past");
+	ck_assert_msg(qcow2_header_parse(img, len, len, &h, err, sizeof(err)) == 0, "%s", err);
+	qcow2_header_release(&h);
 	qcow2_put_be64(img + 48, 0x7fffffffffff0000ull);
 	expect_fail(img, len, len, -EINVAL, "Reference count table offset invalid");
 	free(img);
@@ -760,7 +766,7 @@ START_TEST(short_file)
 	uint8_t *img = base_image(&len, false);
 
 	/* The caller passes what the file has; tables then fall outside it. */
-	expect_fail(img, 4096, 4096, -EINVAL, "refcount_table_offset");
+	expect_fail(img, 4096, 4096, -EINVAL, "l1_table_offset");
 	expect_fail(img, 40, 40, -EINVAL, "truncated");
 	expect_fail(img, 4, 4, -EINVAL, "too short");
 	ck_assert_uint_eq(qcow2_header_probe_len(img, 23, len), 0);
