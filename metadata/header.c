@@ -701,7 +701,22 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 			h->size, QCOW2_MAX_VIRTUAL_SIZE);
 		return h->size > (uint64_t)INT64_MAX ? -EINVAL : -ENOTSUP;
 	}
-	/* features QEMU implements and qsm does not */
+	/* features QEMU implements and qsm does not.  An external data file:
+	 * without its name in the image QEMU fails with these words; with a
+	 * name, qsm says what it lacks (QEMU would open that file). */
+	if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
+		const struct qcow2_ext *name = NULL;
+		for (unsigned i = 0; i < h->nb_unknown_exts; i++)
+			if (h->unknown_exts[i].type == QCOW2_EXT_DATA_FILE)
+				name = &h->unknown_exts[i];
+		if (!name)
+			qsm_set_err(err, errlen, "'data-file' is required for this image");
+		else
+			qsm_set_err(err, errlen, "the image keeps its data in the external data file "
+				    "'%.*s', which qsm does not support yet", (int)QSM_MIN(name->len, 1024u),
+				    (const char *)name->data);
+		return -ENOTSUP;
+	}
 	ret = check_incompatible(h, true, err, errlen);
 	if (ret)
 		return ret;

@@ -180,7 +180,8 @@ def main():
               incompatible_features=1 << 40)
     # (16-byte L2 entries: this image's L1 is too small for them)
     im.header("extended_l2", "L1 table is too small", incompatible_features=1 << 4)
-    im.header("external_data_file", "external data file", incompatible_features=1 << 2)
+    im.header("external_data_file", "'data-file' is required for this image",
+              incompatible_features=1 << 2)
     im.header("zstd_without_bit", "Compression type incompatible feature bit must be set",
               compression_type=1)
     im.header("compression_bit_without_type",
