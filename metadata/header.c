@@ -7,31 +7,41 @@
  * Parsing works on an in-memory copy of cluster 0 (or of the whole file when
  * it is shorter) and never trusts a field before it has been range-checked:
  * every count is bounded before it is multiplied, every offset+length sum is
- * checked for overflow before it is compared.  The order follows the opener
- * checklist (tools/doc/design.md, "Untrusted images"):
- *
- *   1. magic, version                       6. tables: reftable, L1, snapshots
- *   2. cluster_bits                         7. l1_size covers the virtual size
- *   3. header_length                        8. backing file offset/size
- *   9. header extensions (before 4, so the image's own feature-name table can
- *      name an unknown incompatible bit)
- *   4. feature bits, compression type, crypt_method
- *   5. refcount_order, refcount_table_clusters
+ * checked for overflow before it is compared.  The order is QEMU's
+ * qcow2_do_open(): magic, version, cluster_bits, header_length, backing
+ * file offset, compression type, unknown incompatible features (named from
+ * the image's feature table: the extensions are walked first, their own
+ * errors held back), subclusters, refcount_order, the refcount table, the
+ * snapshot table and the L1 (qcow2_validate_table), the L1's size, then the
+ * extensions' errors, the crypto header, the backing file name; then qsm's
+ * own rules (tools/doc/design.md, "Untrusted images").
  *
  * Errors: -EINVAL for a malformed header, -ENOTSUP for a well-formed header
  * that uses something qsm does not implement (unknown or unsupported
  * incompatible features, encryption, version > 3, a virtual size beyond
- * QCOW2_MAX_VIRTUAL_SIZE).  The message names the field and its value.
+ * QCOW2_MAX_VIRTUAL_SIZE).
  *
- * Table offsets versus the file size (a qsm rule; qemu only checks
- * offset+len <= INT64_MAX): a non-empty table must lie entirely inside the
- * file, i.e. offset + bytes <= file_size, where bytes is 8*l1_size for the L1
- * (qemu-img writes it unpadded and a fresh image ends exactly at its end),
- * refcount_table_clusters*cluster_size for the refcount table (qemu always
- * writes it in whole clusters) and 40*nb_snapshots for the snapshot table
- * (the smallest possible entries; metadata/snapshot code checks the exact
- * size).  Every image qemu-img 7.2 writes satisfies this; an image whose
- * tables run past EOF is truncated or hostile.
+ * Messages: where QEMU refuses the image too, the message is QEMU's
+ * (qcow2_do_open, qcow2_read_extensions, qcow2_validate_table), and the
+ * checks run in QEMU's order, so the same image gets the same line from
+ * qemu-io and from qsm run as qemu-io.  qsm's own checks come after all of
+ * QEMU's and name the field and its value.
+ *
+ * Accepted as QEMU accepts them: a known extension given twice (the last
+ * wins), a feature table whose length is not a multiple of 48 (its whole
+ * entries are read), a snapshot table past the end of the file (placed in
+ * the overlap set at open, so the allocator's cluster over it marks the
+ * image corrupt), a refcount table at offset 0 or past the end of the file
+ * (QEMU reads the image and finds the damage at its first allocation; qsm's
+ * open gives QEMU's words then, sm/image.c).
+ *
+ * L1 table offset versus the file size (a qsm rule; qemu only checks
+ * offset+len <= INT64_MAX, and then reads the header, or zeros, as the L1
+ * table): a non-empty L1 table must lie entirely inside the file, i.e.
+ * offset + 8*l1_size <= file_size (qemu-img writes it unpadded and a fresh
+ * image ends exactly at its end), and not at offset 0.  Every image
+ * qemu-img 7.2 writes satisfies this; an image whose tables run past EOF is
+ * truncated or hostile.
  *
  * Serializing reproduces qcow2_update_header() of qemu 7.2: the fixed header
  * (72 bytes for v2, 112 for v3), then the extensions in qemu's order --
@@ -174,18 +184,6 @@ nomem:
 
 /* --- Parsing ---------------------------------------------------------------- */
 
-static const char *ext_type_name(uint32_t type)
-{
-	switch (type) {
-	case QCOW2_EXT_BACKING_FORMAT: return "backing format";
-	case QCOW2_EXT_FEATURE_TABLE: return "feature name table";
-	case QCOW2_EXT_BITMAPS: return "bitmaps";
-	case QCOW2_EXT_CRYPTO: return "crypto header";
-	case QCOW2_EXT_DATA_FILE: return "external data file name";
-	default: return "unknown";
-	}
-}
-
 /* Bit index of a known extension type for duplicate detection, or -1. */
 static int ext_known_index(uint32_t type)
 {
@@ -221,17 +219,43 @@ static int keep_unknown_ext(struct qcow2_header *h, uint32_t type, const uint8_t
 	return 0;
 }
 
+/* Does the image carry a crypto header extension (kept in unknown_exts)? */
+static bool has_crypto_ext(const struct qcow2_header *h)
+{
+	for (unsigned i = 0; i < h->nb_unknown_exts; i++)
+		if (h->unknown_exts[i].type == QCOW2_EXT_CRYPTO)
+			return true;
+	return false;
+}
+
+/* Forget the kept extensions of `type` (a later one replaces them). */
+static void drop_ext(struct qcow2_header *h, uint32_t type)
+{
+	unsigned j = 0;
+
+	for (unsigned i = 0; i < h->nb_unknown_exts; i++) {
+		if (h->unknown_exts[i].type == type)
+			free(h->unknown_exts[i].data);
+		else
+			h->unknown_exts[j++] = h->unknown_exts[i];
+	}
+	h->nb_unknown_exts = j;
+}
+
 static int parse_feature_table(struct qcow2_header *h, const uint8_t *p, uint32_t len,
 			       char *err, size_t errlen)
 {
 	unsigned n;
 
-	if (len % FEATURE_ENTRY_LEN) {
-		qsm_set_err(err, errlen, "feature name table header extension length %" PRIu32
-			" is not a multiple of %u", len, FEATURE_ENTRY_LEN);
-		return -EINVAL;
-	}
+	/* A trailing partial entry is ignored (QEMU reads the table as whole
+	 * entries and opens such an image).  A later table replaces an
+	 * earlier one (duplicates: the last wins). */
+	(void)err;
+	(void)errlen;
 	n = len / FEATURE_ENTRY_LEN;
+	free(h->feature_names);
+	h->feature_names = NULL;
+	h->nb_feature_names = 0;
 	h->has_feature_table = true;
 	if (!n)
 		return 0;
@@ -274,9 +298,8 @@ static int parse_extensions(struct qcow2_header *h, const uint8_t *buf, uint64_t
 		int idx;
 
 		if (end - off < 8) {
-			qsm_set_err(err, errlen, "header extension at offset %" PRIu64
-				" is truncated (%" PRIu64 " bytes left before %" PRIu64 ")",
-				off, end - off, end);
+			/* QEMU: the 8-byte extension header runs past the area */
+			qsm_set_err(err, errlen, "Header extension too large");
 			return -EINVAL;
 		}
 		type = qcow2_be32(buf + off);
@@ -285,29 +308,30 @@ static int parse_extensions(struct qcow2_header *h, const uint8_t *buf, uint64_t
 		if (type == QCOW2_EXT_END)
 			return 0;
 		if (len > end - off) {
-			qsm_set_err(err, errlen, "header extension 0x%08" PRIx32 " (%s) at offset %"
-				PRIu64 ": length %" PRIu32 " exceeds the %" PRIu64
-				" bytes left in the header area", type, ext_type_name(type),
-				off - 8, len, end - off);
+			qsm_set_err(err, errlen, "Header extension too large");
 			return -EINVAL;
 		}
+		/* A known type seen before: QEMU reads every occurrence and keeps
+		 * the last; so does qsm (the earlier one is dropped, so the header
+		 * qsm rewrites names it once).  Unknown types are all kept. */
 		idx = ext_known_index(type);
-		if (idx >= 0) {
-			if (seen & (1u << idx)) {
-				qsm_set_err(err, errlen, "duplicate header extension 0x%08" PRIx32
-					" (%s) at offset %" PRIu64, type, ext_type_name(type),
-					off - 8);
-				return -EINVAL;
-			}
+		if (idx >= 0 && (seen & (1u << idx)))
+			drop_ext(h, type);
+		if (idx >= 0)
 			seen |= 1u << idx;
-		}
 
 		switch (type) {
 		case QCOW2_EXT_BACKING_FORMAT:
-			if (len >= sizeof(h->backing_format) || !printable(buf + off, len)) {
+			if (len >= QCOW2_BACKING_FORMAT_MAX) {
+				qsm_set_err(err, errlen, "ERROR: ext_backing_format: len=%" PRIu32
+					" too large (>=%u)", len, QCOW2_BACKING_FORMAT_MAX);
+				return -EINVAL;
+			}
+			/* A qsm rule (QEMU takes any bytes): the name is used
+			 * as a format name and printed. */
+			if (!printable(buf + off, len)) {
 				qsm_set_err(err, errlen, "invalid backing format header extension "
-					"(length %" PRIu32 "; must be a printable name shorter "
-					"than %zu bytes)", len, sizeof(h->backing_format));
+					"(length %" PRIu32 "; must be a printable name)", len);
 				return -EINVAL;
 			}
 			memcpy(h->backing_format, buf + off, len);
@@ -320,21 +344,19 @@ static int parse_extensions(struct qcow2_header *h, const uint8_t *buf, uint64_t
 			break;
 		case QCOW2_EXT_BITMAPS:
 			if (len != 24) {
-				qsm_set_err(err, errlen, "bitmaps header extension length %" PRIu32
-					" (must be 24)", len);
+				qsm_set_err(err, errlen, "bitmaps_ext: Invalid extension length");
 				return -EINVAL;
 			}
 			goto keep;
 		case QCOW2_EXT_CRYPTO:
-			if (len != 16) {
-				qsm_set_err(err, errlen, "crypto header extension length %" PRIu32
-					" (must be 16)", len);
+			if (h->crypt_method != 2) {
+				qsm_set_err(err, errlen, "CRYPTO header extension only expected "
+					"with LUKS encryption method");
 				return -EINVAL;
 			}
-			if (h->crypt_method != 2) {
-				qsm_set_err(err, errlen, "crypto header extension present but "
-					"crypt_method is %" PRIu32 " (must be 2, LUKS)",
-					h->crypt_method);
+			if (len != 16) {
+				qsm_set_err(err, errlen, "CRYPTO header extension size %" PRIu32
+					", but expected size 16", len);
 				return -EINVAL;
 			}
 			goto keep;
@@ -351,29 +373,37 @@ static int parse_extensions(struct qcow2_header *h, const uint8_t *buf, uint64_t
 }
 
 /*
- * Check one table: nonzero (when non-empty), cluster-aligned, offset+bytes
- * not overflowing and inside the file.
+ * Check one table, QEMU's qcow2_validate_table() first: the entry count
+ * bounded by `max_bytes` ("<table> too large"), the offset cluster aligned
+ * and offset + entries*entry_len <= INT64_MAX ("<table> offset invalid").
+ * Then qsm's own rules for a non-empty table (QEMU opens such images; qsm
+ * refuses them, naming the field): the offset is not 0 (the header) unless
+ * TABLE_AT_0_OK, and the table lies inside the file unless TABLE_PAST_EOF_OK.
  */
-static int check_table(const char *field, uint64_t offset, uint64_t bytes, bool empty,
+#define TABLE_PAST_EOF_OK 1u
+#define TABLE_AT_0_OK 2u
+static int check_table(const char *table, const char *field, uint64_t offset,
+		       uint64_t entries, uint64_t entry_len, uint64_t max_bytes, unsigned lenient,
 		       uint64_t cluster_size, uint64_t file_size, char *err, size_t errlen)
 {
-	if (!QSM_IS_ALIGNED(offset, cluster_size)) {
-		qsm_set_err(err, errlen, "%s 0x%" PRIx64 " is not aligned to the cluster size (%"
-			PRIu64 ")", field, offset, cluster_size);
+	uint64_t bytes;
+
+	if (entries > max_bytes / entry_len) {
+		qsm_set_err(err, errlen, "%s too large", table);
 		return -EINVAL;
 	}
-	if (empty)
+	bytes = entries * entry_len; /* <= max_bytes: no overflow */
+	if (offset > (uint64_t)INT64_MAX - bytes || !QSM_IS_ALIGNED(offset, cluster_size)) {
+		qsm_set_err(err, errlen, "%s offset invalid", table);
+		return -EINVAL;
+	}
+	if (entries == 0)
 		return 0;
-	if (offset == 0) {
+	if (offset == 0 && !(lenient & TABLE_AT_0_OK)) {
 		qsm_set_err(err, errlen, "%s is 0 (the table would overlap the header)", field);
 		return -EINVAL;
 	}
-	if (offset > (uint64_t)INT64_MAX - bytes) {
-		qsm_set_err(err, errlen, "%s 0x%" PRIx64 " + %" PRIu64 " bytes overflows", field,
-			offset, bytes);
-		return -EINVAL;
-	}
-	if (offset + bytes > file_size) {
+	if (!(lenient & TABLE_PAST_EOF_OK) && offset + bytes > file_size) {
 		qsm_set_err(err, errlen, "%s 0x%" PRIx64 " + %" PRIu64 " bytes is past the end of "
 			"the file (%" PRIu64 " bytes)", field, offset, bytes, file_size);
 		return -EINVAL;
@@ -381,16 +411,48 @@ static int check_table(const char *field, uint64_t offset, uint64_t bytes, bool 
 	return 0;
 }
 
-/* Refuse incompatible features qsm lacks, naming each. */
-static int check_incompatible(const struct qcow2_header *h, char *err, size_t errlen)
+/*
+ * Refuse incompatible features: first those QEMU does not know either, in
+ * QEMU's words (report_unsupported_feature: the names the image's feature
+ * table gives, in table order, then "Unknown incompatible feature: <hex
+ * mask>" for the rest), then, with `qsm_only`, those QEMU implements and qsm
+ * does not (each named, with its bit).
+ */
+static int check_incompatible(const struct qcow2_header *h, bool qsm_only, char *err,
+			      size_t errlen)
 {
-	uint64_t bad = h->incompatible_features & ~QCOW2_INCOMPAT_SUPPORTED;
+	uint64_t bad = h->incompatible_features & ~INCOMPAT_KNOWN;
 	char msg[512];
 	size_t n;
 
+	if (qsm_only)
+		bad = h->incompatible_features & INCOMPAT_KNOWN & ~QCOW2_INCOMPAT_SUPPORTED;
 	if (!bad)
 		return 0;
 	n = (size_t)snprintf(msg, sizeof(msg), "Unsupported qcow2 feature(s): ");
+	if (!qsm_only) {
+		bool first = true;
+
+		for (unsigned i = 0; i < h->nb_feature_names; i++) {
+			const struct qcow2_feature_name *f = &h->feature_names[i];
+
+			/* QEMU's walk stops at the first entry without a name */
+			if (!f->name[0])
+				break;
+			if (f->type != 0 || f->bit >= 64 || !(bad & (1ull << f->bit)))
+				continue;
+			if (n < sizeof(msg))
+				n += (size_t)snprintf(msg + n, sizeof(msg) - n, "%s%s",
+						      first ? "" : ", ", f->name);
+			first = false;
+			bad &= ~(1ull << f->bit);
+		}
+		if (bad && n < sizeof(msg))
+			snprintf(msg + n, sizeof(msg) - n, "%sUnknown incompatible feature: %" PRIx64,
+				 first ? "" : ", ", bad);
+		qsm_set_err(err, errlen, "%s", msg);
+		return -ENOTSUP;
+	}
 	for (unsigned bit = 0; bit < 64; bit++) {
 		const char *name;
 		const char *sep = "";
@@ -420,28 +482,32 @@ static int check_incompatible(const struct qcow2_header *h, char *err, size_t er
 	return -ENOTSUP;
 }
 
+/*
+ * The checks in qcow2_do_open()'s order, each refusal in QEMU's words (so
+ * `qsm io` run as qemu-io prints what qemu-io prints); the checks QEMU does
+ * not make come after QEMU's and say which field is wrong.  Only the
+ * extensions are walked before their turn (the feature table names unknown
+ * bits); their error is reported where QEMU reads them.
+ */
 static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 			struct qcow2_header *h, char *err, size_t errlen)
 {
-	uint64_t cs, ext_end, need, bytes;
-	uint32_t magic;
-	int ret;
+	uint64_t cs, ext_end, need, entry_bytes;
+	char ext_err[256] = "";
+	int ret, ext_ret;
 
-	/* 1. magic and version */
+	/* magic and version */
 	if (len < 8) {
 		qsm_set_err(err, errlen, "image too short for a qcow2 header (%zu bytes)", len);
 		return -EINVAL;
 	}
-	magic = qcow2_be32(buf);
-	if (magic != QCOW2_MAGIC) {
-		qsm_set_err(err, errlen, "invalid magic 0x%08" PRIx32 " (not a qcow2 image; "
-			"expected 0x%08x)", magic, QCOW2_MAGIC);
+	if (qcow2_be32(buf) != QCOW2_MAGIC) {
+		qsm_set_err(err, errlen, "Image is not in qcow2 format");
 		return -EINVAL;
 	}
 	h->version = qcow2_be32(buf + 4);
 	if (h->version != 2 && h->version != 3) {
-		qsm_set_err(err, errlen, "unsupported qcow2 version %" PRIu32 " (must be 2 or 3)",
-			h->version);
+		qsm_set_err(err, errlen, "Unsupported qcow2 version %" PRIu32, h->version);
 		return h->version < 2 ? -EINVAL : -ENOTSUP;
 	}
 	if (len < QCOW2_V2_HEADER_LEN || (h->version == 3 && len < QCOW2_V3_HEADER_LEN)) {
@@ -476,21 +542,21 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 		h->header_length = qcow2_be32(buf + 100);
 	}
 
-	/* 2. cluster_bits */
+	/* cluster_bits */
 	if (h->cluster_bits < QCOW2_MIN_CLUSTER_BITS || h->cluster_bits > QCOW2_MAX_CLUSTER_BITS) {
-		qsm_set_err(err, errlen, "invalid cluster_bits %" PRIu32 " (must be %d..%d)",
-			h->cluster_bits, QCOW2_MIN_CLUSTER_BITS, QCOW2_MAX_CLUSTER_BITS);
+		qsm_set_err(err, errlen, "Unsupported cluster size: 2^%" PRIu32, h->cluster_bits);
 		return -EINVAL;
 	}
 	cs = 1ull << h->cluster_bits;
 
-	/* 3. header_length */
+	/* header_length (its alignment is a qsm rule, checked below) */
 	if (h->version == 3) {
-		if (h->header_length < QCOW2_V3_HEADER_LEN || h->header_length % 8 ||
-		    h->header_length > cs) {
-			qsm_set_err(err, errlen, "invalid header_length %" PRIu32 " (must be a "
-				"multiple of 8 between %u and the cluster size %" PRIu64 ")",
-				h->header_length, QCOW2_V3_HEADER_LEN, cs);
+		if (h->header_length < QCOW2_V3_HEADER_LEN) {
+			qsm_set_err(err, errlen, "qcow2 header too short");
+			return -EINVAL;
+		}
+		if (h->header_length > cs) {
+			qsm_set_err(err, errlen, "qcow2 header exceeds cluster size");
 			return -EINVAL;
 		}
 		if (h->header_length > len) {
@@ -500,24 +566,112 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 		}
 		h->compression_type = h->header_length > 104 ? buf[104] : 0;
 	}
+	if (h->backing_file_offset > cs) {
+		qsm_set_err(err, errlen, "Invalid backing file offset");
+		return -EINVAL;
+	}
+	ext_end = h->backing_file_offset ? h->backing_file_offset : cs;
 
-	/* 8. backing file name */
+	/* The extensions, walked now for the feature names; a malformed one
+	 * is reported in its turn below.  qsm rule: the area starts at
+	 * header_length, so a name stored inside the header is refused. */
+	if (h->backing_file_offset && h->backing_file_offset < h->header_length) {
+		qsm_set_err(err, errlen, "invalid backing_file_offset %" PRIu64 " (must be "
+			"between header_length %" PRIu32 " and the cluster size %" PRIu64 ")",
+			h->backing_file_offset, h->header_length, cs);
+		return -EINVAL;
+	}
+	ext_ret = parse_extensions(h, buf, h->header_length, QSM_MIN(ext_end, (uint64_t)len),
+				   ext_err, sizeof(ext_err));
+	if (ext_ret == -ENOMEM)
+		return ext_ret;
+
+	/* compression type (QEMU's validate_compression_type) */
+	if (h->compression_type > 1) {
+		qsm_set_err(err, errlen, "qcow2: unknown compression type: %u", h->compression_type);
+		return -ENOTSUP;
+	}
+	if (!!(h->incompatible_features & QCOW2_INCOMPAT_COMPRESSION) != !!h->compression_type) {
+		qsm_set_err(err, errlen, "qcow2: Compression type incompatible feature bit must %s"
+			"be set", h->compression_type ? "" : "not ");
+		return -EINVAL;
+	}
+	/* incompatible features QEMU does not know either */
+	ret = check_incompatible(h, false, err, errlen);
+	if (ret)
+		return ret;
+	/* (the corrupt bit refuses a read-write open: sm/image.c) */
+	if (h->incompatible_features & QCOW2_INCOMPAT_EXTL2 && h->cluster_bits < 14) {
+		qsm_set_err(err, errlen, "Unsupported subcluster size: %" PRIu64, cs / 32);
+		return -EINVAL;
+	}
+	if (h->refcount_order > 6) {
+		qsm_set_err(err, errlen, "Reference count entry width too large; may not exceed "
+			"64 bits");
+		return -EINVAL;
+	}
+
+	/* tables: refcount table, snapshot table, L1 */
+	if (h->refcount_table_clusters == 0) {
+		qsm_set_err(err, errlen, "Image does not contain a reference count table");
+		return -EINVAL;
+	}
+	/* A refcount table at offset 0 or past the end of the file: QEMU opens
+	 * the image and reads it, and finds the damage when it allocates
+	 * (metadata/refcount.c: the table is not read, every block is damaged;
+	 * sm/image.c words what QEMU says then). */
+	ret = check_table("Reference count table", "refcount_table_offset",
+			  h->refcount_table_offset, h->refcount_table_clusters, cs,
+			  QCOW2_MAX_REFTABLE_BYTES, TABLE_AT_0_OK | TABLE_PAST_EOF_OK, cs, file_size,
+			  err, errlen);
+	if (ret)
+		return ret;
+	/* The snapshot table may lie past the end of the file: QEMU opens such
+	 * an image, and qsm only reads the table in check.  The overlap set
+	 * (sm/image.c) holds it, so a cluster allocated over it marks the image
+	 * corrupt instead of being written. */
+	ret = check_table("Snapshot table", "snapshots_offset", h->snapshots_offset,
+			  h->nb_snapshots, SNAPSHOT_ENTRY_MIN,
+			  (uint64_t)SNAPSHOT_ENTRY_MIN * QCOW2_MAX_SNAPSHOTS, TABLE_PAST_EOF_OK, cs, file_size,
+			  err, errlen);
+	if (ret)
+		return ret;
+	ret = check_table("Active L1 table", "l1_table_offset", h->l1_table_offset, h->l1_size, 8,
+			  QCOW2_MAX_L1_BYTES, 0, cs, file_size, err, errlen);
+	if (ret)
+		return ret;
+	/* L1 entries for the virtual size; with extended L2 entries (16 bytes)
+	 * an L2 table maps half as many clusters */
+	entry_bytes = h->incompatible_features & QCOW2_INCOMPAT_EXTL2 ? 16 : 8;
+	need = qcow2_l1_entries_for(h->size, h->cluster_bits);
+	if (entry_bytes == 16)
+		need = qcow2_l1_entries_for(h->size > UINT64_MAX / 2 ? UINT64_MAX : h->size * 2,
+					    h->cluster_bits);
+	if (need > INT32_MAX) {
+		qsm_set_err(err, errlen, "Image is too big");
+		return -EINVAL;
+	}
+	if (h->l1_size < need) {
+		qsm_set_err(err, errlen, "L1 table is too small");
+		return -EINVAL;
+	}
+
+	/* the extensions, in their turn */
+	if (ext_ret) {
+		qsm_set_err(err, errlen, "%s", ext_err);
+		return ext_ret;
+	}
+	if (h->crypt_method > 2 || (h->crypt_method == 2 && !has_crypto_ext(h))) {
+		qsm_set_err(err, errlen, "Missing CRYPTO header for crypt method %" PRIu32,
+			h->crypt_method);
+		return -EINVAL;
+	}
+
+	/* backing file name */
 	if (h->backing_file_offset) {
-		if (h->backing_file_offset > cs ||
-		    h->backing_file_offset < h->header_length) {
-			qsm_set_err(err, errlen, "invalid backing_file_offset %" PRIu64 " (must be "
-				"between header_length %" PRIu32 " and the cluster size %" PRIu64
-				")", h->backing_file_offset, h->header_length, cs);
-			return -EINVAL;
-		}
 		if (h->backing_file_size > QSM_MIN(QCOW2_MAX_BACKING_NAME,
 						   cs - h->backing_file_offset)) {
-			qsm_set_err(err, errlen, "invalid backing_file_size %" PRIu32 " (must be at "
-				"most %" PRIu64 " at backing_file_offset %" PRIu64 ")",
-				h->backing_file_size,
-				QSM_MIN((uint64_t)QCOW2_MAX_BACKING_NAME,
-					cs - h->backing_file_offset),
-				h->backing_file_offset);
+			qsm_set_err(err, errlen, "Backing file name too long");
 			return -EINVAL;
 		}
 		if (h->backing_file_offset + h->backing_file_size > len) {
@@ -534,39 +688,36 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 		}
 		memcpy(h->backing_file, buf + h->backing_file_offset, h->backing_file_size);
 		h->backing_file[h->backing_file_size] = '\0';
-		ext_end = h->backing_file_offset;
-	} else {
-		ext_end = cs;
 	}
 
-	/* 9. extensions (crypt_method is needed for the crypto extension rule) */
-	ret = parse_extensions(h, buf, h->header_length, QSM_MIN(ext_end, (uint64_t)len),
-			       err, errlen);
-	if (ret)
-		return ret;
-
-	/* 4. features, compression, encryption */
-	if (h->incompatible_features & QCOW2_INCOMPAT_EXTL2 && h->cluster_bits < 14) {
-		qsm_set_err(err, errlen, "invalid cluster_bits %" PRIu32 " with extended L2 entries "
-			"(incompatible feature bit 4; must be at least 14)", h->cluster_bits);
+	/* qsm's own rules, after all of QEMU's */
+	if (h->version == 3 && h->header_length % 8) {
+		qsm_set_err(err, errlen, "invalid header_length %" PRIu32 " (must be a multiple "
+			"of 8)", h->header_length);
 		return -EINVAL;
 	}
-	if (h->compression_type > 1) {
-		qsm_set_err(err, errlen, "unknown compression_type %u", h->compression_type);
+	if (h->size > QCOW2_MAX_VIRTUAL_SIZE) {
+		qsm_set_err(err, errlen, "virtual size %" PRIu64 " exceeds qsm's limit of %llu bytes",
+			h->size, QCOW2_MAX_VIRTUAL_SIZE);
+		return h->size > (uint64_t)INT64_MAX ? -EINVAL : -ENOTSUP;
+	}
+	/* features QEMU implements and qsm does not.  An external data file:
+	 * without its name in the image QEMU fails with these words; with a
+	 * name, qsm says what it lacks (QEMU would open that file). */
+	if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
+		const struct qcow2_ext *name = NULL;
+		for (unsigned i = 0; i < h->nb_unknown_exts; i++)
+			if (h->unknown_exts[i].type == QCOW2_EXT_DATA_FILE)
+				name = &h->unknown_exts[i];
+		if (!name)
+			qsm_set_err(err, errlen, "'data-file' is required for this image");
+		else
+			qsm_set_err(err, errlen, "the image keeps its data in the external data file "
+				    "'%.*s', which qsm does not support yet", (int)QSM_MIN(name->len, 1024u),
+				    (const char *)name->data);
 		return -ENOTSUP;
 	}
-	if (!!(h->incompatible_features & QCOW2_INCOMPAT_COMPRESSION) != !!h->compression_type) {
-		qsm_set_err(err, errlen, "compression_type %u does not match incompatible feature "
-			"bit 3 (compression type), which is %s", h->compression_type,
-			h->incompatible_features & QCOW2_INCOMPAT_COMPRESSION ? "set" : "clear");
-		return -EINVAL;
-	}
-	if (h->crypt_method > 2) {
-		qsm_set_err(err, errlen, "invalid crypt_method %" PRIu32 " (must be 0, 1 or 2)",
-			h->crypt_method);
-		return -EINVAL;
-	}
-	ret = check_incompatible(h, err, errlen);
+	ret = check_incompatible(h, true, err, errlen);
 	if (ret)
 		return ret;
 	if (h->crypt_method) {
@@ -574,61 +725,7 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 			PRIu32 ", %s)", h->crypt_method, h->crypt_method == 1 ? "AES" : "LUKS");
 		return -ENOTSUP;
 	}
-
-	/* 5. refcounts */
-	if (h->refcount_order > 6) {
-		qsm_set_err(err, errlen, "invalid refcount_order %" PRIu32 " (must be 0..6)",
-			h->refcount_order);
-		return -EINVAL;
-	}
-	if (h->refcount_table_clusters == 0) {
-		qsm_set_err(err, errlen, "refcount_table_clusters is 0 (the image has no refcount "
-			"table)");
-		return -EINVAL;
-	}
-	if (h->refcount_table_clusters > QCOW2_MAX_REFTABLE_BYTES >> h->cluster_bits) {
-		qsm_set_err(err, errlen, "refcount_table_clusters %" PRIu32 " too large (the table "
-			"may not exceed %u bytes)", h->refcount_table_clusters,
-			QCOW2_MAX_REFTABLE_BYTES);
-		return -EINVAL;
-	}
-	ret = check_table("refcount_table_offset", h->refcount_table_offset,
-			  (uint64_t)h->refcount_table_clusters << h->cluster_bits, false, cs,
-			  file_size, err, errlen);
-	if (ret)
-		return ret;
-
-	/* 6, 7. virtual size and L1 */
-	if (h->size > QCOW2_MAX_VIRTUAL_SIZE) {
-		qsm_set_err(err, errlen, "virtual size %" PRIu64 " exceeds qsm's limit of %llu bytes",
-			h->size, QCOW2_MAX_VIRTUAL_SIZE);
-		return h->size > (uint64_t)INT64_MAX ? -EINVAL : -ENOTSUP;
-	}
-	if (h->l1_size > QCOW2_MAX_L1_BYTES / 8) {
-		qsm_set_err(err, errlen, "l1_size %" PRIu32 " too large (the L1 table may not exceed "
-			"%u bytes)", h->l1_size, QCOW2_MAX_L1_BYTES);
-		return -EINVAL;
-	}
-	need = qcow2_l1_entries_for(h->size, h->cluster_bits);
-	if (h->l1_size < need) {
-		qsm_set_err(err, errlen, "l1_size %" PRIu32 " too small for virtual size %" PRIu64
-			" (needs %" PRIu64 " entries)", h->l1_size, h->size, need);
-		return -EINVAL;
-	}
-	ret = check_table("l1_table_offset", h->l1_table_offset, (uint64_t)h->l1_size * 8,
-			  h->l1_size == 0, cs, file_size, err, errlen);
-	if (ret)
-		return ret;
-
-	/* 6. snapshot table (count and placement; entries are parsed elsewhere) */
-	if (h->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
-		qsm_set_err(err, errlen, "nb_snapshots %" PRIu32 " too large (at most %u)",
-			h->nb_snapshots, QCOW2_MAX_SNAPSHOTS);
-		return -EINVAL;
-	}
-	bytes = (uint64_t)h->nb_snapshots * SNAPSHOT_ENTRY_MIN;
-	return check_table("snapshots_offset", h->snapshots_offset, bytes,
-			   h->nb_snapshots == 0, cs, file_size, err, errlen);
+	return 0;
 }
 
 int qcow2_header_parse(const uint8_t *buf, size_t len, uint64_t file_size,

@@ -35,6 +35,14 @@ void qsm_overlap_set_l1(struct qsm_overlap *o, uint64_t offset, uint64_t entries
 	o->ov_l1_clusters = QSM_DIV_ROUND_UP(entries * 8, cs);
 }
 
+void qsm_overlap_set_snapshots(struct qsm_overlap *o, uint64_t offset, uint64_t bytes)
+{
+	uint64_t cs = 1ull << o->ov_cluster_bits;
+	/* offset + bytes <= INT64_MAX (metadata/header.c) */
+	o->ov_snap_first = offset >> o->ov_cluster_bits;
+	o->ov_snap_clusters = bytes ? QSM_DIV_ROUND_UP(offset % cs + bytes, cs) : 0;
+}
+
 static size_t l2_hash(uint64_t v, size_t cap)
 {
 	return (size_t)((v * 0x9e3779b97f4a7c15ull) >> 32) & (cap - 1);
@@ -91,7 +99,33 @@ bool qsm_overlap_is_meta_not_l2(const struct qsm_overlap *o, uint64_t offset)
 		return true;
 	if (c >= o->ov_l1_first && c < o->ov_l1_first + o->ov_l1_clusters)
 		return true;
+	if (c - o->ov_snap_first < o->ov_snap_clusters)
+		return true;
 	return qsm_refcount_is_meta(o->ov_rc, c);
+}
+
+const char *qsm_overlap_kind(const struct qsm_overlap *o, uint64_t offset)
+{
+	uint64_t c = offset >> o->ov_cluster_bits, t_off, t_bytes;
+	uint32_t t_clusters;
+
+	if (c == 0)
+		return "qcow2_header";
+	if (c >= o->ov_l1_first && c < o->ov_l1_first + o->ov_l1_clusters)
+		return "active L1 table";
+	if (l2_has(o, c))
+		return "active L2 table";
+	if (qsm_refcount_is_meta(o->ov_rc, c)) {
+		qsm_refcount_table_location(o->ov_rc, &t_off, &t_clusters);
+		t_bytes = (uint64_t)t_clusters << o->ov_cluster_bits;
+		if (offset >= QSM_ALIGN_DOWN(t_off, 1ull << o->ov_cluster_bits) &&
+		    offset < t_off + t_bytes)
+			return "refcount table";
+		return "refcount block";
+	}
+	if (c - o->ov_snap_first < o->ov_snap_clusters)
+		return "snapshot table";
+	return NULL;
 }
 
 bool qsm_overlap_is_meta(const struct qsm_overlap *o, uint64_t offset)

@@ -31,6 +31,8 @@
 #define QCOW2_MAX_SNAPSHOTS 65536u
 #define QCOW2_MAX_SNAPSHOTS_BYTES (64u << 20)
 #define QCOW2_MAX_BACKING_NAME 1023u
+/* QEMU keeps the backing format in char[16]: a longer extension is refused. */
+#define QCOW2_BACKING_FORMAT_MAX 16u
 #define QCOW2_MAX_VIRTUAL_SIZE (1ull << 58) /* < 2^63 with room for arithmetic */
 
 /* Incompatible feature bits. */

@@ -46,6 +46,15 @@
  *      refcount 0 through qsm_refcount_update() (-EINVAL): the allocator
  *      would otherwise hand out a cluster holding live metadata.
  *  R7. rc_free[i], when known, is the number of zero slots of block i.
+ *  R9. An entry whose offset is not cluster aligned (QEMU opens such an
+ *      image) is kept as read, and an entry QEMU would read as zeros or
+ *      that the owner found wanting (RC_DAMAGED: a block past the end of the
+ *      file, every entry of a table at offset 0 or past the end, an entry
+ *      marked by qsm_refcount_mark_damaged) holds that sentinel: such an
+ *      entry is never read, written or counted as metadata; rc_get() of it fails with -EUCLEAN (recording the index in
+ *      rc_bad_hit), so whatever needs that block fails and the owner marks
+ *      the image corrupt (qsm_refcount_bad_entry), as QEMU does at use.
+ *      rc_free and rc_runs stay unknown for it, so no scan crosses it unread.
  *  R8. rc_runs[i], when known (rs_pre != RC_FREE_UNKNOWN), describes the
  *      on-disk block i while it is not resident: its free clusters (refcount
  *      0, not cluster 0) at the start (rs_pre), at the end (rs_suf), and in
@@ -192,6 +201,8 @@ struct qsm_refcounts {
 	bool rc_end_exact;
 	uint64_t rc_excl_lo, rc_excl_hi; /* never hand out (update's range) */
 	bool rc_careful;            /* see "Damaged images" */
+	uint64_t rc_bad_hit;        /* index + 1 of the last unaligned entry used, 0 none */
+	bool rc_damaged;            /* some entry is RC_DAMAGED (R9) */
 	bool rc_growing;
 	bool rc_broken;
 	/* Packing point of compressed clusters (qsm_refcount_alloc_bytes):
@@ -260,7 +271,18 @@ static inline uint64_t rc_slot(const struct qsm_refcounts *rc, uint64_t c)
 	return c & (rc_epb(rc) - 1);
 }
 
-/* Does table entry idx name a block (inside the coverage)? */
+/* R9: the in-memory entry of a block that is never read (bit 0: a reserved
+ * bit, which load drops from what it reads, so no disk entry is this). */
+#define RC_DAMAGED 1ull
+
+/* R9: entry idx names an unaligned block offset, or is RC_DAMAGED. */
+static inline bool rc_bad(const struct qsm_refcounts *rc, uint64_t idx)
+{
+	return idx < rc->rc_entries &&
+	       (rc->rc_table[idx] == RC_DAMAGED ||
+		(rc->rc_table[idx] & QCOW2_REFT_OFFSET_MASK & (rc->rc_cluster_size - 1)) != 0);
+}
+
 static inline bool rc_exists(const struct qsm_refcounts *rc, uint64_t idx)
 {
 	return idx < rc->rc_entries && rc->rc_table[idx] != 0;
@@ -509,6 +531,11 @@ static struct qsm_rc_block *rc_get(struct qsm_refcounts *rc, uint64_t idx,
 {
 	struct qsm_rc_block *b = rc->rc_res[idx];
 	assert(rc_exists(rc, idx));
+	if (rc_bad(rc, idx)) { /* R9 */
+		rc->rc_bad_hit = idx + 1;
+		*err = -EUCLEAN;
+		return NULL;
+	}
 	if (b && !(b->rb_flags & RB_LOADING)) {
 		rc->rc_hits++;
 		if (rb_on_lru(b)) { /* most recently used */
@@ -773,7 +800,7 @@ static void rc_careful_scan(struct qsm_refcounts *rc, const struct qsm_rc_block 
 #define RC_ZERO_AT(c) (!rc_block_get(rc->rc_order, b->rb_data, rc_slot(rc, (c))))
 	for (uint64_t i = 0; i < rc->rc_entries && !rc->rc_careful; i++) {
 		uint64_t c = rc->rc_table[i] >> cb;
-		if (rc->rc_table[i] && c >= lo && c < hi && RC_ZERO_AT(c))
+		if (rc->rc_table[i] && !rc_bad(rc, i) && c >= lo && c < hi && RC_ZERO_AT(c))
 			rc->rc_careful = true;
 	}
 	for (size_t k = 0; k <= rc->rc_nold && !rc->rc_careful; k++) {
@@ -1586,26 +1613,16 @@ static int rc_validate_entries(struct qsm_refcounts *rc, uint64_t file_size, cha
 	uint64_t t0 = rc->rc_table_offset, t1 = t0 + ((uint64_t)rc->rc_table_clusters << rc->rc_cluster_bits);
 
 	for (uint64_t i = 0; i < rc->rc_entries; i++) {
-		uint64_t e = rc->rc_table[i], off = e & QCOW2_REFT_OFFSET_MASK;
-		if (e & QCOW2_REFT_RESERVED) {
-			qsm_set_err(err, errlen,
-			       "refcount table entry %" PRIu64 " (0x%016" PRIx64 ") has reserved bits set",
-			       i, e);
-			return -EINVAL;
-		}
-		if (!off)
+		uint64_t off = rc->rc_table[i];
+		if (!off || off == RC_DAMAGED)
 			continue;
-		if (!QSM_IS_ALIGNED(off, cs)) {
-			qsm_set_err(err, errlen,
-			       "refcount table entry %" PRIu64 " (offset 0x%" PRIx64 ") is not cluster aligned",
-			       i, off);
-			return -EINVAL;
-		}
+		if (!QSM_IS_ALIGNED(off, cs))
+			continue; /* R9: detected at use */
 		if (file_size < cs || off > file_size - cs) {
-			qsm_set_err(err, errlen,
-			       "refcount block %" PRIu64 " (offset 0x%" PRIx64
-			       ") is past the end of the file (size %" PRIu64 ")", i, off, file_size);
-			return -EINVAL;
+			/* QEMU reads it as zeros and finds it at use (R9). */
+			rc->rc_table[i] = RC_DAMAGED;
+			rc->rc_damaged = true;
+			continue;
 		}
 		if (off >= t0 && off < t1) {
 			qsm_set_err(err, errlen,
@@ -1649,19 +1666,16 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 		       p->table_clusters, QCOW2_MAX_REFTABLE_BYTES);
 		return -EINVAL;
 	}
-	if (!p->table_offset || !QSM_IS_ALIGNED(p->table_offset, cs)) {
-		qsm_set_err(err, errlen, "refcount_table_offset 0x%" PRIx64 " is %s", p->table_offset,
-		       p->table_offset ? "not cluster aligned" : "zero");
+	if (!QSM_IS_ALIGNED(p->table_offset, cs)) {
+		qsm_set_err(err, errlen, "refcount_table_offset 0x%" PRIx64 " is not cluster aligned",
+			    p->table_offset);
 		return -EINVAL;
 	}
 	uint64_t tbytes = (uint64_t)p->table_clusters << p->cluster_bits;
-	if (p->table_offset > file_size || tbytes > file_size - p->table_offset) {
-		qsm_set_err(err, errlen,
-		       "refcount table (offset 0x%" PRIx64 ", %" PRIu64
-		       " bytes) extends past the end of the file (size %" PRIu64 ")",
-		       p->table_offset, tbytes, file_size);
-		return -EINVAL;
-	}
+	/* A table over the header or past the end of the file (QEMU opens
+	 * it): not read, every entry RC_DAMAGED (R9). */
+	bool unread = !p->table_offset || p->table_offset > file_size ||
+		      tbytes > file_size - p->table_offset;
 
 	rc = calloc(1, sizeof(*rc));
 	if (!rc)
@@ -1687,16 +1701,21 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 		goto fail;
 	}
 	rc->rc_entries = n;
-	if ((r = qsm_io_pread_sync(io, buf, tbytes, p->table_offset))) {
+	if (unread)
+		memset(buf, 0, tbytes);
+	else if ((r = qsm_io_pread_sync(io, buf, tbytes, p->table_offset))) {
 		qsm_set_err(err, errlen, "reading the refcount table at 0x%" PRIx64 ": %s",
 		       p->table_offset, strerror(-r));
 		goto fail;
 	}
 	size_t nblocks = 0;
+	/* Reserved bits (0-8) are dropped, as QEMU ignores them (the checkers
+	 * report them); a rewrite of the table writes the entry without them. */
 	for (uint64_t i = 0; i < n; i++) {
-		rc->rc_table[i] = qcow2_be64(buf + 8 * i);
-		nblocks += (rc->rc_table[i] & QCOW2_REFT_OFFSET_MASK) != 0;
+		rc->rc_table[i] = unread ? RC_DAMAGED : qcow2_be64(buf + 8 * i) & QCOW2_REFT_OFFSET_MASK;
+		nblocks += rc->rc_table[i] != 0;
 	}
+	rc->rc_damaged = unread;
 	free(buf);
 	buf = NULL;
 	if ((r = rc_mset_reserve(rc, nblocks)))
@@ -1708,7 +1727,8 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 	 * 0 (a damaged image); those in ranges with a block are found as the
 	 * blocks are read (rc_careful_scan). */
 	for (uint64_t i = 0; i < n; i++)
-		if (rc->rc_table[i] && !rc_exists(rc, (rc->rc_table[i] >> p->cluster_bits) >> rc->rc_epb_bits))
+		if (rc->rc_table[i] && !rc_bad(rc, i) &&
+		    !rc_exists(rc, (rc->rc_table[i] >> p->cluster_bits) >> rc->rc_epb_bits))
 			rc->rc_careful = true;
 	for (uint32_t i = 0; i < p->table_clusters; i++)
 		if (!rc_exists(rc, ((p->table_offset >> p->cluster_bits) + i) >> rc->rc_epb_bits))
@@ -1717,11 +1737,13 @@ int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t
 	/* Where the image ends: the last blocks, read now (usually one). */
 	rc->rc_end = n << rc->rc_epb_bits;
 	rc_recompute_end(rc, NULL);
-	if (!rc->rc_end_exact) {
+	/* Stopped at an unaligned entry (R9): rc_end stays the bound above it. */
+	if (!rc->rc_end_exact && !(rc->rc_end && rc_bad(rc, (rc->rc_end - 1) >> rc->rc_epb_bits))) {
 		qsm_set_err(err, errlen, "cannot read the last refcount block");
 		r = -EIO;
 		goto fail;
 	}
+	rc->rc_bad_hit = 0; /* only what a caller needed is reported */
 	rc_trim(rc);
 	*out = rc;
 	return 0;
@@ -1730,6 +1752,36 @@ fail:
 	free(buf);
 	qsm_refcount_free(rc);
 	return r;
+}
+
+bool qsm_refcount_bad_entry(const struct qsm_refcounts *rc, uint64_t *idx, uint64_t *offset)
+{
+	if (!rc->rc_bad_hit)
+		return false;
+	*idx = rc->rc_bad_hit - 1;
+	*offset = rc->rc_table[*idx] == RC_DAMAGED ? 0 : rc->rc_table[*idx] & QCOW2_REFT_OFFSET_MASK;
+	return true;
+}
+
+bool qsm_refcount_damaged(const struct qsm_refcounts *rc)
+{
+	return rc->rc_damaged;
+}
+
+int qsm_refcount_damage_of(const struct qsm_refcounts *rc, uint64_t cluster)
+{
+	uint64_t idx = cluster >> rc->rc_epb_bits;
+	if (idx >= rc->rc_entries || !rc->rc_table[idx])
+		return 0;
+	return rc->rc_table[idx] == RC_DAMAGED ? 1 : -1;
+}
+
+void qsm_refcount_mark_damaged(struct qsm_refcounts *rc, uint64_t cluster)
+{
+	uint64_t idx = cluster >> rc->rc_epb_bits;
+	assert(idx < rc->rc_entries && !rc->rc_table[idx]);
+	rc->rc_table[idx] = RC_DAMAGED;
+	rc->rc_damaged = true;
 }
 
 /* --- Debugging ----------------------------------------------------------------- */
@@ -1773,8 +1825,8 @@ bool qsm_refcount_check(const struct qsm_refcounts *rc)
 				 "R8: block %" PRIu64 " summary %u/%u/%u, %u free", i, rs->rs_pre,
 				 rs->rs_max, rs->rs_suf, rc->rc_free[i]);
 		}
-		if (!rc_exists(rc, i))
-			continue;
+		if (!rc_exists(rc, i) || rc_bad(rc, i))
+			continue; /* R9: not a block of the set */
 		nblocks++;
 		uint64_t bc = rc->rc_table[i] >> cb;
 		RC_CHECK(!qsm_refcount_peek(rc, bc, &v) || v >= 1,

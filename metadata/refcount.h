@@ -95,14 +95,32 @@ struct qsm_rc_params {
 /*
  * Read and validate the refcount table (blocking, through
  * qsm_io_pread_sync), and the last refcount block or few (to know where the
- * image ends).  Validation: table offset cluster-aligned and nonzero, table
- * size <= QCOW2_MAX_REFTABLE_BYTES, table inside the file, entry reserved
- * bits zero, block offsets aligned, nonzero, inside the file, distinct and
- * clear of the table.  -EINVAL with err naming the field for a malformed
+ * image ends).  Validation: table offset cluster-aligned, table size <=
+ * QCOW2_MAX_REFTABLE_BYTES, block offsets distinct and clear of the table.
+ * Entry reserved bits are dropped (QEMU ignores them).  Accepted as QEMU
+ * opens them, and found at use: a block offset that is not cluster aligned,
+ * a block past the end of the file, a table at offset 0 or past the end of
+ * the file (not read: every entry is damaged); any call that needs such a
+ * block fails with -EUCLEAN, and qsm_refcount_bad_entry() names it.  -EINVAL with err naming the field for a malformed
  * structure.  io must outlive the result (blocks are read through it).
  */
 int qsm_refcount_load(struct qsm_io *io, const struct qsm_rc_params *p, uint64_t file_size,
 		      struct qsm_refcounts **out, char *err, size_t errlen);
+/* After -EUCLEAN from any call: the table index and the unaligned offset of
+ * the entry it needed (true), for the corruption message. */
+bool qsm_refcount_bad_entry(const struct qsm_refcounts *rc, uint64_t *idx, uint64_t *offset);
+/* The offset above is 0 for a damaged entry (a block past the end of the
+ * file, a table not read, or marked below): QEMU's message for it depends
+ * on the image, which the owner words (sm/image.c). */
+/* Was any entry damaged at load or marked since? */
+bool qsm_refcount_damaged(const struct qsm_refcounts *rc);
+/* The entry covering `cluster`: 0 none (missing block), 1 damaged, -1 a
+ * block (aligned or not). */
+int qsm_refcount_damage_of(const struct qsm_refcounts *rc, uint64_t cluster);
+/* Open only, before any allocation: make the missing block covering
+ * `cluster` damaged, so that whatever needs it fails with -EUCLEAN (the
+ * owner found the image's refcounts wanting there).  The entry must be 0. */
+void qsm_refcount_mark_damaged(struct qsm_refcounts *rc, uint64_t cluster);
 /* Free everything, blocks being read included (their completions must never
  * run: the image is closed or abandoned with its I/O handle). */
 void qsm_refcount_free(struct qsm_refcounts *rc);

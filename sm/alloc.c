@@ -204,6 +204,7 @@ enum qsm_event qsm_step_cluster_alloc(struct qsm_req *req)
 		return qsm_rc_wait(req, QSM_E_LOADED);
 	}
 	qsm_refcount_unpin(img->rc, &req->rcw);
+	ret = qsm_image_rc_error(img, ret);
 	if (ret < 0) {
 		release_l2(req);
 		if (ret == -EFBIG || ret == -ENOSPC)
@@ -215,8 +216,8 @@ enum qsm_event qsm_step_cluster_alloc(struct qsm_req *req)
 	for (uint64_t i = 0; i < n; i++) {
 		if (qsm_is_metadata(img, run->host + (i << img->cluster_bits))) {
 			release_l2(req);
-			return fail(req, qsm_image_corrupt(img, "the allocator returned cluster %#llx, which holds metadata: refcounts are damaged",
-							    (unsigned long long)(run->host + (i << img->cluster_bits))));
+			return fail(req, qsm_image_corrupt(img, "Preventing invalid write on metadata (overlaps with %s)",
+							    qsm_metadata_kind(img, run->host + (i << img->cluster_bits))));
 		}
 	}
 	img->stats.clusters_allocated += n;

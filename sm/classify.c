@@ -118,14 +118,12 @@ int qsm_check_l2_entry(struct qsm_req *req, uint64_t idx, uint64_t e)
 		qcow2_compressed_extent(img->cluster_bits, e, &coff, &clen);
 		return check_data_range(req, coff, clen, "L2 entry: compressed cluster");
 	}
-	if (e & QCOW2_L2E_RESERVED)
-		return qsm_image_corrupt(img, "L2 table %#llx entry %llu (%#llx) has reserved bits set",
-					 (unsigned long long)req->run.l2->offset,
-					 (unsigned long long)idx, (unsigned long long)e);
+	/* Reserved bits are ignored, as QEMU does (the checkers report them). */
 	if (off && !QSM_IS_ALIGNED(off, img->cluster_size))
-		return qsm_image_corrupt(img, "L2 table %#llx entry %llu: cluster offset %#llx is not aligned",
+		return qsm_image_corrupt(img, "Cluster allocation offset %#llx unaligned (L2 offset: %#llx, L2 index: %#llx)",
+					 (unsigned long long)off,
 					 (unsigned long long)req->run.l2->offset,
-					 (unsigned long long)idx, (unsigned long long)off);
+					 (unsigned long long)idx);
 	if (off && !(e & QCOW2_L2E_ZERO) && off >= host_limit(img))
 		return qsm_image_corrupt(img, "L2 table %#llx entry %llu: data cluster %#llx is past the end of the image file",
 					 (unsigned long long)req->run.l2->offset,
@@ -142,10 +140,12 @@ static int check_write_target(struct qsm_req *req, uint64_t host)
 {
 	struct qsm_image *img = req->img;
 	if (qsm_is_metadata(img, host))
-		return qsm_image_corrupt(img, "data cluster %#llx overlaps metadata",
-					 (unsigned long long)host);
+		return qsm_image_corrupt(img, "Preventing invalid write on metadata (overlaps with %s)",
+					 qsm_metadata_kind(img, host));
 	uint64_t v;
 	int ret = qsm_refcount_read(img->rc, cluster_of(img, host), &v, qsm_req_rcw(req));
+	if (ret == -EUCLEAN)
+		return 0; /* a block never read (R9): QEMU writes in place unasked */
 	if (ret < 0)
 		return ret; /* -EAGAIN: the caller waits */
 	if (v == 0)
@@ -204,7 +204,7 @@ static int meta_prealloc(struct qsm_req *req, bool *yes)
 	/* Blocks seen count from the summary; the others are read (-EAGAIN). */
 	int ret = qsm_refcount_count_used(img->rc, end, threshold, &count, qsm_req_rcw(req));
 	if (ret < 0)
-		return ret;
+		return qsm_image_rc_error(img, ret);
 	qsm_refcount_unpin(img->rc, &req->rcw);
 	img->meta_prealloc = count >= threshold;
 	*yes = img->meta_prealloc;

@@ -287,6 +287,7 @@ enum qsm_event qsm_step_byte_alloc(struct qsm_req *req)
 		return qsm_rc_wait(req, QSM_E_LOADED);
 	}
 	qsm_refcount_unpin(img->rc, &req->rcw);
+	ret = qsm_image_rc_error(img, ret);
 	if (ret < 0) {
 		release_l2(req);
 		return fail(req, ret);
@@ -295,8 +296,8 @@ enum qsm_event qsm_step_byte_alloc(struct qsm_req *req)
 	if (fresh) {
 		if (qsm_is_metadata(img, fresh)) {
 			release_l2(req);
-			return fail(req, qsm_image_corrupt(img, "the allocator returned cluster %#llx, which holds metadata: refcounts are damaged",
-							    (unsigned long long)fresh));
+			return fail(req, qsm_image_corrupt(img, "Preventing invalid write on metadata (overlaps with %s)",
+							    qsm_metadata_kind(img, fresh)));
 		}
 		img->stats.clusters_allocated++;
 		qsm_prealloc_ahead(img, fresh + img->cluster_size);

@@ -69,8 +69,7 @@ int qsm_image_corrupt(struct qsm_image *img, const char *fmt, ...)
 		return -EIO;
 	if (!img->corrupt) {
 		size_t n = strlen(img->errmsg);
-		snprintf(img->errmsg + n, sizeof(img->errmsg) - n,
-			 "; the image is marked corrupt and accepts no more writes");
+		snprintf(img->errmsg + n, sizeof(img->errmsg) - n, "%s", QSM_CORRUPT_SUFFIX);
 	}
 	img->corrupt = true;
 	if (!img->error)
@@ -86,6 +85,21 @@ int qsm_image_corrupt(struct qsm_image *img, const char *fmt, ...)
 		qsm_image_corrupt_mark(img);
 	}
 	return -EIO;
+}
+
+int qsm_image_rc_error(struct qsm_image *img, int ret)
+{
+	uint64_t idx, off;
+
+	if (ret != -EUCLEAN || !qsm_refcount_bad_entry(img->rc, &idx, &off))
+		return ret;
+	if (!off && img->rc_damage[0])
+		return qsm_image_corrupt(img, "%s", img->rc_damage);
+	if (!off) /* a block past the end of the file, met beyond what open foresaw */
+		return qsm_image_corrupt(img, "Refblock of reftable index %#llx is past the end of the image file",
+					 (unsigned long long)idx);
+	return qsm_image_corrupt(img, "Refblock offset %#llx unaligned (reftable index: %#llx)",
+				 (unsigned long long)off, (unsigned long long)idx);
 }
 
 void qsm_image_corrupt_bits(const struct qsm_image *img, uint8_t be[8])
@@ -156,16 +170,98 @@ bool qsm_is_metadata_not_l2(struct qsm_image *img, uint64_t host_offset)
 	return qsm_overlap_is_meta_not_l2(meta_of(img), host_offset);
 }
 
+const char *qsm_metadata_kind(struct qsm_image *img, uint64_t host_offset)
+{
+	return qsm_overlap_kind(meta_of(img), host_offset);
+}
+
 bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset)
 {
 	return qsm_overlap_is_meta(meta_of(img), host_offset);
 }
 
 /*
+ * A refcount as QEMU reads it at open: a damaged block (past the end of the
+ * file, or a table not read) reads as zeros.  -EUCLEAN for an unaligned
+ * block (found at use, R9 of metadata/refcount.c).
+ */
+static int open_refcount(struct qsm_image *img, uint64_t cluster, uint64_t *v)
+{
+	int ret = qsm_refcount_read(img->rc, cluster, v, NULL);
+	if (ret == -EUCLEAN && qsm_refcount_damage_of(img->rc, cluster) == 1) {
+		*v = 0;
+		return 0;
+	}
+	return ret;
+}
+
+/* The lowest cluster at or after `from` whose refcount reads 0 (QEMU's
+ * allocator's first choice), or a negative errno (-EUCLEAN: an unaligned
+ * block on the way, nothing can be said). */
+static int64_t first_free(struct qsm_image *img, uint64_t from)
+{
+	uint64_t limit = img->open_size / img->cluster_size + 1, v;
+	for (uint64_t c = from; c <= limit; c++) {
+		int ret = open_refcount(img, c, &v);
+		if (ret < 0)
+			return ret;
+		if (v == 0)
+			return (int64_t)c;
+	}
+	return (int64_t)limit; /* (the file's end: never metadata) */
+}
+
+/*
+ * Damaged refcounts, QEMU's way.  QEMU opens an image whose metadata has
+ * refcount 0 (or whose refcount blocks or table lie past the end of the
+ * file or over the header, read as zeros), reads it, and finds the damage
+ * at its first cluster allocation: it takes the lowest cluster with
+ * refcount 0, F; when F's range has no refcount block it first places one
+ * at the next such cluster, G, and writes it; then it writes the new table
+ * at F.  The first of those writes that meets metadata trips its overlap
+ * check: "Preventing invalid write on metadata (overlaps with KIND)", the
+ * image is marked corrupt and nothing else is written.
+ *
+ * qsm opens such an image too when that first write is over metadata (F is
+ * metadata): the block covering F is made damaged (metadata/refcount.c R9),
+ * so the first allocation, or any refcount change there, fails and marks
+ * the image corrupt with the reason computed here (img->rc_damage, given by
+ * qsm_image_rc_error) before anything is written.  Reads, and writes into
+ * clusters already allocated, work as in QEMU.  Where F is not metadata
+ * QEMU's allocation would succeed and go on over damaged refcounts; qsm
+ * refuses such an image (a qsm rule) unless only blocks past the end of
+ * the file are damaged, which then fail where they are used.
+ */
+static int plan_damage(struct qsm_image *img, const char *what, char *err, size_t errlen)
+{
+	uint64_t cs = img->cluster_size;
+	int64_t f = first_free(img, 0), g = -1;
+	int dmg = f >= 0 ? qsm_refcount_damage_of(img->rc, (uint64_t)f) : -1;
+
+	if (f >= 0 && qsm_is_metadata(img, (uint64_t)f * cs) && dmg >= 0) {
+		if (dmg == 0) { /* QEMU writes a new block at G first */
+			g = first_free(img, (uint64_t)f + 1);
+			qsm_refcount_mark_damaged(img->rc, (uint64_t)f);
+		}
+		uint64_t at = g >= 0 && qsm_is_metadata(img, (uint64_t)g * cs) ? (uint64_t)g : (uint64_t)f;
+		snprintf(img->rc_damage, sizeof(img->rc_damage),
+			 "Preventing invalid write on metadata (overlaps with %s)",
+			 qsm_metadata_kind(img, at * cs));
+		return 0;
+	}
+	if (!what)
+		return 0;
+	snprintf(err, errlen, "refcount of the %s is 0: the refcount structure is damaged "
+		 "(repair it with qemu-img check -r all, or open read-only)", what);
+	return -EINVAL;
+}
+
+/*
  * Before a read-write open: every cluster the header and L1 name as metadata
  * must be refcounted, or the allocator would hand it out and guest data
- * would overwrite it.  Such an image needs a repair, not a write.  The
- * header, L1 and refcount table are checked (their refcount blocks are read:
+ * would overwrite it.  Such an image needs a repair, not a write (or, as
+ * QEMU, a corrupt mark at the first allocation: plan_damage).  The header,
+ * L1 and refcount table are checked (their refcount blocks are read:
  * usually just the first); L2 tables only where their block is cached
  * already, since reading every block would make open cost grow with the
  * image.  An L2 table elsewhere with refcount 0 is caught when the allocator
@@ -176,40 +272,39 @@ static int check_metadata_refcounts(struct qsm_image *img, char *err, size_t err
 	const struct qcow2_header *h = &img->hdr;
 	uint64_t cs = img->cluster_size;
 	struct { const char *what; uint64_t off, len; } spans[] = {
-		{ "header", 0, cs },
-		{ "L1 table", h->l1_table_offset, img->l1_size * 8 },
-		{ "refcount table", h->refcount_table_offset, (uint64_t)h->refcount_table_clusters * cs },
+		{ "header cluster", 0, cs },
+		{ "L1 table cluster", h->l1_table_offset, img->l1_size * 8 },
+		{ "refcount table cluster", h->refcount_table_offset, (uint64_t)h->refcount_table_clusters * cs },
 	};
+	char l2what[96];
 	for (size_t i = 0; i < QSM_ARRAY_SIZE(spans); i++) {
 		if (!spans[i].len)
 			continue;
 		for (uint64_t off = QSM_ALIGN_DOWN(spans[i].off, cs); off < spans[i].off + spans[i].len; off += cs) {
 			uint64_t v;
-			int ret = qsm_refcount_read(img->rc, off / cs, &v, NULL);
+			if (off >= img->open_size)
+				break; /* (a refcount table past the end: damaged) */
+			int ret = open_refcount(img, off / cs, &v);
+			if (ret == -EUCLEAN)
+				continue; /* unaligned refcount block: found at use */
 			if (ret < 0) {
 				snprintf(err, errlen, "cannot read the refcount of the %s: %s",
 					 spans[i].what, strerror(-ret));
 				return ret;
 			}
 			if (v == 0)
-				goto bad;
+				return plan_damage(img, spans[i].what, err, errlen);
 		}
-		continue;
-bad:
-		snprintf(err, errlen, "refcount of the %s cluster is 0: the refcount structure is damaged "
-			 "(repair it with qemu-img check -r all, or open read-only)", spans[i].what);
-		return -EINVAL;
 	}
 	for (uint64_t i = 0; i < img->l1_size; i++) {
 		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK, v;
 		if (off && QSM_IS_ALIGNED(off, cs) && qsm_refcount_peek(img->rc, off / cs, &v) && v == 0) {
-			snprintf(err, errlen, "refcount of L2 table %#llx (L1 entry %llu) is 0: the refcount "
-				 "structure is damaged (repair it with qemu-img check -r all, or open read-only)",
+			snprintf(l2what, sizeof(l2what), "L2 table %#llx (L1 entry %llu)",
 				 (unsigned long long)off, (unsigned long long)i);
-			return -EINVAL;
+			return plan_damage(img, l2what, err, errlen);
 		}
 	}
-	return 0;
+	return qsm_refcount_damaged(img->rc) ? plan_damage(img, NULL, err, errlen) : 0;
 }
 
 /* --- space reserved ahead of the allocator -------------------------------- */
@@ -460,7 +555,9 @@ static int json_backing_cb(void *opaque, const char *key, const char *val, bool 
  * the same cache mode and aio backend, and recursively its own backing file.
  * The format comes from the backing-format extension, else from
  * opts->backing_format; it is never probed (a raw file could hold a qcow2
- * header that names any file on the host).  Errors name the backing file.
+ * header that names any file on the host).  Errors name the backing file;
+ * one that fails to open says so as QEMU does ("Could not open backing
+ * file: " and the backing file's own error, which names it).
  */
 static int open_backing(struct qsm_image *img, const char *path, const struct qsm_open_opts *opts,
 			struct chain *ch, char *err, size_t errlen)
@@ -557,8 +654,9 @@ static int open_backing_named(struct qsm_image *img, const char *path,
 	}
 	if (ret == -ELOOP) /* the message names both images already */
 		qsm_set_err(err, errlen, "%s", sub);
-	else if (ret < 0)
-		qsm_set_err(err, errlen, "backing file '%s': %s", full, sub[0] ? sub : strerror(-ret));
+	else if (ret < 0) /* QEMU's words (bdrv_open_backing_file) */
+		qsm_set_err(err, errlen, "Could not open backing file: %s",
+			    sub[0] ? sub : strerror(-ret));
 	free(full);
 	return ret;
 }
@@ -688,7 +786,7 @@ read_header:;
 	/* Before the repair below: a corrupt image is never written, not even
 	 * by a lazy-refcounts repair (qemu-img check -r repairs it). */
 	if ((h->incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !img->read_only)
-		OPEN_FAIL(-EACCES, "image is corrupt (incompatible feature bit 1 set); cannot be opened read/write");
+		OPEN_FAIL(-EACCES, "qcow2: Image is corrupt; cannot be opened read/write");
 	if ((h->incompatible_features & QCOW2_INCOMPAT_DIRTY) && !img->read_only &&
 	    !opts->no_repair && !repaired) {
 		/* Refcounts may lag behind the tables (lazy refcounts, crash):
@@ -751,12 +849,14 @@ read_header:;
 
 	qsm_overlap_init(&p->meta, img->cluster_bits, img->rc);
 	qsm_overlap_set_l1(&p->meta, h->l1_table_offset, img->l1_size);
+	qsm_overlap_set_snapshots(&p->meta, h->snapshots_offset, (uint64_t)h->nb_snapshots * 40);
 	for (uint64_t i = 0; i < img->l1_size; i++) {
 		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
 		if (off && (ret = qsm_overlap_add_l2(&p->meta, off)) < 0)
 			OPEN_FAIL(ret, "out of memory");
 	}
 
+	img->open_size = fsize;
 	if (!img->read_only && (ret = check_metadata_refcounts(img, err, errlen)) < 0)
 		goto fail;
 
@@ -1160,7 +1260,7 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 		uint8_t *l1 = g.table;
 		uint64_t bytes = g.bytes;
 		uint64_t new_off, old_off = h->l1_table_offset;
-		if ((ret = qsm_refcount_alloc(img->rc, g.clusters, &new_off, NULL)) < 0) {
+		if ((ret = qsm_image_rc_error(img, qsm_refcount_alloc(img->rc, g.clusters, &new_off, NULL))) < 0) {
 			free(l1);
 			TRUNC_FAIL(ret, "Could not allocate the new L1 table: %s", strerror(-ret));
 		}

@@ -82,10 +82,8 @@ enum qsm_event qsm_step_l1_lookup(struct qsm_req *req)
 	uint64_t l1e = qsm_l1_get(img, run->l1_index);
 	uint64_t l2_off = l1e & QCOW2_L1E_OFFSET_MASK;
 
-	if (l1e & QCOW2_L1E_RESERVED)
-		return fail(req, qsm_image_corrupt(img, "L1 entry %llu (%#llx) has reserved bits set",
-						    (unsigned long long)run->l1_index,
-						    (unsigned long long)l1e));
+	/* Reserved bits are ignored, as QEMU does (qemu-img check and qsm
+	 * check report them); the offset mask drops them. */
 	if (is_write_machine(req->machine) && img->l2allocs) {
 		/* Invariant 3: the slot's L2 table is being created or copied. */
 		struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);
@@ -125,9 +123,9 @@ enum qsm_event qsm_step_l1_lookup(struct qsm_req *req)
 		}
 	}
 	if (!QSM_IS_ALIGNED(l2_off, img->cluster_size))
-		return fail(req, qsm_image_corrupt(img, "L1 entry %llu: L2 table offset %#llx is not cluster aligned",
-						    (unsigned long long)run->l1_index,
-						    (unsigned long long)l2_off));
+		return fail(req, qsm_image_corrupt(img, "L2 table offset %#llx unaligned (L1 index: %#llx)",
+						    (unsigned long long)l2_off,
+						    (unsigned long long)run->l1_index));
 	if (l2_off >= host_limit(img))
 		return fail(req, qsm_image_corrupt(img, "L1 entry %llu: L2 table offset %#llx is past the end of the image file",
 						    (unsigned long long)run->l1_index,
@@ -181,11 +179,12 @@ enum qsm_event qsm_step_l2_alloc(struct qsm_req *req)
 		if (ret == -EAGAIN) /* the slot stays claimed (a) while we wait */
 			return qsm_rc_wait(req, QSM_E_RETRY_L2_ALLOC);
 		qsm_refcount_unpin(img->rc, &req->rcw);
+		ret = qsm_image_rc_error(img, ret);
 		if (ret < 0)
 			goto out_unfreeze;
 		if (qsm_is_metadata(img, run->host)) {
-			ret = qsm_image_corrupt(img, "the allocator returned cluster %#llx, which holds metadata: refcounts are damaged",
-						(unsigned long long)run->host);
+			ret = qsm_image_corrupt(img, "Preventing invalid write on metadata (overlaps with %s)",
+						qsm_metadata_kind(img, run->host));
 			run->host = 0;
 			goto out_unfreeze;
 		}

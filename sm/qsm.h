@@ -363,6 +363,12 @@ QSM_EXPORT struct qsm_image *qsm_get_backing(struct qsm_image *img);
  * image has none, the first error of its backing chain (a corrupt backing
  * file fails the reads that fall through to it). */
 QSM_EXPORT const char *qsm_image_error(struct qsm_image *img);
+/* The message of an image this session marked corrupt is the reason (in
+ * QEMU's words where QEMU detects the same thing, e.g. "Refblock offset
+ * 0x20200 unaligned (reftable index: 0)") followed by this suffix, so a
+ * tool can print the reason as QEMU does ("qcow2: Marking image as corrupt:
+ * REASON; further corruption events will be suppressed"). */
+#define QSM_CORRUPT_SUFFIX "; the image is marked corrupt and accepts no more writes"
 
 struct qsm_stats {
 	uint64_t reads, writes, flushes, discards, zero_writes; /* requests completed */

@@ -295,6 +295,9 @@ struct qsm_image {
 	struct iovec corrupt_iov;
 	uint8_t corrupt_be[8];    /* incompatible_features as on disk, bit 1 set */
 	char errmsg[256];         /* last error explained (a corruption: the first) */
+	/* Damaged refcounts found at open (check_metadata_refcounts): the
+	 * reason QEMU gives at its first allocation, "" none. */
+	char rc_damage[128];
 
 	/* L1 table, resident, on-disk byte order. */
 	uint8_t *l1;
@@ -485,6 +488,13 @@ int qsm_image_corrupt(struct qsm_image *img, const char *fmt, ...)
 /* Start writing the corrupt bit if it is pending and no write-back batch
  * runs (called again when the batch ends).  Asynchronous, best effort. */
 void qsm_image_corrupt_mark(struct qsm_image *img);
+/* The error of a metadata/refcount.c call: -EUCLEAN (it needed the block of
+ * an unaligned or damaged refcount table entry) marks the image corrupt with
+ * QEMU's reason and becomes -EIO; any other value is returned as it is. */
+int qsm_image_rc_error(struct qsm_image *img, int ret);
+/* What metadata the cluster at host_offset holds, in QEMU's overlap-check
+ * names ("active L1 table", ...), or NULL (metadata/overlap.h). */
+const char *qsm_metadata_kind(struct qsm_image *img, uint64_t host_offset);
 /* The 8 bytes of incompatible_features (header offset 72) the disk must
  * hold once marked: the disk's dirty bit, the corrupt bit set. */
 void qsm_image_corrupt_bits(const struct qsm_image *img, uint8_t be[8]);

@@ -499,6 +499,8 @@ static int release_cluster(struct qsm_image *img, uint64_t cluster, struct qsm_r
 	int r = qsm_refcount_update(img->rc, cluster, 1, -1, w);
 	if (r == -EAGAIN)
 		return r;
+	if (r == -EUCLEAN)
+		return qsm_image_rc_error(img, r);
 	if (r < 0)
 		return qsm_image_corrupt(img, "freeing cluster %#llx: refcount underflow",
 					 (unsigned long long)(cluster << img->cluster_bits));

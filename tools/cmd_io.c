@@ -2210,12 +2210,39 @@ static int io_open(struct io_ctx *io, const char *path, const struct qsm_open_op
 	return io_open_spec(io, path, NULL, oo, true);
 }
 
+/* A corruption the engine found: as qemu-io, QEMU's line
+ * (qcow2_signal_corruption: no program name); as qsm io, qsm's. */
+static bool corrupt_reason(const char *msg, size_t *reason_len)
+{
+	size_t n = strlen(msg), k = strlen(QSM_CORRUPT_SUFFIX);
+
+	if (n < k || strcmp(msg + n - k, QSM_CORRUPT_SUFFIX) != 0)
+		return false;
+	*reason_len = n - k;
+	return true;
+}
+
+static void print_image_error(const char *msg)
+{
+	size_t n;
+
+	if (cli_as_qemu() && corrupt_reason(msg, &n))
+		fprintf(stderr, "qcow2: Marking image as corrupt: %.*s; further corruption "
+			"events will be suppressed\n", (int)n, msg);
+	else
+		cli_error("io", "%s", msg);
+}
+
 static int io_close(struct io_ctx *io)
 {
 	int r = 0;
+	size_t n;
+	bool quiet;
 
 	if (!io->img)
 		return 0;
+	/* qemu-io closes an image its driver gave up on without a word */
+	quiet = cli_as_qemu() && corrupt_reason(qsm_image_error(io->img), &n);
 	/* A request held at a breakpoint would never complete (qemu-io hangs
 	 * there): let them all go first. */
 	qsm_io_blkdebug_resume_all(io->bdio);
@@ -2223,7 +2250,7 @@ static int io_close(struct io_ctx *io)
 	r = qsm_close(io->img);
 	io->img = NULL;
 	io->bdio = NULL;
-	if (r < 0)
+	if (r < 0 && !quiet)
 		cli_error("io", "closing %s: %s", io->path, qsm_strerror(r));
 	if (io->snap_tmp && !io->reopening) {
 		unlink(io->snap_tmp); /* -s: the overlay lives as long as the image */
@@ -2821,7 +2848,7 @@ static int io_command(struct io_ctx *io, const char *line)
 	    strcmp(qsm_image_error(io->img), io->last_err) != 0) {
 		snprintf(io->last_err, sizeof(io->last_err), "%s", qsm_image_error(io->img));
 		fflush(stdout);
-		cli_error("io", "%s", io->last_err);
+		print_image_error(io->last_err);
 	}
 out:
 	free(argv);

@@ -8,7 +8,9 @@
 # an internal snapshot; a backing file name (with and without a recorded
 # format); compressed clusters (qemu-img convert -c); lazy refcounts left
 # dirty by qemu-io abort; 1-bit and 64-bit refcounts; 8 KiB clusters (the
-# header cluster then holds a feature name table).
+# header cluster then holds a feature name table); images QEMU opens and
+# finds bad only at use (accept-*: a duplicate extension, an unaligned
+# refcount block offset, a snapshot table past the end of the file).
 # fuzz_sched: inputs in fuzz_sched.c's layout (see the comment there): every
 # cluster size and cache mode, v2 and lazy refcounts, with and without a
 # crash, one or two sessions, overlapping writes, compressed writes, zero
@@ -82,6 +84,48 @@ keep rc64.qcow2 refcount64.qcow2
 mk -o cluster_size=8192 big.qcow2 1M
 qio big.qcow2 'write -P 0xaa 0 512'
 keep big.qcow2 cluster8k.qcow2
+
+# Images QEMU opens and finds bad only at use (qsm accepts them the same
+# way): a backing format extension given twice, a refcount table entry
+# that is not cluster aligned, a snapshot table just past the end of the
+# file (where the next allocated cluster lands).
+# (4 KiB clusters for the refcount entry: QEMU ignores bits 0-8 of one)
+mk -o cluster_size=512 acc.qcow2 64K
+qio acc.qcow2 'write -P 0x44 0 1k'
+cp acc.qcow2 dup.qcow2
+cp acc.qcow2 snap.qcow2
+mk -o cluster_size=4096 rtun.qcow2 1M
+qio rtun.qcow2 'write -P 0x44 0 1k'
+
+python3 - dup.qcow2 rtun.qcow2 snap.qcow2 <<'PY'
+import os, struct, sys
+dup, rtun, snap = sys.argv[1:]
+def patch(path, fn):
+    with open(path, 'r+b') as f:
+        img = bytearray(f.read())
+        fn(img)
+        f.seek(0)
+        f.write(img)
+def two_formats(img):
+    # 512-byte clusters: no feature table, the area after the header is free
+    hl = struct.unpack_from('>I', img, 100)[0]
+    area = b''
+    for name in (b'raw', b'qcow2'):
+        area += struct.pack('>II', 0xE2792ACA, len(name)) + name + b'\0' * (-len(name) % 8)
+    img[hl:hl + len(area) + 8] = area + b'\0' * 8
+def unaligned_refblock(img):
+    rt = struct.unpack_from('>Q', img, 48)[0]
+    struct.pack_into('>Q', img, rt, struct.unpack_from('>Q', img, rt)[0] + 512)
+def snapshot_past_eof(img):
+    eof = (len(img) + 511) // 512 * 512
+    struct.pack_into('>IQ', img, 60, 1, eof)
+patch(dup, two_formats)
+patch(rtun, unaligned_refblock)
+patch(snap, snapshot_past_eof)
+PY
+keep dup.qcow2 accept-duplicate-extension.qcow2
+keep rtun.qcow2 accept-refblock-unaligned.qcow2
+keep snap.qcow2 accept-snapshot-table-past-eof.qcow2
 
 python3 - "$OUT/fuzz_sched" <<'PY'
 import struct, sys

@@ -413,7 +413,7 @@ START_TEST(bad_magic)
 	uint8_t *img = base_image(&len, false);
 
 	img[0] = 'X';
-	expect_fail(img, len, len, -EINVAL, "magic");
+	expect_fail(img, len, len, -EINVAL, "Image is not in qcow2 format");
 	ck_assert_uint_eq(qcow2_header_probe_len(img, len, len), 0);
 	free(img);
 }
@@ -425,9 +425,9 @@ START_TEST(bad_version)
 	uint8_t *img = base_image(&len, false);
 
 	qcow2_put_be32(img + 4, 4);
-	expect_fail(img, len, len, -ENOTSUP, "version 4");
+	expect_fail(img, len, len, -ENOTSUP, "Unsupported qcow2 version 4");
 	qcow2_put_be32(img + 4, 1);
-	expect_fail(img, len, len, -EINVAL, "version 1");
+	expect_fail(img, len, len, -EINVAL, "Unsupported qcow2 version 1");
 	ck_assert_uint_eq(qcow2_header_probe_len(img, len, len), 0);
 	free(img);
 }
@@ -439,9 +439,9 @@ START_TEST(bad_cluster_bits)
 	uint8_t *img = base_image(&len, false);
 
 	qcow2_put_be32(img + 20, 8);
-	expect_fail(img, len, len, -EINVAL, "invalid cluster_bits 8 (must be 9..21)");
+	expect_fail(img, len, len, -EINVAL, "Unsupported cluster size: 2^8");
 	qcow2_put_be32(img + 20, 22);
-	expect_fail(img, len, len, -EINVAL, "invalid cluster_bits 22 (must be 9..21)");
+	expect_fail(img, len, len, -EINVAL, "Unsupported cluster size: 2^22");
 	ck_assert_uint_eq(qcow2_header_probe_len(img, len, len), 0);
 	free(img);
 }
@@ -453,11 +453,11 @@ START_TEST(bad_header_length)
 	uint8_t *img = base_image(&len, false);
 
 	qcow2_put_be32(img + 100, 100);
-	expect_fail(img, len, len, -EINVAL, "header_length 100");
+	expect_fail(img, len, len, -EINVAL, "qcow2 header too short");
 	qcow2_put_be32(img + 100, 116);
 	expect_fail(img, len, len, -EINVAL, "header_length 116");
 	qcow2_put_be32(img + 100, CS + 8);
-	expect_fail(img, len, len, -EINVAL, "header_length");
+	expect_fail(img, len, len, -EINVAL, "qcow2 header exceeds cluster size");
 	/* The buffer must hold the header. */
 	qcow2_put_be32(img + 100, 112);
 	expect_fail(img, 100, len, -EINVAL, "truncated");
@@ -477,10 +477,11 @@ START_TEST(unknown_incompatible_bit_named)
 	(void)at;
 	qcow2_put_be64(img + 72, 1ull << 5);
 	expect_fail(img, len, len, -ENOTSUP,
-		    "Unsupported qcow2 feature(s): incompatible feature bit 5 (\"foo\")");
+		    "Unsupported qcow2 feature(s): foo");
 	/* Without a name in the table: the bit number. */
 	qcow2_put_be64(img + 72, 1ull << 9);
-	expect_fail(img, len, len, -ENOTSUP, "incompatible feature bit 9");
+	expect_fail(img, len, len, -ENOTSUP,
+		    "Unsupported qcow2 feature(s): Unknown incompatible feature: 200");
 	free(img);
 }
 END_TEST
@@ -491,9 +492,27 @@ START_TEST(known_unsupported_features)
 	uint8_t *img = base_image(&len, false);
 
 	qcow2_put_be64(img + 72, QCOW2_INCOMPAT_DATA_FILE);
-	expect_fail(img, len, len, -ENOTSUP, "\"external data file\"");
+	/* No data file named in the image: QEMU's words; named: qsm's. */
+	expect_fail(img, len, len, -ENOTSUP, "'data-file' is required for this image");
+	{
+		uint8_t *c = malloc(len);
+		memcpy(c, img, len);
+		/* a data file name extension at the start of the extension area */
+		uint32_t at = qcow2_be32(c + 100);
+		memmove(c + at + 16, c + at, CS - at - 16);
+		qcow2_put_be32(c + at, QCOW2_EXT_DATA_FILE);
+		qcow2_put_be32(c + at + 4, 5);
+		memcpy(c + at + 8, "d.raw\0\0\0", 8);
+		expect_fail(c, len, len, -ENOTSUP, "external data file 'd.raw', which qsm does not support yet");
+		free(c);
+	}
+	/* With 16-byte L2 entries the L1 must be twice as long (QEMU's
+	 * message), then qsm refuses the feature by name. */
 	qcow2_put_be64(img + 72, QCOW2_INCOMPAT_EXTL2);
-	expect_fail(img, len, len, -ENOTSUP, "\"extended L2 entries\"");
+	expect_fail(img, len, len, -EINVAL, "L1 table is too small");
+	qcow2_put_be32(img + 36, 4);
+	expect_fail(img, len, len + 16, -ENOTSUP, "\"extended L2 entries\"");
+	qcow2_put_be32(img + 36, 2);
 	qcow2_put_be64(img + 72, QCOW2_INCOMPAT_COMPRESSION);
 	img[104] = 1;
 	expect_fail(img, len, len, -ENOTSUP, "zstd");
@@ -511,12 +530,13 @@ START_TEST(compression_mismatch)
 	uint8_t *img = base_image(&len, false);
 
 	img[104] = 1; /* zstd without the bit */
-	expect_fail(img, len, len, -EINVAL, "compression_type");
+	expect_fail(img, len, len, -EINVAL, "qcow2: Compression type incompatible feature bit must be set");
 	img[104] = 0;
 	qcow2_put_be64(img + 72, QCOW2_INCOMPAT_COMPRESSION);
-	expect_fail(img, len, len, -EINVAL, "compression_type");
+	expect_fail(img, len, len, -EINVAL,
+		    "qcow2: Compression type incompatible feature bit must not be set");
 	img[104] = 7;
-	expect_fail(img, len, len, -ENOTSUP, "compression_type 7");
+	expect_fail(img, len, len, -ENOTSUP, "qcow2: unknown compression type: 7");
 	free(img);
 }
 END_TEST
@@ -530,7 +550,7 @@ START_TEST(extl2_small_clusters)
 
 	ck_assert_int_eq(qcow2_create_image(&o, &img, &len, err, sizeof(err)), 0);
 	qcow2_put_be64(img + 72, QCOW2_INCOMPAT_EXTL2);
-	expect_fail(img, len, len, -EINVAL, "cluster_bits 12");
+	expect_fail(img, len, len, -EINVAL, "Unsupported subcluster size: 128");
 	free(img);
 }
 END_TEST
@@ -542,10 +562,10 @@ START_TEST(encryption)
 
 	qcow2_put_be32(img + 32, 1);
 	expect_fail(img, len, len, -ENOTSUP, "encryption");
-	qcow2_put_be32(img + 32, 2);
-	expect_fail(img, len, len, -ENOTSUP, "crypt_method 2");
+	qcow2_put_be32(img + 32, 2); /* LUKS needs its crypto header extension */
+	expect_fail(img, len, len, -EINVAL, "Missing CRYPTO header for crypt method 2");
 	qcow2_put_be32(img + 32, 3);
-	expect_fail(img, len, len, -EINVAL, "crypt_method 3");
+	expect_fail(img, len, len, -EINVAL, "Missing CRYPTO header for crypt method 3");
 	free(img);
 }
 END_TEST
@@ -556,7 +576,7 @@ START_TEST(bad_refcount_order)
 	uint8_t *img = base_image(&len, false);
 
 	qcow2_put_be32(img + 96, 7);
-	expect_fail(img, len, len, -EINVAL, "refcount_order 7");
+	expect_fail(img, len, len, -EINVAL, "Reference count entry width too large; may not exceed 64 bits");
 	free(img);
 }
 END_TEST
@@ -567,19 +587,24 @@ START_TEST(bad_refcount_table)
 	uint8_t *img = base_image(&len, false);
 
 	qcow2_put_be32(img + 56, 0);
-	expect_fail(img, len, len, -EINVAL, "refcount_table_clusters is 0");
+	expect_fail(img, len, len, -EINVAL, "Image does not contain a reference count table");
 	qcow2_put_be32(img + 56, (8u << 20) / CS + 1);
-	expect_fail(img, len, len, -EINVAL, "refcount_table_clusters 129 too large");
+	expect_fail(img, len, len, -EINVAL, "Reference count table too large");
 	qcow2_put_be32(img + 56, 1);
 	qcow2_put_be64(img + 48, 0x12345);
-	expect_fail(img, len, len, -EINVAL,
-		    "refcount_table_offset 0x12345 is not aligned to the cluster size");
+	expect_fail(img, len, len, -EINVAL, "Reference count table offset invalid");
+	/* Over the header or past the end of the file: QEMU opens the image
+	 * (the refcount module treats every block as damaged). */
+	struct qcow2_header h;
+	char err[256] = "";
 	qcow2_put_be64(img + 48, 0);
-	expect_fail(img, len, len, -EINVAL, "refcount_table_offset is 0");
+	ck_assert_msg(qcow2_header_parse(img, len, len, &h, err, sizeof(err)) == 0, "%s", err);
+	qcow2_header_release(&h);
 	qcow2_put_be64(img + 48, 0x40000);
-	expect_fail(img, len, len, -EINVAL, "refcount_table_offset 0x40000 + 65536 bytes is past");
+	ck_assert_msg(qcow2_header_parse(img, len, len, &h, err, sizeof(err)) == 0, "%s", err);
+	qcow2_header_release(&h);
 	qcow2_put_be64(img + 48, 0x7fffffffffff0000ull);
-	expect_fail(img, len, len, -EINVAL, "refcount_table_offset 0x7fffffffffff0000");
+	expect_fail(img, len, len, -EINVAL, "Reference count table offset invalid");
 	free(img);
 }
 END_TEST
@@ -590,19 +615,19 @@ START_TEST(bad_l1)
 	uint8_t *img = base_image(&len, false);
 
 	qcow2_put_be32(img + 36, 1); /* 1 GiB needs 2 entries */
-	expect_fail(img, len, len, -EINVAL, "l1_size 1 too small");
+	expect_fail(img, len, len, -EINVAL, "L1 table is too small");
 	qcow2_put_be32(img + 36, (32u << 20) / 8 + 1);
-	expect_fail(img, len, len, -EINVAL, "l1_size 4194305 too large");
+	expect_fail(img, len, len, -EINVAL, "Active L1 table too large");
 	qcow2_put_be32(img + 36, 2);
 	qcow2_put_be64(img + 40, 0x30200);
-	expect_fail(img, len, len, -EINVAL, "l1_table_offset 0x30200 is not aligned");
+	expect_fail(img, len, len, -EINVAL, "Active L1 table offset invalid");
 	qcow2_put_be64(img + 40, 0);
 	expect_fail(img, len, len, -EINVAL, "l1_table_offset is 0");
 	qcow2_put_be64(img + 40, 0x40000);
 	expect_fail(img, len, len, -EINVAL, "l1_table_offset 0x40000 + 16 bytes is past the end");
 	qcow2_put_be64(img + 40, 0x7fffffffffff0000ull);
 	qcow2_put_be32(img + 36, 0x100000);
-	expect_fail(img, len, len, -EINVAL, "overflows");
+	expect_fail(img, len, len, -EINVAL, "Active L1 table offset invalid");
 	/* The L1 may end exactly at EOF (fresh images do), not one byte later. */
 	qcow2_put_be64(img + 40, 0x30000);
 	qcow2_put_be32(img + 36, 2);
@@ -617,12 +642,13 @@ START_TEST(bad_virtual_size)
 	size_t len;
 	uint8_t *img = base_image(&len, false);
 
+	/* QEMU's checks come first: the L1 cannot cover these */
 	qcow2_put_be64(img + 24, (1ull << 58) + 512);
-	expect_fail(img, len, len, -ENOTSUP, "virtual size");
+	expect_fail(img, len, len, -EINVAL, "L1 table is too small");
 	qcow2_put_be64(img + 24, 1ull << 63);
-	expect_fail(img, len, len, -EINVAL, "virtual size");
+	expect_fail(img, len, len, -EINVAL, "Image is too big");
 	qcow2_put_be64(img + 24, (1ull << 30) + 1); /* one more L2's worth needed */
-	expect_fail(img, len, len, -EINVAL, "l1_size 2 too small");
+	expect_fail(img, len, len, -EINVAL, "L1 table is too small");
 	free(img);
 }
 END_TEST
@@ -634,14 +660,19 @@ START_TEST(bad_snapshots)
 
 	qcow2_put_be32(img + 60, 65537);
 	qcow2_put_be64(img + 64, 0x10000);
-	expect_fail(img, len, len, -EINVAL, "nb_snapshots 65537");
+	expect_fail(img, len, len, -EINVAL, "Snapshot table too large");
 	qcow2_put_be32(img + 60, 1);
 	qcow2_put_be64(img + 64, 0x10200);
-	expect_fail(img, len, len, -EINVAL, "snapshots_offset 0x10200 is not aligned");
+	expect_fail(img, len, len, -EINVAL, "Snapshot table offset invalid");
 	qcow2_put_be64(img + 64, 0);
 	expect_fail(img, len, len, -EINVAL, "snapshots_offset is 0");
+	/* Past the end of the file: QEMU opens it (the overlap set guards it) */
 	qcow2_put_be64(img + 64, 0x40000);
-	expect_fail(img, len, len, -EINVAL, "snapshots_offset 0x40000 + 40 bytes is past");
+	expect_ok(img, len, len);
+	qcow2_put_be32(img + 60, 65536);
+	qcow2_put_be64(img + 64, 0x7fffffffffff0000ull); /* + 65536 * 40 overflows */
+	expect_fail(img, len, len, -EINVAL, "Snapshot table offset invalid");
+	qcow2_put_be32(img + 60, 1);
 	/* No snapshots: offset 0 is what qemu writes. */
 	qcow2_put_be32(img + 60, 0);
 	qcow2_put_be64(img + 64, 0);
@@ -658,15 +689,15 @@ START_TEST(bad_backing_file)
 
 	ck_assert_uint_ne(off, 0);
 	qcow2_put_be64(img + 8, CS + 8);
-	expect_fail(img, len, len, -EINVAL, "backing_file_offset");
+	expect_fail(img, len, len, -EINVAL, "Invalid backing file offset");
 	qcow2_put_be64(img + 8, 40);
 	expect_fail(img, len, len, -EINVAL, "backing_file_offset 40");
 	qcow2_put_be64(img + 8, off);
 	qcow2_put_be32(img + 16, 1024);
-	expect_fail(img, len, len, -EINVAL, "backing_file_size 1024");
+	expect_fail(img, len, len, -EINVAL, "Backing file name too long");
 	qcow2_put_be64(img + 8, CS - 4);
 	qcow2_put_be32(img + 16, 8);
-	expect_fail(img, len, len, -EINVAL, "backing_file_size 8");
+	expect_fail(img, len, len, -EINVAL, "Backing file name too long");
 	qcow2_put_be64(img + 8, off);
 	qcow2_put_be32(img + 16, 8);
 	img[off + 3] = 0;
@@ -684,14 +715,31 @@ START_TEST(bad_extensions)
 
 	/* Length running past the end of the extension area (the backing name). */
 	qcow2_put_be32(img + 112 + 4, (uint32_t)boff);
-	expect_fail(img, len, len, -EINVAL, "header extension 0xe2792aca (backing format)");
+	expect_fail(img, len, len, -EINVAL, "Header extension too large");
 	free(img);
 
-	/* Duplicate backing format. */
+	/* Duplicate extensions: QEMU keeps the last, so does qsm. */
 	img = base_image(&len, false);
 	at = put_ext(img, 112, QCOW2_EXT_BACKING_FORMAT, fmt, 3);
-	at = put_ext(img, at, QCOW2_EXT_BACKING_FORMAT, fmt, 3);
-	expect_fail(img, len, len, -EINVAL, "duplicate header extension 0xe2792aca");
+	at = put_ext(img, at, QCOW2_EXT_BACKING_FORMAT, "qcow2", 5);
+	{
+		static const uint8_t b1[24] = { 0, 0, 0, 1 }, b2[24] = { 0, 0, 0, 2 };
+		struct qcow2_header h;
+		char e[256];
+		unsigned nbm = 0;
+
+		at = put_ext(img, at, QCOW2_EXT_BITMAPS, b1, 24);
+		at = put_ext(img, at, QCOW2_EXT_BITMAPS, b2, 24);
+		ck_assert_int_eq(qcow2_header_parse(img, len, len, &h, e, sizeof(e)), 0);
+		ck_assert_str_eq(h.backing_format, "qcow2");
+		for (unsigned i = 0; i < h.nb_unknown_exts; i++)
+			if (h.unknown_exts[i].type == QCOW2_EXT_BITMAPS) {
+				nbm++;
+				ck_assert_uint_eq(h.unknown_exts[i].data[3], 2);
+			}
+		ck_assert_uint_eq(nbm, 1);
+		qcow2_header_release(&h);
+	}
 	free(img);
 
 	/* Unprintable backing format. */
@@ -703,16 +751,16 @@ START_TEST(bad_extensions)
 
 	/* Feature table length not a multiple of 48. */
 	img = base_image(&len, false);
-	qcow2_put_be32(img + 112 + 4, 47);
-	expect_fail(img, len, len, -EINVAL, "feature name table header extension length 47");
+	qcow2_put_be32(img + 112 + 4, 383); /* QEMU opens it: 7 whole entries */
+	expect_ok(img, len, len);
 	free(img);
 
 	/* Fixed-size extensions. */
 	img = base_image(&len, false);
 	put_ext(img, 112, QCOW2_EXT_BITMAPS, fmt, 8);
-	expect_fail(img, len, len, -EINVAL, "bitmaps header extension length 8");
+	expect_fail(img, len, len, -EINVAL, "bitmaps_ext: Invalid extension length");
 	put_ext(img, 112, QCOW2_EXT_CRYPTO, fmt, 8);
-	expect_fail(img, len, len, -EINVAL, "crypto header extension length 8");
+	expect_fail(img, len, len, -EINVAL, "CRYPTO header extension only expected with LUKS encryption method");
 	free(img);
 
 	/* An extension header cut by the end of the area (the backing name). */
@@ -720,7 +768,7 @@ START_TEST(bad_extensions)
 	qcow2_put_be64(img + 8, 116);
 	qcow2_put_be32(img + 16, 4);
 	memcpy(img + 116, "abcd", 4);
-	expect_fail(img, len, len, -EINVAL, "header extension at offset 112 is truncated");
+	expect_fail(img, len, len, -EINVAL, "Header extension too large");
 	free(img);
 }
 END_TEST
@@ -731,7 +779,7 @@ START_TEST(short_file)
 	uint8_t *img = base_image(&len, false);
 
 	/* The caller passes what the file has; tables then fall outside it. */
-	expect_fail(img, 4096, 4096, -EINVAL, "refcount_table_offset");
+	expect_fail(img, 4096, 4096, -EINVAL, "l1_table_offset");
 	expect_fail(img, 40, 40, -EINVAL, "truncated");
 	expect_fail(img, 4, 4, -EINVAL, "too short");
 	ck_assert_uint_eq(qcow2_header_probe_len(img, 23, len), 0);

@@ -318,7 +318,7 @@ static void trigger(struct qsm_image *img, enum breakage b)
 	ck_assert_msg(d.ret == -EIO, "the request that hit the corruption: %d (%s)", d.ret,
 		      strerror(-d.ret));
 	const char *why = qsm_image_error(img);
-	ck_assert_msg(strstr(why, b == L2_OVER_L1 ? "overlaps metadata" : "past the end"),
+	ck_assert_msg(strstr(why, b == L2_OVER_L1 ? "Preventing invalid write on metadata (overlaps with active L1 table)" : "past the end"),
 		      "qsm_image_error: '%s'", why);
 }
 

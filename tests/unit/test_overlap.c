@@ -179,6 +179,39 @@ START_TEST(refcount_structure)
 }
 END_TEST
 
+/* The snapshot table (maybe past the end of the file) and QEMU's names. */
+START_TEST(kinds_and_snapshots)
+{
+	struct fixture f;
+	struct qsm_overlap o;
+	fixture_open(&f);
+	qsm_overlap_init(&o, CB, f.rc);
+	qsm_overlap_set_l1(&o, f.l1_offset, f.l1_size);
+	ck_assert_int_eq(qsm_overlap_add_l2(&o, 7 * CS), 0);
+
+	ck_assert_str_eq(qsm_overlap_kind(&o, 100), "qcow2_header");
+	ck_assert_str_eq(qsm_overlap_kind(&o, CS + 8), "refcount table");
+	ck_assert_str_eq(qsm_overlap_kind(&o, 2 * CS), "refcount block");
+	ck_assert_str_eq(qsm_overlap_kind(&o, 3 * CS + 8), "active L1 table");
+	ck_assert_str_eq(qsm_overlap_kind(&o, 7 * CS), "active L2 table");
+	ck_assert_ptr_null(qsm_overlap_kind(&o, 20 * CS));
+	ck_assert(!qsm_overlap_is_meta(&o, 20 * CS));
+
+	/* 2000 entries of at least 40 bytes from 20 clusters on: two clusters */
+	qsm_overlap_set_snapshots(&o, 20 * CS, 2000 * 40);
+	ck_assert(qsm_overlap_is_meta(&o, 20 * CS));
+	ck_assert(qsm_overlap_is_meta_not_l2(&o, 21 * CS + CS - 1));
+	ck_assert(!qsm_overlap_is_meta(&o, 22 * CS));
+	ck_assert(!qsm_overlap_is_meta(&o, 19 * CS));
+	ck_assert_str_eq(qsm_overlap_kind(&o, 21 * CS), "snapshot table");
+	/* none */
+	qsm_overlap_set_snapshots(&o, 20 * CS, 0);
+	ck_assert(!qsm_overlap_is_meta(&o, 20 * CS));
+	qsm_overlap_release(&o);
+	fixture_close(&f);
+}
+END_TEST
+
 static Suite *overlap_suite(void)
 {
 	Suite *s = suite_create("overlap");
@@ -186,6 +219,7 @@ static Suite *overlap_suite(void)
 	tcase_add_test(tc, layout);
 	tcase_add_test(tc, l2_tables);
 	tcase_add_test(tc, refcount_structure);
+	tcase_add_test(tc, kinds_and_snapshots);
 	suite_add_tcase(s, tc);
 	return s;
 }
