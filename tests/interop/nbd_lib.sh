@@ -94,7 +94,7 @@ nbd_wait() {
         SRV_RC=124
         return
     fi
-    wait "$pid"
+    wait "$pid" 2>/dev/null
     SRV_RC=$?
 }
 
@@ -164,3 +164,6 @@ xcheck() {
 }
 
 NBD_URI() { echo "nbd+unix:///?socket=$1"; }
+
+# not CMD...: succeeds when CMD fails (for check/xcheck)
+not() { ! "$@"; }
