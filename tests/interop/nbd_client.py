@@ -1054,6 +1054,21 @@ def cmd_tls(a):
     sys.exit(1 if ck.fails else 0)
 
 
+def cmd_starttls_unconfigured(a):
+    """A server without TLS: OPT_STARTTLS gets an error reply (qemu-nbd:
+    NBD_REP_ERR_POLICY), then OPT_GO in the clear works."""
+    ck = Checks(a.reference)
+    c = Conn(a.socket)
+    c.start()
+    rep, _, _ = c.opt_final(OPT_STARTTLS)
+    ck.check("starttls-unconfigured/refused", rep & REP_ERR != 0, "reply 0x%x" % rep)
+    c.go()
+    r = c.read(0, 4096)
+    ck.check("starttls-unconfigured/continues", r.error == 0, "read error %d" % r.error)
+    c.close()
+    sys.exit(1 if ck.fails else 0)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("cmd")
@@ -1075,7 +1090,8 @@ def main():
     if a.cmd == "hostile":
         sys.exit(1 if Hostile(a).run(a.only) else 0)
     {"info": cmd_info, "write": cmd_write, "durable": cmd_durable,
-     "hold-write": cmd_hold_write, "tls": cmd_tls}[a.cmd](a)
+     "hold-write": cmd_hold_write, "tls": cmd_tls,
+     "starttls-unconfigured": cmd_starttls_unconfigured}[a.cmd](a)
 
 
 if __name__ == "__main__":
