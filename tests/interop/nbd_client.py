@@ -718,6 +718,157 @@ class Hostile:
             self.ck.check(tag + "/continues", r.error == 0, "read after failed")
             c.close()
 
+    def case_opt_bad_lengths(self):
+        # Options whose own fields lie about their length: NBD_REP_ERR_INVALID
+        # (doc/proto.md), and the haggle goes on.
+        c = Conn(self.path)
+        c.start()
+        probes = [
+            ("go-namelen", OPT_GO, struct.pack(">I", 1000) + b"abc" + struct.pack(">H", 0)),
+            ("go-numinfo", OPT_GO, struct.pack(">IH", 0, 5) + struct.pack(">H", 3)),
+            ("go-truncated", OPT_GO, b"\x00\x00"),
+            ("info-numinfo", OPT_INFO, struct.pack(">IH", 0, 0x7FFF)),
+            ("list-with-data", OPT_LIST, b"junk"),
+            ("structured-with-data", OPT_STRUCTURED_REPLY, b"x"),
+            ("meta-before-structured", OPT_SET_META_CONTEXT,
+             struct.pack(">II", 0, 1) + struct.pack(">I", 15) + b"base:allocation"),
+        ]
+        for name, opt, data in probes:
+            rep, _, _ = c.opt_final(opt, data)
+            self.ck.check("opt_bad_lengths/" + name, rep == REP_ERR_INVALID, "reply 0x%x, want NBD_REP_ERR_INVALID" % rep)
+        c.structured_reply()
+        for name, data in (("meta-count", struct.pack(">II", 0, 5) + struct.pack(">I", 15) + b"base:allocation"),
+                           ("meta-querylen", struct.pack(">II", 0, 1) + struct.pack(">I", 0x10000) + b"base:allocation"),
+                           ("meta-namelen", struct.pack(">II", 0x7FFFFFFF, 0))):
+            rep, _, _ = c.opt_final(OPT_SET_META_CONTEXT, data)
+            self.ck.check("opt_bad_lengths/" + name, rep == REP_ERR_INVALID, "reply 0x%x, want NBD_REP_ERR_INVALID" % rep)
+        rep, _, _ = c.opt_final(OPT_STRUCTURED_REPLY)
+        self.ck.check("opt_bad_lengths/structured-twice", rep & REP_ERR != 0, "second OPT_STRUCTURED_REPLY reply 0x%x" % rep)
+        c.go()
+        r = c.read(0, 4096)
+        self.ck.check("opt_bad_lengths/haggle-continues", r.error == 0 and r.data == bytes([PATTERN]) * 4096, "read failed")
+        c.close()
+
+    def case_pipelined(self):
+        # Many requests in flight on one connection, answered in any order:
+        # every handle exactly once, every read with the right bytes.
+        for structured in (False, True):
+            tag = "pipelined/%s" % ("structured" if structured else "simple")
+            c = connect_go(self.path, structured)
+            want = {}
+            stream = bytearray()
+            for i in range(300):
+                h = 1000 + i
+                kind = i % 5
+                if kind in (0, 1, 2):
+                    off = (i * 77 * 4096) % (self.size - 131072)
+                    ln = (4096, 65536, 131072)[kind]
+                    want[h] = ("read", off, ln)
+                    stream += struct.pack(">IHHQQI", REQ_MAGIC, CMD_FLAG_DF if structured and kind == 1 else 0,
+                                          CMD_READ, h, off, ln)
+                elif kind == 3:
+                    off = (i * 13 * 4096) % (PATTERN_LEN - 8192)
+                    want[h] = ("write", off, 8192)
+                    stream += struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_WRITE, h, off, 8192) + bytes([PATTERN]) * 8192
+                else:
+                    want[h] = ("flush", 0, 0)
+                    stream += struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_FLUSH, h, 0, 0)
+            done = [False]
+
+            def sender():
+                try:
+                    c.sock.sendall(stream)
+                except OSError:
+                    pass
+                done[0] = True
+            t = threading.Thread(target=sender)
+            t.start()
+            seen = {}
+            bad = []
+            try:
+                while len(seen) < len(want):
+                    # the reply's length is known only from its handle
+                    magic = c.recv_exact(4)
+                    m = struct.unpack(">I", magic)[0]
+                    if m == SIMPLE_MAGIC:
+                        err, h = struct.unpack(">IQ", c.recv_exact(12))
+                        kind, off, ln = want.get(h, ("?", 0, 0))
+                        data = c.recv_exact(ln) if kind == "read" and err == 0 else b""
+                        chunks = None
+                    else:
+                        # structured: read chunks of this handle until DONE
+                        chunks = []
+                        hdr = c.recv_exact(16)
+                        while True:
+                            fl, typ, h, ln2 = struct.unpack(">HHQI", hdr)
+                            chunks.append((typ, c.recv_exact(ln2)))
+                            if fl & REPLY_FLAG_DONE:
+                                break
+                            if struct.unpack(">I", c.recv_exact(4))[0] != STRUCT_MAGIC:
+                                raise AssertionError("bad chunk magic")
+                            hdr = c.recv_exact(16)
+                        kind, off, ln = want.get(h, ("?", 0, 0))
+                        err = 0
+                        buf = bytearray(ln)
+                        for typ, pl in chunks:
+                            if typ == REPLY_TYPE_OFFSET_DATA:
+                                o = struct.unpack(">Q", pl[:8])[0] - off
+                                buf[o:o + len(pl) - 8] = pl[8:]
+                            elif typ & (1 << 15):
+                                err = struct.unpack(">I", pl[:4])[0]
+                        data = bytes(buf)
+                        if kind == "read" and (h - 1000) % 5 == 1:     # sent with DF
+                            n = sum(1 for typ, _ in chunks if typ in (REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE))
+                            if n > 1:
+                                bad.append("DF read %d came in %d chunks" % (h, n))
+                    if h not in want:
+                        bad.append("reply for unknown handle %d" % h)
+                        continue
+                    if h in seen:
+                        bad.append("two replies for handle %d" % h)
+                    seen[h] = True
+                    if err:
+                        bad.append("%s handle %d: error %d" % (kind, h, err))
+                    elif kind == "read":
+                        exp = bytes([PATTERN]) * max(0, min(off + ln, PATTERN_LEN) - off)
+                        exp += bytes(ln - len(exp))
+                        if data != exp:
+                            bad.append("read %d at %d: wrong data" % (h, off))
+            except Exception as e:
+                bad.append("after %d replies: %r" % (len(seen), e))
+            t.join(10)
+            self.ck.check(tag, not bad and len(seen) == len(want), "; ".join(bad[:5]) or "%d of %d replies" % (len(seen), len(want)))
+            c.close()
+
+    def case_disc_in_flight(self):
+        # NBD_CMD_DISC behind requests in flight: they are answered, then
+        # the server closes the connection.
+        c = connect_go(self.path)
+        hs = list(range(1, 33))
+        stream = bytearray()
+        for i in range(16):
+            stream += struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_READ, 2 * i + 1, i * 65536, 65536)
+            stream += struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_WRITE, 2 * i + 2, i * 65536, 65536)
+            stream += bytes([PATTERN]) * 65536
+        stream += struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_DISC, 99, 0, 0)
+        t = threading.Thread(target=lambda: c.sock.sendall(stream))
+        t.start()
+        got = 0
+        try:
+            for _ in hs:
+                m = struct.unpack(">I", c.recv_exact(4))[0]
+                err, h = struct.unpack(">IQ", c.recv_exact(12))
+                if h % 2 == 1 and err == 0:
+                    c.recv_exact(65536)
+                got += 1 if err == 0 else 0
+        except Exception:
+            pass
+        closed = c.wait_closed(5)
+        t.join(10)
+        self.ck.check("disc_in_flight/replies", got == len(hs), "%d of %d requests before DISC answered" % (got, len(hs)))
+        self.ck.check("disc_in_flight/closed", closed, "server did not close after NBD_CMD_DISC")
+        c.close()
+
     def case_vanish_in_flight(self):
         # Requests sent without reading a reply, as many as the server takes
         # within 2 s, then the client is gone (close: FIN; SO_LINGER 0: RST).
@@ -921,7 +1072,7 @@ class Hostile:
         order = ["bad_client_flags", "garbage_init", "bad_opt_magic", "unknown_opt", "opt_huge",
                  "long_export_name", "unknown_export", "request_before_go", "bad_request_magic",
                  "unknown_command", "past_end", "zero_length", "over_max", "short_write", "flags",
-                 "block_status_no_meta", "vanish_in_flight", "no_read_flood", "slowloris",
+                 "block_status_no_meta", "opt_bad_lengths", "pipelined", "disc_in_flight", "vanish_in_flight", "no_read_flood", "slowloris",
                  "handshake_timeout", "conn_flood"]
         assert sorted(order) == sorted(c[5:] for c in cases)
         for name in order:

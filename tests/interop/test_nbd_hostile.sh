@@ -11,7 +11,10 @@
 # end (EINVAL), zero lengths, reads and writes above the 32 MiB maximum
 # payload, a write whose payload never comes, flags not negotiated (DF
 # without structured replies, unknown flags), BLOCK_STATUS without a meta
-# context, clients vanishing with requests in flight (FIN and RST), a
+# context, options whose fields lie about their lengths (ERR_INVALID),
+# 300 pipelined requests answered in any order (each handle once, right
+# data, DF reads in one chunk), NBD_CMD_DISC behind requests in flight
+# (answered, then closed), clients vanishing with requests in flight (FIN and RST), a
 # client sending thousands of reads without reading replies (server RSS
 # stays within 64 MiB of what it was), a byte-at-a-time handshake, never
 # completing handshakes (closed within 10 s), connections beyond -e.
