@@ -1047,6 +1047,21 @@ class Hostile:
                 pass
         self.ck.check("conn_flood/limit", greeted == 0,
                       "%d connections beyond -e %d got a greeting" % (greeted, shared))
+        # a slot frees: a waiting connection is served (qemu-nbd accepts
+        # again below -e; the kernel's backlog held the others)
+        held.pop().close()
+        t0 = time.monotonic()
+        late = 0
+        while time.monotonic() - t0 < 5 and not late:
+            for s in extra:
+                try:
+                    if s.recv(18):
+                        late += 1
+                except (BlockingIOError, OSError):
+                    pass
+            time.sleep(0.1)
+        self.ck.check("conn_flood/queued-served", late == 1,
+                      "%d waiting connections greeted after one of %d left (want 1)" % (late, shared))
         for c in held:
             c.close()
         for s in extra:
