@@ -1210,6 +1210,22 @@ def cmd_tls(a):
         c.close()
     except Exception as e:
         ck.check("tls/read", False, "TLS session: %r" % e)
+    # garbage where the TLS ClientHello belongs, and a TLS handshake that
+    # never starts (the handshake limit covers it too)
+    c = Conn(a.socket)
+    c.start()
+    rep, _, _ = c.opt_final(OPT_STARTTLS)
+    c.send(b"\x16\x03\x01\xff\xff" + os.urandom(300))
+    ck.check("tls/garbage-hello", rep == REP_ACK and c.wait_closed(5), "STARTTLS reply 0x%x; garbage hello not closed" % rep)
+    c.close()
+    c = Conn(a.socket, timeout=30)
+    c.start()
+    t0 = time.monotonic()
+    rep, _, _ = c.opt_final(OPT_STARTTLS)
+    closed = c.wait_closed(16)
+    ck.check("tls/stalled-handshake", closed and time.monotonic() - t0 < 14,
+             "closed=%s after %.1f s (want within 10 s + slack)" % (closed, time.monotonic() - t0))
+    c.close()
     try:
         c = tls_conn(a.badcerts)
         c.go()

@@ -15,6 +15,8 @@
 #    OPT_STRUCTURED_REPLY and an unknown option get NBD_REP_ERR_TLS_REQD,
 #    OPT_EXPORT_NAME and a READ get a disconnect; a plain qemu-io cannot
 #    read; a Python ssl session after STARTTLS reads and writes;
+#  - garbage where the ClientHello belongs (closed), a TLS handshake that
+#    never starts (closed within the 10 s handshake limit);
 #  - a client certificate from another CA and a client without a
 #    certificate are refused (qemu-io and nbd_client.py);
 #  - a server without TLS refuses OPT_STARTTLS and goes on in the clear;
