@@ -865,7 +865,11 @@ class Hostile:
             pass
         closed = c.wait_closed(5)
         t.join(10)
-        self.ck.check("disc_in_flight/replies", got == len(hs), "%d of %d requests before DISC answered" % (got, len(hs)))
+        # qsm-only: qemu-nbd 7.2 shuts the socket down on DISC at once, so
+        # under load a reply of a request still in flight can be lost;
+        # doc/proto.md: the server "MUST handle all outstanding requests".
+        self.ck.check("disc_in_flight/replies", got == len(hs), "%d of %d requests before DISC answered" % (got, len(hs)),
+                      qsm_only=True)
         self.ck.check("disc_in_flight/closed", closed, "server did not close after NBD_CMD_DISC")
         c.close()
 
