@@ -756,6 +756,8 @@ static enum nbd_event conn_answer_option(struct nbd_conn *c)
 	case NBD_OPT_STRUCTURED_REPLY:
 		if (c->optlen)
 			opt_error(c, NBD_REP_ERR_INVALID, "no payload expected");
+		else if (c->structured)
+			opt_error(c, NBD_REP_ERR_INVALID, "structured reply already negotiated");
 		else {
 			c->structured = true;
 			opt_reply(c, NBD_REP_ACK, NULL, 0);
@@ -1342,6 +1344,10 @@ static enum nbd_event step_opt_header(struct nbd_conn *c)
 	free(c->optbuf);
 	c->optbuf = NULL;
 	c->skip = 0;
+	/* As qemu-nbd: an option announcing more than the largest payload is
+	 * not haggled over (nor its gigabytes read): the connection ends. */
+	if (c->optlen > NBD_MAX_PAYLOAD)
+		return NBD_E_ERROR;
 	if (c->optlen > NBD_OPT_MAX) {
 		c->skip = c->optlen;
 	} else if (c->optlen) {
