@@ -68,7 +68,7 @@
 #endif
 
 #define NBD_CONN_MAX_REQS  64
-#define NBD_CONN_MAX_BYTES (64U << 20)
+#define NBD_CONN_MAX_BYTES (32U << 20)  /* = NBD_MAX_PAYLOAD: one largest request */
 #define NBD_OPT_MAX        65536        /* option data read whole up to this */
 #define NBD_INBUF          65536
 #define NBD_WALK_MAX_RUNS  1024         /* block status runs per request */
