@@ -29,7 +29,11 @@
  * small headers per read); large write payloads are read straight into
  * the request's buffer.  Output is a queue of items (struct nbd_out), each
  * an iovec array; it is written whenever the socket takes more, gathering
- * several items per writev.
+ * several items per writev.  Handshake replies are written at once;
+ * transmission replies are queued and written by the connection's "flush"
+ * event, which runs after the callback that completed them: the engine
+ * completes requests in batches (one io_uring wake-up reaps every CQE), so
+ * a batch's replies leave in one sendmsg instead of one each.
  *
  * Invariants
  *  1. c->nreqs counts the requests the connection owns (admitted, not yet
@@ -167,7 +171,14 @@ struct nbd_conn {
 	enum nbd_state state;
 	int fd;
 	struct event *rev, *wev, *kick, *timer;
+	struct event *flush;            /* writes the queued replies: conn_queue_later */
 	bool rev_on, wev_on;
+	bool flush_pending;             /* c->flush is active */
+	/* The last recv() of a plain socket returned less than it asked for, so
+	 * the socket had nothing more: the next read waits for the read event
+	 * (level-triggered; conn_read_cb clears this) instead of a recv() that
+	 * would only say EAGAIN. */
+	bool rx_empty;
 	bool running, rekick;
 	bool dead;             /* the socket failed: output is dropped */
 	bool eof;
@@ -214,6 +225,16 @@ static uint32_t get32(const uint8_t *p) { return (uint32_t)get16(p) << 16 | get1
 static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) << 32 | get32(p + 4); }
 
 /* --- transport --------------------------------------------------------------- */
+
+static bool conn_tls(const struct nbd_conn *c)
+{
+#ifdef QSM_NBD_TLS
+	return c->tls != NULL;
+#else
+	(void)c;
+	return false;
+#endif
+}
 
 /* >0 bytes, 0 EOF, -EAGAIN, -errno. */
 static ssize_t conn_recv(struct nbd_conn *c, void *buf, size_t len)
@@ -362,6 +383,24 @@ static void conn_queue(struct nbd_conn *c, struct nbd_out *o)
 	conn_flush_out(c);
 }
 
+/* Queue o to be written once the current loop callback is over, with every
+ * other item queued meanwhile (see "Transport" above).  Items keep their
+ * order with those of conn_queue(). */
+static void conn_queue_later(struct nbd_conn *c, struct nbd_out *o)
+{
+	if (c->dead) {
+		o->done(c, o);
+		return;
+	}
+	o->cur = 0;
+	o->off = 0;
+	TAILQ_INSERT_TAIL(&c->outq, o, link);
+	if (!c->flush_pending) {
+		c->flush_pending = true;
+		event_active(c->flush, 0, 0);
+	}
+}
+
 /*
  * Read exactly `want` bytes into dst (across calls: the first call with
  * dst sets the read up, later calls continue it).  1 done, 0 wait (the read
@@ -395,19 +434,27 @@ static int conn_read_exact(struct nbd_conn *c, void *dst, size_t want)
 			return -EPIPE;
 		if (c->dead)
 			return -EIO;
+		if (c->rx_empty && !conn_tls(c)) {
+			conn_want_read(c, true);
+			return 0;
+		}
 		ssize_t n;
+		size_t asked;
 		if (c->rd_dst && need >= NBD_INBUF / 4) {
+			asked = need;
 			n = conn_recv(c, c->rd_dst + c->rd_have, need);
 			if (n > 0)
 				c->rd_have += (size_t)n;
 		} else {
 			c->rpos = c->rlen = 0;
+			asked = NBD_INBUF;
 			n = conn_recv(c, c->inbuf, NBD_INBUF);
 			if (n > 0)
 				c->rlen = (size_t)n;
 		}
 		if (n > 0) {
 			c->srv->bytes_in += (uint64_t)n;
+			c->rx_empty = (size_t)n < asked && !conn_tls(c);
 			continue;
 		}
 		if (n == 0) {
@@ -987,7 +1034,7 @@ static void req_finish(struct nbd_req *r)
 		req_simple_reply(r);
 	}
 	r->out.done = req_out_done;
-	conn_queue(c, &r->out);
+	conn_queue_later(c, &r->out);
 }
 
 static void req_op_cb(void *opaque, int ret);
@@ -1555,6 +1602,7 @@ static void conn_free(struct nbd_conn *c)
 	event_free(c->rev);
 	event_free(c->wev);
 	event_free(c->kick);
+	event_free(c->flush);
 	event_free(c->timer);
 #ifdef QSM_NBD_TLS
 	if (c->tls) {
@@ -1624,7 +1672,9 @@ static void conn_resume(struct nbd_conn *c)
 
 static void conn_read_cb(evutil_socket_t fd, short what, void *arg)
 {
-	conn_resume(arg);
+	struct nbd_conn *c = arg;
+	c->rx_empty = false;
+	conn_resume(c);
 }
 
 static void conn_write_cb(evutil_socket_t fd, short what, void *arg)
@@ -1638,6 +1688,13 @@ static void conn_write_cb(evutil_socket_t fd, short what, void *arg)
 static void conn_kick_cb(evutil_socket_t fd, short what, void *arg)
 {
 	conn_resume(arg);
+}
+
+static void conn_flush_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct nbd_conn *c = arg;
+	c->flush_pending = false;
+	conn_flush_out(c); /* a reply sent frees its request, which kicks */
 }
 
 static void conn_timer_cb(evutil_socket_t fd, short what, void *arg)
@@ -1665,11 +1722,13 @@ int nbd_conn_start(struct nbd_server *srv, int fd)
 	c->rev = event_new(srv->base, fd, EV_READ | EV_PERSIST, conn_read_cb, c);
 	c->wev = event_new(srv->base, fd, EV_WRITE | EV_PERSIST, conn_write_cb, c);
 	c->kick = event_new(srv->base, -1, 0, conn_kick_cb, c);
+	c->flush = event_new(srv->base, -1, 0, conn_flush_cb, c);
 	c->timer = evtimer_new(srv->base, conn_timer_cb, c);
-	if (!c->rev || !c->wev || !c->kick || !c->timer) {
+	if (!c->rev || !c->wev || !c->kick || !c->flush || !c->timer) {
 		if (c->rev) event_free(c->rev);
 		if (c->wev) event_free(c->wev);
 		if (c->kick) event_free(c->kick);
+		if (c->flush) event_free(c->flush);
 		if (c->timer) event_free(c->timer);
 		free(c->inbuf);
 		free(c);
