@@ -18,6 +18,9 @@
 #   CACHE        --cache for both servers, none|writeback [none]
 #   AIO          --aio for both servers (threads|io_uring) [each one's default]
 #   ONLY         workload names to run [all: write-fresh write-alloc read-alloc read-fresh]
+#   PERF=1       after the measured rounds, one more run per server under
+#                perf record, and its CPU split (engine, libc, loop, socket,
+#                disk, kmem, syscall, sched: tests/bench/perf_split.py)
 #   KEEP=1       keep the work directory (fio JSON and server logs in it)
 set -u
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
@@ -110,10 +113,17 @@ run_server() {
         kill -TERM "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID"; SERVER_PID=
         return 1
     fi
+    local perf_pid=
+    if [ -n "${PERF_OUT:-}" ]; then   # after the ramp, for the measured time
+        (sleep "$RAMP"; exec perf record -q -g -p "$SERVER_PID" -o "$PERF_OUT" -- sleep "$RUNTIME") \
+            >"$WORK/$tag.perf.log" 2>&1 &
+        perf_pid=$!
+    fi
     fio --name="$tag" --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --rw="$rw" --bs=4k \
         --iodepth=32 --numjobs=1 --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
         --output-format=json --output="$WORK/$tag.json" >"$WORK/$tag.fio.log" 2>&1
     rc=$?
+    [ -n "$perf_pid" ] && wait "$perf_pid"
     od=$(o_direct "$SERVER_PID" "$img")
     kill -TERM "$SERVER_PID"; wait "$SERVER_PID"
     local src=$?
@@ -147,6 +157,7 @@ echo "server: ${SRV[*]}   reference: ${REF[*]}   options: ${SERVER_OPTS[*]}"
 echo "fio: 4 KiB, iodepth 32, 1 job, ${RUNTIME} s (+${RAMP} s ramp), median of $REPEAT rounds, nbd engine over a Unix socket; image $SIZE qcow2 (64 KiB clusters)"
 printf '\n%-12s %-6s %10s %9s %10s %9s %7s %-7s %s\n' workload image ref_IOPS ref_p99us srv_IOPS srv_p99us srv/ref target "O_DIRECT ref/srv"
 summary=()
+perfsplit=()
 for w in $ONLY; do
     case $w in
     write-fresh) rw=randwrite kind=fresh;;
@@ -190,6 +201,18 @@ for w in $ONLY; do
         echo "nbd.sh: $w: --cache=$CACHE but O_DIRECT is ref=${res[2]} srv=${res[5]} on the image (expected $want): not comparable" >&2
         errors=$((errors + 1))
     fi
+    if [ "${PERF:-0}" = 1 ]; then
+        # One more run per server, not counted: perf record of every thread
+        # of the server, split by tests/bench/perf_split.py.
+        for who in ref srv; do
+            img="$WORK/$w-$who.qcow2"
+            if [ $kind = fresh ]; then qemu-img create -q -f qcow2 "$img" "$SIZE"; else cp "$WORK/full.qcow2" "$img"; fi
+            if [ $who = ref ]; then cmd=("${REF[@]}"); else cmd=("${SRV[@]}"); fi
+            PERF_OUT="$WORK/$w-$who.perf" run_server "$w-$who-perf" $rw "$img" "${cmd[@]}" >/dev/null &&
+                perfsplit+=("$(python3 "$SRC/tests/bench/perf_split.py" "$WORK/$w-$who.perf" "$w $who")")
+            rm -f "$img"
+        done
+    fi
     if [ $w = read-alloc ]; then
         ri=() rp=() eng=-
         for ((round = 0; round < REPEAT; round++)); do
@@ -208,5 +231,10 @@ done
 echo "(raw file row: its ref columns are fio on the raw file directly, its ratio srv/raw)"
 echo
 printf '%s\n' "${summary[@]}"
+if [ "${PERF:-0}" = 1 ]; then
+    echo
+    echo "where the servers' CPU samples go (perf record -g of every thread; tests/bench/perf_split.py):"
+    printf '%s\n' "${perfsplit[@]}"
+fi
 [ $errors = 0 ] || { echo "nbd.sh: $errors run(s) failed or were not comparable" >&2; exit 1; }
 exit 0
