@@ -177,6 +177,7 @@ bool qsm_io_leave_(struct qsm_io *io)
 
 static void qsm_io_dio_write_done(struct qsm_io_common *c);
 static void qsm_io_dio_pump(struct qsm_io_common *c);
+static void qsm_io_dio_write_go(struct qsm_io_common *c, struct qsm_io_req *req);
 
 void qsm_io_complete_(struct qsm_io *io, struct qsm_io_req *req, int ret)
 {
@@ -207,11 +208,14 @@ void qsm_io_complete_(struct qsm_io *io, struct qsm_io_req *req, int ret)
  * QSM_IO_DIRECT, nothing goes through the page cache: a transfer whose
  * offset, length or buffers are not aligned is bounced here.
  *  - READ: read the covering aligned range into a bounce buffer, copy out.
- *  - WRITE: read-modify-write of the covering aligned range.  Two writes
- *    sharing an aligned block could lose each other's bytes, so an RMW runs
- *    alone: it waits until no write is at the backend, and writes submitted
- *    meanwhile wait behind it (FIFO, cm_wait_head).  Aligned writes overlap
- *    each other freely, as on any disk.
+ *  - WRITE whose offset and length are aligned but whose buffers are not
+ *    (a caller's malloc()ed buffer): copied into an aligned buffer and
+ *    written; it overlaps other writes freely, as an aligned write does.
+ *  - other WRITEs: read-modify-write of the covering aligned range.  Two
+ *    writes sharing an aligned block could lose each other's bytes, so an
+ *    RMW runs alone: it waits until no write is at the backend, and writes
+ *    submitted meanwhile wait behind it (FIFO, cm_wait_head).  Aligned
+ *    writes overlap each other freely, as on any disk.
  * The caller's request completes once, through qsm_io_complete_, after its
  * sub-requests.
  */
@@ -223,6 +227,7 @@ struct qsm_io_bounce {
 	struct iovec iov;
 	uint8_t *buf;
 	uint64_t head;  /* orig->offset - sub.offset */
+	bool rmw;       /* an RMW write: it holds cm_rmw_active */
 	bool rmw_read;  /* the read half of an RMW is running */
 	struct qsm_io_bounce *next, **pprev; /* on c->cm_bounces while alive */
 };
@@ -242,9 +247,17 @@ void qsm_io_set_dio_align_(struct qsm_io_common *c, unsigned off_align, unsigned
 	c->cm_dio_mem_align = mem_align;
 }
 
+/* Offset and length on the device's alignment: the request touches whole
+ * aligned blocks (a write of it needs no read-modify-write). */
+static bool qsm_io_dio_whole(const struct qsm_io_common *c, const struct qsm_io_req *req)
+{
+	return QSM_IS_ALIGNED(req->offset, c->cm_dio_align) && QSM_IS_ALIGNED(req->len, c->cm_dio_align);
+}
+
+/* Whole blocks, and buffers O_DIRECT takes as they are. */
 static bool qsm_io_dio_aligned(const struct qsm_io_common *c, const struct qsm_io_req *req)
 {
-	if (!QSM_IS_ALIGNED(req->offset, c->cm_dio_align) || !QSM_IS_ALIGNED(req->len, c->cm_dio_align))
+	if (!qsm_io_dio_whole(c, req))
 		return false;
 	for (int i = 0; i < req->iovcnt; i++)
 		if (!QSM_IS_ALIGNED((uintptr_t)req->iov[i].iov_base, c->cm_dio_mem_align) ||
@@ -279,7 +292,7 @@ static void qsm_io_bounce_finish(struct qsm_io_bounce *b, int ret)
 {
 	struct qsm_io_common *c = b->c;
 	struct qsm_io_req *orig = b->orig;
-	bool was_rmw = orig->op == QSM_IO_WRITE;
+	bool was_rmw = b->rmw;
 	qsm_io_bounce_free(b);
 	if (was_rmw) {
 		c->cm_rmw_active = false;
@@ -313,9 +326,11 @@ static void qsm_io_bounce_cb(struct qsm_io_req *sub, int ret)
 	qsm_io_bounce_finish(b, 0);
 }
 
-/* Start a bounced READ, or an RMW WRITE (which must be allowed to run). */
+/* Start a bounced READ, a bounced whole-block WRITE, or an RMW WRITE (which
+ * must be allowed to run: the caller has set cm_rmw_active for it). */
 static void qsm_io_bounce_start(struct qsm_io_common *c, struct qsm_io_req *orig)
 {
+	bool rmw = orig->op == QSM_IO_WRITE && !qsm_io_dio_whole(c, orig);
 	uint64_t aoff = QSM_ALIGN_DOWN(orig->offset, c->cm_dio_align);
 	uint64_t aend = QSM_ALIGN_UP(orig->offset + orig->len, c->cm_dio_align);
 	struct qsm_io_bounce *b = calloc(1, sizeof(*b));
@@ -323,7 +338,7 @@ static void qsm_io_bounce_start(struct qsm_io_common *c, struct qsm_io_req *orig
 	if (!b || posix_memalign(&buf, QSM_MAX(c->cm_dio_mem_align, 512u),
 				 QSM_MAX(aend - aoff, (uint64_t)c->cm_dio_align))) {
 		free(b);
-		if (orig->op == QSM_IO_WRITE) {
+		if (rmw) {
 			c->cm_rmw_active = false;
 			qsm_io_dio_pump(c);
 		}
@@ -333,6 +348,7 @@ static void qsm_io_bounce_start(struct qsm_io_common *c, struct qsm_io_req *orig
 	b->c = c;
 	b->orig = orig;
 	b->buf = buf;
+	b->rmw = rmw;
 	b->next = c->cm_bounces;
 	if (b->next)
 		b->next->pprev = &b->next;
@@ -344,13 +360,12 @@ static void qsm_io_bounce_start(struct qsm_io_common *c, struct qsm_io_req *orig
 		.op = QSM_IO_READ, .event = orig->event, .offset = aoff, .len = aend - aoff,
 		.iov = &b->iov, .iovcnt = 1, .cb = qsm_io_bounce_cb,
 	};
-	if (orig->op == QSM_IO_WRITE && QSM_IS_ALIGNED(orig->offset, c->cm_dio_align) &&
-	    QSM_IS_ALIGNED(orig->len, c->cm_dio_align)) {
+	if (orig->op == QSM_IO_WRITE && !rmw) {
 		/* Only the buffers are misaligned: nothing to read first. */
 		qsm_iov_to_buf(orig->iov, orig->iovcnt, 0, buf, orig->len);
 		b->sub.op = QSM_IO_WRITE;
 	} else {
-		b->rmw_read = orig->op == QSM_IO_WRITE;
+		b->rmw_read = rmw;
 	}
 	qsm_io_backend_submit(c, &b->sub, true);
 }
@@ -361,20 +376,28 @@ static void qsm_io_dio_pump(struct qsm_io_common *c)
 {
 	while (c->cm_wait_head && !c->cm_rmw_active) {
 		struct qsm_io_req *req = c->cm_wait_head;
-		bool aligned = qsm_io_dio_aligned(c, req);
-		if (!aligned && c->cm_dio_writes)
+		bool whole = qsm_io_dio_whole(c, req);
+		if (!whole && c->cm_dio_writes)
 			break;
 		c->cm_wait_head = req->io_next;
 		if (!c->cm_wait_head)
 			c->cm_wait_tail = &c->cm_wait_head;
 		req->io_next = NULL;
-		if (aligned) {
-			qsm_io_backend_submit(c, req, false);
-		} else {
-			c->cm_rmw_active = true;
-			qsm_io_bounce_start(c, req);
-		}
+		qsm_io_dio_write_go(c, req);
 	}
+}
+
+/* Start a write that may go now: aligned ones as they are, whole-block ones
+ * through an aligned copy, the rest as an RMW that runs alone. */
+static void qsm_io_dio_write_go(struct qsm_io_common *c, struct qsm_io_req *req)
+{
+	if (qsm_io_dio_aligned(c, req)) {
+		qsm_io_backend_submit(c, req, false);
+		return;
+	}
+	if (!qsm_io_dio_whole(c, req))
+		c->cm_rmw_active = true;
+	qsm_io_bounce_start(c, req);
 }
 
 /* A counted write left the backend. */
@@ -395,17 +418,12 @@ static bool qsm_io_dio_route(struct qsm_io_common *c, struct qsm_io_req *req)
 		qsm_io_bounce_start(c, req);
 		return true;
 	}
-	if (c->cm_rmw_active || c->cm_wait_head || (!aligned && c->cm_dio_writes)) {
+	if (c->cm_rmw_active || c->cm_wait_head || (!qsm_io_dio_whole(c, req) && c->cm_dio_writes)) {
 		*c->cm_wait_tail = req;
 		c->cm_wait_tail = &req->io_next;
 		return true;
 	}
-	if (aligned) {
-		qsm_io_backend_submit(c, req, false);
-	} else {
-		c->cm_rmw_active = true;
-		qsm_io_bounce_start(c, req);
-	}
+	qsm_io_dio_write_go(c, req);
 	return true;
 }
 
