@@ -514,25 +514,11 @@ int cmd_nbd(int argc, char **argv)
 		goto out;
 	}
 #endif
-	{
-		struct qsm_info in;
-		qsm_get_info(m.srv.img, &in);
-		m.srv.size = in.virtual_size;
-		m.srv.cluster_size = strcmp(in.format, "raw") ? in.cluster_size : 0;
-		for (struct qsm_image *l = m.srv.img; l && m.srv.nlayers < NBD_MAX_LAYERS;
-		     l = qsm_get_backing(l)) {
-			struct qsm_info li;
-			qsm_get_info(l, &li);
-			m.srv.layers[m.srv.nlayers] = l;
-			m.srv.layer_size[m.srv.nlayers++] = li.virtual_size;
-		}
-	}
-	m.srv.base = m.base;
+	nbd_server_init(&m.srv, m.base, m.srv.img);
 	m.srv.multi_conn = m.shared != 1;
 	m.srv.handshake_secs = handshake;
 	m.srv.on_close = on_conn_close;
 	m.srv.opaque = &m;
-	LIST_INIT(&m.srv.conns);
 
 	m.lfd = m.sockpath ? listen_unix(m.sockpath) : listen_tcp(bindto, port);
 	if (m.lfd < 0)

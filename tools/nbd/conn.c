@@ -1640,10 +1640,21 @@ static void conn_kick_cb(evutil_socket_t fd, short what, void *arg)
 	conn_resume(arg);
 }
 
+/* The connection's one timer: the handshake limit until GO (step_opt_reply
+ * deletes it there), then the drain limit once the server stops
+ * (server.h contract 3): the replies not yet sent are dropped, and
+ * DRAINING waits only for the engine. */
 static void conn_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct nbd_conn *c = arg;
-	c->timed_out = true;
+	if (c->state < NBD_S_XMIT_HEADER) {
+		c->timed_out = true;
+	} else if (!c->dead) {
+		fprintf(stderr, "nbd conn#%llu: replies not taken %u s after the shutdown: "
+			"%zu requests' replies dropped, connection closed\n",
+			(unsigned long long)c->id, c->srv->drain_secs, (size_t)c->nreqs);
+		conn_set_dead(c);
+	}
 	conn_resume(c);
 }
 
@@ -1682,11 +1693,39 @@ int nbd_conn_start(struct nbd_server *srv, int fd)
 	return 0;
 }
 
+void nbd_server_init(struct nbd_server *srv, struct event_base *base, struct qsm_image *img)
+{
+	struct qsm_info in;
+
+	srv->base = base;
+	srv->img = img;
+	qsm_get_info(img, &in);
+	srv->size = in.virtual_size;
+	srv->cluster_size = strcmp(in.format, "raw") ? in.cluster_size : 0;
+	srv->nlayers = 0;
+	for (struct qsm_image *l = img; l && srv->nlayers < NBD_MAX_LAYERS; l = qsm_get_backing(l)) {
+		struct qsm_info li;
+		qsm_get_info(l, &li);
+		srv->layers[srv->nlayers] = l;
+		srv->layer_size[srv->nlayers++] = li.virtual_size;
+	}
+	srv->drain_secs = NBD_DRAIN_SECS_DEFAULT;
+	LIST_INIT(&srv->conns);
+}
+
 void nbd_server_shutdown(struct nbd_server *srv)
 {
 	struct nbd_conn *c;
+	struct timeval tv = { (time_t)srv->drain_secs, 0 };
 
+	if (srv->stopping)
+		return;
 	srv->stopping = true;
-	LIST_FOREACH(c, &srv->conns, link)
+	LIST_FOREACH(c, &srv->conns, link) {
+		/* Handshakes close at their next step; transmissions drain,
+		 * for at most drain_secs (contract 3). */
+		if (c->state >= NBD_S_XMIT_HEADER && c->state != NBD_S_CLOSED)
+			evtimer_add(c->timer, &tv);
 		conn_schedule(c);
+	}
 }
