@@ -1,0 +1,271 @@
+/*
+ * tests/fuzz/fuzz_nbd.c: libFuzzer target, the NBD connection machine of
+ * `qsm nbd` (tools/nbd/conn.c) driven with raw client bytes.
+ *
+ * One input is one connection: the server end of a socketpair is given to
+ * nbd_conn_start() (server.h contract 4) on a libevent loop, the export a
+ * 2 MiB qcow2 image (64 KiB clusters) in memory (the sim disk, as
+ * fuzz_sched.c), and the fuzzer writes the input's bytes into the client
+ * end.  Layout (past the end, nothing more is sent):
+ *   byte 0      bit 0: first send a canned valid handshake (client flags,
+ *               STRUCTURED_REPLY, SET_META_CONTEXT base:allocation and
+ *               qemu:allocation-depth, GO), so most inputs reach the
+ *               transmission phase;
+ *               bits 1-2: the client's reading: 0 reads every reply, 1
+ *               never reads (the server's output backs up: its caps, the
+ *               write event, replies dropped when the client goes), 2
+ *               reads only after every other chunk, 3 as 0;
+ *               bit 3: small socket buffers (4 KiB asked: backpressure
+ *               within one reply);
+ *               bit 4: the input ends with SIGTERM's path
+ *               (nbd_server_shutdown, drain limit 0 s so the unread
+ *               replies are dropped at once) instead of the client closing;
+ *               bit 5: read-only export; bit 6: --discard=unmap;
+ *               bit 7: -A (qemu:allocation-depth offered)
+ *   then chunks: a control byte c, then the chunk's bytes: c < 0xf0 sends
+ *               c + 1 bytes, c >= 0xf0 sends (c - 0xef) * 4096 bytes (the
+ *               input's next bytes, fewer at its end).  Between chunks the
+ *               loop runs (engine completions, replies) so the server sees
+ *               the stream split where the input says: partial headers,
+ *               options and payloads.
+ * After the input the loop runs until the connection has closed (the
+ * client end closed, or the shutdown), then the image is closed and freed.
+ *
+ * Oracle (any finding aborts): a crash, a sanitizer report, a leak
+ * (libFuzzer's leak detection: the connection, its requests and the
+ * image must all be freed), an event the transition table does not allow
+ * (conn_run aborts), a connection that does not close once its client is
+ * gone or the server stops, a close of the image that fails, or an image
+ * that the check finds corrupt or leaking afterwards.
+ */
+#include <errno.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "io/sim.h"
+#include "metadata/check.h"
+#include "metadata/qcow2.h"
+#include "sm/qsm.h"
+#include "tools/nbd/proto.h"
+#include "tools/nbd/server.h"
+#include "tools/workload.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+#define EXPORT_SIZE   (2u << 20)
+#define CLUSTER_BITS  16
+#define MAX_IDLE      2000        /* loop passes without progress before giving up */
+#define MAX_CLOSE     200000      /* loop passes for the connection to close */
+
+static void bug(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void bug(const char *fmt, ...)
+{
+	va_list ap;
+	fprintf(stderr, "fuzz_nbd: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\n");
+	abort();
+}
+
+static void put32(uint8_t *p, uint32_t v) { p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v; }
+static void put64(uint8_t *p, uint64_t v) { put32(p, v >> 32); put32(p + 4, (uint32_t)v); }
+
+/* Client flags, STRUCTURED_REPLY, SET_META_CONTEXT (two contexts), GO. */
+static size_t canned_handshake(uint8_t *b)
+{
+	static const char *const ctx[] = { "base:allocation", "qemu:allocation-depth" };
+	size_t n = 0, l;
+
+	put32(b, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
+	n = 4;
+	put64(b + n, NBD_OPTS_MAGIC);
+	put32(b + n + 8, NBD_OPT_STRUCTURED_REPLY);
+	put32(b + n + 12, 0);
+	n += 16;
+	size_t hdr = n;
+	put64(b + n, NBD_OPTS_MAGIC);
+	put32(b + n + 8, NBD_OPT_SET_META_CONTEXT);
+	n += 16;
+	put32(b + n, 0); /* export name "" */
+	put32(b + n + 4, 2);
+	n += 8;
+	for (int i = 0; i < 2; i++) {
+		l = strlen(ctx[i]);
+		put32(b + n, (uint32_t)l);
+		memcpy(b + n + 4, ctx[i], l);
+		n += 4 + l;
+	}
+	put32(b + hdr + 12, (uint32_t)(n - hdr - 16));
+	put64(b + n, NBD_OPTS_MAGIC);
+	put32(b + n + 8, NBD_OPT_GO);
+	put32(b + n + 12, 6);
+	put32(b + n + 16, 0);   /* export name "" */
+	b[n + 20] = b[n + 21] = 0; /* no info requests */
+	return n + 22;
+}
+
+struct harness {
+	struct event_base *base;
+	struct nbd_server srv;
+	int cfd;                 /* the client end; -1 once closed */
+	bool reading;
+	uint64_t got;            /* reply bytes the client read */
+};
+
+/* Read what the server sent, if the client reads now; true on progress. */
+static bool client_read(struct harness *h)
+{
+	static uint8_t sink[1 << 16];
+	bool progress = false;
+
+	while (h->reading && h->cfd >= 0) {
+		ssize_t n = recv(h->cfd, sink, sizeof(sink), MSG_DONTWAIT);
+		if (n <= 0)
+			break;
+		h->got += (uint64_t)n;
+		progress = true;
+	}
+	return progress;
+}
+
+/* One pass of the loop (whatever is ready, without waiting). */
+static void loop_once(struct harness *h)
+{
+	event_base_loop(h->base, EVLOOP_NONBLOCK);
+	client_read(h);
+}
+
+/* Send len bytes, running the loop while the socket is full.  false when
+ * the server stopped taking them (it waits for the client to read, or it
+ * closed the connection): the rest of the input is then not sent. */
+static bool client_send(struct harness *h, const uint8_t *p, size_t len)
+{
+	unsigned idle = 0;
+
+	while (len && h->srv.nconns) {
+		ssize_t n = send(h->cfd, p, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+		if (n > 0) {
+			p += n;
+			len -= (size_t)n;
+			idle = 0;
+			continue;
+		}
+		if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+			return false; /* the server closed its end */
+		bool before = h->srv.nconns;
+		loop_once(h);
+		if (++idle > MAX_IDLE || !before)
+			return false;
+	}
+	return len == 0;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	struct harness h = { .cfd = -1 };
+	char err[256];
+	size_t at = 0;
+	uint8_t mode = size ? data[at++] : 0;
+
+	/* The export: a fresh qcow2 image on the sim disk. */
+	struct qcow2_create_opts co = { .size = EXPORT_SIZE, .cluster_bits = CLUSTER_BITS,
+					.version = 3, .refcount_order = 4 };
+	uint8_t *img;
+	size_t img_len;
+	if (qcow2_create_image(&co, &img, &img_len, err, sizeof(err)) < 0)
+		bug("create: %s", err);
+	h.base = event_base_new();
+	struct qsm_sim *sim = qsm_sim_new(0);
+	if (!h.base || !sim)
+		abort();
+	qsm_sim_load_buf(sim, img, img_len);
+	free(img);
+	struct qsm_io *io;
+	if (qsm_io_open_sim(h.base, sim, 0, &io) < 0)
+		abort();
+	struct qsm_open_opts oo = { QSM_OPTS_INIT(oo) };
+	oo.work_threads = -1;
+	oo.read_only = mode & 0x20;
+	struct qsm_image *qi;
+	if (qsm_open_io(h.base, io, &oo, &qi, err, sizeof(err)) < 0)
+		bug("open: %s", err);
+
+	h.srv.name = "";
+	h.srv.read_only = mode & 0x20;
+	h.srv.discard_unmap = mode & 0x40;
+	h.srv.alloc_depth = mode & 0x80;
+	nbd_server_init(&h.srv, h.base, qi);
+	h.srv.drain_secs = 0;
+	h.srv.handshake_secs = 0; /* no timers: the run must not depend on time */
+
+	int sv[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
+		bug("socketpair: %s", strerror(errno));
+	if (mode & 0x08) {
+		int small = 4096;
+		for (int i = 0; i < 2; i++) {
+			setsockopt(sv[i], SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+			setsockopt(sv[i], SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+		}
+	}
+	h.cfd = sv[0];
+	if (nbd_conn_start(&h.srv, sv[1]) < 0)
+		bug("nbd_conn_start failed");
+	unsigned rmode = (mode >> 1) & 3;
+	h.reading = rmode != 1;
+
+	bool sending = true;
+	if (mode & 1) {
+		uint8_t hs[128];
+		size_t n = canned_handshake(hs);
+		sending = client_send(&h, hs, n);
+	}
+	for (unsigned chunk = 0; sending && at < size; chunk++) {
+		uint8_t c = data[at++];
+		size_t n = c < 0xf0 ? (size_t)c + 1 : (size_t)(c - 0xef) * 4096;
+		if (n > size - at)
+			n = size - at;
+		if (rmode == 2)
+			h.reading = chunk & 1;
+		sending = client_send(&h, data + at, n);
+		at += n;
+		for (int i = 0; i < 4 && h.srv.nconns; i++)
+			loop_once(&h);
+	}
+
+	/* The end of the input: the server stops, or the client goes. */
+	if (mode & 0x10 && h.srv.nconns) {
+		nbd_server_shutdown(&h.srv);
+	} else {
+		close(h.cfd);
+		h.cfd = -1;
+	}
+	for (unsigned i = 0; h.srv.nconns; i++) {
+		if (i == MAX_CLOSE)
+			bug("the connection does not close (%s)", mode & 0x10 ? "shutdown" : "client gone");
+		loop_once(&h);
+	}
+	if (h.cfd >= 0)
+		close(h.cfd);
+
+	int ret = qsm_close(qi);
+	if (ret)
+		bug("closing the image fails: %s", qsm_strerror(ret));
+	struct qsm_check_result res;
+	if (wl_sim_check(sim, &res, err, sizeof(err)) < 0 || res.incomplete)
+		bug("the check cannot run: %s", err);
+	if (res.corruptions || res.leaks)
+		bug("the check finds %llu corruptions, %llu leaks after the session",
+		    (unsigned long long)res.corruptions, (unsigned long long)res.leaks);
+	qsm_sim_free(sim);
+	event_base_free(h.base);
+	return 0;
+}
