@@ -529,14 +529,28 @@ static bool name_is_export(const struct nbd_conn *c, const char *name, uint32_t 
 	return strlen(c->srv->name) == len && (len == 0 || !memcmp(c->srv->name, name, len));
 }
 
+/* The option's data as [*p, *end).  An empty option has no buffer
+ * (optbuf NULL, optlen 0: a skipped one never gets here), and arithmetic
+ * on a null pointer is undefined even by 0 (fuzz_nbd found it): its
+ * range is an empty one elsewhere. */
+static void opt_range(const struct nbd_conn *c, const uint8_t **p, const uint8_t **end)
+{
+	static const uint8_t empty[1];
+
+	assert(c->optbuf || c->optlen == 0);
+	*p = c->optbuf ? c->optbuf : empty;
+	*end = *p + (c->optbuf ? c->optlen : 0);
+}
+
 static void opt_info_go(struct nbd_conn *c)
 {
-	const uint8_t *p = c->optbuf, *end = c->optbuf + c->optlen;
+	const uint8_t *p, *end;
 	const char *name;
 	uint32_t nlen;
 	bool want_name = false, want_desc = false;
 	uint8_t b[18];
 
+	opt_range(c, &p, &end);
 	if (parse_name(&p, end, &name, &nlen) < 0 || end - p < 2)
 		goto invalid;
 	uint16_t nreq = get16(p);
@@ -613,7 +627,7 @@ static void ctx_reply(struct nbd_conn *c, uint32_t id, const char *name)
 
 static void opt_meta_context(struct nbd_conn *c)
 {
-	const uint8_t *p = c->optbuf, *end = c->optbuf + c->optlen;
+	const uint8_t *p, *end;
 	const char *name;
 	uint32_t nlen;
 	bool set = c->opt == NBD_OPT_SET_META_CONTEXT;
@@ -623,6 +637,7 @@ static void opt_meta_context(struct nbd_conn *c)
 		opt_error(c, NBD_REP_ERR_INVALID, "use NBD_OPT_STRUCTURED_REPLY first");
 		return;
 	}
+	opt_range(c, &p, &end);
 	if (parse_name(&p, end, &name, &nlen) < 0 || end - p < 4)
 		goto invalid;
 	uint32_t nq = get32(p);
