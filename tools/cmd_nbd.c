@@ -14,7 +14,8 @@
  * Life of the process:
  *   open image -> listen -> (--fork: tell the parent) -> serve
  *   -> (last client gone without -t | SIGTERM/SIGINT) stop accepting
- *   -> connections drain (their requests finish, replies go out)
+ *   -> connections drain (their requests finish, replies go out; after
+ *      NBD_DRAIN_SECS_DEFAULT, 5 s, a client's unsent replies are dropped)
  *   -> qsm_close_async (write-back, clean close) -> exit 0.
  * qemu-nbd's defaults: port 10809 on 0.0.0.0, export name "", -e 1 (one
  * client at a time: accepting pauses while the limit is reached; 0 means
