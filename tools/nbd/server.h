@@ -22,7 +22,8 @@
  *     only for its requests still in the engine, and closes, so a client
  *     that never reads cannot keep the server alive.  (qemu-nbd 7.2 has no
  *     grace time at all: on SIGTERM it shuts every client socket down at
- *     once and waits for the requests in flight; drain_secs 0 is that.)
+ *     once and waits for the requests in flight; drain_secs 0 comes
+ *     closest: what the socket takes at once is still sent.)
  *  4. nbd_server_init() and nbd_conn_start() are all a host needs: any
  *     connected stream socket can be served (cmd_nbd.c's accepted sockets,
  *     a socketpair in tests/fuzz/fuzz_nbd.c); no listening socket is
