@@ -20,10 +20,9 @@
  *     that does not take its replies within srv->drain_secs of the
  *     shutdown loses them: the connection drops its unsent output, waits
  *     only for its requests still in the engine, and closes, so a client
- *     that never reads cannot keep the server alive.  (qemu-nbd 7.2 has no
- *     grace time at all: on SIGTERM it shuts every client socket down at
- *     once and waits for the requests in flight; drain_secs 0 comes
- *     closest: what the socket takes at once is still sent.)
+ *     that never reads cannot keep the server alive.  (qemu-nbd 7.2 has
+ *     no such limit: test_nbd_multi's drain case finds it still running
+ *     30 s after SIGTERM, waiting for that client.)
  *  4. nbd_server_init() and nbd_conn_start() are all a host needs: any
  *     connected stream socket can be served (cmd_nbd.c's accepted sockets,
  *     a socketpair in tests/fuzz/fuzz_nbd.c); no listening socket is
