@@ -28,7 +28,7 @@ if nbd_start fio "$IMG" -f qcow2 -t; then
     t0=$(date +%s.%N)
     timeout "$TIMEOUT" fio --name=randwrite --ioengine=nbd --uri="$URI" --rw=randwrite \
         --bssplit=4k/50:64k/50 --iodepth=16 --size=${SIZE_MB}M --offset=0 \
-        --verify=crc32c --do_verify=1 --verify_fatal=1 --randrepeat=1 --randseed="$BASE_SEED" \
+        --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --randrepeat=1 --randseed="$BASE_SEED" \
         --output-format=json --output="$WORK/fio1.json" >"$WORK/fio1.out" 2>&1
     rc=$?
     t1=$(date +%s.%N)
@@ -44,7 +44,7 @@ print(j['write']['io_bytes'], j['read']['io_bytes'], j['error'])" "$WORK/fio1.js
 
     timeout "$TIMEOUT" fio --name=randrw --ioengine=nbd --uri="$URI" --rw=randrw --rwmixread=70 \
         --bsrange=512-128k --iodepth=16 --size=${SIZE_MB}M --offset=32M \
-        --verify=crc32c --verify_fatal=1 --randrepeat=1 --randseed=$((BASE_SEED + 1)) \
+        --verify=crc32c --verify_fatal=1 --verify_state_save=0 --randrepeat=1 --randseed=$((BASE_SEED + 1)) \
         --output-format=json --output="$WORK/fio2.json" >"$WORK/fio2.out" 2>&1
     rc=$?
     check "randrw: fio exited $rc" [ "$rc" = 0 ] || { show_tail "$WORK/fio2.out"; show_tail "$WORK/fio2.json" 30; }
