@@ -4,8 +4,7 @@
  *
  * One input is one connection: the server end of a socketpair is given to
  * nbd_conn_start() (server.h contract 4) on a libevent loop, the export a
- * 2 MiB qcow2 image (64 KiB clusters) in memory (the sim disk, as
- * fuzz_sched.c), and the fuzzer writes the input's bytes into the client
+ * 2 MiB image in memory (the sim disk, as fuzz_sched.c; byte 1), and the fuzzer writes the input's bytes into the client
  * end.  Layout (past the end, nothing more is sent):
  *   byte 0      bit 0: first send a canned valid handshake (client flags,
  *               STRUCTURED_REPLY, SET_META_CONTEXT base:allocation and
@@ -22,6 +21,11 @@
  *               replies are dropped at once) instead of the client closing;
  *               bit 5: read-only export; bit 6: --discard=unmap;
  *               bit 7: -A (qemu:allocation-depth offered)
+ *   byte 1      bits 0-1, the export: 0 or 3 a fresh 2 MiB qcow2, 1 the
+ *               same over a 1 MiB qcow2 backing file with data in
+ *               [0, 64K) and [512K, 576K) (block status walks the chain
+ *               and past the shorter backing file's end), 2 a 2 MiB raw
+ *               image; bit 2: an export description (-D)
  *   then chunks: a control byte c, then the chunk's bytes: c < 0xf0 sends
  *               c + 1 bytes, c >= 0xf0 sends (c - 0xef) * 4096 bytes (the
  *               input's next bytes, fewer at its end).  Between chunks the
@@ -59,6 +63,7 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define EXPORT_SIZE   (2u << 20)
+#define BACKING_SIZE  (1u << 20)
 #define CLUSTER_BITS  16
 #define MAX_IDLE      2000        /* loop passes without progress before giving up */
 #define MAX_CLOSE     200000      /* loop passes for the connection to close */
@@ -168,37 +173,98 @@ static bool client_send(struct harness *h, const uint8_t *p, size_t len)
 	return len == 0;
 }
 
+/* A fresh qcow2 image of `size` into sim (with a backing file name when
+ * backing). */
+static void make_qcow2(struct qsm_sim *sim, uint64_t size, bool backing)
+{
+	struct qcow2_create_opts co = { .size = size, .cluster_bits = CLUSTER_BITS,
+					.version = 3, .refcount_order = 4 };
+	char err[256];
+	uint8_t *img;
+	size_t img_len;
+
+	if (backing) {
+		co.backing_file = "base.qcow2";
+		co.backing_format = "qcow2";
+	}
+	if (qcow2_create_image(&co, &img, &img_len, err, sizeof(err)) < 0)
+		bug("create: %s", err);
+	qsm_sim_load_buf(sim, img, img_len);
+	free(img);
+}
+
+static int open_backing_sim(void *opaque, struct event_base *base, const char *name,
+			    const char *path, int flags, struct qsm_io **out)
+{
+	(void)name;
+	(void)path;
+	return qsm_io_open_sim(base, opaque, flags | QSM_IO_RDONLY, out);
+}
+
+/* The backing file: data in [0, 64K) and [512K, 576K), the rest
+ * unallocated. */
+static void make_backing(struct event_base *base, struct qsm_sim *bsim)
+{
+	static uint8_t pat[65536];
+	struct qsm_open_opts oo = { QSM_OPTS_INIT(oo) };
+	struct qsm_image *bi;
+	struct qsm_io *io;
+	char err[256];
+
+	make_qcow2(bsim, BACKING_SIZE, false);
+	memset(pat, 0xb5, sizeof(pat));
+	oo.work_threads = -1;
+	if (qsm_io_open_sim(base, bsim, 0, &io) < 0 || qsm_open_io(base, io, &oo, &bi, err, sizeof(err)) < 0)
+		bug("backing open failed");
+	if (qsm_sync_pwrite(bi, pat, sizeof(pat), 0) || qsm_sync_pwrite(bi, pat, sizeof(pat), 512 << 10) ||
+	    qsm_close(bi))
+		bug("backing writes failed");
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct harness h = { .cfd = -1 };
 	char err[256];
 	size_t at = 0;
 	uint8_t mode = size ? data[at++] : 0;
+	uint8_t shape = at < size ? data[at++] : 0;
+	unsigned kind = shape & 3;
 
-	/* The export: a fresh qcow2 image on the sim disk. */
-	struct qcow2_create_opts co = { .size = EXPORT_SIZE, .cluster_bits = CLUSTER_BITS,
-					.version = 3, .refcount_order = 4 };
-	uint8_t *img;
-	size_t img_len;
-	if (qcow2_create_image(&co, &img, &img_len, err, sizeof(err)) < 0)
-		bug("create: %s", err);
+	/* The export on the sim disk (byte 1). */
 	h.base = event_base_new();
-	struct qsm_sim *sim = qsm_sim_new(0);
+	struct qsm_sim *sim = qsm_sim_new(0), *bsim = NULL;
 	if (!h.base || !sim)
-		abort();
-	qsm_sim_load_buf(sim, img, img_len);
-	free(img);
-	struct qsm_io *io;
-	if (qsm_io_open_sim(h.base, sim, 0, &io) < 0)
 		abort();
 	struct qsm_open_opts oo = { QSM_OPTS_INIT(oo) };
 	oo.work_threads = -1;
 	oo.read_only = mode & 0x20;
+	if (kind == 2) {
+		uint8_t *zeros = calloc(1, EXPORT_SIZE);
+		if (!zeros)
+			abort();
+		qsm_sim_load_buf(sim, zeros, EXPORT_SIZE);
+		free(zeros);
+		oo.format = "raw";
+	} else if (kind == 1) {
+		bsim = qsm_sim_new(0);
+		if (!bsim)
+			abort();
+		make_backing(h.base, bsim);
+		make_qcow2(sim, EXPORT_SIZE, true);
+		oo.open_backing_io = open_backing_sim;
+		oo.open_backing_opaque = bsim;
+	} else {
+		make_qcow2(sim, EXPORT_SIZE, false);
+	}
+	struct qsm_io *io;
+	if (qsm_io_open_sim(h.base, sim, 0, &io) < 0)
+		abort();
 	struct qsm_image *qi;
 	if (qsm_open_io(h.base, io, &oo, &qi, err, sizeof(err)) < 0)
 		bug("open: %s", err);
 
 	h.srv.name = "";
+	h.srv.desc = shape & 4 ? "qsm fuzz_nbd export" : NULL;
 	h.srv.read_only = mode & 0x20;
 	h.srv.discard_unmap = mode & 0x40;
 	h.srv.alloc_depth = mode & 0x80;
@@ -260,12 +326,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (ret)
 		bug("closing the image fails: %s", qsm_strerror(ret));
 	struct qsm_check_result res;
-	if (wl_sim_check(sim, &res, err, sizeof(err)) < 0 || res.incomplete)
+	if (kind != 2 && (wl_sim_check(sim, &res, err, sizeof(err)) < 0 || res.incomplete))
 		bug("the check cannot run: %s", err);
-	if (res.corruptions || res.leaks)
+	if (kind != 2 && (res.corruptions || res.leaks))
 		bug("the check finds %llu corruptions, %llu leaks after the session",
 		    (unsigned long long)res.corruptions, (unsigned long long)res.leaks);
 	qsm_sim_free(sim);
+	if (bsim)
+		qsm_sim_free(bsim);
 	event_base_free(h.base);
 	return 0;
 }

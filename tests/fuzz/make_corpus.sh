@@ -216,8 +216,9 @@ def chunked(stream, seed, sizes=(1, 3, 7, 16, 28, 100, 240, 4096, 8192)):
             b += bytes([0xef + n // 4096]) + stream[i:i + n]
         i += n
     return b
-def inp(fname, mode, stream, seed=1, sizes=None):
-    data = bytes([mode]) + (chunked(stream, seed, sizes) if sizes else chunked(stream, seed))
+PLAIN, BACKING, RAW, DESC = 0, 1, 2, 4
+def inp(fname, mode, stream, seed=1, sizes=None, shape=PLAIN):
+    data = bytes([mode, shape]) + (chunked(stream, seed, sizes) if sizes else chunked(stream, seed))
     open(f'{out}/{fname}', 'wb').write(data)
 
 MiB = 1 << 20
@@ -231,6 +232,14 @@ inp('canned-session', CANNED, xmit)
 inp('canned-session-bytewise', CANNED, xmit[:400], sizes=(1, 2, 3))
 inp('canned-session-unmap-depth', CANNED | UNMAP | DEPTH, xmit, seed=2)
 inp('canned-session-readonly', CANNED | RO, xmit, seed=3)
+inp('canned-session-backing-depth', CANNED | DEPTH, xmit, seed=30, shape=BACKING)
+inp('canned-session-backing-unmap', CANNED | UNMAP, xmit, seed=31, shape=BACKING)
+inp('canned-session-raw', CANNED | UNMAP | DEPTH, xmit, seed=32, shape=RAW)
+status = b''.join(req(STATUS, o, ln, f) for o, ln, f in
+                  ((0, 2 * MiB, 0), (60000, 600000, 0), (900000, 300000, 0), (1 << 20, 4096, REQ_ONE),
+                   (65536, 65536, REQ_ONE), (500000, 100000, 0)))
+inp('backing-status-reads', CANNED | DEPTH, req(WRITE, 520000, 3000) + status +
+    req(READ, 500000, 100000) + req(READ, 1000000, 100000) + req(CACHE, 0, 2 * MiB), seed=33, shape=BACKING)
 inp('canned-session-halfread-smallbuf', CANNED | HALFREAD | SMALLBUF, xmit, seed=4)
 reads = b''.join(req(READ, (i * 65536) % (2 * MiB - MiB), MiB, handle=i) for i in range(40))
 inp('canned-noread-flood', CANNED | NOREAD, reads, seed=5)
@@ -245,6 +254,7 @@ own = (FLAGS + opt(LIST) + go(INFO, infos=(1, 2, 3)) + meta(LIST_META, []) +
        opt(STRUCTURED) + opt(STRUCTURED) + meta(SET_META, [b'base:allocation', b'nope:x']) +
        opt(12345, b'junk') + go(infos=(1,)))
 inp('own-handshake-go', 0, own + xmit, seed=10)
+inp('own-handshake-desc', DEPTH, own + xmit, seed=34, shape=DESC | BACKING)
 inp('own-handshake-simple-replies', DEPTH, FLAGS + opt(LIST) + go() + xmit, seed=11)
 inp('export-name', 0, struct.pack('>I', 1) + opt(EXPORT_NAME, b'') + xmit, seed=12)
 inp('export-name-wrong', 0, FLAGS + opt(EXPORT_NAME, b'other'), seed=13)
