@@ -35,12 +35,18 @@
  * After the input the loop runs until the connection has closed (the
  * client end closed, or the shutdown), then the image is closed and freed.
  *
- * Oracle (any finding aborts): a crash, a sanitizer report, a leak
+ * Oracle (any finding aborts): the reply stream of a canned session is
+ * well formed (the greeting, option replies up to GO's ACK, then simple
+ * replies without data and structured chunks of known types whose
+ * lengths fit their type and whose offsets lie in the export: with
+ * structured replies negotiated every reply frames itself); a crash, a
+ * sanitizer report, a leak
  * (libFuzzer's leak detection: the connection, its requests and the
  * image must all be freed), an event the transition table does not allow
  * (conn_run aborts), a connection that does not close once its client is
  * gone or the server stops, a close of the image that fails, or an image
  * that the check finds corrupt or leaking afterwards.
+ * FUZZ_NBD_VERBOSE=1 prints, per input, what the client read and checked.
  */
 #include <errno.h>
 #include <event2/event.h>
@@ -117,13 +123,143 @@ static size_t canned_handshake(uint8_t *b)
 	return n + 22;
 }
 
+static uint32_t get32(const uint8_t *p) { return (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
+static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) << 32 | get32(p + 4); }
+static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+
+/* The reply stream of a canned session, parsed as it arrives. */
+enum rx_phase { RX_GREETING, RX_OPTS, RX_XMIT };
+struct rx {
+	bool on;                 /* a canned session: the stream is checked */
+	enum rx_phase phase;
+	uint8_t *buf;
+	size_t len, cap;
+	uint64_t replies, chunks;
+};
+
 struct harness {
 	struct event_base *base;
 	struct nbd_server srv;
 	int cfd;                 /* the client end; -1 once closed */
 	bool reading;
 	uint64_t got;            /* reply bytes the client read */
+	struct rx rx;
 };
+
+/* Consume what is complete in the stream; bug() on anything malformed. */
+static void rx_parse(struct rx *x, uint64_t export_size)
+{
+	size_t at = 0;
+
+	for (;;) {
+		const uint8_t *p = x->buf + at;
+		size_t n = x->len - at;
+		if (x->phase == RX_GREETING) {
+			if (n < 18)
+				break;
+			if (get64(p) != NBD_INIT_MAGIC || get64(p + 8) != NBD_OPTS_MAGIC)
+				bug("reply stream: bad greeting");
+			at += 18;
+			x->phase = RX_OPTS;
+		} else if (x->phase == RX_OPTS) {
+			if (n < 20)
+				break;
+			uint32_t opt = get32(p + 8), type = get32(p + 12), l = get32(p + 16);
+			if (get64(p) != NBD_REP_MAGIC)
+				bug("reply stream: bad option reply magic");
+			if (n < 20 + (size_t)l)
+				break;
+			if (type & 0x80000000U)
+				bug("reply stream: the canned handshake got error 0x%x for option %u", type, opt);
+			at += 20 + l;
+			if (opt == NBD_OPT_GO && type == NBD_REP_ACK)
+				x->phase = RX_XMIT;
+		} else {
+			if (n < 4)
+				break;
+			uint32_t magic = get32(p);
+			if (magic == NBD_SIMPLE_REPLY_MAGIC) {
+				/* Structured replies negotiated: a READ never gets a
+				 * simple reply, so one has no data. */
+				if (n < NBD_SIMPLE_REPLY_SIZE)
+					break;
+				at += NBD_SIMPLE_REPLY_SIZE;
+				x->replies++;
+				continue;
+			}
+			if (magic != NBD_STRUCTURED_REPLY_MAGIC)
+				bug("reply stream: bad reply magic 0x%08x after %llu replies", magic,
+				    (unsigned long long)x->replies);
+			if (n < NBD_CHUNK_HEADER_SIZE)
+				break;
+			uint16_t flags = get16(p + 4), type = get16(p + 6);
+			uint32_t l = get32(p + 16);
+			if (l > NBD_MAX_PAYLOAD + 8)
+				bug("reply stream: chunk of %u bytes", l);
+			if (n < NBD_CHUNK_HEADER_SIZE + (size_t)l)
+				break;
+			const uint8_t *d = p + NBD_CHUNK_HEADER_SIZE;
+			if (flags & ~NBD_REPLY_FLAG_DONE)
+				bug("reply stream: chunk flags 0x%x", flags);
+			switch (type) {
+			case NBD_REPLY_TYPE_NONE:
+				if (l || !(flags & NBD_REPLY_FLAG_DONE))
+					bug("reply stream: bad NONE chunk");
+				break;
+			case NBD_REPLY_TYPE_OFFSET_DATA:
+				if (l < 8 || get64(d) > export_size || l - 8 > export_size - get64(d))
+					bug("reply stream: OFFSET_DATA of %u bytes at %llu", l,
+					    (unsigned long long)(l >= 8 ? get64(d) : 0));
+				break;
+			case NBD_REPLY_TYPE_OFFSET_HOLE:
+				if (l != 12 || get64(d) > export_size || get32(d + 8) > export_size - get64(d) ||
+				    get32(d + 8) == 0)
+					bug("reply stream: bad OFFSET_HOLE");
+				break;
+			case NBD_REPLY_TYPE_BLOCK_STATUS:
+				if (l < 12 || (l - 4) % 8 || get32(d) > 1)
+					bug("reply stream: BLOCK_STATUS of %u bytes, context %u", l,
+					    l >= 4 ? get32(d) : 0);
+				for (uint32_t i = 0; i < (l - 4) / 8; i++)
+					if (get32(d + 4 + 8 * i) == 0)
+						bug("reply stream: an empty block status extent");
+				break;
+			case NBD_REPLY_TYPE_ERROR:
+				if (l < 6 || get32(d) == 0 || get16(d + 4) != l - 6)
+					bug("reply stream: bad ERROR chunk");
+				break;
+			default:
+				bug("reply stream: unknown chunk type %u", type);
+			}
+			at += NBD_CHUNK_HEADER_SIZE + l;
+			x->chunks++;
+			x->replies += flags & NBD_REPLY_FLAG_DONE;
+		}
+	}
+	memmove(x->buf, x->buf + at, x->len - at);
+	x->len -= at;
+}
+
+static void rx_feed(struct harness *h, const uint8_t *p, size_t n)
+{
+	struct rx *x = &h->rx;
+
+	if (!x->on)
+		return;
+	if (x->len + n > x->cap) {
+		size_t cap = x->cap ? x->cap : 1 << 16;
+		while (cap < x->len + n)
+			cap *= 2;
+		uint8_t *nb = realloc(x->buf, cap);
+		if (!nb)
+			abort();
+		x->buf = nb;
+		x->cap = cap;
+	}
+	memcpy(x->buf + x->len, p, n);
+	x->len += n;
+	rx_parse(x, h->srv.size);
+}
 
 /* Read what the server sent, if the client reads now; true on progress. */
 static bool client_read(struct harness *h)
@@ -136,6 +272,7 @@ static bool client_read(struct harness *h)
 		if (n <= 0)
 			break;
 		h->got += (uint64_t)n;
+		rx_feed(h, sink, (size_t)n);
 		progress = true;
 	}
 	return progress;
@@ -291,6 +428,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	bool sending = true;
 	if (mode & 1) {
 		uint8_t hs[128];
+		h.rx.on = true;
 		size_t n = canned_handshake(hs);
 		sending = client_send(&h, hs, n);
 	}
@@ -321,6 +459,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	if (h.cfd >= 0)
 		close(h.cfd);
+	if (getenv("FUZZ_NBD_VERBOSE"))
+		fprintf(stderr, "fuzz_nbd: %llu reply bytes read; checked: %llu replies, %llu chunks%s\n",
+			(unsigned long long)h.got, (unsigned long long)h.rx.replies,
+			(unsigned long long)h.rx.chunks, h.rx.on ? "" : " (no canned handshake: not parsed)");
+	free(h.rx.buf);
 
 	int ret = qsm_close(qi);
 	if (ret)
