@@ -14,7 +14,8 @@
  * Life of the process:
  *   open image -> listen -> (--fork: tell the parent) -> serve
  *   -> (last client gone without -t | SIGTERM/SIGINT) stop accepting
- *   -> connections drain (their requests finish, replies go out)
+ *   -> connections drain (their requests finish, replies go out; after
+ *      NBD_DRAIN_SECS_DEFAULT, 5 s, a client's unsent replies are dropped)
  *   -> qsm_close_async (write-back, clean close) -> exit 0.
  * qemu-nbd's defaults: port 10809 on 0.0.0.0, export name "", -e 1 (one
  * client at a time: accepting pauses while the limit is reached; 0 means
@@ -514,25 +515,11 @@ int cmd_nbd(int argc, char **argv)
 		goto out;
 	}
 #endif
-	{
-		struct qsm_info in;
-		qsm_get_info(m.srv.img, &in);
-		m.srv.size = in.virtual_size;
-		m.srv.cluster_size = strcmp(in.format, "raw") ? in.cluster_size : 0;
-		for (struct qsm_image *l = m.srv.img; l && m.srv.nlayers < NBD_MAX_LAYERS;
-		     l = qsm_get_backing(l)) {
-			struct qsm_info li;
-			qsm_get_info(l, &li);
-			m.srv.layers[m.srv.nlayers] = l;
-			m.srv.layer_size[m.srv.nlayers++] = li.virtual_size;
-		}
-	}
-	m.srv.base = m.base;
+	nbd_server_init(&m.srv, m.base, m.srv.img);
 	m.srv.multi_conn = m.shared != 1;
 	m.srv.handshake_secs = handshake;
 	m.srv.on_close = on_conn_close;
 	m.srv.opaque = &m;
-	LIST_INIT(&m.srv.conns);
 
 	m.lfd = m.sockpath ? listen_unix(m.sockpath) : listen_tcp(bindto, port);
 	if (m.lfd < 0)

@@ -24,8 +24,8 @@ trap 'rm -rf "$TMP"' EXIT
 cd "$TMP"
 
 # Inputs that once found a bug (regress-*) are kept: every build replays them.
-mkdir -p "$OUT/fuzz_open" "$OUT/fuzz_sched"
-find "$OUT/fuzz_open" "$OUT/fuzz_sched" -type f ! -name 'regress-*' -delete
+mkdir -p "$OUT/fuzz_open" "$OUT/fuzz_sched" "$OUT/fuzz_nbd"
+find "$OUT/fuzz_open" "$OUT/fuzz_sched" "$OUT/fuzz_nbd" -type f ! -name 'regress-*' -delete
 
 mk() { qemu-img create -q -f qcow2 "$@"; }
 qio() { local f=$1; shift; local a=(); for c in "$@"; do a+=(-c "$c"); done; qemu-io -f qcow2 "${a[@]}" "$f" >/dev/null; }
@@ -179,6 +179,107 @@ inp('c4k-two-sessions', 2, 8, split=3,
          op(WRITE, 0x0100, 100), op(ZERO, 0, 30), op(READ, 0, 255), op(FLUSH, 0, 0)))
 inp('c1k-depth1-overlap', 1, 1, depth=1, batch=0,
     ops=(op(WRITE, 0, 100), op(WRITE, 0x100, 100), op(ZERO, 0x80, 50), op(READ, 0, 255)))
+PY
+
+python3 - "$OUT/fuzz_nbd" <<'PY'
+import random, struct, sys
+out = sys.argv[1]
+IHAVEOPT, REQ = 0x49484156454F5054, 0x25609513
+(EXPORT_NAME, ABORT, LIST, STARTTLS, INFO, GO, STRUCTURED, LIST_META, SET_META) = (1, 2, 3, 5, 6, 7, 8, 9, 10)
+READ, WRITE, DISC, FLUSH, TRIM, CACHE, ZEROES, STATUS = range(8)
+FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = 1, 2, 4, 8, 16
+CANNED, NOREAD, HALFREAD, SMALLBUF, SHUTDOWN, RO, UNMAP, DEPTH = 1, 2, 4, 8, 16, 32, 64, 128
+
+def opt(o, data=b''):
+    return struct.pack('>QII', IHAVEOPT, o, len(data)) + data
+def name(s):
+    return struct.pack('>I', len(s)) + s
+def meta(o, ctxs, export=b''):
+    return opt(o, name(export) + struct.pack('>I', len(ctxs)) + b''.join(name(c) for c in ctxs))
+def go(o=GO, export=b'', infos=()):
+    return opt(o, name(export) + struct.pack('>H', len(infos)) + b''.join(struct.pack('>H', i) for i in infos))
+def req(t, off=0, ln=0, flags=0, handle=None, payload=None):
+    h = struct.pack('>IHHQQI', REQ, flags, t, handle if handle is not None else 0x1000 + t, off, ln)
+    if t == WRITE and payload is None:
+        payload = bytes((off + i) * 7 & 255 for i in range(ln))
+    return h + (payload or b'')
+FLAGS = struct.pack('>I', 3)
+
+def chunked(stream, seed, sizes=(1, 3, 7, 16, 28, 100, 240, 4096, 8192)):
+    rnd = random.Random(seed)
+    b, i = b'', 0
+    while i < len(stream):
+        n = rnd.choice(sizes)
+        if n <= 240:
+            b += bytes([n - 1]) + stream[i:i + n]
+        else:
+            b += bytes([0xef + n // 4096]) + stream[i:i + n]
+        i += n
+    return b
+PLAIN, BACKING, RAW, DESC = 0, 1, 2, 4
+def inp(fname, mode, stream, seed=1, sizes=None, shape=PLAIN):
+    data = bytes([mode, shape]) + (chunked(stream, seed, sizes) if sizes else chunked(stream, seed))
+    open(f'{out}/{fname}', 'wb').write(data)
+
+MiB = 1 << 20
+xmit = (req(WRITE, 0, 4096) + req(READ, 0, 4096) + req(WRITE, 70000, 5000, FUA) +
+        req(READ, 65536, 65536) + req(READ, 65536, 65536, DF) + req(STATUS, 0, 2 * MiB) +
+        req(STATUS, 0, 2 * MiB, REQ_ONE) + req(TRIM, 0, 65536) + req(TRIM, 131072, 4096, FUA) +
+        req(ZEROES, 65536, 65536, FAST_ZERO) + req(ZEROES, 1000, 3000, NO_HOLE) +
+        req(ZEROES, 3000, 100, FAST_ZERO) + req(CACHE, 0, MiB) + req(FLUSH) +
+        req(READ, 0, 200000) + req(STATUS, 60000, 10000) + req(DISC))
+inp('canned-session', CANNED, xmit)
+inp('canned-session-bytewise', CANNED, xmit[:400], sizes=(1, 2, 3))
+inp('canned-session-unmap-depth', CANNED | UNMAP | DEPTH, xmit, seed=2)
+inp('canned-session-readonly', CANNED | RO, xmit, seed=3)
+inp('canned-session-backing-depth', CANNED | DEPTH, xmit, seed=30, shape=BACKING)
+inp('canned-session-backing-unmap', CANNED | UNMAP, xmit, seed=31, shape=BACKING)
+inp('canned-session-raw', CANNED | UNMAP | DEPTH, xmit, seed=32, shape=RAW)
+status = b''.join(req(STATUS, o, ln, f) for o, ln, f in
+                  ((0, 2 * MiB, 0), (60000, 600000, 0), (900000, 300000, 0), (1 << 20, 4096, REQ_ONE),
+                   (65536, 65536, REQ_ONE), (500000, 100000, 0)))
+inp('backing-status-reads', CANNED | DEPTH, req(WRITE, 520000, 3000) + status +
+    req(READ, 500000, 100000) + req(READ, 1000000, 100000) + req(CACHE, 0, 2 * MiB), seed=33, shape=BACKING)
+inp('canned-session-halfread-smallbuf', CANNED | HALFREAD | SMALLBUF, xmit, seed=4)
+reads = b''.join(req(READ, (i * 65536) % (2 * MiB - MiB), MiB, handle=i) for i in range(40))
+inp('canned-noread-flood', CANNED | NOREAD, reads, seed=5)
+inp('canned-noread-shutdown', CANNED | NOREAD | SHUTDOWN | SMALLBUF, reads[:28 * 8] + xmit, seed=6)
+inp('canned-shutdown-midpayload', CANNED | SHUTDOWN, req(WRITE, 0, 4096) + req(WRITE, 8192, 65536)[:3000], seed=7)
+inp('canned-eof-midpayload', CANNED, req(WRITE, 0, 65536)[:20000], seed=8)
+inp('canned-eof-midheader', CANNED, req(READ, 0, 512)[:13], seed=9)
+
+# A handshake of its own: simple replies (no STRUCTURED_REPLY), INFO, LIST.
+own = (FLAGS + opt(LIST) + go(INFO, infos=(1, 2, 3)) + meta(LIST_META, []) +
+       meta(LIST_META, [b'base:', b'qemu:']) + meta(SET_META, [b'base:allocation']) +
+       opt(STRUCTURED) + opt(STRUCTURED) + meta(SET_META, [b'base:allocation', b'nope:x']) +
+       opt(12345, b'junk') + go(infos=(1,)))
+inp('own-handshake-go', 0, own + xmit, seed=10)
+inp('own-handshake-desc', DEPTH, own + xmit, seed=34, shape=DESC | BACKING)
+inp('own-handshake-simple-replies', DEPTH, FLAGS + opt(LIST) + go() + xmit, seed=11)
+inp('export-name', 0, struct.pack('>I', 1) + opt(EXPORT_NAME, b'') + xmit, seed=12)
+inp('export-name-wrong', 0, FLAGS + opt(EXPORT_NAME, b'other'), seed=13)
+inp('abort', 0, FLAGS + opt(LIST) + opt(ABORT), seed=14)
+inp('starttls-no-tls', 0, FLAGS + opt(STARTTLS) + opt(STARTTLS, b'x') + go() + req(DISC), seed=15)
+
+# Malformed.
+inp('bad-client-flags', 0, struct.pack('>I', 0xff), seed=16)
+inp('bad-opt-magic', 0, FLAGS + b'IHAVEOPX' + struct.pack('>II', GO, 0), seed=17)
+inp('opt-long-skipped', 0, FLAGS + struct.pack('>QII', IHAVEOPT, GO, 70000) + bytes(70000) + go() + req(DISC),
+    seed=18, sizes=(4096, 8192, 240))
+inp('opt-huge', 0, FLAGS + struct.pack('>QII', IHAVEOPT, LIST, 0x7fffffff), seed=19)
+inp('opt-bad-lengths', 0, FLAGS + opt(GO, b'\0\0\0\x10ab') + opt(SET_META, b'\0\0\0\0\0\0\0\x05') +
+    opt(LIST_META, b'\0\0\0\0\0\0\0\x01\0\0\x10\0') + opt(LIST, b'x') + opt(STRUCTURED, b'yy') + go(), seed=20)
+bad = (req(READ, 2 * MiB - 10, 20) + req(WRITE, 2 * MiB, 1) + req(READ, 0, 33 * MiB) + req(99, 0, 0) +
+       req(READ, 0, 0) + req(WRITE, 0, 0) + req(STATUS, 0, 0) + req(TRIM, 0, 512, 0x8000) +
+       req(READ, 1 << 63, 512) + req(FLUSH, 1 << 63, 1 << 31) + req(CACHE, 2 * MiB, 1))
+inp('bad-requests', CANNED, bad + req(DISC), seed=21)
+inp('bad-requests-ro', CANNED | RO, bad + req(WRITE, 0, 512) + req(TRIM, 0, 512) + req(ZEROES, 0, 512), seed=22)
+inp('bad-request-magic', CANNED, req(READ, 0, 512) + b'\xde\xad' + req(READ, 0, 512)[2:], seed=23)
+inp('write-over-max', CANNED, req(WRITE, 0, 33 * MiB)[:28] + bytes(4096), seed=24)
+inp('request-before-go', 0, FLAGS + req(READ, 0, 512), seed=25)
+inp('pipelined-writes', CANNED | SMALLBUF,
+    b''.join(req(WRITE, i * 70000, 9000, FUA if i % 3 == 0 else 0, handle=i) for i in range(24)) +
+    req(FLUSH) + req(STATUS, 0, 2 * MiB), seed=26)
 PY
 
 du -sh "$OUT"

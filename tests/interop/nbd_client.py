@@ -13,7 +13,7 @@ The command-line part runs against any qemu-nbd-compatible server listening
 on a Unix socket (qemu-nbd 7.2, `qsm nbd`):
   hostile   the hostile and faulty client cases (test_nbd_hostile.sh)
   info      print the export's size and transmission flags as JSON
-  write / verify / flush / durable / hold-write / tls   helpers for
+  write / verify / flush / durable / hold-write / hold-unread / tls   helpers for
             test_nbd_multi.sh and test_nbd_tls.sh (see each function)
 Each check prints one line "PASS name: ..." / "FAIL name: ..." /
 "XFAIL name: ..." (a qsm-only check failing on the reference qemu-nbd,
@@ -1163,6 +1163,32 @@ def cmd_hold_write(a):
     time.sleep(3600)
 
 
+def cmd_hold_unread(a):
+    """Connect, write a.length bytes of a.pattern at a.offset (acknowledged),
+    then send 1 MiB reads without ever reading a reply until the server
+    stops taking them; print "READY n" (the reads sent) and wait to be
+    killed, the socket open (test_nbd_multi.sh's drain case)."""
+    c = connect_go(a.socket)
+    r = c.write(a.offset, bytes([a.pattern]) * a.length)
+    if r.error:
+        print("write failed: error %d" % r.error, flush=True)
+        sys.exit(1)
+    c.sock.setblocking(False)
+    req = struct.pack(">IHHQQI", REQ_MAGIC, 0, CMD_READ, 7, 0, 1 << 20)
+    sent, stuck = 0, None
+    while True:
+        try:
+            sent += c.sock.send(req * 64)
+            stuck = None
+        except BlockingIOError:
+            stuck = stuck or time.monotonic()
+            if time.monotonic() - stuck > 1:
+                break
+            time.sleep(0.05)
+    print("READY %d" % (sent // len(req)), flush=True)
+    time.sleep(3600)
+
+
 def cmd_tls(a):
     """TLS required: options in the clear get NBD_REP_ERR_TLS_REQD, no data
     can be read without TLS; after STARTTLS (Python's ssl, a client
@@ -1276,7 +1302,7 @@ def main():
     if a.cmd == "hostile":
         sys.exit(1 if Hostile(a).run(a.only) else 0)
     {"info": cmd_info, "write": cmd_write, "durable": cmd_durable,
-     "hold-write": cmd_hold_write, "tls": cmd_tls,
+     "hold-write": cmd_hold_write, "hold-unread": cmd_hold_unread, "tls": cmd_tls,
      "starttls-unconfigured": cmd_starttls_unconfigured}[a.cmd](a)
 
 

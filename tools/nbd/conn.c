@@ -577,14 +577,28 @@ static bool name_is_export(const struct nbd_conn *c, const char *name, uint32_t 
 	return strlen(c->srv->name) == len && (len == 0 || !memcmp(c->srv->name, name, len));
 }
 
+/* The option's data as [*p, *end).  An empty option has no buffer
+ * (optbuf NULL, optlen 0: a skipped one never gets here), and arithmetic
+ * on a null pointer is undefined even by 0 (fuzz_nbd found it): its
+ * range is an empty one elsewhere. */
+static void opt_range(const struct nbd_conn *c, const uint8_t **p, const uint8_t **end)
+{
+	static const uint8_t empty[1];
+
+	assert(c->optbuf || c->optlen == 0);
+	*p = c->optbuf ? c->optbuf : empty;
+	*end = *p + (c->optbuf ? c->optlen : 0);
+}
+
 static void opt_info_go(struct nbd_conn *c)
 {
-	const uint8_t *p = c->optbuf, *end = c->optbuf + c->optlen;
+	const uint8_t *p, *end;
 	const char *name;
 	uint32_t nlen;
 	bool want_name = false, want_desc = false;
 	uint8_t b[18];
 
+	opt_range(c, &p, &end);
 	if (parse_name(&p, end, &name, &nlen) < 0 || end - p < 2)
 		goto invalid;
 	uint16_t nreq = get16(p);
@@ -661,7 +675,7 @@ static void ctx_reply(struct nbd_conn *c, uint32_t id, const char *name)
 
 static void opt_meta_context(struct nbd_conn *c)
 {
-	const uint8_t *p = c->optbuf, *end = c->optbuf + c->optlen;
+	const uint8_t *p, *end;
 	const char *name;
 	uint32_t nlen;
 	bool set = c->opt == NBD_OPT_SET_META_CONTEXT;
@@ -671,6 +685,7 @@ static void opt_meta_context(struct nbd_conn *c)
 		opt_error(c, NBD_REP_ERR_INVALID, "use NBD_OPT_STRUCTURED_REPLY first");
 		return;
 	}
+	opt_range(c, &p, &end);
 	if (parse_name(&p, end, &name, &nlen) < 0 || end - p < 4)
 		goto invalid;
 	uint32_t nq = get32(p);
@@ -1701,10 +1716,21 @@ static void conn_flush_cb(evutil_socket_t fd, short what, void *arg)
 	conn_flush_out(c); /* a reply sent frees its request, which kicks */
 }
 
+/* The connection's one timer: the handshake limit until GO (step_opt_reply
+ * deletes it there), then the drain limit once the server stops
+ * (server.h contract 3): the replies not yet sent are dropped, and
+ * DRAINING waits only for the engine. */
 static void conn_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct nbd_conn *c = arg;
-	c->timed_out = true;
+	if (c->state < NBD_S_XMIT_HEADER) {
+		c->timed_out = true;
+	} else if (!c->dead) {
+		fprintf(stderr, "nbd conn#%llu: replies not taken %u s after the shutdown: "
+			"%zu requests' replies dropped, connection closed\n",
+			(unsigned long long)c->id, c->srv->drain_secs, (size_t)c->nreqs);
+		conn_set_dead(c);
+	}
 	conn_resume(c);
 }
 
@@ -1745,11 +1771,39 @@ int nbd_conn_start(struct nbd_server *srv, int fd)
 	return 0;
 }
 
+void nbd_server_init(struct nbd_server *srv, struct event_base *base, struct qsm_image *img)
+{
+	struct qsm_info in;
+
+	srv->base = base;
+	srv->img = img;
+	qsm_get_info(img, &in);
+	srv->size = in.virtual_size;
+	srv->cluster_size = strcmp(in.format, "raw") ? in.cluster_size : 0;
+	srv->nlayers = 0;
+	for (struct qsm_image *l = img; l && srv->nlayers < NBD_MAX_LAYERS; l = qsm_get_backing(l)) {
+		struct qsm_info li;
+		qsm_get_info(l, &li);
+		srv->layers[srv->nlayers] = l;
+		srv->layer_size[srv->nlayers++] = li.virtual_size;
+	}
+	srv->drain_secs = NBD_DRAIN_SECS_DEFAULT;
+	LIST_INIT(&srv->conns);
+}
+
 void nbd_server_shutdown(struct nbd_server *srv)
 {
 	struct nbd_conn *c;
+	struct timeval tv = { (time_t)srv->drain_secs, 0 };
 
+	if (srv->stopping)
+		return;
 	srv->stopping = true;
-	LIST_FOREACH(c, &srv->conns, link)
+	LIST_FOREACH(c, &srv->conns, link) {
+		/* Handshakes close at their next step; transmissions drain,
+		 * for at most drain_secs (contract 3). */
+		if (c->state >= NBD_S_XMIT_HEADER && c->state != NBD_S_CLOSED)
+			evtimer_add(c->timer, &tv);
 		conn_schedule(c);
+	}
 }

@@ -16,7 +16,17 @@
  *     freed, with srv->nconns already decremented.
  *  3. nbd_server_shutdown() makes every connection stop reading: handshakes
  *     close at once, transmissions finish the requests they started, send
- *     the replies (to a client still reading them) and close.
+ *     the replies (to a client still reading them) and close.  A client
+ *     that does not take its replies within srv->drain_secs of the
+ *     shutdown loses them: the connection drops its unsent output, waits
+ *     only for its requests still in the engine, and closes, so a client
+ *     that never reads cannot keep the server alive.  (qemu-nbd 7.2 has
+ *     no such limit: test_nbd_multi's drain case finds it still running
+ *     30 s after SIGTERM, waiting for that client.)
+ *  4. nbd_server_init() and nbd_conn_start() are all a host needs: any
+ *     connected stream socket can be served (cmd_nbd.c's accepted sockets,
+ *     a socketpair in tests/fuzz/fuzz_nbd.c); no listening socket is
+ *     involved here.
  */
 #ifndef QSM_TOOLS_NBD_SERVER_H
 #define QSM_TOOLS_NBD_SERVER_H
@@ -50,6 +60,7 @@ struct nbd_server {
 	bool multi_conn;         /* advertise CAN_MULTI_CONN */
 	struct nbd_tls_creds *tls; /* --tls-creds: TLS required; NULL: no TLS */
 	unsigned handshake_secs; /* time limit of the handshake; 0: none */
+	unsigned drain_secs;     /* contract 3: replies' grace time after a shutdown */
 	bool stopping;
 	int nconns;
 	LIST_HEAD(, nbd_conn) conns;
@@ -59,6 +70,14 @@ struct nbd_server {
 	uint64_t reqs, bytes_in, bytes_out;
 };
 
+#define NBD_DRAIN_SECS_DEFAULT 5
+
+/* Set the fields that come from the image (base, img, size, cluster_size,
+ * the backing chain for block status), drain_secs to its default, and an
+ * empty connection list; the caller's other fields (name, desc, flags,
+ * handshake_secs, on_close...) are left as they are.  The image stays the
+ * caller's: it must outlive every connection. */
+void nbd_server_init(struct nbd_server *srv, struct event_base *base, struct qsm_image *img);
 /* Serve one accepted connection; 0 or -errno (the fd is closed then). */
 int nbd_conn_start(struct nbd_server *srv, int fd);
 /* Stop every connection (contract 3). */
