@@ -197,7 +197,11 @@ enum qsm_event qsm_step_cluster_alloc(struct qsm_req *req)
 		req->brk_back = QSM_S_L2_LOOKUP;
 		return QSM_E_BREAK;
 	}
-	int ret = qsm_refcount_alloc(img->rc, n, &run->host, qsm_req_rcw(req));
+	int ret = 0;
+	if (run->reuse) /* the clusters the zero entries keep (classify) */
+		run->host = qcow2_entry_offset(run->old_entry);
+	else
+		ret = qsm_refcount_alloc(img->rc, n, &run->host, qsm_req_rcw(req));
 	if (ret == -EAGAIN) {
 		/* No claim on the guest clusters yet: L2_LOOKUP classifies again. */
 		release_l2(req);
@@ -220,8 +224,10 @@ enum qsm_event qsm_step_cluster_alloc(struct qsm_req *req)
 							    qsm_metadata_kind(img, run->host + (i << img->cluster_bits))));
 		}
 	}
-	img->stats.clusters_allocated += n;
-	qsm_prealloc_ahead(img, run->host + (n << img->cluster_bits));
+	if (!run->reuse) {
+		img->stats.clusters_allocated += n;
+		qsm_prealloc_ahead(img, run->host + (n << img->cluster_bits));
+	}
 	run->alloc = (struct qsm_alloc){ .first = cluster_of(img, run->offset), .count = n };
 	run->alloc.next = img->allocs;
 	if (img->allocs)
@@ -317,6 +323,8 @@ static int l2_point_at_new(struct qsm_req *req)
 		uint64_t old = qsm_l2_entry(run->l2, run->l2_index + i);
 		qsm_l2_set_entry(run->l2, run->l2_index + i,
 				 qcow2_entry_data(run->host + (i << img->cluster_bits)));
+		if (run->reuse)
+			continue; /* the same host cluster, its zero flag cleared */
 		int ret = free_old_entry(img, old);
 		if (ret < 0)
 			return ret;
