@@ -160,6 +160,9 @@ void qsm_release_unmapped(struct qsm_req *req, uint64_t off, uint64_t len)
 		(void)qsm_free_cluster_deferred(img, c << img->cluster_bits); /* ENOMEM: a leak */
 }
 
+/* FREE_WAIT entries one request may make (see qsm_step_cluster_alloc). */
+#define QSM_FREE_WAITS_MAX 4
+
 /* Release the host clusters an old L2 entry held (deferred, see writeback.c).
  * A compressed cluster holds every cluster its sectors touch. */
 static int free_old_entry(struct qsm_image *img, uint64_t e)
@@ -209,6 +212,20 @@ enum qsm_event qsm_step_cluster_alloc(struct qsm_req *req)
 	}
 	qsm_refcount_unpin(img->rc, &req->rcw);
 	ret = qsm_image_rc_error(img, ret);
+	if (ret == 0 && !run->reuse && req->free_waits < QSM_FREE_WAITS_MAX &&
+	    qsm_wb_free_pending_below(img, cluster_of(img, run->host))) {
+		/* QEMU's allocator would have reused a cluster freed below what
+		 * we got (its free_cluster_index drops on a free); qsm may hand
+		 * it out only once the L2 update that dropped it is durable
+		 * (writeback.c rule 4).  Give back what we took (its refcount
+		 * blocks are cached: they just served) and wait for a batch. */
+		release_l2(req);
+		qsm_release_unmapped(req, run->host, n << img->cluster_bits);
+		run->host = 0;
+		req->free_waits++;
+		img->stats.free_waits++;
+		return QSM_E_FREE_BUSY;
+	}
 	if (ret < 0) {
 		release_l2(req);
 		if (ret == -EFBIG || ret == -ENOSPC)
@@ -477,6 +494,12 @@ enum qsm_event qsm_step_join_wait(struct qsm_req *req)
 	if (!run->join_done)
 		return QSM_E_WAIT; /* qsm_alloc_unlink posts WAKE or ERROR */
 	return run->join_ret < 0 ? fail(req, run->join_ret) : QSM_E_UPDATED;
+}
+
+enum qsm_event qsm_step_free_wait(struct qsm_req *req)
+{
+	qsm_wb_join_next(req->img, req);
+	return QSM_E_WAIT;
 }
 
 enum qsm_event qsm_step_durable_wait(struct qsm_req *req)

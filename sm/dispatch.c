@@ -174,6 +174,7 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_ZERO_UPDATE:   return qsm_step_zero_update(req);
 	case QSM_S_NEXT_RUN:      return qsm_step_next_run(req);
 	case QSM_S_DURABLE_WAIT:  return qsm_step_durable_wait(req);
+	case QSM_S_FREE_WAIT:     return qsm_step_free_wait(req);
 	/* Waiting states: the event comes from whoever we wait on. */
 	case QSM_S_FROZEN:
 	case QSM_S_L2_LOAD:
@@ -404,6 +405,9 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	/* The end of a run, of a request. */
 	case QSM_S_NEXT_RUN: /* the run is over: done advances past it */
 		return run_ok(req) && run_unheld(run) && !run->joined;
+	case QSM_S_FREE_WAIT: /* invariant 4: no table, no claim, no clusters while waiting */
+		return (m == QSM_M_WRITE || m == QSM_M_ZEROES) && run_ok(req) && run_unheld(run) &&
+		       !run->alloc_linked && !run->joined && req->free_waits > 0;
 	case QSM_S_DURABLE_WAIT: /* a close waits for its full batch here too */
 		return (wr || m == QSM_M_FLUSH || m == QSM_M_CLOSE) && req->done == req->bytes &&
 		       run_unheld(run) && !run->joined;
@@ -449,7 +453,8 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 static bool waits_on_other(enum qsm_state s)
 {
 	return s == QSM_S_FROZEN || s == QSM_S_ALLOC_WAIT || s == QSM_S_JOIN_WRITE ||
-	       s == QSM_S_JOIN_WAIT || s == QSM_S_DURABLE_WAIT || s == QSM_S_L2_LOAD ||
+	       s == QSM_S_JOIN_WAIT || s == QSM_S_DURABLE_WAIT || s == QSM_S_FREE_WAIT ||
+	       s == QSM_S_L2_LOAD ||
 	       s == QSM_S_REFBLOCK_LOAD;
 }
 

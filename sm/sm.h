@@ -211,6 +211,9 @@ struct qsm_req {
 	int io_ret;
 
 	bool wt_counted;          /* counted in img->wt_pending */
+	/* FREE_WAIT entries so far (sm/alloc.c, free_lower_pending): bounded,
+	 * so frees that keep coming cannot starve an allocation. */
+	unsigned free_waits;
 	/* FUA writes and zero writes (sm/writeback.c, "Targeted batches"):
 	 * the L2 tables (host offsets) and L1 indices its runs mapped
 	 * through, noted as each run lets its table go (release_l2), so that
@@ -446,6 +449,8 @@ struct qsm_rc_waiter *qsm_req_rcw(struct qsm_req *req);
  * is posted once the block is read (ERROR if the read failed). */
 enum qsm_event qsm_rc_wait(struct qsm_req *req, enum qsm_event resume);
 int qsm_free_cluster_deferred(struct qsm_image *img, uint64_t host_offset);
+void qsm_wb_join_next(struct qsm_image *img, struct qsm_req *req);
+bool qsm_wb_free_pending_below(struct qsm_image *img, uint64_t below);
 /* A data I/O completed: release the held frees no I/O is in flight on any more. */
 void qsm_wb_release_held(struct qsm_image *img);
 
