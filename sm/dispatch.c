@@ -406,7 +406,7 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	case QSM_S_NEXT_RUN: /* the run is over: done advances past it */
 		return run_ok(req) && run_unheld(run) && !run->joined;
 	case QSM_S_FREE_WAIT: /* invariant 4: no table, no claim, no clusters while waiting */
-		return (m == QSM_M_WRITE || m == QSM_M_ZEROES) && run_ok(req) && run_unheld(run) &&
+		return wr && run_ok(req) && run_unheld(run) &&
 		       !run->alloc_linked && !run->joined && req->free_waits > 0;
 	case QSM_S_DURABLE_WAIT: /* a close waits for its full batch here too */
 		return (wr || m == QSM_M_FLUSH || m == QSM_M_CLOSE) && req->done == req->bytes &&
