@@ -151,6 +151,14 @@ int qsm_refcount_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, 
 int qsm_refcount_alloc(struct qsm_refcounts *rc, uint64_t n, uint64_t *offset,
 		       struct qsm_rc_waiter *w);
 
+/* QEMU's qcow2_alloc_clusters_at: allocate (refcount 1) the free clusters
+ * of [cluster, cluster+n) that come before the first used one, *got of
+ * them (0 when `cluster` is used); the cursor (R1) stays.  A write's run
+ * that follows host-contiguously after its previous run asks for this
+ * first, as QEMU's qcow2_alloc_host_offset extends one host extent. */
+int qsm_refcount_alloc_at(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, uint64_t *got,
+			  struct qsm_rc_waiter *w);
+
 /*
  * Compressed clusters: reserve `size` bytes (1..cluster_size) packed right
  * after the previous reservation, as QEMU's qcow2_alloc_bytes: while the

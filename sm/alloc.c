@@ -201,9 +201,26 @@ enum qsm_event qsm_step_cluster_alloc(struct qsm_req *req)
 		return QSM_E_BREAK;
 	}
 	int ret = 0;
-	if (run->reuse) /* the clusters the zero entries keep (classify) */
+	bool extent = false;
+	if (run->reuse) { /* the clusters the zero entries keep (classify) */
 		run->host = qcow2_entry_offset(run->old_entry);
-	else
+	} else if (req->machine == QSM_M_WRITE && req->next_host && !(req->flags & QSM_REQ_COR_FILL)) {
+		/* Go on with the previous run's host extent when the clusters
+		 * there are free (QEMU's qcow2_alloc_clusters_at), the run cut
+		 * to those; else a new extent from the cursor. */
+		uint64_t got = 0;
+		ret = qsm_refcount_alloc_at(img->rc, req->next_host >> img->cluster_bits, n, &got,
+					    qsm_req_rcw(req));
+		if (ret == 0 && got) {
+			uint64_t end = (cluster_of(img, run->offset) + got) << img->cluster_bits;
+			if (run->offset + run->bytes > end)
+				run->bytes = end - run->offset;
+			run->nb_clusters = n = got;
+			run->host = req->next_host;
+			extent = true;
+		}
+	}
+	if (!run->reuse && !extent && ret == 0)
 		ret = qsm_refcount_alloc(img->rc, n, &run->host, qsm_req_rcw(req));
 	if (ret == -EAGAIN) {
 		/* No claim on the guest clusters yet: L2_LOOKUP classifies again. */
@@ -212,7 +229,7 @@ enum qsm_event qsm_step_cluster_alloc(struct qsm_req *req)
 	}
 	qsm_refcount_unpin(img->rc, &req->rcw);
 	ret = qsm_image_rc_error(img, ret);
-	if (ret == 0 && !run->reuse && req->free_waits < QSM_FREE_WAITS_MAX &&
+	if (ret == 0 && !run->reuse && !extent && req->free_waits < QSM_FREE_WAITS_MAX &&
 	    qsm_wb_free_pending_below(img, cluster_of(img, run->host))) {
 		/* QEMU's allocator would have reused a cluster freed below what
 		 * we got (its free_cluster_index drops on a free); qsm may hand
@@ -241,6 +258,7 @@ enum qsm_event qsm_step_cluster_alloc(struct qsm_req *req)
 							    qsm_metadata_kind(img, run->host + (i << img->cluster_bits))));
 		}
 	}
+	req->next_host = run->host + (n << img->cluster_bits);
 	if (!run->reuse) {
 		img->stats.clusters_allocated += n;
 		qsm_prealloc_ahead(img, run->host + (n << img->cluster_bits));

@@ -386,6 +386,7 @@ enum qsm_event qsm_classify_write(struct qsm_req *req)
 			/* Zero data: one cluster per run, see qsm_run_payload. */
 			run_clip(req, 1);
 		run->host = host0 + in_cluster(img, run->offset);
+		req->next_host = host0 + (run->nb_clusters << img->cluster_bits);
 		return QSM_E_IN_PLACE;
 	}
 	bool from_backing = k0 == QCOW2_EK_UNALLOC && qsm_has_backing(img);
@@ -444,6 +445,7 @@ enum qsm_event qsm_classify_write(struct qsm_req *req)
 		run->host = first->host + ((c0 - first->first) << img->cluster_bits) +
 			    in_cluster(img, run->offset);
 		run->joined = first;
+		req->next_host = 0; /* QEMU waits for it, then starts a new extent */
 		req->wait_for = alloc_owner(first)->id;
 		run->join_next = first->joiners;
 		first->joiners = req;

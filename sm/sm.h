@@ -211,6 +211,11 @@ struct qsm_req {
 	int io_ret;
 
 	bool wt_counted;          /* counted in img->wt_pending */
+	/* QEMU's host extent (qcow2_alloc_host_offset): the host offset just
+	 * past the write's previous run, in place or allocated, or 0.  The
+	 * next allocating run takes the free clusters there first
+	 * (qsm_refcount_alloc_at), as QEMU's handle_alloc does. */
+	uint64_t next_host;
 	/* FREE_WAIT entries so far (sm/alloc.c, free_lower_pending): bounded,
 	 * so frees that keep coming cannot starve an allocation. */
 	unsigned free_waits;
