@@ -160,9 +160,6 @@ void qsm_release_unmapped(struct qsm_req *req, uint64_t off, uint64_t len)
 		(void)qsm_free_cluster_deferred(img, c << img->cluster_bits); /* ENOMEM: a leak */
 }
 
-/* FREE_WAIT entries one request may make (see qsm_step_cluster_alloc). */
-#define QSM_FREE_WAITS_MAX 4
-
 /* Release the host clusters an old L2 entry held (deferred, see writeback.c).
  * A compressed cluster holds every cluster its sectors touch. */
 static int free_old_entry(struct qsm_image *img, uint64_t e)

@@ -454,6 +454,9 @@ struct qsm_rc_waiter *qsm_req_rcw(struct qsm_req *req);
  * is posted once the block is read (ERROR if the read failed). */
 enum qsm_event qsm_rc_wait(struct qsm_req *req, enum qsm_event resume);
 int qsm_free_cluster_deferred(struct qsm_image *img, uint64_t host_offset);
+/* FREE_WAIT entries one request may make (qsm_step_cluster_alloc,
+ * qsm_step_l2_alloc): frees that keep coming cannot starve it. */
+#define QSM_FREE_WAITS_MAX 4
 void qsm_wb_join_next(struct qsm_image *img, struct qsm_req *req);
 bool qsm_wb_free_pending_below(struct qsm_image *img, uint64_t below);
 /* A data I/O completed: release the held frees no I/O is in flight on any more. */
