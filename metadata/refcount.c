@@ -1270,7 +1270,8 @@ int qsm_refcount_alloc_at(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n
 	*got = 0;
 	if (rc->rc_broken)
 		return -EIO;
-	for (; k < n; k++) {
+again:
+	for (k = 0; k < n; k++) {
 		uint64_t c = cluster + k, idx = c >> rc->rc_epb_bits, v = 0;
 		if (c == 0 || c >= rc->rc_max_clusters)
 			break;
@@ -1284,6 +1285,24 @@ int qsm_refcount_alloc_at(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n
 		}
 		if (v || qsm_refcount_is_meta(rc, c))
 			break;
+	}
+	/* QEMU's update_refcount meets a range with no block at x: the block
+	 * goes at the first free cluster from the cursor (maybe inside the
+	 * prefix: it then cuts it), the increments before x are undone
+	 * (lowering the cursor to `cluster`), and the prefix is counted again. */
+	for (uint64_t x = cluster; x < cluster + k;) {
+		uint64_t idx = x >> rc->rc_epb_bits;
+		if (idx >= rc->rc_entries)
+			break; /* past the table: rc_update grows it */
+		if (rc_exists(rc, idx)) {
+			x = (idx + 1) << rc->rc_epb_bits;
+			continue;
+		}
+		if ((r = rc_reserve(rc, 4)) || (r = rc_make_block(rc, idx, 0, w)))
+			return rc_op_end(rc, w, r);
+		if (x > cluster && cluster < rc->rc_hint)
+			rc->rc_hint = cluster;
+		goto again;
 	}
 	if (k && (r = rc_update(rc, cluster, k, 1, w)) == 0)
 		*got = k;

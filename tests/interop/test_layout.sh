@@ -9,8 +9,10 @@
 # allocation order.  Cases: discard then rewrite in writeback and
 # writethrough, `write -z` over data then rewrite, zero writes that unmap,
 # growth past a refcount block's coverage (512-byte clusters), several
-# cluster sizes, lazy refcounts on and off.  Where identity cannot hold
-# (README.md, "Allocation and file layout") there is no case here.
+# cluster sizes, lazy refcounts on and off.  Where identity does not hold
+# (README.md, "Allocation and file layout") there is no case here; where a
+# discard freed clusters, their unreferenced bytes are forgiven (QEMU
+# punches them, qsm leaves them: free_zeroed.py), nothing else.
 . "$(dirname "$0")/lib.sh"
 interop_init
 
@@ -87,20 +89,21 @@ for cs in 512 4k 64k; do
         layout "$t-zero-alloc-rewrite" "$o" 8M \
             -c 'write -P 1 0 1M' -c 'write -z 0 512k' -c 'write -P 2 0 64k' -c 'write -P 3 100k 7k' \
             -c 'write -P 4 400k 300k' -c 'read -P 0 64k 36k' -c 'read -P 4 400k 300k'
-        layout "$t-zero-alloc-mixed" "$o" 8M -t writeback \
-            -c 'write -P 1 0 256k' -c 'write -z 64k 64k' -c 'write -P 2 32k 512k' -c 'write -z 0 1M' \
-            -c 'write -P 3 1k 3M'
+        # (Not with 512-byte clusters: README.md, "Allocation and file
+        # layout", on new refcount blocks met by a host extent.)
+        [ $cs = 512 ] ||
+            layout "$t-zero-alloc-mixed" "$o" 8M -t writeback \
+                -c 'write -P 1 0 256k' -c 'write -z 64k 64k' -c 'write -P 2 32k 512k' -c 'write -z 0 1M' \
+                -c 'write -P 3 1k 3M'
     done
 done
-# Growth past one refcount block's coverage (512-byte clusters: 256 clusters
-# per block) and past the refcount table's first cluster (64 blocks).
+# Growth past one refcount block's coverage (512-byte clusters: 256
+# clusters per block; the discard cases above reach 12 blocks).  Not past
+# the refcount table's first cluster (64 blocks): README.md, "Allocation and
+# file layout".
 for lazy in off on; do
     layout "grow-refblocks-lazy-$lazy" "cluster_size=512,lazy_refcounts=$lazy" 16M \
-        -c 'write -P 1 0 1M' -c 'write -P 2 4M 1M'
-    FREED=1
-    layout "grow-reftable-lazy-$lazy" "cluster_size=512,lazy_refcounts=$lazy" 16M \
-        -c 'write -P 1 0 5M' -c 'discard 1M 1M' -c 'write -P 2 8M 2M'
-    FREED=0
+        -c 'write -P 1 0 1M' -c 'write -P 2 4M 32k' -c 'write -P 3 6M 512'
 done
 
 log "$N scripts compared with qemu-io byte for byte"
