@@ -11,6 +11,7 @@
  *                                                  (sm/compressed.c)
  *   L2_LOOKUP --join--> JOIN_WRITE --I/O done--> JOIN_WAIT --updated--> NEXT_RUN
  *   L2_LOOKUP --alloc busy--> ALLOC_WAIT --wake--> L1_LOOKUP (looked up again)
+ *   CLUSTER_ALLOC, L2_ALLOC --free busy--> FREE_WAIT --WB done--> L1_LOOKUP
  *   L2_LOOKUP --whole clusters--> ZERO_UPDATE --updated--> NEXT_RUN
  *   NEXT_RUN --more--> L1_LOOKUP | COMPRESS
  *            --need durable--> DURABLE_WAIT --WB done--> DONE
@@ -19,6 +20,12 @@
  * Transition -> function
  *   CLUSTER_ALLOC -> ALLOC_WRITE|ZERO_CLUSTERS|COW_READ|COMPRESSED_READ|REFBLOCK_LOAD|BREAK ..
  *                                             qsm_step_cluster_alloc
+ *   CLUSTER_ALLOC -> FREE_WAIT ........ qsm_step_cluster_alloc (a cluster
+ *                                  below what it took is freed, its L2
+ *                                  update not durable: given back)
+ *   FREE_WAIT -> L1_LOOKUP ............ job_done (sm/writeback.c: the next
+ *                                  batch, joined by qsm_wb_join_next,
+ *                                  released the frees: WB_DONE)
  *   REFBLOCK_LOAD -> L2_ALLOC|L2_LOOKUP|WB_RELEASE .. rc_waiter_cb (the
  *                                  block is in: the step that needed it
  *                                  runs again, or the run is classified

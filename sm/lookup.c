@@ -17,8 +17,10 @@
  *                                  (nothing to do; a status query reported)
  *   FROZEN -> L1_LOOKUP ................... qsm_step_l2_alloc
  *                                  (the slot's owner wakes its waiters)
- *   L2_ALLOC -> L2_LOOKUP|REFBLOCK_LOAD ... qsm_step_l2_alloc
- *                                  (REFBLOCK_LOAD through qsm_rc_wait)
+ *   L2_ALLOC -> L2_LOOKUP|REFBLOCK_LOAD|FREE_WAIT ... qsm_step_l2_alloc
+ *                                  (REFBLOCK_LOAD through qsm_rc_wait;
+ *                                  FREE_WAIT: a lower cluster is freed,
+ *                                  not yet durable, the slot let go)
  *   L2_ALLOC -> L2_ALLOC .................. l2_waiter_cb
  *                                  (a cache slot came free: WAKE)
  *   L2_LOOKUP -> L2_LOAD|L2_ALLOC ......... qsm_step_l2_lookup
