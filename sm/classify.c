@@ -397,15 +397,19 @@ enum qsm_event qsm_classify_write(struct qsm_req *req)
 	 * zeroes what the write leaves of them and clears the zero flag in
 	 * L2_UPDATE, which frees nothing.  It still takes an allocation
 	 * record (invariant 2): the guest clusters change kind. */
+	/* Not while a data I/O that found the cluster through its old data
+	 * entry is still in flight on it (a read racing the zeroing). */
 	bool reuse = k0 == QCOW2_EK_ZERO_ALLOC && (e0 & QCOW2_OFLAG_COPIED) &&
-		     req->machine == QSM_M_WRITE && !(req->flags & QSM_REQ_COR_FILL);
+		     req->machine == QSM_M_WRITE && !(req->flags & QSM_REQ_COR_FILL) &&
+		     !qsm_host_io_busy(img, host0 >> img->cluster_bits);
 	if (reuse) {
 		for (i = 1; i < n; i++) {
 			uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
 			if ((ret = qsm_check_l2_entry(req, run->l2_index + i, e)) < 0)
 				return fail(req, ret);
 			if (qcow2_entry_kind(e) != QCOW2_EK_ZERO_ALLOC || !(e & QCOW2_OFLAG_COPIED) ||
-			    qcow2_entry_offset(e) != host0 + (i << img->cluster_bits))
+			    qcow2_entry_offset(e) != host0 + (i << img->cluster_bits) ||
+			    qsm_host_io_busy(img, (host0 >> img->cluster_bits) + i))
 				break;
 		}
 	} else if (k0 == QCOW2_EK_SHARED || k0 == QCOW2_EK_COMPRESSED) {
