@@ -540,6 +540,22 @@ static void req_unlink(struct qsm_req *req)
 		qsm_close_wake(img); /* a close may be waiting for this one */
 }
 
+/* qsm_abandon: a request asleep on a write-back batch (DURABLE_WAIT,
+ * FREE_WAIT: no I/O, no table, no claim) goes with the "process": its
+ * memory only, no callback. */
+void qsm_req_forget(struct qsm_req *req)
+{
+	req->wt_counted = false;
+	req_unlink(req);
+	free(req->run.bounce);
+	free(req->run.cbuf);
+	free(req->cor_buf);
+	qsm_cz_release(req);
+	free(req->cz);
+	free(req->iov_buf);
+	free(req);
+}
+
 static void req_complete(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;

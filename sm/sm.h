@@ -458,6 +458,9 @@ int qsm_free_cluster_deferred(struct qsm_image *img, uint64_t host_offset);
  * qsm_step_l2_alloc): frees that keep coming cannot starve it. */
 #define QSM_FREE_WAITS_MAX 4
 void qsm_wb_join_next(struct qsm_image *img, struct qsm_req *req);
+/* qsm_abandon: free the requests asleep on a batch (qsm_req_forget). */
+void qsm_wb_forget_waiters(struct qsm_image *img);
+void qsm_req_forget(struct qsm_req *req);
 bool qsm_wb_free_pending_below(struct qsm_image *img, uint64_t below);
 /* A data I/O completed: release the held frees no I/O is in flight on any more. */
 void qsm_wb_release_held(struct qsm_image *img);

@@ -688,6 +688,20 @@ bool qsm_wb_free_pending_below(struct qsm_image *img, uint64_t below)
 	return false;
 }
 
+void qsm_wb_forget_waiters(struct qsm_image *img)
+{
+	struct qsm_wait **lists[2] = { &img->wb_next_waiters,
+				       img->wb_job && img->wb_job->wb ? &img->wb_job->wb->waiters : NULL };
+	for (int i = 0; i < 2; i++) {
+		while (lists[i] && *lists[i]) {
+			struct qsm_wait *w = *lists[i];
+			*lists[i] = w->next;
+			w->req->waiting = false;
+			qsm_req_forget(w->req);
+		}
+	}
+}
+
 void qsm_wb_kick(struct qsm_image *img)
 {
 	img->wb_wanted = true;
