@@ -355,6 +355,11 @@ enum qsm_event qsm_classify_write(struct qsm_req *req)
 
 	if (ret < 0)
 		return fail(req, ret);
+	/* Classified again after CLUSTER_ALLOC let go (a refcount block to
+	 * read, a breakpoint): what the last classification decided is void. */
+	run->allocating = false;
+	run->reuse = false;
+	run->cow_backing = false;
 	if (req->flags & QSM_REQ_COR_FILL) {
 		if (cor_fill_skip(req, &ret))
 			return QSM_E_NOTHING_TO_DO;
