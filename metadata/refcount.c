@@ -84,7 +84,8 @@
  * its middle ones being all free and so made without a read) before it is
  * claimed.  Before a run is
  * claimed every range it touches must have a block: a missing block is
- * created at the lowest free cluster, and when that cluster's own range has
+ * created at the first free cluster past the run (QEMU's cursor then;
+ * qsm_refcount_alloc_at: from the cursor), and when that cluster's own range has
  * no block either the new block is for that range and counts itself (QEMU's
  * self-describing refblock), so the loop makes progress and never recurses.
  * A run beyond the table's coverage grows the table: the in-memory arrays
