@@ -25,9 +25,13 @@
  * a call may keep plain pointers to every block it touched.
  *
  * Invariants (beyond those of refcount.h; qsm_refcount_check() tests them):
- *  R1. rc_hint <= the lowest free cluster, and rc_hint >= 1.  Lowered when a
- *      refcount drops to 0, raised by scans and by allocations at the hint,
- *      so appending at the end of the image finds its cluster in O(1).
+ *  R1. rc_hint >= 1 is QEMU's allocation cursor (free_cluster_index): an
+ *      allocation takes the lowest run of free clusters at or above it and
+ *      leaves it just past the run (so clusters below it may be free: holes
+ *      too small for a run it passed, or left by a refcount block placed
+ *      past its run, as QEMU leaves them); it is lowered when a refcount
+ *      drops to 0 below it, and raised by scans over used clusters (which
+ *      changes no scan's answer).  Appending at the end is O(1).
  *  R2. rc_end > the last cluster with a nonzero refcount; when rc_end_exact,
  *      rc_end - 1 has one.  Frees made with a waiter lower it only across
  *      blocks that are resident or summarized (rc_free == all free).
@@ -80,7 +84,8 @@
  * its middle ones being all free and so made without a read) before it is
  * claimed.  Before a run is
  * claimed every range it touches must have a block: a missing block is
- * created at the lowest free cluster, and when that cluster's own range has
+ * created at the first free cluster past the run (QEMU's cursor then;
+ * qsm_refcount_alloc_at: from the cursor), and when that cluster's own range has
  * no block either the new block is for that range and counts itself (QEMU's
  * self-describing refblock), so the loop makes progress and never recurses.
  * A run beyond the table's coverage grows the table: the in-memory arrays
@@ -1096,9 +1101,10 @@ static int rc_make_block(struct qsm_refcounts *rc, uint64_t idx, uint64_t from,
 	uint64_t fidx = f >> rc->rc_epb_bits;
 	if (fidx >= rc->rc_entries)
 		return rc_grow_table(rc, fidx + 1);
-	if (!rc_exists(rc, fidx))
-		return rc_install_block(rc, fidx, f);
-	return rc_install_block(rc, idx, f);
+	r = rc_install_block(rc, rc_exists(rc, fidx) ? idx : fidx, f);
+	if (r == 0 && !rc->rc_growing)
+		rc->rc_hint = f + 1; /* QEMU's cursor after alloc_clusters_noref (R1) */
+	return r;
 }
 
 /* Give every range of [c, c+n) a block (growing the table as needed).
@@ -1135,15 +1141,32 @@ static int rc_alloc_run(struct qsm_refcounts *rc, uint64_t n, uint64_t from, uin
 		int r = rc_find_run(rc, n, from, &c, w);
 		if (r)
 			return r;
-		if ((r = rc_ensure_blocks(rc, c, n, from, &made, w)))
+		/* The first cluster of the run whose range has no block. */
+		uint64_t x = c;
+		while (x < c + n && (x >> rc->rc_epb_bits) < rc->rc_entries &&
+		       rc_exists(rc, x >> rc->rc_epb_bits))
+			x = QSM_MIN(c + n, ((x >> rc->rc_epb_bits) + 1) << rc->rc_epb_bits);
+		/* As QEMU's update_refcount > alloc_refcount_block: a missing
+		 * block goes at the first free cluster past the run (where
+		 * QEMU's cursor stands once the run is found), so inside the
+		 * range it covers as the image grows. */
+		if ((r = rc_ensure_blocks(rc, c, n, QSM_MAX(from, c + n), &made, w)))
 			return r;
-		if (made)
+		if (made) {
+			/* QEMU's -EAGAIN: the refcounts raised before x are
+			 * dropped again, which brings its cursor back to c; with
+			 * none (x == c) the cursor stays past the new block. */
+			if (x > c && from == 0)
+				rc->rc_hint = QSM_MAX(c, 1);
 			continue; /* new blocks may sit in the run: look again */
+		}
 		if ((r = rc_resident(rc, c, n, w)))
 			return r;
 		for (uint64_t i = c; i < c + n; i++)
 			rc_set(rc, rc_block_at(rc, i), i, 1);
 		rc_claimed(rc, c, n);
+		if (from == 0)
+			rc->rc_hint = c + n; /* QEMU's free_cluster_index (R1) */
 		*out = c;
 		return 0;
 	}
@@ -1234,6 +1257,56 @@ int qsm_refcount_alloc(struct qsm_refcounts *rc, uint64_t n, uint64_t *offset,
 	int r = rc_alloc(rc, n, &c, w);
 	if (r == 0)
 		*offset = c << rc->rc_cluster_bits;
+	return rc_op_end(rc, w, r);
+}
+
+static int rc_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, int64_t delta,
+		     struct qsm_rc_waiter *w);
+
+int qsm_refcount_alloc_at(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, uint64_t *got,
+			  struct qsm_rc_waiter *w)
+{
+	uint64_t k = 0, mask = rc_epb(rc) - 1;
+	int r = 0;
+	*got = 0;
+	if (rc->rc_broken)
+		return -EIO;
+again:
+	for (k = 0; k < n; k++) {
+		uint64_t c = cluster + k, idx = c >> rc->rc_epb_bits, v = 0;
+		if (c == 0 || c >= rc->rc_max_clusters)
+			break;
+		if (rc_bad(rc, idx))
+			break; /* R9: found at use by the normal path */
+		if (rc_exists(rc, idx)) {
+			struct qsm_rc_block *b = rc_get(rc, idx, w, &r);
+			if (!b)
+				return rc_op_end(rc, w, r);
+			v = rc_block_get(rc->rc_order, b->rb_data, c & mask);
+		}
+		if (v || qsm_refcount_is_meta(rc, c))
+			break;
+	}
+	/* QEMU's update_refcount meets a range with no block at x: the block
+	 * goes at the first free cluster from the cursor (maybe inside the
+	 * prefix: it then cuts it), the increments before x are undone
+	 * (lowering the cursor to `cluster`), and the prefix is counted again. */
+	for (uint64_t x = cluster; x < cluster + k;) {
+		uint64_t idx = x >> rc->rc_epb_bits;
+		if (idx >= rc->rc_entries)
+			break; /* past the table: rc_update grows it */
+		if (rc_exists(rc, idx)) {
+			x = (idx + 1) << rc->rc_epb_bits;
+			continue;
+		}
+		if ((r = rc_reserve(rc, 4)) || (r = rc_make_block(rc, idx, 0, w)))
+			return rc_op_end(rc, w, r);
+		if (x > cluster && cluster < rc->rc_hint)
+			rc->rc_hint = cluster;
+		goto again;
+	}
+	if (k && (r = rc_update(rc, cluster, k, 1, w)) == 0)
+		*got = k;
 	return rc_op_end(rc, w, r);
 }
 
@@ -1850,17 +1923,7 @@ bool qsm_refcount_check(const struct qsm_refcounts *rc)
 		for (uint32_t i = 0; i < rc->rc_old[k].ot_clusters; i++)
 			RC_CHECK(!qsm_refcount_peek(rc, (rc->rc_old[k].ot_offset >> cb) + i, &v) ||
 				 v >= 1, "invariant 3: old table cluster has refcount 0");
-	RC_CHECK(rc->rc_hint >= 1, "R1: hint 0");
-	for (uint64_t c = 1; c < rc->rc_hint; c++) {
-		uint64_t idx = c >> rc->rc_epb_bits;
-		if (rc_exists(rc, idx) && (!qsm_refcount_peek(rc, c, &v) || rc->rc_free[idx] == 0)) {
-			c = ((idx + 1) << rc->rc_epb_bits) - 1; /* unread or full */
-			continue;
-		}
-		(void)qsm_refcount_peek(rc, c, &v);
-		RC_CHECK(v || (rc->rc_careful && qsm_refcount_is_meta(rc, c)),
-			 "R1: cluster %" PRIu64 " is free below the hint %" PRIu64, c, rc->rc_hint);
-	}
+	RC_CHECK(rc->rc_hint >= 1, "R1: hint 0"); /* a cursor: free clusters may lie below */
 	if (rc->rc_end_exact && rc->rc_end)
 		RC_CHECK(!qsm_refcount_peek(rc, rc->rc_end - 1, &v) || v,
 			 "R2: end %" PRIu64 " but its last cluster is free", rc->rc_end);

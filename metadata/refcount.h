@@ -146,10 +146,19 @@ int qsm_refcount_update(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, 
 			struct qsm_rc_waiter *w);
 
 /* Allocate n contiguous free clusters (refcount set to 1) and return the
- * byte offset of the first.  Prefers the lowest free run (reuse), else the
- * end of the image.  Never returns cluster 0. */
+ * byte offset of the first: the lowest free run at or above the cursor
+ * (QEMU's free_cluster_index, lowered by frees: reuse), else the end of
+ * the image; the cursor is left past the run.  Never returns cluster 0. */
 int qsm_refcount_alloc(struct qsm_refcounts *rc, uint64_t n, uint64_t *offset,
 		       struct qsm_rc_waiter *w);
+
+/* QEMU's qcow2_alloc_clusters_at: allocate (refcount 1) the free clusters
+ * of [cluster, cluster+n) that come before the first used one, *got of
+ * them (0 when `cluster` is used); the cursor (R1) stays.  A write's run
+ * that follows host-contiguously after its previous run asks for this
+ * first, as QEMU's qcow2_alloc_host_offset extends one host extent. */
+int qsm_refcount_alloc_at(struct qsm_refcounts *rc, uint64_t cluster, uint64_t n, uint64_t *got,
+			  struct qsm_rc_waiter *w);
 
 /*
  * Compressed clusters: reserve `size` bytes (1..cluster_size) packed right

@@ -11,6 +11,7 @@
  *                                                  (sm/compressed.c)
  *   L2_LOOKUP --join--> JOIN_WRITE --I/O done--> JOIN_WAIT --updated--> NEXT_RUN
  *   L2_LOOKUP --alloc busy--> ALLOC_WAIT --wake--> L1_LOOKUP (looked up again)
+ *   CLUSTER_ALLOC, L2_ALLOC --free busy--> FREE_WAIT --WB done--> L1_LOOKUP
  *   L2_LOOKUP --whole clusters--> ZERO_UPDATE --updated--> NEXT_RUN
  *   NEXT_RUN --more--> L1_LOOKUP | COMPRESS
  *            --need durable--> DURABLE_WAIT --WB done--> DONE
@@ -19,6 +20,12 @@
  * Transition -> function
  *   CLUSTER_ALLOC -> ALLOC_WRITE|ZERO_CLUSTERS|COW_READ|COMPRESSED_READ|REFBLOCK_LOAD|BREAK ..
  *                                             qsm_step_cluster_alloc
+ *   CLUSTER_ALLOC -> FREE_WAIT ........ qsm_step_cluster_alloc (a cluster
+ *                                  below what it took is freed, its L2
+ *                                  update not durable: given back)
+ *   FREE_WAIT -> L1_LOOKUP ............ job_done (sm/writeback.c: the next
+ *                                  batch, joined by qsm_wb_join_next,
+ *                                  released the frees: WB_DONE)
  *   REFBLOCK_LOAD -> L2_ALLOC|L2_LOOKUP|WB_RELEASE .. rc_waiter_cb (the
  *                                  block is in: the step that needed it
  *                                  runs again, or the run is classified
@@ -197,7 +204,28 @@ enum qsm_event qsm_step_cluster_alloc(struct qsm_req *req)
 		req->brk_back = QSM_S_L2_LOOKUP;
 		return QSM_E_BREAK;
 	}
-	int ret = qsm_refcount_alloc(img->rc, n, &run->host, qsm_req_rcw(req));
+	int ret = 0;
+	bool extent = false;
+	if (run->reuse) { /* the clusters the zero entries keep (classify) */
+		run->host = qcow2_entry_offset(run->old_entry);
+	} else if (req->machine == QSM_M_WRITE && req->next_host && !(req->flags & QSM_REQ_COR_FILL)) {
+		/* Go on with the previous run's host extent when the clusters
+		 * there are free (QEMU's qcow2_alloc_clusters_at), the run cut
+		 * to those; else a new extent from the cursor. */
+		uint64_t got = 0;
+		ret = qsm_refcount_alloc_at(img->rc, req->next_host >> img->cluster_bits, n, &got,
+					    qsm_req_rcw(req));
+		if (ret == 0 && got) {
+			uint64_t end = (cluster_of(img, run->offset) + got) << img->cluster_bits;
+			if (run->offset + run->bytes > end)
+				run->bytes = end - run->offset;
+			run->nb_clusters = n = got;
+			run->host = req->next_host;
+			extent = true;
+		}
+	}
+	if (!run->reuse && !extent && ret == 0)
+		ret = qsm_refcount_alloc(img->rc, n, &run->host, qsm_req_rcw(req));
 	if (ret == -EAGAIN) {
 		/* No claim on the guest clusters yet: L2_LOOKUP classifies again. */
 		release_l2(req);
@@ -205,6 +233,20 @@ enum qsm_event qsm_step_cluster_alloc(struct qsm_req *req)
 	}
 	qsm_refcount_unpin(img->rc, &req->rcw);
 	ret = qsm_image_rc_error(img, ret);
+	if (ret == 0 && !run->reuse && !extent && req->free_waits < QSM_FREE_WAITS_MAX &&
+	    qsm_wb_free_pending_below(img, cluster_of(img, run->host))) {
+		/* QEMU's allocator would have reused a cluster freed below what
+		 * we got (its free_cluster_index drops on a free); qsm may hand
+		 * it out only once the L2 update that dropped it is durable
+		 * (writeback.c rule 4).  Give back what we took (its refcount
+		 * blocks are cached: they just served) and wait for a batch. */
+		release_l2(req);
+		qsm_release_unmapped(req, run->host, n << img->cluster_bits);
+		run->host = 0;
+		req->free_waits++;
+		img->stats.free_waits++;
+		return QSM_E_FREE_BUSY;
+	}
 	if (ret < 0) {
 		release_l2(req);
 		if (ret == -EFBIG || ret == -ENOSPC)
@@ -220,8 +262,11 @@ enum qsm_event qsm_step_cluster_alloc(struct qsm_req *req)
 							    qsm_metadata_kind(img, run->host + (i << img->cluster_bits))));
 		}
 	}
-	img->stats.clusters_allocated += n;
-	qsm_prealloc_ahead(img, run->host + (n << img->cluster_bits));
+	req->next_host = run->host + (n << img->cluster_bits);
+	if (!run->reuse) {
+		img->stats.clusters_allocated += n;
+		qsm_prealloc_ahead(img, run->host + (n << img->cluster_bits));
+	}
 	run->alloc = (struct qsm_alloc){ .first = cluster_of(img, run->offset), .count = n };
 	run->alloc.next = img->allocs;
 	if (img->allocs)
@@ -317,6 +362,8 @@ static int l2_point_at_new(struct qsm_req *req)
 		uint64_t old = qsm_l2_entry(run->l2, run->l2_index + i);
 		qsm_l2_set_entry(run->l2, run->l2_index + i,
 				 qcow2_entry_data(run->host + (i << img->cluster_bits)));
+		if (run->reuse)
+			continue; /* the same host cluster, its zero flag cleared */
 		int ret = free_old_entry(img, old);
 		if (ret < 0)
 			return ret;
@@ -469,6 +516,12 @@ enum qsm_event qsm_step_join_wait(struct qsm_req *req)
 	if (!run->join_done)
 		return QSM_E_WAIT; /* qsm_alloc_unlink posts WAKE or ERROR */
 	return run->join_ret < 0 ? fail(req, run->join_ret) : QSM_E_UPDATED;
+}
+
+enum qsm_event qsm_step_free_wait(struct qsm_req *req)
+{
+	qsm_wb_join_next(req->img, req);
+	return QSM_E_WAIT;
 }
 
 enum qsm_event qsm_step_durable_wait(struct qsm_req *req)

@@ -303,7 +303,9 @@ enum qsm_event qsm_classify_read(struct qsm_req *req)
  * Write (and zero data) runs: the first cluster decides the kind of run.
  *  - QCOW2_EK_DATA: in place, extended over host-contiguous QCOW2_EK_DATA
  *    clusters;
- *  - QCOW2_EK_UNALLOC/_ZERO/_ZERO_ALLOC: allocate, extended over clusters of
+ *  - QCOW2_EK_ZERO_ALLOC, not shared: written in place (run->reuse), extended
+ *    over host-contiguous clusters of that kind; the rest of them zeroed;
+ *  - QCOW2_EK_UNALLOC/_ZERO/shared _ZERO_ALLOC: allocate, extended over clusters of
  *    those kinds (no old data to keep: COW regions are zeros); with a
  *    backing file, unallocated clusters form runs of their own whose
  *    partial head and tail are copied from the backing image (cow_backing);
@@ -353,6 +355,11 @@ enum qsm_event qsm_classify_write(struct qsm_req *req)
 
 	if (ret < 0)
 		return fail(req, ret);
+	/* Classified again after CLUSTER_ALLOC let go (a refcount block to
+	 * read, a breakpoint): what the last classification decided is void. */
+	run->allocating = false;
+	run->reuse = false;
+	run->cow_backing = false;
 	if (req->flags & QSM_REQ_COR_FILL) {
 		if (cor_fill_skip(req, &ret))
 			return QSM_E_NOTHING_TO_DO;
@@ -384,10 +391,33 @@ enum qsm_event qsm_classify_write(struct qsm_req *req)
 			/* Zero data: one cluster per run, see qsm_run_payload. */
 			run_clip(req, 1);
 		run->host = host0 + in_cluster(img, run->offset);
+		req->next_host = host0 + (run->nb_clusters << img->cluster_bits);
 		return QSM_E_IN_PLACE;
 	}
 	bool from_backing = k0 == QCOW2_EK_UNALLOC && qsm_has_backing(img);
-	if (k0 == QCOW2_EK_SHARED || k0 == QCOW2_EK_COMPRESSED) {
+	/* A preallocated zero cluster that is not shared (COPIED, QEMU's
+	 * QCOW2_CLUSTER_ZERO_ALLOC with refcount 1) is written in place, as
+	 * QEMU's handle_copied does: the run keeps the host clusters
+	 * (run->reuse), extended over host-contiguous ones of the same kind,
+	 * zeroes what the write leaves of them and clears the zero flag in
+	 * L2_UPDATE, which frees nothing.  It still takes an allocation
+	 * record (invariant 2): the guest clusters change kind. */
+	/* Not while a data I/O that found the cluster through its old data
+	 * entry is still in flight on it (a read racing the zeroing). */
+	bool reuse = k0 == QCOW2_EK_ZERO_ALLOC && (e0 & QCOW2_OFLAG_COPIED) &&
+		     req->machine == QSM_M_WRITE && !(req->flags & QSM_REQ_COR_FILL) &&
+		     !qsm_host_io_busy(img, host0 >> img->cluster_bits);
+	if (reuse) {
+		for (i = 1; i < n; i++) {
+			uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);
+			if ((ret = qsm_check_l2_entry(req, run->l2_index + i, e)) < 0)
+				return fail(req, ret);
+			if (qcow2_entry_kind(e) != QCOW2_EK_ZERO_ALLOC || !(e & QCOW2_OFLAG_COPIED) ||
+			    qcow2_entry_offset(e) != host0 + (i << img->cluster_bits) ||
+			    qsm_host_io_busy(img, (host0 >> img->cluster_bits) + i))
+				break;
+		}
+	} else if (k0 == QCOW2_EK_SHARED || k0 == QCOW2_EK_COMPRESSED) {
 		i = 1; /* one cluster, copied from its old contents */
 	} else {
 		for (i = 1; i < n; i++) {
@@ -396,6 +426,11 @@ enum qsm_event qsm_classify_write(struct qsm_req *req)
 			if ((ret = qsm_check_l2_entry(req, run->l2_index + i, e)) < 0)
 				return fail(req, ret);
 			if (!qcow2_kind_reads_zero(k) || (from_backing != (k == QCOW2_EK_UNALLOC && qsm_has_backing(img))))
+				break;
+			/* QEMU takes an unshared preallocated zero cluster as it is
+			 * (handle_copied): it starts a run of its own. */
+			if (k == QCOW2_EK_ZERO_ALLOC && (e & QCOW2_OFLAG_COPIED) &&
+			    req->machine == QSM_M_WRITE && !(req->flags & QSM_REQ_COR_FILL))
 				break;
 		}
 	}
@@ -419,6 +454,7 @@ enum qsm_event qsm_classify_write(struct qsm_req *req)
 		run->host = first->host + ((c0 - first->first) << img->cluster_bits) +
 			    in_cluster(img, run->offset);
 		run->joined = first;
+		req->next_host = 0; /* QEMU waits for it, then starts a new extent */
 		req->wait_for = alloc_owner(first)->id;
 		run->join_next = first->joiners;
 		first->joiners = req;
@@ -434,6 +470,7 @@ enum qsm_event qsm_classify_write(struct qsm_req *req)
 	}
 	run->old_entry = e0;
 	run->allocating = true;
+	run->reuse = reuse;
 	run->cow_backing = from_backing;
 	return QSM_E_NEED_ALLOC;
 }

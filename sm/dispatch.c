@@ -174,6 +174,7 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_ZERO_UPDATE:   return qsm_step_zero_update(req);
 	case QSM_S_NEXT_RUN:      return qsm_step_next_run(req);
 	case QSM_S_DURABLE_WAIT:  return qsm_step_durable_wait(req);
+	case QSM_S_FREE_WAIT:     return qsm_step_free_wait(req);
 	/* Waiting states: the event comes from whoever we wait on. */
 	case QSM_S_FROZEN:
 	case QSM_S_L2_LOAD:
@@ -404,6 +405,9 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	/* The end of a run, of a request. */
 	case QSM_S_NEXT_RUN: /* the run is over: done advances past it */
 		return run_ok(req) && run_unheld(run) && !run->joined;
+	case QSM_S_FREE_WAIT: /* invariant 4: no table, no claim, no clusters while waiting */
+		return wr && run_ok(req) && run_unheld(run) &&
+		       !run->alloc_linked && !run->joined && req->free_waits > 0;
 	case QSM_S_DURABLE_WAIT: /* a close waits for its full batch here too */
 		return (wr || m == QSM_M_FLUSH || m == QSM_M_CLOSE) && req->done == req->bytes &&
 		       run_unheld(run) && !run->joined;
@@ -449,7 +453,8 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 static bool waits_on_other(enum qsm_state s)
 {
 	return s == QSM_S_FROZEN || s == QSM_S_ALLOC_WAIT || s == QSM_S_JOIN_WRITE ||
-	       s == QSM_S_JOIN_WAIT || s == QSM_S_DURABLE_WAIT || s == QSM_S_L2_LOAD ||
+	       s == QSM_S_JOIN_WAIT || s == QSM_S_DURABLE_WAIT || s == QSM_S_FREE_WAIT ||
+	       s == QSM_S_L2_LOAD ||
 	       s == QSM_S_REFBLOCK_LOAD;
 }
 
@@ -533,6 +538,22 @@ static void req_unlink(struct qsm_req *req)
 	img->in_flight--;
 	if (img->close_req && req != img->close_req)
 		qsm_close_wake(img); /* a close may be waiting for this one */
+}
+
+/* qsm_abandon: a request asleep on a write-back batch (DURABLE_WAIT,
+ * FREE_WAIT: no I/O, no table, no claim) goes with the "process": its
+ * memory only, no callback. */
+void qsm_req_forget(struct qsm_req *req)
+{
+	req->wt_counted = false;
+	req_unlink(req);
+	free(req->run.bounce);
+	free(req->run.cbuf);
+	free(req->cor_buf);
+	qsm_cz_release(req);
+	free(req->cz);
+	free(req->iov_buf);
+	free(req);
 }
 
 static void req_complete(struct qsm_req *req)

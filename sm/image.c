@@ -1113,7 +1113,10 @@ int qsm_close_async(struct qsm_image *img, qsm_cb cb, void *opaque)
 void qsm_abandon(struct qsm_image *img)
 {
 	/* In-flight requests are forgotten with the process (tools call this
-	 * just before _exit); only their memory is at stake. */
+	 * just before _exit); only their memory is at stake.  Those asleep on
+	 * a write-back batch (DURABLE_WAIT, FREE_WAIT) hold nothing else and
+	 * no batch will ever wake them: freed here, without callbacks. */
+	qsm_wb_forget_waiters(img);
 	image_free(img, true);
 }
 

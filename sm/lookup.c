@@ -17,8 +17,10 @@
  *                                  (nothing to do; a status query reported)
  *   FROZEN -> L1_LOOKUP ................... qsm_step_l2_alloc
  *                                  (the slot's owner wakes its waiters)
- *   L2_ALLOC -> L2_LOOKUP|REFBLOCK_LOAD ... qsm_step_l2_alloc
- *                                  (REFBLOCK_LOAD through qsm_rc_wait)
+ *   L2_ALLOC -> L2_LOOKUP|REFBLOCK_LOAD|FREE_WAIT ... qsm_step_l2_alloc
+ *                                  (REFBLOCK_LOAD through qsm_rc_wait;
+ *                                  FREE_WAIT: a lower cluster is freed,
+ *                                  not yet durable, the slot let go)
  *   L2_ALLOC -> L2_ALLOC .................. l2_waiter_cb
  *                                  (a cache slot came free: WAKE)
  *   L2_LOOKUP -> L2_LOAD|L2_ALLOC ......... qsm_step_l2_lookup
@@ -155,6 +157,7 @@ enum qsm_event qsm_step_l2_alloc(struct qsm_req *req)
 	struct qsm_image *img = req->img;
 	struct qsm_run *run = &req->run;
 	struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);
+	bool free_busy = false;
 	int ret;
 
 	if (QSM_MUTANT(NO_FREEZE)) /* mutant: a second record for the same slot */
@@ -188,6 +191,19 @@ enum qsm_event qsm_step_l2_alloc(struct qsm_req *req)
 			run->host = 0;
 			goto out_unfreeze;
 		}
+		if (req->free_waits < QSM_FREE_WAITS_MAX &&
+		    qsm_wb_free_pending_below(img, run->host >> img->cluster_bits)) {
+			/* As for data (qsm_step_cluster_alloc): QEMU's l2_allocate
+			 * would reuse a cluster freed below; give this one back,
+			 * let the slot go and wait for the batch that releases
+			 * it (FREE_WAIT), then look the slot up again. */
+			qsm_release_unmapped(req, run->host, img->cluster_size);
+			run->host = 0;
+			req->free_waits++;
+			img->stats.free_waits++;
+			free_busy = true;
+			goto out_unfreeze;
+		}
 	}
 	req->l2w.fn = l2_waiter_cb;
 	/* run->bounce holds the shared table's entries when this is a COW. */
@@ -218,7 +234,7 @@ out_unfreeze:
 	}
 	qsm_wake_all(&a->waiters, QSM_E_WAKE, 0);
 	free(a);
-	return ret < 0 ? fail(req, ret) : QSM_E_L2_READY;
+	return ret < 0 ? fail(req, ret) : free_busy ? QSM_E_FREE_BUSY : QSM_E_L2_READY;
 }
 
 enum qsm_event qsm_step_l2_lookup(struct qsm_req *req)

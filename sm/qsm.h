@@ -378,6 +378,7 @@ struct qsm_stats {
 	uint64_t wb_batches;        /* write-back batches */
 	uint64_t frozen;            /* requests that waited on an L2 allocation */
 	uint64_t alloc_waits;       /* requests that waited on another's cluster allocation */
+	uint64_t free_waits;        /* allocations that waited for a batch to release freed clusters (FREE_WAIT) */
 	uint64_t alloc_joins;       /* writes into clusters another request was allocating */
 	uint64_t l2_hits, l2_misses;
 	uint64_t clusters_allocated;

@@ -211,6 +211,14 @@ struct qsm_req {
 	int io_ret;
 
 	bool wt_counted;          /* counted in img->wt_pending */
+	/* QEMU's host extent (qcow2_alloc_host_offset): the host offset just
+	 * past the write's previous run, in place or allocated, or 0.  The
+	 * next allocating run takes the free clusters there first
+	 * (qsm_refcount_alloc_at), as QEMU's handle_alloc does. */
+	uint64_t next_host;
+	/* FREE_WAIT entries so far (sm/alloc.c, free_lower_pending): bounded,
+	 * so frees that keep coming cannot starve an allocation. */
+	unsigned free_waits;
 	/* FUA writes and zero writes (sm/writeback.c, "Targeted batches"):
 	 * the L2 tables (host offsets) and L1 indices its runs mapped
 	 * through, noted as each run lets its table go (release_l2), so that
@@ -446,6 +454,14 @@ struct qsm_rc_waiter *qsm_req_rcw(struct qsm_req *req);
  * is posted once the block is read (ERROR if the read failed). */
 enum qsm_event qsm_rc_wait(struct qsm_req *req, enum qsm_event resume);
 int qsm_free_cluster_deferred(struct qsm_image *img, uint64_t host_offset);
+/* FREE_WAIT entries one request may make (qsm_step_cluster_alloc,
+ * qsm_step_l2_alloc): frees that keep coming cannot starve it. */
+#define QSM_FREE_WAITS_MAX 4
+void qsm_wb_join_next(struct qsm_image *img, struct qsm_req *req);
+/* qsm_abandon: free the requests asleep on a batch (qsm_req_forget). */
+void qsm_wb_forget_waiters(struct qsm_image *img);
+void qsm_req_forget(struct qsm_req *req);
+bool qsm_wb_free_pending_below(struct qsm_image *img, uint64_t below);
 /* A data I/O completed: release the held frees no I/O is in flight on any more. */
 void qsm_wb_release_held(struct qsm_image *img);
 

@@ -162,6 +162,7 @@ enum qsm_event qsm_step_zero_update(struct qsm_req *req);   /* ZERO_UPDATE */
 enum qsm_event qsm_step_next_run(struct qsm_req *req);      /* NEXT_RUN */
 enum qsm_event qsm_step_join_wait(struct qsm_req *req);     /* JOIN_WAIT */
 enum qsm_event qsm_step_durable_wait(struct qsm_req *req);  /* DURABLE_WAIT */
+enum qsm_event qsm_step_free_wait(struct qsm_req *req);     /* FREE_WAIT */
 
 /* --- sm/backing.c --------------------------------------------------------- */
 /* COW_READ over a backing file: the head and tail the write leaves of its

@@ -379,7 +379,10 @@ static bool l1_maybe_dirty(struct qsm_image *img, uint64_t idx)
 static bool fua_targeted(const struct qsm_req *req)
 {
 	enum qsm_cache_mode c = req->img->cache;
+	/* Not one in FREE_WAIT: it waits for releases, which a targeted
+	 * batch never makes (it would wait forever). */
 	return (req->machine == QSM_M_WRITE || req->machine == QSM_M_ZEROES) &&
+	       req->state != QSM_S_FREE_WAIT &&
 	       (req->flags & QSM_REQ_FUA) && !req->fua_many && c != QSM_CACHE_WRITETHROUGH &&
 	       c != QSM_CACHE_DIRECTSYNC;
 }
@@ -652,6 +655,51 @@ void qsm_wb_join(struct qsm_image *img, struct qsm_req *req)
 		img->wt_pending--;
 	}
 	qsm_wb_maybe_start(img, false);
+}
+
+/* FREE_WAIT: wait for the next batch, started at once when none runs (the
+ * running one may have collected its tables before the free: the next one
+ * releases every free made before it collects). */
+void qsm_wb_join_next(struct qsm_image *img, struct qsm_req *req)
+{
+	req->wait.req = req;
+	req->wait.next = img->wb_next_waiters;
+	img->wb_next_waiters = &req->wait;
+	req->waiting = true;
+	if (req->wt_counted) {
+		req->wt_counted = false;
+		img->wt_pending--;
+	}
+	qsm_wb_maybe_start(img, true);
+}
+
+/* Is a cluster below `below` freed but not yet released by a batch (its
+ * dropping L2 update maybe not durable)?  Frees held for data I/O in flight
+ * (held_frees) are not counted: a batch does not release them. */
+bool qsm_wb_free_pending_below(struct qsm_image *img, uint64_t below)
+{
+	for (size_t i = 0; i < img->nb_pending_frees; i++)
+		if (img->pending_frees[i] < below)
+			return true;
+	struct qsm_wb *wb = img->wb_job ? img->wb_job->wb : NULL;
+	for (size_t i = wb ? wb->nb_released : 0; wb && i < wb->nb_frees; i++)
+		if (wb->frees[i] < below)
+			return true;
+	return false;
+}
+
+void qsm_wb_forget_waiters(struct qsm_image *img)
+{
+	struct qsm_wait **lists[2] = { &img->wb_next_waiters,
+				       img->wb_job && img->wb_job->wb ? &img->wb_job->wb->waiters : NULL };
+	for (int i = 0; i < 2; i++) {
+		while (lists[i] && *lists[i]) {
+			struct qsm_wait *w = *lists[i];
+			*lists[i] = w->next;
+			w->req->waiting = false;
+			qsm_req_forget(w->req);
+		}
+	}
 }
 
 void qsm_wb_kick(struct qsm_image *img)
