@@ -637,22 +637,27 @@ void qsm_wb_timer_cb(evutil_socket_t fd, short what, void *arg)
 	qsm_sm_drain(img);
 }
 
-void qsm_wb_join(struct qsm_image *img, struct qsm_req *req)
+/* Put req to sleep on `list` (a batch's waiters or wb_next_waiters); a
+ * writethrough request asleep on a batch no longer counts as pending. */
+static void wb_sleep_on(struct qsm_image *img, struct qsm_req *req, struct qsm_wait **list)
 {
 	req->wait.req = req;
-	if (running_covers(img, req)) {
-		struct qsm_wb *wb = img->wb_job->wb;
-		req->wait.next = wb->waiters;
-		wb->waiters = &req->wait;
-		req->wait_for = img->wb_job->id;
-	} else {
-		req->wait.next = img->wb_next_waiters;
-		img->wb_next_waiters = &req->wait;
-	}
+	req->wait.next = *list;
+	*list = &req->wait;
 	req->waiting = true;
 	if (req->wt_counted) {
 		req->wt_counted = false;
 		img->wt_pending--;
+	}
+}
+
+void qsm_wb_join(struct qsm_image *img, struct qsm_req *req)
+{
+	if (running_covers(img, req)) {
+		wb_sleep_on(img, req, &img->wb_job->wb->waiters);
+		req->wait_for = img->wb_job->id;
+	} else {
+		wb_sleep_on(img, req, &img->wb_next_waiters);
 	}
 	qsm_wb_maybe_start(img, false);
 }
@@ -662,14 +667,7 @@ void qsm_wb_join(struct qsm_image *img, struct qsm_req *req)
  * releases every free made before it collects). */
 void qsm_wb_join_next(struct qsm_image *img, struct qsm_req *req)
 {
-	req->wait.req = req;
-	req->wait.next = img->wb_next_waiters;
-	img->wb_next_waiters = &req->wait;
-	req->waiting = true;
-	if (req->wt_counted) {
-		req->wt_counted = false;
-		img->wt_pending--;
-	}
+	wb_sleep_on(img, req, &img->wb_next_waiters);
 	qsm_wb_maybe_start(img, true);
 }
 

@@ -44,6 +44,15 @@ ops_for() {
 # SKIP_RETURN_CODE in CMakeLists.txt), never a pass nor a failure.
 skip() { printf '[%s] SKIPPED: %s\n' "$TEST_NAME" "$*"; exit 77; }
 
+# qsm_as_qemu_io: $BIN/qemu-io is qsm under its multi-call name (run it with
+# PATH="$BIN:$REAL_PATH"); REAL_PATH is the PATH that finds QEMU's qemu-io.
+qsm_as_qemu_io() {
+    REAL_PATH=$PATH
+    BIN="$WORK/bin"
+    mkdir -p "$BIN"
+    ln -s "$QSM" "$BIN/qemu-io"
+}
+
 interop_init() {
     local t
     for t in qemu-img qemu-io python3 timeout cmp; do

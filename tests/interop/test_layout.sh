@@ -16,10 +16,7 @@
 . "$(dirname "$0")/lib.sh"
 interop_init
 
-REAL_PATH=$PATH
-BIN="$WORK/bin"
-mkdir -p "$BIN"
-ln -s "$QSM" "$BIN/qemu-io"
+qsm_as_qemu_io
 
 # layout TAG CREATE-OPTS SIZE QEMU-IO-ARGS...: the same qemu-io command line
 # on two fresh images, one per tool.

@@ -71,9 +71,7 @@ FAILED=0
 XFAILED=0
 
 interop_init
-BIN="$WORK/bin"
-mkdir -p "$BIN"
-ln -s "$QSM" "$BIN/qemu-io"
+qsm_as_qemu_io
 BAD="$WORK/bad"
 ORIG="$WORK/orig"
 mkdir -p "$BAD" "$ORIG"

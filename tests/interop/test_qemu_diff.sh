@@ -21,10 +21,7 @@
 . "$(dirname "$0")/lib.sh"
 interop_init
 
-REAL_PATH=$PATH
-BIN="$WORK/bin"
-mkdir -p "$BIN"
-ln -s "$QSM" "$BIN/qemu-io"
+qsm_as_qemu_io
 
 filter() { sed -e "s#$WORK#WORK#g" | filter_timing; }
 

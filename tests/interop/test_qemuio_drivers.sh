@@ -16,10 +16,8 @@
 . "$(dirname "$0")/lib.sh"
 interop_init
 
-REAL_PATH=$PATH
-BIN="$WORK/bin"
-mkdir -p "$BIN" "$WORK/base"
-ln -s "$QSM" "$BIN/qemu-io"
+qsm_as_qemu_io
+mkdir -p "$WORK/base"
 
 (
     cd "$WORK/base" &&

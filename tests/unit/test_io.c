@@ -569,29 +569,38 @@ END_TEST
 
 /* --- O_DIRECT with byte-granular requests --------------------------------------------- */
 
+/* Open a new file with QSM_IO_DIRECT on backend b (threads or io_uring);
+ * false (reported SKIPPED) where the kernel or file system cannot. */
+static bool env_open_direct(struct env *e, int b)
+{
+	if (b == B_URING && !qsm_io_uring_available()) {
+		QSM_SKIP("io_uring unavailable on this kernel");
+		return false;
+	}
+	memset(e, 0, sizeof(*e));
+	e->backend = b;
+	g_inline = 0;
+	e->base = event_base_new();
+	env_path(e, test_dir());
+	int ret = qsm_io_open_path(e->base, e->path, QSM_IO_CREATE | QSM_IO_DIRECT,
+				   backend_names[b], &e->io);
+	if (ret == -EINVAL) {
+		QSM_SKIP("O_DIRECT refused under %s", test_dir());
+		e->io = NULL;
+		env_close(e);
+		return false;
+	}
+	ck_assert_int_eq(ret, 0);
+	return true;
+}
+
 START_TEST(test_direct_misaligned)
 {
 	int b = _i == 0 ? B_THREADS : B_URING;
 	struct env e;
 
-	if (b == B_URING && !qsm_io_uring_available()) {
-		QSM_SKIP("io_uring unavailable on this kernel");
+	if (!env_open_direct(&e, b))
 		return;
-	}
-	memset(&e, 0, sizeof(e));
-	e.backend = b;
-	g_inline = 0;
-	e.base = event_base_new();
-	env_path(&e, test_dir());
-	int ret = qsm_io_open_path(e.base, e.path, QSM_IO_CREATE | QSM_IO_DIRECT,
-				   backend_names[b], &e.io);
-	if (ret == -EINVAL) {
-		QSM_SKIP("O_DIRECT refused under %s", test_dir());
-		e.io = NULL;
-		env_close(&e);
-		return;
-	}
-	ck_assert_int_eq(ret, 0);
 	ck_assert_uint_ge(e.io->mem_align, 512);
 
 	/* EOF in the middle of an aligned direct read. */
@@ -619,24 +628,8 @@ START_TEST(test_direct_abandon_bounces)
 	int b = _i == 0 ? B_THREADS : B_URING;
 	struct env e;
 
-	if (b == B_URING && !qsm_io_uring_available()) {
-		QSM_SKIP("io_uring unavailable on this kernel");
+	if (!env_open_direct(&e, b))
 		return;
-	}
-	memset(&e, 0, sizeof(e));
-	e.backend = b;
-	g_inline = 0;
-	e.base = event_base_new();
-	env_path(&e, test_dir());
-	int ret = qsm_io_open_path(e.base, e.path, QSM_IO_CREATE | QSM_IO_DIRECT,
-				   backend_names[b], &e.io);
-	if (ret == -EINVAL) {
-		QSM_SKIP("O_DIRECT refused under %s", test_dir());
-		e.io = NULL;
-		env_close(&e);
-		return;
-	}
-	ck_assert_int_eq(ret, 0);
 	enum { N = 16 };
 	static struct treq t[N];
 	static uint8_t bytes[N][3000];
@@ -666,24 +659,8 @@ START_TEST(test_direct_whole_blocks_overlap)
 	int b = _i == 0 ? B_THREADS : B_URING;
 	struct env e;
 
-	if (b == B_URING && !qsm_io_uring_available()) {
-		QSM_SKIP("io_uring unavailable on this kernel");
+	if (!env_open_direct(&e, b))
 		return;
-	}
-	memset(&e, 0, sizeof(e));
-	e.backend = b;
-	g_inline = 0;
-	e.base = event_base_new();
-	env_path(&e, test_dir());
-	int ret = qsm_io_open_path(e.base, e.path, QSM_IO_CREATE | QSM_IO_DIRECT,
-				   backend_names[b], &e.io);
-	if (ret == -EINVAL) {
-		QSM_SKIP("O_DIRECT refused under %s", test_dir());
-		e.io = NULL;
-		env_close(&e);
-		return;
-	}
-	ck_assert_int_eq(ret, 0);
 	enum { N = 8, BS = 4096 };
 	static struct treq t[N + 2];
 	static uint8_t mem[N + 2][BS + 1];

@@ -372,16 +372,23 @@ static void conn_flush_out(struct nbd_conn *c)
 		c->out_bytes = 0;
 }
 
-static void conn_queue(struct nbd_conn *c, struct nbd_out *o)
+/* Append o to the output; false (o released) when the socket is dead. */
+static bool conn_enqueue(struct nbd_conn *c, struct nbd_out *o)
 {
 	if (c->dead) {
 		o->done(c, o);
-		return;
+		return false;
 	}
 	o->cur = 0;
 	o->off = 0;
 	TAILQ_INSERT_TAIL(&c->outq, o, link);
-	conn_flush_out(c);
+	return true;
+}
+
+static void conn_queue(struct nbd_conn *c, struct nbd_out *o)
+{
+	if (conn_enqueue(c, o))
+		conn_flush_out(c);
 }
 
 /* Queue o to be written once the current loop callback is over, with every
@@ -389,14 +396,7 @@ static void conn_queue(struct nbd_conn *c, struct nbd_out *o)
  * order with those of conn_queue(). */
 static void conn_queue_later(struct nbd_conn *c, struct nbd_out *o)
 {
-	if (c->dead) {
-		o->done(c, o);
-		return;
-	}
-	o->cur = 0;
-	o->off = 0;
-	TAILQ_INSERT_TAIL(&c->outq, o, link);
-	if (!c->flush_pending) {
+	if (conn_enqueue(c, o) && !c->flush_pending) {
 		c->flush_pending = true;
 		event_active(c->flush, 0, 0);
 	}
