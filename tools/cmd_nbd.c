@@ -6,7 +6,7 @@
  *           [-e SHARED] [-f qcow2|raw] [--cache MODE] [--aio threads|io_uring]
  *           [--discard ignore|unmap] [-A] [--pid-file F] [--fork]
  *           [--object tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off]]
- *           [--tls-creds ID] [--handshake-limit N] IMAGE
+ *           [--tls-creds ID] [--handshake-limit N] [--poll-us N] IMAGE
  *
  * Design: this file owns the process (options, the image, the listening
  * socket, signals, --fork, the pid file); tools/nbd/conn.c owns the
@@ -34,6 +34,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "sm/qsm.h"
@@ -57,7 +58,11 @@ struct nbd_main {
 	int close_ret;
 	const char *sockpath;
 	struct event *sigterm, *sigint, *sighup;
+	unsigned poll_us;      /* --poll-us: serve()'s poll window; 0: none */
 };
+
+#define NBD_POLL_US_DEFAULT 50
+#define NBD_POLL_US_MAX 10000
 
 static const char *prog; /* "qemu-nbd" or "qsm nbd" */
 
@@ -91,6 +96,8 @@ static void usage(void)
 	       "  -A, --allocation-depth    expose the allocation depth (qemu:allocation-depth)\n"
 	       "      --tls-creds=ID        use id of an earlier --object to provide TLS (required)\n"
 	       "      --handshake-limit=N   seconds a client has to finish the handshake (default 10, 0: none)\n"
+	       "      --poll-us=N           after activity, poll N microseconds before sleeping\n"
+	       "                            (default 50, 0: never; qsm's own option)\n"
 	       "      --pid-file=PATH       store the server's process ID in the given file\n"
 	       "      --fork                fork off the server process and exit the parent once\n"
 	       "                            the server is listening\n"
@@ -156,6 +163,51 @@ static void main_stop(struct nbd_main *m)
 	if (e < 0) {
 		m->close_ret = e;
 		event_base_loopbreak(m->base);
+	}
+}
+
+static uint64_t now_us(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000u + (uint64_t)t.tv_nsec / 1000u;
+}
+
+/* Anything moved: a request taken, bytes received or sent. */
+static uint64_t activity(const struct nbd_server *srv)
+{
+	return srv->reqs + srv->bytes_in + srv->bytes_out;
+}
+
+/*
+ * The serving loop: libevent's loop with a poll window before each sleep,
+ * as QEMU's event loop polls before it blocks (poll-max-ns).  After an
+ * iteration, non-blocking iterations run for as long as something keeps
+ * moving (activity()) and then poll_us more, before the loop blocks
+ * again: a request or an I/O completion that comes within the window is
+ * taken without a sleep and a wakeup, which at this latency is the
+ * largest cost a request has (on a virtual machine, the host halts an
+ * idle vCPU and has to wake it).  An idle server does not spin: a window
+ * opens only after an iteration that ran something and closes poll_us
+ * after the last activity.  Timers keep firing in the window (a
+ * non-blocking iteration runs the expired ones).  Returns when the loop
+ * is broken (close_done, a failed close) or has no events left.
+ */
+static void serve(struct nbd_main *m)
+{
+	for (;;) {
+		if (event_base_loop(m->base, EVLOOP_ONCE) != 0 || event_base_got_break(m->base))
+			return;
+		uint64_t seen = activity(&m->srv), last = now_us();
+		while (m->poll_us && now_us() - last < m->poll_us) {
+			if (event_base_loop(m->base, EVLOOP_NONBLOCK) != 0 ||
+			    event_base_got_break(m->base))
+				return;
+			if (activity(&m->srv) != seen) {
+				seen = activity(&m->srv);
+				last = now_us();
+			}
+		}
 	}
 }
 
@@ -259,7 +311,7 @@ static int listen_tcp(const char *addr, const char *port)
 
 enum {
 	OPT_CACHE = 256, OPT_AIO, OPT_DISCARD, OPT_PID_FILE, OPT_FORK, OPT_OBJECT,
-	OPT_TLS_CREDS, OPT_HANDSHAKE,
+	OPT_TLS_CREDS, OPT_HANDSHAKE, OPT_POLL_US,
 };
 
 int cmd_nbd(int argc, char **argv)
@@ -287,6 +339,7 @@ int cmd_nbd(int argc, char **argv)
 		{ "object", required_argument, NULL, OPT_OBJECT },
 		{ "tls-creds", required_argument, NULL, OPT_TLS_CREDS },
 		{ "handshake-limit", required_argument, NULL, OPT_HANDSHAKE },
+		{ "poll-us", required_argument, NULL, OPT_POLL_US },
 		{ NULL, 0, NULL, 0 },
 	};
 	static struct nbd_main m; /* signal and loop callbacks point into it */
@@ -295,6 +348,7 @@ int cmd_nbd(int argc, char **argv)
 	const char *tls_id = NULL, *obj_id = NULL, *obj_dir = NULL;
 	bool fork_process = false, verify_peer = true, have_object = false;
 	unsigned handshake = 10;
+	unsigned poll_us = NBD_POLL_US_DEFAULT;
 	char err[512];
 	int c, ret = 1, ready_pipe[2] = { -1, -1 };
 
@@ -438,6 +492,17 @@ int cmd_nbd(int argc, char **argv)
 			handshake = (unsigned)v;
 			break;
 		}
+		case OPT_POLL_US: {
+			char *end;
+			long v = strtol(optarg, &end, 10);
+			if (end == optarg || *end || v < 0 || v > NBD_POLL_US_MAX) {
+				nbd_err("Invalid poll time '%s' (0 to %d microseconds)", optarg,
+					NBD_POLL_US_MAX);
+				return 1;
+			}
+			poll_us = (unsigned)v;
+			break;
+		}
 		default:
 			try_help();
 			return 1;
@@ -518,6 +583,7 @@ int cmd_nbd(int argc, char **argv)
 	nbd_server_init(&m.srv, m.base, m.srv.img);
 	m.srv.multi_conn = m.shared != 1;
 	m.srv.handshake_secs = handshake;
+	m.poll_us = poll_us;
 	m.srv.on_close = on_conn_close;
 	m.srv.opaque = &m;
 
@@ -553,7 +619,7 @@ int cmd_nbd(int argc, char **argv)
 		ready_pipe[1] = -1;
 	}
 
-	event_base_dispatch(m.base);
+	serve(&m);
 	if (m.srv.img) {
 		/* The loop ran out of events before the close finished. */
 		ret = qsm_close(m.srv.img) < 0;

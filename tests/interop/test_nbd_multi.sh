@@ -21,7 +21,11 @@
 #    dropped) plus a margin, not waiting for the client, and the write is
 #    in the image, check clean.  qsm-only: qemu-nbd 7.2 never exits there;
 #  - persistent: without -t the server exits 0 after its last client (and
-#    not before the first); with -t it stays and serves the next.
+#    not before the first); with -t it stays and serves the next;
+#  - idle (qsm-only: --poll-us is qsm's option): with the longest poll
+#    window, a server whose client is connected but quiet after a burst of
+#    reads uses next to no CPU (the window closes after the last activity:
+#    it never spins while idle); an out-of-range --poll-us is refused.
 # Every server: exit status 0 on SIGTERM, no sanitizer report on stderr.
 . "$(dirname "$0")/lib.sh"
 . "$(dirname "$0")/nbd_lib.sh"
@@ -222,5 +226,37 @@ if nbd_start persist "$IMG" -f qcow2 -t; then
     python3 "$NBD_CLIENT" info --socket "$SRV_SOCK" >/dev/null 2>&1
     check "-t: second client failed" [ $? = 0 ]
     nbd_stop "-t server" "$SRV_PID" "$SRV_ERR"
+fi
+
+# --- idle: the poll window does not spin an idle server (qsm-only) ---
+# cpu_ticks PID: user + system time of the process so far, in clock ticks
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+if [ $REFERENCE = 0 ]; then
+    IMG="$WORK/idle.qcow2"
+    qemu-img create -q -f qcow2 "$IMG" 16M || die "qemu-img create failed"
+    "${SERVER[@]}" -k "$WORK/bad.sock" --poll-us=10001 "$IMG" >/dev/null 2>"$WORK/badpoll.err"
+    rc=$?
+    check "--poll-us=10001 was not refused (status $rc)" [ "$rc" = 1 ]
+    check "--poll-us=10001: no message naming it" grep -q "Invalid poll time '10001'" "$WORK/badpoll.err"
+    if nbd_start idle "$IMG" -f qcow2 -t --poll-us=10000; then
+        mkfifo "$WORK/idle.fifo"
+        timeout "$TIMEOUT" qemu-io -f raw "$(NBD_URI "$SRV_SOCK")" <"$WORK/idle.fifo" \
+            >"$WORK/idle.out" 2>&1 &
+        io_pid=$!
+        exec 3>"$WORK/idle.fifo"
+        for ((i = 0; i < 500; i++)); do echo "read $((i * 4096 % (16 << 20))) 4k"; done >&3
+        sleep 1
+        t0=$(cpu_ticks "$SRV_PID")
+        sleep 2
+        t1=$(cpu_ticks "$SRV_PID")
+        echo quit >&3
+        exec 3>&-
+        wait "$io_pid"
+        check "idle: qemu-io's burst did not complete" [ "$(grep -c 'read 4096/4096 bytes' "$WORK/idle.out")" = 500 ]
+        # a spinning server would use all of the 2 s (200 ticks at 100 Hz)
+        check "idle: the server used $((t1 - t0)) clock ticks in 2 s with its client quiet" \
+            [ $((t1 - t0)) -le 10 ]
+        nbd_stop "idle server" "$SRV_PID" "$SRV_ERR"
+    fi
 fi
 interop_finish
