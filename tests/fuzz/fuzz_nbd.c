@@ -25,7 +25,13 @@
  *               same over a 1 MiB qcow2 backing file with data in
  *               [0, 64K) and [512K, 576K) (block status walks the chain
  *               and past the shorter backing file's end), 2 a 2 MiB raw
- *               image; bit 2: an export description (-D)
+ *               image; bit 2: an export description (-D); bit 3: TLS
+ *               required (--tls-creds: credentials made once per process
+ *               with GnuTLS in a temporary directory), so the canned
+ *               handshake (byte 0 bit 0) is sent in the clear and every
+ *               option but STARTTLS and ABORT must be refused, and the
+ *               bytes after a STARTTLS are TLS records (the handshake of
+ *               GnuTLS with whatever the input holds)
  *   then chunks: a control byte c, then the chunk's bytes: c < 0xf0 sends
  *               c + 1 bytes, c >= 0xf0 sends (c - 0xef) * 4096 bytes (the
  *               input's next bytes, fewer at its end).  Between chunks the
@@ -46,6 +52,10 @@
  * (conn_run aborts), a connection that does not close once its client is
  * gone or the server stops, a close of the image that fails, or an image
  * that the check finds corrupt or leaking afterwards.
+ * With TLS required, also: no option other than STARTTLS or ABORT answered
+ * with anything but an error, nothing after STARTTLS's ACK parsed as NBD,
+ * and no request ever reaching the engine (a TLS handshake the input
+ * cannot complete is the only way to transmission).
  * FUZZ_NBD_VERBOSE=1 prints, per input, what the client read and checked.
  */
 #include <errno.h>
@@ -64,6 +74,11 @@
 #include "sm/qsm.h"
 #include "tools/nbd/proto.h"
 #include "tools/nbd/server.h"
+#include "tools/nbd/tls.h"
+
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
+#include <time.h>
 #include "tools/workload.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -128,9 +143,10 @@ static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) << 32 | get3
 static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 
 /* The reply stream of a canned session, parsed as it arrives. */
-enum rx_phase { RX_GREETING, RX_OPTS, RX_XMIT };
+enum rx_phase { RX_GREETING, RX_OPTS, RX_XMIT, RX_TLS };
 struct rx {
 	bool on;                 /* a canned session: the stream is checked */
+	bool tls_required;       /* options in the clear must be refused */
 	enum rx_phase phase;
 	uint8_t *buf;
 	size_t len, cap;
@@ -169,11 +185,27 @@ static void rx_parse(struct rx *x, uint64_t export_size)
 				bug("reply stream: bad option reply magic");
 			if (n < 20 + (size_t)l)
 				break;
+			at += 20 + l;
+			if (x->tls_required) {
+				/* In the clear: errors only, but for STARTTLS
+				 * (after whose ACK come TLS records) and ABORT. */
+				if (opt == NBD_OPT_STARTTLS && type == NBD_REP_ACK)
+					x->phase = RX_TLS;
+				else if (!(type & 0x80000000U) && opt != NBD_OPT_ABORT)
+					bug("reply stream: option %u answered (0x%x) in the clear with TLS required",
+					    opt, type);
+				else if (opt != NBD_OPT_STARTTLS && opt != NBD_OPT_ABORT &&
+					 type != NBD_REP_ERR_TLS_REQD)
+					bug("reply stream: option %u refused with 0x%x, not TLS_REQD", opt, type);
+				continue;
+			}
 			if (type & 0x80000000U)
 				bug("reply stream: the canned handshake got error 0x%x for option %u", type, opt);
-			at += 20 + l;
 			if (opt == NBD_OPT_GO && type == NBD_REP_ACK)
 				x->phase = RX_XMIT;
+		} else if (x->phase == RX_TLS) {
+			at = x->len; /* TLS records: not ours to parse */
+			break;
 		} else {
 			if (n < 4)
 				break;
@@ -357,6 +389,97 @@ static void make_backing(struct event_base *base, struct qsm_sim *bsim)
 		bug("backing writes failed");
 }
 
+/* --- TLS credentials, made once per process ------------------------------ */
+
+static char tls_dir[64];
+
+static void tls_dir_remove(void)
+{
+	static const char *const files[] = { "ca-cert.pem", "server-cert.pem", "server-key.pem" };
+	char path[128];
+	for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+		snprintf(path, sizeof(path), "%s/%s", tls_dir, files[i]);
+		unlink(path);
+	}
+	rmdir(tls_dir);
+}
+
+static void write_pem(const char *name, const gnutls_datum_t *d)
+{
+	char path[128];
+	snprintf(path, sizeof(path), "%s/%s", tls_dir, name);
+	FILE *f = fopen(path, "w");
+	if (!f || fwrite(d->data, 1, d->size, f) != d->size || fclose(f) != 0)
+		bug("cannot write %s", path);
+}
+
+/* A certificate for `key` signed by (ca, ca_key), or self-signed (ca NULL). */
+static gnutls_x509_crt_t make_cert(gnutls_x509_privkey_t key, const char *dn, bool is_ca,
+				   gnutls_x509_crt_t ca, gnutls_x509_privkey_t ca_key)
+{
+	gnutls_x509_crt_t c;
+	time_t now = time(NULL);
+	unsigned char serial[4] = { 0x51, 0x53, 0x4d, is_ca ? 1 : 2 };
+	const char *bad;
+
+	if (gnutls_x509_crt_init(&c) < 0 || gnutls_x509_crt_set_version(c, 3) < 0 ||
+	    gnutls_x509_crt_set_serial(c, serial, sizeof(serial)) < 0 ||
+	    gnutls_x509_crt_set_activation_time(c, now - 3600) < 0 ||
+	    gnutls_x509_crt_set_expiration_time(c, now + 30 * 86400) < 0 ||
+	    gnutls_x509_crt_set_dn(c, dn, &bad) < 0 || gnutls_x509_crt_set_key(c, key) < 0 ||
+	    gnutls_x509_crt_set_basic_constraints(c, is_ca, -1) < 0 ||
+	    gnutls_x509_crt_set_key_usage(c, is_ca ? GNUTLS_KEY_KEY_CERT_SIGN | GNUTLS_KEY_CRL_SIGN
+						   : GNUTLS_KEY_DIGITAL_SIGNATURE) < 0 ||
+	    (!is_ca && gnutls_x509_crt_set_key_purpose_oid(c, GNUTLS_KP_TLS_WWW_SERVER, 0) < 0) ||
+	    gnutls_x509_crt_sign2(c, ca ? ca : c, ca ? ca_key : key, GNUTLS_DIG_SHA256, 0) < 0)
+		bug("making the %s certificate failed", is_ca ? "CA" : "server");
+	return c;
+}
+
+/* Server credentials as `qsm nbd --object tls-creds-x509,dir=...` loads
+ * them (a CA and a server certificate it signed, ECDSA P-256 keys), in a
+ * temporary directory removed at exit. */
+static struct nbd_tls_creds *tls_creds(void)
+{
+	static struct nbd_tls_creds *creds;
+	gnutls_x509_privkey_t ca_key, key;
+	gnutls_datum_t d;
+	char err[256];
+
+	if (creds)
+		return creds;
+	snprintf(tls_dir, sizeof(tls_dir), "/tmp/fuzz_nbd_tls.XXXXXX");
+	if (!mkdtemp(tls_dir))
+		bug("mkdtemp: %s", strerror(errno));
+	atexit(tls_dir_remove);
+	unsigned bits = GNUTLS_CURVE_TO_BITS(GNUTLS_ECC_CURVE_SECP256R1);
+	if (gnutls_x509_privkey_init(&ca_key) < 0 || gnutls_x509_privkey_init(&key) < 0 ||
+	    gnutls_x509_privkey_generate(ca_key, GNUTLS_PK_ECDSA, bits, 0) < 0 ||
+	    gnutls_x509_privkey_generate(key, GNUTLS_PK_ECDSA, bits, 0) < 0)
+		bug("key generation failed");
+	gnutls_x509_crt_t ca = make_cert(ca_key, "CN=qsm fuzz_nbd CA", true, NULL, NULL);
+	gnutls_x509_crt_t crt = make_cert(key, "CN=localhost", false, ca, ca_key);
+	if (gnutls_x509_crt_export2(ca, GNUTLS_X509_FMT_PEM, &d) < 0)
+		bug("export failed");
+	write_pem("ca-cert.pem", &d);
+	gnutls_free(d.data);
+	if (gnutls_x509_crt_export2(crt, GNUTLS_X509_FMT_PEM, &d) < 0)
+		bug("export failed");
+	write_pem("server-cert.pem", &d);
+	gnutls_free(d.data);
+	if (gnutls_x509_privkey_export2(key, GNUTLS_X509_FMT_PEM, &d) < 0)
+		bug("export failed");
+	write_pem("server-key.pem", &d);
+	gnutls_free(d.data);
+	gnutls_x509_crt_deinit(ca);
+	gnutls_x509_crt_deinit(crt);
+	gnutls_x509_privkey_deinit(ca_key);
+	gnutls_x509_privkey_deinit(key);
+	if (nbd_tls_creds_load(tls_dir, false, &creds, err, sizeof(err)) < 0)
+		bug("loading the credentials: %s", err);
+	return creds; /* kept for the process: libFuzzer runs many inputs */
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct harness h = { .cfd = -1 };
@@ -404,6 +527,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	h.srv.read_only = mode & 0x20;
 	h.srv.discard_unmap = mode & 0x40;
 	h.srv.alloc_depth = mode & 0x80;
+	bool tls = shape & 8;
+	h.srv.tls = tls ? tls_creds() : NULL;
+	h.rx.tls_required = tls;
+	h.rx.on = tls; /* in the clear, the stream is the handshake's whatever the input */
 	nbd_server_init(&h.srv, h.base, qi);
 	h.srv.drain_secs = 0;
 	h.srv.handshake_secs = 0; /* no timers: the run must not depend on time */
@@ -470,6 +597,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	struct qsm_check_result res;
 	if (kind != 2 && (wl_sim_check(sim, &res, err, sizeof(err)) < 0 || res.incomplete))
 		bug("the check cannot run: %s", err);
+	if (tls && h.srv.reqs)
+		bug("%llu requests reached the engine with TLS required and no TLS session",
+		    (unsigned long long)h.srv.reqs);
 	if (kind != 2 && (res.corruptions || res.leaks))
 		bug("the check finds %llu corruptions, %llu leaks after the session",
 		    (unsigned long long)res.corruptions, (unsigned long long)res.leaks);

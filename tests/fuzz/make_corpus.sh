@@ -280,6 +280,18 @@ inp('request-before-go', 0, FLAGS + req(READ, 0, 512), seed=25)
 inp('pipelined-writes', CANNED | SMALLBUF,
     b''.join(req(WRITE, i * 70000, 9000, FUA if i % 3 == 0 else 0, handle=i) for i in range(24)) +
     req(FLUSH) + req(STATUS, 0, 2 * MiB), seed=26)
+
+# TLS required (shape bit 3): in the clear only STARTTLS and ABORT are
+# answered; after STARTTLS the bytes are TLS records (a ClientHello-like
+# start, then junk) for GnuTLS's handshake.
+TLS = 8
+hello = bytes([0x16, 3, 1, 0, 0xc8, 1, 0, 0, 0xc4, 3, 3]) + bytes(random.Random(40).randrange(256) for _ in range(300))
+inp('tls-required-canned', CANNED, xmit, seed=41, shape=TLS)
+inp('tls-required-options', 0, own + opt(EXPORT_NAME, b''), seed=42, shape=TLS)
+inp('tls-starttls-junk', 0, FLAGS + opt(LIST) + opt(STARTTLS) + hello, seed=43, shape=TLS)
+inp('tls-starttls-payload', 0, FLAGS + opt(STARTTLS, b'x') + opt(STARTTLS), seed=46, shape=TLS)
+inp('tls-starttls-shutdown', SHUTDOWN, FLAGS + opt(STARTTLS) + hello[:40], seed=44, shape=TLS | DESC)
+inp('tls-abort', 0, FLAGS + go(INFO, infos=(1,)) + opt(ABORT), seed=45, shape=TLS)
 PY
 
 du -sh "$OUT"

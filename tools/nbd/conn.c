@@ -716,7 +716,8 @@ static void opt_meta_context(struct nbd_conn *c)
 	for (uint32_t i = 0; i < nq; i++) {
 		const char *s;
 		uint32_t l;
-		parse_name(&p, end, &s, &l);
+		if (parse_name(&p, end, &s, &l) < 0)
+			break; /* cannot be: the loop above parsed the same bytes */
 		bool is_alloc = l == strlen(CTX_ALLOC) && !memcmp(s, CTX_ALLOC, l);
 		bool is_depth = l == strlen(CTX_DEPTH) && !memcmp(s, CTX_DEPTH, l);
 		/* A bare namespace lists all of it (LIST only). */
