@@ -152,6 +152,39 @@ fail:
 	return ret;
 }
 
+int qcow2_snapshots_read(qcow2_snapshot_reader rd, void *opaque, uint64_t offset, uint32_t nb,
+			 uint64_t virtual_size, struct qcow2_snapshot_table *t, char *err,
+			 size_t errlen)
+{
+	size_t have = 0, need = nb ? 64u << 10 : 0;
+	uint8_t *buf = NULL;
+	int ret;
+
+	memset(t, 0, sizeof(*t));
+	for (;;) {
+		if (need > have) {
+			uint8_t *nbuf = realloc(buf, need);
+			if (!nbuf) {
+				ret = -ENOMEM;
+				break;
+			}
+			buf = nbuf;
+			if ((ret = rd(opaque, buf + have, need - have, offset + have)) < 0)
+				break;
+			have = need;
+		}
+		ret = qcow2_snapshots_parse(buf, have, nb, virtual_size, t, &need, err, errlen);
+		if (ret != -ENODATA)
+			break;
+		if (need <= have) { /* cannot happen: the parse always asks for more */
+			ret = -EIO;
+			break;
+		}
+	}
+	free(buf);
+	return ret;
+}
+
 int qcow2_snapshot_validate(const struct qcow2_snapshot *sn, uint32_t i,
 			    const struct qcow2_header *h, uint64_t file_size, char *err,
 			    size_t errlen)

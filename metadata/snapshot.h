@@ -71,6 +71,19 @@ int qcow2_snapshots_parse(const uint8_t *buf, size_t len, uint32_t nb, uint64_t 
 			  struct qcow2_snapshot_table *t, size_t *need, char *err, size_t errlen);
 
 /*
+ * The parse above over bytes the caller's reader gives: rd(opaque, buf, len,
+ * off) fills len bytes at file offset off (zeros past the end of the file)
+ * and returns 0 or a negative errno.  The table is read in a few large
+ * reads (first one of min(64 KiB, ...) bytes, then each round at least
+ * doubling, only the new tail read), never per entry.  Returns what the
+ * parse returns, or the reader's error.
+ */
+typedef int (*qcow2_snapshot_reader)(void *opaque, void *buf, size_t len, uint64_t off);
+int qcow2_snapshots_read(qcow2_snapshot_reader rd, void *opaque, uint64_t offset, uint32_t nb,
+			 uint64_t virtual_size, struct qcow2_snapshot_table *t, char *err,
+			 size_t errlen);
+
+/*
  * qsm's rules for one parsed entry (index i) of an image with header h and
  * file size file_size, beyond what QEMU's open checks (qemu-img check
  * reports the first two as corruptions; qsm refuses to open the image):
