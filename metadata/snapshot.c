@@ -16,6 +16,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -209,14 +210,12 @@ int qcow2_snapshot_validate(const struct qcow2_snapshot *sn, uint32_t i,
 			i, sn->id, sn->l1_table_offset, sn->l1_size, file_size);
 		return -EINVAL;
 	}
-	if (h->version >= 3 && sn->extra_data_size < QCOW2_SNAPSHOT_EXTRA_V3) {
-		qsm_set_err(err, errlen, "snapshot %" PRIu32 " (id \"%s\"): extra_data_size %" PRIu32
-			" is too small for a v3 image (disk_size needs %u bytes); snapshot table "
-			"entry is incomplete", i, sn->id, sn->extra_data_size,
-			QCOW2_SNAPSHOT_EXTRA_V3);
-		return -EINVAL;
-	}
 	return 0;
+}
+
+bool qcow2_snapshot_incomplete(const struct qcow2_snapshot *sn, const struct qcow2_header *h)
+{
+	return h->version >= 3 && sn->extra_data_size < QCOW2_SNAPSHOT_EXTRA_V3;
 }
 
 static uint32_t extra_len(const struct qcow2_snapshot *sn)

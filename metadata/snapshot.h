@@ -17,6 +17,7 @@
 #ifndef QSM_SNAPSHOT_H
 #define QSM_SNAPSHOT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -86,16 +87,22 @@ int qcow2_snapshots_read(qcow2_snapshot_reader rd, void *opaque, uint64_t offset
 /*
  * qsm's rules for one parsed entry (index i) of an image with header h and
  * file size file_size, beyond what QEMU's open checks (qemu-img check
- * reports the first two as corruptions; qsm refuses to open the image):
+ * reports the first two as corruptions; qsm refuses to open the image, so
+ * that nothing built on the table reads a hostile L1 table):
  *   l1_table_offset cluster aligned; l1_size <= QCOW2_MAX_L1_BYTES / 8;
- *   a non-empty L1 table inside the file (offset + 8 * l1_size <= file_size);
- *   a v3 image's entry has the extra data up to disk_size (16 bytes).
+ *   a non-empty L1 table inside the file (offset + 8 * l1_size <= file_size).
  * Returns 0 or -EINVAL with a message naming the entry (index and id) and
  * the field with its value.
  */
 int qcow2_snapshot_validate(const struct qcow2_snapshot *sn, uint32_t i,
 			    const struct qcow2_header *h, uint64_t file_size, char *err,
 			    size_t errlen);
+
+/* A v3 image's entry without the extra data up to disk_size (16 bytes):
+ * QEMU opens the image and its check reports "snapshot table entry I is
+ * incomplete" as a corruption (qcow2_check_read_snapshot_table); so does
+ * qsm check.  A table lying past the end of the file reads as such entries. */
+bool qcow2_snapshot_incomplete(const struct qcow2_snapshot *sn, const struct qcow2_header *h);
 
 /*
  * The table as qcow2_write_snapshots() of QEMU 7.2 writes it: entries

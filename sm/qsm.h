@@ -354,6 +354,33 @@ struct qsm_info {
 	const char *aio;            /* backend name */
 };
 QSM_EXPORT void qsm_get_info(struct qsm_image *img, struct qsm_info *info);
+
+/* --- Internal snapshots (read-only list) --------------------------------- */
+/* The snapshot table is read and validated at open: a malformed one
+ * refuses the open, naming the snapshot and the field (QEMU's refusals in
+ * QEMU's words, e.g. "Too much extra metadata in snapshot table entry 1";
+ * qsm's own: a snapshot L1 table misaligned, too large or outside the
+ * file, a v3 entry without disk_size), and nothing is written.  The list
+ * is the table as opened, in table order (qemu-img snapshot -l's order);
+ * the library does not create, apply or delete snapshots yet. */
+#define QSM_SNAPSHOT_NO_ICOUNT UINT64_MAX
+struct qsm_snapshot_info {
+	size_t struct_size;         /* sizeof(struct qsm_snapshot_info): see "ABI" above */
+	const char *id;             /* valid until the image is closed */
+	const char *name;           /* the tag ("" when none); valid until close */
+	uint64_t vm_state_size;     /* bytes of saved VM state (0: disk-only snapshot) */
+	uint32_t date_sec, date_nsec; /* wall clock when taken (seconds since the epoch) */
+	uint64_t vm_clock_nsec;     /* guest clock when taken */
+	uint64_t icount;            /* instruction count, or QSM_SNAPSHOT_NO_ICOUNT */
+	uint64_t disk_size;         /* virtual size when taken */
+};
+/* Snapshots in the image (0 for raw). */
+QSM_EXPORT unsigned qsm_snapshot_count(struct qsm_image *img);
+/* Fill *out (out->struct_size set by the caller; 0 or a size shorter than
+ * this first version is -EINVAL, a longer one gets zeros past it) with
+ * snapshot `index` (0 .. count-1), or -ENOENT past the end. */
+QSM_EXPORT int qsm_snapshot_get(struct qsm_image *img, unsigned index,
+				struct qsm_snapshot_info *out);
 /* The backing image (opened read-only on the same loop, owned by img), or
  * NULL when there is none or it was not opened (no_backing). */
 QSM_EXPORT struct qsm_image *qsm_get_backing(struct qsm_image *img);

@@ -20,6 +20,7 @@
 #include "io/work.h"
 #include "metadata/batch.h"
 #include "metadata/l2cache.h"
+#include "metadata/snapshot.h"
 #include "metadata/qcow2.h"
 #include "metadata/refcount.h"
 #include "sm/qsm.h"
@@ -264,6 +265,9 @@ struct qsm_image {
 	struct event_base *base;
 	struct qsm_io *io;
 	struct qcow2_header hdr;  /* raw: only size is set (the file's size) */
+	/* The snapshot table as read and validated at open (raw: empty); the
+	 * library does not change it (qsm_snapshot_get lists it). */
+	struct qcow2_snapshot_table snaps;
 	/* A raw image: no metadata at all, guest offset = file offset.  Requests
 	 * take the RAW edges (sm/states.def); rc, l1 and l2c stay empty. */
 	bool raw;
