@@ -13,7 +13,11 @@
  *     bytes, a table over 64 MiB, too many entries, and the per-entry rules
  *     (L1 alignment, L1 size, L1 inside the file) and the v3 extra data
  *     rule check reports;
- *   - name resolution: id first then name; name only; id and name; new ids.
+ *   - name resolution: id first then name; name only; id and name; new ids;
+ *   - through the library (TCase "open", sim backend): qsm_open reads the
+ *     table, qsm_snapshot_count/get list it (struct_size rules); a table
+ *     breaking a rule refuses a read-write open naming the field, and the
+ *     disk is byte for byte unchanged.
  */
 #include <check.h>
 #include <errno.h>
@@ -22,9 +26,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <event2/event.h>
+
+#include "io/io.h"
+#include "io/sim.h"
 #include "io/util.h"
 #include "metadata/qcow2.h"
 #include "metadata/snapshot.h"
+#include "sm/qsm.h"
 
 /* The snapshot table of a 64 MiB v3 image made by qemu-img 7.2:
  * snapshot -c first; -c "a longer name with spaces"; -c 1 (ids 1, 2, 3). */
@@ -382,6 +391,143 @@ START_TEST(find_rules)
 }
 END_TEST
 
+/* A fresh 16 MiB v3 image with the table of t appended in a new cluster;
+ * the table's clusters get no refcount (read-only opens do not look). */
+static uint8_t *image_with(const struct qcow2_snapshot_table *t, size_t *len)
+{
+	struct qcow2_create_opts o = { .size = 16 << 20, .version = 3, .refcount_order = 4 };
+	uint8_t *img;
+	size_t n;
+
+	ck_assert_int_eq(qcow2_create_image(&o, &img, &n, NULL, 0), 0);
+	int64_t ts = qcow2_snapshots_size(t);
+	ck_assert_int_gt(ts, 0);
+	size_t st = (n + 65535) & ~(size_t)65535;
+	img = realloc(img, st + (size_t)ts);
+	ck_assert_ptr_nonnull(img);
+	memset(img + n, 0, st - n);
+	ck_assert_int_eq(qcow2_snapshots_serialize(t, img + st, (size_t)ts), 0);
+	qcow2_put_be32(img + 60, t->nb);
+	qcow2_put_be64(img + 64, st);
+	*len = st + (size_t)ts;
+	return img;
+}
+
+static int open_sim(struct event_base *b, struct qsm_sim *sim, bool ro, struct qsm_image **img,
+		    char *err, size_t errlen)
+{
+	struct qsm_open_opts oo = { .struct_size = sizeof(oo), .read_only = ro, .work_threads = -1 };
+	struct qsm_io *io;
+
+	ck_assert_int_eq(qsm_io_open_sim(b, sim, 0, &io), 0);
+	return qsm_open_io(b, io, &oo, img, err, errlen);
+}
+
+START_TEST(open_lists)
+{
+	struct qcow2_snapshot sn[2] = {
+		{ .id = (char *)"1", .name = (char *)"alpha", .date_sec = 1700000000,
+		  .date_nsec = 5000, .vm_clock_nsec = 3723456789000ull, .vm_state_size = 5ull << 30,
+		  .disk_size = 16 << 20, .icount = QCOW2_SNAPSHOT_NO_ICOUNT },
+		{ .id = (char *)"7", .name = (char *)"", .disk_size = 8 << 20, .icount = 42 },
+	};
+	struct qcow2_snapshot_table t = { .sn = sn, .nb = 2 };
+	struct event_base *b = event_base_new();
+	struct qsm_sim *sim = qsm_sim_new(1);
+	struct qsm_image *img = NULL;
+	char err[256] = "";
+	size_t len;
+	uint8_t *buf = image_with(&t, &len);
+
+	ck_assert_int_eq(qsm_sim_load_buf(sim, buf, len), 0);
+	ck_assert_msg(open_sim(b, sim, true, &img, err, sizeof(err)) == 0, "%s", err);
+	ck_assert_uint_eq(qsm_snapshot_count(img), 2);
+	struct qsm_snapshot_info si = { .struct_size = sizeof(si) };
+	ck_assert_int_eq(qsm_snapshot_get(img, 0, &si), 0);
+	ck_assert_str_eq(si.id, "1");
+	ck_assert_str_eq(si.name, "alpha");
+	ck_assert_uint_eq(si.vm_state_size, 5ull << 30);
+	ck_assert_uint_eq(si.date_sec, 1700000000);
+	ck_assert_uint_eq(si.date_nsec, 5000);
+	ck_assert_uint_eq(si.vm_clock_nsec, 3723456789000ull);
+	ck_assert_uint_eq(si.icount, QSM_SNAPSHOT_NO_ICOUNT);
+	ck_assert_uint_eq(si.disk_size, 16 << 20);
+	ck_assert_int_eq(qsm_snapshot_get(img, 1, &si), 0);
+	ck_assert_str_eq(si.id, "7");
+	ck_assert_str_eq(si.name, "");
+	ck_assert_uint_eq(si.icount, 42);
+	ck_assert_uint_eq(si.disk_size, 8 << 20);
+	ck_assert_int_eq(qsm_snapshot_get(img, 2, &si), -ENOENT);
+	/* struct_size: 0 or short refused; a longer one zeroed past ours */
+	struct { struct qsm_snapshot_info s; uint64_t more; } big;
+	memset(&big, 0xff, sizeof(big));
+	big.s.struct_size = sizeof(big);
+	ck_assert_int_eq(qsm_snapshot_get(img, 0, &big.s), 0);
+	ck_assert_uint_eq(big.more, 0);
+	ck_assert_str_eq(big.s.name, "alpha");
+	si.struct_size = 0;
+	ck_assert_int_eq(qsm_snapshot_get(img, 0, &si), -EINVAL);
+	ck_assert_int_eq(qsm_close(img), 0);
+	qsm_sim_free(sim);
+	event_base_free(b);
+	free(buf);
+}
+END_TEST
+
+/* Each open-time rule broken on its own: the read-write open is refused
+ * with the field named, and the disk is unchanged. */
+START_TEST(open_refuses)
+{
+	static const struct {
+		uint64_t l1_off;
+		uint32_t l1_size, extra_patch;
+		const char *want;
+	} cases[] = {
+		{ 0x30200, 1, 0, "l1_table_offset 0x30200 is not cluster aligned" },
+		{ 0x30000, QCOW2_MAX_L1_BYTES / 8 + 1, 0, "l1_size 4194305 is too large" },
+		{ 0x7ff0000, 1, 0, "is not inside the file" },
+		{ 0x30000, 1, QCOW2_MAX_SNAPSHOT_EXTRA + 1, "Too much extra metadata in snapshot table entry 1" },
+	};
+	for (size_t k = 0; k < QSM_ARRAY_SIZE(cases); k++) {
+		struct qcow2_snapshot sn[2] = {
+			{ .id = (char *)"1", .name = (char *)"ok", .l1_table_offset = 0x30000, .l1_size = 1 },
+			{ .id = (char *)"2", .name = (char *)"bad", .l1_table_offset = cases[k].l1_off,
+			  .l1_size = cases[k].l1_size },
+		};
+		struct qcow2_snapshot_table t = { .sn = sn, .nb = 2 };
+		struct event_base *b = event_base_new();
+		struct qsm_sim *sim = qsm_sim_new(1);
+		struct qsm_image *img = NULL;
+		char err[256] = "";
+		size_t len;
+		uint8_t *buf = image_with(&t, &len), *after = malloc(len);
+		if (cases[k].extra_patch) {
+			uint64_t st = qcow2_be64(buf + 64);
+			size_t e1 = (40 + 24 + 1 + 2 + 7) & ~7u;
+			qcow2_put_be32(buf + st + e1 + 36, cases[k].extra_patch);
+		}
+		ck_assert_int_eq(qsm_sim_load_buf(sim, buf, len), 0);
+		int r = open_sim(b, sim, false, &img, err, sizeof(err));
+		ck_assert_msg(r < 0, "case %zu opened", k);
+		ck_assert_msg(strstr(err, cases[k].want) != NULL, "case %zu: %s", k, err);
+		if (!cases[k].extra_patch)
+			ck_assert_msg(strstr(err, "snapshot 1 (id \"2\")") != NULL, "case %zu: %s", k, err);
+		struct qsm_io *io;
+		ck_assert_int_eq(qsm_io_open_sim(b, sim, 0, &io), 0);
+		ck_assert_int_eq(qsm_io_pread_sync(io, after, len, 0), 0);
+		uint64_t size;
+		ck_assert_int_eq(qsm_io_get_size(io, &size), 0);
+		ck_assert_uint_eq(size, len);
+		ck_assert_mem_eq(after, buf, len);
+		qsm_io_close(io);
+		qsm_sim_free(sim);
+		event_base_free(b);
+		free(buf);
+		free(after);
+	}
+}
+END_TEST
+
 static Suite *snapshot_suite(void)
 {
 	Suite *s = suite_create("snapshot");
@@ -394,6 +540,10 @@ static Suite *snapshot_suite(void)
 	tcase_add_test(tc, refuse_too_many);
 	tcase_add_test(tc, validate_rules);
 	tcase_add_test(tc, find_rules);
+	suite_add_tcase(s, tc);
+	tc = tcase_create("open");
+	tcase_add_test(tc, open_lists);
+	tcase_add_test(tc, open_refuses);
 	suite_add_tcase(s, tc);
 	return s;
 }
