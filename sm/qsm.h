@@ -359,8 +359,11 @@ QSM_EXPORT void qsm_get_info(struct qsm_image *img, struct qsm_info *info);
 /* The snapshot table is read and validated at open: a malformed one
  * refuses the open, naming the snapshot and the field (QEMU's refusals in
  * QEMU's words, e.g. "Too much extra metadata in snapshot table entry 1";
- * qsm's own: a snapshot L1 table misaligned, too large or outside the
- * file, a v3 entry without disk_size), and nothing is written.  The list
+ * qsm's own: a snapshot L1 table misaligned, larger than 32 MiB or outside
+ * the file), and nothing is written.  A v3 entry without disk_size opens, as
+ * in QEMU (disk_size then reads as the virtual size; qsm check reports the
+ * entry as qemu-img check does).  Open reads the table in a few large reads
+ * (the first of 64 KiB), never per entry.  The list
  * is the table as opened, in table order (qemu-img snapshot -l's order);
  * the library does not create, apply or delete snapshots yet. */
 #define QSM_SNAPSHOT_NO_ICOUNT UINT64_MAX
