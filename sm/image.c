@@ -357,6 +357,22 @@ static struct qsm_overlap *meta_of(struct qsm_image *img)
 	return &container_of(img, struct qsm_image_priv, img)->meta;
 }
 
+int qsm_image_meta_rebuild(struct qsm_image *img)
+{
+	struct qsm_overlap *o = meta_of(img);
+	qsm_overlap_release(o);
+	qsm_overlap_init(o, img->cluster_bits, img->rc);
+	qsm_overlap_set_l1(o, img->hdr.l1_table_offset, img->l1_size);
+	qsm_overlap_set_snapshots(o, img->hdr.snapshots_offset, img->snaps.size);
+	for (uint64_t i = 0; i < img->l1_size; i++) {
+		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
+		int ret = off ? qsm_overlap_add_l2(o, off) : 0;
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
+
 static void run_cb(evutil_socket_t fd, short what, void *arg)
 {
 	qsm_sm_drain(arg);

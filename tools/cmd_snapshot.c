@@ -12,8 +12,10 @@
  * qemu-img 7.2's snapshot refuses it.  No action: the image is opened and
  * nothing printed, as qemu-img.
  *
- * Not supported yet: -c, -a and -d are parsed and refused ("not supported
- * yet", exit 1) after the image opened, so no image is ever changed.
+ * -c, -a and -d open the image read-write (a dirty image is repaired
+ * first, as qemu-img's open does) and call qsm_snapshot_create / _apply /
+ * _delete; a failure prints qemu-img's "Could not create|apply|delete
+ * snapshot 'NAME': REASON" and exits 1.
  */
 #include <getopt.h>
 #include <stdio.h>
@@ -29,15 +31,16 @@ static void snapshot_usage(FILE *f)
 {
 	fprintf(f,
 		"Usage: qsm snapshot [-l | -c NAME | -a NAME | -d NAME] [-f FMT] [-q] [-U] filename\n"
-		"List the internal snapshots of a qcow2 image, as 'qemu-img snapshot' does.\n"
+		"List, create, apply or delete the internal snapshots of a qcow2 image, as\n"
+		"'qemu-img snapshot' does.\n"
 		"\n"
 		"  -l        list the snapshots (ID, TAG, VM SIZE, DATE, VM CLOCK, ICOUNT)\n"
-		"  -c NAME   create a snapshot: NOT SUPPORTED YET (exits 1, image untouched)\n"
-		"  -a NAME   apply a snapshot: NOT SUPPORTED YET (exits 1, image untouched)\n"
-		"  -d NAME   delete a snapshot: NOT SUPPORTED YET (exits 1, image untouched)\n"
+		"  -c NAME   create a snapshot named NAME of the disk as it is now\n"
+		"  -a NAME   apply (revert to) the snapshot with that id or name\n"
+		"  -d NAME   delete the snapshot with that name\n"
 		"  -f FMT    image format: qcow2 (the only one with snapshots)\n"
 		"  -q        quiet (the listing is printed all the same, as qemu-img)\n"
-		"  -U        force share (accepted; the image is opened read-only)\n");
+		"  -U        force share (accepted; -l opens the image read-only)\n");
 }
 
 int cmd_snapshot(int argc, char **argv)
@@ -88,8 +91,11 @@ int cmd_snapshot(int argc, char **argv)
 		cli_error("snapshot", "cannot create an event loop");
 		return 1;
 	}
-	struct qsm_open_opts o = { .read_only = true, .no_repair = true, .format = fmt,
-				   .no_backing = true };
+	/* -l only reads; the others change the image as qemu-img's
+	 * read-write open would (a dirty image repaired first). */
+	bool reading = action == 'l' || !action;
+	struct qsm_open_opts o = { .read_only = reading, .no_repair = reading, .format = fmt,
+				   .no_backing = reading };
 	r = qsm_open(base, file, &o, &img, err, sizeof(err));
 	if (r < 0) {
 		cli_error("snapshot", "Could not open '%s': %s", file, err[0] ? err : qsm_strerror(r));
@@ -101,9 +107,14 @@ int cmd_snapshot(int argc, char **argv)
 		cli_print_snapshots(img);
 	} else if (action) {
 		static const char *const what[] = { ['c'] = "create", ['a'] = "apply", ['d'] = "delete" };
-		cli_error("snapshot", "-%c (%s snapshot '%s') is not supported yet; the image was "
-			  "not changed", action, what[(unsigned char)action], name);
-		rc = 1;
+		r = action == 'c' ? qsm_snapshot_create(img, name, err, sizeof(err))
+		    : action == 'a' ? qsm_snapshot_apply(img, name, err, sizeof(err))
+				    : qsm_snapshot_delete(img, name, err, sizeof(err));
+		if (r < 0) {
+			cli_error("snapshot", "Could not %s snapshot '%s': %s", what[(unsigned char)action],
+				  name, err[0] ? err : qsm_strerror(r));
+			rc = 1;
+		}
 	}
 	r = qsm_close(img);
 	event_base_free(base);
