@@ -14,7 +14,7 @@
 #   (every snapshot's tables counted), and the file is unchanged by all of it.
 # Messages and exit codes as qemu-img's: a missing file, an image without
 # snapshots (nothing printed, exit 0), two actions ("Cannot mix").  -c/-a/-d
-# fail with "not supported yet" (exit 1) and leave the file unchanged.
+# are test_snapshot_ops.sh's.
 # Malformed tables, each rule broken on its own on a copy (python3 patches):
 #   refused by `qsm info`, `qsm snapshot -l` and a read-write open
 #   (`qsm io`), non-zero exit, the field named in stderr, file unchanged
@@ -211,18 +211,7 @@ same "no file" snapshot -l
 same "two files" snapshot -l v3.qcow2 v2.qcow2
 # (as qsm, getopt's own words)
 AS_QEMU_ONLY=1 same "unknown option" snapshot -x v3.qcow2
-for a in c a d; do
-    cp v3.qcow2 orig.qcow2
-    CHECKS=$((CHECKS + 1))
-    "$QSM" snapshot -$a first v3.qcow2 >o.out 2>o.err
-    rc=$?
-    if [ $rc -eq 1 ] && grep -q "not supported yet" o.err && cmp -s v3.qcow2 orig.qcow2 &&
-       "$QSM" snapshot --help | grep -q -- "-$a NAME .*NOT SUPPORTED YET"; then
-        pass "-$a not supported"
-    else
-        fail "-$a: exit $rc, $(cat o.err)"
-    fi
-done
+# (-c/-a/-d themselves: test_snapshot_ops.sh)
 
 # --- malformed tables ----------------------------------------------------
 # bad NAME FIELD QEMU PATCH...: a copy of v3.qcow2 patched; qsm refuses it
