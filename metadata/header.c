@@ -627,7 +627,8 @@ static int parse_fields(const uint8_t *buf, size_t len, uint64_t file_size,
 	if (ret)
 		return ret;
 	/* The snapshot table may lie past the end of the file: QEMU opens such
-	 * an image, and qsm only reads the table in check.  The overlap set
+	 * an image and reads zeros there (so does sm/image.c, through
+	 * metadata/snapshot.c, which validates the entries).  The overlap set
 	 * (sm/image.c) holds it, so a cluster allocated over it marks the image
 	 * corrupt instead of being written. */
 	ret = check_table("Snapshot table", "snapshots_offset", h->snapshots_offset,

@@ -357,6 +357,22 @@ static struct qsm_overlap *meta_of(struct qsm_image *img)
 	return &container_of(img, struct qsm_image_priv, img)->meta;
 }
 
+int qsm_image_meta_rebuild(struct qsm_image *img)
+{
+	struct qsm_overlap *o = meta_of(img);
+	qsm_overlap_release(o);
+	qsm_overlap_init(o, img->cluster_bits, img->rc);
+	qsm_overlap_set_l1(o, img->hdr.l1_table_offset, img->l1_size);
+	qsm_overlap_set_snapshots(o, img->hdr.snapshots_offset, img->snaps.size);
+	for (uint64_t i = 0; i < img->l1_size; i++) {
+		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
+		int ret = off ? qsm_overlap_add_l2(o, off) : 0;
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
+
 static void run_cb(evutil_socket_t fd, short what, void *arg)
 {
 	qsm_sm_drain(arg);
@@ -418,6 +434,7 @@ static void image_free(struct qsm_image *img, bool abandon)
 		image_free(img->backing, abandon);
 	}
 	qcow2_header_release(&img->hdr);
+	qcow2_snapshots_release(&img->snaps);
 	free(img->l1);
 	free(img->l1_disk);
 	free(img->zero_buf);
@@ -434,6 +451,51 @@ static void image_free(struct qsm_image *img, bool abandon)
 		ret = (code);                                                  \
 		goto fail;                                                     \
 	} while (0)
+
+/* Open-time reader of the snapshot table: zeros past the end of the file,
+ * as QEMU's block layer reads them (header.c lets the table lie there). */
+struct snap_src {
+	struct qsm_io *io;
+	uint64_t fsize;
+};
+
+static int snap_rd(void *opaque, void *buf, size_t len, uint64_t off)
+{
+	const struct snap_src *src = opaque;
+	size_t n = off < src->fsize ? (size_t)QSM_MIN(src->fsize - off, (uint64_t)len) : 0;
+	int ret = n ? qsm_io_pread_sync(src->io, buf, n, off) : 0;
+
+	if (ret >= 0 && n < len)
+		memset((uint8_t *)buf + n, 0, len - n);
+	return ret < 0 ? ret : 0;
+}
+
+/* Read and validate the snapshot table: QEMU's refusals in its words, then
+ * qsm's per-entry rules (metadata/snapshot.h), each naming the snapshot and
+ * the field.  Runs before anything is written. */
+static int read_snapshots(struct qsm_image *img, uint64_t fsize, char *err, size_t errlen)
+{
+	const struct qcow2_header *h = &img->hdr;
+	struct snap_src src = { img->io, fsize };
+	char why[512] = "";
+	int ret;
+
+	ret = qcow2_snapshots_read(snap_rd, &src, h->snapshots_offset, h->nb_snapshots, h->size,
+				   &img->snaps, why, sizeof(why));
+	if (ret < 0) {
+		if (err && why[0])
+			snprintf(err, errlen, "%s", why);
+		else if (err)
+			snprintf(err, errlen, "cannot read the snapshot table: %s", strerror(-ret));
+		return ret;
+	}
+	for (uint32_t i = 0; i < img->snaps.nb; i++) {
+		ret = qcow2_snapshot_validate(&img->snaps.sn[i], i, h, fsize, err, errlen);
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
 
 /* Rewrite the header in place, synchronously (open-time only). */
 static int write_header_sync(struct qsm_image *img)
@@ -831,6 +893,8 @@ read_header:;
 	    (ret = qsm_io_pread_sync(io, img->l1, img->l1_size * 8, h->l1_table_offset)) < 0)
 		OPEN_FAIL(ret, "cannot read the L1 table: %s", strerror(-ret));
 	qsm_wb_l1_loaded(img);
+	if ((ret = read_snapshots(img, fsize, err, errlen)) < 0)
+		goto fail;
 
 	struct qsm_rc_params rp = {
 		.cluster_bits = h->cluster_bits,
@@ -849,7 +913,7 @@ read_header:;
 
 	qsm_overlap_init(&p->meta, img->cluster_bits, img->rc);
 	qsm_overlap_set_l1(&p->meta, h->l1_table_offset, img->l1_size);
-	qsm_overlap_set_snapshots(&p->meta, h->snapshots_offset, (uint64_t)h->nb_snapshots * 40);
+	qsm_overlap_set_snapshots(&p->meta, h->snapshots_offset, img->snaps.size);
 	for (uint64_t i = 0; i < img->l1_size; i++) {
 		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
 		if (off && (ret = qsm_overlap_add_l2(&p->meta, off)) < 0)
@@ -1394,6 +1458,36 @@ void qsm_get_info(struct qsm_image *img, struct qsm_info *info)
 	snprintf(info->backing_file, sizeof(info->backing_file), "%s", h->backing_file);
 	snprintf(info->backing_format, sizeof(info->backing_format), "%s", h->backing_format);
 	info->nb_snapshots = h->nb_snapshots;
+}
+
+unsigned qsm_snapshot_count(struct qsm_image *img)
+{
+	return img->snaps.nb;
+}
+
+int qsm_snapshot_get(struct qsm_image *img, unsigned index, struct qsm_snapshot_info *out)
+{
+	if (!out || out->struct_size < offsetof(struct qsm_snapshot_info, disk_size) + 8)
+		return -EINVAL;
+	if (index >= img->snaps.nb)
+		return -ENOENT;
+	const struct qcow2_snapshot *sn = &img->snaps.sn[index];
+	size_t size = out->struct_size;
+	struct qsm_snapshot_info v = {
+		.struct_size = size,
+		.id = sn->id,
+		.name = sn->name,
+		.vm_state_size = sn->vm_state_size,
+		.date_sec = sn->date_sec,
+		.date_nsec = sn->date_nsec,
+		.vm_clock_nsec = sn->vm_clock_nsec,
+		.icount = sn->icount,
+		.disk_size = sn->disk_size,
+	};
+	/* A newer caller's fields past ours are zeroed. */
+	memset(out, 0, size);
+	memcpy(out, &v, QSM_MIN(size, sizeof(v)));
+	return 0;
 }
 
 struct qsm_image *qsm_get_backing(struct qsm_image *img)

@@ -354,6 +354,66 @@ struct qsm_info {
 	const char *aio;            /* backend name */
 };
 QSM_EXPORT void qsm_get_info(struct qsm_image *img, struct qsm_info *info);
+
+/* --- Internal snapshots --------------------------------------------------- */
+/* The snapshot table is read and validated at open: a malformed one
+ * refuses the open, naming the snapshot and the field (QEMU's refusals in
+ * QEMU's words, e.g. "Too much extra metadata in snapshot table entry 1";
+ * qsm's own: a snapshot L1 table misaligned, larger than 32 MiB or outside
+ * the file), and nothing is written.  A v3 entry without disk_size opens, as
+ * in QEMU (disk_size then reads as the virtual size; qsm check reports the
+ * entry as qemu-img check does).  Open reads the table in a few large reads
+ * (the first of 64 KiB), never per entry.  The list is the table in table
+ * order (qemu-img snapshot -l's order). */
+#define QSM_SNAPSHOT_NO_ICOUNT UINT64_MAX
+struct qsm_snapshot_info {
+	size_t struct_size;         /* sizeof(struct qsm_snapshot_info): see "ABI" above */
+	const char *id;             /* valid until close or the next create/delete */
+	const char *name;           /* the tag ("" when none); as long as id */
+	uint64_t vm_state_size;     /* bytes of saved VM state (0: disk-only snapshot) */
+	uint32_t date_sec, date_nsec; /* wall clock when taken (seconds since the epoch) */
+	uint64_t vm_clock_nsec;     /* guest clock when taken */
+	uint64_t icount;            /* instruction count, or QSM_SNAPSHOT_NO_ICOUNT */
+	uint64_t disk_size;         /* virtual size when taken */
+};
+/* Snapshots in the image (0 for raw). */
+QSM_EXPORT unsigned qsm_snapshot_count(struct qsm_image *img);
+/* Fill *out (out->struct_size set by the caller; 0 or a size shorter than
+ * this first version is -EINVAL, a longer one gets zeros past it) with
+ * snapshot `index` (0 .. count-1), or -ENOENT past the end. */
+QSM_EXPORT int qsm_snapshot_get(struct qsm_image *img, unsigned index,
+				struct qsm_snapshot_info *out);
+/*
+ * Take, apply and delete snapshots (qemu-img snapshot -c / -a / -d), as
+ * QEMU does them and in qemu-img's words on failure (err, when non-NULL).
+ * Blocking, like qsm_truncate: nothing may be in flight (-EBUSY; the
+ * caller drains first), and nothing else runs on the image until the call
+ * returns; the write-back runs first.  Not yet live: a hypervisor pauses
+ * its requests around the call.
+ *  - create: a new snapshot of the disk as it is now, named `name` (names
+ *    need not be unique, "" is one), with the next free numeric id, the
+ *    wall clock date, no VM state, icount 0 (as qemu-img records them); -EFBIG past 65536 snapshots or a 64 MiB table,
+ *    -ERANGE when a refcount would overflow (refcount_bits too narrow,
+ *    e.g. 1: nothing changed then).
+ *  - apply: the disk becomes the snapshot's, its virtual size too (QEMU
+ *    7.2 resizes the image to the snapshot's disk size); what only the old
+ *    state referenced is freed.
+ *  - delete: the snapshot is gone and what only it referenced is freed.
+ *  - apply finds `id_or_name` by id first, then by name; delete finds
+ *    `name` by name only (qemu-img's rules; -ENOENT, in its words).
+ * Crash safety (sm/snapops.c): a crash at any write leaves the image as
+ * before or as after the call, up to leaked clusters and COPIED flags that
+ * a repair mends; on v3 the dirty bit is set for the duration, so the next
+ * read-write open (QEMU's or qsm's) repairs it.  In the sticky error
+ * states: -ENOMEDIUM once corrupt, -EIO after a failed metadata write (a
+ * failure in the middle of an operation enters that state too).
+ */
+QSM_EXPORT int qsm_snapshot_create(struct qsm_image *img, const char *name, char *err,
+				   size_t errlen);
+QSM_EXPORT int qsm_snapshot_apply(struct qsm_image *img, const char *id_or_name, char *err,
+				  size_t errlen);
+QSM_EXPORT int qsm_snapshot_delete(struct qsm_image *img, const char *name, char *err,
+				   size_t errlen);
 /* The backing image (opened read-only on the same loop, owned by img), or
  * NULL when there is none or it was not opened (no_backing). */
 QSM_EXPORT struct qsm_image *qsm_get_backing(struct qsm_image *img);

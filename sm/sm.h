@@ -20,6 +20,7 @@
 #include "io/work.h"
 #include "metadata/batch.h"
 #include "metadata/l2cache.h"
+#include "metadata/snapshot.h"
 #include "metadata/qcow2.h"
 #include "metadata/refcount.h"
 #include "sm/qsm.h"
@@ -264,6 +265,9 @@ struct qsm_image {
 	struct event_base *base;
 	struct qsm_io *io;
 	struct qcow2_header hdr;  /* raw: only size is set (the file's size) */
+	/* The snapshot table as read and validated at open (raw: empty); the
+	 * library does not change it (qsm_snapshot_get lists it). */
+	struct qcow2_snapshot_table snaps;
 	/* A raw image: no metadata at all, guest offset = file offset.  Requests
 	 * take the RAW edges (sm/states.def); rc, l1 and l2c stay empty. */
 	bool raw;
@@ -336,6 +340,9 @@ struct qsm_image {
 	 * (incompatible bit 0) is made durable.  disk_dirty: it is on disk. */
 	bool lazy;
 	bool disk_dirty;
+	/* An operation holds the dirty bit on disk for its duration
+	 * (sm/snapops.c): a full write-back does not clear it meanwhile. */
+	bool dirty_hold;
 	/* Refcount table location the on-disk header names (a lazy image
 	 * defers a moved table, so the header keeps naming the old one). */
 	uint64_t disk_reftable_offset;
@@ -526,6 +533,10 @@ bool qsm_is_metadata(struct qsm_image *img, uint64_t host_offset);
 /* Same, ignoring L2 tables: is this cluster fit to be an L2 table? */
 bool qsm_is_metadata_not_l2(struct qsm_image *img, uint64_t host_offset);
 void qsm_note_l2_table(struct qsm_image *img, uint64_t host_offset);
+/* The metadata map (overlap checks) rebuilt from the image as it is: the
+ * active L1 table and its L2 tables, the snapshot table.  After an
+ * operation replaced tables wholesale (sm/snapops.c).  0 or -ENOMEM. */
+int qsm_image_meta_rebuild(struct qsm_image *img);
 /* The image's worker pool, started on first use.  0 or -errno. */
 int qsm_image_work(struct qsm_image *img, struct qsm_work_pool **out);
 

@@ -942,7 +942,7 @@ static enum qsm_event wb_step_release(struct qsm_req *job)
 		wb->round++; /* releasing frees dirtied refcount blocks again */
 		return QSM_E_WB_ROUND;
 	}
-	if (img->disk_dirty && !wb->cleaning && !img->raw) {
+	if (img->disk_dirty && !wb->cleaning && !img->raw && !img->dirty_hold) {
 		/* Everything, refcounts included, is durable: clear the bit. */
 		img->hdr.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
 		img->header_dirty = true;

@@ -17,12 +17,14 @@
  * Errors are 0 / negative errno; nothing here exits.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <getopt.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "sm/qsm.h"
 #include "tools/cli.h"
@@ -197,6 +199,36 @@ void cli_size_to_str(uint64_t v, char *buf, size_t len)
 	if (i < 0)
 		i = 0;
 	snprintf(buf, len, "%0.3g %sB", (double)v / (double)(1ULL << (i * 10)), sfx[i]);
+}
+
+void cli_print_snapshots(struct qsm_image *img)
+{
+	unsigned n = qsm_snapshot_count(img);
+
+	if (!n)
+		return;
+	printf("Snapshot list:\n");
+	printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
+	for (unsigned i = 0; i < n; i++) {
+		struct qsm_snapshot_info sn = { .struct_size = sizeof(sn) };
+		char date[128] = "", clock[128], size[64], icount[32] = "";
+		struct tm tm;
+		time_t t;
+
+		if (qsm_snapshot_get(img, i, &sn) < 0)
+			break;
+		t = (time_t)sn.date_sec;
+		if (localtime_r(&t, &tm))
+			strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+		uint64_t secs = sn.vm_clock_nsec / 1000000000;
+		snprintf(clock, sizeof(clock), "%02d:%02d:%02d.%03d", (int)(secs / 3600),
+			 (int)((secs / 60) % 60), (int)(secs % 60),
+			 (int)((sn.vm_clock_nsec / 1000000) % 1000));
+		cli_size_to_str(sn.vm_state_size, size, sizeof(size));
+		if (sn.icount != QSM_SNAPSHOT_NO_ICOUNT)
+			snprintf(icount, sizeof(icount), "%" PRId64, (int64_t)sn.icount);
+		printf("%-9s %-16s %8s%20s%13s%11s\n", sn.id, sn.name, size, date, clock, icount);
+	}
 }
 
 void cli_cvtstr(double v, char *buf, size_t len)

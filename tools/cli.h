@@ -31,6 +31,7 @@ int cmd_io(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_graph(int argc, char **argv);
 int cmd_resize(int argc, char **argv);
+int cmd_snapshot(int argc, char **argv);
 int cmd_compare(int argc, char **argv);
 int cmd_map(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
@@ -165,5 +166,11 @@ void cli_progress_end(void);
 /* The indented qcow2 lines under "Format specific information:", as
  * qemu-img info and qemu-io info print them. */
 void cli_print_qcow2_specific(const struct qsm_info *info);
+/* The snapshot table as qemu-img prints it (bdrv_snapshot_dump of QEMU
+ * 7.2): "Snapshot list:", the header row and one row per snapshot, each
+ * line ended by a newline; nothing when the image has none.  Dates in local
+ * time, as qemu-img. */
+struct qsm_image;
+void cli_print_snapshots(struct qsm_image *img);
 
 #endif

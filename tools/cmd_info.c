@@ -8,7 +8,10 @@
  * blocks for "disk size", and print the fields qemu-img 7.2 prints for
  * qcow2 and raw, in its order.  The JSON form copies qemu's key order (its QDict
  * hash order, which is fixed for this key set) and 4-space indentation.
- * Not shown (the API does not expose them yet): the snapshot list.
+ * The snapshot list (qsm_snapshot_get) as qemu-img prints it: the
+ * human table before "Format specific information", the JSON array
+ * "snapshots" after "backing-filename-format" (keys in qemu's order; icount
+ * left out when not recorded, as qemu's has_icount).
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -65,10 +68,43 @@ static void line(const char *ind, const char *fmt, ...)
 	va_end(ap);
 }
 
+/* "snapshots": [...] of qemu-img info's JSON, when the image has any. */
+static void print_json_snapshots(const char *ind, struct qsm_image *img)
+{
+	unsigned n = qsm_snapshot_count(img);
+
+	if (!n)
+		return;
+	line(ind, "    \"snapshots\": [\n");
+	for (unsigned i = 0; i < n; i++) {
+		struct qsm_snapshot_info sn = { .struct_size = sizeof(sn) };
+		if (qsm_snapshot_get(img, i, &sn) < 0)
+			break;
+		line(ind, "        {\n");
+		if (sn.icount != QSM_SNAPSHOT_NO_ICOUNT)
+			line(ind, "            \"icount\": %llu,\n", (unsigned long long)sn.icount);
+		line(ind, "            \"vm-clock-nsec\": %llu,\n",
+		     (unsigned long long)(sn.vm_clock_nsec % 1000000000));
+		line(ind, "            \"name\": ");
+		json_string(sn.name);
+		fputs(",\n", stdout);
+		line(ind, "            \"date-sec\": %u,\n", sn.date_sec);
+		line(ind, "            \"date-nsec\": %u,\n", sn.date_nsec);
+		line(ind, "            \"vm-clock-sec\": %llu,\n",
+		     (unsigned long long)(sn.vm_clock_nsec / 1000000000));
+		line(ind, "            \"id\": ");
+		json_string(sn.id);
+		fputs(",\n", stdout);
+		line(ind, "            \"vm-state-size\": %llu\n", (unsigned long long)sn.vm_state_size);
+		line(ind, "        }%s\n", i + 1 < n ? "," : "");
+	}
+	line(ind, "    ],\n");
+}
+
 /* One image as qemu-img's JSON object; `ind` prefixes every line (the
  * --backing-chain array indents its objects by four more spaces). */
-static void print_json(const char *ind, const char *file, const struct qsm_info *in,
-		       uint64_t disk, const char *full_backing)
+static void print_json(const char *ind, const char *file, struct qsm_image *img,
+		       const struct qsm_info *in, uint64_t disk, const char *full_backing)
 {
 	const char *b = in->backing_file;
 
@@ -89,6 +125,7 @@ static void print_json(const char *ind, const char *file, const struct qsm_info 
 		json_string(in->backing_format);
 		fputs(",\n", stdout);
 	}
+	print_json_snapshots(ind, img);
 	line(ind, "    \"virtual-size\": %llu,\n", (unsigned long long)in->virtual_size);
 	line(ind, "    \"filename\": ");
 	json_string(file);
@@ -125,8 +162,8 @@ static void print_json(const char *ind, const char *file, const struct qsm_info 
 	line(ind, "}");
 }
 
-static void print_human(const char *file, const struct qsm_info *in, uint64_t disk,
-			const char *full_backing)
+static void print_human(const char *file, struct qsm_image *img, const struct qsm_info *in,
+			uint64_t disk, const char *full_backing)
 {
 	char vs[64], ds[64];
 
@@ -150,6 +187,7 @@ static void print_human(const char *file, const struct qsm_info *in, uint64_t di
 		if (in->backing_format[0])
 			printf("backing file format: %s\n", in->backing_format);
 	}
+	cli_print_snapshots(img);
 	printf("Format specific information:\n");
 	cli_print_qcow2_specific(in);
 }
@@ -183,11 +221,11 @@ static int print_images(const char *file, struct qsm_image *img, bool json, bool
 		if (json) {
 			if (!first)
 				printf(",\n");
-			print_json(chain ? "    " : "", name, &info, disk, shown);
+			print_json(chain ? "    " : "", name, img, &info, disk, shown);
 		} else {
 			if (!first)
 				printf("\n");
-			print_human(name, &info, disk, shown);
+			print_human(name, img, &info, disk, shown);
 		}
 		free(name);
 		name = full;

@@ -38,6 +38,7 @@ static const struct cli_cmd cmds[] = {
 	{ "compare", cmd_compare, "compare the contents of two images (as qemu-img compare)" },
 	{ "map",    cmd_map,    "show the guest-to-file mapping of an image (as qemu-img map)" },
 	{ "resize", cmd_resize, "change the virtual size of an image" },
+	{ "snapshot", cmd_snapshot, "list an image's internal snapshots (as qemu-img snapshot -l)" },
 	{ "bench",  cmd_bench,  "run a simple sequential I/O benchmark (as qemu-img bench)" },
 	{ "graph",  cmd_graph,  "draw the request state machines (Graphviz) from sm/states.def" },
 	{ "fuzz",   cmd_fuzz,   "fuzz request orderings, crashes and faults on a simulated disk" },
@@ -49,7 +50,7 @@ static const struct cli_cmd *find_cmd(const char *name);
 /* What qemu-img's command table has that qsm also has: the same code as
  * `qsm NAME` (argv[0] stays NAME, messages say "qemu-img"). */
 static const char *const qemu_img_cmds[] = {
-	"create", "info", "check", "map", "compare", "convert", "resize", "bench",
+	"create", "info", "check", "map", "compare", "convert", "resize", "bench", "snapshot",
 };
 
 static int run_as_qemu_img(int argc, char **argv)
@@ -81,7 +82,7 @@ static int run_as_qemu_img(int argc, char **argv)
 		if (c && !strcmp(word, c->name))
 			return c->fn(argc - 1, argv + 1);
 	}
-	/* qemu-img's words for a command it does not have; snapshot, rebase,
+	/* qemu-img's words for a command it does not have; rebase,
 	 * amend, commit, dd, measure and bitmap land here too. */
 	cli_error(NULL, "Command not found: %s", word);
 	cli_help_hint(NULL);
