@@ -8,6 +8,8 @@
  *       |--L1 empty (writes)--> L2_ALLOC --L2 ready--> L2_LOOKUP
  *       |--backing / L1 empty / nothing to do--> BACKING_READ | ZERO_FILL | NEXT_RUN
  *   L2_LOOKUP --L2 shared--> L2_ALLOC (copy)
+ *   L2_LOOKUP, L2_ALLOC --L1 busy--> FROZEN (the slot's table is being
+ *       copied or created by another write meanwhile)
  *   L2_LOOKUP --(the run's entries, sm/classify.c)--> where the run goes next
  *
  * Transition -> function
@@ -163,6 +165,17 @@ enum qsm_event qsm_step_l2_alloc(struct qsm_req *req)
 	if (QSM_MUTANT(NO_FREEZE)) /* mutant: a second record for the same slot */
 		for (a = img->l2allocs; a && a->owner != req; a = a->next)
 			;
+	if (a && a->owner != req) {
+		/* Invariant 3 again: the slot was claimed after this request
+		 * decided to allocate or copy its table (nothing of ours is
+		 * claimed yet: the claim comes first below). */
+		free(run->bounce);
+		run->bounce = NULL;
+		img->stats.frozen++;
+		req->wait_for = a->owner->id;
+		wait_on(&a->waiters, req);
+		return QSM_E_L1_BUSY;
+	}
 	if (!a) {
 		a = calloc(1, sizeof(*a));
 		if (!a)
@@ -265,6 +278,19 @@ enum qsm_event qsm_step_l2_lookup(struct qsm_req *req)
 	}
 	uint64_t l1e = qsm_l1_get(img, run->l1_index);
 	if (is_write_machine(req->machine) && !(l1e & QCOW2_OFLAG_COPIED)) {
+		/* Invariant 3: another write is copying this shared table
+		 * already (it holds the slot in L2_ALLOC, waiting for a
+		 * refcount block or a cache slot); copying it a second time
+		 * would drop the snapshot's reference twice and lose that
+		 * write's table.  Wait for it, then look the slot up again. */
+		struct qsm_l2alloc *a = l2alloc_find(img, run->l1_index);
+		if (a && !QSM_MUTANT(NO_FREEZE)) {
+			release_l2(req);
+			img->stats.frozen++;
+			req->wait_for = a->owner->id;
+			wait_on(&a->waiters, req);
+			return QSM_E_L1_BUSY;
+		}
 		/* Shared with an internal snapshot: copy the table first.  Keep
 		 * a private copy rather than the reference (invariant 4). */
 		if (posix_memalign((void **)&run->bounce, 4096, img->cluster_size))

@@ -133,6 +133,27 @@ ok "resize: virtual size after applying the 4 MiB snapshot" \
     grep -q '"virtual-size": 4194304' <(qemu-img info --output=json "$IMG")
 same_disk "resize: disk after apply" "$IMG" "$WORK/resize.raw"
 
+# concurrent writes over a snapshotted L2 table: 32 in flight, every one
+# copying its cluster, many of them wanting the shared table copied at once
+# (the first copies it, the others wait: once, a second copy dropped the
+# snapshot's reference twice); the same writes by qemu-img bench agree
+IMG="$WORK/cow.qcow2"
+qemu-img create -q -f qcow2 "$IMG" 64M
+qemu-io -f qcow2 -c "write -P 0x21 0 32M" "$IMG" >/dev/null
+to_raw "$IMG" "$WORK/cow.raw"
+qemu-img snapshot -c shared "$IMG"
+cp "$IMG" "$WORK/cow-qemu.qcow2"
+for t in writeback none; do
+    cp "$IMG" "$WORK/cow-$t.qcow2"
+    out=$("$QSM" bench -w -q -t $t -c 1024 -d 32 -s 4096 -S 32768 --pattern=7 -f qcow2 "$WORK/cow-$t.qcow2" 2>&1)
+    ok "cow -t $t: qsm bench failed: $out" [ $? = 0 ]
+    check_clean "cow -t $t: after 1024 concurrent COW writes" "$WORK/cow-$t.qcow2"
+done
+qemu-img bench -w -t writeback -c 1024 -d 32 -s 4096 -S 32768 --pattern=7 -f qcow2 "$WORK/cow-qemu.qcow2" >/dev/null
+compare_images "cow: qsm's writes against qemu-img bench's" "$WORK/cow-writeback.qcow2" "$WORK/cow-qemu.qcow2"
+compare_images "cow: cache=none against writeback" "$WORK/cow-none.qcow2" "$WORK/cow-writeback.qcow2"
+snap qsm a shared "$WORK/cow-none.qcow2" && same_disk "cow: the snapshot after the writes" "$WORK/cow-none.qcow2" "$WORK/cow.raw"
+
 # not found: qemu-img's messages, nothing changed
 IMG="$WORK/msg.qcow2"
 qemu-img create -q -f qcow2 "$IMG" 1M
