@@ -27,6 +27,10 @@
  *                                  (a cache slot came free: WAKE)
  *   L2_LOOKUP -> L2_LOAD|L2_ALLOC ......... qsm_step_l2_lookup
  *                                  (the rest: the classifiers, sm/classify.c)
+ *   L2_LOOKUP -> FROZEN ................... qsm_step_l2_lookup
+ *                                  (a shared table another write copies)
+ *   L2_ALLOC -> FROZEN .................... qsm_step_l2_alloc
+ *                                  (the slot claimed by another request)
  *   L2_LOAD -> L2_LOOKUP .................. l2_waiter_cb
  *                                  (metadata/l2cache.c: loaded, or WAKE)
  *
