@@ -69,6 +69,7 @@ struct refrun {
 	uint64_t start, n;   /* the run being gathered (n == 0: none) */
 	uint64_t limit;      /* apply at most this many runs (a rollback) */
 	uint64_t applied;    /* runs applied so far */
+	uint64_t file_size;  /* bounds every table and cluster offset */
 	int ret;
 };
 
@@ -99,13 +100,13 @@ static void run_add(struct refrun *r, uint64_t cluster, uint64_t n)
 }
 
 /* Is host_offset, the target of an L1 or L2 entry, a cluster in the file? */
-static int check_target(struct qsm_image *img, uint64_t off, const char *what, uint64_t idx)
+static int check_target(const struct refrun *r, uint64_t off, const char *what, uint64_t idx)
 {
+	struct qsm_image *img = r->img;
 	if (off & (img->cluster_size - 1))
 		return qsm_image_corrupt(img, "%s offset %#llx unaligned (index %#llx)", what,
 					 (unsigned long long)off, (unsigned long long)idx);
-	uint64_t fsize = 0;
-	if (qsm_io_get_size(img->io, &fsize) == 0 && off >= fsize)
+	if (off >= r->file_size)
 		return qsm_image_corrupt(img, "%s offset %#llx past the end of the file (index %#llx)",
 					 what, (unsigned long long)off, (unsigned long long)idx);
 	return 0;
@@ -122,11 +123,13 @@ static int refs_walk(struct refrun *r, const uint8_t *l1, uint64_t l1_size, uint
 {
 	struct qsm_image *img = r->img;
 
+	if ((r->ret = qsm_io_get_size(img->io, &r->file_size)) < 0)
+		return r->ret;
 	for (uint64_t i = 0; i < l1_size && !r->ret; i++) {
 		uint64_t l2 = qcow2_be64(l1 + i * 8) & QCOW2_L1E_OFFSET_MASK;
 		if (!l2)
 			continue;
-		if ((r->ret = check_target(img, l2, "L2 table", i)) < 0)
+		if ((r->ret = check_target(r, l2, "L2 table", i)) < 0)
 			break;
 		run_add(r, l2 >> img->cluster_bits, 1);
 		if ((r->ret = qsm_io_pread_sync(img->io, buf, img->cluster_size, l2)) < 0)
@@ -141,7 +144,7 @@ static int refs_walk(struct refrun *r, const uint8_t *l1, uint64_t l1_size, uint
 			case QCOW2_EK_DATA:
 			case QCOW2_EK_SHARED:
 			case QCOW2_EK_ZERO_ALLOC:
-				if ((r->ret = check_target(img, qcow2_entry_offset(e), "data cluster",
+				if ((r->ret = check_target(r, qcow2_entry_offset(e), "data cluster",
 							   i * img->l2_entries + j)) < 0)
 					break;
 				run_add(r, qcow2_entry_offset(e) >> img->cluster_bits, 1);
