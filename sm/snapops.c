@@ -16,8 +16,9 @@
  * reference) are gathered into runs of consecutive host clusters, and each
  * run is one qsm_refcount_update, so a refcount block is read once and
  * changed in place however many clusters it counts; each L2 table is read
- * once and written at most once per operation (the COPIED pass), and an L2
- * table whose entries are all unallocated costs its read only.
+ * by the walk and by the COPIED pass and written at most once per operation
+ * (by that pass, when a flag changed), and an L2 table whose entries are
+ * all unallocated costs its reads only.
  *
  * Crash safety.  Each operation first makes the dirty bit (incompatible bit
  * 0) durable on a v3 image and holds it until the operation is over
@@ -295,6 +296,25 @@ static uint64_t clusters_for(const struct qsm_image *img, uint64_t bytes)
 	return (bytes + img->cluster_size - 1) >> img->cluster_bits;
 }
 
+/* After the commit point of delete and apply: what an L1 table (l1_size
+ * entries at l1_off, l1 its bytes) that nothing names any more referenced
+ * is released, the table's own clusters too, durable; then the active
+ * tables get COPIED back where refcounts are 1 again. */
+static int release_table(struct qsm_image *img, const uint8_t *l1, uint64_t l1_size,
+			 uint64_t l1_off)
+{
+	int ret = refs_update(img, l1, l1_size, -1);
+	if (ret == 0 && l1_size)
+		ret = qsm_image_rc_error(img, qsm_refcount_update(img->rc, l1_off >> img->cluster_bits,
+								  clusters_for(img, l1_size * 8), -1,
+								  NULL));
+	if (ret == 0)
+		ret = sync_all(img);
+	if (ret == 0)
+		ret = fix_copied(img);
+	return ret ? ret : sync_all(img);
+}
+
 /* Write table t to new clusters and make the header name it (the commit
  * point of create and delete), then free the old table's clusters. */
 static int table_commit(struct qsm_image *img, struct qcow2_snapshot_table *t)
@@ -511,18 +531,9 @@ static int delete_snapshot(struct qsm_image *img, int idx, char *err, size_t err
 	/* 1. the table without it, the header (the snapshot is gone) */
 	if ((ret = table_commit(img, &t)) < 0 || (ret = qsm_image_meta_rebuild(img)) < 0)
 		goto broken;
-	/* 2. its references, then its L1 copy released */
-	if ((ret = refs_update(img, l1, sn.l1_size, -1)) < 0)
-		goto broken;
-	if (sn.l1_size &&
-	    (ret = qsm_image_rc_error(img, qsm_refcount_update(img->rc, sn.l1_table_offset >> img->cluster_bits,
-							       clusters_for(img, sn.l1_size * 8ull), -1,
-							       NULL))) < 0)
-		goto broken;
-	if ((ret = sync_all(img)) < 0)
-		goto broken;
-	/* 3. COPIED back where refcounts are 1 again */
-	if ((ret = fix_copied(img)) < 0 || (ret = sync_all(img)) < 0)
+	/* 2. its references and its L1 copy released, COPIED back where
+	 *    refcounts are 1 again */
+	if ((ret = release_table(img, l1, sn.l1_size, sn.l1_table_offset)) < 0)
 		goto broken;
 	free(l1);
 	return op_end(img, 0);
@@ -602,18 +613,9 @@ static int apply_snapshot(struct qsm_image *img, int idx, char *err, size_t errl
 	qsm_l2_cache_drop_clean(&img->l2c); /* nothing of the old tables stays */
 	if ((ret = qsm_image_meta_rebuild(img)) < 0)
 		goto broken;
-	/* 3. the old active references and its L1 released */
-	if ((ret = refs_update(img, old, old_size, -1)) < 0)
-		goto broken;
-	if (old_size &&
-	    (ret = qsm_image_rc_error(img, qsm_refcount_update(img->rc, old_off >> img->cluster_bits,
-							       clusters_for(img, old_size * 8), -1,
-							       NULL))) < 0)
-		goto broken;
-	if ((ret = sync_all(img)) < 0)
-		goto broken;
-	/* 4. COPIED where the refcount is 1 */
-	if ((ret = fix_copied(img)) < 0 || (ret = sync_all(img)) < 0)
+	/* 3. the old active references and its L1 released, COPIED where
+	 *    the refcount is 1 */
+	if ((ret = release_table(img, old, old_size, old_off)) < 0)
 		goto broken;
 	free(old);
 	return op_end(img, 0);
