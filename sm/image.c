@@ -497,6 +497,51 @@ static int read_snapshots(struct qsm_image *img, uint64_t fsize, char *err, size
 	return 0;
 }
 
+/* Open time, read-only: the snapshot's L1 table and size replace the active
+ * ones (QEMU's qcow2_snapshot_load_tmp), so every read sees its disk. */
+static int load_snapshot(struct qsm_image *img, const char *id, const char *name, char *err,
+			 size_t errlen)
+{
+	int i = qcow2_snapshot_find_id_and_name(&img->snaps, id, name);
+	if (!img->read_only) {
+		if (err)
+			snprintf(err, errlen, "a snapshot can be opened read-only only");
+		return -EINVAL;
+	}
+	if (i < 0) {
+		if (err)
+			snprintf(err, errlen, "Can't find snapshot");
+		return -ENOENT;
+	}
+	const struct qcow2_snapshot *sn = &img->snaps.sn[i];
+	if (sn->l1_size < qcow2_l1_entries_for(sn->disk_size, img->cluster_bits)) {
+		if (err)
+			snprintf(err, errlen, "Snapshot %s: its L1 table (%u entries) does not cover its "
+				 "disk size %llu", sn->id, sn->l1_size, (unsigned long long)sn->disk_size);
+		return -EINVAL;
+	}
+	size_t bytes = (size_t)QSM_ALIGN_UP(QSM_MAX(sn->l1_size * 8ull, 8), img->cluster_size);
+	uint8_t *l1;
+	if (posix_memalign((void **)&l1, 4096, bytes))
+		return -ENOMEM;
+	memset(l1, 0, bytes);
+	int ret = sn->l1_size ? qsm_io_pread_sync(img->io, l1, sn->l1_size * 8ull, sn->l1_table_offset) : 0;
+	if (ret < 0) {
+		free(l1);
+		if (err)
+			snprintf(err, errlen, "cannot read the snapshot's L1 table: %s", strerror(-ret));
+		return ret;
+	}
+	free(img->l1);
+	img->l1 = l1;
+	img->l1_size = sn->l1_size;
+	img->hdr.l1_table_offset = sn->l1_table_offset;
+	img->hdr.l1_size = sn->l1_size;
+	img->hdr.size = sn->disk_size;
+	qsm_wb_l1_loaded(img);
+	return 0;
+}
+
 /* Rewrite the header in place, synchronously (open-time only). */
 static int write_header_sync(struct qsm_image *img)
 {
@@ -813,6 +858,8 @@ static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_
 	 * header written by a guest). */
 	const char *fmt = opts->format ? opts->format : "qcow2";
 	if (strcmp(fmt, "raw") == 0) {
+		if (opts->snapshot_id || opts->snapshot_name)
+			OPEN_FAIL(-ENOTSUP, "raw images have no snapshots");
 		img->raw = true;
 		img->hdr.size = fsize;
 		img->file_end = img->open_size = img->prealloc_end = fsize;
@@ -894,6 +941,9 @@ read_header:;
 		OPEN_FAIL(ret, "cannot read the L1 table: %s", strerror(-ret));
 	qsm_wb_l1_loaded(img);
 	if ((ret = read_snapshots(img, fsize, err, errlen)) < 0)
+		goto fail;
+	if ((opts->snapshot_id || opts->snapshot_name) &&
+	    (ret = load_snapshot(img, opts->snapshot_id, opts->snapshot_name, err, errlen)) < 0)
 		goto fail;
 
 	struct qsm_rc_params rp = {

@@ -163,6 +163,14 @@ struct qsm_open_opts {
 	 * read_only (-EINVAL, "Can't use copy-on-read on read-only device").
 	 * Not inherited by backing images. */
 	bool copy_on_read;
+	/* Open an internal snapshot's disk instead of the active one (QEMU's
+	 * bdrv_snapshot_load_tmp, qemu-img convert -l): the snapshot whose id
+	 * is snapshot_id and whose name is snapshot_name (a NULL one matches
+	 * any; both NULL: the active disk).  Read-only only (-EINVAL
+	 * otherwise); the virtual size is the snapshot's; -ENOENT "Can't find
+	 * snapshot" when none matches; -ENOTSUP on raw images. */
+	const char *snapshot_id;
+	const char *snapshot_name;
 };
 
 /* Open the image at `path`.  On error, a message naming what is wrong is put

@@ -99,7 +99,7 @@ static void convert_usage(FILE *f)
 	fprintf(f,
 		"Usage: qsm convert [-p] [-q] [-c] [-f FMT] [-O FMT] [-o OPTIONS]\n"
 		"                   [-B BACKING -F BFMT] [-t CACHE] [-T SRC_CACHE] [-m N] [-i AIO]\n"
-		"                   SRC DST\n"
+		"                   [-l SNAPSHOT] SRC DST\n"
 		"Copy an image into a new one, as 'qemu-img convert' does.\n"
 		"\n"
 		"  -f FMT       source format: qcow2 (default) or raw; never probed\n"
@@ -112,6 +112,8 @@ static void convert_usage(FILE *f)
 		"  -t CACHE     target cache mode (default unsafe); -T: source (default writeback)\n"
 		"  -m N         tasks in flight, 1..%d (default 8; 16 with -c)\n"
 		"  -i AIO       I/O backend for both images: threads or io_uring (default)\n"
+		"  -l SNAPSHOT  copy the disk of the source's internal snapshot: an id or a\n"
+		"               name (the id first), or snapshot.id=ID,snapshot.name=NAME\n"
 		"  -p           show progress; -q: quiet\n"
 		"Without -B the backing chain of the source is flattened.  Ranges that read\n"
 		"as zeros are left unallocated (or written as zero clusters over a backing file).\n",
@@ -402,6 +404,37 @@ static int create_raw(const char *path, uint64_t size)
 	return r;
 }
 
+/* qemu-img's -l snapshot.id=ID,snapshot.name=NAME (QemuOpts: other keys
+ * refused with its messages).  0 or -1 (reported). */
+static int parse_snapshot_param(const char *arg, char **id, char **name)
+{
+	char *copy = strdup(arg), *save = NULL;
+	int ret = 0;
+	if (!copy)
+		return -1;
+	for (char *kv = strtok_r(copy, ",", &save); kv && !ret; kv = strtok_r(NULL, ",", &save)) {
+		char *eq = strchr(kv, '=');
+		char **slot = NULL;
+		if (eq)
+			*eq = 0;
+		if (!strcmp(kv, "snapshot.id"))
+			slot = id;
+		else if (!strcmp(kv, "snapshot.name"))
+			slot = name;
+		if (!slot) {
+			cli_error("convert", "Invalid parameter '%s'", kv);
+			ret = -1;
+		} else {
+			free(*slot);
+			*slot = strdup(eq ? eq + 1 : "on");
+		}
+	}
+	free(copy);
+	if (ret < 0)
+		cli_error("convert", "Failed in parsing snapshot param '%s'", arg);
+	return ret;
+}
+
 int cmd_convert(int argc, char **argv)
 {
 	static const struct option lopt[] = {
@@ -412,6 +445,9 @@ int cmd_convert(int argc, char **argv)
 	};
 	const char *fmt = "qcow2", *out_fmt = "raw", *backing = NULL, *backing_fmt = NULL;
 	const char *src_name, *dst_name, *aio = NULL;
+	const char *snap = NULL;           /* -l ID_OR_NAME */
+	char *snap_id = NULL, *snap_name = NULL; /* -l snapshot.id=...,snapshot.name=... */
+	bool snap_opts = false;
 	enum qsm_cache_mode src_cache = QSM_CACHE_WRITEBACK, dst_cache = QSM_CACHE_UNSAFE;
 	bool progress = false, quiet = false, compress = false, opts_given = false;
 	bool prealloc_off = true;
@@ -422,7 +458,7 @@ int cmd_convert(int argc, char **argv)
 	int c, r, ret = 1, nslots = 0;
 
 	optind = 0;
-	while ((c = cli_getopt_long(argc, argv, "hf:O:o:B:F:ct:T:m:pqUi:", lopt)) != -1) {
+	while ((c = cli_getopt_long(argc, argv, "hf:O:o:B:F:ct:T:m:pqUi:l:", lopt)) != -1) {
 		switch (c) {
 		case 'h':
 			convert_usage(stdout);
@@ -481,6 +517,15 @@ int cmd_convert(int argc, char **argv)
 			break;
 		case 'i':
 			aio = optarg;
+			break;
+		case 'l':
+			if (strncmp(optarg, "snapshot.", 9) == 0) {
+				if (parse_snapshot_param(optarg, &snap_id, &snap_name) < 0)
+					goto out;
+				snap_opts = true;
+			} else {
+				snap = optarg;
+			}
 			break;
 		default:
 			cli_help_hint("convert");
@@ -544,8 +589,21 @@ int cmd_convert(int argc, char **argv)
 		goto out;
 	}
 	struct qsm_open_opts so = { .read_only = true, .no_repair = true, .format = fmt,
-				    .cache = src_cache, .aio = aio };
+				    .cache = src_cache, .aio = aio,
+				    .snapshot_id = snap_opts ? snap_id : snap,
+				    .snapshot_name = snap_opts ? snap_name : NULL };
 	r = qsm_open(base, src_name, &so, &cv.src, err, sizeof(err));
+	if (r == -ENOENT && snap) {
+		/* As qemu-img's bdrv_snapshot_load_tmp_by_id_or_name: by id,
+		 * then by name. */
+		so.snapshot_id = NULL;
+		so.snapshot_name = snap;
+		r = qsm_open(base, src_name, &so, &cv.src, err, sizeof(err));
+	}
+	if (r < 0 && (snap || snap_opts) && !strcmp(err, "Can't find snapshot")) {
+		cli_error("convert", "Failed to load snapshot: %s", err);
+		goto out;
+	}
 	if (r < 0) {
 		cli_error("convert", "Could not open '%s': %s", src_name, err[0] ? err : qsm_strerror(r));
 		goto out;
@@ -652,6 +710,8 @@ out:
 		}
 	free(cv.slots);
 	free(cv.ext);
+	free(snap_id);
+	free(snap_name);
 	cli_opts_free(&opts);
 	return ret;
 }

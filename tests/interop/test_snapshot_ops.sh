@@ -11,6 +11,8 @@
 # (a qemu-made one by qsm, a qsm-made one by qemu-img), what remains still
 # applying right.  qemu-img check is clean (no leak, no COPIED error) after
 # every step, and `qsm snapshot -l` prints what `qemu-img snapshot -l` does.
+# `qsm convert -l` reads each snapshot's disk (by name, id, and the
+# snapshot.id=,snapshot.name= form) without applying it.
 # Also: refcount_bits=1 (no cluster can be shared): create fails as
 # qemu-img's does, but nothing leaks; apply restores the snapshot's virtual
 # size after a resize; qemu-img's messages for a snapshot not found (apply
@@ -74,6 +76,15 @@ for k in "${KINDS[@]}"; do
     snap qsm c s3 "$IMG"
     qemu-io -f qcow2 -c "write -P 0x88 1M 2M" "$IMG" >/dev/null || die "qemu-io $tag 4"
     same_list "$tag: three snapshots" "$IMG"
+    # convert -l: each snapshot's disk read without applying it, by name,
+    # by id and in the snapshot.id/snapshot.name form
+    for l in s1 2 snapshot.name=s3 snapshot.id=1,snapshot.name=s1; do
+        case $l in s1|*s1) n=s1;; 2) n=s2;; *) n=s3;; esac
+        rm -f "$WORK/l.raw"
+        out=$("$QSM" convert -l "$l" -O raw "$IMG" "$WORK/l.raw" 2>&1)
+        ok "$tag: qsm convert -l $l failed: $out" [ $? = 0 ]
+        ok "$tag: qsm convert -l $l is not $n's disk" cmp -s "$WORK/l.raw" "$WORK/$tag.$n.raw"
+    done
 
     snap qsm a s1 "$IMG" && same_disk "$tag: qsm applied s1" "$IMG" "$WORK/$tag.s1.raw"
     snap qemu a s3 "$IMG" && same_disk "$tag: qemu-img applied qsm's s3" "$IMG" "$WORK/$tag.s3.raw"
@@ -154,11 +165,24 @@ compare_images "cow: qsm's writes against qemu-img bench's" "$WORK/cow-writeback
 compare_images "cow: cache=none against writeback" "$WORK/cow-none.qcow2" "$WORK/cow-writeback.qcow2"
 snap qsm a shared "$WORK/cow-none.qcow2" && same_disk "cow: the snapshot after the writes" "$WORK/cow-none.qcow2" "$WORK/cow.raw"
 
+# convert -l of a snapshot taken at another size: the snapshot's size
+rm -f "$WORK/l.raw"
+cp "$WORK/resize.qcow2" "$WORK/resize2.qcow2"
+qemu-img resize -q "$WORK/resize2.qcow2" 8M
+"$QSM" convert -l small -O raw "$WORK/resize2.qcow2" "$WORK/l.raw"
+ok "convert -l: the 4 MiB snapshot of an 8 MiB image" cmp -s "$WORK/l.raw" "$WORK/resize.raw"
+
 # not found: qemu-img's messages, nothing changed
 IMG="$WORK/msg.qcow2"
 qemu-img create -q -f qcow2 "$IMG" 1M
 qemu-img snapshot -c a "$IMG"
 cp "$IMG" "$WORK/msg.orig"
+for args in "-l nope" "-l snapshot.id=1,snapshot.name=b" "-l snapshot.foo=1"; do
+    q=$(qemu-img convert $args -O raw "$IMG" "$WORK/q.raw" 2>&1); qrc=$?
+    s=$("$QSM" convert $args -O raw "$IMG" "$WORK/s.raw" 2>&1); src=$?
+    ok "convert $args: exit $src, qemu-img $qrc" [ $src = $qrc ]
+    ok "convert $args: '$s' is not qemu-img's '$q'" [ "$(sed 's/^qsm convert: //' <<<"$s")" = "$(sed 's/^qemu-img: //' <<<"$q")" ]
+done
 for args in "-a nope" "-d nope" "-d 1"; do
     q=$(qemu-img snapshot $args "$IMG" 2>&1); qrc=$?
     s=$("$QSM" snapshot $args "$IMG" 2>&1); src=$?
