@@ -497,6 +497,23 @@ static int read_snapshots(struct qsm_image *img, uint64_t fsize, char *err, size
 	return 0;
 }
 
+int qsm_l1_read(struct qsm_image *img, uint64_t offset, uint64_t entries, uint64_t room,
+		uint8_t **out)
+{
+	size_t bytes = (size_t)QSM_ALIGN_UP(QSM_MAX(QSM_MAX(entries, room) * 8, 8), img->cluster_size);
+	uint8_t *l1;
+	if (posix_memalign((void **)&l1, 4096, bytes))
+		return -ENOMEM;
+	memset(l1, 0, bytes);
+	int ret = entries ? qsm_io_pread_sync(img->io, l1, entries * 8, offset) : 0;
+	if (ret < 0) {
+		free(l1);
+		return ret;
+	}
+	*out = l1;
+	return 0;
+}
+
 /* Open time, read-only: the snapshot's L1 table and size replace the active
  * ones (QEMU's qcow2_snapshot_load_tmp), so every read sees its disk. */
 static int load_snapshot(struct qsm_image *img, const char *id, const char *name, char *err,
@@ -520,14 +537,9 @@ static int load_snapshot(struct qsm_image *img, const char *id, const char *name
 				 "disk size %llu", sn->id, sn->l1_size, (unsigned long long)sn->disk_size);
 		return -EINVAL;
 	}
-	size_t bytes = (size_t)QSM_ALIGN_UP(QSM_MAX(sn->l1_size * 8ull, 8), img->cluster_size);
 	uint8_t *l1;
-	if (posix_memalign((void **)&l1, 4096, bytes))
-		return -ENOMEM;
-	memset(l1, 0, bytes);
-	int ret = sn->l1_size ? qsm_io_pread_sync(img->io, l1, sn->l1_size * 8ull, sn->l1_table_offset) : 0;
+	int ret = qsm_l1_read(img, sn->l1_table_offset, sn->l1_size, 0, &l1);
 	if (ret < 0) {
-		free(l1);
 		if (err)
 			snprintf(err, errlen, "cannot read the snapshot's L1 table: %s", strerror(-ret));
 		return ret;
@@ -932,12 +944,10 @@ read_header:;
 	img->l1_size = h->l1_size;
 
 	/* L1: resident, cluster-rounded so write-back can write whole sectors. */
-	size_t l1_bytes = (size_t)QSM_ALIGN_UP(QSM_MAX(img->l1_size * 8, 8), img->cluster_size);
-	if (posix_memalign((void **)&img->l1, 4096, l1_bytes))
-		OPEN_FAIL(-ENOMEM, "out of memory for the L1 table (%zu bytes)", l1_bytes);
-	memset(img->l1, 0, l1_bytes);
-	if (img->l1_size &&
-	    (ret = qsm_io_pread_sync(io, img->l1, img->l1_size * 8, h->l1_table_offset)) < 0)
+	if ((ret = qsm_l1_read(img, h->l1_table_offset, img->l1_size, 0, &img->l1)) == -ENOMEM)
+		OPEN_FAIL(-ENOMEM, "out of memory for the L1 table (%llu entries)",
+			  (unsigned long long)img->l1_size);
+	if (ret < 0)
 		OPEN_FAIL(ret, "cannot read the L1 table: %s", strerror(-ret));
 	qsm_wb_l1_loaded(img);
 	if ((ret = read_snapshots(img, fsize, err, errlen)) < 0)

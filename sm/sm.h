@@ -522,6 +522,12 @@ const char *qsm_metadata_kind(struct qsm_image *img, uint64_t host_offset);
  * hold once marked: the disk's dirty bit, the corrupt bit set. */
 void qsm_image_corrupt_bits(const struct qsm_image *img, uint8_t be[8]);
 void qsm_l1_set(struct qsm_image *img, uint64_t idx, uint64_t entry);
+/* An L1 table of `entries` entries at `offset` (blocking) into a new
+ * buffer of max(entries, room) entries rounded up to whole clusters,
+ * zeros after the table, 4096-aligned: the form img->l1 has (write-back
+ * writes whole sectors of it).  *out is the caller's; 0 or -errno. */
+int qsm_l1_read(struct qsm_image *img, uint64_t offset, uint64_t entries, uint64_t room,
+		uint8_t **out);
 static inline uint64_t qsm_l1_get(const struct qsm_image *img, uint64_t idx)
 {
 	return qcow2_be64(img->l1 + idx * 8);

@@ -494,22 +494,6 @@ broken:
 
 /* --- delete ----------------------------------------------------------------- */
 
-/* The snapshot's L1 table read from disk (l1_size entries). */
-static int read_snapshot_l1(struct qsm_image *img, const struct qcow2_snapshot *sn, uint8_t **out)
-{
-	size_t bytes = (size_t)sn->l1_size * 8;
-	uint8_t *l1 = calloc(1, bytes ? bytes : 8);
-	if (!l1)
-		return -ENOMEM;
-	int ret = bytes ? qsm_io_pread_sync(img->io, l1, bytes, sn->l1_table_offset) : 0;
-	if (ret < 0) {
-		free(l1);
-		return ret;
-	}
-	*out = l1;
-	return 0;
-}
-
 static int delete_snapshot(struct qsm_image *img, int idx, char *err, size_t errlen)
 {
 	struct qcow2_snapshot_table t;
@@ -517,7 +501,7 @@ static int delete_snapshot(struct qsm_image *img, int idx, char *err, size_t err
 	int ret;
 
 	struct qcow2_snapshot sn = img->snaps.sn[idx]; /* the numbers; its strings die with the table */
-	if ((ret = read_snapshot_l1(img, &sn, &l1)) < 0)
+	if ((ret = qsm_l1_read(img, sn.l1_table_offset, sn.l1_size, 0, &l1)) < 0)
 		SNAP_FAIL(ret, "Could not read the snapshot's L1 table: %s", strerror(-ret));
 	if ((ret = table_copy(&img->snaps, &t, idx)) < 0) {
 		free(l1);
@@ -551,31 +535,22 @@ static int apply_snapshot(struct qsm_image *img, int idx, char *err, size_t errl
 {
 	struct qcow2_header *h = &img->hdr;
 	const struct qcow2_snapshot *sn = &img->snaps.sn[idx];
-	uint8_t *l1 = NULL, *old = img->l1;
+	uint8_t *nl1 = NULL, *old = img->l1;
 	uint64_t old_size = img->l1_size, old_off = h->l1_table_offset;
 	int ret;
 
 	uint64_t size = QSM_MAX(old_size, (uint64_t)sn->l1_size);
 	uint64_t n = clusters_for(img, size * 8), new_off = 0;
-	if ((ret = read_snapshot_l1(img, sn, &l1)) < 0)
+	/* The new active table: the snapshot's entries, zeros after them up
+	 * to `size` entries (its first sn->l1_size are the snapshot's table). */
+	if ((ret = qsm_l1_read(img, sn->l1_table_offset, sn->l1_size, size, &nl1)) < 0)
 		SNAP_FAIL(ret, "Could not read the snapshot's L1 table: %s", strerror(-ret));
-	/* The new active table: the snapshot's entries, zeros after them,
-	 * whole clusters (the cache writes whole sectors of it). */
-	uint8_t *nl1;
-	if (posix_memalign((void **)&nl1, 4096, QSM_MAX(n, 1) << img->cluster_bits)) {
-		free(l1);
-		SNAP_FAIL(-ENOMEM, "%s", strerror(ENOMEM));
-	}
-	memset(nl1, 0, QSM_MAX(n, 1) << img->cluster_bits);
-	memcpy(nl1, l1, sn->l1_size * 8ull);
 	if ((ret = op_begin(img)) < 0) {
-		free(l1);
 		free(nl1);
 		return op_end(img, ret);
 	}
 	/* 1. the snapshot's references one more (undone on -ERANGE) */
-	if ((ret = refs_update(img, l1, sn->l1_size, +1)) < 0) {
-		free(l1);
+	if ((ret = refs_update(img, nl1, sn->l1_size, +1)) < 0) {
 		free(nl1);
 		if (ret == -ERANGE && !img->error) {
 			ret = op_end(img, qsm_sync_writeback(img));
@@ -585,7 +560,6 @@ static int apply_snapshot(struct qsm_image *img, int idx, char *err, size_t errl
 		op_broken(img, ret, "applying the snapshot");
 		SNAP_FAIL(op_end(img, ret), "%s", strerror(-ret));
 	}
-	free(l1);
 	/* 2. the new active L1 on new clusters, durable with those refcounts;
 	 *    then the header naming it (the commit point) */
 	if (n) {
