@@ -1241,6 +1241,7 @@ void qsm_abandon(struct qsm_image *img)
 	 * a write-back batch (DURABLE_WAIT, FREE_WAIT) hold nothing else and
 	 * no batch will ever wake them: freed here, without callbacks. */
 	qsm_wb_forget_waiters(img);
+	qsm_snap_forget(img);
 	image_free(img, true);
 }
 
