@@ -505,6 +505,17 @@ void qsm_wb_release_held(struct qsm_image *img);
 int qsm_cor_fill(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
 		 uint64_t len, bool zero, qsm_cb cb, void *opaque);
 
+/* --- sm/sync.c ----------------------------------------------------------- */
+/* The blocking calls: submit with qsm_sync_cb and &w, then qsm_sync_run
+ * runs the image's loop until the callback has run (not from inside a
+ * callback of that loop).  `submitted`: the submit's return (< 0: it). */
+struct qsm_sync_wait {
+	bool done;
+	int ret;
+};
+void qsm_sync_cb(void *opaque, int ret);
+int qsm_sync_run(struct qsm_image *img, int submitted, struct qsm_sync_wait *w);
+
 /* --- sm/snapops.c -------------------------------------------------------- */
 /* Step functions of the SNAPSHOT machine. */
 enum qsm_event qsm_snap_step(struct qsm_req *req);

@@ -353,6 +353,29 @@ static uint64_t clusters_for(const struct qsm_image *img, uint64_t bytes)
 	return (bytes + img->cluster_size - 1) >> img->cluster_bits;
 }
 
+/* Is the step's one I/O over (snap_io_cb woke it)?  Then it leaves. */
+static bool io_over(struct qsm_snapjob *j)
+{
+	if (j->io_state != IO_DONE)
+		return false;
+	j->io_state = IO_NONE;
+	return true;
+}
+
+/* n new clusters at *off, unless the step took them already (*off != 0):
+ * 0, -EAGAIN (a refcount block is read: the step waits, WAKE) or -errno. */
+static int alloc_once(struct qsm_req *req, uint64_t n, uint64_t *off)
+{
+	struct qsm_image *img = req->img;
+	if (*off)
+		return 0;
+	int ret = qsm_refcount_alloc(img->rc, n, off, snap_rcw(req));
+	if (ret == -EAGAIN)
+		return ret;
+	qsm_refcount_unpin(img->rc, &req->rcw);
+	return qsm_image_rc_error(img, ret);
+}
+
 /* --- SNAP_REFS: the batched reference walk ----------------------------------- */
 
 /* Is off, the target of an L1 or L2 entry, a cluster in the file? */
@@ -562,10 +585,8 @@ static enum qsm_event step_l1_load(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
 	struct qsm_snapjob *j = req->snap;
-	if (j->io_state == IO_DONE) {
-		j->io_state = IO_NONE;
+	if (io_over(j))
 		return QSM_E_FINISHED;
-	}
 	j->l1_entries = j->sn.l1_size;
 	j->l1_room = j->op == OP_APPLY ? QSM_MAX(img->l1_size, (uint64_t)j->sn.l1_size) : j->l1_entries;
 	size_t bytes = (size_t)QSM_ALIGN_UP(QSM_MAX(j->l1_room * 8, 8), img->cluster_size);
@@ -585,22 +606,15 @@ static enum qsm_event step_l1_write(struct qsm_req *req)
 	struct qsm_image *img = req->img;
 	struct qsm_snapjob *j = req->snap;
 	int ret;
-	if (j->io_state == IO_DONE) {
-		j->io_state = IO_NONE;
+	if (io_over(j))
 		return QSM_E_FINISHED;
-	}
 	uint64_t entries = j->op == OP_CREATE ? img->l1_size : j->l1_room;
 	if (!entries)
 		return QSM_E_FINISHED;
-	if (!j->l1_off) {
-		ret = qsm_refcount_alloc(img->rc, clusters_for(img, entries * 8), &j->l1_off,
-					 snap_rcw(req));
-		if (ret == -EAGAIN)
-			return QSM_E_WAIT;
-		qsm_refcount_unpin(img->rc, &req->rcw);
-		if ((ret = qsm_image_rc_error(img, ret)) < 0)
-			return fail(req, ret);
-	}
+	if ((ret = alloc_once(req, clusters_for(img, entries * 8), &j->l1_off)) == -EAGAIN)
+		return QSM_E_WAIT;
+	if (ret < 0)
+		return fail(req, ret);
 	if (j->op == OP_CREATE) {
 		size_t bytes = (size_t)QSM_ALIGN_UP(entries * 8, img->cluster_size);
 		if (!j->l1 && posix_memalign((void **)&j->l1, 4096, bytes))
@@ -620,24 +634,18 @@ static enum qsm_event step_table(struct qsm_req *req)
 	struct qsm_image *img = req->img;
 	struct qsm_snapjob *j = req->snap;
 	int ret;
-	if (j->io_state == IO_DONE) {
-		j->io_state = IO_NONE;
+	if (io_over(j))
 		return QSM_E_FINISHED;
-	}
 	if (!j->t.nb)
 		return QSM_E_FINISHED; /* no table: the header says 0 at 0 */
 	int64_t size = qcow2_snapshots_size(&j->t);
 	if (size < 0)
 		return fail(req, (int)size);
 	uint64_t n = clusters_for(img, (uint64_t)size);
-	if (!j->table_off) {
-		ret = qsm_refcount_alloc(img->rc, n, &j->table_off, snap_rcw(req));
-		if (ret == -EAGAIN)
-			return QSM_E_WAIT;
-		qsm_refcount_unpin(img->rc, &req->rcw);
-		if ((ret = qsm_image_rc_error(img, ret)) < 0)
-			return fail(req, ret);
-	}
+	if ((ret = alloc_once(req, n, &j->table_off)) == -EAGAIN)
+		return QSM_E_WAIT;
+	if (ret < 0)
+		return fail(req, ret);
 	j->table_size = (uint64_t)size;
 	if (posix_memalign((void **)&j->buf, 4096, n << img->cluster_bits))
 		return fail(req, -ENOMEM);
@@ -1086,28 +1094,6 @@ int qsm_snapshot_apply_async(struct qsm_image *img, const char *id_or_name, char
 
 /* --- the blocking forms ------------------------------------------------------- */
 
-struct snap_wait {
-	bool done;
-	int ret;
-};
-
-static void snap_wait_cb(void *opaque, int ret)
-{
-	struct snap_wait *w = opaque;
-	w->ret = ret;
-	w->done = true;
-}
-
-/* Run the loop until the operation is over (as sm/sync.c's calls). */
-static int snap_wait(struct qsm_image *img, int submitted, struct snap_wait *w)
-{
-	if (submitted < 0)
-		return submitted;
-	while (!w->done)
-		event_base_loop(img->base, EVLOOP_ONCE);
-	return w->ret;
-}
-
 /* The blocking forms run the loop, which a callback of it cannot do. */
 static int may_block(struct qsm_image *img, char *err, size_t errlen)
 {
@@ -1118,24 +1104,24 @@ static int may_block(struct qsm_image *img, char *err, size_t errlen)
 
 int qsm_snapshot_create(struct qsm_image *img, const char *name, char *err, size_t errlen)
 {
-	struct snap_wait w = { 0 };
+	struct qsm_sync_wait w = { 0 };
 	int ret = may_block(img, err, errlen);
-	return ret ? ret : snap_wait(img, qsm_snapshot_create_async(img, name, NULL, err, errlen,
-								    snap_wait_cb, &w), &w);
+	return ret ? ret : qsm_sync_run(img, qsm_snapshot_create_async(img, name, NULL, err, errlen,
+								       qsm_sync_cb, &w), &w);
 }
 
 int qsm_snapshot_apply(struct qsm_image *img, const char *id_or_name, char *err, size_t errlen)
 {
-	struct snap_wait w = { 0 };
+	struct qsm_sync_wait w = { 0 };
 	int ret = may_block(img, err, errlen);
-	return ret ? ret : snap_wait(img, qsm_snapshot_apply_async(img, id_or_name, err, errlen,
-								   snap_wait_cb, &w), &w);
+	return ret ? ret : qsm_sync_run(img, qsm_snapshot_apply_async(img, id_or_name, err, errlen,
+								      qsm_sync_cb, &w), &w);
 }
 
 int qsm_snapshot_delete(struct qsm_image *img, const char *name, char *err, size_t errlen)
 {
-	struct snap_wait w = { 0 };
+	struct qsm_sync_wait w = { 0 };
 	int ret = may_block(img, err, errlen);
-	return ret ? ret : snap_wait(img, qsm_snapshot_delete_async(img, name, err, errlen,
-								    snap_wait_cb, &w), &w);
+	return ret ? ret : qsm_sync_run(img, qsm_snapshot_delete_async(img, name, err, errlen,
+								       qsm_sync_cb, &w), &w);
 }
