@@ -48,6 +48,10 @@ struct qsm_check_result {
 	bool incomplete;              /* check could not finish (exit 1) */
 	int error;                    /* with incomplete: the -errno that stopped it
 	                               * (qemu-img: "Check failed: <strerror>") */
+	char report[512];             /* with incomplete, or "": what qemu-img reports
+	                               * through error_report() before it stops (its
+	                               * first line takes the program's name as prefix,
+	                               * the hint lines after "\n" do not) */
 	/* Statistics printed by qemu-img check. */
 	uint64_t image_end_offset;
 	uint64_t total_clusters;      /* guest clusters */
