@@ -23,7 +23,7 @@
 #   same exit code).
 #   A v3 entry without disk_size: opened and listed (as QEMU does), and qsm
 #   check's output is qemu-img check's ("ERROR snapshot table entry N is
-#   incomplete"; qsm -r does not repair it yet, qemu-img's does).
+#   incomplete"; qsm check -r all repairs it as qemu-img does: test_snapshot_check.sh).
 # Output: PASS/FAIL per case, then the check count.
 
 source "$(dirname "$0")/lib.sh"
