@@ -191,6 +191,9 @@ int qcow2_snapshots_read(qcow2_snapshot_reader rd, void *opaque, uint64_t offset
 /* A window of file bytes: at most WIN_MIN bytes beyond what is asked, so a
  * table is read in a few large reads and skipped bytes are never read. */
 #define WIN_MIN (1u << 20)
+/* QEMU's BDRV_MAX_LENGTH (INT64_MAX aligned down to 1 GiB): its block layer
+ * fails a read that reaches past it (-EIO) before any driver sees it. */
+#define BDRV_MAX_LEN (INT64_MAX & ~((1ull << 30) - 1))
 
 struct win {
 	qcow2_snapshot_reader rd;
@@ -210,8 +213,12 @@ static int win_get(struct win *w, uint64_t off, size_t len, const uint8_t **p)
 		*p = none;
 		return 0;
 	}
+	if (off > BDRV_MAX_LEN || len > BDRV_MAX_LEN - off)
+		return -EIO;
 	if (!(off >= w->start && off - w->start + len <= w->len)) {
 		size_t n = len > WIN_MIN ? len : WIN_MIN;
+		if (n > BDRV_MAX_LEN - off)
+			n = (size_t)(BDRV_MAX_LEN - off);
 		if (n > w->cap) {
 			uint8_t *nb = realloc(w->buf, n);
 			if (!nb)

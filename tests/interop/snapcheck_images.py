@@ -36,6 +36,9 @@ KINDs (entry indexes count from 0; "last" is the last entry):
                               COPIED only in the active tables)
   sn_l2_zero                  the refcount of an L2 table only a snapshot
                               references set to 0
+  offset_unaligned            snapshots_offset + 512
+  offset_huge                 snapshots_offset 2^63 - one cluster (offset +
+                              the table's minimal size passes INT64_MAX)
   nb_zero_table               nb_snapshots 0 with the table still there (a
                               leak: the table and every snapshot's clusters)
 Python 3 stdlib only.
@@ -249,6 +252,10 @@ elif kind == 'sn_l2_zero':
         break
     else:
         raise SystemExit("no L2 table only a snapshot references")
+elif kind == 'offset_unaligned':
+    wr(64, struct.pack('>Q', soff + 512))
+elif kind == 'offset_huge':
+    wr(64, struct.pack('>Q', (1 << 63) - cs))
 elif kind == 'nb_zero_table':
     wr(60, struct.pack('>I', 0))
 else:

@@ -118,7 +118,7 @@ side() {
 V3_KINDS="incomplete0 incomplete8 incomplete_mid incomplete_all extra_big extra_big2
 extra_max extra_big_incomplete too_big too_big_extra l1_unaligned
 l1_too_large l1_unaligned_incomplete leak_sn_l1 low_shared copied_shared copied_sn_l1
-sn_l2_zero nb_zero_table"
+sn_l2_zero nb_zero_table offset_unaligned offset_huge"
 V2_KINDS="incomplete0 incomplete_all extra_big l1_unaligned low_shared copied_shared
 nb_zero_table"
 
