@@ -1252,7 +1252,8 @@ static int write_snapshots(struct ck *c)
 		for (cl = 0; cl < end && run < n; cl++) {
 			uint64_t rc;
 			if (!c->reft[cl / per] || (c->reft[cl / per] & ~QCOW2_REFT_OFFSET_MASK) ||
-			    get_refcount(c, cl, &rc) < 0 || rc) {
+			    get_refcount(c, cl, &rc) < 0 || rc ||
+			    (cl < c->imrt_n && c->imrt[cl])) {  /* never over a reference */
 				run = 0;
 				continue;
 			}
@@ -1261,11 +1262,6 @@ static int write_snapshots(struct ck *c)
 		}
 		if (run < n)
 			return -ENOSPC;  /* would need a new refcount block: not done here */
-		for (cl = first; cl < first + n; cl++)
-			if ((r = set_refcount(c, cl, 1)) < 0)
-				return r;
-		if ((r = rbc_flush(c)) < 0 || (r = qsm_io_flush_sync(c->io)) < 0)
-			return r;
 		noff = first << c->cb;
 		buf = calloc(1, n << c->cb);
 		if (!buf)
@@ -1277,6 +1273,11 @@ static int write_snapshots(struct ck *c)
 		if (r == 0)
 			r = qsm_io_flush_sync(c->io);
 		if (r < 0)
+			return r;
+		for (cl = first; cl < first + n; cl++)
+			if ((r = set_refcount(c, cl, 1)) < 0)
+				return r;
+		if ((r = rbc_flush(c)) < 0 || (r = qsm_io_flush_sync(c->io)) < 0)
 			return r;
 	}
 	qcow2_put_be32(hdr, c->snaps.nb);
