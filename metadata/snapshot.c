@@ -27,6 +27,12 @@
 /* The longest entry: header, extra data, id and name at their bounds. */
 #define ENTRY_MAX (QCOW2_SNAPSHOT_HDR + QCOW2_MAX_SNAPSHOT_EXTRA + 2u * 65535u)
 
+/* QEMU's BDRV_MAX_LENGTH (INT64_MAX aligned down to 1 GiB): its block layer
+ * fails a read that reaches past it (-EIO) before any driver sees it, so a
+ * table whose bytes reach past it is refused ("Failed to read snapshot
+ * table: Input/output error"), though the header check let its offset by. */
+#define BDRV_MAX_LEN (INT64_MAX & ~((1ull << 30) - 1))
+
 void qcow2_snapshots_release(struct qcow2_snapshot_table *t)
 {
 	for (uint32_t i = 0; t->sn && i < t->nb; i++) {
@@ -157,12 +163,16 @@ int qcow2_snapshots_read(qcow2_snapshot_reader rd, void *opaque, uint64_t offset
 			 uint64_t virtual_size, struct qcow2_snapshot_table *t, char *err,
 			 size_t errlen)
 {
+	/* the bytes QEMU can read at all (the parse asks only for bytes it needs) */
+	uint64_t lim = offset < BDRV_MAX_LEN ? BDRV_MAX_LEN - offset : 0;
 	size_t have = 0, need = nb ? 64u << 10 : 0;
 	uint8_t *buf = NULL;
 	int ret;
 
 	memset(t, 0, sizeof(*t));
 	for (;;) {
+		if (need > lim)
+			need = (size_t)lim;
 		if (need > have) {
 			uint8_t *nbuf = realloc(buf, need);
 			if (!nbuf) {
@@ -177,7 +187,12 @@ int qcow2_snapshots_read(qcow2_snapshot_reader rd, void *opaque, uint64_t offset
 		ret = qcow2_snapshots_parse(buf, have, nb, virtual_size, t, &need, err, errlen);
 		if (ret != -ENODATA)
 			break;
-		if (need <= have) { /* cannot happen: the parse always asks for more */
+		if (need > lim && have >= lim) {  /* the bytes it needs lie past the limit */
+			qsm_set_err(err, errlen, "Failed to read snapshot table: %s", strerror(EIO));
+			ret = -EIO;
+			break;
+		}
+		if (need <= have && need <= lim) { /* cannot happen: the parse always asks for more */
 			ret = -EIO;
 			break;
 		}
@@ -191,9 +206,6 @@ int qcow2_snapshots_read(qcow2_snapshot_reader rd, void *opaque, uint64_t offset
 /* A window of file bytes: at most WIN_MIN bytes beyond what is asked, so a
  * table is read in a few large reads and skipped bytes are never read. */
 #define WIN_MIN (1u << 20)
-/* QEMU's BDRV_MAX_LENGTH (INT64_MAX aligned down to 1 GiB): its block layer
- * fails a read that reaches past it (-EIO) before any driver sees it. */
-#define BDRV_MAX_LEN (INT64_MAX & ~((1ull << 30) - 1))
 
 struct win {
 	qcow2_snapshot_reader rd;

@@ -416,6 +416,34 @@ START_TEST(check_reader)
 }
 END_TEST
 
+/* The bytes of a table must lie below QEMU's BDRV_MAX_LENGTH (2^63 - 1 GiB),
+ * where its block layer fails the read: the open's and the check's readers
+ * refuse in QEMU's words, and read no byte past it. */
+START_TEST(read_limit)
+{
+	const uint64_t lim = (1ull << 63) - (1ull << 30);
+	struct memfile m = { .buf = NULL, .len = 0 };
+	struct qcow2_snapshot_table t;
+	char err[256] = "";
+
+	/* one all-zero entry: 40 bytes */
+	ck_assert_int_eq(qcow2_snapshots_read(mem_rd, &m, lim - 40, 1, 1, &t, err, sizeof(err)), 0);
+	ck_assert_uint_eq(t.nb, 1);
+	ck_assert_uint_le(m.bytes, 40);
+	qcow2_snapshots_release(&t);
+	ck_assert_int_eq(qcow2_snapshots_read(mem_rd, &m, lim - 32, 1, 1, &t, err, sizeof(err)),
+			 -EIO);
+	ck_assert_str_eq(err, "Failed to read snapshot table: Input/output error");
+	ck_assert_int_eq(qcow2_snapshots_read(mem_rd, &m, lim, 1, 1, &t, err, sizeof(err)), -EIO);
+	ck_assert_int_eq(qcow2_snapshots_read_check(mem_rd, &m, lim - 40, 1, 1, 0, &t, err,
+						    sizeof(err)), 0);
+	qcow2_snapshots_release(&t);
+	ck_assert_int_eq(qcow2_snapshots_read_check(mem_rd, &m, lim - 32, 1, 1, 0, &t, err,
+						    sizeof(err)), -EIO);
+	ck_assert_str_eq(err, "Failed to read snapshot table: Input/output error");
+}
+END_TEST
+
 START_TEST(validate_rules)
 {
 	struct qcow2_header h = v3_header();
@@ -654,6 +682,7 @@ static Suite *snapshot_suite(void)
 	tcase_add_test(tc, refuse_table_too_big);
 	tcase_add_test(tc, refuse_too_many);
 	tcase_add_test(tc, check_reader);
+	tcase_add_test(tc, read_limit);
 	tcase_add_test(tc, validate_rules);
 	tcase_add_test(tc, find_rules);
 	suite_add_tcase(s, tc);
