@@ -4,7 +4,10 @@
  *
  * Design: a port of the *algorithm* of qemu 7.2's qcow2_check_refcounts()
  * (block/qcow2-refcount.c), so the counts, the messages and the order in
- * which they appear are qemu-img check's:
+ * which they appear are qemu-img check's (qcow2_co_check_locked):
+ *   0. check_read_snapshots(): the snapshot table, which the open skipped
+ *      (qcow2_check_read_snapshot_table), its damage reported, with
+ *      FIX_ERRORS its overhanging entries dropped at once;
  *   1. calculate_refcounts(): an in-memory refcount table (the "imrt", one
  *      saturating 16-bit counter per host cluster of the file) gets +1 for
  *      the header cluster, the active L1 and every cluster its L2 tables
@@ -19,7 +22,9 @@
  *      structure is then leaked, and freed by a second pass;
  *   4. check_oflag_copied(): COPIED must equal (refcount == 1) in the active
  *      L1 and its L2 tables;
- *   5. with fix flags and nothing left broken: clear the dirty and corrupt
+ *   5. fix_snapshots(): with FIX_ERRORS, the snapshot table rewritten when
+ *      only that repairs it (qcow2_check_fix_snapshot_table);
+ *   6. with fix flags and nothing left broken: clear the dirty and corrupt
  *      bits (one 8-byte write of incompatible_features, then flush).
  * Beyond qemu, with FIX_ERRORS: L1/L2 entries that point past the end of
  * the file, or data entries at unaligned offsets, are cleared (the guest

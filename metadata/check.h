@@ -13,7 +13,14 @@
  *   - refcount > references: leak ("Leaked cluster N refcount=a reference=b");
  *   - COPIED flag != (refcount == 1): corruption ("ERROR OFLAG_COPIED ...");
  *   - entries pointing past the end of the file or at unaligned offsets,
- *     metadata overlapping metadata, reserved bits: corruption.
+ *     metadata overlapping metadata, reserved bits: corruption;
+ *   - the snapshot table, read after the header as qemu-img check reads it
+ *     (qcow2_check_read_snapshot_table): a v3 entry without disk_size
+ *     ("snapshot table entry I is incomplete"), extra data over 1024
+ *     bytes, more than 65536 entries, a table over 64 MiB: corruptions, the
+ *     last three stopping the check (res->report) unless -r all; a
+ *     snapshot L1 table unaligned or too large: corruption ("snapshot
+ *     table entry corrupted"), its references not counted.
  * Memory stays bounded on large images: the reference counts are kept per
  * host cluster of the *file* (2 bytes each, as QEMU), tables are streamed.
  *
@@ -21,9 +28,14 @@
  * leaks freed; refcounts too low raised; COPIED fixed; entries pointing
  * outside the file or at unaligned offsets cleared (those guest clusters then
  * read as zeros; each is reported); refcount structures rebuilt when they are
- * themselves damaged.  A repair is crash-safe: every step keeps refcount >=
- * references on disk, so an interrupted repair leaves an image the next
- * repair still fixes.  With fix flags set, the dirty bit is cleared at the end
+ * themselves damaged; the snapshot table (-r all, as qemu-img): the entries
+ * past 65536 or past 64 MiB dropped (the header's count written at once),
+ * extra data cut to 1024 bytes, incomplete entries completed (disk size
+ * filled in), the table rewritten into free clusters after the refcount
+ * pass (qcow2_check_fix_snapshot_table); an unaligned or oversized
+ * snapshot L1 table stays (qemu-img leaves it too).  A repair is
+ * crash-safe: every step keeps refcount >= references on disk, so an
+ * interrupted repair leaves an image the next repair still fixes.  With fix flags set, the dirty bit is cleared at the end
  * when no corruption remains.
  */
 #ifndef QSM_CHECK_H

@@ -20,6 +20,7 @@
 # The repair the brief names: a v3 entry without disk_size is rewritten
 # (disk size filled in), extra data over 1024 bytes is cut, overhanging
 # snapshots are dropped, all as qemu-img check -r all does.
+# qsm run as qemu-img (a symlink) prints the same bytes, prefixes included.
 # Output: PASS/FAIL per comparison, then the check count.
 source "$(dirname "$0")/lib.sh"
 interop_init
@@ -28,6 +29,8 @@ export TZ=${TZ:-UTC}
 DAMAGE="$(cd "$(dirname "$0")" && pwd)/snapcheck_images.py"
 [ -r "$DAMAGE" ] || die "missing $DAMAGE"
 pass() { printf '[%s] PASS %s\n' "$TEST_NAME" "$*"; }
+BIN="$WORK/bin"
+mkdir -p "$BIN" && ln -s "$QSM" "$BIN/qemu-img" || die "bin"
 
 cd "$WORK" || die "cd $WORK"
 wr() { qemu-io -f qcow2 -c "write -P $2 $3 $4" "$1" >/dev/null || die "qemu-io write on $1"; }
@@ -54,19 +57,29 @@ check_clean "base v2" v2.qcow2
 
 # side BASE KIND MODE...: the comparison above for one image and mode
 side() {
-    local base=$1 kind=$2 tag rq rs
+    local base=$1 kind=$2 tag rq rs rm_
     shift 2
     tag="$base/$kind check $*"
-    rm -rf q s && mkdir q s || die "mkdir"
+    rm -rf q s m && mkdir q s m || die "mkdir"
     if [ ! -e "d_${base}_$kind.qcow2" ]; then
         cp "$base.qcow2" "d_${base}_$kind.qcow2"
         python3 "$DAMAGE" "d_${base}_$kind.qcow2" "$kind" || die "snapcheck_images.py $base $kind"
     fi
     cp --sparse=always "d_${base}_$kind.qcow2" q/img.qcow2
     cp --sparse=always "d_${base}_$kind.qcow2" s/img.qcow2
+    cp --sparse=always "d_${base}_$kind.qcow2" m/img.qcow2
     (cd q && timeout "$TIMEOUT" qemu-img check "$@" img.qcow2 >../q.out 2>../q.err); rq=$?
     (cd s && timeout "$TIMEOUT" "$QSM" check "$@" img.qcow2 >../s.out 2>../s.err); rs=$?
     sed -i -e 's/^qsm [a-z]*: /qemu-img: /' s.err
+    # and qsm under qemu-img's name: every byte the same, prefixes included
+    (cd m && PATH="$BIN:$PATH" timeout "$TIMEOUT" qemu-img check "$@" img.qcow2 >../m.out 2>../m.err); rm_=$?
+    CHECKS=$((CHECKS + 1))
+    if [ "$rm_" = "$rq" ] && cmp -s q.out m.out && cmp -s q.err m.err; then
+        pass "$tag: qsm as qemu-img: same bytes"
+    else
+        fail "$tag: qsm as qemu-img differs"
+        diff q.err m.err | head -n 6 | sed 's/^/    | err /'
+    fi
     CHECKS=$((CHECKS + 1))
     if [ "$rq" = "$rs" ] && cmp -s q.out s.out && cmp -s q.err s.err; then
         pass "$tag: same output, exit $rq"
