@@ -94,6 +94,7 @@ struct ck {
 	uint8_t *l2buf;
 	struct ck_res *res;
 	bool rebuilt;
+	bool opening;            /* QSM_CHECK_OPENING */
 };
 
 static void say(struct ck *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -1138,7 +1139,7 @@ static int snap_rd(void *opaque, void *buf, size_t len, uint64_t off)
  * says why in qemu-img's words).
  */
 static int check_read_snapshots(struct ck *c, unsigned fix, uint64_t *sn_corrupt,
-				struct qsm_check_result *out)
+				struct qsm_check_result *out, char *err, size_t errlen)
 {
 	bool repair = fix & QSM_CHECK_FIX_ERRORS;
 	uint32_t nb = c->h.nb_snapshots, reduced = 0, dropped = 0;
@@ -1147,6 +1148,25 @@ static int check_read_snapshots(struct ck *c, unsigned fix, uint64_t *sn_corrupt
 	int r;
 
 	*sn_corrupt = 0;
+	if (c->opening) {
+		/* the open's parser and words (the header parse applied the
+		 * open's table checks already); a refusal refuses the open */
+		r = qcow2_snapshots_read(snap_rd, c, off, nb, c->h.size, &c->snaps, err, errlen);
+		if (r < 0) {
+			if (err && errlen && !err[0])
+				qsm_set_err(err, errlen, "cannot read the snapshot table: %s",
+					    strerror(-r));
+			return r;
+		}
+		/* and qsm's per-entry rules, which the open applies after the
+		 * repair: refused before anything is written */
+		for (uint32_t i = 0; i < c->snaps.nb; i++)
+			if ((r = qcow2_snapshot_validate(&c->snaps.sn[i], i, &c->h, c->file_size,
+							 err, errlen)) < 0)
+				return r;
+		c->snapshots_size = c->snaps.size;
+		goto incomplete;
+	}
 	c->h.nb_snapshots = 0;  /* until read: nothing below counts a table not read */
 	c->h.snapshots_offset = 0;
 	if (nb > QCOW2_MAX_SNAPSHOTS && repair) {
@@ -1216,6 +1236,7 @@ static int check_read_snapshots(struct ck *c, unsigned fix, uint64_t *sn_corrupt
 		}
 		c->res->corruptions_fixed += reduced;
 	}
+incomplete:
 	if (c->h.version >= 3) {
 		for (uint32_t i = 0; i < c->snaps.nb; i++) {
 			if (qcow2_snapshot_incomplete(&c->snaps.sn[i], &c->h)) {
@@ -1371,7 +1392,7 @@ static int ck_open(struct ck *c, char *err, size_t errlen)
 	/* As qcow2_do_open() in check mode: the snapshot table pointer is not
 	 * validated here (the parser would refuse a broken one); it is read,
 	 * reported and repaired by check_read_snapshots(). */
-	if (r == 0 && hlen >= 72) {
+	if (r == 0 && hlen >= 72 && !c->opening) {
 		memcpy(snp, hbuf + 60, sizeof(snp));
 		memset(hbuf + 60, 0, sizeof(snp));
 	}
@@ -1380,8 +1401,10 @@ static int ck_open(struct ck *c, char *err, size_t errlen)
 	free(hbuf);
 	if (r < 0)
 		return r;
-	c->h.nb_snapshots = qcow2_be32(snp);
-	c->h.snapshots_offset = qcow2_be64(snp + 4);
+	if (!c->opening) {
+		c->h.nb_snapshots = qcow2_be32(snp);
+		c->h.snapshots_offset = qcow2_be64(snp + 4);
+	}
 	c->cb = c->h.cluster_bits;
 	c->cs = 1ull << c->cb;
 	c->rorder = c->h.refcount_order;
@@ -1445,7 +1468,7 @@ static int mark_clean(struct ck *c)
 int qsm_check_image(struct qsm_io *io, unsigned fix, struct qsm_check_result *out, FILE *log,
 		    char *err, size_t errlen)
 {
-	struct ck c = { .io = io, .log = log };
+	struct ck c = { .io = io, .log = log, .opening = fix & QSM_CHECK_OPENING };
 	struct ck_res res = { 0 };
 	int r;
 
@@ -1465,7 +1488,11 @@ int qsm_check_image(struct qsm_io *io, unsigned fix, struct qsm_check_result *ou
 	/* qcow2_co_check_locked(): the snapshot table, the refcounts, then
 	 * the table rewritten when only that repairs it */
 	uint64_t sn_corrupt = 0;
-	r = check_read_snapshots(&c, fix, &sn_corrupt, out);
+	r = check_read_snapshots(&c, fix, &sn_corrupt, out, err, errlen);
+	if (r < 0 && c.opening) {
+		ck_free(&c);
+		return r;
+	}
 	if (r == 0) {
 		struct ck_res sn = res;  /* a rebuild recounts res: keep these apart */
 		res = (struct ck_res){ 0 };

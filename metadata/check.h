@@ -49,6 +49,13 @@
 
 #define QSM_CHECK_FIX_LEAKS  0x1
 #define QSM_CHECK_FIX_ERRORS 0x2
+/* The open-time repair of a dirty image (sm/image.c): the snapshot table is
+ * read as the open reads it, before the repair (QEMU's qcow2_do_open reads
+ * it first and refuses a broken one), with the open's per-entry rules
+ * (qcow2_snapshot_validate) too: a refusal makes qsm_check_image return its
+ * -errno and message before anything is written, nothing dropped or cut;
+ * incomplete v3 entries are still rewritten (QEMU's open-time check does). */
+#define QSM_CHECK_OPENING    0x4
 
 struct qsm_check_result {
 	/* Found (before repair) and repaired, as qemu-img check counts them. */

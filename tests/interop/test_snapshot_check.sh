@@ -21,6 +21,9 @@
 # (disk size filled in), extra data over 1024 bytes is cut, overhanging
 # snapshots are dropped, all as qemu-img check -r all does.
 # qsm run as qemu-img (a symlink) prints the same bytes, prefixes included.
+# A dirty image opened read-write (the open-time repair, as QEMU's open):
+# a table the open refuses refuses it before any repair, an incomplete entry
+# is rewritten; qemu-io and qsm io side by side.
 # Output: PASS/FAIL per comparison, then the check count.
 source "$(dirname "$0")/lib.sh"
 interop_init
@@ -160,5 +163,60 @@ done
 side v3 incomplete_all -q -r all
 side v3 extra_big -q
 side v3 too_many --output=json
+
+# A dirty image (lazy refcounts) is repaired when it is opened read-write,
+# as QEMU's open does it: a table the open refuses refuses the open before
+# any repair (nothing written, no snapshot dropped); an incomplete entry is
+# rewritten by that repair.  qemu-io and qsm io (the same write) side by side.
+dirty_open() {
+    local kind=$1 rq rs
+    rm -rf q s && mkdir q s || die "mkdir"
+    cp v3.qcow2 q/img.qcow2
+    python3 "$DAMAGE" q/img.qcow2 "$kind" || die "snapcheck_images.py $kind"
+    python3 - q/img.qcow2 <<'PY' || die "dirty bit"
+import struct, sys
+f = open(sys.argv[1], 'r+b')
+for off in (72, 80):                # incompatible: dirty; compatible: lazy refcounts
+    f.seek(off); v = struct.unpack('>Q', f.read(8))[0]
+    f.seek(off); f.write(struct.pack('>Q', v | 1))
+PY
+    cp q/img.qcow2 orig.qcow2
+    cp q/img.qcow2 s/img.qcow2
+    (cd q && timeout "$TIMEOUT" qemu-io -f qcow2 -c "write -P 9 0 4k" img.qcow2 >/dev/null 2>&1); rq=$?
+    (cd s && timeout "$TIMEOUT" "$QSM" io -f qcow2 -c "write -P 9 0 4k" img.qcow2 >/dev/null 2>&1); rs=$?
+    CHECKS=$((CHECKS + 1))
+    if [ "$kind" = l1_unaligned ]; then
+        # QEMU opens it (its repair frees what the snapshot held); qsm's open
+        # refuses a snapshot L1 table it cannot read, before the repair
+        if [ "$rq" = 0 ] && [ "$rs" != 0 ] && cmp -s s/img.qcow2 orig.qcow2; then
+            pass "dirty $kind: qsm refuses it (qemu-io opens it), nothing written"
+        else
+            fail "dirty $kind: qemu-io exit $rq, qsm io exit $rs, or qsm changed it"
+        fi
+        return
+    fi
+    if [ "$rq" != "$rs" ]; then
+        fail "dirty $kind: qemu-io exit $rq, qsm io exit $rs"
+        return
+    fi
+    if [ "$rq" != 0 ]; then
+        if cmp -s s/img.qcow2 orig.qcow2 && cmp -s q/img.qcow2 orig.qcow2; then
+            pass "dirty $kind: the open refused (exit $rq), nothing written (as qemu-io)"
+        else
+            fail "dirty $kind: the refused open changed the image"
+        fi
+        return
+    fi
+    if qemu-img compare -q -f qcow2 -F qcow2 q/img.qcow2 s/img.qcow2 &&
+       diff <(cd q && qemu-img snapshot -l img.qcow2) <(cd s && qemu-img snapshot -l img.qcow2) >/dev/null &&
+       diff <(cd q && qemu-img check img.qcow2 2>&1) <(cd s && qemu-img check img.qcow2 2>&1) >/dev/null; then
+        pass "dirty $kind: repaired at open and written: the same disk, snapshots and check as qemu-io's"
+    else
+        fail "dirty $kind: after the open-time repair and the write, qsm's image differs from qemu-io's"
+    fi
+}
+for k in incomplete0 incomplete_all extra_big extra_big_incomplete too_many too_big l1_unaligned; do
+    dirty_open "$k"
+done
 
 interop_finish
