@@ -778,6 +778,62 @@ START_TEST(test_snapshot_table_repair)
 }
 END_TEST
 
+/* The open-time repair (QSM_CHECK_OPENING) reads the table as the open
+ * does: nb_snapshots over 65536 and extra data over 1024 bytes refuse it
+ * before anything is written (qsm check -r all would drop / cut them), an
+ * incomplete entry is still rewritten. */
+START_TEST(test_opening_refuses_table)
+{
+	const unsigned fix = QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS | QSM_CHECK_OPENING;
+	char p[512], q[600], err[256];
+	struct qsm_check_result r;
+	struct event_base *b = event_base_new();
+	struct qsm_io *io;
+	uint8_t be[4];
+	FILE *f;
+
+	path_of(p, sizeof(p), "opening");
+	make_base(p, true);
+	snprintf(q, sizeof(q), "%s.orig", p);
+	if (_i == 0) {
+		f = fopen(p, "r+b");
+		ck_assert_ptr_nonnull(f);
+		qcow2_put_be32(be, QCOW2_MAX_SNAPSHOTS + 1);
+		ck_assert_int_eq(fseek(f, 60, SEEK_SET), 0);
+		ck_assert_uint_eq(fwrite(be, 1, 4, f), 4);
+		fclose(f);
+	} else {
+		cut_extra(p, _i == 1 ? 8 : 24);  /* 24: unchanged, then grown below */
+		if (_i == 2) {
+			f = fopen(p, "r+b");
+			uint8_t h[72];
+			ck_assert_ptr_nonnull(f);
+			ck_assert_uint_eq(fread(h, 1, sizeof(h), f), sizeof(h));
+			qcow2_put_be32(be, 2000);
+			ck_assert_int_eq(fseek(f, (long)qcow2_be64(h + 64) + 36, SEEK_SET), 0);
+			ck_assert_uint_eq(fwrite(be, 1, 4, f), 4);
+			fclose(f);
+		}
+	}
+	ck_assert_int_eq(sh("cp %s %s", p, q), 0);
+	ck_assert_ptr_nonnull(b);
+	ck_assert_int_eq(qsm_io_open_path(b, p, 0, NULL, &io), 0);
+	int rc = qsm_check_image(io, fix, &r, NULL, err, sizeof(err));
+	qsm_io_close(io);
+	event_base_free(b);
+	if (_i == 1) {
+		ck_assert_int_eq(rc, 0);
+		ck_assert_uint_eq(r.corruptions_fixed, 1);
+		ck_assert_int_eq(qemu_check(p).rc, 0);
+	} else {
+		ck_assert_int_lt(rc, 0);
+		ck_assert_ptr_nonnull(strstr(err, _i == 0 ? "Snapshot table too large"
+							  : "Too much extra metadata"));
+		ck_assert_int_eq(sh("cmp -s %s %s", p, q), 0);
+	}
+}
+END_TEST
+
 static void add_case(Suite *s, const char *name, const TTest *t, int loop_end)
 {
 	TCase *tc = tcase_create(name);
@@ -799,6 +855,7 @@ static Suite *check_suite(void)
 	add_case(s, "rebuild_keeps_unfixed", test_rebuild_keeps_unfixed, 0);
 	add_case(s, "l1_over_header", test_l1_over_header, 0);
 	add_case(s, "snapshot_table_repair", test_snapshot_table_repair, 2);
+	add_case(s, "opening_refuses_table", test_opening_refuses_table, 3);
 	return s;
 }
 
