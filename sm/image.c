@@ -791,7 +791,7 @@ static int open_backing_named(struct qsm_image *img, const char *path,
 static int repair_dirty(struct qsm_io *io, const struct qsm_open_opts *opts,
 			struct qsm_check_result *res, char *err, size_t errlen)
 {
-	const unsigned fix = QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS;
+	const unsigned fix = QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS | QSM_CHECK_OPENING;
 	char *text = NULL;
 	size_t len = 0;
 	FILE *log = NULL;
