@@ -36,7 +36,7 @@
  *   SNAP_TABLE     the new snapshot table to new clusters
  *   SNAP_COMMIT    the header names the new snapshot table (create, delete)
  *                  or the new active L1 table (apply): the commit point
- *   SNAP_FREE      the clusters of a table nothing names any more
+ *   SNAP_FREE      the clusters of an L1 table nothing names any more
  * and SNAP_NEXT takes the next from the operation's plan (plans[] below),
  * through DURABLE_WAIT where the plan says SYNC.
  *
@@ -58,14 +58,15 @@
  * read-write.  The order of each plan then makes every intermediate state
  * one whose repair gives the image before or after the operation, never one
  * where a cluster is referenced more than its refcount says:
- *   create: the L1 copy written; refcounts +1 (durable); COPIED cleared in
- *           the active tables (durable); the new snapshot table written
- *           (durable); the header naming it (the commit point); the old
- *           table freed.
+ *   create: the L1 copy and the new snapshot table written, refcounts +1
+ *           and COPIED cleared in the active tables, durable in that order
+ *           (one batch: the copy and the table before it, refcount blocks
+ *           before L2 tables); then the header naming the table (the
+ *           commit point), the old table freed once that is durable.
  *   delete: the table without the entry (durable), then the header (the
- *           commit point); then the old table, the snapshot's references
- *           and its L1 copy released; COPIED restored where refcounts are
- *           back to 1.
+ *           commit point; the old table freed once it is durable); then the
+ *           snapshot's references and its L1 copy released; COPIED
+ *           restored where refcounts are back to 1.
  *   apply:  refcounts +1 for the snapshot's tables; a new active L1 table
  *           written to new clusters (both durable), then the header naming
  *           it (the commit point: a single sector write, so unlike QEMU's
@@ -127,28 +128,40 @@ enum snap_op { OP_CREATE, OP_APPLY, OP_DELETE };
  * the error the plan was switched to (job->ret). */
 enum snap_phase {
 	PH_L1_LOAD, PH_L1_WRITE, PH_REFS, PH_COPIED, PH_TABLE, PH_COMMIT,
-	PH_FREE_TABLE, PH_FREE_L1, PH_SYNC, PH_END, PH_FAIL, PH_STOP,
+	PH_FREE_L1, PH_SYNC, PH_END, PH_FAIL, PH_STOP,
 };
 
-/* Each plan starts after the first full write-back (SNAP_DRAIN's). */
+/*
+ * Each plan starts after the first full write-back (SNAP_DRAIN's).  One
+ * SYNC covers several steps where a write-back batch's own order is the
+ * one needed: the L1 copy and the snapshot table are written before the
+ * batch (its first sync covers them), refcount blocks are durable before
+ * any L2 table, and a full batch releases deferred frees (the old
+ * snapshot table's clusters, freed at SNAP_COMMIT) only once the header
+ * that stopped naming them is durable.  What must be durable before the
+ * header names it gets a batch of its own before SNAP_COMMIT.
+ */
 static const enum snap_phase plans[3][16] = {
 	/* create: the L1 copy, +1 on what the active tables reference, COPIED
-	 * cleared, the new table, the header; the old table freed */
-	[OP_CREATE] = { PH_L1_WRITE, PH_REFS, PH_SYNC, PH_COPIED, PH_SYNC, PH_TABLE, PH_SYNC,
-			PH_COMMIT, PH_SYNC, PH_FREE_TABLE, PH_END, PH_SYNC, PH_STOP },
-	/* apply: +1 on what the snapshot references, the new active L1, the
-	 * header; -1 on what the old active tables referenced, COPIED set */
+	 * cleared, the new table (durable: refcounts, then tables); the
+	 * header, the old table freed after it (durable) */
+	[OP_CREATE] = { PH_L1_WRITE, PH_REFS, PH_COPIED, PH_TABLE, PH_SYNC, PH_COMMIT, PH_END,
+			PH_SYNC, PH_STOP },
+	/* apply: +1 on what the snapshot references, the new active L1
+	 * (durable); the header (durable); -1 on what the old active tables
+	 * referenced, their L1 freed, COPIED set (durable) */
 	[OP_APPLY] = { PH_L1_LOAD, PH_REFS, PH_L1_WRITE, PH_SYNC, PH_COMMIT, PH_SYNC, PH_REFS,
-		       PH_FREE_L1, PH_SYNC, PH_COPIED, PH_END, PH_SYNC, PH_STOP },
-	/* delete: the table without it, the header; its references and its
-	 * L1 copy released, COPIED set where refcounts are 1 again */
-	[OP_DELETE] = { PH_L1_LOAD, PH_TABLE, PH_SYNC, PH_COMMIT, PH_SYNC, PH_FREE_TABLE, PH_REFS,
-			PH_FREE_L1, PH_SYNC, PH_COPIED, PH_END, PH_SYNC, PH_STOP },
+		       PH_FREE_L1, PH_COPIED, PH_END, PH_SYNC, PH_STOP },
+	/* delete: the table without it (durable); the header, the old table
+	 * freed after it (durable); its references and its L1 copy released,
+	 * COPIED set where refcounts are 1 again (durable) */
+	[OP_DELETE] = { PH_L1_LOAD, PH_TABLE, PH_SYNC, PH_COMMIT, PH_SYNC, PH_REFS, PH_FREE_L1,
+			PH_COPIED, PH_END, PH_SYNC, PH_STOP },
 };
 /* Mutant snap-early-free (sm/mutant.c): delete's references dropped first. */
 static const enum snap_phase early_free_plan[16] = {
-	PH_L1_LOAD, PH_REFS, PH_FREE_L1, PH_TABLE, PH_SYNC, PH_COMMIT, PH_SYNC, PH_FREE_TABLE,
-	PH_SYNC, PH_COPIED, PH_END, PH_SYNC, PH_STOP,
+	PH_L1_LOAD, PH_REFS, PH_FREE_L1, PH_TABLE, PH_SYNC, PH_COMMIT, PH_SYNC, PH_COPIED,
+	PH_END, PH_SYNC, PH_STOP,
 };
 /* A refcount overflow on the first +1 walk (undone): nothing changed but
  * (create) the L1 copy, which is freed. */
@@ -199,9 +212,6 @@ struct qsm_snapjob {
 	/* SNAP_COPIED: L1 index ci, its L1 entry done (ci_l1), L2 entry cj */
 	uint64_t ci, cj;
 	bool ci_l1;
-
-	/* SNAP_FREE: [free_first, +free_n) clusters to drop by one */
-	bool free_set;
 
 	/* SNAP_L1_LOAD, SNAP_L1_WRITE, SNAP_TABLE: one I/O */
 	struct qsm_io_req io;
@@ -688,8 +698,11 @@ static enum qsm_event step_commit(struct qsm_req *req)
 		qcow2_snapshots_release(&img->snaps);
 		img->snaps = j->t;
 		memset(&j->t, 0, sizeof(j->t));
-		j->table_off = old_off; /* what SNAP_FREE frees */
-		j->table_size = old_size;
+		/* The old table's clusters: freed by the batch that makes
+		 * this header durable, once it is (its WB_RELEASE). */
+		for (uint64_t k = 0; old_size && k < clusters_for(img, old_size); k++)
+			if ((ret = qsm_free_cluster_deferred(img, old_off + (k << img->cluster_bits))) < 0)
+				return fail(req, ret);
 	}
 	img->header_dirty = true;
 	if ((ret = qsm_image_meta_rebuild(img)) < 0)
@@ -749,9 +762,7 @@ static enum qsm_event next_step(struct qsm_req *req, enum snap_phase ph)
 		return QSM_E_SN_TABLE;
 	case PH_COMMIT:
 		return QSM_E_SN_COMMIT;
-	case PH_FREE_TABLE:
 	case PH_FREE_L1:
-		j->free_set = ph == PH_FREE_TABLE;
 		return QSM_E_SN_FREE;
 	case PH_SYNC:
 		return QSM_E_NEED_DURABLE;
@@ -813,8 +824,6 @@ enum qsm_event qsm_snap_step(struct qsm_req *req)
 	case QSM_S_SNAP_COMMIT:
 		return step_commit(req);
 	case QSM_S_SNAP_FREE:
-		if (j->free_set)
-			return step_free(req, j->table_off, j->table_size);
 		if (j->op == OP_CREATE) /* abort_plan: the unused L1 copy */
 			return step_free(req, j->l1_off, j->l1_entries * 8);
 		/* The tables only the released L1 named may be freed now: none
