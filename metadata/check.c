@@ -58,6 +58,7 @@
 
 struct ck_res {
 	uint64_t corruptions, leaks, check_errors, corruptions_fixed, leaks_fixed;
+	uint64_t refcounts_low;
 	uint64_t image_end_offset, total_clusters;
 	uint64_t allocated, fragmented, compressed;
 	uint64_t zeroed;
@@ -733,6 +734,7 @@ static void compare(struct ck *c, unsigned fix, bool *rebuild, uint64_t *highest
 			*highest = i;
 		if (r1 == r2)
 			continue;
+		c->res->refcounts_low += r1 < r2;
 		if (r1 == 0)
 			*rebuild = true;
 		else if (r1 > r2 && (fix & QSM_CHECK_FIX_LEAKS))
@@ -1520,6 +1522,7 @@ int qsm_check_image(struct qsm_io *io, unsigned fix, struct qsm_check_result *ou
 	out->leaks_left = res.leaks;
 	out->corruptions_fixed = res.corruptions_fixed;
 	out->leaks_fixed = res.leaks_fixed;
+	out->refcounts_low = res.refcounts_low;
 	out->corruptions = res.corruptions + res.corruptions_fixed;
 	out->leaks = res.leaks + res.leaks_fixed;
 	out->check_errors = res.check_errors;

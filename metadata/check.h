@@ -63,6 +63,10 @@ struct qsm_check_result {
 	uint64_t corruptions_fixed, leaks_fixed;
 	/* After repair: what remains. */
 	uint64_t corruptions_left, leaks_left;
+	/* Among the corruptions: clusters whose refcount (before repair) is
+	 * below the references to them, the kind that lets a cluster in use
+	 * be allocated again (the rest: COPIED flags, bad entries). */
+	uint64_t refcounts_low;
 	bool rebuilt;                 /* refcount structures were rebuilt */
 	bool incomplete;              /* check could not finish (exit 1) */
 	int error;                    /* with incomplete: the -errno that stopped it
