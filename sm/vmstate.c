@@ -1,0 +1,146 @@
+/*
+ * sm/vmstate.c: the VM-state area (qsm.h, "VM state"): qsm_vmstate_readv
+ * and qsm_vmstate_writev, the READ and WRITE machines at addresses past the
+ * virtual size.
+ *
+ * Where it is (QEMU 7.2, block/qcow2.c qcow2_vm_state_offset): the guest
+ * address of the first L1 entry after the disk,
+ *     vmstate_offset = ceil(virtual size / span) * span,
+ *     span = l2_entries * cluster_size (the bytes one L2 table maps),
+ * mapped through the active L1 and L2 tables like the disk: no request
+ * state of its own.  A request of the area is an ordinary READ or WRITE
+ * request (flag QSM_REQ_VMSTATE) whose range is checked here instead of
+ * against the virtual size.
+ *
+ * Invariants:
+ *  1. A machine request never goes past the L1 table: every run it makes
+ *     has l1_index < l1_size (the dispatcher's run_ok), as for the disk.
+ *  2. So a write that needs L1 entries past the table grows the table
+ *     before it is accepted (qsm_l1_grow_sync, the move of metadata/l1.h,
+ *     blocking), and only with nothing in flight and not from inside the
+ *     loop (then -EBUSY): the move replaces img->l1 and the header's L1
+ *     fields, which running requests and a write-back batch read.
+ *  3. A read past the table is cut at its end: the bytes past it are
+ *     zeros (no L2 table maps them), filled into the caller's buffer at
+ *     submit; the request that carries the rest (0 bytes when nothing is
+ *     left: the machine goes START -> DONE) delivers the completion from
+ *     the loop, never inline.  When a backing image reaches past the
+ *     table's end, those bytes would be its data (QEMU reads them there);
+ *     that case is refused with -ENOTSUP rather than read wrong.
+ *  4. The table never shrinks while the image is open except by snapshot
+ *     apply (nothing in flight), so invariant 1 holds for a request's life.
+ */
+#include <assert.h>
+#include <errno.h>
+#include <event2/event.h>
+#include <stdint.h>
+
+#include "metadata/l1.h"
+#include "sm/sm.h"
+
+/* QEMU's largest request end (BDRV_MAX_LENGTH is about INT64_MAX). */
+#define VMSTATE_MAX_END ((uint64_t)INT64_MAX)
+
+static uint64_t span_of(const struct qsm_image *img)
+{
+	return img->l2_entries << img->cluster_bits;
+}
+
+uint64_t qsm_vmstate_offset(struct qsm_image *img)
+{
+	if (!img || img->raw)
+		return 0;
+	uint64_t span = span_of(img);
+	return QSM_DIV_ROUND_UP(img->hdr.size, span) * span;
+}
+
+/* The VM-state range [*start, +bytes) of pos and iov, or -EINVAL. */
+static int vmstate_range(struct qsm_image *img, uint64_t pos, const struct iovec *iov,
+			 int iovcnt, uint64_t *start, uint64_t *bytes)
+{
+	if (!img || iovcnt < 0 || (iovcnt > 0 && !iov))
+		return -EINVAL;
+	if (img->closing)
+		return -ESHUTDOWN;
+	if (img->raw)
+		return -ENOTSUP; /* a raw file has no room past the disk */
+	uint64_t base = qsm_vmstate_offset(img);
+	*bytes = qsm_iov_size(iov, iovcnt);
+	if (pos > VMSTATE_MAX_END - base || *bytes > VMSTATE_MAX_END - base - pos)
+		return -EINVAL;
+	*start = base + pos;
+	return 0;
+}
+
+int qsm_vmstate_readv(struct qsm_image *img, uint64_t pos, const struct iovec *iov, int iovcnt,
+		      qsm_cb cb, void *opaque)
+{
+	uint64_t start, bytes;
+	int ret = vmstate_range(img, pos, iov, iovcnt, &start, &bytes);
+	if (ret < 0)
+		return ret;
+	uint64_t cover = img->l1_size * span_of(img); /* the L1 table's reach */
+	uint64_t in = start >= cover ? 0 : QSM_MIN(bytes, cover - start);
+	if (in < bytes) {
+		/* Invariant 3: past the table, zeros; or the backing data. */
+		uint64_t past = start + in;
+		if (img->backing && img->backing->hdr.size > past)
+			return -ENOTSUP;
+		qsm_iov_memset(iov, iovcnt, in, 0, bytes - in);
+	}
+	return qsm_vmstate_submit(img, QSM_M_READ, start, iov, iovcnt, in, cb, opaque);
+}
+
+/* QEMU's qcow2_grow_l1_table without exact_size: the table grows by half
+ * (rounded up) until it has min_size entries. */
+static uint64_t l1_grown_size(uint64_t cur, uint64_t min_size)
+{
+	uint64_t n = cur ? cur : 1;
+	while (n < min_size)
+		n = QSM_DIV_ROUND_UP(n * 3, 2);
+	return n;
+}
+
+/* Invariant 2: make the L1 table reach `end`, blocking. */
+static int vmstate_grow(struct qsm_image *img, uint64_t end)
+{
+	uint64_t need = QSM_DIV_ROUND_UP(end, span_of(img));
+	if (need > QCOW2_MAX_L1_BYTES / 8)
+		return -EFBIG; /* QEMU: past QCOW_MAX_L1_SIZE */
+	/* Inside a callback of the loop (ours run from the run queue), the
+	 * blocking move could not run the loop.  Other callbacks are caught by
+	 * libevent, which refuses a nested loop (-1; it logs a warning):
+	 * event_base_get_running_event() cannot ask, it crashes outside a
+	 * callback in libevent 2.1. */
+	if (img->draining || event_base_loop(img->base, EVLOOP_NONBLOCK) < 0)
+		return -EBUSY;
+	while (img->wb_job) /* a write-back batch finishing on its own */
+		event_base_loop(img->base, EVLOOP_ONCE);
+	if (img->in_flight)
+		return -EBUSY;
+	uint64_t n = QSM_MIN(l1_grown_size(img->l1_size, need), QCOW2_MAX_L1_BYTES / 8);
+	bool live = qsm_io_set_live(img->io, false);
+	int ret = qsm_l1_grow_sync(img, n, img->hdr.size, NULL, 0);
+	qsm_io_set_live(img->io, live);
+	return ret;
+}
+
+int qsm_vmstate_writev(struct qsm_image *img, uint64_t pos, const struct iovec *iov,
+		       int iovcnt, qsm_cb cb, void *opaque)
+{
+	uint64_t start, bytes;
+	int ret = vmstate_range(img, pos, iov, iovcnt, &start, &bytes);
+	if (ret < 0)
+		return ret;
+	if (img->read_only)
+		return -EBADF;
+	if (img->corrupt)
+		return -ENOMEDIUM;
+	if (img->error)
+		return -EIO;
+	uint64_t end = start + bytes;
+	if (bytes && QSM_DIV_ROUND_UP(end, span_of(img)) > img->l1_size &&
+	    (ret = vmstate_grow(img, end)) < 0)
+		return ret;
+	return qsm_vmstate_submit(img, QSM_M_WRITE, start, iov, iovcnt, bytes, cb, opaque);
+}
