@@ -430,9 +430,9 @@ QSM_EXPORT int qsm_snapshot_delete(struct qsm_image *img, const char *name, char
  * bdrv_save_vmstate/bdrv_load_vmstate; qemu-io's `write -b`, `read -b`).
  * As QEMU stores it, it is a range of guest addresses past the disk,
  * mapped through the active L1 table like the disk itself: it starts at
- * qsm_vmstate_offset(), the first L1 entry after the virtual size (the size
- * rounded up to whole L2 tables, cluster_size * cluster_size / 8 bytes
- * each); snapshot create copies those L1 entries with the rest (l1_size
+ * qsm_vmstate_offset(), the address of the first L1 entry after the
+ * virtual size (the size rounded up to whole L2 tables, each mapping
+ * cluster_size * cluster_size / 8 bytes); snapshot create copies those L1 entries with the rest (l1_size
  * covers them) and delete frees what only the snapshot referenced.
  *
  * qsm_vmstate_readv/qsm_vmstate_writev(img, pos, iov, iovcnt, cb, opaque)
@@ -442,7 +442,8 @@ QSM_EXPORT int qsm_snapshot_delete(struct qsm_image *img, const char *name, char
  *  - the range is not bounded by the virtual size (guest reads and writes
  *    past it are still refused with -EINVAL): a write's last byte must be
  *    below QEMU's L1 limit (32 MiB of L1 entries; -EFBIG past it), a read
- *    may go anywhere below 2^63 (-EINVAL past it);
+ *    may go anywhere below QEMU's BDRV_MAX_LENGTH, 2^63 - 2^30 (-EINVAL
+ *    past it);
  *  - what was never written reads as zeros (with a backing file: what the
  *    backing image has at those addresses, zeros past its end, as QEMU);
  *    reads never copy-on-read;

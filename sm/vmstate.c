@@ -38,8 +38,9 @@
 #include "metadata/l1.h"
 #include "sm/sm.h"
 
-/* QEMU's largest request end (BDRV_MAX_LENGTH is about INT64_MAX). */
-#define VMSTATE_MAX_END ((uint64_t)INT64_MAX)
+/* QEMU's largest request end, BDRV_MAX_LENGTH: INT64_MAX aligned down to
+ * 1 GiB (BDRV_MAX_ALIGNMENT). */
+#define VMSTATE_MAX_END (((uint64_t)INT64_MAX >> 30) << 30)
 
 static uint64_t span_of(const struct qsm_image *img)
 {

@@ -349,17 +349,24 @@ static int do_writev(struct io_ctx *io, int64_t offset, struct iovec *iov, int i
 	return r < 0 ? r : io_wait(io, &ret);
 }
 
+/* QEMU's BDRV_MAX_LENGTH: no request reaches past it (EIO). */
+#define IO_MAX_LENGTH (((uint64_t)INT64_MAX >> 30) << 30)
+
 /* read -b / write -b: the VM-state area (qemu-io's blk_load_vmstate and
- * blk_save_vmstate), at offset past the image's vm state offset.  No
- * range check against the virtual size: the engine bounds it (EINVAL,
- * EFBIG) and refuses it on raw images (ENOTSUP, as QEMU's file driver). */
+ * blk_save_vmstate), at offset past the image's vm state offset.  Not
+ * bounded by the virtual size: a request past BDRV_MAX_LENGTH fails with
+ * EIO here, as QEMU's qcow2_check_vmstate_request; the engine refuses
+ * writes past the largest L1 table (EFBIG) and raw images (ENOTSUP, as
+ * QEMU's file driver, which has no VM state). */
 static int do_vmstate(struct io_ctx *io, int64_t offset, struct iovec *iov, int iovcnt,
 		      bool write)
 {
+	uint64_t base = qsm_vmstate_offset(io->img), len = qsm_iov_size(iov, iovcnt);
 	int ret = NOT_DONE;
 	int r;
 
-	if (offset < 0)
+	if (offset < 0 || (uint64_t)offset > IO_MAX_LENGTH - len ||
+	    base > IO_MAX_LENGTH - len - (uint64_t)offset)
 		return -EIO;
 	r = write ? qsm_vmstate_writev(io->img, (uint64_t)offset, iov, iovcnt, done_cb, &ret)
 		  : qsm_vmstate_readv(io->img, (uint64_t)offset, iov, iovcnt, done_cb, &ret);
@@ -511,6 +518,16 @@ static int read_f(struct io_ctx *io, int argc, char **argv)
 	if (pcount < 0 || pcount + poff > count) {
 		printf("pattern verification range exceeds end of read data\n");
 		return -EINVAL;
+	}
+	if (bflag) {
+		if (!QSM_IS_ALIGNED((uint64_t)offset, 512)) {
+			printf("%" PRId64 " is not a sector-aligned value for 'offset'\n", offset);
+			return -EINVAL;
+		}
+		if (!QSM_IS_ALIGNED((uint64_t)count, 512)) {
+			printf("%" PRId64 " is not a sector-aligned value for 'count'\n", count);
+			return -EINVAL;
+		}
 	}
 	buf = io_alloc(io, (size_t)count, 0xab);
 	if (!buf) {
