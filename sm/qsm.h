@@ -432,8 +432,10 @@ QSM_EXPORT int qsm_snapshot_delete(struct qsm_image *img, const char *name, char
  * mapped through the active L1 table like the disk itself: it starts at
  * qsm_vmstate_offset(), the address of the first L1 entry after the
  * virtual size (the size rounded up to whole L2 tables, each mapping
- * cluster_size * cluster_size / 8 bytes); snapshot create copies those L1 entries with the rest (l1_size
- * covers them) and delete frees what only the snapshot referenced.
+ * cluster_size * cluster_size / 8 bytes).  A snapshot's L1 table is a copy
+ * of the whole active one (l1_size covers the area), so the VM state
+ * written before a snapshot is taken is the snapshot's, and deleting the
+ * snapshot frees what only it referenced.
  *
  * qsm_vmstate_readv/qsm_vmstate_writev(img, pos, iov, iovcnt, cb, opaque)
  * are qsm_readv/qsm_writev at qsm_vmstate_offset() + pos, with the same
@@ -446,16 +448,23 @@ QSM_EXPORT int qsm_snapshot_delete(struct qsm_image *img, const char *name, char
  *    past it);
  *  - what was never written reads as zeros (with a backing file: what the
  *    backing image has at those addresses, zeros past its end, as QEMU);
- *    reads never copy-on-read;
+ *    reads never copy-on-read.  Not yet: a read past the end of the L1
+ *    table (l1_size entries) where the backing image's virtual size reaches
+ *    past that end is refused with -ENOTSUP (QEMU would read the backing
+ *    data there; qsm's request machines stop at the table);
  *  - a write that needs L1 entries past the table's end grows the table
  *    first (to QEMU's size: 1.5 times until it is large enough), before
  *    the request is accepted: blocking, like qsm_truncate (the table is
- *    moved and the header rewritten durably, write-back included).  That
- *    is only safe with nothing in flight, so such a write is refused with
- *    -EBUSY while requests are in flight or when called from inside a
+ *    moved and the header rewritten durably, write-back included; the
+ *    loop runs meanwhile, so other events' callbacks may run inside the
+ *    call).  That is only safe with nothing in flight, so such a write is
+ *    refused with -EBUSY while requests are in flight (a write-back batch
+ *    running on its own is waited for) or when called from inside a
  *    callback of the image's loop (drain first; a write inside the table
  *    never blocks and has no such limit).  A hypervisor saves its VM state
- *    with the guest stopped, so the first write grows the table at once;
+ *    with the guest stopped, so the first write grows the table at once.
+ *    A failure of the move after the new table was allocated puts the
+ *    image in the sticky -EIO state, as a failed resize does;
  *  - raw images have no VM-state area: -ENOTSUP (offset 0).
  */
 QSM_EXPORT uint64_t qsm_vmstate_offset(struct qsm_image *img);

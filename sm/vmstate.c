@@ -108,17 +108,21 @@ static int vmstate_grow(struct qsm_image *img, uint64_t end)
 	uint64_t need = QSM_DIV_ROUND_UP(end, span_of(img));
 	if (need > QCOW2_MAX_L1_BYTES / 8)
 		return -EFBIG; /* QEMU: past QCOW_MAX_L1_SIZE */
-	/* Inside a callback of the loop (ours run from the run queue), the
-	 * blocking move could not run the loop.  Other callbacks are caught by
-	 * libevent, which refuses a nested loop (-1; it logs a warning):
-	 * event_base_get_running_event() cannot ask, it crashes outside a
-	 * callback in libevent 2.1. */
-	if (img->draining || event_base_loop(img->base, EVLOOP_NONBLOCK) < 0)
+	/* Inside a callback of ours (they run from the run queue), the
+	 * blocking move could not run the loop; nor with requests in flight
+	 * (a write-back batch finishes on its own: waited for). */
+	if (img->draining || img->in_flight > (img->wb_job ? 1u : 0u))
 		return -EBUSY;
-	while (img->wb_job) /* a write-back batch finishing on its own */
+	/* Inside another callback of the loop, libevent refuses a nested
+	 * loop (-1, with a warning): event_base_get_running_event() cannot
+	 * ask, it crashes outside a callback in libevent 2.1.  Like every
+	 * loop the move runs, this one may run other events' callbacks. */
+	if (event_base_loop(img->base, EVLOOP_NONBLOCK) < 0)
+		return -EBUSY;
+	while (img->wb_job)
 		event_base_loop(img->base, EVLOOP_ONCE);
-	if (img->in_flight)
-		return -EBUSY;
+	if (img->in_flight || img->closing) /* submitted by a callback meanwhile */
+		return img->closing ? -ESHUTDOWN : -EBUSY;
 	uint64_t n = QSM_MIN(l1_grown_size(img->l1_size, need), QCOW2_MAX_L1_BYTES / 8);
 	bool live = qsm_io_set_live(img->io, false);
 	int ret = qsm_l1_grow_sync(img, n, img->hdr.size, NULL, 0);
