@@ -1082,7 +1082,8 @@ int qsm_open(struct event_base *base, const char *path, const struct qsm_open_op
  * Closing: the CLOSE machine (sm/states.def).  qsm_close_async starts a
  * request of machine CLOSE; from then on img->closing refuses new requests.
  *   CLOSE_DRAIN         wait until it is the only request in flight (and no
- *                       preallocation runs): qsm_close_wake, called as every
+ *                       preallocation nor VM-state read of the backing image
+ *                       runs): qsm_close_wake, called as every
  *                       other request leaves the image, posts WAKE
  *   DURABLE_WAIT        one full write-back batch (sm/writeback.c), as a
  *                       flush waits for an ordinary one
@@ -1101,7 +1102,8 @@ int qsm_open(struct event_base *base, const char *path, const struct qsm_open_op
 static bool close_drained(const struct qsm_image *img)
 {
 	/* The corrupt mark too: the io handle is closed at the end. */
-	return img->in_flight == 1 && !img->prealloc_busy && img->corrupt_mark != QSM_MARK_BUSY;
+	return img->in_flight == 1 && !img->prealloc_busy && img->corrupt_mark != QSM_MARK_BUSY &&
+	       !img->vm_backing_reads;
 }
 
 void qsm_close_wake(struct qsm_image *img)

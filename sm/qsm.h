@@ -448,10 +448,7 @@ QSM_EXPORT int qsm_snapshot_delete(struct qsm_image *img, const char *name, char
  *    past it);
  *  - what was never written reads as zeros (with a backing file: what the
  *    backing image has at those addresses, zeros past its end, as QEMU);
- *    reads never copy-on-read.  Not yet: a read past the end of the L1
- *    table (l1_size entries) where the backing image's virtual size reaches
- *    past that end is refused with -ENOTSUP (QEMU would read the backing
- *    data there; qsm's request machines stop at the table);
+ *    reads never copy-on-read;
  *  - a write that needs L1 entries past the table's end grows the table
  *    first (to QEMU's size: 1.5 times until it is large enough), before
  *    the request is accepted: blocking, like qsm_truncate (the table is

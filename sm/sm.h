@@ -330,6 +330,10 @@ struct qsm_image {
 	 * writes into new clusters do not extend the file one by one. */
 	uint64_t prealloc_end;
 	bool prealloc_busy;
+	/* VM-state reads of the backing image past the L1 table in flight
+	 * (sm/vmstate.c): requests of the backing image, not of this one, so
+	 * not in in_flight; the close waits for them too (close_drained). */
+	unsigned vm_backing_reads;
 	struct qsm_io_req prealloc_io;
 	bool header_dirty;
 	/* Lazy refcounts (compatible bit 0, v3, read-write): refcount blocks

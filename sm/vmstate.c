@@ -20,13 +20,15 @@
  *     blocking), and only with nothing in flight and not from inside the
  *     loop (then -EBUSY): the move replaces img->l1 and the header's L1
  *     fields, which running requests and a write-back batch read.
- *  3. A read past the table is cut at its end: the bytes past it are
- *     zeros (no L2 table maps them), filled into the caller's buffer at
- *     submit; the request that carries the rest (0 bytes when nothing is
- *     left: the machine goes START -> DONE) delivers the completion from
- *     the loop, never inline.  When a backing image reaches past the
- *     table's end, those bytes would be its data (QEMU reads them there);
- *     that case is refused with -ENOTSUP rather than read wrong.
+ *  3. A read past the table is cut at its end: the machine request reads
+ *     the part inside it (0 bytes when none: the machine goes START ->
+ *     DONE), and delivers the completion from the loop, never inline.
+ *     Past the end no L2 table maps anything: without a backing image, or
+ *     past the end of the backing image, those bytes are zeros, filled
+ *     into the caller's buffer at submit; where the backing image reaches
+ *     past the table, they are its data (QEMU reads them there), read by a
+ *     request of the backing image beside the machine's (struct vm_read),
+ *     which the close waits for (img->vm_backing_reads).
  *  4. The table never shrinks while the image is open except by snapshot
  *     apply (nothing in flight), so invariant 1 holds for a request's life.
  */
@@ -34,6 +36,7 @@
 #include <errno.h>
 #include <event2/event.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "metadata/l1.h"
 #include "sm/sm.h"
@@ -73,6 +76,49 @@ static int vmstate_range(struct qsm_image *img, uint64_t pos, const struct iovec
 	return 0;
 }
 
+/*
+ * A read that reaches past the L1 table over a backing image whose virtual
+ * size reaches past it too (invariant 3): two requests, the machine's on
+ * this image for the part inside the table (0 bytes when none) and one of
+ * the backing image for its data past the table (zeros after its end,
+ * filled at submit); the caller's callback runs once both are done, with
+ * the first error.
+ */
+struct vm_read {
+	struct qsm_image *img;
+	qsm_cb cb;
+	void *opaque;
+	unsigned pending;         /* requests not completed yet */
+	int ret;
+	int iovcnt;
+	struct iovec iov[];       /* the backing part of the caller's iovec */
+};
+
+static void vm_read_put(struct vm_read *vr, int ret)
+{
+	if (ret < 0 && !vr->ret)
+		vr->ret = ret;
+	if (--vr->pending)
+		return;
+	vr->cb(vr->opaque, vr->ret);
+	free(vr);
+}
+
+static void vm_read_cb(void *opaque, int ret)
+{
+	vm_read_put(opaque, ret);
+}
+
+static void vm_backing_cb(void *opaque, int ret)
+{
+	struct vm_read *vr = opaque;
+	struct qsm_image *img = vr->img;
+	assert(img->vm_backing_reads > 0);
+	img->vm_backing_reads--;
+	vm_read_put(vr, ret);
+	qsm_close_wake(img); /* a close may wait for this read */
+}
+
 int qsm_vmstate_readv(struct qsm_image *img, uint64_t pos, const struct iovec *iov, int iovcnt,
 		      qsm_cb cb, void *opaque)
 {
@@ -82,14 +128,36 @@ int qsm_vmstate_readv(struct qsm_image *img, uint64_t pos, const struct iovec *i
 		return ret;
 	uint64_t cover = img->l1_size * span_of(img); /* the L1 table's reach */
 	uint64_t in = start >= cover ? 0 : QSM_MIN(bytes, cover - start);
-	if (in < bytes) {
-		/* Invariant 3: past the table, zeros; or the backing data. */
-		uint64_t past = start + in;
-		if (img->backing && img->backing->hdr.size > past)
-			return -ENOTSUP;
-		qsm_iov_memset(iov, iovcnt, in, 0, bytes - in);
+	uint64_t past = start + in, bsize = img->backing ? img->backing->hdr.size : 0;
+	uint64_t blen = past < bsize ? QSM_MIN(bytes - in, bsize - past) : 0;
+
+	/* Invariant 3: past the table, zeros, or the backing image's data
+	 * up to its end. */
+	if (in + blen < bytes)
+		qsm_iov_memset(iov, iovcnt, in + blen, 0, bytes - in - blen);
+	if (!blen)
+		return qsm_vmstate_submit(img, QSM_M_READ, start, iov, iovcnt, in, cb, opaque);
+	struct vm_read *vr = malloc(sizeof(*vr) + (size_t)iovcnt * sizeof(struct iovec));
+	if (!vr)
+		return -ENOMEM;
+	*vr = (struct vm_read){ .img = img, .cb = cb, .opaque = opaque, .pending = 1 };
+	vr->iovcnt = qsm_iov_slice(vr->iov, iovcnt, iov, iovcnt, in, blen);
+	assert(vr->iovcnt > 0);
+	ret = qsm_vmstate_submit(img, QSM_M_READ, start, iov, iovcnt, in, vm_read_cb, vr);
+	if (ret < 0) {
+		free(vr);
+		return ret;
 	}
-	return qsm_vmstate_submit(img, QSM_M_READ, start, iov, iovcnt, in, cb, opaque);
+	/* Accepted: from here on errors go to the callback. */
+	vr->pending++;
+	img->vm_backing_reads++;
+	ret = qsm_readv(img->backing, past, vr->iov, vr->iovcnt, vm_backing_cb, vr);
+	if (ret < 0) {
+		img->vm_backing_reads--;
+		vr->ret = ret;
+		vr->pending--;
+	}
+	return 0;
 }
 
 /* QEMU's qcow2_grow_l1_table without exact_size: the table grows by half

@@ -19,8 +19,10 @@
  *    and accepted once the image is idle; a write inside the table runs
  *    concurrently with guest writes.
  *  - backing: with copy_on_read a VM-state read copies nothing; a backing
- *    file no longer than the disk reads as zeros past the L1 table; one
- *    reaching past it is refused (-ENOTSUP) rather than read wrong.
+ *    file no longer than the disk reads as zeros past the L1 table; past
+ *    the table of a top shorter than its base, the base's data (zeros
+ *    after its end), also in a read that starts inside the table; a close
+ *    waits for such a read.
  * Files live in $QSM_TEST_DIR or /var/tmp.
  */
 #include <check.h>
@@ -377,15 +379,52 @@ START_TEST(backing)
 	ck_assert_int_eq(qsm_close(img), 0);
 	check_clean(g_path);
 
-	/* A base far longer than the top: its data past the top's L1 table
-	 * would be what QEMU reads there; refused, not read as zeros. */
+	/* A base far longer than the top: past the top's L1 table the VM
+	 * state reads the base's data, zeros after its end (as QEMU). */
 	create(g_base, 64 * MiB, 512, NULL);
-	create(g_path, 1 * MiB, 512, g_base);
-	img = open_img(g_path, true, false);
-	uint8_t v[512];
-	ck_assert_int_eq(vm_io(img, false, 0, v, sizeof(v)), -ENOTSUP);
-	ck_assert_int_eq(vm_io(img, false, 100 * MiB, v, sizeof(v)), 0);
-	ck_assert_int_eq(qsm_close(img), 0);
+	b = open_img(g_base, false, false);
+	memset(g, 0x53, 64 * KiB);
+	ck_assert_int_eq(qsm_sync_pwrite(b, g, 64 * KiB, 1 * MiB), 0);
+	memset(g, 0x56, 4 * KiB);
+	ck_assert_int_eq(qsm_sync_pwrite(b, g, 4 * KiB, 1 * MiB + 768 * KiB), 0);
+	memset(g, 0x54, 4 * KiB);
+	ck_assert_int_eq(qsm_sync_pwrite(b, g, 4 * KiB, 64 * MiB - 4 * KiB), 0);
+	ck_assert_int_eq(qsm_close(b), 0);
+	create(g_path, 1 * MiB, 512, g_base); /* VM state at 1 MiB, L1 table 32 entries */
+	img = open_img(g_path, false, false);
+	ck_assert_uint_eq(qsm_vmstate_offset(img), 1 * MiB);
+	vm_expect(img, 0, 64 * KiB, 0x53);                 /* all past the table */
+	vm_expect(img, 64 * KiB, 4 * KiB, 0);
+	vm_expect(img, 63 * MiB - 4 * KiB, 4 * KiB, 0x54);
+	uint8_t *r = malloc(8 * KiB);
+	ck_assert_int_eq(vm_io(img, false, 63 * MiB - 2 * KiB, r, 4 * KiB), 0); /* the base's end */
+	for (size_t i = 0; i < 4 * KiB; i++)
+		ck_assert_uint_eq(r[i], i < 2 * KiB ? 0x54 : 0);
+	vm_expect(img, 100 * MiB, 4 * KiB, 0);
+	/* The table grows (32 -> 48 entries: 1.5 MiB); a read from inside it
+	 * to past it: the top's own data, the base through the machine, the
+	 * base beside it. */
+	vm_fill(img, 0, 512, 0x55);
+	uint8_t *big = malloc(MiB);
+	ck_assert_int_eq(vm_io(img, false, 0, big, MiB), 0);
+	for (size_t i = 0; i < MiB; i++) {
+		int want = i < 512 ? 0x55 : i < 64 * KiB ? 0x53 :
+			   (i >= 768 * KiB && i < 772 * KiB) ? 0x56 : 0;
+		ck_assert_msg(big[i] == want, "byte %zu is %#x, not %#x", i, big[i], want);
+	}
+	/* Closing with such a read in flight waits for it. */
+	struct iovec bi = { big, MiB };
+	struct done d = { 0 }, dc = { 0 };
+	memset(big, 0xee, MiB);
+	ck_assert_int_eq(qsm_vmstate_readv(img, 0, &bi, 1, done_cb, &d), 0);
+	ck_assert_int_eq(qsm_close_async(img, done_cb, &dc), 0);
+	ck_assert_int_eq(wait_done(&dc), 0);
+	ck_assert(d.called);
+	ck_assert_int_eq(d.ret, 0);
+	ck_assert_uint_eq(big[768 * KiB], 0x56);
+	check_clean(g_path);
+	free(big);
+	free(r);
 	free(g);
 }
 END_TEST
