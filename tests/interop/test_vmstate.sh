@@ -22,6 +22,8 @@
 #     the snapshot's L1 table): taken by qemu-img, the active state
 #     rewritten by qsm io (copy on write of shared clusters), the snapshot
 #     applied by qemu-img reads the old state; the same with qsm snapshot.
+# A top image shorter than its base reads the base's data past its L1
+# table, as qemu-io does.
 # Then the error cases of `read -b`/`write -b` print what qemu-io prints:
 # unaligned, -z/-f with -b, past the largest L1 table (EFBIG), past
 # BDRV_MAX_LENGTH (EIO), a raw image (ENOTSUP).
@@ -158,6 +160,30 @@ read -b -v 512 16
 read -b -v 512 512
 EOF
 same_out "error cases" "$E" "$WORK/err.script"
+# Past the L1 table of a top image shorter than its base: the base's data
+# (zeros after its end), also from a read that starts inside the table.
+BB="$WORK/bb.qcow2"; BT="$WORK/bt.qcow2"
+qemu_create "$BB" cluster_size=512 64M
+qemu-io -f qcow2 -c 'write -P 0x53 1M 64k' -c 'write -P 0x54 65532k 4k' "$BB" >/dev/null ||
+    die "qemu-io on the base"
+qemu-img create -q -f qcow2 -o cluster_size=512 -b "$BB" -F qcow2 "$BT" 1M
+cat >"$WORK/bt.script" <<'EOF'
+read -b -P 0x53 0 64k
+read -b -P 0 64k 4k
+read -b -P 0x54 64508k 4k
+read -b -P 0x54 -l 2k 64510k 4k
+read -b -P 0 -s 2k 64510k 4k
+write -b -P 0x55 0 512
+read -b -P 0x55 0 512
+read -b -P 0x53 512 65024
+read -b -P 0 64k 960k
+EOF
+cp "$BT" "$WORK/bt.q.qcow2"
+qemu_io "backing past the L1 table: qemu-io" "$WORK/bt.q" "$WORK/bt.q.qcow2" "$WORK/bt.script"
+cp "$BT" "$WORK/bt.s.qcow2"
+qsm_io "backing past the L1 table: qsm io" "$WORK/bt.s" "$WORK/bt.s.qcow2" "$WORK/bt.script"
+same_out "backing past the L1 table" "$BT" "$WORK/bt.script"
+check_clean "backing past the L1 table" "$WORK/bt.s.qcow2"
 R="$WORK/err.raw"
 qemu-img create -q -f raw "$R" 1M
 printf 'write -b 0 512\nread -b 0 512\n' >"$WORK/raw.script"
