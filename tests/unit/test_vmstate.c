@@ -44,6 +44,17 @@
 #include "sm/qsm.h"
 #include "tests/unit/skip.h"
 
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/lsan_interface.h>
+/* A request in flight at a power loss never completes (the sim drops it):
+ * what it holds is not a leak. */
+#define LSAN_OFF() __lsan_disable()
+#define LSAN_ON() __lsan_enable()
+#else
+#define LSAN_OFF() ((void)0)
+#define LSAN_ON() ((void)0)
+#endif
+
 #define KiB 1024ull
 #define MiB (1024ull * 1024)
 
@@ -457,6 +468,9 @@ static void grow_crash_run(enum qsm_io_event ev, uint64_t seed, uint64_t *faults
 	memset(b, 0x5a, 64 * KiB);
 	ck_assert_int_eq(qsm_sync_pwrite(img, b, 64 * KiB, 0), 0);
 	ck_assert_int_eq(qsm_sync_flush(img), 0);
+	/* Until the crashed image is closed: a write-back batch in flight at
+	 * the power loss never completes (the other cases check for leaks). */
+	LSAN_OFF();
 	if (ev != QSM_IO_EV_NONE)
 		qsm_sim_fault_add(sim, ev, EIO, true);
 	memset(b, 0x77, 8 * KiB);
@@ -466,6 +480,7 @@ static void grow_crash_run(enum qsm_io_event ev, uint64_t seed, uint64_t *faults
 	*faults += qsm_sim_faults_fired(sim);
 	qsm_sim_crash_random(sim);
 	(void)qsm_close(img); /* the disk is down: nothing more reaches it */
+	LSAN_ON();
 	qsm_sim_fault_clear(sim);
 
 	ck_assert_int_eq(qsm_io_open_sim(g_ev, sim, 0, &io), 0);
