@@ -443,7 +443,9 @@ QSM_EXPORT int qsm_snapshot_delete(struct qsm_image *img, const char *name, char
  * the cache mode's durability; the sticky error states), except:
  *  - the range is not bounded by the virtual size (guest reads and writes
  *    past it are still refused with -EINVAL): a write's last byte must be
- *    below QEMU's L1 limit (32 MiB of L1 entries; -EFBIG past it), a read
+ *    mapped by an L1 table within QEMU's limit (32 MiB of entries), the
+ *    table grown as below (-EFBIG when that growth would pass the limit,
+ *    as QEMU refuses it, even where the entries needed would fit); a read
  *    may go anywhere below QEMU's BDRV_MAX_LENGTH, 2^63 - 2^30 (-EINVAL
  *    past it);
  *  - what was never written reads as zeros (with a backing file: what the

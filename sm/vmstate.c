@@ -165,6 +165,8 @@ int qsm_vmstate_readv(struct qsm_image *img, uint64_t pos, const struct iovec *i
 static uint64_t l1_grown_size(uint64_t cur, uint64_t min_size)
 {
 	uint64_t n = cur ? cur : 1;
+	if (min_size > QCOW2_MAX_L1_BYTES / 8)
+		return min_size; /* refused anyway; no loop over huge sizes */
 	while (n < min_size)
 		n = QSM_DIV_ROUND_UP(n * 3, 2);
 	return n;
@@ -174,8 +176,11 @@ static uint64_t l1_grown_size(uint64_t cur, uint64_t min_size)
 static int vmstate_grow(struct qsm_image *img, uint64_t end)
 {
 	uint64_t need = QSM_DIV_ROUND_UP(end, span_of(img));
-	if (need > QCOW2_MAX_L1_BYTES / 8)
-		return -EFBIG; /* QEMU: past QCOW_MAX_L1_SIZE */
+	/* QEMU refuses the grown size past QCOW_MAX_L1_SIZE, even when the
+	 * entries needed would fit. */
+	uint64_t n = l1_grown_size(img->l1_size, need);
+	if (need > QCOW2_MAX_L1_BYTES / 8 || n > QCOW2_MAX_L1_BYTES / 8)
+		return -EFBIG;
 	/* Inside a callback of ours (they run from the run queue), the
 	 * blocking move could not run the loop; nor with requests in flight
 	 * (a write-back batch finishes on its own: waited for). */
@@ -191,7 +196,6 @@ static int vmstate_grow(struct qsm_image *img, uint64_t end)
 		event_base_loop(img->base, EVLOOP_ONCE);
 	if (img->in_flight || img->closing) /* submitted by a callback meanwhile */
 		return img->closing ? -ESHUTDOWN : -EBUSY;
-	uint64_t n = QSM_MIN(l1_grown_size(img->l1_size, need), QCOW2_MAX_L1_BYTES / 8);
 	bool live = qsm_io_set_live(img->io, false);
 	int ret = qsm_l1_grow_sync(img, n, img->hdr.size, NULL, 0);
 	qsm_io_set_live(img->io, live);
