@@ -1700,10 +1700,15 @@ static int submit_rw(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
 			    cb, opaque);
 }
 
+static int submit_range(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
+			uint64_t bytes, unsigned flags, qsm_cb cb, void *opaque);
+
 int qsm_vmstate_submit(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
 		       const struct iovec *iov, int iovcnt, uint64_t bytes, qsm_cb cb,
 		       void *opaque)
 {
+	if (m == QSM_M_DISCARD)
+		return submit_range(img, m, offset, bytes, QSM_REQ_VMSTATE, cb, opaque);
 	assert(m == QSM_M_READ || m == QSM_M_WRITE);
 	assert(bytes <= qsm_iov_size(iov, iovcnt));
 	return submit_rw_at(img, m, offset, iov, iovcnt, bytes, QSM_REQ_VMSTATE, true, cb,
@@ -1744,7 +1749,9 @@ int qsm_flush(struct qsm_image *img, qsm_cb cb, void *opaque)
 static int submit_range(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
 			uint64_t bytes, unsigned flags, qsm_cb cb, void *opaque)
 {
-	int ret = check_range(img, offset, bytes);
+	/* VM state (qsm_vmstate_submit): checked against the L1 table. */
+	int ret = flags & QSM_REQ_VMSTATE ? (img->closing ? -ESHUTDOWN : 0)
+					  : check_range(img, offset, bytes);
 	if (ret == 0)
 		ret = check_writable(img);
 	if (ret < 0)

@@ -551,13 +551,25 @@ static inline uint64_t qsm_l1_get(const struct qsm_image *img, uint64_t idx)
 int qsm_l1_grow_sync(struct qsm_image *img, uint64_t new_l1, uint64_t size, char *err,
 		     size_t errlen);
 /* Submit a READ or WRITE machine request (QSM_REQ_VMSTATE) of
- * [offset, +bytes) into the first `bytes` of iov, at a VM-state address:
- * sm/vmstate.c checked it against the L1 table, not the virtual size.
- * Refuses as qsm_readv/qsm_writev do otherwise (closing; a WRITE on an
- * image not writable); 0 or -errno, cb not called on error. */
+ * [offset, +bytes) into the first `bytes` of iov, or a DISCARD of it (iov
+ * unused), at a VM-state address: sm/vmstate.c checked it against the L1
+ * table, not the virtual size.  Refuses as qsm_readv/qsm_writev/
+ * qsm_discard do otherwise (closing; a WRITE or DISCARD on an image not
+ * writable); 0 or -errno, cb not called on error. */
 int qsm_vmstate_submit(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
 		       const struct iovec *iov, int iovcnt, uint64_t bytes, qsm_cb cb,
 		       void *opaque);
+/* Discard [pos, +bytes) of the VM-state area, bytes rounded up to whole
+ * clusters (the area starts on one): QEMU's qcow2_snapshot_create drops
+ * the active copy of the VM state a new snapshot took that way
+ * (qcow2_cluster_discard of ROUND_UP(vm_state_size, cluster_size),
+ * QCOW2_DISCARD_NEVER, not a full discard: the DISCARD machine's
+ * semantics, v3 over a backing file leaving zero clusters).  Clipped at
+ * the end of the L1 table (nothing is mapped past it).  For
+ * sm/snapops.c; asynchronous as qsm_discard: 0 or -errno (cb not called
+ * then), -ENOTSUP on raw images. */
+int qsm_vmstate_discard(struct qsm_image *img, uint64_t pos, uint64_t bytes, qsm_cb cb,
+			void *opaque);
 /* Reserve file space ahead of newly allocated clusters ending at `end`. */
 void qsm_prealloc_ahead(struct qsm_image *img, uint64_t end);
 /* Is this host cluster metadata (header, L1, L2 tables, refcount structures)? */

@@ -221,3 +221,21 @@ int qsm_vmstate_writev(struct qsm_image *img, uint64_t pos, const struct iovec *
 		return ret;
 	return qsm_vmstate_submit(img, QSM_M_WRITE, start, iov, iovcnt, bytes, cb, opaque);
 }
+
+int qsm_vmstate_discard(struct qsm_image *img, uint64_t pos, uint64_t bytes, qsm_cb cb,
+			void *opaque)
+{
+	if (!img)
+		return -EINVAL;
+	if (img->closing)
+		return -ESHUTDOWN;
+	if (img->raw)
+		return -ENOTSUP;
+	uint64_t base = qsm_vmstate_offset(img), cover = img->l1_size * span_of(img);
+	if (pos > VMSTATE_MAX_END - base || bytes > VMSTATE_MAX_END - base - pos)
+		return -EINVAL;
+	uint64_t start = base + pos, end = QSM_ALIGN_UP(start + bytes, img->cluster_size);
+	/* Invariant 1; a request of 0 bytes still completes from the loop. */
+	uint64_t n = start >= cover ? 0 : QSM_MIN(end, cover) - start;
+	return qsm_vmstate_submit(img, QSM_M_DISCARD, start, NULL, 0, n, cb, opaque);
+}

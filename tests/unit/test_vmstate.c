@@ -23,6 +23,9 @@
  *    the table of a top shorter than its base, the base's data (zeros
  *    after its end), also in a read that starts inside the table; a close
  *    waits for such a read.
+ *  - discard: qsm_vmstate_discard (sm.h, for snapshot create) frees the
+ *    clusters of a saved state, whole clusters, and stops at the L1
+ *    table's end; the rest of the area is kept.
  *  - grow_crash: the L1 growth on the sim disk with a fault at each named
  *    event (once) and none, then a power loss keeping a random subset of
  *    the unflushed writes: the image checks without corruption (a leak at
@@ -41,7 +44,7 @@
 #include <event2/event.h>
 
 #include "io/sim.h"
-#include "sm/qsm.h"
+#include "sm/sm.h"
 #include "tests/unit/skip.h"
 
 #ifdef __SANITIZE_ADDRESS__
@@ -450,6 +453,44 @@ START_TEST(backing)
 }
 END_TEST
 
+START_TEST(discard)
+{
+	const uint64_t span = 32 * KiB;
+	create(g_path, 3 * MiB, 512, NULL);
+	struct qsm_image *img = open_img(g_path, false, false);
+	struct qsm_check_report rep = { .struct_size = sizeof(rep) };
+	vm_fill(img, 0, 2 * span + 4 * KiB, 0x31);   /* over three L2 tables */
+	vm_fill(img, 10 * span, 4 * KiB, 0x32);
+	ck_assert_int_eq(qsm_close(img), 0);
+	ck_assert_int_eq(qsm_check(g_path, 0, &rep, NULL, NULL, 0), 0);
+	uint64_t before = rep.allocated_clusters;
+
+	/* As snapshot create drops the active copy of a saved state: a length
+	 * rounded up to whole clusters; past the L1 table nothing to do. */
+	img = open_img(g_path, false, false);
+	struct done d = { 0 };
+	ck_assert_int_eq(qsm_vmstate_discard(img, 0, 2 * span + 4 * KiB - 100, done_cb, &d), 0);
+	ck_assert(!d.called);
+	ck_assert_int_eq(wait_done(&d), 0);
+	d = (struct done){ 0 };
+	ck_assert_int_eq(qsm_vmstate_discard(img, 40 * span, 1000 * span, done_cb, &d), 0);
+	ck_assert_int_eq(wait_done(&d), 0);
+	vm_expect(img, 0, 2 * span + 4 * KiB, 0);
+	vm_expect(img, 10 * span, 4 * KiB, 0x32);
+	ck_assert_int_eq(qsm_close(img), 0);
+	check_clean(g_path);
+	ck_assert_int_eq(qsm_check(g_path, 0, &rep, NULL, NULL, 0), 0);
+	/* The 136 data clusters are free again (the L2 tables stay). */
+	ck_assert_uint_eq(rep.allocated_clusters, before - (2 * span + 4 * KiB) / 512);
+
+	img = open_img(g_path, true, false);
+	d = (struct done){ 0 };
+	ck_assert_int_eq(qsm_vmstate_discard(img, 0, 512, done_cb, &d), -EBADF);
+	ck_assert(!d.called);
+	ck_assert_int_eq(qsm_close(img), 0);
+}
+END_TEST
+
 /* One run of `grow_crash`: on the sim disk, a flushed guest pattern, then
  * a VM-state write that grows the L1 table with a fault at the first
  * operation tagged ev (none: no fault), then a power loss keeping a random
@@ -531,6 +572,7 @@ static Suite *vmstate_suite(void)
 	tcase_add_test(tc, contract);
 	tcase_add_test(tc, busy);
 	tcase_add_test(tc, backing);
+	tcase_add_test(tc, discard);
 	tcase_add_test(tc, grow_crash);
 	suite_add_tcase(s, tc);
 	return s;
