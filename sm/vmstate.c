@@ -184,7 +184,10 @@ static int vmstate_grow(struct qsm_image *img, uint64_t end)
 	/* Inside a callback of ours (they run from the run queue), the
 	 * blocking move could not run the loop; nor with requests in flight
 	 * (a write-back batch finishes on its own: waited for). */
-	if (img->draining || img->in_flight > (img->wb_job ? 1u : 0u))
+	for (struct qsm_image *i = img; i; i = i->backing)
+		if (i->draining) /* (a backing's: sm/vmstate.c's backing reads) */
+			return -EBUSY;
+	if (img->in_flight > (img->wb_job ? 1u : 0u))
 		return -EBUSY;
 	/* Inside another callback of the loop, libevent refuses a nested
 	 * loop (-1, with a warning): event_base_get_running_event() cannot

@@ -374,6 +374,24 @@ START_TEST(busy)
 }
 END_TEST
 
+/* The completion of a read that went to the backing image too: the
+ * blocking calls are refused there as in any completion callback. */
+struct nested {
+	struct qsm_image *img;
+	struct iovec iov;
+	int close_ret, grow_ret;
+	bool called;
+};
+
+static void nested_cb(void *opaque, int ret)
+{
+	struct nested *n = opaque;
+	ck_assert_int_eq(ret, 0);
+	n->called = true;
+	n->close_ret = qsm_close(n->img);
+	n->grow_ret = qsm_vmstate_writev(n->img, 1000 * 32 * KiB, &n->iov, 1, done_cb, NULL);
+}
+
 START_TEST(backing)
 {
 	const uint64_t span = 32 * KiB;
@@ -436,6 +454,17 @@ START_TEST(backing)
 			   (i >= 768 * KiB && i < 772 * KiB) ? 0x56 : 0;
 		ck_assert_msg(big[i] == want, "byte %zu is %#x, not %#x", i, big[i], want);
 	}
+	/* Its callback cannot block, also when it runs from the backing
+	 * image's completion (all past the table: the machine's part is empty
+	 * and done first). */
+	struct nested n = { .img = img, .iov = { r, 512 } };
+	struct iovec ni = { r + 4 * KiB, 4 * KiB };
+	ck_assert_int_eq(qsm_vmstate_readv(img, 63 * MiB - 4 * KiB, &ni, 1, nested_cb, &n), 0);
+	while (!n.called)
+		ck_assert_int_ge(event_base_loop(g_ev, EVLOOP_ONCE), 0);
+	ck_assert_int_eq(n.close_ret, -EDEADLK);
+	ck_assert_int_eq(n.grow_ret, -EBUSY);
+	ck_assert_uint_eq(r[4 * KiB], 0x54);
 	/* Closing with such a read in flight waits for it. */
 	struct iovec bi = { big, MiB };
 	struct done d = { 0 }, dc = { 0 };
