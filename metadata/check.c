@@ -4,7 +4,10 @@
  *
  * Design: a port of the *algorithm* of qemu 7.2's qcow2_check_refcounts()
  * (block/qcow2-refcount.c), so the counts, the messages and the order in
- * which they appear are qemu-img check's:
+ * which they appear are qemu-img check's (qcow2_co_check_locked):
+ *   0. check_read_snapshots(): the snapshot table, which the open skipped
+ *      (qcow2_check_read_snapshot_table), its damage reported, with
+ *      FIX_ERRORS its overhanging entries dropped at once;
  *   1. calculate_refcounts(): an in-memory refcount table (the "imrt", one
  *      saturating 16-bit counter per host cluster of the file) gets +1 for
  *      the header cluster, the active L1 and every cluster its L2 tables
@@ -19,7 +22,9 @@
  *      structure is then leaked, and freed by a second pass;
  *   4. check_oflag_copied(): COPIED must equal (refcount == 1) in the active
  *      L1 and its L2 tables;
- *   5. with fix flags and nothing left broken: clear the dirty and corrupt
+ *   5. fix_snapshots(): with FIX_ERRORS, the snapshot table rewritten when
+ *      only that repairs it (qcow2_check_fix_snapshot_table);
+ *   6. with fix flags and nothing left broken: clear the dirty and corrupt
  *      bits (one 8-byte write of incompatible_features, then flush).
  * Beyond qemu, with FIX_ERRORS: L1/L2 entries that point past the end of
  * the file, or data entries at unaligned offsets, are cleared (the guest
@@ -89,6 +94,7 @@ struct ck {
 	uint8_t *l2buf;
 	struct ck_res *res;
 	bool rebuilt;
+	bool opening;            /* QSM_CHECK_OPENING */
 };
 
 static void say(struct ck *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -1113,16 +1119,233 @@ static int snap_rd(void *opaque, void *buf, size_t len, uint64_t off)
 	return rd(opaque, buf, len, off);
 }
 
-/* The table through metadata/snapshot.c, the parser open uses too; the
- * per-entry rules are not applied here: calculate() reports them as
- * corruptions, as qemu-img check does. */
-static int read_snapshots(struct ck *c, char *err, size_t errlen)
+/*
+ * qcow2_check_read_snapshot_table(): the open skipped the table (ck_open),
+ * so a broken one is reported and, with FIX_ERRORS, repaired here, before
+ * the refcounts are counted:
+ *   - nb_snapshots over 65536: the entries past it are dropped;
+ *   - then the table's place (qcow2_validate_table: count, offset aligned,
+ *     offset + size <= INT64_MAX), else the check stops;
+ *   - the entries (metadata/snapshot.c, QCOW2_SNAP_REPAIR with FIX_ERRORS):
+ *     extra data over 1024 bytes cut, the entries past 64 MiB dropped, else
+ *     the check stops;
+ *   - entries dropped: the header's nb_snapshots is written now (the count
+ *     the refcount pass then uses; what only they referenced is leaked, and
+ *     freed by that pass): corruptions fixed at once;
+ *   - a v3 entry without disk_size: a corruption ("incomplete").
+ * *sn_corrupt gets the corruptions that only rewriting the table repairs
+ * (cut extra data, incomplete entries): fix_snapshots() does it after the
+ * refcount pass.  Returns 0 or -errno (then the check stops, res->report
+ * says why in qemu-img's words).
+ */
+static int check_read_snapshots(struct ck *c, unsigned fix, uint64_t *sn_corrupt,
+				struct qsm_check_result *out, char *err, size_t errlen)
 {
-	int r = qcow2_snapshots_read(snap_rd, c, c->h.snapshots_offset, c->h.nb_snapshots,
-				     c->h.size, &c->snaps, err, errlen);
+	bool repair = fix & QSM_CHECK_FIX_ERRORS;
+	uint32_t nb = c->h.nb_snapshots, reduced = 0, dropped = 0;
+	uint64_t off = c->h.snapshots_offset;
+	char why[400] = "";
+	int r;
+
+	*sn_corrupt = 0;
+	if (c->opening) {
+		/* the open's parser and words (the header parse applied the
+		 * open's table checks already); a refusal refuses the open */
+		r = qcow2_snapshots_read(snap_rd, c, off, nb, c->h.size, &c->snaps, err, errlen);
+		if (r < 0) {
+			if (err && errlen && !err[0])
+				qsm_set_err(err, errlen, "cannot read the snapshot table: %s",
+					    strerror(-r));
+			return r;
+		}
+		/* and qsm's per-entry rules, which the open applies after the
+		 * repair: refused before anything is written */
+		for (uint32_t i = 0; i < c->snaps.nb; i++)
+			if ((r = qcow2_snapshot_validate(&c->snaps.sn[i], i, &c->h, c->file_size,
+							 err, errlen)) < 0)
+				return r;
+		c->snapshots_size = c->snaps.size;
+		goto incomplete;
+	}
+	c->h.nb_snapshots = 0;  /* until read: nothing below counts a table not read */
+	c->h.snapshots_offset = 0;
+	if (nb > QCOW2_MAX_SNAPSHOTS && repair) {
+		say(c, "Discarding %" PRIu32 " overhanging snapshots\n", nb - QCOW2_MAX_SNAPSHOTS);
+		reduced += nb - QCOW2_MAX_SNAPSHOTS;
+		nb = QCOW2_MAX_SNAPSHOTS;
+	}
+	if (nb > QCOW2_MAX_SNAPSHOTS || (off & (c->cs - 1)) ||
+	    INT64_MAX - (uint64_t)nb * QCOW2_SNAPSHOT_HDR < off) {
+		c->res->check_errors++;
+		r = nb > QCOW2_MAX_SNAPSHOTS ? -EFBIG : -EINVAL;
+		if (nb > QCOW2_MAX_SNAPSHOTS)
+			qsm_set_err(out->report, sizeof(out->report), "ERROR snapshot table too "
+				"large\nYou can force-remove all %" PRIu32 " overhanging snapshots "
+				"with qemu-img check -r all", nb - QCOW2_MAX_SNAPSHOTS);
+		else
+			qsm_set_err(out->report, sizeof(out->report),
+				    "ERROR snapshot table offset invalid");
+		return r;
+	}
+	r = qcow2_snapshots_read_check(snap_rd, c, off, nb, c->h.size,
+				       repair ? QCOW2_SNAP_REPAIR : 0, &c->snaps, why, sizeof(why));
+	if (r < 0) {
+		c->res->check_errors++;
+		qsm_set_err(out->report, sizeof(out->report),
+			    "ERROR failed to read the snapshot table: %s", why);
+		return r;
+	}
+	for (uint32_t i = 0; i < c->snaps.nb; i++) {
+		const struct qcow2_snapshot *sn = &c->snaps.sn[i];
+		if (sn->extra_cut_from) {
+			say(c, "Discarding too much extra metadata in snapshot table entry %" PRIu32
+			       " (%" PRIu32 " > %u)\n", i, sn->extra_cut_from,
+			    QCOW2_MAX_SNAPSHOT_EXTRA);
+			dropped++;
+		}
+	}
+	if (c->snaps.discarded_extra) {
+		say(c, "Discarding too much extra metadata in snapshot table entry %" PRIu32
+		       " (%" PRIu32 " > %u)\n", c->snaps.nb, c->snaps.discarded_extra,
+		    QCOW2_MAX_SNAPSHOT_EXTRA);
+		dropped++;
+	}
+	if (c->snaps.discarded) {
+		say(c, "Discarding %" PRIu32 " overhanging snapshots (snapshot table is too big)\n",
+		    c->snaps.discarded);
+		reduced += c->snaps.discarded;
+	}
+	c->h.nb_snapshots = c->snaps.nb;
+	c->h.snapshots_offset = off;
+	c->snapshots_size = c->snaps.size;
+	*sn_corrupt = dropped;
+	if (reduced) {
+		uint8_t be[4];
+
+		qcow2_put_be32(be, c->snaps.nb);
+		r = qsm_io_pwrite_sync(c->io, be, 4, 60);
+		if (r == 0)
+			r = qsm_io_flush_sync(c->io);
+		if (r < 0) {
+			c->res->check_errors++;
+			c->res->corruptions += reduced + dropped;
+			*sn_corrupt = 0;
+			say(c, "ERROR failed to update the snapshot count in the image header: %s\n",
+			    strerror(-r));
+			return r;
+		}
+		c->res->corruptions_fixed += reduced;
+	}
+incomplete:
+	if (c->h.version >= 3) {
+		for (uint32_t i = 0; i < c->snaps.nb; i++) {
+			if (qcow2_snapshot_incomplete(&c->snaps.sn[i], &c->h)) {
+				say(c, "%s snapshot table entry %" PRIu32 " is incomplete\n",
+				    repair ? "Repairing" : "ERROR", i);
+				(*sn_corrupt)++;
+			}
+		}
+	}
+	return 0;
+}
+
+/*
+ * qcow2_check_fix_snapshot_table() + qcow2_write_snapshots(): the table
+ * rewritten as QEMU writes it (every entry with 24 bytes of extra data or
+ * more: disk_size and icount filled in, cut extra data written cut) into
+ * the first run of free clusters (stored refcount 0, a refcount block
+ * present: the clusters qcow2_alloc_clusters hands out first), then the
+ * header pointed at it, then the old table's clusters released.  Order
+ * (crash safety, refcount >= references at every instant): new clusters'
+ * refcounts, flush; the table, flush; nb_snapshots + snapshots_offset (one
+ * 12-byte write), flush; old clusters' refcounts lowered, flush.  A crash
+ * before the header write leaks the new clusters, after it the old ones.
+ */
+static int write_snapshots(struct ck *c)
+{
+	int64_t size = qcow2_snapshots_size(&c->snaps);
+	uint64_t n, first = 0, run = 0, cl, noff = 0, ooff = c->h.snapshots_offset;
+	uint64_t osize = c->snapshots_size;
+	uint8_t *buf = NULL, hdr[12];
+	int r;
+
+	if (size < 0)
+		return (int)size;
+	n = size_to_clusters(c, (uint64_t)size);
+	if (n) {
+		uint64_t per = 1ull << c->rb_bits, end = c->reft_size * per;
+
+		for (cl = 0; cl < end && run < n; cl++) {
+			uint64_t rc;
+			if (!c->reft[cl / per] || (c->reft[cl / per] & ~QCOW2_REFT_OFFSET_MASK) ||
+			    get_refcount(c, cl, &rc) < 0 || rc ||
+			    (cl < c->imrt_n && c->imrt[cl])) {  /* never over a reference */
+				run = 0;
+				continue;
+			}
+			if (!run++)
+				first = cl;
+		}
+		if (run < n)
+			return -ENOSPC;  /* would need a new refcount block: not done here */
+		noff = first << c->cb;
+		buf = calloc(1, n << c->cb);
+		if (!buf)
+			return -ENOMEM;
+		r = qcow2_snapshots_serialize(&c->snaps, buf, (size_t)size);
+		if (r == 0)
+			r = qsm_io_pwrite_sync(c->io, buf, (size_t)size, noff);
+		free(buf);
+		if (r == 0)
+			r = qsm_io_flush_sync(c->io);
+		if (r < 0)
+			return r;
+		for (cl = first; cl < first + n; cl++)
+			if ((r = set_refcount(c, cl, 1)) < 0)
+				return r;
+		if ((r = rbc_flush(c)) < 0 || (r = qsm_io_flush_sync(c->io)) < 0)
+			return r;
+	}
+	qcow2_put_be32(hdr, c->snaps.nb);
+	qcow2_put_be64(hdr + 4, noff);
+	r = qsm_io_pwrite_sync(c->io, hdr, sizeof(hdr), 60);
+	if (r == 0)
+		r = qsm_io_flush_sync(c->io);
 	if (r < 0)
 		return r;
-	c->snapshots_size = c->snaps.size;
+	c->h.snapshots_offset = noff;
+	c->snapshots_size = (uint64_t)size;
+	/* qcow2_free_clusters(): one reference less on each old cluster */
+	if (osize) {
+		for (cl = ooff >> c->cb; cl < (ooff + osize + c->cs - 1) >> c->cb; cl++) {
+			uint64_t rc;
+			if (get_refcount(c, cl, &rc) == 0 && rc)
+				set_refcount(c, cl, rc - 1);
+		}
+		if ((r = rbc_flush(c)) < 0 || (r = qsm_io_flush_sync(c->io)) < 0)
+			return r;
+	}
+	return 0;
+}
+
+static int fix_snapshots(struct ck *c, unsigned fix, uint64_t sn_corrupt)
+{
+	int r;
+
+	if (!sn_corrupt)
+		return 0;
+	if (!(fix & QSM_CHECK_FIX_ERRORS)) {
+		c->res->corruptions += sn_corrupt;
+		return 0;
+	}
+	r = write_snapshots(c);
+	if (r < 0) {
+		c->res->check_errors++;
+		c->res->corruptions += sn_corrupt;
+		say(c, "ERROR failed to update snapshot table: %s\n", strerror(-r));
+		return r;
+	}
+	c->res->corruptions_fixed += sn_corrupt;
 	return 0;
 }
 
@@ -1141,7 +1364,7 @@ static void ck_free(struct ck *c)
 
 static int ck_open(struct ck *c, char *err, size_t errlen)
 {
-	uint8_t probe[512], *hbuf;
+	uint8_t probe[512], *hbuf, snp[12] = { 0 };
 	size_t hlen;
 	int r;
 
@@ -1166,11 +1389,22 @@ static int ck_open(struct ck *c, char *err, size_t errlen)
 	if (!hbuf)
 		return -ENOMEM;
 	r = rd(c, hbuf, hlen, 0);
+	/* As qcow2_do_open() in check mode: the snapshot table pointer is not
+	 * validated here (the parser would refuse a broken one); it is read,
+	 * reported and repaired by check_read_snapshots(). */
+	if (r == 0 && hlen >= 72 && !c->opening) {
+		memcpy(snp, hbuf + 60, sizeof(snp));
+		memset(hbuf + 60, 0, sizeof(snp));
+	}
 	if (r == 0)
 		r = qcow2_header_parse(hbuf, hlen, INT64_MAX, &c->h, err, errlen);
 	free(hbuf);
 	if (r < 0)
 		return r;
+	if (!c->opening) {
+		c->h.nb_snapshots = qcow2_be32(snp);
+		c->h.snapshots_offset = qcow2_be64(snp + 4);
+	}
 	c->cb = c->h.cluster_bits;
 	c->cs = 1ull << c->cb;
 	c->rorder = c->h.refcount_order;
@@ -1201,12 +1435,6 @@ static int ck_open(struct ck *c, char *err, size_t errlen)
 	r = read_l1(c, c->h.l1_table_offset, c->h.l1_size, &c->l1);
 	if (r < 0) {
 		qsm_set_err(err, errlen, "cannot read the L1 table: %s", strerror(-r));
-		return r;
-	}
-	r = read_snapshots(c, err, errlen);
-	if (r < 0) {
-		if (err && !err[0])
-			qsm_set_err(err, errlen, "cannot read the snapshot table: %s", strerror(-r));
 		return r;
 	}
 	c->l2buf = malloc(c->cs);
@@ -1240,7 +1468,7 @@ static int mark_clean(struct ck *c)
 int qsm_check_image(struct qsm_io *io, unsigned fix, struct qsm_check_result *out, FILE *log,
 		    char *err, size_t errlen)
 {
-	struct ck c = { .io = io, .log = log };
+	struct ck c = { .io = io, .log = log, .opening = fix & QSM_CHECK_OPENING };
 	struct ck_res res = { 0 };
 	int r;
 
@@ -1257,17 +1485,26 @@ int qsm_check_image(struct qsm_io *io, unsigned fix, struct qsm_check_result *ou
 		ck_free(&c);
 		return r;
 	}
-	/* qcow2_check_read_snapshot_table(): v3 entries need disk_size (not
-	 * repaired: qsm does not rewrite the snapshot table yet) */
-	uint64_t incomplete = 0;
-	for (uint32_t i = 0; i < c.snaps.nb; i++) {
-		if (qcow2_snapshot_incomplete(&c.snaps.sn[i], &c.h)) {
-			say(&c, "ERROR snapshot table entry %" PRIu32 " is incomplete\n", i);
-			incomplete++;
-		}
+	/* qcow2_co_check_locked(): the snapshot table, the refcounts, then
+	 * the table rewritten when only that repairs it */
+	uint64_t sn_corrupt = 0;
+	r = check_read_snapshots(&c, fix, &sn_corrupt, out, err, errlen);
+	if (r < 0 && c.opening) {
+		ck_free(&c);
+		return r;
 	}
-	r = check_refcounts(&c, fix);
-	res.corruptions += incomplete; /* after: a rebuild recounts res */
+	if (r == 0) {
+		struct ck_res sn = res;  /* a rebuild recounts res: keep these apart */
+		res = (struct ck_res){ 0 };
+		r = check_refcounts(&c, fix);
+		res.corruptions += sn.corruptions;
+		res.corruptions_fixed += sn.corruptions_fixed;
+		res.check_errors += sn.check_errors;
+		if (r == 0)
+			r = fix_snapshots(&c, fix, sn_corrupt);
+		else
+			res.corruptions += sn_corrupt;
+	}
 	if (r == 0 && fix && res.check_errors == 0 && res.corruptions == 0) {
 		r = mark_clean(&c);
 		if (r < 0)

@@ -13,7 +13,14 @@
  *   - refcount > references: leak ("Leaked cluster N refcount=a reference=b");
  *   - COPIED flag != (refcount == 1): corruption ("ERROR OFLAG_COPIED ...");
  *   - entries pointing past the end of the file or at unaligned offsets,
- *     metadata overlapping metadata, reserved bits: corruption.
+ *     metadata overlapping metadata, reserved bits: corruption;
+ *   - the snapshot table, read after the header as qemu-img check reads it
+ *     (qcow2_check_read_snapshot_table): a v3 entry without disk_size
+ *     ("snapshot table entry I is incomplete"), extra data over 1024
+ *     bytes, more than 65536 entries, a table over 64 MiB: corruptions, the
+ *     last three stopping the check (res->report) unless -r all; a
+ *     snapshot L1 table unaligned or too large: corruption ("snapshot
+ *     table entry corrupted"), its references not counted.
  * Memory stays bounded on large images: the reference counts are kept per
  * host cluster of the *file* (2 bytes each, as QEMU), tables are streamed.
  *
@@ -21,9 +28,14 @@
  * leaks freed; refcounts too low raised; COPIED fixed; entries pointing
  * outside the file or at unaligned offsets cleared (those guest clusters then
  * read as zeros; each is reported); refcount structures rebuilt when they are
- * themselves damaged.  A repair is crash-safe: every step keeps refcount >=
- * references on disk, so an interrupted repair leaves an image the next
- * repair still fixes.  With fix flags set, the dirty bit is cleared at the end
+ * themselves damaged; the snapshot table (-r all, as qemu-img): the entries
+ * past 65536 or past 64 MiB dropped (the header's count written at once),
+ * extra data cut to 1024 bytes, incomplete entries completed (disk size
+ * filled in), the table rewritten into free clusters after the refcount
+ * pass (qcow2_check_fix_snapshot_table); an unaligned or oversized
+ * snapshot L1 table stays (qemu-img leaves it too).  A repair is
+ * crash-safe: every step keeps refcount >= references on disk, so an
+ * interrupted repair leaves an image the next repair still fixes.  With fix flags set, the dirty bit is cleared at the end
  * when no corruption remains.
  */
 #ifndef QSM_CHECK_H
@@ -37,6 +49,13 @@
 
 #define QSM_CHECK_FIX_LEAKS  0x1
 #define QSM_CHECK_FIX_ERRORS 0x2
+/* The open-time repair of a dirty image (sm/image.c): the snapshot table is
+ * read as the open reads it, before the repair (QEMU's qcow2_do_open reads
+ * it first and refuses a broken one), with the open's per-entry rules
+ * (qcow2_snapshot_validate) too: a refusal makes qsm_check_image return its
+ * -errno and message before anything is written, nothing dropped or cut;
+ * incomplete v3 entries are still rewritten (QEMU's open-time check does). */
+#define QSM_CHECK_OPENING    0x4
 
 struct qsm_check_result {
 	/* Found (before repair) and repaired, as qemu-img check counts them. */
@@ -48,6 +67,10 @@ struct qsm_check_result {
 	bool incomplete;              /* check could not finish (exit 1) */
 	int error;                    /* with incomplete: the -errno that stopped it
 	                               * (qemu-img: "Check failed: <strerror>") */
+	char report[512];             /* with incomplete, or "": what qemu-img reports
+	                               * through error_report() before it stops (its
+	                               * first line takes the program's name as prefix,
+	                               * the hint lines after "\n" do not) */
 	/* Statistics printed by qemu-img check. */
 	uint64_t image_end_offset;
 	uint64_t total_clusters;      /* guest clusters */

@@ -27,6 +27,12 @@
 /* The longest entry: header, extra data, id and name at their bounds. */
 #define ENTRY_MAX (QCOW2_SNAPSHOT_HDR + QCOW2_MAX_SNAPSHOT_EXTRA + 2u * 65535u)
 
+/* QEMU's BDRV_MAX_LENGTH (INT64_MAX aligned down to 1 GiB): its block layer
+ * fails a read that reaches past it (-EIO) before any driver sees it, so a
+ * table whose bytes reach past it is refused ("Failed to read snapshot
+ * table: Input/output error"), though the header check let its offset by. */
+#define BDRV_MAX_LEN (INT64_MAX & ~((1ull << 30) - 1))
+
 void qcow2_snapshots_release(struct qcow2_snapshot_table *t)
 {
 	for (uint32_t i = 0; t->sn && i < t->nb; i++) {
@@ -157,12 +163,16 @@ int qcow2_snapshots_read(qcow2_snapshot_reader rd, void *opaque, uint64_t offset
 			 uint64_t virtual_size, struct qcow2_snapshot_table *t, char *err,
 			 size_t errlen)
 {
+	/* the bytes QEMU can read at all (the parse asks only for bytes it needs) */
+	uint64_t lim = offset < BDRV_MAX_LEN ? BDRV_MAX_LEN - offset : 0;
 	size_t have = 0, need = nb ? 64u << 10 : 0;
 	uint8_t *buf = NULL;
 	int ret;
 
 	memset(t, 0, sizeof(*t));
 	for (;;) {
+		if (need > lim)
+			need = (size_t)lim;
 		if (need > have) {
 			uint8_t *nbuf = realloc(buf, need);
 			if (!nbuf) {
@@ -177,12 +187,179 @@ int qcow2_snapshots_read(qcow2_snapshot_reader rd, void *opaque, uint64_t offset
 		ret = qcow2_snapshots_parse(buf, have, nb, virtual_size, t, &need, err, errlen);
 		if (ret != -ENODATA)
 			break;
-		if (need <= have) { /* cannot happen: the parse always asks for more */
+		if (need > lim && have >= lim) {  /* the bytes it needs lie past the limit */
+			qsm_set_err(err, errlen, "Failed to read snapshot table: %s", strerror(EIO));
+			ret = -EIO;
+			break;
+		}
+		if (need <= have && need <= lim) { /* cannot happen: the parse always asks for more */
 			ret = -EIO;
 			break;
 		}
 	}
 	free(buf);
+	return ret;
+}
+
+/* --- the check's reader ---------------------------------------------------- */
+
+/* A window of file bytes: at most WIN_MIN bytes beyond what is asked, so a
+ * table is read in a few large reads and skipped bytes are never read. */
+#define WIN_MIN (1u << 20)
+
+struct win {
+	qcow2_snapshot_reader rd;
+	void *opaque;
+	uint8_t *buf;
+	size_t cap, len;
+	uint64_t start;
+};
+
+/* Point *p at len bytes of the file at off (len <= ENTRY_MAX). */
+static int win_get(struct win *w, uint64_t off, size_t len, const uint8_t **p)
+{
+	static const uint8_t none[1];
+	int ret;
+
+	if (!len) {
+		*p = none;
+		return 0;
+	}
+	if (off > BDRV_MAX_LEN || len > BDRV_MAX_LEN - off)
+		return -EIO;
+	if (!(off >= w->start && off - w->start + len <= w->len)) {
+		size_t n = len > WIN_MIN ? len : WIN_MIN;
+		if (n > BDRV_MAX_LEN - off)
+			n = (size_t)(BDRV_MAX_LEN - off);
+		if (n > w->cap) {
+			uint8_t *nb = realloc(w->buf, n);
+			if (!nb)
+				return -ENOMEM;
+			w->buf = nb;
+			w->cap = n;
+		}
+		w->len = 0;
+		if ((ret = w->rd(w->opaque, w->buf, n, off)) < 0)
+			return ret;
+		w->start = off;
+		w->len = n;
+	}
+	*p = w->buf + (off - w->start);
+	return 0;
+}
+
+int qcow2_snapshots_read_check(qcow2_snapshot_reader rd, void *opaque, uint64_t offset,
+			       uint32_t nb, uint64_t virtual_size, unsigned flags,
+			       struct qcow2_snapshot_table *t, char *err, size_t errlen)
+{
+	struct win w = { .rd = rd, .opaque = opaque };
+	bool repair = flags & QCOW2_SNAP_REPAIR;
+	uint64_t off = offset, tlen = 0;  /* file offset; table length with cut extra data */
+	const uint8_t *e;
+	int ret = 0;
+
+	memset(t, 0, sizeof(*t));
+	if (nb == 0)
+		return 0;
+	if (nb > QCOW2_MAX_SNAPSHOTS)
+		return -EFBIG;
+	t->sn = calloc(nb, sizeof(*t->sn));
+	if (!t->sn)
+		return -ENOMEM;
+	t->nb = nb;
+	for (uint32_t i = 0; i < nb; i++) {
+		struct qcow2_snapshot *sn = &t->sn[i];
+		uint64_t pre = off;
+		uint32_t extra, keep;
+		uint16_t idl, nml;
+
+		tlen = (tlen + 7) & ~7ull;
+		off = (off + 7) & ~7ull;
+		if ((ret = win_get(&w, off, QCOW2_SNAPSHOT_HDR, &e)) < 0)
+			goto rd_fail;
+		sn->l1_table_offset = qcow2_be64(e);
+		sn->l1_size = qcow2_be32(e + 8);
+		idl = qcow2_be16(e + 12);
+		nml = qcow2_be16(e + 14);
+		sn->date_sec = qcow2_be32(e + 16);
+		sn->date_nsec = qcow2_be32(e + 20);
+		sn->vm_clock_nsec = qcow2_be64(e + 24);
+		sn->vm_state_size32 = qcow2_be32(e + 32);
+		sn->vm_state_size = sn->vm_state_size32;
+		extra = qcow2_be32(e + 36);
+		off += QCOW2_SNAPSHOT_HDR;
+		keep = extra;
+		if (extra > QCOW2_MAX_SNAPSHOT_EXTRA) {
+			if (!repair) {
+				qsm_set_err(err, errlen, "Too much extra metadata in snapshot table "
+					"entry %" PRIu32 "\nYou can force-remove this extra metadata "
+					"with qemu-img check -r all", i);
+				ret = -EFBIG;
+				goto fail;
+			}
+			sn->extra_cut_from = extra;
+			keep = QCOW2_MAX_SNAPSHOT_EXTRA;
+		}
+		sn->extra_data_size = keep;
+		if ((ret = win_get(&w, off, keep, &e)) < 0)
+			goto rd_fail;
+		if (keep >= 8)
+			sn->vm_state_size = qcow2_be64(e);
+		sn->disk_size = keep >= 16 ? qcow2_be64(e + 8) : virtual_size;
+		sn->icount = keep >= 24 ? qcow2_be64(e + 16) : QCOW2_SNAPSHOT_NO_ICOUNT;
+		if (keep > QCOW2_SNAPSHOT_EXTRA) {
+			sn->unknown_extra_len = keep - QCOW2_SNAPSHOT_EXTRA;
+			sn->unknown_extra = malloc(sn->unknown_extra_len);
+			if (!sn->unknown_extra) {
+				ret = -ENOMEM;
+				goto fail;
+			}
+			memcpy(sn->unknown_extra, e + QCOW2_SNAPSHOT_EXTRA, sn->unknown_extra_len);
+		}
+		off += extra;   /* the bytes past a cut are skipped, never read */
+		if ((ret = win_get(&w, off, (size_t)idl + nml, &e)) < 0)
+			goto rd_fail;
+		sn->id = dup_str(e, idl);
+		sn->name = dup_str(e + idl, nml);
+		if (!sn->id || !sn->name) {
+			ret = -ENOMEM;
+			goto fail;
+		}
+		off += (uint64_t)idl + nml;
+		tlen += QCOW2_SNAPSHOT_HDR + keep + idl + nml;
+		if (tlen > QCOW2_MAX_SNAPSHOTS_BYTES || off - offset > INT32_MAX) {
+			if (!repair) {
+				qsm_set_err(err, errlen, "Snapshot table is too big\nYou can "
+					"force-remove all %" PRIu32 " overhanging snapshots with "
+					"qemu-img check -r all", nb - i);
+				ret = -EFBIG;
+				goto fail;
+			}
+			/* this entry and the rest are dropped; their clusters leak
+			 * (the refcount check that follows frees them) */
+			t->discarded = nb - i;
+			t->discarded_extra = sn->extra_cut_from;
+			for (uint32_t k = i; k < nb; k++) {
+				free(t->sn[k].id);
+				free(t->sn[k].name);
+				free(t->sn[k].unknown_extra);
+				memset(&t->sn[k], 0, sizeof(t->sn[k]));
+			}
+			t->nb = i;
+			off = pre;
+			break;
+		}
+	}
+	t->size = off - offset;
+	free(w.buf);
+	return 0;
+
+rd_fail:
+	qsm_set_err(err, errlen, "Failed to read snapshot table: %s", strerror(-ret));
+fail:
+	free(w.buf);
+	t->nb = nb;
+	qcow2_snapshots_release(t);
 	return ret;
 }
 

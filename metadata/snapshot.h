@@ -42,12 +42,20 @@ struct qcow2_snapshot {
 	uint8_t *unknown_extra;           /* extra_data_size - 24 bytes, or NULL */
 	uint32_t unknown_extra_len;
 	char *id, *name;                  /* NUL-terminated (QEMU cuts at an inner NUL too) */
+	uint32_t extra_cut_from;          /* QCOW2_SNAP_REPAIR: the extra_data_size on disk when
+	                                   * it was over 1024 and cut to 1024, else 0 */
 };
 
 struct qcow2_snapshot_table {
 	struct qcow2_snapshot *sn;        /* nb entries, in table order */
 	uint32_t nb;
 	uint64_t size;                    /* bytes the table spans on disk (QEMU's snapshots_size) */
+	/* QCOW2_SNAP_REPAIR only: entries dropped off the end because the table
+	 * passed 64 MiB (the first of them included), and that first entry's
+	 * on-disk extra_data_size when it was over 1024 (QEMU reports its cut
+	 * before it drops it), else 0. */
+	uint32_t discarded;
+	uint32_t discarded_extra;
 };
 
 /*
@@ -83,6 +91,30 @@ typedef int (*qcow2_snapshot_reader)(void *opaque, void *buf, size_t len, uint64
 int qcow2_snapshots_read(qcow2_snapshot_reader rd, void *opaque, uint64_t offset, uint32_t nb,
 			 uint64_t virtual_size, struct qcow2_snapshot_table *t, char *err,
 			 size_t errlen);
+
+/*
+ * The reader of `qemu-img check` (QEMU's qcow2_check_read_snapshot_table,
+ * which reads the table after an open that skipped it): entry by entry
+ * through a window of reads (a few large reads, bytes it skips are never
+ * read), nb <= QCOW2_MAX_SNAPSHOTS (the caller applies that bound).
+ * flags:
+ *   QCOW2_SNAP_REPAIR  (check -r all) instead of refusing: extra data over
+ *       1024 bytes is cut to 1024 (sn->extra_cut_from says so, the entry's
+ *       extra_data_size becomes 1024, the bytes past it are skipped); the
+ *       entry at which the table (counted with the cut sizes) passes 64 MiB,
+ *       or its bytes pass 2 GiB, is dropped with every entry after it
+ *       (t->discarded, t->discarded_extra; t->nb is what is kept and t->size
+ *       ends where the last kept entry ends).
+ * Without it the refusals carry qemu-img check's words, the message, then
+ * "\n" and QEMU's hint line: "Too much extra metadata in snapshot table
+ * entry I" / "Snapshot table is too big" (-EFBIG).  A read error is
+ * "Failed to read snapshot table: <strerror>".  Returns 0, -EFBIG, -ENOMEM
+ * or the reader's error.
+ */
+#define QCOW2_SNAP_REPAIR 0x1u
+int qcow2_snapshots_read_check(qcow2_snapshot_reader rd, void *opaque, uint64_t offset,
+			       uint32_t nb, uint64_t virtual_size, unsigned flags,
+			       struct qcow2_snapshot_table *t, char *err, size_t errlen);
 
 /*
  * qsm's rules for one parsed entry (index i) of an image with header h and

@@ -130,7 +130,7 @@ static const char *const kind_names[QSM_M__COUNT] = {
 	[QSM_M_READ] = "read", [QSM_M_WRITE] = "write", [QSM_M_ZEROES] = "write_zeroes",
 	[QSM_M_DISCARD] = "discard", [QSM_M_FLUSH] = "flush", [QSM_M_STATUS] = "status",
 	[QSM_M_WRITEBACK] = "writeback", [QSM_M_WRITE_COMPRESSED] = "write_compressed",
-	[QSM_M_CLOSE] = "close",
+	[QSM_M_CLOSE] = "close", [QSM_M_SNAPSHOT] = "snapshot",
 };
 
 void qsm_wake_all(struct qsm_wait **list, enum qsm_event ev, int ret)
@@ -175,6 +175,27 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_NEXT_RUN:      return qsm_step_next_run(req);
 	case QSM_S_DURABLE_WAIT:  return qsm_step_durable_wait(req);
 	case QSM_S_FREE_WAIT:     return qsm_step_free_wait(req);
+	case QSM_S_HELD:          /* until the snapshot operation is over */
+		if (!req->img->snap_req) { /* it ended while HOLD was queued */
+			qsm_sm_begin(req);
+			return QSM_E_WAIT;
+		}
+		req->wait.req = req;
+		req->wait.next = req->img->held;
+		req->img->held = &req->wait;
+		req->img->nb_held++;
+		req->waiting = true;
+		return QSM_E_WAIT;
+	case QSM_S_SNAP_DRAIN:
+	case QSM_S_SNAP_NEXT:
+	case QSM_S_SNAP_L1_LOAD:
+	case QSM_S_SNAP_L1_WRITE:
+	case QSM_S_SNAP_REFS:
+	case QSM_S_SNAP_COPIED:
+	case QSM_S_SNAP_TABLE:
+	case QSM_S_SNAP_COMMIT:
+	case QSM_S_SNAP_FREE:
+		return qsm_snap_step(req);
 	/* Waiting states: the event comes from whoever we wait on. */
 	case QSM_S_FROZEN:
 	case QSM_S_L2_LOAD:
@@ -308,7 +329,10 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	if (req->queued || req->io_busy || req->io_pending || req->work_waiting ||
 	    req->cz_pending || req->done > req->bytes || (m == QSM_M_WRITEBACK) != !!req->wb)
 		return false;
+	/* (HELD's step puts it to sleep: not yet on entry.) */
 	if (req->waiting != (req->state == QSM_S_FROZEN || req->state == QSM_S_ALLOC_WAIT))
+		return false;
+	if ((m == QSM_M_SNAPSHOT) != !!req->snap || (req->snap && img->snap_req != req))
 		return false;
 	if (run->cbuf && req->state != QSM_S_DECOMPRESS)
 		return false;
@@ -318,6 +342,23 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	switch (req->state) {
 	case QSM_S_START:
 		return req->done == 0 && run_unheld(run);
+	case QSM_S_HELD: /* not started: nothing looked up, nothing counted */
+		return req->done == 0 && run_unheld(run) && !req->counted && !req->wt_counted &&
+		       !img->raw;
+	/* A snapshot operation: the only one (img->snap_req); holds no L2
+	 * table between steps, and after the drain what it waits for is
+	 * over (sm/snapops.c invariant 12). */
+	case QSM_S_SNAP_DRAIN:
+		return m == QSM_M_SNAPSHOT && run_unheld(run);
+	case QSM_S_SNAP_NEXT:
+	case QSM_S_SNAP_L1_LOAD:
+	case QSM_S_SNAP_L1_WRITE:
+	case QSM_S_SNAP_REFS:
+	case QSM_S_SNAP_COPIED:
+	case QSM_S_SNAP_TABLE:
+	case QSM_S_SNAP_COMMIT:
+	case QSM_S_SNAP_FREE:
+		return m == QSM_M_SNAPSHOT && run_unheld(run) && qsm_snap_drained(img);
 	/* Lookup. */
 	case QSM_S_L1_LOOKUP: /* run_init sets up the next run */
 		return !img->raw && req->done < req->bytes && run_unheld(run) && !run->joined;
@@ -409,7 +450,8 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 		return wr && run_ok(req) && run_unheld(run) &&
 		       !run->alloc_linked && !run->joined && req->free_waits > 0;
 	case QSM_S_DURABLE_WAIT: /* a close waits for its full batch here too */
-		return (wr || m == QSM_M_FLUSH || m == QSM_M_CLOSE) && req->done == req->bytes &&
+		return (wr || m == QSM_M_FLUSH || m == QSM_M_CLOSE || m == QSM_M_SNAPSHOT) &&
+		       req->done == req->bytes &&
 		       run_unheld(run) && !run->joined;
 	/* The write-back batch. */
 	case QSM_S_WB_COLLECT: /* a full batch's later rounds keep their waiters */
@@ -454,7 +496,7 @@ static bool waits_on_other(enum qsm_state s)
 {
 	return s == QSM_S_FROZEN || s == QSM_S_ALLOC_WAIT || s == QSM_S_JOIN_WRITE ||
 	       s == QSM_S_JOIN_WAIT || s == QSM_S_DURABLE_WAIT || s == QSM_S_FREE_WAIT ||
-	       s == QSM_S_L2_LOAD ||
+	       s == QSM_S_L2_LOAD || s == QSM_S_HELD || s == QSM_S_SNAP_DRAIN ||
 	       s == QSM_S_REFBLOCK_LOAD;
 }
 
@@ -536,6 +578,15 @@ static void req_unlink(struct qsm_req *req)
 	if (req->all_next)
 		req->all_next->all_prev = req->all_prev;
 	img->in_flight--;
+	if (req->counted) {
+		req->counted = false;
+		img->active--;
+		if (req->counted_writer)
+			img->writers--;
+		req->counted_writer = false;
+		if (img->snap_req)
+			qsm_snap_wake(img); /* a snapshot may be waiting for this one */
+	}
 	if (img->close_req && req != img->close_req)
 		qsm_close_wake(img); /* a close may be waiting for this one */
 }
@@ -546,6 +597,8 @@ static void req_unlink(struct qsm_req *req)
 void qsm_req_forget(struct qsm_req *req)
 {
 	req->wt_counted = false;
+	if (req->snap)
+		qsm_snap_job_free(req);
 	req_unlink(req);
 	free(req->run.bounce);
 	free(req->run.cbuf);
@@ -748,8 +801,26 @@ static enum qsm_event raw_start(struct qsm_req *req)
 
 void qsm_sm_start(struct qsm_req *req)
 {
+	if (qsm_snap_holds(req->img, req)) {
+		qsm_sm_post(req, QSM_E_HOLD, 0); /* to HELD: qsm_sm_begin when it is over */
+		return;
+	}
+	qsm_sm_begin(req);
+}
+
+void qsm_sm_begin(struct qsm_req *req)
+{
 	enum qsm_event ev = QSM_E_BEGIN;
-	bool internal = req->machine == QSM_M_WRITEBACK || req->machine == QSM_M_CLOSE;
+	bool internal = req->machine == QSM_M_WRITEBACK || req->machine == QSM_M_CLOSE ||
+			req->machine == QSM_M_SNAPSHOT;
+	if (!internal) {
+		req->counted = true;
+		req->img->active++;
+		if (qsm_snap_writer(req->img, req)) {
+			req->counted_writer = true;
+			req->img->writers++;
+		}
+	}
 	if (req->bytes == 0 && !internal)
 		ev = QSM_E_NOTHING_TO_DO;
 	if (req->machine == QSM_M_FLUSH)

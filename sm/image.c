@@ -791,7 +791,7 @@ static int open_backing_named(struct qsm_image *img, const char *path,
 static int repair_dirty(struct qsm_io *io, const struct qsm_open_opts *opts,
 			struct qsm_check_result *res, char *err, size_t errlen)
 {
-	const unsigned fix = QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS;
+	const unsigned fix = QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS | QSM_CHECK_OPENING;
 	char *text = NULL;
 	size_t len = 0;
 	FILE *log = NULL;
@@ -1243,6 +1243,7 @@ void qsm_abandon(struct qsm_image *img)
 	 * a write-back batch (DURABLE_WAIT, FREE_WAIT) hold nothing else and
 	 * no batch will ever wake them: freed here, without callbacks. */
 	qsm_wb_forget_waiters(img);
+	qsm_snap_forget(img);
 	image_free(img, true);
 }
 

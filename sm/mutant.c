@@ -36,6 +36,14 @@
  *                       proves the fuzzer's "engine aborted" oracle, so it
  *                       needs assertions (the mutant build has them:
  *                       QSM_ASSERTS)
+ *   snap-copied-kept    sm/snapops.c: a snapshot create skips its COPIED pass,
+ *                       so the active tables still say "write in place" over
+ *                       clusters the snapshot now shares
+ *   snap-early-free     sm/snapops.c: a snapshot delete drops the snapshot's
+ *                       references (and frees its L1 copy) before it writes
+ *                       the table without it and commits the header, so its
+ *                       clusters can be handed out while the snapshot is
+ *                       still the one on disk
  */
 #include <errno.h>
 #include <string.h>

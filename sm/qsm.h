@@ -394,28 +394,65 @@ QSM_EXPORT int qsm_snapshot_get(struct qsm_image *img, unsigned index,
 /*
  * Take, apply and delete snapshots (qemu-img snapshot -c / -a / -d), as
  * QEMU does them and in qemu-img's words on failure (err, when non-NULL).
- * Blocking, like qsm_truncate: nothing may be in flight (-EBUSY; the
- * caller drains first), and nothing else runs on the image until the call
- * returns; the write-back runs first.  Not yet live: a hypervisor pauses
- * its requests around the call.
  *  - create: a new snapshot of the disk as it is now, named `name` (names
  *    need not be unique, "" is one), with the next free numeric id, the
- *    wall clock date, no VM state, icount 0 (as qemu-img records them); -EFBIG past 65536 snapshots or a 64 MiB table,
- *    -ERANGE when a refcount would overflow (refcount_bits too narrow,
- *    e.g. 1: nothing changed then).
+ *    wall clock date, icount 0 (as qemu-img records them), and the VM
+ *    state size and clock of opts (NULL: none, as qemu-img); -EFBIG past
+ *    65536 snapshots or a 64 MiB table, -ERANGE when a refcount would
+ *    overflow (refcount_bits too narrow, e.g. 1: nothing changed then).
  *  - apply: the disk becomes the snapshot's, its virtual size too (QEMU
  *    7.2 resizes the image to the snapshot's disk size); what only the old
  *    state referenced is freed.
  *  - delete: the snapshot is gone and what only it referenced is freed.
  *  - apply finds `id_or_name` by id first, then by name; delete finds
  *    `name` by name only (qemu-img's rules; -ENOENT, in its words).
+ *
+ * Live.  The _async forms may be called while requests are in flight and
+ * return at once: 0 (cb runs from the loop when the operation is over,
+ * never from inside the call; err, which must stay valid until then, holds
+ * the message of a failure) or a refusal (-errno, err set, cb not called):
+ * -EBUSY while another snapshot operation runs (one at a time), -ESHUTDOWN
+ * once the image is closing, and the refusals below.  What is held, and for
+ * how long:
+ *  - create and delete: requests that may change the mapping or refcounts
+ *    (writes, write-zeroes, discards, compressed writes, and reads when
+ *    copy-on-read is on) submitted after the call wait, not started, until
+ *    the operation is over; it first waits for those already started to
+ *    complete (their L2 updates done), then runs: one write-back batch, the
+ *    refcount and COPIED passes (one L2 table at a time, through the L2
+ *    cache), the new snapshot table, the header (each step made durable
+ *    before the next, four to five batches in all).  Reads, block status
+ *    and flushes keep running all along.  A create is a snapshot of the
+ *    disk with every write completed before the call and none submitted
+ *    after it.
+ *  - apply: every request submitted after the call waits, and the apply
+ *    waits for every one already started: the disk changes under them.
+ * The held requests then start in the order they were submitted (writes
+ * fail with -EIO if the operation failed part way, see below).  Closing
+ * the image waits for the operation.  The blocking forms submit the
+ * operation and run the image's loop until it is over: they must not be
+ * called from a qsm callback (-EDEADLK).
+ *
  * Crash safety (sm/snapops.c): a crash at any write leaves the image as
  * before or as after the call, up to leaked clusters and COPIED flags that
  * a repair mends; on v3 the dirty bit is set for the duration, so the next
- * read-write open (QEMU's or qsm's) repairs it.  In the sticky error
- * states: -ENOMEDIUM once corrupt, -EIO after a failed metadata write (a
- * failure in the middle of an operation enters that state too).
+ * read-write open (QEMU's or qsm's) repairs it.  Refused: raw images
+ * (-ENOTSUP), read-only ones (-EBADF); in the sticky error states,
+ * -ENOMEDIUM once corrupt, -EIO after a failed metadata write (a failure in
+ * the middle of an operation enters that state too).
  */
+struct qsm_snapshot_opts {
+	size_t struct_size;       /* sizeof(struct qsm_snapshot_opts): see "ABI" above */
+	uint64_t vm_state_size;   /* bytes of VM state kept with the snapshot (0: none) */
+	uint64_t vm_clock_nsec;   /* the guest clock when taken */
+};
+QSM_EXPORT int qsm_snapshot_create_async(struct qsm_image *img, const char *name,
+					 const struct qsm_snapshot_opts *opts, char *err,
+					 size_t errlen, qsm_cb cb, void *opaque);
+QSM_EXPORT int qsm_snapshot_apply_async(struct qsm_image *img, const char *id_or_name,
+					char *err, size_t errlen, qsm_cb cb, void *opaque);
+QSM_EXPORT int qsm_snapshot_delete_async(struct qsm_image *img, const char *name, char *err,
+					 size_t errlen, qsm_cb cb, void *opaque);
 QSM_EXPORT int qsm_snapshot_create(struct qsm_image *img, const char *name, char *err,
 				   size_t errlen);
 QSM_EXPORT int qsm_snapshot_apply(struct qsm_image *img, const char *id_or_name, char *err,

@@ -235,6 +235,12 @@ struct qsm_req {
 
 	/* WRITEBACK machine only. */
 	struct qsm_wb *wb;
+	/* SNAPSHOT machine only: the operation (sm/snapops.c). */
+	struct qsm_snapjob *snap;
+	/* Counted in img->active (and img->writers for the kinds a create or
+	 * delete holds back) from its start to its completion; never while
+	 * HELD. */
+	bool counted, counted_writer;
 
 	struct qsm_req *all_next, *all_prev; /* image's list of live requests */
 };
@@ -265,8 +271,8 @@ struct qsm_image {
 	struct event_base *base;
 	struct qsm_io *io;
 	struct qcow2_header hdr;  /* raw: only size is set (the file's size) */
-	/* The snapshot table as read and validated at open (raw: empty); the
-	 * library does not change it (qsm_snapshot_get lists it). */
+	/* The snapshot table as read and validated at open (raw: empty), then
+	 * as the snapshot operations change it (qsm_snapshot_get lists it). */
 	struct qcow2_snapshot_table snaps;
 	/* A raw image: no metadata at all, guest offset = file offset.  Requests
 	 * take the RAW edges (sm/states.def); rc, l1 and l2c stay empty. */
@@ -394,6 +400,14 @@ struct qsm_image {
 	struct qsm_req *all;      /* live requests */
 	uint64_t next_id;
 	uint64_t in_flight;
+	/* A snapshot operation (sm/snapops.c): its request (machine SNAPSHOT)
+	 * from submit to DONE, at most one; the requests it holds back (HELD),
+	 * released when it is over; the started guest requests (active) and
+	 * among them those a create or delete waits for (writers). */
+	struct qsm_req *snap_req;
+	struct qsm_wait *held;
+	uint64_t nb_held;
+	uint64_t active, writers;
 
 	uint8_t *zero_buf;        /* cluster_size zeros, shared */
 
@@ -423,6 +437,8 @@ void qsm_sm_drain(struct qsm_image *img);
 /* New request (zeroed, linked, with iov_cap scratch iovecs); NULL on ENOMEM. */
 struct qsm_req *qsm_req_new(struct qsm_image *img, enum qsm_machine m, int iov_cap);
 void qsm_sm_start(struct qsm_req *req);
+/* qsm_sm_start past the snapshot hold: also how a HELD request leaves. */
+void qsm_sm_begin(struct qsm_req *req);
 /* Wake every waiter of a list with WAKE (or `ev`). */
 void qsm_wake_all(struct qsm_wait **list, enum qsm_event ev, int ret);
 /* Print every live request and its state (for gdb and failing tests). */
@@ -497,6 +513,34 @@ void qsm_wb_release_held(struct qsm_image *img);
  * zeros (zero: a ZEROES request, iov unused).  0 or -errno (cb not called). */
 int qsm_cor_fill(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
 		 uint64_t len, bool zero, qsm_cb cb, void *opaque);
+
+/* --- sm/sync.c ----------------------------------------------------------- */
+/* The blocking calls: submit with qsm_sync_cb and &w, then qsm_sync_run
+ * runs the image's loop until the callback has run (not from inside a
+ * callback of that loop).  `submitted`: the submit's return (< 0: it). */
+struct qsm_sync_wait {
+	bool done;
+	int ret;
+};
+void qsm_sync_cb(void *opaque, int ret);
+int qsm_sync_run(struct qsm_image *img, int submitted, struct qsm_sync_wait *w);
+
+/* --- sm/snapops.c -------------------------------------------------------- */
+/* Step functions of the SNAPSHOT machine. */
+enum qsm_event qsm_snap_step(struct qsm_req *req);
+/* Does a snapshot operation hold req (in START) back?  Then it goes to HELD. */
+bool qsm_snap_holds(const struct qsm_image *img, const struct qsm_req *req);
+/* A request left the image or stopped counting: wake the operation waiting
+ * in SNAP_DRAIN when what it waits for is over. */
+void qsm_snap_wake(struct qsm_image *img);
+/* Is req one a create or delete waits for (counted in img->writers)? */
+bool qsm_snap_writer(const struct qsm_image *img, const struct qsm_req *req);
+/* qsm_abandon: the held requests go with the "process" (memory only, no
+ * callbacks), as qsm_req_forget; and a forgotten SNAPSHOT request's job. */
+void qsm_snap_forget(struct qsm_image *img);
+void qsm_snap_job_free(struct qsm_req *req);
+/* Is what the running operation waits for over (img->snap_req set)? */
+bool qsm_snap_drained(const struct qsm_image *img);
 
 /* --- sm/image.c ---------------------------------------------------------- */
 /* Step functions of the CLOSE machine. */
@@ -601,7 +645,11 @@ int qsm_image_work(struct qsm_image *img, struct qsm_work_pool **out);
 	X(EARLY_ACK, "early-ack",                                                    \
 	  "group commit acknowledges a request only after the sync that makes it durable") \
 	X(HOLD_L2_WAITING, "hold-l2-waiting",                                        \
-	  "a request waiting for another's allocation holds no L2 table (the cache cannot deadlock)")
+	  "a request waiting for another's allocation holds no L2 table (the cache cannot deadlock)") \
+	X(SNAP_COPIED_KEPT, "snap-copied-kept",                                      \
+	  "a snapshot create clears COPIED where the refcount becomes 2 (shared clusters are copied on write)") \
+	X(SNAP_EARLY_FREE, "snap-early-free",                                        \
+	  "a snapshot delete drops the snapshot's references only after the table without it is durable")
 
 #ifdef QSM_MUTANTS
 enum qsm_mutant {

@@ -15,19 +15,14 @@
 
 #include "sm/sm.h"
 
-struct sync_wait {
-	bool done;
-	int ret;
-};
-
-static void sync_cb(void *opaque, int ret)
+void qsm_sync_cb(void *opaque, int ret)
 {
-	struct sync_wait *w = opaque;
+	struct qsm_sync_wait *w = opaque;
 	w->ret = ret;
 	w->done = true;
 }
 
-static int sync_run(struct qsm_image *img, int submitted, struct sync_wait *w)
+int qsm_sync_run(struct qsm_image *img, int submitted, struct qsm_sync_wait *w)
 {
 	if (submitted < 0)
 		return submitted;
@@ -38,45 +33,45 @@ static int sync_run(struct qsm_image *img, int submitted, struct sync_wait *w)
 
 int qsm_sync_pread(struct qsm_image *img, void *buf, size_t len, uint64_t offset)
 {
-	struct sync_wait w = { 0 };
+	struct qsm_sync_wait w = { 0 };
 	struct iovec iov = { buf, len };
-	return sync_run(img, qsm_readv(img, offset, &iov, 1, sync_cb, &w), &w);
+	return qsm_sync_run(img, qsm_readv(img, offset, &iov, 1, qsm_sync_cb, &w), &w);
 }
 
 int qsm_sync_pwrite(struct qsm_image *img, const void *buf, size_t len, uint64_t offset)
 {
-	struct sync_wait w = { 0 };
+	struct qsm_sync_wait w = { 0 };
 	struct iovec iov = { (void *)buf, len };
-	return sync_run(img, qsm_writev(img, offset, &iov, 1, sync_cb, &w), &w);
+	return qsm_sync_run(img, qsm_writev(img, offset, &iov, 1, qsm_sync_cb, &w), &w);
 }
 
 int qsm_sync_write_compressed(struct qsm_image *img, const void *buf, size_t len,
 			      uint64_t offset)
 {
-	struct sync_wait w = { 0 };
+	struct qsm_sync_wait w = { 0 };
 	struct iovec iov = { (void *)buf, len };
-	return sync_run(img, qsm_write_compressed(img, offset, &iov, 1, sync_cb, &w), &w);
+	return qsm_sync_run(img, qsm_write_compressed(img, offset, &iov, 1, qsm_sync_cb, &w), &w);
 }
 
 int qsm_sync_writeback(struct qsm_image *img)
 {
-	struct sync_wait w = { 0 };
+	struct qsm_sync_wait w = { 0 };
 	if (img->closing)
 		return -ESHUTDOWN;
 	struct qsm_req *req = qsm_req_new(img, QSM_M_FLUSH, 0);
 	if (!req)
 		return -ENOMEM;
 	req->flags = QSM_REQ_FULL_WRITEBACK;
-	req->cb = sync_cb;
+	req->cb = qsm_sync_cb;
 	req->opaque = &w;
 	qsm_sm_start(req);
-	return sync_run(img, 0, &w);
+	return qsm_sync_run(img, 0, &w);
 }
 
 int qsm_close(struct qsm_image *img)
 {
 	struct event_base *base = img->base;
-	struct sync_wait w = { 0 };
+	struct qsm_sync_wait w = { 0 };
 	/* From inside a completion callback (they all run from the image's
 	 * run queue, img->draining, or its backing image's for the VM-state
 	 * reads of sm/vmstate.c), running the loop again would nest (libevent
@@ -84,7 +79,7 @@ int qsm_close(struct qsm_image *img)
 	for (struct qsm_image *i = img; i; i = i->backing)
 		if (i->draining)
 			return -EDEADLK;
-	int ret = qsm_close_async(img, sync_cb, &w);
+	int ret = qsm_close_async(img, qsm_sync_cb, &w);
 	if (ret < 0)
 		return ret;
 	while (!w.done) { /* img is freed before the callback runs */
@@ -101,27 +96,27 @@ int qsm_close(struct qsm_image *img)
 
 int qsm_sync_flush(struct qsm_image *img)
 {
-	struct sync_wait w = { 0 };
-	return sync_run(img, qsm_flush(img, sync_cb, &w), &w);
+	struct qsm_sync_wait w = { 0 };
+	return qsm_sync_run(img, qsm_flush(img, qsm_sync_cb, &w), &w);
 }
 
 int qsm_sync_discard(struct qsm_image *img, uint64_t offset, uint64_t bytes)
 {
-	struct sync_wait w = { 0 };
-	return sync_run(img, qsm_discard(img, offset, bytes, sync_cb, &w), &w);
+	struct qsm_sync_wait w = { 0 };
+	return qsm_sync_run(img, qsm_discard(img, offset, bytes, qsm_sync_cb, &w), &w);
 }
 
 int qsm_sync_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t bytes, unsigned flags)
 {
-	struct sync_wait w = { 0 };
-	return sync_run(img, qsm_write_zeroes(img, offset, bytes, flags, sync_cb, &w), &w);
+	struct qsm_sync_wait w = { 0 };
+	return qsm_sync_run(img, qsm_write_zeroes(img, offset, bytes, flags, qsm_sync_cb, &w), &w);
 }
 
 int qsm_sync_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes,
 			  struct qsm_extent *out)
 {
-	struct sync_wait w = { 0 };
-	return sync_run(img, qsm_block_status(img, offset, bytes, out, sync_cb, &w), &w);
+	struct qsm_sync_wait w = { 0 };
+	return qsm_sync_run(img, qsm_block_status(img, offset, bytes, out, qsm_sync_cb, &w), &w);
 }
 
 int qsm_prealloc_parse(const char *s, enum qsm_prealloc *out)

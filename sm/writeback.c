@@ -853,8 +853,10 @@ static void job_done(struct qsm_req *job, int ret)
 		qsm_wake_all(&wb->waiters, QSM_E_WB_DONE, 0);
 	}
 	/* A closing image's full batch is its close's: no batch after it
-	 * (the close goes on to truncate and release the io handle). */
-	if (wb->full && img->closing)
+	 * (the close goes on to truncate and release the io handle).  Until
+	 * a snapshot operation the close waits for is over, its batches are
+	 * the operation's. */
+	if (wb->full && img->closing && !img->snap_req)
 		img->wb_closed = true;
 	wb_free(wb);
 	job->wb = NULL;

@@ -132,6 +132,19 @@ static void to_image_check(const struct qsm_check_result *r, struct image_check 
 	c->compressed = r->compressed_clusters;
 }
 
+/* What qemu-img reports through error_report() before a check stops: the
+ * first line under the program's name, QEMU's hint lines as they are. */
+static void print_report(const char *report)
+{
+	const char *nl = strchr(report, '\n');
+
+	if (!report[0])
+		return;
+	cli_error("check", "%.*s", nl ? (int)(nl - report) : (int)strlen(report), report);
+	if (nl)
+		fprintf(stderr, "%s\n", nl + 1);
+}
+
 int cmd_check(int argc, char **argv)
 {
 	enum { OPT_OUTPUT = 256 };
@@ -235,6 +248,7 @@ int cmd_check(int argc, char **argv)
 		to_image_check(&res, &ic);
 	}
 	if (res.incomplete) {
+		print_report(res.report);
 		cli_error("check", "Check failed: %s", strerror(-(res.error ? res.error : -EIO)));
 		ret = 1;
 		goto out;

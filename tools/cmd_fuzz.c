@@ -49,6 +49,8 @@ static void usage(FILE *f)
 		"  --fault-event EV    only at this event (l1_update, l2_load, ..., see --list-events)\n"
 		"  --list-events       list the named events faults can target\n"
 		"  --lazy-refcounts    images with lazy refcounts (default: one in three)\n"
+		"  --snapshots         live snapshot creates and deletes among the requests\n"
+		"                      (v3 images); each snapshot's disk is judged\n"
 		"  -t, --cache MODE    writeback|none|writethrough|directsync|unsafe (default: drawn)\n"
 		"  --cluster-size N    cluster size (default: drawn, 512 B to 64 KiB)\n"
 		"  --backing | --no-backing    always / never a backing file (default: one in three)\n"
@@ -178,7 +180,8 @@ static int run_case(struct fz_env *env, const struct fz_case *c, bool qemu_check
 
 /*
  * The crash points of a run whose dry run (*res) passed: o->points of them
- * drawn from g, half right after a metadata write or a sync, where ordering
+ * drawn from g, two in three during a snapshot operation when the run has
+ * them, else half right after a metadata write or a sync, where ordering
  * bugs show; at the first point with at most three unflushed writes, every
  * subset of them too.  Stops at the first failure, leaving the failing
  * crash point in c and its verdict in *res.  -1 when a run cannot be set up.
@@ -187,13 +190,19 @@ static int explore_crashes(struct fz_env *env, const struct fuzz_opts *o, struct
 			   struct qsm_rng *g, bool qc, struct fz_totals *t, struct fz_result *res)
 {
 	uint64_t n = res->completions;
-	unsigned n_meta = res->n_meta;
-	uint64_t meta_at[QSM_ARRAY_SIZE(res->meta_at)];
+	unsigned n_meta = res->n_meta, n_snap = res->n_snap;
+	uint64_t meta_at[QSM_ARRAY_SIZE(res->meta_at)], snap_at[QSM_ARRAY_SIZE(res->snap_at)];
 	memcpy(meta_at, res->meta_at, sizeof(meta_at));
+	memcpy(snap_at, res->snap_at, sizeof(snap_at));
 	bool subsets_done = false;
 
 	for (unsigned p = 0; p < o->points && n && res->ok; p++) {
-		if (n_meta && qsm_rng_below(g, 2))
+		/* With snapshot operations, mostly in the middle of one: each
+		 * of their I/Os is a point where the image must be before or
+		 * after it. */
+		if (n_snap && qsm_rng_below(g, 3))
+			c->crash_at = snap_at[qsm_rng_below(g, n_snap)];
+		else if (n_meta && qsm_rng_below(g, 2))
 			c->crash_at = meta_at[qsm_rng_below(g, n_meta)];
 		else
 			c->crash_at = 1 + qsm_rng_below(g, n);
@@ -321,7 +330,7 @@ int cmd_fuzz(int argc, char **argv)
 {
 	enum { O_SEED = 256, O_RUNS, O_TIME, O_OPS, O_DEPTH, O_CRASH, O_POINTS, O_FAULTS, O_LAZY,
 	       O_CLUSTER, O_BACKING, O_NO_BACKING, O_COMPRESSED, O_QEMU, O_OUT, O_SHRINK, O_KEEP,
-	       O_REPLAY, O_MUTANT, O_LIST, O_FAULT_EVENT, O_LIST_EVENTS, O_SCHEDULE };
+	       O_REPLAY, O_MUTANT, O_LIST, O_FAULT_EVENT, O_LIST_EVENTS, O_SCHEDULE, O_SNAPSHOTS };
 	static const struct option longopts[] = {
 		{ "seed", required_argument, NULL, O_SEED },
 		{ "runs", required_argument, NULL, O_RUNS },
@@ -332,6 +341,7 @@ int cmd_fuzz(int argc, char **argv)
 		{ "points", required_argument, NULL, O_POINTS },
 		{ "faults", no_argument, NULL, O_FAULTS },
 		{ "lazy-refcounts", no_argument, NULL, O_LAZY },
+		{ "snapshots", no_argument, NULL, O_SNAPSHOTS },
 		{ "cache", required_argument, NULL, 't' },
 		{ "cluster-size", required_argument, NULL, O_CLUSTER },
 		{ "backing", no_argument, NULL, O_BACKING },
@@ -398,6 +408,7 @@ int cmd_fuzz(int argc, char **argv)
 			break;
 		case O_FAULTS: o.gen.faults = true; break;
 		case O_LAZY: o.gen.lazy = 1; break;
+		case O_SNAPSHOTS: o.gen.snapshots = true; break;
 		case 't': {
 			enum qsm_cache_mode m;
 			if (qsm_cache_mode_parse(optarg, &m) < 0) {

@@ -165,6 +165,38 @@ static void gen_ops(struct fz_case *c, struct qsm_rng *g, int nops, unsigned max
 	}
 }
 
+/*
+ * --snapshots: some requests become live snapshot creates (about 1 in 16)
+ * and deletes of an earlier one (1 in 24), in flight among the others.  A
+ * v3 image: a snapshot operation holds the dirty bit, so a crash in the
+ * middle of one is repaired on open (on v2, QEMU's image and ours alike, a
+ * crash can leave COPIED flags that only check -r all mends).  The tags
+ * are the ops' indices when drawn (unique, stable while shrinking).
+ */
+static void gen_snapshots(struct fz_case *c, struct qsm_rng *g)
+{
+	c->compat = 3;
+	for (int i = 0; i + 1 < c->nops; i++) {
+		struct wl_op *o = &c->ops[i];
+		uint64_t k = qsm_rng_below(g, 48);
+		int live[64], nlive = 0; /* creates before i not deleted yet */
+		for (int j = 0; j < i && nlive < 64; j++) {
+			if (c->ops[j].kind == WL_SNAPSHOT)
+				live[nlive++] = j;
+			else if (c->ops[j].kind == WL_SNAPSHOT_DELETE)
+				for (int l = 0; l < nlive; l++)
+					if (c->ops[live[l]].off == c->ops[j].off)
+						live[l--] = live[--nlive];
+		}
+		if (k < 3) {
+			*o = (struct wl_op){ .kind = WL_SNAPSHOT, .off = (uint64_t)i + 1 };
+		} else if (k < 5 && nlive) {
+			int pick = live[qsm_rng_below(g, (uint64_t)nlive)];
+			*o = (struct wl_op){ .kind = WL_SNAPSHOT_DELETE, .off = c->ops[pick].off };
+		}
+	}
+}
+
 void fz_case_generate(struct fz_case *c, uint64_t seed, const struct fz_gen *gen,
 		      bool have_qemu_img)
 {
@@ -216,6 +248,8 @@ void fz_case_generate(struct fz_case *c, uint64_t seed, const struct fz_gen *gen
 	c->keyed = !gen->prng_schedule;
 	unsigned max_clusters = qsm_rng_below(&g, 4) == 0 ? 48 : 5;
 	gen_ops(c, &g, QSM_MAX(nops, 2), max_clusters);
+	if (gen->snapshots)
+		gen_snapshots(c, &g);
 }
 
 void fz_case_free(struct fz_case *c)
@@ -494,6 +528,8 @@ static void io_trace_cb(void *opaque, const struct qsm_io_req *req, bool done, i
 	if (r->res && r->res->n_meta < QSM_ARRAY_SIZE(r->res->meta_at) &&
 	    (is_meta_event(req->event) || req->op == QSM_IO_FLUSH))
 		r->res->meta_at[r->res->n_meta++] = r->completions;
+	if (r->res && r->w.snap_pending && r->res->n_snap < QSM_ARRAY_SIZE(r->res->snap_at))
+		r->res->snap_at[r->res->n_snap++] = r->completions;
 	if (r->completions == r->c->crash_at)
 		do_crash(r);
 }
@@ -653,6 +689,95 @@ static int read_all(struct run *r, bool read_only, uint8_t *disk, struct qsm_ima
 	return ret;
 }
 
+/* The disk of the snapshot `name` (read-only, as found): 1, 0 when the
+ * image has no such snapshot, or -errno with msg. */
+static int read_snapshot(struct run *r, const char *name, uint8_t *disk, char *msg, size_t msglen)
+{
+	struct event_base *b = event_base_new();
+	struct qsm_io *io;
+	struct qsm_image *img;
+	char err[256] = "";
+	struct qsm_open_opts oo = open_opts(r, true);
+	oo.snapshot_name = name;
+	int ret = qsm_io_open_sim(b, r->sim, QSM_IO_RDONLY, &io);
+	if (ret == 0)
+		ret = qsm_open_io(b, io, &oo, &img, err, sizeof(err));
+	if (ret == -ENOENT) {
+		event_base_free(b);
+		return 0;
+	}
+	if (ret < 0) {
+		snprintf(msg, msglen, "opening snapshot %s fails: %s (%s)", name, qsm_strerror(ret), err);
+		event_base_free(b);
+		return ret;
+	}
+	/* The snapshot's disk size is the image's (no resize in a run). */
+	ret = qsm_sync_pread(img, disk, r->c->size, 0);
+	if (ret < 0)
+		snprintf(msg, msglen, "reading snapshot %s fails: %s (%s)", name, qsm_strerror(ret),
+			 qsm_image_error(img));
+	qsm_close(img);
+	event_base_free(b);
+	return ret < 0 ? ret : 1;
+}
+
+/*
+ * --snapshots: every snapshot a create of the run may have made, in the
+ * image as found.  Present: its disk is the one the create took
+ * (wl_check_snapshot), whether the create completed or the crash came
+ * after its commit.  A create that succeeded (and no delete of it was
+ * submitted) left one for sure, a delete that succeeded took it away, both
+ * durable before their callbacks (a full write-back each): unless
+ * cache=unsafe, where nothing is.
+ */
+static bool judge_snapshots(struct run *r, uint8_t *disk, char *why, size_t whylen)
+{
+	const struct fz_case *c = r->c;
+	char name[32], msg[600];
+	for (int i = 0; i < c->nops; i++) {
+		const struct wl_op *o = &c->ops[i];
+		const struct wl_state *s = &r->w.st[i];
+		if (o->kind != WL_SNAPSHOT || !s->submitted)
+			continue;
+		bool del_sub = false, del_ok = false;
+		for (int k = i + 1; k < c->nops; k++)
+			if (c->ops[k].kind == WL_SNAPSHOT_DELETE && c->ops[k].off == o->off &&
+			    r->w.st[k].submitted && r->w.st[k].ret != -ECANCELED) {
+				del_sub = true;
+				del_ok |= r->w.st[k].t_done != WL_NEVER && r->w.st[k].ret == 0;
+			}
+		bool sure = c->cache != QSM_CACHE_UNSAFE;
+		bool made = s->t_done != WL_NEVER && s->ret == 0;
+		int ret = read_snapshot(r, wl_snapshot_name(o->off, name, sizeof(name)), disk, msg,
+					sizeof(msg));
+		if (ret < 0) {
+			snprintf(why, whylen, "%s", msg);
+			return false;
+		}
+		if (ret == 0 && made && !del_sub && sure) {
+			snprintf(why, whylen, "snapshot %s (op %d) succeeded and is missing", name, i);
+			return false;
+		}
+		if (ret == 1 && del_ok && sure) {
+			snprintf(why, whylen, "snapshot %s (op %d) was deleted and is still there", name, i);
+			return false;
+		}
+		if (ret == 1 && !wl_check_snapshot(&r->w, i, disk, msg, sizeof(msg))) {
+			snprintf(why, whylen, "%s (snapshot %s)", msg, name);
+			return false;
+		}
+	}
+	return true;
+}
+
+static bool has_snapshot_ops(const struct fz_case *c)
+{
+	for (int i = 0; i < c->nops; i++)
+		if (wl_is_snapshot(c->ops[i].kind))
+			return true;
+	return false;
+}
+
 static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check_it, bool trace,
 		    struct fz_result *res)
 {
@@ -747,9 +872,9 @@ static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check
 	else if (plain && orc != 0)
 		FAIL("after a clean close, the check finds %" PRIu64 " corruptions and %" PRIu64
 		     " leaks", cr.corruptions, cr.leaks);
-	else if (orc == 2 && !(c->lazy && dirty))
+	else if (orc == 2 && !((c->lazy || has_snapshot_ops(c)) && dirty))
 		FAIL("the %s image has %" PRIu64 " corruptions%s", after_crash ? "crash" : "final",
-		     cr.corruptions, c->lazy ? " and the dirty bit is clear" : "");
+		     cr.corruptions, c->lazy || has_snapshot_ops(c) ? " and the dirty bit is clear" : "");
 	else if (orc != 0 && orc != 2 && orc != 3)
 		FAIL("the structural check exits %d on the %s image", orc,
 		     after_crash ? "crash" : "final");
@@ -769,6 +894,8 @@ static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check
 		else if (!wl_check_durable(&r.w, disk, msg, sizeof(msg)))
 			FAIL("durability (the dirty image read-only): %s", msg);
 	}
+	if (ok && !judge_snapshots(&r, disk, msg, sizeof(msg)))
+		FAIL("%s", msg);
 	/* It opens read-write (repairing when dirty) and holds what was
 	 * promised; then it takes a write, a flush and a close. */
 	if (ok) {
@@ -997,7 +1124,9 @@ bad:
 	}
 	for (int i = 0; i < c->nops; i++) {
 		const struct wl_op *o = &c->ops[i];
-		if (o->kind != WL_FLUSH && (o->off > c->size || o->len > c->size - o->off || !o->len)) {
+		if (wl_is_snapshot(o->kind) ? o->len != 0
+					    : o->kind != WL_FLUSH &&
+						      (o->off > c->size || o->len > c->size - o->off || !o->len)) {
 			qsm_set_err(err, errlen, "%s: op %d lies outside the %" PRIu64 "-byte disk", path,
 				    i, c->size);
 			fz_case_free(c);
@@ -1055,7 +1184,7 @@ static bool try_filter(struct fz_env *env, struct fz_case *c, unsigned *budget,
 		return false;
 	int n = 0;
 	for (int i = 0; i < t.nops; i++)
-		if (t.ops[i].kind == WL_FLUSH || keep(&t.ops[i], arg))
+		if (t.ops[i].kind == WL_FLUSH || wl_is_snapshot(t.ops[i].kind) || keep(&t.ops[i], arg))
 			t.ops[n++] = t.ops[i];
 	if (n == t.nops || n < 2) {
 		fz_case_free(&t);

@@ -93,6 +93,7 @@ struct fz_gen {
 	int compressed;           /* -1: drawn (needs qemu-img), 0 or 1 */
 	bool crash, faults;       /* which run kinds to mix in */
 	bool prng_schedule;       /* the sim's PRNG stream instead of keyed schedules */
+	bool snapshots;           /* live snapshot creates and deletes among the requests */
 };
 
 struct fz_totals {
@@ -127,6 +128,8 @@ struct fz_result {
 	uint64_t completions;     /* I/O completions that could be crash points */
 	uint64_t meta_at[256];    /* the first of them that wrote metadata or synced */
 	unsigned n_meta;
+	uint64_t snap_at[256];    /* the first of them while a snapshot operation ran */
+	unsigned n_snap;
 	bool crashed;
 	uint64_t unflushed;       /* completed writes not durable when it crashed */
 	uint64_t faults_fired, torn;

@@ -24,11 +24,17 @@
 #include "tools/workload.h"
 
 static const char *const kind_names[WL__KINDS] = { "write", "read", "zero", "discard", "flush",
-						    "compressed" };
+						    "compressed", "snapshot", "snapshot-delete" };
 
 const char *wl_kind_name(enum wl_kind k)
 {
 	return k < WL__KINDS ? kind_names[k] : "?";
+}
+
+const char *wl_snapshot_name(uint64_t tag, char *buf, size_t len)
+{
+	snprintf(buf, len, "wl%" PRIu64, tag);
+	return buf;
 }
 
 uint8_t wl_pattern(int id, uint64_t x)
@@ -258,9 +264,12 @@ static void op_cb(void *opaque, int ret)
 		return; /* after the crash: the guest never heard of it */
 	s->ret = ret;
 	s->t_done = ++w->clock;
+	if (wl_is_snapshot(o->kind))
+		w->snap_pending--;
 	if (ret)
-		wl_note_error(w, "op %d (%s %#" PRIx64 "+%" PRIu64 ") failed: %s", s->id,
-			  wl_kind_name(o->kind), o->off, o->len, qsm_strerror(ret));
+		wl_note_error(w, "op %d (%s %#" PRIx64 "+%" PRIu64 ") failed: %s%s%s", s->id,
+			  wl_kind_name(o->kind), o->off, o->len, qsm_strerror(ret),
+			  s->err[0] ? ": " : "", s->err);
 	if (o->kind == WL_READ && !ret)
 		check_read(w, s->id);
 	/* The sticky error: after a failed metadata write, later writes fail
@@ -298,8 +307,31 @@ static int submit(struct wl *w, struct qsm_image *img, int i)
 					op_cb, s);
 	case WL_DISCARD: return qsm_discard(img, o->off, o->len, op_cb, s);
 	case WL_COMPRESSED: return qsm_write_compressed(img, o->off, s->iov, s->iovcnt, op_cb, s);
+	case WL_SNAPSHOT:
+	case WL_SNAPSHOT_DELETE: {
+		char name[32];
+		int ret;
+		wl_snapshot_name(o->off, name, sizeof(name));
+		w->snap_pending++;
+		ret = o->kind == WL_SNAPSHOT
+			      ? qsm_snapshot_create_async(img, name, NULL, s->err, sizeof(s->err), op_cb, s)
+			      : qsm_snapshot_delete_async(img, name, s->err, sizeof(s->err), op_cb, s);
+		if (ret)
+			w->snap_pending--; /* refused: op_cb is called by the caller */
+		return ret;
+	}
 	default: return qsm_flush(img, op_cb, s);
 	}
+}
+
+/* Did an op before i take the snapshot WL_SNAPSHOT_DELETE op i names? */
+static bool snapshot_taken(const struct wl *w, int i)
+{
+	for (int k = 0; k < i; k++)
+		if (w->ops[k].kind == WL_SNAPSHOT && w->ops[k].off == w->ops[i].off &&
+		    w->st[k].t_done != WL_NEVER && w->st[k].ret == 0)
+			return true;
+	return false;
 }
 
 int wl_run(struct wl *w, struct qsm_image *img, int from, int to, int depth)
@@ -308,13 +340,28 @@ int wl_run(struct wl *w, struct qsm_image *img, int from, int to, int depth)
 	int next = from;
 	while (!w->stopped && (next < to || w->pending)) {
 		while (!w->stopped && next < to && w->pending < depth) {
+			/* One snapshot operation at a time: the next waits. */
+			if (wl_is_snapshot(w->ops[next].kind) && w->snap_pending)
+				break;
 			int i = next++;
+			if (w->ops[i].kind == WL_SNAPSHOT_DELETE && !snapshot_taken(w, i)) {
+				/* Its create failed or is gone (shrinking): nothing
+				 * to delete, the op is skipped. */
+				struct wl_state *s = &w->st[i];
+				s->submitted = true;
+				s->t_sub = ++w->clock;
+				s->t_done = ++w->clock;
+				s->ret = -ECANCELED;
+				continue;
+			}
 			int ret = submit(w, img, i);
 			if (ret) {
 				if (!w->p.faults && !w->meta_fail)
 					wl_violation(w, "submitting op %d (%s) fails: %s", i,
 						  wl_kind_name(w->ops[i].kind), qsm_strerror(ret));
 				/* Refused at submit: the same as a callback with ret. */
+				if (wl_is_snapshot(w->ops[i].kind))
+					w->snap_pending++; /* op_cb counts it off */
 				op_cb(&w->st[i], ret);
 			} else if (w->st[i].t_done != WL_NEVER) {
 				wl_violation(w, "op %d (%s) completed inside its submission", i,
@@ -418,7 +465,10 @@ bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t
 	uint64_t flush_sub = 0;
 	for (size_t i = 0; i < n; i++) {
 		const struct wl_state *s = &w->st[i];
-		if (ops[i].kind == WL_FLUSH && s->t_done != WL_NEVER && s->ret == 0)
+		/* A snapshot operation's full write-back syncs what completed
+		 * before it, as a flush does. */
+		if ((ops[i].kind == WL_FLUSH || wl_is_snapshot(ops[i].kind)) && s->t_done != WL_NEVER &&
+		    s->ret == 0)
 			flush_sub = QSM_MAX(flush_sub, s->t_sub);
 	}
 	bool *durable = calloc(n + 1, sizeof(bool));
@@ -510,6 +560,18 @@ bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t
 	free(bounds);
 	free(durable);
 	return ok;
+}
+
+bool wl_check_snapshot(const struct wl *w, int id, const uint8_t *snap, char *msg, size_t msglen)
+{
+	const struct wl_state *s = &w->st[id];
+	int64_t d = judge_read(w, 0, w->p.size, snap, s->t_done, s->t_sub, false);
+	if (d < 0)
+		return true;
+	snprintf(msg, msglen, "snapshot of op %d: byte %#" PRIx64 " reads %#x: neither the content "
+		 "before nor a write submitted before the create that could be the last there",
+		 id, (uint64_t)d, snap[d]);
+	return false;
 }
 
 /* --- races --------------------------------------------------------------------- */

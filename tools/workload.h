@@ -51,7 +51,14 @@
 struct qsm_sim;
 struct qsm_check_result;
 
-enum wl_kind { WL_WRITE, WL_READ, WL_ZERO, WL_DISCARD, WL_FLUSH, WL_COMPRESSED, WL__KINDS };
+/* WL_SNAPSHOT: a live internal snapshot, qsm_snapshot_create_async, named
+ * wl_snapshot_name(off) (off: a tag, unique in the list);
+ * WL_SNAPSHOT_DELETE: qsm_snapshot_delete_async of the snapshot with tag
+ * off (skipped, ret -ECANCELED, when no earlier op took it).  Both have len
+ * 0, and are submitted only when no other snapshot operation is pending
+ * (one runs at a time).  A snapshot's disk is judged by wl_check_snapshot. */
+enum wl_kind { WL_WRITE, WL_READ, WL_ZERO, WL_DISCARD, WL_FLUSH, WL_COMPRESSED, WL_SNAPSHOT,
+	       WL_SNAPSHOT_DELETE, WL__KINDS };
 
 /* wl_op.flags for write kinds: the data is of the other sort.  A plain
  * write's data is then compressible (runs of 64 equal bytes), a compressed
@@ -74,6 +81,13 @@ const char *wl_kind_name(enum wl_kind k);
 /* The pattern byte of `id` at guest offset x (ids of requests are their
  * index in the list; callers prefill with ids far above). */
 uint8_t wl_pattern(int id, uint64_t x);
+/* A snapshot operation (len 0, no data)? */
+static inline bool wl_is_snapshot(enum wl_kind k)
+{
+	return k == WL_SNAPSHOT || k == WL_SNAPSHOT_DELETE;
+}
+/* The name of the snapshot with tag `tag`, into buf. */
+const char *wl_snapshot_name(uint64_t tag, char *buf, size_t len);
 /* Does the request set data (write, compressed write, zero, discard)? */
 bool wl_writes(enum wl_kind k);
 /* The byte a write-like request `id` sets at x. */
@@ -92,6 +106,7 @@ struct wl_state {
 	bool submitted;
 	uint64_t t_sub, t_done;    /* logical clock; t_done WL_NEVER unless acknowledged */
 	int ret;
+	char err[160];             /* a snapshot operation's message */
 };
 
 struct wl_params {
@@ -119,6 +134,7 @@ struct wl {
 	uint64_t sync_at;          /* a clean close: what completed before is durable */
 	uint64_t clock;
 	int pending;
+	int snap_pending;          /* snapshot operations in flight (0 or 1) */
 	bool stopped;              /* set by a crash hook: the guest hears nothing more */
 	bool claim_all_durable;    /* oracle self-test: wrongly call every write durable */
 	uint64_t meta_fail;        /* clock at the first failed metadata write, or 0 */
@@ -182,6 +198,16 @@ void wl_note_meta_fail(struct wl *w, enum qsm_io_event ev);
  * when it completed before that.  False with msg saying which byte.
  */
 bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t msglen);
+
+/*
+ * A snapshot's disk, snap[0, size), read after the run: it must be the disk
+ * as every write-like request submitted before op `id` (a WL_SNAPSHOT that
+ * succeeded) left it, none submitted after (a live create drains the first
+ * and holds the others back): judged as a read that ended when the create
+ * was submitted and started when it completed.  False with msg saying
+ * which byte.
+ */
+bool wl_check_snapshot(const struct wl *w, int id, const uint8_t *snap, char *msg, size_t msglen);
 
 /* A qsm_sim race hook (qsm_sim_set_race_hook, opaque = the struct wl):
  * counts the reads that overlapped a write in flight, except those the

@@ -22,6 +22,16 @@ interop_init
 
 BUDGET=${QSM_MUTANT_BUDGET:-$(scaled 200)}
 [ "$BUDGET" -lt 60 ] && BUDGET=60
+# Snapshot runs cost twice a plain one: half the budget (the snapshot
+# mutants are caught well inside it), the unmutated engine held to the same.
+SNAP_BUDGET=$(( (BUDGET + 1) / 2 ))
+[ "$SNAP_BUDGET" -lt 60 ] && SNAP_BUDGET=60
+budget_for() {
+    case $1 in
+    snap-*) echo "$SNAP_BUDGET";;
+    *) echo "$BUDGET";;
+    esac
+}
 ok() { CHECKS=$((CHECKS + 1)); }
 
 mutants=$("$QSM" fuzz --list-mutants | awk '{print $1}') ||
@@ -32,6 +42,7 @@ mutants=$("$QSM" fuzz --list-mutants | awk '{print $1}') ||
 opts_for() {
     case $1 in
     dirty-not-durable) echo --crash --faults --lazy-refcounts;;
+    snap-*) echo --crash --faults --snapshots;;
     *) echo --crash --faults;;
     esac
 }
@@ -47,12 +58,12 @@ declare -A caught
 for m in $mutants; do
     out="$WORK/$m.out"
     # shellcheck disable=SC2046
-    (cd "$WORK" && timeout "$TIMEOUT" "$QSM" fuzz --seed 1 --runs "$BUDGET" $(opts_for "$m") \
+    (cd "$WORK" && timeout "$TIMEOUT" "$QSM" fuzz --seed 1 --runs "$(budget_for "$m")" $(opts_for "$m") \
         --qemu-check-every 0 --shrink-budget 60 --mutant "$m" --out "$WORK") >"$out" 2>&1
     rc=$?
     ok
     if [ $rc != 1 ]; then
-        fail "mutant $m: not caught within $BUDGET runs (exit $rc)"
+        fail "mutant $m: not caught within $(budget_for "$m") runs (exit $rc)"
         show_tail "$out"
         continue
     fi
@@ -103,10 +114,12 @@ for m in $mutants; do
 done
 
 # The unmutated engine, same budgets and options.
-for o in "--crash --faults" "--crash --faults --lazy-refcounts"; do
+for o in "--crash --faults" "--crash --faults --lazy-refcounts" "--crash --faults --snapshots"; do
     ok
+    runs=$BUDGET
+    [[ $o == *--snapshots* ]] && runs=$SNAP_BUDGET
     # shellcheck disable=SC2086
-    if ! (cd "$WORK" && timeout "$TIMEOUT" "$QSM" fuzz --seed 1 --runs "$BUDGET" $o \
+    if ! (cd "$WORK" && timeout "$TIMEOUT" "$QSM" fuzz --seed 1 --runs "$runs" $o \
             --qemu-check-every 0 --out "$WORK") >"$WORK/unmutated.out" 2>&1; then
         fail "the unmutated engine fails the budget ($o)"
         show_tail "$WORK/unmutated.out"
@@ -121,6 +134,6 @@ if "$QSM" fuzz --mutant no-such-rule >"$WORK/unknown.out" 2>&1 || ! grep -q "no 
     fail "--mutant no-such-rule is not refused"
 fi
 
-log "runs to catch each mutant (budget $BUDGET):"
+log "runs to catch each mutant (budget $BUDGET, snapshot mutants $SNAP_BUDGET):"
 for m in $mutants; do log "  $m: ${caught[$m]:-not caught}"; done
 interop_finish

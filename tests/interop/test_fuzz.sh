@@ -2,8 +2,8 @@
 # tests/interop/test_fuzz.sh: `qsm fuzz` on the unmutated engine (issue 6).
 #
 #  1. a bounded budget of random runs must find nothing: mixed plain, crash
-#     and fault runs, then lazy refcounts, backing files and compressed
-#     clusters in turn (QSM_TEST_SCALE scales the run counts; a sample of
+#     and fault runs, then lazy refcounts, backing files, compressed
+#     clusters and live snapshot creates and deletes (--snapshots) in turn (QSM_TEST_SCALE scales the run counts; a sample of
 #     the final images also goes through qemu-img check, which must agree
 #     with the in-tree checker);
 #  2. every regression case (tests/interop/fuzz-regressions/*.replay: cases
@@ -50,6 +50,7 @@ budget backing 120 --crash --faults --backing
 budget compressed 60 --crash --compressed
 budget writethrough 80 --crash -t writethrough
 budget random-schedule 200 --crash --faults --schedule random
+budget snapshots 40 --crash --faults --snapshots
 
 # 2. Regressions.
 for f in "$INTEROP_DIR"/fuzz-regressions/*.replay; do

@@ -23,7 +23,7 @@
 #   same exit code).
 #   A v3 entry without disk_size: opened and listed (as QEMU does), and qsm
 #   check's output is qemu-img check's ("ERROR snapshot table entry N is
-#   incomplete"; qsm -r does not repair it yet, qemu-img's does).
+#   incomplete"; qsm check -r all repairs it as qemu-img does: test_snapshot_check.sh).
 # Output: PASS/FAIL per case, then the check count.
 
 source "$(dirname "$0")/lib.sh"
@@ -268,6 +268,13 @@ bad l1_unaligned "l1_table_offset 0x60200 is not cluster aligned" "l1_offset=0x6
     entry 0 l1_offset 0x60200
 bad l1_size_too_large "l1_size 4194305 is too large" "l1_size=0x400001" \
     entry 2 l1_size 0x400001
+# the table's bytes reach past QEMU's BDRV_MAX_LENGTH (2^63 - 1 GiB): the
+# header check lets the offset by, the read fails
+bad offset_huge "Failed to read snapshot table: Input/output error" refuses \
+    header offset "(1 << 63) - 65536"
+# an L1 table at offset 0 (the header, read as L1 entries by QEMU's check)
+bad l1_at_zero "l1_table_offset 0, l1_size 1) is not inside the file" \
+    "ERROR cluster 0 refcount=1 reference=2" entry 0 l1_offset 0
 bad l1_past_eof "l1_table_offset 0x$(printf '%x' $(( (fsize / 65536 + 4) * 65536 )))" \
     "exceeding the end of the file" \
     entry 1 l1_offset "$(( (fsize / 65536 + 4) * 65536 ))"

@@ -462,7 +462,8 @@ static bool crash_once(const char *src, const char *clean, long n, uint64_t seed
 		      " (%s)", seed, n, rc, r.incomplete, r.corruptions_left, err);
 	ck_assert_int_eq(qsm_check_image(io, 0, &r, NULL, err, sizeof(err)), 0);
 	ck_assert_msg(qsm_check_exit_code(&r) == 0, "seed %" PRIu64 " cut %ld: not clean after "
-		      "the second repair", seed, n);
+		      "the second repair (corruptions %" PRIu64 ", leaks %" PRIu64 ", errors %"
+		      PRIu64 ")", seed, n, r.corruptions_left, r.leaks_left, r.check_errors);
 	ck_assert_int_eq(qsm_io_flush_sync(io), 0);
 	qsm_io_close(io);
 	snprintf(out, sizeof(out), "%s.crash", src);
@@ -696,6 +697,143 @@ START_TEST(test_l1_over_header)
 }
 END_TEST
 
+/* The only entry of a one-snapshot image qemu-img made, cut to
+ * extra_data_size `extra` (its id and name moved down): on v3 an
+ * "incomplete" entry that only a rewrite of the table repairs. */
+static void cut_extra(const char *path, uint32_t extra)
+{
+	FILE *f = fopen(path, "r+b");
+	uint8_t h[72], e[40 + 24 + 512];
+	uint64_t off;
+
+	ck_assert_ptr_nonnull(f);
+	ck_assert_uint_eq(fread(h, 1, sizeof(h), f), sizeof(h));
+	ck_assert_uint_eq(qcow2_be32(h + 60), 1);
+	off = qcow2_be64(h + 64);
+	ck_assert_int_eq(fseek(f, (long)off, SEEK_SET), 0);
+	ck_assert_uint_eq(fread(e, 1, sizeof(e), f), sizeof(e));
+	uint32_t ex = qcow2_be32(e + 36);
+	size_t strs = qcow2_be16(e + 12) + (size_t)qcow2_be16(e + 14);
+	ck_assert_uint_eq(ex, 24);
+	memmove(e + 40 + extra, e + 40 + ex, strs);
+	memset(e + 40 + extra + strs, 0, ex - extra);
+	qcow2_put_be32(e + 36, extra);
+	ck_assert_int_eq(fseek(f, (long)off, SEEK_SET), 0);
+	ck_assert_uint_eq(fwrite(e, 1, 40 + ex + strs, f), 40 + ex + strs);
+	fclose(f);
+}
+
+/* -r all rewrites an incomplete table (qcow2_check_fix_snapshot_table):
+ * the counts qemu-img's repair gives, then clean for qemu-img, the entry
+ * complete (24 bytes, the disk size filled in), and every crash of the
+ * repair at each of its writes/flushes repaired by a second one. */
+START_TEST(test_snapshot_table_repair)
+{
+	char base[512], p[512];
+	struct qsm_check_result r;
+	uint8_t h[72], e[64];
+	uint64_t seed = getenv("QSM_TEST_SEED") ? strtoull(getenv("QSM_TEST_SEED"), NULL, 0)
+						: 0x5eed5000u;
+
+	path_of(base, sizeof(base), "snaptab_base");
+	path_of(p, sizeof(p), "snaptab");
+	make_base(base, true);
+	ck_assert_int_eq(sh("cp %s %s", base, p), 0);
+	cut_extra(p, _i == 0 ? 0 : 8);
+	expect_same(p);
+	ck_assert_int_eq(qsm_check(p, 0, &r), 2);
+	ck_assert_uint_eq(r.corruptions_left, 1);
+
+	char q[600];
+	snprintf(q, sizeof(q), "%s.q", p);
+	ck_assert_int_eq(sh("cp %s %s && qemu-img check -r all %s >/dev/null 2>&1", p, q, q), 0);
+	long n;
+	for (n = 0; n < 200; n++) {
+		bool cut = false;
+		for (int k = 0; k < 3; k++)
+			cut = crash_once(p, base, n, seed * 1000 + (uint64_t)n * 3 + (uint64_t)k);
+		if (!cut)
+			break;
+	}
+	printf("check snapshot table repair %d: seed 0x%" PRIx64 ", cut at each of %ld "
+	       "writes/flushes, 3 random crashes each\n", _i, seed, n);
+	ck_assert_int_gt(n, 4);
+
+	ck_assert_int_eq(qsm_check(p, QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS, &r), 0);
+	ck_assert_uint_eq(r.corruptions_fixed, 1);
+	ck_assert_uint_eq(r.leaks_fixed, 0);
+	ck_assert_int_eq(qemu_check(p).rc, 0);
+	ck_assert_int_eq(sh("qemu-img compare -q %s %s", base, p), 0);
+	ck_assert_int_eq(sh("qemu-img snapshot -l %s | tail -n +2 >%s.l1 && qemu-img snapshot -l "
+			    "%s | tail -n +2 >%s.l2 && cmp -s %s.l1 %s.l2", q, p, p, p, p, p), 0);
+	FILE *f = fopen(p, "rb");
+	ck_assert_ptr_nonnull(f);
+	ck_assert_uint_eq(fread(h, 1, sizeof(h), f), sizeof(h));
+	ck_assert_int_eq(fseek(f, (long)qcow2_be64(h + 64), SEEK_SET), 0);
+	ck_assert_uint_eq(fread(e, 1, sizeof(e), f), sizeof(e));
+	fclose(f);
+	ck_assert_uint_eq(qcow2_be32(e + 36), 24);
+	ck_assert_uint_eq(qcow2_be64(e + 48), 1ull << 30);
+	ck_assert_uint_eq(qcow2_be64(e + 56), UINT64_MAX);
+}
+END_TEST
+
+/* The open-time repair (QSM_CHECK_OPENING) reads the table as the open
+ * does: nb_snapshots over 65536 and extra data over 1024 bytes refuse it
+ * before anything is written (qsm check -r all would drop / cut them), an
+ * incomplete entry is still rewritten. */
+START_TEST(test_opening_refuses_table)
+{
+	const unsigned fix = QSM_CHECK_FIX_LEAKS | QSM_CHECK_FIX_ERRORS | QSM_CHECK_OPENING;
+	char p[512], q[600], err[256];
+	struct qsm_check_result r;
+	struct event_base *b = event_base_new();
+	struct qsm_io *io;
+	uint8_t be[4];
+	FILE *f;
+
+	path_of(p, sizeof(p), "opening");
+	make_base(p, true);
+	snprintf(q, sizeof(q), "%s.orig", p);
+	if (_i == 0) {
+		f = fopen(p, "r+b");
+		ck_assert_ptr_nonnull(f);
+		qcow2_put_be32(be, QCOW2_MAX_SNAPSHOTS + 1);
+		ck_assert_int_eq(fseek(f, 60, SEEK_SET), 0);
+		ck_assert_uint_eq(fwrite(be, 1, 4, f), 4);
+		fclose(f);
+	} else {
+		cut_extra(p, _i == 1 ? 8 : 24);  /* 24: unchanged, then grown below */
+		if (_i == 2) {
+			f = fopen(p, "r+b");
+			uint8_t h[72];
+			ck_assert_ptr_nonnull(f);
+			ck_assert_uint_eq(fread(h, 1, sizeof(h), f), sizeof(h));
+			qcow2_put_be32(be, 2000);
+			ck_assert_int_eq(fseek(f, (long)qcow2_be64(h + 64) + 36, SEEK_SET), 0);
+			ck_assert_uint_eq(fwrite(be, 1, 4, f), 4);
+			fclose(f);
+		}
+	}
+	ck_assert_int_eq(sh("cp %s %s", p, q), 0);
+	ck_assert_ptr_nonnull(b);
+	ck_assert_int_eq(qsm_io_open_path(b, p, 0, NULL, &io), 0);
+	int rc = qsm_check_image(io, fix, &r, NULL, err, sizeof(err));
+	qsm_io_close(io);
+	event_base_free(b);
+	if (_i == 1) {
+		ck_assert_int_eq(rc, 0);
+		ck_assert_uint_eq(r.corruptions_fixed, 1);
+		ck_assert_int_eq(qemu_check(p).rc, 0);
+	} else {
+		ck_assert_int_lt(rc, 0);
+		ck_assert_ptr_nonnull(strstr(err, _i == 0 ? "Snapshot table too large"
+							  : "Too much extra metadata"));
+		ck_assert_int_eq(sh("cmp -s %s %s", p, q), 0);
+	}
+}
+END_TEST
+
 static void add_case(Suite *s, const char *name, const TTest *t, int loop_end)
 {
 	TCase *tc = tcase_create(name);
@@ -716,6 +854,8 @@ static Suite *check_suite(void)
 	add_case(s, "rebuild_too_large", test_rebuild_too_large, 0);
 	add_case(s, "rebuild_keeps_unfixed", test_rebuild_keeps_unfixed, 0);
 	add_case(s, "l1_over_header", test_l1_over_header, 0);
+	add_case(s, "snapshot_table_repair", test_snapshot_table_repair, 2);
+	add_case(s, "opening_refuses_table", test_opening_refuses_table, 3);
 	return s;
 }
 

@@ -301,6 +301,149 @@ START_TEST(refuse_too_many)
 END_TEST
 
 /* Each per-entry rule broken on its own, the others kept. */
+/* The check's reader over a memory "file": zeros past its end; counts reads. */
+struct memfile {
+	const uint8_t *buf;
+	size_t len;
+	unsigned reads;
+	uint64_t bytes;
+};
+
+static int mem_rd(void *opaque, void *out, size_t len, uint64_t off)
+{
+	struct memfile *m = opaque;
+	size_t n = off < m->len ? (m->len - off < len ? m->len - off : len) : 0;
+
+	m->reads++;
+	m->bytes += len;
+	if (n)
+		memcpy(out, m->buf + off, n);
+	memset((uint8_t *)out + n, 0, len - n);
+	return 0;
+}
+
+/* Without QCOW2_SNAP_REPAIR: qemu-img check's refusals (message, hint line);
+ * with it: extra data over 1024 bytes cut (the rest skipped, never read),
+ * the entries past 64 MiB dropped, the first dropped one's cut reported. */
+START_TEST(check_reader)
+{
+	size_t cap = 3u << 20;
+	uint8_t *buf = calloc(1, cap), *ex = malloc(4000);
+	struct qcow2_snapshot_table t;
+	char err[256] = "";
+	size_t n;
+
+	ck_assert(buf && ex);
+	for (int i = 0; i < 4000; i++)
+		ex[i] = (uint8_t)(i * 7);
+	n = put_entry(buf, 0x10000, 1, "1", "a", 0, 8, ex);            /* incomplete */
+	n = (n + 7) & ~7ul;
+	n += put_entry(buf + n, 0x20000, 1, "2", "b", 0, 2000, ex);   /* cut to 1024 */
+	n = (n + 7) & ~7ul;
+	n += put_entry(buf + n, 0x30000, 1, "3", "c", 0, 24, ex);
+	struct memfile m = { .buf = buf, .len = n };
+
+	ck_assert_int_eq(qcow2_snapshots_read_check(mem_rd, &m, 0, 3, 1 << 20, 0, &t, err,
+						    sizeof(err)), -EFBIG);
+	ck_assert_str_eq(err, "Too much extra metadata in snapshot table entry 1\n"
+			 "You can force-remove this extra metadata with qemu-img check -r all");
+	ck_assert_ptr_null(t.sn);
+
+	ck_assert_int_eq(qcow2_snapshots_read_check(mem_rd, &m, 0, 3, 1 << 20, QCOW2_SNAP_REPAIR,
+						    &t, err, sizeof(err)), 0);
+	ck_assert_uint_eq(t.nb, 3);
+	ck_assert_uint_eq(t.size, n);
+	ck_assert_uint_eq(t.discarded, 0);
+	ck_assert_uint_eq(t.sn[0].extra_data_size, 8);
+	ck_assert_uint_eq(t.sn[0].disk_size, 1 << 20);        /* the image's size */
+	ck_assert_uint_eq(t.sn[0].icount, QCOW2_SNAPSHOT_NO_ICOUNT);
+	ck_assert_uint_eq(t.sn[1].extra_cut_from, 2000);
+	ck_assert_uint_eq(t.sn[1].extra_data_size, QCOW2_MAX_SNAPSHOT_EXTRA);
+	ck_assert_uint_eq(t.sn[1].unknown_extra_len, 1000);
+	ck_assert_int_eq(memcmp(t.sn[1].unknown_extra, ex + 24, 1000), 0);
+	ck_assert_str_eq(t.sn[1].id, "2");
+	ck_assert_str_eq(t.sn[2].id, "3");
+	ck_assert_uint_eq(t.sn[2].extra_cut_from, 0);
+	/* rewritten as QEMU would: 24 bytes of extra data at least, 1024 at most */
+	int64_t sz = qcow2_snapshots_size(&t);
+	ck_assert_int_eq(sz, 40 + 24 + 2 + 6 + 40 + 1024 + 2 + 6 + 40 + 24 + 2);
+	qcow2_snapshots_release(&t);
+
+	/* a cut of 4 GiB is skipped, never read; the entry's bytes pass 2 GiB,
+	 * so it is dropped with the one after it, its cut reported */
+	qcow2_put_be32(buf + 56 + 36, UINT32_MAX);     /* entry 1 (entry 0 spans 50 bytes) */
+	m.reads = 0;
+	m.bytes = 0;
+	ck_assert_int_eq(qcow2_snapshots_read_check(mem_rd, &m, 0, 3, 1 << 20, QCOW2_SNAP_REPAIR,
+						    &t, err, sizeof(err)), 0);
+	ck_assert_uint_le(m.bytes, 4u << 20);
+	ck_assert_uint_eq(t.nb, 1);
+	ck_assert_uint_eq(t.discarded, 2);
+	ck_assert_uint_eq(t.discarded_extra, UINT32_MAX);
+	ck_assert_uint_eq(t.size, 50);
+	qcow2_snapshots_release(&t);
+
+	/* 64 MiB counted with the cut sizes: entries of 40 + 2000 (cut to
+	 * 1024) + 2 * 65535 bytes (zeros); the one that passes it is dropped
+	 * with the rest, its cut reported */
+	size_t per = (40 + 2000 + 2 * 65535 + 7) & ~7ul;
+	size_t cut = (40 + 1024 + 2 * 65535 + 7) & ~7ul;
+	uint32_t fit = (uint32_t)((QCOW2_MAX_SNAPSHOTS_BYTES - (40 + 1024 + 2 * 65535)) / cut + 1);
+	uint32_t nb = fit + 5;
+	uint8_t *big = calloc(1, per * nb);
+	ck_assert_ptr_nonnull(big);
+	for (uint32_t i = 0; i < nb; i++) {
+		qcow2_put_be16(big + per * i + 12, 65535);
+		qcow2_put_be16(big + per * i + 14, 65535);
+		qcow2_put_be32(big + per * i + 36, 2000);
+	}
+	struct memfile mb = { .buf = big, .len = per * nb };
+	ck_assert_int_eq(qcow2_snapshots_read_check(mem_rd, &mb, 0, nb, 1, 0, &t, err,
+						    sizeof(err)), -EFBIG);
+	ck_assert_str_eq(err, "Too much extra metadata in snapshot table entry 0\n"
+			 "You can force-remove this extra metadata with qemu-img check -r all");
+	ck_assert_int_eq(qcow2_snapshots_read_check(mem_rd, &mb, 0, nb, 1, QCOW2_SNAP_REPAIR, &t,
+						    err, sizeof(err)), 0);
+	ck_assert_uint_eq(t.nb, fit);
+	ck_assert_uint_eq(t.discarded, 5);
+	ck_assert_uint_eq(t.discarded_extra, 2000);
+	ck_assert_uint_eq(t.size, per * (fit - 1) + 40 + 2000 + 2 * 65535);
+	ck_assert_int_gt(qcow2_snapshots_size(&t), 0);   /* the rewrite fits */
+	qcow2_snapshots_release(&t);
+	free(big);
+	free(buf);
+	free(ex);
+}
+END_TEST
+
+/* The bytes of a table must lie below QEMU's BDRV_MAX_LENGTH (2^63 - 1 GiB),
+ * where its block layer fails the read: the open's and the check's readers
+ * refuse in QEMU's words, and read no byte past it. */
+START_TEST(read_limit)
+{
+	const uint64_t lim = (1ull << 63) - (1ull << 30);
+	struct memfile m = { .buf = NULL, .len = 0 };
+	struct qcow2_snapshot_table t;
+	char err[256] = "";
+
+	/* one all-zero entry: 40 bytes */
+	ck_assert_int_eq(qcow2_snapshots_read(mem_rd, &m, lim - 40, 1, 1, &t, err, sizeof(err)), 0);
+	ck_assert_uint_eq(t.nb, 1);
+	ck_assert_uint_le(m.bytes, 40);
+	qcow2_snapshots_release(&t);
+	ck_assert_int_eq(qcow2_snapshots_read(mem_rd, &m, lim - 32, 1, 1, &t, err, sizeof(err)),
+			 -EIO);
+	ck_assert_str_eq(err, "Failed to read snapshot table: Input/output error");
+	ck_assert_int_eq(qcow2_snapshots_read(mem_rd, &m, lim, 1, 1, &t, err, sizeof(err)), -EIO);
+	ck_assert_int_eq(qcow2_snapshots_read_check(mem_rd, &m, lim - 40, 1, 1, 0, &t, err,
+						    sizeof(err)), 0);
+	qcow2_snapshots_release(&t);
+	ck_assert_int_eq(qcow2_snapshots_read_check(mem_rd, &m, lim - 32, 1, 1, 0, &t, err,
+						    sizeof(err)), -EIO);
+	ck_assert_str_eq(err, "Failed to read snapshot table: Input/output error");
+}
+END_TEST
+
 START_TEST(validate_rules)
 {
 	struct qcow2_header h = v3_header();
@@ -538,6 +681,8 @@ static Suite *snapshot_suite(void)
 	tcase_add_test(tc, refuse_extra_too_large);
 	tcase_add_test(tc, refuse_table_too_big);
 	tcase_add_test(tc, refuse_too_many);
+	tcase_add_test(tc, check_reader);
+	tcase_add_test(tc, read_limit);
 	tcase_add_test(tc, validate_rules);
 	tcase_add_test(tc, find_rules);
 	suite_add_tcase(s, tc);
