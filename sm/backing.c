@@ -146,7 +146,7 @@ enum qsm_event qsm_step_cor_write(struct qsm_req *req)
 enum qsm_event qsm_step_backing_read(struct qsm_req *req)
 {
 	struct qsm_run *run = &req->run;
-	if (req->img->copy_on_read)
+	if (wants_cor(req))
 		return cor_read(req);
 	struct qsm_image *b = req->img->backing;
 	uint64_t bsize = b ? b->hdr.size : 0;

@@ -238,7 +238,7 @@ enum qsm_event qsm_classify_read(struct qsm_req *req)
 	 * bdrv_co_do_copy_on_readv: what the image does not allocate itself),
 	 * with a backing file or not: a run of them goes to BACKING_READ. */
 	bool from_backing = k0 == QCOW2_EK_UNALLOC &&
-			    (qsm_has_backing(img) || (img->copy_on_read && req->machine == QSM_M_READ));
+			    (qsm_has_backing(img) || wants_cor(req));
 	uint64_t i;
 	for (i = 1; i < n; i++) {
 		uint64_t e = qsm_l2_entry(run->l2, run->l2_index + i);

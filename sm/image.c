@@ -1082,7 +1082,8 @@ int qsm_open(struct event_base *base, const char *path, const struct qsm_open_op
  * Closing: the CLOSE machine (sm/states.def).  qsm_close_async starts a
  * request of machine CLOSE; from then on img->closing refuses new requests.
  *   CLOSE_DRAIN         wait until it is the only request in flight (and no
- *                       preallocation runs): qsm_close_wake, called as every
+ *                       preallocation nor VM-state read of the backing image
+ *                       runs): qsm_close_wake, called as every
  *                       other request leaves the image, posts WAKE
  *   DURABLE_WAIT        one full write-back batch (sm/writeback.c), as a
  *                       flush waits for an ordinary one
@@ -1101,7 +1102,8 @@ int qsm_open(struct event_base *base, const char *path, const struct qsm_open_op
 static bool close_drained(const struct qsm_image *img)
 {
 	/* The corrupt mark too: the io handle is closed at the end. */
-	return img->in_flight == 1 && !img->prealloc_busy && img->corrupt_mark != QSM_MARK_BUSY;
+	return img->in_flight == 1 && !img->prealloc_busy && img->corrupt_mark != QSM_MARK_BUSY &&
+	       !img->vm_backing_reads;
 }
 
 void qsm_close_wake(struct qsm_image *img)
@@ -1346,11 +1348,74 @@ static int discard_past(struct qsm_image *img, uint64_t from)
 	return ret;
 }
 
+/* qsm_l1_grow_sync (sm.h): the move of metadata/l1.h, blocking. */
+int qsm_l1_grow_sync(struct qsm_image *img, uint64_t new_l1, uint64_t size, char *err,
+		     size_t errlen)
+{
+	struct qcow2_header *h = &img->hdr;
+	uint64_t cs = img->cluster_size;
+	int ret;
+
+	assert(new_l1 > img->l1_size);
+	/* Start from a clean image: every table on disk, nothing dirty. */
+	if ((ret = qsm_sync_writeback(img)) < 0)
+		TRUNC_FAIL(ret, "Could not write metadata back: %s", strerror(-ret));
+	struct qcow2_l1_growth g;
+	ret = qcow2_l1_grow(img->l1, img->l1_size, new_l1, img->cluster_bits, &g);
+	if (ret == -EFBIG)
+		TRUNC_FAIL(-EFBIG, "The L1 table for %llu bytes would exceed %u bytes",
+			   (unsigned long long)size, QCOW2_MAX_L1_BYTES);
+	if (ret < 0)
+		return ret;
+	uint8_t *l1 = g.table;
+	uint64_t bytes = g.bytes;
+	uint64_t new_off, old_off = h->l1_table_offset;
+	if ((ret = qsm_image_rc_error(img, qsm_refcount_alloc(img->rc, g.clusters, &new_off, NULL))) < 0) {
+		free(l1);
+		TRUNC_FAIL(ret, "Could not allocate the new L1 table: %s", strerror(-ret));
+	}
+	/* 1. the new table and the refcounts counting it, durable (the
+	 *    batch's first sync covers the table written before it) */
+	ret = qsm_io_pwrite_sync(img->io, l1, bytes, new_off);
+	if (ret == 0)
+		ret = qsm_sync_writeback(img);
+	/* 2. the header naming it (the batch's header level) */
+	if (ret == 0) {
+		h->l1_table_offset = new_off;
+		h->l1_size = (uint32_t)new_l1;
+		h->size = size;
+		img->header_dirty = true;
+		ret = qsm_sync_writeback(img);
+	}
+	if (ret < 0) {
+		free(l1);
+		img->error = -EIO;
+		snprintf(img->errmsg, sizeof(img->errmsg),
+			 "growing the L1 table failed (%s); the image accepts no more writes",
+			 strerror(-ret));
+		TRUNC_FAIL(ret, "%s", img->errmsg);
+	}
+	free(img->l1);
+	img->l1 = l1;
+	img->l1_size = new_l1;
+	img->l1_dirty_lo = img->l1_dirty_hi = 0;
+	qsm_wb_l1_loaded(img);
+	qsm_overlap_set_l1(meta_of(img), new_off, new_l1);
+	if (new_off + bytes > img->file_end)
+		img->file_end = new_off + bytes;
+	/* 3. the old table released */
+	ret = qsm_refcount_update(img->rc, old_off / cs, g.old_clusters, -1, NULL);
+	if (ret == 0)
+		ret = qsm_sync_writeback(img);
+	if (ret < 0)
+		TRUNC_FAIL(ret, "Could not release the old L1 table: %s", strerror(-ret));
+	return 0;
+}
+
 /* qsm_truncate for qcow2, once the request is known to be valid. */
 static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
 {
 	struct qcow2_header *h = &img->hdr;
-	uint64_t cs = img->cluster_size;
 	int ret;
 
 	/* Start from a clean image: every table on disk, nothing dirty. */
@@ -1375,60 +1440,8 @@ static int resize_qcow2(struct qsm_image *img, uint64_t size, char *err, size_t 
 		}
 		new_l1 = img->l1_size; /* keep the table; it may be larger than needed */
 	}
-	if (new_l1 > img->l1_size) {
-		/* Grow the L1 table: copy it to new clusters, in the order of
-		 * metadata/l1.h. */
-		struct qcow2_l1_growth g;
-		ret = qcow2_l1_grow(img->l1, img->l1_size, new_l1, img->cluster_bits, &g);
-		if (ret == -EFBIG)
-			TRUNC_FAIL(-EFBIG, "The L1 table for %llu bytes would exceed %u bytes",
-				   (unsigned long long)size, QCOW2_MAX_L1_BYTES);
-		if (ret < 0)
-			return ret;
-		uint8_t *l1 = g.table;
-		uint64_t bytes = g.bytes;
-		uint64_t new_off, old_off = h->l1_table_offset;
-		if ((ret = qsm_image_rc_error(img, qsm_refcount_alloc(img->rc, g.clusters, &new_off, NULL))) < 0) {
-			free(l1);
-			TRUNC_FAIL(ret, "Could not allocate the new L1 table: %s", strerror(-ret));
-		}
-		/* 1. the new table and the refcounts counting it, durable (the
-		 *    batch's first sync covers the table written before it) */
-		ret = qsm_io_pwrite_sync(img->io, l1, bytes, new_off);
-		if (ret == 0)
-			ret = qsm_sync_writeback(img);
-		/* 2. the header naming it (the batch's header level) */
-		if (ret == 0) {
-			h->l1_table_offset = new_off;
-			h->l1_size = (uint32_t)new_l1;
-			h->size = size;
-			img->header_dirty = true;
-			ret = qsm_sync_writeback(img);
-		}
-		if (ret < 0) {
-			free(l1);
-			img->error = -EIO;
-			snprintf(img->errmsg, sizeof(img->errmsg),
-				 "growing the L1 table failed (%s); the image accepts no more writes",
-				 strerror(-ret));
-			TRUNC_FAIL(ret, "%s", img->errmsg);
-		}
-		free(img->l1);
-		img->l1 = l1;
-		img->l1_size = new_l1;
-		img->l1_dirty_lo = img->l1_dirty_hi = 0;
-		qsm_wb_l1_loaded(img);
-		qsm_overlap_set_l1(meta_of(img), new_off, new_l1);
-		if (new_off + bytes > img->file_end)
-			img->file_end = new_off + bytes;
-		/* 3. the old table released */
-		ret = qsm_refcount_update(img->rc, old_off / cs, g.old_clusters, -1, NULL);
-		if (ret == 0)
-			ret = qsm_sync_writeback(img);
-		if (ret < 0)
-			TRUNC_FAIL(ret, "Could not release the old L1 table: %s", strerror(-ret));
-		return 0;
-	}
+	if (new_l1 > img->l1_size)
+		return qsm_l1_grow_sync(img, new_l1, size, err, errlen);
 	h->size = size;
 	img->header_dirty = true;
 	if ((ret = qsm_sync_writeback(img)) < 0)
@@ -1659,13 +1672,14 @@ static struct qsm_req *new_req(struct qsm_image *img, enum qsm_machine m, uint64
 	return req;
 }
 
-static int submit_rw(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
-		     const struct iovec *iov, int iovcnt, unsigned flags, qsm_cb cb, void *opaque)
+/* A read or write of [offset, +bytes), the first bytes of iov; guest
+ * requests are checked against the virtual size, VM-state ones (vmstate)
+ * were checked by sm/vmstate.c against the L1 table instead. */
+static int submit_rw_at(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
+			const struct iovec *iov, int iovcnt, uint64_t bytes, unsigned flags,
+			bool vmstate, qsm_cb cb, void *opaque)
 {
-	if (iovcnt < 0 || (iovcnt > 0 && !iov))
-		return -EINVAL;
-	uint64_t bytes = qsm_iov_size(iov, iovcnt);
-	int ret = check_range(img, offset, bytes);
+	int ret = vmstate ? (img->closing ? -ESHUTDOWN : 0) : check_range(img, offset, bytes);
 	if (ret < 0)
 		return ret;
 	if (m == QSM_M_WRITE && (ret = check_writable(img)) < 0)
@@ -1676,6 +1690,30 @@ static int submit_rw(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
 	req->flags = flags;
 	qsm_sm_start(req);
 	return 0;
+}
+
+static int submit_rw(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
+		     const struct iovec *iov, int iovcnt, unsigned flags, qsm_cb cb, void *opaque)
+{
+	if (iovcnt < 0 || (iovcnt > 0 && !iov))
+		return -EINVAL;
+	return submit_rw_at(img, m, offset, iov, iovcnt, qsm_iov_size(iov, iovcnt), flags, false,
+			    cb, opaque);
+}
+
+static int submit_range(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
+			uint64_t bytes, unsigned flags, qsm_cb cb, void *opaque);
+
+int qsm_vmstate_submit(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
+		       const struct iovec *iov, int iovcnt, uint64_t bytes, qsm_cb cb,
+		       void *opaque)
+{
+	if (m == QSM_M_DISCARD)
+		return submit_range(img, m, offset, bytes, QSM_REQ_VMSTATE, cb, opaque);
+	assert(m == QSM_M_READ || m == QSM_M_WRITE);
+	assert(bytes <= qsm_iov_size(iov, iovcnt));
+	return submit_rw_at(img, m, offset, iov, iovcnt, bytes, QSM_REQ_VMSTATE, true, cb,
+			    opaque);
 }
 
 int qsm_readv(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
@@ -1712,7 +1750,9 @@ int qsm_flush(struct qsm_image *img, qsm_cb cb, void *opaque)
 static int submit_range(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
 			uint64_t bytes, unsigned flags, qsm_cb cb, void *opaque)
 {
-	int ret = check_range(img, offset, bytes);
+	/* VM state (qsm_vmstate_submit): checked against the L1 table. */
+	int ret = flags & QSM_REQ_VMSTATE ? (img->closing ? -ESHUTDOWN : 0)
+					  : check_range(img, offset, bytes);
 	if (ret == 0)
 		ret = check_writable(img);
 	if (ret < 0)

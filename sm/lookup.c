@@ -107,7 +107,7 @@ enum qsm_event qsm_step_l1_lookup(struct qsm_req *req)
 		switch (req->machine) {
 		case QSM_M_READ:
 			/* Copy-on-read copies these clusters, zeros or not. */
-			return backing || img->copy_on_read ? QSM_E_BACKING : QSM_E_L1_EMPTY;
+			return backing || wants_cor(req) ? QSM_E_BACKING : QSM_E_L1_EMPTY;
 		case QSM_M_STATUS:
 			/* With a backing file the chain decides: neither flag. */
 			*req->status_out = (struct qsm_extent){ run->offset, run->bytes,

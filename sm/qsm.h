@@ -459,6 +459,55 @@ QSM_EXPORT int qsm_snapshot_apply(struct qsm_image *img, const char *id_or_name,
 				  size_t errlen);
 QSM_EXPORT int qsm_snapshot_delete(struct qsm_image *img, const char *name, char *err,
 				   size_t errlen);
+
+/* --- VM state -------------------------------------------------------------- */
+/*
+ * The VM-state area: where a hypervisor saves the VM state of a snapshot
+ * being taken and reads it back when one is applied (QEMU's
+ * bdrv_save_vmstate/bdrv_load_vmstate; qemu-io's `write -b`, `read -b`).
+ * As QEMU stores it, it is a range of guest addresses past the disk,
+ * mapped through the active L1 table like the disk itself: it starts at
+ * qsm_vmstate_offset(), the address of the first L1 entry after the
+ * virtual size (the size rounded up to whole L2 tables, each mapping
+ * cluster_size * cluster_size / 8 bytes).  A snapshot's L1 table is a copy
+ * of the whole active one (l1_size covers the area), so the VM state
+ * written before a snapshot is taken is the snapshot's, and deleting the
+ * snapshot frees what only it referenced.
+ *
+ * qsm_vmstate_readv/qsm_vmstate_writev(img, pos, iov, iovcnt, cb, opaque)
+ * are qsm_readv/qsm_writev at qsm_vmstate_offset() + pos, with the same
+ * contract (never inline completion; errors at submit without callback;
+ * the cache mode's durability; the sticky error states), except:
+ *  - the range is not bounded by the virtual size (guest reads and writes
+ *    past it are still refused with -EINVAL): a write's last byte must be
+ *    mapped by an L1 table within QEMU's limit (32 MiB of entries), the
+ *    table grown as below (-EFBIG when that growth would pass the limit,
+ *    as QEMU refuses it, even where the entries needed would fit); a read
+ *    may go anywhere below QEMU's BDRV_MAX_LENGTH, 2^63 - 2^30 (-EINVAL
+ *    past it);
+ *  - what was never written reads as zeros (with a backing file: what the
+ *    backing image has at those addresses, zeros past its end, as QEMU);
+ *    reads never copy-on-read;
+ *  - a write that needs L1 entries past the table's end grows the table
+ *    first (to QEMU's size: 1.5 times until it is large enough), before
+ *    the request is accepted: blocking, like qsm_truncate (the table is
+ *    moved and the header rewritten durably, write-back included; the
+ *    loop runs meanwhile, so other events' callbacks may run inside the
+ *    call).  That is only safe with nothing in flight, so such a write is
+ *    refused with -EBUSY while requests are in flight (a write-back batch
+ *    running on its own is waited for) or when called from inside a
+ *    callback of the image's loop (drain first; a write inside the table
+ *    never blocks and has no such limit).  A hypervisor saves its VM state
+ *    with the guest stopped, so the first write grows the table at once.
+ *    A failure of the move after the new table was allocated puts the
+ *    image in the sticky -EIO state, as a failed resize does;
+ *  - raw images have no VM-state area: -ENOTSUP (offset 0).
+ */
+QSM_EXPORT uint64_t qsm_vmstate_offset(struct qsm_image *img);
+QSM_EXPORT int qsm_vmstate_readv(struct qsm_image *img, uint64_t pos, const struct iovec *iov,
+				 int iovcnt, qsm_cb cb, void *opaque);
+QSM_EXPORT int qsm_vmstate_writev(struct qsm_image *img, uint64_t pos, const struct iovec *iov,
+				  int iovcnt, qsm_cb cb, void *opaque);
 /* The backing image (opened read-only on the same loop, owned by img), or
  * NULL when there is none or it was not opened (no_backing). */
 QSM_EXPORT struct qsm_image *qsm_get_backing(struct qsm_image *img);

@@ -336,6 +336,10 @@ struct qsm_image {
 	 * writes into new clusters do not extend the file one by one. */
 	uint64_t prealloc_end;
 	bool prealloc_busy;
+	/* VM-state reads of the backing image past the L1 table in flight
+	 * (sm/vmstate.c): requests of the backing image, not of this one, so
+	 * not in in_flight; the close waits for them too (close_drained). */
+	unsigned vm_backing_reads;
 	struct qsm_io_req prealloc_io;
 	bool header_dirty;
 	/* Lazy refcounts (compatible bit 0, v3, read-write): refcount blocks
@@ -500,6 +504,11 @@ void qsm_wb_release_held(struct qsm_image *img);
  * overwritten with the older data the read copied.  Not durable by itself
  * in writethrough (the data is the backing file's). */
 #define QSM_REQ_COR_FILL 0x200
+/* Internal request flag: a READ or WRITE of the VM-state area
+ * (sm/vmstate.c, qsm_vmstate_submit): its range lies past the virtual size
+ * and inside the L1 table, and a read never copies on read (QEMU's
+ * load_vmstate goes to the driver, under the copy-on-read filter). */
+#define QSM_REQ_VMSTATE 0x400
 /* Submit a copy-on-read fill of [offset, +len) on img: the data in iov, or
  * zeros (zero: a ZEROES request, iov unused).  0 or -errno (cb not called). */
 int qsm_cor_fill(struct qsm_image *img, uint64_t offset, const struct iovec *iov, int iovcnt,
@@ -576,6 +585,35 @@ static inline uint64_t qsm_l1_get(const struct qsm_image *img, uint64_t idx)
 {
 	return qcow2_be64(img->l1 + idx * 8);
 }
+/* Grow the L1 table to new_l1 (> l1_size) entries, the virtual size set
+ * to `size` in the same header write (resize, VM state): a full write-back,
+ * the new table written and its refcounts durable, the header naming it
+ * durable, the old table released (metadata/l1.h's order).  Blocking: runs
+ * the loop, so nothing may be in flight and the caller is not inside a
+ * callback of it.  0 or -errno (err says why; a failure after the new table
+ * was allocated leaves the image in the sticky -EIO state). */
+int qsm_l1_grow_sync(struct qsm_image *img, uint64_t new_l1, uint64_t size, char *err,
+		     size_t errlen);
+/* Submit a READ or WRITE machine request (QSM_REQ_VMSTATE) of
+ * [offset, +bytes) into the first `bytes` of iov, or a DISCARD of it (iov
+ * unused), at a VM-state address: sm/vmstate.c checked it against the L1
+ * table, not the virtual size.  Refuses as qsm_readv/qsm_writev/
+ * qsm_discard do otherwise (closing; a WRITE or DISCARD on an image not
+ * writable); 0 or -errno, cb not called on error. */
+int qsm_vmstate_submit(struct qsm_image *img, enum qsm_machine m, uint64_t offset,
+		       const struct iovec *iov, int iovcnt, uint64_t bytes, qsm_cb cb,
+		       void *opaque);
+/* Discard [pos, +bytes) of the VM-state area, bytes rounded up to whole
+ * clusters (the area starts on one): QEMU's qcow2_snapshot_create drops
+ * the active copy of the VM state a new snapshot took that way
+ * (qcow2_cluster_discard of ROUND_UP(vm_state_size, cluster_size),
+ * QCOW2_DISCARD_NEVER, not a full discard: the DISCARD machine's
+ * semantics, v3 over a backing file leaving zero clusters).  Clipped at
+ * the end of the L1 table (nothing is mapped past it).  For
+ * sm/snapops.c; asynchronous as qsm_discard: 0 or -errno (cb not called
+ * then), -ENOTSUP on raw images. */
+int qsm_vmstate_discard(struct qsm_image *img, uint64_t pos, uint64_t bytes, qsm_cb cb,
+			void *opaque);
 /* Reserve file space ahead of newly allocated clusters ending at `end`. */
 void qsm_prealloc_ahead(struct qsm_image *img, uint64_t end);
 /* Is this host cluster metadata (header, L1, L2 tables, refcount structures)? */

@@ -85,6 +85,14 @@ static inline uint64_t run_clusters(const struct qsm_image *img, uint64_t off, u
 	return cluster_of(img, off + bytes - 1) - cluster_of(img, off) + 1;
 }
 
+/* Does this read copy what it reads from below into the image
+ * (qsm_open_opts.copy_on_read; never for the VM-state area)? */
+static inline bool wants_cor(const struct qsm_req *req)
+{
+	return req->img->copy_on_read && req->machine == QSM_M_READ &&
+	       !(req->flags & QSM_REQ_VMSTATE);
+}
+
 /* Does this write complete only once durable: the cache mode says so, or
  * the request has FUA (QSM_REQ_FUA, QSM_ZERO_FUA: the same bit)? */
 static inline bool wants_durable(const struct qsm_req *req)

@@ -73,10 +73,12 @@ int qsm_close(struct qsm_image *img)
 	struct event_base *base = img->base;
 	struct qsm_sync_wait w = { 0 };
 	/* From inside a completion callback (they all run from the image's
-	 * run queue, img->draining), running the loop again would nest
-	 * (libevent refuses re-entry): qsm_close_async is the way there. */
-	if (img->draining)
-		return -EDEADLK;
+	 * run queue, img->draining, or its backing image's for the VM-state
+	 * reads of sm/vmstate.c), running the loop again would nest (libevent
+	 * refuses re-entry): qsm_close_async is the way there. */
+	for (struct qsm_image *i = img; i; i = i->backing)
+		if (i->draining)
+			return -EDEADLK;
 	int ret = qsm_close_async(img, qsm_sync_cb, &w);
 	if (ret < 0)
 		return ret;

@@ -30,8 +30,8 @@
  * are 4096-aligned (posix_memalign) so cache=none works; -m misaligns
  * them by 16 bytes on purpose.
  *
- * Not supported by the engine API, and refused with ENOTSUP: write -b,
- * read -b, truncate -m other than off, shrinking over allocated clusters,
+ * Not supported by the engine API, and refused with ENOTSUP: truncate -m
+ * other than off, shrinking over allocated clusters,
  * break/resume/wait_break.
  */
 #include <errno.h>
@@ -349,6 +349,30 @@ static int do_writev(struct io_ctx *io, int64_t offset, struct iovec *iov, int i
 	return r < 0 ? r : io_wait(io, &ret);
 }
 
+/* QEMU's BDRV_MAX_LENGTH: no request reaches past it (EIO). */
+#define IO_MAX_LENGTH (((uint64_t)INT64_MAX >> 30) << 30)
+
+/* read -b / write -b: the VM-state area (qemu-io's blk_load_vmstate and
+ * blk_save_vmstate), at offset past the image's vm state offset.  Not
+ * bounded by the virtual size: a request past BDRV_MAX_LENGTH fails with
+ * EIO here, as QEMU's qcow2_check_vmstate_request; the engine refuses
+ * writes past the largest L1 table (EFBIG) and raw images (ENOTSUP, as
+ * QEMU's file driver, which has no VM state). */
+static int do_vmstate(struct io_ctx *io, int64_t offset, struct iovec *iov, int iovcnt,
+		      bool write)
+{
+	uint64_t base = qsm_vmstate_offset(io->img), len = qsm_iov_size(iov, iovcnt);
+	int ret = NOT_DONE;
+	int r;
+
+	if (offset < 0 || (uint64_t)offset > IO_MAX_LENGTH - len ||
+	    base > IO_MAX_LENGTH - len - (uint64_t)offset)
+		return -EIO;
+	r = write ? qsm_vmstate_writev(io->img, (uint64_t)offset, iov, iovcnt, done_cb, &ret)
+		  : qsm_vmstate_readv(io->img, (uint64_t)offset, iov, iovcnt, done_cb, &ret);
+	return r < 0 ? r : io_wait(io, &ret);
+}
+
 /* Allocation status of [offset, offset+bytes): 1 allocated, 0 not, *pnum the
  * run length (0 at or past the end of the image), or a negative errno. */
 static int is_allocated(struct io_ctx *io, int64_t offset, int64_t bytes, int64_t *pnum)
@@ -496,10 +520,15 @@ static int read_f(struct io_ctx *io, int argc, char **argv)
 		return -EINVAL;
 	}
 	if (bflag) {
-		printf("read failed: %s\n", strerror(ENOTSUP));
-		return -ENOTSUP;
+		if (!QSM_IS_ALIGNED((uint64_t)offset, 512)) {
+			printf("%" PRId64 " is not a sector-aligned value for 'offset'\n", offset);
+			return -EINVAL;
+		}
+		if (!QSM_IS_ALIGNED((uint64_t)count, 512)) {
+			printf("%" PRId64 " is not a sector-aligned value for 'count'\n", count);
+			return -EINVAL;
+		}
 	}
-
 	buf = io_alloc(io, (size_t)count, 0xab);
 	if (!buf) {
 		printf("read failed: %s\n", strerror(ENOMEM));
@@ -507,7 +536,7 @@ static int read_f(struct io_ctx *io, int argc, char **argv)
 	}
 	struct iovec iov = { buf, (size_t)count };
 	struct timespec t1 = tnow();
-	r = do_readv(io, offset, &iov, 1);
+	r = bflag ? do_vmstate(io, offset, &iov, 1, false) : do_readv(io, offset, &iov, 1);
 	struct timespec t2 = tnow();
 	if (r < 0) {
 		printf("read failed: %s\n", strerror(-r));
@@ -703,11 +732,6 @@ static int write_f(struct io_ctx *io, int argc, char **argv)
 			return -EINVAL;
 		}
 	}
-	if (bflag) {
-		/* VM state: not in the API. */
-		printf("write failed: %s\n", strerror(ENOTSUP));
-		return -ENOTSUP;
-	}
 	if (sflag && !(buf = io_alloc_from_file(io, (size_t)count, sfile)))
 		return -EINVAL;
 	if (!zflag && !sflag && !(buf = io_alloc(io, (size_t)count, pattern))) {
@@ -716,7 +740,10 @@ static int write_f(struct io_ctx *io, int argc, char **argv)
 	}
 
 	struct timespec t1 = tnow();
-	if (zflag) {
+	if (bflag) {
+		struct iovec iov = { buf, (size_t)count };
+		r = do_vmstate(io, offset, &iov, 1, true);
+	} else if (zflag) {
 		r = check_range(io, offset, count);
 		if (r == 0 && count > 0)
 			r = qsm_sync_write_zeroes(io->img, (uint64_t)offset, (uint64_t)count,
@@ -1213,8 +1240,7 @@ static int info_f(struct io_ctx *io, int argc, char **argv)
 		return 0;
 	}
 	/* vm_state_offset: the virtual size rounded up to whole L2 tables. */
-	uint64_t l2_cover = info.cluster_size * (info.cluster_size / 8);
-	uint64_t vmstate = QSM_DIV_ROUND_UP(info.virtual_size, l2_cover) * l2_cover;
+	uint64_t vmstate = qsm_vmstate_offset(io->img);
 	/* The copy-on-read filter names itself and passes its child's
 	 * bdrv_get_info on, but has no format specific information. */
 	printf("format name: %s\n", io->cor == COR_FILTER ? "copy-on-read" : "qcow2");
