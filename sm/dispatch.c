@@ -194,6 +194,7 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_SNAP_COPIED:
 	case QSM_S_SNAP_TABLE:
 	case QSM_S_SNAP_COMMIT:
+	case QSM_S_SNAP_VMSTATE:
 	case QSM_S_SNAP_FREE:
 		return qsm_snap_step(req);
 	/* Waiting states: the event comes from whoever we wait on. */
@@ -357,6 +358,7 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	case QSM_S_SNAP_COPIED:
 	case QSM_S_SNAP_TABLE:
 	case QSM_S_SNAP_COMMIT:
+	case QSM_S_SNAP_VMSTATE:
 	case QSM_S_SNAP_FREE:
 		return m == QSM_M_SNAPSHOT && run_unheld(run) && qsm_snap_drained(img);
 	/* Lookup. */

@@ -441,6 +441,11 @@ QSM_EXPORT int qsm_snapshot_get(struct qsm_image *img, unsigned index,
  * -ENOMEDIUM once corrupt, -EIO after a failed metadata write (a failure in
  * the middle of an operation enters that state too).
  */
+/* create's options (NULL: a disk-only snapshot, as qemu-img takes one).
+ * With vm_state_size, the snapshot keeps bytes [0, vm_state_size) of the
+ * VM-state area as the caller wrote them before the call
+ * (qsm_vmstate_writev, below), and the active copy is then discarded, as
+ * QEMU's savevm does: after an apply, qsm_vmstate_readv reads it back. */
 struct qsm_snapshot_opts {
 	size_t struct_size;       /* sizeof(struct qsm_snapshot_opts): see "ABI" above */
 	uint64_t vm_state_size;   /* bytes of VM state kept with the snapshot (0: none) */

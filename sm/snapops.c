@@ -36,6 +36,9 @@
  *   SNAP_TABLE     the new snapshot table to new clusters
  *   SNAP_COMMIT    the header names the new snapshot table (create, delete)
  *                  or the new active L1 table (apply): the commit point
+ *   SNAP_VMSTATE   create with VM state (opts): the active copy of it
+ *                  discarded, as QEMU does (a DISCARD request of its own,
+ *                  neither held nor waited for by the drain)
  *   SNAP_FREE      the clusters of an L1 table nothing names any more
  * and SNAP_NEXT takes the next from the operation's plan (plans[] below),
  * through DURABLE_WAIT where the plan says SYNC.
@@ -90,6 +93,8 @@
  *                                 qsm_snap_step (WAKE: snap_l2_cb,
  *                                 snap_rc_cb)
  *   SNAP_COMMIT -> SNAP_NEXT ........................... qsm_snap_step
+ *   SNAP_VMSTATE -> SNAP_VMSTATE|SNAP_NEXT ............. qsm_snap_step
+ *                                 (WAKE: vmstate_cb)
  *   START -> HELD ...................................... qsm_sm_start
  *   HELD -> L1_LOOKUP|COMPRESS|DURABLE_WAIT|DONE ....... qsm_sm_begin
  *                                 (from snap_release, at the operation's end)
@@ -127,7 +132,7 @@ enum snap_op { OP_CREATE, OP_APPLY, OP_DELETE };
  * END: the dirty bit let go (the next SYNC clears it); FAIL: done, with
  * the error the plan was switched to (job->ret). */
 enum snap_phase {
-	PH_L1_LOAD, PH_L1_WRITE, PH_REFS, PH_COPIED, PH_TABLE, PH_COMMIT,
+	PH_L1_LOAD, PH_L1_WRITE, PH_REFS, PH_COPIED, PH_TABLE, PH_COMMIT, PH_VMSTATE,
 	PH_FREE_L1, PH_SYNC, PH_END, PH_FAIL, PH_STOP,
 };
 
@@ -144,9 +149,10 @@ enum snap_phase {
 static const enum snap_phase plans[3][16] = {
 	/* create: the L1 copy, +1 on what the active tables reference, COPIED
 	 * cleared, the new table (durable: refcounts, then tables); the
-	 * header, the old table freed after it (durable) */
-	[OP_CREATE] = { PH_L1_WRITE, PH_REFS, PH_COPIED, PH_TABLE, PH_SYNC, PH_COMMIT, PH_END,
-			PH_SYNC, PH_STOP },
+	 * header, the old table freed after it, the active VM state dropped
+	 * (durable) */
+	[OP_CREATE] = { PH_L1_WRITE, PH_REFS, PH_COPIED, PH_TABLE, PH_SYNC, PH_COMMIT, PH_VMSTATE,
+			PH_END, PH_SYNC, PH_STOP },
 	/* apply: +1 on what the snapshot references, the new active L1
 	 * (durable); the header (durable); -1 on what the old active tables
 	 * referenced, their L1 freed, COPIED set (durable) */
@@ -219,6 +225,10 @@ struct qsm_snapjob {
 	uint8_t *buf;                /* SNAP_TABLE's serialized table */
 	uint64_t table_off, table_size;
 	enum { IO_NONE, IO_OUT, IO_DONE } io_state;
+	/* SNAP_VMSTATE: the discard submitted, then over (vm_ret its result) */
+	uint64_t vm_state_size;
+	enum { VM_NONE, VM_OUT, VM_DONE } vm_state;
+	int vm_ret;
 
 	struct qsm_l2_waiter l2w;
 	struct qsm_l2_table *l2;     /* handed over by snap_l2_cb */
@@ -237,9 +247,16 @@ static bool holds_writes(const struct qsm_image *img, enum qsm_machine m)
 	return is_write_machine(m) || (m == QSM_M_READ && img->copy_on_read);
 }
 
+/* The VM-state discard of a create (qsm_vmstate_discard: only sm/snapops.c
+ * submits one) is the operation's own: neither held nor waited for. */
+static bool own_request(const struct qsm_req *req)
+{
+	return req->machine == QSM_M_DISCARD && (req->flags & QSM_REQ_VMSTATE);
+}
+
 bool qsm_snap_writer(const struct qsm_image *img, const struct qsm_req *req)
 {
-	return holds_writes(img, req->machine);
+	return holds_writes(img, req->machine) && !own_request(req);
 }
 
 bool qsm_snap_holds(const struct qsm_image *img, const struct qsm_req *req)
@@ -250,7 +267,7 @@ bool qsm_snap_holds(const struct qsm_image *img, const struct qsm_req *req)
 		return false;
 	/* A copy-on-read fill belongs to a read already started (and waited
 	 * for): holding it would hold the operation up for ever. */
-	if (req->flags & QSM_REQ_COR_FILL)
+	if ((req->flags & QSM_REQ_COR_FILL) || own_request(req))
 		return false;
 	if (m == QSM_M_FLUSH ? img->cache == QSM_CACHE_UNSAFE : req->bytes == 0)
 		return false; /* nothing to do: no reason to wait */
@@ -727,6 +744,34 @@ static enum qsm_event step_free(struct qsm_req *req, uint64_t off, uint64_t byte
 	return QSM_E_FINISHED;
 }
 
+/* The discard of the active VM state is over (from the loop). */
+static void vmstate_cb(void *opaque, int ret)
+{
+	struct qsm_req *req = opaque;
+	struct qsm_snapjob *j = req->snap;
+	j->vm_state = VM_DONE;
+	j->vm_ret = ret;
+	qsm_sm_post(req, QSM_E_WAKE, 0);
+}
+
+/* After the commit (in memory; the SYNC after it makes both durable, the
+ * header first): what the active L1 maps of the VM-state area the
+ * snapshot now holds, dropped as QEMU's create does.  A failure leaves
+ * the state where it was: the snapshot is taken, the image consistent. */
+static enum qsm_event step_vmstate(struct qsm_req *req)
+{
+	struct qsm_snapjob *j = req->snap;
+	if (j->vm_state == VM_DONE)
+		return j->vm_ret < 0 ? fail(req, j->vm_ret) : QSM_E_FINISHED;
+	if (!j->vm_state_size)
+		return QSM_E_FINISHED;
+	int ret = qsm_vmstate_discard(req->img, 0, j->vm_state_size, vmstate_cb, req);
+	if (ret < 0)
+		return fail(req, ret);
+	j->vm_state = VM_OUT;
+	return QSM_E_WAIT;
+}
+
 /* --- SNAP_DRAIN and SNAP_NEXT: the plan ----------------------------------------- */
 
 /* Set up the step `ph` (the first time its state is entered). */
@@ -762,6 +807,8 @@ static enum qsm_event next_step(struct qsm_req *req, enum snap_phase ph)
 		return QSM_E_SN_TABLE;
 	case PH_COMMIT:
 		return QSM_E_SN_COMMIT;
+	case PH_VMSTATE:
+		return QSM_E_SN_VMSTATE;
 	case PH_FREE_L1:
 		return QSM_E_SN_FREE;
 	case PH_SYNC:
@@ -823,6 +870,8 @@ enum qsm_event qsm_snap_step(struct qsm_req *req)
 		return step_table(req);
 	case QSM_S_SNAP_COMMIT:
 		return step_commit(req);
+	case QSM_S_SNAP_VMSTATE:
+		return step_vmstate(req);
 	case QSM_S_SNAP_FREE:
 		if (j->op == OP_CREATE) /* abort_plan: the unused L1 copy */
 			return step_free(req, j->l1_off, j->l1_entries * 8);
@@ -1031,6 +1080,7 @@ int qsm_snapshot_create_async(struct qsm_image *img, const char *name,
 	sn->disk_size = img->hdr.size;
 	sn->vm_state_size = o.vm_state_size;
 	sn->vm_clock_nsec = o.vm_clock_nsec;
+	j->vm_state_size = o.vm_state_size;
 	sn->icount = 0; /* as qemu-img records it (its snapshot list shows 0) */
 	sn->extra_data_size = QCOW2_SNAPSHOT_EXTRA;
 	if (!sn->id || !sn->name) {

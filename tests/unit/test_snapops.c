@@ -15,7 +15,9 @@
  *  - delete: the snapshot is gone, the writes around it all land, clean;
  *  - the rules: one operation at a time (-EBUSY), the blocking forms from a
  *    callback (-EDEADLK), a close waits for the operation, and a refcount
- *    overflow (refcount_bits=1) changes nothing and releases the writes.
+ *    overflow (refcount_bits=1) changes nothing and releases the writes;
+ *  - VM state: a create with it keeps it (size and clock listed) and drops
+ *    the active copy, an apply brings it back.
  * No race on the simulated disk (a read and a write of the same bytes in
  * flight together) in any of them.
  */
@@ -428,6 +430,60 @@ START_TEST(overflow)
 }
 END_TEST
 
+/* A create with VM state keeps it and drops the active copy (as QEMU's
+ * savevm); an apply brings it back. */
+static void vm_cb(void *opaque, int ret)
+{
+	int *r = opaque;
+	*r = ret;
+}
+
+static int vm_io(struct ctx *c, bool write, uint8_t *buf, size_t len)
+{
+	int r = 1;
+	struct iovec iov = { buf, len };
+	int ret = write ? qsm_vmstate_writev(c->img, 0, &iov, 1, vm_cb, &r)
+			: qsm_vmstate_readv(c->img, 0, &iov, 1, vm_cb, &r);
+	if (ret)
+		return ret;
+	while (r == 1)
+		event_base_loop(c->base, EVLOOP_ONCE);
+	return r;
+}
+
+START_TEST(vm_state)
+{
+	uint64_t seed = seed_of(0);
+	struct ctx c;
+	setup(&c, seed, 0);
+	size_t len = 50 * CLUSTER + 1536;
+	uint8_t *st = malloc(len), *back = malloc(len);
+	memset(st, 0x5a, len);
+	ck_assert_int_eq(vm_io(&c, true, st, len), 0);
+	struct qsm_snapshot_opts so = { .struct_size = sizeof(so), .vm_state_size = len,
+					.vm_clock_nsec = 123456789 };
+	ck_assert_int_eq(qsm_snapshot_create_async(c.img, "vm", &so, c.err, sizeof(c.err), snap_cb,
+						   &c), 0);
+	run_until_idle(&c);
+	ck_assert_msg(c.snap_ret == 0, "%s", c.err);
+	struct qsm_snapshot_info si = { .struct_size = sizeof(si) };
+	ck_assert_int_eq(qsm_snapshot_get(c.img, 0, &si), 0);
+	ck_assert_uint_eq(si.vm_state_size, len);
+	ck_assert_uint_eq(si.vm_clock_nsec, 123456789);
+	/* the active copy is gone */
+	ck_assert_int_eq(vm_io(&c, false, back, len), 0);
+	for (size_t i = 0; i < len; i++)
+		ck_assert_msg(back[i] == 0, "active VM state byte %zu: %#x", i, back[i]);
+	/* apply: the snapshot's VM state is the active one again */
+	ck_assert_int_eq(qsm_snapshot_apply(c.img, "vm", c.err, sizeof(c.err)), 0);
+	ck_assert_int_eq(vm_io(&c, false, back, len), 0);
+	ck_assert(memcmp(back, st, len) == 0);
+	free(st);
+	free(back);
+	close_and_verify(&c, seed, "vm", c.before, 1);
+}
+END_TEST
+
 static Suite *snapops_suite(void)
 {
 	Suite *s = suite_create("snapops");
@@ -439,6 +495,7 @@ static Suite *snapops_suite(void)
 	tcase_add_loop_test(tc, live_delete, 0, seeds);
 	tcase_add_test(tc, rules);
 	tcase_add_test(tc, overflow);
+	tcase_add_test(tc, vm_state);
 	suite_add_tcase(s, tc);
 	return s;
 }
