@@ -15,24 +15,13 @@
 #    that the fuzzer's "engine aborted" oracle works (this build must have
 #    assertions on: QSM_ASSERTS, the default with QSM_MUTANTS);
 # and the unmutated engine must pass the same budget with the same options.
-# QSM_MUTANT_BUDGET overrides BUDGET (default 200 * QSM_TEST_SCALE, at
+# QSM_MUTANT_BUDGET overrides BUDGET (default 120 * QSM_TEST_SCALE, at
 # least 60).
 source "$(dirname "$0")/lib.sh"
 interop_init
 
-BUDGET=${QSM_MUTANT_BUDGET:-$(scaled 200)}
+BUDGET=${QSM_MUTANT_BUDGET:-$(scaled 120)}
 [ "$BUDGET" -lt 60 ] && BUDGET=60
-# Snapshot runs cost more than a plain one: three fifths of the budget (the
-# snapshot mutants are caught inside it), the unmutated engine held to the
-# same.
-SNAP_BUDGET=$(( BUDGET * 3 / 5 ))
-[ "$SNAP_BUDGET" -lt 60 ] && SNAP_BUDGET=60
-budget_for() {
-    case $1 in
-    snap-*) echo "$SNAP_BUDGET";;
-    *) echo "$BUDGET";;
-    esac
-}
 ok() { CHECKS=$((CHECKS + 1)); }
 
 mutants=$("$QSM" fuzz --list-mutants | awk '{print $1}') ||
@@ -59,12 +48,12 @@ declare -A caught
 for m in $mutants; do
     out="$WORK/$m.out"
     # shellcheck disable=SC2046
-    (cd "$WORK" && timeout "$TIMEOUT" "$QSM" fuzz --seed 1 --runs "$(budget_for "$m")" $(opts_for "$m") \
+    (cd "$WORK" && timeout "$TIMEOUT" "$QSM" fuzz --seed 1 --runs "$BUDGET" $(opts_for "$m") \
         --qemu-check-every 0 --shrink-budget 60 --mutant "$m" --out "$WORK") >"$out" 2>&1
     rc=$?
     ok
     if [ $rc != 1 ]; then
-        fail "mutant $m: not caught within $(budget_for "$m") runs (exit $rc)"
+        fail "mutant $m: not caught within $BUDGET runs (exit $rc)"
         show_tail "$out"
         continue
     fi
@@ -117,10 +106,8 @@ done
 # The unmutated engine, same budgets and options.
 for o in "--crash --faults" "--crash --faults --lazy-refcounts" "--crash --faults --snapshots"; do
     ok
-    runs=$BUDGET
-    [[ $o == *--snapshots* ]] && runs=$SNAP_BUDGET
     # shellcheck disable=SC2086
-    if ! (cd "$WORK" && timeout "$TIMEOUT" "$QSM" fuzz --seed 1 --runs "$runs" $o \
+    if ! (cd "$WORK" && timeout "$TIMEOUT" "$QSM" fuzz --seed 1 --runs "$BUDGET" $o \
             --qemu-check-every 0 --out "$WORK") >"$WORK/unmutated.out" 2>&1; then
         fail "the unmutated engine fails the budget ($o)"
         show_tail "$WORK/unmutated.out"
@@ -135,6 +122,6 @@ if "$QSM" fuzz --mutant no-such-rule >"$WORK/unknown.out" 2>&1 || ! grep -q "no 
     fail "--mutant no-such-rule is not refused"
 fi
 
-log "runs to catch each mutant (budget $BUDGET, snapshot mutants $SNAP_BUDGET):"
+log "runs to catch each mutant (budget $BUDGET):"
 for m in $mutants; do log "  $m: ${caught[$m]:-not caught}"; done
 interop_finish

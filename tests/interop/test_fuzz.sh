@@ -44,12 +44,12 @@ budget() {   # budget TAG RUNS ARGS...
         log "$tag: $(grep '^qsm fuzz: [0-9]' "$WORK/$tag.out")"
     fi
 }
-budget mixed 400 --crash --faults
-budget lazy 120 --crash --faults --lazy-refcounts
-budget backing 120 --crash --faults --backing
-budget compressed 60 --crash --compressed
-budget writethrough 80 --crash -t writethrough
-budget random-schedule 200 --crash --faults --schedule random
+budget mixed 240 --crash --faults
+budget lazy 80 --crash --faults --lazy-refcounts
+budget backing 80 --crash --faults --backing
+budget compressed 40 --crash --compressed
+budget writethrough 60 --crash -t writethrough
+budget random-schedule 100 --crash --faults --schedule random
 budget snapshots 40 --crash --faults --snapshots
 
 # 2. Regressions.
