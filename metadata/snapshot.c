@@ -66,6 +66,27 @@ static char *dup_str(const uint8_t *p, size_t n)
 	return s;
 }
 
+/* An entry's extra data, `extra` bytes at e (at most what is kept): the
+ * 64-bit VM state size, disk size and icount when present (disk size
+ * otherwise the image's, icount QCOW2_SNAPSHOT_NO_ICOUNT), and any bytes
+ * past them kept as unknown extra data.  0 or -ENOMEM. */
+static int parse_extra(struct qcow2_snapshot *sn, const uint8_t *e, uint32_t extra,
+		       uint64_t virtual_size)
+{
+	if (extra >= 8)
+		sn->vm_state_size = qcow2_be64(e);
+	sn->disk_size = extra >= 16 ? qcow2_be64(e + 8) : virtual_size;
+	sn->icount = extra >= 24 ? qcow2_be64(e + 16) : QCOW2_SNAPSHOT_NO_ICOUNT;
+	if (extra > QCOW2_SNAPSHOT_EXTRA) {
+		sn->unknown_extra_len = extra - QCOW2_SNAPSHOT_EXTRA;
+		sn->unknown_extra = malloc(sn->unknown_extra_len);
+		if (!sn->unknown_extra)
+			return -ENOMEM;
+		memcpy(sn->unknown_extra, e + QCOW2_SNAPSHOT_EXTRA, sn->unknown_extra_len);
+	}
+	return 0;
+}
+
 int qcow2_snapshots_parse(const uint8_t *buf, size_t len, uint32_t nb, uint64_t virtual_size,
 			  struct qcow2_snapshot_table *t, size_t *need, char *err, size_t errlen)
 {
@@ -122,19 +143,8 @@ int qcow2_snapshots_parse(const uint8_t *buf, size_t len, uint32_t nb, uint64_t 
 			goto fail;
 		}
 		e += QCOW2_SNAPSHOT_HDR;
-		if (extra >= 8)
-			sn->vm_state_size = qcow2_be64(e);
-		sn->disk_size = extra >= 16 ? qcow2_be64(e + 8) : virtual_size;
-		sn->icount = extra >= 24 ? qcow2_be64(e + 16) : QCOW2_SNAPSHOT_NO_ICOUNT;
-		if (extra > QCOW2_SNAPSHOT_EXTRA) {
-			sn->unknown_extra_len = extra - QCOW2_SNAPSHOT_EXTRA;
-			sn->unknown_extra = malloc(sn->unknown_extra_len);
-			if (!sn->unknown_extra) {
-				ret = -ENOMEM;
-				goto fail;
-			}
-			memcpy(sn->unknown_extra, e + QCOW2_SNAPSHOT_EXTRA, sn->unknown_extra_len);
-		}
+		if ((ret = parse_extra(sn, e, extra, virtual_size)) < 0)
+			goto fail;
 		e += extra;
 		sn->id = dup_str(e, idl);
 		sn->name = dup_str(e + idl, nml);
@@ -303,19 +313,8 @@ int qcow2_snapshots_read_check(qcow2_snapshot_reader rd, void *opaque, uint64_t 
 		sn->extra_data_size = keep;
 		if ((ret = win_get(&w, off, keep, &e)) < 0)
 			goto rd_fail;
-		if (keep >= 8)
-			sn->vm_state_size = qcow2_be64(e);
-		sn->disk_size = keep >= 16 ? qcow2_be64(e + 8) : virtual_size;
-		sn->icount = keep >= 24 ? qcow2_be64(e + 16) : QCOW2_SNAPSHOT_NO_ICOUNT;
-		if (keep > QCOW2_SNAPSHOT_EXTRA) {
-			sn->unknown_extra_len = keep - QCOW2_SNAPSHOT_EXTRA;
-			sn->unknown_extra = malloc(sn->unknown_extra_len);
-			if (!sn->unknown_extra) {
-				ret = -ENOMEM;
-				goto fail;
-			}
-			memcpy(sn->unknown_extra, e + QCOW2_SNAPSHOT_EXTRA, sn->unknown_extra_len);
-		}
+		if ((ret = parse_extra(sn, e, keep, virtual_size)) < 0)
+			goto fail;
 		off += extra;   /* the bytes past a cut are skipped, never read */
 		if ((ret = win_get(&w, off, (size_t)idl + nml, &e)) < 0)
 			goto rd_fail;

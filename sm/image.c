@@ -1644,7 +1644,7 @@ static int check_range(struct qsm_image *img, uint64_t offset, uint64_t bytes)
 /* Writes of every kind (write, zero write, compressed write, discard):
  * refused on a read-only image, on a corrupt one (-ENOMEDIUM, as QEMU) and
  * after a failed metadata write (-EIO). */
-static int check_writable(struct qsm_image *img)
+int qsm_check_writable(struct qsm_image *img)
 {
 	if (img->read_only)
 		return -EBADF;
@@ -1682,7 +1682,7 @@ static int submit_rw_at(struct qsm_image *img, enum qsm_machine m, uint64_t offs
 	int ret = vmstate ? (img->closing ? -ESHUTDOWN : 0) : check_range(img, offset, bytes);
 	if (ret < 0)
 		return ret;
-	if (m == QSM_M_WRITE && (ret = check_writable(img)) < 0)
+	if (m == QSM_M_WRITE && (ret = qsm_check_writable(img)) < 0)
 		return ret;
 	struct qsm_req *req = new_req(img, m, offset, bytes, iov, iovcnt, cb, opaque);
 	if (!req)
@@ -1754,7 +1754,7 @@ static int submit_range(struct qsm_image *img, enum qsm_machine m, uint64_t offs
 	int ret = flags & QSM_REQ_VMSTATE ? (img->closing ? -ESHUTDOWN : 0)
 					  : check_range(img, offset, bytes);
 	if (ret == 0)
-		ret = check_writable(img);
+		ret = qsm_check_writable(img);
 	if (ret < 0)
 		return ret;
 	struct qsm_req *req = new_req(img, m, offset, bytes, NULL, 0, cb, opaque);
@@ -1805,7 +1805,7 @@ int qsm_write_compressed(struct qsm_image *img, uint64_t offset, const struct io
 	if (!QSM_IS_ALIGNED(offset, img->cluster_size) ||
 	    (!QSM_IS_ALIGNED(bytes, img->cluster_size) && offset + bytes != img->hdr.size))
 		return -EINVAL;
-	if ((ret = check_writable(img)) < 0)
+	if ((ret = qsm_check_writable(img)) < 0)
 		return ret;
 	struct qsm_req *req = new_req(img, QSM_M_WRITE_COMPRESSED, offset, bytes, iov, iovcnt,
 				      cb, opaque);

@@ -612,6 +612,9 @@ int qsm_vmstate_submit(struct qsm_image *img, enum qsm_machine m, uint64_t offse
  * the end of the L1 table (nothing is mapped past it).  For
  * sm/snapops.c; asynchronous as qsm_discard: 0 or -errno (cb not called
  * then), -ENOTSUP on raw images. */
+/* May writes be submitted?  -EBADF read-only, -ENOMEDIUM corrupt, -EIO
+ * after a failed metadata write (sm/image.c, the submit functions'). */
+int qsm_check_writable(struct qsm_image *img);
 int qsm_vmstate_discard(struct qsm_image *img, uint64_t pos, uint64_t bytes, qsm_cb cb,
 			void *opaque);
 /* Reserve file space ahead of newly allocated clusters ending at `end`. */

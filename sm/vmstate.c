@@ -212,12 +212,8 @@ int qsm_vmstate_writev(struct qsm_image *img, uint64_t pos, const struct iovec *
 	int ret = vmstate_range(img, pos, iov, iovcnt, &start, &bytes);
 	if (ret < 0)
 		return ret;
-	if (img->read_only)
-		return -EBADF;
-	if (img->corrupt)
-		return -ENOMEDIUM;
-	if (img->error)
-		return -EIO;
+	if ((ret = qsm_check_writable(img)) < 0)
+		return ret;
 	uint64_t end = start + bytes;
 	if (bytes && QSM_DIV_ROUND_UP(end, span_of(img)) > img->l1_size &&
 	    (ret = vmstate_grow(img, end)) < 0)
