@@ -15,6 +15,7 @@
 #    that the fuzzer's "engine aborted" oracle works (this build must have
 #    assertions on: QSM_ASSERTS, the default with QSM_MUTANTS);
 # and the unmutated engine must pass the same budget with the same options.
+# The jobs run QSM_TEST_JOBS at a time (default: the cores).
 # QSM_MUTANT_BUDGET overrides BUDGET (default 120 * QSM_TEST_SCALE, at
 # least 60).
 source "$(dirname "$0")/lib.sh"
@@ -44,22 +45,30 @@ expect_for() {
     esac
 }
 
-declare -A caught
-for m in $mutants; do
-    out="$WORK/$m.out"
+# One job per mutant and per unmutated option set, JOBS at a time (each is
+# one single-threaded qsm fuzz; default: the machine's cores).  A job runs
+# in a subshell in its own directory (replay files are named by seed, and
+# two mutants may fail at the same one); its log lines go to DIR/log, its
+# counts to DIR/counts ("CHECKS FAILS [RUNS-TO-CATCH]"), replayed below in
+# job order so that the output reads as if the jobs had run one by one.
+JOBS=${QSM_TEST_JOBS:-$(nproc 2>/dev/null || echo 2)}
+
+judge_mutant() {   # judge_mutant NAME DIR
+    local m=$1 d=$2 out rc runs why want seed f n min
+    out="$d/$m.out"
     # shellcheck disable=SC2046
-    (cd "$WORK" && timeout "$TIMEOUT" "$QSM" fuzz --seed 1 --runs "$BUDGET" $(opts_for "$m") \
-        --qemu-check-every 0 --shrink-budget 60 --mutant "$m" --out "$WORK") >"$out" 2>&1
+    (cd "$d" && timeout "$TIMEOUT" "$QSM" fuzz --seed 1 --runs "$BUDGET" $(opts_for "$m") \
+        --qemu-check-every 0 --shrink-budget 60 --mutant "$m" --out "$d") >"$out" 2>&1
     rc=$?
     ok
     if [ $rc != 1 ]; then
         fail "mutant $m: not caught within $BUDGET runs (exit $rc)"
         show_tail "$out"
-        continue
+        return
     fi
     runs=$(sed -n 's/.*FAILED (first: seed \([0-9]*\), after \([0-9]*\) runs).*/\2/p' "$out")
     why=$(sed -n 's/^qsm fuzz: FAILURE: //p' "$out" | head -1)
-    caught[$m]=$runs
+    CAUGHT=$runs
     log "mutant $m: caught after $runs runs: $why"
     want=$(expect_for "$m")
     if [ -n "$want" ]; then
@@ -70,7 +79,7 @@ for m in $mutants; do
         fi
     fi
     seed=$(sed -n 's/.*FAILED (first: seed \([0-9]*\),.*/\1/p' "$out")
-    for f in "$WORK/qsm-fuzz-$seed.replay" "$WORK/qsm-fuzz-$seed.min.replay"; do
+    for f in "$d/qsm-fuzz-$seed.replay" "$d/qsm-fuzz-$seed.min.replay"; do
         ok
         if [ ! -s "$f" ]; then
             fail "mutant $m: no replay file $f"
@@ -80,7 +89,7 @@ for m in $mutants; do
         rc=$?
         [ $rc = 1 ] || { fail "mutant $m: replaying $f exits $rc, expected 1 (the same failure)"; show_tail "$f.out"; }
     done
-    min="$WORK/qsm-fuzz-$seed.min.replay"
+    min="$d/qsm-fuzz-$seed.min.replay"
     if [ -s "$min" ]; then
         ok
         log "mutant $m: shrunk to $(grep -c '^op ' "$min") requests"
@@ -101,20 +110,53 @@ for m in $mutants; do
             fi
         fi
     fi
-done
+}
 
 # The unmutated engine, same budgets and options.
-for o in "--crash --faults" "--crash --faults --lazy-refcounts" "--crash --faults --snapshots"; do
+judge_unmutated() {   # judge_unmutated DIR OPTIONS...
+    local d=$1; shift
     ok
-    # shellcheck disable=SC2086
-    if ! (cd "$WORK" && timeout "$TIMEOUT" "$QSM" fuzz --seed 1 --runs "$BUDGET" $o \
-            --qemu-check-every 0 --out "$WORK") >"$WORK/unmutated.out" 2>&1; then
-        fail "the unmutated engine fails the budget ($o)"
-        show_tail "$WORK/unmutated.out"
+    if ! (cd "$d" && timeout "$TIMEOUT" "$QSM" fuzz --seed 1 --runs "$BUDGET" "$@" \
+            --qemu-check-every 0 --out "$d") >"$d/unmutated.out" 2>&1; then
+        fail "the unmutated engine fails the budget ($*)"
+        show_tail "$d/unmutated.out"
     else
-        log "unmutated ($o): $(grep '^qsm fuzz: [0-9]' "$WORK/unmutated.out")"
+        log "unmutated ($*): $(grep '^qsm fuzz: [0-9]' "$d/unmutated.out")"
     fi
+}
+
+run_job() {   # run_job DIR CMD...: CMD in a subshell, its results in DIR
+    local d=$1; shift
+    mkdir -p "$d"
+    (
+        CHECKS=0 FAILS=0 CAUGHT=
+        "$@" >"$d/log" 2>&1
+        echo "$CHECKS $FAILS $CAUGHT" >"$d/counts"
+    ) &
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+}
+
+unmutated_opts=("--crash --faults" "--crash --faults --lazy-refcounts" "--crash --faults --snapshots")
+for m in $mutants; do run_job "$WORK/m-$m" judge_mutant "$m" "$WORK/m-$m"; done
+for i in "${!unmutated_opts[@]}"; do
+    # shellcheck disable=SC2086
+    run_job "$WORK/u-$i" judge_unmutated "$WORK/u-$i" ${unmutated_opts[$i]}
 done
+wait
+
+declare -A caught
+collect() {   # collect DIR [MUTANT]: its log and counts into this shell's
+    local d=$1 c f r
+    cat "$d/log" 2>/dev/null
+    if ! read -r c f r <"$d/counts" 2>/dev/null; then
+        CHECKS=$((CHECKS + 1)); fail "job $d left no results"; return
+    fi
+    CHECKS=$((CHECKS + c)) FAILS=$((FAILS + f))
+    [ -n "${2:-}" ] && [ -n "$r" ] && caught[$2]=$r
+    return 0
+}
+for m in $mutants; do collect "$WORK/m-$m" "$m"; done
+for i in "${!unmutated_opts[@]}"; do collect "$WORK/u-$i"; done
 
 # A mutant the build does not have.
 ok

@@ -36,9 +36,11 @@ fuzz() {
 }
 
 # 1. Budgets.
+# QSM_FUZZ_SCALE scales them instead of QSM_TEST_SCALE where set (tests/run
+# sets it in the sanitizer pass, which has a fuzz budget step of its own).
 budget() {   # budget TAG RUNS ARGS...
     local tag=$1 runs
-    runs=$(scaled "$2")
+    runs=$(SCALE=${QSM_FUZZ_SCALE:-$SCALE} scaled "$2")
     shift 2
     if fuzz "$tag" 0 --seed "$SEED" --runs "$runs" --qemu-check-every 10 "$@"; then
         log "$tag: $(grep '^qsm fuzz: [0-9]' "$WORK/$tag.out")"
