@@ -541,6 +541,13 @@ void qsm_snap_forget(struct qsm_image *img);
 void qsm_snap_job_free(struct qsm_req *req);
 /* Is what the running operation waits for over (img->snap_req set)? */
 bool qsm_snap_drained(const struct qsm_image *img);
+/* May the write-back put L2 and L1 writes in the refcount block level (one
+ * sync for all three)?  True while an operation that holds every writer
+ * runs past its drain batch on an image whose dirty bit is durable: the
+ * only metadata changing is the operation's own (refcounts, COPIED flags,
+ * no new references), and any mix of it that a crash leaves is one the
+ * repair on open puts right (sm/snapops.c, "Crash safety"). */
+bool qsm_snap_flat(const struct qsm_image *img);
 
 /* --- sm/image.c ---------------------------------------------------------- */
 /* Step functions of the CLOSE machine. */

@@ -53,26 +53,35 @@
  * most once per operation (by the write-back, when a flag changed), and an
  * L2 table whose entries are all unallocated costs its read only.
  *
- * Crash safety.  Each operation first makes the dirty bit (incompatible bit
- * 0) durable on a v3 image and holds it until the operation is over
- * (img->dirty_hold): qemu-img check may find refcounts one too high (leaks)
- * or COPIED flags that disagree with them in the middle of an operation,
- * and an image with the dirty bit set is repaired when QEMU or qsm opens it
- * read-write.  The order of each plan then makes every intermediate state
+ * Crash safety.  On a v3 image the dirty bit (incompatible bit 0) is
+ * durable while an operation changes refcounts and COPIED flags together,
+ * and held until the operation is over (img->dirty_hold): qemu-img check
+ * may find refcounts one too high (leaks) or COPIED flags that disagree
+ * with them in the middle of an operation, and an image with the dirty bit
+ * set is repaired when QEMU or qsm opens it read-write.  A create writes
+ * it first (its COPIED flags change before its commit), an apply or a
+ * delete with its commit (they change COPIED flags after it; before it,
+ * a crash leaves at most leaks, as QEMU's do).  The order of each plan then makes every intermediate state
  * one whose repair gives the image before or after the operation, never one
  * where a cluster is referenced more than its refcount says:
  *   create: the L1 copy and the new snapshot table written, refcounts +1
- *           and COPIED cleared in the active tables, durable in that order
- *           (one batch: the copy and the table before it, refcount blocks
- *           before L2 tables); then the header naming the table (the
- *           commit point), the old table freed once that is durable.
- *   delete: the table without the entry (durable), then the header (the
- *           commit point; the old table freed once it is durable); then the
- *           snapshot's references and its L1 copy released; COPIED
- *           restored where refcounts are back to 1.
- *   apply:  refcounts +1 for the snapshot's tables; a new active L1 table
- *           written to new clusters (both durable), then the header naming
- *           it (the commit point: a single sector write, so unlike QEMU's
+ *           and COPIED cleared in the active tables, all durable (one
+ *           batch: the copy and the table before it; refcount blocks,
+ *           L2 and L1 in one level under the dirty bit, in that order on
+ *           v2); then the header naming the table (the commit point, with
+ *           the dirty bit cleared: nothing is left to repair), the old
+ *           table freed once that is durable.
+ *   delete: the table without the entry, then the header (the commit
+ *           point, with the dirty bit, in the batch whose first sync makes
+ *           the table durable;
+ *           the old table freed once the header is); then the snapshot's
+ *           references and its L1 copy released; COPIED restored where
+ *           refcounts are back to 1.
+ *   apply:  refcounts +1 for the snapshot's tables and a new active L1
+ *           table written to new clusters, then the header naming it and
+ *           setting the dirty bit (one batch: refcount blocks and the L1
+ *           durable before the header;
+ *           the commit point is a single sector write, so unlike QEMU's
  *           in-place L1 overwrite a crash never leaves a mix of the two
  *           tables); then the old active references and L1 released and
  *           COPIED set where refcounts are 1.
@@ -139,30 +148,36 @@ enum snap_phase {
 /*
  * Each plan starts after the first full write-back (SNAP_DRAIN's).  One
  * SYNC covers several steps where a write-back batch's own order is the
- * one needed: the L1 copy and the snapshot table are written before the
- * batch (its first sync covers them), refcount blocks are durable before
- * any L2 table, and a full batch releases deferred frees (the old
- * snapshot table's clusters, freed at SNAP_COMMIT) only once the header
- * that stopped naming them is durable.  What must be durable before the
- * header names it gets a batch of its own before SNAP_COMMIT.
+ * one needed: an L1 copy or snapshot table written by a step before the
+ * batch is durable at its first sync, refcount blocks are durable before
+ * the header, and a full batch releases deferred frees (the old snapshot
+ * table's clusters, freed at SNAP_COMMIT) only once the header that
+ * stopped naming them is durable.  While the dirty bit is durable, a batch
+ * without a header write writes refcount blocks, L2 and L1 entries as one
+ * level (qsm_snap_flat): what the dirty bit covers needs no order.  What
+ * must be durable before the header names it and is not a refcount gets a
+ * batch of its own before SNAP_COMMIT (create: the COPIED flags).  An
+ * END before a commit lets that commit's header clear the dirty bit too
+ * (sm/writeback.c: a full batch writing only the header, all else
+ * durable).
  */
 static const enum snap_phase plans[3][16] = {
 	/* create: the L1 copy, +1 on what the active tables reference, COPIED
-	 * cleared, the new table (durable: refcounts, then tables); the
-	 * header, the old table freed after it, the active VM state dropped
+	 * cleared, the new table (durable, one level); the header, clean
+	 * again, the old table freed after it, the active VM state dropped
 	 * (durable) */
-	[OP_CREATE] = { PH_L1_WRITE, PH_REFS, PH_COPIED, PH_TABLE, PH_SYNC, PH_COMMIT, PH_VMSTATE,
+	[OP_CREATE] = { PH_L1_WRITE, PH_REFS, PH_COPIED, PH_TABLE, PH_SYNC, PH_END, PH_COMMIT,
+			PH_VMSTATE, PH_SYNC, PH_STOP },
+	/* apply: +1 on what the snapshot references, the new active L1, the
+	 * header (durable: refcounts and the L1 first); -1 on what the old
+	 * active tables referenced, their L1 freed, COPIED set (durable) */
+	[OP_APPLY] = { PH_L1_LOAD, PH_REFS, PH_L1_WRITE, PH_COMMIT, PH_SYNC, PH_REFS, PH_FREE_L1,
+		       PH_COPIED, PH_END, PH_SYNC, PH_STOP },
+	/* delete: the table without it, the header (durable: the table
+	 * first), the old table freed after it; its references and its L1
+	 * copy released, COPIED set where refcounts are 1 again (durable) */
+	[OP_DELETE] = { PH_L1_LOAD, PH_TABLE, PH_COMMIT, PH_SYNC, PH_REFS, PH_FREE_L1, PH_COPIED,
 			PH_END, PH_SYNC, PH_STOP },
-	/* apply: +1 on what the snapshot references, the new active L1
-	 * (durable); the header (durable); -1 on what the old active tables
-	 * referenced, their L1 freed, COPIED set (durable) */
-	[OP_APPLY] = { PH_L1_LOAD, PH_REFS, PH_L1_WRITE, PH_SYNC, PH_COMMIT, PH_SYNC, PH_REFS,
-		       PH_FREE_L1, PH_COPIED, PH_END, PH_SYNC, PH_STOP },
-	/* delete: the table without it (durable); the header, the old table
-	 * freed after it (durable); its references and its L1 copy released,
-	 * COPIED set where refcounts are 1 again (durable) */
-	[OP_DELETE] = { PH_L1_LOAD, PH_TABLE, PH_SYNC, PH_COMMIT, PH_SYNC, PH_REFS, PH_FREE_L1,
-			PH_COPIED, PH_END, PH_SYNC, PH_STOP },
 };
 /* Mutant snap-early-free (sm/mutant.c): delete's references dropped first. */
 static const enum snap_phase early_free_plan[16] = {
@@ -188,6 +203,7 @@ struct qsm_snapjob {
 	int ret;                     /* the error a FAIL plan ends with */
 	bool begun;                  /* the image changed: a failure is sticky */
 	bool dirty_set;              /* the first batch writes the dirty bit */
+	bool drained;                /* past the drain batch (qsm_snap_flat) */
 
 	/* apply, delete: the snapshot (its numbers; strings die with the table) */
 	struct qcow2_snapshot sn;
@@ -202,6 +218,9 @@ struct qsm_snapjob {
 	/* apply: the old active table, released after the commit */
 	uint8_t *old_l1;
 	uint64_t old_l1_size, old_l1_off;
+	/* delete: the old snapshot table, freed by SNAP_FREE once the header
+	 * that stopped naming it is durable (then zeroed) */
+	uint64_t old_table_off, old_table_size;
 
 	/* SNAP_REFS: the walk of `walk` (walk_size entries) adding delta; the
 	 * runs of L2 table `wi` (gathered), runs[ri..nb_runs) still to apply;
@@ -272,6 +291,12 @@ bool qsm_snap_holds(const struct qsm_image *img, const struct qsm_req *req)
 	if (m == QSM_M_FLUSH ? img->cache == QSM_CACHE_UNSAFE : req->bytes == 0)
 		return false; /* nothing to do: no reason to wait */
 	return s->snap->op == OP_APPLY || holds_writes(img, m);
+}
+
+bool qsm_snap_flat(const struct qsm_image *img)
+{
+	const struct qsm_req *r = img->snap_req;
+	return r && r->snap && r->snap->drained && img->disk_dirty && img->hdr.version >= 3;
 }
 
 bool qsm_snap_drained(const struct qsm_image *img)
@@ -683,8 +708,22 @@ static enum qsm_event step_table(struct qsm_req *req)
 		       (size_t)QSM_ALIGN_UP((uint64_t)size, 512), j->table_off);
 }
 
+/* The header written by the next SYNC carries the dirty bit (v3), unless
+ * the disk has it already. */
+static void mark_dirty(struct qsm_image *img, struct qsm_snapjob *j)
+{
+	if (img->disk_dirty)
+		return;
+	img->hdr.incompatible_features |= QCOW2_INCOMPAT_DIRTY;
+	img->header_dirty = true;
+	j->dirty_set = true;
+}
+
 /* The commit point: the header names the new table (create, delete) or the
- * new active L1 (apply); made durable by the SYNC after it. */
+ * new active L1 (apply); made durable by the SYNC after it.  Apply and
+ * delete set the dirty bit in it (v3): what they change after it, the
+ * references they release and the COPIED flags, needs it; nothing before
+ * it does (a crash there leaves leaks at most). */
 static enum qsm_event step_commit(struct qsm_req *req)
 {
 	struct qsm_image *img = req->img;
@@ -715,13 +754,21 @@ static enum qsm_event step_commit(struct qsm_req *req)
 		qcow2_snapshots_release(&img->snaps);
 		img->snaps = j->t;
 		memset(&j->t, 0, sizeof(j->t));
-		/* The old table's clusters: freed by the batch that makes
+		/* The old table's clusters: a delete frees them itself after
+		 * the SYNC (SNAP_FREE, in the batch that writes its other
+		 * refcounts); a create leaves them to the batch that makes
 		 * this header durable, once it is (its WB_RELEASE). */
-		for (uint64_t k = 0; old_size && k < clusters_for(img, old_size); k++)
+		if (j->op == OP_DELETE) {
+			j->old_table_off = old_size ? old_off : 0;
+			j->old_table_size = old_size;
+		}
+		for (uint64_t k = 0; j->op == OP_CREATE && old_size && k < clusters_for(img, old_size); k++)
 			if ((ret = qsm_free_cluster_deferred(img, old_off + (k << img->cluster_bits))) < 0)
 				return fail(req, ret);
 	}
 	img->header_dirty = true;
+	if (j->op != OP_CREATE && h->version >= 3)
+		mark_dirty(img, j);
 	if ((ret = qsm_image_meta_rebuild(img)) < 0)
 		return fail(req, ret);
 	return QSM_E_FINISHED;
@@ -838,22 +885,22 @@ enum qsm_event qsm_snap_step(struct qsm_req *req)
 			return QSM_E_WAIT; /* qsm_snap_wake */
 		if (img->error || img->corrupt)
 			return fail(req, img->corrupt ? -ENOMEDIUM : -EIO);
-		/* Everything written back first; on v3 the dirty bit with
-		 * it, held until PH_END. */
+		/* Everything written back first; on v3 the dirty bit held
+		 * until PH_END, and for a create written with it (apply and
+		 * delete: with their commit, step_commit). */
 		if (img->hdr.version >= 3) {
 			img->dirty_hold = true;
-			if (!img->disk_dirty) {
-				img->hdr.incompatible_features |= QCOW2_INCOMPAT_DIRTY;
-				img->header_dirty = true;
-				j->dirty_set = true;
-			}
+			if (j->op == OP_CREATE)
+				mark_dirty(img, j);
 		}
 		return QSM_E_NEED_DURABLE;
 	case QSM_S_SNAP_NEXT:
-		if (j->dirty_set) {
+		/* A SYNC just made the header with the dirty bit durable. */
+		if (j->dirty_set && (j->pc == 0 || j->plan[j->pc - 1] == PH_SYNC)) {
 			j->dirty_set = false;
 			img->disk_dirty = true;
 		}
+		j->drained = true;
 		do
 			ev = next_step(req, j->plan[j->pc++]);
 		while (ev == QSM_E_WAKE);
@@ -880,6 +927,12 @@ enum qsm_event qsm_snap_step(struct qsm_req *req)
 		qsm_l2_cache_drop_clean(&img->l2c);
 		if (j->op == OP_APPLY)
 			return step_free(req, j->old_l1_off, j->old_l1_size * 8);
+		if (j->old_table_off) {
+			ev = step_free(req, j->old_table_off, j->old_table_size);
+			if (ev != QSM_E_FINISHED)
+				return ev;
+			j->old_table_off = 0; /* done: the L1 copy next */
+		}
 		return step_free(req, j->sn.l1_table_offset, (uint64_t)j->sn.l1_size * 8);
 	default:
 		abort();

@@ -235,22 +235,26 @@ static int collect_header(struct qsm_image *img, struct qsm_meta_batch *b, bool 
 	return ret;
 }
 
-#ifdef QSM_MUTANTS
 /* Append src's writes to dst (ownership of the copies moves too). */
-static void batch_move(struct qsm_meta_batch *dst, struct qsm_meta_batch *src)
+static int batch_move(struct qsm_meta_batch *dst, struct qsm_meta_batch *src)
 {
 	for (size_t i = 0; i < src->n; i++) {
 		struct qsm_meta_write *m = &src->w[i];
-		if (qsm_meta_batch_add(dst, m->offset, m->buf, m->len, m->event) < 0)
-			abort(); /* a test build's mutant: no recovery */
+		int ret = qsm_meta_batch_add(dst, m->offset, m->buf, m->len, m->event);
+		if (ret < 0)
+			return ret;
 	}
 	qsm_meta_batch_clear(src);
+	return 0;
 }
-#endif
 
 /* The header level of a batch: the dirty bit set first when mark_dirty
  * (tables go out ahead of their refcounts), then the header whenever
- * anything dirtied it. */
+ * anything dirtied it.  A full batch whose only write is the header, with
+ * everything else durable (the rounds before, or earlier batches), clears
+ * the dirty bit in that same write rather than in a round of its own:
+ * pending frees may still drop refcounts after it, which a crash turns
+ * into leaks only.  Called after the refcount and L2 levels are collected. */
 static int collect_header_level(struct qsm_image *img, struct qsm_wb *wb, bool with_refcounts,
 				bool mark_dirty)
 {
@@ -259,6 +263,13 @@ static int collect_header_level(struct qsm_image *img, struct qsm_wb *wb, bool w
 		img->hdr.incompatible_features |= QCOW2_INCOMPAT_DIRTY;
 		img->header_dirty = true;
 		wb->marks_dirty = true;
+	}
+	if (img->header_dirty && wb->full && with_refcounts && img->disk_dirty && !img->dirty_hold &&
+	    !wb->cleaning && !wb->blocks.n && !wb->reftable.n && !wb->l2.n &&
+	    img->l1_dirty_hi <= img->l1_dirty_lo && !qsm_l2_dirty_count(&img->l2c) &&
+	    !qsm_refcount_dirty(img->rc)) {
+		img->hdr.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
+		wb->cleaning = true;
 	}
 	if (img->header_dirty) {
 		if ((ret = collect_header(img, &wb->header, with_refcounts)) < 0)
@@ -311,12 +322,19 @@ static int wb_collect(struct qsm_image *img, struct qsm_wb *wb, bool full)
 		img->l1_dirty_lo = img->l1_dirty_hi = 0;
 		l1_disk_note(img, lo, hi);
 	}
+	/* A snapshot operation's own changes under a durable dirty bit: one
+	 * level, one sync (qsm_snap_flat).  Not with a header or refcount
+	 * table write: those keep their order (rules 1, 5). */
+	if (qsm_snap_flat(img) && !wb->header.n && !wb->reftable.n && !wb->marks_dirty &&
+	    ((ret = batch_move(&wb->blocks, &wb->l2)) < 0 || (ret = batch_move(&wb->blocks, &wb->l1)) < 0))
+		return ret;
 #ifdef QSM_MUTANTS
-	if (QSM_MUTANT(REFBLOCK_AFTER_L2)) /* mutant: refcount blocks last */
-		batch_move(&wb->l1, &wb->blocks);
+	if (QSM_MUTANT(REFBLOCK_AFTER_L2) && batch_move(&wb->l1, &wb->blocks) < 0) /* mutant: refcount blocks last */
+		abort(); /* a test build's mutant: no recovery */
 	if (QSM_MUTANT(DIRTY_NOT_DURABLE) && wb->marks_dirty) {
 		/* mutant: the dirty bit travels with the tables, unordered */
-		batch_move(&wb->l2, &wb->header);
+		if (batch_move(&wb->l2, &wb->header) < 0)
+			abort();
 		wb->marks_dirty = false;
 		img->disk_dirty = true;
 	}
@@ -762,8 +780,8 @@ static enum qsm_event write_level(struct qsm_req *job, int level)
 	}
 	free(job->iov_buf);
 	job->iov_buf = iov;
-	if (level == WBL_L2)
-		wb->l2_submitted = b->n; /* level_io_cb reports each written */
+	for (size_t i = 0; i < b->n; i++)
+		wb->l2_submitted += ios[i].l2; /* level_io_cb reports each written */
 	for (size_t i = 0; i < b->n; i++) {
 		iov[i] = (struct iovec){ b->w[i].buf, b->w[i].len };
 		ios[i].io.iov = &iov[i];
@@ -835,9 +853,13 @@ static void job_done(struct qsm_req *job, int ret)
 		 * unevictable, until told: requests waiting for a cache slot
 		 * would sleep forever. */
 		if (wb->l2_submitted == 0)
-			for (size_t i = 0; i < wb->l2.n; i++)
-				if (wb->l2.w[i].event != QSM_IO_EV_HEADER_UPDATE) /* a mutant's */
-					qsm_l2_written(&img->l2c, wb->l2.w[i].offset, -EIO);
+			for (int l = 0; l < WBL__COUNT; l++) {
+				struct qsm_meta_batch *b = level_batch(wb, l);
+				for (size_t i = 0; i < b->n; i++)
+					if (b->w[i].event == QSM_IO_EV_L2_UPDATE ||
+					    b->w[i].event == QSM_IO_EV_L2_ALLOC)
+						qsm_l2_written(&img->l2c, b->w[i].offset, -EIO);
+			}
 		if (!img->error) {
 			img->error = -EIO;
 			snprintf(img->errmsg, sizeof(img->errmsg),
