@@ -174,10 +174,43 @@ bool qsm_io_leave_(struct qsm_io *io)
 
 #define QSM_IO_PRIV_DIO_WRITE 0x1 /* counted in cm_dio_writes */
 #define QSM_IO_PRIV_SUB       0x2 /* a bounce's sub-request: bytes count once, on the original */
+#define QSM_IO_PRIV_ELIDED    0x4 /* a flush completed without the backend (nothing to flush) */
 
 static void qsm_io_dio_write_done(struct qsm_io_common *c);
 static void qsm_io_dio_pump(struct qsm_io_common *c);
 static void qsm_io_dio_write_go(struct qsm_io_common *c, struct qsm_io_req *req);
+
+static bool qsm_io_op_writes(enum qsm_io_op op);
+
+/* A flush that reached the backend is over: what it covered is durable. */
+static void flush_done(struct qsm_io *io, int ret)
+{
+	assert(io->flushes_in_flight > 0);
+	if (--io->flushes_in_flight == 0) {
+		if (ret == 0 && io->flush_alone)
+			io->flushed_gen = io->flush_gen;
+		io->flush_alone = true;
+	} else {
+		io->flush_alone = false; /* which one covered what: unknown */
+	}
+}
+
+/* At submit: may this flush complete at once (nothing to flush), or else
+ * note what it covers. */
+static bool flush_elide(struct qsm_io *io)
+{
+	if (io->flushes_in_flight == 0 && io->write_gen == io->flushed_gen) {
+		io->flushes_elided++;
+		return true;
+	}
+	if (io->flushes_in_flight++ == 0) {
+		io->flush_gen = io->write_gen;
+		io->flush_alone = true;
+	} else {
+		io->flush_alone = false;
+	}
+	return false;
+}
 
 void qsm_io_complete_(struct qsm_io *io, struct qsm_io_req *req, int ret)
 {
@@ -187,6 +220,12 @@ void qsm_io_complete_(struct qsm_io *io, struct qsm_io_req *req, int ret)
 	if (req->io_priv & QSM_IO_PRIV_DIO_WRITE) {
 		req->io_priv &= ~QSM_IO_PRIV_DIO_WRITE;
 		qsm_io_dio_write_done(container_of(io, struct qsm_io_common, io));
+	}
+	if (!(req->io_priv & QSM_IO_PRIV_SUB)) {
+		if (qsm_io_op_writes(req->op))
+			io->write_gen++;
+		else if (req->op == QSM_IO_FLUSH && !(req->io_priv & QSM_IO_PRIV_ELIDED))
+			flush_done(io, ret);
 	}
 	if (ret == 0 && !(req->io_priv & QSM_IO_PRIV_SUB)) {
 		if (req->op == QSM_IO_READ)
@@ -501,7 +540,8 @@ void qsm_io_submit(struct qsm_io *io, struct qsm_io_req *req)
 		return;
 	}
 	io->stats.ops[req->op]++;
-	if (req->op == QSM_IO_FLUSH && (io->flags & QSM_IO_NO_FLUSH)) {
+	if (req->op == QSM_IO_FLUSH && ((io->flags & QSM_IO_NO_FLUSH) || flush_elide(io))) {
+		req->io_priv |= QSM_IO_PRIV_ELIDED;
 		qsm_io_defer_complete_(io, req, 0);
 		return;
 	}
@@ -558,6 +598,7 @@ int qsm_io_pwrite_sync(struct qsm_io *io, const void *buf, size_t len, uint64_t 
 		return -EBADF;
 	if (off > INT64_MAX || len > INT64_MAX - off)
 		return -EINVAL;
+	io->write_gen++; /* a later flush must not be elided */
 	return io->ops->pwrite_sync(io, buf, len, off);
 }
 
@@ -567,7 +608,11 @@ int qsm_io_flush_sync(struct qsm_io *io)
 	assert(io->stats.in_flight == 0);
 	if (io->flags & QSM_IO_NO_FLUSH)
 		return 0;
-	return io->ops->flush_sync(io);
+	uint64_t gen = io->write_gen;
+	int ret = io->ops->flush_sync(io);
+	if (ret == 0)
+		io->flushed_gen = gen; /* nothing in flight (contract 6) */
+	return ret;
 }
 
 int qsm_io_truncate_sync(struct qsm_io *io, uint64_t size)
@@ -578,6 +623,7 @@ int qsm_io_truncate_sync(struct qsm_io *io, uint64_t size)
 		return -EBADF;
 	if (size > INT64_MAX)
 		return -EINVAL;
+	io->write_gen++;
 	return io->ops->truncate_sync(io, size);
 }
 

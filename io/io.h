@@ -57,6 +57,18 @@ struct qsm_io {
 	/* Owners besides the first (qsm_io_hold): qsm_io_close only drops one
 	 * while this is nonzero. */
 	unsigned extra_refs;
+	/* Flushes with nothing to flush (QEMU's write_gen/flushed_gen):
+	 * write_gen counts completed writing requests (successful or not);
+	 * flushed_gen is write_gen as it was when the last flush that
+	 * succeeded was submitted, recorded only when it ran alone
+	 * (flush_alone: no other flush overlapped it).  A flush submitted
+	 * with write_gen == flushed_gen and no flush in flight completes at
+	 * once with 0, never reaching the backend: every write that had
+	 * completed is durable already.  flushes_elided counts those. */
+	uint64_t write_gen, flushed_gen, flush_gen;
+	unsigned flushes_in_flight;
+	bool flush_alone;
+	uint64_t flushes_elided;
 };
 
 /* Take one more owner's reference (qsm_create_io lends the caller's handle

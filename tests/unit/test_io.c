@@ -567,6 +567,58 @@ START_TEST(test_flush)
 }
 END_TEST
 
+/* A flush with nothing to flush completes without the backend (QEMU's
+ * write_gen rule); one after a write, a failed write, a truncate or a
+ * blocking write does not; two overlapping flushes leave the next one real. */
+START_TEST(test_flush_elided)
+{
+	struct env e;
+	if (!env_open(&e, _i, 0, 6))
+		return;
+	uint8_t buf[4096];
+	fill_pattern(buf, sizeof(buf), 13);
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH), 0);
+	ck_assert_uint_eq(e.io->flushes_elided, 1); /* nothing written yet */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 0, sizeof(buf), buf, QSM_IO_EV_DATA_WRITE), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH), 0);
+	ck_assert_uint_eq(e.io->flushes_elided, 1);
+	if (e.sim)
+		ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH), 0);
+	ck_assert_uint_eq(e.io->flushes_elided, 2);
+
+	/* A truncate is a write. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_TRUNCATE, 1 * MiB, 0, NULL, QSM_IO_EV_NONE), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH), 0);
+	ck_assert_uint_eq(e.io->flushes_elided, 2);
+
+	/* Two flushes in flight after a write: which covered what is not
+	 * tracked, so the next flush goes to the backend. */
+	ck_assert_int_eq(do_op(&e, QSM_IO_WRITE, 8192, sizeof(buf), buf, QSM_IO_EV_DATA_WRITE), 0);
+	struct treq f1 = { 0 }, f2 = { 0 };
+	treq_set(&f1, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH);
+	treq_set(&f2, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH);
+	submit(e.io, &f1);
+	submit(e.io, &f2);
+	env_drain(&e);
+	ck_assert_int_eq(f1.done + f2.done, 2);
+	ck_assert_int_eq(f1.ret | f2.ret, 0);
+	ck_assert_uint_eq(e.io->flushes_elided, 2);
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH), 0);
+	ck_assert_uint_eq(e.io->flushes_elided, 2);
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH), 0);
+	ck_assert_uint_eq(e.io->flushes_elided, 3);
+
+	/* A blocking write, then an asynchronous flush: real. */
+	ck_assert_int_eq(qsm_io_pwrite_sync(e.io, buf, sizeof(buf), 0), 0);
+	ck_assert_int_eq(do_op(&e, QSM_IO_FLUSH, 0, 0, NULL, QSM_IO_EV_FLUSH), 0);
+	ck_assert_uint_eq(e.io->flushes_elided, 3);
+	if (e.sim)
+		ck_assert_uint_eq(qsm_sim_unflushed(e.sim), 0);
+	env_close(&e);
+}
+END_TEST
+
 /* --- O_DIRECT with byte-granular requests --------------------------------------------- */
 
 /* Open a new file with QSM_IO_DIRECT on backend b (threads or io_uring);
@@ -2102,6 +2154,7 @@ static Suite *io_suite(void)
 	tcase_add_loop_test(tu, test_zero_fallback_tmpfs, B_URING, B_URING + 1);
 	ADD_BACKENDS(tc, tu, test_truncate);
 	ADD_BACKENDS(tc, tu, test_flush);
+	ADD_BACKENDS(tc, tu, test_flush_elided);
 	tcase_add_loop_test(tc, test_direct_misaligned, 0, 1); /* threads */
 	tcase_add_loop_test(tu, test_direct_misaligned, 1, 2); /* io_uring */
 	tcase_add_loop_test(tc, test_direct_abandon_bounces, 0, 1);
