@@ -20,10 +20,15 @@
  *      writes new refcount blocks and a new table, taken from the imrt, into
  *      free clusters, flushes, then switches the header to them; the old
  *      structure is then leaked, and freed by a second pass;
- *   4. check_oflag_copied(): COPIED must equal (refcount == 1) in the active
- *      L1 and its L2 tables;
- *   5. fix_snapshots(): with FIX_ERRORS, the snapshot table rewritten when
+ *   4. fix_snapshots(): with FIX_ERRORS, the snapshot table rewritten when
  *      only that repairs it (qcow2_check_fix_snapshot_table);
+ *   5. check_oflag_copied(): COPIED must equal (refcount == 1) in the active
+ *      L1 and its L2 tables.  Unlike qemu (which runs it inside 3, before
+ *      4) it comes after the last step that changes a refcount, so a
+ *      repair that says no corruption is left leaves none: the rewrite in
+ *      4 frees the old table's clusters, and one it shared with an active
+ *      L2 table or data cluster is then referenced once (qemu-img finds
+ *      that flag wrong in its second check);
  *   6. with fix flags and nothing left broken: clear the dirty and corrupt
  *      bits (one 8-byte write of incompatible_features, then flush).
  * Beyond qemu, with FIX_ERRORS: L1/L2 entries that point past the end of
@@ -96,6 +101,7 @@ struct ck {
 	struct ck_res *res;
 	bool rebuilt;
 	bool opening;            /* QSM_CHECK_OPENING */
+	bool copied_repair;      /* check_copied() repairs (set by check_refcounts) */
 };
 
 static void say(struct ck *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -933,19 +939,22 @@ fail2:
 	return r;
 }
 
-/* check_oflag_copied(). */
-static int check_copied(struct ck *c, unsigned fix)
+/*
+ * check_oflag_copied(), repairing when c->copied_repair.  It judges the
+ * stored refcounts, so it runs after every step of a repair that changes
+ * one: the refcount pass, and the snapshot table rewrite (write_snapshots),
+ * which lowers the old table's clusters by one.  A cluster the old table
+ * shared with an active L2 table or data cluster (a damaged
+ * snapshots_offset, or an entry pointing into the table) goes from 2 to 1
+ * there, and its COPIED flag must then be set: judged before the rewrite
+ * (as qemu does, whose qemu-img finds it in its second check), the flag
+ * was left wrong while corruptions_left said 0.
+ */
+static int check_copied(struct ck *c)
 {
-	bool repair;
+	bool repair = c->copied_repair;
 	uint8_t *t = c->l2buf;
 	int r;
-
-	if (fix & QSM_CHECK_FIX_ERRORS)
-		repair = true;
-	else if (fix & QSM_CHECK_FIX_LEAKS)
-		repair = !c->res->check_errors && !c->res->corruptions && !c->res->leaks;
-	else
-		repair = false;
 
 	for (uint32_t i = 0; i < c->h.l1_size; i++) {
 		uint64_t e = c->l1[i], l2 = e & QCOW2_L1E_OFFSET_MASK, rc;
@@ -1100,16 +1109,12 @@ static int check_refcounts(struct ck *c, unsigned fix)
 			}
 		}
 	}
-	r = check_copied(c, fix);
-	if (r < 0)
-		return r;
-	if (fix) {
-		r = qsm_io_flush_sync(c->io);
-		if (r < 0) {
-			res->check_errors++;
-			return r;
-		}
-	}
+	/* check_oflag_copied()'s choice, made on this pass's findings (as
+	 * qemu's refcount_res), though the pass itself runs later (check_copied) */
+	if (fix & QSM_CHECK_FIX_ERRORS)
+		c->copied_repair = true;
+	else if (fix & QSM_CHECK_FIX_LEAKS)
+		c->copied_repair = !res->check_errors && !res->corruptions && !res->leaks;
 	res->image_end_offset = (highest + 1) * c->cs;
 	return 0;
 }
@@ -1488,7 +1493,8 @@ int qsm_check_image(struct qsm_io *io, unsigned fix, struct qsm_check_result *ou
 		return r;
 	}
 	/* qcow2_co_check_locked(): the snapshot table, the refcounts, then
-	 * the table rewritten when only that repairs it */
+	 * the table rewritten when only that repairs it; the COPIED flags
+	 * last, on the refcounts all of that left (check_copied) */
 	uint64_t sn_corrupt = 0;
 	r = check_read_snapshots(&c, fix, &sn_corrupt, out, err, errlen);
 	if (r < 0 && c.opening) {
@@ -1502,10 +1508,17 @@ int qsm_check_image(struct qsm_io *io, unsigned fix, struct qsm_check_result *ou
 		res.corruptions += sn.corruptions;
 		res.corruptions_fixed += sn.corruptions_fixed;
 		res.check_errors += sn.check_errors;
-		if (r == 0)
+		if (r == 0) {
 			r = fix_snapshots(&c, fix, sn_corrupt);
-		else
+			/* after a failed rewrite too: its refcounts are on disk */
+			int r2 = check_copied(&c);
+			if (r == 0)
+				r = r2;
+			if (r == 0 && fix && (r = qsm_io_flush_sync(c.io)) < 0)
+				res.check_errors++;
+		} else {
 			res.corruptions += sn_corrupt;
+		}
 	}
 	if (r == 0 && fix && res.check_errors == 0 && res.corruptions == 0) {
 		r = mark_clean(&c);

@@ -33,7 +33,10 @@
  * extra data cut to 1024 bytes, incomplete entries completed (disk size
  * filled in), the table rewritten into free clusters after the refcount
  * pass (qcow2_check_fix_snapshot_table); an unaligned or oversized
- * snapshot L1 table stays (qemu-img leaves it too).  A repair is
+ * snapshot L1 table stays (qemu-img leaves it too).  COPIED flags are
+ * judged on the refcounts the whole repair left (after the table rewrite,
+ * unlike qemu), so corruptions_left == 0 means a new check finds none;
+ * what a repair cannot fix stays in corruptions_left.  A repair is
  * crash-safe: every step keeps refcount >= references on disk, so an
  * interrupted repair leaves an image the next repair still fixes.  With fix flags set, the dirty bit is cleared at the end
  * when no corruption remains.
