@@ -41,6 +41,16 @@ KINDs (entry indexes count from 0; "last" is the last entry):
                               the table's minimal size passes INT64_MAX)
   nb_zero_table               nb_snapshots 0 with the table still there (a
                               leak: the table and every snapshot's clusters)
+  shared_incomplete           incomplete8, and the table's first cluster is
+                              also a data cluster of the active disk: the
+                              first active L2 entry whose cluster has
+                              refcount 1 points there instead (COPIED clear,
+                              the table cluster's refcount 2, the old data
+                              cluster's 0).  The table rewrite then leaves
+                              that cluster referenced once: its COPIED flag
+                              must be set after it (qemu-img -r all leaves it
+                              clear)
+  shared_extra_big            the same with extra_big instead of incomplete8
 Python 3 stdlib only.
 """
 import os
@@ -182,6 +192,9 @@ def first_data(l2):
 
 
 last = len(ES) - 1
+shared = kind.startswith('shared_')
+if shared:
+    kind = {'shared_incomplete': 'incomplete8', 'shared_extra_big': 'extra_big'}[kind]
 if kind in ('incomplete0', 'incomplete8', 'incomplete_mid', 'incomplete_all'):
     n = 0 if kind in ('incomplete0', 'incomplete_all') else 8
     for i, e in enumerate(ES):
@@ -260,4 +273,25 @@ elif kind == 'nb_zero_table':
     wr(60, struct.pack('>I', 0))
 else:
     raise SystemExit("unknown kind " + kind)
+if shared:
+    # after the table damage above (which rewrote the table in place)
+    nb, soff = struct.unpack('>IQ', rd(60, 12))
+    assert soff % cs == 0
+    done = False
+    for j in range(l1_size):
+        l2 = l2_of(l1_off, j)
+        if not l2:
+            continue
+        for i in range(cs // 8):
+            e = r64(l2 + 8 * i)
+            d = e & MASK
+            if d and not e & (1 << 62) and getrc(d // cs) == 1:
+                w64(l2 + 8 * i, soff)
+                setrc(soff // cs, getrc(soff // cs) + 1)
+                setrc(d // cs, 0)
+                done = True
+                break
+        if done:
+            break
+    assert done, "no active data cluster with refcount 1"
 f.close()

@@ -20,6 +20,10 @@
 # The repair the brief names: a v3 entry without disk_size is rewritten
 # (disk size filled in), extra data over 1024 bytes is cut, overhanging
 # snapshots are dropped, all as qemu-img check -r all does.
+# One deliberate difference: a table sharing a cluster with the active disk
+# (shared_*, side_shared): after the rewrite frees the old table, qsm's -r
+# all sets the COPIED flag qemu-img's leaves wrong (found by fuzz_open: a
+# repair must leave nothing a second check finds).
 # qsm run as qemu-img (a symlink) prints the same bytes, prefixes included.
 # A dirty image opened read-write (the open-time repair, as QEMU's open):
 # a table the open refuses refuses it before any repair, an incomplete entry
@@ -129,6 +133,59 @@ side() {
     fi
 }
 
+# side_shared BASE KIND: -r all of an image whose snapshot table shares its
+# first cluster with a data cluster of the active disk, and whose table only
+# a rewrite repairs (snapcheck_images.py shared_*).  The rewrite frees the
+# old table's clusters, so that cluster is then referenced once and its
+# COPIED flag must be set.  qemu-img 7.2 judges COPIED before the rewrite
+# and leaves the flag clear (its second check finds it, exit 2); qsm judges
+# it after (metadata/check.c) and leaves nothing: the same messages with
+# that one finding "Repairing" instead of "ERROR", exit 0, a clean second
+# check, the same guest disk and snapshots as qemu-img's repair.
+side_shared() {
+    local base=$1 kind=$2 tag="$1/$2 check -r all" rq rs cp_line
+    rm -rf q s && mkdir q s || die "mkdir"
+    cp "$base.qcow2" "d_${base}_$kind.qcow2"
+    python3 "$DAMAGE" "d_${base}_$kind.qcow2" "$kind" || die "snapcheck_images.py $base $kind"
+    cp "d_${base}_$kind.qcow2" q/img.qcow2
+    cp "d_${base}_$kind.qcow2" s/img.qcow2
+    (cd q && timeout "$TIMEOUT" qemu-img check -r all img.qcow2 >../q.out 2>../q.err); rq=$?
+    (cd s && timeout "$TIMEOUT" "$QSM" check -r all img.qcow2 >../s.out 2>../s.err); rs=$?
+    cp_line=$(tail -n 1 q.err)
+    CHECKS=$((CHECKS + 1))
+    case "$rq $cp_line" in
+    "2 ERROR OFLAG_COPIED data cluster: l2_entry="*" refcount=1")
+        pass "$tag: qemu-img's repair leaves the COPIED flag: $cp_line";;
+    *)
+        fail "$tag: qemu-img exit $rq, last finding '$cp_line' (the case no longer shows what it is for)"
+        return;;
+    esac
+    CHECKS=$((CHECKS + 1))
+    if [ "$rs" = 0 ] && sed '$ s/^ERROR OFLAG_COPIED/Repairing OFLAG_COPIED/' q.err | cmp -s - s.err &&
+       grep -q '^No errors were found on the image.$' s.out; then
+        pass "$tag: qsm repairs the flag too, exit 0"
+    else
+        fail "$tag: qsm exit $rs"
+        diff q.err s.err | head -n 8 | sed 's/^/    | err /'
+        head -n 12 s.out | sed 's/^/    | out /'
+    fi
+    (cd s && qemu-img check img.qcow2 >../sa.out 2>&1); rs=$?
+    CHECKS=$((CHECKS + 1))
+    if [ "$rs" = 0 ]; then
+        pass "$tag: qemu-img check of qsm's repair: clean"
+    else
+        fail "$tag: qemu-img check of qsm's repair: exit $rs"
+        sed 's/^/    | /' sa.out | head -n 8
+    fi
+    CHECKS=$((CHECKS + 1))
+    if qemu-img compare -q -f qcow2 -F qcow2 q/img.qcow2 s/img.qcow2 2>/dev/null &&
+       diff <(cd q && qemu-img snapshot -l img.qcow2 2>&1) <(cd s && qemu-img snapshot -l img.qcow2 2>&1) >/dev/null; then
+        pass "$tag: repaired disks and snapshot lists identical"
+    else
+        fail "$tag: the repaired disks or snapshot lists differ"
+    fi
+}
+
 # (qemu-img needs some 15 s per check of a 65536-entry table: too_many* run
 # fewer modes)
 V3_KINDS="incomplete0 incomplete8 incomplete_mid incomplete_all extra_big extra_big2
@@ -161,6 +218,14 @@ for k in $V2_KINDS; do
     side v2 "$k"
     side v2 "$k" -r all
 done
+# a table sharing a cluster with the active disk: check and -r leaks as
+# qemu-img, -r all repairs what qemu-img's leaves
+for bk in v3:shared_incomplete v3:shared_extra_big v2:shared_extra_big; do
+    log "${bk%%:*} ${bk#*:}"
+    side "${bk%%:*}" "${bk#*:}"
+    side "${bk%%:*}" "${bk#*:}" -r leaks
+    side_shared "${bk%%:*}" "${bk#*:}"
+done
 # JSON reports (the counts qemu-img's ImageCheck carries), one per finding class
 for k in incomplete0 extra_big too_big l1_unaligned nb_zero_table; do
     side v3 "$k" --output=json
@@ -173,7 +238,8 @@ side v3 extra_big -q
 # A dirty image (lazy refcounts) is repaired when it is opened read-write,
 # as QEMU's open does it: a table the open refuses refuses the open before
 # any repair (nothing written, no snapshot dropped); an incomplete entry is
-# rewritten by that repair.  qemu-io and qsm io (the same write) side by side.
+# rewritten by that repair (and, unlike QEMU's, COPIED judged after it:
+# shared_incomplete).  qemu-io and qsm io (the same write) side by side.
 dirty_open() {
     local kind=$1 rq rs
     rm -rf q s && mkdir q s || die "mkdir"
@@ -205,6 +271,20 @@ PY
         fail "dirty $kind: qemu-io exit $rq, qsm io exit $rs"
         return
     fi
+    case $kind in shared_*)
+        # as side_shared: QEMU's open-time repair leaves the COPIED flag of
+        # the cluster the old table shared clear, qsm's sets it
+        if [ "$rq" = 0 ] && qemu-img compare -q -f qcow2 -F qcow2 q/img.qcow2 s/img.qcow2 &&
+           diff <(cd q && qemu-img snapshot -l img.qcow2) <(cd s && qemu-img snapshot -l img.qcow2) >/dev/null &&
+           (cd s && qemu-img check img.qcow2 >/dev/null 2>&1) &&
+           (cd q && qemu-img check img.qcow2 2>&1) | grep -q '^ERROR OFLAG_COPIED data cluster'; then
+            pass "dirty $kind: repaired at open and written: the same disk and snapshots as qemu-io's, the COPIED flag qemu-io's leaves repaired"
+        else
+            fail "dirty $kind: qemu-io exit $rq; the disks, snapshots or checks are not as expected"
+            (cd s && qemu-img check img.qcow2 2>&1) | head -n 6 | sed 's/^/    | qsm /'
+        fi
+        return;;
+    esac
     if [ "$rq" != 0 ]; then
         if cmp -s s/img.qcow2 orig.qcow2 && cmp -s q/img.qcow2 orig.qcow2; then
             pass "dirty $kind: the open refused (exit $rq), nothing written (as qemu-io)"
@@ -221,7 +301,8 @@ PY
         fail "dirty $kind: after the open-time repair and the write, qsm's image differs from qemu-io's"
     fi
 }
-for k in incomplete0 incomplete_all extra_big extra_big_incomplete too_big l1_unaligned; do
+for k in incomplete0 incomplete_all extra_big extra_big_incomplete too_big l1_unaligned \
+         shared_incomplete; do
     dirty_open "$k"
 done
 
