@@ -3,7 +3,7 @@
 #
 #  1. a bounded budget of random runs must find nothing: mixed plain, crash
 #     and fault runs, then lazy refcounts, backing files, compressed
-#     clusters and live snapshot creates and deletes (--snapshots) in turn (QSM_TEST_SCALE scales the run counts; a sample of
+#     clusters and live snapshot creates, applies and deletes (--snapshots) in turn (QSM_TEST_SCALE scales the run counts; a sample of
 #     the final images also goes through qemu-img check, which must agree
 #     with the in-tree checker);
 #  2. every regression case (tests/interop/fuzz-regressions/*.replay: cases
