@@ -49,8 +49,8 @@ static void usage(FILE *f)
 		"  --fault-event EV    only at this event (l1_update, l2_load, ..., see --list-events)\n"
 		"  --list-events       list the named events faults can target\n"
 		"  --lazy-refcounts    images with lazy refcounts (default: one in three)\n"
-		"  --snapshots         live snapshot creates and deletes among the requests\n"
-		"                      (v3 images); each snapshot's disk is judged\n"
+		"  --snapshots         live snapshot creates, applies and deletes among the\n"
+		"                      requests (v3 images); each snapshot's disk is judged\n"
 		"  -t, --cache MODE    writeback|none|writethrough|directsync|unsafe (default: drawn)\n"
 		"  --cluster-size N    cluster size (default: drawn, 512 B to 64 KiB)\n"
 		"  --backing | --no-backing    always / never a backing file (default: one in three)\n"
@@ -277,6 +277,8 @@ static int fuzz(struct fz_env *env, const struct fuzz_opts *o)
 		}
 		t.runs++;
 		t.ops += (uint64_t)c.nops;
+		t.snap_ops += res.snap_ops;
+		t.applies += res.applies;
 		t.qemu_checks += res.qemu_checked;
 		if (fault) {
 			t.fault_runs++;
@@ -299,10 +301,14 @@ static int fuzz(struct fz_env *env, const struct fuzz_opts *o)
 		}
 		fz_case_free(&c);
 	}
-	printf("qsm fuzz: %" PRIu64 " runs (seeds %" PRIu64 "..%" PRIu64 "), %" PRIu64 " requests, "
+	char snaps[80] = "";
+	if (o->gen.snapshots)
+		snprintf(snaps, sizeof(snaps), " (%" PRIu64 " snapshot operations done, %" PRIu64
+			 " of them applies)", t.snap_ops, t.applies);
+	printf("qsm fuzz: %" PRIu64 " runs (seeds %" PRIu64 "..%" PRIu64 "), %" PRIu64 " requests%s, "
 	       "%" PRIu64 " crash points (%" PRIu64 " torn writes), %" PRIu64 " fault runs (%" PRIu64
 	       " faults fired), %" PRIu64 " qemu-img checks%s%s, %.1f s: ",
-	       t.runs, o->seed, o->seed + (t.runs ? t.runs - 1 : 0), t.ops, t.crash_points, t.torn,
+	       t.runs, o->seed, o->seed + (t.runs ? t.runs - 1 : 0), t.ops, snaps, t.crash_points, t.torn,
 	       t.fault_runs, t.faults_fired, t.qemu_checks, o->mutant ? ", mutant " : "",
 	       o->mutant ? o->mutant : "", now_s() - start);
 	if (t.failures)

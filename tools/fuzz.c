@@ -166,8 +166,10 @@ static void gen_ops(struct fz_case *c, struct qsm_rng *g, int nops, unsigned max
 }
 
 /*
- * --snapshots: some requests become live snapshot creates (about 1 in 16)
- * and deletes of an earlier one (1 in 12), in flight among the others.  A
+ * --snapshots: some requests become live snapshot creates (about 1 in 16),
+ * deletes of an earlier one (1 in 12) and applies of an earlier one (1 in
+ * 12, with requests submitted while it runs: the engine holds them), in
+ * flight among the others.  A
  * v3 image: a snapshot operation holds the dirty bit, so a crash in the
  * middle of one is repaired on open (on v2, QEMU's image and ours alike, a
  * crash can leave COPIED flags that only check -r all mends).  The tags
@@ -193,6 +195,9 @@ static void gen_snapshots(struct fz_case *c, struct qsm_rng *g)
 		} else if (k < 7 && nlive) {
 			int pick = live[qsm_rng_below(g, (uint64_t)nlive)];
 			*o = (struct wl_op){ .kind = WL_SNAPSHOT_DELETE, .off = c->ops[pick].off };
+		} else if (k < 11 && nlive) {
+			int pick = live[qsm_rng_below(g, (uint64_t)nlive)];
+			*o = (struct wl_op){ .kind = WL_SNAPSHOT_APPLY, .off = c->ops[pick].off };
 		}
 	}
 }
@@ -832,6 +837,11 @@ static int run_here(struct fz_env *env, const struct fz_case *c, bool qemu_check
 		goto done;
 	}
 	res->completions = r.completions;
+	for (int i = 0; i < c->nops; i++)
+		if (wl_is_snapshot(c->ops[i].kind) && r.w.st[i].t_done != WL_NEVER && !r.w.st[i].ret) {
+			res->snap_ops++;
+			res->applies += c->ops[i].kind == WL_SNAPSHOT_APPLY;
+		}
 	res->crashed = r.w.stopped;
 	res->faults_fired = r.fired;
 	res->torn = qsm_sim_torn(r.sim);

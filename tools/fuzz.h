@@ -93,12 +93,13 @@ struct fz_gen {
 	int compressed;           /* -1: drawn (needs qemu-img), 0 or 1 */
 	bool crash, faults;       /* which run kinds to mix in */
 	bool prng_schedule;       /* the sim's PRNG stream instead of keyed schedules */
-	bool snapshots;           /* live snapshot creates and deletes among the requests */
+	bool snapshots;           /* live snapshot creates, applies and deletes among the requests */
 };
 
 struct fz_totals {
 	uint64_t runs, ops, crash_points, fault_runs, faults_fired, torn;
 	uint64_t qemu_checks, failures;
+	uint64_t snap_ops, applies; /* --snapshots: succeeded in the first run of each case */
 };
 
 struct fz_env {
@@ -134,6 +135,7 @@ struct fz_result {
 	uint64_t unflushed;       /* completed writes not durable when it crashed */
 	uint64_t faults_fired, torn;
 	bool qemu_checked;
+	unsigned snap_ops, applies; /* snapshot operations (applies) that succeeded */
 	char schedule_path[512];  /* with fz_run(..., trace=true): the schedule log */
 };
 

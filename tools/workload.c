@@ -10,6 +10,8 @@
  *     once stopped, callbacks only count down w->pending.
  *  3. A request submitted before settled_at completed before it, and
  *     view[] holds what the image returned for the bytes it touched.
+ *  4. Applies (accepted ones) are ordered by t_sub, and each completed
+ *     before the next was submitted (one snapshot operation at a time).
  */
 #include <errno.h>
 #include <event2/event.h>
@@ -24,7 +26,8 @@
 #include "tools/workload.h"
 
 static const char *const kind_names[WL__KINDS] = { "write", "read", "zero", "discard", "flush",
-						    "compressed", "snapshot", "snapshot-delete" };
+						    "compressed", "snapshot", "snapshot-delete",
+						    "snapshot-apply" };
 
 const char *wl_kind_name(enum wl_kind k)
 {
@@ -181,71 +184,196 @@ static int candidates(const struct wl *w, uint64_t off, uint64_t len, int *cand)
 }
 
 /*
- * The read oracle for one byte: may a read [t_sub, t_done] see v at x?
- * Candidates are the write-like requests covering x submitted before the
- * read ended, minus those overwritten for sure: W is out when a successful
- * W2 covering x was submitted after W completed and completed before the
- * read was submitted.  The view (initial or settled) is a candidate until a
- * successful request covering x completed before the read was submitted.
+ * The read oracle works on queries: a read of the disk that ended at t_done
+ * and started at t_sub, in the epoch chosen at time `at` (its submission;
+ * a snapshot's disk is a query with the create's times swapped, see
+ * wl_check_snapshot).  An epoch is named by the accepted apply that began
+ * it, or -1 for the disk before any.
  */
-static bool read_byte_ok(const struct wl *w, const int *cand, int nc, uint64_t t_sub,
-			 uint64_t t_done, uint64_t x, uint8_t v)
+struct query {
+	uint64_t at, t_sub, t_done;
+};
+
+/* One judgement: the requests that may set the bytes judged (cand, a
+ * superset: byte_ok tests coverage) and the accepted applies in order. */
+struct judge {
+	const struct wl *w;
+	const int *cand;
+	int nc;
+	int *ap;
+	int na;
+};
+
+static bool succeeded(const struct wl_state *s)
 {
-	/* The latest submission among successful writes covering x that
-	 * completed before the read started: everything completed before it is
-	 * overwritten. */
-	uint64_t floor_sub = 0;
-	bool init_ok = true;
-	for (int k = 0; k < nc; k++) {
-		const struct wl_state *s = &w->st[cand[k]];
-		if (!covers(s, x) || s->t_done >= t_sub || s->ret)
-			continue;
-		init_ok = false;
-		floor_sub = QSM_MAX(floor_sub, s->t_sub);
+	return s->t_done != WL_NEVER && s->ret == 0;
+}
+
+static void judge_init(struct judge *j, const struct wl *w, const int *cand, int nc)
+{
+	j->w = w;
+	j->cand = cand;
+	j->nc = nc;
+	j->ap = malloc(sizeof(int) * (size_t)QSM_MAX(w->nops, 1));
+	if (!j->ap)
+		abort();
+	j->na = 0;
+	for (int i = 0; i < w->nops; i++)
+		if (w->ops[i].kind == WL_SNAPSHOT_APPLY && w->st[i].accepted)
+			j->ap[j->na++] = i;
+}
+
+static void judge_fini(struct judge *j)
+{
+	free(j->ap);
+}
+
+/* The last accepted apply submitted before time t, or -1. */
+static int apply_before(const struct judge *j, uint64_t t)
+{
+	int e = -1;
+	for (int k = 0; k < j->na && j->w->st[j->ap[k]].t_sub < t; k++)
+		e = j->ap[k];
+	return e;
+}
+
+/* The submission of the first accepted apply at or after time t (a
+ * request submitted after it runs after whatever was submitted before t
+ * completed), or WL_NEVER. */
+static uint64_t barrier_after(const struct judge *j, uint64_t t)
+{
+	for (int k = 0; k < j->na; k++)
+		if (j->w->st[j->ap[k]].t_sub >= t)
+			return j->w->st[j->ap[k]].t_sub;
+	return WL_NEVER;
+}
+
+/* The epochs a query at time `at` may see, latest first, into ep (room for
+ * na + 1): the last apply before it, and while that one failed (it may not
+ * have taken effect), the one before, down to -1.  Their count. */
+static int epochs_at(const struct judge *j, uint64_t at, int *ep)
+{
+	int n = 0, e = apply_before(j, at);
+	for (;;) {
+		ep[n++] = e;
+		if (e < 0 || succeeded(&j->w->st[e]))
+			return n;
+		e = apply_before(j, j->w->st[e].t_sub);
 	}
-	if (init_ok && v == wl_view(w)[x])
-		return true;
-	for (int k = 0; k < nc; k++) {
-		const struct wl_state *s = &w->st[cand[k]];
-		if (!covers(s, x) || s->t_sub >= t_done)
-			continue;
-		if (s->t_done != WL_NEVER && s->t_done < floor_sub)
-			continue;
-		if (wl_value(&w->ops[cand[k]], cand[k], x) == v)
+}
+
+/* The WL_SNAPSHOT op an accepted apply `e` applied (wl_run accepts an apply
+ * only after its create succeeded). */
+static int apply_source(const struct wl *w, int e)
+{
+	for (int i = 0; i < e; i++)
+		if (w->ops[i].kind == WL_SNAPSHOT && w->ops[i].off == w->ops[e].off)
+			return i;
+	abort();
+}
+
+static bool byte_ok(const struct judge *j, int e, const struct query *q, uint64_t x, uint8_t v);
+
+/* May the base of epoch e (the view for -1, else the applied snapshot's
+ * disk) hold v at x? */
+static bool base_ok(const struct judge *j, int e, uint64_t x, uint8_t v)
+{
+	if (e < 0)
+		return v == wl_view(j->w)[x];
+	const struct wl_state *c = &j->w->st[apply_source(j->w, e)];
+	struct query q = { .at = c->t_sub, .t_sub = c->t_done, .t_done = c->t_sub };
+	int ep[j->na + 1];
+	int n = epochs_at(j, q.at, ep);
+	for (int k = 0; k < n; k++)
+		if (byte_ok(j, ep[k], &q, x, v))
 			return true;
-	}
 	return false;
 }
 
-/* Judge bytes [off, off + len) read as got[] in [t_sub, t_done]; the
- * offset of the first wrong one, or -1. */
+/*
+ * The read oracle for one byte, in epoch e: may query q see v at x?
+ * Candidates are the write-like requests covering x submitted in the
+ * epoch's window (after the apply that began it, before q ended and before
+ * the next apply at or after q.at: that one waits for q and holds back what
+ * comes after), minus those overwritten for sure: W is out when a
+ * successful W2 covering x was submitted after W completed and completed
+ * before q was submitted.  The epoch's base is a candidate until a
+ * successful request covering x completed before q was submitted.
+ */
+static bool byte_ok(const struct judge *j, int e, const struct query *q, uint64_t x, uint8_t v)
+{
+	const struct wl *w = j->w;
+	uint64_t lo = e < 0 ? 0 : w->st[e].t_sub;
+	uint64_t hi = QSM_MIN(q->t_done, barrier_after(j, q->at));
+	/* The latest submission among successful writes covering x that
+	 * completed before q started: everything completed before it is
+	 * overwritten. */
+	uint64_t floor_sub = 0;
+	bool base = true;
+	for (int k = 0; k < j->nc; k++) {
+		const struct wl_state *s = &w->st[j->cand[k]];
+		if (!covers(s, x) || s->t_sub <= lo || s->t_sub >= hi || s->t_done >= q->t_sub ||
+		    s->ret)
+			continue;
+		base = false;
+		floor_sub = QSM_MAX(floor_sub, s->t_sub);
+	}
+	for (int k = 0; k < j->nc; k++) {
+		const struct wl_state *s = &w->st[j->cand[k]];
+		if (!covers(s, x) || s->t_sub <= lo || s->t_sub >= hi)
+			continue;
+		if (s->t_done != WL_NEVER && s->t_done < floor_sub)
+			continue;
+		if (wl_value(&w->ops[j->cand[k]], j->cand[k], x) == v)
+			return true;
+	}
+	return base && base_ok(j, e, x, v);
+}
+
+/* Judge bytes [off, off + len) read as got[] by query q: all of them in
+ * one of the epochs q may see.  The offset of the first wrong one (in the
+ * latest epoch), or -1. */
 static int64_t judge_read(const struct wl *w, uint64_t off, uint64_t len, const uint8_t *got,
-			  uint64_t t_sub, uint64_t t_done, bool every_byte)
+			  const struct query *q, bool every_byte)
 {
 	int *cand = malloc(sizeof(int) * (size_t)QSM_MAX(w->nops, 1));
 	if (!cand)
 		abort();
-	int nc = candidates(w, off, len, cand);
-	int64_t bad = -1;
+	struct judge j;
+	judge_init(&j, w, cand, candidates(w, off, len, cand));
+	int ep[j.na + 1];
+	int nep = epochs_at(&j, q->at, ep);
+	int64_t first_bad = -1;
 	/* Every byte of short reads, a spread of long ones (and both ends). */
 	uint64_t step = len > 4096 && !every_byte ? 61 : 1;
-	for (uint64_t d = 0; d < len; d += step) {
-		if (!read_byte_ok(w, cand, nc, t_sub, t_done, off + d, got[d])) {
-			bad = (int64_t)d;
+	for (int k = 0; k < nep; k++) {
+		int64_t bad = -1;
+		for (uint64_t d = 0; d < len; d += step) {
+			if (!byte_ok(&j, ep[k], q, off + d, got[d])) {
+				bad = (int64_t)d;
+				break;
+			}
+			if (d + step >= len && d != len - 1)
+				d = len - 1 - step;
+		}
+		if (bad < 0) {
+			first_bad = -1;
 			break;
 		}
-		if (d + step >= len && d != len - 1)
-			d = len - 1 - step;
+		if (k == 0)
+			first_bad = bad;
 	}
+	judge_fini(&j);
 	free(cand);
-	return bad;
+	return first_bad;
 }
 
 static void check_read(struct wl *w, int id)
 {
 	const struct wl_op *o = &w->ops[id];
 	const struct wl_state *s = &w->st[id];
-	int64_t d = judge_read(w, o->off, o->len, s->buf, s->t_sub, s->t_done, w->p.read_every_byte);
+	struct query q = { .at = s->t_sub, .t_sub = s->t_sub, .t_done = s->t_done };
+	int64_t d = judge_read(w, o->off, o->len, s->buf, &q, w->p.read_every_byte);
 	if (d >= 0)
 		wl_violation(w, "op %d read %#" PRIx64 "+%" PRIu64 " returned byte %#" PRIx64
 			  " = %#x: neither the initial content nor any write that could be "
@@ -308,30 +436,42 @@ static int submit(struct wl *w, struct qsm_image *img, int i)
 	case WL_DISCARD: return qsm_discard(img, o->off, o->len, op_cb, s);
 	case WL_COMPRESSED: return qsm_write_compressed(img, o->off, s->iov, s->iovcnt, op_cb, s);
 	case WL_SNAPSHOT:
-	case WL_SNAPSHOT_DELETE: {
+	case WL_SNAPSHOT_DELETE:
+	case WL_SNAPSHOT_APPLY: {
 		char name[32];
 		int ret;
 		wl_snapshot_name(o->off, name, sizeof(name));
 		w->snap_pending++;
-		ret = o->kind == WL_SNAPSHOT
-			      ? qsm_snapshot_create_async(img, name, NULL, s->err, sizeof(s->err), op_cb, s)
-			      : qsm_snapshot_delete_async(img, name, s->err, sizeof(s->err), op_cb, s);
+		if (o->kind == WL_SNAPSHOT)
+			ret = qsm_snapshot_create_async(img, name, NULL, s->err, sizeof(s->err), op_cb, s);
+		else if (o->kind == WL_SNAPSHOT_DELETE)
+			ret = qsm_snapshot_delete_async(img, name, s->err, sizeof(s->err), op_cb, s);
+		else
+			ret = qsm_snapshot_apply_async(img, name, s->err, sizeof(s->err), op_cb, s);
 		if (ret)
 			w->snap_pending--; /* refused: op_cb is called by the caller */
+		s->accepted = ret == 0;
 		return ret;
 	}
 	default: return qsm_flush(img, op_cb, s);
 	}
 }
 
-/* Did an op before i take the snapshot WL_SNAPSHOT_DELETE op i names? */
+/* Did an op before i take the snapshot the delete or apply op i names (and,
+ * for an apply, no delete of it taken by the engine come before)? */
 static bool snapshot_taken(const struct wl *w, int i)
 {
-	for (int k = 0; k < i; k++)
-		if (w->ops[k].kind == WL_SNAPSHOT && w->ops[k].off == w->ops[i].off &&
-		    w->st[k].t_done != WL_NEVER && w->st[k].ret == 0)
-			return true;
-	return false;
+	bool taken = false;
+	for (int k = 0; k < i; k++) {
+		if (w->ops[k].off != w->ops[i].off)
+			continue;
+		if (w->ops[k].kind == WL_SNAPSHOT && succeeded(&w->st[k]))
+			taken = true;
+		else if (w->ops[k].kind == WL_SNAPSHOT_DELETE && w->st[k].accepted &&
+			 w->ops[i].kind == WL_SNAPSHOT_APPLY)
+			return false;
+	}
+	return taken;
 }
 
 int wl_run(struct wl *w, struct qsm_image *img, int from, int to, int depth)
@@ -344,9 +484,11 @@ int wl_run(struct wl *w, struct qsm_image *img, int from, int to, int depth)
 			if (wl_is_snapshot(w->ops[next].kind) && w->snap_pending)
 				break;
 			int i = next++;
-			if (w->ops[i].kind == WL_SNAPSHOT_DELETE && !snapshot_taken(w, i)) {
-				/* Its create failed or is gone (shrinking): nothing
-				 * to delete, the op is skipped. */
+			if ((w->ops[i].kind == WL_SNAPSHOT_DELETE ||
+			     w->ops[i].kind == WL_SNAPSHOT_APPLY) && !snapshot_taken(w, i)) {
+				/* Its create failed or is gone (shrinking), or it
+				 * was deleted: nothing to delete or apply, the op is
+				 * skipped. */
 				struct wl_state *s = &w->st[i];
 				s->submitted = true;
 				s->t_sub = ++w->clock;
@@ -406,6 +548,11 @@ int wl_settle(struct wl *w, struct qsm_image *img)
 		wl_violation(w, "settle with %d requests in flight", w->pending);
 		return -EBUSY;
 	}
+	for (int i = 0; i < w->nops; i++)
+		if (w->ops[i].kind == WL_SNAPSHOT_APPLY && w->st[i].submitted) {
+			wl_violation(w, "settle after a snapshot apply (op %d): not supported", i);
+			return -ENOTSUP;
+		}
 	if (!w->view) {
 		w->view = malloc(w->p.size ? w->p.size : 1);
 		if (!w->view)
@@ -440,7 +587,8 @@ int wl_settle(struct wl *w, struct qsm_image *img)
 			wl_violation(w, "reading back %#" PRIx64 "+%" PRIu64 " fails: %s (%s)", a, b - a,
 				  qsm_strerror(ret), qsm_image_error(img));
 		} else {
-			int64_t d = judge_read(w, a, b - a, got, now, now, true);
+			struct query q = { .at = now, .t_sub = now, .t_done = now };
+			int64_t d = judge_read(w, a, b - a, got, &q, true);
 			if (d >= 0)
 				wl_violation(w, "byte %#" PRIx64 " reads back as %#x after the requests "
 					  "completed: neither the content before them nor any write that "
@@ -456,12 +604,16 @@ int wl_settle(struct wl *w, struct qsm_image *img)
 
 /* --- durability ---------------------------------------------------------------- */
 
-bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t msglen)
+/* wl_check_durable in epoch e (see workload.h): the requests submitted
+ * after the apply that began it, on its base (the initial content for -1). */
+static bool durable_in_epoch(const struct wl *w, const struct judge *j, int e, const uint8_t *disk,
+			     char *msg, size_t msglen)
 {
 	size_t n = (size_t)w->nops;
 	const struct wl_op *ops = w->ops;
 	bool wt = w->p.cache == QSM_CACHE_WRITETHROUGH || w->p.cache == QSM_CACHE_DIRECTSYNC;
 	bool unsafe = w->p.cache == QSM_CACHE_UNSAFE;
+	uint64_t lo_sub = e < 0 ? 0 : w->st[e].t_sub;
 	uint64_t flush_sub = 0;
 	for (size_t i = 0; i < n; i++) {
 		const struct wl_state *s = &w->st[i];
@@ -472,9 +624,11 @@ bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t
 			flush_sub = QSM_MAX(flush_sub, s->t_sub);
 	}
 	bool *durable = calloc(n + 1, sizeof(bool));
+	bool *in_win = calloc(n + 1, sizeof(bool));
 	uint64_t *bounds = malloc(sizeof(uint64_t) * (2 * n + 2));
 	int *cand = malloc(sizeof(int) * (n + 1));
-	if (!durable || !bounds || !cand)
+	int *cov = malloc(sizeof(int) * (n + 1));
+	if (!durable || !in_win || !bounds || !cand || !cov)
 		abort();
 	size_t nb = 0;
 	bounds[nb++] = 0;
@@ -483,30 +637,39 @@ bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t
 		const struct wl_state *s = &w->st[i];
 		if (!sets_data(&ops[i], s))
 			continue;
-		durable[i] = s->t_done != WL_NEVER && s->ret == 0 &&
+		in_win[i] = s->t_sub > lo_sub;
+		durable[i] = in_win[i] && s->t_done != WL_NEVER && s->ret == 0 &&
 			     (s->t_done < w->sync_at || wt || (!unsafe && s->t_done < flush_sub) ||
 			      w->claim_all_durable);
 		bounds[nb++] = s->eff_off;
 		bounds[nb++] = s->eff_off + s->eff_len;
 	}
 	qsort(bounds, nb, sizeof(*bounds), cmp_u64);
+	/* The base of an apply's epoch: judged through the requests covering
+	 * the segment (all of them: the snapshot's disk is older). */
+	struct judge bj = *j;
+	bj.cand = cov;
 	bool ok = true;
 	for (size_t b = 0; b + 1 < nb && ok; b++) {
 		uint64_t lo = bounds[b], hi = bounds[b + 1];
 		if (lo == hi)
 			continue;
 		uint64_t T = 0;
-		int tby = -1;
+		int tby = -1, ncov = 0;
 		for (size_t i = 0; i < n; i++) {
 			const struct wl_state *s = &w->st[i];
+			if (sets_data(&ops[i], s) && s->eff_off <= lo && hi <= s->eff_off + s->eff_len)
+				cov[ncov++] = (int)i;
 			if (durable[i] && s->eff_off <= lo && hi <= s->eff_off + s->eff_len && s->t_sub > T)
 				T = s->t_sub, tby = (int)i;
 		}
+		bj.nc = ncov;
 		int nc = 0;
 		bool zero_ok = false, init_ok = tby < 0;
-		for (size_t i = 0; i < n; i++) {
+		for (int k = 0; k < ncov; k++) {
+			size_t i = (size_t)cov[k];
 			const struct wl_state *s = &w->st[i];
-			if (!sets_data(&ops[i], s) || !(s->eff_off <= lo && hi <= s->eff_off + s->eff_len))
+			if (!in_win[i])
 				continue;
 			if (s->t_done != WL_NEVER && s->t_done < T)
 				continue; /* overwritten by a durable request */
@@ -515,15 +678,18 @@ bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t
 			else
 				zero_ok = true;
 		}
-		/* The common cases in bulk: untouched, or wholly one write. */
-		if (init_ok && !memcmp(disk + lo, w->init + lo, hi - lo))
+		/* The common cases in bulk: untouched, or wholly one write.  No
+		 * request covers the segment: every snapshot holds the initial
+		 * content there too. */
+		if (init_ok && (e < 0 || !ncov) && !memcmp(disk + lo, w->init + lo, hi - lo))
 			continue;
 		if (nc == 1 && !zero_ok && !init_ok &&
 		    !memcmp(disk + lo, w->st[cand[0]].buf + (lo - ops[cand[0]].off), hi - lo))
 			continue;
 		for (uint64_t x = lo; x < hi; x++) {
 			uint8_t v = disk[x];
-			if ((zero_ok && v == 0) || (init_ok && v == w->init[x]))
+			if ((zero_ok && v == 0) ||
+			    (init_ok && (e < 0 ? v == w->init[x] : base_ok(&bj, e, x, v))))
 				continue;
 			int k;
 			for (k = 0; k < nc && wl_value(&ops[cand[k]], cand[k], x) != v; k++)
@@ -550,22 +716,63 @@ bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t
 						wl_kind_name(d->kind), d->off, d->len);
 			}
 			if (len > 0 && (size_t)len < msglen)
-				snprintf(msg + len, msglen - (size_t)len, "; %d candidate writes%s%s", nc,
-					 zero_ok ? " or zeros" : "", init_ok ? " or the initial content" : "");
+				len += snprintf(msg + len, msglen - (size_t)len, "; %d candidate writes%s%s",
+						nc, zero_ok ? " or zeros" : "",
+						init_ok ? (e < 0 ? " or the initial content"
+								 : " or the applied snapshot's content")
+							: "");
+			if (e >= 0 && len > 0 && (size_t)len < msglen)
+				snprintf(msg + len, msglen - (size_t)len, " (in the epoch of op %d apply)", e);
 			ok = false;
 			break;
 		}
 	}
+	free(cov);
 	free(cand);
 	free(bounds);
+	free(in_win);
 	free(durable);
+	return ok;
+}
+
+/* An apply that succeeded is durable when its callback runs (a full
+ * write-back, each step synced), but not with cache=unsafe before a sync. */
+static bool apply_durable(const struct wl *w, int e)
+{
+	const struct wl_state *s = &w->st[e];
+	return succeeded(s) && (w->p.cache != QSM_CACHE_UNSAFE || s->t_done < w->sync_at);
+}
+
+bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t msglen)
+{
+	struct judge j;
+	judge_init(&j, w, NULL, 0);
+	/* The epochs the disk may be in: the last durable apply's (or the
+	 * first), and every later accepted apply's. */
+	int first = 0;
+	for (int k = 0; k < j.na; k++)
+		if (apply_durable(w, j.ap[k]))
+			first = k + 1;
+	bool ok = false;
+	for (int k = j.na; k >= first && !ok; k--) {
+		int e = k ? j.ap[k - 1] : -1;
+		char m[400];
+		ok = durable_in_epoch(w, &j, e, disk, k == j.na ? msg : m, k == j.na ? msglen : sizeof(m));
+	}
+	if (!ok && j.na > first) {
+		size_t len = strlen(msg);
+		if (len < msglen)
+			snprintf(msg + len, msglen - len, "; nor in the %d epochs before it", j.na - first);
+	}
+	judge_fini(&j);
 	return ok;
 }
 
 bool wl_check_snapshot(const struct wl *w, int id, const uint8_t *snap, char *msg, size_t msglen)
 {
 	const struct wl_state *s = &w->st[id];
-	int64_t d = judge_read(w, 0, w->p.size, snap, s->t_done, s->t_sub, false);
+	struct query q = { .at = s->t_sub, .t_sub = s->t_done, .t_done = s->t_sub };
+	int64_t d = judge_read(w, 0, w->p.size, snap, &q, false);
 	if (d < 0)
 		return true;
 	snprintf(msg, msglen, "snapshot of op %d: byte %#" PRIx64 " reads %#x: neither the content "

@@ -54,11 +54,24 @@ struct qsm_check_result;
 /* WL_SNAPSHOT: a live internal snapshot, qsm_snapshot_create_async, named
  * wl_snapshot_name(off) (off: a tag, unique in the list);
  * WL_SNAPSHOT_DELETE: qsm_snapshot_delete_async of the snapshot with tag
- * off (skipped, ret -ECANCELED, when no earlier op took it).  Both have len
- * 0, and are submitted only when no other snapshot operation is pending
- * (one runs at a time).  A snapshot's disk is judged by wl_check_snapshot. */
+ * off (skipped, ret -ECANCELED, when no earlier op took it);
+ * WL_SNAPSHOT_APPLY: qsm_snapshot_apply_async of the snapshot with tag off
+ * (skipped, ret -ECANCELED, when no earlier op took it or a delete of it
+ * was submitted before).  All three have len 0, and are submitted only when
+ * no other snapshot operation is pending (one runs at a time).  A
+ * snapshot's disk is judged by wl_check_snapshot.
+ *
+ * An apply is a barrier in the model (sm/qsm.h: it waits for every request
+ * submitted before it and holds back every one submitted after, which then
+ * start in submission order once it is over).  The disk from the apply on
+ * is an epoch: its base is the applied snapshot's disk (as
+ * wl_check_snapshot defines it) and only requests submitted after the
+ * apply build on it.  A request is judged in the epoch of the last apply
+ * submitted before it; when that apply failed, it may have taken effect or
+ * not, so the epoch before it counts too (a whole read agrees with one of
+ * them). */
 enum wl_kind { WL_WRITE, WL_READ, WL_ZERO, WL_DISCARD, WL_FLUSH, WL_COMPRESSED, WL_SNAPSHOT,
-	       WL_SNAPSHOT_DELETE, WL__KINDS };
+	       WL_SNAPSHOT_DELETE, WL_SNAPSHOT_APPLY, WL__KINDS };
 
 /* wl_op.flags for write kinds: the data is of the other sort.  A plain
  * write's data is then compressible (runs of 64 equal bytes), a compressed
@@ -84,7 +97,7 @@ uint8_t wl_pattern(int id, uint64_t x);
 /* A snapshot operation (len 0, no data)? */
 static inline bool wl_is_snapshot(enum wl_kind k)
 {
-	return k == WL_SNAPSHOT || k == WL_SNAPSHOT_DELETE;
+	return k == WL_SNAPSHOT || k == WL_SNAPSHOT_DELETE || k == WL_SNAPSHOT_APPLY;
 }
 /* The name of the snapshot with tag `tag`, into buf. */
 const char *wl_snapshot_name(uint64_t tag, char *buf, size_t len);
@@ -104,6 +117,7 @@ struct wl_state {
 	struct iovec iov[3];
 	int iovcnt;
 	bool submitted;
+	bool accepted;             /* a snapshot op the engine took (not refused, not skipped) */
 	uint64_t t_sub, t_done;    /* logical clock; t_done WL_NEVER unless acknowledged */
 	int ret;
 	char err[160];             /* a snapshot operation's message */
@@ -169,7 +183,9 @@ int wl_run(struct wl *w, struct qsm_image *img, int from, int to, int depth);
  * the write-like requests submitted since the last settle covered, judge it
  * as a read submitted now, and pin it as the view later reads are judged
  * against (those requests no longer count).  0, or the read's -errno (a
- * violation is noted either way).
+ * violation is noted either way).  Not with snapshot applies: a settle
+ * forgets the requests a snapshot's disk is judged by (-ENOTSUP, a
+ * violation).
  */
 int wl_settle(struct wl *w, struct qsm_image *img);
 /* The view a read would be judged against now (init, or the pinned one). */
@@ -195,7 +211,14 @@ void wl_note_meta_fail(struct wl *w, enum qsm_io_event ev);
  * D covering it.  D is durable when it succeeded and then a flush submitted
  * after its completion succeeded (writeback, none), or it simply succeeded
  * (writethrough, directsync), or never (unsafe), or, after wl_note_sync,
- * when it completed before that.  False with msg saying which byte.
+ * when it completed before that.
+ * With applies, the disk is in one epoch as a whole (see WL_SNAPSHOT_APPLY):
+ * that of the last apply that succeeded and is durable (any cache mode but
+ * unsafe, or completed before wl_note_sync), or that of an apply submitted
+ * after it (failed, or cut by the crash: before or after it); within the
+ * epoch the rule above holds, with the applied snapshot's disk as the
+ * initial content and only the requests submitted after the apply.  False
+ * with msg saying which byte.
  */
 bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t msglen);
 
@@ -204,8 +227,8 @@ bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t
  * as every write-like request submitted before op `id` (a WL_SNAPSHOT that
  * succeeded) left it, none submitted after (a live create drains the first
  * and holds the others back): judged as a read that ended when the create
- * was submitted and started when it completed.  False with msg saying
- * which byte.
+ * was submitted and started when it completed, in the epoch of the applies
+ * before it.  False with msg saying which byte.
  */
 bool wl_check_snapshot(const struct wl *w, int id, const uint8_t *snap, char *msg, size_t msglen);
 

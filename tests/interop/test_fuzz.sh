@@ -3,7 +3,7 @@
 #
 #  1. a bounded budget of random runs must find nothing: mixed plain, crash
 #     and fault runs, then lazy refcounts, backing files, compressed
-#     clusters and live snapshot creates and deletes (--snapshots) in turn (QSM_TEST_SCALE scales the run counts; a sample of
+#     clusters and live snapshot creates, applies and deletes (--snapshots) in turn (QSM_TEST_SCALE scales the run counts; a sample of
 #     the final images also goes through qemu-img check, which must agree
 #     with the in-tree checker);
 #  2. every regression case (tests/interop/fuzz-regressions/*.replay: cases
@@ -53,6 +53,12 @@ budget compressed 40 --crash --compressed
 budget writethrough 60 --crash -t writethrough
 budget random-schedule 100 --crash --faults --schedule random
 budget snapshots 40 --crash --faults --snapshots
+# The snapshot runs did apply snapshots (live, requests held behind them).
+if [ -e "$WORK/snapshots.out" ] && ! grep -Eq '^qsm fuzz: .* [1-9][0-9]* of them applies' "$WORK/snapshots.out"; then
+    fail "snapshots: no snapshot apply succeeded in the budget"
+    show_tail "$WORK/snapshots.out" 5
+fi
+ok
 
 # 2. Regressions.
 for f in "$INTEROP_DIR"/fuzz-regressions/*.replay; do
