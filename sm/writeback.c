@@ -112,6 +112,12 @@
  * covers it too.  Header changes other than the refcount table's move or
  * the dirty bit (an L1 move, a resize) make the batch a normal one.
  *
+ * Snapshot operations (sm/snapops.c): while one holds every writer and the
+ * dirty bit is durable, a batch with no header or refcount table write
+ * puts its L2 and L1 writes in the refcount block level, one sync for all
+ * (qsm_snap_flat): only the operation's own refcounts and COPIED flags
+ * change, no new reference, and the repair on open puts any mix right.
+ *
  * Full batches (img->wb_full, asked for by a close or a blocking full flush,
  * qsm_sync_writeback): refcounts are written even with lazy refcounts, and
  * after WB_RELEASE the batch goes round again (WB_ROUND, at most
