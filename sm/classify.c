@@ -6,7 +6,8 @@
  * (qsm_check_l2_entry), cuts the run where the kind of cluster changes
  * (run_clip), and returns the event that takes the request on:
  *   read, status:  data | zeros | backing | compressed  (status: reported)
- *   write:         in place | join | alloc busy | need alloc
+ *   write:         in place | join | alloc busy | need alloc | held (a late
+ *                  write beside a snapshot operation, sm/snapops.c)
  *   write zeroes:  whole clusters | backing (ask the chain first) | nothing
  *                  to do | alloc busy | as a write (partial clusters)
  *   discard:       whole clusters | nothing to do | alloc busy
@@ -15,7 +16,7 @@
  * Transition -> function
  *   L2_LOOKUP -> DATA_READ|ZERO_FILL|BACKING_READ|COMPRESSED_READ|DONE ..
  *                                          qsm_classify_read (DONE: status)
- *   L2_LOOKUP -> DATA_WRITE|JOIN_WRITE|ALLOC_WAIT|CLUSTER_ALLOC ....
+ *   L2_LOOKUP -> DATA_WRITE|JOIN_WRITE|ALLOC_WAIT|CLUSTER_ALLOC|HELD ..
  *                                          qsm_classify_write
  *   L2_LOOKUP -> NEXT_RUN .................. qsm_classify_write (a
  *                                          copy-on-read fill over clusters
@@ -394,6 +395,10 @@ enum qsm_event qsm_classify_write(struct qsm_req *req)
 		req->next_host = host0 + (run->nb_clusters << img->cluster_bits);
 		return QSM_E_IN_PLACE;
 	}
+	/* Beside a snapshot operation only the in place writes above run:
+	 * everything below allocates, copies or changes the entries. */
+	if (req->late)
+		return qsm_snap_defer(req);
 	bool from_backing = k0 == QCOW2_EK_UNALLOC && qsm_has_backing(img);
 	/* A preallocated zero cluster that is not shared (COPIED, QEMU's
 	 * QCOW2_CLUSTER_ZERO_ALLOC with refcount 1) is written in place, as

@@ -177,7 +177,7 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_FREE_WAIT:     return qsm_step_free_wait(req);
 	case QSM_S_HELD:          /* until the snapshot operation is over */
 		if (!req->img->snap_req) { /* it ended while HOLD was queued */
-			qsm_sm_begin(req);
+			qsm_snap_resume(req);
 			return QSM_E_WAIT;
 		}
 		req->wait.req = req;
@@ -343,9 +343,14 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	switch (req->state) {
 	case QSM_S_START:
 		return req->done == 0 && run_unheld(run);
-	case QSM_S_HELD: /* not started: nothing looked up, nothing counted */
-		return req->done == 0 && run_unheld(run) && !req->counted && !req->wt_counted &&
-		       !img->raw;
+	case QSM_S_HELD:
+		/* Held from START: not started, nothing looked up, nothing
+		 * counted.  Deferred part way (a late write, qsm_snap_defer):
+		 * counted as active only, its runs so far written in place. */
+		if (run->l2 || run->alloc_linked || run->allocating || img->raw || req->late ||
+		    req->counted_writer)
+			return false;
+		return req->counted ? m == QSM_M_WRITE : req->done == 0 && !req->wt_counted;
 	/* A snapshot operation: the only one (img->snap_req); holds no L2
 	 * table between steps, and after the drain what it waits for is
 	 * over (sm/snapops.c invariant 12). */
@@ -585,7 +590,9 @@ static void req_unlink(struct qsm_req *req)
 		img->active--;
 		if (req->counted_writer)
 			img->writers--;
-		req->counted_writer = false;
+		if (req->late)
+			img->late_writes--;
+		req->counted_writer = req->late = false;
 		if (img->snap_req)
 			qsm_snap_wake(img); /* a snapshot may be waiting for this one */
 	}
@@ -818,7 +825,11 @@ void qsm_sm_begin(struct qsm_req *req)
 	if (!internal) {
 		req->counted = true;
 		req->img->active++;
-		if (qsm_snap_writer(req->img, req)) {
+		if (qsm_snap_admits(req->img, req)) {
+			req->late = true; /* in place only, beside the operation */
+			req->img->late_writes++;
+			req->img->stats.snap_late_writes++;
+		} else if (qsm_snap_writer(req->img, req)) {
 			req->counted_writer = true;
 			req->img->writers++;
 		}
@@ -844,9 +855,10 @@ void qsm_image_dump(struct qsm_image *img, FILE *f)
 		(unsigned long long)img->in_flight, img->wb_job ? "running" : "idle", img->error,
 		img->l2c.nb_entries, img->l2c.capacity, img->l2c.nb_dirty);
 	for (struct qsm_req *r = img->all; r; r = r->all_next)
-		fprintf(f, "  req#%llu %s %s off %#llx+%llu done %llu%s%s%s\n",
+		fprintf(f, "  req#%llu %s %s off %#llx+%llu done %llu%s%s%s%s\n",
 			(unsigned long long)r->id, kind_names[r->machine], state_names[r->state],
 			(unsigned long long)r->offset, (unsigned long long)r->bytes,
 			(unsigned long long)r->done, r->waiting ? " waiting" : "",
-			r->queued ? " queued" : "", r->run.l2 ? " holds-l2" : "");
+			r->queued ? " queued" : "", r->run.l2 ? " holds-l2" : "",
+			r->late ? " late" : "");
 }

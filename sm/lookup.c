@@ -29,6 +29,9 @@
  *                                  (the rest: the classifiers, sm/classify.c)
  *   L2_LOOKUP -> FROZEN ................... qsm_step_l2_lookup
  *                                  (a shared table another write copies)
+ *   L1_LOOKUP, L2_LOOKUP -> HELD .......... qsm_snap_defer
+ *                                  (a late write beside a snapshot
+ *                                  operation would create or copy a table)
  *   L2_ALLOC -> FROZEN .................... qsm_step_l2_alloc
  *                                  (the slot claimed by another request)
  *   L2_LOAD -> L2_LOOKUP .................. l2_waiter_cb
@@ -127,7 +130,8 @@ enum qsm_event qsm_step_l1_lookup(struct qsm_req *req)
 				return QSM_E_NOTHING_TO_DO;
 			/* fall through */
 		default:
-			return QSM_E_L1_EMPTY;
+			/* A new L2 table: not beside a snapshot operation. */
+			return req->late ? qsm_snap_defer(req) : QSM_E_L1_EMPTY;
 		}
 	}
 	if (!QSM_IS_ALIGNED(l2_off, img->cluster_size))
@@ -295,8 +299,11 @@ enum qsm_event qsm_step_l2_lookup(struct qsm_req *req)
 			wait_on(&a->waiters, req);
 			return QSM_E_L1_BUSY;
 		}
-		/* Shared with an internal snapshot: copy the table first.  Keep
-		 * a private copy rather than the reference (invariant 4). */
+		/* Shared with an internal snapshot: copy the table first (not
+		 * beside a snapshot operation).  Keep a private copy rather
+		 * than the reference (invariant 4). */
+		if (req->late)
+			return qsm_snap_defer(req);
 		if (posix_memalign((void **)&run->bounce, 4096, img->cluster_size))
 			return fail(req, -ENOMEM);
 		memcpy(run->bounce, run->l2->data, img->cluster_size);

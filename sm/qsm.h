@@ -414,17 +414,25 @@ QSM_EXPORT int qsm_snapshot_get(struct qsm_image *img, unsigned index,
  * -EBUSY while another snapshot operation runs (one at a time), -ESHUTDOWN
  * once the image is closing, and the refusals below.  What is held, and for
  * how long:
- *  - create and delete: requests that may change the mapping or refcounts
- *    (writes, write-zeroes, discards, compressed writes, and reads when
- *    copy-on-read is on) submitted after the call wait, not started, until
- *    the operation is over; it first waits for those already started to
- *    complete (their L2 updates done), then runs: one write-back batch, the
- *    refcount and COPIED passes (one L2 table at a time, through the L2
- *    cache), the new snapshot table, the header (each step made durable
- *    before the next, four to five batches in all).  Reads, block status
- *    and flushes keep running all along.  A create is a snapshot of the
- *    disk with every write completed before the call and none submitted
- *    after it.
+ *  - create and delete: write-zeroes, discards, compressed writes, and
+ *    reads when copy-on-read is on, submitted after the call, wait, not
+ *    started, until the operation is over; it first waits for the requests
+ *    already started that may change the mapping or refcounts (those kinds
+ *    and writes) to complete (their L2 updates done), then runs: one
+ *    write-back batch, the refcount and COPIED passes (one L2 table at a
+ *    time, through the L2 cache), the new snapshot table, the header (each
+ *    step made durable before the next, four to five batches in all).
+ *    Reads, block status and flushes keep running all along, and so do
+ *    writes submitted after the call, as far as they write in place (into
+ *    clusters the active disk does not share with a snapshot): a write
+ *    comes to a cluster it must allocate or copy, it waits there until the
+ *    operation is over.  A create, once its COPIED pass is done, waits for
+ *    the writes running in place and holds every new write from then on.
+ *    A create is a snapshot of the disk with every write completed before
+ *    the call in it, none submitted after its callback, and of the writes
+ *    in between: those that completed before the callback, whole; the
+ *    others not, or in part (the clusters they wrote in place before one
+ *    made them wait), as a crash at that moment could leave them.
  *  - apply: every request submitted after the call waits, and the apply
  *    waits for every one already started: the disk changes under them.
  * The held requests then start in the order they were submitted (writes
@@ -551,6 +559,11 @@ struct qsm_stats {
 	 * without a read are not counted).  0 for raw images. */
 	uint64_t refblock_hits, refblock_misses;
 	uint64_t refblock_evictions, refblock_loads;
+	/* Writes beside a live snapshot create or delete (see "Live" below):
+	 * those begun while it ran, written in place without waiting, and
+	 * among them those that came to a cluster to allocate or copy and
+	 * waited for it after all. */
+	uint64_t snap_late_writes, snap_deferred;
 };
 /*
  * Counters since open.  struct qsm_stats has no struct_size (it predates

@@ -239,8 +239,13 @@ struct qsm_req {
 	struct qsm_snapjob *snap;
 	/* Counted in img->active (and img->writers for the kinds a create or
 	 * delete holds back) from its start to its completion; never while
-	 * HELD. */
-	bool counted, counted_writer;
+	 * HELD from START.  late: a guest write begun while a create or delete
+	 * runs (not held: qsm_snap_holds), counted in img->late_writes instead
+	 * of img->writers; it writes in place only, and the first run that
+	 * would change an L2 entry goes to HELD instead (qsm_snap_defer),
+	 * still counted in img->active, neither late nor a writer until the
+	 * operation is over (sm/snapops.c invariant 14). */
+	bool counted, counted_writer, late;
 
 	struct qsm_req *all_next, *all_prev; /* image's list of live requests */
 };
@@ -403,11 +408,13 @@ struct qsm_image {
 	/* A snapshot operation (sm/snapops.c): its request (machine SNAPSHOT)
 	 * from submit to DONE, at most one; the requests it holds back (HELD),
 	 * released when it is over; the started guest requests (active) and
-	 * among them those a create or delete waits for (writers). */
+	 * among them those a create or delete waits for (writers), and the
+	 * writes running in place beside it (late_writes: begun while it
+	 * runs, not held). */
 	struct qsm_req *snap_req;
 	struct qsm_wait *held;
 	uint64_t nb_held;
-	uint64_t active, writers;
+	uint64_t active, writers, late_writes;
 
 	uint8_t *zero_buf;        /* cluster_size zeros, shared */
 
@@ -535,6 +542,18 @@ bool qsm_snap_holds(const struct qsm_image *img, const struct qsm_req *req);
 void qsm_snap_wake(struct qsm_image *img);
 /* Is req one a create or delete waits for (counted in img->writers)? */
 bool qsm_snap_writer(const struct qsm_image *img, const struct qsm_req *req);
+/* Is req, a writer starting now, a late one (sm/sm.h, struct qsm_req)?
+ * True while a create or delete runs: it writes in place beside it. */
+bool qsm_snap_admits(const struct qsm_image *img, const struct qsm_req *req);
+/* A late write's run would change an L2 entry (allocate, copy on write,
+ * a new or shared L2 table): its table let go, it stops being late and
+ * goes to HELD (returns HOLD), to look the run up again once the
+ * operation is over. */
+enum qsm_event qsm_snap_defer(struct qsm_req *req);
+/* Start a held request (the operation is over): one held from START
+ * begins (qsm_sm_begin); one deferred part way (qsm_snap_defer) counts as
+ * a writer again and looks its run up again (HELD's BEGIN edge). */
+void qsm_snap_resume(struct qsm_req *req);
 /* qsm_abandon: the held requests go with the "process" (memory only, no
  * callbacks), as qsm_req_forget; and a forgotten SNAPSHOT request's job. */
 void qsm_snap_forget(struct qsm_image *img);

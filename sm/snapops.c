@@ -18,12 +18,17 @@
  * started are over, then one full write-back batch makes everything
  * durable, then its steps run.  At DONE (success or failure) the held
  * requests start, in the order they were submitted.
- *   - create and delete hold back writes, write-zeroes, discards and
- *     compressed writes (and reads under copy-on-read, which write):
- *     everything that may change an L2 table or a refcount.  Reads, block
- *     status and flushes keep running throughout: the mapping of the active
- *     disk does not change, and the L2 tables the operation edits (COPIED
- *     flags) are edited in the L2 cache the reads share.
+ *   - create and delete hold back write-zeroes, discards and compressed
+ *     writes (and reads under copy-on-read, which write): requests that
+ *     change L2 entries or refcounts.  Plain writes start (late writes,
+ *     invariant 14): a run over clusters the active disk owns alone
+ *     (COPIED) is written in place, as always, and the first run that
+ *     would allocate, copy on write or create an L2 table sends the write
+ *     to HELD instead (qsm_snap_defer), to be looked up again once the
+ *     operation is over.  Reads, block status and flushes keep running
+ *     throughout: the mapping of the active disk does not change, and the
+ *     L2 tables the operation edits (COPIED flags) are edited in the L2
+ *     cache the reads and late writes share.
  *   - apply holds back everything: the disk itself changes.
  *
  * Its steps, each resumable where it stopped (a table or refcount block
@@ -65,7 +70,8 @@
  * one whose repair gives the image before or after the operation, never one
  * where a cluster is referenced more than its refcount says:
  *   create: the L1 copy and the new snapshot table written, refcounts +1
- *           and COPIED cleared in the active tables, all durable (one
+ *           and COPIED cleared in the active tables, the late writes over
+ *           (invariant 14), all durable (one
  *           batch: the copy and the table before it; refcount blocks,
  *           L2 and L1 in one level under the dirty bit, in that order on
  *           v2); then the header naming the table (the commit point, with
@@ -93,6 +99,11 @@
  *   START -> SNAP_DRAIN ................................ qsm_sm_begin
  *   SNAP_DRAIN -> SNAP_DRAIN|DURABLE_WAIT .............. qsm_snap_step
  *                                 (WAKE from qsm_snap_wake)
+ *   SNAP_NEXT -> SNAP_DRAIN ............................ qsm_snap_step
+ *                                 (create's QUIESCE, invariant 14)
+ *   SNAP_DRAIN -> SNAP_NEXT ............................ qsm_snap_step
+ *                                 (its late writes over: WAKE from
+ *                                 qsm_snap_wake, qsm_snap_defer)
  *   DURABLE_WAIT -> SNAP_NEXT .......................... qsm_wb_join
  *                                 (the batch's WB_DONE)
  *   SNAP_NEXT -> SNAP_*|DURABLE_WAIT|DONE .............. qsm_snap_step
@@ -105,7 +116,9 @@
  *   SNAP_VMSTATE -> SNAP_VMSTATE|SNAP_NEXT ............. qsm_snap_step
  *                                 (WAKE: vmstate_cb)
  *   START -> HELD ...................................... qsm_sm_start
- *   HELD -> L1_LOOKUP|COMPRESS|DURABLE_WAIT|DONE ....... qsm_sm_begin
+ *   L1_LOOKUP, L2_LOOKUP -> HELD ....................... qsm_snap_defer
+ *                                 (a late write, invariant 14)
+ *   HELD -> L1_LOOKUP|COMPRESS|DURABLE_WAIT|DONE ....... qsm_snap_resume
  *                                 (from snap_release, at the operation's end)
  *
  * Invariants
@@ -113,6 +126,19 @@
  *      SNAP_DRAIN on, no request of a kind it holds back is started
  *      (img->writers == 0 for create and delete, img->active == 0 for
  *      apply): whatever it reads and changes, only it changes.
+ *  14. Late writes (req->late, counted in img->late_writes: begun while a
+ *      create or delete runs) change no L1 entry, L2 entry or refcount:
+ *      only an in-place run (QSM_E_IN_PLACE, a COPIED data cluster) gets
+ *      past L2_LOOKUP, anything else defers.  So a delete needs nothing
+ *      more: the clusters they write are the active disk's alone, no
+ *      snapshot's.  A create makes those clusters shared; its COPIED pass
+ *      clears the flags (later lookups defer), then QUIESCE closes the door
+ *      (every new write held from START) and waits until no late write is
+ *      in flight, before the table and header: no data write lands in a
+ *      cluster the new snapshot shares once the create is committed.  A
+ *      late write that completed before the create did is in the snapshot
+ *      whole; one deferred part way may be in it in part (the runs it
+ *      wrote in place), as a crash at that moment would leave it.
  *  13. A step holds no L2 table reference while it waits (as invariant 4
  *      for requests): a table is taken, used and put back within one run
  *      of a step, the position kept in the job.
@@ -138,10 +164,11 @@
 enum snap_op { OP_CREATE, OP_APPLY, OP_DELETE };
 
 /* The steps of a plan.  SYNC: one full write-back batch (DURABLE_WAIT);
- * END: the dirty bit let go (the next SYNC clears it); FAIL: done, with
- * the error the plan was switched to (job->ret). */
+ * QUIESCE: no more late writes, and those in flight over (SNAP_DRAIN
+ * again, invariant 14); END: the dirty bit let go (the next SYNC clears
+ * it); FAIL: done, with the error the plan was switched to (job->ret). */
 enum snap_phase {
-	PH_L1_LOAD, PH_L1_WRITE, PH_REFS, PH_COPIED, PH_TABLE, PH_COMMIT, PH_VMSTATE,
+	PH_L1_LOAD, PH_L1_WRITE, PH_REFS, PH_COPIED, PH_QUIESCE, PH_TABLE, PH_COMMIT, PH_VMSTATE,
 	PH_FREE_L1, PH_SYNC, PH_END, PH_FAIL, PH_STOP,
 };
 
@@ -163,11 +190,11 @@ enum snap_phase {
  */
 static const enum snap_phase plans[3][16] = {
 	/* create: the L1 copy, +1 on what the active tables reference, COPIED
-	 * cleared, the new table (durable, one level); the header, clean
-	 * again, the old table freed after it, the active VM state dropped
-	 * (durable) */
-	[OP_CREATE] = { PH_L1_WRITE, PH_REFS, PH_COPIED, PH_TABLE, PH_SYNC, PH_END, PH_COMMIT,
-			PH_VMSTATE, PH_SYNC, PH_STOP },
+	 * cleared, the writes in place over, the new table (durable, one
+	 * level); the header, clean again, the old table freed after it, the
+	 * active VM state dropped (durable) */
+	[OP_CREATE] = { PH_L1_WRITE, PH_REFS, PH_COPIED, PH_QUIESCE, PH_TABLE, PH_SYNC, PH_END,
+			PH_COMMIT, PH_VMSTATE, PH_SYNC, PH_STOP },
 	/* apply: +1 on what the snapshot references, the new active L1, the
 	 * header (durable: refcounts and the L1 first); -1 on what the old
 	 * active tables referenced, their L1 freed, COPIED set (durable) */
@@ -204,6 +231,7 @@ struct qsm_snapjob {
 	bool begun;                  /* the image changed: a failure is sticky */
 	bool dirty_set;              /* the first batch writes the dirty bit */
 	bool drained;                /* past the drain batch (qsm_snap_flat) */
+	bool writes_closed;          /* create, from QUIESCE: every write held (invariant 14) */
 
 	/* apply, delete: the snapshot (its numbers; strings die with the table) */
 	struct qcow2_snapshot sn;
@@ -290,7 +318,43 @@ bool qsm_snap_holds(const struct qsm_image *img, const struct qsm_req *req)
 		return false;
 	if (m == QSM_M_FLUSH ? img->cache == QSM_CACHE_UNSAFE : req->bytes == 0)
 		return false; /* nothing to do: no reason to wait */
-	return s->snap->op == OP_APPLY || holds_writes(img, m);
+	if (s->snap->op == OP_APPLY)
+		return true;
+	/* Plain writes start, late (in place only, invariant 14), until a
+	 * create closes the door. */
+	return holds_writes(img, m) && (m != QSM_M_WRITE || s->snap->writes_closed);
+}
+
+bool qsm_snap_admits(const struct qsm_image *img, const struct qsm_req *req)
+{
+	const struct qsm_req *s = img->snap_req;
+	return s && s->snap->op != OP_APPLY && !s->snap->writes_closed &&
+	       req->machine == QSM_M_WRITE && !(req->flags & QSM_REQ_COR_FILL) && !img->raw;
+}
+
+enum qsm_event qsm_snap_defer(struct qsm_req *req)
+{
+	struct qsm_image *img = req->img;
+	assert(req->late && img->snap_req);
+	release_l2(req);
+	if (img->rc)
+		qsm_refcount_unpin(img->rc, &req->rcw);
+	req->late = false;
+	img->late_writes--;
+	img->stats.snap_deferred++;
+	qsm_snap_wake(img); /* a create may be waiting for the last late write */
+	return QSM_E_HOLD;
+}
+
+void qsm_snap_resume(struct qsm_req *req)
+{
+	if (!req->counted) {
+		qsm_sm_begin(req);
+		return;
+	}
+	req->counted_writer = true; /* the next operation waits for it */
+	req->img->writers++;
+	qsm_sm_post(req, QSM_E_BEGIN, 0);
 }
 
 bool qsm_snap_flat(const struct qsm_image *img)
@@ -302,7 +366,11 @@ bool qsm_snap_flat(const struct qsm_image *img)
 bool qsm_snap_drained(const struct qsm_image *img)
 {
 	const struct qsm_req *s = img->snap_req;
-	return s && (s->snap->op == OP_APPLY ? img->active == 0 : img->writers == 0);
+	if (!s)
+		return false;
+	if (s->snap->op == OP_APPLY)
+		return img->active == 0;
+	return img->writers == 0 && (!s->snap->writes_closed || img->late_writes == 0);
 }
 
 void qsm_snap_wake(struct qsm_image *img)
@@ -331,7 +399,7 @@ static void snap_release(struct qsm_image *img)
 		if (img->error && holds_writes(img, req->machine))
 			qsm_sm_post(req, QSM_E_ERROR, img->error);
 		else
-			qsm_sm_begin(req);
+			qsm_snap_resume(req);
 		w = next;
 	}
 }
@@ -843,6 +911,9 @@ static enum qsm_event next_step(struct qsm_req *req, enum snap_phase ph)
 		else
 			walk_init(j, j->l1, j->l1_entries, -1);
 		return QSM_E_SN_REFS;
+	case PH_QUIESCE:
+		j->writes_closed = true; /* new writes wait in HELD from here */
+		return QSM_E_SN_DRAIN;
 	case PH_COPIED:
 		j->ci = j->cj = 0;
 		j->ci_l1 = false;
@@ -883,6 +954,8 @@ enum qsm_event qsm_snap_step(struct qsm_req *req)
 	case QSM_S_SNAP_DRAIN:
 		if (!qsm_snap_drained(img))
 			return QSM_E_WAIT; /* qsm_snap_wake */
+		if (j->writes_closed) /* QUIESCE: the late writes are over */
+			return QSM_E_FINISHED;
 		if (img->error || img->corrupt)
 			return fail(req, img->corrupt ? -ENOMEDIUM : -EIO);
 		/* Everything written back first; on v3 the dirty bit held
@@ -993,6 +1066,16 @@ static void snap_done(void *opaque, int ret)
 		qsm_l2_put(&img->l2c, j->l2);
 	img->dirty_hold = false;
 	img->snap_req = NULL;
+	/* Late writes still running are writers now: the next operation
+	 * waits for them in its drain. */
+	for (struct qsm_req *r = img->all; r; r = r->all_next)
+		if (r->late) {
+			r->late = false;
+			r->counted_writer = true;
+			img->writers++;
+			img->late_writes--;
+		}
+	assert(img->late_writes == 0);
 	snap_release(img);
 	qsm_cb cb = j->cb;
 	void *cb_opaque = j->opaque;

@@ -279,6 +279,7 @@ static int fuzz(struct fz_env *env, const struct fuzz_opts *o)
 		t.ops += (uint64_t)c.nops;
 		t.snap_ops += res.snap_ops;
 		t.applies += res.applies;
+		t.late_writes += res.late_writes;
 		t.qemu_checks += res.qemu_checked;
 		if (fault) {
 			t.fault_runs++;
@@ -301,10 +302,11 @@ static int fuzz(struct fz_env *env, const struct fuzz_opts *o)
 		}
 		fz_case_free(&c);
 	}
-	char snaps[80] = "";
+	char snaps[160] = "";
 	if (o->gen.snapshots)
 		snprintf(snaps, sizeof(snaps), " (%" PRIu64 " snapshot operations done, %" PRIu64
-			 " of them applies)", t.snap_ops, t.applies);
+			 " of them applies, %" PRIu64 " writes beside them)", t.snap_ops, t.applies,
+			 t.late_writes);
 	printf("qsm fuzz: %" PRIu64 " runs (seeds %" PRIu64 "..%" PRIu64 "), %" PRIu64 " requests%s, "
 	       "%" PRIu64 " crash points (%" PRIu64 " torn writes), %" PRIu64 " fault runs (%" PRIu64
 	       " faults fired), %" PRIu64 " qemu-img checks%s%s, %.1f s: ",

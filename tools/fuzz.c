@@ -612,6 +612,9 @@ static int run_workload(struct run *r, char *err, size_t errlen)
 			qsm_sim_crash(r->bsim, 0, false);
 		r->w.stopped = true;
 	}
+	struct qsm_stats st;
+	qsm_get_stats(r->img, &st);
+	r->res->late_writes = st.snap_late_writes;
 	if (r->w.stopped) {
 		qsm_abandon(r->img);
 	} else {

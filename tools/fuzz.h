@@ -100,6 +100,7 @@ struct fz_totals {
 	uint64_t runs, ops, crash_points, fault_runs, faults_fired, torn;
 	uint64_t qemu_checks, failures;
 	uint64_t snap_ops, applies; /* --snapshots: succeeded in the first run of each case */
+	uint64_t late_writes;       /* ... and writes begun beside a create or delete */
 };
 
 struct fz_env {
@@ -136,6 +137,7 @@ struct fz_result {
 	uint64_t faults_fired, torn;
 	bool qemu_checked;
 	unsigned snap_ops, applies; /* snapshot operations (applies) that succeeded */
+	uint64_t late_writes;       /* writes begun beside a create or delete (qsm_stats) */
 	char schedule_path[512];  /* with fz_run(..., trace=true): the schedule log */
 };
 

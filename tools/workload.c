@@ -187,12 +187,25 @@ static int candidates(const struct wl *w, uint64_t off, uint64_t len, int *cand)
  * The read oracle works on queries: a read of the disk that ended at t_done
  * and started at t_sub, in the epoch chosen at time `at` (its submission;
  * a snapshot's disk is a query with the create's times swapped, see
- * wl_check_snapshot).  An epoch is named by the accepted apply that began
- * it, or -1 for the disk before any.
+ * snap_query).  An epoch is named by the accepted apply that began it, or
+ * -1 for the disk before any.  write_hi: plain writes submitted before it
+ * are candidates too (a snapshot's: those beside the create, which may
+ * have run in place before its commit); 0 for a read.
  */
 struct query {
-	uint64_t at, t_sub, t_done;
+	uint64_t at, t_sub, t_done, write_hi;
 };
+
+/* The disk a create took: every request completed before it was submitted
+ * is in it (they all completed before it did: its drain), and of the plain
+ * writes beside it, those that completed before it (in place before its
+ * commit), and perhaps some of the others in part (the runs they wrote in
+ * place before one had to wait for it). */
+static struct query snap_query(const struct wl_state *c)
+{
+	return (struct query){ .at = c->t_sub, .t_sub = c->t_done, .t_done = c->t_sub,
+			       .write_hi = c->t_done };
+}
 
 /* One judgement: the requests that may set the bytes judged (cand, a
  * superset: byte_ok tests coverage) and the accepted applies in order. */
@@ -280,8 +293,7 @@ static bool base_ok(const struct judge *j, int e, uint64_t x, uint8_t v)
 {
 	if (e < 0)
 		return v == wl_view(j->w)[x];
-	const struct wl_state *c = &j->w->st[apply_source(j->w, e)];
-	struct query q = { .at = c->t_sub, .t_sub = c->t_done, .t_done = c->t_sub };
+	struct query q = snap_query(&j->w->st[apply_source(j->w, e)]);
 	int ep[j->na + 1];
 	int n = epochs_at(j, q.at, ep);
 	for (int k = 0; k < n; k++)
@@ -295,7 +307,8 @@ static bool base_ok(const struct judge *j, int e, uint64_t x, uint8_t v)
  * Candidates are the write-like requests covering x submitted in the
  * epoch's window (after the apply that began it, before q ended and before
  * the next apply at or after q.at: that one waits for q and holds back what
- * comes after), minus those overwritten for sure: W is out when a
+ * comes after; plain writes up to q.write_hi when that is later), minus
+ * those overwritten for sure: W is out when a
  * successful W2 covering x was submitted after W completed and completed
  * before q was submitted.  The epoch's base is a candidate until a
  * successful request covering x completed before q was submitted.
@@ -304,7 +317,9 @@ static bool byte_ok(const struct judge *j, int e, const struct query *q, uint64_
 {
 	const struct wl *w = j->w;
 	uint64_t lo = e < 0 ? 0 : w->st[e].t_sub;
-	uint64_t hi = QSM_MIN(q->t_done, barrier_after(j, q->at));
+	uint64_t barrier = barrier_after(j, q->at);
+	uint64_t hi = QSM_MIN(q->t_done, barrier);
+	uint64_t write_hi = QSM_MIN(QSM_MAX(q->write_hi, q->t_done), barrier);
 	/* The latest submission among successful writes covering x that
 	 * completed before q started: everything completed before it is
 	 * overwritten. */
@@ -312,7 +327,8 @@ static bool byte_ok(const struct judge *j, int e, const struct query *q, uint64_
 	bool base = true;
 	for (int k = 0; k < j->nc; k++) {
 		const struct wl_state *s = &w->st[j->cand[k]];
-		if (!covers(s, x) || s->t_sub <= lo || s->t_sub >= hi || s->t_done >= q->t_sub ||
+		uint64_t h = w->ops[j->cand[k]].kind == WL_WRITE ? write_hi : hi;
+		if (!covers(s, x) || s->t_sub <= lo || s->t_sub >= h || s->t_done >= q->t_sub ||
 		    s->ret)
 			continue;
 		base = false;
@@ -320,7 +336,8 @@ static bool byte_ok(const struct judge *j, int e, const struct query *q, uint64_
 	}
 	for (int k = 0; k < j->nc; k++) {
 		const struct wl_state *s = &w->st[j->cand[k]];
-		if (!covers(s, x) || s->t_sub <= lo || s->t_sub >= hi)
+		uint64_t h = w->ops[j->cand[k]].kind == WL_WRITE ? write_hi : hi;
+		if (!covers(s, x) || s->t_sub <= lo || s->t_sub >= h)
 			continue;
 		if (s->t_done != WL_NEVER && s->t_done < floor_sub)
 			continue;
@@ -770,13 +787,12 @@ bool wl_check_durable(const struct wl *w, const uint8_t *disk, char *msg, size_t
 
 bool wl_check_snapshot(const struct wl *w, int id, const uint8_t *snap, char *msg, size_t msglen)
 {
-	const struct wl_state *s = &w->st[id];
-	struct query q = { .at = s->t_sub, .t_sub = s->t_done, .t_done = s->t_sub };
+	struct query q = snap_query(&w->st[id]);
 	int64_t d = judge_read(w, 0, w->p.size, snap, &q, false);
 	if (d < 0)
 		return true;
 	snprintf(msg, msglen, "snapshot of op %d: byte %#" PRIx64 " reads %#x: neither the content "
-		 "before nor a write submitted before the create that could be the last there",
+		 "before nor a write submitted before the create (or beside it) that could be the last there",
 		 id, (uint64_t)d, snap[d]);
 	return false;
 }

@@ -53,9 +53,14 @@ budget compressed 40 --crash --compressed
 budget writethrough 60 --crash -t writethrough
 budget random-schedule 100 --crash --faults --schedule random
 budget snapshots 40 --crash --faults --snapshots
-# The snapshot runs did apply snapshots (live, requests held behind them).
+# The snapshot runs did apply snapshots (live, requests held behind them),
+# and writes ran beside creates and deletes (in place, or deferred).
 if [ -e "$WORK/snapshots.out" ] && ! grep -Eq '^qsm fuzz: .* [1-9][0-9]* of them applies' "$WORK/snapshots.out"; then
     fail "snapshots: no snapshot apply succeeded in the budget"
+    show_tail "$WORK/snapshots.out" 5
+fi
+if [ -e "$WORK/snapshots.out" ] && ! grep -Eq '^qsm fuzz: .* [1-9][0-9]* writes beside them' "$WORK/snapshots.out"; then
+    fail "snapshots: no write ran beside a snapshot create or delete in the budget"
     show_tail "$WORK/snapshots.out" 5
 fi
 ok

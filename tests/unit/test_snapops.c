@@ -5,14 +5,19 @@
  * reruns one seed).
  *
  *  - create: writes in flight when qsm_snapshot_create_async is called are
- *    in the snapshot, writes submitted after it are not (they wait in HELD:
- *    each completes after the create's callback), reads submitted after it
- *    keep running (some complete before that callback) and read what the
- *    disk holds; the snapshot then reads exactly as the disk did, the
- *    active disk as every write left it, the image checks clean;
+ *    in the snapshot; of those submitted after it, the ones that complete
+ *    before its callback ran in place (some do) and are in it, the others
+ *    are not: every one over a cluster to allocate is among them (it waited
+ *    in HELD); reads submitted after it keep running (some complete before
+ *    that callback) and read what the disk holds; the snapshot then reads
+ *    exactly as the disk did, the active disk as every write left it, the
+ *    image checks clean;
  *  - apply: writes before it are lost with the old disk, reads and writes
  *    after it wait for it and see the snapshot's disk;
  *  - delete: the snapshot is gone, the writes around it all land, clean;
+ *    beside it, writes over clusters the active disk owns alone run in
+ *    place (some complete before its callback), those over clusters
+ *    shared with another snapshot wait for it;
  *  - the rules: one operation at a time (-EBUSY), the blocking forms from a
  *    callback (-EDEADLK), a close waits for the operation, and a refcount
  *    overflow (refcount_bits=1) changes nothing and releases the writes;
@@ -44,6 +49,7 @@ struct ctx {
 	struct qsm_image *img;
 	char path[320];
 	uint8_t *before, *after; /* what the snapshot and the active disk must read */
+	bool used[SIZE / CLUSTER]; /* clusters written by submit_writes */
 	unsigned seq;            /* completions so far */
 	unsigned pending;
 	unsigned snap_seq;       /* seq of the snapshot operation's callback */
@@ -122,15 +128,16 @@ static void run_until_idle(struct ctx *c)
 		event_base_loop(c->base, EVLOOP_ONCE);
 }
 
-/* n writes of distinct clusters (so their order among themselves does not
- * matter), sector-aligned lengths inside the cluster; applied to the
- * model(s) given. */
+/* n writes of distinct clusters, none written before in the test (so
+ * their order does not matter: a write beside a create or delete may run
+ * in place beside the writes before it), sector-aligned lengths inside the
+ * cluster; applied to the model(s) given. */
 static struct io *submit_writes(struct ctx *c, uint64_t *rng, unsigned n, uint8_t pat,
 				uint8_t *m1, uint8_t *m2)
 {
 	struct io *ios = calloc(n, sizeof(*ios));
 	uint64_t nclusters = SIZE / CLUSTER;
-	bool *used = calloc(nclusters, 1);
+	bool *used = c->used;
 	for (unsigned i = 0; i < n; i++) {
 		uint64_t cl;
 		do {
@@ -155,14 +162,35 @@ static struct io *submit_writes(struct ctx *c, uint64_t *rng, unsigned n, uint8_
 		c->pending++;
 		ck_assert_int_eq(qsm_writev(c->img, io->off, &io->iov, 1, io_cb, io), 0);
 	}
-	free(used);
 	return ios;
 }
 
-/* n reads, none overlapping the writes `avoid` (n_avoid of them, in
- * flight beside them: their bytes would race on the sim disk). */
-static struct io *submit_reads(struct ctx *c, uint64_t *rng, unsigned n, const struct io *avoid,
-			       unsigned n_avoid)
+/* n writes over the bytes of the writes `prev`, with pattern pat;
+ * applied to model m1. */
+static struct io *submit_rewrites(struct ctx *c, const struct io *prev, unsigned n, uint8_t pat,
+				  uint8_t *m1)
+{
+	struct io *ios = calloc(n, sizeof(*ios));
+	for (unsigned i = 0; i < n; i++) {
+		struct io *io = &ios[i];
+		io->c = c;
+		io->off = prev[i].off;
+		io->len = prev[i].len;
+		io->buf = malloc(io->len);
+		memset(io->buf, pat + (uint8_t)i, io->len);
+		memcpy(m1 + io->off, io->buf, io->len);
+		io->iov = (struct iovec){ io->buf, io->len };
+		c->pending++;
+		ck_assert_int_eq(qsm_writev(c->img, io->off, &io->iov, 1, io_cb, io), 0);
+	}
+	return ios;
+}
+
+/* n reads, none overlapping the writes `avoid` or `avoid2` (n_avoid of
+ * them each, in flight beside them: their bytes would race on the sim
+ * disk). */
+static struct io *submit_reads2(struct ctx *c, uint64_t *rng, unsigned n, const struct io *avoid,
+				const struct io *avoid2, unsigned n_avoid)
 {
 	struct io *ios = calloc(n, sizeof(*ios));
 	for (unsigned i = 0; i < n; i++) {
@@ -176,8 +204,10 @@ static struct io *submit_reads(struct ctx *c, uint64_t *rng, unsigned n, const s
 				io->off = SIZE - io->len;
 			clash = false;
 			for (unsigned k = 0; k < n_avoid; k++)
-				clash |= io->off < avoid[k].off + avoid[k].len &&
-					 avoid[k].off < io->off + io->len;
+				clash |= (avoid && io->off < avoid[k].off + avoid[k].len &&
+					  avoid[k].off < io->off + io->len) ||
+					 (avoid2 && io->off < avoid2[k].off + avoid2[k].len &&
+					  avoid2[k].off < io->off + io->len);
 		} while (clash);
 		io->c = c;
 		io->buf = malloc(io->len);
@@ -186,6 +216,12 @@ static struct io *submit_reads(struct ctx *c, uint64_t *rng, unsigned n, const s
 		ck_assert_int_eq(qsm_readv(c->img, io->off, &io->iov, 1, io_cb, io), 0);
 	}
 	return ios;
+}
+
+static struct io *submit_reads(struct ctx *c, uint64_t *rng, unsigned n, const struct io *avoid,
+			       unsigned n_avoid)
+{
+	return submit_reads2(c, rng, n, avoid, NULL, n_avoid);
 }
 
 static void free_ios(struct io *ios, unsigned n)
@@ -248,6 +284,9 @@ START_TEST(live_create)
 	uint64_t seed = seed_of(_i), rng = seed;
 	struct ctx c;
 	setup(&c, seed, 0);
+	/* the zero clusters unallocated: a write there allocates */
+	for (uint64_t o = 0; o < SIZE; o += 5 * CLUSTER)
+		ck_assert_int_eq(qsm_sync_discard(c.img, o, CLUSTER), 0);
 	uint8_t *orig = malloc(SIZE);
 	memcpy(orig, c.before, SIZE);
 	/* before: in the snapshot and the active disk */
@@ -256,20 +295,30 @@ START_TEST(live_create)
 						   &c), 0);
 	ck_assert_int_eq(qsm_snapshot_create_async(c.img, "again", NULL, NULL, 0, snap_cb, &c),
 			 -EBUSY);
-	/* after: the active disk only; and reads of bytes no write touches
-	 * from here on (what they return is known) */
+	/* after: the active disk, and the snapshot for those that complete
+	 * first; and reads of bytes no write touches from here on (what
+	 * they return is known) */
 	struct io *w2 = submit_writes(&c, &rng, NW, 0x80, c.after, NULL);
-	struct io *r = submit_reads(&c, &rng, NW, w1, NW);
+	struct io *r = submit_reads2(&c, &rng, NW, w1, w2, NW);
 	run_until_idle(&c);
 	ck_assert_msg(c.snap_ret == 0, "seed %llu: create: %d %s", (unsigned long long)seed,
 		      c.snap_ret, c.err);
-	unsigned reads_first = 0;
+	struct qsm_stats st;
+	qsm_get_stats(c.img, &st);
+	unsigned reads_first = 0, writes_first = 0, to_alloc = 0;
 	for (unsigned i = 0; i < NW; i++) {
 		ck_assert_int_eq(w1[i].ret, 0);
 		ck_assert_int_eq(w2[i].ret, 0);
 		ck_assert_int_eq(r[i].ret, 0);
-		ck_assert_msg(w2[i].seq > c.snap_seq, "seed %llu: a write submitted after the create "
-			      "completed before it", (unsigned long long)seed);
+		if (w2[i].off / CLUSTER % 5 == 0) {
+			to_alloc++;
+			ck_assert_msg(w2[i].seq > c.snap_seq, "seed %llu: a write submitted after the "
+				      "create allocated before it", (unsigned long long)seed);
+		}
+		if (w2[i].seq < c.snap_seq) { /* in place, before the create's commit */
+			writes_first++;
+			memcpy(c.before + w2[i].off, w2[i].buf, w2[i].len);
+		}
 		reads_first += r[i].seq < c.snap_seq;
 		/* a read is not held: it runs beside w1's writes still in
 		 * flight (old or new bytes) and w2's held ones (which it must
@@ -285,6 +334,12 @@ START_TEST(live_create)
 	}
 	ck_assert_msg(reads_first > 0, "seed %llu: every read waited for the create",
 		      (unsigned long long)seed);
+	ck_assert_msg(writes_first > 0, "seed %llu: every write waited for the create",
+		      (unsigned long long)seed);
+	ck_assert_msg(st.snap_late_writes == NW && st.snap_deferred >= to_alloc,
+		      "seed %llu: %llu late writes, %llu deferred (%u to allocate)",
+		      (unsigned long long)seed, (unsigned long long)st.snap_late_writes,
+		      (unsigned long long)st.snap_deferred, to_alloc);
 	free_ios(w1, NW);
 	free_ios(w2, NW);
 	free_ios(r, NW);
@@ -347,21 +402,43 @@ START_TEST(live_delete)
 		event_base_loop(c.base, EVLOOP_ONCE);
 	ck_assert_int_eq(qsm_snapshot_create(c.img, "kept", c.err, sizeof(c.err)), 0);
 	memcpy(c.before, c.after, SIZE);
+	/* clusters the active disk owns alone again (copied on write) */
+	struct io *w1b = submit_writes(&c, &rng, NW, 0x60, c.after, NULL);
+	while (c.pending)
+		event_base_loop(c.base, EVLOOP_ONCE);
 	struct io *w1 = submit_writes(&c, &rng, NW, 0x40, c.after, NULL);
 	ck_assert_int_eq(qsm_snapshot_delete_async(c.img, "gone", c.err, sizeof(c.err), snap_cb, &c),
 			 0);
+	struct qsm_stats st0, st;
+	qsm_get_stats(c.img, &st0);
+	/* beside the delete: w2 over clusters shared with "kept" (they wait
+	 * for it), w3 over w1b's (in place, they need not) */
 	struct io *w2 = submit_writes(&c, &rng, NW, 0x80, c.after, NULL);
-	struct io *r = submit_reads(&c, &rng, NW, w1, NW);
+	struct io *w3 = submit_rewrites(&c, w1b, NW, 0xa0, c.after);
+	struct io *r = submit_reads2(&c, &rng, NW, w1, w3, NW);
 	run_until_idle(&c);
 	ck_assert_msg(c.snap_ret == 0, "seed %llu: delete: %d %s", (unsigned long long)seed,
 		      c.snap_ret, c.err);
+	qsm_get_stats(c.img, &st);
+	unsigned in_place_first = 0;
 	for (unsigned i = 0; i < NW; i++) {
-		ck_assert_int_eq(w0[i].ret | w1[i].ret | w2[i].ret | r[i].ret, 0);
+		ck_assert_int_eq(w0[i].ret | w1b[i].ret | w1[i].ret | w2[i].ret | w3[i].ret | r[i].ret,
+				 0);
 		ck_assert(w2[i].seq > c.snap_seq);
+		in_place_first += w3[i].seq < c.snap_seq;
 	}
+	ck_assert_msg(in_place_first > 0, "seed %llu: every write in place waited for the delete",
+		      (unsigned long long)seed);
+	ck_assert_msg(st.snap_late_writes - st0.snap_late_writes == 2 * NW &&
+			      st.snap_deferred - st0.snap_deferred == NW,
+		      "seed %llu: %llu late writes, %llu deferred", (unsigned long long)seed,
+		      (unsigned long long)(st.snap_late_writes - st0.snap_late_writes),
+		      (unsigned long long)(st.snap_deferred - st0.snap_deferred));
 	free_ios(w0, NW);
+	free_ios(w1b, NW);
 	free_ios(w1, NW);
 	free_ios(w2, NW);
+	free_ios(w3, NW);
 	free_ios(r, NW);
 	close_and_verify(&c, seed, "kept", c.before, 1);
 }
