@@ -7,6 +7,8 @@
 #     ldd that it used the installed libqsm.so;
 #  3. the same linked statically against libqsm.a (pkg-config --static);
 #  4. check_exports.sh: libqsm.so exports exactly the installed API;
+#     the installed qsm, without GnuTLS, loads its TLS module from the
+#     prefix;
 #  5. the installed headers compile as C++ (g++ or clang++; SKIPPED when
 #     neither exists; the extern "C" guards are checked by grep regardless).
 # Exit 0 when every step passed.
@@ -46,6 +48,25 @@ if $cc -std=c11 -Wall -Wextra -Werror $cflags "$SRC/tests/embed/embed.c" -o "$wo
     fi
 else
     say "FAIL shared: embed.c does not build from the installed headers"; fail=1
+fi
+
+# The installed qsm links no GnuTLS and finds its TLS module where the
+# install put it (tools/nbd/tls.h, "Loading"): asked for credentials from a
+# directory that does not exist, it gets as far as the credentials' own
+# message, not "TLS is not available".
+if [ -x "$prefix/bin/qsm" ]; then
+    "$prefix/bin/qsm" create -q -f qcow2 "$work/tls.qcow2" 1M
+    out=$(timeout 20 "$prefix/bin/qsm" nbd --object tls-creds-x509,id=t0,dir="$work/no-creds",endpoint=server \
+        --tls-creds t0 "$work/tls.qcow2" 2>&1)
+    if ldd "$prefix/bin/qsm" | grep -q gnutls; then
+        say "FAIL tls module: the installed qsm links GnuTLS"; fail=1
+    elif printf '%s' "$out" | grep -q "Unable to access credentials $work/no-creds/ca-cert.pem"; then
+        say "PASS tls module (loaded from the install)"
+    else
+        say "FAIL tls module: qsm nbd said: $out"; fail=1
+    fi
+else
+    say "FAIL: qsm not installed in $prefix/bin"; fail=1
 fi
 
 slibs=$(pkg-config --libs --static qsm | sed 's/-lqsm/-l:libqsm.a/')

@@ -657,3 +657,25 @@ void nbd_tls_free(struct nbd_tls *t)
 	free(t->t_peer_dn);
 	free(t);
 }
+
+#ifdef QSM_NBD_TLS_MODULE
+/* The module's one exported symbol (tls.h, "Loading"); everything else in
+ * it is hidden, so these pointers bind to this file's functions. */
+__attribute__((visibility("default"))) const struct nbd_tls_module nbd_tls_module = {
+	.version = NBD_TLS_MODULE_VERSION,
+	.creds_load = nbd_tls_creds_load,
+	.creds_free = nbd_tls_creds_free,
+	.creds_verify_peer = nbd_tls_creds_verify_peer,
+	.new_session = nbd_tls_new,
+	.handshake = nbd_tls_handshake,
+	.recv = nbd_tls_recv,
+	.send = nbd_tls_send,
+	.want_write = nbd_tls_want_write,
+	.pending = nbd_tls_pending,
+	.bye = nbd_tls_bye,
+	.error = nbd_tls_error,
+	.peer_dn = nbd_tls_peer_dn,
+	.eof_clean = nbd_tls_eof_clean,
+	.free_session = nbd_tls_free,
+};
+#endif

@@ -10,8 +10,9 @@
  * the handshake, the record layer, certificate parsing and verification; this
  * file only chooses GnuTLS's settings, feeds it the socket and turns its
  * results into qsm's conventions (0 or negative errno, a message per failure).
- * It is part of the qsm tool (the static library qsm_nbd_tls), never of
- * libqsm: the engine does not depend on GnuTLS.
+ * It is part of the qsm tool (a module qsm loads when asked for TLS, see
+ * "Loading" at the end), never of libqsm: the engine does not depend on
+ * GnuTLS.
  *
  * The credentials directory (the names QEMU 7.2's crypto/tlscredsx509.c
  * reads for a server endpoint)
@@ -167,5 +168,42 @@ const char *nbd_tls_peer_dn(const struct nbd_tls *t);
 bool nbd_tls_eof_clean(const struct nbd_tls *t);
 /* Free the session (NULL is fine); sends nothing, leaves fd open. */
 void nbd_tls_free(struct nbd_tls *t);
+
+/*
+ * Loading.  The qsm binary links no GnuTLS: its libraries (GnuTLS, nettle,
+ * gmp, p11-kit, libtasn1, libidn2, ...) cost about 4 ms at every start of
+ * every command, for what only `qsm nbd --tls` uses.  So tls.c is built
+ * twice: as the static library qsm_nbd_tls, linked by the tests and fuzz
+ * targets that call it directly, and as the module NBD_TLS_MODULE_FILE
+ * (qsm_nbd_tls_module, built with hidden symbols), which exports one
+ * table, NBD_TLS_MODULE_SYMBOL, of the functions above.  qsm's own
+ * nbd_tls_* (tools/nbd/tls_load.c) forward to that table, loading the
+ * module at the first nbd_tls_creds_load: from the directory of the qsm
+ * executable (a build tree), else from ${libdir}/qsm of its install (found
+ * relative to the executable, then at the configured path).  A module that cannot be loaded fails the load with
+ * -ENOTSUP and a message naming the file and dlerror()'s reason.  The
+ * table's version changes whenever this interface does.
+ */
+#define NBD_TLS_MODULE_FILE "qsm-nbd-tls.so"
+#define NBD_TLS_MODULE_SYMBOL "nbd_tls_module"
+#define NBD_TLS_MODULE_VERSION 1
+struct nbd_tls_module {
+	unsigned version; /* NBD_TLS_MODULE_VERSION */
+	int (*creds_load)(const char *dir, bool verify_peer, struct nbd_tls_creds **out, char *err,
+			  size_t errlen);
+	void (*creds_free)(struct nbd_tls_creds *c);
+	bool (*creds_verify_peer)(const struct nbd_tls_creds *c);
+	int (*new_session)(struct nbd_tls_creds *c, int fd, struct nbd_tls **out);
+	int (*handshake)(struct nbd_tls *t);
+	ssize_t (*recv)(struct nbd_tls *t, void *buf, size_t len);
+	ssize_t (*send)(struct nbd_tls *t, const void *buf, size_t len);
+	bool (*want_write)(const struct nbd_tls *t);
+	size_t (*pending)(const struct nbd_tls *t);
+	int (*bye)(struct nbd_tls *t);
+	const char *(*error)(const struct nbd_tls *t);
+	const char *(*peer_dn)(const struct nbd_tls *t);
+	bool (*eof_clean)(const struct nbd_tls *t);
+	void (*free_session)(struct nbd_tls *t);
+};
 
 #endif
