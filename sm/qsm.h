@@ -502,18 +502,18 @@ QSM_EXPORT int qsm_snapshot_delete(struct qsm_image *img, const char *name, char
  *    backing image has at those addresses, zeros past its end, as QEMU);
  *    reads never copy-on-read;
  *  - a write that needs L1 entries past the table's end grows the table
- *    first (to QEMU's size: 1.5 times until it is large enough), before
- *    the request is accepted: blocking, like qsm_truncate (the table is
- *    moved and the header rewritten durably, write-back included; the
- *    loop runs meanwhile, so other events' callbacks may run inside the
- *    call).  That is only safe with nothing in flight, so such a write is
- *    refused with -EBUSY while requests are in flight (a write-back batch
- *    running on its own is waited for) or when called from inside a
- *    callback of the image's loop (drain first; a write inside the table
- *    never blocks and has no such limit).  A hypervisor saves its VM state
- *    with the guest stopped, so the first write grows the table at once.
- *    A failure of the move after the new table was allocated puts the
- *    image in the sticky -EIO state, as a failed resize does;
+ *    first (to QEMU's size: 1.5 times until it is large enough), without
+ *    blocking: the call starts the growth and returns; the growth waits
+ *    for the requests in flight, holds back every request submitted after
+ *    it (this write first), writes the grown table to new clusters and
+ *    the header naming it (durable, one write-back batch after the one
+ *    that makes every L2 table durable), then releases the held requests
+ *    in order, as a snapshot apply does (see "Live" above).  It may be
+ *    called from a callback.  Refused with -EBUSY while a snapshot
+ *    operation runs (create, apply, delete); a write inside the table
+ *    never waits.  A failure of the move after the new table was
+ *    allocated puts the image in the sticky -EIO state, as a failed
+ *    resize does, and the held writes fail;
  *  - raw images have no VM-state area: -ENOTSUP (offset 0).
  */
 QSM_EXPORT uint64_t qsm_vmstate_offset(struct qsm_image *img);

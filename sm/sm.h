@@ -558,6 +558,14 @@ void qsm_snap_resume(struct qsm_req *req);
  * callbacks), as qsm_req_forget; and a forgotten SNAPSHOT request's job. */
 void qsm_snap_forget(struct qsm_image *img);
 void qsm_snap_job_free(struct qsm_req *req);
+/* Grow the active L1 table to `entries` (more than it has), as an
+ * operation of the SNAPSHOT machine that holds every request submitted
+ * after it until the table has moved (the VM-state area, sm/vmstate.c):
+ * 0 (started, or one at least as large is under way), -EBUSY while another
+ * snapshot operation runs, -ENOMEM, or op_check's refusals (read-only,
+ * closing, in error).  A failure once the move began leaves the image in
+ * the sticky -EIO state; the held writes then fail. */
+int qsm_snap_grow_l1(struct qsm_image *img, uint64_t entries);
 /* Is what the running operation waits for over (img->snap_req set)? */
 bool qsm_snap_drained(const struct qsm_image *img);
 /* May the write-back put L2 and L1 writes in the refcount block level (one

@@ -30,6 +30,10 @@
  *     L2 tables the operation edits (COPIED flags) are edited in the L2
  *     cache the reads and late writes share.
  *   - apply holds back everything: the disk itself changes.
+ *   - so does the one operation here that is no snapshot's: the growth of
+ *     the active L1 table (OP_GROW, qsm_snap_grow_l1), which a VM-state
+ *     write past the table's end starts (sm/vmstate.c invariant 2): the
+ *     table every request reads is replaced.
  *
  * Its steps, each resumable where it stopped (a table or refcount block
  * not cached, an I/O in flight: the state's own WAKE edge):
@@ -91,6 +95,13 @@
  *           in-place L1 overwrite a crash never leaves a mix of the two
  *           tables); then the old active references and L1 released and
  *           COPIED set where refcounts are 1.
+ *   grow:   the grown copy of the active table written to new clusters,
+ *           then the header naming it (one batch: the table and the
+ *           refcounts counting it durable before the header; the drain's
+ *           batch made every L2 table it names durable), no dirty bit
+ *           (no intermediate state needs a repair); the old table's
+ *           clusters released after (a crash before their refcount is
+ *           written leaks them).
  * A v2 image has no dirty bit: the same order holds, and a crash can leave
  * what qemu-img check -r all repairs (leaks, COPIED cleared where the
  * refcount is 1: a copy on write where an in-place write would have done).
@@ -125,7 +136,8 @@
  *  12. At most one snapshot operation exists (img->snap_req).  From its
  *      SNAP_DRAIN on, no request of a kind it holds back is started
  *      (img->writers == 0 for create and delete, img->active == 0 for
- *      apply): whatever it reads and changes, only it changes.
+ *      apply and the L1 growth): whatever it reads and changes, only it
+ *      changes.
  *  14. Late writes (req->late, counted in img->late_writes: begun while a
  *      create or delete runs) change no L1 entry, L2 entry or refcount:
  *      only an in-place run (QSM_E_IN_PLACE, a COPIED data cluster) gets
@@ -161,7 +173,9 @@
 		return (code);                                                 \
 	} while (0)
 
-enum snap_op { OP_CREATE, OP_APPLY, OP_DELETE };
+/* OP_GROW: the active L1 table moved to a larger one (a VM-state write past
+ * its end, qsm_snap_grow_l1): apply's L1 steps without its references. */
+enum snap_op { OP_CREATE, OP_APPLY, OP_DELETE, OP_GROW };
 
 /* The steps of a plan.  SYNC: one full write-back batch (DURABLE_WAIT);
  * QUIESCE: no more late writes, and those in flight over (SNAP_DRAIN
@@ -188,7 +202,7 @@ enum snap_phase {
  * (sm/writeback.c: a full batch writing only the header, all else
  * durable).
  */
-static const enum snap_phase plans[3][16] = {
+static const enum snap_phase plans[4][16] = {
 	/* create: the L1 copy, +1 on what the active tables reference, COPIED
 	 * cleared, the writes in place over, the new table (durable, one
 	 * level); the header, clean again, the old table freed after it, the
@@ -205,6 +219,10 @@ static const enum snap_phase plans[3][16] = {
 	 * copy released, COPIED set where refcounts are 1 again (durable) */
 	[OP_DELETE] = { PH_L1_LOAD, PH_TABLE, PH_COMMIT, PH_SYNC, PH_REFS, PH_FREE_L1, PH_COPIED,
 			PH_END, PH_SYNC, PH_STOP },
+	/* L1 growth: the grown copy to new clusters, the header naming it
+	 * (durable: refcounts and the table first); the old table released
+	 * (made durable by the next batch: a crash before it leaks it) */
+	[OP_GROW] = { PH_L1_WRITE, PH_COMMIT, PH_SYNC, PH_FREE_L1, PH_STOP },
 };
 /* Mutant snap-early-free (sm/mutant.c): delete's references dropped first. */
 static const enum snap_phase early_free_plan[16] = {
@@ -213,7 +231,7 @@ static const enum snap_phase early_free_plan[16] = {
 };
 /* A refcount overflow on the first +1 walk (undone): nothing changed but
  * (create) the L1 copy, which is freed. */
-static const enum snap_phase abort_plan[3][4] = {
+static const enum snap_phase abort_plan[4][4] = {
 	[OP_CREATE] = { PH_FREE_L1, PH_END, PH_SYNC, PH_FAIL },
 	[OP_APPLY] = { PH_END, PH_SYNC, PH_FAIL },
 };
@@ -289,6 +307,13 @@ struct qsm_snapjob {
 
 /* --- holding requests back (invariant 12) ----------------------------------- */
 
+/* Apply and the L1 growth change the active disk's tables under every
+ * request: they hold everything back. */
+static bool holds_all(const struct qsm_snapjob *j)
+{
+	return j->op == OP_APPLY || j->op == OP_GROW;
+}
+
 static bool holds_writes(const struct qsm_image *img, enum qsm_machine m)
 {
 	return is_write_machine(m) || (m == QSM_M_READ && img->copy_on_read);
@@ -318,7 +343,7 @@ bool qsm_snap_holds(const struct qsm_image *img, const struct qsm_req *req)
 		return false;
 	if (m == QSM_M_FLUSH ? img->cache == QSM_CACHE_UNSAFE : req->bytes == 0)
 		return false; /* nothing to do: no reason to wait */
-	if (s->snap->op == OP_APPLY)
+	if (holds_all(s->snap))
 		return true;
 	/* Plain writes start, late (in place only, invariant 14), until a
 	 * create closes the door. */
@@ -328,7 +353,7 @@ bool qsm_snap_holds(const struct qsm_image *img, const struct qsm_req *req)
 bool qsm_snap_admits(const struct qsm_image *img, const struct qsm_req *req)
 {
 	const struct qsm_req *s = img->snap_req;
-	return s && s->snap->op != OP_APPLY && !s->snap->writes_closed &&
+	return s && !holds_all(s->snap) && !s->snap->writes_closed &&
 	       req->machine == QSM_M_WRITE && !(req->flags & QSM_REQ_COR_FILL) && !img->raw;
 }
 
@@ -368,7 +393,7 @@ bool qsm_snap_drained(const struct qsm_image *img)
 	const struct qsm_req *s = img->snap_req;
 	if (!s)
 		return false;
-	if (s->snap->op == OP_APPLY)
+	if (holds_all(s->snap))
 		return img->active == 0;
 	return img->writers == 0 && (!s->snap->writes_closed || img->late_writes == 0);
 }
@@ -735,13 +760,17 @@ static enum qsm_event step_l1_write(struct qsm_req *req)
 		return QSM_E_WAIT;
 	if (ret < 0)
 		return fail(req, ret);
-	if (j->op == OP_CREATE) {
+	if (j->op == OP_CREATE || j->op == OP_GROW) {
+		/* The active table as it is (nothing changes it now: invariant
+		 * 12), at its size (create) or grown, zeros after it (grow). */
 		size_t bytes = (size_t)QSM_ALIGN_UP(entries * 8, img->cluster_size);
 		if (!j->l1 && posix_memalign((void **)&j->l1, 4096, bytes))
 			return fail(req, -ENOMEM);
 		memset(j->l1, 0, bytes);
-		memcpy(j->l1, img->l1, entries * 8);
+		memcpy(j->l1, img->l1, img->l1_size * 8);
 		j->l1_entries = entries;
+	}
+	if (j->op == OP_CREATE) {
 		j->t.sn[j->t.nb - 1].l1_table_offset = j->l1_off; /* the new entry */
 		j->t.sn[j->t.nb - 1].l1_size = (uint32_t)entries;
 	}
@@ -799,13 +828,14 @@ static enum qsm_event step_commit(struct qsm_req *req)
 	struct qsm_snapjob *j = req->snap;
 	int ret;
 
-	if (j->op == OP_APPLY) {
+	if (holds_all(j)) {
 		j->old_l1 = img->l1;
 		j->old_l1_size = img->l1_size;
 		j->old_l1_off = h->l1_table_offset;
 		h->l1_table_offset = j->l1_off;
 		h->l1_size = (uint32_t)j->l1_room;
-		h->size = j->sn.disk_size; /* QEMU 7.2 resizes to the snapshot's size first */
+		if (j->op == OP_APPLY)
+			h->size = j->sn.disk_size; /* QEMU 7.2 resizes to the snapshot's size first */
 		img->l1 = j->l1;
 		j->l1 = NULL;
 		img->l1_size = j->l1_room;
@@ -813,7 +843,8 @@ static enum qsm_event step_commit(struct qsm_req *req)
 		qsm_wb_l1_loaded(img);
 		/* Nothing runs (apply holds everything): no table of the old
 		 * disk stays cached. */
-		qsm_l2_cache_drop_clean(&img->l2c);
+		if (j->op == OP_APPLY)
+			qsm_l2_cache_drop_clean(&img->l2c);
 	} else {
 		uint64_t old_off = h->snapshots_offset, old_size = img->snaps.size;
 		h->snapshots_offset = j->t.nb ? j->table_off : 0;
@@ -835,7 +866,7 @@ static enum qsm_event step_commit(struct qsm_req *req)
 				return fail(req, ret);
 	}
 	img->header_dirty = true;
-	if (j->op != OP_CREATE && h->version >= 3)
+	if ((j->op == OP_APPLY || j->op == OP_DELETE) && h->version >= 3)
 		mark_dirty(img, j);
 	if ((ret = qsm_image_meta_rebuild(img)) < 0)
 		return fail(req, ret);
@@ -961,12 +992,12 @@ enum qsm_event qsm_snap_step(struct qsm_req *req)
 		/* Everything written back first; on v3 the dirty bit held
 		 * until PH_END, and for a create written with it (apply and
 		 * delete: with their commit, step_commit). */
-		if (img->hdr.version >= 3) {
+		if (img->hdr.version >= 3 && j->op != OP_GROW) {
 			img->dirty_hold = true;
 			if (j->op == OP_CREATE)
 				mark_dirty(img, j);
 		}
-		return QSM_E_NEED_DURABLE;
+		return QSM_E_NEED_DURABLE; /* (grow: every L2 table the new L1 names on disk) */
 	case QSM_S_SNAP_NEXT:
 		/* A SYNC just made the header with the dirty bit durable. */
 		if (j->dirty_set && (j->pc == 0 || j->plan[j->pc - 1] == PH_SYNC)) {
@@ -995,6 +1026,8 @@ enum qsm_event qsm_snap_step(struct qsm_req *req)
 	case QSM_S_SNAP_FREE:
 		if (j->op == OP_CREATE) /* abort_plan: the unused L1 copy */
 			return step_free(req, j->l1_off, j->l1_entries * 8);
+		if (j->op == OP_GROW) /* the table it replaced */
+			return step_free(req, j->old_l1_off, j->old_l1_size * 8);
 		/* The tables only the released L1 named may be freed now: none
 		 * stays cached (those in use by reads are the active ones). */
 		qsm_l2_cache_drop_clean(&img->l2c);
@@ -1054,7 +1087,7 @@ static void snap_done(void *opaque, int ret)
 	struct qsm_snapjob *j = opaque;
 	struct qsm_image *img = j->req->img;
 	static const char *const what[] = { "creating the snapshot", "applying the snapshot",
-					    "deleting the snapshot" };
+					    "deleting the snapshot", "growing the L1 table" };
 	if (ret < 0 && j->begun && !img->error) {
 		img->error = -EIO;
 		snprintf(img->errmsg, sizeof(img->errmsg),
@@ -1285,6 +1318,21 @@ int qsm_snapshot_apply_async(struct qsm_image *img, const char *id_or_name, char
 	j->sn.id = j->sn.name = NULL;
 	j->sn.unknown_extra = NULL;
 	return job_start(img, j, err, errlen, cb, opaque);
+}
+
+int qsm_snap_grow_l1(struct qsm_image *img, uint64_t entries)
+{
+	const struct qsm_req *s = img->snap_req;
+	if (s && s->snap->op == OP_GROW && s->snap->l1_room >= entries)
+		return 0; /* already on its way (its plan has not begun) */
+	int ret = op_check(img, NULL, 0);
+	if (ret < 0)
+		return ret;
+	struct qsm_snapjob *j = job_new(img, OP_GROW);
+	if (!j)
+		return -ENOMEM;
+	j->l1_room = entries;
+	return job_start(img, j, NULL, 0, NULL, NULL);
 }
 
 /* --- the blocking forms ------------------------------------------------------- */

@@ -15,11 +15,13 @@
  * Invariants:
  *  1. A machine request never goes past the L1 table: every run it makes
  *     has l1_index < l1_size (the dispatcher's run_ok), as for the disk.
- *  2. So a write that needs L1 entries past the table grows the table
- *     before it is accepted (qsm_l1_grow_sync, the move of metadata/l1.h,
- *     blocking), and only with nothing in flight and not from inside the
- *     loop (then -EBUSY): the move replaces img->l1 and the header's L1
- *     fields, which running requests and a write-back batch read.
+ *  2. So a write that needs L1 entries past the table has the table grown
+ *     first: submitting it starts an L1 growth (sm/snapops.c, OP_GROW: the
+ *     grown copy to new clusters, then the header naming it), which holds
+ *     every request submitted after it, this write included, and waits for
+ *     those already running: the move replaces img->l1 and the header's
+ *     L1 fields, which running requests read.  -EBUSY only while another
+ *     snapshot operation runs.
  *  3. A read past the table is cut at its end: the machine request reads
  *     the part inside it (0 bytes when none: the machine goes START ->
  *     DONE), and delivers the completion from the loop, never inline.
@@ -172,7 +174,9 @@ static uint64_t l1_grown_size(uint64_t cur, uint64_t min_size)
 	return n;
 }
 
-/* Invariant 2: make the L1 table reach `end`, blocking. */
+/* Invariant 2: the L1 table made to reach `end` before the write runs:
+ * the growth is an operation of the SNAPSHOT machine (qsm_snap_grow_l1),
+ * which holds the write back (HELD) until the table has moved. */
 static int vmstate_grow(struct qsm_image *img, uint64_t end)
 {
 	uint64_t need = QSM_DIV_ROUND_UP(end, span_of(img));
@@ -181,28 +185,7 @@ static int vmstate_grow(struct qsm_image *img, uint64_t end)
 	uint64_t n = l1_grown_size(img->l1_size, need);
 	if (need > QCOW2_MAX_L1_BYTES / 8 || n > QCOW2_MAX_L1_BYTES / 8)
 		return -EFBIG;
-	/* Inside a callback of ours (they run from the run queue), the
-	 * blocking move could not run the loop; nor with requests in flight
-	 * (a write-back batch finishes on its own: waited for). */
-	for (struct qsm_image *i = img; i; i = i->backing)
-		if (i->draining) /* (a backing's: sm/vmstate.c's backing reads) */
-			return -EBUSY;
-	if (img->in_flight > (img->wb_job ? 1u : 0u))
-		return -EBUSY;
-	/* Inside another callback of the loop, libevent refuses a nested
-	 * loop (-1, with a warning): event_base_get_running_event() cannot
-	 * ask, it crashes outside a callback in libevent 2.1.  Like every
-	 * loop the move runs, this one may run other events' callbacks. */
-	if (event_base_loop(img->base, EVLOOP_NONBLOCK) < 0)
-		return -EBUSY;
-	while (img->wb_job)
-		event_base_loop(img->base, EVLOOP_ONCE);
-	if (img->in_flight || img->closing) /* submitted by a callback meanwhile */
-		return img->closing ? -ESHUTDOWN : -EBUSY;
-	bool live = qsm_io_set_live(img->io, false);
-	int ret = qsm_l1_grow_sync(img, n, img->hdr.size, NULL, 0);
-	qsm_io_set_live(img->io, live);
-	return ret;
+	return qsm_snap_grow_l1(img, n);
 }
 
 int qsm_vmstate_writev(struct qsm_image *img, uint64_t pos, const struct iovec *iov,

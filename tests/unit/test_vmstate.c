@@ -14,10 +14,12 @@
  *  - contract: completions never run inside the submit call; bad ranges,
  *    raw images, read-only images and the L1 limit are refused at submit
  *    without a callback.
- *  - busy: a write that must grow the L1 table is refused with -EBUSY
- *    while a request is in flight and from inside a completion callback,
- *    and accepted once the image is idle; a write inside the table runs
- *    concurrently with guest writes.
+ *  - busy: a write that must grow the L1 table is accepted while a request
+ *    is in flight (the growth waits for it: the write completes after it),
+ *    from inside a completion callback, and with requests submitted after
+ *    it (they wait for the growth); refused with -EBUSY while a snapshot
+ *    operation runs; a write inside the table runs concurrently with guest
+ *    writes.
  *  - backing: with copy_on_read a VM-state read copies nothing; a backing
  *    file no longer than the disk reads as zeros past the L1 table; past
  *    the table of a top shorter than its base, the base's data (zeros
@@ -296,18 +298,19 @@ struct in_cb {
 	struct qsm_image *img;
 	struct iovec iov;         /* must live until the writes complete */
 	int grow_ret, inside_ret;
-	struct done inside;
+	struct done grow, inside;
 	bool called;
 };
 
 /* A completion that submits VM-state writes: one that must grow the table
- * (-EBUSY from inside a callback), one inside it (accepted). */
+ * (accepted: the growth starts from here), one inside it (accepted, held
+ * until the growth is over). */
 static void submit_from_cb(void *opaque, int ret)
 {
 	struct in_cb *c = opaque;
 	ck_assert_int_eq(ret, 0);
 	c->called = true;
-	c->grow_ret = qsm_vmstate_writev(c->img, 200 * 32 * KiB, &c->iov, 1, done_cb, &c->inside);
+	c->grow_ret = qsm_vmstate_writev(c->img, 200 * 32 * KiB, &c->iov, 1, done_cb, &c->grow);
 	c->inside_ret = qsm_vmstate_writev(c->img, 512, &c->iov, 1, done_cb, &c->inside);
 }
 
@@ -322,14 +325,27 @@ START_TEST(busy)
 	struct iovec gi = { g, 64 * KiB }, vi = { v, sizeof(v) };
 	struct done dg = { 0 }, dv = { 0 };
 
-	/* A guest write in flight: a write needing a larger table is refused. */
+	/* A guest write in flight: a write needing a larger table waits for
+	 * it, then for the growth (96 -> 144), as does a guest write after it. */
+	struct done dg2 = { 0 };
 	ck_assert_int_eq(qsm_writev(img, 0, &gi, 1, done_cb, &dg), 0);
-	ck_assert_int_eq(qsm_vmstate_writev(img, 0, &vi, 1, done_cb, &dv), -EBUSY);
-	ck_assert(!dv.called);
-	ck_assert_int_eq(wait_done(&dg), 0);
-	/* Idle: accepted, the table grows (96 -> 144). */
+	ck_assert_int_eq(qsm_vmstate_writev(img, 0, &vi, 1, done_cb, &dv), 0);
+	ck_assert_int_eq(qsm_writev(img, 0, &gi, 1, done_cb, &dg2), 0);
+	ck_assert(!dv.called && !dg.called);
+	ck_assert_int_eq(wait_done(&dv), 0);
+	ck_assert(dg.called && dg.ret == 0);
+	ck_assert_int_eq(wait_done(&dg2), 0);
+	ck_assert_uint_eq(file_l1_size(g_path), 144);
+	vm_expect(img, 0, 512, 0x62);
 	vm_fill(img, 0, 8 * KiB, 0x63);
 	ck_assert_uint_eq(file_l1_size(g_path), 144);
+
+	/* Beside a snapshot operation: -EBUSY. */
+	struct done ds = { 0 };
+	ck_assert_int_eq(qsm_snapshot_create_async(img, "s", NULL, NULL, 0, done_cb, &ds), 0);
+	ck_assert_int_eq(qsm_vmstate_writev(img, 300 * span, &vi, 1, done_cb, &dv), -EBUSY);
+	ck_assert_int_eq(wait_done(&ds), 0);
+	ck_assert_int_eq(qsm_snapshot_delete(img, "s", NULL, 0), 0);
 
 	/* Inside the table: concurrent with guest writes, no -EBUSY. */
 	struct done dd[8] = { { 0 } };
@@ -358,9 +374,12 @@ START_TEST(busy)
 	ck_assert_int_eq(qsm_readv(img, 0, &ri, 1, submit_from_cb, &c), 0);
 	while (!c.called)
 		event_base_loop(g_ev, EVLOOP_ONCE);
-	ck_assert_int_eq(c.grow_ret, -EBUSY);
+	ck_assert_int_eq(c.grow_ret, 0);
 	ck_assert_int_eq(c.inside_ret, 0);
+	ck_assert_int_eq(wait_done(&c.grow), 0);
 	ck_assert_int_eq(wait_done(&c.inside), 0);
+	ck_assert_uint_eq(file_l1_size(g_path), 324); /* 297 entries needed: 144 -> 216 -> 324 */
+	vm_expect(img, 200 * span, 512, 0x62);
 
 	for (int i = 0; i < 8; i++)
 		vm_expect(img, i * 5 * span + 1024, 4 * KiB, 0x70 + i);
@@ -375,11 +394,13 @@ START_TEST(busy)
 END_TEST
 
 /* The completion of a read that went to the backing image too: the
- * blocking calls are refused there as in any completion callback. */
+ * blocking calls are refused there as in any completion callback, and a
+ * write that grows the table is accepted there as in any other. */
 struct nested {
 	struct qsm_image *img;
 	struct iovec iov;
 	int close_ret, grow_ret;
+	struct done grow;
 	bool called;
 };
 
@@ -389,7 +410,7 @@ static void nested_cb(void *opaque, int ret)
 	ck_assert_int_eq(ret, 0);
 	n->called = true;
 	n->close_ret = qsm_close(n->img);
-	n->grow_ret = qsm_vmstate_writev(n->img, 1000 * 32 * KiB, &n->iov, 1, done_cb, NULL);
+	n->grow_ret = qsm_vmstate_writev(n->img, 1000 * 32 * KiB, &n->iov, 1, done_cb, &n->grow);
 }
 
 START_TEST(backing)
@@ -463,7 +484,8 @@ START_TEST(backing)
 	while (!n.called)
 		ck_assert_int_ge(event_base_loop(g_ev, EVLOOP_ONCE), 0);
 	ck_assert_int_eq(n.close_ret, -EDEADLK);
-	ck_assert_int_eq(n.grow_ret, -EBUSY);
+	ck_assert_int_eq(n.grow_ret, 0);
+	ck_assert_int_eq(wait_done(&n.grow), 0);
 	ck_assert_uint_eq(r[4 * KiB], 0x54);
 	/* Closing with such a read in flight waits for it. */
 	struct iovec bi = { big, MiB };
