@@ -1324,7 +1324,7 @@ int qsm_snap_grow_l1(struct qsm_image *img, uint64_t entries)
 {
 	const struct qsm_req *s = img->snap_req;
 	if (s && s->snap->op == OP_GROW && s->snap->l1_room >= entries)
-		return 0; /* already on its way (its plan has not begun) */
+		return 0; /* one large enough is under way: the write waits for it (HELD) */
 	int ret = op_check(img, NULL, 0);
 	if (ret < 0)
 		return ret;
