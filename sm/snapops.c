@@ -362,13 +362,20 @@ enum qsm_event qsm_snap_defer(struct qsm_req *req)
 	struct qsm_image *img = req->img;
 	assert(req->late && img->snap_req);
 	release_l2(req);
-	if (img->rc)
-		qsm_refcount_unpin(img->rc, &req->rcw);
+	qsm_refcount_unpin(img->rc, &req->rcw);
 	req->late = false;
 	img->late_writes--;
 	img->stats.snap_deferred++;
 	qsm_snap_wake(img); /* a create may be waiting for the last late write */
 	return QSM_E_HOLD;
+}
+
+/* A started write counted among the writers from now on: the next
+ * operation's drain waits for it. */
+static void count_as_writer(struct qsm_req *req)
+{
+	req->counted_writer = true;
+	req->img->writers++;
 }
 
 void qsm_snap_resume(struct qsm_req *req)
@@ -377,8 +384,7 @@ void qsm_snap_resume(struct qsm_req *req)
 		qsm_sm_begin(req);
 		return;
 	}
-	req->counted_writer = true; /* the next operation waits for it */
-	req->img->writers++;
+	count_as_writer(req);
 	qsm_sm_post(req, QSM_E_BEGIN, 0);
 }
 
@@ -1104,9 +1110,8 @@ static void snap_done(void *opaque, int ret)
 	for (struct qsm_req *r = img->all; r; r = r->all_next)
 		if (r->late) {
 			r->late = false;
-			r->counted_writer = true;
-			img->writers++;
 			img->late_writes--;
+			count_as_writer(r);
 		}
 	assert(img->late_writes == 0);
 	snap_release(img);

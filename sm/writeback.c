@@ -241,6 +241,12 @@ static int collect_header(struct qsm_image *img, struct qsm_meta_batch *b, bool 
 	return ret;
 }
 
+/* Is m an L2 table's write (in whichever level the batch put it)? */
+static bool is_l2_write(const struct qsm_meta_write *m)
+{
+	return m->event == QSM_IO_EV_L2_UPDATE || m->event == QSM_IO_EV_L2_ALLOC;
+}
+
 /* Append src's writes to dst (ownership of the copies moves too). */
 static int batch_move(struct qsm_meta_batch *dst, struct qsm_meta_batch *src)
 {
@@ -772,7 +778,7 @@ static enum qsm_event write_level(struct qsm_req *job, int level)
 	for (size_t i = 0; i < b->n; i++) {
 		struct qsm_meta_write *m = &b->w[i];
 		ios[i].job = job;
-		ios[i].l2 = m->event == QSM_IO_EV_L2_UPDATE || m->event == QSM_IO_EV_L2_ALLOC;
+		ios[i].l2 = is_l2_write(m);
 		ios[i].io = (struct qsm_io_req){
 			.op = QSM_IO_WRITE, .event = m->event, .offset = m->offset, .len = m->len,
 			.iov = NULL, .iovcnt = 1, .cb = level_io_cb,
@@ -786,9 +792,8 @@ static enum qsm_event write_level(struct qsm_req *job, int level)
 	}
 	free(job->iov_buf);
 	job->iov_buf = iov;
-	for (size_t i = 0; i < b->n; i++)
-		wb->l2_submitted += ios[i].l2; /* level_io_cb reports each written */
 	for (size_t i = 0; i < b->n; i++) {
+		wb->l2_submitted += ios[i].l2; /* level_io_cb reports each written */
 		iov[i] = (struct iovec){ b->w[i].buf, b->w[i].len };
 		ios[i].io.iov = &iov[i];
 		if (b->w[i].offset + b->w[i].len > img->file_end)
@@ -862,8 +867,7 @@ static void job_done(struct qsm_req *job, int ret)
 			for (int l = 0; l < WBL__COUNT; l++) {
 				struct qsm_meta_batch *b = level_batch(wb, l);
 				for (size_t i = 0; i < b->n; i++)
-					if (b->w[i].event == QSM_IO_EV_L2_UPDATE ||
-					    b->w[i].event == QSM_IO_EV_L2_ALLOC)
+					if (is_l2_write(&b->w[i]))
 						qsm_l2_written(&img->l2c, b->w[i].offset, -EIO);
 			}
 		if (!img->error) {
