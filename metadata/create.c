@@ -49,6 +49,7 @@
 
 #include "io/util.h"
 #include "metadata/qcow2.h"
+#include "metadata/compress.h"
 
 #define QEMU_MAX_REFTABLE_ENTRIES (QCOW2_MAX_REFTABLE_BYTES / 8) /* QCOW_MAX_REFTABLE_SIZE */
 
@@ -496,6 +497,15 @@ int qcow2_create_image(const struct qcow2_create_opts *o, uint8_t **out, size_t 
 			"compatibility level 1.1 or above (use version=v3 or greater)");
 		return -EINVAL;
 	}
+	if (o->compression_type && version < 3) {
+		qsm_set_err(err, errlen, "Non-zlib compression type is only supported with "
+			"compatibility level 1.1 and above (use version=v3 or greater)");
+		return -EINVAL;
+	}
+	if (o->compression_type > QCOW2_COMPRESSION_MAX) {
+		qsm_set_err(err, errlen, "Unknown compression type");
+		return -EINVAL;
+	}
 	if (o->backing_file && !o->backing_format) {
 		qsm_set_err(err, errlen, "Backing file specified without backing format");
 		return -EINVAL;
@@ -584,6 +594,9 @@ int qcow2_create_image(const struct qcow2_create_opts *o, uint8_t **out, size_t 
 	h.refcount_table_clusters = (uint32_t)(s.reftable_size * 8 / s.cs);
 	h.refcount_order = version == 2 ? 4 : o->refcount_order;
 	h.compatible_features = o->lazy_refcounts ? QCOW2_COMPAT_LAZY_REFCOUNTS : 0;
+	h.compression_type = (uint8_t)o->compression_type;
+	if (o->compression_type)
+		h.incompatible_features |= QCOW2_INCOMPAT_COMPRESSION;
 	if (o->backing_file) {
 		snprintf(h.backing_file, sizeof(h.backing_file), "%s", o->backing_file);
 		snprintf(h.backing_format, sizeof(h.backing_format), "%s", o->backing_format);

@@ -465,12 +465,7 @@ static int check_incompatible(const struct qcow2_header *h, bool qsm_only, char 
 		if (bad)
 			sep = ", ";
 		name = qcow2_feature_name(h, 0, bit);
-		if (bit == 3 && h->compression_type == 1)
-			n += (size_t)snprintf(msg + n, sizeof(msg) - n,
-					      "incompatible feature bit 3 (\"%s\", "
-					      "compression_type 1 = zstd)%s",
-					      name ? name : "compression type", sep);
-		else if (name)
+		if (name)
 			n += (size_t)snprintf(msg + n, sizeof(msg) - n,
 					      "incompatible feature bit %u (\"%s\")%s", bit,
 					      name, sep);

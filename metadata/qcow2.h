@@ -42,7 +42,8 @@
 #define QCOW2_INCOMPAT_COMPRESSION  (1ull << 3)
 #define QCOW2_INCOMPAT_EXTL2        (1ull << 4)
 /* The incompatible features qsm implements. */
-#define QCOW2_INCOMPAT_SUPPORTED (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT)
+#define QCOW2_INCOMPAT_SUPPORTED (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT | \
+				  QCOW2_INCOMPAT_COMPRESSION)
 
 /* Compatible feature bits. */
 #define QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0)
@@ -111,7 +112,7 @@ struct qcow2_header {
 	uint64_t autoclear_features;
 	uint32_t refcount_order;          /* refcount_bits = 1 << order */
 	uint32_t header_length;
-	uint8_t compression_type;
+	uint8_t compression_type;         /* enum qcow2_compression (v3, byte 104) */
 
 	/* Extensions and the backing file name, parsed. */
 	char backing_file[QCOW2_MAX_BACKING_NAME + 1]; /* "" when none */
@@ -182,6 +183,7 @@ struct qcow2_create_opts {
 	bool lazy_refcounts;          /* v3 only */
 	const char *backing_file;     /* NULL or name as stored */
 	const char *backing_format;   /* "qcow2"/"raw"...; required with backing_file */
+	unsigned compression_type;    /* enum qcow2_compression; non-zlib needs v3 */
 };
 
 /*

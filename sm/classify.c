@@ -11,7 +11,7 @@
  *   write zeroes:  whole clusters | backing (ask the chain first) | nothing
  *                  to do | alloc busy | as a write (partial clusters)
  *   discard:       whole clusters | nothing to do | alloc busy
- *   compressed:    compressed (it deflated smaller) | alloc busy | as a write
+ *   compressed:    compressed (it compressed smaller) | alloc busy | as a write
  *
  * Transition -> function
  *   L2_LOOKUP -> DATA_READ|ZERO_FILL|BACKING_READ|COMPRESSED_READ|DONE ..
@@ -602,7 +602,7 @@ enum qsm_event qsm_classify_discard(struct qsm_req *req)
 
 /*
  * Compressed write, one cluster per run (the request is cluster aligned).
- * A cluster that deflated smaller goes to BYTE_ALLOC, whatever the old entry
+ * A cluster that compressed smaller goes to BYTE_ALLOC, whatever the old entry
  * (released at L2_UPDATE; QEMU refuses to overwrite an allocated cluster
  * here, qsm treats it as any overwrite); one that did not shrink is an
  * ordinary write of the cluster, as QEMU falls back to.

@@ -1,10 +1,10 @@
 /*
- * sm/compressed.c: compressed clusters: deflating a compressed write's
+ * sm/compressed.c: compressed clusters: compressing a compressed write's
  * clusters on the image's worker pool (COMPRESS), placing and writing the
- * bytes (BYTE_ALLOC, COMPRESSED_WRITE), and reading and inflating one
+ * bytes (BYTE_ALLOC, COMPRESSED_WRITE), and reading and decompressing one
  * (COMPRESSED_READ, DECOMPRESS), for a read or as the COW source of a
- * write.  The codec is metadata/compress.c, the descriptor
- * metadata/l2entry.h.
+ * write.  The codec is metadata/compress.c (zlib or zstd, as the header's
+ * compression_type says), the descriptor metadata/l2entry.h.
  *
  *   write_compressed: START > COMPRESS > L1_LOOKUP ... L2_LOOKUP
  *          --compressed--> BYTE_ALLOC > COMPRESSED_WRITE > L2_UPDATE
@@ -94,7 +94,7 @@ static enum qsm_event submit_work(struct qsm_req *req, qsm_work_fn fn, qsm_work_
 }
 
 /*
- * DECOMPRESS, on a worker thread: inflate (metadata/compress.c)
+ * DECOMPRESS, on a worker thread: decompress (metadata/compress.c)
  * run->cbuf into run->bounce, which must come out exactly one cluster long;
  * a read copies its part out to the caller's buffers (the request owns them
  * until it completes, and nothing else runs for it meanwhile).  Touches only
@@ -106,7 +106,8 @@ static void decompress_fn(struct qsm_work *w)
 	struct qsm_run *run = &req->run;
 	uint64_t cluster_size = req->img->cluster_size;
 
-	req->work_ret = qcow2_inflate(run->cbuf, run->csize, run->bounce, (size_t)cluster_size);
+	req->work_ret = qcow2_decompress(req->img->hdr.compression_type, run->cbuf, run->csize,
+				     run->bounce, (size_t)cluster_size);
 	if (req->work_ret < 0)
 		return;
 	if (req->machine == QSM_M_READ)
@@ -129,14 +130,16 @@ static void decompress_done(struct qsm_work *w)
 	}
 	if (req->work_ret == -EIO)
 		snprintf(img->errmsg, sizeof(img->errmsg),
-			 "compressed cluster at guest offset %#llx does not inflate to one cluster",
-			 (unsigned long long)QSM_ALIGN_DOWN(run->offset, img->cluster_size));
+			 "compressed cluster at guest offset %#llx does not decompress (%s) "
+			 "to one cluster",
+			 (unsigned long long)QSM_ALIGN_DOWN(run->offset, img->cluster_size),
+			 qcow2_compression_name(img->hdr.compression_type));
 	qsm_sm_post(req, req->work_ret < 0 ? QSM_E_ERROR : QSM_E_FINISHED, req->work_ret);
 	qsm_sm_drain(img);
 }
 
 /*
- * Inflate the compressed bytes COMPRESSED_READ fetched, on the image's worker
+ * Decompress the bytes COMPRESSED_READ fetched, on the image's worker
  * pool: the loop serves other requests meanwhile.  Reads get their part
  * copied out; writes keep the cluster as the COW source for ALLOC_WRITE.
  * Entered again (WAKE) when the pool was full.
@@ -156,7 +159,7 @@ enum qsm_event qsm_step_decompress(struct qsm_req *req)
 	return ev;
 }
 
-/* Free the deflated clusters of the request's batch. */
+/* Free the compressed clusters of the request's batch. */
 void qsm_cz_release(struct qsm_req *req)
 {
 	for (unsigned i = 0; i < req->nb_cz; i++) {
@@ -167,8 +170,8 @@ void qsm_cz_release(struct qsm_req *req)
 }
 
 /*
- * COMPRESS, on a worker thread: deflate one cluster of the caller's data
- * (zero padded past the end of the disk) as QEMU's qcow2_compress does
+ * COMPRESS, on a worker thread: compress one cluster of the caller's data
+ * (zero padded past the end of the disk) as QEMU's qcow2_co_compress does
  * (metadata/compress.c), into at most cluster_size - 1 bytes; a cluster
  * that does not fit is stored as is (out NULL).  Touches only the job's
  * buffers and the caller's data.
@@ -189,7 +192,7 @@ static void compress_fn(struct qsm_work *w)
 	}
 	qsm_iov_to_buf(req->iov, req->iovcnt, j->skip, in, j->len);
 	memset(in + j->len, 0, cs - j->len);
-	j->ret = qcow2_deflate(in, cs, out, cs - 1, &j->clen);
+	j->ret = qcow2_compress(req->img->hdr.compression_type, in, cs, out, cs - 1, &j->clen);
 	if (j->ret == 0 && j->clen) {
 		j->out = out;
 		out = NULL;
@@ -214,8 +217,8 @@ static void compress_done(struct qsm_work *w)
 }
 
 /*
- * COMPRESS: the run's cluster must be deflated before its lookup.  When it
- * is in the current batch, pass through; otherwise deflate the next
+ * COMPRESS: the run's cluster must be compressed before its lookup.  When
+ * it is in the current batch, pass through; otherwise compress the next
  * QSM_CZ_BATCH clusters of the request (fewer when the pool is nearly full,
  * or wait for room: WAKE runs this again), one job each, in parallel.
  */
@@ -268,7 +271,7 @@ enum qsm_event qsm_step_compress(struct qsm_req *req)
  * qsm_refcount_alloc_bytes: packed after the previous compressed cluster, as
  * qemu-img does) and claim the guest cluster for the allocation (invariant 2)
  * until L2_UPDATE.  In memory, on the loop: allocations stay ordered however
- * the deflates finished.
+ * the compressions finished.
  */
 enum qsm_event qsm_step_byte_alloc(struct qsm_req *req)
 {

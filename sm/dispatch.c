@@ -242,7 +242,7 @@ static enum qsm_event step(struct qsm_req *req)
  * run half set up: req_complete releases what is held):
  *   - the request is not in the run queue, and nothing it started is still
  *     out: no data I/O (io_busy), no parallel I/O (io_pending), no worker
- *     pool wait, no deflate job (whatever ends a wait posts its event once,
+ *     pool wait, no compression job (whatever ends a wait posts its event once,
  *     when it is over);
  *   - it sleeps in a waiter list (waiting) in FROZEN and ALLOC_WAIT only;
  *   - compressed bytes read (cbuf) exist only in DECOMPRESS, compressed bytes

@@ -20,6 +20,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "metadata/compress.h"
 #include "metadata/check.h"
 #include "metadata/json_name.h"
 #include "metadata/l1.h"
@@ -1507,7 +1508,10 @@ int qsm_truncate(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
 
 /* --- information --------------------------------------------------------- */
 
-void qsm_get_info(struct qsm_image *img, struct qsm_info *info)
+/* What struct qsm_info held in 0.1.0: everything before compression_type. */
+#define QSM_INFO_SIZE_0 offsetof(struct qsm_info, compression_type)
+
+static void get_info(struct qsm_image *img, struct qsm_info *info)
 {
 	const struct qcow2_header *h = &img->hdr;
 	memset(info, 0, sizeof(*info));
@@ -1532,6 +1536,23 @@ void qsm_get_info(struct qsm_image *img, struct qsm_info *info)
 	snprintf(info->backing_file, sizeof(info->backing_file), "%s", h->backing_file);
 	snprintf(info->backing_format, sizeof(info->backing_format), "%s", h->backing_format);
 	info->nb_snapshots = h->nb_snapshots;
+	info->compression_type = qcow2_compression_name(h->compression_type);
+}
+
+void qsm_get_info_sized(struct qsm_image *img, struct qsm_info *info, size_t size)
+{
+	struct qsm_info all;
+	get_info(img, &all);
+	/* A newer caller's fields past ours read as zero. */
+	memset(info, 0, size);
+	memcpy(info, &all, QSM_MIN(size, sizeof(all)));
+}
+
+/* The 0.1.0 entry point (the header's macro of the same name calls
+ * qsm_get_info_sized); the parentheses keep the macro out. */
+void (qsm_get_info)(struct qsm_image *img, struct qsm_info *info)
+{
+	qsm_get_info_sized(img, info, QSM_INFO_SIZE_0);
 }
 
 unsigned qsm_snapshot_count(struct qsm_image *img)

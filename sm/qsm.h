@@ -119,8 +119,8 @@ struct qsm_open_opts {
 	/* Format of the backing file when the image does not record one
 	 * (no backing-format extension): "qcow2" or "raw".  Never probed. */
 	const char *backing_format;
-	/* Worker threads for CPU work off the loop (deflate of compressed
-	 * writes, inflate of compressed reads), started on first use:
+	/* Worker threads for CPU work off the loop (compressing compressed
+	 * writes, decompressing compressed reads), started on first use:
 	 * 0 = one per online CPU (at least 2), 1..64, or -1 = none (the work
 	 * runs on the loop, deferred, in order: for deterministic tests).
 	 * Backing images inherit it. */
@@ -308,7 +308,7 @@ QSM_EXPORT int qsm_write_zeroes(struct qsm_image *img, uint64_t offset, uint64_t
 /*
  * Compressed write of whole clusters (qemu-io write -c): offset is cluster
  * aligned and bytes a multiple of the cluster size, or ending at the end of
- * the disk.  Each cluster is deflated off the loop (worker threads) and
+ * the disk.  Each cluster is compressed off the loop (worker threads) and
  * packed byte-wise after the previous compressed cluster, as qemu-img does;
  * a cluster that does not shrink is written uncompressed.  The clusters'
  * old contents are released.  -ENOTSUP for raw images.
@@ -344,6 +344,14 @@ QSM_EXPORT int qsm_block_status(struct qsm_image *img, uint64_t offset, uint64_t
 /* --- Information --------------------------------------------------------- */
 /* For a raw image only format, virtual_size, file_size (the file's size),
  * read_only, cache and aio are set; the rest is zero. */
+/* The codec of an image's compressed clusters (header compression_type). */
+enum qsm_compression {
+	QSM_COMPRESSION_ZLIB = 0,   /* the default, and the only one of v2 images */
+	QSM_COMPRESSION_ZSTD = 1,
+};
+/* "zlib"/"zstd" -> *out; -EINVAL for any other name. */
+QSM_EXPORT int qsm_compression_parse(const char *s, enum qsm_compression *out);
+
 struct qsm_info {
 	const char *format;         /* "qcow2" or "raw" (static) */
 	uint64_t virtual_size;
@@ -360,8 +368,17 @@ struct qsm_info {
 	unsigned nb_snapshots;
 	enum qsm_cache_mode cache;
 	const char *aio;            /* backend name */
+	/* Fields below were appended after 0.1.0 (see qsm_get_info). */
+	const char *compression_type; /* "zlib" or "zstd" (static; NULL for raw) */
 };
+/*
+ * What the image is.  struct qsm_info has no struct_size (it predates the
+ * rule), so, as with qsm_get_stats, the macro passes the size the caller
+ * was compiled with and the library fills only that much.
+ */
+QSM_EXPORT void qsm_get_info_sized(struct qsm_image *img, struct qsm_info *info, size_t size);
 QSM_EXPORT void qsm_get_info(struct qsm_image *img, struct qsm_info *info);
+#define qsm_get_info(img, info) qsm_get_info_sized((img), (info), sizeof(*(info)))
 
 /* --- Internal snapshots --------------------------------------------------- */
 /* The snapshot table is read and validated at open: a malformed one
@@ -640,6 +657,7 @@ struct qsm_create_opts {
 	const char *backing_file;
 	const char *backing_format;
 	enum qsm_prealloc prealloc;
+	enum qsm_compression compression; /* of compressed clusters; zstd needs compat 3 */
 };
 /* "off", "metadata", "falloc", "full" -> mode; -EINVAL. */
 QSM_EXPORT int qsm_prealloc_parse(const char *s, enum qsm_prealloc *out);

@@ -115,12 +115,12 @@ struct qsm_run {
 	size_t clen;
 };
 
-/* One cluster of a compressed write, deflated on a worker (COMPRESS). */
+/* One cluster of a compressed write, compressed on a worker (COMPRESS). */
 struct qsm_cjob {
 	struct qsm_work work;
 	struct qsm_req *req;
 	uint64_t skip, len;       /* the cluster's bytes in the request's iovec */
-	uint8_t *out;             /* deflated, clen bytes; NULL when it does not shrink */
+	uint8_t *out;             /* compressed, clen bytes; NULL when it does not shrink */
 	size_t clen;
 	int ret;
 };
@@ -130,7 +130,7 @@ struct qsm_image;
 /* L2 tables a FUA request notes for a targeted write-back batch. */
 #define QSM_FUA_TABLES 4
 
-/* Clusters a compressed write deflates at once (in parallel). */
+/* Clusters a compressed write compresses at once (in parallel). */
 #define QSM_CZ_BATCH 16
 
 struct qsm_req {
@@ -189,7 +189,7 @@ struct qsm_req {
 	int work_ret;
 
 	/* WRITE_COMPRESSED: the batch of clusters [cz_first, +nb_cz) (indices
-	 * from offset) deflated by COMPRESS; cz has QSM_CZ_BATCH entries. */
+	 * from offset) compressed by COMPRESS; cz has QSM_CZ_BATCH entries. */
 	struct qsm_cjob *cz;
 	uint64_t cz_first;
 	unsigned nb_cz, cz_pending;

@@ -182,7 +182,7 @@ enum qsm_event qsm_step_cor_write(struct qsm_req *req);      /* COR_WRITE */
 enum qsm_event qsm_step_backing_status(struct qsm_req *req); /* BACKING_STATUS */
 
 /* --- sm/compressed.c ------------------------------------------------------ */
-/* Free the deflated clusters of the request's batch (req->cz). */
+/* Free the compressed clusters of the request's batch (req->cz). */
 void qsm_cz_release(struct qsm_req *req);
 enum qsm_event qsm_step_compressed_read(struct qsm_req *req);  /* COMPRESSED_READ */
 enum qsm_event qsm_step_decompress(struct qsm_req *req);       /* DECOMPRESS */

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "metadata/compress.h"
 #include "sm/sm.h"
 
 void qsm_sync_cb(void *opaque, int ret)
@@ -117,6 +118,19 @@ int qsm_sync_block_status(struct qsm_image *img, uint64_t offset, uint64_t bytes
 {
 	struct qsm_sync_wait w = { 0 };
 	return qsm_sync_run(img, qsm_block_status(img, offset, bytes, out, qsm_sync_cb, &w), &w);
+}
+
+_Static_assert(QSM_COMPRESSION_ZLIB == (int)QCOW2_COMPRESSION_ZLIB &&
+	       QSM_COMPRESSION_ZSTD == (int)QCOW2_COMPRESSION_ZSTD,
+	       "the public codec names are the header's compression_type values");
+
+int qsm_compression_parse(const char *s, enum qsm_compression *out)
+{
+	enum qcow2_compression t;
+	if (!s || qcow2_compression_parse(s, &t) < 0)
+		return -EINVAL;
+	*out = (enum qsm_compression)t;
+	return 0;
 }
 
 int qsm_prealloc_parse(const char *s, enum qsm_prealloc *out)
@@ -242,6 +256,7 @@ static int create_bytes(const struct qsm_create_opts *o, uint8_t **bytes, size_t
 		.lazy_refcounts = o->lazy_refcounts,
 		.backing_file = o->backing_file,
 		.backing_format = o->backing_format,
+		.compression_type = o->compression,
 	};
 	if (o->cluster_size) {
 		unsigned bits = 0;

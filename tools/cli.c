@@ -382,14 +382,14 @@ void cli_print_qcow2_specific(const struct qsm_info *info)
 {
 	if (info->version >= 3) {
 		printf("    compat: 1.1\n");
-		printf("    compression type: zlib\n");
+		printf("    compression type: %s\n", info->compression_type);
 		printf("    lazy refcounts: %s\n", info->lazy_refcounts ? "true" : "false");
 		printf("    refcount bits: %u\n", info->refcount_bits);
 		printf("    corrupt: %s\n", info->corrupt ? "true" : "false");
 		printf("    extended l2: false\n");
 	} else {
 		printf("    compat: 0.10\n");
-		printf("    compression type: zlib\n");
+		printf("    compression type: %s\n", info->compression_type);
 		printf("    refcount bits: %u\n", info->refcount_bits);
 	}
 }

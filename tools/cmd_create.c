@@ -251,8 +251,15 @@ int cli_create_validate(const char *cmd, const char *pfx, const struct cli_opts 
 			return -EINVAL;
 		}
 	}
-	if ((v = cli_opts_get(opts, "compression_type")) && strcmp(v, "zlib")) {
-		cli_error(cmd, "%sCompression type '%s' is not supported by qsm (only zlib)", pfx, v);
+	enum qsm_compression compression = QSM_COMPRESSION_ZLIB;
+	if ((v = cli_opts_get(opts, "compression_type")) &&
+	    qsm_compression_parse(v, &compression) < 0) {
+		cli_error(cmd, "%sParameter 'compression-type' does not accept value '%s'", pfx, v);
+		return -EINVAL;
+	}
+	if (compression != QSM_COMPRESSION_ZLIB && compat < 3) {
+		cli_error(cmd, "%sNon-zlib compression type is only supported with compatibility "
+			  "level 1.1 and above (use version=v3 or greater)", pfx);
 		return -EINVAL;
 	}
 	enum qsm_prealloc prealloc = QSM_PREALLOC_OFF;
@@ -309,6 +316,7 @@ int cli_create_validate(const char *cmd, const char *pfx, const struct cli_opts 
 		.backing_file = backing,
 		.backing_format = backing ? backing_fmt : NULL,
 		.prealloc = prealloc,
+		.compression = compression,
 	};
 	return 0;
 }

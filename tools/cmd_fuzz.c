@@ -55,6 +55,8 @@ static void usage(FILE *f)
 		"  --cluster-size N    cluster size (default: drawn, 512 B to 64 KiB)\n"
 		"  --backing | --no-backing    always / never a backing file (default: one in three)\n"
 		"  --compressed        prefill with compressed clusters (qemu-img convert -c)\n"
+		"  --compression zlib|zstd  the v3 images' compression_type (default: zstd\n"
+		"                      one in three)\n"
 		"  --qemu-check-every N  qemu-img check every Nth run too (default 20; 0: never)\n"
 		"  --out DIR           where replay files go (default: .)\n"
 		"  --shrink-budget N   runs spent shrinking a failure (default 400)\n"
@@ -338,7 +340,8 @@ int cmd_fuzz(int argc, char **argv)
 {
 	enum { O_SEED = 256, O_RUNS, O_TIME, O_OPS, O_DEPTH, O_CRASH, O_POINTS, O_FAULTS, O_LAZY,
 	       O_CLUSTER, O_BACKING, O_NO_BACKING, O_COMPRESSED, O_QEMU, O_OUT, O_SHRINK, O_KEEP,
-	       O_REPLAY, O_MUTANT, O_LIST, O_FAULT_EVENT, O_LIST_EVENTS, O_SCHEDULE, O_SNAPSHOTS };
+	       O_REPLAY, O_MUTANT, O_LIST, O_FAULT_EVENT, O_LIST_EVENTS, O_SCHEDULE, O_SNAPSHOTS,
+	       O_COMPRESSION };
 	static const struct option longopts[] = {
 		{ "seed", required_argument, NULL, O_SEED },
 		{ "runs", required_argument, NULL, O_RUNS },
@@ -355,6 +358,7 @@ int cmd_fuzz(int argc, char **argv)
 		{ "backing", no_argument, NULL, O_BACKING },
 		{ "no-backing", no_argument, NULL, O_NO_BACKING },
 		{ "compressed", no_argument, NULL, O_COMPRESSED },
+		{ "compression", required_argument, NULL, O_COMPRESSION },
 		{ "qemu-check-every", required_argument, NULL, O_QEMU },
 		{ "out", required_argument, NULL, O_OUT },
 		{ "shrink-budget", required_argument, NULL, O_SHRINK },
@@ -416,6 +420,15 @@ int cmd_fuzz(int argc, char **argv)
 			break;
 		case O_FAULTS: o.gen.faults = true; break;
 		case O_LAZY: o.gen.lazy = 1; break;
+		case O_COMPRESSION: {
+			enum qsm_compression t;
+			if (qsm_compression_parse(optarg, &t) < 0) {
+				cli_error("fuzz", "--compression: zlib or zstd, not '%s'", optarg);
+				return 2;
+			}
+			o.gen.zstd = t == QSM_COMPRESSION_ZSTD ? 1 : -1;
+			break;
+		}
 		case O_SNAPSHOTS: o.gen.snapshots = true; break;
 		case 't': {
 			enum qsm_cache_mode m;

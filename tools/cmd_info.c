@@ -138,14 +138,14 @@ static void print_json(const char *ind, const char *file, struct qsm_image *img,
 	line(ind, "        \"data\": {\n");
 	if (in->version >= 3) {
 		line(ind, "            \"compat\": \"1.1\",\n");
-		line(ind, "            \"compression-type\": \"zlib\",\n");
+		line(ind, "            \"compression-type\": \"%s\",\n", in->compression_type);
 		line(ind, "            \"lazy-refcounts\": %s,\n", in->lazy_refcounts ? "true" : "false");
 		line(ind, "            \"refcount-bits\": %u,\n", in->refcount_bits);
 		line(ind, "            \"corrupt\": %s,\n", in->corrupt ? "true" : "false");
 		line(ind, "            \"extended-l2\": false\n");
 	} else {
 		line(ind, "            \"compat\": \"0.10\",\n");
-		line(ind, "            \"compression-type\": \"zlib\",\n");
+		line(ind, "            \"compression-type\": \"%s\",\n", in->compression_type);
 		line(ind, "            \"refcount-bits\": %u\n", in->refcount_bits);
 	}
 	line(ind, "        }\n");

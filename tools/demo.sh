@@ -14,7 +14,7 @@
 set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
-PKGS="libevent-dev zlib1g-dev check liburing-dev pkg-config cmake qemu-utils python3 gcc graphviz libnbd-bin"
+PKGS="libevent-dev zlib1g-dev libzstd-dev check liburing-dev pkg-config cmake qemu-utils python3 gcc graphviz libnbd-bin"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 missing=()

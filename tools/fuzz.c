@@ -240,6 +240,11 @@ void fz_case_generate(struct fz_case *c, uint64_t seed, const struct fz_gen *gen
 	bool compressed = !c->backing && have_qemu_img && qsm_rng_below(&g, 4) == 0;
 	c->compressed = gen->compressed >= 0 ? gen->compressed && !c->backing && have_qemu_img
 					     : compressed;
+	/* From a stream of its own, so that the draws above and below stay
+	 * what they were for every seed before zstd. */
+	struct qsm_rng gz;
+	qsm_rng_seed(&gz, seed * 104729 + 3);
+	c->zstd = c->compat == 3 && (gen->zstd > 0 || (gen->zstd == 0 && qsm_rng_below(&gz, 3) == 0));
 	int nops = gen->ops ? gen->ops : 20 + (int)qsm_rng_below(&g, 81);
 	if (gen->depth)
 		c->depth = gen->depth;
@@ -282,7 +287,8 @@ void fz_case_str(const struct fz_case *c, char *buf, size_t len)
 			 c->compat == 2 ? "0.10" : "1.1", c->cluster, c->size >> 10, c->l2_tables,
 			 c->backing ? (c->backing_raw ? " backing raw" : " backing qcow2") : "",
 			 c->backing && c->backing_size < c->size ? " (shorter)" : "",
-			 c->compressed ? " compressed" : c->empty ? " empty" : "", c->nops, c->depth,
+			 c->compressed ? (c->zstd ? " compressed zstd" : " compressed")
+				       : c->empty ? " empty" : c->zstd ? " zstd" : "", c->nops, c->depth,
 			 c->max_batch,
 			 c->keyed ? "" : " prng-schedule");
 	if (n < 0 || (size_t)n >= len)
@@ -422,7 +428,8 @@ static int prepare(struct fz_env *env, const struct fz_case *c, char *err, size_
 			return ret;
 	}
 	struct qsm_create_opts co = { .size = c->size, .cluster_size = c->cluster,
-				      .compat = c->compat, .lazy_refcounts = c->lazy };
+				      .compat = c->compat, .lazy_refcounts = c->lazy,
+				      .compression = c->zstd ? QSM_COMPRESSION_ZSTD : QSM_COMPRESSION_ZLIB };
 	if (c->backing) {
 		co.backing_file = "backing.img";
 		co.backing_format = c->backing_raw ? "raw" : "qcow2";
@@ -436,8 +443,9 @@ static int prepare(struct fz_env *env, const struct fz_case *c, char *err, size_
 		snprintf(ctop, sizeof(ctop), "%s/top.c.qcow2", env->tmpdir);
 		ret = run_cmd(err, errlen,
 			      "qemu-img convert -c -O qcow2 -o cluster_size=%u,compat=%s,"
-			      "lazy_refcounts=%s '%s' '%s' >/dev/null 2>&1", c->cluster,
-			      c->compat == 2 ? "0.10" : "1.1", c->lazy ? "on" : "off", top, ctop);
+			      "lazy_refcounts=%s,compression_type=%s '%s' '%s' >/dev/null 2>&1",
+			      c->cluster, c->compat == 2 ? "0.10" : "1.1", c->lazy ? "on" : "off",
+			      c->zstd ? "zstd" : "zlib", top, ctop);
 		if (ret == 0 && rename(ctop, top) < 0)
 			ret = -errno;
 		if (ret < 0)
@@ -1001,12 +1009,14 @@ int fz_case_save(const struct fz_case *c, const char *mutant, const char *path,
 		fprintf(f, "# failure: %s\n", why);
 	fprintf(f, "qsm-fuzz-replay 1\n");
 	fprintf(f, "seed %" PRIu64 "\n", c->seed);
-	/* " empty=1" came later, written only when set: files without it are
-	 * prefilled cases, and readers from before ignore it. */
+	/* " empty=1" and " zstd=1" came later, written only when set: files
+	 * without them are prefilled zlib cases, and readers from before
+	 * ignore them. */
 	fprintf(f, "image cluster=%u size=%" PRIu64 " compat=%u lazy=%d l2-tables=%zu cache=%s "
-		"backing=%d backing-raw=%d backing-size=%" PRIu64 " compressed=%d%s\n",
+		"backing=%d backing-raw=%d backing-size=%" PRIu64 " compressed=%d%s%s\n",
 		c->cluster, c->size, c->compat, c->lazy, c->l2_tables, qsm_cache_mode_name(c->cache),
-		c->backing, c->backing_raw, c->backing_size, c->compressed, c->empty ? " empty=1" : "");
+		c->backing, c->backing_raw, c->backing_size, c->compressed, c->empty ? " empty=1" : "",
+		c->zstd ? " zstd=1" : "");
 	fprintf(f, "schedule depth=%d batch=%u keyed=%d\n", c->depth, c->max_batch, c->keyed);
 	if (c->crash_at)
 		fprintf(f, "crash point=%" PRIu64 " mode=%s torn=%d mask=%#" PRIx64 "\n", c->crash_at,
@@ -1058,7 +1068,7 @@ int fz_case_load(struct fz_case *c, char *mutant, size_t mutant_len, const char 
 	while (fgets(line, sizeof(line), f)) {
 		lineno++;
 		char a[64] = "", b[64] = "", d[64] = "";
-		int lazy, backing, braw, comp, torn, once, fc, keyed = 0, empty = 0;
+		int lazy, backing, braw, comp, torn, once, fc, keyed = 0;
 		unsigned long long x, y, sa, sb;
 		unsigned fl;
 		if (line[0] == '#' || line[0] == '\n')
@@ -1068,11 +1078,12 @@ int fz_case_load(struct fz_case *c, char *mutant, size_t mutant_len, const char 
 		if (sscanf(line, "seed %" SCNu64, &c->seed) == 1)
 			continue;
 		if (sscanf(line, "image cluster=%u size=%" SCNu64 " compat=%u lazy=%d l2-tables=%zu "
-			   "cache=%63s backing=%d backing-raw=%d backing-size=%" SCNu64 " compressed=%d "
-			   "empty=%d", &c->cluster, &c->size, &c->compat, &lazy, &c->l2_tables, a, &backing,
-			   &braw, &c->backing_size, &comp, &empty) >= 10) {
+			   "cache=%63s backing=%d backing-raw=%d backing-size=%" SCNu64 " compressed=%d",
+			   &c->cluster, &c->size, &c->compat, &lazy, &c->l2_tables, a, &backing,
+			   &braw, &c->backing_size, &comp) == 10) {
 			c->lazy = lazy, c->backing = backing, c->backing_raw = braw, c->compressed = comp;
-			c->empty = empty;
+			c->empty = strstr(line, " empty=1") != NULL;
+			c->zstd = strstr(line, " zstd=1") != NULL;
 			if (qsm_cache_mode_parse(a, &c->cache) < 0)
 				goto bad;
 			continue;

@@ -62,6 +62,7 @@ struct fz_case {
 	bool backing_raw;         /* ... in raw format */
 	uint64_t backing_size;
 	bool compressed;          /* prefilled clusters stored compressed */
+	bool zstd;                /* compression_type=zstd (v3 only) */
 	bool empty;               /* no prefill: the image starts empty (over its backing file) */
 	/* The schedule. */
 	int depth;                /* requests in flight at most */
@@ -91,6 +92,7 @@ struct fz_gen {
 	int lazy;                 /* -1: drawn, 0 or 1 */
 	int backing;              /* -1: drawn, 0 or 1 */
 	int compressed;           /* -1: drawn (needs qemu-img), 0 or 1 */
+	int zstd;                 /* 0: drawn (one v3 image in three), 1: every v3 image, -1: none */
 	bool crash, faults;       /* which run kinds to mix in */
 	bool prng_schedule;       /* the sim's PRNG stream instead of keyed schedules */
 	bool snapshots;           /* live snapshot creates, applies and deletes among the requests */

@@ -6,7 +6,7 @@
 # fuzz_open: small images written by qemu-img/qemu-io 7.2, 512-byte clusters
 # so each is a few KiB: plain v3 with data, zero and discarded clusters; v2;
 # an internal snapshot; a backing file name (with and without a recorded
-# format); compressed clusters (qemu-img convert -c); lazy refcounts left
+# format); compressed clusters (qemu-img convert -c, zlib and zstd); lazy refcounts left
 # dirty by qemu-io abort; 1-bit and 64-bit refcounts; 8 KiB clusters (the
 # header cluster then holds a feature name table); images QEMU opens and
 # finds bad only at use (accept-*: a duplicate extension, an unaligned
@@ -66,6 +66,9 @@ python3 -c "import sys; sys.stdout.buffer.write(bytes((i*7)%13 for i in range(81
 truncate -s 64K data.raw
 qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=512 data.raw comp.qcow2
 keep comp.qcow2 compressed.qcow2
+# ... as zstd frames (compression_type=zstd, incompatible bit 3).
+qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=512,compression_type=zstd data.raw zstd.qcow2
+keep zstd.qcow2 compressed-zstd.qcow2
 
 # Lazy refcounts, dirty: qemu-io aborts before the refcounts are written.
 mk -o cluster_size=512,lazy_refcounts=on lazy.qcow2 128K

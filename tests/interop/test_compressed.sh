@@ -17,7 +17,10 @@
 #   snapshot   compressed clusters shared with an internal snapshot
 #              (qemu-img snapshot -c), then overwritten by qsm: check clean,
 #              the snapshot still holds the old data (qemu-img snapshot -a).
-#   convert    `qemu-img convert -c` images read back by qsm io read -P.
+#              The same with compression_type=zstd at 4k, 64k and 2M
+#              clusters (the frames are byte for byte libzstd's).
+#   convert    `qemu-img convert -c` images (zlib and zstd) read back by qsm
+#              io read -P; a damaged zstd frame reads as an I/O error.
 #   refusals   raw images (ENOTSUP) and misaligned requests (EINVAL) give
 #              qemu-io's messages.
 source "$(dirname "$0")/lib.sh"
@@ -100,6 +103,9 @@ same_case() {
 
 same_case v3-64k 65536 compat=1.1 $((256 * 1024 * 1024 + 4608))
 same_case v2-4k 4096 compat=0.10 $((32 * 1024 * 1024 + 1024))
+same_case zstd-64k 65536 compat=1.1,compression_type=zstd $((64 * 1024 * 1024 + 4608))
+same_case zstd-4k 4096 compat=1.1,compression_type=zstd $((16 * 1024 * 1024 + 1024))
+same_case zstd-2M 2097152 compat=1.1,compression_type=zstd $((256 * 1024 * 1024))
 if odirect_ok "$WORK"; then
     same_case v3-none 65536 compat=1.1 $((128 * 1024 * 1024)) "-t none"
 else
@@ -171,6 +177,31 @@ qemu-io -f qcow2 -c "write -P 0x41 0 3M" -c "write -P 0x42 5M 64k" -c "write -z 
 qemu-img convert -c -O qcow2 "$src" "$WORK/conv.qcow2" || die "qemu-img convert -c failed"
 printf 'read -P 0x41 0 3M\nread -P 0x42 5M 64k\nread -P 0 6M 1M\nread -P 0 3M 2M\n' >"$WORK/conv.script"
 qsm_io convert "$WORK/conv" "$WORK/conv.qcow2" "$WORK/conv.script" -r
+
+# --- qemu-img convert -c -o compression_type=zstd, read by qsm ----------------
+qemu-img convert -c -O qcow2 -o compression_type=zstd "$src" "$WORK/conv-zstd.qcow2" ||
+    die "qemu-img convert -c -o compression_type=zstd failed"
+qsm_io convert-zstd "$WORK/conv-zstd" "$WORK/conv-zstd.qcow2" "$WORK/conv.script" -r
+# A damaged frame is an I/O error, never wrong data.
+python3 - "$WORK/conv-zstd.qcow2" <<'EOF'
+import struct, sys
+p = sys.argv[1]
+d = bytearray(open(p, "rb").read())
+l1 = struct.unpack(">Q", d[40:48])[0]
+l2 = struct.unpack(">Q", d[l1:l1 + 8])[0] & 0x00fffffffffffe00
+e = struct.unpack(">Q", d[l2:l2 + 8])[0]
+assert e >> 62 == 1, "cluster 0 is not compressed"
+off = e & ((1 << 54) - 1)
+assert d[off:off + 4] == b"\x28\xb5\x2f\xfd", "not a zstd frame"
+d[off + 4:off + 12] = b"\xff" * 8  # the frame header: reserved bits set
+open(p, "wb").write(d)
+EOF
+CHECKS=$((CHECKS + 1))
+out=$("$QSM" io -r -c 'read 0 64k' "$WORK/conv-zstd.qcow2" 2>&1)
+case "$out" in
+    *"read failed: Input/output error"*) ;;
+    *) fail "damaged zstd cluster: qsm io read said '$out', not an I/O error" ;;
+esac
 
 # --- refusals --------------------------------------------------------------------
 raw="$WORK/r.raw"

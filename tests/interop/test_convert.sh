@@ -9,8 +9,9 @@
 #    qemu-img convert's target: zero regions are left unallocated, the
 #    chain is flattened;
 #  - raw -> qcow2 -> raw round trip is byte-identical (cmp);
-#  - -o cluster_size/compat/refcount_bits/lazy_refcounts/preallocation
-#    give the image qemu-img info describes;
+#  - -o cluster_size/compat/refcount_bits/lazy_refcounts/preallocation/
+#    compression_type give the image qemu-img info describes; -c with
+#    compression_type=zstd at 4k, 64k and 2M clusters, read both ways;
 #  - -B/-F keep a backing file: only what the source's top image allocates
 #    is copied, zeros become zero clusters (not past the backing end),
 #    the same map as qemu-img convert -B;
@@ -71,14 +72,22 @@ for f in $FIXTURES; do
 done
 
 # Target options (what qemu-img info shows must agree).
-info_of() { qemu-img info --output=json "$1" | grep -E '"(cluster-size|compat|refcount-bits|lazy-refcounts|virtual-size)"' | tr -d ' \n'; }
+info_of() { qemu-img info --output=json "$1" | grep -E '"(cluster-size|compat|refcount-bits|lazy-refcounts|virtual-size|compression-type)"' | tr -d ' \n'; }
 for o in cluster_size=4k,compat=0.10 cluster_size=512,refcount_bits=1 cluster_size=2M,lazy_refcounts=on \
-         preallocation=metadata refcount_bits=64,cluster_size=16k; do
+         preallocation=metadata refcount_bits=64,cluster_size=16k compression_type=zstd; do
     conv "data -o $o" data.qcow2 qcow2 qcow2 -o "$o"
     CHECKS=$((CHECKS + 1))
     [ "$(info_of q.out)" = "$(info_of s.out)" ] || fail "-o $o: info $(info_of s.out), qemu-img's $(info_of q.out)"
 done
 conv "chain3 -c -o cluster_size=4k" chain3.qcow2 qcow2 qcow2 -c -o cluster_size=4k
+# zstd: the clusters qsm compresses are zstd frames qemu-img reads (compare
+# above), and qsm reads the frames qemu-img convert -c writes.
+for cl in 4k 64k 2M; do
+    conv "data -c zstd $cl" data.qcow2 qcow2 qcow2 -c -o compression_type=zstd,cluster_size=$cl
+    CHECKS=$((CHECKS + 1))
+    out=$("$QSM" compare -f qcow2 -F qcow2 data.qcow2 q.out 2>&1) ||
+        fail "data -c zstd $cl: qsm reads qemu-img's zstd target wrong: $out"
+done
 
 # Keeping a backing file.
 conv "chain2 -B chain1" chain2.qcow2 qcow2 qcow2 -B chain1.qcow2 -F qcow2
@@ -158,6 +167,8 @@ refuse "unknown option" -O qcow2 -o foo=1 data.qcow2 o.out
 refuse "bad cluster size type" -O qcow2 -o cluster_size=abc data.qcow2 o.out
 refuse "bad cluster size" -O qcow2 -o cluster_size=3k data.qcow2 o.out
 refuse "lazy refcounts on v2" -O qcow2 -o compat=0.10,lazy_refcounts=on data.qcow2 o.out
+refuse "zstd on v2" -O qcow2 -o compat=0.10,compression_type=zstd data.qcow2 o.out
+refuse "unknown compression type" -O qcow2 -o compression_type=lz4 data.qcow2 o.out
 refuse "unknown format" -O foo data.qcow2 o.out
 refuse "missing source" nonexist.qcow2 o.out
 refuse "one name" data.qcow2

@@ -2,8 +2,8 @@
 # `qsm create -f qcow2 -o OPTS FILE SIZE` writes exactly the bytes
 # `qemu-img create` writes (cmp, including the file length), for the cluster
 # sizes, compat levels and refcount widths of the workload tests, plus a few
-# sizes that are not a multiple of an L2 table or a cluster; and images with
-# backing files (see the end).
+# sizes that are not a multiple of an L2 table or a cluster, and both
+# compression types; and images with backing files (see the end).
 . "$(dirname "$0")/lib.sh"
 interop_init
 
@@ -22,6 +22,9 @@ cluster_size=4k,compat=1.1,refcount_bits=32:12345k
 cluster_size=512,compat=1.1,refcount_bits=2:513
 cluster_size=64k,compat=1.1,refcount_bits=4:16T
 cluster_size=2M,compat=1.1,refcount_bits=16:3G
+cluster_size=64k,compat=1.1,compression_type=zstd:1G
+cluster_size=4k,compat=1.1,compression_type=zstd,lazy_refcounts=on:100M
+cluster_size=64k,compat=1.1,compression_type=zlib:1G
 "}
 
 i=0

@@ -7,9 +7,13 @@
 #               together (both wait for the load of the shared table; the
 #               first copies it): both must land, in the copy L1 now names
 #   compressed  A written then `qemu-img convert -c`; B by both; compare, check
+#   zstd        the same with compression_type=zstd; then qemu-io continues
+#               both (C: the writes, zero writes and discards of A's first
+#               third) and qemu-img compare and qsm compare call them
+#               identical
 #   lazy        lazy_refcounts=on image; B by both; compare, check
 #   prealloc    preallocation=metadata and =falloc images; B by both
-# and images qsm does not support (extended_l2, zstd, external data file):
+# and images qsm does not support (extended_l2, external data file):
 #   qsm io must exit non-zero, name the feature, and leave the file unchanged.
 # Cases can be skipped by name: QSM_FOREIGN_SKIP="snapshot compressed".
 #
@@ -111,6 +115,29 @@ if ! skipped compressed; then
     rm -rf "$WORK/comp.qcow2" "$WORK/compressed"
 fi
 
+if ! skipped zstd; then
+    base_with_A "$WORK/plain.qcow2" cluster_size=$CL
+    qemu-img convert -c -O qcow2 -o cluster_size=$CL,compression_type=zstd \
+        "$WORK/plain.qcow2" "$WORK/zstd.qcow2" || die "qemu-img convert -c -o compression_type=zstd failed"
+    rm -f "$WORK/plain.qcow2"
+    continue_both zstd "$WORK/zstd.qcow2"
+    # QEMU continues qsm's image: C by qemu-io on both, and they still agree.
+    d=$WORK/zstd
+    head -n "$((N / 3))" "$WORK/A" | grep -Ev '^(read|aio_read)' >"$WORK/C"
+    if qemu_io "zstd: qemu-io C on qsm's image" "$d/s2" "$d/s.qcow2" "$WORK/C" &&
+       qemu_io "zstd: qemu-io C on qemu's image" "$d/q2" "$d/q.qcow2" "$WORK/C"; then
+        compare_images "zstd: after qemu-io C on both" "$d/q.qcow2" "$d/s.qcow2"
+        CHECKS=$((CHECKS + 1))
+        out=$("$QSM" compare -f qcow2 -F qcow2 "$d/q.qcow2" "$d/s.qcow2" 2>&1) ||
+            fail "zstd: qsm compare after qemu-io C: $out"
+    fi
+    check_clean "zstd: qsm's image after qemu-io C" "$d/s.qcow2"
+    CHECKS=$((CHECKS + 1))
+    qemu-img info "$d/s.qcow2" | grep -q 'compression type: zstd' ||
+        fail "zstd: qsm's image no longer says compression type zstd"
+    rm -rf "$WORK/zstd.qcow2" "$d"
+fi
+
 if ! skipped lazy; then
     base_with_A "$WORK/lazy.qcow2" cluster_size=$CL,lazy_refcounts=on
     continue_both lazy "$WORK/lazy.qcow2"
@@ -126,8 +153,7 @@ if ! skipped prealloc; then
 fi
 
 # Unsupported incompatible features: refused by name, file untouched.
-for c in "extended_l2=on:extended L2" "compression_type=zstd:compression type" \
-         "data_file=$WORK/data.raw:external data file"; do
+for c in "extended_l2=on:extended L2" "data_file=$WORK/data.raw:external data file"; do
     opt=${c%%:*}
     word=${c#*:}
     skipped "refuse-${opt%%=*}" && continue

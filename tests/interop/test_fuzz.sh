@@ -3,7 +3,8 @@
 #
 #  1. a bounded budget of random runs must find nothing: mixed plain, crash
 #     and fault runs, then lazy refcounts, backing files, compressed
-#     clusters and live snapshot creates, applies and deletes (--snapshots) in turn (QSM_TEST_SCALE scales the run counts; a sample of
+#     clusters (zlib, then zstd: a third of the other budgets' v3 images
+#     are zstd too) and live snapshot creates, applies and deletes (--snapshots) in turn (QSM_TEST_SCALE scales the run counts; a sample of
 #     the final images also goes through qemu-img check, which must agree
 #     with the in-tree checker);
 #  2. every regression case (tests/interop/fuzz-regressions/*.replay: cases
@@ -50,6 +51,7 @@ budget mixed 240 --crash --faults
 budget lazy 80 --crash --faults --lazy-refcounts
 budget backing 80 --crash --faults --backing
 budget compressed 40 --crash --compressed
+budget zstd 40 --crash --faults --compressed --compression zstd
 budget writethrough 60 --crash -t writethrough
 budget random-schedule 100 --crash --faults --schedule random
 budget snapshots 40 --crash --faults --snapshots
@@ -95,6 +97,7 @@ refused bad-event "no such event" --fault-event l3_update
 refused bad-runs "invalid number" --runs many
 refused bad-cluster "power of two" --cluster-size 1000
 refused bad-schedule "keyed or random" --schedule fifo
+refused bad-compression "zlib or zstd" --compression lz4
 refused bad-out "not a directory" --runs 1 --out "$WORK/no-such-dir"
 refused missing-replay "cannot open" --replay "$WORK/nonexistent.replay"
 printf 'qsm-fuzz-replay 1\nseed 1\nimage cluster=512 size=1048576\n' >"$WORK/bad.replay"

@@ -18,7 +18,8 @@
  *    one-block refcount-cache-size: hits, misses, loads and evictions all
  *    move, and the cache holds no more than its capacity once idle (the
  *    bound refcount_cache_size sets); the 0.1.0 entry point fills only the
- *    0.1.0 fields, a larger size gets zeros past the library's.
+ *    0.1.0 fields, a larger size gets zeros past the library's.  The same
+ *    for qsm_info (qsm_get_info_sized).
  *  - The blocking rule: a blocking io/ call on a live handle aborts an
  *    assertion-enabled build (forked; skipped where NDEBUG removes it).
  */
@@ -294,6 +295,23 @@ static void image_round_trip(bool threaded)
 	qsm_get_info(img, &info);
 	ck_assert_str_eq(info.aio, "mem");
 	ck_assert_uint_eq(info.virtual_size, 256 * MiB);
+	ck_assert_str_eq(info.compression_type, "zlib");
+	/* The 0.1.0 entry point fills what 0.1.0 knew, nothing past it; a
+	 * newer caller's larger structure reads zeros past the library's. */
+	struct qsm_info old;
+	memset(&old, 0xa5, sizeof(old));
+	(qsm_get_info)(img, &old);
+	ck_assert_uint_eq(old.virtual_size, info.virtual_size);
+	ck_assert_str_eq(old.aio, "mem");
+	const uint8_t *tail = (const uint8_t *)&old + offsetof(struct qsm_info, compression_type);
+	for (size_t i = 0; i < sizeof(old.compression_type); i++)
+		ck_assert_uint_eq(tail[i], 0xa5);
+	uint8_t ibig[sizeof(struct qsm_info) + 16];
+	memset(ibig, 0xa5, sizeof(ibig));
+	qsm_get_info_sized(img, (struct qsm_info *)ibig, sizeof(ibig));
+	for (size_t i = sizeof(struct qsm_info); i < sizeof(ibig); i++)
+		ck_assert_uint_eq(ibig[i], 0);
+	ck_assert_str_eq(((struct qsm_info *)ibig)->compression_type, "zlib");
 
 	/* Concurrent allocating writes at unaligned offsets (COW of the
 	 * cluster heads and tails), then reads of all of them. */

@@ -7,7 +7,9 @@
  *    overwrites both ways, refusals (alignment, range, raw, read-only), and
  *    the on-disk packing read back from the file (byte-packed descriptors,
  *    a shared host cluster's refcount raised once per compressed cluster),
- *    then qsm's own check and qemu-img check (when installed) clean.
+ *    then qsm's own check and qemu-img check (when installed) clean; the
+ *    same with compression_type=zstd (the header and the stored bytes say
+ *    zstd), which a v2 image refuses.
  *  - crash: the fuzzer's engine (tools/fuzz.h) on the sim disk, CPU work
  *    inline (deterministic replay): a dry run counts the I/O completions N
  *    of a workload of compressed and plain whole-cluster writes and
@@ -157,20 +159,24 @@ static uint64_t l2_entry(const char *path, unsigned cluster_bits, uint64_t gc)
 	return e;
 }
 
-static void api_case(unsigned compat, unsigned cluster_bits)
+static void api_case(unsigned compat, unsigned cluster_bits, enum qsm_compression type)
 {
 	uint64_t cs = 1ull << cluster_bits;
 	uint64_t size = 64 * cs + 4608; /* a partial last cluster */
 	char path[300], raw[300], err[256];
 	snprintf(path, sizeof(path), "%s/a.qcow2", tmpdir);
 	snprintf(raw, sizeof(raw), "%s/a.raw", tmpdir);
-	struct qsm_create_opts co = { .size = size, .cluster_size = cs, .compat = compat };
+	struct qsm_create_opts co = { .size = size, .cluster_size = cs, .compat = compat,
+				      .compression = type };
 	ck_assert_msg(qsm_create(path, &co, err, sizeof(err)) == 0, "create: %s", err);
 
 	struct event_base *base = event_base_new();
 	struct qsm_image *img;
 	struct qsm_open_opts oo = { .work_threads = 2 };
 	ck_assert_msg(qsm_open(base, path, &oo, &img, err, sizeof(err)) == 0, "open: %s", err);
+	struct qsm_info info;
+	qsm_get_info(img, &info);
+	ck_assert_str_eq(info.compression_type, type == QSM_COMPRESSION_ZSTD ? "zstd" : "zlib");
 
 	/* Refusals: no callback, nothing written. */
 	uint8_t *buf = malloc(4 * cs);
@@ -283,6 +289,21 @@ static void api_case(unsigned compat, unsigned cluster_bits)
 	ck_assert(res.corruptions == 0 && res.leaks == 0);
 	ck_assert_uint_eq(res.compressed_clusters, 6);
 	qemu_check_clean(path);
+	/* The header names the codec (byte 104, incompatible bit 3) and the
+	 * first cluster's bytes are its stream: a zstd frame, or raw deflate
+	 * (never starting with the frame magic: its first block header's
+	 * reserved bits would be set). */
+	int hfd = open(path, O_RDONLY);
+	ck_assert_int_ge(hfd, 0);
+	uint8_t hb[112], magic[4];
+	ck_assert_int_eq(pread(hfd, hb, sizeof(hb), 0), (ssize_t)sizeof(hb));
+	uint64_t e0 = l2_entry(path, cluster_bits, 0) & ((1ull << shift) - 1);
+	ck_assert_int_eq(pread(hfd, magic, 4, (off_t)e0), 4);
+	close(hfd);
+	bool zstd = type == QSM_COMPRESSION_ZSTD;
+	ck_assert_uint_eq(compat == 3 ? hb[104] : 0, zstd ? 1 : 0);
+	ck_assert_uint_eq(compat == 3 ? (hb[79] & 8) : 0, zstd ? 8 : 0);
+	ck_assert_uint_eq(memcmp(magic, "\x28\xb5\x2f\xfd", 4) == 0, zstd);
 
 	/* Raw images and read-only opens refuse. */
 	int fd = open(raw, O_CREAT | O_RDWR | O_TRUNC, 0644);
@@ -309,13 +330,40 @@ static void api_case(unsigned compat, unsigned cluster_bits)
 
 START_TEST(api_v3)
 {
-	api_case(3, 16);
+	api_case(3, 16, QSM_COMPRESSION_ZLIB);
 }
 END_TEST
 
 START_TEST(api_v2_small_clusters)
 {
-	api_case(2, 12);
+	api_case(2, 12, QSM_COMPRESSION_ZLIB);
+}
+END_TEST
+
+START_TEST(api_v3_zstd)
+{
+	api_case(3, 16, QSM_COMPRESSION_ZSTD);
+	api_case(3, 12, QSM_COMPRESSION_ZSTD);
+}
+END_TEST
+
+/* compat=0.10 has no compression_type field: zstd is refused, nothing made. */
+START_TEST(zstd_needs_v3)
+{
+	char path[300], err[256] = "";
+	snprintf(path, sizeof(path), "%s/v2.qcow2", tmpdir);
+	struct qsm_create_opts co = { .size = 1 << 20, .compat = 2, .compression = QSM_COMPRESSION_ZSTD };
+	ck_assert_int_eq(qsm_create(path, &co, err, sizeof(err)), -EINVAL);
+	ck_assert_msg(strstr(err, "compatibility level 1.1"), "%s", err);
+	ck_assert_int_eq(access(path, F_OK), -1);
+	co.compat = 3;
+	co.compression = (enum qsm_compression)7;
+	ck_assert_int_eq(qsm_create(path, &co, err, sizeof(err)), -EINVAL);
+	ck_assert_msg(strstr(err, "Unknown compression type"), "%s", err);
+	enum qsm_compression t;
+	ck_assert_int_eq(qsm_compression_parse("zstd", &t), 0);
+	ck_assert_int_eq(t, QSM_COMPRESSION_ZSTD);
+	ck_assert_int_eq(qsm_compression_parse("deflate", &t), -EINVAL);
 }
 END_TEST
 
@@ -346,7 +394,8 @@ static uint64_t env_seed(uint64_t def)
 
 /*
  * The case of a seed: an empty image of 48 clusters (512 B or 4 KiB) or
- * 2 MiB (64 KiB clusters), compat 0.10 one seed in five, an L2 cache of two
+ * 2 MiB (64 KiB clusters), compat 0.10 one seed in five (of the v3 ones,
+ * every other seed compresses with zstd), an L2 cache of two
  * tables, the sim's PRNG schedule, 1..4 requests in flight; 18 requests of
  * whole clusters (one to three): compressed writes (60 %), plain writes
  * (25 %) and flushes, the last one a flush; the data of one write in five
@@ -361,6 +410,7 @@ static void make_case(struct fz_case *c, uint64_t seed)
 	c->cluster = clusters[seed % 3];
 	c->size = c->cluster == 65536 ? (2u << 20) : c->cluster * 48;
 	c->compat = seed % 5 == 4 ? 2 : 3;
+	c->zstd = c->compat == 3 && seed % 2;
 	c->empty = true;
 	c->l2_tables = 2;
 	c->cache = QSM_CACHE_WRITEBACK;
@@ -494,6 +544,8 @@ static Suite *compress_suite(void)
 	tcase_add_checked_fixture(t, make_tmpdir, rm_tmpdir);
 	tcase_add_test(t, api_v3);
 	tcase_add_test(t, api_v2_small_clusters);
+	tcase_add_test(t, api_v3_zstd);
+	tcase_add_test(t, zstd_needs_v3);
 	suite_add_tcase(s, t);
 	t = tcase_create("sim");
 	tcase_set_timeout(t, 300);

@@ -1,7 +1,8 @@
 /*
  * tests/unit/test_deflate.c: Check suite "deflate" for metadata/compress.c,
- * the compressed-cluster codec.
+ * the compressed-cluster codecs.
  *
+ * zlib (tcase "codec"):
  *   - round trip for every cluster size: compressible data deflates into
  *     less than a cluster and inflates back to the same bytes;
  *   - no gain: random data does not fit in cluster_size - 1 bytes and is
@@ -13,6 +14,18 @@
  *   - inflate is strict about the size: a stream of less than a cluster,
  *     a zlib-wrapped stream and garbage fail with -EIO; bytes after the end
  *     of the stream (the rest of its last sector) are ignored.
+ * zstd (tcase "zstd"):
+ *   - the same round trip and no-gain cases through qcow2_compress and
+ *     qcow2_decompress with type 1;
+ *   - the bytes are libzstd's default one-shot frame, the frame QEMU's
+ *     ZSTD_compressStream2(ZSTD_e_end) writes: ZSTD_decompress reads it,
+ *     and it is ZSTD_compress(level 3)'s output byte for byte;
+ *   - a cluster stored as two frames reads back; padding after the frame
+ *     is ignored;
+ *   - strict: half a cluster, a frame that goes on past the cluster, a
+ *     truncated frame, garbage and nothing at all fail with -EIO;
+ *   - names: "zlib"/"zstd" parse and print, anything else is -EINVAL, and
+ *     an unknown type is refused by both directions.
  * What the engine stores is read by qemu-img in test_compress.
  */
 #include <check.h>
@@ -21,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <zlib.h>
+#include <zstd.h>
 
 #include "io/util.h"
 #include "metadata/compress.h"
@@ -159,6 +173,145 @@ START_TEST(inflate_strict)
 }
 END_TEST
 
+/* --- zstd ------------------------------------------------------------------ */
+
+START_TEST(zstd_round_trip)
+{
+	unsigned cb = (unsigned)_i;
+	size_t cs = (size_t)1 << cb, clen;
+	uint8_t *in = malloc(cs), *z = malloc(cs), *out = malloc(cs);
+	ck_assert(in && z && out);
+	rng_state = cb + 100;
+	fill_compressible(in, cs);
+	ck_assert_int_eq(qcow2_compress(QCOW2_COMPRESSION_ZSTD, in, cs, z, cs - 1, &clen), 0);
+	ck_assert_uint_gt(clen, 0);
+	ck_assert_uint_lt(clen, cs);
+	memset(out, 0xaa, cs);
+	ck_assert_int_eq(qcow2_decompress(QCOW2_COMPRESSION_ZSTD, z, clen, out, cs), 0);
+	ck_assert(memcmp(in, out, cs) == 0);
+	memset(in, 0, cs);
+	ck_assert_int_eq(qcow2_compress(QCOW2_COMPRESSION_ZSTD, in, cs, z, cs - 1, &clen), 0);
+	ck_assert_uint_gt(clen, 0);
+	ck_assert_uint_lt(clen, 128);
+	memset(out, 0xaa, cs);
+	ck_assert_int_eq(qcow2_decompress(QCOW2_COMPRESSION_ZSTD, z, clen, out, cs), 0);
+	ck_assert(memcmp(in, out, cs) == 0);
+	free(in);
+	free(z);
+	free(out);
+}
+END_TEST
+
+START_TEST(zstd_no_gain)
+{
+	size_t cs = 65536, clen = 12345;
+	uint8_t *in = malloc(cs), *z = malloc(cs);
+	ck_assert(in && z);
+	rng_state = 17;
+	for (size_t i = 0; i < cs; i++)
+		in[i] = (uint8_t)rnd();
+	ck_assert_int_eq(qcow2_compress(QCOW2_COMPRESSION_ZSTD, in, cs, z, cs - 1, &clen), 0);
+	ck_assert_uint_eq(clen, 0);
+	/* Room for the frame but not its last bytes is no gain either. */
+	fill_compressible(in, cs);
+	ck_assert_int_eq(qcow2_compress(QCOW2_COMPRESSION_ZSTD, in, cs, z, cs - 1, &clen), 0);
+	size_t full = clen;
+	ck_assert_uint_gt(full, 8);
+	ck_assert_int_eq(qcow2_compress(QCOW2_COMPRESSION_ZSTD, in, cs, z, full - 1, &clen), 0);
+	ck_assert_uint_eq(clen, 0);
+	free(in);
+	free(z);
+}
+END_TEST
+
+START_TEST(zstd_frame_format)
+{
+	size_t cs = 65536, clen;
+	uint8_t *in = malloc(cs), *z = malloc(2 * cs), *ref = malloc(2 * cs), *out = malloc(cs);
+	ck_assert(in && z && ref && out);
+	rng_state = 19;
+	fill_compressible(in, cs);
+
+	ck_assert_int_eq(qcow2_compress(QCOW2_COMPRESSION_ZSTD, in, cs, z, cs - 1, &clen), 0);
+	ck_assert(z[0] == 0x28 && z[1] == 0xb5 && z[2] == 0x2f && z[3] == 0xfd); /* frame magic */
+	/* libzstd reads it as one frame holding the cluster... */
+	ck_assert_uint_eq(ZSTD_getFrameContentSize(z, clen), cs);
+	ck_assert_uint_eq(ZSTD_findFrameCompressedSize(z, clen), clen);
+	ck_assert_uint_eq(ZSTD_decompress(out, cs, z, clen), cs);
+	ck_assert(memcmp(in, out, cs) == 0);
+	/* ...and it is the default one-shot frame, byte for byte. */
+	size_t rlen = ZSTD_compress(ref, 2 * cs, in, cs, ZSTD_CLEVEL_DEFAULT);
+	ck_assert(!ZSTD_isError(rlen));
+	ck_assert_uint_eq(rlen, clen);
+	ck_assert(memcmp(ref, z, clen) == 0);
+
+	/* The rest of the last sector after the frame is never read. */
+	memset(z + clen, 0x5a, QSM_ALIGN_UP(clen, 512) + 512 - clen);
+	memset(out, 0, cs);
+	ck_assert_int_eq(qcow2_decompress(QCOW2_COMPRESSION_ZSTD, z, QSM_ALIGN_UP(clen, 512) + 512,
+					  out, cs), 0);
+	ck_assert(memcmp(in, out, cs) == 0);
+
+	/* A cluster stored as two frames (another writer's choice) reads. */
+	size_t a = ZSTD_compress(z, 2 * cs, in, cs / 4, 1);
+	ck_assert(!ZSTD_isError(a));
+	size_t b = ZSTD_compress(z + a, 2 * cs - a, in + cs / 4, cs - cs / 4, 1);
+	ck_assert(!ZSTD_isError(b));
+	memset(out, 0, cs);
+	ck_assert_int_eq(qcow2_decompress(QCOW2_COMPRESSION_ZSTD, z, a + b, out, cs), 0);
+	ck_assert(memcmp(in, out, cs) == 0);
+	free(in);
+	free(z);
+	free(ref);
+	free(out);
+}
+END_TEST
+
+START_TEST(zstd_strict)
+{
+	size_t cs = 4096, clen;
+	uint8_t in[8192], z[16384], out[4096];
+	rng_state = 23;
+	fill_compressible(in, sizeof(in));
+
+	/* Half a cluster of data does not make a cluster. */
+	clen = ZSTD_compress(z, sizeof(z), in, cs / 2, 3);
+	ck_assert_int_eq(qcow2_decompress(QCOW2_COMPRESSION_ZSTD, z, clen, out, cs), -EIO);
+	/* Two clusters' worth: the frame does not end with the cluster. */
+	clen = ZSTD_compress(z, sizeof(z), in, 2 * cs, 3);
+	ck_assert_int_eq(qcow2_decompress(QCOW2_COMPRESSION_ZSTD, z, clen, out, cs), -EIO);
+	/* A truncated frame stops short of a cluster. */
+	clen = ZSTD_compress(z, sizeof(z), in, cs, 3);
+	ck_assert_int_eq(qcow2_decompress(QCOW2_COMPRESSION_ZSTD, z, clen / 2, out, cs), -EIO);
+	/* A zlib stream is not a zstd frame, nor garbage, nor nothing. */
+	ck_assert_int_eq(qcow2_deflate(in, cs, z, cs - 1, &clen), 0);
+	ck_assert_int_eq(qcow2_decompress(QCOW2_COMPRESSION_ZSTD, z, clen, out, cs), -EIO);
+	memset(z, 0xff, sizeof(z));
+	ck_assert_int_eq(qcow2_decompress(QCOW2_COMPRESSION_ZSTD, z, sizeof(z), out, cs), -EIO);
+	ck_assert_int_eq(qcow2_decompress(QCOW2_COMPRESSION_ZSTD, z, 0, out, cs), -EIO);
+}
+END_TEST
+
+START_TEST(names_and_types)
+{
+	enum qcow2_compression t;
+	uint8_t in[512] = { 0 }, z[512];
+	size_t clen = 7;
+	ck_assert_str_eq(qcow2_compression_name(0), "zlib");
+	ck_assert_str_eq(qcow2_compression_name(1), "zstd");
+	ck_assert_ptr_null(qcow2_compression_name(2));
+	ck_assert_int_eq(qcow2_compression_parse("zstd", &t), 0);
+	ck_assert_int_eq(t, QCOW2_COMPRESSION_ZSTD);
+	ck_assert_int_eq(qcow2_compression_parse("zlib", &t), 0);
+	ck_assert_int_eq(t, QCOW2_COMPRESSION_ZLIB);
+	ck_assert_int_eq(qcow2_compression_parse("lz4", &t), -EINVAL);
+	ck_assert_int_eq(qcow2_compression_parse("ZSTD", &t), -EINVAL);
+	ck_assert_int_eq(qcow2_compress((enum qcow2_compression)2, in, 512, z, 511, &clen), -EINVAL);
+	ck_assert_uint_eq(clen, 0);
+	ck_assert_int_eq(qcow2_decompress((enum qcow2_compression)2, z, 100, in, 512), -EINVAL);
+}
+END_TEST
+
 static Suite *deflate_suite(void)
 {
 	Suite *s = suite_create("deflate");
@@ -167,6 +320,13 @@ static Suite *deflate_suite(void)
 	tcase_add_test(tc, no_gain);
 	tcase_add_test(tc, qemu_stream_format);
 	tcase_add_test(tc, inflate_strict);
+	suite_add_tcase(s, tc);
+	tc = tcase_create("zstd");
+	tcase_add_loop_test(tc, zstd_round_trip, 9, 22);
+	tcase_add_test(tc, zstd_no_gain);
+	tcase_add_test(tc, zstd_frame_format);
+	tcase_add_test(tc, zstd_strict);
+	tcase_add_test(tc, names_and_types);
 	suite_add_tcase(s, tc);
 	return s;
 }
