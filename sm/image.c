@@ -26,6 +26,7 @@
 #include "metadata/l1.h"
 #include "metadata/l2entry.h"
 #include "metadata/overlap.h"
+#include "metadata/probe.h"
 #include "sm/sm.h"
 
 static struct qsm_overlap *meta_of(struct qsm_image *img);
@@ -437,6 +438,7 @@ static void image_free(struct qsm_image *img, bool abandon)
 	qcow2_header_release(&img->hdr);
 	qcow2_snapshots_release(&img->snaps);
 	free(img->l1);
+	free(img->sector0);
 	free(img->l1_disk);
 	free(img->zero_buf);
 	free(img->pending_frees);
@@ -820,6 +822,45 @@ static int repair_dirty(struct qsm_io *io, const struct qsm_open_opts *opts,
 	return ret;
 }
 
+/*
+ * Probe io's format (metadata/probe.h) from its first bytes, read into buf
+ * (QCOW2_PROBE_BYTES, zero padded past the end of a shorter file): "qcow2"
+ * or "raw", or -ENOTSUP naming the other format found.  Blocking.
+ */
+static int probe_io(struct qsm_io *io, const char *name, uint8_t *buf, const char **fmt,
+		    char *err, size_t errlen)
+{
+	uint64_t fsize;
+	int ret = qsm_io_get_size(io, &fsize);
+	size_t n = (size_t)QSM_MIN(ret < 0 ? 0 : fsize, QCOW2_PROBE_BYTES);
+	memset(buf, 0, QCOW2_PROBE_BYTES);
+	if (ret == 0 && n)
+		ret = qsm_io_pread_sync(io, buf, n, 0);
+	if (ret < 0) {
+		qsm_set_err(err, errlen, "cannot read the image to probe its format: %s",
+			    strerror(-ret));
+		return ret;
+	}
+	*fmt = qcow2_probe_format(buf, n, name);
+	if (strcmp(*fmt, "raw") && strcmp(*fmt, "qcow2")) {
+		qsm_set_err(err, errlen, "Image format '%s' (probed) is not supported by qsm "
+			    "(it opens qcow2 and raw images)", *fmt);
+		return -ENOTSUP;
+	}
+	return 0;
+}
+
+int qsm_probe_format(struct qsm_io *io, const char *name, const char **format, char *err,
+		     size_t errlen)
+{
+	uint8_t buf[QCOW2_PROBE_BYTES];
+	if (err && errlen)
+		err[0] = 0;
+	if (!io || !format)
+		return -EINVAL;
+	return probe_io(io, name, buf, format, err, errlen);
+}
+
 static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_open_opts *opts,
 		   const char *path, struct chain *ch, struct qsm_image **out, char *err,
 		   size_t errlen)
@@ -867,9 +908,21 @@ static int open_io(struct event_base *base, struct qsm_io *io, const struct qsm_
 	if ((ret = qsm_io_get_size(io, &fsize)) < 0)
 		OPEN_FAIL(ret, "cannot get the image size: %s", strerror(-ret));
 
-	/* The format is given, never probed (a raw file may hold a qcow2
-	 * header written by a guest). */
+	/* The format is given, or probed only when the caller asks (a raw file
+	 * may hold a qcow2 header written by a guest). */
 	const char *fmt = opts->format ? opts->format : "qcow2";
+	if (!opts->format && opts->probe_format) {
+		img->probed = true;
+		img->sector0 = calloc(1, QCOW2_PROBE_BYTES);
+		if (!img->sector0)
+			OPEN_FAIL(-ENOMEM, "out of memory");
+		if ((ret = probe_io(io, path, img->sector0, &fmt, err, errlen)) < 0)
+			goto fail;
+		if (strcmp(fmt, "raw")) {
+			free(img->sector0);
+			img->sector0 = NULL;
+		}
+	}
 	if (strcmp(fmt, "raw") == 0) {
 		if (opts->snapshot_id || opts->snapshot_name)
 			OPEN_FAIL(-ENOTSUP, "raw images have no snapshots");
@@ -1516,6 +1569,7 @@ static void get_info(struct qsm_image *img, struct qsm_info *info)
 	const struct qcow2_header *h = &img->hdr;
 	memset(info, 0, sizeof(*info));
 	info->virtual_size = h->size;
+	info->format_probed = img->probed;
 	info->read_only = img->read_only;
 	info->cache = img->cache;
 	info->aio = img->io->ops->name;
@@ -1693,6 +1747,34 @@ static struct qsm_req *new_req(struct qsm_image *img, enum qsm_machine m, uint64
 	return req;
 }
 
+/*
+ * A probed raw image (sm.h, "probed"): its first 512 bytes as they will be
+ * once this request lands must still probe raw, else -EPERM and nothing is
+ * submitted (QEMU's raw_co_pwritev; zero writes and discards are checked
+ * too, which QEMU does not need to: zeros alone never form a signature it
+ * knows, but zeroing part of one can).  iov NULL: the range reads as zeros
+ * afterwards.  The copy is patched at submission, so requests in flight
+ * together are judged in submission order.
+ */
+static int probed_raw_guard(struct qsm_image *img, uint64_t offset, uint64_t bytes,
+			    const struct iovec *iov, int iovcnt)
+{
+	uint8_t next[QCOW2_PROBE_BYTES];
+	if (!img->sector0 || offset >= QCOW2_PROBE_BYTES || !bytes)
+		return 0;
+	size_t n = (size_t)QSM_MIN(bytes, QCOW2_PROBE_BYTES - offset);
+	size_t have = (size_t)QSM_MIN(img->hdr.size, QCOW2_PROBE_BYTES);
+	memcpy(next, img->sector0, sizeof(next));
+	if (iov)
+		qsm_iov_to_buf(iov, iovcnt, 0, next + offset, n);
+	else
+		memset(next + offset, 0, n);
+	if (strcmp(qcow2_probe_format(next, have, NULL), "raw") != 0)
+		return -EPERM;
+	memcpy(img->sector0, next, sizeof(next));
+	return 0;
+}
+
 /* A read or write of [offset, +bytes), the first bytes of iov; guest
  * requests are checked against the virtual size, VM-state ones (vmstate)
  * were checked by sm/vmstate.c against the L1 table instead. */
@@ -1704,6 +1786,9 @@ static int submit_rw_at(struct qsm_image *img, enum qsm_machine m, uint64_t offs
 	if (ret < 0)
 		return ret;
 	if (m == QSM_M_WRITE && (ret = qsm_check_writable(img)) < 0)
+		return ret;
+	if (m == QSM_M_WRITE && !vmstate &&
+	    (ret = probed_raw_guard(img, offset, bytes, iov, iovcnt)) < 0)
 		return ret;
 	struct qsm_req *req = new_req(img, m, offset, bytes, iov, iovcnt, cb, opaque);
 	if (!req)
@@ -1776,6 +1861,8 @@ static int submit_range(struct qsm_image *img, enum qsm_machine m, uint64_t offs
 					  : check_range(img, offset, bytes);
 	if (ret == 0)
 		ret = qsm_check_writable(img);
+	if (ret == 0 && !(flags & QSM_REQ_VMSTATE))
+		ret = probed_raw_guard(img, offset, bytes, NULL, 0);
 	if (ret < 0)
 		return ret;
 	struct qsm_req *req = new_req(img, m, offset, bytes, NULL, 0, cb, opaque);

@@ -98,6 +98,17 @@ enum qsm_cache_mode {
 	QSM_CACHE_DIRECTSYNC,
 	QSM_CACHE_UNSAFE,
 };
+/*
+ * The format of the image on io, probed as qsm_open_opts.probe_format
+ * probes it: *format "qcow2" or "raw" (static), or -ENOTSUP with err
+ * naming the other format found; name (NULL allowed) is what the user
+ * called it (dmg is known by its name).  Blocking, one read of 512 bytes;
+ * io must not be live (no image open on it).  For tools that look at an
+ * image without opening it (qemu-img check's raw refusal).
+ */
+QSM_EXPORT int qsm_probe_format(struct qsm_io *io, const char *name, const char **format,
+				char *err, size_t errlen);
+
 /* "writeback", "none", "writethrough", "directsync", "unsafe" -> mode; -EINVAL. */
 QSM_EXPORT int qsm_cache_mode_parse(const char *s, enum qsm_cache_mode *out);
 QSM_EXPORT const char *qsm_cache_mode_name(enum qsm_cache_mode m);
@@ -109,9 +120,9 @@ struct qsm_open_opts {
 	const char *aio;           /* "threads", "io_uring" or NULL (default) */
 	uint64_t l2_cache_size;    /* bytes of L2 cache; 0: enough for 256 GiB at 64 KiB clusters */
 	bool no_repair;            /* open dirty images without repairing (read-only use) */
-	/* "qcow2" (default) or "raw"; a format is never probed.  A raw image's
-	 * virtual size is the file's size; requests go straight to the file,
-	 * flush is one fdatasync. */
+	/* "qcow2" (default) or "raw"; a format is not probed unless
+	 * probe_format asks.  A raw image's virtual size is the file's size;
+	 * requests go straight to the file, flush is one fdatasync. */
 	const char *format;
 	/* Do not open the backing file (read-only opens only): unallocated
 	 * clusters then read as zeros.  For tools that inspect one layer. */
@@ -171,6 +182,16 @@ struct qsm_open_opts {
 	 * snapshot" when none matches; -ENOTSUP on raw images. */
 	const char *snapshot_id;
 	const char *snapshot_name;
+	/* With format NULL: probe it as qemu-img probes an image named without
+	 * -f (metadata/probe.h): the qcow2 magic opens qcow2, another format's
+	 * signature refuses the open naming that format (-ENOTSUP), anything
+	 * else opens raw.  A raw image found so, as QEMU's, refuses a write
+	 * (or a zero write or discard) that would leave its first 512 bytes
+	 * looking like another format (-EPERM, nothing written): a guest must
+	 * not turn its disk into an image the next probe would parse.  For
+	 * images a user names; backing files are never probed.  One 512-byte
+	 * read at open. */
+	bool probe_format;
 };
 
 /* Open the image at `path`.  On error, a message naming what is wrong is put
@@ -370,6 +391,7 @@ struct qsm_info {
 	const char *aio;            /* backend name */
 	/* Fields below were appended after 0.1.0 (see qsm_get_info). */
 	const char *compression_type; /* "zlib" or "zstd" (static; NULL for raw) */
+	bool format_probed;         /* the format came from probe_format */
 };
 /*
  * What the image is.  struct qsm_info has no struct_size (it predates the

@@ -282,6 +282,13 @@ struct qsm_image {
 	/* A raw image: no metadata at all, guest offset = file offset.  Requests
 	 * take the RAW edges (sm/states.def); rc, l1 and l2c stay empty. */
 	bool raw;
+	/* The format was probed (qsm_open_opts.probe_format).  A probed raw
+	 * image keeps what its first 512 bytes hold once the writes submitted
+	 * so far land (sector0: read at open, patched at every submission
+	 * over it), to refuse the write that would make them probe as another
+	 * format (probed_raw_guard, sm/image.c). */
+	bool probed;
+	uint8_t *sector0;         /* QCOW2_PROBE_BYTES; probed raw images only */
 	/* The backing image (read-only, same loop, owned by this image), or NULL
 	 * when the header names none or it was not opened (no_backing: the
 	 * unallocated clusters then read as zeros). */

@@ -494,7 +494,7 @@ bool cli_qemu_driver(const char *name)
 
 int cli_check_format(const char *cmd, const char *fmt, bool raw_ok)
 {
-	if (!strcmp(fmt, "qcow2") || (raw_ok && !strcmp(fmt, "raw")))
+	if (!fmt || !strcmp(fmt, "qcow2") || (raw_ok && !strcmp(fmt, "raw")))
 		return 0;
 	cli_error(cmd, "Unknown file format '%s' (qsm reads %s)", fmt,
 		  raw_ok ? "qcow2 and raw" : "qcow2 only");
@@ -510,11 +510,29 @@ const char *cli_image_arg(const char *cmd, int argc, char **argv, int optind, co
 		return NULL;
 	}
 	/* A name QEMU does not know either: qemu-img's words. */
-	if (cli_as_qemu() && !cli_qemu_driver(fmt)) {
+	if (fmt && cli_as_qemu() && !cli_qemu_driver(fmt)) {
 		cli_error(cmd, "Could not open '%s': Unknown driver '%s'", argv[optind], fmt);
 		return NULL;
 	}
 	return cli_check_format(cmd, fmt, raw_ok) < 0 ? NULL : argv[optind];
+}
+
+void cli_probed_warning(struct qsm_image *img, const char *file)
+{
+	struct qsm_info info;
+	qsm_get_info(img, &info);
+	if (info.format_probed && !strcmp(info.format, "raw") && !info.read_only)
+		cli_raw_probe_warning(file);
+}
+
+void cli_raw_probe_warning(const char *file)
+{
+	fprintf(stderr,
+		"WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
+		"         Automatically detecting the format is dangerous for raw images, "
+		"write operations on block 0 will be restricted.\n"
+		"         Specify the 'raw' format explicitly to remove the restrictions.\n",
+		file);
 }
 
 void cli_help_hint(const char *cmd)

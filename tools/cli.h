@@ -41,9 +41,16 @@ int cmd_nbd(int argc, char **argv);
 /* Is name one of QEMU 7.2's block driver names (formats and protocols)?
  * Used to word refusals: a name QEMU lacks too is its "Unknown driver". */
 bool cli_qemu_driver(const char *name);
-/* A format given with -f that qsm opens: "qcow2", or "raw" too when raw_ok.
+/* A format given with -f that qsm opens: "qcow2", or "raw" too when raw_ok;
+ * NULL (no -f: the open probes it, qsm_open_opts.probe_format) passes.
  * 0, or -EINVAL after printing "qsm CMD: Unknown file format ...". */
 int cli_check_format(const char *cmd, const char *fmt, bool raw_ok);
+/* QEMU's warning on stderr when img was opened writable as raw because a
+ * probe found no format (raw_open's "probing guessed raw"); else nothing. */
+struct qsm_image;
+void cli_probed_warning(struct qsm_image *img, const char *file);
+/* That warning, unconditionally (for commands that probe without opening). */
+void cli_raw_probe_warning(const char *file);
 /* The one image FILE left after the options (argv[optind]) with its -f
  * format, checked as qemu-img does: NULL after printing "Expecting one image
  * file name" and the --help hint, or the format error. */

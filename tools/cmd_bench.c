@@ -558,6 +558,7 @@ int cmd_bench(int argc, char **argv)
 		goto out;
 	if (fmt && !strcmp(fmt, "raw"))
 		oo.format = "raw";
+	oo.probe_format = !fmt; /* qemu-img bench without -f probes */
 	int r = bench_open_null(base, fmt, filename, image_opts, &oo, &b.img, err, sizeof(err));
 	if (r == 1)
 		r = qsm_open(base, filename, &oo, &b.img, err, sizeof(err));
@@ -567,6 +568,7 @@ int cmd_bench(int argc, char **argv)
 		goto out;
 	}
 	qsm_tracer_attach(tracer, b.img);
+	cli_probed_warning(b.img, filename);
 	{
 		struct qsm_info info;
 		qsm_get_info(b.img, &info);

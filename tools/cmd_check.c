@@ -23,6 +23,7 @@
 #include "io/io.h"
 #include "metadata/check.h"
 #include "tools/cli.h"
+#include "sm/qsm.h"
 
 static void check_usage(FILE *f)
 {
@@ -156,7 +157,7 @@ int cmd_check(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmt = "qcow2", *file;
+	const char *fmt = NULL, *file; /* no -f: probed */
 	bool json = false, quiet = false;
 	unsigned fix = 0;
 	struct event_base *base = NULL;
@@ -203,7 +204,7 @@ int cmd_check(int argc, char **argv)
 			return 1;
 		}
 	}
-	if (!(file = cli_image_arg("check", argc, argv, optind, fmt, false)))
+	if (!(file = cli_image_arg("check", argc, argv, optind, fmt, true)))
 		return 1;
 
 	base = event_base_new();
@@ -219,6 +220,21 @@ int cmd_check(int argc, char **argv)
 			  strerror(-r));
 		event_base_free(base);
 		return 1;
+	}
+	bool probed = !fmt;
+	if (probed && (r = qsm_probe_format(io, file, &fmt, err, sizeof(err))) < 0) {
+		cli_error("check", "Could not open '%s': %s", file, err[0] ? err : strerror(-r));
+		ret = 1;
+		goto out;
+	}
+	if (!strcmp(fmt, "raw")) {
+		/* qemu-img's exit status for a format without checks; a probed
+		 * raw image opened for repair gets the probe warning first. */
+		if (fix && probed)
+			cli_raw_probe_warning(file);
+		cli_error("check", "This image format does not support checks");
+		ret = 63;
+		goto out;
 	}
 	r = qsm_check_image(io, fix, &res, stderr, err, sizeof(err));
 	if (r < 0) {

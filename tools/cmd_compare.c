@@ -58,7 +58,7 @@ static void compare_usage(FILE *f)
 		"Usage: qsm compare [-f FMT] [-F FMT] [-T CACHE] [-p] [-q] [-s] [-U] filename1 filename2\n"
 		"Compare the guest-visible contents of two images, as 'qemu-img compare' does.\n"
 		"\n"
-		"  -f FMT   format of filename1: qcow2 (default) or raw; never probed\n"
+		"  -f FMT   format of filename1: qcow2 or raw; probed when not given\n"
 		"  -F FMT   format of filename2\n"
 		"  -T MODE  cache mode (accepted, as qemu-img; reads use the default)\n"
 		"  -p       show progress\n"
@@ -255,7 +255,8 @@ static int open_one(struct event_base *base, struct cmp_img *c, const char *fmt)
 
 	if (cli_check_format("compare", fmt, true) < 0)
 		return -EINVAL;
-	struct qsm_open_opts o = { .read_only = true, .no_repair = true, .format = fmt };
+	struct qsm_open_opts o = { .read_only = true, .no_repair = true, .format = fmt,
+				   .probe_format = !fmt };
 	int r = qsm_open(base, c->name, &o, &c->img, err, sizeof(err));
 	if (r < 0) {
 		cli_error("compare", "Could not open '%s': %s", c->name, err[0] ? err : qsm_strerror(r));
@@ -274,7 +275,7 @@ int cmd_compare(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmt1 = "qcow2", *fmt2 = "qcow2";
+	const char *fmt1 = NULL, *fmt2 = NULL; /* no -f/-F: probed */
 	bool progress = false, strict = false;
 	struct cmp_img a = { 0 }, b = { 0 };
 	struct event_base *base;

@@ -102,7 +102,7 @@ static void convert_usage(FILE *f)
 		"                   [-l SNAPSHOT] SRC DST\n"
 		"Copy an image into a new one, as 'qemu-img convert' does.\n"
 		"\n"
-		"  -f FMT       source format: qcow2 (default) or raw; never probed\n"
+		"  -f FMT       source format: qcow2 or raw; probed when not given\n"
 		"  -O FMT       target format: raw (default, as qemu-img) or qcow2\n"
 		"  -o OPTIONS   qcow2 target options, as 'qsm create -o' ('-o help' lists them)\n"
 		"  -c           compress the target's clusters (qcow2)\n"
@@ -443,7 +443,8 @@ int cmd_convert(int argc, char **argv)
 		{ "aio", required_argument, NULL, 'i' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmt = "qcow2", *out_fmt = "raw", *backing = NULL, *backing_fmt = NULL;
+	/* No -f: the source is probed.  The target is never: -O names it. */
+	const char *fmt = NULL, *out_fmt = "raw", *backing = NULL, *backing_fmt = NULL;
 	const char *src_name, *dst_name, *aio = NULL;
 	const char *snap = NULL;           /* -l ID_OR_NAME */
 	char *snap_id = NULL, *snap_name = NULL; /* -l snapshot.id=...,snapshot.name=... */
@@ -589,6 +590,7 @@ int cmd_convert(int argc, char **argv)
 		goto out;
 	}
 	struct qsm_open_opts so = { .read_only = true, .no_repair = true, .format = fmt,
+				    .probe_format = !fmt,
 				    .cache = src_cache, .aio = aio,
 				    .snapshot_id = snap_opts ? snap_id : snap,
 				    .snapshot_name = snap_opts ? snap_name : NULL };

@@ -34,7 +34,7 @@ static void info_usage(FILE *f)
 		"\n"
 		"  --output=FMT     human (default) or json\n"
 		"  --backing-chain  also show every image of the backing chain\n"
-		"  -f FMT           image format: qcow2 (default) or raw; never probed\n"
+		"  -f FMT           image format: qcow2 or raw; probed when not given\n"
 		"  -U            force share (accepted; the image is opened read-only)\n");
 }
 
@@ -248,7 +248,7 @@ int cmd_info(int argc, char **argv)
 		{ "format", required_argument, NULL, 'f' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmt = "qcow2", *file;
+	const char *fmt = NULL, *file; /* no -f: probed */
 	bool json = false, chain = false;
 	struct event_base *base = NULL;
 	struct qsm_image *img = NULL;
@@ -288,7 +288,7 @@ int cmd_info(int argc, char **argv)
 	}
 	/* As qemu-img: the backing chain is opened only when it is shown. */
 	struct qsm_open_opts o = { .read_only = true, .no_repair = true, .format = fmt,
-				   .no_backing = !chain };
+				   .probe_format = !fmt, .no_backing = !chain };
 	r = qsm_open(base, file, &o, &img, err, sizeof(err));
 	if (r < 0) {
 		/* qemu-img: "Could not open 'F': <driver's message>" */

@@ -2218,8 +2218,15 @@ static int io_open_spec(struct io_ctx *io, const char *name, const struct cli_op
 		io->discard_ignore = req.discard_ignore;
 	else if (at_open)
 		io->discard_ignore = false;
-	/* A reopen must find the same file again: keep the resolved options. */
-	io->oo.format = oo.format && !strcmp(oo.format, "raw") ? "raw" : "qcow2";
+	/* A reopen must find the same file again: keep the resolved options
+	 * (a probed format is probed again, so a probed raw image keeps its
+	 * guard on block 0). */
+	struct qsm_info pinfo;
+	qsm_get_info(io->img, &pinfo);
+	io->oo.format = pinfo.format_probed ? NULL
+		      : oo.format && !strcmp(oo.format, "raw") ? "raw" : "qcow2";
+	if (at_open && !io->reopening)
+		cli_probed_warning(io->img, path);
 	io->oo.backing_format = oo.backing_format && !strcmp(oo.backing_format, "raw") ? "raw"
 			      : oo.backing_format ? "qcow2" : NULL;
 	io->oo.aio = oo.aio;
@@ -2289,7 +2296,7 @@ static int io_close(struct io_ctx *io)
 static int open_f(struct io_ctx *io, int argc, char **argv)
 {
 	const struct io_cmd *self = find_cmd("open");
-	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITETHROUGH };
+	struct qsm_open_opts oo = { .cache = QSM_CACHE_WRITETHROUGH, .probe_format = true };
 	struct cli_opts o = { 0 };
 	int c, r;
 
@@ -3052,7 +3059,8 @@ int cmd_io(int argc, char **argv)
 		free(cmds);
 		return 1;
 	}
-	oo.format = "qcow2";
+	oo.format = NULL; /* -f, or driver= in --image-opts; else probed */
+	oo.probe_format = true;
 	io.oo = oo;
 	io.base = event_base_new();
 	if (!io.base) {

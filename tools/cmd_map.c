@@ -51,7 +51,7 @@ static void map_usage(FILE *f)
 		"               [--max-length=LENGTH] [-U] filename\n"
 		"Show how the image's guest ranges are mapped, as 'qemu-img map' does.\n"
 		"\n"
-		"  -f FMT              image format: qcow2 (default) or raw; never probed\n"
+		"  -f FMT              image format: qcow2 or raw; probed when not given\n"
 		"  --output=FMT        human (default) or json\n"
 		"  --start-offset=OFF  start at this guest offset\n"
 		"  --max-length=LEN    stop after this many bytes\n"
@@ -117,7 +117,7 @@ int cmd_map(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmt = "qcow2", *file;
+	const char *fmt = NULL, *file; /* no -f: probed */
 	bool json = false;
 	int64_t start = 0, max_len = -1;
 	struct event_base *base = NULL;
@@ -172,7 +172,8 @@ int cmd_map(int argc, char **argv)
 		cli_error("map", "cannot create an event loop");
 		return 1;
 	}
-	struct qsm_open_opts o = { .read_only = true, .no_repair = true, .format = fmt };
+	struct qsm_open_opts o = { .read_only = true, .no_repair = true, .format = fmt,
+				   .probe_format = !fmt };
 	r = qsm_open(base, file, &o, &img, err, sizeof(err));
 	if (r < 0) {
 		cli_error("map", "Could not open '%s': %s", file, err[0] ? err : qsm_strerror(r));

@@ -103,7 +103,7 @@ static void usage(void)
 	       "                            the server is listening\n"
 	       "\n"
 	       "Block device options:\n"
-	       "  -f, --format=FORMAT       qcow2 (default) or raw; never probed\n"
+	       "  -f, --format=FORMAT       qcow2 or raw; probed when not given\n"
 	       "  -r, --read-only           export read-only\n"
 	       "      --cache=MODE          writeback (default), none, writethrough, directsync, unsafe\n"
 	       "      --aio=MODE            threads or io_uring\n"
@@ -344,7 +344,8 @@ int cmd_nbd(int argc, char **argv)
 	};
 	static struct nbd_main m; /* signal and loop callbacks point into it */
 	struct qsm_open_opts oo = { QSM_OPTS_INIT(oo) };
-	const char *port = "10809", *bindto = "0.0.0.0", *fmt = "qcow2", *pid_file = NULL;
+	/* No -f: the image is probed, as qemu-nbd probes it. */
+	const char *port = "10809", *bindto = "0.0.0.0", *fmt = NULL, *pid_file = NULL;
 	const char *tls_id = NULL, *obj_id = NULL, *obj_dir = NULL;
 	bool fork_process = false, verify_peer = true, have_object = false;
 	unsigned handshake = 10;
@@ -518,7 +519,7 @@ int cmd_nbd(int argc, char **argv)
 		nbd_err("Failed to get TLS creds: No TLS credentials with id '%s'", tls_id);
 		return 1;
 	}
-	if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+	if (fmt && strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
 		nbd_err("Failed to blk_new_open '%s': Unknown driver '%s'", image, fmt);
 		return 1;
 	}
@@ -563,10 +564,12 @@ int cmd_nbd(int argc, char **argv)
 	}
 	oo.read_only = m.srv.read_only;
 	oo.format = fmt;
+	oo.probe_format = !fmt;
 	if (qsm_open(m.base, image, &oo, &m.srv.img, err, sizeof(err)) < 0) {
 		nbd_err("Failed to blk_new_open '%s': %s", image, err);
 		goto out;
 	}
+	cli_probed_warning(m.srv.img, image);
 #ifdef QSM_NBD_TLS
 	if (tls_id) {
 		if (nbd_tls_creds_load(obj_dir, verify_peer, &m.srv.tls, err, sizeof(err)) < 0) {

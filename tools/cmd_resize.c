@@ -33,7 +33,7 @@ static void resize_usage(FILE *f)
 		"Usage: qsm resize [-q] [-f FMT] [--shrink] filename [+|-]size\n"
 		"Change the virtual size of an image, as 'qemu-img resize' does.\n"
 		"\n"
-		"  -f FMT     image format: qcow2 (default) or raw; never probed\n"
+		"  -f FMT     image format: qcow2 or raw; probed when not given\n"
 		"  --shrink   allow making the image smaller (data past the new end\n"
 		"             is discarded)\n"
 		"  -q         quiet: do not print 'Image resized.'\n"
@@ -50,7 +50,7 @@ int cmd_resize(int argc, char **argv)
 		{ "format", required_argument, NULL, 'f' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmt = "qcow2", *file, *size_arg;
+	const char *fmt = NULL, *file, *size_arg; /* no -f: probed */
 	bool quiet = false, shrink = false;
 	struct event_base *base = NULL;
 	struct qsm_image *img = NULL;
@@ -94,7 +94,7 @@ int cmd_resize(int argc, char **argv)
 		return 1;
 	}
 	file = argv[optind];
-	if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+	if (fmt && strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
 		cli_error("resize", "Unknown file format '%s' (qsm resizes qcow2 and raw)", fmt);
 		return 1;
 	}
@@ -119,12 +119,13 @@ int cmd_resize(int argc, char **argv)
 		cli_error("resize", "cannot create an event loop");
 		return 1;
 	}
-	struct qsm_open_opts o = { .format = fmt };
+	struct qsm_open_opts o = { .format = fmt, .probe_format = !fmt };
 	r = qsm_open(base, file, &o, &img, err, sizeof(err));
 	if (r < 0) {
 		cli_error("resize", "Could not open '%s': %s", file, err[0] ? err : qsm_strerror(r));
 		goto out;
 	}
+	cli_probed_warning(img, file);
 	struct qsm_info info;
 	qsm_get_info(img, &info);
 	/* qemu computes in int64_t: anything at or above 2^63 is "not positive". */

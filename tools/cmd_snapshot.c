@@ -50,7 +50,7 @@ int cmd_snapshot(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmt = "qcow2", *file, *name = NULL;
+	const char *fmt = NULL, *file, *name = NULL; /* no -f: probed */
 	struct event_base *base;
 	struct qsm_image *img = NULL;
 	char err[512] = "", action = 0;
@@ -83,7 +83,7 @@ int cmd_snapshot(int argc, char **argv)
 			return 1;
 		}
 	}
-	if (!(file = cli_image_arg("snapshot", argc, argv, optind, fmt, false)))
+	if (!(file = cli_image_arg("snapshot", argc, argv, optind, fmt, !fmt)))
 		return 1;
 
 	base = event_base_new();
@@ -95,6 +95,7 @@ int cmd_snapshot(int argc, char **argv)
 	 * read-write open would (a dirty image repaired first). */
 	bool reading = action == 'l' || !action;
 	struct qsm_open_opts o = { .read_only = reading, .no_repair = reading, .format = fmt,
+				   .probe_format = !fmt,
 				   .no_backing = reading };
 	r = qsm_open(base, file, &o, &img, err, sizeof(err));
 	if (r < 0) {
@@ -103,7 +104,24 @@ int cmd_snapshot(int argc, char **argv)
 		return 1;
 	}
 	int rc = 0;
-	if (action == 'l') {
+	struct qsm_info info;
+	qsm_get_info(img, &info);
+	cli_probed_warning(img, file);
+	if (!strcmp(info.format, "raw")) {
+		/* A probed raw image (-f raw is refused above): qemu-img's words
+		 * for a driver without snapshots; -l lists none. */
+		static const char *const why[] = { ['c'] = "-95 (Operation not supported)",
+						   ['a'] = "Block driver does not support snapshots",
+						   ['d'] = "snapshot not found" };
+		static const char *const what[] = { ['c'] = "create", ['a'] = "apply", ['d'] = "delete" };
+		if (action == 'a') /* QEMU's goto falls back to the file and reopens it */
+			cli_probed_warning(img, file);
+		if (action && action != 'l') {
+			cli_error("snapshot", "Could not %s snapshot '%s': %s", what[(unsigned char)action],
+				  name, why[(unsigned char)action]);
+			rc = 1;
+		}
+	} else if (action == 'l') {
 		cli_print_snapshots(img);
 	} else if (action) {
 		static const char *const what[] = { ['c'] = "create", ['a'] = "apply", ['d'] = "delete" };

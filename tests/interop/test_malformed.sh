@@ -5,14 +5,15 @@
 # never writes to a refused image.
 #
 # For each row of the generated manifest.tsv:
-#   open rows:  `qsm info IMG` and `qsm io -c 'read 0 512' IMG` (read-write
-#               open) must both exit non-zero, with the expected substring in
-#               stderr (case-insensitive), and the file must be unchanged;
-#   io rows:    `qsm io -c CMD IMG` must exit non-zero with the substring in
-#               its output (stdout + stderr); the file must be unchanged, or
-#               differ only in the corrupt bit (header byte 79, bit 1: QEMU
-#               marks an image corrupt when a read-write session finds bad
-#               metadata), and then a read-write open must now be refused
+#   open rows:  `qsm info -f qcow2 IMG` and `qsm io -f qcow2 -c 'read 0 512'
+#               IMG` (read-write open) must both exit non-zero, with the
+#               expected substring in stderr (case-insensitive), and the
+#               file must be unchanged;
+#   io rows:    `qsm io -f qcow2 -c CMD IMG` must exit non-zero with the
+#               substring in its output (stdout + stderr); the file must be
+#               unchanged, or differ only in the corrupt bit (header byte 79,
+#               bit 1: QEMU marks an image corrupt when a read-write session
+#               finds bad metadata), and then a read-write open must now be refused
 #               with a message containing "corrupt".
 #   open rows, against qemu-io 7.2: `qemu-io -f qcow2 -c 'read 0 512' IMG`
 #               and qsm run as qemu-io (a symlink) print the same stderr
@@ -192,10 +193,10 @@ differs() {
 img="$BAD/valid.qcow2"
 case_begin valid
 before=$(sha "$img")
-run_cmd last "$QSM" info "$img"
+run_cmd last "$QSM" info -f qcow2 "$img"
 no_crash "info"
 [ "$RC" -eq 0 ] || case_fail fails "qsm info exited $RC: $ERR"
-run_cmd last "$QSM" io -c 'read -P 0xab 0 64k' -c 'read -P 0xcd 512M 128k' -c 'read -P 0 64k 64k' "$img"
+run_cmd last "$QSM" io -f qcow2 -c 'read -P 0xab 0 64k' -c 'read -P 0xcd 512M 128k' -c 'read -P 0 64k 64k' "$img"
 no_crash "io read"
 [ "$RC" -eq 0 ] || case_fail fails "qsm io read exited $RC: $OUT $ERR"
 if contains "$OUT" "verification failed"; then case_fail fails "pattern: $OUT"; fi
@@ -217,9 +218,9 @@ while IFS=$'\t' read -r name expect phase cmd; do
     before=$(sha "$img")
     case $phase in
     open)
-        run_cmd last "$QSM" info "$img"
+        run_cmd last "$QSM" info -f qcow2 "$img"
         check_refused "qsm info" "$expect" "$ERR"
-        run_cmd last "$QSM" io -c 'read 0 512' "$img"
+        run_cmd last "$QSM" io -f qcow2 -c 'read 0 512' "$img"
         check_refused "qsm io (read-write)" "$expect" "$ERR"
         [ "$(sha "$img")" = "$before" ] ||
             case_fail unchanged "refused image was written (sha256 changed)"
@@ -237,12 +238,12 @@ while IFS=$'\t' read -r name expect phase cmd; do
         ;;
     io)
         cp "$img" "$ORIG/$name.qcow2"
-        run_cmd last "$QSM" io -c "$cmd" "$img"
+        run_cmd last "$QSM" io -f qcow2 -c "$cmd" "$img"
         check_refused "qsm io -c '$cmd'" "$expect" "$OUT"$'\n'"$ERR"
         if [ "$(sha "$img")" != "$before" ]; then
             if corrupt_bit_only "$ORIG/$name.qcow2" "$img"; then
                 # Marked corrupt: a read-write open must now be refused.
-                run_cmd last "$QSM" io -c 'read 0 512' "$img"
+                run_cmd last "$QSM" io -f qcow2 -c 'read 0 512' "$img"
                 no_crash "qsm io (reopen of corrupt image)"
                 if [ "$RC" -eq 0 ] || ! contains "$ERR" corrupt; then
                     case_fail unchanged "corrupt bit set but read-write reopen not refused as corrupt (exit $RC): $ERR"

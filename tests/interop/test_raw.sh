@@ -46,14 +46,15 @@ a=$(qemu-io -f raw -c info -c map -c 'alloc 0 4M' -c 'read -P 7 1M 64k' "$d/i.ra
 b=$("$QSM" io -f raw -c info -c map -c 'alloc 0 4M' -c 'read -P 7 1M 64k' "$d/i.raw" 2>&1 | filter_timing)
 [ "$a" = "$b" ] || fail "qsm io -f raw info/map/alloc/read differ from qemu-io:"$'\n'"$(diff <(echo "$a") <(echo "$b"))"
 
-# never probed: a raw file holding a qcow2 header is opened as raw with -f raw,
-# and a plain raw file is refused as qcow2
+# -f wins over probing: a raw file holding a qcow2 header is opened as raw
+# with -f raw, and a plain raw file is refused with -f qcow2 (without -f it
+# is probed: tests/interop/test_probe.sh)
 qemu-img create -q -f qcow2 "$d/h.raw" 1M
 CHECKS=$((CHECKS + 1))
 out=$("$QSM" info -f raw "$d/h.raw" 2>&1)
 printf '%s\n' "$out" | grep -q '^file format: raw$' || fail "-f raw on a file with a qcow2 header: $out"
 CHECKS=$((CHECKS + 1))
-if "$QSM" io -c 'read 0 512' "$d/i.raw" >"$d/p.out" 2>&1; then
+if "$QSM" io -f qcow2 -c 'read 0 512' "$d/i.raw" >"$d/p.out" 2>&1; then
     fail "a raw file was opened as qcow2: $(cat "$d/p.out")"
 fi
 
