@@ -56,6 +56,7 @@
 #include "metadata/check.h"
 #include "metadata/l2entry.h"
 #include "metadata/qcow2.h"
+#include "metadata/bitmap.h"
 #include "metadata/snapshot.h"
 
 #define IMRT_MAX_BYTES (1ull << 30)
@@ -94,6 +95,7 @@ struct ck {
 	uint64_t meta_n;
 
 	uint64_t *l1;            /* active L1, host endian */
+	struct qcow2_bitmap_dir bitmaps; /* zeroed when the image keeps none */
 	struct qcow2_snapshot_table snaps;
 	uint64_t snapshots_size;
 
@@ -131,6 +133,12 @@ static int rd(struct ck *c, void *buf, uint64_t len, uint64_t off)
 	if (n < len)
 		memset((uint8_t *)buf + n, 0, len - n);
 	return 0;
+}
+
+/* rd() as the readers of metadata/snapshot.h and bitmap.h take it. */
+static int snap_rd(void *opaque, void *buf, size_t len, uint64_t off)
+{
+	return rd(opaque, buf, len, off);
 }
 
 static uint64_t size_to_clusters(const struct ck *c, uint64_t size)
@@ -386,6 +394,7 @@ static int build_meta(struct ck *c)
 	meta_mark(c, c->h.l1_table_offset, (uint64_t)c->h.l1_size * 8);
 	meta_mark(c, c->h.refcount_table_offset, c->reft_size * 8);
 	meta_mark(c, c->h.snapshots_offset, c->snapshots_size);
+	meta_mark(c, c->bitmaps.ext.dir_offset, c->bitmaps.ext.dir_size);
 	for (uint32_t i = 0; i < c->snaps.nb; i++)
 		meta_mark(c, c->snaps.sn[i].l1_table_offset, (uint64_t)c->snaps.sn[i].l1_size * 8);
 	for (uint64_t i = 0; i < c->reft_size; i++) {
@@ -662,6 +671,42 @@ static int check_refblocks(struct ck *c, unsigned fix, bool *rebuild)
 	return 0;
 }
 
+/*
+ * qcow2_check_bitmaps_refcounts(): the directory, each bitmap's table and
+ * the clusters its entries name are references.  The open read the
+ * directory and checked the tables of the bitmaps not in use; a table that
+ * cannot be read or holds a bad entry (an in-use bitmap's) is a corruption
+ * that ends the check, as in QEMU.
+ */
+static int count_bitmaps(struct ck *c)
+{
+	const struct qcow2_bitmap_dir *d = &c->bitmaps;
+	int r;
+
+	if (!d->ext.nb)
+		return 0;
+	if ((r = inc_refs(c, d->ext.dir_offset, d->ext.dir_size)) < 0)
+		return r;
+	for (uint32_t i = 0; i < d->ext.nb; i++) {
+		const struct qcow2_bitmap *b = &d->bm[i];
+		uint64_t *t;
+
+		if ((r = inc_refs(c, b->table_offset, (uint64_t)b->table_size * 8)) < 0)
+			return r;
+		if ((r = qcow2_bitmap_table_read(snap_rd, c, b, c->cs, &t)) < 0) {
+			c->res->corruptions++;
+			return r;
+		}
+		for (uint32_t k = 0; k < b->table_size && r == 0; k++)
+			if (t[k] & QCOW2_BITMAP_TABLE_OFFSET_MASK)
+				r = inc_refs(c, t[k] & QCOW2_BITMAP_TABLE_OFFSET_MASK, c->cs);
+		free(t);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
 /* calculate_refcounts(). */
 static int calculate(struct ck *c, unsigned fix, bool *rebuild)
 {
@@ -718,6 +763,8 @@ static int calculate(struct ck *c, unsigned fix, bool *rebuild)
 		return r;
 	r = inc_refs(c, c->h.refcount_table_offset, c->reft_size * 8);
 	if (r < 0)
+		return r;
+	if ((r = count_bitmaps(c)) < 0)
 		return r;
 	return check_refblocks(c, fix, rebuild);
 }
@@ -1121,11 +1168,6 @@ static int check_refcounts(struct ck *c, unsigned fix)
 
 /* --- opening: header, reftable, L1, snapshot table ------------------------ */
 
-static int snap_rd(void *opaque, void *buf, size_t len, uint64_t off)
-{
-	return rd(opaque, buf, len, off);
-}
-
 /*
  * qcow2_check_read_snapshot_table(): the open skipped the table (ck_open),
  * so a broken one is reported and, with FIX_ERRORS, repaired here, before
@@ -1361,6 +1403,7 @@ static void ck_free(struct ck *c)
 	for (unsigned i = 0; i < RBC_SLOTS; i++)
 		free(c->rbc[i].buf);
 	qcow2_snapshots_release(&c->snaps);
+	qcow2_bitmap_dir_release(&c->bitmaps);
 	free(c->reft);
 	free(c->imrt);
 	free(c->meta);
@@ -1447,7 +1490,11 @@ static int ck_open(struct ck *c, char *err, size_t errlen)
 	c->l2buf = malloc(c->cs);
 	if (!c->l2buf)
 		return -ENOMEM;
-	return 0;
+	/* As QEMU's open: a bitmaps extension, directory or (of a bitmap not
+	 * in use) table it would refuse refuses the check. */
+	bool found;
+	return qcow2_bitmaps_read(snap_rd, c, &c->h, c->h.size, true, &c->bitmaps, &found, err,
+				  errlen);
 }
 
 /* qcow2_mark_clean() + qcow2_mark_consistent(): one 8-byte write, flushed. */

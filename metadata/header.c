@@ -141,6 +141,20 @@ void qcow2_header_release(struct qcow2_header *h)
 	h->nb_unknown_exts = 0;
 }
 
+unsigned qcow2_header_drop_ext(struct qcow2_header *h, uint32_t type)
+{
+	unsigned k = 0;
+	for (unsigned i = 0; i < h->nb_unknown_exts; i++) {
+		if (h->unknown_exts[i].type == type)
+			free(h->unknown_exts[i].data);
+		else
+			h->unknown_exts[k++] = h->unknown_exts[i];
+	}
+	unsigned dropped = h->nb_unknown_exts - k;
+	h->nb_unknown_exts = k;
+	return dropped;
+}
+
 int qcow2_header_copy(struct qcow2_header *dst, const struct qcow2_header *src)
 {
 	*dst = *src;

@@ -43,6 +43,14 @@ void qsm_overlap_set_snapshots(struct qsm_overlap *o, uint64_t offset, uint64_t 
 	o->ov_snap_clusters = bytes ? QSM_DIV_ROUND_UP(offset % cs + bytes, cs) : 0;
 }
 
+void qsm_overlap_set_bitmap_dir(struct qsm_overlap *o, uint64_t offset, uint64_t bytes)
+{
+	uint64_t cs = 1ull << o->ov_cluster_bits;
+	/* offset cluster aligned, bytes <= 64 MiB (metadata/bitmap.c) */
+	o->ov_bmdir_first = offset >> o->ov_cluster_bits;
+	o->ov_bmdir_clusters = bytes ? QSM_DIV_ROUND_UP(bytes, cs) : 0;
+}
+
 static size_t l2_hash(uint64_t v, size_t cap)
 {
 	return (size_t)((v * 0x9e3779b97f4a7c15ull) >> 32) & (cap - 1);
@@ -101,6 +109,8 @@ bool qsm_overlap_is_meta_not_l2(const struct qsm_overlap *o, uint64_t offset)
 		return true;
 	if (c - o->ov_snap_first < o->ov_snap_clusters)
 		return true;
+	if (c - o->ov_bmdir_first < o->ov_bmdir_clusters)
+		return true;
 	return qsm_refcount_is_meta(o->ov_rc, c);
 }
 
@@ -125,6 +135,8 @@ const char *qsm_overlap_kind(const struct qsm_overlap *o, uint64_t offset)
 	}
 	if (c - o->ov_snap_first < o->ov_snap_clusters)
 		return "snapshot table";
+	if (c - o->ov_bmdir_first < o->ov_bmdir_clusters)
+		return "bitmap directory";
 	return NULL;
 }
 

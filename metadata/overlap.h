@@ -17,7 +17,10 @@
  *     open, so the set only grows).
  *   - the clusters of the snapshot table (qsm_overlap_set_snapshots; it may
  *     lie past the end of the file, where the allocator would hand its
- *     clusters out: QEMU refuses that write, and so does qsm).
+ *     clusters out: QEMU refuses that write, and so does qsm);
+ *   - the clusters of the bitmap directory (qsm_overlap_set_bitmap_dir), as
+ *     QEMU's overlap check knows it; the bitmap tables and data are not in
+ *     it (nor in QEMU's).
  * The snapshots' own L1 and L2 tables are not in it (qsm does not write
  * them; check.c verifies them).
  *
@@ -39,6 +42,7 @@ struct qsm_overlap {
 	unsigned ov_cluster_bits;
 	uint64_t ov_l1_first, ov_l1_clusters; /* active L1 table, in clusters */
 	uint64_t ov_snap_first, ov_snap_clusters; /* snapshot table, in clusters */
+	uint64_t ov_bmdir_first, ov_bmdir_clusters; /* bitmap directory, in clusters */
 	const struct qsm_refcounts *ov_rc;
 	/* L2 table clusters: open addressing, slot = cluster index + 1, 0 empty;
 	 * ov_l2_cap is 0 or a power of two at least twice ov_l2_n. */
@@ -59,6 +63,8 @@ void qsm_overlap_release(struct qsm_overlap *o);
 void qsm_overlap_set_l1(struct qsm_overlap *o, uint64_t offset, uint64_t entries);
 /* The snapshot table covers `bytes` bytes at `offset` (0 bytes: none). */
 void qsm_overlap_set_snapshots(struct qsm_overlap *o, uint64_t offset, uint64_t bytes);
+/* The bitmap directory covers `bytes` bytes at `offset` (0 bytes: none). */
+void qsm_overlap_set_bitmap_dir(struct qsm_overlap *o, uint64_t offset, uint64_t bytes);
 /* Add the L2 table at `offset`.  0, or -ENOMEM (the set is unchanged). */
 int qsm_overlap_add_l2(struct qsm_overlap *o, uint64_t offset);
 
@@ -68,7 +74,7 @@ bool qsm_overlap_is_meta(const struct qsm_overlap *o, uint64_t offset);
 bool qsm_overlap_is_meta_not_l2(const struct qsm_overlap *o, uint64_t offset);
 /* What the cluster at `offset` holds, in QEMU's overlap-check names
  * ("qcow2_header", "active L1 table", "active L2 table", "refcount table",
- * "refcount block", "snapshot table"), or NULL when it is no metadata. */
+ * "refcount block", "snapshot table", "bitmap directory"), or NULL when it is no metadata. */
 const char *qsm_overlap_kind(const struct qsm_overlap *o, uint64_t offset);
 
 #endif

@@ -170,6 +170,9 @@ const char *qcow2_feature_name(const struct qcow2_header *h, unsigned type, unsi
 void qcow2_header_release(struct qcow2_header *h);
 /* Deep copy (extensions included). */
 int qcow2_header_copy(struct qcow2_header *dst, const struct qcow2_header *src);
+/* Forget the kept extensions of this type (returns how many): headers
+ * serialized from h no longer carry them. */
+unsigned qcow2_header_drop_ext(struct qcow2_header *h, uint32_t type);
 
 /* --- Creating images ------------------------------------------------------ */
 

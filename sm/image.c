@@ -366,6 +366,7 @@ int qsm_image_meta_rebuild(struct qsm_image *img)
 	qsm_overlap_init(o, img->cluster_bits, img->rc);
 	qsm_overlap_set_l1(o, img->hdr.l1_table_offset, img->l1_size);
 	qsm_overlap_set_snapshots(o, img->hdr.snapshots_offset, img->snaps.size);
+	qsm_overlap_set_bitmap_dir(o, img->bitmaps.ext.dir_offset, img->bitmaps.ext.dir_size);
 	for (uint64_t i = 0; i < img->l1_size; i++) {
 		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
 		int ret = off ? qsm_overlap_add_l2(o, off) : 0;
@@ -437,6 +438,7 @@ static void image_free(struct qsm_image *img, bool abandon)
 	}
 	qcow2_header_release(&img->hdr);
 	qcow2_snapshots_release(&img->snaps);
+	qcow2_bitmap_dir_release(&img->bitmaps);
 	free(img->l1);
 	free(img->sector0);
 	free(img->l1_disk);
@@ -498,6 +500,22 @@ static int read_snapshots(struct qsm_image *img, uint64_t fsize, char *err, size
 			return ret;
 	}
 	return 0;
+}
+
+/* The bitmaps extension, directory and the tables of the bitmaps not in
+ * use, refused as QEMU's open refuses them (metadata/bitmap.h), before
+ * anything is written.  An extension autoclear bit 0 calls invalid is
+ * dropped: no header qsm writes carries it again (QEMU's nb_bitmaps 0). */
+static int read_bitmaps(struct qsm_image *img, uint64_t fsize, char *err, size_t errlen)
+{
+	struct qcow2_header *h = &img->hdr;
+	struct snap_src src = { img->io, fsize };
+	bool found;
+	int ret = qcow2_bitmaps_read(snap_rd, &src, h, h->size, true, &img->bitmaps, &found, err,
+				     errlen);
+	if (ret == 0 && !found)
+		img->bitmaps_ext_dropped = qcow2_header_drop_ext(h, QCOW2_EXT_BITMAPS) > 0;
+	return ret;
 }
 
 int qsm_l1_read(struct qsm_image *img, uint64_t offset, uint64_t entries, uint64_t room,
@@ -570,6 +588,67 @@ static int write_header_sync(struct qsm_image *img)
 		ret = qsm_io_flush_sync(img->io);
 	free(buf);
 	return ret;
+}
+
+/*
+ * A read-write open's header work: qsm keeps no autoclear feature but
+ * bitmaps (bit 0), so the others are cleared, as the spec asks of a writer
+ * that does not know them.  qsm does not yet record writes into bitmaps:
+ * every enabled ("auto") bitmap not already in use is marked in use, the
+ * mark QEMU sets on the bitmaps it tracks and clears when it stores them
+ * back, so a bitmap this session's writes make stale is never read as
+ * consistent (a consumer refuses it; `qemu-img bitmap --remove` drops it).
+ * Disabled bitmaps are left as they are: writes do not change them.  A
+ * voided extension (read_bitmaps) leaves the header now, as in QEMU.  In
+ * QEMU's order (update_ext_header_and_dir_in_place): the header with bit 0
+ * clear, flushed; the directory rewritten in place; the header with bit 0
+ * set, flushed.  A crash between leaves bit 0 clear: every bitmap reads as
+ * invalid then, never as consistent.
+ */
+static int bitmaps_open_rw(struct qsm_image *img)
+{
+	struct qcow2_header *h = &img->hdr;
+	struct qcow2_bitmap_dir *d = &img->bitmaps;
+	uint64_t keep = d->ext.nb ? QCOW2_AUTOCLEAR_BITMAPS : 0;
+	bool mark = false;
+	int ret;
+
+	for (uint32_t i = 0; i < d->ext.nb; i++)
+		if ((d->bm[i].flags & (QCOW2_BITMAP_AUTO | QCOW2_BITMAP_IN_USE)) == QCOW2_BITMAP_AUTO)
+			mark = true;
+	if (!mark) {
+		if (h->autoclear_features == keep && !img->bitmaps_ext_dropped)
+			return 0;
+		h->autoclear_features = keep;
+		return write_header_sync(img);
+	}
+	h->autoclear_features = 0;
+	if ((ret = write_header_sync(img)) < 0)
+		return ret;
+	for (uint32_t i = 0; i < d->ext.nb; i++)
+		if (d->bm[i].flags & QCOW2_BITMAP_AUTO)
+			qcow2_bitmap_set_flags(d, i, d->bm[i].flags | QCOW2_BITMAP_IN_USE);
+	if ((ret = qsm_io_pwrite_sync(img->io, d->raw, d->ext.dir_size, d->ext.dir_offset)) < 0)
+		return ret;
+	h->autoclear_features = QCOW2_AUTOCLEAR_BITMAPS;
+	return write_header_sync(img);
+}
+
+int qsm_bitmaps_cover(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
+{
+	for (uint32_t i = 0; i < img->bitmaps.ext.nb; i++) {
+		const struct qcow2_bitmap *b = &img->bitmaps.bm[i];
+		uint64_t covers = ((uint64_t)b->table_size << (img->cluster_bits + 3))
+				  << b->granularity_bits;
+		if (size > covers) {
+			if (err && errlen)
+				snprintf(err, errlen, "Bitmap '%s' covers only %llu bytes: qsm does "
+					 "not resize persistent bitmaps", b->name,
+					 (unsigned long long)covers);
+			return -ENOTSUP;
+		}
+	}
+	return 0;
 }
 
 /*
@@ -1006,6 +1085,8 @@ read_header:;
 	qsm_wb_l1_loaded(img);
 	if ((ret = read_snapshots(img, fsize, err, errlen)) < 0)
 		goto fail;
+	if ((ret = read_bitmaps(img, fsize, err, errlen)) < 0)
+		goto fail;
 	if ((opts->snapshot_id || opts->snapshot_name) &&
 	    (ret = load_snapshot(img, opts->snapshot_id, opts->snapshot_name, err, errlen)) < 0)
 		goto fail;
@@ -1028,6 +1109,7 @@ read_header:;
 	qsm_overlap_init(&p->meta, img->cluster_bits, img->rc);
 	qsm_overlap_set_l1(&p->meta, h->l1_table_offset, img->l1_size);
 	qsm_overlap_set_snapshots(&p->meta, h->snapshots_offset, img->snaps.size);
+	qsm_overlap_set_bitmap_dir(&p->meta, img->bitmaps.ext.dir_offset, img->bitmaps.ext.dir_size);
 	for (uint64_t i = 0; i < img->l1_size; i++) {
 		uint64_t off = qsm_l1_get(img, i) & QCOW2_L1E_OFFSET_MASK;
 		if (off && (ret = qsm_overlap_add_l2(&p->meta, off)) < 0)
@@ -1064,13 +1146,9 @@ read_header:;
 	    (ret = open_backing(img, path, opts, ch, err, errlen)) < 0)
 		goto fail;
 
-	/* Everything validated: only now may the file be written.  qsm keeps no
-	 * persistent bitmaps, so writing invalidates them: clear autoclear bits. */
-	if (!img->read_only && (h->autoclear_features & ~QCOW2_AUTOCLEAR_SUPPORTED)) {
-		h->autoclear_features &= QCOW2_AUTOCLEAR_SUPPORTED;
-		if ((ret = write_header_sync(img)) < 0)
-			OPEN_FAIL(ret, "cannot update the header: %s", strerror(-ret));
-	}
+	/* Everything validated: only now may the file be written. */
+	if (!img->read_only && (ret = bitmaps_open_rw(img)) < 0)
+		OPEN_FAIL(ret, "cannot update the header: %s", strerror(-ret));
 	qsm_io_set_live(io, true); /* no blocking io/ call until close */
 	*out = img;
 	return 0;
@@ -1528,6 +1606,8 @@ static int truncate_image(struct qsm_image *img, uint64_t size, char *err, size_
 		TRUNC_FAIL(-EBUSY, "Requests are in flight");
 	if (size == h->size)
 		return 0;
+	if ((ret = qsm_bitmaps_cover(img, size, err, errlen)) < 0)
+		return ret;
 	if (img->raw) {
 		if ((ret = qsm_io_truncate_sync(img->io, size)) < 0)
 			TRUNC_FAIL(ret, "Could not resize the file: %s", strerror(-ret));
@@ -1634,6 +1714,30 @@ int qsm_snapshot_get(struct qsm_image *img, unsigned index, struct qsm_snapshot_
 		.disk_size = sn->disk_size,
 	};
 	/* A newer caller's fields past ours are zeroed. */
+	memset(out, 0, size);
+	memcpy(out, &v, QSM_MIN(size, sizeof(v)));
+	return 0;
+}
+
+unsigned qsm_bitmap_count(struct qsm_image *img)
+{
+	return img->bitmaps.ext.nb;
+}
+
+int qsm_bitmap_get(struct qsm_image *img, unsigned index, struct qsm_bitmap_info *out)
+{
+	if (!out || out->struct_size < offsetof(struct qsm_bitmap_info, flags) + 4)
+		return -EINVAL;
+	if (index >= img->bitmaps.ext.nb)
+		return -ENOENT;
+	const struct qcow2_bitmap *b = &img->bitmaps.bm[index];
+	size_t size = out->struct_size;
+	struct qsm_bitmap_info v = {
+		.struct_size = size,
+		.name = b->name,
+		.granularity = 1ull << b->granularity_bits,
+		.flags = b->flags,
+	};
 	memset(out, 0, size);
 	memcpy(out, &v, QSM_MIN(size, sizeof(v)));
 	return 0;

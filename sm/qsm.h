@@ -430,6 +430,37 @@ QSM_EXPORT unsigned qsm_snapshot_count(struct qsm_image *img);
  * snapshot `index` (0 .. count-1), or -ENOENT past the end. */
 QSM_EXPORT int qsm_snapshot_get(struct qsm_image *img, unsigned index,
 				struct qsm_snapshot_info *out);
+
+/* --- Persistent dirty bitmaps ---------------------------------------------- */
+/*
+ * The bitmaps an image keeps (qcow2 "Bitmaps" extension) are read and
+ * validated at open, as QEMU 7.2 reads them: a bad extension, directory, or
+ * table of a bitmap not in use refuses the open in QEMU's words ("Bitmap
+ * 'b0' doesn't satisfy the constraints", ...), and nothing is written.
+ *
+ * qsm does not yet record writes into bitmaps.  So a read-write open marks
+ * every enabled bitmap in use (QSM_BITMAP_IN_USE), the mark QEMU sets on
+ * the bitmaps it tracks and clears when it stores them back: a bitmap made
+ * stale by this session's writes is never read as consistent afterwards
+ * (QEMU refuses to use it; `qemu-img bitmap --remove` drops it).  Disabled
+ * bitmaps are left as they are (writes do not change them), and `qsm check`
+ * counts every bitmap's clusters as QEMU's check does.  qsm_truncate and
+ * snapshot apply to a size some bitmap does not cover are refused
+ * (-ENOTSUP, naming it): qsm does not resize bitmap tables.
+ */
+#define QSM_BITMAP_IN_USE 0x1u /* may not match the disk: not to be used */
+#define QSM_BITMAP_AUTO 0x2u   /* enabled: tracks writes */
+struct qsm_bitmap_info {
+	size_t struct_size;         /* sizeof(struct qsm_bitmap_info): see "ABI" above */
+	const char *name;           /* valid until close */
+	uint64_t granularity;       /* bytes of disk per bit */
+	uint32_t flags;             /* QSM_BITMAP_* (as on disk now) */
+};
+/* Bitmaps in the image, in directory order (0 for raw). */
+QSM_EXPORT unsigned qsm_bitmap_count(struct qsm_image *img);
+/* As qsm_snapshot_get: bitmap `index`, -ENOENT past the end, -EINVAL for a
+ * struct_size shorter than this first version. */
+QSM_EXPORT int qsm_bitmap_get(struct qsm_image *img, unsigned index, struct qsm_bitmap_info *out);
 /*
  * Take, apply and delete snapshots (qemu-img snapshot -c / -a / -d), as
  * QEMU does them and in qemu-img's words on failure (err, when non-NULL).

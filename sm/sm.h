@@ -19,6 +19,7 @@
 #include "io/util.h"
 #include "io/work.h"
 #include "metadata/batch.h"
+#include "metadata/bitmap.h"
 #include "metadata/l2cache.h"
 #include "metadata/snapshot.h"
 #include "metadata/qcow2.h"
@@ -279,6 +280,10 @@ struct qsm_image {
 	/* The snapshot table as read and validated at open (raw: empty), then
 	 * as the snapshot operations change it (qsm_snapshot_get lists it). */
 	struct qcow2_snapshot_table snaps;
+	/* The persistent bitmaps as read and validated at open (zeroed when the
+	 * image keeps none; read-write, with the enabled ones marked in use). */
+	struct qcow2_bitmap_dir bitmaps;
+	bool bitmaps_ext_dropped; /* the header held an extension bit 0 voids */
 	/* A raw image: no metadata at all, guest offset = file offset.  Requests
 	 * take the RAW edges (sm/states.def); rc, l1 and l2c stay empty. */
 	bool raw;
@@ -626,6 +631,12 @@ static inline uint64_t qsm_l1_get(const struct qsm_image *img, uint64_t idx)
 {
 	return qcow2_be64(img->l1 + idx * 8);
 }
+
+/* 0 when every persistent bitmap covers a disk of size bytes, else
+ * -ENOTSUP naming the first that does not (qsm does not resize bitmap
+ * tables): truncate and snapshot apply ask before changing the size. */
+int qsm_bitmaps_cover(struct qsm_image *img, uint64_t size, char *err, size_t errlen);
+
 /* Grow the L1 table to new_l1 (> l1_size) entries, the virtual size set
  * to `size` in the same header write (resize, VM state): a full write-back,
  * the new table written and its refcounts durable, the header naming it

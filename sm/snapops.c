@@ -1316,6 +1316,8 @@ int qsm_snapshot_apply_async(struct qsm_image *img, const char *id_or_name, char
 	if ((idx = find(img, id_or_name, true, "Failed to load snapshot: No such file or directory",
 			err, errlen)) < 0)
 		return idx;
+	if ((ret = qsm_bitmaps_cover(img, img->snaps.sn[idx].disk_size, err, errlen)) < 0)
+		return ret;
 	struct qsm_snapjob *j = job_new(img, OP_APPLY);
 	if (!j)
 		SNAP_FAIL(-ENOMEM, "%s", strerror(ENOMEM));

@@ -378,12 +378,28 @@ char *cli_path_combine(const char *base, const char *name)
 	return r;
 }
 
-void cli_print_qcow2_specific(const struct qsm_info *info)
+void cli_print_qcow2_specific(struct qsm_image *img, const struct qsm_info *info)
 {
 	if (info->version >= 3) {
 		printf("    compat: 1.1\n");
 		printf("    compression type: %s\n", info->compression_type);
 		printf("    lazy refcounts: %s\n", info->lazy_refcounts ? "true" : "false");
+		unsigned n = qsm_bitmap_count(img);
+		if (n)
+			printf("    bitmaps:\n");
+		for (unsigned i = 0; i < n; i++) {
+			struct qsm_bitmap_info b = { .struct_size = sizeof(b) };
+			if (qsm_bitmap_get(img, i, &b) < 0)
+				break;
+			printf("        [%u]:\n            flags:\n", i);
+			unsigned k = 0;
+			if (b.flags & QSM_BITMAP_IN_USE)
+				printf("                [%u]: in-use\n", k++);
+			if (b.flags & QSM_BITMAP_AUTO)
+				printf("                [%u]: auto\n", k++);
+			printf("            name: %s\n            granularity: %llu\n", b.name,
+			       (unsigned long long)b.granularity);
+		}
 		printf("    refcount bits: %u\n", info->refcount_bits);
 		printf("    corrupt: %s\n", info->corrupt ? "true" : "false");
 		printf("    extended l2: false\n");

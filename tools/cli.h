@@ -172,7 +172,7 @@ void cli_progress_end(void);
 
 /* The indented qcow2 lines under "Format specific information:", as
  * qemu-img info and qemu-io info print them. */
-void cli_print_qcow2_specific(const struct qsm_info *info);
+void cli_print_qcow2_specific(struct qsm_image *img, const struct qsm_info *info);
 /* The snapshot table as qemu-img prints it (bdrv_snapshot_dump of QEMU
  * 7.2): "Snapshot list:", the header row and one row per snapshot, each
  * line ended by a newline; nothing when the image has none.  Dates in local

@@ -68,6 +68,32 @@ static void line(const char *ind, const char *fmt, ...)
 	va_end(ap);
 }
 
+/* "bitmaps": [...] of the qcow2 data, when the image keeps any. */
+static void print_json_bitmaps(const char *ind, struct qsm_image *img)
+{
+	unsigned n = qsm_bitmap_count(img);
+	if (!n)
+		return;
+	line(ind, "            \"bitmaps\": [\n");
+	for (unsigned i = 0; i < n; i++) {
+		struct qsm_bitmap_info b = { .struct_size = sizeof(b) };
+		if (qsm_bitmap_get(img, i, &b) < 0)
+			break;
+		line(ind, "                {\n                    \"flags\": [\n");
+		if (b.flags & QSM_BITMAP_IN_USE)
+			line(ind, "                        \"in-use\"%s\n",
+			     b.flags & QSM_BITMAP_AUTO ? "," : "");
+		if (b.flags & QSM_BITMAP_AUTO)
+			line(ind, "                        \"auto\"\n");
+		line(ind, "                    ],\n                    \"name\": ");
+		json_string(b.name);
+		fputs(",\n", stdout);
+		line(ind, "                    \"granularity\": %llu\n", (unsigned long long)b.granularity);
+		line(ind, "                }%s\n", i + 1 < n ? "," : "");
+	}
+	line(ind, "            ],\n");
+}
+
 /* "snapshots": [...] of qemu-img info's JSON, when the image has any. */
 static void print_json_snapshots(const char *ind, struct qsm_image *img)
 {
@@ -140,6 +166,7 @@ static void print_json(const char *ind, const char *file, struct qsm_image *img,
 		line(ind, "            \"compat\": \"1.1\",\n");
 		line(ind, "            \"compression-type\": \"%s\",\n", in->compression_type);
 		line(ind, "            \"lazy-refcounts\": %s,\n", in->lazy_refcounts ? "true" : "false");
+		print_json_bitmaps(ind, img);
 		line(ind, "            \"refcount-bits\": %u,\n", in->refcount_bits);
 		line(ind, "            \"corrupt\": %s,\n", in->corrupt ? "true" : "false");
 		line(ind, "            \"extended-l2\": false\n");
@@ -189,7 +216,7 @@ static void print_human(const char *file, struct qsm_image *img, const struct qs
 	}
 	cli_print_snapshots(img);
 	printf("Format specific information:\n");
-	cli_print_qcow2_specific(in);
+	cli_print_qcow2_specific(img, in);
 }
 
 /* Print img and, with chain, every image below it (qemu-img info

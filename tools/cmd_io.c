@@ -1251,7 +1251,7 @@ static int info_f(struct io_ctx *io, int argc, char **argv)
 	if (io->cor == COR_FILTER)
 		return 0;
 	printf("Format specific information:\n");
-	cli_print_qcow2_specific(&info);
+	cli_print_qcow2_specific(io->img, &info);
 	return 0;
 }
 

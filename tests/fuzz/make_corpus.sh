@@ -6,8 +6,9 @@
 # fuzz_open: small images written by qemu-img/qemu-io 7.2, 512-byte clusters
 # so each is a few KiB: plain v3 with data, zero and discarded clusters; v2;
 # an internal snapshot; a backing file name (with and without a recorded
-# format); compressed clusters (qemu-img convert -c, zlib and zstd); lazy refcounts left
-# dirty by qemu-io abort; 1-bit and 64-bit refcounts; 8 KiB clusters (the
+# format); compressed clusters (qemu-img convert -c, zlib and zstd);
+# persistent bitmaps (one with a data cluster); lazy refcounts left dirty by
+# qemu-io abort; 1-bit and 64-bit refcounts; 8 KiB clusters (the
 # header cluster then holds a feature name table); images QEMU opens and
 # finds bad only at use (accept-*: a duplicate extension, an unaligned
 # refcount block offset, a snapshot table past the end of the file).
@@ -69,6 +70,15 @@ keep comp.qcow2 compressed.qcow2
 # ... as zstd frames (compression_type=zstd, incompatible bit 3).
 qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=512,compression_type=zstd data.raw zstd.qcow2
 keep zstd.qcow2 compressed-zstd.qcow2
+
+# Persistent bitmaps: an enabled one QEMU stored with dirty bits (a data
+# cluster), a disabled one without.
+mk -o cluster_size=512 bm.qcow2 64K
+qio bm.qcow2 'write -P 0x12 0 1k'
+qemu-img bitmap --add bm.qcow2 b0
+qemu-img bitmap --add --disable bm.qcow2 off
+qio bm.qcow2 'write -P 0x13 8k 2k'
+keep bm.qcow2 bitmaps.qcow2
 
 # Lazy refcounts, dirty: qemu-io aborts before the refcounts are written.
 mk -o cluster_size=512,lazy_refcounts=on lazy.qcow2 128K

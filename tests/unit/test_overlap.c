@@ -179,7 +179,8 @@ START_TEST(refcount_structure)
 }
 END_TEST
 
-/* The snapshot table (maybe past the end of the file) and QEMU's names. */
+/* The snapshot table (maybe past the end of the file), the bitmap
+ * directory, and QEMU's names. */
 START_TEST(kinds_and_snapshots)
 {
 	struct fixture f;
@@ -207,6 +208,15 @@ START_TEST(kinds_and_snapshots)
 	/* none */
 	qsm_overlap_set_snapshots(&o, 20 * CS, 0);
 	ck_assert(!qsm_overlap_is_meta(&o, 20 * CS));
+
+	/* A bitmap directory of one cluster and 8 bytes: two clusters. */
+	qsm_overlap_set_bitmap_dir(&o, 30 * CS, CS + 8);
+	ck_assert(qsm_overlap_is_meta_not_l2(&o, 31 * CS + 8));
+	ck_assert(!qsm_overlap_is_meta(&o, 32 * CS));
+	ck_assert(!qsm_overlap_is_meta(&o, 29 * CS));
+	ck_assert_str_eq(qsm_overlap_kind(&o, 30 * CS), "bitmap directory");
+	qsm_overlap_set_bitmap_dir(&o, 30 * CS, 0);
+	ck_assert(!qsm_overlap_is_meta(&o, 30 * CS));
 	qsm_overlap_release(&o);
 	fixture_close(&f);
 }
