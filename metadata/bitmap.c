@@ -243,3 +243,38 @@ int qcow2_bitmaps_read(qcow2_snapshot_reader rd, void *opaque, const struct qcow
 	}
 	return ret;
 }
+
+void qcow2_bitmap_set_range(uint8_t *data, unsigned granularity_bits, uint64_t offset,
+			    uint64_t bytes)
+{
+	if (!bytes)
+		return;
+	uint64_t k = offset >> granularity_bits, last = (offset + bytes - 1) >> granularity_bits;
+	for (; k <= last && (k & 7); k++)
+		data[k >> 3] |= (uint8_t)(1u << (k & 7));
+	if (k + 7 <= last) {
+		memset(data + (k >> 3), 0xff, (size_t)((last + 1 - k) >> 3));
+		k += (last + 1 - k) & ~7ull;
+	}
+	for (; k <= last; k++)
+		data[k >> 3] |= (uint8_t)(1u << (k & 7));
+}
+
+uint64_t qcow2_bitmap_run(const uint8_t *data, uint64_t first, uint64_t end, bool *set)
+{
+	bool v = data[first >> 3] >> (first & 7) & 1;
+	uint8_t whole = v ? 0xff : 0;
+	uint64_t k = first + 1;
+	*set = v;
+	while (k < end) {
+		if (!(k & 7) && k + 8 <= end && data[k >> 3] == whole) {
+			k += 8;
+			continue;
+		}
+		if ((data[k >> 3] >> (k & 7) & 1) != v)
+			break;
+		k++;
+	}
+	return k - first;
+}
+

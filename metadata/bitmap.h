@@ -118,4 +118,18 @@ int qcow2_bitmap_table_entry_check(uint64_t entry, uint64_t cluster_size);
 int qcow2_bitmap_table_read(qcow2_snapshot_reader rd, void *opaque, const struct qcow2_bitmap *b,
 			    uint64_t cluster_size, uint64_t **table);
 
+/*
+ * Bitmap data: bit k (disk bytes [k << granularity_bits, +granularity))
+ * is bit k % 8 of byte k / 8 of the data, least significant bit first (as
+ * QEMU serializes it); table entry i holds data bytes [i * cluster_size,
+ * (i + 1) * cluster_size).  Set the bits of every granule that disk bytes
+ * [offset, offset + bytes) touch, in data (large enough for them).
+ */
+void qcow2_bitmap_set_range(uint8_t *data, unsigned granularity_bits, uint64_t offset,
+			    uint64_t bytes);
+/* From bit `first` (< end): its value in *set, and how many bits from it
+ * on, up to bit `end`, share that value (at least 1).  Whole bytes of one
+ * value are skipped a byte at a time. */
+uint64_t qcow2_bitmap_run(const uint8_t *data, uint64_t first, uint64_t end, bool *set);
+
 #endif

@@ -47,7 +47,7 @@
  *   ZERO_UPDATE -> NEXT_RUN ........... qsm_step_zero_update
  *   NEXT_RUN -> L1_LOOKUP|COMPRESS|DURABLE_WAIT|DONE ....
  *                                             qsm_step_next_run
- *   DURABLE_WAIT -> DONE|CLOSE_TRIM ... job_done (sm/writeback.c: the
+ *   DURABLE_WAIT -> DONE|CLOSE_BITMAPS ... job_done (sm/writeback.c: the
  *                                  batch joined by qsm_wb_join, WB_DONE)
  *   DURABLE_WAIT -> CLOSE_MARK_CORRUPT .. fail_waiters (sm/writeback.c: a
  *                                  close's batch failed, BROKEN)

@@ -222,6 +222,7 @@ static enum qsm_event step(struct qsm_req *req)
 	case QSM_S_CLOSE_MARK_CORRUPT:
 	case QSM_S_CLOSE_SYNC:
 	case QSM_S_CLOSE_TRIM:
+	case QSM_S_CLOSE_BITMAPS:
 		return qsm_close_step(req);
 	case QSM_S_START:
 	case QSM_S_DONE:
@@ -484,6 +485,7 @@ __attribute__((unused)) static bool req_invariants(const struct qsm_req *req)
 	case QSM_S_CLOSE_DRAIN:
 		return m == QSM_M_CLOSE && img->closing && img->close_req == req && !req->waiting;
 	case QSM_S_CLOSE_TRIM: /* its batch is over, nothing else runs */
+	case QSM_S_CLOSE_BITMAPS:
 		return m == QSM_M_CLOSE && img->close_req == req && img->in_flight == 1 &&
 		       !img->wb_job && req->ret == 0;
 	case QSM_S_CLOSE_MARK_CORRUPT: /* in error: the close fails with it */

@@ -438,6 +438,7 @@ static void image_free(struct qsm_image *img, bool abandon)
 	}
 	qcow2_header_release(&img->hdr);
 	qcow2_snapshots_release(&img->snaps);
+	qsm_bitmaps_release(img);
 	qcow2_bitmap_dir_release(&img->bitmaps);
 	free(img->l1);
 	free(img->sector0);
@@ -457,16 +458,9 @@ static void image_free(struct qsm_image *img, bool abandon)
 		goto fail;                                                     \
 	} while (0)
 
-/* Open-time reader of the snapshot table: zeros past the end of the file,
- * as QEMU's block layer reads them (header.c lets the table lie there). */
-struct snap_src {
-	struct qsm_io *io;
-	uint64_t fsize;
-};
-
-static int snap_rd(void *opaque, void *buf, size_t len, uint64_t off)
+int qsm_file_rd(void *opaque, void *buf, size_t len, uint64_t off)
 {
-	const struct snap_src *src = opaque;
+	const struct qsm_file_src *src = opaque;
 	size_t n = off < src->fsize ? (size_t)QSM_MIN(src->fsize - off, (uint64_t)len) : 0;
 	int ret = n ? qsm_io_pread_sync(src->io, buf, n, off) : 0;
 
@@ -481,11 +475,11 @@ static int snap_rd(void *opaque, void *buf, size_t len, uint64_t off)
 static int read_snapshots(struct qsm_image *img, uint64_t fsize, char *err, size_t errlen)
 {
 	const struct qcow2_header *h = &img->hdr;
-	struct snap_src src = { img->io, fsize };
+	struct qsm_file_src src = { img->io, fsize };
 	char why[512] = "";
 	int ret;
 
-	ret = qcow2_snapshots_read(snap_rd, &src, h->snapshots_offset, h->nb_snapshots, h->size,
+	ret = qcow2_snapshots_read(qsm_file_rd, &src, h->snapshots_offset, h->nb_snapshots, h->size,
 				   &img->snaps, why, sizeof(why));
 	if (ret < 0) {
 		if (err && why[0])
@@ -509,9 +503,9 @@ static int read_snapshots(struct qsm_image *img, uint64_t fsize, char *err, size
 static int read_bitmaps(struct qsm_image *img, uint64_t fsize, char *err, size_t errlen)
 {
 	struct qcow2_header *h = &img->hdr;
-	struct snap_src src = { img->io, fsize };
+	struct qsm_file_src src = { img->io, fsize };
 	bool found;
-	int ret = qcow2_bitmaps_read(snap_rd, &src, h, h->size, true, &img->bitmaps, &found, err,
+	int ret = qcow2_bitmaps_read(qsm_file_rd, &src, h, h->size, true, &img->bitmaps, &found, err,
 				     errlen);
 	if (ret == 0 && !found)
 		img->bitmaps_ext_dropped = qcow2_header_drop_ext(h, QCOW2_EXT_BITMAPS) > 0;
@@ -593,11 +587,9 @@ static int write_header_sync(struct qsm_image *img)
 /*
  * A read-write open's header work: qsm keeps no autoclear feature but
  * bitmaps (bit 0), so the others are cleared, as the spec asks of a writer
- * that does not know them.  qsm does not yet record writes into bitmaps:
- * every enabled ("auto") bitmap not already in use is marked in use, the
- * mark QEMU sets on the bitmaps it tracks and clears when it stores them
- * back, so a bitmap this session's writes make stale is never read as
- * consistent (a consumer refuses it; `qemu-img bitmap --remove` drops it).
+ * that does not know them.  Every enabled ("auto") bitmap not already in
+ * use is tracked (sm/bitmaps.c): marked in use, as QEMU marks the bitmaps
+ * it records into, until the close stores it back and clears the mark.
  * Disabled bitmaps are left as they are: writes do not change them.  A
  * voided extension (read_bitmaps) leaves the header now, as in QEMU.  In
  * QEMU's order (update_ext_header_and_dir_in_place): the header with bit 0
@@ -610,12 +602,14 @@ static int bitmaps_open_rw(struct qsm_image *img)
 	struct qcow2_header *h = &img->hdr;
 	struct qcow2_bitmap_dir *d = &img->bitmaps;
 	uint64_t keep = d->ext.nb ? QCOW2_AUTOCLEAR_BITMAPS : 0;
-	bool mark = false;
 	int ret;
 
+	if (d->ext.nb && !(img->tracked = calloc(d->ext.nb, sizeof(*img->tracked))))
+		return -ENOMEM;
 	for (uint32_t i = 0; i < d->ext.nb; i++)
 		if ((d->bm[i].flags & (QCOW2_BITMAP_AUTO | QCOW2_BITMAP_IN_USE)) == QCOW2_BITMAP_AUTO)
-			mark = true;
+			img->tracked[img->nb_tracked++].index = i;
+	bool mark = img->nb_tracked > 0;
 	if (!mark) {
 		if (h->autoclear_features == keep && !img->bitmaps_ext_dropped)
 			return 0;
@@ -625,13 +619,17 @@ static int bitmaps_open_rw(struct qsm_image *img)
 	h->autoclear_features = 0;
 	if ((ret = write_header_sync(img)) < 0)
 		return ret;
-	for (uint32_t i = 0; i < d->ext.nb; i++)
-		if (d->bm[i].flags & QCOW2_BITMAP_AUTO)
-			qcow2_bitmap_set_flags(d, i, d->bm[i].flags | QCOW2_BITMAP_IN_USE);
+	for (uint32_t i = 0; i < img->nb_tracked; i++) {
+		uint32_t x = img->tracked[i].index;
+		qcow2_bitmap_set_flags(d, x, d->bm[x].flags | QCOW2_BITMAP_IN_USE);
+	}
 	if ((ret = qsm_io_pwrite_sync(img->io, d->raw, d->ext.dir_size, d->ext.dir_offset)) < 0)
 		return ret;
 	h->autoclear_features = QCOW2_AUTOCLEAR_BITMAPS;
-	return write_header_sync(img);
+	if ((ret = write_header_sync(img)) < 0)
+		return ret;
+	qsm_bitmaps_load(img);
+	return 0;
 }
 
 int qsm_bitmaps_cover(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
@@ -1219,6 +1217,8 @@ int qsm_open(struct event_base *base, const char *path, const struct qsm_open_op
  *                       other request leaves the image, posts WAKE
  *   DURABLE_WAIT        one full write-back batch (sm/writeback.c), as a
  *                       flush waits for an ordinary one
+ *   CLOSE_BITMAPS       the tracked bitmaps written back, flushed, their
+ *                       in-use marks cleared, flushed (sm/bitmaps.c)
  *   CLOSE_TRIM          truncate the space reserved ahead of the allocator
  *   CLOSE_MARK_CORRUPT  (image in error) the corrupt bit alone (or, when
  *                       the mark of qsm_image_corrupt is in flight, wait
@@ -1257,11 +1257,11 @@ static void close_io_cb(struct qsm_io_req *io, int ret)
 }
 
 static enum qsm_event close_submit(struct qsm_req *req, enum qsm_io_op op, uint64_t off,
-				   void *buf, size_t len)
+				   void *buf, size_t len, enum qsm_io_event event)
 {
 	struct qsm_image *img = req->img;
 	req->io = (struct qsm_io_req){
-		.op = op, .event = op == QSM_IO_FLUSH ? QSM_IO_EV_FLUSH : QSM_IO_EV_HEADER_UPDATE,
+		.op = op, .event = op == QSM_IO_FLUSH ? QSM_IO_EV_FLUSH : event,
 		.offset = off, .len = len, .cb = close_io_cb,
 	};
 	if (buf) {
@@ -1308,10 +1308,22 @@ enum qsm_event qsm_close_step(struct qsm_req *req)
 		if (!(req->run.bounce = malloc(8)))
 			return QSM_E_NOTHING_TO_DO; /* best effort */
 		qcow2_put_be64(req->run.bounce, f);
-		return close_submit(req, QSM_IO_WRITE, 72, req->run.bounce, 8);
+		return close_submit(req, QSM_IO_WRITE, 72, req->run.bounce, 8,
+				    QSM_IO_EV_HEADER_UPDATE);
 	}
 	case QSM_S_CLOSE_SYNC:
-		return close_submit(req, QSM_IO_FLUSH, 0, NULL, 0);
+		return close_submit(req, QSM_IO_FLUSH, 0, NULL, 0, QSM_IO_EV_FLUSH);
+	case QSM_S_CLOSE_BITMAPS: {
+		/* run.l1_index: the store's next step (sm/bitmaps.c) */
+		img->wb_closed = true;
+		enum qsm_io_op op;
+		uint64_t off;
+		void *buf;
+		size_t len;
+		if (!qsm_bitmaps_store_next(img, req->run.l1_index++, &op, &off, &buf, &len))
+			return QSM_E_NOTHING_TO_DO;
+		return close_submit(req, op, off, buf, len, QSM_IO_EV_NONE);
+	}
 	case QSM_S_CLOSE_TRIM: {
 		img->wb_closed = true;
 		if (img->raw || img->prealloc_end <= img->open_size)
@@ -1321,7 +1333,7 @@ enum qsm_event qsm_close_step(struct qsm_req *req)
 				       qsm_refcount_image_end(img->rc));
 		if (end >= img->prealloc_end)
 			return QSM_E_NOTHING_TO_DO;
-		return close_submit(req, QSM_IO_TRUNCATE, end, NULL, 0);
+		return close_submit(req, QSM_IO_TRUNCATE, end, NULL, 0, QSM_IO_EV_NONE);
 	}
 	default:
 		abort();
@@ -1894,6 +1906,8 @@ static int submit_rw_at(struct qsm_image *img, enum qsm_machine m, uint64_t offs
 	if (m == QSM_M_WRITE && !vmstate &&
 	    (ret = probed_raw_guard(img, offset, bytes, iov, iovcnt)) < 0)
 		return ret;
+	if (m == QSM_M_WRITE && !vmstate && !(flags & QSM_REQ_COR_FILL))
+		qsm_bitmaps_dirty(img, offset, bytes);
 	struct qsm_req *req = new_req(img, m, offset, bytes, iov, iovcnt, cb, opaque);
 	if (!req)
 		return -ENOMEM;
@@ -1969,6 +1983,8 @@ static int submit_range(struct qsm_image *img, enum qsm_machine m, uint64_t offs
 		ret = probed_raw_guard(img, offset, bytes, NULL, 0);
 	if (ret < 0)
 		return ret;
+	if (!(flags & (QSM_REQ_VMSTATE | QSM_REQ_COR_FILL)))
+		qsm_bitmaps_dirty(img, offset, bytes);
 	struct qsm_req *req = new_req(img, m, offset, bytes, NULL, 0, cb, opaque);
 	if (!req)
 		return -ENOMEM;
@@ -2019,6 +2035,7 @@ int qsm_write_compressed(struct qsm_image *img, uint64_t offset, const struct io
 		return -EINVAL;
 	if ((ret = qsm_check_writable(img)) < 0)
 		return ret;
+	qsm_bitmaps_dirty(img, offset, bytes);
 	struct qsm_req *req = new_req(img, QSM_M_WRITE_COMPRESSED, offset, bytes, iov, iovcnt,
 				      cb, opaque);
 	if (!req)

@@ -438,15 +438,18 @@ QSM_EXPORT int qsm_snapshot_get(struct qsm_image *img, unsigned index,
  * table of a bitmap not in use refuses the open in QEMU's words ("Bitmap
  * 'b0' doesn't satisfy the constraints", ...), and nothing is written.
  *
- * qsm does not yet record writes into bitmaps.  So a read-write open marks
- * every enabled bitmap in use (QSM_BITMAP_IN_USE), the mark QEMU sets on
- * the bitmaps it tracks and clears when it stores them back: a bitmap made
- * stale by this session's writes is never read as consistent afterwards
- * (QEMU refuses to use it; `qemu-img bitmap --remove` drops it).  Disabled
- * bitmaps are left as they are (writes do not change them), and `qsm check`
- * counts every bitmap's clusters as QEMU's check does.  qsm_truncate and
- * snapshot apply to a size some bitmap does not cover are refused
- * (-ENOTSUP, naming it): qsm does not resize bitmap tables.
+ * A read-write open records writes into every enabled bitmap it finds
+ * consistent, as QEMU does (sm/bitmaps.c): marked in use while open (QEMU's
+ * mark, so a crash leaves it untrusted, never wrong), its bits set by every
+ * write, zero write, discard and compressed write as submitted (a snapshot
+ * apply sets them all), written back and the mark cleared by the close.
+ * The open gives each such bitmap fresh clusters (QEMU's store done early:
+ * the close then overwrites only clusters it allocated).  Disabled and
+ * in-use bitmaps are left as they are, and `qsm check` counts every
+ * bitmap's clusters as QEMU's check does.  qsm_truncate and snapshot apply
+ * to a size some bitmap does not cover are refused (-ENOTSUP, naming it):
+ * qsm does not resize bitmap tables.  Not yet here: adding, removing and
+ * merging bitmaps (qemu-img bitmap).
  */
 #define QSM_BITMAP_IN_USE 0x1u /* may not match the disk: not to be used */
 #define QSM_BITMAP_AUTO 0x2u   /* enabled: tracks writes */
@@ -461,6 +464,19 @@ QSM_EXPORT unsigned qsm_bitmap_count(struct qsm_image *img);
 /* As qsm_snapshot_get: bitmap `index`, -ENOENT past the end, -EINVAL for a
  * struct_size shorter than this first version. */
 QSM_EXPORT int qsm_bitmap_get(struct qsm_image *img, unsigned index, struct qsm_bitmap_info *out);
+/* Have bitmap `index`'s bits in memory to read them (an NBD export's
+ * qemu:dirty-bitmap context): at once for a bitmap this session records
+ * into, else read now, blocking (no request may be in flight).  A disabled
+ * bitmap's bits never change; an enabled one's do as writes come, only
+ * when this session records into it.  -ENOENT; -EBUSY for a bitmap in use
+ * ("Bitmap 'b0' is inconsistent and cannot be used": QEMU's refusal). */
+QSM_EXPORT int qsm_bitmap_load(struct qsm_image *img, unsigned index, char *err, size_t errlen);
+/* A loaded bitmap from guest `offset` (< virtual size) on: *dirty for the
+ * granule there, *len the bytes (at most `bytes`, never past the end of
+ * the disk) whose granules all say the same.  In memory, never blocks.
+ * -ENOENT when not loaded, -EINVAL. */
+QSM_EXPORT int qsm_bitmap_extent(struct qsm_image *img, unsigned index, uint64_t offset,
+				 uint64_t bytes, bool *dirty, uint64_t *len);
 /*
  * Take, apply and delete snapshots (qemu-img snapshot -c / -a / -d), as
  * QEMU does them and in qemu-img's words on failure (err, when non-NULL).

@@ -273,6 +273,17 @@ struct qsm_wb {
 	size_t nb_ios;
 };
 
+/* A bitmap whose bits are in memory (sm/bitmaps.c): recorded into (its
+ * data clusters as this open gave them), or loaded to be read. */
+struct qsm_tracked_bitmap {
+	uint32_t index;           /* in img->bitmaps */
+	uint8_t *data;            /* table_size clusters of bits */
+	uint64_t *table;          /* data cluster offsets, one per entry */
+	uint64_t *old_table;      /* while loading: the table as found */
+	bool recording;           /* writes set its bits; else loaded to be read
+				   * (qsm_bitmap_load): no table, never stored */
+};
+
 struct qsm_image {
 	struct event_base *base;
 	struct qsm_io *io;
@@ -284,6 +295,10 @@ struct qsm_image {
 	 * image keeps none; read-write, with the enabled ones marked in use). */
 	struct qcow2_bitmap_dir bitmaps;
 	bool bitmaps_ext_dropped; /* the header held an extension bit 0 voids */
+	/* The bitmaps whose bits are in memory (sm/bitmaps.c); room for
+	 * bitmaps.ext.nb (each at most once). */
+	struct qsm_tracked_bitmap *tracked;
+	uint32_t nb_tracked;
 	/* A raw image: no metadata at all, guest offset = file offset.  Requests
 	 * take the RAW edges (sm/states.def); rc, l1 and l2c stay empty. */
 	bool raw;
@@ -631,6 +646,28 @@ static inline uint64_t qsm_l1_get(const struct qsm_image *img, uint64_t idx)
 {
 	return qcow2_be64(img->l1 + idx * 8);
 }
+
+/* Blocking reader of the file at open (metadata/snapshot.h's and
+ * bitmap.h's reader): opaque is a struct qsm_file_src; zeros past fsize,
+ * as QEMU's block layer reads (header.c lets the snapshot table lie there). */
+struct qsm_file_src {
+	struct qsm_io *io;
+	uint64_t fsize;
+};
+int qsm_file_rd(void *opaque, void *buf, size_t len, uint64_t off);
+
+/* sm/bitmaps.c.  Load and re-home img->tracked (blocking, at a read-write
+ * open once the image is set up, before it is live); those that fail are
+ * dropped from it and stay in use. */
+void qsm_bitmaps_load(struct qsm_image *img);
+/* A guest change of [offset, +bytes), at submission: the tracked bitmaps'
+ * bits set. */
+void qsm_bitmaps_dirty(struct qsm_image *img, uint64_t offset, uint64_t bytes);
+/* The close's store, step by step (CLOSE_BITMAPS): the operation of step
+ * `step` (0, 1, ...) into *op, *offset, *buf, *len; false when done. */
+bool qsm_bitmaps_store_next(struct qsm_image *img, uint64_t step, enum qsm_io_op *op,
+			    uint64_t *offset, void **buf, size_t *len);
+void qsm_bitmaps_release(struct qsm_image *img);
 
 /* 0 when every persistent bitmap covers a disk of size bytes, else
  * -ENOTSUP naming the first that does not (qsm does not resize bitmap

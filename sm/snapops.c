@@ -1318,6 +1318,8 @@ int qsm_snapshot_apply_async(struct qsm_image *img, const char *id_or_name, char
 		return idx;
 	if ((ret = qsm_bitmaps_cover(img, img->snaps.sn[idx].disk_size, err, errlen)) < 0)
 		return ret;
+	/* The whole disk may change: every tracked bitmap says so. */
+	qsm_bitmaps_dirty(img, 0, QSM_MAX(img->hdr.size, img->snaps.sn[idx].disk_size));
 	struct qsm_snapjob *j = job_new(img, OP_APPLY);
 	if (!j)
 		SNAP_FAIL(-ENOMEM, "%s", strerror(ENOMEM));

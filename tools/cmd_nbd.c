@@ -94,6 +94,8 @@ static void usage(void)
 	       "  -x, --export-name=NAME    expose export by name (default \"\")\n"
 	       "  -D, --description=TEXT    export a human-readable description\n"
 	       "  -A, --allocation-depth    expose the allocation depth (qemu:allocation-depth)\n"
+	       "  -B, --bitmap=NAME         expose a persistent dirty bitmap (qemu:dirty-bitmap:NAME;\n"
+	       "                            may be given up to 16 times)\n"
 	       "      --tls-creds=ID        use id of an earlier --object to provide TLS (required)\n"
 	       "      --handshake-limit=N   seconds a client has to finish the handshake (default 10, 0: none)\n"
 	       "      --poll-us=N           after activity, poll N microseconds before sleeping\n"
@@ -211,11 +213,15 @@ static void serve(struct nbd_main *m)
 	}
 }
 
-static void on_conn_close(struct nbd_server *srv)
+/* As qemu-nbd's nbd_client_closed: without -t the server ends when the
+ * last connection closes, but only one that had reached transmission (a
+ * client that only listed exports, or gave up in the handshake, does not
+ * end it). */
+static void on_conn_close(struct nbd_server *srv, bool negotiated)
 {
 	struct nbd_main *m = srv->opaque;
 
-	if (srv->stopping || (!m->persistent && srv->nconns == 0)) {
+	if (srv->stopping || (!m->persistent && srv->nconns == 0 && negotiated)) {
 		srv->stopping = true;
 		main_stop(m);
 		return;
@@ -314,6 +320,31 @@ enum {
 	OPT_TLS_CREDS, OPT_HANDSHAKE, OPT_POLL_US,
 };
 
+/* -B: each bitmap found by name and its bits loaded (qsm_bitmap_load),
+ * in qemu-nbd's words when it cannot be.  0 or -1 (printed). */
+static int load_bitmaps(struct nbd_server *srv)
+{
+	for (unsigned i = 0; i < srv->nbitmaps; i++) {
+		unsigned n = qsm_bitmap_count(srv->img), k;
+		char err[512];
+		for (k = 0; k < n; k++) {
+			struct qsm_bitmap_info b = { .struct_size = sizeof(b) };
+			if (qsm_bitmap_get(srv->img, k, &b) == 0 && !strcmp(b.name, srv->bitmaps[i].name))
+				break;
+		}
+		if (k == n) {
+			nbd_err("Bitmap '%s' is not found", srv->bitmaps[i].name);
+			return -1;
+		}
+		if (qsm_bitmap_load(srv->img, k, err, sizeof(err)) < 0) {
+			nbd_err("%s", err);
+			return -1;
+		}
+		srv->bitmaps[i].index = k;
+	}
+	return 0;
+}
+
 int cmd_nbd(int argc, char **argv)
 {
 	static const struct option lopt[] = {
@@ -329,6 +360,7 @@ int cmd_nbd(int argc, char **argv)
 		{ "shared", required_argument, NULL, 'e' },
 		{ "format", required_argument, NULL, 'f' },
 		{ "allocation-depth", no_argument, NULL, 'A' },
+		{ "bitmap", required_argument, NULL, 'B' },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "nocache", no_argument, NULL, 'n' },
 		{ "cache", required_argument, NULL, OPT_CACHE },
@@ -360,7 +392,7 @@ int cmd_nbd(int argc, char **argv)
 	m.srv.name = "";
 	argv[0] = (char *)prog; /* getopt's own messages name the program */
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "hVp:b:k:x:D:rte:f:Avn", lopt, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "hVp:b:k:x:D:rte:f:AB:vn", lopt, NULL)) != -1) {
 		switch (c) {
 		case 'h':
 			usage();
@@ -413,6 +445,13 @@ int cmd_nbd(int argc, char **argv)
 			break;
 		case 'A':
 			m.srv.alloc_depth = true;
+			break;
+		case 'B':
+			if (m.srv.nbitmaps == NBD_MAX_BITMAPS) {
+				nbd_err("At most %d bitmaps can be exported", NBD_MAX_BITMAPS);
+				return 1;
+			}
+			m.srv.bitmaps[m.srv.nbitmaps++].name = optarg;
 			break;
 		case 'v':
 			break;
@@ -570,6 +609,8 @@ int cmd_nbd(int argc, char **argv)
 		goto out;
 	}
 	cli_probed_warning(m.srv.img, image);
+	if (load_bitmaps(&m.srv) < 0)
+		goto out_close;
 #ifdef QSM_NBD_TLS
 	if (tls_id) {
 		if (nbd_tls_creds_load(obj_dir, verify_peer, &m.srv.tls, err, sizeof(err)) < 0) {

@@ -12,11 +12,20 @@
 #            message and exit status, and a read-write open writes nothing;
 #            an in-use bitmap with a bad table entry (QEMU opens it, its
 #            check fails) is checked as qemu-img checks it;
-#   write    a read-write qsm session (qsm io writes) marks the enabled
-#            bitmaps in-use and leaves disabled ones as they were; qemu-img
-#            check calls the image clean, qemu-img info lists the flags, and
-#            `qemu-img bitmap --remove` drops the stale one; a read-only
-#            session leaves the file byte-identical;
+#   track    the same sessions by qemu-io and by qsm io (writes, zero
+#            writes, discards, compressed writes) on copies of one image:
+#            QEMU reads the same dirty extents from both (qemu-nbd -B,
+#            nbdinfo --map), both consistent, a disabled bitmap unchanged;
+#            a read-only session leaves the file byte-identical; a session
+#            killed at each of its writes and syncs (strace) leaves an image
+#            that checks clean but for leaks, each bitmap in use or
+#            consistent, and a consistent one as before (with the disk as
+#            before) or as after;
+#   nbd      qsm nbd -B exports qemu:dirty-bitmap:NAME contexts as qemu-nbd
+#            -B does (contexts listed, extents read by nbdinfo, alone and
+#            beside base:allocation), refuses a missing or in-use bitmap in
+#            its words, and on a writable export shows the clients' writes
+#            at once and stores them at exit as QEMU would;
 #   invalid  autoclear bit 0 cleared by a program without bitmap support:
 #            no bitmaps are listed and a read-write session drops the stale
 #            extension from the header, as QEMU never writes it again;
@@ -25,6 +34,7 @@
 #            bitmap, the file unchanged.
 source "$(dirname "$0")/lib.sh"
 interop_init
+for t in qemu-nbd nbdinfo; do command -v $t >/dev/null || skip "$t not found"; done
 cd "$WORK" || die "cd $WORK"
 EDIT=(python3 "$(dirname "$0")/bitmap_edit.py")
 
@@ -160,31 +170,195 @@ cp inuse.qcow2 bad-inuse.qcow2
 same "check in-use bad table" check bad-inuse.qcow2
 rm -f bad-inuse.qcow2
 
-# --- write ----------------------------------------------------------------------
-cp two.qcow2 w.qcow2
-"$QSM" io -f qcow2 -c 'write -P 5 0 64k' w.qcow2 >/dev/null || fail "write: qsm io failed"
-check_clean "write: after a qsm session" w.qcow2
-CHECKS=$((CHECKS + 1))
-flags=$(qemu-img info --output=json w.qcow2 | python3 -c '
+# --- track --------------------------------------------------------------------
+# bmap IMG NAME: the dirty extents of bitmap NAME as QEMU reads them (a
+# read-only qemu-nbd exporting it, nbdinfo --map); "in-use" when it is
+# marked so (inconsistent), "invalid" when QEMU lists no bitmaps (autoclear
+# bit 0 clear: all void).
+bmap() {
+    local img=$1 name=$2 sock="$WORK/bm.sock" pid i st
+    st=$(qemu-img info --output=json "$img" 2>/dev/null | python3 -c '
 import json, sys
-d = json.load(sys.stdin)["format-specific"]["data"]["bitmaps"]
-print(";".join(b["name"] + "=" + ",".join(b["flags"]) for b in d))')
-[ "$flags" = "off one=;on=in-use,auto" ] ||
-    fail "write: bitmap flags after a qsm session are '$flags', not 'off one=;on=in-use,auto'"
-# QEMU opens it read-write too (the in-use bitmap stays so) and removes it
-qemu-io -f qcow2 -c 'write -P 6 64k 64k' w.qcow2 >/dev/null || fail "write: qemu-io refuses it"
-qemu-img bitmap --remove w.qcow2 on || fail "write: qemu-img bitmap --remove failed"
-check_clean "write: after --remove" w.qcow2
+d = json.load(sys.stdin)["format-specific"]["data"].get("bitmaps", [])
+b = [b for b in d if b["name"] == sys.argv[1]]
+print("invalid" if not d else "missing" if not b else "in-use" if "in-use" in b[0]["flags"] else "")' "$name")
+    if [ -n "$st" ]; then
+        echo "$st"
+        return
+    fi
+    rm -f "$sock"
+    qemu-nbd -r -f qcow2 -k "$sock" -B "$name" "$img" 2>"$WORK/nbd.err" &
+    pid=$!
+    for ((i = 0; i < 100; i++)); do [ -S "$sock" ] && break; sleep 0.05; done
+    nbdinfo --map="qemu:dirty-bitmap:$name" "nbd+unix:///?socket=$sock" 2>&1
+    kill "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+}
+# The same two sessions by qemu-io and by qsm io, on copies of an image with
+# an enabled bitmap at 64 KiB granularity, one at 512 KiB, and a disabled
+# one: QEMU reads the same bitmaps from both, consistent.
+qemu-img create -q -f qcow2 tr.qcow2 64M
+qemu-io -f qcow2 -c 'write -P 1 0 2M' tr.qcow2 >/dev/null
+qemu-img bitmap --add tr.qcow2 fine
+qemu-img bitmap --add -g 512k tr.qcow2 coarse
+qemu-img bitmap --add --disable tr.qcow2 off
+qemu-io -f qcow2 -c 'write -P 2 8M 64k' tr.qcow2 >/dev/null   # bits QEMU stored
+for b in fine coarse off; do bmap tr.qcow2 $b >"tr.$b.before"; done
+cp tr.qcow2 tq.qcow2
+S1=(-c 'write -P 3 64k 4k' -c 'write 640k 1' -c 'write -z 10M 1M' -c 'discard 20M 128k'
+    -c 'write -c 30M 64k' -c 'write -P 4 63M 1M')
+S2=(-c 'write -P 5 40M 512' -c 'write -z -u 48M 2M')
+for s in S1 S2; do
+    declare -n args=$s
+    qemu-io -f qcow2 "${args[@]}" tq.qcow2 >/dev/null || fail "track: qemu-io $s failed"
+    "$QSM" io -f qcow2 "${args[@]}" tr.qcow2 >/dev/null || fail "track: qsm io $s failed"
+    unset -n args
+    check_clean "track: after qsm session $s" tr.qcow2
+    for b in fine coarse off; do
+        CHECKS=$((CHECKS + 1))
+        [ "$(bmap tr.qcow2 $b)" = "$(bmap tq.qcow2 $b)" ] || {
+            fail "track: bitmap $b after $s: qsm's and QEMU's differ"
+            diff <(bmap tq.qcow2 $b) <(bmap tr.qcow2 $b) | head -8 | sed 's/^/    | /'
+        }
+    done
+done
 CHECKS=$((CHECKS + 1))
-"$QSM" io -f qcow2 -r -c 'read -P 5 0 64k' -c 'read -P 6 64k 64k' w.qcow2 >/dev/null ||
-    fail "write: data written by qsm and qemu-io does not read back"
-cp two.qcow2 ro.qcow2
+grep -q dirty "tr.off.before" && fail "track: the disabled bitmap had bits to begin with"
+CHECKS=$((CHECKS + 1))
+[ "$(bmap tr.qcow2 off)" = "$(cat tr.off.before)" ] || fail "track: the disabled bitmap changed"
+CHECKS=$((CHECKS + 1))
+qemu-img compare -q tr.qcow2 tq.qcow2 || fail "track: the disks differ"
+# a read-only session leaves the file byte-identical
+cp tr.qcow2 ro.qcow2
 "$QSM" io -f qcow2 -r -c 'read 0 64k' ro.qcow2 >/dev/null
 "$QSM" info ro.qcow2 >/dev/null
 "$QSM" check ro.qcow2 >/dev/null
 CHECKS=$((CHECKS + 1))
-cmp -s ro.qcow2 two.qcow2 || fail "write: a read-only session changed the image"
-rm -f w.qcow2 ro.qcow2
+cmp -s ro.qcow2 tr.qcow2 || fail "track: a read-only session changed the image"
+rm -f ro.qcow2 tq.qcow2
+
+# --- nbd ---------------------------------------------------------------------
+# serve PROG IMG ARGS...: start PROG (qemu-nbd or qsm nbd) on $WORK/s.sock;
+# SRV is its PID.
+serve() {
+    local prog=$1 img=$2 i
+    shift 2
+    rm -f "$WORK/s.sock"
+    if [ "$prog" = qemu-nbd ]; then qemu-nbd -f qcow2 -k "$WORK/s.sock" "$@" "$img" 2>"$WORK/srv.err" &
+    else "$QSM" nbd -f qcow2 -k "$WORK/s.sock" "$@" "$img" 2>"$WORK/srv.err" & fi
+    SRV=$!
+    for ((i = 0; i < 100; i++)); do [ -S "$WORK/s.sock" ] && return 0; sleep 0.05; done
+    fail "nbd: $prog did not start: $(cat "$WORK/srv.err")"
+    return 1
+}
+unserve() { kill "$SRV" 2>/dev/null; wait "$SRV" 2>/dev/null; }
+URI="nbd+unix:///?socket=$WORK/s.sock"
+# qsm nbd -B exports what qemu-nbd -B exports: the contexts offered and each
+# bitmap's extents, alone and beside base:allocation.
+for prog in qemu-nbd qsm; do
+    serve $prog tr.qcow2 -r -B fine -B off -B coarse || continue
+    nbdinfo --list "$URI" 2>&1 | grep -o 'qemu:dirty-bitmap:[a-z]*' | sort >"nbd.$prog.ctx"
+    for b in fine off coarse; do
+        nbdinfo --map="qemu:dirty-bitmap:$b" "$URI" >"nbd.$prog.$b" 2>&1
+    done
+    nbdinfo --map "$URI" >"nbd.$prog.alloc" 2>&1
+    unserve
+done
+for x in ctx fine off coarse alloc; do
+    CHECKS=$((CHECKS + 1))
+    cmp -s "nbd.qemu-nbd.$x" "nbd.qsm.$x" || {
+        fail "nbd: qsm nbd -B and qemu-nbd -B differ ($x)"
+        diff "nbd.qemu-nbd.$x" "nbd.qsm.$x" | head -6 | sed 's/^/    | /'
+    }
+done
+CHECKS=$((CHECKS + 1))
+grep -q dirty nbd.qsm.fine && [ "$(wc -l <nbd.qsm.ctx)" = 3 ] ||
+    fail "nbd: the export shows no dirty extent or not the three contexts"
+# refusals, in qemu-nbd's words: a bitmap not there, one in use
+cp tr.qcow2 iu.qcow2
+"${EDIT[@]}" iu.qcow2 entry 0 flags 3
+for args in "-B nope tr.qcow2" "-B fine iu.qcow2"; do
+    # shellcheck disable=SC2086
+    q=$(qemu-nbd -r -f qcow2 -k "$WORK/r.sock" $args 2>&1); qr=$?
+    # shellcheck disable=SC2086
+    o=$("$QSM" nbd -r -f qcow2 -k "$WORK/r.sock" $args 2>&1); orc=$?
+    o=${o//qsm nbd: /qemu-nbd: }
+    CHECKS=$((CHECKS + 1))
+    [ "$q" = "$o" ] && [ "$qr" = "$orc" ] ||
+        fail "nbd: $args: qsm nbd said '$o' ($orc), qemu-nbd '$q' ($qr)"
+done
+rm -f iu.qcow2
+# A writable export records the clients' writes, visible at once; at exit
+# the bitmap is stored, consistent, as QEMU reads it after the same writes.
+cp tr.qcow2 nw.qcow2 && cp tr.qcow2 nq.qcow2
+qemu-io -f qcow2 -c 'write -P 8 56M 64k' nq.qcow2 >/dev/null
+if serve qsm nw.qcow2 -t -B fine; then
+    qemu-io -f raw -c 'write -P 8 56M 64k' "$URI" >/dev/null || fail "nbd: a write through qsm nbd failed"
+    nbdinfo --map=qemu:dirty-bitmap:fine "$URI" >nbd.live 2>&1
+    CHECKS=$((CHECKS + 1))
+    [ "$(cat nbd.live)" = "$(bmap nq.qcow2 fine)" ] && grep -q "^  *58720256  *65536  *1  *dirty" nbd.live ||
+        fail "nbd: the write is not in the live bitmap: $(cat nbd.live)"
+    unserve
+fi
+check_clean "nbd: after a writable export" nw.qcow2
+CHECKS=$((CHECKS + 1))
+[ "$(bmap nw.qcow2 fine)" = "$(bmap nq.qcow2 fine)" ] ||
+    fail "nbd: the bitmap stored by qsm nbd differs from QEMU's after the same write"
+rm -f nw.qcow2 nq.qcow2
+
+# A session killed at its K-th write or sync (strace's fault injection), K =
+# 1, 2, ... until one completes: the image checks clean but for leaks, and
+# each bitmap is in use or void (bit 0 clear, between the open's header
+# writes: not to be trusted either way) or consistent; a consistent one
+# reads as before with the disk as before, or as after with the writes in.
+if command -v strace >/dev/null &&
+   strace -f -o /dev/null -e trace=getpid -e inject=getpid:error=EPERM:when=1 true 2>/dev/null; then
+    SYSCALLS=pwritev,pwrite64,io_uring_enter,fdatasync
+    S3=(-c 'write -P 6 1M 64k' -c 'write -P 7 33M 4k')
+    cp tr.qcow2 after.qcow2
+    "$QSM" io -f qcow2 "${S3[@]}" after.qcow2 >/dev/null || fail "crash: the session fails"
+    for b in fine coarse; do bmap after.qcow2 $b >"tr.$b.after"; bmap tr.qcow2 $b >"tr.$b.before"; done
+    points=0 inuse=0 kept=0 done=0
+    for ((k = 1; k <= 200; k++)); do
+        cp tr.qcow2 k.qcow2
+        # (in a shell of its own, whose "Killed" report goes nowhere)
+        bash -c 'strace -f -o /dev/null -e trace=$1 -e inject=$1:signal=KILL:when=$2 "${@:3}"' \
+            _ $SYSCALLS $k "$QSM" io -f qcow2 "${S3[@]}" k.qcow2 >/dev/null 2>&1
+        rc=$?
+        [ $rc = 0 ] && { done=1; break; }
+        points=$((points + 1))
+        tag="crash: killed at call $k"
+        CHECKS=$((CHECKS + 1))
+        [ $rc = 137 ] || fail "$tag: exit $rc, not a kill"
+        qemu-img check k.qcow2 >check.out 2>&1
+        crc=$?
+        CHECKS=$((CHECKS + 1))
+        if [ $crc != 0 ] && [ $crc != 3 ] || grep -q '^ERROR' check.out; then
+            fail "$tag: qemu-img check exited $crc:"
+            head -5 check.out | sed 's/^/    | /'
+        fi
+        for b in fine coarse; do
+            m=$(bmap k.qcow2 $b)
+            CHECKS=$((CHECKS + 1))
+            if [ "$m" = in-use ] || [ "$m" = invalid ]; then
+                inuse=$((inuse + 1))
+            elif [ "$m" = "$(cat tr.$b.before)" ]; then
+                kept=$((kept + 1))
+                qemu-img compare -q k.qcow2 tr.qcow2 ||
+                    fail "$tag: bitmap $b is consistent and clean, but the disk changed"
+            elif [ "$m" != "$(cat tr.$b.after)" ]; then
+                fail "$tag: bitmap $b is consistent but neither before nor after"
+            fi
+        done
+    done
+    CHECKS=$((CHECKS + 1))
+    [ $done = 1 ] && [ $inuse -gt 0 ] && [ $kept -gt 0 ] ||
+        fail "crash: $points kill points, $inuse untrusted and $kept untouched bitmaps (want both), done=$done"
+    log "crash: $points kill points: $inuse bitmaps left in use or void, $kept untouched"
+    rm -f k.qcow2 after.qcow2
+else
+    log "crash: strace cannot inject faults here; the kill points are not run"
+fi
 
 # --- invalid ----------------------------------------------------------------------
 mkdir inv && cp dirty.qcow2 inv/x.qcow2
@@ -224,7 +398,12 @@ if out=$("$QSM" resize rs.qcow2 40G 2>&1); then
 elif ! printf '%s\n' "$out" | grep -q "Bitmap 'b0' covers only"; then
     fail "resize: the refusal does not name the bitmap: $out"
 fi
+# (the read-write open gave the bitmap fresh clusters: the same disk and
+# bitmap, not the same bytes)
 CHECKS=$((CHECKS + 1))
-cmp -s rs.qcow2 rs.orig || fail "resize: a refused resize changed the image"
+[ "$(qemu-img info rs.qcow2 | grep 'virtual size')" = "$(qemu-img info rs.orig | grep 'virtual size')" ] &&
+    qemu-img compare -q rs.qcow2 rs.orig && [ "$(bmap rs.qcow2 b0)" = "$(bmap rs.orig b0)" ] ||
+    fail "resize: a refused resize changed the disk or the bitmap"
+check_clean "resize: refused" rs.qcow2
 
 interop_finish

@@ -15,7 +15,12 @@
  *  - table: entries judged as check_table_entry judges them, and a table
  *    read through a reader converts to host order and stops at the first
  *    bad entry; qcow2_bitmaps_read checks only the tables of bitmaps not in
- *    use.
+ *    use;
+ *  - bits: qcow2_bitmap_set_range sets exactly the granules a byte range
+ *    touches, least significant bit first (QEMU's layout: a 4 KiB write at
+ *    64 KiB sets byte 0 bit 1), against a bit-by-bit model for ranges
+ *    around byte and granule edges; qcow2_bitmap_run measures runs as
+ *    reading bit by bit does.
  */
 #include <check.h>
 #include <errno.h>
@@ -279,6 +284,44 @@ START_TEST(table)
 }
 END_TEST
 
+START_TEST(bits)
+{
+	uint8_t d[64], m[64];
+	memset(d, 0, sizeof(d));
+	qcow2_bitmap_set_range(d, 16, 64 << 10, 4096);
+	qcow2_bitmap_set_range(d, 16, 640 << 10, 1);
+	ck_assert_uint_eq(d[0], 0x02);
+	ck_assert_uint_eq(d[1], 0x04);
+	for (size_t i = 2; i < sizeof(d); i++)
+		ck_assert_uint_eq(d[i], 0);
+	qcow2_bitmap_set_range(d, 16, 0, 0);
+	ck_assert_uint_eq(d[0], 0x02);
+	/* granularity 2^9: every range over 0..400 granules' edges */
+	for (uint64_t a = 0; a < 200 * 512; a += 509)
+		for (uint64_t n = 1; a + n < 400 * 512; n += 1531) {
+			memset(d, 0, sizeof(d));
+			memset(m, 0, sizeof(m));
+			qcow2_bitmap_set_range(d, 9, a, n);
+			for (uint64_t k = a >> 9; k <= (a + n - 1) >> 9; k++)
+				m[k / 8] |= (uint8_t)(1u << (k % 8));
+			ck_assert_msg(memcmp(d, m, sizeof(d)) == 0, "range %llu+%llu",
+				      (unsigned long long)a, (unsigned long long)n);
+		}
+	/* runs: against the bit-by-bit reading, over bytes of all kinds */
+	for (size_t i = 0; i < sizeof(d); i++)
+		d[i] = i % 5 == 0 ? 0 : i % 5 == 1 ? 0xff : (uint8_t)(i * 37 + 11);
+	for (uint64_t first = 0; first < 500; first += 3)
+		for (uint64_t end = first + 1; end <= 512; end += 7) {
+			bool set, v = d[first / 8] >> (first % 8) & 1;
+			uint64_t k = first;
+			while (k < end && (d[k / 8] >> (k % 8) & 1) == v)
+				k++;
+			ck_assert_uint_eq(qcow2_bitmap_run(d, first, end, &set), k - first);
+			ck_assert(set == v);
+		}
+}
+END_TEST
+
 static Suite *bitmap_suite(void)
 {
 	Suite *s = suite_create("bitmap");
@@ -287,6 +330,7 @@ static Suite *bitmap_suite(void)
 	tcase_add_test(t, dir_rules);
 	tcase_add_test(t, ext_rules);
 	tcase_add_test(t, table);
+	tcase_add_test(t, bits);
 	suite_add_tcase(s, t);
 	return s;
 }

@@ -187,6 +187,8 @@ struct nbd_conn {
 	/* Negotiated. */
 	bool no_zeroes, structured, tls_done;
 	bool ctx_alloc, ctx_depth;
+	uint32_t ctx_bitmaps;  /* bit i: srv->bitmaps[i]'s context */
+	bool negotiated;       /* it reached transmission (GO, EXPORT_NAME) */
 	/* Input: inbuf[rpos, rlen) is read but not consumed; an exact read of
 	 * rd_want bytes into rd_dst is in progress (rd_have so far). */
 	uint8_t *inbuf;
@@ -661,16 +663,39 @@ invalid:
 
 #define CTX_ALLOC "base:allocation"
 #define CTX_DEPTH "qemu:allocation-depth"
+#define CTX_BITMAP "qemu:dirty-bitmap:"
 #define CTX_ID_ALLOC 0
 #define CTX_ID_DEPTH 1
+#define CTX_ID_BITMAP0 2
 
-static void ctx_reply(struct nbd_conn *c, uint32_t id, const char *name)
+static void ctx_reply(struct nbd_conn *c, uint32_t id, const char *name, const char *suffix)
 {
-	uint8_t b[64];
-	size_t l = strlen(name);
+	uint8_t b[4 + sizeof(CTX_BITMAP) + NBD_MAX_STRING];
+	size_t l = strlen(name), ls = suffix ? strnlen(suffix, NBD_MAX_STRING) : 0;
 	put32(b, id);
 	memcpy(b + 4, name, l);
-	opt_reply(c, NBD_REP_META_CONTEXT, b, 4 + l);
+	if (ls)
+		memcpy(b + 4 + l, suffix, ls);
+	opt_reply(c, NBD_REP_META_CONTEXT, b, 4 + l + ls);
+}
+
+/* The -B bitmaps a context query of l bytes at s names: the one named
+ * exactly, or (LIST only) all of them for "qemu:" or "qemu:dirty-bitmap:". */
+static uint32_t ctx_bitmaps_named(const struct nbd_server *srv, const char *s, uint32_t l,
+				  bool set)
+{
+	uint32_t all = srv->nbitmaps ? (uint32_t)((1ull << srv->nbitmaps) - 1) : 0, m = 0;
+	size_t p = strlen(CTX_BITMAP);
+	if (!set && ((l == 5 && !memcmp(s, "qemu:", 5)) || (l == p && !memcmp(s, CTX_BITMAP, p))))
+		return all;
+	if (l <= p || memcmp(s, CTX_BITMAP, p))
+		return 0;
+	for (unsigned i = 0; i < srv->nbitmaps; i++) {
+		const char *n = srv->bitmaps[i].name;
+		if (strlen(n) == l - p && !memcmp(s + p, n, l - p))
+			m |= 1u << i;
+	}
+	return m;
 }
 
 static void opt_meta_context(struct nbd_conn *c)
@@ -680,6 +705,7 @@ static void opt_meta_context(struct nbd_conn *c)
 	uint32_t nlen;
 	bool set = c->opt == NBD_OPT_SET_META_CONTEXT;
 	bool alloc = false, depth = false;
+	uint32_t bitmaps = 0;
 
 	if (set && !c->structured) {
 		opt_error(c, NBD_REP_ERR_INVALID, "use NBD_OPT_STRUCTURED_REPLY first");
@@ -712,6 +738,7 @@ static void opt_meta_context(struct nbd_conn *c)
 	if (nq == 0 && !set) {
 		alloc = true;
 		depth = c->srv->alloc_depth;
+		bitmaps = ctx_bitmaps_named(c->srv, "qemu:", 5, false);
 	}
 	for (uint32_t i = 0; i < nq; i++) {
 		const char *s;
@@ -727,14 +754,19 @@ static void opt_meta_context(struct nbd_conn *c)
 			is_depth = true;
 		alloc |= is_alloc;
 		depth |= is_depth && c->srv->alloc_depth;
+		bitmaps |= ctx_bitmaps_named(c->srv, s, l, set);
 	}
 	if (alloc)
-		ctx_reply(c, CTX_ID_ALLOC, CTX_ALLOC);
+		ctx_reply(c, CTX_ID_ALLOC, CTX_ALLOC, NULL);
 	if (depth)
-		ctx_reply(c, CTX_ID_DEPTH, CTX_DEPTH);
+		ctx_reply(c, CTX_ID_DEPTH, CTX_DEPTH, NULL);
+	for (unsigned i = 0; i < c->srv->nbitmaps; i++)
+		if (bitmaps & (1u << i))
+			ctx_reply(c, CTX_ID_BITMAP0 + i, CTX_BITMAP, c->srv->bitmaps[i].name);
 	if (set) {
 		c->ctx_alloc = alloc;
 		c->ctx_depth = depth;
+		c->ctx_bitmaps = bitmaps;
 	}
 	opt_reply(c, NBD_REP_ACK, NULL, 0);
 	return;
@@ -982,15 +1014,43 @@ static int req_read_chunks(struct nbd_req *r)
 	return 0;
 }
 
+/* The extents of -B bitmap i over the request, into d (at most max):
+ * how many.  In memory (qsm_bitmap_extent); a bitmap that cannot answer
+ * (cannot be: loaded before the server started) ends the list. */
+static unsigned bitmap_extents(struct nbd_req *r, unsigned i, uint8_t *d, unsigned max)
+{
+	const struct nbd_server *s = r->c->srv;
+	uint64_t off = r->offset, end = r->offset + r->len;
+	unsigned nd = 0;
+	while (off < end && nd < max) {
+		bool dirty;
+		uint64_t len;
+		uint64_t want = end - off < UINT32_MAX ? end - off : UINT32_MAX;
+		if (qsm_bitmap_extent(s->img, s->bitmaps[i].index, off, want, &dirty, &len) < 0 ||
+		    !len)
+			break;
+		put32(d + 8 * nd, (uint32_t)len);
+		put32(d + 8 * nd + 4, dirty ? NBD_STATE_DIRTY : 0);
+		nd++;
+		off += len;
+	}
+	return nd;
+}
+
 /* BLOCK_STATUS reply: one chunk per negotiated context, the last DONE. */
 static int req_status_chunks(struct nbd_req *r)
 {
 	struct nbd_conn *c = r->c;
 	struct nbd_walk *w = &r->walk;
-	int nctx = (int)c->ctx_alloc + (int)c->ctx_depth;
+	int nwalk = (int)c->ctx_alloc + (int)c->ctx_depth;
+	int nbm = __builtin_popcount(c->ctx_bitmaps), nctx = nwalk + nbm;
+	unsigned bmax = r->flags & NBD_CMD_FLAG_REQ_ONE ? 1 : NBD_WALK_MAX_RUNS;
 	size_t one = NBD_CHUNK_HEADER_SIZE + 4 + (size_t)w->nruns * 8;
+	size_t one_bm = NBD_CHUNK_HEADER_SIZE + 4 + (size_t)bmax * 8;
 
-	r->hdrs = malloc(one * (size_t)nctx);
+	if (nctx == 0)
+		return -EINVAL;
+	r->hdrs = malloc(one * (size_t)nwalk + one_bm * (size_t)nbm);
 	r->out.iov = malloc(sizeof(struct iovec) * (size_t)nctx);
 	if (!r->hdrs || !r->out.iov) {
 		free(r->out.iov);
@@ -1023,6 +1083,18 @@ static int req_status_chunks(struct nbd_req *r)
 		put32(h + NBD_CHUNK_HEADER_SIZE, depth ? CTX_ID_DEPTH : CTX_ID_ALLOC);
 		r->out.iov[iv++] = (struct iovec){ h, NBD_CHUNK_HEADER_SIZE + clen };
 		h += one;
+	}
+	for (unsigned i = 0; i < c->srv->nbitmaps; i++) {
+		if (!(c->ctx_bitmaps & (1u << i)))
+			continue;
+		unsigned nd = bitmap_extents(r, i, h + NBD_CHUNK_HEADER_SIZE + 4, bmax);
+		if (!nd)
+			return -EIO;
+		size_t clen = 4 + (size_t)nd * 8;
+		chunk_header(h, 0, NBD_REPLY_TYPE_BLOCK_STATUS, r->handle, (uint32_t)clen);
+		put32(h + NBD_CHUNK_HEADER_SIZE, CTX_ID_BITMAP0 + i);
+		r->out.iov[iv++] = (struct iovec){ h, NBD_CHUNK_HEADER_SIZE + clen };
+		h += one_bm;
 	}
 	put16((uint8_t *)r->out.iov[iv - 1].iov_base + 4, NBD_REPLY_FLAG_DONE);
 	r->out.iovcnt = iv;
@@ -1249,7 +1321,8 @@ static struct nbd_req *req_new(struct nbd_conn *c, int *fatal)
 	} else if (s->read_only && (type == NBD_CMD_WRITE || type == NBD_CMD_TRIM ||
 				    type == NBD_CMD_WRITE_ZEROES)) {
 		r->err = -EPERM;
-	} else if (type == NBD_CMD_BLOCK_STATUS && (len == 0 || (!c->ctx_alloc && !c->ctx_depth))) {
+	} else if (type == NBD_CMD_BLOCK_STATUS &&
+		   (len == 0 || (!c->ctx_alloc && !c->ctx_depth && !c->ctx_bitmaps))) {
 		r->err = -EINVAL;
 	}
 	if (type == NBD_CMD_WRITE || (type == NBD_CMD_READ && !r->err)) {
@@ -1320,6 +1393,10 @@ static void req_submit(struct nbd_req *r)
 	}
 	case NBD_CMD_BLOCK_STATUS:
 		r->pending--; /* the walk is the operation */
+		if (!c->ctx_alloc && !c->ctx_depth) {
+			req_finish(r); /* bitmaps alone: in memory, no walk */
+			return;
+		}
 		walk_start(r, r->flags & NBD_CMD_FLAG_REQ_ONE ? 1 : NBD_WALK_MAX_RUNS);
 		return;
 	case NBD_CMD_CACHE:
@@ -1458,8 +1535,10 @@ static enum nbd_event step_opt_reply(struct nbd_conn *c)
 	conn_want_read(c, false);
 	if (!TAILQ_EMPTY(&c->outq))
 		return NBD_E__WAIT;
-	if (c->opt_next == NBD_E_GO)
+	if (c->opt_next == NBD_E_GO) {
 		event_del(c->timer);
+		c->negotiated = true;
+	}
 #ifdef QSM_NBD_TLS
 	if (c->opt_next == NBD_E_STARTTLS) {
 		if (nbd_tls_new(c->srv->tls, c->fd, &c->tls) < 0)
@@ -1635,10 +1714,11 @@ static void conn_free(struct nbd_conn *c)
 	free(c->inbuf);
 	free(c->optbuf);
 	LIST_REMOVE(c, link);
+	bool c_negotiated = c->negotiated;
 	free(c);
 	s->nconns--;
 	if (s->on_close)
-		s->on_close(s);
+		s->on_close(s, c_negotiated);
 }
 
 static enum nbd_state transition(enum nbd_state from, enum nbd_event ev)

@@ -96,6 +96,8 @@
 /* base:allocation descriptor flags. */
 #define NBD_STATE_HOLE 0x1
 #define NBD_STATE_ZERO 0x2
+/* qemu:dirty-bitmap:NAME descriptor flags. */
+#define NBD_STATE_DIRTY 0x1
 
 /* Errors on the wire (the protocol's own numbering, Linux's values). */
 #define NBD_EPERM      1

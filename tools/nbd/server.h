@@ -12,7 +12,7 @@
  *     returns; the connection lives until its machine reaches CLOSED, which
  *     happens only once none of its requests is in the engine any more, so
  *     no engine callback can outlive it.
- *  2. srv->on_close(srv) runs (from the loop) after each connection is
+ *  2. srv->on_close(srv, negotiated) runs (from the loop) after each connection is
  *     freed, with srv->nconns already decremented.
  *  3. nbd_server_shutdown() makes every connection stop reading: handshakes
  *     close at once, transmissions finish the requests they started, send
@@ -41,6 +41,7 @@ struct qsm_image;
 struct nbd_tls_creds;
 struct nbd_conn;
 
+#define NBD_MAX_BITMAPS 16  /* -B given at most this often */
 #define NBD_MAX_LAYERS 65   /* an image and its backing chain (qsm opens at most 64 below) */
 
 struct nbd_server {
@@ -57,6 +58,13 @@ struct nbd_server {
 	bool read_only;          /* -r */
 	bool discard_unmap;      /* --discard=unmap: TRIM and MAY_UNMAP reach the engine */
 	bool alloc_depth;        /* -A: qemu:allocation-depth offered */
+	/* -B: qemu:dirty-bitmap:NAME offered for each (loaded by the caller,
+	 * qsm_bitmap_load), context id NBD_CTX_ID_BITMAP0 + i. */
+	unsigned nbitmaps;
+	struct {
+		const char *name;
+		unsigned index;  /* qsm_bitmap_get's */
+	} bitmaps[NBD_MAX_BITMAPS];
 	bool multi_conn;         /* advertise CAN_MULTI_CONN */
 	struct nbd_tls_creds *tls; /* --tls-creds: TLS required; NULL: no TLS */
 	unsigned handshake_secs; /* time limit of the handshake; 0: none */
@@ -64,7 +72,8 @@ struct nbd_server {
 	bool stopping;
 	int nconns;
 	LIST_HEAD(, nbd_conn) conns;
-	void (*on_close)(struct nbd_server *srv);
+	/* A connection closed; negotiated: it had reached transmission. */
+	void (*on_close)(struct nbd_server *srv, bool negotiated);
 	void *opaque;
 	/* Totals, for tests and the exit log. */
 	uint64_t reqs, bytes_in, bytes_out;
