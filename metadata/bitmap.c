@@ -278,3 +278,119 @@ uint64_t qcow2_bitmap_run(const uint8_t *data, uint64_t first, uint64_t end, boo
 	return k - first;
 }
 
+uint32_t qcow2_bitmap_table_size(uint64_t virtual_size, unsigned granularity_bits,
+				 unsigned cluster_bits)
+{
+	/* get_bitmap_bytes_needed, then size_to_clusters */
+	uint64_t bits = (virtual_size + (1ull << granularity_bits) - 1) >> granularity_bits;
+	uint64_t n = QSM_DIV_ROUND_UP(QSM_DIV_ROUND_UP(bits, 8), 1ull << cluster_bits);
+	return n > QCOW2_BITMAP_MAX_TABLE_SIZE ? 0 : (uint32_t)n;
+}
+
+/* d rebuilt from raw (ext.nb entries, dir_size bytes): parsed as an open
+ * parses it, so an edit can only produce what an open accepts. */
+static int dir_reparse(struct qcow2_bitmap_dir *d, uint8_t *raw, struct qcow2_bitmaps_ext ext,
+		       uint64_t virtual_size, unsigned cluster_bits, char *err, size_t errlen)
+{
+	struct qcow2_bitmap_dir nd;
+	int ret = 0;
+	if (ext.nb == 0)
+		memset(&nd, 0, sizeof(nd));
+	else
+		ret = qcow2_bitmap_dir_parse(raw, &ext, virtual_size, cluster_bits, &nd, err, errlen);
+	if (ret == 0) {
+		qcow2_bitmap_dir_release(d);
+		*d = nd;
+	}
+	free(raw);
+	return ret;
+}
+
+int qcow2_bitmap_dir_room(const struct qcow2_bitmap_dir *d, size_t name_len, char *err,
+			  size_t errlen)
+{
+	if (name_len > QCOW2_BITMAP_MAX_NAME) {
+		qsm_set_err(err, errlen, "Name length exceeds maximum (%u characters)",
+			    QCOW2_BITMAP_MAX_NAME);
+		return -EINVAL;
+	}
+	if (d->ext.nb >= QCOW2_MAX_BITMAPS) {
+		qsm_set_err(err, errlen, "Maximum number of persistent bitmaps is already reached");
+		return -EINVAL;
+	}
+	if (d->ext.dir_size + QSM_ALIGN_UP(24 + name_len, 8) > QCOW2_MAX_BITMAP_DIR_SIZE) {
+		qsm_set_err(err, errlen, "Not enough space in the bitmap directory");
+		return -EINVAL;
+	}
+	return 0;
+}
+
+int qcow2_bitmap_dir_append(struct qcow2_bitmap_dir *d, const struct qcow2_bitmap *b,
+			    uint64_t virtual_size, unsigned cluster_bits, char *err, size_t errlen)
+{
+	size_t nlen = strlen(b->name), esize = QSM_ALIGN_UP(24 + nlen, 8);
+	struct qcow2_bitmaps_ext ext = d->ext;
+	int ret = qcow2_bitmap_dir_room(d, nlen, err, errlen);
+	if (ret < 0)
+		return ret;
+	uint8_t *raw = calloc(1, (size_t)ext.dir_size + esize), *e = raw + ext.dir_size;
+	if (!raw)
+		return -ENOMEM;
+	if (ext.dir_size)
+		memcpy(raw, d->raw, (size_t)ext.dir_size);
+	qcow2_put_be64(e, b->table_offset);
+	qcow2_put_be32(e + 8, b->table_size);
+	qcow2_put_be32(e + 12, b->flags);
+	e[16] = 1; /* dirty tracking */
+	e[17] = b->granularity_bits;
+	qcow2_put_be16(e + 18, (uint16_t)nlen);
+	memcpy(e + 24, b->name, nlen);
+	ext.nb++;
+	ext.dir_size += esize;
+	return dir_reparse(d, raw, ext, virtual_size, cluster_bits, err, errlen);
+}
+
+int qcow2_bitmap_dir_remove(struct qcow2_bitmap_dir *d, uint32_t i, uint64_t virtual_size,
+			    unsigned cluster_bits, char *err, size_t errlen)
+{
+	struct qcow2_bitmaps_ext ext = d->ext;
+	size_t start = d->bm[i].entry;
+	size_t end = i + 1 < ext.nb ? d->bm[i + 1].entry : (size_t)ext.dir_size;
+	uint8_t *raw = malloc(QSM_MAX((size_t)ext.dir_size - (end - start), 1));
+	if (!raw)
+		return -ENOMEM;
+	memcpy(raw, d->raw, start);
+	memcpy(raw + start, d->raw + end, (size_t)ext.dir_size - end);
+	ext.nb--;
+	ext.dir_size -= end - start;
+	if (ext.nb == 0)
+		ext.dir_offset = 0;
+	return dir_reparse(d, raw, ext, virtual_size, cluster_bits, err, errlen);
+}
+
+int qcow2_bitmaps_ext_put(struct qcow2_header *h, const struct qcow2_bitmaps_ext *ext)
+{
+	uint8_t *data = NULL;
+	if (ext->nb) {
+		struct qcow2_ext *x = realloc(h->unknown_exts, (h->nb_unknown_exts + 1) * sizeof(*x));
+		if (x)
+			h->unknown_exts = x;
+		if (!x || !(data = calloc(1, 24)))
+			return -ENOMEM;
+	}
+	qcow2_header_drop_ext(h, QCOW2_EXT_BITMAPS);
+	h->autoclear_features &= ~QCOW2_AUTOCLEAR_BITMAPS;
+	if (!data)
+		return 0;
+	qcow2_put_be32(data, ext->nb);
+	qcow2_put_be64(data + 8, ext->dir_size);
+	qcow2_put_be64(data + 16, ext->dir_offset);
+	/* First of the kept ones: where qcow2_update_header writes it, after
+	 * the feature table and before the extensions it does not know. */
+	struct qcow2_ext *x = h->unknown_exts;
+	memmove(x + 1, x, h->nb_unknown_exts * sizeof(*x));
+	x[0] = (struct qcow2_ext){ .type = QCOW2_EXT_BITMAPS, .len = 24, .data = data };
+	h->nb_unknown_exts++;
+	h->autoclear_features |= QCOW2_AUTOCLEAR_BITMAPS;
+	return 0;
+}

@@ -132,4 +132,32 @@ void qcow2_bitmap_set_range(uint8_t *data, unsigned granularity_bits, uint64_t o
  * value are skipped a byte at a time. */
 uint64_t qcow2_bitmap_run(const uint8_t *data, uint64_t first, uint64_t end, bool *set);
 
+/* --- Editing (qemu-img bitmap) --------------------------------------------- */
+
+/* Entries of the table of a bitmap of 2^granularity_bits covering
+ * virtual_size bytes (QEMU's size_to_clusters(get_bitmap_bytes_needed)):
+ * 0 when it exceeds the format's maximum. */
+uint32_t qcow2_bitmap_table_size(uint64_t virtual_size, unsigned granularity_bits,
+				 unsigned cluster_bits);
+/* Room in d for one entry more, named name_len bytes: 0, or -EINVAL in
+ * QEMU's words past its limits ("Name length exceeds maximum (1023
+ * characters)", "Maximum number of persistent bitmaps is already
+ * reached", "Not enough space in the bitmap directory"). */
+int qcow2_bitmap_dir_room(const struct qcow2_bitmap_dir *d, size_t name_len, char *err,
+			  size_t errlen);
+/* d with entry b (its name, table, flags, granularity) added at the end /
+ * entry i taken out: the bytes rebuilt and parsed again as an open parses
+ * them (an edit never makes what an open refuses).  ext.dir_offset is
+ * kept (0 once no entry is left): the caller writes the bytes to new
+ * clusters and sets it.  -EINVAL past the limits (qcow2_bitmap_dir_room)
+ * or for an entry an open would refuse; d unchanged on failure. */
+int qcow2_bitmap_dir_append(struct qcow2_bitmap_dir *d, const struct qcow2_bitmap *b,
+			    uint64_t virtual_size, unsigned cluster_bits, char *err, size_t errlen);
+int qcow2_bitmap_dir_remove(struct qcow2_bitmap_dir *d, uint32_t i, uint64_t virtual_size,
+			    unsigned cluster_bits, char *err, size_t errlen);
+/* The header's bitmaps extension set to ext (autoclear bit 0 with it), or
+ * dropped with the bit when ext->nb is 0, as qcow2_update_header writes
+ * it.  -ENOMEM (h unchanged). */
+int qcow2_bitmaps_ext_put(struct qcow2_header *h, const struct qcow2_bitmaps_ext *ext);
+
 #endif

@@ -569,8 +569,8 @@ static int load_snapshot(struct qsm_image *img, const char *id, const char *name
 	return 0;
 }
 
-/* Rewrite the header in place, synchronously (open-time only). */
-static int write_header_sync(struct qsm_image *img)
+/* sm.h */
+int qsm_header_write_sync(struct qsm_image *img)
 {
 	uint8_t *buf = calloc(1, img->cluster_size);
 	if (!buf)
@@ -614,10 +614,10 @@ static int bitmaps_open_rw(struct qsm_image *img)
 		if (h->autoclear_features == keep && !img->bitmaps_ext_dropped)
 			return 0;
 		h->autoclear_features = keep;
-		return write_header_sync(img);
+		return qsm_header_write_sync(img);
 	}
 	h->autoclear_features = 0;
-	if ((ret = write_header_sync(img)) < 0)
+	if ((ret = qsm_header_write_sync(img)) < 0)
 		return ret;
 	for (uint32_t i = 0; i < img->nb_tracked; i++) {
 		uint32_t x = img->tracked[i].index;
@@ -626,7 +626,7 @@ static int bitmaps_open_rw(struct qsm_image *img)
 	if ((ret = qsm_io_pwrite_sync(img->io, d->raw, d->ext.dir_size, d->ext.dir_offset)) < 0)
 		return ret;
 	h->autoclear_features = QCOW2_AUTOCLEAR_BITMAPS;
-	if ((ret = write_header_sync(img)) < 0)
+	if ((ret = qsm_header_write_sync(img)) < 0)
 		return ret;
 	qsm_bitmaps_load(img);
 	return 0;
@@ -2029,13 +2029,15 @@ int qsm_write_compressed(struct qsm_image *img, uint64_t offset, const struct io
 	int ret = check_range(img, offset, bytes);
 	if (ret < 0)
 		return ret;
+	if ((ret = qsm_check_writable(img)) < 0)
+		return ret;
+	/* Dirty even when refused below: QEMU's block layer sets the bits of
+	 * a write its driver then fails, this refusal included. */
+	qsm_bitmaps_dirty(img, offset, bytes);
 	/* Whole clusters, or up to the end of the disk (as QEMU). */
 	if (!QSM_IS_ALIGNED(offset, img->cluster_size) ||
 	    (!QSM_IS_ALIGNED(bytes, img->cluster_size) && offset + bytes != img->hdr.size))
 		return -EINVAL;
-	if ((ret = qsm_check_writable(img)) < 0)
-		return ret;
-	qsm_bitmaps_dirty(img, offset, bytes);
 	struct qsm_req *req = new_req(img, QSM_M_WRITE_COMPRESSED, offset, bytes, iov, iovcnt,
 				      cb, opaque);
 	if (!req)

@@ -448,8 +448,7 @@ QSM_EXPORT int qsm_snapshot_get(struct qsm_image *img, unsigned index,
  * in-use bitmaps are left as they are, and `qsm check` counts every
  * bitmap's clusters as QEMU's check does.  qsm_truncate and snapshot apply
  * to a size some bitmap does not cover are refused (-ENOTSUP, naming it):
- * qsm does not resize bitmap tables.  Not yet here: adding, removing and
- * merging bitmaps (qemu-img bitmap).
+ * qsm does not resize bitmap tables.  Editing (qemu-img bitmap): below.
  */
 #define QSM_BITMAP_IN_USE 0x1u /* may not match the disk: not to be used */
 #define QSM_BITMAP_AUTO 0x2u   /* enabled: tracks writes */
@@ -477,6 +476,43 @@ QSM_EXPORT int qsm_bitmap_load(struct qsm_image *img, unsigned index, char *err,
  * -ENOENT when not loaded, -EINVAL. */
 QSM_EXPORT int qsm_bitmap_extent(struct qsm_image *img, unsigned index, uint64_t offset,
 				 uint64_t bytes, bool *dirty, uint64_t *len);
+/* The index of the bitmap named `name`, or -ENOENT. */
+QSM_EXPORT int qsm_bitmap_find(struct qsm_image *img, const char *name);
+/*
+ * Editing bitmaps, as qemu-img bitmap and QEMU's block-dirty-bitmap-*
+ * commands do, in their words on failure (err).  Each is blocking (for
+ * tools and maintenance: no request may be in flight, -EBUSY) on a qcow2
+ * image open read-write (-EROFS; -ENOTSUP for raw), and durable when it
+ * returns, but for the bits of a bitmap this session records into, which
+ * the close stores as always.  Directory changes go to fresh clusters and
+ * the header then names them (a crash leaves the old directory or the
+ * new, whole); bits of a bitmap not recorded into are rewritten to fresh
+ * clusters the same way.  A bitmap in use that this session does not
+ * record into is refused (-EBUSY, "Bitmap 'b0' is inconsistent and cannot
+ * be used") by all but remove.
+ *  - add: a new bitmap, empty, of granularity bytes per bit (a power of 2,
+ *    512 .. 2 GiB; 0: QEMU's default, the cluster size within 4 KiB .. 64
+ *    KiB), enabled (recorded into from now on) or disabled.  Needs v3;
+ *    -EEXIST for a name taken.  Indices of the others are kept.
+ *  - remove: bitmap `index` gone with its clusters (indices after it move
+ *    down by one); the last one gone takes the extension with it.
+ *  - enable / disable: starts or stops recording (a disabled bitmap's
+ *    bits are stored at once).
+ *  - clear: every bit unset.
+ *  - merge: bitmap dst |= bitmap src of src_img (img itself, or another
+ *    image open read-only or read-write, of the same virtual size: else
+ *    -EINVAL), granule by granule when their granularities differ.
+ */
+QSM_EXPORT int qsm_bitmap_add(struct qsm_image *img, const char *name, uint64_t granularity,
+			      bool enabled, char *err, size_t errlen);
+QSM_EXPORT int qsm_bitmap_remove(struct qsm_image *img, unsigned index, char *err,
+				 size_t errlen);
+QSM_EXPORT int qsm_bitmap_enable(struct qsm_image *img, unsigned index, bool on, char *err,
+				 size_t errlen);
+QSM_EXPORT int qsm_bitmap_clear(struct qsm_image *img, unsigned index, char *err,
+				size_t errlen);
+QSM_EXPORT int qsm_bitmap_merge(struct qsm_image *img, unsigned dst, struct qsm_image *src_img,
+				unsigned src, char *err, size_t errlen);
 /*
  * Take, apply and delete snapshots (qemu-img snapshot -c / -a / -d), as
  * QEMU does them and in qemu-img's words on failure (err, when non-NULL).

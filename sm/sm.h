@@ -655,6 +655,9 @@ struct qsm_file_src {
 	uint64_t fsize;
 };
 int qsm_file_rd(void *opaque, void *buf, size_t len, uint64_t off);
+/* The header serialized from img->hdr, written in place and flushed
+ * (blocking: open, and the blocking bitmap edits).  0 or -errno. */
+int qsm_header_write_sync(struct qsm_image *img);
 
 /* sm/bitmaps.c.  Load and re-home img->tracked (blocking, at a read-write
  * open once the image is set up, before it is live); those that fail are

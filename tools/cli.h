@@ -37,6 +37,7 @@ int cmd_map(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
 int cmd_fuzz(int argc, char **argv);
 int cmd_nbd(int argc, char **argv);
+int cmd_bitmap(int argc, char **argv);
 
 /* Is name one of QEMU 7.2's block driver names (formats and protocols)?
  * Used to word refusals: a name QEMU lacks too is its "Unknown driver". */

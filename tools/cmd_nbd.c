@@ -325,22 +325,17 @@ enum {
 static int load_bitmaps(struct nbd_server *srv)
 {
 	for (unsigned i = 0; i < srv->nbitmaps; i++) {
-		unsigned n = qsm_bitmap_count(srv->img), k;
-		char err[512];
-		for (k = 0; k < n; k++) {
-			struct qsm_bitmap_info b = { .struct_size = sizeof(b) };
-			if (qsm_bitmap_get(srv->img, k, &b) == 0 && !strcmp(b.name, srv->bitmaps[i].name))
-				break;
-		}
-		if (k == n) {
+		int k = qsm_bitmap_find(srv->img, srv->bitmaps[i].name);
+		char err[2048];
+		if (k < 0) {
 			nbd_err("Bitmap '%s' is not found", srv->bitmaps[i].name);
 			return -1;
 		}
-		if (qsm_bitmap_load(srv->img, k, err, sizeof(err)) < 0) {
+		if (qsm_bitmap_load(srv->img, (unsigned)k, err, sizeof(err)) < 0) {
 			nbd_err("%s", err);
 			return -1;
 		}
-		srv->bitmaps[i].index = k;
+		srv->bitmaps[i].index = (unsigned)k;
 	}
 	return 0;
 }

@@ -39,6 +39,7 @@ static const struct cli_cmd cmds[] = {
 	{ "map",    cmd_map,    "show the guest-to-file mapping of an image (as qemu-img map)" },
 	{ "resize", cmd_resize, "change the virtual size of an image" },
 	{ "snapshot", cmd_snapshot, "list an image's internal snapshots (as qemu-img snapshot -l)" },
+	{ "bitmap", cmd_bitmap, "add, remove, clear, enable, disable or merge persistent bitmaps" },
 	{ "bench",  cmd_bench,  "run a simple sequential I/O benchmark (as qemu-img bench)" },
 	{ "graph",  cmd_graph,  "draw the request state machines (Graphviz) from sm/states.def" },
 	{ "fuzz",   cmd_fuzz,   "fuzz request orderings, crashes and faults on a simulated disk" },
@@ -51,6 +52,7 @@ static const struct cli_cmd *find_cmd(const char *name);
  * `qsm NAME` (argv[0] stays NAME, messages say "qemu-img"). */
 static const char *const qemu_img_cmds[] = {
 	"create", "info", "check", "map", "compare", "convert", "resize", "bench", "snapshot",
+	"bitmap",
 };
 
 static int run_as_qemu_img(int argc, char **argv)
@@ -83,7 +85,7 @@ static int run_as_qemu_img(int argc, char **argv)
 			return c->fn(argc - 1, argv + 1);
 	}
 	/* qemu-img's words for a command it does not have; rebase,
-	 * amend, commit, dd, measure and bitmap land here too. */
+	 * amend, commit, dd and measure land here too. */
 	cli_error(NULL, "Command not found: %s", word);
 	cli_help_hint(NULL);
 	return 1;

@@ -181,3 +181,55 @@ if fd < 0:
 os.close(fd)
 EOF
 }
+
+# bmap IMG NAME: the dirty extents of bitmap NAME as QEMU reads them (a
+# read-only qemu-nbd exporting it, nbdinfo --map: the caller checks both
+# are there); "in-use" when it is
+# marked so (inconsistent), "invalid" when QEMU lists no bitmaps (autoclear
+# bit 0 clear: all void).
+bmap() {
+    local img=$1 name=$2 sock="$WORK/bm.sock" pid i st
+    st=$(qemu-img info --output=json "$img" 2>/dev/null | python3 -c '
+import json, sys
+d = json.load(sys.stdin)["format-specific"]["data"].get("bitmaps", [])
+b = [b for b in d if b["name"] == sys.argv[1]]
+print("invalid" if not d else "missing" if not b else "in-use" if "in-use" in b[0]["flags"] else "")' "$name")
+    if [ -n "$st" ]; then
+        echo "$st"
+        return
+    fi
+    rm -f "$sock"
+    qemu-nbd -r -f qcow2 -k "$sock" -B "$name" "$img" 2>"$WORK/nbd.err" &
+    pid=$!
+    for ((i = 0; i < 100; i++)); do [ -S "$sock" ] && break; sleep 0.05; done
+    nbdinfo --map="qemu:dirty-bitmap:$name" "nbd+unix:///?socket=$sock" 2>&1
+    kill "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+}
+
+# Crash points by strace's fault injection.  strace_kill_ok: strace is
+# there and can inject.  kill_at K CMD...: CMD run until its K-th write or
+# sync (pwritev, pwrite64, io_uring_enter, fdatasync) kills it; CMD's
+# status, 137 when killed (in a shell of its own, whose "Killed" report
+# goes nowhere).  crashed_clean TAG IMG: qemu-img check of IMG, killed,
+# finds nothing worse than leaks (one check counted).
+strace_kill_ok() {
+    command -v strace >/dev/null &&
+        strace -f -o /dev/null -e trace=getpid -e inject=getpid:error=EPERM:when=1 true 2>/dev/null
+}
+kill_at() {
+    local k=$1
+    shift
+    bash -c 'strace -f -o /dev/null -e trace=$1 -e inject=$1:signal=KILL:when=$2 "${@:3}"; exit $?' \
+        _ pwritev,pwrite64,io_uring_enter,fdatasync "$k" "$@" >/dev/null 2>&1
+}
+crashed_clean() {
+    local out crc
+    out=$(qemu-img check "$2" 2>&1)
+    crc=$?
+    CHECKS=$((CHECKS + 1))
+    if { [ $crc != 0 ] && [ $crc != 3 ]; } || grep -q '^ERROR' <<<"$out"; then
+        fail "$1: qemu-img check exited $crc:"
+        head -5 <<<"$out" | sed 's/^/    | /'
+    fi
+}

@@ -171,29 +171,6 @@ same "check in-use bad table" check bad-inuse.qcow2
 rm -f bad-inuse.qcow2
 
 # --- track --------------------------------------------------------------------
-# bmap IMG NAME: the dirty extents of bitmap NAME as QEMU reads them (a
-# read-only qemu-nbd exporting it, nbdinfo --map); "in-use" when it is
-# marked so (inconsistent), "invalid" when QEMU lists no bitmaps (autoclear
-# bit 0 clear: all void).
-bmap() {
-    local img=$1 name=$2 sock="$WORK/bm.sock" pid i st
-    st=$(qemu-img info --output=json "$img" 2>/dev/null | python3 -c '
-import json, sys
-d = json.load(sys.stdin)["format-specific"]["data"].get("bitmaps", [])
-b = [b for b in d if b["name"] == sys.argv[1]]
-print("invalid" if not d else "missing" if not b else "in-use" if "in-use" in b[0]["flags"] else "")' "$name")
-    if [ -n "$st" ]; then
-        echo "$st"
-        return
-    fi
-    rm -f "$sock"
-    qemu-nbd -r -f qcow2 -k "$sock" -B "$name" "$img" 2>"$WORK/nbd.err" &
-    pid=$!
-    for ((i = 0; i < 100; i++)); do [ -S "$sock" ] && break; sleep 0.05; done
-    nbdinfo --map="qemu:dirty-bitmap:$name" "nbd+unix:///?socket=$sock" 2>&1
-    kill "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-}
 # The same two sessions by qemu-io and by qsm io, on copies of an image with
 # an enabled bitmap at 64 KiB granularity, one at 512 KiB, and a disabled
 # one: QEMU reads the same bitmaps from both, consistent.
@@ -311,9 +288,7 @@ rm -f nw.qcow2 nq.qcow2
 # each bitmap is in use or void (bit 0 clear, between the open's header
 # writes: not to be trusted either way) or consistent; a consistent one
 # reads as before with the disk as before, or as after with the writes in.
-if command -v strace >/dev/null &&
-   strace -f -o /dev/null -e trace=getpid -e inject=getpid:error=EPERM:when=1 true 2>/dev/null; then
-    SYSCALLS=pwritev,pwrite64,io_uring_enter,fdatasync
+if strace_kill_ok; then
     S3=(-c 'write -P 6 1M 64k' -c 'write -P 7 33M 4k')
     cp tr.qcow2 after.qcow2
     "$QSM" io -f qcow2 "${S3[@]}" after.qcow2 >/dev/null || fail "crash: the session fails"
@@ -321,22 +296,14 @@ if command -v strace >/dev/null &&
     points=0 inuse=0 kept=0 done=0
     for ((k = 1; k <= 200; k++)); do
         cp tr.qcow2 k.qcow2
-        # (in a shell of its own, whose "Killed" report goes nowhere)
-        bash -c 'strace -f -o /dev/null -e trace=$1 -e inject=$1:signal=KILL:when=$2 "${@:3}"' \
-            _ $SYSCALLS $k "$QSM" io -f qcow2 "${S3[@]}" k.qcow2 >/dev/null 2>&1
+        kill_at $k "$QSM" io -f qcow2 "${S3[@]}" k.qcow2
         rc=$?
         [ $rc = 0 ] && { done=1; break; }
         points=$((points + 1))
         tag="crash: killed at call $k"
         CHECKS=$((CHECKS + 1))
         [ $rc = 137 ] || fail "$tag: exit $rc, not a kill"
-        qemu-img check k.qcow2 >check.out 2>&1
-        crc=$?
-        CHECKS=$((CHECKS + 1))
-        if [ $crc != 0 ] && [ $crc != 3 ] || grep -q '^ERROR' check.out; then
-            fail "$tag: qemu-img check exited $crc:"
-            head -5 check.out | sed 's/^/    | /'
-        fi
+        crashed_clean "$tag" k.qcow2
         for b in fine coarse; do
             m=$(bmap k.qcow2 $b)
             CHECKS=$((CHECKS + 1))

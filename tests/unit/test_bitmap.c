@@ -322,6 +322,99 @@ START_TEST(bits)
 }
 END_TEST
 
+/* The edits: an entry appended and removed gives back the bytes an open
+ * parses (the others untouched), the limits refused in QEMU's words, the
+ * extension put where QEMU writes it and dropped with bit 0. */
+START_TEST(edits)
+{
+	struct qcow2_bitmap_dir d;
+	two();
+	ck_assert_msg(parse(&d) == 0, "%s", err);
+	struct qcow2_bitmap b = { .table_offset = 9ull << CB, .table_size = 1,
+				  .flags = QCOW2_BITMAP_AUTO, .granularity_bits = 12, .name = "new" };
+	ck_assert_msg(qcow2_bitmap_dir_append(&d, &b, 64ull << 20, CB, err, sizeof(err)) == 0, "%s", err);
+	ck_assert_uint_eq(d.ext.nb, 3);
+	ck_assert_uint_eq(d.ext.dir_size, ext.dir_size + 32);
+	ck_assert_uint_eq(d.ext.dir_offset, ext.dir_offset);
+	ck_assert_str_eq(d.bm[2].name, "new");
+	ck_assert_uint_eq(d.bm[2].table_offset, 9ull << CB);
+	ck_assert_uint_eq(d.bm[2].granularity_bits, 12);
+	ck_assert(memcmp(d.raw, dir, ext.dir_size) == 0);
+	/* names stay unique, as an open insists */
+	b.name = "b0";
+	ck_assert_int_eq(qcow2_bitmap_dir_append(&d, &b, 64ull << 20, CB, err, sizeof(err)), -EINVAL);
+	ck_assert_uint_eq(d.ext.nb, 3);
+	/* an entry an open would refuse: a table too small for the disk */
+	b.name = "small";
+	b.granularity_bits = 9;
+	ck_assert_int_eq(qcow2_bitmap_dir_append(&d, &b, 1ull << 40, CB, err, sizeof(err)), -EINVAL);
+	ck_assert_uint_eq(d.ext.nb, 3);
+	/* the middle one out: the first and last as they were */
+	ck_assert_msg(qcow2_bitmap_dir_remove(&d, 1, 64ull << 20, CB, err, sizeof(err)) == 0, "%s", err);
+	ck_assert_uint_eq(d.ext.nb, 2);
+	ck_assert_str_eq(d.bm[0].name, "b0");
+	ck_assert_str_eq(d.bm[1].name, "new");
+	ck_assert_uint_eq(d.ext.dir_size, 32 + 32);
+	ck_assert(memcmp(d.raw, dir, 32) == 0);
+	ck_assert_msg(qcow2_bitmap_dir_remove(&d, 0, 64ull << 20, CB, err, sizeof(err)) == 0, "%s", err);
+	ck_assert_msg(qcow2_bitmap_dir_remove(&d, 0, 64ull << 20, CB, err, sizeof(err)) == 0, "%s", err);
+	ck_assert_uint_eq(d.ext.nb, 0);
+	ck_assert_uint_eq(d.ext.dir_size, 0);
+	ck_assert_uint_eq(d.ext.dir_offset, 0);
+	ck_assert_ptr_null(d.bm);
+
+	char name[1100];
+	memset(name, 'x', sizeof(name));
+	name[1023] = 0;
+	ck_assert_int_eq(qcow2_bitmap_dir_room(&d, strlen(name), err, sizeof(err)), 0);
+	name[1023] = 'x';
+	name[1024] = 0;
+	ck_assert_int_eq(qcow2_bitmap_dir_room(&d, strlen(name), err, sizeof(err)), -EINVAL);
+	ck_assert_str_eq(err, "Name length exceeds maximum (1023 characters)");
+	d.ext.nb = QCOW2_MAX_BITMAPS;
+	ck_assert_int_eq(qcow2_bitmap_dir_room(&d, 3, err, sizeof(err)), -EINVAL);
+	ck_assert_str_eq(err, "Maximum number of persistent bitmaps is already reached");
+	d.ext.nb = 1;
+	d.ext.dir_size = QCOW2_MAX_BITMAP_DIR_SIZE - 24;
+	ck_assert_int_eq(qcow2_bitmap_dir_room(&d, 1, err, sizeof(err)), -EINVAL);
+	ck_assert_str_eq(err, "Not enough space in the bitmap directory");
+
+	/* table sizes: bits for the disk, in bytes, in clusters */
+	ck_assert_uint_eq(qcow2_bitmap_table_size(64ull << 20, 16, CB), 1);
+	ck_assert_uint_eq(qcow2_bitmap_table_size((64ull << 20) + 1, 9, 12), 5);
+	ck_assert_uint_eq(qcow2_bitmap_table_size(1ull << 62, 9, 9), 0);
+
+	/* the extension: first of the kept ones, bit 0 with it */
+	uint8_t other[8] = { 1 };
+	struct qcow2_header h = { .version = 3, .cluster_bits = CB };
+	h.unknown_exts = calloc(1, sizeof(*h.unknown_exts));
+	ck_assert_ptr_nonnull(h.unknown_exts);
+	h.unknown_exts[0] = (struct qcow2_ext){ .type = 0x12345678, .len = 8, .data = malloc(8) };
+	memcpy(h.unknown_exts[0].data, other, 8);
+	h.nb_unknown_exts = 1;
+	struct qcow2_bitmaps_ext x = { .nb = 2, .dir_size = 64, .dir_offset = 7ull << CB }, y;
+	bool found;
+	ck_assert_int_eq(qcow2_bitmaps_ext_put(&h, &x), 0);
+	ck_assert_uint_eq(h.nb_unknown_exts, 2);
+	ck_assert_uint_eq(h.unknown_exts[0].type, QCOW2_EXT_BITMAPS);
+	ck_assert_uint_eq(h.unknown_exts[1].type, 0x12345678);
+	ck_assert_uint_eq(h.autoclear_features, QCOW2_AUTOCLEAR_BITMAPS);
+	ck_assert_int_eq(qcow2_bitmaps_ext_get(&h, &y, &found, err, sizeof(err)), 0);
+	ck_assert(found && y.nb == 2 && y.dir_size == 64 && y.dir_offset == 7ull << CB);
+	x.dir_offset = 8ull << CB;
+	ck_assert_int_eq(qcow2_bitmaps_ext_put(&h, &x), 0);
+	ck_assert_uint_eq(h.nb_unknown_exts, 2);
+	ck_assert_int_eq(qcow2_bitmaps_ext_get(&h, &y, &found, err, sizeof(err)), 0);
+	ck_assert_uint_eq(y.dir_offset, 8ull << CB);
+	x.nb = 0;
+	ck_assert_int_eq(qcow2_bitmaps_ext_put(&h, &x), 0);
+	ck_assert_uint_eq(h.nb_unknown_exts, 1);
+	ck_assert_uint_eq(h.unknown_exts[0].type, 0x12345678);
+	ck_assert_uint_eq(h.autoclear_features, 0);
+	qcow2_header_release(&h);
+}
+END_TEST
+
 static Suite *bitmap_suite(void)
 {
 	Suite *s = suite_create("bitmap");
@@ -331,6 +424,7 @@ static Suite *bitmap_suite(void)
 	tcase_add_test(t, ext_rules);
 	tcase_add_test(t, table);
 	tcase_add_test(t, bits);
+	tcase_add_test(t, edits);
 	suite_add_tcase(s, t);
 	return s;
 }

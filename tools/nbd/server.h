@@ -63,7 +63,7 @@ struct nbd_server {
 	unsigned nbitmaps;
 	struct {
 		const char *name;
-		unsigned index;  /* qsm_bitmap_get's */
+		unsigned index;  /* qsm_bitmap_find's */
 	} bitmaps[NBD_MAX_BITMAPS];
 	bool multi_conn;         /* advertise CAN_MULTI_CONN */
 	struct nbd_tls_creds *tls; /* --tls-creds: TLS required; NULL: no TLS */
