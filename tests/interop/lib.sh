@@ -203,16 +203,55 @@ print("invalid" if not d else "missing" if not b else "in-use" if "in-use" in b[
     pid=$!
     for ((i = 0; i < 100; i++)); do [ -S "$sock" ] && break; sleep 0.05; done
     nbdinfo --map="qemu:dirty-bitmap:$name" "nbd+unix:///?socket=$sock" 2>&1
-    kill "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
+    stop_nbd "$pid"
+}
+
+# stop_nbd PID: the qemu-nbd we started, stopped.  A SIGTERM that comes
+# while it is still setting up is lost (it sets its state to running after
+# creating the socket), so a second one follows, then SIGKILL.
+stop_nbd() {
+    local i j
+    for i in 1 2; do
+        kill "$1" 2>/dev/null || break
+        for ((j = 0; j < 100; j++)); do kill -0 "$1" 2>/dev/null || break 2; sleep 0.01; done
+    done
+    kill -KILL "$1" 2>/dev/null
+    wait "$1" 2>/dev/null
+}
+
+# bitmaps_state IMG: IMG's bitmaps as QEMU sees them, a line each: name, flags,
+# granularity, and the digest of its extents as a read-only qemu-nbd
+# exporting all the consistent ones reads them (nbdinfo --map), "in-use"
+# for the others.
+bitmaps_state() {
+    local img=$1 sock="$WORK/st.$BASHPID.sock" list="$WORK/st.$BASHPID.list" pid n f g i bs=()
+    qemu-img info --output=json "$img" 2>/dev/null | python3 -c '
+import json, sys
+for b in json.load(sys.stdin)["format-specific"]["data"].get("bitmaps", []):
+    print(b["name"], ",".join(b["flags"]) or "-", b["granularity"])' >"$list"
+    while read -r n f g; do [[ $f = *in-use* ]] || bs+=(-B "$n"); done <"$list"
+    if [ ${#bs[@]} -gt 0 ]; then
+        rm -f "$sock"
+        qemu-nbd -t -r -f qcow2 -k "$sock" "${bs[@]}" "$img" 2>"$WORK/st.err" &
+        pid=$!
+        for ((i = 0; i < 500; i++)); do [ -S "$sock" ] && break; sleep 0.01; done
+    fi
+    while read -r n f g; do
+        if [[ $f = *in-use* ]]; then echo "$n $f $g in-use"; continue; fi
+        echo "$n $f $g $(nbdinfo --map="qemu:dirty-bitmap:$n" "nbd+unix:///?socket=$sock" 2>&1 |
+                         md5sum | cut -c1-12)"
+    done <"$list"
+    if [ ${#bs[@]} -gt 0 ]; then stop_nbd "$pid"; fi
 }
 
 # Crash points by strace's fault injection.  strace_kill_ok: strace is
 # there and can inject.  kill_at K CMD...: CMD run until its K-th write or
 # sync (pwritev, pwrite64, io_uring_enter, fdatasync) kills it; CMD's
 # status, 137 when killed (in a shell of its own, whose "Killed" report
-# goes nowhere).  crashed_clean TAG IMG: qemu-img check of IMG, killed,
-# finds nothing worse than leaks (one check counted).
+# goes nowhere); LeakSanitizer is off for it, since under strace it
+# cannot stop CMD's threads and may report false leaks (exit 1).
+# crashed_clean TAG IMG: qemu-img check of IMG, killed, finds nothing
+# worse than leaks (one check counted).
 strace_kill_ok() {
     command -v strace >/dev/null &&
         strace -f -o /dev/null -e trace=getpid -e inject=getpid:error=EPERM:when=1 true 2>/dev/null
@@ -220,7 +259,8 @@ strace_kill_ok() {
 kill_at() {
     local k=$1
     shift
-    bash -c 'strace -f -o /dev/null -e trace=$1 -e inject=$1:signal=KILL:when=$2 "${@:3}"; exit $?' \
+    ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" \
+        bash -c 'strace -f -o /dev/null -e trace=$1 -e inject=$1:signal=KILL:when=$2 "${@:3}"; exit $?' \
         _ pwritev,pwrite64,io_uring_enter,fdatasync "$k" "$@" >/dev/null 2>&1
 }
 crashed_clean() {
