@@ -2,7 +2,8 @@
  * tools/cmd_convert.c: `qsm convert`, qemu-img convert between qcow2 and raw.
  *
  *   qsm convert [-p] [-q] [-c] [-f FMT] [-O qcow2|raw] [-o OPTIONS]
- *               [-B BACKING -F BFMT] [-t CACHE] [-T SRC_CACHE] [-m N] SRC DST
+ *               [-B BACKING -F BFMT] [-t CACHE] [-T SRC_CACHE] [-m N]
+ *               [--bitmaps [--skip-broken-bitmaps]] SRC DST
  *
  * Design.
  *  1. Plan (blocking, before any data moves): the source's block status is
@@ -27,7 +28,17 @@
  *     A finished task frees its slot and the next task starts from that
  *     completion: reads and writes of different tasks overlap, and with -c
  *     the worker pool deflates the clusters of many tasks in parallel.
- *  3. Close both images (the target's metadata is written back then).
+ *  3. With --bitmaps, copy the source's persistent dirty bitmaps (as
+ *     qemu-img's convert_copy_bitmaps, after the data so that its writes
+ *     set no bits): each is added to the target with its name,
+ *     granularity and enabled state, then merged from the source
+ *     (qsm_bitmap_add, qsm_bitmap_merge).  What qemu-img refuses is
+ *     refused first, in its words: a source without bitmap support (raw,
+ *     v2), an inconsistent (in-use) bitmap unless --skip-broken-bitmaps
+ *     (then skipped with a warning), a target that cannot hold bitmaps
+ *     (raw, compat=0.10).  qemu-img creates that last target before it
+ *     refuses; qsm refuses before creating anything.
+ *  4. Close both images (the target's metadata is written back then).
  * The target is created first (qcow2 through the -o parser qsm create uses,
  * raw as a sparse file of the source's size) and opened with cache=unsafe,
  * qemu-img convert's default (-t to change).  Errors are qemu-img's:
@@ -93,13 +104,14 @@ struct cv_state {
 };
 
 #define CV_MAX_SLOTS 64
+enum { OPT_BITMAPS = 0x100, OPT_SKIP_BROKEN }; /* long options without a letter */
 
 static void convert_usage(FILE *f)
 {
 	fprintf(f,
 		"Usage: qsm convert [-p] [-q] [-c] [-f FMT] [-O FMT] [-o OPTIONS]\n"
 		"                   [-B BACKING -F BFMT] [-t CACHE] [-T SRC_CACHE] [-m N] [-i AIO]\n"
-		"                   [-l SNAPSHOT] SRC DST\n"
+		"                   [-l SNAPSHOT] [--bitmaps [--skip-broken-bitmaps]] SRC DST\n"
 		"Copy an image into a new one, as 'qemu-img convert' does.\n"
 		"\n"
 		"  -f FMT       source format: qcow2 or raw; probed when not given\n"
@@ -114,6 +126,10 @@ static void convert_usage(FILE *f)
 		"  -i AIO       I/O backend for both images: threads or io_uring (default)\n"
 		"  -l SNAPSHOT  copy the disk of the source's internal snapshot: an id or a\n"
 		"               name (the id first), or snapshot.id=ID,snapshot.name=NAME\n"
+		"  --bitmaps    copy the source's persistent dirty bitmaps (qcow2 v3 to qcow2 v3)\n"
+		"  --skip-broken-bitmaps\n"
+		"               with --bitmaps, leave out inconsistent ones (with a warning)\n"
+		"               instead of refusing them\n"
 		"  -p           show progress; -q: quiet\n"
 		"Without -B the backing chain of the source is flattened.  Ranges that read\n"
 		"as zeros are left unallocated (or written as zero clusters over a backing file).\n",
@@ -382,6 +398,71 @@ static uint64_t cv_work_total(struct cv_state *cv)
 	return total;
 }
 
+/* --- bitmaps ---------------------------------------------------------------- */
+
+/* --bitmaps before anything is created: can src give bitmaps, and is each
+ * one consistent (or to be skipped)?  0, or -1 with qemu-img's message
+ * (convert_check_bitmaps). */
+static int cv_check_bitmaps(struct qsm_image *src, bool skip_broken)
+{
+	struct qsm_info info;
+
+	qsm_get_info(src, &info);
+	if (strcmp(info.format, "qcow2") || info.version < 3) {
+		cli_error("convert", "Source lacks bitmap support");
+		return -1;
+	}
+	for (unsigned i = 0; i < qsm_bitmap_count(src); i++) {
+		struct qsm_bitmap_info b = { .struct_size = sizeof(b) };
+		if (qsm_bitmap_get(src, i, &b) < 0 || skip_broken || !(b.flags & QSM_BITMAP_IN_USE))
+			continue;
+		cli_error("convert", "Cannot copy inconsistent bitmap '%s'", b.name);
+		fprintf(stderr, "Try --skip-broken-bitmaps, or use '%s bitmap --remove' to delete it\n",
+			cli_as_qemu() ? "qemu-img" : "qsm");
+		return -1;
+	}
+	return 0;
+}
+
+/* After the data: each consistent bitmap of src added to dst as it is
+ * (name, granularity, enabled) and its bits merged in; in-use ones were
+ * refused by cv_check_bitmaps or are skipped.  0, or -1 with qemu-img's
+ * message (convert_copy_bitmaps), the bitmap that failed to fill removed. */
+static int cv_copy_bitmaps(struct qsm_image *src, struct qsm_image *dst)
+{
+	char err[512];
+
+	for (unsigned i = 0; i < qsm_bitmap_count(src); i++) {
+		struct qsm_bitmap_info b = { .struct_size = sizeof(b) };
+		int r = qsm_bitmap_get(src, i, &b), d;
+		if (r < 0)
+			return -1;
+		if (b.flags & QSM_BITMAP_IN_USE) {
+			cli_error("convert", "warning: Skipping inconsistent bitmap '%s'", b.name);
+			continue;
+		}
+		err[0] = 0;
+		r = qsm_bitmap_add(dst, b.name, b.granularity, b.flags & QSM_BITMAP_AUTO, err,
+				   sizeof(err));
+		if (r < 0) {
+			cli_error("convert", "Failed to create bitmap %s: %s", b.name,
+				  err[0] ? err : qsm_strerror(r));
+			return -1;
+		}
+		d = qsm_bitmap_find(dst, b.name);
+		err[0] = 0;
+		r = d < 0 ? d : qsm_bitmap_merge(dst, (unsigned)d, src, i, err, sizeof(err));
+		if (r < 0) {
+			cli_error("convert", "Failed to populate bitmap %s: %s", b.name,
+				  err[0] ? err : qsm_strerror(r));
+			if (d >= 0)
+				qsm_bitmap_remove(dst, (unsigned)d, err, sizeof(err));
+			return -1;
+		}
+	}
+	return 0;
+}
+
 /* --- command ---------------------------------------------------------------- */
 
 /* A sparse raw file of `size` bytes whose first block is allocated (zeros),
@@ -441,6 +522,8 @@ int cmd_convert(int argc, char **argv)
 		{ "help", no_argument, NULL, 'h' },
 		{ "force-share", no_argument, NULL, 'U' },
 		{ "aio", required_argument, NULL, 'i' },
+		{ "bitmaps", no_argument, NULL, OPT_BITMAPS },
+		{ "skip-broken-bitmaps", no_argument, NULL, OPT_SKIP_BROKEN },
 		{ NULL, 0, NULL, 0 },
 	};
 	/* No -f: the source is probed.  The target is never: -O names it. */
@@ -451,7 +534,7 @@ int cmd_convert(int argc, char **argv)
 	bool snap_opts = false;
 	enum qsm_cache_mode src_cache = QSM_CACHE_WRITEBACK, dst_cache = QSM_CACHE_UNSAFE;
 	bool progress = false, quiet = false, compress = false, opts_given = false;
-	bool prealloc_off = true;
+	bool prealloc_off = true, bitmaps = false, skip_broken = false;
 	struct cli_opts opts = { 0 };
 	struct cv_state cv = { 0 };
 	struct event_base *base = NULL;
@@ -519,6 +602,12 @@ int cmd_convert(int argc, char **argv)
 		case 'i':
 			aio = optarg;
 			break;
+		case OPT_BITMAPS:
+			bitmaps = true;
+			break;
+		case OPT_SKIP_BROKEN:
+			skip_broken = true;
+			break;
 		case 'l':
 			if (strncmp(optarg, "snapshot.", 9) == 0) {
 				if (parse_snapshot_param(optarg, &snap_id, &snap_name) < 0)
@@ -535,6 +624,10 @@ int cmd_convert(int argc, char **argv)
 	}
 	if (quiet)
 		progress = false;
+	if (skip_broken && !bitmaps) {
+		cli_error("convert", "Use of --skip-broken-bitmaps requires --bitmaps");
+		goto out;
+	}
 	if (argc - optind < 2) {
 		cli_error("convert", "Must specify image file name");
 		goto out;
@@ -613,8 +706,14 @@ int cmd_convert(int argc, char **argv)
 	struct qsm_info info;
 	qsm_get_info(cv.src, &info);
 	cv.size = info.virtual_size;
+	if (bitmaps && cv_check_bitmaps(cv.src, skip_broken) < 0)
+		goto out;
 
 	/* Create the target. */
+	if (bitmaps && out_raw) {
+		cli_error("convert", "Format driver 'raw' does not support bitmaps");
+		goto out;
+	}
 	if (out_raw) {
 		if (create_raw(dst_name, cv.size) < 0)
 			goto out;
@@ -625,6 +724,10 @@ int cmd_convert(int argc, char **argv)
 		cp.size = cv.size; /* -o size= is ignored, as qemu-img convert does */
 		if (cli_create_validate("convert", pfx, &opts, &cp, &co) < 0)
 			goto out;
+		if (bitmaps && co.compat == 2) {
+			cli_error("convert", "Format driver 'qcow2' does not support bitmaps");
+			goto out;
+		}
 		prealloc_off = co.prealloc == QSM_PREALLOC_OFF;
 		r = qsm_create(dst_name, &co, err, sizeof(err));
 		if (r < 0) {
@@ -684,6 +787,8 @@ int cmd_convert(int argc, char **argv)
 	while (!cv.done)
 		event_base_loop(base, EVLOOP_ONCE);
 	if (cv.err)
+		goto out;
+	if (bitmaps && cv_copy_bitmaps(cv.src, cv.dst) < 0)
 		goto out;
 	if (progress)
 		cli_progress_set(100);

@@ -17,6 +17,15 @@
 #           After every step QEMU sees the same bitmaps and bits in all
 #           four, each checks clean; cluster sizes 512 B, 64 KiB (with lazy
 #           refcounts), 2 MiB;
+#   convert qsm convert --bitmaps [--skip-broken-bitmaps] against qemu-img
+#           convert's on copies of the same sources (raw, v2, an in-use
+#           bitmap, bitmaps at 512 B to 512 KiB granularity, enabled and
+#           disabled, -c, -B, -l, other cluster sizes): the same messages
+#           and exit status; a refused run leaves no target behind (qemu-img
+#           leaves its raw or v2 target: the one difference); a finished
+#           one holds the same bitmaps and bits as qemu-img's, reads the
+#           same and checks clean, and its enabled bitmaps go on recording
+#           as qemu-img's do (a qemu-io write into both);
 #   crash   qsm bitmap killed at each of its writes and syncs (strace), for
 #           an add, a remove, a merge into a disabled bitmap and an enable:
 #           the image checks clean but for leaks, and each bitmap reads as
@@ -31,30 +40,6 @@ EDIT=(python3 "$(dirname "$0")/bitmap_edit.py")
 # QEMU's words, without the node names qsm cannot know.
 norm() { sed -E -e 's/^qsm [a-z]+: /qemu-img: /' -e "s/ persistent in '#block[0-9]+':/ persistent:/"; }
 
-# state IMG: IMG's bitmaps as QEMU sees them, a line each: name, flags,
-# granularity, and the digest of its extents as a read-only qemu-nbd
-# exporting all the consistent ones reads them (nbdinfo --map), "in-use"
-# for the others.
-state() {
-    local img=$1 sock="$WORK/st.sock" pid n f g i bs=()
-    qemu-img info --output=json "$img" 2>/dev/null | python3 -c '
-import json, sys
-for b in json.load(sys.stdin)["format-specific"]["data"].get("bitmaps", []):
-    print(b["name"], ",".join(b["flags"]) or "-", b["granularity"])' >"$WORK/st.list"
-    while read -r n f g; do [[ $f = *in-use* ]] || bs+=(-B "$n"); done <"$WORK/st.list"
-    if [ ${#bs[@]} -gt 0 ]; then
-        rm -f "$sock"
-        qemu-nbd -t -r -f qcow2 -k "$sock" "${bs[@]}" "$img" 2>"$WORK/st.err" &
-        pid=$!
-        for ((i = 0; i < 500; i++)); do [ -S "$sock" ] && break; sleep 0.01; done
-    fi
-    while read -r n f g; do
-        if [[ $f = *in-use* ]]; then echo "$n $f $g in-use"; continue; fi
-        echo "$n $f $g $(nbdinfo --map="qemu:dirty-bitmap:$n" "nbd+unix:///?socket=$sock" 2>&1 |
-                         md5sum | cut -c1-12)"
-    done <"$WORK/st.list"
-    if [ ${#bs[@]} -gt 0 ]; then kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; fi
-}
 
 # --- words -------------------------------------------------------------------
 qemu-img create -q -f qcow2 a.qcow2 64M
@@ -91,9 +76,9 @@ words() {
     fi
     for f in a o; do
         CHECKS=$((CHECKS + 2))
-        [ "$(state q/$f.qcow2)" = "$(state s/$f.qcow2)" ] || {
+        [ "$(bitmaps_state q/$f.qcow2)" = "$(bitmaps_state s/$f.qcow2)" ] || {
             fail "words: $tag: QEMU sees other bitmaps in $f.qcow2 after qsm than after qemu-img"
-            diff <(state q/$f.qcow2) <(state s/$f.qcow2) | head -n 8 | sed 's/^/    | /'
+            diff <(bitmaps_state q/$f.qcow2) <(bitmaps_state s/$f.qcow2) | head -n 8 | sed 's/^/    | /'
         }
         qemu-img compare -q q/$f.qcow2 s/$f.qcow2 || fail "words: $tag: $f.qcow2 reads differently"
         check_clean "words: $tag: $f.qcow2 after qsm" s/$f.qcow2
@@ -149,6 +134,78 @@ words "merge across granularities" --merge c -b a.qcow2 o.qcow2 ob
 words "-f qcow2" -f qcow2 --clear a.qcow2 b
 rm -rf q s
 
+# --- convert -----------------------------------------------------------------
+qemu-img create -q -f raw r.raw 64M
+cp a.qcow2 ok.qcow2
+qemu-img bitmap --remove ok.qcow2 u
+qemu-img create -q -f qcow2 -b ok.qcow2 -F qcow2 top.qcow2 64M
+qemu-img bitmap --add -g 4k top.qcow2 tb
+qemu-io -f qcow2 -c 'write -P 7 2M 72k' -c 'write -z 8M 1M' top.qcow2 >/dev/null
+cp ok.qcow2 sn.qcow2
+qemu-img snapshot -c sn sn.qcow2
+qemu-io -f qcow2 -c 'write -P 8 1M 1M' sn.qcow2 >/dev/null
+qemu-img create -q -f qcow2 none.qcow2 64M
+# cwords TAG ARGS...: qsm convert ARGS and qemu-img convert ARGS in q/ and s/,
+# each holding copies of the sources; the target is the last argument.
+cwords() {
+    local tag=$1 oq os rq rs f t=${*: -1}
+    shift
+    rm -rf q s && mkdir q s
+    for f in *.qcow2 r.raw; do cp "$f" q/ && cp "$f" s/; done
+    oq=$(cd q && qemu-img convert "$@" 2>&1 | norm; exit "${PIPESTATUS[0]}"); rq=$?
+    os=$(cd s && "$QSM" convert "$@" 2>&1 | norm | sed "s/'qsm bitmap/'qemu-img bitmap/"
+         exit "${PIPESTATUS[0]}"); rs=$?
+    CHECKS=$((CHECKS + 1))
+    if [ "$rq" != "$rs" ] || [ "$oq" != "$os" ]; then
+        fail "convert: $tag: qsm gave ($rs) and qemu-img ($rq):"
+        diff <(printf '%s
+' "$oq") <(printf '%s
+' "$os") | head -n 8 | sed 's/^/    | /'
+        return
+    fi
+    CHECKS=$((CHECKS + 1))
+    if [ "$rs" != 0 ]; then
+        [ -e "s/$t" ] && fail "convert: $tag: the refused run left $t behind"
+        return
+    fi
+    for f in a o top; do   # the sources, untouched
+        CHECKS=$((CHECKS + 1))
+        cmp -s "$f.qcow2" "s/$f.qcow2" || fail "convert: $tag: the source $f.qcow2 was changed"
+    done
+    [ "${t##*.}" = qcow2 ] || return
+    CHECKS=$((CHECKS + 2))
+    [ "$(bitmaps_state "q/$t")" = "$(bitmaps_state "s/$t")" ] || {
+        fail "convert: $tag: QEMU sees other bitmaps in qsm's target than in qemu-img's"
+        diff <(bitmaps_state "q/$t") <(bitmaps_state "s/$t") | head -n 8 | sed 's/^/    | /'
+    }
+    qemu-img compare -q "q/$t" "s/$t" || fail "convert: $tag: the targets read differently"
+    check_clean "convert: $tag" "s/$t"
+    for f in q s; do qemu-io -f qcow2 -c 'write 17M 300k' "$f/$t" >/dev/null; done
+    CHECKS=$((CHECKS + 1))
+    [ "$(bitmaps_state "q/$t")" = "$(bitmaps_state "s/$t")" ] ||
+        fail "convert: $tag: after a write, qsm's target's bitmaps differ from qemu-img's"
+}
+cwords "--skip-broken-bitmaps alone" --skip-broken-bitmaps -O qcow2 ok.qcow2 t.qcow2
+cwords "from raw" --bitmaps -f raw -O qcow2 r.raw t.qcow2
+cwords "from a probed raw" --bitmaps -O qcow2 r.raw t.qcow2
+cwords "from v2" --bitmaps -O qcow2 v2.qcow2 t.qcow2
+cwords "to raw" --bitmaps -O raw ok.qcow2 t.raw
+cwords "to v2" --bitmaps -O qcow2 -o compat=0.10 ok.qcow2 t.qcow2
+cwords "an in-use bitmap" --bitmaps -O qcow2 a.qcow2 t.qcow2
+cwords "an in-use bitmap skipped" --bitmaps --skip-broken-bitmaps -O qcow2 a.qcow2 t.qcow2
+cwords "skip with none broken" --skip-broken-bitmaps --bitmaps -f qcow2 -O qcow2 ok.qcow2 t.qcow2
+cwords "enabled and disabled" --bitmaps -O qcow2 ok.qcow2 t.qcow2
+cwords "no bitmaps" --bitmaps -O qcow2 none.qcow2 t.qcow2
+cwords "4k granularity to 512 B clusters" --bitmaps -O qcow2 -o cluster_size=512 o.qcow2 t.qcow2
+cwords "to 2 MiB clusters" --bitmaps -O qcow2 -o cluster_size=2M,lazy_refcounts=on ok.qcow2 t.qcow2
+cwords "compressed" --bitmaps -c -O qcow2 ok.qcow2 t.qcow2
+cwords "top only (-B)" --bitmaps -O qcow2 -B ok.qcow2 -F qcow2 top.qcow2 t.qcow2
+cwords "flattened chain" --bitmaps -O qcow2 top.qcow2 t.qcow2
+cwords "a snapshot (-l)" --bitmaps -O qcow2 -l sn sn.qcow2 t.qcow2
+cwords "a missing snapshot" --bitmaps -O qcow2 -l nope sn.qcow2 t.qcow2
+cwords "without --bitmaps" -O qcow2 ok.qcow2 t.qcow2
+rm -rf q s
+
 # --- steps -------------------------------------------------------------------
 # A step is "b OPTS... NAME" (a bitmap command on the image) or "i CMD;CMD"
 # (a session of guest writes); other.qcow2 holds bitmap "ob" for -b.
@@ -198,13 +255,13 @@ for cs in 512 64k,lazy_refcounts=on 2M; do
             step_run st$h.qcow2 "${HOWS[$h]}" "$s" >/dev/null 2>st$h.err
             echo $? >st$h.rc
         done
-        want=$(state st0.qcow2)
+        want=$(bitmaps_state st0.qcow2)
         for h in 1 2 3; do
             CHECKS=$((CHECKS + 2))
             cmp -s st0.rc st$h.rc || fail "$tag: ${HOWS[$h]} exits $(cat st$h.rc), QEMU $(cat st0.rc): $(cat st$h.err)"
-            [ "$(state st$h.qcow2)" = "$want" ] || {
+            [ "$(bitmaps_state st$h.qcow2)" = "$want" ] || {
                 fail "$tag: QEMU sees other bitmaps after ${HOWS[$h]}"
-                diff <(printf '%s\n' "$want") <(state st$h.qcow2) | head -n 8 | sed 's/^/    | /'
+                diff <(printf '%s\n' "$want") <(bitmaps_state st$h.qcow2) | head -n 8 | sed 's/^/    | /'
             }
             check_clean "$tag: ${HOWS[$h]}" st$h.qcow2
         done
@@ -227,7 +284,7 @@ if strace_kill_ok; then
         read -r -a o <<<"$op"
         cp base.qcow2 after.qcow2
         "$QSM" bitmap "${o[@]:0:${#o[@]}-1}" after.qcow2 "${o[-1]}" || fail "crash: $op fails"
-        before=$(state base.qcow2) after=$(state after.qcow2)
+        before=$(bitmaps_state base.qcow2) after=$(bitmaps_state after.qcow2)
         points=0 done=0
         for ((k = 1; k <= 100; k++)); do
             cp base.qcow2 k.qcow2
@@ -239,7 +296,7 @@ if strace_kill_ok; then
             CHECKS=$((CHECKS + 1))
             [ $rc = 137 ] || fail "$tag: exit $rc, not a kill"
             crashed_clean "$tag" k.qcow2
-            got=$(state k.qcow2)
+            got=$(bitmaps_state k.qcow2)
             # all void (killed between the open's header writes), or each
             # bitmap as before or as after, an enabled one maybe in use
             [ -z "$got" ] && [ "$(qemu-img info k.qcow2 | grep -c bitmaps:)" = 0 ] && continue
