@@ -64,9 +64,12 @@ static bool entry_ok(const struct qcow2_bitmap *b, uint8_t type, uint64_t virtua
 	    b->granularity_bits < 9 || (b->flags & QCOW2_BITMAP_RESERVED_FLAGS) || type != 1)
 		return false;
 	uint64_t phys = (uint64_t)b->table_size << cluster_bits;
-	/* phys <= 2^29, granularity_bits <= 31: the product fits in 64 bits. */
+	/* phys <= 2^29, granularity_bits <= 31: the product fits in 64 bits.
+	 * A table too short for the disk is fine for a bitmap in use: its
+	 * bits mean nothing (and a resize leaves it so while it runs). */
 	return phys <= QCOW2_BITMAP_MAX_PHYS_SIZE &&
-	       virtual_size <= ((phys * 8) << b->granularity_bits);
+	       ((b->flags & QCOW2_BITMAP_IN_USE) ||
+		virtual_size <= ((phys * 8) << b->granularity_bits));
 }
 
 int qcow2_bitmap_dir_parse(const uint8_t *raw, const struct qcow2_bitmaps_ext *ext,
@@ -171,6 +174,15 @@ void qcow2_bitmap_set_flags(struct qcow2_bitmap_dir *d, uint32_t i, uint32_t fla
 	qcow2_put_be32(d->raw + d->bm[i].entry + 12, flags);
 }
 
+void qcow2_bitmap_set_table(struct qcow2_bitmap_dir *d, uint32_t i, uint64_t offset,
+			    uint32_t size)
+{
+	d->bm[i].table_offset = offset;
+	d->bm[i].table_size = size;
+	qcow2_put_be64(d->raw + d->bm[i].entry, offset);
+	qcow2_put_be32(d->raw + d->bm[i].entry + 8, size);
+}
+
 int qcow2_bitmap_table_entry_check(uint64_t entry, uint64_t cluster_size)
 {
 	uint64_t off = entry & QCOW2_BITMAP_TABLE_OFFSET_MASK;
@@ -236,6 +248,15 @@ int qcow2_bitmaps_read(qcow2_snapshot_reader rd, void *opaque, const struct qcow
 			qsm_set_err(err, errlen, "Could not read bitmap_table table from image for "
 				    "bitmap '%s': %s", b->name, strerror(-ret));
 		free(t);
+		/* load_bitmap_data: a table of exactly the entries the disk
+		 * needs (check_dir_entry asked only that it covers it) */
+		if (ret == 0 && b->table_size != qcow2_bitmap_table_size(virtual_size,
+									 b->granularity_bits,
+									 h->cluster_bits)) {
+			ret = -EINVAL;
+			qsm_set_err(err, errlen, "Could not read bitmap '%s' from image: %s",
+				    b->name, strerror(-ret));
+		}
 	}
 	if (ret < 0) {
 		qcow2_bitmap_dir_release(d);

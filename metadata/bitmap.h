@@ -86,8 +86,10 @@ int qcow2_bitmaps_ext_get(const struct qcow2_header *h, struct qcow2_bitmaps_ext
  * qcow2_load_dirty_bitmaps): the extension checked, the directory read and
  * parsed (below), and, with tables, the table of every bitmap not in use
  * read and its entries checked ("Could not read bitmap_table table from
- * image for bitmap '%s'").  *found false (d zeroed) when h has no valid
- * extension.  0 or a negative errno with err set.
+ * image for bitmap '%s'"), and its size, which must be exactly what
+ * virtual_size needs ("Could not read bitmap '%s' from image").  *found
+ * false (d zeroed) when h has no valid extension.  0 or a negative errno
+ * with err set.
  */
 int qcow2_bitmaps_read(qcow2_snapshot_reader rd, void *opaque, const struct qcow2_header *h,
 		       uint64_t virtual_size, bool tables, struct qcow2_bitmap_dir *d,
@@ -106,6 +108,9 @@ void qcow2_bitmap_dir_release(struct qcow2_bitmap_dir *d);
 
 /* Set bitmap i's flags, in d->bm and in d->raw (to be written in place). */
 void qcow2_bitmap_set_flags(struct qcow2_bitmap_dir *d, uint32_t i, uint32_t flags);
+/* Set bitmap i's table (offset, entries), in d->bm and in d->raw. */
+void qcow2_bitmap_set_table(struct qcow2_bitmap_dir *d, uint32_t i, uint64_t offset,
+			    uint32_t size);
 
 /* A bitmap table entry as check_table_entry judges it: 0 or -EINVAL. */
 int qcow2_bitmap_table_entry_check(uint64_t entry, uint64_t cluster_size);

@@ -211,7 +211,7 @@ void qsm_bitmaps_load(struct qsm_image *img)
 
 void qsm_bitmaps_dirty(struct qsm_image *img, uint64_t offset, uint64_t bytes)
 {
-	for (uint32_t i = 0; i < img->nb_tracked; i++) {
+	for (uint32_t i = 0; i < img->nb_tracked && !img->bitmaps_quiet; i++) {
 		const struct qsm_tracked_bitmap *t = &img->tracked[i];
 		const struct qcow2_bitmap *b = &img->bitmaps.bm[t->index];
 		if (!t->recording)
@@ -828,5 +828,197 @@ int qsm_bitmap_merge(struct qsm_image *img, unsigned dst, struct qsm_image *src_
 		qsm_io_set_live(src_img->io, src_live);
 	qsm_io_set_live(img->io, live);
 	tracked_release(&tmp);
+	return ret;
+}
+
+/* --- Resizing (qsm_truncate) --------------------------------------------- */
+/*
+ * A disk of a new size needs every bitmap's table sized for it exactly (an
+ * open refuses any other, as QEMU's load_bitmap_data does) and no bit set
+ * past its end.  QEMU cuts or extends its bitmaps in memory and stores
+ * them at close; qsm rewrites them within the truncate, around the size
+ * change:
+ *  1. before anything changes, refuse a bitmap in use that this session
+ *     does not record into (QEMU's qcow2_truncate_bitmaps_check, in its
+ *     words) and one the format cannot hold at the new size; load the
+ *     bits of every other and mark the ones not in use in use (in place,
+ *     durable): from here a crash leaves every bitmap untrusted, none
+ *     sized for the other size;
+ *  2. the size change;
+ *  3. each bitmap's bits cut or extended to the size the header now has,
+ *     written to fresh clusters (every entry for one this session records
+ *     into, which the close then overwrites as always), a new directory
+ *     naming them with the marks of step 1 cleared, the old clusters
+ *     released.  When step 2 failed and the size is as it was, the marks
+ *     are cleared in place.
+ * If step 3 fails the bitmaps stay in use and are no longer recorded into
+ * (the close does not clear the marks): untrusted, never wrong.
+ */
+
+int qsm_bitmaps_cover(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
+{
+	const struct qcow2_bitmap_dir *d = &img->bitmaps;
+	for (uint32_t i = 0; i < d->ext.nb && size != img->hdr.size; i++) {
+		const struct qcow2_bitmap *b = &d->bm[i];
+		if (usable(img, i, err, errlen) < 0)
+			return -EBUSY;
+		if (b->table_size != qcow2_bitmap_table_size(size, b->granularity_bits,
+							     img->cluster_bits)) {
+			qsm_set_err(err, errlen, "Bitmap '%s' would need a table of another "
+				    "size for %llu bytes: qsm resizes bitmaps only with the image "
+				    "(qsm resize)", b->name, (unsigned long long)size);
+			return -ENOTSUP;
+		}
+	}
+	return 0;
+}
+
+struct resized {
+	uint8_t *data;        /* the bits at the new size */
+	uint64_t *fresh;      /* their new table */
+	uint64_t *old;        /* the table before (NULL: unreadable, its data leaks) */
+	uint64_t old_toff;
+	uint32_t old_n;
+	bool had;             /* loaded before step 1 */
+};
+
+/* Step 3 for all bitmaps (r: one each, step 1's state). */
+static int resize_store(struct qsm_image *img, struct resized *r)
+{
+	struct qcow2_bitmap_dir *d = &img->bitmaps, nd;
+	uint64_t cs = img->cluster_size, size = img->hdr.size;
+	int ret = dir_copy(img, &nd);
+	for (uint32_t i = 0; i < d->ext.nb && ret == 0; i++) {
+		struct qsm_tracked_bitmap *t = find_loaded(img, i);
+		const struct qcow2_bitmap *b = &d->bm[i];
+		unsigned g = b->granularity_bits;
+		uint32_t n = qcow2_bitmap_table_size(size, g, img->cluster_bits);
+		uint64_t bits = (size + (1ull << g) - 1) >> g, toff;
+		if (!(r[i].data = calloc(n, cs))) {
+			ret = -ENOMEM;
+			break;
+		}
+		/* the bits of the disk's first `bits` granules, none after */
+		memcpy(r[i].data, t->data, (size_t)(QSM_MIN(n, b->table_size) * cs));
+		uint64_t whole = bits / 8 + !!(bits % 8); /* bytes holding them */
+		memset(r[i].data + whole, 0, (size_t)(n * cs - whole));
+		if (bits % 8)
+			r[i].data[bits / 8] &= (uint8_t)((1u << (bits % 8)) - 1);
+		r[i].old_toff = b->table_offset;
+		r[i].old_n = b->table_size;
+		r[i].old = table_of(img, i);
+		if ((ret = write_fresh(img, r[i].data, n, t->recording, &r[i].fresh, &toff)) < 0)
+			break;
+		qcow2_bitmap_set_table(&nd, i, toff, n);
+		if (!t->recording)
+			qcow2_bitmap_set_flags(&nd, i, nd.bm[i].flags & ~QCOW2_BITMAP_IN_USE);
+	}
+	if (ret < 0) {
+		qcow2_bitmap_dir_release(&nd);
+		return ret;
+	}
+	if ((ret = dir_store(img, &nd)) < 0)
+		return ret;
+	for (uint32_t i = 0; i < d->ext.nb; i++) {
+		struct qsm_tracked_bitmap *t = find_loaded(img, i);
+		free(t->data);
+		t->data = r[i].data;
+		r[i].data = NULL;
+		if (t->recording) {
+			free(t->table);
+			t->table = r[i].fresh;
+			r[i].fresh = NULL;
+		}
+	}
+	for (uint32_t i = 0; i < d->ext.nb && ret == 0; i++)
+		ret = release_clusters(img, r[i].old, r[i].old_n, r[i].old_toff);
+	return ret;
+}
+
+/* Step 1's marks cleared in place: the size did not change. */
+static int resize_unmark(struct qsm_image *img)
+{
+	struct qcow2_bitmap_dir *d = &img->bitmaps;
+	for (uint32_t i = 0; i < d->ext.nb; i++)
+		if (!find_loaded(img, i)->recording)
+			qcow2_bitmap_set_flags(d, i, d->bm[i].flags & ~QCOW2_BITMAP_IN_USE);
+	return dir_write(img);
+}
+
+int qsm_bitmaps_resize(struct qsm_image *img, uint64_t size, qsm_resize_fn change, char *err,
+		       size_t errlen)
+{
+	struct qcow2_bitmap_dir *d = &img->bitmaps;
+	uint32_t nb = d->ext.nb;
+	uint64_t cs = img->cluster_size, old_size = img->hdr.size;
+	struct resized *r;
+	int ret = 0;
+	if (!nb)
+		return change(img, size, err, errlen);
+	for (uint32_t i = 0; i < nb; i++) {
+		const struct qcow2_bitmap *b = &d->bm[i];
+		uint32_t n = qcow2_bitmap_table_size(size, b->granularity_bits, img->cluster_bits);
+		if (usable(img, i, err, errlen) < 0) {
+			size_t l = err && errlen ? strlen(err) : errlen;
+			if (l + 1 < errlen)
+				snprintf(err + l, errlen - l, "\nTry block-dirty-bitmap-remove "
+					 "to delete this bitmap from disk");
+			return -EBUSY;
+		}
+		if (n == 0 || (uint64_t)n * cs > QCOW2_BITMAP_MAX_PHYS_SIZE) {
+			/* QEMU resizes, then loses the bitmap at close */
+			qsm_set_err(err, errlen, "Bitmap '%s' cannot cover %llu bytes: too much "
+				    "space would be occupied by the bitmap. Use larger granularity",
+				    b->name, (unsigned long long)size);
+			return -EFBIG;
+		}
+	}
+	if (!(r = calloc(nb, sizeof(*r))) || (ret = tracked_room(img, nb)) < 0) {
+		free(r);
+		return -ENOMEM;
+	}
+	/* 1. */
+	for (uint32_t i = 0; i < nb && ret == 0; i++) {
+		struct qsm_tracked_bitmap *t = find_loaded(img, i);
+		if ((r[i].had = t != NULL))
+			continue;
+		t = &img->tracked[img->nb_tracked];
+		*t = (struct qsm_tracked_bitmap){ .index = i };
+		ret = load_bits(img, t);
+		free(t->old_table);
+		t->old_table = NULL;
+		if (ret < 0) {
+			tracked_release(t);
+			qsm_set_err(err, errlen, "Could not read bitmap '%s': %s", d->bm[i].name,
+				    strerror(-ret));
+		} else {
+			img->nb_tracked++;
+		}
+	}
+	for (uint32_t i = 0; i < nb && ret == 0; i++)
+		qcow2_bitmap_set_flags(d, i, d->bm[i].flags | QCOW2_BITMAP_IN_USE);
+	if (ret == 0 && (ret = dir_write(img)) < 0)
+		qsm_set_err(err, errlen, "Could not mark the bitmaps in use: %s", strerror(-ret));
+	/* 2., 3. */
+	if (ret == 0) {
+		ret = change(img, size, err, errlen);
+		int sret = img->hdr.size == old_size ? resize_unmark(img) : resize_store(img, r);
+		if (sret < 0) {
+			if (ret == 0)
+				qsm_set_err(err, errlen, "Could not store the resized bitmaps: %s; "
+					    "they are left in use", strerror(-sret));
+			ret = ret ? ret : sret;
+			qsm_bitmaps_release(img); /* nothing recorded, nothing stored */
+		}
+	}
+	for (uint32_t i = 0; i < nb; i++) {
+		struct qsm_tracked_bitmap *t = img->tracked ? find_loaded(img, i) : NULL;
+		if (t && !r[i].had)
+			slot_drop(img, t);
+		free(r[i].data);
+		free(r[i].fresh);
+		free(r[i].old);
+	}
+	free(r);
 	return ret;
 }

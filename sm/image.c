@@ -632,23 +632,6 @@ static int bitmaps_open_rw(struct qsm_image *img)
 	return 0;
 }
 
-int qsm_bitmaps_cover(struct qsm_image *img, uint64_t size, char *err, size_t errlen)
-{
-	for (uint32_t i = 0; i < img->bitmaps.ext.nb; i++) {
-		const struct qcow2_bitmap *b = &img->bitmaps.bm[i];
-		uint64_t covers = ((uint64_t)b->table_size << (img->cluster_bits + 3))
-				  << b->granularity_bits;
-		if (size > covers) {
-			if (err && errlen)
-				snprintf(err, errlen, "Bitmap '%s' covers only %llu bytes: qsm does "
-					 "not resize persistent bitmaps", b->name,
-					 (unsigned long long)covers);
-			return -ENOTSUP;
-		}
-	}
-	return 0;
-}
-
 /*
  * Backing chains.  Every image of a chain opened by path is identified by
  * device and inode, so a chain that comes back to one of its images (a loop,
@@ -1618,8 +1601,6 @@ static int truncate_image(struct qsm_image *img, uint64_t size, char *err, size_
 		TRUNC_FAIL(-EBUSY, "Requests are in flight");
 	if (size == h->size)
 		return 0;
-	if ((ret = qsm_bitmaps_cover(img, size, err, errlen)) < 0)
-		return ret;
 	if (img->raw) {
 		if ((ret = qsm_io_truncate_sync(img->io, size)) < 0)
 			TRUNC_FAIL(ret, "Could not resize the file: %s", strerror(-ret));
@@ -1635,9 +1616,14 @@ static int truncate_image(struct qsm_image *img, uint64_t size, char *err, size_
 	if (zero_new && h->version < 3)
 		TRUNC_FAIL(-ENOTSUP, "Cannot grow a version 2 image over its longer backing file: "
 			   "the new area would show the backing data (no zero clusters in v2)");
-	if ((ret = resize_qcow2(img, size, err, errlen)) < 0)
+	/* the bitmaps resized with the disk (sm/bitmaps.c) */
+	if ((ret = qsm_bitmaps_resize(img, size, resize_qcow2, err, errlen)) < 0)
 		return ret;
-	if (zero_new && (ret = qsm_sync_write_zeroes(img, old, size - old, 0)) < 0)
+	/* QEMU's truncate sets no bitmap bits, its zeroing neither */
+	img->bitmaps_quiet = true;
+	ret = zero_new ? qsm_sync_write_zeroes(img, old, size - old, 0) : 0;
+	img->bitmaps_quiet = false;
+	if (ret < 0)
 		TRUNC_FAIL(ret, "Could not zero the new area: %s", strerror(-ret));
 	return 0;
 }

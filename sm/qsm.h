@@ -275,7 +275,13 @@ QSM_EXPORT void qsm_abandon(struct qsm_image *img);
  * non-NULL) explains a failure.
  * Growing over a backing image longer than the old size zeroes the new area
  * (v3 zero clusters, as QEMU) so the backing data does not appear there; a
- * v2 image cannot and is refused (-ENOTSUP).  Raw images: the file is
+ * v2 image cannot and is refused (-ENOTSUP).  Persistent bitmaps go with
+ * the disk, as QEMU's do: each table sized for the new size, the bits cut
+ * or extended with clear ones, durable when this returns (a crash in the
+ * middle leaves them in use: untrusted); refused before anything changes
+ * for a bitmap in use that this session does not record into (-EBUSY,
+ * QEMU's words) and one the format cannot hold at the new size (-EFBIG:
+ * QEMU resizes and then loses it).  Raw images: the file is
  * truncated to the new size.  In the sticky error states (top of file):
  * -ENOMEDIUM once corrupt, -EIO after a failed metadata write.
  */
@@ -446,9 +452,10 @@ QSM_EXPORT int qsm_snapshot_get(struct qsm_image *img, unsigned index,
  * The open gives each such bitmap fresh clusters (QEMU's store done early:
  * the close then overwrites only clusters it allocated).  Disabled and
  * in-use bitmaps are left as they are, and `qsm check` counts every
- * bitmap's clusters as QEMU's check does.  qsm_truncate and snapshot apply
- * to a size some bitmap does not cover are refused (-ENOTSUP, naming it):
- * qsm does not resize bitmap tables.  Editing (qemu-img bitmap): below.
+ * bitmap's clusters as QEMU's check does.  qsm_truncate resizes them
+ * (above); a snapshot apply to another size is refused (-ENOTSUP, naming
+ * it) when some bitmap's table would change size.  Editing (qemu-img
+ * bitmap): below.
  */
 #define QSM_BITMAP_IN_USE 0x1u /* may not match the disk: not to be used */
 #define QSM_BITMAP_AUTO 0x2u   /* enabled: tracks writes */

@@ -299,6 +299,7 @@ struct qsm_image {
 	 * bitmaps.ext.nb (each at most once). */
 	struct qsm_tracked_bitmap *tracked;
 	uint32_t nb_tracked;
+	bool bitmaps_quiet;       /* set no bits (a truncate's own zeroing, as QEMU's) */
 	/* A raw image: no metadata at all, guest offset = file offset.  Requests
 	 * take the RAW edges (sm/states.def); rc, l1 and l2c stay empty. */
 	bool raw;
@@ -672,10 +673,23 @@ bool qsm_bitmaps_store_next(struct qsm_image *img, uint64_t step, enum qsm_io_op
 			    uint64_t *offset, void **buf, size_t *len);
 void qsm_bitmaps_release(struct qsm_image *img);
 
-/* 0 when every persistent bitmap covers a disk of size bytes, else
- * -ENOTSUP naming the first that does not (qsm does not resize bitmap
- * tables): truncate and snapshot apply ask before changing the size. */
+/* Can every persistent bitmap stay as it is on a disk of size bytes?  0
+ * when the size is the disk's or each table has the entries that size
+ * needs (no bitmap in use but those this session records into: else QEMU's
+ * -EBUSY); else -ENOTSUP naming the first whose table would have to change
+ * (qsm resizes bitmaps in a truncate only): snapshot apply asks. */
 int qsm_bitmaps_cover(struct qsm_image *img, uint64_t size, char *err, size_t errlen);
+/* A truncate: change(img, size, err, errlen) changes the disk's size, and
+ * the bitmaps go with it (blocking; nothing in flight): refused first for a
+ * bitmap in use that this session does not record into (QEMU's words,
+ * -EBUSY) or one that cannot cover size (-EFBIG); then each bitmap's
+ * table, for the size the disk has after change, exactly, its bits cut or
+ * extended with zeros, durable before this returns, a crash in between
+ * leaving them in use (sm/bitmaps.c, "Resizing").  change's result, or
+ * the bitmaps' error. */
+typedef int (*qsm_resize_fn)(struct qsm_image *img, uint64_t size, char *err, size_t errlen);
+int qsm_bitmaps_resize(struct qsm_image *img, uint64_t size, qsm_resize_fn change, char *err,
+		       size_t errlen);
 
 /* Grow the L1 table to new_l1 (> l1_size) entries, the virtual size set
  * to `size` in the same header write (resize, VM state): a full write-back,

@@ -29,9 +29,7 @@
 #   invalid  autoclear bit 0 cleared by a program without bitmap support:
 #            no bitmaps are listed and a read-write session drops the stale
 #            extension from the header, as QEMU never writes it again;
-#   resize   growing within what a bitmap covers works (qemu-img check
-#            clean, the bitmap still listed); past it, qsm refuses naming the
-#            bitmap, the file unchanged.
+#   (resizing an image with bitmaps: test_bitmap_resize.sh)
 source "$(dirname "$0")/lib.sh"
 interop_init
 for t in qemu-nbd nbdinfo; do command -v $t >/dev/null || skip "$t not found"; done
@@ -349,28 +347,5 @@ EOF
 # the stale bitmap's clusters now leak, as after QEMU: both checks agree
 (cd inv && same "invalid check" check x.qcow2)
 rm -rf inv
-
-# --- resize -----------------------------------------------------------------------
-qemu-img create -q -f qcow2 rs.qcow2 64M
-qemu-img bitmap --add rs.qcow2 b0
-"$QSM" resize rs.qcow2 1G >/dev/null || fail "resize: growing within the bitmap's cover failed"
-check_clean "resize: grown" rs.qcow2
-CHECKS=$((CHECKS + 1))
-qemu-img info rs.qcow2 | grep -q 'name: b0' || fail "resize: the bitmap is gone"
-cp rs.qcow2 rs.orig
-# one table cluster of 64 KiB at 64 KiB granularity covers 32 GiB
-CHECKS=$((CHECKS + 1))
-if out=$("$QSM" resize rs.qcow2 40G 2>&1); then
-    fail "resize: growing past the bitmap's cover succeeded"
-elif ! printf '%s\n' "$out" | grep -q "Bitmap 'b0' covers only"; then
-    fail "resize: the refusal does not name the bitmap: $out"
-fi
-# (the read-write open gave the bitmap fresh clusters: the same disk and
-# bitmap, not the same bytes)
-CHECKS=$((CHECKS + 1))
-[ "$(qemu-img info rs.qcow2 | grep 'virtual size')" = "$(qemu-img info rs.orig | grep 'virtual size')" ] &&
-    qemu-img compare -q rs.qcow2 rs.orig && [ "$(bmap rs.qcow2 b0)" = "$(bmap rs.orig b0)" ] ||
-    fail "resize: a refused resize changed the disk or the bitmap"
-check_clean "resize: refused" rs.qcow2
 
 interop_finish

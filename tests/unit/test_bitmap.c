@@ -15,7 +15,8 @@
  *  - table: entries judged as check_table_entry judges them, and a table
  *    read through a reader converts to host order and stops at the first
  *    bad entry; qcow2_bitmaps_read checks only the tables of bitmaps not in
- *    use;
+ *    use, each of exactly the entries the disk needs (a short one is
+ *    accepted in use); qcow2_bitmap_set_table changes only its fields;
  *  - bits: qcow2_bitmap_set_range sets exactly the granules a byte range
  *    touches, least significant bit first (QEMU's layout: a 4 KiB write at
  *    64 KiB sets byte 0 bit 1), against a bit-by-bit model for ranges
@@ -131,6 +132,18 @@ START_TEST(dir_rules)
 	qcow2_bitmap_dir_release(&d);
 	ck_assert_int_eq(qcow2_bitmap_dir_parse(dir, &ext, (256ull << 20) + 512, CB, &d, err,
 						sizeof(err)), -EINVAL);
+	/* ... unless the bitmap is in use (check_dir_entry: its bits mean
+	 * nothing, and a resize leaves it so while it runs). */
+	qcow2_put_be32(dir + 12, QCOW2_BITMAP_IN_USE);
+	ck_assert_int_eq(qcow2_bitmap_dir_parse(dir, &ext, 128ull << 30, CB, &d, err, sizeof(err)), 0);
+	/* a table moved and resized lands in the bytes, the rest untouched */
+	qcow2_bitmap_set_table(&d, 1, 9ull << CB, 3);
+	ck_assert_uint_eq(d.bm[1].table_offset, 9ull << CB);
+	ck_assert_uint_eq(d.bm[1].table_size, 3);
+	ck_assert_uint_eq(qcow2_be64(d.raw + 32), 9ull << CB);
+	ck_assert_uint_eq(qcow2_be32(d.raw + 32 + 8), 3);
+	ck_assert(memcmp(d.raw, dir, 32) == 0 && memcmp(d.raw + 44, dir + 44, ext.dir_size - 44) == 0);
+	qcow2_bitmap_dir_release(&d);
 	/* Counts and sizes against the extension. */
 	two();
 	ext.nb = 1;
@@ -280,6 +293,17 @@ START_TEST(table)
 	ck_assert_int_eq(qcow2_bitmaps_read(mem_rd, NULL, &h, h.size, true, &d, &found, err,
 					    sizeof(err)), 0);
 	ck_assert_uint_eq(d.bm[1].flags, QCOW2_BITMAP_IN_USE);
+	qcow2_bitmap_dir_release(&d);
+	/* A table longer than the disk needs: refused for a bitmap not in
+	 * use (load_bitmap_data), as for b0's 2 entries on a 64 MiB disk. */
+	qcow2_put_be32(file + (7u << CB) + 8, 2);
+	ck_assert_int_eq(qcow2_bitmaps_read(mem_rd, NULL, &h, h.size, true, &d, &found, err,
+					    sizeof(err)), -EINVAL);
+	ck_assert_msg(strstr(err, "Could not read bitmap 'b0' from image: Invalid argument"), "%s",
+		      err);
+	qcow2_put_be32(file + (7u << CB) + 12, QCOW2_BITMAP_IN_USE | QCOW2_BITMAP_AUTO);
+	ck_assert_int_eq(qcow2_bitmaps_read(mem_rd, NULL, &h, h.size, true, &d, &found, err,
+					    sizeof(err)), 0);
 	qcow2_bitmap_dir_release(&d);
 }
 END_TEST
