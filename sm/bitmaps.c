@@ -13,11 +13,13 @@
  * the in-use mark (CLOSE_BITMAPS, qsm_bitmaps_store_next).
  *
  * Fresh clusters (the load's "re-homing", QEMU's store done at open): the
- * bitmap's data is copied to newly allocated clusters, one per table entry
+ * bitmap is given newly allocated data clusters, one per table entry
  * (QEMU leaves all-zeros and all-ones clusters out; qsm names every one),
- * and its table to a new one; the refcounts are made durable before the
- * new table is written and before the directory names it; the old table
- * and data clusters are released only after that.  So the close only
+ * not written but for the last (its bits are in memory, the bitmap is in
+ * use, and the close writes every one of them), and a new table naming
+ * them; the refcounts are made durable before the new table is written
+ * and before the directory names it; the old table and data clusters are
+ * released only after that.  So the close only
  * overwrites clusters this open allocated, which nothing else can name:
  * it never allocates (a close cannot block on refcount blocks) and never
  * writes into a cluster of the image's that a damaged table pointed at.
@@ -82,8 +84,9 @@ static bool all_zero(const uint8_t *p, size_t n)
 /*
  * Fresh clusters for a bitmap of n table entries holding `data` (NULL:
  * all zeros): data clusters for every entry when `every` (a bitmap the
- * close overwrites in place), else only for those with a bit set (QEMU's
- * layout: entry 0 reads as zeros), then the table.  The data written, the
+ * close overwrites in place: allocated, not written, but for the last),
+ * else only for those with a bit set (QEMU's layout: entry 0 reads as
+ * zeros), then the table.  The data written, the
  * refcounts made durable (the batch syncs the data first), the table
  * written and flushed: a directory may name it from then on.  Its entries
  * in *table (host endian, the caller frees them), its offset in *toff.
@@ -103,8 +106,16 @@ static int write_fresh(struct qsm_image *img, const uint8_t *data, uint32_t n, b
 	if (nd && (ret = qsm_image_rc_error(img, qsm_refcount_alloc(img->rc, nd, &base, NULL))) < 0)
 		return ret;
 	/* the chosen entries take base, base + cs, ... in order: a run of
-	 * them is one write */
-	for (uint32_t i = 0, k = 0; nd && i < n;) {
+	 * them is one write.  With every, the bitmap is in use until the
+	 * close writes each of its clusters: only the last is written now,
+	 * so that the file holds them all (what the others hold until then,
+	 * zeros or an old cluster's bytes, no reader trusts). */
+	for (uint32_t i = 0; every && i < nd; i++)
+		t[i] = base + i * cs;
+	if (every && nd && (ret = qsm_io_pwrite_sync(img->io, data + (n - 1) * cs, cs,
+						     t[n - 1])) < 0)
+		return ret;
+	for (uint32_t i = 0, k = 0; !every && nd && i < n;) {
 		if (!every && all_zero(data + i * cs, cs)) {
 			i++;
 			continue;
