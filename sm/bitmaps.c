@@ -288,6 +288,26 @@ static struct qsm_tracked_bitmap *find_loaded(struct qsm_image *img, unsigned in
 	return NULL;
 }
 
+/* Bitmap index's bits read into the next slot of img->tracked (room for
+ * it there), to be read, not recorded into: 0, or -errno with err set
+ * and no slot taken. */
+static int load_slot(struct qsm_image *img, uint32_t index, char *err, size_t errlen)
+{
+	struct qsm_tracked_bitmap *t = &img->tracked[img->nb_tracked];
+	*t = (struct qsm_tracked_bitmap){ .index = index };
+	int ret = load_bits(img, t);
+	free(t->old_table);
+	t->old_table = NULL;
+	if (ret < 0) {
+		tracked_release(t);
+		qsm_set_err(err, errlen, "Could not read bitmap '%s': %s",
+			    img->bitmaps.bm[index].name, strerror(-ret));
+		return ret;
+	}
+	img->nb_tracked++;
+	return 0;
+}
+
 int qsm_bitmap_load(struct qsm_image *img, unsigned index, char *err, size_t errlen)
 {
 	const struct qcow2_bitmap_dir *d = &img->bitmaps;
@@ -311,21 +331,10 @@ int qsm_bitmap_load(struct qsm_image *img, unsigned index, char *err, size_t err
 	/* Room for every bitmap once: each index is loaded at most once. */
 	if (!img->tracked && !(img->tracked = calloc(d->ext.nb, sizeof(*img->tracked))))
 		return -ENOMEM;
-	struct qsm_tracked_bitmap *t = &img->tracked[img->nb_tracked];
-	*t = (struct qsm_tracked_bitmap){ .index = index };
 	bool live = qsm_io_set_live(img->io, false);
-	int ret = load_bits(img, t);
+	int ret = load_slot(img, index, err, errlen);
 	qsm_io_set_live(img->io, live);
-	free(t->old_table);
-	t->old_table = NULL;
-	if (ret < 0) {
-		tracked_release(t);
-		qsm_set_err(err, errlen, "Could not read bitmap '%s': %s", d->bm[index].name,
-			    strerror(-ret));
-		return ret;
-	}
-	img->nb_tracked++;
-	return 0;
+	return ret;
 }
 
 int qsm_bitmap_extent(struct qsm_image *img, unsigned index, uint64_t offset, uint64_t bytes,
@@ -989,23 +998,9 @@ int qsm_bitmaps_resize(struct qsm_image *img, uint64_t size, qsm_resize_fn chang
 		return -ENOMEM;
 	}
 	/* 1. */
-	for (uint32_t i = 0; i < nb && ret == 0; i++) {
-		struct qsm_tracked_bitmap *t = find_loaded(img, i);
-		if ((r[i].had = t != NULL))
-			continue;
-		t = &img->tracked[img->nb_tracked];
-		*t = (struct qsm_tracked_bitmap){ .index = i };
-		ret = load_bits(img, t);
-		free(t->old_table);
-		t->old_table = NULL;
-		if (ret < 0) {
-			tracked_release(t);
-			qsm_set_err(err, errlen, "Could not read bitmap '%s': %s", d->bm[i].name,
-				    strerror(-ret));
-		} else {
-			img->nb_tracked++;
-		}
-	}
+	for (uint32_t i = 0; i < nb && ret == 0; i++)
+		if (!(r[i].had = find_loaded(img, i) != NULL))
+			ret = load_slot(img, i, err, errlen);
 	for (uint32_t i = 0; i < nb && ret == 0; i++)
 		qcow2_bitmap_set_flags(d, i, d->bm[i].flags | QCOW2_BITMAP_IN_USE);
 	if (ret == 0 && (ret = dir_write(img)) < 0)
